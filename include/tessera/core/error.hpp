@@ -1,0 +1,87 @@
+#pragma once
+/// @file
+/// Errors thrown by tessera, and the TESSERA_EXPECTS check macro.
+
+#include <source_location>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace tessera {
+
+namespace detail {
+/// Concatenates the streamed form of every argument into one string.
+template <class... Args>
+std::string str(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << std::forward<Args>(args));
+  return os.str();
+}
+
+inline std::string where(const std::source_location& loc) {
+  std::string file = loc.file_name();
+  if (auto pos = file.rfind("include/tessera/"); pos != std::string::npos) file = file.substr(pos + 8);
+  return str(file, ":", loc.line());
+}
+}  // namespace detail
+
+/// Base of every error tessera throws: a message that names the values involved, plus the
+/// source location (file:line) where the check failed. Derived from std::runtime_error, so
+/// `catch (const std::exception&)` catches it.
+class Error : public std::runtime_error {
+ public:
+  /// Throws nothing itself; `loc` defaults to the caller's location.
+  explicit Error(const std::string& message,
+                 std::source_location loc = std::source_location::current())
+      : std::runtime_error(message + " [" + detail::where(loc) + "]"), loc_(loc) {}
+  /// Where the error was raised.
+  const std::source_location& location() const noexcept { return loc_; }
+
+ private:
+  std::source_location loc_;
+};
+
+/// A failure inside a communication backend. `code()` keeps the backend's own error code
+/// (MPI error class, ncclResult_t, or 0 for the threads backend).
+class CommError : public Error {
+ public:
+  /// `code`: the backend's error code (0 where the backend has none).
+  explicit CommError(const std::string& message, int code = 0,
+                     std::source_location loc = std::source_location::current())
+      : Error(message, loc), code_(code) {}
+  /// The backend's error code.
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+/// A collective or point-to-point call waited past its timeout. The message names the call,
+/// the communicator and the ranks that did not arrive (where the backend can know them).
+class TimeoutError : public CommError {
+ public:
+  using CommError::CommError;
+};
+
+/// Another rank failed (threw) while this rank waited for it; thrown instead of hanging.
+class AbortedError : public CommError {
+ public:
+  using CommError::CommError;
+};
+
+/// Ranks called collectives that do not match (a different collective, type, count or root).
+class MismatchError : public CommError {
+ public:
+  using CommError::CommError;
+};
+
+}  // namespace tessera
+
+/// Checks a precondition; on failure throws `tessera::Error` whose message is the streamed
+/// concatenation of the remaining arguments, e.g.
+/// `TESSERA_EXPECTS(n % p == 0, "Mesh: world size ", n, " is not ...")`.
+#define TESSERA_EXPECTS(cond, ...)                                  \
+  do {                                                              \
+    if (!(cond)) throw ::tessera::Error(::tessera::detail::str(__VA_ARGS__)); \
+  } while (0)
