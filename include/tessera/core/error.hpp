@@ -2,13 +2,27 @@
 /// @file
 /// Errors thrown by tessera, and the TESSERA_EXPECTS check macro.
 
-#include <source_location>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 namespace tessera {
+
+/// A source position (file, line, function), captured at the call site through default
+/// arguments. Used instead of SourceLocation, which clang 14 cannot build with
+/// libstdc++ 12.
+struct SourceLocation {
+  const char* file = "";      ///< file name as the compiler saw it
+  unsigned line = 0;          ///< line number
+  const char* function = "";  ///< enclosing function
+  /// The caller's location.
+  static constexpr SourceLocation current(const char* file = __builtin_FILE(),
+                                          unsigned line = __builtin_LINE(),
+                                          const char* function = __builtin_FUNCTION()) noexcept {
+    return {file, line, function};
+  }
+};
 
 namespace detail {
 /// Concatenates the streamed form of every argument into one string.
@@ -19,10 +33,10 @@ std::string str(Args&&... args) {
   return os.str();
 }
 
-inline std::string where(const std::source_location& loc) {
-  std::string file = loc.file_name();
+inline std::string where(const SourceLocation& loc) {
+  std::string file = loc.file;
   if (auto pos = file.rfind("include/tessera/"); pos != std::string::npos) file = file.substr(pos + 8);
-  return str(file, ":", loc.line());
+  return str(file, ":", loc.line);
 }
 }  // namespace detail
 
@@ -33,13 +47,13 @@ class Error : public std::runtime_error {
  public:
   /// Throws nothing itself; `loc` defaults to the caller's location.
   explicit Error(const std::string& message,
-                 std::source_location loc = std::source_location::current())
+                 SourceLocation loc = SourceLocation::current())
       : std::runtime_error(message + " [" + detail::where(loc) + "]"), loc_(loc) {}
   /// Where the error was raised.
-  const std::source_location& location() const noexcept { return loc_; }
+  const SourceLocation& location() const noexcept { return loc_; }
 
  private:
-  std::source_location loc_;
+  SourceLocation loc_;
 };
 
 /// A failure inside a communication backend. `code()` keeps the backend's own error code
@@ -48,7 +62,7 @@ class CommError : public Error {
  public:
   /// `code`: the backend's error code (0 where the backend has none).
   explicit CommError(const std::string& message, int code = 0,
-                     std::source_location loc = std::source_location::current())
+                     SourceLocation loc = SourceLocation::current())
       : Error(message, loc), code_(code) {}
   /// The backend's error code.
   int code() const noexcept { return code_; }
