@@ -1,0 +1,447 @@
+// The threads backend: every collective against a serial computation in rank order, at world
+// sizes 1..8; bitwise reproducibility; mismatch, timeout and abort paths; the Mesh.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "tessera/tessera.hpp"
+
+using namespace tessera;
+using testing::run_ranks;
+
+namespace {
+
+// Deterministic, rank- and index-dependent values with non-trivial fp32 rounding.
+template <class T>
+T value(int rank, std::size_t i, int seed = 1) {
+  std::uint64_t z = (static_cast<std::uint64_t>(rank) * 0x9E3779B97F4A7C15ull) ^ (i * 0xBF58476D1CE4E5B9ull) ^
+                    static_cast<std::uint64_t>(seed);
+  z ^= z >> 31;
+  z *= 0x94D049BB133111EBull;
+  z ^= z >> 29;
+  if constexpr (std::is_floating_point_v<T>)
+    return static_cast<T>(static_cast<double>(z % 2000003) / 1000001.0 - 1.0);
+  else
+    return static_cast<T>(static_cast<std::int64_t>(z % 2001) - 1000);
+}
+
+template <class T>
+std::vector<T> input(int rank, std::size_t n, int seed = 1) {
+  std::vector<T> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = value<T>(rank, i, seed);
+  return v;
+}
+
+// The serial reduction in rank order 0, 1, ..., n-1: what the threads backend must equal bitwise.
+template <class T>
+std::vector<T> serial_reduce(int n, std::size_t count, ReduceOp op, int seed = 1) {
+  std::vector<T> acc = input<T>(0, count, seed);
+  for (int r = 1; r < n; ++r) {
+    auto x = input<T>(r, count, seed);
+    for (std::size_t i = 0; i < count; ++i) {
+      if (op == ReduceOp::sum || op == ReduceOp::avg) acc[i] += x[i];
+      if (op == ReduceOp::max) acc[i] = std::max(acc[i], x[i]);
+      if (op == ReduceOp::min) acc[i] = std::min(acc[i], x[i]);
+    }
+  }
+  if (op == ReduceOp::avg)
+    for (auto& a : acc) a = static_cast<T>(a / static_cast<T>(n));
+  return acc;
+}
+
+const std::size_t kCounts[] = {0, 1, 7, 1001, 4099};
+
+template <class T>
+void check_all_reduce(int n) {
+  for (std::size_t count : kCounts)
+    for (ReduceOp op : {ReduceOp::sum, ReduceOp::avg, ReduceOp::max, ReduceOp::min}) {
+      auto out = run_ranks(n, [&](Comm& c) {
+        auto x = input<T>(c.rank(), count);
+        c.all_reduce(x, op);
+        return x;
+      });
+      const auto want = serial_reduce<T>(n, count, op);
+      for (int r = 0; r < n; ++r) REQUIRE(out[static_cast<std::size_t>(r)] == want);  // bitwise
+    }
+}
+
+}  // namespace
+
+TEST_CASE("all_reduce: every op and type at world sizes 1..8 equals the serial reduction in rank order, bitwise") {
+  for (int n = 1; n <= 8; ++n) {
+    CAPTURE(n);
+    check_all_reduce<float>(n);
+    check_all_reduce<double>(n);
+    check_all_reduce<std::int32_t>(n);
+    check_all_reduce<std::int64_t>(n);
+  }
+}
+
+TEST_CASE("all_gather and reduce_scatter at world sizes 1..8 equal the serial result") {
+  for (int n = 1; n <= 8; ++n)
+    for (std::size_t count : kCounts) {
+      CAPTURE(n);
+      CAPTURE(count);
+      auto gathered = run_ranks(n, [&](Comm& c) {
+        auto x = input<float>(c.rank(), count);
+        std::vector<float> out(count * static_cast<std::size_t>(n), -7.f);
+        c.all_gather(x, out);
+        return out;
+      });
+      std::vector<float> want;
+      for (int r = 0; r < n; ++r) {
+        auto x = input<float>(r, count);
+        want.insert(want.end(), x.begin(), x.end());
+      }
+      for (auto& g : gathered) REQUIRE(g == want);
+
+      auto scattered = run_ranks(n, [&](Comm& c) {
+        auto x = input<double>(c.rank(), count * static_cast<std::size_t>(n));
+        std::vector<double> out(count);
+        c.reduce_scatter(x, out, ReduceOp::sum);
+        return out;
+      });
+      auto full = serial_reduce<double>(n, count * static_cast<std::size_t>(n), ReduceOp::sum);
+      for (int r = 0; r < n; ++r) {
+        std::vector<double> block(full.begin() + static_cast<std::ptrdiff_t>(count) * r,
+                                  full.begin() + static_cast<std::ptrdiff_t>(count) * (r + 1));
+        REQUIRE(scattered[static_cast<std::size_t>(r)] == block);
+      }
+    }
+}
+
+TEST_CASE("broadcast from every root, barrier, and all_reduce_value give every rank the same value") {
+  for (int n = 1; n <= 7; ++n)
+    for (int root = 0; root < n; ++root) {
+      auto out = run_ranks(n, [&](Comm& c) {
+        auto x = input<std::int64_t>(c.rank(), 33);
+        c.broadcast(x, root);
+        c.barrier();
+        const double loss = c.all_reduce_value(static_cast<double>(c.rank() + 1), ReduceOp::max);
+        return std::pair{x, loss};
+      });
+      for (auto& [x, loss] : out) {
+        REQUIRE(x == input<std::int64_t>(root, 33));
+        REQUIRE(loss == static_cast<double>(n));
+      }
+    }
+}
+
+TEST_CASE("send/recv around a ring and isend/irecv deliver exactly the sent values") {
+  for (int n = 2; n <= 5; ++n) {
+    auto out = run_ranks(n, [&](Comm& c) {
+      const int next = (c.rank() + 1) % n, prev = (c.rank() + n - 1) % n;
+      auto x = input<float>(c.rank(), 1001);
+      std::vector<float> y(1001), z(5);
+      if (c.rank() % 2 == 0) {
+        c.send(x, next, 3);
+        c.recv(y, prev, 3);
+      } else {
+        c.recv(y, prev, 3);
+        c.send(x, next, 3);
+      }
+      // Non-blocking: post the receive first, then send; two messages with different tags.
+      Request r = c.irecv(z, prev, 9);
+      std::vector<float> small(5, static_cast<float>(c.rank()));
+      c.isend(small, next, 9).wait();
+      r.wait();
+      return std::pair{y, z};
+    });
+    for (int r = 0; r < n; ++r) {
+      REQUIRE(out[static_cast<std::size_t>(r)].first == input<float>((r + n - 1) % n, 1001));
+      REQUIRE(out[static_cast<std::size_t>(r)].second == std::vector<float>(5, static_cast<float>((r + n - 1) % n)));
+    }
+  }
+}
+
+TEST_CASE("batch_isend_irecv: two ranks that both list send before recv exchange 64 MiB without deadlock (C6)") {
+  const std::size_t count = 64u << 20 >> 2;  // 64 MiB of float
+  auto out = run_ranks(2, [&](Comm& c) {
+    std::vector<float> mine(count, static_cast<float>(c.rank() + 1)), theirs(count, 0.f);
+    const int peer = 1 - c.rank();
+    std::vector<P2POp> ops{P2POp::send<float>(mine, peer), P2POp::recv<float>(theirs, peer)};
+    c.batch_send_recv(ops);
+    return theirs[0] + theirs[count - 1];
+  });
+  CHECK(out[0] == 4.f);
+  CHECK(out[1] == 2.f);
+}
+
+TEST_CASE("all_reduce of 64 MiB on 4 ranks equals the serial sum in rank order, bitwise") {
+  const std::size_t count = 64u << 20 >> 2;
+  auto out = run_ranks(4, [&](Comm& c) {
+    std::vector<float> x(count);
+    for (std::size_t i = 0; i < count; ++i) x[i] = value<float>(c.rank(), i % 9973);
+    c.all_reduce(x);
+    return std::vector<float>(x.begin(), x.begin() + 20011);
+  });
+  for (std::size_t i = 0; i < 20011; ++i) {
+    float acc = value<float>(0, i % 9973);
+    for (int r = 1; r < 4; ++r) acc += value<float>(r, i % 9973);
+    REQUIRE(out[0][i] == acc);
+    REQUIRE(out[3][i] == acc);
+  }
+}
+
+TEST_CASE("threads backend results are bitwise equal over 3 runs") {
+  auto once = [] {
+    return run_ranks(7, [](Comm& c) {
+      auto x = input<float>(c.rank(), 10007, 5);
+      c.all_reduce(x, ReduceOp::avg);
+      std::vector<float> out(1429);
+      c.reduce_scatter(std::span<const float>(x).first(1429 * 7), out);
+      return out;
+    });
+  };
+  auto a = once(), b = once(), c = once();
+  CHECK(a == b);
+  CHECK(b == c);
+}
+
+TEST_CASE("non-blocking collectives overlap with computation and complete in issue order") {
+  for (int n : {1, 2, 3, 4}) {
+    auto out = run_ranks(n, [&](Comm& c) {
+      std::vector<std::vector<double>> bufs;
+      for (int k = 0; k < 6; ++k) bufs.push_back(input<double>(c.rank(), 1000 + 37 * static_cast<std::size_t>(k), k));
+      std::vector<Request> reqs;
+      for (auto& b : bufs) reqs.push_back(c.iall_reduce(b));
+      std::vector<double> g(50 * static_cast<std::size_t>(n));
+      auto mine = input<double>(c.rank(), 50, 99);
+      reqs.push_back(c.iall_gather(mine, g));
+      c.barrier();  // a blocking collective queues behind the pending ones
+      const double busy = std::sqrt(static_cast<double>(c.rank() + 2));  // "computation"
+      for (auto& r : reqs) r.wait();
+      return std::tuple{bufs, g, busy};
+    });
+    for (int k = 0; k < 6; ++k)
+      for (int r = 0; r < n; ++r)
+        REQUIRE(std::get<0>(out[static_cast<std::size_t>(r)])[static_cast<std::size_t>(k)] ==
+                serial_reduce<double>(n, 1000 + 37 * static_cast<std::size_t>(k), ReduceOp::sum, k));
+  }
+}
+
+TEST_CASE("C9: one fused bucket and one all_reduce per tensor give bitwise equal gradients") {
+  const std::vector<std::size_t> sizes{3, 1000, 17, 4096, 1};
+  auto out = run_ranks(3, [&](Comm& c) {
+    std::vector<std::vector<float>> grads;
+    std::vector<float> bucket;
+    for (std::size_t k = 0; k < sizes.size(); ++k) {
+      grads.push_back(input<float>(c.rank(), sizes[k], static_cast<int>(k) + 10));
+      bucket.insert(bucket.end(), grads.back().begin(), grads.back().end());
+    }
+    for (auto& g : grads) c.all_reduce(g);
+    c.all_reduce(bucket);
+    std::vector<float> flat;
+    for (auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
+    return flat == bucket;
+  });
+  CHECK(out == std::vector<bool>{true, true, true});
+}
+
+TEST_CASE("split: colors form groups ordered by key, and collectives run on each group") {
+  for (int n = 1; n <= 8; ++n) {
+    auto out = run_ranks(n, [&](Comm& c) {
+      Comm sub = c.split(c.rank() % 2, -c.rank());  // reversed order inside each color
+      std::vector<std::int32_t> who(static_cast<std::size_t>(sub.size()));
+      std::int32_t me = c.rank();
+      sub.all_gather(std::span<const std::int32_t>(&me, 1), who);
+      return std::pair{sub.rank(), who};
+    });
+    for (int r = 0; r < n; ++r) {
+      std::vector<std::int32_t> want;
+      for (int q = n - 1; q >= 0; --q)
+        if (q % 2 == r % 2) want.push_back(q);
+      CHECK(out[static_cast<std::size_t>(r)].second == want);
+      CHECK(want[static_cast<std::size_t>(out[static_cast<std::size_t>(r)].first)] == r);
+    }
+  }
+}
+
+TEST_CASE("Mesh: 8 ranks as dp2 x pp2 x tp2 give Megatron's groups, tp fastest and pp slowest") {
+  auto out = run_ranks(8, [](Comm& c) {
+    Mesh mesh(c, MeshShape{.dp = 2, .pp = 2, .tp = 2});
+    auto members = [](Comm& axis, int me) {
+      std::vector<std::int32_t> m(static_cast<std::size_t>(axis.size()));
+      std::int32_t x = me;
+      axis.all_gather(std::span<const std::int32_t>(&x, 1), m);
+      return m;
+    };
+    REQUIRE(mesh.rank_of(mesh.coord()) == c.rank());
+    REQUIRE(mesh.tp().rank() == mesh.coord().tp);
+    REQUIRE(mesh.dp().rank() == mesh.coord().dp);
+    REQUIRE(mesh.pp().rank() == mesh.coord().pp);
+    return std::tuple{members(mesh.tp(), c.rank()), members(mesh.dp(), c.rank()), members(mesh.pp(), c.rank())};
+  });
+  using V = std::vector<std::int32_t>;
+  CHECK(std::get<0>(out[0]) == V{0, 1});
+  CHECK(std::get<0>(out[5]) == V{4, 5});
+  CHECK(std::get<1>(out[0]) == V{0, 2});
+  CHECK(std::get<1>(out[5]) == V{5, 7});
+  CHECK(std::get<2>(out[1]) == V{1, 5});
+  CHECK(std::get<2>(out[6]) == V{2, 6});
+}
+
+TEST_CASE("Mesh: a world size that does not fit the mesh fails on every rank, naming the numbers") {
+  std::string msg;
+  try {
+    run_ranks(6, [](Comm& c) { Mesh mesh(c, MeshShape{.dp = 4, .pp = 2, .tp = 1}); });
+  } catch (const Error& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("Mesh: world size 6 is not dp(4) x pp(2) x tp(1) = 8") != std::string::npos);
+}
+
+TEST_CASE("bad input: wrong output size, peer and root out of range are errors naming the values") {
+  run_ranks(3, [](Comm& c) {
+    std::vector<float> in(4), out(11);
+    try {
+      c.all_gather(in, out);
+      FAIL("no throw");
+    } catch (const Error& e) {
+      REQUIRE(std::string(e.what()).find("output has 11 elements but input has 4 x 3 ranks = 12") != std::string::npos);
+    }
+    try {
+      c.reduce_scatter(out, in);
+      FAIL("no throw");
+    } catch (const Error& e) {
+      REQUIRE(std::string(e.what()).find("input has 11 elements but output has 4 x 3 ranks = 12") != std::string::npos);
+    }
+    try {
+      c.send(in, 3);
+      FAIL("no throw");
+    } catch (const Error& e) {
+      REQUIRE(std::string(e.what()).find("peer 3 is out of range for threads:world of size 3") != std::string::npos);
+    }
+    try {
+      c.broadcast(in, -1);
+      FAIL("no throw");
+    } catch (const Error& e) {
+      REQUIRE(std::string(e.what()).find("root -1 is out of range") != std::string::npos);
+    }
+  });
+}
+
+TEST_CASE("mismatch: ranks calling different collectives or counts fail on every rank naming both calls") {
+  std::vector<std::string> msgs(3);
+  CHECK_THROWS_AS(run_ranks(3,
+                            [&](Comm& c) {
+                              std::vector<float> x(c.rank() == 2 ? 5 : 10);
+                              try {
+                                c.all_reduce(x);
+                              } catch (const MismatchError& e) {
+                                msgs[static_cast<std::size_t>(c.rank())] = e.what();
+                                throw;
+                              }
+                            }),
+                  MismatchError);
+  for (auto& m : msgs)
+    CHECK(m.find("rank 0 called all_reduce(float32, count=10, sum) but rank 2 called all_reduce(float32, count=5, sum)") !=
+          std::string::npos);
+
+  std::string msg;
+  try {
+    run_ranks(2, [&](Comm& c) {
+      std::vector<float> x(4), y(8);
+      if (c.rank() == 0) c.all_reduce(x);
+      else c.all_gather(x, y);
+    });
+  } catch (const MismatchError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("rank 0 called all_reduce(float32, count=4, sum) but rank 1 called all_gather(float32, count=4 per rank)") !=
+        std::string::npos);
+}
+
+TEST_CASE("a rank that skips a collective: the others fail at once naming it, no hang") {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string msg;
+  try {
+    run_ranks(3, [](Comm& c) {
+      std::vector<float> x(8);
+      if (c.rank() != 1) c.all_reduce(x);
+    });
+  } catch (const TimeoutError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("all_reduce(float32, count=8, sum) on threads:world") != std::string::npos);
+  CHECK(msg.find("can never complete") != std::string::npos);
+  CHECK(msg.find("rank 1 (world rank 1) had returned from its function") != std::string::npos);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
+
+TEST_CASE("a collective that waits past its timeout throws, naming who did not arrive and what it was doing") {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string msg;
+  try {
+    run_ranks(
+        2,
+        [](Comm& c) {
+          std::vector<double> x(3);
+          if (c.rank() == 0) {
+            c.all_reduce(x);
+          } else {
+            std::vector<double> y(1);
+            c.recv(y, 0, 5);  // waits for a send that never comes; rank 0 times out first
+          }
+        },
+        threads::RunOptions{.timeout = std::chrono::milliseconds(300)});
+  } catch (const TimeoutError& e) {
+    msg = e.what();
+  } catch (const AbortedError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("timed out") != std::string::npos);
+  CHECK(msg.find("was waiting in recv(float64, count=1, from peer 0)") != std::string::npos);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
+
+TEST_CASE("a rank that throws makes every other rank throw AbortedError; run rethrows the original") {
+  std::vector<std::string> seen(4);
+  std::string first;
+  try {
+    run_ranks(4, [&](Comm& c) {
+      std::vector<float> x(16);
+      c.all_reduce(x);
+      if (c.rank() == 2) throw std::runtime_error("boom on rank two");
+      try {
+        c.all_reduce(x);
+      } catch (const AbortedError& e) {
+        seen[static_cast<std::size_t>(c.rank())] = e.what();
+        throw;
+      }
+    });
+  } catch (const std::runtime_error& e) {
+    first = e.what();
+  }
+  CHECK(first == "boom on rank two");
+  for (int r : {0, 1, 3}) {
+    CHECK(seen[static_cast<std::size_t>(r)].find("world rank 2 failed") != std::string::npos);
+    CHECK(seen[static_cast<std::size_t>(r)].find("boom on rank two") != std::string::npos);
+  }
+}
+
+TEST_CASE("recv with a count other than the send's is an error naming both counts") {
+  std::string msg;
+  try {
+    run_ranks(2, [](Comm& c) {
+      std::vector<float> x(c.rank() == 0 ? 10 : 12);
+      if (c.rank() == 0) c.send(x, 1);
+      else c.recv(x, 0);
+    });
+  } catch (const CommError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("rank 1 expected 12 float32 from rank 0 (tag 0) but the matching send has 10 float32") !=
+        std::string::npos);
+}
+
+TEST_CASE("threads::run returns each rank's result in rank order and rejects n < 1") {
+  auto r = run_ranks(5, [](Comm& c) { return c.rank() * 10 + c.size(); });
+  CHECK(r == std::vector<int>{5, 15, 25, 35, 45});
+  CHECK_THROWS_WITH_AS(run_ranks(0, [](Comm&) {}), doctest::Contains("must be >= 1, got 0"), Error);
+}
