@@ -9,4 +9,5 @@
 #include "tessera/comm/request.hpp"
 #include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/mesh/mesh.hpp"
+#include "tessera/testing/instrumented_comm.hpp"
 #include "tessera/testing/run_ranks.hpp"

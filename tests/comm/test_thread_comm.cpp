@@ -445,3 +445,20 @@ TEST_CASE("threads::run returns each rank's result in rank order and rejects n <
   CHECK(r == std::vector<int>{5, 15, 25, 35, 45});
   CHECK_THROWS_WITH_AS(run_ranks(0, [](Comm&) {}), doctest::Contains("must be >= 1, got 0"), Error);
 }
+
+TEST_CASE("instrumented communicator counts calls and bytes per kind, also on split communicators") {
+  auto counts = run_ranks(2, [](Comm& world) {
+    auto counters = std::make_shared<testing::CommCounters>();
+    Comm c = testing::instrument(world, counters);
+    std::vector<float> x(10), g(20), s(5);
+    c.all_reduce(x);
+    c.all_gather(x, g);
+    c.reduce_scatter(x, s);
+    Comm sub = c.split(0, c.rank());
+    sub.all_reduce(g);
+    using K = testing::CallKind;
+    return std::tuple{counters->calls(K::all_reduce), counters->elements(K::all_reduce), counters->bytes(K::all_gather),
+                      counters->elements(K::reduce_scatter), counters->calls(K::split)};
+  });
+  CHECK(counts[0] == std::tuple<std::size_t, std::size_t, std::size_t, std::size_t, std::size_t>{2, 30, 40, 10, 1});
+}
