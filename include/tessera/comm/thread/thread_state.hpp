@@ -202,19 +202,27 @@ class Group {
   void barrier_wait(int r, const Signature& what, const std::string& comm_name,
                     std::chrono::milliseconds timeout) {
     std::unique_lock lk(mu_);
-    const std::uint64_t gen = generation_;
+    const std::uint64_t gen = generation_.load(std::memory_order_relaxed);
     here_[static_cast<std::size_t>(r)] = 1;
     if (++arrived_ == size_) {
       arrived_ = 0;
       std::fill(here_.begin(), here_.end(), 0);
-      ++generation_;
+      generation_.store(gen + 1, std::memory_order_release);
       lk.unlock();
       cv_.notify_all();
       return;
     }
+    // Spin briefly (yielding) before sleeping: a rendezvous usually completes within
+    // microseconds, and a condition-variable wake costs tens of them.
+    lk.unlock();
+    for (int i = 0; i < 2000; ++i) {
+      if (generation_.load(std::memory_order_acquire) != gen) return;
+      std::this_thread::yield();
+    }
+    lk.lock();
     const auto start = std::chrono::steady_clock::now();
     const auto deadline = start + timeout;
-    while (generation_ == gen) {
+    while (generation_.load(std::memory_order_acquire) == gen) {
       if (world_->aborted()) {
         lk.unlock();
         throw_aborted(r, what, comm_name);
@@ -353,7 +361,7 @@ class Group {
   std::mutex mu_;
   std::condition_variable cv_;
   int arrived_ = 0;
-  std::uint64_t generation_ = 0;
+  std::atomic<std::uint64_t> generation_{0};
   std::vector<char> here_;
   std::vector<Slot> slots_;
   std::map<std::tuple<int, int, int>, std::deque<Message>> mail_;
