@@ -386,7 +386,8 @@ TEST_CASE("a collective that waits past its timeout throws, naming who did not a
             c.all_reduce(x);
           } else {
             std::vector<double> y(1);
-            c.recv(y, 0, 5);  // waits for a send that never comes; rank 0 times out first
+            c.set_timeout(std::chrono::seconds(20));  // so that rank 0 times out first
+            c.recv(y, 0, 5);  // waits for a send that never comes
           }
         },
         threads::RunOptions{.timeout = std::chrono::milliseconds(300)});

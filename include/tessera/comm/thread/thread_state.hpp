@@ -214,13 +214,13 @@ class Group {
     }
     // Spin briefly (yielding) before sleeping: a rendezvous usually completes within
     // microseconds, and a condition-variable wake costs tens of them.
+    const auto start = std::chrono::steady_clock::now();
     lk.unlock();
     for (int i = 0; i < 2000; ++i) {
       if (generation_.load(std::memory_order_acquire) != gen) return;
       std::this_thread::yield();
     }
     lk.lock();
-    const auto start = std::chrono::steady_clock::now();
     const auto deadline = start + timeout;
     while (generation_.load(std::memory_order_acquire) == gen) {
       if (world_->aborted()) {
