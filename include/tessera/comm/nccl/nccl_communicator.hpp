@@ -411,10 +411,10 @@ inline ncclComm_t init_rank(const ncclUniqueId& id, int rank, int size, int devi
 /// differs from the send's (the receive then gets wrong data or times out).
 class NcclCommunicator final : public CommBackend {
  public:
-  /// Adopts `comm`, a fully initialized NCCL communicator (ncclCommGetAsyncError returns
-  /// ncclSuccess) of rank on `device`, made non-blocking (config.blocking = 0): it is destroyed
-  /// with this object. Creates the stream. Throws CommError if a CUDA or NCCL query fails
-  /// (`comm` is then destroyed too).
+  /// Adopts `comm`, a fully initialized non-blocking NCCL communicator (made with
+  /// config.blocking = 0; ncclCommGetAsyncError returns ncclSuccess) whose rank runs on CUDA
+  /// device `device`; it is destroyed with this object. Creates the stream. Throws CommError if
+  /// a CUDA or NCCL call fails (`comm` is then destroyed too). make_communicator calls this.
   NcclCommunicator(ncclComm_t comm, int device, std::string name, std::chrono::milliseconds timeout)
       : state_(std::make_shared<detail::NcclState>()) {
     detail::NcclState& s = *state_;
