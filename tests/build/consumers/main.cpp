@@ -3,13 +3,15 @@
 #include <cstdio>
 #include <string>
 
-#include "tessera/comm/communicator.hpp"
-#include "tessera/core/error.hpp"
+#include "tessera/tessera.hpp"
 
 static_assert(__cplusplus >= 202002L, "tessera's build flags must select C++20");
 static_assert(tessera::Communicator<tessera::Comm>, "tessera::Comm models tessera::Communicator");
 
 int main() {
+  // Two thread ranks all-reduce: proves the threads backend links (pthreads) in every consumer.
+  auto sums = tessera::threads::run(2, [](tessera::Comm& c) { return c.all_reduce_value(c.rank() + 1); });
+  if (sums[0] != 3 || sums[1] != 3) return 1;
   const tessera::Comm empty;
   if (empty.valid()) return 1;
   try {
