@@ -20,7 +20,7 @@ namespace tessera::nn {
 struct LayerInit {
   /// Name prefix of the layer's parameters: "h.0.attn" gives "h.0.attn.c_attn.weight".
   /// Empty for a standalone layer ("weight", "bias").
-  std::string prefix;
+  std::string prefix{};
   std::uint64_t seed = 0;  ///< seed of every parameter's random stream
   double std = 0.02;       ///< standard deviation of normal weights and embeddings
   int n_layer = 1;         ///< transformer blocks in the model; scales the c_proj init
