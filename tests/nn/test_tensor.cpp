@@ -3,11 +3,14 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <thread>
 #include <vector>
 
 #include "nn_test_util.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/random.hpp"
+#include "tessera/core/storage_cache.hpp"
 #include "tessera/core/tensor.hpp"
 
 using tessera::Index;
@@ -181,4 +184,32 @@ TEST_CASE("ParameterList: iterates references in order, finds by name, zeroes gr
   CHECK(tessera::detail::str(b.layout) == "Shard(0)");
   CHECK(tessera::detail::str(tessera::ParamLayout::shard(1, 3)) == "Shard(1, blocks=3)");
   CHECK(tessera::detail::str(w.layout) == "Replicate");
+}
+
+TEST_CASE("StorageCache: a freed large buffer is handed out again for the same size; small ones bypass it") {
+  using tessera::detail::StorageCache;
+  StorageCache::release();
+  const float* first = nullptr;
+  {
+    const Tensor<float> big = Tensor<float>::empty(Shape{1 << 18});  // 1 MiB
+    first = big.data();
+    CHECK(reinterpret_cast<std::uintptr_t>(first) % 64 == 0);
+  }
+  CHECK(StorageCache::cached_bytes() == (std::size_t{1} << 20));
+  {
+    const Tensor<float> again(Shape{1 << 18});  // zero-filled even when reused
+    CHECK(again.data() == first);
+    CHECK(StorageCache::cached_bytes() == 0);
+    CHECK(again(12345) == 0.0f);
+    again.fill(3.0f);
+  }
+  { const Tensor<float> small(Shape{16}); }
+  CHECK(StorageCache::cached_bytes() == (std::size_t{1} << 20));
+  // A buffer allocated on another thread and freed here joins this thread's cache.
+  Tensor<double> from_thread;
+  std::thread([&] { from_thread = Tensor<double>::full(Shape{1 << 17}, 1.0); }).join();
+  from_thread = Tensor<double>();
+  CHECK(StorageCache::cached_bytes() == (std::size_t{2} << 20));
+  StorageCache::release();
+  CHECK(StorageCache::cached_bytes() == 0);
 }

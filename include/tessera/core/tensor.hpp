@@ -17,6 +17,7 @@
 
 #include "tessera/core/error.hpp"
 #include "tessera/core/shape.hpp"
+#include "tessera/core/storage_cache.hpp"
 
 namespace tessera {
 
@@ -50,7 +51,8 @@ template <class Fn, class T0, class... Ts>
 void for_each_element(const char* what, Fn&& fn, const Tensor<T0>& t0, const Tensor<Ts>&... ts);
 }  // namespace detail
 
-/// A strided view of shared, 64-byte aligned storage, holding `T` (see TensorScalar).
+/// A strided view of shared, 64-byte aligned storage, holding `T` (see TensorScalar). Large
+/// buffers come from a per-thread cache of freed ones (detail::StorageCache).
 ///
 /// Copying a Tensor copies the handle, not the elements (like std::shared_ptr): copies and
 /// views see each other's writes; `clone()` makes an independent copy. Constness is shallow:
@@ -221,9 +223,14 @@ class Tensor {
  private:
   static std::shared_ptr<T[]> allocate(std::int64_t n) {
     if (n == 0) return {};
-    constexpr std::align_val_t align{64};
-    T* p = static_cast<T*>(::operator new[](static_cast<std::size_t>(n) * sizeof(T), align));
-    return std::shared_ptr<T[]>(p, [](T* q) { ::operator delete[](q, std::align_val_t{64}); });
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
+    T* p = static_cast<T*>(detail::StorageCache::allocate(bytes));
+    try {
+      return std::shared_ptr<T[]>(p, [bytes](T* q) { detail::StorageCache::deallocate(q, bytes); });
+    } catch (...) {
+      detail::StorageCache::deallocate(p, bytes);
+      throw;
+    }
   }
 
   std::shared_ptr<T[]> storage_;
