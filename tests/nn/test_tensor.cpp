@@ -91,14 +91,14 @@ TEST_CASE("Tensor: concat of slices along a dim restores the original; cast conv
   const Tensor<float> t = iota234();
   for (int d = 0; d < 3; ++d) {
     const std::vector<Tensor<float>> parts{t.slice(d, 0, 1), t.slice(d, 1, t.size(d))};
-    const Tensor<float> c = tessera::concat<float>(parts, d);
+    const Tensor<float> c = tessera::concat(parts, d);
     CHECK(c.shape() == t.shape());
     for (int i = 0; i < 24; ++i) CHECK(c.data()[i] == t.data()[i]);
   }
   const Tensor<double> dd = t.cast<double>();
   CHECK(dd(1, 2, 3) == 23.0);
   const std::vector<Tensor<float>> bad{t, Tensor<float>(Shape{2, 4, 4})};
-  CHECK(contains(error_of([&] { (void)tessera::concat<float>(bad, 0); }), "(2, 4, 4)"));
+  CHECK(contains(error_of([&] { (void)tessera::concat(bad, 0); }), "(2, 4, 4)"));
 }
 
 TEST_CASE("Tensor: bad indices, slices and element counts throw with the numbers") {

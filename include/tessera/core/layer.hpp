@@ -11,7 +11,9 @@
 ///
 /// All per-call state lives in the context, not in the layer, so several micro-batches can be
 /// in flight at once (pipeline schedules) and a context can be dropped and rebuilt by running
-/// forward again (activation checkpointing).
+/// forward again (activation checkpointing). A context holds handles to tensors (the input,
+/// intermediate results), not copies: do not write into a tensor given to forward before the
+/// matching backward has run.
 
 #include <concepts>
 #include <type_traits>

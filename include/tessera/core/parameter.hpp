@@ -77,11 +77,11 @@ struct Parameter {
       : name(std::move(name_)), value(std::move(value_)), grad(std::move(grad_)), layout(layout_) {
     expect_same_shape("Parameter: value and grad", value, grad);
   }
-  Parameter(const Parameter&) = delete;
-  Parameter& operator=(const Parameter&) = delete;
-  Parameter(Parameter&&) noexcept = default;
-  Parameter& operator=(Parameter&&) noexcept = default;
-  ~Parameter() = default;
+  Parameter(const Parameter&) = delete;             ///< move-only (see the class comment)
+  Parameter& operator=(const Parameter&) = delete;  ///< move-only
+  Parameter(Parameter&&) noexcept = default;        ///< moves the handles; tensors are not copied
+  Parameter& operator=(Parameter&&) noexcept = default;  ///< moves the handles
+  ~Parameter() = default;                           ///< releases the handles
 };
 
 /// The parameters of a layer, in a fixed order (the Hugging Face order for the reference GPT):
@@ -94,17 +94,31 @@ class ParameterList {
   /// Iterator yielding `Parameter<T>&`.
   class iterator {
    public:
-    using iterator_category = std::forward_iterator_tag;
-    using value_type = Parameter<T>;
-    using difference_type = std::ptrdiff_t;
-    using pointer = Parameter<T>*;
-    using reference = Parameter<T>&;
+    using iterator_category = std::forward_iterator_tag;  ///< a forward iterator
+    using value_type = Parameter<T>;                      ///< what it points to
+    using difference_type = std::ptrdiff_t;               ///< distance type
+    using pointer = Parameter<T>*;                        ///< pointer to the parameter
+    using reference = Parameter<T>&;                      ///< what `*it` yields
+    /// A singular iterator.
     iterator() = default;
+    /// At the given position of the list's storage.
     explicit iterator(typename std::vector<Parameter<T>*>::const_iterator it) : it_(it) {}
+    /// The parameter.
     Parameter<T>& operator*() const { return **it_; }
+    /// Member access to the parameter.
     Parameter<T>* operator->() const { return *it_; }
-    iterator& operator++() { ++it_; return *this; }
-    iterator operator++(int) { iterator t = *this; ++it_; return t; }
+    /// Advances by one.
+    iterator& operator++() {
+      ++it_;
+      return *this;
+    }
+    /// Advances by one, returning the old position.
+    iterator operator++(int) {
+      iterator t = *this;
+      ++it_;
+      return t;
+    }
+    /// Same position.
     friend bool operator==(const iterator&, const iterator&) = default;
 
    private:

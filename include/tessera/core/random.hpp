@@ -6,6 +6,7 @@
 /// and the result does not depend on the order or the number of ranks that generate it.
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <numbers>
 #include <string_view>

@@ -243,7 +243,7 @@ class Tensor {
 /// tensor, e.g. to reassemble tensor-parallel shards. Throws tessera::Error when the list is
 /// empty or the shapes differ in a dim other than `d`.
 template <TensorScalar T>
-Tensor<T> concat(std::span<const Tensor<T>> parts, int d) {
+Tensor<T> concat(const std::vector<Tensor<T>>& parts, int d) {
   TESSERA_EXPECTS(!parts.empty(), "concat: no tensors given");
   const Shape& first = parts.front().shape();
   const int dd = first.dim(d);
