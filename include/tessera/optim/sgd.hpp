@@ -1,0 +1,79 @@
+#pragma once
+/// @file
+/// SGD with momentum and (coupled) weight decay, as PyTorch's torch.optim.SGD.
+
+#include <concepts>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/tensor.hpp"
+
+namespace tessera::optim {
+
+/// Options of SGD.
+struct SGDOptions {
+  double lr = 0.01;            ///< learning rate
+  double momentum = 0.0;       ///< momentum factor; 0 for plain SGD
+  double weight_decay = 0.0;   ///< L2 penalty added to the gradient (coupled, not AdamW's)
+};
+
+/// Stochastic gradient descent with momentum (Polyak's heavy ball in PyTorch's form, dampening
+/// 0): d = g + weight_decay * p; b = d on the first step, else b = momentum * b + d;
+/// p -= lr * b (b = d when momentum is 0).
+///
+/// It updates whatever parameters it is given, in place, through their `value` and `grad`
+/// tensors (which may be strided views), so a sharded (ZeRO-1) optimizer is this one built on
+/// the local slices. The parameters must outlive it and stay in place.
+template <std::floating_point T>
+class SGD {
+ public:
+  /// An optimizer of `params`. Throws tessera::Error for a negative lr, momentum or weight
+  /// decay.
+  SGD(ParameterList<T> params, const SGDOptions& options = {})
+      : params_(std::move(params)), options_(options), buffers_(params_.size()) {
+    TESSERA_EXPECTS(options.lr >= 0 && options.momentum >= 0 && options.weight_decay >= 0,
+                    "SGD: lr=", options.lr, " momentum=", options.momentum, " weight_decay=",
+                    options.weight_decay, " must not be negative");
+  }
+
+  /// One update of every parameter from its current gradient.
+  void step() {
+    const T lr = static_cast<T>(options_.lr), mu = static_cast<T>(options_.momentum),
+            wd = static_cast<T>(options_.weight_decay);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      Parameter<T>& p = params_[i];
+      if (options_.momentum == 0) {
+        detail::for_each_element("SGD", [=](T& v, const T& g) { v -= lr * (g + wd * v); }, p.value, p.grad);
+        continue;
+      }
+      Tensor<T>& buf = buffers_[i];
+      if (buf.numel() != p.value.numel()) {
+        buf = Tensor<T>::empty(p.value.shape());
+        detail::for_each_element("SGD", [=](T& v, const T& g, T& b) { b = g + wd * v; v -= lr * b; }, p.value, p.grad, buf);
+      } else {
+        detail::for_each_element("SGD", [=](T& v, const T& g, T& b) { b = mu * b + (g + wd * v); v -= lr * b; }, p.value,
+                                 p.grad, buf);
+      }
+    }
+  }
+  /// Sets every gradient to zero.
+  void zero_grad() { params_.zero_grad(); }
+  /// The learning rate.
+  double lr() const noexcept { return options_.lr; }
+  /// Sets the learning rate (e.g. from a schedule) for the next steps.
+  void set_lr(double lr) { options_.lr = lr; }
+  /// The parameters it updates.
+  const ParameterList<T>& parameters() const noexcept { return params_; }
+  /// The momentum buffer of parameter i (empty before the first step or without momentum).
+  const Tensor<T>& momentum_buffer(std::size_t i) const { return buffers_.at(i); }
+
+ private:
+  ParameterList<T> params_;
+  SGDOptions options_;
+  std::vector<Tensor<T>> buffers_;
+};
+
+}  // namespace tessera::optim
