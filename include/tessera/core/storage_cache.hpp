@@ -24,7 +24,7 @@ class StorageCache {
  public:
   static constexpr std::size_t alignment = 64;                       ///< bytes
   static constexpr std::size_t min_bytes = std::size_t{128} << 10;   ///< smaller blocks bypass the cache
-  static constexpr std::size_t max_cached_bytes = std::size_t{1} << 30;  ///< per thread
+  static constexpr std::size_t max_cached_bytes = std::size_t{256} << 20;  ///< per thread (8 rank-threads: 2 GiB at most)
 
   /// A block of `bytes` (> 0) bytes, from the cache when one of that size is free. Throws
   /// std::bad_alloc when the system has no memory.
