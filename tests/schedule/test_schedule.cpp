@@ -295,7 +295,7 @@ TEST_CASE("check: duplicates, wrong peers, stages on the wrong rank and misorder
   const Schedule base = OneFOneB{.num_microbatches = 2}.build(2);
   Schedule dup = base;
   dup.ticks[0].push_back({F(0, 0)});
-  CHECK(check_error(dup).find("rank 0 does F(mb=0, stage=0) twice, at tick 0 and at tick ") != std::string::npos);
+  CHECK(check_error(dup).find("rank 0 does F(mb=0, stage=0) twice, at tick 0 and at tick 5") != std::string::npos);
 
   Schedule wrong_rank = base;
   wrong_rank.ticks[0].push_back({F(0, 1)});
@@ -332,6 +332,38 @@ TEST_CASE("check: duplicates, wrong peers, stages on the wrong rank and misorder
   Schedule short_ticks = base;
   short_ticks.ticks.pop_back();
   CHECK(check_error(short_ticks).find("ticks lists 1 ranks, expected pp_size = 2") != std::string::npos);
+}
+
+TEST_CASE("docs/schedules.md example: the hand-written 2-rank schedule passes, its deadlocking variant names both ranks") {
+  Schedule mine{
+      .name = "mine", .pp_size = 2, .num_microbatches = 2,
+      .ticks = {
+          // rank 0 holds stage 0
+          {{Action::forward(0, 0), Action::send_forward(0, 0, 1)},
+           {Action::forward(1, 0), Action::send_forward(1, 0, 1), Action::recv_backward(0, 0, 1)},
+           {Action::backward(0, 0), Action::recv_backward(1, 0, 1)},
+           {Action::backward(1, 0)}},
+          // rank 1 holds stage 1 (the last): F and B back to back
+          {{Action::recv_forward(0, 1, 0)},
+           {Action::forward(0, 1), Action::backward(0, 1), Action::recv_forward(1, 1, 0), Action::send_backward(0, 1, 0)},
+           {Action::forward(1, 1), Action::backward(1, 1), Action::send_backward(1, 1, 0)}}}};
+  const CheckReport report = check(mine);
+  CHECK(report.peak_in_flight == std::vector<int>{2, 1});
+  CHECK(to_string(mine) == "mine (p=2, m=2)\n"
+                           "rank 0: F0 SEND_F0 | F1 SEND_F1 RECV_B0 | B0 RECV_B1 | B1\n"
+                           "rank 1: RECV_F0 | F0 B0 RECV_F1 SEND_B0 | F1 B1 SEND_B1\n");
+  CHECK(bubble_stats(simulate(mine)).bubble_ratio == doctest::Approx(0.5));  // (p-1)/m
+
+  Schedule broken = mine;  // rank 0 now waits for a gradient before it sends any activation
+  broken.ticks[0] = {{Action::forward(0, 0)},
+                     {Action::forward(1, 0), Action::recv_backward(0, 0, 1)},
+                     {Action::send_forward(0, 0, 1), Action::send_forward(1, 0, 1)},
+                     {Action::backward(0, 0), Action::recv_backward(1, 0, 1)},
+                     {Action::backward(1, 0)}};
+  CHECK(check_error(broken).starts_with(
+      "schedule 'mine (p=2, m=2)' deadlocks: rank 0 is stuck at tick 1 waiting for RECV_B(mb=0, stage=0, from rank 1): "
+      "rank 1 posts SEND_B only at its tick 1 and is itself stuck at tick 0; rank 1 is stuck at tick 0 waiting for "
+      "RECV_F(mb=0, stage=1, from rank 0): rank 0 posts SEND_F only at its tick 2 and is itself stuck at tick 1"));
 }
 
 TEST_CASE("check: a hand-written schedule with its own stage placement (V shape) passes and simulates") {

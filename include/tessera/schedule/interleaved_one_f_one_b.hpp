@@ -36,6 +36,9 @@ struct ChunkStep {
 /// m * v), then steady F + B pairs, then the remaining backwards. Bubble ratio (p-1)/(v m) at
 /// the price of v times the point-to-point traffic.
 ///
+/// virtual_stages = 1 is allowed (Megatron's interleaved code path with one chunk: warm-up
+/// 2 (p - r - 1), more activations in flight than OneFOneB for the same bubble).
+///
 /// Constraints (Megatron-LM's): pp_size <= group <= num_microbatches, and num_microbatches %
 /// group must be 0 or >= pp_size; build() throws Error naming the numbers otherwise.
 ///
