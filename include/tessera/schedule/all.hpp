@@ -1,0 +1,18 @@
+#pragma once
+/// @file
+/// Everything in tessera::schedule: pipeline schedules as data (GPipe, OneFOneB,
+/// InterleavedOneFOneB, or your own Schedule), the checker, the ideal-timeline simulator, the
+/// per-rank Recorder, bubble statistics, Chrome trace JSON and SVG pictures.
+
+#include "tessera/schedule/action.hpp"
+#include "tessera/schedule/bubble.hpp"
+#include "tessera/schedule/checker.hpp"
+#include "tessera/schedule/chrome_trace.hpp"
+#include "tessera/schedule/gpipe.hpp"
+#include "tessera/schedule/interleaved_one_f_one_b.hpp"
+#include "tessera/schedule/one_f_one_b.hpp"
+#include "tessera/schedule/recorder.hpp"
+#include "tessera/schedule/schedule.hpp"
+#include "tessera/schedule/simulate.hpp"
+#include "tessera/schedule/svg.hpp"
+#include "tessera/schedule/timeline.hpp"

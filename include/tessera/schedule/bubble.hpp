@@ -1,0 +1,66 @@
+#pragma once
+/// @file
+/// bubble_stats: how much of a pipeline step each rank spends idle, from a Timeline.
+
+#include <algorithm>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "tessera/schedule/timeline.hpp"
+
+namespace tessera::schedule {
+
+/// Idle time of a pipeline step, measured on a Timeline.
+struct BubbleStats {
+  double span = 0.0;                    ///< seconds from the first event's start to the last event's end
+  std::vector<double> busy{};             ///< per rank: seconds spent in F or B (overlaps counted once)
+  std::vector<double> bubble_fraction{};  ///< per rank: idle time / span = (span - busy) / span
+  /// Megatron-LM's bubble ratio: total idle time / total compute time,
+  /// sum_r (span - busy_r) / sum_r busy_r. (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved.
+  double bubble_ratio = 0.0;
+  /// Fraction of all ranks' wall time that is idle: sum_r (span - busy_r) / (p span)
+  /// = bubble_ratio / (1 + bubble_ratio).
+  double idle_fraction = 0.0;
+};
+
+/// Measures the bubble of `t`: per rank, the time within the timeline's span not covered by F
+/// or B events (transfers and waits count as idle), and the ratios above. Ranks are
+/// 0..t.num_ranks-1; a rank without events is idle for the whole span. Ratios are 0 when there
+/// is no compute.
+inline BubbleStats bubble_stats(const Timeline& t) {
+  BubbleStats out;
+  out.span = t.span();
+  const std::size_t p = static_cast<std::size_t>(std::max(t.num_ranks, 0));
+  out.busy.assign(p, 0.0);
+  out.bubble_fraction.assign(p, 0.0);
+  double idle_sum = 0.0, busy_sum = 0.0;
+  for (std::size_t r = 0; r < p; ++r) {
+    std::vector<std::pair<double, double>> iv;
+    for (const TimelineEvent& e : t.events)
+      if (e.rank == static_cast<int>(r) && e.action.is_compute()) iv.emplace_back(e.start, e.end);
+    std::sort(iv.begin(), iv.end());
+    double busy = 0.0, cur_b = 0.0, cur_e = 0.0;
+    bool open = false;
+    for (const auto& [b, e] : iv) {
+      if (open && b <= cur_e) {
+        cur_e = std::max(cur_e, e);
+      } else {
+        if (open) busy += cur_e - cur_b;
+        cur_b = b;
+        cur_e = e;
+        open = true;
+      }
+    }
+    if (open) busy += cur_e - cur_b;
+    out.busy[r] = busy;
+    out.bubble_fraction[r] = out.span > 0.0 ? (out.span - busy) / out.span : 0.0;
+    idle_sum += out.span - busy;
+    busy_sum += busy;
+  }
+  out.bubble_ratio = busy_sum > 0.0 ? idle_sum / busy_sum : 0.0;
+  out.idle_fraction = busy_sum > 0.0 ? idle_sum / (static_cast<double>(p) * out.span) : 0.0;
+  return out;
+}
+
+}  // namespace tessera::schedule
