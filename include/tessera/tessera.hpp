@@ -19,5 +19,6 @@
 #include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/optim/sgd.hpp"
 #include "tessera/optim/warmup_cosine.hpp"
+#include "tessera/schedule/all.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 #include "tessera/testing/run_ranks.hpp"
