@@ -107,7 +107,9 @@ TEST_SUITE("big") {
     tessera::Comm w = world();
     cb::large_body(w);
   }
+}
 
+TEST_SUITE("c6-big") {
   TEST_CASE("64 MiB exchange where both ranks list send before receive completes (batch_isend_irecv)") {
     tessera::Comm w = world();
     cb::batch_p2p_exchange_body(w, true);
