@@ -111,6 +111,21 @@ TEST_CASE("timeout: a receive whose sender never sends throws TimeoutError namin
   w.barrier();
 }
 
+TEST_CASE("debug mode: a timeout names the ranks that did not arrive") {
+  tessera::Comm w = world();
+  if (w.size() < 2) return;
+  tessera::Comm dbg = fresh("mpi:dbg-timeout");
+  tessera::mpi::backend(dbg).set_debug_collectives(true);
+  dbg.set_timeout(300ms);
+  if (w.rank() != 0) {
+    const std::string msg = thrown_message<tessera::TimeoutError>([&] { dbg.barrier(); });
+    check_contains(msg, {"barrier()", "mpi:dbg-timeout", rank_of(dbg), "rank(s) 0 did not arrive"});
+  }
+  // Rank 0 never calls: the others' signature messages to and from it stay pending, and the
+  // communicator is kept (not freed) when its handles go.
+  w.barrier();
+}
+
 TEST_CASE("debug mode: mismatched collectives throw MismatchError on every rank naming both calls") {
   tessera::Comm w = world();
   if (w.size() < 2) return;

@@ -18,6 +18,7 @@
 
 #include <boost/mpi/communicator.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstddef>
@@ -25,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -81,9 +83,11 @@ class MpiRequest final : public RequestImpl {
 ///   this communicator throws CommError; the operation that timed out stays with MPI (its
 ///   buffer may still be written if the late ranks arrive).
 /// - Debug mode (TESSERA_DEBUG_COLLECTIVES=1 in the environment, or set_debug_collectives):
-///   before each collective the ranks all-gather a signature (call, element type, count, op,
-///   root) and, if they differ, every rank throws MismatchError naming rank 0's call and the
-///   first rank whose call differs. Every rank must use the same setting.
+///   before each collective every rank sends every other rank a signature of its call (call,
+///   element type, count, op, root) on a private duplicate of the communicator; if they
+///   differ, every rank throws MismatchError naming rank 0's call and the first rank whose
+///   call differs. Because the signatures travel point-to-point, a timeout in debug mode names
+///   the ranks that did not arrive. Every rank must use the same setting.
 /// - Counts above max_message_count() (default INT_MAX, MPI's limit) are split into pieces.
 /// - MPI errors are returned, not fatal (MPI_ERRORS_RETURN), and thrown as CommError whose
 ///   code() is the MPI error class.
@@ -107,6 +111,7 @@ class MpiCommunicator final : public CommBackend,
       : comm_(std::move(comm)), name_(std::move(name)), timeout_(default_timeout()),
         debug_(debug_from_environment()) {
     MPI_Comm c = comm_;
+    if (debug_) ctrl_.emplace(comm_, boost::mpi::comm_duplicate);
     check_(MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN), detail::CallInfo{}, "MPI_Comm_set_errhandler");
     check_(MPI_Comm_rank(c, &rank_), detail::CallInfo{}, "MPI_Comm_rank");
     check_(MPI_Comm_size(c, &size_), detail::CallInfo{}, "MPI_Comm_size");
@@ -128,6 +133,7 @@ class MpiCommunicator final : public CommBackend,
     reap_();
     if (!orphans_.empty()) {
       kept_alive().push_back(comm_);
+      if (ctrl_) kept_alive().push_back(*ctrl_);
       for (auto& op : orphans_) static_cast<void>(op.release());
     }
   }
@@ -155,9 +161,13 @@ class MpiCommunicator final : public CommBackend,
   MPI_Comm mpi_comm() const { return static_cast<MPI_Comm>(comm_); }
 
   /// Turns the signature check before every collective on or off. Every rank of the
-  /// communicator must make the same choice at the same point (the check is itself a
-  /// collective). Sub-communicators made by split() inherit the setting.
-  void set_debug_collectives(bool on) noexcept { debug_ = on; }
+  /// communicator must make the same choice at the same point: the check exchanges messages,
+  /// and turning it on the first time duplicates the communicator (collective).
+  /// Sub-communicators made by split() inherit the setting.
+  void set_debug_collectives(bool on) {
+    if (on && !ctrl_) ctrl_.emplace(comm_, boost::mpi::comm_duplicate);
+    debug_ = on;
+  }
   /// Whether the signature check is on.
   bool debug_collectives() const noexcept { return debug_; }
 
@@ -336,7 +346,7 @@ class MpiCommunicator final : public CommBackend,
     auto child = create(boost::mpi::communicator(sub, boost::mpi::comm_take_ownership),
                         tessera::detail::str(name_, "/split(color=", color, ")"));
     child->timeout_ = timeout_;
-    child->debug_ = debug_;
+    child->set_debug_collectives(debug_);  // collective on the new communicator when on
     child->max_count_ = max_count_;
     return child;
   }
@@ -528,11 +538,27 @@ class MpiCommunicator final : public CommBackend,
 
   [[noreturn]] void timeout_error_(std::unique_ptr<detail::PendingOp>& p, std::chrono::nanoseconds waited) {
     using tessera::detail::str;
+    // MPI_Testall completes all requests or none; MPI_Testsome releases the completed ones
+    // (MPI_REQUEST_NULL afterwards), so that the rest name what did not arrive.
+    {
+      std::vector<int> done(p->requests.size());
+      int outcount = 0;
+      MPI_Testsome(static_cast<int>(p->requests.size()), p->requests.data(), &outcount, done.data(),
+                   p->statuses.data());
+    }
     std::string who;
-    if (p->p2p.empty()) {
+    if (p->signature_exchange) {
+      std::string late;
+      for (std::size_t i = 0; i < p->p2p.size(); ++i)
+        if (p->p2p[i].is_recv && p->requests[i] != MPI_REQUEST_NULL)
+          late += str(late.empty() ? "" : ", ", p->p2p[i].peer);
+      who = late.empty() ? std::string("every rank arrived, but not every rank took this rank's call signature")
+                         : str("rank(s) ", late, " did not arrive at this collective (seen by the debug-mode "
+                               "signature exchange)");
+    } else if (p->p2p.empty()) {
       who = str("MPI cannot tell which ranks did not arrive; every rank of ", name_,
                 " must make the same collective calls in the same order (set "
-                "TESSERA_DEBUG_COLLECTIVES=1 to compare them)");
+                "TESSERA_DEBUG_COLLECTIVES=1 to compare the calls and name the ranks that do not arrive)");
     } else {
       for (std::size_t i = 0; i < p->p2p.size(); ++i) {
         if (p->requests[i] == MPI_REQUEST_NULL) continue;
@@ -573,29 +599,48 @@ class MpiCommunicator final : public CommBackend,
     }
   }
 
-  /// Debug mode: all-gathers the signature of `c` and throws MismatchError on every rank if
-  /// any rank's call differs from rank 0's.
+  /// Debug mode: sends the signature of `c` to every other rank and receives theirs (on the
+  /// private duplicate ctrl_, so the messages never meet the user's), then throws
+  /// MismatchError on every rank if any rank's call differs from rank 0's. The buffers live in
+  /// the operation, since after a timeout MPI may still write them.
   void check_signature_(const detail::CallInfo& c) {
     constexpr int w = detail::signature_words;
     const std::vector<std::int64_t> mine = detail::signature(c);
-    std::vector<std::int64_t> all(static_cast<std::size_t>(size_) * w);
     auto p = std::make_unique<detail::PendingOp>();
     p->call = c;
-    MPI_Request r = MPI_REQUEST_NULL;
-    push_(p, MPI_Iallgather(mine.data(), w, MPI_INT64_T, all.data(), w, MPI_INT64_T, mpi_comm(), &r), r);
-    p->statuses.resize(1);
+    p->signature_exchange = true;
+    const std::size_t words = static_cast<std::size_t>(size_ + 1) * w;  // all ranks', then mine
+    p->scratch = std::make_unique<std::byte[]>(words * sizeof(std::int64_t));
+    auto* all = reinterpret_cast<std::int64_t*>(p->scratch.get());
+    std::int64_t* own = all + static_cast<std::size_t>(size_) * w;
+    std::copy(mine.begin(), mine.end(), own);
+    std::copy(mine.begin(), mine.end(), all + static_cast<std::size_t>(rank_) * w);
+    const MPI_Comm ctrl = *ctrl_;
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      MPI_Request r = MPI_REQUEST_NULL;
+      push_(p, MPI_Irecv(all + static_cast<std::size_t>(q) * w, w, MPI_INT64_T, q, 0, ctrl, &r), r);
+      p->p2p.push_back(detail::P2PEntry{true, q, 0, w, DType::i64});
+    }
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      MPI_Request r = MPI_REQUEST_NULL;
+      push_(p, MPI_Isend(own, w, MPI_INT64_T, q, 0, ctrl, &r), r);
+      p->p2p.push_back(detail::P2PEntry{false, q, 0, w, DType::i64});
+    }
+    p->statuses.resize(p->requests.size());
     wait_op_(p);
     for (int q = 1; q < size_; ++q) {
-      const std::int64_t* theirs = all.data() + static_cast<std::size_t>(q) * w;
-      if (!detail::signatures_match(all.data(), theirs))
+      const std::int64_t* theirs = all + static_cast<std::size_t>(q) * w;
+      if (!detail::signatures_match(all, theirs))
         throw MismatchError(tessera::detail::str(
-            "collective mismatch on ", name_, ": rank 0 called ",
-            detail::describe(detail::from_signature(all.data())), " but rank ", q, " called ",
-            detail::describe(detail::from_signature(theirs))));
+            "collective mismatch on ", name_, ": rank 0 called ", detail::describe(detail::from_signature(all)),
+            " but rank ", q, " called ", detail::describe(detail::from_signature(theirs))));
     }
   }
 
   boost::mpi::communicator comm_;
+  std::optional<boost::mpi::communicator> ctrl_;  // private duplicate for debug-mode signatures
   std::string name_;
   std::chrono::milliseconds timeout_;
   bool debug_ = false;

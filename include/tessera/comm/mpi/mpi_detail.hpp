@@ -118,7 +118,7 @@ inline std::string describe(const CallInfo& c) {
 /// Number of int64 words in a collective's signature (debug mode).
 inline constexpr int signature_words = 6;
 
-/// The signature all-gathered before each collective in debug mode: kind, dtype, count, op,
+/// The signature exchanged before each collective in debug mode: kind, dtype, count, op,
 /// root (op and root are -1 where they do not apply), and whether the call is non-blocking
 /// (kept for the message only: blocking and non-blocking forms match each other here).
 inline std::vector<std::int64_t> signature(const CallInfo& c) {
@@ -172,6 +172,7 @@ struct PendingOp {
   int avg_divisor = 1;                     ///< communicator size for ReduceOp::avg
   std::unique_ptr<std::byte[]> scratch;    ///< staged copy of an input that overlaps the output
   bool done = false;                       ///< completed and finished (avg applied)
+  bool signature_exchange = false;         ///< the debug-mode exchange of call signatures
 };
 
 /// Divides `n` elements of type `t` at `p` by `d` (integers: truncating division).
