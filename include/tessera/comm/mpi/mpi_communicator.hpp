@@ -290,7 +290,7 @@ class MpiCommunicator final : public CommBackend,
                              .peer = peer, .tag = tag, .async = async};
     check_tag_(c);
     auto p = begin_(c, false);
-    post_p2p_(*p, false, const_cast<void*>(data), count, t, peer, tag);
+    post_p2p_(p, false, const_cast<void*>(data), count, t, peer, tag);
     return end_(std::move(p), async);
   }
 
@@ -301,7 +301,7 @@ class MpiCommunicator final : public CommBackend,
                              .peer = peer, .tag = tag, .async = async};
     check_tag_(c);
     auto p = begin_(c, false);
-    post_p2p_(*p, true, data, count, t, peer, tag);
+    post_p2p_(p, true, data, count, t, peer, tag);
     return end_(std::move(p), async);
   }
 
@@ -318,9 +318,9 @@ class MpiCommunicator final : public CommBackend,
     }
     auto p = begin_(c, false);
     for (const P2POp& op : ops)
-      if (op.kind == P2POp::Kind::recv) post_p2p_(*p, true, op.data, op.count, op.dtype, op.peer, op.tag);
+      if (op.kind == P2POp::Kind::recv) post_p2p_(p, true, op.data, op.count, op.dtype, op.peer, op.tag);
     for (const P2POp& op : ops)
-      if (op.kind == P2POp::Kind::send) post_p2p_(*p, false, op.data, op.count, op.dtype, op.peer, op.tag);
+      if (op.kind == P2POp::Kind::send) post_p2p_(p, false, op.data, op.count, op.dtype, op.peer, op.tag);
     return end_(std::move(p), true);
   }
 
@@ -428,22 +428,18 @@ class MpiCommunicator final : public CommBackend,
     p->requests.push_back(r);
   }
 
-  void post_p2p_(detail::PendingOp& p, bool is_recv, void* data, std::size_t count, DType t,
-                 int peer, int tag) {
+  /// Posts one send or receive (in pieces of at most max_message_count() elements), recording
+  /// peer, tag and count of each piece for the completion check and for error messages.
+  void post_p2p_(std::unique_ptr<detail::PendingOp>& p, bool is_recv, void* data, std::size_t count,
+                 DType t, int peer, int tag) {
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
     detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
       MPI_Request r = MPI_REQUEST_NULL;
-      const int rc = is_recv
-                         ? MPI_Irecv(bytes + off * es, n, detail::mpi_type(t), peer, tag, mpi_comm(), &r)
-                         : MPI_Isend(bytes + off * es, n, detail::mpi_type(t), peer, tag, mpi_comm(), &r);
-      if (rc != MPI_SUCCESS) {
-        detail::CallInfo c{.kind = is_recv ? detail::CallKind::recv : detail::CallKind::send,
-                           .dtype = t, .count = count, .peer = peer, .tag = tag};
-        check_(rc, c, is_recv ? "MPI_Irecv" : "MPI_Isend");
-      }
-      p.requests.push_back(r);
-      p.p2p.push_back(detail::P2PEntry{is_recv, peer, tag, n, t});
+      push_(p, is_recv ? MPI_Irecv(bytes + off * es, n, detail::mpi_type(t), peer, tag, mpi_comm(), &r)
+                       : MPI_Isend(bytes + off * es, n, detail::mpi_type(t), peer, tag, mpi_comm(), &r),
+            r);
+      p->p2p.push_back(detail::P2PEntry{is_recv, peer, tag, n, t});
     });
   }
 
