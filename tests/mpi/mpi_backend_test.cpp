@@ -47,6 +47,8 @@ TEST_CASE("world(): every call returns the same communicator, mpi:world, congrue
   MPI_Comm_compare(tessera::mpi::backend(a).mpi_comm(), MPI_COMM_WORLD, &cmp);
   CHECK(cmp == MPI_CONGRUENT);  // a duplicate: same ranks, separate message space
   CHECK(tessera::mpi::Environment::thread_level() >= boost::mpi::threading::serialized);
+  // Environment chose libnbc's all-reduce algorithm before MPI started (unless set outside).
+  CHECK(std::getenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm") != nullptr);
 }
 
 TEST_CASE("split names the new communicator after its parent and inherits timeout and settings") {

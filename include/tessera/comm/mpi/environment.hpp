@@ -68,6 +68,13 @@ inline std::string type_name(const std::exception& e) {
 /// not collective, and releases it before finalizing. If the object is destroyed by an
 /// uncaught exception, the job is aborted (Boost.MPI's behaviour) instead of hanging.
 /// Create one per process, in main(), before any other tessera::mpi call.
+///
+/// Before initializing Open MPI it selects the algorithm of libnbc's MPI_Iallreduce (the call
+/// behind every all_reduce): Rabenseifner's reduce-scatter + all-gather
+/// (OMPI_MCA_coll_libnbc_iallreduce_algorithm=3), unless that variable is already set. libnbc
+/// otherwise runs an in-place all-reduce as a binomial reduce + broadcast, which moves the
+/// whole buffer 2 log2(n) times; measured on 2 ranks at 64 MiB: 1.9x slower than
+/// Rabenseifner's and 1.4x slower than the blocking MPI_Allreduce. Other MPIs ignore it.
 class Environment {
  public:
   /// Initializes MPI with the program's arguments (MPI may remove its own from them).
@@ -88,6 +95,8 @@ class Environment {
 
  private:
   static void make_world();
+  /// Sets Open MPI's libnbc all-reduce algorithm (see the class comment) unless set already.
+  static bool tune_open_mpi() { return setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3", 0) == 0; }
   static int& no_argc() {
     static int argc = 0;
     return argc;
@@ -98,6 +107,7 @@ class Environment {
     return argv;
   }
 
+  bool tuned_ = tune_open_mpi();  // before env_: MPI reads the variable when it starts
   boost::mpi::environment env_;
 };
 
