@@ -10,3 +10,4 @@
 #include "tessera/comm/request.hpp"
 #include "tessera/core/dtype.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/tessera.hpp"
