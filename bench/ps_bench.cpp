@@ -10,7 +10,7 @@
 // A real gradient (linear regression, 8 features) is pushed and pulled each step, and the
 // final loss is printed, so every mode also shows it still trains.
 //
-// Run: OPENBLAS_NUM_THREADS=1 build/bench/ps/ps_bench [steps] [base_ms]
+// Run: OPENBLAS_NUM_THREADS=1 build/bench/ps/ps_bench [steps] [base_ms] [rounds]
 
 #include <algorithm>
 #include <chrono>
@@ -40,6 +40,11 @@ struct Result {
 };
 
 constexpr int kWorkers = 4, kFeatures = 8, kRows = 128;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 double sleep_ms(Scenario sc, int w, int t, double base) {
   switch (sc) {
@@ -92,26 +97,40 @@ Result run_one(Comm& world, Scenario sc, ParameterServerMode mode, int s, int st
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 40;
   const double base = argc > 2 ? std::atof(argv[2]) : 2.0;
+  const int rounds = argc > 3 ? std::atoi(argv[3]) : 5;
   std::printf("parameter server, threads backend: 1 server + %d workers, %d steps, compute %.1f ms/step "
-              "(a sleep)\n\n",
-              kWorkers, steps, base);
-  std::printf("%-10s %-9s %12s %12s %14s %12s %12s\n", "scenario", "mode", "wall (s)", "ms / step", "vs sync",
-              "max stale", "final loss");
+              "(a sleep); median of %d rounds, the configurations interleaved in each round\n\n",
+              kWorkers, steps, base, rounds);
   const std::pair<Scenario, const char*> scenarios[] = {
       {Scenario::balanced, "balanced"}, {Scenario::one_slow, "one slow"}, {Scenario::straggler, "straggler"}};
-  for (auto [sc, name] : scenarios) {
-    double sync_seconds = 0;
-    for (int s : {-1, 1, 2, 4}) {
-      const ParameterServerMode mode = s < 0 ? ParameterServerMode::sync : ParameterServerMode::async;
-      const auto rs = testing::run_ranks(kWorkers + 1, [&](Comm& w) {
-        return run_one(w, sc, mode, std::max(s, 0), steps, base);
-      });
-      double wall = 0;
-      for (int w = 0; w < kWorkers; ++w) wall = std::max(wall, rs[static_cast<std::size_t>(w)].seconds);
-      if (s < 0) sync_seconds = wall;
-      const std::string label = s < 0 ? "sync" : "ssp s=" + std::to_string(s);
-      std::printf("%-10s %-9s %12.3f %12.2f %13.2fx %12lld %12.2e\n", name, label.c_str(), wall, 1e3 * wall / steps,
-                  sync_seconds / wall, static_cast<long long>(rs[kWorkers].max_staleness), rs[0].final_loss);
+  const int staleness[] = {-1, 1, 2, 4};  // -1: sync
+  constexpr int ns = 3, nm = 4;
+  std::vector<double> wall[ns][nm];
+  std::int64_t stale[ns][nm] = {};
+  double loss[ns][nm] = {};
+  for (int round = 0; round < rounds; ++round)
+    for (int i = 0; i < ns; ++i)
+      for (int j = 0; j < nm; ++j) {
+        const int s = staleness[j];
+        const ParameterServerMode mode = s < 0 ? ParameterServerMode::sync : ParameterServerMode::async;
+        const auto rs = testing::run_ranks(kWorkers + 1, [&](Comm& w) {
+          return run_one(w, scenarios[i].first, mode, std::max(s, 0), steps, base);
+        });
+        double t = 0;
+        for (int w = 0; w < kWorkers; ++w) t = std::max(t, rs[static_cast<std::size_t>(w)].seconds);
+        wall[i][j].push_back(t);
+        stale[i][j] = std::max(stale[i][j], rs[kWorkers].max_staleness);
+        loss[i][j] = std::max(loss[i][j], rs[0].final_loss);
+      }
+  std::printf("%-10s %-9s %12s %12s %10s %10s %12s\n", "scenario", "mode", "wall (s)", "ms / step", "vs sync",
+              "max stale", "final loss");
+  for (int i = 0; i < ns; ++i) {
+    const double sync_wall = median(wall[i][0]);
+    for (int j = 0; j < nm; ++j) {
+      const double t = median(wall[i][j]);
+      const std::string label = staleness[j] < 0 ? "sync" : "ssp s=" + std::to_string(staleness[j]);
+      std::printf("%-10s %-9s %12.3f %12.2f %9.2fx %10lld %12.2e\n", scenarios[i].second, label.c_str(), t,
+                  1e3 * t / steps, sync_wall / t, static_cast<long long>(stale[i][j]), loss[i][j]);
     }
   }
   return 0;

@@ -30,6 +30,7 @@
 #include <deque>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <thread>
@@ -152,14 +153,18 @@ class ParameterServer {
 
   /// A worker that has not called finish() sends "done" here, so that the servers return
   /// (errors cannot leave a destructor: call finish() to see them). Nothing is sent while an
-  /// exception unwinds the stack.
+  /// exception unwinds the stack; the buffers of receives still posted then are deliberately
+  /// not freed, since no backend can cancel a posted receive and a late reply would otherwise
+  /// be written into freed memory.
   ~ParameterServer() {
-    if (comm_.valid() && is_worker() && !finished_ && std::uncaught_exceptions() == 0) {
+    if (!comm_.valid()) return;
+    if (is_worker() && !finished_ && std::uncaught_exceptions() == 0) {
       try {
         finish();
       } catch (...) {  // a destructor must not throw; finish() reports the same error
       }
     }
+    if (!pending_.empty()) static_cast<void>(new std::deque<PendingOp>(std::move(pending_)));
   }
   ParameterServer(const ParameterServer&) = delete;             ///< one per rank; not copyable
   ParameterServer& operator=(const ParameterServer&) = delete;  ///< not copyable
@@ -523,13 +528,15 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     std::deque<std::int64_t> pulls;  // clocks of pulls not yet answered
   };
   const int W = num_workers_;
-  std::vector<Peer> peers(static_cast<std::size_t>(W));
+  // Posted receives write into the peers; on an error they are deliberately not freed (see
+  // the destructor's comment).
+  auto owned_peers = std::make_unique<std::vector<Peer>>(static_cast<std::size_t>(W));
+  std::vector<Peer>& peers = *owned_peers;
   std::vector<std::vector<T>> pool;  // gradient buffers to reuse
   auto post_header = [&](int w) {
     Peer& p = peers[static_cast<std::size_t>(w)];
     p.request = comm_.irecv(std::span<std::int64_t>(p.header), worker_rank(w), tag_header());
   };
-  for (int w = 0; w < W; ++w) post_header(w);
 
   // Applies every global step whose pushes are all in, in order.
   auto apply = [&] {
@@ -653,40 +660,49 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     p.request = comm_.irecv(std::span<T>(p.incoming), worker_rank(w), tag_push());
   };
 
-  const auto timeout = comm_.timeout();
-  auto last = std::chrono::steady_clock::now();
-  int idle = 0;
-  for (;;) {
-    bool progressed = false;
-    for (int w = 0; w < W; ++w) {
-      Peer& p = peers[static_cast<std::size_t>(w)];
-      if (p.done || !p.request.test()) continue;
-      handle(w);
-      progressed = true;
+  // Polls every worker's receive with test(), so messages are served in any arrival order.
+  auto loop = [&] {
+    const auto timeout = comm_.timeout();
+    auto last = std::chrono::steady_clock::now();
+    int idle = 0;
+    for (int w = 0; w < W; ++w) post_header(w);
+    for (;;) {
+      bool progressed = false;
+      for (int w = 0; w < W; ++w) {
+        Peer& p = peers[static_cast<std::size_t>(w)];
+        if (p.done || !p.request.test()) continue;
+        handle(w);
+        progressed = true;
+      }
+      if (progressed) {
+        apply();
+        answer();
+        idle = 0;
+        last = std::chrono::steady_clock::now();
+        continue;
+      }
+      if (std::all_of(peers.begin(), peers.end(), [](const Peer& p) { return p.done; })) return;
+      // Nothing arrived: yield for a while, then sleep in short slices (the threads backend's
+      // ranks may share few cores with the workers).
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last > timeout)
+        throw TimeoutError(detail::str("ParameterServer: server ", s, " (rank ", comm_.rank(), ") of ", comm_.name(),
+                                       " received nothing for ", std::chrono::duration<double>(now - last).count(),
+                                       " s at version ", version_, "; waiting for ", describe()));
+      if (++idle < 200) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(idle < 2000 ? 20 : 200));
+      }
+      stats_.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - now).count();
     }
-    if (progressed) {
-      apply();
-      answer();
-      idle = 0;
-      last = std::chrono::steady_clock::now();
-      continue;
-    }
-    if (std::all_of(peers.begin(), peers.end(), [](const Peer& p) { return p.done; })) break;
-    // Nothing arrived: yield for a while, then sleep in short slices (the threads backend's
-    // ranks may share few cores with the workers).
-    const auto now = std::chrono::steady_clock::now();
-    if (now - last > timeout)
-      throw TimeoutError(detail::str("ParameterServer: server ", s, " (rank ", comm_.rank(), ") of ", comm_.name(),
-                                     " received nothing for ", std::chrono::duration<double>(now - last).count(),
-                                     " s at version ", version_, "; waiting for ", describe()));
-    if (++idle < 200) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(idle < 2000 ? 20 : 200));
-    }
-    stats_.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - now).count();
+  };
+  try {
+    loop();
+  } catch (...) {
+    static_cast<void>(owned_peers.release());
+    throw;
   }
-  apply();
   return stats_;
 }
 
