@@ -49,6 +49,8 @@ struct Config {
   int slow_ms = 0;
   std::vector<int> worker_steps{};  // per worker: steps it runs (default: all run `steps`)
   bool explicit_finish = true;     // false: rely on the destructor's "done"
+  int busy_ms = -1;                 // >= 0: push, pull, sleep busy_ms (no communication), wait;
+                                    // -1: step()
   // Threads only: every worker's clock, set just before each push (so it is never behind
   // what a server has seen); used to measure the staleness independently of the servers.
   std::atomic<std::int64_t>* clocks = nullptr;
@@ -187,7 +189,15 @@ RankResult<T> ps_run(Comm& world, const Config& c) {
     if (hi > lo) accumulate_grad(m, batch_x<T>(c, t).slice(0, lo, hi), batch_y<T>(c, t).slice(0, lo, hi));
     if (w == c.slow_worker) std::this_thread::sleep_for(std::chrono::milliseconds(c.slow_ms));
     if (c.clocks) c.clocks[w].store(t);
-    ps->step(m, hi - lo);
+    if (c.busy_ms >= 0) {
+      const std::int64_t pushed = ps->push(params, hi - lo);
+      const std::int64_t pulled = ps->pull(params);
+      if (pulled != pushed + 1) r.error = "timestamps are not consecutive";
+      std::this_thread::sleep_for(std::chrono::milliseconds(c.busy_ms));
+      ps->wait(pulled);
+    } else {
+      ps->step(m, hi - lo);
+    }
     if (c.clocks) {
       std::int64_t lowest = t;
       for (int q = 0; q < W; ++q) lowest = std::min(lowest, c.clocks[q].load());

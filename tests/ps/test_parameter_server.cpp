@@ -144,6 +144,14 @@ TEST_CASE("ParameterServer: every rank starts from world rank 0's values, whatev
   for (const auto& v : rs) CHECK(v == rank0);
 }
 
+TEST_CASE("ParameterServer: push, pull and wait by timestamp, the worker busy between pull and wait, equal data parallelism bitwise") {
+  Config c{.num_servers = 2, .busy_ms = 2};
+  const auto rs = run_ps<float>(5, c);
+  for (const auto& r : rs) CHECK(r.error.empty());
+  const std::vector<std::vector<float>> dp = run_ranks(3, [&](Comm& w) { return dp_reference_run<float>(w, c); });
+  CHECK(check_consistent(rs) == dp.front());
+}
+
 TEST_CASE("ParameterServer: async with staleness 0 and a slow worker equals sync bitwise") {
   Config sync{.num_servers = 2, .steps = 6, .slow_worker = 0, .slow_ms = 3};
   Config async = sync;

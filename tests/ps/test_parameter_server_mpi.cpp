@@ -61,6 +61,15 @@ TEST_CASE("ParameterServer under MPI: 5 synchronous steps with 1 to size-1 serve
     }
 }
 
+TEST_CASE("ParameterServer under MPI: push, pull and wait with the worker busy (no MPI calls) between pull and wait") {
+  Comm world = mpi::world();
+  if (world.size() < 2) return;
+  Config c{.num_servers = 1, .steps = 3, .busy_ms = 20};
+  const RankResult<double> r = ps_run<double>(world, c);
+  CHECK(r.error.empty());
+  if (!r.server) CHECK(relative_error(r.values, serial_run<double>(c, world.size() - 1)) < 1e-13);
+}
+
 TEST_CASE("ParameterServer under MPI: async with staleness 0 and a slow worker equals the serial run") {
   Comm world = mpi::world();
   if (world.size() < 2) return;

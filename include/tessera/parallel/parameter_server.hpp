@@ -30,6 +30,7 @@
 #include <deque>
 #include <exception>
 #include <limits>
+#include <list>
 #include <memory>
 #include <span>
 #include <string>
@@ -528,11 +529,29 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     std::deque<std::int64_t> pulls;  // clocks of pulls not yet answered
   };
   const int W = num_workers_;
-  // Posted receives write into the peers; on an error they are deliberately not freed (see
-  // the destructor's comment).
+  // Posted receives write into the peers (and sends in flight read the replies); on an error
+  // they are deliberately not freed (see the destructor's comment).
   auto owned_peers = std::make_unique<std::vector<Peer>>(static_cast<std::size_t>(W));
   std::vector<Peer>& peers = *owned_peers;
-  std::vector<std::vector<T>> pool;  // gradient buffers to reuse
+  std::vector<std::vector<T>> pool;  // shard-sized buffers to reuse
+  struct Reply {  // a reply in flight: a snapshot of the shard, kept until both sends complete,
+                  // so that a worker busy computing never holds up the server (MPI rendezvous)
+    Header header{};
+    std::vector<T> values;
+    Request header_sent, values_sent;
+  };
+  auto owned_replies = std::make_unique<std::list<Reply>>();
+  std::list<Reply>& replies = *owned_replies;
+  auto reap = [&] {
+    for (auto it = replies.begin(); it != replies.end();) {
+      if (it->header_sent.test() && it->values_sent.test()) {
+        pool.push_back(std::move(it->values));
+        it = replies.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  };
   auto post_header = [&](int w) {
     Peer& p = peers[static_cast<std::size_t>(w)];
     p.request = comm_.irecv(std::span<std::int64_t>(p.header), worker_rank(w), tag_header());
@@ -589,9 +608,17 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
       while (!p.pulls.empty() && version_ >= p.pulls.front() - staleness_) {
         const std::int64_t c = p.pulls.front();
         p.pulls.pop_front();
-        const Header h{kReply, version_, min_clock, len};
-        comm_.send(std::span<const std::int64_t>(h), worker_rank(w), tag_reply());
-        if (len > 0) comm_.send(shard_value_.span(), worker_rank(w), tag_values());
+        Reply& r = replies.emplace_back();
+        r.header = {kReply, version_, min_clock, len};
+        r.header_sent = comm_.isend(std::span<const std::int64_t>(r.header), worker_rank(w), tag_reply());
+        if (len > 0) {
+          if (!pool.empty()) {
+            r.values = std::move(pool.back());
+            pool.pop_back();
+          }
+          r.values.assign(shard_value_.data(), shard_value_.data() + len);
+          r.values_sent = comm_.isend(std::span<const T>(r.values), worker_rank(w), tag_values());
+        }
         ++stats_.pulls;
         stats_.max_staleness = std::max(stats_.max_staleness, c - version_);
         stats_.max_clock_gap = std::max(stats_.max_clock_gap, c - min_clock);
@@ -667,6 +694,7 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     int idle = 0;
     for (int w = 0; w < W; ++w) post_header(w);
     for (;;) {
+      reap();
       bool progressed = false;
       for (int w = 0; w < W; ++w) {
         Peer& p = peers[static_cast<std::size_t>(w)];
@@ -681,7 +709,14 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
         last = std::chrono::steady_clock::now();
         continue;
       }
-      if (std::all_of(peers.begin(), peers.end(), [](const Peer& p) { return p.done; })) return;
+      if (std::all_of(peers.begin(), peers.end(), [](const Peer& p) { return p.done; })) {
+        for (Reply& r : replies) {  // complete already: every worker waited for its replies
+          r.header_sent.wait();
+          r.values_sent.wait();
+        }
+        replies.clear();
+        return;
+      }
       // Nothing arrived: yield for a while, then sleep in short slices (the threads backend's
       // ranks may share few cores with the workers).
       const auto now = std::chrono::steady_clock::now();
@@ -701,6 +736,7 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     loop();
   } catch (...) {
     static_cast<void>(owned_peers.release());
+    static_cast<void>(owned_replies.release());
     throw;
   }
   return stats_;
