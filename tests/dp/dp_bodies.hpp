@@ -55,7 +55,7 @@ inline std::int64_t hash_params(const ParameterList<float>& params) {
 inline bool replicas_identical(Comm& c, const ParameterList<float>& params) {
   const std::int64_t mine = hash_params(params);
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.size()));
-  c.all_gather(std::span<const std::int64_t>(&mine, 1), all);
+  c.iall_gather(std::span<const std::int64_t>(&mine, 1), all).wait();
   return std::all_of(all.begin(), all.end(), [&](std::int64_t h) { return h == all.front(); });
 }
 
@@ -229,7 +229,8 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
       dp.backward(ce_sum.backward(static_cast<float>(scale), lctx), ctx);
     }
     res.early_launches = dp.buckets().early_launches();
-    const double loss = c.all_reduce_value(local_loss);
+    double loss = local_loss;
+    c.iall_reduce(std::span<double>(&loss, 1)).wait();
     opt_dp.step();
     opt_dp.zero_grad();
 

@@ -161,7 +161,11 @@ TEST_CASE("ZeroOptimizer: after 5 steps the parameters equal plain DataParallel'
           const EquivResult& zr = z[static_cast<std::size_t>(r)];
           CHECK(zr.params == p.front().params);
           CHECK(zr.identical_every_step);
-          CHECK(zr.max_param_rel < tol);
+          CHECK(zr.max_loss_rel < tol);
+          // AdamW divides by sqrt(v): an element whose gradient is a sum of cancelling terms has
+          // a large relative round-off, which AdamW turns into an update difference of up to lr.
+          // Its parameters are compared with the serial run's at a looser bound; SGD's at tol.
+          CHECK(zr.max_param_rel < (adamw ? 1e-3 : tol));
           // Plain: the state of every element (2 moments, or 1 momentum buffer), fp32.
           const std::size_t per_elem = (adamw ? 2 : 1) * sizeof(float);
           CHECK(p[static_cast<std::size_t>(r)].state_bytes == static_cast<std::size_t>(tiny_gpt_numel()) * per_elem);
@@ -222,13 +226,13 @@ TEST_CASE("C2: replicas whose parameter lists differ fail construction on every 
       CAPTURE(m);
       CHECK(m.find("parameter lists differ") != std::string::npos);
       CHECK(m.find("has no parameter 3") != std::string::npos);
-      CHECK(m.find("\"l1.bias\" (3) f32") != std::string::npos);
+      CHECK(m.find("\"l1.bias\" (3) float32 Replicate") != std::string::npos);
       CHECK(m == missing.front());
     }
     const auto shape = run_ranks(world, [](Comm& c) { return c2_body(c, 1); }, quick);
     for (const std::string& m : shape) {
       CAPTURE(m);
-      CHECK(m.find("parameter 0 is \"l0.weight\" (4, 8) f32 Replicate on rank 0 but \"l0.weight\" (4, 6) f32 "
+      CHECK(m.find("parameter 0 is \"l0.weight\" (4, 8) float32 Replicate on rank 0 but \"l0.weight\" (4, 6) float32 "
                    "Replicate on rank " + std::to_string(world - 1)) != std::string::npos);
       CHECK(m == shape.front());
     }

@@ -166,7 +166,7 @@ class DataParallel {
   /// every rank when the global count is 0, and on this rank for a negative count.
   double loss_scale(std::int64_t local_count) {
     TESSERA_EXPECTS(local_count >= 0, "DataParallel::loss_scale: local count ", local_count, " is negative");
-    const std::int64_t global = comm_.all_reduce_value(local_count, ReduceOp::sum);
+    const std::int64_t global = reduce_value(local_count, ReduceOp::sum);
     TESSERA_EXPECTS(global > 0, "DataParallel::loss_scale: the global count over ", comm_.name(),
                     " is 0: no rank has a sample in this step");
     return 1.0 / static_cast<double>(global);
@@ -178,7 +178,7 @@ class DataParallel {
   /// Throws tessera::Error on every rank when the global count is 0.
   double global_mean(double local_sum, std::int64_t local_count) {
     double v[2] = {local_sum, static_cast<double>(local_count)};
-    comm_.all_reduce(std::span<double>(v, 2), ReduceOp::sum);
+    comm_.iall_reduce(std::span<double>(v, 2), ReduceOp::sum).wait();
     TESSERA_EXPECTS(v[1] > 0, "DataParallel::global_mean: the global count over ", comm_.name(), " is 0");
     return v[0] / v[1];
   }
@@ -187,12 +187,12 @@ class DataParallel {
   /// the same number of steps on every rank, and a rank without data takes part with zero
   /// contribution (`loss_scale(0)`, `reduce_grads()`). Collective over dp.
   bool any_rank_has_data(bool has_data) {
-    return comm_.all_reduce_value(std::int64_t{has_data ? 1 : 0}, ReduceOp::max) > 0;
+    return reduce_value(std::int64_t{has_data ? 1 : 0}, ReduceOp::max) > 0;
   }
   /// The smallest of the ranks' `local_steps`: the number of steps every rank runs when the
   /// ranks that have more data drop the rest (DistributedSampler's drop_last). Collective over dp.
   std::int64_t agree_num_steps(std::int64_t local_steps) {
-    return comm_.all_reduce_value(local_steps, ReduceOp::min);
+    return reduce_value(local_steps, ReduceOp::min);
   }
 
   /// Reduces the gradients as they are now, without a backward: a rank whose data ran out calls
@@ -219,6 +219,14 @@ class DataParallel {
   GradBuckets<Scalar>& buckets() noexcept { return *buckets_; }
 
  private:
+  // One value all-reduced over dp. Non-blocking + wait: it completes in issue order behind
+  // reductions still queued on the communicator, on every backend.
+  template <CommScalar S>
+  S reduce_value(S value, ReduceOp op) {
+    comm_.iall_reduce(std::span<S>(&value, 1), op).wait();
+    return value;
+  }
+
   L model_;
   Comm comm_;
   DataParallelOptions options_;

@@ -25,7 +25,7 @@ namespace tessera {
 namespace detail {
 
 /// One parameter as the replica check sees it: its name and its printed shape, element type
-/// and tp layout, e.g. {"h.0.mlp.c_fc.weight", "(8, 32) f32 Replicate"}.
+/// and tp layout, e.g. {"h.0.mlp.c_fc.weight", "(8, 32) float32 Replicate"}.
 struct ParamSignature {
   std::string name;  ///< the parameter's name
   std::string kind;  ///< "<shape> <dtype> <layout>"
@@ -104,7 +104,7 @@ inline std::string first_difference(const std::vector<ParamSignature>& ref, cons
 /// element types and tp layouts, in the same order. Where they differ, throws tessera::Error on
 /// every rank, with the same message naming the first differing parameter and its two
 /// versions, e.g. `DataParallel on threads:world: the replicas' parameter lists differ:
-/// parameter 2 is "fc.weight" (8, 16) f32 Replicate on rank 0 but "fc.weight" (8, 12) f32
+/// parameter 2 is "fc.weight" (8, 16) float32 Replicate on rank 0 but "fc.weight" (8, 12) float32
 /// Replicate on rank 1 (...)`. `who` starts the message.
 ///
 /// Every rank learns of a mismatch, so none is left waiting in a later collective (CASES C2):
@@ -121,7 +121,7 @@ void expect_same_parameters(Comm& comm, const ParameterList<T>& params, std::str
   const std::int64_t head[3] = {static_cast<std::int64_t>(mine.size()), static_cast<std::int64_t>(enc.size()),
                                 detail::fingerprint(enc)};
   std::vector<std::int64_t> heads(3 * static_cast<std::size_t>(n));
-  comm.all_gather(std::span<const std::int64_t>(head, 3), heads);
+  comm.iall_gather(std::span<const std::int64_t>(head, 3), heads).wait();
   bool same = true;
   std::int64_t longest = 0;
   for (int r = 0; r < n; ++r) {
@@ -137,7 +137,7 @@ void expect_same_parameters(Comm& comm, const ParameterList<T>& params, std::str
   std::vector<std::int64_t> packed(words, 0);
   if (!enc.empty()) std::memcpy(packed.data(), enc.data(), enc.size());
   std::vector<std::int64_t> all(words * static_cast<std::size_t>(n));
-  comm.all_gather(packed, all);
+  comm.iall_gather(packed, all).wait();
   auto list_of = [&](int r) {
     const char* bytes = reinterpret_cast<const char*>(all.data() + words * static_cast<std::size_t>(r));
     return detail::decode_signatures(std::string_view(bytes, static_cast<std::size_t>(heads[3 * static_cast<std::size_t>(r) + 1])));

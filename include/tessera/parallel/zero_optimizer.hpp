@@ -168,7 +168,7 @@ class ZeroOptimizer {
       double sq = 0;
       for (const Parameter<T>& p : shards)
         detail::for_each_element("clip_grad_norm", [&sq](const T& g) { sq += static_cast<double>(g) * g; }, p.grad);
-      sq = comm.all_reduce_value(sq, ReduceOp::sum);
+      comm.iall_reduce(std::span<double>(&sq, 1), ReduceOp::sum).wait();
       const double norm = std::sqrt(sq);
       const double coef = max_norm / (norm + 1e-6);
       if (coef < 1)
