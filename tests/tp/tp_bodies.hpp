@@ -214,9 +214,10 @@ double column_row_body(Comm& tp) {
     return p;
   };
   auto serial = make();
-  auto [a, ca] = serial.first.forward(x);
-  auto [ys, cb] = serial.second.forward(a);
-  const Tensor<T> dxs = serial.first.backward(serial.second.backward(dy, cb), ca);
+  auto r1 = serial.first.forward(x);
+  auto r2 = serial.second.forward(r1.output);
+  const Tensor<T> ys = r2.output;
+  const Tensor<T> dxs = serial.first.backward(serial.second.backward(dy, r2.ctx), r1.ctx);
   ParameterList<T> sp = serial.first.parameters();
   sp.append(serial.second.parameters());
 
