@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
@@ -139,6 +140,28 @@ GradReport compare_params(Comm& tp, const ParameterList<T>& tp_params, const Par
     ++r.count;
   }
   return r;
+}
+
+// Loop reference of the smoothed mean cross-entropy and its logit gradient (PyTorch semantics).
+inline std::pair<double, Tensor<double>> smoothed_reference(const Tensor<double>& x, const Tensor<std::int32_t>& t,
+                                                            double eps, std::int64_t ignore = -100) {
+  const std::int64_t n = x.size(0), v = x.size(1);
+  Tensor<double> g(x.shape());
+  double total = 0;
+  std::int64_t valid = 0;
+  for (std::int64_t r = 0; r < n; ++r) valid += t.data()[r] != ignore;
+  for (std::int64_t r = 0; r < n; ++r) {
+    if (t.data()[r] == ignore) continue;
+    double mx = -1e300, se = 0, sx = 0;
+    for (std::int64_t j = 0; j < v; ++j) mx = std::max(mx, x(r, j));
+    for (std::int64_t j = 0; j < v; ++j) se += std::exp(x(r, j) - mx), sx += x(r, j);
+    const double lse = std::log(se) + mx;
+    total += (1 - eps) * (lse - x(r, t.data()[r])) + eps * (lse - sx / static_cast<double>(v));
+    for (std::int64_t j = 0; j < v; ++j)
+      g(r, j) = (std::exp(x(r, j) - lse) - eps / static_cast<double>(v) - (j == t.data()[r] ? 1 - eps : 0.0)) /
+                static_cast<double>(valid);
+  }
+  return {total / static_cast<double>(valid), g};
 }
 
 }  // namespace tp_test
