@@ -42,6 +42,21 @@ std::string error_of(F&& fn) {
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
+// A plan that puts a layer with parameters (a LayerNorm over the hidden shard) where only
+// parameter-free element-wise layers belong.
+struct NormInsideRegion {
+  nn::Linear<float> up{4, 6};
+  nn::LayerNorm<float> norm{2, {.prefix = "norm"}};
+  nn::Linear<float> down{6, 4};
+  static constexpr auto tp_plan =
+      tp::plan(tp::column(&NormInsideRegion::up), tp::elementwise(&NormInsideRegion::norm), tp::row(&NormInsideRegion::down));
+  using Input = Tensor<float>;
+  struct Context {};
+  ForwardResult<Tensor<float>, Context> forward(const Tensor<float>& x) { return {x, {}}; }
+  Tensor<float> backward(const Tensor<float>& dy, const Context&) { return dy; }
+  ParameterList<float> parameters() { return {}; }
+};
+
 }  // namespace
 
 TEST_CASE("shard_of / unshard: a fused [d, 3d] weight's shard holds its heads' q, k, v columns and reassembles bitwise at tp 1-4") {
@@ -204,7 +219,7 @@ TEST_CASE("Dropout: a sequence shard draws its slice of the unsharded mask; the 
   }
 }
 
-TEST_CASE("errors: tp not dividing the output features, the input features, the heads or the sequence names the numbers") {
+TEST_CASE("errors: tp not dividing the output features, the input features, the heads or the sequence names the numbers; parameters inside the tp region") {
   const auto msgs = testing::run_ranks(3, [](Comm& c) {
     nn::Linear<float> lin(4, 8, {.prefix = "h.0.mlp.c_fc"});
     std::vector<std::string> m;
@@ -213,6 +228,7 @@ TEST_CASE("errors: tp not dividing the output features, the input features, the 
     m.push_back(error_of([&] { TensorParallel<nn::SelfAttention<float>> a(nn::SelfAttention<float>(12, 4), c); }));
     m.push_back(error_of([&] { TensorParallelGPT<float> g(nn::GPTConfig{.vocab_size = 10, .n_positions = 8, .n_layer = 1, .n_head = 2, .d_model = 4}, c); }));
     m.push_back(error_of([&] { ScatterToSequenceParallelRegion<float>(c).forward({Tensor<float>(Shape{1, 4, 6})}); }));
+    m.push_back(error_of([&] { TensorParallel<NormInsideRegion> bad(NormInsideRegion{}, c); }));
     return m;
   });
   for (const auto& m : msgs) {
@@ -221,5 +237,6 @@ TEST_CASE("errors: tp not dividing the output features, the input features, the 
     CHECK(contains(m[2], "n_head 4 is not divisible by the tp size 3"));
     CHECK(contains(m[3], "n_head 2 is not divisible by the tp size 3"));
     CHECK(contains(m[4], "dim 1 of shape (1, 4, 6) (4) is not divisible into 1 block(s) x 3 tp ranks"));
+    CHECK(contains(m[5], "parameter \"norm.weight\" runs on a tensor-parallel shard (Shard<-1>)"));
   }
 }

@@ -89,7 +89,9 @@ struct ShardInfo {
   int size = 1;                        ///< ranks on the tp axis
 };
 
-/// The region of an activation of layout `L` (Partial has none: only a reduction consumes it).
+/// The region of an activation of layout `L`: Replicate the replicated region, Shard<1> the
+/// sequence-parallel one, any other Shard the tensor-parallel one (Partial has none: only a
+/// reduction consumes it).
 template <Layout L>
   requires(!std::same_as<L, Partial>)
 constexpr ShardInfo::Region region_of() noexcept {

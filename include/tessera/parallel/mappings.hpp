@@ -86,7 +86,9 @@ class ReduceFromTensorModelParallelRegion : public detail::tp::MappingBase<T, Pa
   using typename Base::Input;
   using typename Base::Output;
   using Base::Base;
-  /// All-reduce (sum) of x's value in place, then x's bias added. Collective over `tp`.
+  /// All-reduce (sum) of x's value, then x's bias added: in place when x's tensor is
+  /// contiguous (it then holds the result), as the pending sum is not used again. Collective
+  /// over `tp`.
   ForwardResult<Output, Context> forward(const Input& x) {
     const Tensor<T> y = x.value.contiguous();
     detail::tp::all_reduce_sum(this->tp_, y);

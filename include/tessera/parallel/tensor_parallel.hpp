@@ -227,7 +227,15 @@ struct LocalLayerExec {
   using Context = typename LayerTraits<Module>::Context;
   template <class Step>
   static Module make(B& b, const Step& s, Comm&) {
-    return Module(std::move(std::invoke(s.get, b)));
+    Module m(std::move(std::invoke(s.get, b)));
+    if constexpr (!std::same_as<In, Replicate> && !std::same_as<In, Shard<1>> && !std::same_as<In, Partial>) {
+      // Replicated parameters on a tensor-parallel shard would see only this rank's units.
+      const ParameterList<T> ps = m.parameters();
+      TESSERA_EXPECTS(ps.empty(), "TensorParallel: the element-wise member holding parameter \"", ps[0].name,
+                      "\" runs on a tensor-parallel shard (Shard<-1>), where a replicated parameter would see only "
+                      "this rank's units; give it no parameters or move it out of the tensor-parallel region");
+    }
+    return m;
   }
   static ForwardResult<Act<T, In>, Context> forward(Module& m, Comm& tp, const Act<T, In>& x) {
     if constexpr (requires { m.forward(x.value, ShardInfo{}); }) {
