@@ -8,7 +8,10 @@
 // 2. GPT: a real GPT trained with 1F1B on pp = 2 thread ranks against pp = 1 (one rank, the
 //    same micro-batches): step time and speed-up, measured side by side in one run.
 //
-//   OPENBLAS_NUM_THREADS=1 build/bench/pipe/pipe_bench [--t-ms 4] [--steps 3] [--svg-dir docs/img]
+//   OPENBLAS_NUM_THREADS=1 build/bench/pipe/pipe_bench [--t-ms 20] [--steps 5] [--svg-dir docs/img]
+//
+// Scheduling delays of the machine (other processes waking late) add idle time that the
+// formulas do not have; a larger t makes them matter less.
 //
 // With --svg-dir it writes the recorded timelines of 1F1B and interleaved 1F1B at pp = 4,
 // m = 8 and of the GPT at pp = 2 as SVG pictures (and Chrome trace JSON next to them with
@@ -79,8 +82,8 @@ const char* kind_name(PipelineScheduleKind k) {
 }
 
 struct Options {
-  double t_ms = 4.0;
-  int steps = 3;
+  double t_ms = 20.0;
+  int steps = 5;
   std::string svg_dir, trace_dir;
 };
 
@@ -150,11 +153,42 @@ void bubble_table(const Options& o) {
 struct GPTResult {
   double step_ms = 0, bubble = 0;
   double loss = 0;
+  std::string report;  // schedule::to_string of the last step's bubble
 };
 
+const nn::GPTConfig bench_gpt{.vocab_size = 1024, .n_positions = 64, .n_layer = 8, .n_head = 4, .d_model = 128};
+constexpr int bench_batch = 16, bench_seq = 64;
+
+Tensor<std::int32_t> bench_ids(int salt) {
+  Tensor<std::int32_t> t(Shape{bench_batch, bench_seq});
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    t.data()[i] = static_cast<std::int32_t>((i * (salt == 0 ? 7 : 11) + 3 + 2 * salt) % bench_gpt.vocab_size);
+  return t;
+}
+
+// The same training step without the pipeline: nn::GPT, mean cross-entropy, AdamW.
+double serial_gpt_ms(const Options& o) {
+  nn::GPT<float> gpt(bench_gpt, 1);
+  nn::CrossEntropy<float> ce;
+  optim::AdamW<float> opt(gpt.parameters(), {.lr = 1e-3});
+  const Tensor<std::int32_t> tokens = bench_ids(0), targets = bench_ids(1);
+  std::vector<double> times;
+  for (int step = 0; step <= o.steps; ++step) {
+    const auto t0 = Clock::now();
+    opt.zero_grad();
+    auto [logits, ctx] = gpt.forward(tokens);
+    auto [loss, lctx] = ce.forward(logits, targets);
+    gpt.backward(ce.backward(1.0f, lctx), ctx);
+    opt.step();
+    if (step > 0) times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
 GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bool picture) {
-  const nn::GPTConfig cfg{.vocab_size = 1024, .n_positions = 64, .n_layer = 8, .n_head = 4, .d_model = 128};
-  const int batch = 16, seq = 64;
+  const nn::GPTConfig cfg = bench_gpt;
+  const int seq = bench_seq;
   // FLOP-like cost per layer and token: the embedding is a lookup, a block 12 d^2 + 2 T d
   // multiply-adds (GEMMs and attention), the head V d.
   const double d = static_cast<double>(cfg.d_model);
@@ -162,11 +196,7 @@ GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bo
   for (int i = 0; i < cfg.n_layer; ++i) costs.push_back(12 * d * d + 2.0 * seq * d);
   costs.push_back(static_cast<double>(cfg.vocab_size) * d);
   const StagePartition cut = StagePartition::balanced(costs, pp, gpt_pipeline_layer_names(cfg));
-  Tensor<std::int32_t> tokens(Shape{batch, seq}), targets(Shape{batch, seq});
-  for (std::int64_t i = 0; i < tokens.numel(); ++i) {
-    tokens.data()[i] = static_cast<std::int32_t>((i * 7 + 3) % cfg.vocab_size);
-    targets.data()[i] = static_cast<std::int32_t>((i * 11 + 5) % cfg.vocab_size);
-  }
+  const Tensor<std::int32_t> tokens = bench_ids(0), targets = bench_ids(1);
   const auto results = threads::run(pp, [&](Comm& comm) {
     PipelineParallel<float, Tensor<std::int32_t>> pipe(
         comm, [&](int s) { return make_gpt_pipeline_stage<float>(cfg, 1, cut, s); },
@@ -174,6 +204,7 @@ GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bo
     optim::AdamW<float> opt(pipe.parameters(), {.lr = 1e-3});
     std::vector<double> times, bubbles;
     double loss = 0;
+    std::string report;
     for (int step = 0; step <= o.steps; ++step) {
       comm.barrier();
       const auto t0 = Clock::now();
@@ -186,24 +217,29 @@ GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bo
       if (step == 0) continue;
       times.push_back(ms);
       bubbles.push_back(schedule::bubble_stats(t).bubble_ratio);
+      report = schedule::to_string(schedule::bubble_stats(t));
       if (picture && step == o.steps && comm.rank() == 0) save(t, o, "pipeline_gpt_1f1b_p2_m8_measured", "ms");
     }
     std::sort(times.begin(), times.end());
     std::sort(bubbles.begin(), bubbles.end());
-    return GPTResult{times[times.size() / 2], bubbles[bubbles.size() / 2], loss};
+    return GPTResult{times[times.size() / 2], bubbles[bubbles.size() / 2], loss, report};
   });
-  if (pp > 1) std::printf("(pp = %d stages: %s)\n", pp, cut.to_string().c_str());
+  if (pp > 1 && picture)
+    std::printf("pp = %d, m = %d, cut by cost:\n%s\nbubble of the last step:\n%s\n", pp, m, cut.to_string().c_str(),
+                results[0].report.c_str());
   return results[0];
 }
 
 void gpt_table(const Options& o) {
   std::printf("## GPT (d_model 128, 8 blocks, 4 heads, vocab 1024, seq 64, batch 16), 1F1B, AdamW step included\n\n");
+  const double serial = serial_gpt_ms(o);
   const GPTResult one_1 = run_gpt(1, 1, PipelineScheduleKind::one_f_one_b, o, false);
   const GPTResult one_8 = run_gpt(1, 8, PipelineScheduleKind::one_f_one_b, o, false);
   const GPTResult two_8 = run_gpt(2, 8, PipelineScheduleKind::one_f_one_b, o, true);
   const GPTResult two_16 = run_gpt(2, 16, PipelineScheduleKind::one_f_one_b, o, false);
   std::printf("| run | ranks | m | step time (ms) | speed-up vs pp = 1, same m | measured bubble ratio | loss |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
+  std::printf("| nn::GPT, no pipeline | 1 | 1 | %.1f | -- | -- | -- |\n", serial);
   std::printf("| pp = 1 | 1 | 1 | %.1f | -- | -- | %.5f |\n", one_1.step_ms, one_1.loss);
   std::printf("| pp = 1 | 1 | 8 | %.1f | 1.00 | -- | %.5f |\n", one_8.step_ms, one_8.loss);
   std::printf("| pp = 2 | 2 | 8 | %.1f | %.2f | %.4f | %.5f |\n", two_8.step_ms, one_8.step_ms / two_8.step_ms, two_8.bubble,

@@ -241,3 +241,48 @@ TEST_CASE("PipelineParallel: sum normalization returns the summed loss and unsca
   }
   CHECK(outs[0] == outs[1]);  // every rank returns the same loss and norms
 }
+
+TEST_CASE("PipelineParallel: a hand-written V-shaped schedule (stages 0 and 3 on rank 0) runs with its own placement and ties wte locally") {
+  using schedule::Action;
+  const schedule::Schedule v{
+      .name = "V",
+      .pp_size = 2,
+      .num_microbatches = 1,
+      .virtual_stages = 2,
+      .ticks = {{{Action::forward(0, 0), Action::send_forward(0, 0, 1)},
+                 {Action::recv_forward(0, 3, 1)},
+                 {Action::forward(0, 3), Action::backward(0, 3), Action::send_backward(0, 3, 1)},
+                 {Action::recv_backward(0, 0, 1)},
+                 {Action::backward(0, 0)}},
+                {{Action::recv_forward(0, 1, 0)},
+                 {Action::forward(0, 1), Action::forward(0, 2), Action::send_forward(0, 2, 0)},
+                 {Action::recv_backward(0, 2, 0)},
+                 {Action::backward(0, 2), Action::backward(0, 1), Action::send_backward(0, 1, 0)}}},
+      .stage_ranks = {0, 1, 1, 0}};
+  const pb::SerialRun& ref = pb::serial_reference();
+  const auto outs = testing::run_ranks(2, [&](Comm& comm) {
+    pb::GPTPipe pipe = pb::make_gpt_pipe(comm, {.schedule = PipelineScheduleKind::interleaved_one_f_one_b,
+                                                .virtual_stages = 2,
+                                                .stage_ranks = {0, 1, 1, 0}});
+    pipe.zero_grad();
+    const double loss = pipe.step(pb::tokens(8), pb::targets(8), v);
+    double err = 0;
+    for (Parameter<float>& p : pipe.parameters()) err = std::max(err, pb::rel_err(p.grad.data(), ref.first_grads.at(p.name)));
+    bool tied_equal = true;
+    if (comm.rank() == 0) {
+      const Parameter<float>& a = pipe.stage(0).tied_parameters()[0];
+      const Parameter<float>& b = pipe.stage(3).tied_parameters()[0];
+      tied_equal = std::equal(a.grad.data(), a.grad.data() + a.grad.numel(), b.grad.data()) &&
+                   std::equal(a.value.data(), a.value.data() + a.value.numel(), b.value.data());
+    }
+    return std::tuple{loss, err, tied_equal, pipe.stage_indices(), pipe.last_step().peak_in_flight};
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& [loss, err, tied_equal, stages, peak] = outs[static_cast<std::size_t>(r)];
+    CHECK(loss == doctest::Approx(ref.losses[0]).epsilon(1e-6));
+    CHECK(err < 1e-5);
+    CHECK(tied_equal);
+    CHECK(stages == (r == 0 ? std::vector<int>{0, 3} : std::vector<int>{1, 2}));
+    CHECK(peak == 2);
+  }
+}

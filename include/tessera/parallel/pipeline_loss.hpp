@@ -44,7 +44,7 @@ class PipelineLoss {
   /// Reduction::sum: a mean per micro-batch would divide by the micro-batch's count, and the
   /// pipeline already divides by the whole batch's.
   template <PipelineLossFunction<T, Target> L>
-  PipelineLoss(L loss)  // NOLINT(google-explicit-constructor): a loss converts implicitly
+  PipelineLoss(L loss)  // implicit: a loss object converts where a PipelineLoss is expected
       : impl_(std::make_shared<Impl<L>>(std::move(loss))) {
     if constexpr (requires { loss.options().reduction; }) {
       TESSERA_EXPECTS(static_cast<const Impl<L>&>(*impl_).fn.options().reduction == nn::Reduction::sum,
