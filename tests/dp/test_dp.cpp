@@ -94,7 +94,10 @@ TEST_CASE("DataParallel: 5 steps at world sizes 1-4 equal 5 serial steps on the 
             CHECK(r.max_param_rel < tol);
             CHECK(r.identical_after_wrap);
             CHECK(r.identical_every_step);
-            CHECK(r.copied_wte);  // tied to the LM head: copied into its bucket, not viewed
+            // Tied to the LM head: keeps its own grad tensor, which is its bucket's buffer where
+            // dp divides its 13 x 8 elements (else it is copied into its bucket).
+            CHECK(r.copied_wte);
+            CHECK(r.alias_wte == (104 % world == 0));
             CHECK(r.params == res.front().params);
             if (!overlap) CHECK(r.early_launches == 0);
             // Every bucket but the one holding the tied wte can start during backward.
