@@ -42,7 +42,8 @@ std::int64_t tiny_gpt_numel() {
 
 static_assert(Layer<DataParallel<nn::GPT<float>>>, "DataParallel of a Layer is a Layer");
 static_assert(Layer<DataParallel<Branchy>>, "DataParallel wraps user-defined layers");
-static_assert(Layer<DataParallel<DataParallel<Stack>>>, "DataParallel nests");
+static_assert(Layer<nn::ActivationCheckpoint<DataParallel<Stack>>>, "DataParallel nests in other policies");
+static_assert(Layer<DataParallel<nn::ActivationCheckpoint<Stack>>>, "DataParallel wraps other policies");
 
 TEST_CASE("nn layers mark each parameter ready once per backward, after its gradient is accumulated") {
   nn::GPT<float> gpt(tiny_gpt(), 1);
@@ -389,5 +390,21 @@ TEST_CASE("DataParallel: loss_scale is 1 / the global count and rejects a step w
   for (const auto& [s, err] : res) {
     CHECK(s == 1.0 / 6.0);
     CHECK(err.find("global count") != std::string::npos);
+  }
+}
+
+TEST_CASE("DataParallel: wrapping parameters that another DataParallel already wraps is an error naming one") {
+  const auto res = run_ranks(2, [](Comm& c) {
+    DataParallel inner(Stack({3, 2}, 1), c);
+    std::string err;
+    try {
+      DataParallel outer(std::move(inner), c);
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    return err;
+  });
+  for (const std::string& e : res) {
+    CHECK(e.find("\"l0.weight\" already has a grad-ready hook") != std::string::npos);
   }
 }

@@ -98,11 +98,14 @@ class GradBuckets {
   };
 
   /// Lays out the buckets of `params` over `comm` and installs the grad-ready hooks; current
-  /// gradient values are kept (copied into the buckets). Throws tessera::Error when a grad has
-  /// another shape than its value. Local: no communication.
+  /// gradient values are kept (copied into the buckets). Throws tessera::Error when a parameter
+  /// already has a hook (another DataParallel wraps it). Local: no communication.
   GradBuckets(const ParameterList<T>& params, Comm comm, const GradBucketsOptions& options = {})
       : comm_(std::move(comm)), options_(options), world_(comm_.size()), rank_(comm_.rank()) {
     const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
+    for (const auto& [p, copy] : list)
+      TESSERA_EXPECTS(!p->has_grad_ready_hook(), "DataParallel on ", comm_.name(), ": parameter \"", p->name,
+                      "\" already has a grad-ready hook: it belongs to another DataParallel (wrap a model once)");
     // Reverse order of parameters(): the last layers' gradients are final first.
     std::size_t cap = options_.first_bucket_size;
     std::int64_t filled = 0;
