@@ -80,11 +80,17 @@ class AdamW {
   void set_lr(double lr) { options_.lr = lr; }
   /// Steps taken so far (t of the bias correction).
   std::int64_t steps() const noexcept { return steps_; }
+  /// Sets the step count, e.g. to the one a checkpoint saved (the moments are restored through
+  /// exp_avg / exp_avg_sq, whose tensors are handles). Throws tessera::Error when negative.
+  void set_steps(std::int64_t steps) {
+    TESSERA_EXPECTS(steps >= 0, "AdamW: step count ", steps, " is negative");
+    steps_ = steps;
+  }
   /// The parameters it updates.
   const ParameterList<T>& parameters() const noexcept { return params_; }
-  /// First moment of parameter i.
+  /// First moment of parameter i (a handle: writing its elements sets the moment).
   const Tensor<T>& exp_avg(std::size_t i) const { return m_.at(i); }
-  /// Second moment of parameter i.
+  /// Second moment of parameter i (a handle, as exp_avg).
   const Tensor<T>& exp_avg_sq(std::size_t i) const { return v_.at(i); }
   /// Bytes of optimizer state held (both moments of every parameter), e.g. to check that a
   /// sharded (ZeRO-1) optimizer holds 1/dp of it.

@@ -1,0 +1,52 @@
+// consolidate_checkpoint: turns a sharded tessera checkpoint (a directory with index.json and
+// one safetensors file per rank, saved at any dp x tp x pp layout) into one plain safetensors
+// file with the full model tensors under their Hugging Face GPT-2 names, which Python's
+// `safetensors`, Hugging Face's transformers or another tessera run load.
+//
+//   ./build/examples/consolidate_checkpoint ckpt/step1000 gpt2.safetensors
+//   ./build/examples/consolidate_checkpoint ckpt/step1000 out/model.safetensors
+//       --dtype F32 --prefix transformer. --config-json out/config.json   (one line)
+//
+// Only the model is written (not the optimizer state). The run's configuration and step are
+// kept in the file's metadata ("tessera.config", "tessera.step").
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <exception>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include "tessera/checkpoint/checkpoint.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Consolidate a sharded tessera checkpoint into one safetensors file"};
+  std::string dir, out, dtype = "keep", prefix, config_json;
+  app.add_option("checkpoint", dir, "sharded checkpoint directory (holds index.json)")->required();
+  app.add_option("output", out, "the safetensors file to write")->required();
+  app.add_option("--dtype", dtype, "stored dtype: F32, F64, or keep (the saved one)")
+      ->check(CLI::IsMember({"F32", "F64", "keep"}));
+  app.add_option("--prefix", prefix, "prepended to every name, e.g. \"transformer.\"");
+  app.add_option("--config-json", config_json, "also write the saved model configuration (Hugging Face config.json)");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    tessera::checkpoint::ConsolidateOptions options{.dtype = std::nullopt, .name_prefix = prefix};
+    if (dtype != "keep") options.dtype = tessera::checkpoint::parse_safetensors_dtype(dtype);
+    const tessera::checkpoint::CheckpointReader reader(dir);
+    const auto result = tessera::checkpoint::consolidate_checkpoint(dir, out, options);
+    std::printf("%s: %zu tensors, %lld elements, %llu bytes (step %lld, saved at dp=%d pp=%d tp=%d)\n", out.c_str(),
+                result.tensors, static_cast<long long>(result.numel), static_cast<unsigned long long>(result.bytes),
+                static_cast<long long>(reader.info().step), reader.info().layout.dp, reader.info().layout.pp,
+                reader.info().layout.tp);
+    if (!config_json.empty()) {
+      nlohmann::json config = reader.info().config;
+      if (config.value("model_type", "") == "gpt2") config["architectures"] = {"GPT2LMHeadModel"};
+      std::ofstream(config_json) << config.dump(2) << '\n';
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "consolidate_checkpoint: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,73 @@
+#pragma once
+/// @file
+/// consolidate_checkpoint: turns a sharded checkpoint into one plain safetensors file of the
+/// full model tensors, with their global names and shapes (Hugging Face GPT-2 names for
+/// tessera's GPT), which other tools load.
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include "tessera/checkpoint/checkpoint_reader.hpp"
+#include "tessera/checkpoint/safetensors_dtype.hpp"
+#include "tessera/checkpoint/safetensors_writer.hpp"
+#include "tessera/core/error.hpp"
+
+namespace tessera::checkpoint {
+
+/// Options of consolidate_checkpoint.
+struct ConsolidateOptions {
+  /// Stored dtype of the output: F32 or F64; unset keeps each tensor's saved dtype.
+  std::optional<SafetensorsDType> dtype;
+  /// Prepended to every name, e.g. "transformer." for tools that expect GPT2LMHeadModel names.
+  std::string name_prefix;
+};
+
+/// What consolidate_checkpoint wrote.
+struct ConsolidateResult {
+  std::size_t tensors = 0;   ///< number of tensors
+  std::uint64_t bytes = 0;   ///< file size
+  std::int64_t numel = 0;    ///< elements over all tensors
+};
+
+/// Writes the model tensors of the sharded checkpoint in `dir` (not its optimizer state) as
+/// one safetensors file `out` (atomically), each tensor reassembled at its global shape from
+/// the pieces of every rank, in the saving model's parameter order. Metadata: {"format": "pt",
+/// "tessera.config": the saved config as JSON, "tessera.step": the step}. One tensor is in
+/// memory at a time. Not collective.
+///
+/// Throws tessera::Error as CheckpointReader (naming the tensor for a missing, truncated or
+/// corrupted piece), when a tensor has rank above 4, or for an output dtype other than F32 or
+/// F64.
+inline ConsolidateResult consolidate_checkpoint(const std::filesystem::path& dir, const std::filesystem::path& out,
+                                                const ConsolidateOptions& options = {}) {
+  auto reader = std::make_shared<CheckpointReader>(dir);
+  SafetensorsWriter w;
+  w.set_metadata("format", "pt");
+  w.set_metadata("tessera.config", reader->info().config.dump());
+  w.set_metadata("tessera.step", std::to_string(reader->info().step));
+  ConsolidateResult r;
+  for (const std::string& name : reader->tensor_names(TensorKind::model)) {
+    const std::vector<std::int64_t> g = reader->global_shape(name);
+    TESSERA_EXPECTS(g.size() <= static_cast<std::size_t>(max_rank), "consolidate_checkpoint: tensor '", name,
+                    "' has rank ", g.size(), " above ", max_rank);
+    Index dims{};
+    for (std::size_t d = 0; d < g.size(); ++d) dims[d] = g[d];
+    const Shape shape = Shape::from(dims, static_cast<int>(g.size()));
+    const SafetensorsDType dt = options.dtype.value_or(reader->dtype(name));
+    TESSERA_EXPECTS(dt == SafetensorsDType::f32 || dt == SafetensorsDType::f64, "consolidate_checkpoint: tensor '",
+                    name, "' would be written as ", name_of(dt), "; only F32 and F64 are written");
+    if (dt == SafetensorsDType::f32) {
+      w.add_deferred<float>(options.name_prefix + name, shape, [reader, name] { return reader->read_full<float>(name); });
+    } else {
+      w.add_deferred<double>(options.name_prefix + name, shape, [reader, name] { return reader->read_full<double>(name); });
+    }
+    ++r.tensors;
+    r.numel += shape.numel();
+  }
+  r.bytes = w.write(out);
+  return r;
+}
+
+}  // namespace tessera::checkpoint
