@@ -170,7 +170,8 @@ struct EquivResult {
   double max_param_rel = 0;            // after the last step, max over parameters
   bool identical_after_wrap = false;   // replicas bitwise equal right after construction
   bool identical_every_step = true;    // ... and after every step
-  bool copied_wte = false;             // the tied wte is copied, not viewed
+  bool copied_wte = false;             // the tied wte keeps its own grad tensor
+  bool alias_wte = false;              // ... which is its bucket's buffer
   std::size_t early_launches = 0;      // buckets launched during the last backward
   std::size_t num_buckets = 0;
   std::size_t state_bytes = 0;         // optimizer state on this rank
@@ -246,7 +247,10 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
   }
   res.max_param_rel = max_rel_diff(dp.parameters(), serial.parameters());
   for (const auto& s : dp.buckets().slots())
-    if (s.param->name == "wte.weight") res.copied_wte = s.copy;
+    if (s.param->name == "wte.weight") {
+      res.copied_wte = s.copy;
+      res.alias_wte = dp.buckets().buckets()[s.bucket].alias;
+    }
   res.state_bytes = opt_dp.state_bytes();
   res.params = flatten(dp.parameters());
   return res;

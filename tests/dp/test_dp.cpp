@@ -42,7 +42,8 @@ std::int64_t tiny_gpt_numel() {
 
 static_assert(Layer<DataParallel<nn::GPT<float>>>, "DataParallel of a Layer is a Layer");
 static_assert(Layer<DataParallel<Branchy>>, "DataParallel wraps user-defined layers");
-static_assert(Layer<DataParallel<DataParallel<Stack>>>, "DataParallel nests");
+static_assert(Layer<nn::ActivationCheckpoint<DataParallel<Stack>>>, "DataParallel nests in other policies");
+static_assert(Layer<DataParallel<nn::ActivationCheckpoint<Stack>>>, "DataParallel wraps other policies");
 
 TEST_CASE("nn layers mark each parameter ready once per backward, after its gradient is accumulated") {
   nn::GPT<float> gpt(tiny_gpt(), 1);
@@ -94,7 +95,10 @@ TEST_CASE("DataParallel: 5 steps at world sizes 1-4 equal 5 serial steps on the 
             CHECK(r.max_param_rel < tol);
             CHECK(r.identical_after_wrap);
             CHECK(r.identical_every_step);
-            CHECK(r.copied_wte);  // tied to the LM head: copied into its bucket, not viewed
+            // Tied to the LM head: keeps its own grad tensor, which is its bucket's buffer where
+            // dp divides its 13 x 8 elements (else it is copied into its bucket).
+            CHECK(r.copied_wte);
+            CHECK(r.alias_wte == (104 % world == 0));
             CHECK(r.params == res.front().params);
             if (!overlap) CHECK(r.early_launches == 0);
             // Every bucket but the one holding the tied wte can start during backward.
@@ -386,5 +390,21 @@ TEST_CASE("DataParallel: loss_scale is 1 / the global count and rejects a step w
   for (const auto& [s, err] : res) {
     CHECK(s == 1.0 / 6.0);
     CHECK(err.find("global count") != std::string::npos);
+  }
+}
+
+TEST_CASE("DataParallel: wrapping parameters that another DataParallel already wraps is an error naming one") {
+  const auto res = run_ranks(2, [](Comm& c) {
+    DataParallel inner(Stack({3, 2}, 1), c);
+    std::string err;
+    try {
+      DataParallel outer(std::move(inner), c);
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    return err;
+  });
+  for (const std::string& e : res) {
+    CHECK(e.find("\"l0.weight\" already has a grad-ready hook") != std::string::npos);
   }
 }

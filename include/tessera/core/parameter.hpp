@@ -123,6 +123,8 @@ struct Parameter {
     if (!tie_) tie_ = std::make_shared<detail::ParameterTie>();
     tie_->on_grad_ready = std::move(hook);
   }
+  /// Whether a grad-ready hook is installed (e.g. by a DataParallel wrapping the parameter).
+  bool has_grad_ready_hook() const noexcept { return tie_ && static_cast<bool>(tie_->on_grad_ready); }
   /// Number of Parameter objects that share this one's tensors and hook through tied(): 1 for
   /// an untied parameter (0 for a moved-from one).
   long tie_count() const noexcept { return tie_ ? tie_.use_count() : 0; }

@@ -51,10 +51,12 @@ struct GradBucketsOptions {
 /// bucket is one flat, zero-padded buffer of a multiple of comm.size() elements, and each
 /// parameter's `grad` becomes a view into it (Megatron's `main_grad` buffer), so reducing a
 /// bucket needs no copies. Handles to grad tensors taken before construction go stale.
-/// Exceptions, kept in their own tensor and copied into the bucket when it is launched (and
-/// back after an all-reduce): a parameter whose tensors another Parameter object shares through
-/// Parameter::tied (tie_count() > 1), one listed twice, and one found in the first backward to
-/// have another, undeclared sharer (its original grad tensor was written to).
+/// Exceptions keep their own grad tensor: a parameter whose tensors another Parameter object
+/// shares through Parameter::tied (tie_count() > 1) and one listed twice get a bucket of their
+/// own whose buffer is that tensor (no copy) when its element count is a multiple of
+/// comm.size(), else they are copied into their bucket when it is launched (and back after an
+/// all-reduce); so is a parameter found in the first backward to have another, undeclared
+/// sharer (its original grad tensor was written to).
 ///
 /// Readiness: each parameter's grad-ready hook (Parameter::mark_grad_ready) counts marks. The
 /// first backward learns how many marks each parameter gets per backward and reduces every
@@ -89,34 +91,55 @@ class GradBuckets {
     std::vector<std::size_t> slots;   ///< its parameters, in bucket order
     std::size_t ready = 0;            ///< slots that got their expected marks in this backward
     bool early = false;               ///< may be launched from a hook
+    bool alias = false;               ///< the buffer is the one (copied) parameter's own grad
     bool launched = false;            ///< reduction started in this backward / reduce()
     bool done = false;                ///< reduction complete
     Request request;                  ///< the non-blocking reduction
   };
 
   /// Lays out the buckets of `params` over `comm` and installs the grad-ready hooks; current
-  /// gradient values are kept (copied into the buckets). Throws tessera::Error when a grad has
-  /// another shape than its value. Local: no communication.
+  /// gradient values are kept (copied into the buckets). Throws tessera::Error when a parameter
+  /// already has a hook (another DataParallel wraps it). Local: no communication.
   GradBuckets(const ParameterList<T>& params, Comm comm, const GradBucketsOptions& options = {})
       : comm_(std::move(comm)), options_(options), world_(comm_.size()), rank_(comm_.rank()) {
     const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
+    for (const auto& [p, copy] : list)
+      TESSERA_EXPECTS(!p->has_grad_ready_hook(), "DataParallel on ", comm_.name(), ": parameter \"", p->name,
+                      "\" already has a grad-ready hook: it belongs to another DataParallel (wrap a model once)");
     // Reverse order of parameters(): the last layers' gradients are final first.
     std::size_t cap = options_.first_bucket_size;
     std::int64_t filled = 0;
+    bool open = false;         // a bucket of views is open
+    std::size_t packed = 0;    // buckets of views made so far
     for (std::size_t k = list.size(); k-- > 0;) {
       Parameter<T>& p = *list[k].first;
       expect_same_shape("GradBuckets: value and grad", p.value, p.grad);
-      if (buckets_.empty() || static_cast<std::size_t>(filled) * sizeof(T) >= cap) {
-        if (!buckets_.empty()) cap = options_.bucket_size;
-        buckets_.emplace_back();
-        filled = 0;
-      }
       Slot s;
       s.param = &p;
-      s.bucket = buckets_.size() - 1;
-      s.offset = filled;
       s.numel = p.value.numel();
       s.copy = list[k].second;
+      if (s.copy && p.grad.is_contiguous() && s.numel % world_ == 0) {
+        // A tied parameter keeps its grad tensor; where no padding is needed, its own bucket's
+        // buffer is that tensor, so nothing is copied.
+        Bucket b;
+        b.alias = true;
+        b.buffer = p.grad.reshape(Shape{s.numel});
+        b.numel = s.numel;
+        b.slots.push_back(slots_.size());
+        s.bucket = buckets_.size();
+        buckets_.push_back(std::move(b));
+        slots_.push_back(std::move(s));
+        open = false;
+        continue;
+      }
+      if (!open || static_cast<std::size_t>(filled) * sizeof(T) >= cap) {
+        if (packed++ > 0) cap = options_.bucket_size;
+        buckets_.emplace_back();
+        filled = 0;
+        open = true;
+      }
+      s.bucket = buckets_.size() - 1;
+      s.offset = filled;
       filled += s.numel;
       buckets_.back().numel = filled;
       buckets_.back().slots.push_back(slots_.size());
@@ -124,7 +147,7 @@ class GradBuckets {
     }
     for (Bucket& b : buckets_) {
       const std::int64_t w = world_;
-      b.buffer = Tensor<T>(Shape{(b.numel + w - 1) / w * w});
+      if (!b.alias) b.buffer = Tensor<T>(Shape{(b.numel + w - 1) / w * w});
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
@@ -209,7 +232,7 @@ class GradBuckets {
   void zero_grad() {
     for (Bucket& b : buckets_) b.buffer.zero();
     for (Slot& s : slots_)
-      if (s.copy) s.param->grad.zero();
+      if (s.copy && !buckets_[s.bucket].alias) s.param->grad.zero();
   }
 
   /// Chooses all-reduce (the default) or reduce-scatter (ZeRO-1) for later reductions. Throws
@@ -314,7 +337,7 @@ class GradBuckets {
   void launch(std::size_t bi) {
     Bucket& b = buckets_[bi];
     for (std::size_t i : b.slots)
-      if (slots_[i].copy) view_of(slots_[i]).copy_from(slots_[i].param->grad);
+      if (slots_[i].copy && !b.alias) view_of(slots_[i]).copy_from(slots_[i].param->grad);
     b.launched = true;
     if (world_ == 1) {
       b.done = true;
@@ -347,7 +370,7 @@ class GradBuckets {
     if (error) std::rethrow_exception(error);
     if (mode_ == GradReduce::all_reduce)
       for (Slot& s : slots_)
-        if (s.copy) s.param->grad.copy_from(view_of(s));
+        if (s.copy && !buckets_[s.bucket].alias) s.param->grad.copy_from(view_of(s));
   }
 
   // After the first backward: a view slot whose original grad tensor was written has another,
