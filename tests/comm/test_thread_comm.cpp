@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tessera/tessera.hpp"
@@ -462,4 +463,22 @@ TEST_CASE("instrumented communicator counts calls and bytes per kind, also on sp
                       counters->elements(K::reduce_scatter), counters->calls(K::split)};
   });
   CHECK(counts[0] == std::tuple<std::size_t, std::size_t, std::size_t, std::size_t, std::size_t>{2, 30, 40, 10, 1});
+}
+
+TEST_CASE("Request::test on a receive whose sender returned without sending fails at once instead of polling forever") {
+  std::string msg;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    run_ranks(2, [](Comm& c) {
+      if (c.rank() == 1) return;  // never sends
+      std::vector<float> x(4);
+      Request r = c.irecv(x, 1, 7);
+      while (!r.test()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    });
+  } catch (const TimeoutError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("can never complete") != std::string::npos);
+  CHECK(msg.find("never sent tag 7") != std::string::npos);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
 }

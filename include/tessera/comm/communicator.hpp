@@ -110,9 +110,11 @@ using range_elem_t = std::remove_cv_t<std::ranges::range_value_t<R>>;
 ///
 /// Every method named as collective must be called by every rank of the communicator in the
 /// same order with the same element type, count, op and root; on the threads backend a mismatch
-/// throws MismatchError on every rank naming both calls; waiting past timeout() throws
-/// TimeoutError naming the ranks that did not arrive; a rank that threw makes the others throw
-/// AbortedError.
+/// throws MismatchError on every rank naming both calls (on MPI with TESSERA_DEBUG_COLLECTIVES=1);
+/// waiting past timeout() throws TimeoutError naming the ranks that did not arrive where the
+/// backend can know them (threads always; MPI in debug mode); a rank that threw makes the others
+/// throw AbortedError (threads) or aborts the job (mpi::run). After a timeout on MPI or NCCL the
+/// communicator is unusable (the ranks no longer agree on the order of calls).
 class Comm {
  public:
   /// An empty handle (valid() is false); every call on it throws Error.

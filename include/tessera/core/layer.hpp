@@ -9,6 +9,12 @@
 /// for (Parameter<float>& p : layer.parameters()) { p.name; p.value; p.grad; p.layout; }
 /// ```
 ///
+/// Grad-ready hook: a layer that owns parameters calls `p.mark_grad_ready()` on each of them at
+/// the end of its backward, after adding that call's contribution into `p.grad` (the nn layers
+/// do). DataParallel uses it to start reducing a gradient bucket while backward still runs on
+/// earlier layers. A user layer that does not call it is still correct: its buckets are
+/// reduced when backward returns, just not overlapped with it.
+///
 /// All per-call state lives in the context, not in the layer, so several micro-batches can be
 /// in flight at once (pipeline schedules) and a context can be dropped and rebuilt by running
 /// forward again (activation checkpointing). A context holds handles to tensors (the input,
@@ -98,7 +104,8 @@ struct NotALayer {};
 /// - `using Input = ...;` the type forward takes (a Tensor, or token ids);
 /// - `forward(const Input& x)` returns `ForwardResult<Output, Context>`;
 /// - `backward(const Output& dy, Context& ctx)` returns dL/dx as an `Input` (or `NoGrad` where
-///   the input has no gradient) and adds dL/dθ into each parameter's grad;
+///   the input has no gradient) and adds dL/dθ into each parameter's grad (then, optionally,
+///   calls each parameter's mark_grad_ready(); see the file comment);
 /// - `parameters()` returns a `ParameterList<float>` or `ParameterList<double>`.
 template <class L>
 concept Layer = detail::layer_backward_returns_input_grad<L> && detail::layer_has_parameters<L>;

@@ -6,8 +6,10 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <iterator>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <string_view>
@@ -55,12 +57,28 @@ struct ParamLayout {
   }
 };
 
+namespace detail {
+/// What a Parameter shares with the Parameter objects tied to it (Parameter::tied): the
+/// grad-ready hook that a policy installs.
+struct ParameterTie {
+  std::function<void()> on_grad_ready;  ///< called by Parameter::mark_grad_ready; may be empty
+};
+}  // namespace detail
+
 /// A trainable tensor: its Hugging Face style name (e.g. "h.0.attn.c_attn.weight"), its value,
 /// its gradient (same shape; backward accumulates into it) and its layout on the tp axis.
 ///
 /// Move-only, so that a layer is never silently duplicated with shared weights; the tensors
-/// inside are handles, so a Parameter built from another's `value` and `grad` shares them (as a
-/// tied LM head shares the token embedding).
+/// inside are handles, so a Parameter built from another's `value` and `grad` shares them. A
+/// layer that shares another layer's parameter (a tied LM head shares the token embedding)
+/// builds its own with `Parameter::tied(other)`, which also shares the grad-ready hook, so that
+/// policies see the tie (tie_count()).
+///
+/// Grad-ready hook (part of the Layer contract, see layer.hpp): a layer calls
+/// `mark_grad_ready()` on each of its parameters at the end of its backward, once it has added
+/// that call's contribution into `grad`. A policy (DataParallel) installs the hook to start
+/// reducing a gradient bucket while backward is still running on earlier layers
+/// (PyTorch DDP's autograd hooks, Li et al. VLDB 2020; Megatron-LM's `overlap_grad_reduce`).
 template <std::floating_point T>
 struct Parameter {
   std::string name;               ///< full name, e.g. "h.3.mlp.c_fc.bias"
@@ -77,11 +95,40 @@ struct Parameter {
       : name(std::move(name_)), value(std::move(value_)), grad(std::move(grad_)), layout(layout_) {
     expect_same_shape("Parameter: value and grad", value, grad);
   }
+  /// A Parameter tied to `other`: the same name, value and grad tensors, layout and grad-ready
+  /// hook (a tied LM head and its token embedding; Press and Wolf 2017). Both layers' backward
+  /// calls then mark the one parameter ready, and tie_count() of either is 2.
+  static Parameter tied(const Parameter& other) {
+    Parameter p(other.name, other.value, other.grad, other.layout);
+    p.tie_ = other.tie_;
+    return p;
+  }
   Parameter(const Parameter&) = delete;             ///< move-only (see the class comment)
   Parameter& operator=(const Parameter&) = delete;  ///< move-only
   Parameter(Parameter&&) noexcept = default;        ///< moves the handles; tensors are not copied
   Parameter& operator=(Parameter&&) noexcept = default;  ///< moves the handles
   ~Parameter() = default;                           ///< releases the handles
+
+  /// Tells the installed grad-ready hook, if any, that the calling layer has finished adding
+  /// its contribution of this backward call into `grad`. Layers call it at the end of
+  /// backward; a parameter used k times in one backward is marked k times. Does nothing when no
+  /// hook is installed. Throws what the hook throws (DataParallel: tessera::Error when the
+  /// gradient changes after its bucket's reduction has started).
+  void mark_grad_ready() const {
+    if (tie_ && tie_->on_grad_ready) tie_->on_grad_ready();
+  }
+  /// Installs `hook` as what mark_grad_ready calls (an empty function removes it), for this
+  /// parameter and every Parameter tied to it. DataParallel installs one per parameter.
+  void set_grad_ready_hook(std::function<void()> hook) {
+    if (!tie_) tie_ = std::make_shared<detail::ParameterTie>();
+    tie_->on_grad_ready = std::move(hook);
+  }
+  /// Number of Parameter objects that share this one's tensors and hook through tied(): 1 for
+  /// an untied parameter (0 for a moved-from one).
+  long tie_count() const noexcept { return tie_ ? tie_.use_count() : 0; }
+
+ private:
+  std::shared_ptr<detail::ParameterTie> tie_ = std::make_shared<detail::ParameterTie>();
 };
 
 /// The parameters of a layer, in a fixed order (the Hugging Face order for the reference GPT):

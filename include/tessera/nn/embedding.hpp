@@ -65,7 +65,8 @@ class Embedding {
     return {std::move(y), Context{ic}};
   }
 
-  /// Adds each row of dy into the gradient row of its id. dy: (ids..., dim). Throws
+  /// Adds each row of dy into the gradient row of its id, then marks the weight ready
+  /// (Parameter::mark_grad_ready). dy: (ids..., dim). Throws
   /// tessera::Error naming both shapes when dy does not have the output's shape.
   NoGrad backward(const Tensor<T>& dy, const Context& ctx) {
     const std::int64_t n = ctx.ids.numel(), d = dim();
@@ -79,6 +80,7 @@ class Embedding {
       const T* src = g.data() + i * d;
       for (std::int64_t j = 0; j < d; ++j) row[j] += src[j];
     }
+    weight_.mark_grad_ready();
     return {};
   }
 

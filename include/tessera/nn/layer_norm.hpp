@@ -71,7 +71,8 @@ class LayerNorm {
   }
 
   /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight; adds
-  /// sum(dy * xhat) into the weight's grad and sum(dy) into the bias's. Throws tessera::Error
+  /// sum(dy * xhat) into the weight's grad and sum(dy) into the bias's, then marks both ready
+  /// (Parameter::mark_grad_ready). Throws tessera::Error
   /// naming both shapes when dy does not have the output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
     TESSERA_EXPECTS(dy.shape() == ctx.xhat.shape(), "LayerNorm ", weight_.name, ": output gradient of shape ",
@@ -99,6 +100,8 @@ class LayerNorm {
       T* dxr = dx.data() + r * d;
       for (std::int64_t j = 0; j < d; ++j) dxr[j] = rs * (gr[j] * w[j] - mean_g - hr[j] * mean_gh);
     }
+    weight_.mark_grad_ready();
+    bias_.mark_grad_ready();
     return dx;
   }
 

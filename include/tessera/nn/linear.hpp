@@ -80,7 +80,7 @@ class Linear {
   }
 
   /// dx = dy W^T; adds x^T dy into the weight's grad and the column sums of dy into the
-  /// bias's. dy: (..., out) -> dx: (..., in). Throws tessera::Error naming both shapes when dy
+  /// bias's, then marks both ready (Parameter::mark_grad_ready). dy: (..., out) -> dx: (..., in). Throws tessera::Error naming both shapes when dy
   /// does not have the output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
     const Shape out_shape = ctx.x.shape().with(-1, out_features());
@@ -101,6 +101,8 @@ class Linear {
         for (std::int64_t j = 0; j < out; ++j) db[j] += row[j];
       }
     }
+    weight_.mark_grad_ready();
+    if (bias_) bias_->mark_grad_ready();
     return dx;
   }
 

@@ -33,9 +33,9 @@ class LMHead {
     Tensor<T> x;  ///< (..., d), contiguous
   };
 
-  /// A head tied to `embedding`: same name, value and grad tensors, same layout.
-  explicit LMHead(const Parameter<T>& embedding)
-      : weight_(embedding.name, embedding.value, embedding.grad, embedding.layout) {
+  /// A head tied to `embedding` (Parameter::tied): same name, value and grad tensors, same
+  /// layout, same grad-ready hook.
+  explicit LMHead(const Parameter<T>& embedding) : weight_(Parameter<T>::tied(embedding)) {
     check_weight();
   }
 
@@ -51,7 +51,8 @@ class LMHead {
     return {std::move(y), Context{xc}};
   }
 
-  /// dx = dy W; adds dy^T x into the weight's grad. dy: (..., vocab_size). Throws
+  /// dx = dy W; adds dy^T x into the weight's grad, then marks it ready
+  /// (Parameter::mark_grad_ready). dy: (..., vocab_size). Throws
   /// tessera::Error naming both shapes when dy does not have the output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
     const std::int64_t v = vocab_size(), d = dim();
@@ -63,6 +64,7 @@ class LMHead {
     Tensor<T> dx = Tensor<T>::empty(ctx.x.shape());
     gemm<T>(Transpose::no, Transpose::no, m, d, v, T{1}, g.data(), v, weight_.value.data(), d, T{0}, dx.data(), d);
     gemm<T>(Transpose::yes, Transpose::no, v, d, m, T{1}, g.data(), v, ctx.x.data(), d, T{1}, weight_.grad.data(), d);
+    weight_.mark_grad_ready();
     return dx;
   }
 

@@ -92,6 +92,14 @@ class AdamW {
   const Tensor<T>& exp_avg(std::size_t i) const { return m_.at(i); }
   /// Second moment of parameter i (a handle, as exp_avg).
   const Tensor<T>& exp_avg_sq(std::size_t i) const { return v_.at(i); }
+  /// Bytes of optimizer state held (both moments of every parameter), e.g. to check that a
+  /// sharded (ZeRO-1) optimizer holds 1/dp of it.
+  std::size_t state_bytes() const noexcept {
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < m_.size(); ++i)
+      n += static_cast<std::size_t>(m_[i].numel() + v_[i].numel()) * sizeof(T);
+    return n;
+  }
 
  private:
   ParameterList<T> params_;

@@ -69,6 +69,13 @@ class SGD {
   const ParameterList<T>& parameters() const noexcept { return params_; }
   /// The momentum buffer of parameter i (empty before the first step or without momentum).
   const Tensor<T>& momentum_buffer(std::size_t i) const { return buffers_.at(i); }
+  /// Bytes of optimizer state held (the momentum buffers; 0 without momentum or before the
+  /// first step), e.g. to check that a sharded (ZeRO-1) optimizer holds 1/dp of it.
+  std::size_t state_bytes() const noexcept {
+    std::size_t n = 0;
+    for (const Tensor<T>& b : buffers_) n += static_cast<std::size_t>(b.numel()) * sizeof(T);
+    return n;
+  }
 
  private:
   ParameterList<T> params_;

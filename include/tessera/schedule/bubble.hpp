@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdio>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -61,6 +63,23 @@ inline BubbleStats bubble_stats(const Timeline& t) {
   out.bubble_ratio = busy_sum > 0.0 ? idle_sum / busy_sum : 0.0;
   out.idle_fraction = busy_sum > 0.0 ? idle_sum / (static_cast<double>(p) * out.span) : 0.0;
   return out;
+}
+
+/// The bubble per rank and overall, one line each, for logs:
+/// "rank 0: idle 27.3% of the step (busy 1.203 ms of 1.655 ms)" ... then
+/// "bubble ratio 0.375 (idle / compute); idle 27.3% of all ranks' time".
+/// Times are printed in ms.
+inline std::string to_string(const BubbleStats& b) {
+  std::string out;
+  char line[160];
+  for (std::size_t r = 0; r < b.busy.size(); ++r) {
+    std::snprintf(line, sizeof line, "rank %zu: idle %.1f%% of the step (busy %.3f ms of %.3f ms)\n", r,
+                  100.0 * b.bubble_fraction[r], 1e3 * b.busy[r], 1e3 * b.span);
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "bubble ratio %.4f (idle / compute); idle %.1f%% of all ranks' time\n",
+                b.bubble_ratio, 100.0 * b.idle_fraction);
+  return out + line;
 }
 
 }  // namespace tessera::schedule

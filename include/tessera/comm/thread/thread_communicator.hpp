@@ -109,20 +109,28 @@ class QueuedRequest final : public RequestImpl {
 class RecvRequest final : public RequestImpl {
  public:
   using Waiter = std::function<void()>;
-  explicit RecvRequest(std::vector<std::shared_ptr<std::atomic<int>>> states, std::vector<Waiter> waiters)
-      : states_(std::move(states)), waiters_(std::move(waiters)) {}
+  /// `doomed[i]()` is true when receive i can no longer complete by waiting (the run aborted,
+  /// or its sender returned): test() then resolves it through its waiter, which throws at once.
+  explicit RecvRequest(std::vector<std::shared_ptr<std::atomic<int>>> states, std::vector<Waiter> waiters,
+                       std::vector<std::function<bool()>> doomed)
+      : states_(std::move(states)), waiters_(std::move(waiters)), doomed_(std::move(doomed)) {}
   void wait() override {
     for (auto& w : waiters_) w();
   }
   bool test() override {
-    for (auto& s : states_)
-      if (s->load(std::memory_order_acquire) == 0) return false;
-    return true;  // wait() then reports a count/type mismatch, if any
+    bool done = true;
+    for (std::size_t i = 0; i < states_.size(); ++i)
+      if (states_[i]->load(std::memory_order_acquire) == 0) {
+        if (doomed_[i]()) waiters_[i]();  // throws AbortedError / TimeoutError, or it just arrived
+        done = done && states_[i]->load(std::memory_order_acquire) != 0;
+      }
+    return done;  // wait() then reports a count/type mismatch, if any
   }
 
  private:
   std::vector<std::shared_ptr<std::atomic<int>>> states_;
   std::vector<Waiter> waiters_;
+  std::vector<std::function<bool()>> doomed_;
 };
 
 }  // namespace detail
@@ -245,6 +253,7 @@ class ThreadCommunicator final : public CommBackend {
       if (op.kind == P2POp::Kind::send) send(op.data, op.count, op.dtype, op.peer, op.tag, true);
     std::vector<std::shared_ptr<std::atomic<int>>> states;
     std::vector<detail::RecvRequest::Waiter> waiters;
+    std::vector<std::function<bool()>> doomed;
     for (const P2POp& op : ops) {
       if (op.kind != P2POp::Kind::recv) continue;
       detail::PostedRecv pr = group_->post_recv(op.peer, rank_, op.tag, op.data, op.count, op.dtype);
@@ -256,9 +265,10 @@ class ThreadCommunicator final : public CommBackend {
         group_->wait_recv(rank_, peer, pr, sig, name_, timeout_);
         world_->set_idle(group_->world_rank(rank_));
       });
+      doomed.push_back([this, peer] { return world_->aborted() || world_->finished(group_->world_rank(peer)); });
     }
     if (states.empty()) return Request{};
-    return Request(std::make_shared<detail::RecvRequest>(std::move(states), std::move(waiters)));
+    return Request(std::make_shared<detail::RecvRequest>(std::move(states), std::move(waiters), std::move(doomed)));
   }
 
   void barrier() override {

@@ -216,10 +216,13 @@ class Group {
     // microseconds, and a condition-variable wake costs tens of them.
     const auto start = std::chrono::steady_clock::now();
     lk.unlock();
-    for (int i = 0; i < 2000; ++i) {
+    // Bounded by time, not iterations: with more ranks than cores a yield can take a whole
+    // time slice, and 2000 of them would stall the rendezvous for seconds.
+    while (std::chrono::steady_clock::now() - start < std::chrono::microseconds(50)) {
       if (generation_.load(std::memory_order_acquire) != gen) return;
       std::this_thread::yield();
     }
+    if (generation_.load(std::memory_order_acquire) != gen) return;
     lk.lock();
     const auto deadline = start + timeout;
     while (generation_.load(std::memory_order_acquire) == gen) {

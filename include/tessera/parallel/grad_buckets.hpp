@@ -1,0 +1,387 @@
+#pragma once
+/// @file
+/// GradBuckets: a data-parallel replica's gradients laid out in flat buckets, in reverse order
+/// of use, and their reduction over the dp communicator, each bucket started (non-blocking) the
+/// moment its last gradient is final during backward. PyTorch DDP's Reducer (Li et al.,
+/// "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020) and
+/// Megatron-LM's contiguous grad buffer with `overlap_grad_reduce`.
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/comm/request.hpp"
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/tensor.hpp"
+
+namespace tessera {
+
+/// How GradBuckets reduces a bucket over the dp ranks.
+enum class GradReduce {
+  all_reduce,      ///< every rank gets the whole sum (plain data parallelism)
+  reduce_scatter,  ///< rank r gets the sum of block r of the padded bucket (ZeRO-1, ZeroOptimizer)
+};
+
+/// Options of GradBuckets (DataParallelOptions carries the same fields).
+struct GradBucketsOptions {
+  /// Bytes of gradients per bucket (PyTorch DDP's `bucket_cap_mb` = 25 MiB). A bucket is closed
+  /// once it holds at least this many bytes, so one larger parameter makes a bucket of its own;
+  /// 0 puts every parameter in a bucket of its own (one all-reduce per parameter).
+  std::size_t bucket_size = std::size_t{25} << 20;
+  /// Bytes of the first bucket, the one holding the last layers' gradients, which are final
+  /// first: small, so that its reduction starts early (DDP's 1 MiB first bucket).
+  std::size_t first_bucket_size = std::size_t{1} << 20;
+  /// Start each bucket's reduction from the grad-ready hooks while backward still runs; false:
+  /// start every bucket when backward returns (for comparison).
+  bool overlap_grad_reduce = true;
+};
+
+/// The gradient buckets of one replica, over the dp communicator `comm`.
+///
+/// Layout: the distinct parameters, in reverse order of `parameters()` (about the order in
+/// which backward finishes them), are packed into buckets (see GradBucketsOptions). Each
+/// bucket is one flat, zero-padded buffer of a multiple of comm.size() elements, and each
+/// parameter's `grad` becomes a view into it (Megatron's `main_grad` buffer), so reducing a
+/// bucket needs no copies. Handles to grad tensors taken before construction go stale.
+/// Exceptions, kept in their own tensor and copied into the bucket when it is launched (and
+/// back after an all-reduce): a parameter whose tensors another Parameter object shares through
+/// Parameter::tied (tie_count() > 1), one listed twice, and one found in the first backward to
+/// have another, undeclared sharer (its original grad tensor was written to).
+///
+/// Readiness: each parameter's grad-ready hook (Parameter::mark_grad_ready) counts marks. The
+/// first backward learns how many marks each parameter gets per backward and reduces every
+/// bucket when backward returns. From then on a bucket is launched as soon as every parameter
+/// in it has got its learned number of marks, buckets strictly in index order (so every rank
+/// issues the same collectives in the same order, whatever branches it took); a bucket
+/// holding a parameter that got no mark so far, or a copied one, is launched when backward
+/// returns. A parameter unused in a step contributes the zero (or accumulated) gradient it
+/// holds (CASES C1). A mark on a parameter whose bucket has been launched in this backward
+/// throws tessera::Error: the gradient changed while being reduced (a model whose use of a
+/// parameter grows from step to step needs overlap_grad_reduce = false).
+///
+/// Not copyable or movable: the hooks point at it (DataParallel holds it on the heap).
+template <std::floating_point T>
+class GradBuckets {
+ public:
+  /// Where one parameter's gradient lives.
+  struct Slot {
+    Parameter<T>* param = nullptr;  ///< the parameter, in the model
+    std::size_t bucket = 0;         ///< index of its bucket
+    std::int64_t offset = 0;        ///< first element in the bucket's buffer
+    std::int64_t numel = 0;         ///< elements
+    bool copy = false;              ///< grad kept in its own tensor, copied at launch
+    int expected_marks = 0;         ///< marks per backward, learned (see the class comment)
+    int marks = 0;                  ///< marks in the current backward
+    Tensor<T> original;             ///< the grad tensor before construction, until checked
+  };
+  /// One flat bucket.
+  struct Bucket {
+    Tensor<T> buffer;                 ///< (padded) flat gradients
+    std::int64_t numel = 0;           ///< elements in use (the rest is zero padding)
+    std::vector<std::size_t> slots;   ///< its parameters, in bucket order
+    std::size_t ready = 0;            ///< slots that got their expected marks in this backward
+    bool early = false;               ///< may be launched from a hook
+    bool launched = false;            ///< reduction started in this backward / reduce()
+    bool done = false;                ///< reduction complete
+    Request request;                  ///< the non-blocking reduction
+  };
+
+  /// Lays out the buckets of `params` over `comm` and installs the grad-ready hooks; current
+  /// gradient values are kept (copied into the buckets). Throws tessera::Error when a grad has
+  /// another shape than its value. Local: no communication.
+  GradBuckets(const ParameterList<T>& params, Comm comm, const GradBucketsOptions& options = {})
+      : comm_(std::move(comm)), options_(options), world_(comm_.size()), rank_(comm_.rank()) {
+    const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
+    // Reverse order of parameters(): the last layers' gradients are final first.
+    std::size_t cap = options_.first_bucket_size;
+    std::int64_t filled = 0;
+    for (std::size_t k = list.size(); k-- > 0;) {
+      Parameter<T>& p = *list[k].first;
+      expect_same_shape("GradBuckets: value and grad", p.value, p.grad);
+      if (buckets_.empty() || static_cast<std::size_t>(filled) * sizeof(T) >= cap) {
+        if (!buckets_.empty()) cap = options_.bucket_size;
+        buckets_.emplace_back();
+        filled = 0;
+      }
+      Slot s;
+      s.param = &p;
+      s.bucket = buckets_.size() - 1;
+      s.offset = filled;
+      s.numel = p.value.numel();
+      s.copy = list[k].second;
+      filled += s.numel;
+      buckets_.back().numel = filled;
+      buckets_.back().slots.push_back(slots_.size());
+      slots_.push_back(std::move(s));
+    }
+    for (Bucket& b : buckets_) {
+      const std::int64_t w = world_;
+      b.buffer = Tensor<T>(Shape{(b.numel + w - 1) / w * w});
+    }
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      if (!s.copy) {
+        Tensor<T> view = view_of(s);
+        view.copy_from(s.param->grad);
+        s.original = s.param->grad;
+        s.original.zero();  // from now on, a write here means an undeclared sharer
+        s.param->grad = std::move(view);
+      }
+      s.param->set_grad_ready_hook([this, i] { on_grad_ready(i); });
+    }
+  }
+  GradBuckets(const GradBuckets&) = delete;             ///< not copyable: the hooks point here
+  GradBuckets& operator=(const GradBuckets&) = delete;  ///< not copyable
+  /// Removes the hooks; waits for reductions still in flight (after a failed backward).
+  ~GradBuckets() {
+    abort_backward();
+    for (Slot& s : slots_)
+      if (s.param) s.param->set_grad_ready_hook({});
+  }
+
+  /// Starts a backward pass: resets the marks. `sync`: reduce at its end (false inside
+  /// no_sync: gradients only accumulate). Throws tessera::Error if a backward is already open.
+  void begin_backward(bool sync) {
+    TESSERA_EXPECTS(!in_backward_, "DataParallel on ", comm_.name(),
+                    ": backward started while another backward of the same replica is still running");
+    for (Slot& s : slots_) s.marks = 0;
+    reset_launches();
+    sync_ = sync;
+    early_launches_ = 0;
+    in_backward_ = true;
+  }
+
+  /// Ends a backward pass: learns the marks (the first time: also checks for undeclared
+  /// sharers), then, when syncing, launches every bucket not launched yet, in order, and waits
+  /// for all. Collective over the dp communicator when syncing (one all-reduce or
+  /// reduce-scatter per bucket, in bucket order). Throws what the communicator throws.
+  void end_backward() {
+    TESSERA_EXPECTS(in_backward_, "GradBuckets::end_backward without begin_backward");
+    if (!learned_) check_originals();
+    for (Slot& s : slots_) s.expected_marks = learned_ ? std::max(s.expected_marks, s.marks) : s.marks;
+    learned_ = true;
+    for (Bucket& b : buckets_) {
+      b.early = true;
+      for (std::size_t i : b.slots) b.early = b.early && !slots_[i].copy && slots_[i].expected_marks > 0;
+    }
+    if (sync_) {
+      while (next_ < buckets_.size()) launch(next_++);
+      finish();
+    }
+    in_backward_ = false;
+  }
+
+  /// Abandons a backward that threw: waits for the reductions already started (their errors
+  /// are dropped; the caller is already failing), so no buffer is in use when it returns.
+  void abort_backward() noexcept {
+    for (Bucket& b : buckets_) {
+      if (b.launched && !b.done) {
+        try {
+          b.request.wait();
+        } catch (...) {  // the backward's own exception is the one that propagates
+        }
+        b.done = true;
+      }
+    }
+    in_backward_ = false;
+  }
+
+  /// Reduces every bucket now, with what the gradients hold (zero on a rank that ran no
+  /// backward in this step: a rank out of data joins with zero contribution). Collective over
+  /// the dp communicator, matching the reductions other ranks run at the end of a syncing
+  /// backward. Throws tessera::Error inside a backward, or what the communicator throws.
+  void reduce() {
+    TESSERA_EXPECTS(!in_backward_, "DataParallel on ", comm_.name(), ": reduce_grads called inside backward");
+    reset_launches();
+    while (next_ < buckets_.size()) launch(next_++);
+    finish();
+  }
+
+  /// Sets every gradient to zero (one fill per bucket). Local.
+  void zero_grad() {
+    for (Bucket& b : buckets_) b.buffer.zero();
+    for (Slot& s : slots_)
+      if (s.copy) s.param->grad.zero();
+  }
+
+  /// Chooses all-reduce (the default) or reduce-scatter (ZeRO-1) for later reductions. Throws
+  /// tessera::Error inside a backward. Local; every rank must choose the same.
+  void set_mode(GradReduce mode) {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::set_mode inside backward");
+    mode_ = mode;
+  }
+  /// The reduction in use.
+  GradReduce mode() const noexcept { return mode_; }
+
+  /// Points the slots at `params`, the same parameter list after the model moved (DataParallel's
+  /// move constructor). Throws tessera::Error when the list has another number of distinct
+  /// parameters.
+  void rebind(const ParameterList<T>& params) {
+    const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
+    TESSERA_EXPECTS(list.size() == slots_.size(), "GradBuckets::rebind: ", list.size(), " parameters, expected ",
+                    slots_.size());
+    for (std::size_t k = 0; k < list.size(); ++k) slots_[list.size() - 1 - k].param = list[k].first;
+  }
+
+  /// The buckets, in launch order.
+  const std::vector<Bucket>& buckets() const noexcept { return buckets_; }
+  /// The slots (one per distinct parameter, in reverse parameter order).
+  const std::vector<Slot>& slots() const noexcept { return slots_; }
+  /// Elements of each rank's block of bucket `b` under reduce-scatter (padded / world).
+  std::int64_t shard_size(std::size_t b) const { return buckets_.at(b).buffer.numel() / world_; }
+  /// This rank's block of bucket `b`: after a reduce-scatter, the sum over ranks of that part of
+  /// the gradients. A view of the bucket's buffer.
+  Tensor<T> grad_shard(std::size_t b) const {
+    const std::int64_t n = shard_size(b);
+    return buckets_.at(b).buffer.slice(0, rank_ * n, (rank_ + 1) * n);
+  }
+  /// The dp communicator.
+  Comm& comm() noexcept { return comm_; }
+  /// The options.
+  const GradBucketsOptions& options() const noexcept { return options_; }
+  /// Buckets launched from grad-ready hooks (overlapped with backward) in the last backward.
+  std::size_t early_launches() const noexcept { return early_launches_; }
+  /// Buckets launched so far in the current (or last) backward or reduce().
+  std::size_t launched() const noexcept { return next_; }
+  /// Whether the first backward has run (marks learned, sharers checked).
+  bool learned() const noexcept { return learned_; }
+
+ private:
+  // The distinct parameters of `params` (a tensor listed twice counts once) with whether each
+  // must be copied rather than viewed (tied, or listed twice). Empty parameters are skipped.
+  static std::vector<std::pair<Parameter<T>*, bool>> distinct(const ParameterList<T>& params) {
+    std::vector<std::pair<Parameter<T>*, bool>> out;
+    std::unordered_map<const T*, std::size_t> first;
+    for (Parameter<T>& p : params) {
+      if (p.value.numel() == 0) continue;
+      auto [it, fresh] = first.emplace(p.value.data(), out.size());
+      if (!fresh) {
+        out[it->second].second = true;
+        continue;
+      }
+      out.emplace_back(&p, p.tie_count() > 1);
+    }
+    return out;
+  }
+
+  Tensor<T> view_of(const Slot& s) const {
+    return buckets_[s.bucket].buffer.slice(0, s.offset, s.offset + s.numel).reshape(s.param->value.shape());
+  }
+
+  void reset_launches() {
+    for (Bucket& b : buckets_) {
+      b.ready = 0;
+      b.launched = false;
+      b.done = false;
+    }
+    next_ = 0;
+    polled_ = 0;
+  }
+
+  // The hook of slot i (runs inside the layer's backward, on the caller's thread).
+  void on_grad_ready(std::size_t i) {
+    if (!in_backward_) return;  // a backward of the bare model, outside DataParallel
+    Slot& s = slots_[i];
+    ++s.marks;
+    if (s.copy) return;
+    Bucket& b = buckets_[s.bucket];
+    TESSERA_EXPECTS(!b.launched, "DataParallel on ", comm_.name(), ": parameter \"", s.param->name,
+                    "\" was marked ready ", s.marks, " times in this backward, more than the ", s.expected_marks,
+                    " learned so far, after its bucket's reduction had started: its gradient changed while being "
+                    "reduced. A model whose use of a parameter grows from step to step needs "
+                    "overlap_grad_reduce = false");
+    if (!sync_ || !options_.overlap_grad_reduce || !learned_) return;
+    if (s.marks == s.expected_marks) ++b.ready;
+    while (next_ < buckets_.size() && buckets_[next_].early && buckets_[next_].ready == buckets_[next_].slots.size()) {
+      launch(next_++);
+      ++early_launches_;
+    }
+    // Drive progress of what is in flight (MPI progresses non-blocking collectives in calls).
+    while (polled_ < next_ && (buckets_[polled_].done || buckets_[polled_].request.test())) {
+      buckets_[polled_].done = true;
+      ++polled_;
+    }
+  }
+
+  void launch(std::size_t bi) {
+    Bucket& b = buckets_[bi];
+    for (std::size_t i : b.slots)
+      if (slots_[i].copy) view_of(slots_[i]).copy_from(slots_[i].param->grad);
+    b.launched = true;
+    if (world_ == 1) {
+      b.done = true;
+      return;
+    }
+    T* data = b.buffer.data();
+    if (mode_ == GradReduce::all_reduce) {
+      b.request = comm_.iall_reduce(std::span<T>(data, static_cast<std::size_t>(b.numel)), ReduceOp::sum);
+    } else {
+      // In place: this rank's block of the bucket receives its reduced block.
+      const std::size_t n = static_cast<std::size_t>(b.buffer.numel() / world_);
+      b.request = comm_.ireduce_scatter(std::span<const T>(data, n * static_cast<std::size_t>(world_)),
+                                        std::span<T>(data + n * static_cast<std::size_t>(rank_), n), ReduceOp::sum);
+    }
+  }
+
+  // Waits for every launched bucket (all of them, even after a failure), then copies the
+  // reduced gradients of copied parameters back (all-reduce only).
+  void finish() {
+    std::exception_ptr error;
+    for (Bucket& b : buckets_) {
+      if (!b.launched || b.done) continue;
+      try {
+        b.request.wait();
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
+      b.done = true;
+    }
+    if (error) std::rethrow_exception(error);
+    if (mode_ == GradReduce::all_reduce)
+      for (Slot& s : slots_)
+        if (s.copy) s.param->grad.copy_from(view_of(s));
+  }
+
+  // After the first backward: a view slot whose original grad tensor was written has another,
+  // undeclared sharer (a Parameter built from its tensors without Parameter::tied). It goes
+  // back to its own tensor, holding both parts of its gradient, and is copied from now on.
+  void check_originals() {
+    for (Slot& s : slots_) {
+      if (s.copy || s.original.numel() == 0) continue;
+      bool written = false;
+      detail::for_each_element("GradBuckets", [&written](const T& x) { written = written || x != T{0}; }, s.original);
+      if (written) {
+        Tensor<T> view = s.param->grad;
+        s.original.add_(view);
+        view.zero();
+        s.param->grad = s.original;
+        s.copy = true;
+      }
+      s.original = Tensor<T>();
+    }
+  }
+
+  Comm comm_;
+  GradBucketsOptions options_;
+  int world_;
+  int rank_;
+  GradReduce mode_ = GradReduce::all_reduce;
+  std::vector<Slot> slots_;
+  std::vector<Bucket> buckets_;
+  std::size_t next_ = 0;    // next bucket to launch
+  std::size_t polled_ = 0;  // first bucket not known complete
+  std::size_t early_launches_ = 0;
+  bool in_backward_ = false;
+  bool sync_ = true;
+  bool learned_ = false;
+};
+
+}  // namespace tessera

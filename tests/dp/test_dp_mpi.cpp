@@ -1,0 +1,172 @@
+// The DataParallel bodies of dp_bodies.hpp on real processes under mpirun (tests/dp/meson.build
+// launches this program at -np 2, 3 and 4). Every rank runs every case and asserts on its own
+// results; tests/mpi/mpi_test_main.cpp sums the failures of all ranks.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "dp_bodies.hpp"
+#include "tessera/mpi.hpp"
+
+using namespace tessera;
+using namespace dp_bodies;
+
+namespace {
+
+constexpr double tol = 1e-5;
+
+Comm world() { return mpi::world(); }
+
+DataParallelOptions layout(int which, bool overlap) {
+  switch (which) {
+    case 0: return {.bucket_size = 0, .first_bucket_size = 0, .overlap_grad_reduce = overlap};
+    case 1: return {.bucket_size = 1024, .first_bucket_size = 256, .overlap_grad_reduce = overlap};
+    default: return {.bucket_size = std::size_t(-1), .first_bucket_size = std::size_t(-1), .overlap_grad_reduce = overlap};
+  }
+}
+
+}  // namespace
+
+TEST_CASE("DataParallel (MPI): 5 steps equal 5 serial steps on the global batch for every bucket layout, overlap on "
+          "and off, k = 1 and 3; replicas bitwise identical after wrapping and every step") {
+  Comm c = world();
+  for (int which = 0; which < 3; ++which)
+    for (bool overlap : {true, false})
+      for (int k : {1, 3}) {
+        CAPTURE(which);
+        CAPTURE(overlap);
+        CAPTURE(k);
+        const EquivResult r = equivalence_body(c, {.dp = layout(which, overlap), .accumulation = k});
+        CHECK(r.max_loss_rel < tol);
+        CHECK(r.max_param_rel < tol);
+        CHECK(r.identical_after_wrap);
+        CHECK(r.identical_every_step);
+        if (overlap) CHECK(r.early_launches == r.num_buckets - 1);
+      }
+}
+
+TEST_CASE("DataParallel (MPI): unequal per-rank batch sizes equal the serial run; C9: bucket layouts agree within "
+          "fp32 round-off") {
+  Comm c = world();
+  std::vector<std::vector<float>> finals;
+  for (int which = 0; which < 3; ++which) {
+    CAPTURE(which);
+    const EquivResult r = equivalence_body(c, {.dp = layout(which, true), .accumulation = 3, .unequal = true});
+    CHECK(r.max_loss_rel < tol);
+    CHECK(r.max_param_rel < tol);
+    CHECK(r.identical_every_step);
+    finals.push_back(r.params);
+  }
+  for (const auto& f : finals) {
+    REQUIRE(f.size() == finals.front().size());
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      num += (static_cast<double>(f[i]) - finals.front()[i]) * (static_cast<double>(f[i]) - finals.front()[i]);
+      den += static_cast<double>(finals.front()[i]) * finals.front()[i];
+    }
+    CHECK(std::sqrt(num / den) < tol);
+  }
+}
+
+TEST_CASE("ZeroOptimizer (MPI): parameters after 5 steps equal plain DataParallel's within round-off, state is "
+          "1/dp per rank") {
+  Comm c = world();
+  for (bool adamw : {false, true}) {
+    CAPTURE(adamw);
+    const EquivConfig plain{.dp = layout(1, true), .accumulation = 2, .unequal = true, .adamw = adamw};
+    EquivConfig zero = plain;
+    zero.zero = true;
+    const EquivResult p = equivalence_body(c, plain);
+    const EquivResult z = equivalence_body(c, zero);
+    CHECK(z.identical_every_step);
+    CHECK(z.max_loss_rel < tol);
+    CHECK(z.max_param_rel < (adamw ? 1e-3 : tol));
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < z.params.size(); ++i) {
+      num += (static_cast<double>(z.params[i]) - p.params[i]) * (static_cast<double>(z.params[i]) - p.params[i]);
+      den += static_cast<double>(p.params[i]) * p.params[i];
+    }
+    CHECK(std::sqrt(num / den) < (adamw ? 1e-3 : tol));
+    const std::size_t per_elem = (adamw ? 2 : 1) * sizeof(float);
+    const std::size_t w = static_cast<std::size_t>(c.size());
+    CHECK(z.state_bytes * w >= p.state_bytes);
+    CHECK(z.state_bytes * w <= p.state_bytes + z.num_buckets * w * per_elem);
+  }
+}
+
+TEST_CASE("C4 (MPI): micro-batches of 3 and 7 valid tokens accumulate to the mean over all tokens") {
+  Comm c = world();
+  const C4Result r = c4_body(c);
+  CHECK(r.dp_vs_global_mean < tol);
+  CHECK(r.mean_of_means_vs_global > 0.05);
+}
+
+TEST_CASE("C1 (MPI): ranks taking different branches complete; unused parameters contribute zero") {
+  Comm c = world();
+  for (bool alternate : {false, true}) {
+    CAPTURE(alternate);
+    const C1Result r = c1_body(c, 4, alternate);
+    CHECK(r.unused_branch_grad_was_zero_locally);
+    CHECK(r.first_grad_rel < tol);
+    CHECK(r.final_param_rel < tol);
+    CHECK(r.identical_every_step);
+    const C1Result o = c1_overlap_body(c, 5, alternate, layout(0, true));
+    CHECK(o.first_grad_rel < tol);
+    CHECK(o.final_param_rel < tol);
+    CHECK(o.identical_every_step);
+  }
+}
+
+TEST_CASE("C2 (MPI): differing parameter lists fail construction on every rank with the same message") {
+  Comm c = world();
+  for (int variant : {0, 1}) {
+    const std::string m = c2_body(c, variant);
+    CAPTURE(m);
+    if (c.size() == 1) {
+      CHECK(m.empty());
+      continue;
+    }
+    CHECK(m.find("parameter lists differ") != std::string::npos);
+    CHECK(m.find(variant == 0 ? "has no parameter 3" : "(4, 6) float32 Replicate on rank") != std::string::npos);
+  }
+}
+
+TEST_CASE("C10 (MPI): a value only some ranks know is the same on every rank") {
+  Comm c = world();
+  const C10Result r = c10_body(c, 0.3);
+  std::vector<double> all(static_cast<std::size_t>(c.size()));
+  c.iall_gather(std::span<const double>(&r.mean, 1), all).wait();
+  for (double v : all) CHECK(v == r.mean);
+  CHECK(r.mean == doctest::Approx(r.serial).epsilon(1e-12));
+}
+
+TEST_CASE("DataParallel (MPI): ranks out of data join with zero contribution or agree on the step count") {
+  Comm c = world();
+  for (bool join : {true, false}) {
+    const UnevenResult r = uneven_body(c, join);
+    CHECK(r.param_rel < tol);
+    CHECK(r.identical);
+  }
+}
+
+TEST_CASE("DataParallel (MPI): one all-reduce per bucket after the last micro-batch; buckets start during backward") {
+  Comm c = world();
+  const CountResult r = count_body(c, layout(0, true), 3, false);
+  CHECK(r.all_reduce_after_micro == std::vector<std::size_t>{1, 1, c.size() == 1 ? 1u : 9u});
+  CHECK(r.launched_when_first_layer_starts == 6);
+  const CountResult z = count_body(c, layout(0, true), 1, true);
+  CHECK(z.reduce_scatter == (c.size() == 1 ? 0u : 8u));
+  CHECK(z.all_gather == (c.size() == 1 ? 0u : 8u));
+}
+
+TEST_CASE("DataParallel (MPI): reuse within the learned marks and an undeclared tie train like the serial model") {
+  Comm c = world();
+  const ReuseResult r = reuse_body(c, {2, 1, 2, 2}, layout(0, true));
+  CHECK(r.error.empty());
+  CHECK(r.param_rel < tol);
+  const TieResult t = undeclared_tie_body(c, 4);
+  CHECK(t.copied);
+  CHECK(t.param_rel < tol);
+  CHECK(t.identical);
+}

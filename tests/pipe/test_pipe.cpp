@@ -1,0 +1,288 @@
+// PipelineParallel on thread ranks: equivalence with the serial GPT for pp 2..4, m 1..8 and
+// every schedule; peak in-flight counts; CASES.md C5 (accumulation) and C6 (batched ticks);
+// tied weights; errors; the recorded timeline, its Chrome trace and its picture.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "pipe_bodies.hpp"
+#include "tessera/testing/run_ranks.hpp"
+
+using namespace tessera;
+namespace pb = pipe_bodies;
+
+namespace {
+bool interleaved_valid(int p, int m) { return m >= p && (m % p == 0 || m % p >= p); }
+}  // namespace
+
+TEST_CASE("PipelineParallel: 5 steps of GPipe and 1F1B for pp 2, 3, 4 and m 1..8 equal 5 serial steps on the whole batch") {
+  for (int pp : {2, 3, 4})
+    for (auto kind : {PipelineScheduleKind::gpipe, PipelineScheduleKind::one_f_one_b})
+      for (int m = 1; m <= 8; ++m) {
+        const auto reports = testing::run_ranks(pp, [&](Comm& comm) { return pb::gpt_equivalence_body(comm, kind, m); });
+        for (const pb::EquivReport& r : reports) pb::check_equivalence(r);
+      }
+}
+
+TEST_CASE("PipelineParallel: 5 steps of interleaved 1F1B (v = 2) for pp 2, 3, 4 equal 5 serial steps, wherever m is valid") {
+  int runs = 0;
+  for (int pp : {2, 3, 4})
+    for (int m = 1; m <= 8; ++m) {
+      if (!interleaved_valid(pp, m)) continue;
+      ++runs;
+      const auto reports = testing::run_ranks(pp, [&](Comm& comm) {
+        return pb::gpt_equivalence_body(comm, PipelineScheduleKind::interleaved_one_f_one_b, m, 2);
+      });
+      for (const pb::EquivReport& r : reports) pb::check_equivalence(r, 2);
+    }
+  CHECK(runs == 8);  // pp 2: m 2, 4, 6, 8; pp 3: m 3, 6; pp 4: m 4, 8
+}
+
+TEST_CASE("PipelineParallel: one rank holding all stages (pp = 1) equals serial, with one stage and with two chunks") {
+  for (int m : {1, 3, 8}) {
+    const auto one = testing::run_ranks(1, [&](Comm& c) { return pb::gpt_equivalence_body(c, PipelineScheduleKind::one_f_one_b, m); });
+    pb::check_equivalence(one[0]);
+    const auto two = testing::run_ranks(1, [&](Comm& c) {
+      return pb::gpt_equivalence_body(c, PipelineScheduleKind::interleaved_one_f_one_b, m, 2);
+    });
+    pb::check_equivalence(two[0], 2);  // stage 0 and its tied copy on stage 1 are on the same rank
+  }
+}
+
+TEST_CASE("PipelineParallel: C5, 2 stages x 2 micro-batches x 2 accumulation steps give the gradients of 1 stage x 4 micro-batches") {
+  const auto reports = testing::run_ranks(2, [](Comm& comm) { return pb::c5_body(comm); });
+  for (const pb::C5Report& r : reports) pb::check_c5(r);
+}
+
+TEST_CASE("PipelineParallel: a batch smaller than m, mismatched targets, wrong chunks and a deadlocking hand-built schedule are rejected on every rank") {
+  const auto reports = testing::run_ranks(2, [](Comm& comm) { return pb::errors_body(comm); });
+  for (const pb::ErrorReport& r : reports) pb::check_errors(r);
+}
+
+namespace {
+// Forwards to another backend, counting batched groups, the operations in them, and single
+// point-to-point calls.
+struct P2PCounts {
+  std::atomic<int> batches{0}, batch_ops{0}, singles{0};
+};
+class CountingBackend final : public CommBackend {
+ public:
+  CountingBackend(std::shared_ptr<CommBackend> inner, std::shared_ptr<P2PCounts> counts)
+      : inner_(std::move(inner)), counts_(std::move(counts)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string name() const override { return inner_->name(); }
+  void set_name(std::string n) override { inner_->set_name(std::move(n)); }
+  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
+  void set_timeout(std::chrono::milliseconds t) override { inner_->set_timeout(t); }
+  Request all_reduce(void* d, std::size_t n, DType t, ReduceOp op, bool async) override {
+    return inner_->all_reduce(d, n, t, op, async);
+  }
+  Request all_gather(const void* in, void* out, std::size_t n, DType t, bool async) override {
+    return inner_->all_gather(in, out, n, t, async);
+  }
+  Request reduce_scatter(const void* in, void* out, std::size_t n, DType t, ReduceOp op, bool async) override {
+    return inner_->reduce_scatter(in, out, n, t, op, async);
+  }
+  void broadcast(void* d, std::size_t n, DType t, int root) override { inner_->broadcast(d, n, t, root); }
+  Request send(const void* d, std::size_t n, DType t, int peer, int tag, bool async) override {
+    ++counts_->singles;
+    return inner_->send(d, n, t, peer, tag, async);
+  }
+  Request recv(void* d, std::size_t n, DType t, int peer, int tag, bool async) override {
+    ++counts_->singles;
+    return inner_->recv(d, n, t, peer, tag, async);
+  }
+  Request batch_p2p(std::span<const P2POp> ops) override {
+    ++counts_->batches;
+    counts_->batch_ops += static_cast<int>(ops.size());
+    return inner_->batch_p2p(ops);
+  }
+  void barrier() override { inner_->barrier(); }
+  std::shared_ptr<CommBackend> split(int color, int key) override {
+    return std::make_shared<CountingBackend>(inner_->split(color, key), counts_);
+  }
+
+ private:
+  std::shared_ptr<CommBackend> inner_;
+  std::shared_ptr<P2PCounts> counts_;
+};
+}  // namespace
+
+TEST_CASE("PipelineParallel: C6, every tick's transfers go out as one batched group; no other point-to-point call is made") {
+  for (auto kind : {PipelineScheduleKind::gpipe, PipelineScheduleKind::one_f_one_b,
+                    PipelineScheduleKind::interleaved_one_f_one_b}) {
+    const int v = kind == PipelineScheduleKind::interleaved_one_f_one_b ? 2 : 1;
+    const auto counts = testing::run_ranks(3, [&](Comm& world) {
+      auto c = std::make_shared<P2PCounts>();
+      Comm comm(std::make_shared<CountingBackend>(world.backend_ptr(), c));
+      pb::GPTPipe pipe = pb::make_gpt_pipe(comm, {.schedule = kind, .virtual_stages = v});
+      pipe.zero_grad();
+      pipe.step(pb::tokens(8), pb::targets(8), 6);
+      const schedule::Schedule s =
+          v == 1 ? (kind == PipelineScheduleKind::gpipe ? schedule::GPipe{.num_microbatches = 6}.build(3)
+                                                        : schedule::OneFOneB{.num_microbatches = 6}.build(3))
+                 : schedule::InterleavedOneFOneB{.num_microbatches = 6, .virtual_stages = 2}.build(3);
+      int ticks = 0, transfers = 0;
+      for (const schedule::Tick& t : s.ticks[static_cast<std::size_t>(world.rank())]) {
+        const auto n = std::count_if(t.begin(), t.end(), [](const schedule::Action& a) { return a.is_transfer(); });
+        ticks += n > 0;
+        transfers += static_cast<int>(n);
+      }
+      return std::vector<int>{c->batches.load(), c->batch_ops.load(), c->singles.load(), ticks, transfers};
+    });
+    for (const auto& c : counts) {
+      CAPTURE(static_cast<int>(kind));
+      CHECK(c[0] == c[3]);  // one batched group per tick that has transfers
+      CHECK(c[1] == c[4]);  // holding exactly that tick's transfers
+      CHECK(c[2] == 0);     // and nothing sent or received outside a group
+      CHECK(c[3] > 0);
+    }
+  }
+}
+
+TEST_CASE("PipelineParallel: the timeline holds every F and B of every rank in schedule order, as Chrome trace JSON and SVG") {
+  const auto outs = testing::run_ranks(4, [](Comm& comm) {
+    pb::GPTPipe pipe = pb::make_gpt_pipe(comm, {.schedule = PipelineScheduleKind::one_f_one_b});
+    pipe.zero_grad();
+    pipe.step(pb::tokens(8), pb::targets(8), 8);
+    return pipe.timeline();
+  });
+  const schedule::Schedule s = schedule::OneFOneB{.num_microbatches = 8}.build(4);
+  for (const schedule::Timeline& t : outs) {
+    CHECK(t.num_ranks == 4);
+    CHECK(t.title == "1F1B (p=4, m=8)");
+    for (int r = 0; r < 4; ++r) {
+      std::vector<schedule::Action> computes;
+      for (const schedule::TimelineEvent& e : t.of_rank(r)) {
+        CHECK(e.end >= e.start);
+        if (e.action.is_compute()) computes.push_back(e.action);
+      }
+      CHECK(computes == s.compute_order(r));
+    }
+    // Transfers are recorded too: one event per SEND/RECV action of the schedule.
+    std::size_t transfers = 0, want = 0;
+    for (const schedule::TimelineEvent& e : t.events) transfers += e.action.is_transfer();
+    for (const auto& rank : s.ticks)
+      for (const schedule::Tick& tick : rank)
+        for (const schedule::Action& a : tick) want += a.is_transfer();
+    CHECK(transfers == want);
+  }
+  const schedule::Timeline& t = outs[0];
+  const schedule::BubbleStats b = schedule::bubble_stats(t);
+  CHECK(b.busy.size() == 4);
+  for (double f : b.bubble_fraction) CHECK((f > 0.0 && f < 1.0));
+  const std::string report = schedule::to_string(b);
+  CHECK(report.find("rank 3: ") != std::string::npos);
+  CHECK(report.find("bubble ratio") != std::string::npos);
+  const nlohmann::json doc = nlohmann::json::parse(schedule::chrome_trace(t).dump());
+  int x = 0;
+  for (const auto& e : doc.at("traceEvents")) x += e.at("ph") == "X";
+  CHECK(static_cast<std::size_t>(x) == t.events.size());
+  const std::string svg = schedule::to_svg(t);
+  std::size_t boxes = 0;
+  for (std::size_t i = svg.find("<rect class=\"F\""); i != std::string::npos; i = svg.find("<rect class=\"F\"", i + 1)) ++boxes;
+  CHECK(boxes == 4 * 8);
+}
+
+TEST_CASE("PipelineParallel: shapes are exchanged only when m or the input shape changes; odd batch sizes get tensor_split sizes") {
+  const auto outs = testing::run_ranks(2, [](Comm& comm) {
+    pb::GPTPipe pipe = pb::make_gpt_pipe(comm, {.schedule = PipelineScheduleKind::gpipe});
+    std::vector<int> exchanged;
+    std::vector<std::vector<std::int64_t>> sizes;
+    for (auto [n, m] : {std::pair{8, 4}, {8, 4}, {7, 4}, {7, 3}, {7, 3}}) {
+      pipe.zero_grad();
+      pipe.step(pb::tokens(n), pb::targets(n), m);
+      exchanged.push_back(pipe.last_step().shapes_exchanged);
+      sizes.push_back(pipe.last_step().microbatch_sizes);
+    }
+    return std::pair{exchanged, sizes};
+  });
+  for (const auto& [exchanged, sizes] : outs) {
+    CHECK(exchanged == std::vector<int>{1, 0, 1, 1, 0});
+    CHECK(sizes[2] == std::vector<std::int64_t>{2, 2, 2, 1});
+    CHECK(sizes[3] == std::vector<std::int64_t>{3, 2, 2});
+  }
+}
+
+TEST_CASE("PipelineParallel: sum normalization returns the summed loss and unscaled gradients; clip_grad_norm clips the global norm on every rank") {
+  const auto outs = testing::run_ranks(2, [](Comm& comm) {
+    const auto cfg = pb::tiny_config();
+    const StagePartition cut = StagePartition::even(gpt_pipeline_num_layers(cfg), 2);
+    pb::GPTPipe mean = pb::make_gpt_pipe(comm, {});
+    pb::GPTPipe sum(
+        comm, [&](int s) { return make_gpt_pipeline_stage<float>(cfg, pb::seed, cut, s); },
+        nn::CrossEntropy<float>({.ignore_index = -100, .reduction = nn::Reduction::sum}),
+        {.loss_normalization = LossNormalization::sum});
+    mean.zero_grad();
+    sum.zero_grad();
+    const double lm = mean.step(pb::tokens(8), pb::targets(8), 4);
+    const double ls = sum.step(pb::tokens(8), pb::targets(8), 4);
+    const std::int64_t n = mean.last_step().num_valid;
+    const double nm = mean.grad_norm(), ns = sum.grad_norm();
+    const double before = mean.clip_grad_norm(0.5 * nm);
+    const double after = mean.grad_norm();
+    return std::vector<double>{lm, ls, static_cast<double>(n), nm, ns, before, after};
+  });
+  for (const auto& v : outs) {
+    CHECK(v[2] == 8 * 8 - 8 * 8 / 5);  // every 5th of the 64 targets is ignored
+    CHECK(v[1] == doctest::Approx(v[0] * v[2]).epsilon(1e-6));
+    CHECK(v[4] == doctest::Approx(v[3] * v[2]).epsilon(1e-5));
+    CHECK(v[5] == v[3]);
+    CHECK(v[6] == doctest::Approx(0.5 * v[3]).epsilon(1e-5));
+  }
+  CHECK(outs[0] == outs[1]);  // every rank returns the same loss and norms
+}
+
+TEST_CASE("PipelineParallel: a hand-written V-shaped schedule (stages 0 and 3 on rank 0) runs with its own placement and ties wte locally") {
+  using schedule::Action;
+  const schedule::Schedule v{
+      .name = "V",
+      .pp_size = 2,
+      .num_microbatches = 1,
+      .virtual_stages = 2,
+      .ticks = {{{Action::forward(0, 0), Action::send_forward(0, 0, 1)},
+                 {Action::recv_forward(0, 3, 1)},
+                 {Action::forward(0, 3), Action::backward(0, 3), Action::send_backward(0, 3, 1)},
+                 {Action::recv_backward(0, 0, 1)},
+                 {Action::backward(0, 0)}},
+                {{Action::recv_forward(0, 1, 0)},
+                 {Action::forward(0, 1), Action::forward(0, 2), Action::send_forward(0, 2, 0)},
+                 {Action::recv_backward(0, 2, 0)},
+                 {Action::backward(0, 2), Action::backward(0, 1), Action::send_backward(0, 1, 0)}}},
+      .stage_ranks = {0, 1, 1, 0}};
+  const pb::SerialRun& ref = pb::serial_reference();
+  const auto outs = testing::run_ranks(2, [&](Comm& comm) {
+    pb::GPTPipe pipe = pb::make_gpt_pipe(comm, {.schedule = PipelineScheduleKind::interleaved_one_f_one_b,
+                                                .virtual_stages = 2,
+                                                .stage_ranks = {0, 1, 1, 0}});
+    pipe.zero_grad();
+    const double loss = pipe.step(pb::tokens(8), pb::targets(8), v);
+    double err = 0;
+    for (Parameter<float>& p : pipe.parameters()) err = std::max(err, pb::rel_err(p.grad.data(), ref.first_grads.at(p.name)));
+    bool tied_equal = true;
+    if (comm.rank() == 0) {
+      const Parameter<float>& a = pipe.stage(0).tied_parameters()[0];
+      const Parameter<float>& b = pipe.stage(3).tied_parameters()[0];
+      tied_equal = std::equal(a.grad.data(), a.grad.data() + a.grad.numel(), b.grad.data()) &&
+                   std::equal(a.value.data(), a.value.data() + a.value.numel(), b.value.data());
+    }
+    return std::tuple{loss, err, tied_equal, pipe.stage_indices(), pipe.last_step().peak_in_flight};
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& [loss, err, tied_equal, stages, peak] = outs[static_cast<std::size_t>(r)];
+    CHECK(loss == doctest::Approx(ref.losses[0]).epsilon(1e-6));
+    CHECK(err < 1e-5);
+    CHECK(tied_equal);
+    CHECK(stages == (r == 0 ? std::vector<int>{0, 3} : std::vector<int>{1, 2}));
+    CHECK(peak == 2);
+  }
+}
