@@ -30,7 +30,10 @@
 namespace tessera::checkpoint {
 
 /// Whether a saved tensor belongs to the model or to the optimizer state.
-enum class TensorKind { model, optimizer };
+enum class TensorKind {
+  model,     ///< a parameter
+  optimizer  ///< optimizer state
+};
 
 /// Throws tessera::Error naming the first field in which `saved` (a checkpoint's config)
 /// and `expected` (the loading model's) differ, e.g. "checkpoint ckpt/step100 holds another

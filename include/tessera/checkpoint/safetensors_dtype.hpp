@@ -22,7 +22,14 @@ static_assert(std::endian::native == std::endian::little,
 /// (the names of the format, https://github.com/huggingface/safetensors). tessera writes F32,
 /// F64, I32 and I64; it reads all six, converting F16 and BF16 (as in Hugging Face's GPT-2
 /// files of other precisions) to the Tensor's type.
-enum class SafetensorsDType { f16, bf16, f32, f64, i32, i64 };
+enum class SafetensorsDType {
+  f16,   ///< "F16": IEEE binary16 (read only)
+  bf16,  ///< "BF16": bfloat16 (read only)
+  f32,   ///< "F32": float
+  f64,   ///< "F64": double
+  i32,   ///< "I32": std::int32_t
+  i64    ///< "I64": std::int64_t
+};
 
 /// The name in the file: "F16", "BF16", "F32", "F64", "I32", "I64".
 constexpr std::string_view name_of(SafetensorsDType t) noexcept {

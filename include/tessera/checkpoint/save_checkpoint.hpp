@@ -137,6 +137,10 @@ nlohmann::ordered_json write_rank_file(const std::filesystem::path& staging, con
   w.set_metadata("format", "pt");
   w.set_metadata("tessera.checkpoint_id", id);
   w.set_metadata("tessera.rank", std::to_string(rank));
+  w.set_metadata("tessera.placement",
+                 nlohmann::json{{"dp", where.coord.dp}, {"pp", where.coord.pp}, {"tp", where.coord.tp},
+                                {"dp_size", where.shape.dp}, {"pp_size", where.shape.pp}, {"tp_size", where.shape.tp}}
+                     .dump());
   w.set_metadata("tessera.shards", geoms.dump());
   const std::filesystem::path path = staging / file_name;
   const std::uint64_t bytes = w.write(path);
@@ -286,10 +290,11 @@ inline std::string new_checkpoint_id() {
 /// layouts overlap or leave elements unsaved (naming the tensor and the ranks), `dir` exists
 /// and is not a checkpoint directory, or a file cannot be written.
 template <std::floating_point T>
-void save_checkpoint(const std::filesystem::path& dir, Comm world, const Placement& where,
+void save_checkpoint(const std::filesystem::path& dir_given, Comm world, const Placement& where,
                      const ParameterList<T>& params, const OptimizerState<T>* optimizer, const CheckpointMeta& meta,
                      const SaveOptions& options = {}) {
   namespace fs = std::filesystem;
+  const fs::path dir = dir_given.has_filename() ? dir_given : dir_given.parent_path();  // "ckpt/" -> "ckpt"
   const int rank = world.rank();
   const std::string what = tessera::detail::str("save_checkpoint(", dir.string(), ")");
   std::exception_ptr err;
@@ -303,7 +308,7 @@ void save_checkpoint(const std::filesystem::path& dir, Comm world, const Placeme
                         where.coord.pp < where.shape.pp && where.coord.tp >= 0 && where.coord.tp < where.shape.tp,
                     what, ": coordinate (dp=", where.coord.dp, ", pp=", where.coord.pp, ", tp=", where.coord.tp,
                     ") of rank ", rank, " is outside the mesh");
-    TESSERA_EXPECTS(!dir.filename().empty(), what, ": the directory name is empty (no trailing slash)");
+    TESSERA_EXPECTS(!dir.filename().empty(), what, ": no directory name");
     if (rank == 0) {
       const fs::path parent = dir.has_parent_path() ? dir.parent_path() : fs::path(".");
       fs::create_directories(parent);

@@ -1,0 +1,76 @@
+#pragma once
+/// @file
+/// The optimizer state of a ZeroOptimizer (ZeRO-1 over a DataParallel's gradient buckets) as
+/// named flat pieces, so that it is saved and resharded to any other dp size, with or without
+/// ZeRO. Not included by checkpoint.hpp (it pulls in the data-parallel policy).
+
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
+#include <vector>
+
+#include "tessera/checkpoint/flat_layout.hpp"
+#include "tessera/checkpoint/optimizer_state.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/parallel/grad_buckets.hpp"
+#include "tessera/parallel/zero_optimizer.hpp"
+
+namespace tessera::checkpoint {
+
+/// One bucket of ZeRO-1: its flat vector (the bucket's parameters at their offsets, padded to
+/// a multiple of dp) and this dp rank's range [begin, end) of it.
+struct ZeroBucketShard {
+  FlatLayout layout;        ///< the bucket's parameters and padded length
+  std::int64_t begin = 0;   ///< first flat element this rank owns
+  std::int64_t end = 0;     ///< one past the last
+};
+
+/// The ZeRO-1 layout of `buckets` as this dp rank (buckets.comm().rank()) holds it: bucket b of
+/// the result is the flat vector whose block `rank` ZeroOptimizer's inner optimizer sees as its
+/// parameter b. Local. For optimizers other than AdamW: `layout.shards(begin, state_b, suffix)`
+/// names their per-bucket state.
+template <std::floating_point T>
+std::vector<ZeroBucketShard> zero_bucket_shards(GradBuckets<T>& buckets) {
+  const int rank = buckets.comm().rank();
+  std::vector<ZeroBucketShard> out;
+  for (std::size_t bi = 0; bi < buckets.buckets().size(); ++bi) {
+    const auto& bucket = buckets.buckets()[bi];
+    ZeroBucketShard z;
+    for (std::size_t i : bucket.slots) {
+      const auto& s = buckets.slots()[i];
+      z.layout.params.push_back({s.param->name, s.param->value.shape(), s.param->layout, s.offset});
+    }
+    std::sort(z.layout.params.begin(), z.layout.params.end(),
+              [](const FlatParam& a, const FlatParam& b) { return a.offset < b.offset; });
+    z.layout.padded_numel = bucket.buffer.numel();
+    const std::int64_t n = buckets.shard_size(bi);
+    z.begin = rank * n;
+    z.end = (rank + 1) * n;
+    out.push_back(std::move(z));
+  }
+  return out;
+}
+
+/// The state of `zero` (a ZeroOptimizer of AdamW over `buckets`, those of the DataParallel it
+/// was built on) as named pieces: for every parameter part in this dp rank's blocks,
+/// "<name>.exp_avg" and "<name>.exp_avg_sq" with their flat ranges (views into the inner
+/// AdamW's moments, so loading writes them in place), and step = zero.inner().steps(). After
+/// loading, call `zero.inner().set_steps(state.step)`. Local. Throws tessera::Error when the
+/// inner optimizer has not one parameter per bucket.
+template <std::floating_point T>
+OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, GradBuckets<T>& buckets) {
+  optim::AdamW<T>& inner = zero.inner();
+  const std::vector<ZeroBucketShard> shards = zero_bucket_shards(buckets);
+  TESSERA_EXPECTS(inner.parameters().size() == shards.size(), "zero_adamw_state: the inner AdamW has ",
+                  inner.parameters().size(), " parameters for ", shards.size(), " buckets");
+  OptimizerState<T> s;
+  s.step = inner.steps();
+  for (std::size_t b = 0; b < shards.size(); ++b) {
+    for (auto& t : shards[b].layout.shards(shards[b].begin, inner.exp_avg(b), ".exp_avg")) s.tensors.push_back(std::move(t));
+    for (auto& t : shards[b].layout.shards(shards[b].begin, inner.exp_avg_sq(b), ".exp_avg_sq"))
+      s.tensors.push_back(std::move(t));
+  }
+  return s;
+}
+
+}  // namespace tessera::checkpoint
