@@ -482,3 +482,31 @@ TEST_CASE("Request::test on a receive whose sender returned without sending fail
   CHECK(msg.find("never sent tag 7") != std::string::npos);
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
 }
+
+TEST_CASE("a blocking collective right after non-blocking ones completes before it returns") {
+  // Regression: a blocking call issued while the progress thread still counted a finished
+  // non-blocking op as pending was queued behind it and returned before running, so its
+  // output was unwritten and a peer could read its freed input (found by Hybrid's ZeRO-1).
+  for (int iter = 0; iter < 200; ++iter) {
+    const auto ok = tessera::threads::run(2, [](tessera::Comm& w) {
+      std::vector<float> full(1000, 0.0f);
+      for (int i = 0; i < 500; ++i) full[static_cast<std::size_t>(w.rank() * 500 + i)] = static_cast<float>(w.rank() + 1);
+      std::vector<tessera::Request> reqs;
+      reqs.push_back(w.iall_gather(std::span<const float>(full.data() + w.rank() * 500, 500), std::span<float>(full)));
+      for (auto& r : reqs) r.wait();
+      bool good = true;
+      for (int k = 0; k < 4; ++k) {
+        std::vector<float> mine(300, static_cast<float>(10 * (w.rank() + 1) + k)), all(600, -1.0f);
+        w.all_gather(mine, all);
+        for (int q = 0; q < 2; ++q)
+          for (int i = 0; i < 300; ++i) good = good && all[static_cast<std::size_t>(q * 300 + i)] == static_cast<float>(10 * (q + 1) + k);
+        std::vector<double> x{static_cast<double>(w.rank() + 1)};
+        w.all_reduce(x);
+        good = good && x[0] == 3.0;
+      }
+      return good;
+    });
+    REQUIRE(ok[0]);
+    REQUIRE(ok[1]);
+  }
+}

@@ -143,7 +143,7 @@ class Comm {
   /// Collective over this communicator: every rank calls it with the same count and op.
   template <detail::CommRange R>
   void all_reduce(R&& data, ReduceOp op = ReduceOp::sum) {
-    iall_reduce_(std::forward<R>(data), op, false);
+    iall_reduce_(std::forward<R>(data), op, false).wait();
   }
   /// Non-blocking all_reduce; the buffer must not be touched until the Request completes.
   /// Collective, issued in the same order as every other collective on this communicator.
@@ -157,7 +157,7 @@ class Comm {
   /// Collective: every rank calls it with the same in.size().
   template <detail::CommRange In, detail::CommRange Out>
   void all_gather(const In& in, Out&& out) {
-    iall_gather_(in, out, false);
+    iall_gather_(in, out, false).wait();
   }
   /// Non-blocking all_gather (see all_gather). Collective.
   template <detail::CommRange In, detail::CommRange Out>
@@ -170,7 +170,7 @@ class Comm {
   /// Collective: every rank calls it with the same out.size() and op.
   template <detail::CommRange In, detail::CommRange Out>
   void reduce_scatter(const In& in, Out&& out, ReduceOp op = ReduceOp::sum) {
-    ireduce_scatter_(in, out, op, false);
+    ireduce_scatter_(in, out, op, false).wait();
   }
   /// Non-blocking reduce_scatter (see reduce_scatter). Collective.
   template <detail::CommRange In, detail::CommRange Out>
@@ -193,7 +193,7 @@ class Comm {
   /// messages: use batch_isend_irecv for exchanges.
   template <detail::CommRange R>
   void send(const R& data, int peer, int tag = 0) {
-    isend_(data, peer, tag, false);
+    isend_(data, peer, tag, false).wait();
   }
   /// Non-blocking send (see send).
   template <detail::CommRange R>
@@ -204,7 +204,7 @@ class Comm {
   /// bad peer; CommError if the matching send has another count or type.
   template <detail::CommRange R>
   void recv(R&& data, int peer, int tag = 0) {
-    irecv_(data, peer, tag, false);
+    irecv_(data, peer, tag, false).wait();
   }
   /// Non-blocking receive (see recv).
   template <detail::CommRange R>
