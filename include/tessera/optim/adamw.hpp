@@ -35,6 +35,7 @@ struct AdamWOptions {
 template <std::floating_point T>
 class AdamW {
  public:
+  using Options = AdamWOptions;  ///< the options type (generic code builds optimizers from it)
   /// An optimizer of `params`; moments start at 0. Throws tessera::Error for a negative lr,
   /// eps or weight decay, or betas outside [0, 1).
   AdamW(ParameterList<T> params, const AdamWOptions& options = {})

@@ -30,6 +30,7 @@ struct SGDOptions {
 template <std::floating_point T>
 class SGD {
  public:
+  using Options = SGDOptions;  ///< the options type (generic code builds optimizers from it)
   /// An optimizer of `params`. Throws tessera::Error for a negative lr, momentum or weight
   /// decay.
   SGD(ParameterList<T> params, const SGDOptions& options = {})

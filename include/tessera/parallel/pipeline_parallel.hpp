@@ -19,6 +19,7 @@
 /// ```
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -109,6 +110,12 @@ struct PipelineStepStats {
   std::int64_t num_valid = 0;                ///< valid targets of the step
   bool grads_final = false;                  ///< whether this step closed an accumulation window
   bool shapes_exchanged = false;             ///< whether the activation shapes were recomputed
+  /// Seconds this rank spent in its forward and backward actions (the loss included; the
+  /// collectives a tensor-parallel stage runs inside them too).
+  double compute_seconds = 0.0;
+  /// Seconds this rank spent in its ticks' batched sends and receives: the transfers and the
+  /// waits for a neighbour stage (the pipeline bubble shows up here).
+  double transfer_seconds = 0.0;
 };
 
 /// Pipeline parallelism: the stages of a model over the ranks of the pipeline communicator
@@ -244,6 +251,50 @@ class PipelineParallel {
   template <schedule::ScheduleBuilder B>
   T step(const Input& inputs, const Target& targets, const B& builder) {
     return run_step(schedule::Schedule(builder.build(p_)), inputs, targets);
+  }
+
+  /// Forward only, without micro-batches, contexts or gradients (evaluation and generation):
+  /// stage after stage, each stage's rank runs it on the whole batch and sends its output to
+  /// the next stage's rank. Returns the last stage's output (e.g. logits (B, T, V)), the same on
+  /// every rank of pp (broadcast from the last stage's rank). `inputs` is read only on the rank
+  /// of stage 0. Collective over pp (a shape broadcast per stage, a send per stage boundary
+  /// between ranks, one broadcast of the output). A stage that throws makes every rank throw:
+  /// its own rank the stage's error, the others tessera::Error naming the stage and rank.
+  Tensor<T> forward_only(const Input& inputs) {
+    Tensor<T> x;
+    for (int s = 0; s < num_stages_; ++s) {
+      const int owner = placement_.rank_of(s);
+      std::vector<std::int64_t> shape(shape_fields, 0);
+      std::exception_ptr error;
+      if (owner == rank_) {
+        try {
+          StageOutput<T> out = s == 0 ? local_stage(s).forward_first(inputs) : local_stage(s).forward(x);
+          x = out.output.contiguous();
+          encode(x.shape(), shape.data());
+        } catch (...) {
+          error = std::current_exception();
+          shape[0] = -1;
+        }
+      }
+      pp_.broadcast(shape, owner);
+      if (error) std::rethrow_exception(error);
+      TESSERA_EXPECTS(shape[0] >= 0, "PipelineParallel::forward_only: stage ", s, " (on rank ", owner,
+                      ") failed; rank ", owner, " reports why");
+      const Shape out_shape = decode(shape.data());
+      if (s + 1 < num_stages_) {
+        const int next = placement_.rank_of(s + 1);
+        if (next == owner) continue;
+        if (rank_ == owner) pp_.send(std::span<const T>(x.span()), next, /*tag=*/s);
+        if (rank_ == next) {
+          x = Tensor<T>::empty(out_shape);
+          pp_.recv(x.span(), owner, /*tag=*/s);
+        }
+      } else {
+        if (rank_ != owner) x = Tensor<T>::empty(out_shape);
+        pp_.broadcast(x.span(), owner);
+      }
+    }
+    return x;
   }
 
   /// Sets every gradient of this rank's parameters to zero and starts a new accumulation
@@ -642,7 +693,9 @@ class PipelineParallel {
     }
     if (ops.empty()) return;
     const double t0 = recorder_ ? recorder_->now() : 0.0;
+    const auto c0 = std::chrono::steady_clock::now();
     pp_.batch_send_recv(ops);
+    stats_.transfer_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     if (recorder_) {
       const double t1 = recorder_->now();
       for (const schedule::Action& a : tick)
@@ -653,10 +706,12 @@ class PipelineParallel {
 
   template <class F>
   void timed(const schedule::Action& a, F&& fn) {
+    const auto c0 = std::chrono::steady_clock::now();
     if (recorder_)
       recorder_->time(a, std::forward<F>(fn));
     else
       fn();
+    stats_.compute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   }
 
   void forward(int st, int mb, const Input& inputs, const Target& targets) {

@@ -1,0 +1,329 @@
+#pragma once
+/// @file
+/// Hybrid: data, tensor and pipeline parallelism together over one Mesh (dp x pp x tp ranks):
+/// a PipelineParallel over the pp axis whose stages are tensor-parallel over the tp axis, one
+/// replica of it per dp coordinate, gradients reduced over the dp axis in buckets, optionally
+/// with ZeRO-1 (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+/// Clusters Using Megatron-LM", SC 2021: PTD-P).
+///
+/// ```cpp
+/// Mesh mesh(world, MeshShape{.dp = 2, .pp = 2, .tp = 2});
+/// HybridGPT<float> model(mesh, config, seed, {.num_microbatches = 4, .zero1 = true}, {.lr = 1e-3});
+/// model.zero_grad();
+/// double loss = model.forward_backward(tokens, targets);  // this dp rank's rows
+/// model.clip_grad_norm(1.0);
+/// model.optimizer_step();
+/// ```
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/comm/timed_comm.hpp"
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/mesh/mesh.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/parallel/dp_replicas.hpp"
+#include "tessera/parallel/grad_buckets.hpp"
+#include "tessera/parallel/pipeline_loss.hpp"
+#include "tessera/parallel/pipeline_parallel.hpp"
+#include "tessera/parallel/pipeline_stage.hpp"
+#include "tessera/parallel/zero_optimizer.hpp"
+
+namespace tessera {
+
+/// Options of Hybrid, set with designated initializers.
+struct HybridOptions {
+  /// The pipeline schedule (GPipe, 1F1B, interleaved 1F1B; with pp = 1 any of them runs the
+  /// micro-batches one after the other).
+  PipelineScheduleKind schedule = PipelineScheduleKind::one_f_one_b;
+  /// Model chunks per pp rank (> 1 needs the interleaved schedule).
+  int virtual_stages = 1;
+  /// Micro-batches per forward_backward (each dp rank's batch is cut into this many).
+  int num_microbatches = 1;
+  /// forward_backward calls per optimizer step (gradient accumulation): the dp reduction runs
+  /// once, after the last (as DDP's no_sync), and the gradients are those of the mean loss
+  /// over all their tokens (CASES C4, C5).
+  int accumulation_steps = 1;
+  /// ZeRO-1: optimizer state sharded over dp (gradients reduce-scattered, parameters
+  /// all-gathered after the step).
+  bool zero1 = false;
+  /// Bytes per gradient bucket of the dp reduction (DDP's 25 MiB).
+  std::size_t bucket_size = std::size_t{25} << 20;
+  /// Record the pipeline timeline (PipelineParallel::timeline; one barrier per step).
+  bool record_timeline = false;
+};
+
+/// Where the last forward_backward's time went on this rank, in seconds.
+struct HybridStepStats {
+  double seconds = 0.0;          ///< wall time of forward_backward, the dp reduction included
+  double compute_seconds = 0.0;  ///< forward and backward actions, less their tp collectives
+  double tp_comm_seconds = 0.0;  ///< blocking tp collectives inside forward and backward
+  double dp_comm_seconds = 0.0;  ///< the dp reduction of the gradients (at a window's end)
+  double pp_wait_seconds = 0.0;  ///< batched pipeline sends and receives: transfers and bubble
+  double loss = 0.0;             ///< the mean loss over this call's tokens on all dp ranks
+  std::int64_t num_valid = 0;    ///< valid targets of this call on all dp ranks
+  bool grads_final = false;      ///< whether this call closed an accumulation window
+};
+
+/// Data x pipeline x tensor parallelism over `mesh` (see the file comment).
+///
+/// - **Stages.** Each rank builds its pipeline stages with `make_stage(stage_index, tp)`,
+///   tensor-parallel over the tp communicator it is given (mesh.tp(), timed); the last stage's
+///   output goes into `make_loss(tp)`'s loss (it must sum over its targets). A stage must be
+///   the same function on every dp coordinate.
+/// - **Replicas.** At construction the dp ranks check that they hold the same parameter list
+///   (CASES C2) and take dp rank 0's values (C3).
+/// - **Loss.** The mean over every valid target of the global batch (all dp ranks, all
+///   micro-batches, all steps of an accumulation window), declared once: the pipeline sums,
+///   and when a window closes the gradients are all-reduced (or reduce-scattered, ZeRO-1) over
+///   dp and divided once by the global count. So every layout gives the single-rank gradients.
+/// - **Optimizer.** `Opt` (optim::AdamW by default) over this rank's parameters, or sharded
+///   over dp with ZeroOptimizer<Opt> (options.zero1). Built from `opt_options`.
+///
+/// Collective over the mesh's world: every rank constructs it with the same options and calls
+/// the methods documented as collective in the same order. Throws tessera::Error naming the
+/// values when an option is out of range, and what PipelineParallel and the stages throw.
+template <std::floating_point T, class Input = Tensor<std::int32_t>, class Target = Tensor<std::int32_t>,
+          class Opt = optim::AdamW<T>>
+class Hybrid {
+ public:
+  using Stage = PipelineStage<T, Input>;  ///< the stage interface
+  /// Makes stage `stage_index`, tensor-parallel over `tp` (called for this rank's stages).
+  using StageFactory = std::function<std::unique_ptr<Stage>(int stage_index, Comm tp)>;
+  /// Makes the loss of the last stage over `tp`.
+  using LossFactory = std::function<PipelineLoss<T, Target>(Comm tp)>;
+  /// The optimizer's options (e.g. optim::AdamWOptions).
+  using OptOptions = typename Opt::Options;
+
+  /// Builds this rank's part (see the class comment). Collective over the mesh's world.
+  Hybrid(Mesh& mesh, const StageFactory& make_stage, const LossFactory& make_loss, const HybridOptions& options = {},
+         const OptOptions& opt_options = {})
+      : mesh_(&mesh),
+        options_(checked(options)),
+        tp_timer_(std::make_shared<CommTimer>()),
+        tp_(timed(mesh.tp(), tp_timer_)),
+        loss_(make_loss(tp_)),
+        pipe_(mesh.pp(), [&](int s) { return make_stage(s, tp_); }, loss_,
+              PipelineOptions{.schedule = options.schedule,
+                              .virtual_stages = options.virtual_stages,
+                              .loss_normalization = LossNormalization::sum,
+                              .accumulation_steps = options.accumulation_steps,
+                              .record_timeline = options.record_timeline}) {
+    const ParameterList<T>& params = pipe_.parameters();
+    expect_same_parameters(mesh.dp(), params, "Hybrid");
+    broadcast_parameters(mesh.dp(), params, 0);
+    buckets_ = std::make_unique<GradBuckets<T>>(
+        params, mesh.dp(),
+        GradBucketsOptions{.bucket_size = options.bucket_size, .first_bucket_size = options.bucket_size,
+                           .overlap_grad_reduce = false});
+    if (options.zero1)
+      zero_.emplace(*buckets_, opt_options);
+    else
+      opt_.emplace(params, opt_options);
+    // What the global gradient norm counts once: tp-replicated parameters on tp rank 0 only,
+    // the last stage's copy of a tied weight not at all.
+    std::set<const Parameter<T>*> copies;
+    for (int s : pipe_.stage_indices())
+      if (s > 0)
+        for (Parameter<T>& p : pipe_.stage(s).tied_parameters()) copies.insert(&p);
+    for (const Parameter<T>& p : params)
+      if (!copies.count(&p) && (p.layout.is_shard() || mesh.coord().tp == 0)) counted_.insert(&p);
+  }
+  Hybrid(const Hybrid&) = delete;             ///< not copyable
+  Hybrid& operator=(const Hybrid&) = delete;  ///< not copyable
+
+  /// Forward and backward of this dp rank's batch (inputs on the ranks of pp stage 0, targets
+  /// on those of the last stage; other ranks may pass empty tensors), cut into
+  /// options.num_microbatches micro-batches run in the schedule's order. When the call closes
+  /// an accumulation window, the gradients are reduced over dp and normalized: ready for
+  /// clip_grad_norm and optimizer_step. Returns the mean loss over this call's valid targets
+  /// on all dp ranks, the same on every rank. Collective over the world. Throws what
+  /// PipelineParallel::step throws (a batch smaller than the micro-batch count, naming both).
+  double forward_backward(const Input& inputs, const Target& targets) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double tp0 = tp_timer_->seconds;
+    stats_ = HybridStepStats{};
+    const double local_sum = static_cast<double>(pipe_.step(inputs, targets, options_.num_microbatches));
+    const PipelineStepStats& ps = pipe_.last_step();
+    std::vector<double> lc{local_sum, static_cast<double>(ps.num_valid)};
+    mesh_->dp().all_reduce(lc, ReduceOp::sum);
+    stats_.num_valid = static_cast<std::int64_t>(lc[1]);
+    stats_.loss = lc[1] > 0 ? lc[0] / lc[1] : 0.0;
+    window_sum_ += lc[0];
+    window_count_ += stats_.num_valid;
+    const double tp_in_step = tp_timer_->seconds - tp0;
+    if (ps.grads_final) {
+      const auto r0 = std::chrono::steady_clock::now();
+      buckets_->reduce();
+      const T scale = window_count_ > 0 ? static_cast<T>(1.0 / static_cast<double>(window_count_)) : T{0};
+      if (zero_) {
+        for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) buckets_->grad_shard(b).scale_(scale);
+      } else {
+        for (Parameter<T>& p : pipe_.parameters()) p.grad.scale_(scale);
+      }
+      stats_.dp_comm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+      accumulated_loss_ = window_count_ > 0 ? window_sum_ / static_cast<double>(window_count_) : 0.0;
+      window_sum_ = 0;
+      window_count_ = 0;
+      stats_.grads_final = true;
+    }
+    stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.tp_comm_seconds = tp_in_step;
+    stats_.compute_seconds = std::max(0.0, ps.compute_seconds - tp_in_step);
+    stats_.pp_wait_seconds = ps.transfer_seconds;
+    return stats_.loss;
+  }
+
+  /// The global L2 norm of the gradients (a tp-replicated parameter and a tied weight counted
+  /// once), then all gradients scaled by min(1, max_norm / (norm + 1e-6)) as torch's
+  /// clip_grad_norm_. Returns the norm before clipping, the same on every rank. Call after a
+  /// window closed. Collective over the world (one all-reduce of a double). Throws
+  /// tessera::Error for a negative max_norm.
+  double clip_grad_norm(double max_norm) {
+    TESSERA_EXPECTS(max_norm >= 0, "Hybrid::clip_grad_norm: max_norm ", max_norm, " is negative");
+    double sq = 0;
+    if (zero_) {
+      // This dp rank's block of every bucket holds the reduced gradients of its elements.
+      const std::int64_t r = mesh_->dp().rank();
+      for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) {
+        const auto& bucket = buckets_->buckets()[b];
+        const std::int64_t n = buckets_->shard_size(b), lo = r * n, hi = lo + n;
+        const T* g = bucket.buffer.data();
+        for (std::size_t i : bucket.slots) {
+          const auto& s = buckets_->slots()[i];
+          if (!counted_.count(s.param)) continue;
+          for (std::int64_t k = std::max(lo, s.offset); k < std::min(hi, s.offset + s.numel); ++k)
+            sq += static_cast<double>(g[k]) * static_cast<double>(g[k]);
+        }
+      }
+    } else if (mesh_->dp().rank() == 0) {  // every dp replica holds the same reduced gradients
+      for (const Parameter<T>& p : pipe_.parameters()) {
+        if (!counted_.count(&p)) continue;
+        const Tensor<T> g = p.grad.contiguous();
+        for (const T x : g.span()) sq += static_cast<double>(x) * static_cast<double>(x);
+      }
+    }
+    const double norm = std::sqrt(mesh_->world().all_reduce_value(sq, ReduceOp::sum));
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1) {
+      if (zero_) {
+        for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) buckets_->grad_shard(b).scale_(static_cast<T>(coef));
+      } else {
+        for (Parameter<T>& p : pipe_.parameters()) p.grad.scale_(static_cast<T>(coef));
+      }
+    }
+    return norm;
+  }
+
+  /// One optimizer step on the final gradients (with ZeRO-1: each dp rank its shards, then an
+  /// all-gather of the parameters over dp). Collective over dp with ZeRO-1, else local.
+  void optimizer_step() {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (zero_)
+      zero_->step();
+    else
+      opt_->step();
+    optimizer_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  /// Sets every gradient to zero and starts a new accumulation window. Local.
+  void zero_grad() {
+    pipe_.zero_grad();
+    buckets_->zero_grad();
+    window_sum_ = 0;
+    window_count_ = 0;
+  }
+  /// Sets the learning rate of the next optimizer steps. Local.
+  void set_lr(double lr) {
+    if (zero_)
+      zero_->set_lr(lr);
+    else
+      opt_->set_lr(lr);
+  }
+
+  /// The mean loss over the valid targets of all dp ranks' batches, forward only (no
+  /// gradients, no micro-batches): for validation. Each dp rank passes its own rows: inputs
+  /// (read on the ranks of pp stage 0) and targets (read on every rank). Returns the same value
+  /// on every rank. Collective over the world.
+  double evaluate(const Input& inputs, const Target& targets) {
+    const Tensor<T> out = pipe_.forward_only(inputs);
+    auto [sum, ctx] = loss_.forward(out, targets);
+    std::vector<double> lc{sum, static_cast<double>(loss_.count_valid(targets))};
+    mesh_->dp().all_reduce(lc, ReduceOp::sum);
+    return lc[1] > 0 ? lc[0] / lc[1] : 0.0;
+  }
+  /// The last stage's output on `inputs` (read on stage 0's ranks), forward only, the same on
+  /// every rank of this rank's pp group (for a tensor-parallel GPT: this tp rank's vocabulary
+  /// columns of the logits). Collective over pp and tp.
+  Tensor<T> forward_only(const Input& inputs) { return pipe_.forward_only(inputs); }
+
+  /// This rank's parameters (all its stages'; a last stage's copy of a tied weight included).
+  const ParameterList<T>& parameters() const noexcept { return pipe_.parameters(); }
+  /// Where the last forward_backward's time went on this rank.
+  const HybridStepStats& last_step() const noexcept { return stats_; }
+  /// Seconds of the last optimizer_step (ZeRO-1's all-gather included).
+  double optimizer_seconds() const noexcept { return optimizer_seconds_; }
+  /// The mean loss of the last closed accumulation window over all dp ranks.
+  double accumulated_loss() const noexcept { return accumulated_loss_; }
+  /// The pipeline (this dp replica's pp group).
+  PipelineParallel<T, Input, Target>& pipeline() noexcept { return pipe_; }
+  /// The dp gradient buckets.
+  GradBuckets<T>& buckets() noexcept { return *buckets_; }
+  /// The optimizer without ZeRO-1. Throws tessera::Error with ZeRO-1.
+  Opt& optimizer() {
+    TESSERA_EXPECTS(opt_.has_value(), "Hybrid::optimizer: the optimizer is sharded (zero1); use zero_optimizer()");
+    return *opt_;
+  }
+  /// The ZeRO-1 optimizer. Throws tessera::Error without ZeRO-1.
+  ZeroOptimizer<Opt>& zero_optimizer() {
+    TESSERA_EXPECTS(zero_.has_value(), "Hybrid::zero_optimizer: ZeRO-1 is off (HybridOptions::zero1)");
+    return *zero_;
+  }
+  /// Whether the optimizer state is sharded over dp.
+  bool zero1() const noexcept { return zero_.has_value(); }
+  /// The options.
+  const HybridOptions& options() const noexcept { return options_; }
+  /// The mesh.
+  Mesh& mesh() noexcept { return *mesh_; }
+  /// The (timed) tp communicator the stages use.
+  Comm& tp() noexcept { return tp_; }
+
+ private:
+  static HybridOptions checked(const HybridOptions& o) {
+    TESSERA_EXPECTS(o.num_microbatches >= 1, "Hybrid: num_microbatches ", o.num_microbatches, " must be >= 1");
+    TESSERA_EXPECTS(o.accumulation_steps >= 1, "Hybrid: accumulation_steps ", o.accumulation_steps, " must be >= 1");
+    TESSERA_EXPECTS(o.virtual_stages >= 1, "Hybrid: virtual_stages ", o.virtual_stages, " must be >= 1");
+    return o;
+  }
+
+  Mesh* mesh_;
+  HybridOptions options_;
+  std::shared_ptr<CommTimer> tp_timer_;
+  Comm tp_;
+  PipelineLoss<T, Target> loss_;
+  PipelineParallel<T, Input, Target> pipe_;
+  std::unique_ptr<GradBuckets<T>> buckets_;
+  std::optional<Opt> opt_;
+  std::optional<ZeroOptimizer<Opt>> zero_;
+  std::set<const Parameter<T>*> counted_;
+  HybridStepStats stats_{};
+  double window_sum_ = 0;
+  std::int64_t window_count_ = 0;
+  double accumulated_loss_ = 0;
+  double optimizer_seconds_ = 0;
+};
+
+}  // namespace tessera

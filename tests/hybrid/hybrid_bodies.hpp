@@ -1,0 +1,169 @@
+#pragma once
+// Bodies of the Hybrid tests, backend-independent (each takes the world Comm): 20 steps of the
+// reference GPT at a (dp, pp, tp) layout against the single-rank run -- losses, gradient norms
+// and final parameters -- with each schedule, gradient accumulation and ZeRO-1.
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tessera/mesh/mesh.hpp"
+#include "tessera/nn/cross_entropy.hpp"
+#include "tessera/nn/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/parallel/hybrid_gpt.hpp"
+#include "tp/tp_test_util.hpp"
+
+namespace hybrid_test {
+
+using namespace tessera;
+
+// The model and the run every layout trains. vocab 50 is not divisible by tp = 4 or 8, so
+// the padded vocabulary is exercised; n_layer 6 gives 8 pipeline layers (pp up to 8); 8
+// heads (tp up to 8).
+struct Setup {
+  nn::GPTConfig config{.vocab_size = 50, .n_positions = 8, .n_layer = 6, .n_head = 8, .d_model = 16};
+  std::uint64_t seed = 7;
+  int steps = 20;
+  std::int64_t batch = 16;  // global sequences per step
+  std::int64_t T = 8;
+  double lr = 3e-3;
+  double max_norm = 0.5;  // low enough that clipping acts
+  optim::AdamWOptions adamw() const { return {.lr = lr, .weight_decay = 0.01}; }
+};
+
+// Step `step`'s global batch: tokens (B, T) and next-token targets (B, T).
+inline std::pair<Tensor<std::int32_t>, Tensor<std::int32_t>> batch_of(const Setup& s, int step) {
+  const Tensor<std::int32_t> seq = tp_test::random_tokens(s.batch, s.T + 1, s.config.vocab_size, 1000 + step);
+  return {seq.slice(1, 0, s.T).contiguous(), seq.slice(1, 1, s.T + 1).contiguous()};
+}
+
+struct Reference {
+  std::vector<double> losses, norms;
+  std::map<std::string, Tensor<float>> params;  // final values by name
+};
+
+// The single-rank run: nn::GPT, mean cross-entropy, clip, AdamW.
+inline Reference serial_reference(const Setup& s) {
+  nn::GPT<float> gpt(s.config, s.seed);
+  ParameterList<float> ps = gpt.parameters();
+  optim::AdamW<float> opt(ps, s.adamw());
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  Reference r;
+  for (int step = 0; step < s.steps; ++step) {
+    auto [x, y] = batch_of(s, step);
+    ps.zero_grad();
+    auto [logits, ctx] = gpt.forward(x);
+    auto [loss, lctx] = ce.forward(logits, y);
+    gpt.backward(ce.backward(1.0f, lctx), ctx);
+    r.norms.push_back(optim::clip_grad_norm(ps, s.max_norm));
+    opt.step();
+    r.losses.push_back(static_cast<double>(loss));
+  }
+  for (Parameter<float>& p : ps) r.params.emplace(p.name, p.value.contiguous());
+  return r;
+}
+
+// A layout and the options it runs with.
+struct Variant {
+  MeshShape shape{};
+  HybridOptions options{};
+  std::string describe() const {
+    const char* sched = options.schedule == PipelineScheduleKind::gpipe         ? "gpipe"
+                        : options.schedule == PipelineScheduleKind::one_f_one_b ? "1f1b"
+                                                                                : "interleaved";
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "dp=%d pp=%d tp=%d %s v=%d m=%d accum=%d%s", shape.dp, shape.pp, shape.tp, sched,
+                  options.virtual_stages, options.num_microbatches, options.accumulation_steps,
+                  options.zero1 ? " zero1" : "");
+    return buf;
+  }
+};
+
+// Every (dp, pp, tp) with dp * pp * tp = world, with options cycling through the schedules,
+// ZeRO-1 and accumulation so that each appears at several sizes.
+inline std::vector<Variant> variants_for(int world) {
+  std::vector<Variant> out;
+  int k = 0;
+  for (int dp = 1; dp <= world; ++dp)
+    for (int pp = 1; pp <= world / dp; ++pp) {
+      if (world % (dp * pp) != 0) continue;
+      const int tp = world / (dp * pp);
+      Variant v;
+      v.shape = MeshShape{.dp = dp, .pp = pp, .tp = tp};
+      const int rows = 16 / dp;
+      const int kind = k % 3;
+      v.options.schedule = kind == 0   ? PipelineScheduleKind::one_f_one_b
+                           : kind == 1 ? PipelineScheduleKind::gpipe
+                                       : PipelineScheduleKind::interleaved_one_f_one_b;
+      v.options.virtual_stages = 1;
+      if (kind == 2) {
+        if (pp > 1 && 2 * pp <= 8) {
+          v.options.virtual_stages = 2;
+        } else {
+          v.options.schedule = PipelineScheduleKind::one_f_one_b;
+        }
+      }
+      v.options.accumulation_steps = (k % 2 == 1 && rows >= 4) ? 2 : 1;
+      const int per_call = rows / v.options.accumulation_steps;
+      v.options.num_microbatches = std::min(per_call, pp > 1 ? 2 * pp : 2);
+      if (v.options.virtual_stages > 1) v.options.num_microbatches = std::min(per_call / pp * pp, 2 * pp);
+      if (v.options.num_microbatches < 1) v.options.num_microbatches = 1;
+      v.options.zero1 = dp > 1 && k % 2 == 0;
+      out.push_back(v);
+      ++k;
+    }
+  return out;
+}
+
+// What one rank found.
+struct Outcome {
+  double worst_loss = 0, worst_norm = 0, worst_param = 0;
+  std::string worst_param_name;
+  bool copies_equal = true;  // every rank's parameters equal on all dp ranks (bitwise)
+};
+
+// Runs `v` on this rank of `world` and compares with `ref`. Collective over world.
+inline Outcome run_variant(Comm& world, const Setup& s, const Variant& v, const Reference& ref) {
+  Mesh mesh(world, v.shape);
+  HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
+  const int dp = v.shape.dp, a = v.options.accumulation_steps;
+  const std::int64_t rows = s.batch / dp, r0 = mesh.coord().dp * rows, chunk = rows / a;
+  Outcome o;
+  for (int step = 0; step < s.steps; ++step) {
+    auto [x, y] = batch_of(s, step);
+    model.zero_grad();
+    for (int k = 0; k < a; ++k) {
+      const std::int64_t lo = r0 + k * chunk;
+      model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
+    }
+    const double norm = model.clip_grad_norm(s.max_norm);
+    model.optimizer_step();
+    const double loss = model.accumulated_loss();
+    const std::size_t i = static_cast<std::size_t>(step);
+    o.worst_loss = std::max(o.worst_loss, std::abs(loss - ref.losses[i]) / std::abs(ref.losses[i]));
+    o.worst_norm = std::max(o.worst_norm, std::abs(norm - ref.norms[i]) / std::abs(ref.norms[i]));
+  }
+  const int tp = v.shape.tp, tr = mesh.coord().tp;
+  for (const Parameter<float>& p : model.parameters()) {
+    Tensor<float> full = ref.params.at(p.name);
+    if (p.layout.is_shard() && p.layout.dim == 0) full = tp_test::pad_rows(full, p.value.size(0) * tp);
+    const Tensor<float> want = p.layout.is_shard() ? shard_of(full, p.layout, tr, tp) : full;
+    const double e = tp_test::rel_err(p.value, want);
+    if (e >= o.worst_param) {
+      o.worst_param = e;
+      o.worst_param_name = p.name;
+    }
+    if (!tp_test::same_on_every_rank(mesh.dp(), p.value)) o.copies_equal = false;
+  }
+  return o;
+}
+
+}  // namespace hybrid_test
