@@ -1,172 +1,448 @@
-// train_gpt: train a GPT-2-architecture model on a text file with byte-level tokens, across
-// dp data-parallel ranks on the threads backend, and sample from it.
+// train_gpt: train a GPT-2-architecture model on a text file (byte-level tokens) across
+// dp x pp x tp ranks, save and resume sharded checkpoints at any layout, sample from it, and
+// evaluate a Hugging Face GPT-2 safetensors file.
 //
-//   ./build/examples/train_gpt --data data/kjv.txt --dp 2 --steps 300
+//   ./build/examples/train_gpt --data data/kjv.txt --dp 2 --pp 2 --tp 2 --steps 300
+//   ./build/examples/train_gpt --resume ckpt --generate --tp 2 --prompt "And God said"
+//   mpirun -np 4 ./build/examples/train_gpt --backend mpi --dp 2 --tp 2
+//   ./build/examples/train_gpt --eval-model gpt2/model.safetensors --eval-tokens ids.txt --tp 2
 //
-// Reads top to bottom like a training loop in a paper: make the world, the mesh, the serial
-// model, wrap it in the parallel policy, loop over steps; only rank 0 prints.
+// Reads top to bottom like a training loop in a paper: make the world, the mesh, the model
+// over it, loop over steps; only world rank 0 prints.
 #include <CLI/CLI.hpp>
+
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "tessera/checkpoint/checkpoint.hpp"
+#include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/nn/sampling.hpp"
-#include "tessera/parallel/data_parallel.hpp"
+#include "tessera/parallel/hybrid_gpt.hpp"
 #include "tessera/tessera.hpp"
+#ifdef TESSERA_HAVE_MPI
+#include "tessera/mpi.hpp"
+#endif
 
 using namespace tessera;
 using Clock = std::chrono::steady_clock;
 
 struct Args {
   std::string data = "data/kjv.txt";
-  int dp = 2;
+  int dp = 2, tp = 1, pp = 1;
+  std::string schedule = "1f1b";
+  int virtual_stages = 1;
+  int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
+  int accum = 1;
+  bool zero1 = false;
+  std::string backend = "threads";
   int steps = 300;
   int schedule_steps = 0;  // length of the learning-rate schedule (0: steps)
   int layers = 4, d_model = 128, heads = 4, context = 64;
-  int batch = 16;  // global batch (sequences per step), split over dp
-  double lr = 1e-3, min_lr = 1e-4;
+  int batch = 16;  // global batch (sequences per optimizer step)
+  double lr = 1e-3, min_lr = 1e-4, clip = 1.0, weight_decay = 0.0;
   int warmup = 20;
   std::uint64_t seed = 1;
-  int val_every = 50, val_batches = 4;
+  int val_every = 50, val_batches = 4, log_every = 10;
   int sample_len = 300;
   double temperature = 0.8;
   int top_k = 40;
+  std::string prompt = "And God said";
+  std::string save, resume;
+  int save_every = 0;
+  bool generate = false;
+  std::string eval_model, eval_tokens;
+  std::string loss_csv, loss_svg;
   bool verify = false;
+  bool quiet = false;
+
+  int world() const { return dp * tp * pp; }
+  int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
+  nn::GPTConfig config() const {
+    return {.vocab_size = data::ByteTokenizer::vocab_size, .n_positions = context, .n_layer = layers,
+            .n_head = heads, .d_model = d_model};
+  }
+  HybridOptions hybrid() const {
+    const PipelineScheduleKind kind = schedule == "gpipe"         ? PipelineScheduleKind::gpipe
+                                      : schedule == "interleaved" ? PipelineScheduleKind::interleaved_one_f_one_b
+                                                                  : PipelineScheduleKind::one_f_one_b;
+    return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
+            .accumulation_steps = accum, .zero1 = zero1};
+  }
+  optim::WarmupCosine lr_schedule() const {
+    return {.max_lr = lr, .min_lr = min_lr, .warmup_steps = warmup,
+            .total_steps = schedule_steps > 0 ? schedule_steps : steps};
+  }
 };
 
-// Mean next-token loss over `a.val_batches` validation batches (each rank its rows; all-reduced
-// over dp so every rank gets the same number: a control value, CASES C10).
-template <class Model>
-double validation_loss(Model& model, const data::TextDataset& ds, const Args& a, Comm& dp) {
-  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::sum});
-  const int rows = a.batch / dp.size(), r0 = dp.rank() * rows;
-  double sum = 0, count = 0;
+// One point of the loss curve.
+struct Point {
+  int step;
+  double train, val;  // val < 0: not measured at this step
+};
+
+// Mean next-token loss over `a.val_batches` validation batches, each dp rank its rows; the same
+// value on every rank (a control value: CASES C10).
+double validation_loss(HybridGPT<float>& model, const data::TextDataset& ds, const Args& a) {
+  Mesh& mesh = model.mesh();
+  const int rows = a.batch / a.dp, r0 = mesh.coord().dp * rows;
+  double sum = 0;
   for (int i = 0; i < a.val_batches; ++i) {
-    data::Batch b = ds.batch(data::Split::val, a.seed, i, a.batch, r0, r0 + rows);
-    auto [logits, ctx] = model.forward(b.inputs);
-    auto [loss, lctx] = ce.forward(logits, b.targets);
-    sum += static_cast<double>(loss);
-    count += static_cast<double>(lctx.num_valid);
+    const data::Batch b = ds.batch(data::Split::val, a.seed, i, a.batch, r0, r0 + rows);
+    sum += model.evaluate(b.inputs, b.targets);
   }
-  sum = dp.all_reduce_value(sum);
-  count = dp.all_reduce_value(count);
-  return sum / count;
+  return sum / a.val_batches;
 }
 
-// Trains on `dp` ranks (dp = 1: serial) and returns rank 0's per-step losses.
-std::vector<double> train(const Args& a, int dp_size, bool print) {
-  const data::TextDataset ds(a.data, a.context);
-  const nn::GPTConfig config{.vocab_size = data::ByteTokenizer::vocab_size, .n_positions = a.context,
-                             .n_layer = a.layers, .n_head = a.heads, .d_model = a.d_model};
-  auto losses = threads::run(dp_size, [&](Comm& world) {
-    Mesh mesh(world, MeshShape{.dp = dp_size});
-    const bool rank0 = world.rank() == 0 && print;
-    // The serial model, then the policy around it.
-    nn::GPT<float> gpt(config, a.seed);
-    DataParallel<nn::GPT<float>> model(std::move(gpt), mesh.dp());
-    optim::AdamW<float> opt(model.parameters(), {.lr = a.lr, .weight_decay = 0.0});
-    const optim::WarmupCosine schedule{.max_lr = a.lr, .min_lr = a.min_lr, .warmup_steps = a.warmup,
-                                       .total_steps = a.schedule_steps > 0 ? a.schedule_steps : a.steps};
-    nn::CrossEntropy<float> ce({.reduction = nn::Reduction::sum});
-    const int rows = a.batch / dp_size, r0 = mesh.dp().rank() * rows;
+// Samples `a.sample_len` bytes after the prompt; every rank runs the same generation.
+std::string sample(HybridGPT<float>& model, const Args& a) {
+  auto last_logits = [&](const std::vector<std::int32_t>& ctx) {
+    Tensor<std::int32_t> x(Shape{1, static_cast<std::int64_t>(ctx.size())});
+    std::copy(ctx.begin(), ctx.end(), x.data());
+    return model.next_token_logits(x);
+  };
+  const auto out = nn::generate<float>(data::ByteTokenizer::encode(a.prompt), a.sample_len, a.context, last_logits,
+                                       {.temperature = a.temperature, .top_k = a.top_k}, a.seed);
+  return data::ByteTokenizer::decode(out);
+}
 
+checkpoint::CheckpointMeta meta_of(const Args& a, int step) {
+  checkpoint::CheckpointMeta m;
+  m.config = checkpoint::gpt2_config_json(a.config());
+  m.step = step;
+  m.extra = {{"seed", a.seed}, {"batch", a.batch}, {"lr", a.lr}, {"min_lr", a.min_lr}, {"warmup", a.warmup},
+             {"schedule_steps", a.schedule_steps > 0 ? a.schedule_steps : a.steps}};
+  return m;
+}
+
+// Trains on this rank of `world` (dp x pp x tp = world size) and returns the per-step losses
+// (the same on every rank) and the loss curve.
+std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
+  Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
+  const bool rank0 = world.rank() == 0 && print;
+  const data::TextDataset ds(a.data, a.context);
+  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), {.lr = a.lr, .weight_decay = a.weight_decay});
+  const optim::WarmupCosine lr = a.lr_schedule();
+
+  int start = 0;
+  if (!a.resume.empty()) {
+    const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, checkpoint::gpt2_config_json(a.config()));
+    start = static_cast<int>(info.step);
     if (rank0)
-      std::printf("GPT %d layers, d_model %d, %d heads, context %d: %lld parameters; dp=%d, global batch %d x %d\n",
-                  a.layers, a.d_model, a.heads, a.context, static_cast<long long>(model.parameters().numel()), dp_size,
-                  a.batch, a.context);
-    std::vector<double> step_losses;
-    const auto t_start = Clock::now();
-    for (int step = 0; step < a.steps; ++step) {
-      const auto t0 = Clock::now();
-      data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, r0, r0 + rows);
-      // Mean over every valid token of the global batch, declared once: the loss is a sum and
-      // the scale is 1 / (tokens over all dp ranks).
-      const double scale = model.loss_scale(ce.count_valid(b.targets));
-      model.zero_grad();
-      auto [logits, ctx] = model.forward(b.inputs);
-      auto [loss, lctx] = ce.forward(logits, b.targets);
-      const auto t_bwd = Clock::now();
-      // Backward; DataParallel all-reduces the gradient buckets as they become final.
-      model.backward(ce.backward(static_cast<float>(scale), lctx), ctx);
-      const double backward_s = std::chrono::duration<double>(Clock::now() - t_bwd).count();
-      opt.set_lr(schedule(step));
-      opt.step();
-      const double global_loss = mesh.dp().all_reduce_value(static_cast<double>(loss)) * scale;
-      step_losses.push_back(global_loss);
-      const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-      if (rank0 && (step % 10 == 0 || step == a.steps - 1))
-        std::printf("step %4d  loss %.4f  lr %.2e  %.0f tokens/s  backward+reduce %.0f%% of the step\n", step,
-                    global_loss, schedule(step), a.batch * a.context / dt, 100.0 * backward_s / dt);
-      if (a.val_every > 0 && (step % a.val_every == 0 || step == a.steps - 1)) {
-        const double v = validation_loss(model, ds, a, mesh.dp());
-        if (rank0) std::printf("step %4d  validation loss %.4f\n", step, v);
-      }
+      std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
+                  info.layout.dp, info.layout.pp, info.layout.tp, a.dp, a.pp, a.tp);
+  }
+  std::int64_t n_params = 0;
+  for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
+  if (rank0)
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
+                "global batch %d x %d; rank 0 holds %lld parameters\n",
+                a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
+                a.accum, a.zero1 ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params));
+
+  const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
+  std::vector<Point> curve;
+  const auto t_start = Clock::now();
+  double tokens = 0, elapsed = 0, compute = 0, comm = 0, bubble = 0;
+  for (int step = start; step < a.steps; ++step) {
+    const auto t0 = Clock::now();
+    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, r0, r0 + rows);
+    model.zero_grad();
+    double c = 0, m = 0, w = 0;
+    for (int k = 0; k < a.accum; ++k) {
+      const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
+      const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
+      model.forward_backward(x, y);
+      const HybridStepStats& s = model.last_step();
+      c += s.compute_seconds;
+      m += s.tp_comm_seconds + s.dp_comm_seconds;
+      w += s.pp_wait_seconds;
     }
-    if (rank0) {
-      const double total = std::chrono::duration<double>(Clock::now() - t_start).count();
-      std::printf("trained %d steps in %.1f s\n", a.steps, total);
+    model.clip_grad_norm(a.clip);
+    model.set_lr(lr(step));
+    model.optimizer_step();
+    if (model.zero1()) m += model.optimizer_seconds();  // the parameter all-gather
+    const double loss = model.accumulated_loss();
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    tokens += static_cast<double>(a.batch) * a.context;
+    elapsed += dt;
+    compute += c;
+    comm += m;
+    bubble += w;
+    Point pt{step, loss, -1.0};
+    const bool last = step == a.steps - 1;
+    if (a.val_every > 0 && (step % a.val_every == 0 || last)) pt.val = validation_loss(model, ds, a);
+    curve.push_back(pt);
+    if (rank0 && !a.quiet && (step % a.log_every == 0 || last)) {
+      // Shares of rank 0's step time: compute (forward, backward, optimizer), communication
+      // (tp collectives, dp gradient reduction, ZeRO-1 gather) and pipeline waits (bubble and
+      // activation transfers), over the steps since the last line.
+      const double other = std::max(0.0, elapsed - compute - comm - bubble);
+      std::printf("step %4d  loss %.4f  lr %.2e  %6.0f tokens/s  compute %3.0f%%  comm %3.0f%%  bubble %3.0f%%\n", step,
+                  loss, lr(step), tokens / elapsed, 100 * (compute + other) / elapsed, 100 * comm / elapsed,
+                  100 * bubble / elapsed);
+      tokens = elapsed = compute = comm = bubble = 0;
     }
-    // A sample (every rank runs the same deterministic generation; rank 0 prints it).
-    if (a.sample_len > 0) {
-      auto last_logits = [&](const std::vector<std::int32_t>& ctx) {
-        Tensor<std::int32_t> x(Shape{1, static_cast<std::int64_t>(ctx.size())});
-        std::copy(ctx.begin(), ctx.end(), x.data());
-        auto [logits, c] = model.forward(x);
-        const std::int64_t V = logits.size(-1), Tn = logits.size(1);
-        return std::vector<float>(logits.data() + (Tn - 1) * V, logits.data() + Tn * V);
-      };
-      auto out = nn::generate<float>(data::ByteTokenizer::encode("And God said"), a.sample_len, a.context,
-                                     last_logits, {.temperature = a.temperature, .top_k = a.top_k}, a.seed);
-      if (rank0) std::printf("--- sample ---\n%s\n--------------\n", data::ByteTokenizer::decode(out).c_str());
+    if (rank0 && pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
+      checkpoint::save_hybrid_checkpoint(a.save, model, meta_of(a, step + 1));
+      if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
     }
-    return step_losses;
-  });
-  return losses[0];
+  }
+  if (rank0 && a.steps > start)
+    std::printf("trained steps %d..%d in %.1f s\n", start, a.steps - 1,
+                std::chrono::duration<double>(Clock::now() - t_start).count());
+  if (a.sample_len > 0) {
+    const std::string text = sample(model, a);
+    if (rank0) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
+  }
+  return curve;
+}
+
+// The same training on one rank without any policy: nn::GPT, mean cross-entropy, clipping,
+// AdamW with the same schedule and data. Returns the per-step losses of `steps` steps.
+std::vector<double> serial_losses(const Args& a, int steps) {
+  const data::TextDataset ds(a.data, a.context);
+  nn::GPT<float> gpt(a.config(), a.seed);
+  ParameterList<float> ps = gpt.parameters();
+  optim::AdamW<float> opt(ps, {.lr = a.lr, .weight_decay = a.weight_decay});
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  const optim::WarmupCosine lr = a.lr_schedule();
+  std::vector<double> losses;
+  for (int step = 0; step < steps; ++step) {
+    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, 0, a.batch);
+    ps.zero_grad();
+    auto [logits, ctx] = gpt.forward(b.inputs);
+    auto [loss, lctx] = ce.forward(logits, b.targets);
+    gpt.backward(ce.backward(1.0f, lctx), ctx);
+    optim::clip_grad_norm(ps, a.clip);
+    opt.set_lr(lr(step));
+    opt.step();
+    losses.push_back(static_cast<double>(loss));
+  }
+  return losses;
+}
+
+// Loads a checkpoint (any layout) and samples from it at this layout.
+void generate_rank(Comm& world, const Args& a) {
+  Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
+  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid());
+  const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, checkpoint::gpt2_config_json(a.config()), false);
+  const std::string text = sample(model, a);
+  if (world.rank() == 0)
+    std::printf("checkpoint %s (step %lld), sampled at dp=%d pp=%d tp=%d:\n%s\n", a.resume.c_str(),
+                static_cast<long long>(info.step), a.dp, a.pp, a.tp, text.c_str());
+}
+
+// Token ids (whitespace-separated integers) from a text file.
+std::vector<std::int32_t> read_token_ids(const std::string& path) {
+  std::ifstream in(path);
+  TESSERA_EXPECTS(in.good(), "train_gpt: cannot open the token file ", path);
+  std::vector<std::int32_t> ids;
+  long long v;
+  while (in >> v) ids.push_back(static_cast<std::int32_t>(v));
+  TESSERA_EXPECTS(in.eof(), "train_gpt: ", path, " holds something other than integers after ", ids.size(), " ids");
+  TESSERA_EXPECTS(ids.size() >= 2, "train_gpt: ", path, " holds ", ids.size(), " token ids; at least 2 are needed");
+  return ids;
+}
+
+// The configuration of a Hugging Face GPT-2 safetensors file: vocab and width from wte, context
+// from wpe, depth from the h.N tensors; n_head from --heads (not stored in the weights).
+nn::GPTConfig config_of_file(const std::string& path, int heads) {
+  const checkpoint::SafetensorsFile f(path);
+  const auto* wte = f.find("wte.weight") ? f.find("wte.weight") : f.find("transformer.wte.weight");
+  const auto* wpe = f.find("wpe.weight") ? f.find("wpe.weight") : f.find("transformer.wpe.weight");
+  TESSERA_EXPECTS(wte && wpe, "train_gpt: ", path, " has no wte.weight / wpe.weight: not a GPT-2 checkpoint");
+  std::int64_t layers = 0;
+  while (f.find("h." + std::to_string(layers) + ".ln_1.weight") ||
+         f.find("transformer.h." + std::to_string(layers) + ".ln_1.weight"))
+    ++layers;
+  return {.vocab_size = wte->shape[0], .n_positions = wpe->shape[0], .n_layer = layers, .n_head = heads,
+          .d_model = wte->shape[1]};
+}
+
+// Mean next-token cross-entropy of a GPT-2 safetensors file over a token file, windows of the
+// model's context, at this layout.
+void eval_rank(Comm& world, const Args& a) {
+  const nn::GPTConfig cfg = config_of_file(a.eval_model, a.heads);
+  Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
+  HybridGPT<float> model(mesh, cfg, a.seed, a.hybrid());
+  checkpoint::load_gpt2_safetensors(a.eval_model, model.parameters(), mesh.coord().tp, a.tp, {.allow_unused = true});
+  const std::vector<std::int32_t> ids = read_token_ids(a.eval_tokens);
+  for (std::int32_t t : ids)
+    TESSERA_EXPECTS(t >= 0 && t < cfg.vocab_size, "train_gpt: token id ", t, " in ", a.eval_tokens,
+                    " is outside the vocabulary [0, ", cfg.vocab_size, ")");
+  const std::int64_t T = std::min<std::int64_t>(cfg.n_positions, static_cast<std::int64_t>(ids.size()) - 1);
+  double sum = 0, count = 0;
+  for (std::size_t start = 0; start + 1 < ids.size(); start += static_cast<std::size_t>(T)) {
+    const std::int64_t n = std::min<std::int64_t>(T, static_cast<std::int64_t>(ids.size() - start) - 1);
+    Tensor<std::int32_t> x(Shape{1, n}), y(Shape{1, n});
+    for (std::int64_t t = 0; t < n; ++t) {
+      x.data()[t] = ids[start + static_cast<std::size_t>(t)];
+      y.data()[t] = ids[start + static_cast<std::size_t>(t) + 1];
+    }
+    // dp replicas evaluate the same windows here (each would take its own share of a corpus).
+    sum += model.evaluate(x, y) * static_cast<double>(n);
+    count += static_cast<double>(n);
+  }
+  if (world.rank() == 0)
+    std::printf("eval %s: %d layers, d_model %lld, %lld heads, vocab %lld; %.0f tokens: mean cross-entropy %.4f "
+                "(perplexity %.2f) at dp=%d pp=%d tp=%d\n",
+                a.eval_model.c_str(), static_cast<int>(cfg.n_layer), static_cast<long long>(cfg.d_model),
+                static_cast<long long>(cfg.n_head), static_cast<long long>(cfg.vocab_size), count, sum / count,
+                std::exp(sum / count), a.dp, a.pp, a.tp);
+}
+
+// The loss curve as CSV and as an SVG line chart (train loss, and validation points).
+void write_curve(const Args& a, const std::vector<Point>& curve) {
+  if (!a.loss_csv.empty()) {
+    std::ofstream f(a.loss_csv);
+    f << "step,train_loss,val_loss\n";
+    for (const Point& p : curve) f << p.step << ',' << p.train << ',' << (p.val >= 0 ? std::to_string(p.val) : "") << '\n';
+  }
+  if (!a.loss_svg.empty() && !curve.empty()) {
+    const double W = 640, H = 360, L = 50, R = 20, Tm = 30, B = 40;
+    double lo = 1e300, hi = -1e300;
+    for (const Point& p : curve) {
+      lo = std::min({lo, p.train, p.val >= 0 ? p.val : p.train});
+      hi = std::max({hi, p.train, p.val >= 0 ? p.val : p.train});
+    }
+    const double s0 = curve.front().step, s1 = std::max<double>(curve.back().step, s0 + 1);
+    auto X = [&](double s) { return L + (s - s0) / (s1 - s0) * (W - L - R); };
+    auto Y = [&](double v) { return Tm + (hi - v) / std::max(hi - lo, 1e-9) * (H - Tm - B); };
+    std::ofstream f(a.loss_svg);
+    f << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H << "' font-family='sans-serif' font-size='12'>\n"
+      << "<rect width='100%' height='100%' fill='white'/>\n"
+      << "<text x='" << L << "' y='18'>train_gpt: loss per step (dp=" << a.dp << " pp=" << a.pp << " tp=" << a.tp
+      << "), blue train, orange validation</text>\n"
+      << "<line x1='" << L << "' y1='" << H - B << "' x2='" << W - R << "' y2='" << H - B << "' stroke='black'/>\n"
+      << "<line x1='" << L << "' y1='" << Tm << "' x2='" << L << "' y2='" << H - B << "' stroke='black'/>\n";
+    for (int i = 0; i <= 4; ++i) {
+      const double v = lo + (hi - lo) * i / 4;
+      f << "<text x='4' y='" << Y(v) + 4 << "'>" << std::to_string(v).substr(0, 5) << "</text>\n";
+    }
+    f << "<text x='" << L << "' y='" << H - 20 << "'>step " << static_cast<int>(s0) << "</text>"
+      << "<text x='" << W - R - 60 << "' y='" << H - 20 << "'>step " << static_cast<int>(s1) << "</text>\n";
+    f << "<polyline fill='none' stroke='#1f77b4' stroke-width='1.5' points='";
+    for (const Point& p : curve) f << X(p.step) << ',' << Y(p.train) << ' ';
+    f << "'/>\n<polyline fill='none' stroke='#ff7f0e' stroke-width='2' points='";
+    for (const Point& p : curve)
+      if (p.val >= 0) f << X(p.step) << ',' << Y(p.val) << ' ';
+    f << "'/>\n</svg>\n";
+  }
+}
+
+// Runs fn(world) on every rank of the chosen backend.
+template <class Fn>
+int run_ranks(const Args& a, int& argc, char**& argv, Fn&& fn) {
+  if (a.backend == "mpi") {
+#ifdef TESSERA_HAVE_MPI
+    return mpi::run(argc, argv, [&](Comm& world) {
+      TESSERA_EXPECTS(world.size() == a.world(), "train_gpt: mpirun started ", world.size(),
+                      " processes but dp(", a.dp, ") x pp(", a.pp, ") x tp(", a.tp, ") = ", a.world());
+      fn(world);
+    });
+#else
+    (void)argc;
+    (void)argv;
+    throw Error("train_gpt: this build has no MPI backend (configure with -Dmpi=enabled)");
+#endif
+  }
+  threads::run(a.world(), [&](Comm& world) { fn(world); });
+  return 0;
 }
 
 int main(int argc, char** argv) {
   Args a;
-  CLI::App app{"Train a GPT on a text file with tessera (byte-level tokens, threads backend)"};
-  app.add_option("--data", a.data, "text file to train on")->check(CLI::ExistingFile);
+  CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens)"};
+  app.add_option("--data", a.data, "text file to train on");
   app.add_option("--dp", a.dp, "data-parallel ranks")->check(CLI::Range(1, 64));
-  app.add_option("--steps", a.steps, "optimizer steps")->check(CLI::PositiveNumber);
+  app.add_option("--tp", a.tp, "tensor-parallel ranks (divides --heads)")->check(CLI::Range(1, 64));
+  app.add_option("--pp", a.pp, "pipeline stages (ranks)")->check(CLI::Range(1, 64));
+  app.add_option("--schedule", a.schedule, "pipeline schedule")->check(CLI::IsMember({"gpipe", "1f1b", "interleaved"}));
+  app.add_option("--virtual-stages", a.virtual_stages, "model chunks per pipeline rank (interleaved)")->check(CLI::Range(1, 64));
+  app.add_option("--microbatches", a.microbatches, "micro-batches per forward/backward (0: pp x virtual stages)")
+      ->check(CLI::Range(0, 4096));
+  app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
+  app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
+  app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
+  app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::NonNegativeNumber);
   app.add_option("--layers", a.layers, "transformer blocks")->check(CLI::PositiveNumber);
   app.add_option("--d-model", a.d_model, "model width")->check(CLI::PositiveNumber);
   app.add_option("--heads", a.heads, "attention heads")->check(CLI::PositiveNumber);
   app.add_option("--context", a.context, "sequence length")->check(CLI::PositiveNumber);
-  app.add_option("--batch", a.batch, "global batch in sequences (split over dp)")->check(CLI::PositiveNumber);
+  app.add_option("--batch", a.batch, "global batch in sequences per optimizer step")->check(CLI::PositiveNumber);
   app.add_option("--lr", a.lr, "peak learning rate");
   app.add_option("--min-lr", a.min_lr, "final learning rate of the cosine decay");
-  app.add_option("--warmup", a.warmup, "warmup steps");
-  app.add_option("--seed", a.seed, "seed of the init and the data order");
-  app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)");
-  app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)");
-  app.add_option("--temperature", a.temperature, "sampling temperature");
-  app.add_option("--top-k", a.top_k, "sampling top-k (0: all)");
+  app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::NonNegativeNumber);
+  app.add_option("--clip", a.clip, "clip the global gradient norm to this")->check(CLI::NonNegativeNumber);
+  app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay");
+  app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling");
+  app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::NonNegativeNumber);
+  app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::PositiveNumber);
+  app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)")->check(CLI::NonNegativeNumber);
+  app.add_option("--prompt", a.prompt, "text the sample starts from");
+  app.add_option("--temperature", a.temperature, "sampling temperature")->check(CLI::PositiveNumber);
+  app.add_option("--top-k", a.top_k, "sampling top-k (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--save", a.save, "checkpoint directory written at the end (and every --save-every steps)");
+  app.add_option("--save-every", a.save_every, "checkpoint interval in steps (0: only at the end)")->check(CLI::NonNegativeNumber);
+  app.add_option("--resume", a.resume, "checkpoint directory to continue from (saved at any layout)");
+  app.add_flag("--generate", a.generate, "load --resume and only sample from it at this layout");
+  app.add_option("--eval-model", a.eval_model, "evaluate a Hugging Face GPT-2 .safetensors file (needs --eval-tokens)");
+  app.add_option("--eval-tokens", a.eval_tokens, "file of whitespace-separated token ids for --eval-model");
+  app.add_option("--loss-csv", a.loss_csv, "write the loss curve as CSV");
+  app.add_option("--loss-svg", a.loss_svg, "write the loss curve as an SVG picture");
   app.add_flag("--verify", a.verify, "also train serially in this process and print the largest loss difference");
+  app.add_flag("--quiet", a.quiet, "no per-step lines");
   CLI11_PARSE(app, argc, argv);
   try {
-    TESSERA_EXPECTS(a.batch % a.dp == 0, "train_gpt: global batch ", a.batch, " is not divisible by dp ", a.dp);
-    TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ",
-                    a.heads);
-    const auto losses = train(a, a.dp, true);
-    if (a.verify) {
+    TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ", a.heads);
+    if (!a.eval_model.empty()) {
+      TESSERA_EXPECTS(!a.eval_tokens.empty(), "train_gpt: --eval-model needs --eval-tokens");
+      run_ranks(a, argc, argv, [&](Comm& world) { eval_rank(world, a); });
+      return 0;
+    }
+    TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", a.heads, " heads");
+    if (a.generate) {
+      TESSERA_EXPECTS(!a.resume.empty(), "train_gpt: --generate needs --resume DIR");
+      run_ranks(a, argc, argv, [&](Comm& world) { generate_rank(world, a); });
+      return 0;
+    }
+    std::ifstream probe(a.data);
+    TESSERA_EXPECTS(probe.good(), "train_gpt: cannot read the text file ", a.data,
+                    " (bash scripts/main_job.sh writes data/kjv.txt)");
+    TESSERA_EXPECTS(a.batch % (a.dp * a.accum) == 0, "train_gpt: global batch ", a.batch,
+                    " is not divisible by dp(", a.dp, ") x accum(", a.accum, ") = ", a.dp * a.accum);
+    TESSERA_EXPECTS(a.batch / (a.dp * a.accum) >= a.num_microbatches(), "train_gpt: each forward/backward gets ",
+                    a.batch / (a.dp * a.accum), " sequences (batch ", a.batch, " / dp ", a.dp, " / accum ", a.accum,
+                    "), fewer than the ", a.num_microbatches(), " micro-batches");
+    TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",
+                    a.virtual_stages, ") exceeds the ", a.layers + 2, " pipeline layers (embedding, ", a.layers,
+                    " blocks, head)");
+    std::vector<Point> curve;
+    run_ranks(a, argc, argv, [&](Comm& world) {
+      auto c = train_rank(world, a, true);
+      if (world.rank() == 0) curve = std::move(c);
+    });
+    if (!curve.empty()) write_curve(a, curve);
+    if (a.verify && a.backend == "threads") {
       // Round-off differences grow chaotically over a long run, so the serial check covers the
-      // first 20 steps (same learning-rate schedule), the window the equivalence tests use.
-      Args s = a;
-      s.schedule_steps = a.steps;
-      s.steps = std::min(a.steps, 20);
-      s.val_every = 0;
-      s.sample_len = 0;
-      const auto serial = train(s, 1, false);
+      // first 20 steps run here (same learning-rate schedule), the window the equivalence tests use.
+      const int n = std::min<int>(20, static_cast<int>(curve.size()));
+      TESSERA_EXPECTS(a.resume.empty(), "train_gpt: --verify compares a run from step 0; drop --resume");
+      const std::vector<double> serial = serial_losses(a, n);
       double worst = 0;
-      for (std::size_t i = 0; i < serial.size(); ++i)
-        worst = std::max(worst, std::abs(losses[i] - serial[i]) / std::abs(serial[i]));
-      std::printf("verify: largest relative loss difference vs the serial run over the first %zu steps: %.3g\n", serial.size(),
-                  worst);
+      for (int i = 0; i < n; ++i)
+        worst = std::max(worst, std::abs(curve[static_cast<std::size_t>(i)].train - serial[static_cast<std::size_t>(i)]) /
+                                    std::abs(serial[static_cast<std::size_t>(i)]));
+      std::printf("verify: largest relative loss difference vs the serial run over the first %d steps: %.3g\n", n, worst);
       if (!(worst < 1e-4)) return 1;
     }
   } catch (const std::exception& e) {
