@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "tessera/checkpoint/checkpoint.hpp"
+#include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/nn/gpt.hpp"
@@ -130,14 +132,21 @@ struct Outcome {
   bool copies_equal = true;  // every rank's parameters equal on all dp ranks (bitwise)
 };
 
-// Runs `v` on this rank of `world` and compares with `ref`. Collective over world.
-inline Outcome run_variant(Comm& world, const Setup& s, const Variant& v, const Reference& ref) {
+// Runs steps [begin, end) of `v` on this rank of `world` and compares with `ref`: first loads
+// the checkpoint `load` (unless empty; saved at any layout), at the end saves into `save`
+// (unless empty). Collective over world.
+inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const Reference& ref, int begin, int end,
+                           const std::string& load = "", const std::string& save = "") {
   Mesh mesh(world, v.shape);
   HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
+  if (!load.empty()) {
+    const auto info = checkpoint::load_hybrid_checkpoint(load, model, checkpoint::gpt2_config_json(s.config));
+    REQUIRE(info.step == begin);
+  }
   const int dp = v.shape.dp, a = v.options.accumulation_steps;
   const std::int64_t rows = s.batch / dp, r0 = mesh.coord().dp * rows, chunk = rows / a;
   Outcome o;
-  for (int step = 0; step < s.steps; ++step) {
+  for (int step = begin; step < end; ++step) {
     auto [x, y] = batch_of(s, step);
     model.zero_grad();
     for (int k = 0; k < a; ++k) {
@@ -151,6 +160,13 @@ inline Outcome run_variant(Comm& world, const Setup& s, const Variant& v, const 
     o.worst_loss = std::max(o.worst_loss, std::abs(loss - ref.losses[i]) / std::abs(ref.losses[i]));
     o.worst_norm = std::max(o.worst_norm, std::abs(norm - ref.norms[i]) / std::abs(ref.norms[i]));
   }
+  if (!save.empty()) {
+    checkpoint::CheckpointMeta meta;
+    meta.config = checkpoint::gpt2_config_json(s.config);
+    meta.step = end;
+    checkpoint::save_hybrid_checkpoint(save, model, meta);
+  }
+  if (end < s.steps) return o;  // the final parameters are compared at the end of the run
   const int tp = v.shape.tp, tr = mesh.coord().tp;
   for (const Parameter<float>& p : model.parameters()) {
     Tensor<float> full = ref.params.at(p.name);
@@ -164,6 +180,11 @@ inline Outcome run_variant(Comm& world, const Setup& s, const Variant& v, const 
     if (!tp_test::same_on_every_rank(mesh.dp(), p.value)) o.copies_equal = false;
   }
   return o;
+}
+
+// Runs all of `v`'s steps on this rank of `world` and compares with `ref`. Collective.
+inline Outcome run_variant(Comm& world, const Setup& s, const Variant& v, const Reference& ref) {
+  return run_segment(world, s, v, ref, 0, s.steps);
 }
 
 }  // namespace hybrid_test
