@@ -70,6 +70,11 @@ TEST_CASE("Hybrid checkpoint: saved at world 4 (dp 2 x pp 2, ZeRO-1), resumed at
   round_trip(layout(2, 2, 1, true, PipelineScheduleKind::gpipe), layout(1, 1, 1, false));
 }
 
+TEST_CASE("Hybrid checkpoint: a padded vocabulary (50 over tp 4) saves the [50, d] table and resumes at tp 2 and at dp 2 x tp 4 with ZeRO-1") {
+  round_trip(layout(1, 1, 4, false), layout(1, 1, 2, false));
+  round_trip(layout(1, 1, 4, false), layout(2, 1, 4, true, PipelineScheduleKind::gpipe));
+}
+
 TEST_CASE("Hybrid checkpoint: another configuration or a truncated file fails on every rank, naming it") {
   const Setup s = short_setup();
   const fs::path dir = scratch("err");

@@ -80,6 +80,10 @@ struct ShardGeometry {
   int shard_dim = -1;                                   ///< cut dim, or -1 for the whole tensor
   std::vector<std::array<std::int64_t, 2>> ranges;      ///< along shard_dim, in local order
   std::optional<std::array<std::int64_t, 2>> flat;      ///< elements [a, b) of the local tensor
+  /// The tp-local tensor's extent along shard_dim when it is padded past the ranges (a padded
+  /// vocabulary shard: the ranges hold its first rows, the rest is padding); -1: the sum of
+  /// the ranges.
+  std::int64_t local_extent = -1;
 
   /// Elements of the global tensor.
   std::int64_t global_numel() const noexcept {
@@ -94,7 +98,7 @@ struct ShardGeometry {
     if (shard_dim >= 0) {
       std::int64_t n = 0;
       for (const auto& r : ranges) n += r[1] - r[0];
-      s[static_cast<std::size_t>(shard_dim)] = n;
+      s[static_cast<std::size_t>(shard_dim)] = local_extent >= 0 ? local_extent : n;
     }
     return s;
   }
@@ -130,6 +134,7 @@ struct ShardGeometry {
       const std::int64_t g = global_shape[d];
       std::int64_t l = 0;
       for (const auto& r : ranges) l += r[1] - r[0];
+      if (local_extent >= 0) l = local_extent;  // padding after the ranges
       for (std::int64_t o = 0; o < outer; ++o) {
         std::int64_t at = 0;
         for (const auto& r : ranges) {
@@ -153,6 +158,7 @@ struct ShardGeometry {
     nlohmann::json j = {{"global_shape", global_shape}, {"shard_dim", shard_dim}, {"ranges", nlohmann::json::array()}};
     for (const auto& r : ranges) j["ranges"].push_back({r[0], r[1]});
     if (flat) j["flat"] = {(*flat)[0], (*flat)[1]};
+    if (local_extent >= 0) j["local_extent"] = local_extent;
     return j;
   }
   /// Parses `to_json`'s form and checks it (ranges inside the global extent, flat range inside
@@ -167,6 +173,7 @@ struct ShardGeometry {
       g.shard_dim = j.at("shard_dim").get<int>();
       for (const auto& r : j.at("ranges")) g.ranges.push_back({r.at(0).get<std::int64_t>(), r.at(1).get<std::int64_t>()});
       if (j.contains("flat")) g.flat = std::array<std::int64_t, 2>{j["flat"].at(0).get<std::int64_t>(), j["flat"].at(1).get<std::int64_t>()};
+      if (j.contains("local_extent")) g.local_extent = j["local_extent"].get<std::int64_t>();
     } catch (const nlohmann::json::exception& e) {
       bad(tessera::detail::str("is malformed: ", e.what()));
     }
@@ -175,8 +182,14 @@ struct ShardGeometry {
     if (g.shard_dim < -1 || g.shard_dim >= static_cast<int>(g.global_shape.size())) bad("has an invalid shard_dim");
     if (g.shard_dim >= 0) {
       const std::int64_t ext = g.global_shape[static_cast<std::size_t>(g.shard_dim)];
-      for (const auto& r : g.ranges)
+      std::int64_t held = 0;
+      for (const auto& r : g.ranges) {
         if (r[0] < 0 || r[0] > r[1] || r[1] > ext) bad("has a range outside the global extent");
+        held += r[1] - r[0];
+      }
+      if (g.local_extent >= 0 && g.local_extent < held) bad("has a local extent smaller than its ranges");
+    } else if (g.local_extent >= 0) {
+      bad("has a local extent but no shard dim");
     }
     if (g.flat && ((*g.flat)[0] < 0 || (*g.flat)[0] > (*g.flat)[1] || (*g.flat)[1] > g.local_numel()))
       bad("has a flat range outside the local tensor");
@@ -213,15 +226,29 @@ inline ShardGeometry geometry_of(std::string_view name, const Shape& local_shape
                     "': its local extent ", local_shape[layout.dim], " in dim ", layout.dim,
                     " is not a multiple of blocks=", layout.blocks);
     const std::int64_t piece = local_shape[layout.dim] / layout.blocks;
-    const std::int64_t part = piece * tp_size;
     g.shard_dim = layout.dim;
-    g.global_shape[static_cast<std::size_t>(layout.dim)] = part * layout.blocks;
-    for (int b = 0; b < layout.blocks; ++b) {
-      const std::int64_t lo = b * part + tp_rank * piece;
-      if (!g.ranges.empty() && g.ranges.back()[1] == lo) {
-        g.ranges.back()[1] = lo + piece;  // tp = 1: the parts are adjacent
-      } else {
-        g.ranges.push_back({lo, lo + piece});
+    if (layout.extent > 0) {
+      // A padded shard: rank r holds rows [r piece, (r + 1) piece) of the padded tensor, of
+      // which those below `extent` belong to the tensor.
+      TESSERA_EXPECTS(layout.blocks == 1, "tensor '", name, "': a padded shard (extent ", layout.extent,
+                      ") must have blocks=1, not ", layout.blocks);
+      TESSERA_EXPECTS(piece * tp_size >= layout.extent && piece * (tp_size - 1) < layout.extent + piece, "tensor '",
+                      name, "': a local extent of ", piece, " over ", tp_size, " tp ranks does not pad extent ",
+                      layout.extent);
+      const std::int64_t lo = std::min(tp_rank * piece, layout.extent), hi = std::min(lo + piece, layout.extent);
+      g.global_shape[static_cast<std::size_t>(layout.dim)] = layout.extent;
+      g.ranges.push_back({lo, hi});
+      g.local_extent = piece;
+    } else {
+      const std::int64_t part = piece * tp_size;
+      g.global_shape[static_cast<std::size_t>(layout.dim)] = part * layout.blocks;
+      for (int b = 0; b < layout.blocks; ++b) {
+        const std::int64_t lo = b * part + tp_rank * piece;
+        if (!g.ranges.empty() && g.ranges.back()[1] == lo) {
+          g.ranges.back()[1] = lo + piece;  // tp = 1: the parts are adjacent
+        } else {
+          g.ranges.push_back({lo, lo + piece});
+        }
       }
     }
   }

@@ -34,25 +34,37 @@ struct ParamLayout {
   /// [d, 3d] (q, k, v), so that each rank holds its own heads' q, k and v columns (Megatron's
   /// `stride`). 1 for a plain contiguous split.
   int blocks = 1;
+  /// shard with blocks = 1: the full tensor's extent along `dim` when the shards are padded past
+  /// it, e.g. the vocabulary of a VocabParallelEmbedding that tp does not divide (each rank
+  /// holds ceil(extent / tp) rows; the rows at or past `extent` are padding, not part of the
+  /// tensor, and checkpoints neither save nor load them). 0: local extent x tp, no padding.
+  std::int64_t extent = 0;
 
   /// The same full tensor on every tp rank.
   static constexpr ParamLayout replicate() noexcept { return {}; }
   /// A slice along `dim`, of each of `blocks` parts.
   static constexpr ParamLayout shard(int dim, int blocks = 1) noexcept {
-    return {Kind::shard, dim, blocks};
+    return {Kind::shard, dim, blocks, 0};
+  }
+  /// A slice along `dim` of a full tensor of `extent` entries along it, padded to a multiple
+  /// of the tp size (see `extent`).
+  static constexpr ParamLayout padded_shard(int dim, std::int64_t extent) noexcept {
+    return {Kind::shard, dim, 1, extent};
   }
   /// Whether this is a shard.
   constexpr bool is_shard() const noexcept { return kind == Kind::shard; }
 
   /// Equal kind, dim and blocks (dim and blocks ignored for replicate).
   friend constexpr bool operator==(const ParamLayout& a, const ParamLayout& b) noexcept {
-    return a.kind == b.kind && (a.kind == Kind::replicate || (a.dim == b.dim && a.blocks == b.blocks));
+    return a.kind == b.kind &&
+           (a.kind == Kind::replicate || (a.dim == b.dim && a.blocks == b.blocks && a.extent == b.extent));
   }
   /// Prints "Replicate", "Shard(1)" or "Shard(1, blocks=3)".
   friend std::ostream& operator<<(std::ostream& os, const ParamLayout& l) {
     if (!l.is_shard()) return os << "Replicate";
     os << "Shard(" << l.dim;
     if (l.blocks != 1) os << ", blocks=" << l.blocks;
+    if (l.extent != 0) os << ", extent=" << l.extent;
     return os << ')';
   }
 };

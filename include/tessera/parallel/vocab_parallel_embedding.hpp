@@ -37,7 +37,8 @@ struct VocabParallelEmbeddingOptions {
 /// head, their logits are masked by VocabParallelCrossEntropy, so they never get a gradient.
 ///
 /// Parameter "<prefix>.weight" [V_pad / tp, d], layout Shard(0) of the padded [V_pad, d]
-/// table (the serial table is its first vocab_size rows).
+/// table (the serial table is its first vocab_size rows), with extent vocab_size when there is
+/// padding (checkpoints save and load the [vocab_size, d] table; see layout_for).
 ///
 /// ids: any shape of rank <= 2, int32, the same on every tp rank -> (ids..., d), Replicate (or
 /// (B, T / tp, d), Shard<1>, with sequence_parallel). Collective over `tp` in forward (and in
@@ -60,6 +61,13 @@ class VocabParallelEmbedding {
     return (vocab_size + tp_size - 1) / tp_size * tp_size;
   }
 
+  /// The weight's layout: Shard(0), with the unpadded extent vocab_size when tp does not divide
+  /// it (ParamLayout::padded_shard), so checkpoints hold the [vocab_size, d] table.
+  static constexpr ParamLayout layout_for(std::int64_t vocab_size, int tp_size) noexcept {
+    return padded_vocab_size(vocab_size, tp_size) == vocab_size ? ParamLayout::shard(0)
+                                                                : ParamLayout::padded_shard(0, vocab_size);
+  }
+
   /// This rank's rows of a new table normal(0, init.std) from the stream "<prefix>.weight":
   /// exactly the rows of nn::Embedding(vocab_size, dim, init), whatever tp is. Throws
   /// tessera::Error unless both sizes are positive.
@@ -68,7 +76,7 @@ class VocabParallelEmbedding {
         vocab_size_(vocab_size),
         tp_rank_(tp_.rank()),
         weight_(init.join("weight"), make_table(vocab_size, dim, tp_.size())) {
-    weight_.layout = ParamLayout::shard(0);
+    weight_.layout = layout_for(vocab_size_, tp_.size());
     const std::int64_t rows = vocab_end() - vocab_start();
     if (rows > 0)
       fill_normal(weight_.value.slice(0, 0, rows), init.seed, weight_.name, init.std, Shape{vocab_size, dim},
@@ -80,7 +88,7 @@ class VocabParallelEmbedding {
         vocab_size_(full.num_embeddings()),
         tp_rank_(tp_.rank()),
         weight_(full.weight().name, make_table(full.num_embeddings(), full.dim(), tp_.size())) {
-    weight_.layout = ParamLayout::shard(0);
+    weight_.layout = layout_for(vocab_size_, tp_.size());
     const std::int64_t rows = vocab_end() - vocab_start();
     if (rows > 0) weight_.value.slice(0, 0, rows).copy_from(full.weight().value.slice(0, vocab_start(), vocab_end()));
   }

@@ -67,7 +67,8 @@ std::int64_t sweep(const LoadPlan& plan, Fn&& fn) {
 /// needs exactly once.
 inline void check_coverage(const LoadPlan& plan) {
   const std::int64_t covered = sweep(plan, [](std::size_t, std::int64_t, std::int64_t, std::int64_t) {});
-  const std::int64_t need = plan.target.numel();
+  std::int64_t need = 0;  // the target's elements (a padded shard's padding is not needed)
+  for (const Run& r : plan.target.runs()) need += r.length;
   TESSERA_EXPECTS(covered == need, plan.where, ": tensor '", plan.name, "': the saved pieces cover ", covered,
                   " of the ", need, " elements this rank needs",
                   covered > need ? " (pieces overlap)" : " (some elements were saved by no rank)");
@@ -94,7 +95,7 @@ void execute(const LoadPlan& plan, const Tensor<T>& value) {
     execute(plan, value.data());
     return;
   }
-  Tensor<T> tmp = Tensor<T>::empty(value.shape());
+  Tensor<T> tmp = value.clone();  // keeps what the plan does not write (a padded shard's padding)
   execute(plan, tmp.data());
   value.copy_from(tmp);
 }
