@@ -444,7 +444,11 @@ inline std::pair<double, bool> gpt_init_body(Comm& tp) {
                  ps.at("h.0.attn.c_proj.bias").layout == ParamLayout::replicate() &&
                  ps.at("h.1.mlp.c_fc.weight").layout == ParamLayout::shard(1) &&
                  ps.at("h.1.mlp.c_proj.weight").layout == ParamLayout::shard(0) &&
-                 ps.at("wte.weight").layout == ParamLayout::shard(0) &&
+                 // Shard(0) of the padded table, with the unpadded extent when tp does not divide
+                 // the vocabulary (checkpoints hold the [vocab_size, d] table).
+                 ps.at("wte.weight").layout == (cfg.vocab_size % tp.size() == 0
+                                                    ? ParamLayout::shard(0)
+                                                    : ParamLayout::padded_shard(0, cfg.vocab_size)) &&
                  ps.at("ln_f.weight").layout == ParamLayout::replicate();
   // Rank r's c_attn columns are q, k, v of heads [r H / tp, (r + 1) H / tp).
   const Tensor<float>& local = ps.at("h.0.attn.c_attn.weight").value;
