@@ -11,13 +11,13 @@ mkdir -p data
 [ -s data/kjv.txt ] || bible "Gen1:1-Rev22:21" > data/kjv.txt
 export OPENBLAS_NUM_THREADS=1
 model=(--data data/kjv.txt --layers 6 --d-model 192 --heads 6 --context 128 --batch 32 --steps "$steps"
-       --val-every 0 --sample-len 0 --log-every 1000000 --warmup 5)
+       --val-every 0 --sample-len 0 --warmup 5)
 run() {  # label, layout flags...
   local label=$1; shift
   # tokens/s of the whole run after the first step (the first step pays one-time costs)
   local out
   out=$("$dir/examples/train_gpt" "${model[@]}" "$@" --log-every 1 | grep '^step' | tail -n +2 |
-        awk '{s += $6; n++} END {printf "%.0f", s / n}')
+        awk '{s += $7; n++} END {printf "%.0f", s / n}')
   echo "$label $out"
 }
 base=$(run "1 rank (dp1 pp1 tp1)" --dp 1 --microbatches 1 | awk '{print $NF}')
