@@ -25,13 +25,17 @@
 #include <boost/mpi/communicator.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -75,6 +79,56 @@ class MpiRequest final : public RequestImpl {
   std::unique_ptr<detail::PendingOp> op_;
 };
 
+namespace detail {
+/// The watchdog of blocking MPI collectives (MpiCommunicator::set_blocking_mpi_collectives):
+/// one thread per process that, when the blocking call in progress passes its deadline, prints
+/// what the call was on stderr and aborts the job with MPI_Abort (a blocking MPI call cannot
+/// be interrupted; NCCL's watchdog does the same). MPI_THREAD_SERIALIZED allows one MPI call
+/// at a time per process, so one slot is enough. Arming and disarming are two atomic stores.
+class CollectiveWatchdog {
+ public:
+  /// The process's watchdog (its thread starts with the first use and is never joined).
+  static CollectiveWatchdog& instance() {
+    static auto* w = new CollectiveWatchdog();
+    return *w;
+  }
+  /// Watches the blocking call about to start: `describe()` builds its message if it expires.
+  void arm(std::chrono::steady_clock::time_point deadline, std::function<std::string()> describe) {
+    {
+      std::lock_guard lk(mu_);
+      describe_ = std::move(describe);
+    }
+    deadline_.store(deadline.time_since_epoch().count(), std::memory_order_release);
+  }
+  /// The call returned.
+  void disarm() noexcept { deadline_.store(0, std::memory_order_release); }
+
+ private:
+  CollectiveWatchdog() {
+    std::thread([this] { loop(); }).detach();
+  }
+  void loop() {
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      const auto d = deadline_.load(std::memory_order_acquire);
+      if (d == 0 || std::chrono::steady_clock::now().time_since_epoch().count() < d) continue;
+      std::string what;
+      {
+        std::lock_guard lk(mu_);
+        if (deadline_.load(std::memory_order_acquire) != d) continue;  // returned meanwhile
+        what = describe_ ? describe_() : std::string("a blocking MPI collective");
+      }
+      std::fprintf(stderr, "tessera: %s; aborting the job (MPI_Abort)\n", what.c_str());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 124);
+    }
+  }
+  std::atomic<std::chrono::steady_clock::rep> deadline_{0};
+  std::mutex mu_;
+  std::function<std::string()> describe_;
+};
+}  // namespace detail
+
 /// tessera's MPI backend: a CommBackend over a boost::mpi::communicator (owned; freed with
 /// MPI_Comm_free when the last handle goes). Make one with tessera::mpi::world(),
 /// tessera::mpi::make_comm(), or by splitting; wrap it in a tessera::Comm.
@@ -116,7 +170,7 @@ class MpiCommunicator final : public CommBackend,
   /// communicator).
   MpiCommunicator(Key, boost::mpi::communicator comm, std::string name)
       : comm_(std::move(comm)), name_(std::move(name)), timeout_(default_timeout()),
-        debug_(debug_from_environment()) {
+        debug_(debug_from_environment()), blocking_(!poll_from_environment()) {
     MPI_Comm c = comm_;
     check_(MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN), detail::CallInfo{}, "MPI_Comm_set_errhandler");
     if (debug_) make_ctrl_();
@@ -178,6 +232,18 @@ class MpiCommunicator final : public CommBackend,
   /// Whether the signature check is on.
   bool debug_collectives() const noexcept { return debug_; }
 
+  /// Chooses how blocking collectives (all_reduce, all_gather, reduce_scatter, broadcast,
+  /// barrier) run. On (the default; TESSERA_MPI_POLL=1 turns it off): MPI's blocking call
+  /// (Open MPI's tuned algorithms, the speed of raw MPI), watched by a per-process watchdog that
+  /// past timeout() prints the call, the communicator and this rank, and aborts the job with
+  /// MPI_Abort (a blocking MPI call cannot be interrupted, so there is no TimeoutError). Off:
+  /// the non-blocking call polled until timeout(), then TimeoutError (Open MPI's libnbc
+  /// algorithms: slower, up to 1.5x raw MPI at 64 KiB). Debug mode and non-blocking calls
+  /// always poll. Local.
+  void set_blocking_mpi_collectives(bool on) noexcept { blocking_ = on; }
+  /// Whether blocking collectives call MPI's blocking functions (see the setter).
+  bool blocking_mpi_collectives() const noexcept { return blocking_; }
+
   /// Sets the largest element count given to one MPI call (default INT_MAX, the limit of MPI's
   /// int counts); longer buffers are moved in pieces of at most `n` elements. Tests lower it to
   /// exercise the split. Every rank must use the same value. Throws Error unless
@@ -197,6 +263,15 @@ class MpiCommunicator final : public CommBackend,
     auto p = begin_(c, true);
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
+    if (fast_(async)) {
+      detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
+        blocking_call_(c, "MPI_Allreduce", [&] {
+          return MPI_Allreduce(MPI_IN_PLACE, bytes + off * es, n, detail::mpi_type(t), detail::mpi_op(op), mpi_comm());
+        });
+      });
+      if (op == ReduceOp::avg) detail::divide(data, count, t, size_);
+      return Request{};
+    }
     detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Iallreduce(MPI_IN_PLACE, bytes + off * es, n, detail::mpi_type(t),
@@ -219,6 +294,13 @@ class MpiCommunicator final : public CommBackend,
     if (!in_place && overlaps_(in_b, block, out_b, block * static_cast<std::size_t>(size_)))
       in_b = stage_(*p, in_b, block);
     const MPI_Datatype dt = detail::mpi_type(t);
+    if (count <= max_count_ && fast_(async)) {
+      const int n = static_cast<int>(count);
+      blocking_call_(c, "MPI_Allgather", [&] {
+        return MPI_Allgather(in_place ? MPI_IN_PLACE : in_b, n, dt, out_b, n, dt, mpi_comm());
+      });
+      return Request{};
+    }
     if (count <= max_count_) {
       MPI_Request r = MPI_REQUEST_NULL;
       const int n = static_cast<int>(count);
@@ -259,6 +341,13 @@ class MpiCommunicator final : public CommBackend,
       in_b = stage_(*p, in_b, block * static_cast<std::size_t>(size_));
     const MPI_Datatype dt = detail::mpi_type(t);
     const MPI_Op mop = detail::mpi_op(op);
+    if (count <= max_count_ && fast_(async)) {
+      blocking_call_(c, "MPI_Reduce_scatter_block", [&] {
+        return MPI_Reduce_scatter_block(in_b, out_b, static_cast<int>(count), dt, mop, mpi_comm());
+      });
+      if (op == ReduceOp::avg) detail::divide(out, count, t, size_);
+      return Request{};
+    }
     if (count <= max_count_) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Ireduce_scatter_block(in_b, out_b, static_cast<int>(count), dt, mop, mpi_comm(), &r), r);
@@ -283,6 +372,12 @@ class MpiCommunicator final : public CommBackend,
     auto p = begin_(c, true);
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
+    if (fast_(false)) {
+      detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
+        blocking_call_(c, "MPI_Bcast", [&] { return MPI_Bcast(bytes + off * es, n, detail::mpi_type(t), root, mpi_comm()); });
+      });
+      return;
+    }
     detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Ibcast(bytes + off * es, n, detail::mpi_type(t), root, mpi_comm(), &r), r);
@@ -334,6 +429,10 @@ class MpiCommunicator final : public CommBackend,
   /// Barrier with MPI_Ibarrier, waited for with the timeout. Collective.
   void barrier() override {
     auto p = begin_(detail::CallInfo{.kind = detail::CallKind::barrier}, true);
+    if (fast_(false)) {
+      blocking_call_(p->call, "MPI_Barrier", [&] { return MPI_Barrier(mpi_comm()); });
+      return;
+    }
     MPI_Request r = MPI_REQUEST_NULL;
     push_(p, MPI_Ibarrier(mpi_comm(), &r), r);
     end_(std::move(p), false);
@@ -355,6 +454,7 @@ class MpiCommunicator final : public CommBackend,
     child->timeout_ = timeout_;
     child->set_debug_collectives(debug_);  // collective on the new communicator when on
     child->max_count_ = max_count_;
+    child->blocking_ = blocking_;
     return child;
   }
 
@@ -365,6 +465,30 @@ class MpiCommunicator final : public CommBackend,
   void make_ctrl_() {
     ctrl_.emplace(comm_, boost::mpi::comm_duplicate);
     MPI_Comm_set_errhandler(static_cast<MPI_Comm>(*ctrl_), MPI_ERRORS_RETURN);
+  }
+
+  static bool poll_from_environment() {
+    const char* s = std::getenv("TESSERA_MPI_POLL");
+    return s != nullptr && *s != '\0' && std::string_view(s) != "0";
+  }
+
+  // Whether a blocking call takes MPI's blocking function under the watchdog.
+  bool fast_(bool async) const noexcept { return !async && blocking_ && !debug_; }
+
+  // Runs the blocking MPI call `fn` (returning its rc) under the watchdog; throws CommError on
+  // an MPI error.
+  template <class Fn>
+  void blocking_call_(const detail::CallInfo& c, const char* mpi_fn, Fn&& fn) {
+    auto& wd = detail::CollectiveWatchdog::instance();
+    wd.arm(std::chrono::steady_clock::now() + timeout_, [this, c, mpi_fn] {
+      return tessera::detail::str(detail::describe(c), where_(), " waited past its timeout of ",
+                                  static_cast<double>(timeout_.count()) / 1000.0, " s in ", mpi_fn,
+                                  ": a rank did not arrive or called another collective (TESSERA_DEBUG_COLLECTIVES=1 "
+                                  "names the calls; TESSERA_MPI_POLL=1 makes this a TimeoutError)");
+    });
+    const int rc = fn();
+    wd.disarm();
+    check_(rc, c, mpi_fn);
   }
 
   static bool debug_from_environment() {
@@ -653,6 +777,7 @@ class MpiCommunicator final : public CommBackend,
   std::string name_;
   std::chrono::milliseconds timeout_;
   bool debug_ = false;
+  bool blocking_ = true;  // blocking collectives call MPI's blocking functions (watchdog)
   std::size_t max_count_ = static_cast<std::size_t>(INT_MAX);
   int rank_ = 0;
   int size_ = 1;
