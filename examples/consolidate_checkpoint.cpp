@@ -42,7 +42,10 @@ int main(int argc, char** argv) {
     if (!config_json.empty()) {
       nlohmann::json config = reader.info().config;
       if (config.value("model_type", "") == "gpt2") config["architectures"] = {"GPT2LMHeadModel"};
-      std::ofstream(config_json) << config.dump(2) << '\n';
+      std::ofstream f(config_json);
+      f << config.dump(2) << '\n';
+      f.close();
+      TESSERA_EXPECTS(f.good(), "cannot write the configuration to ", config_json);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "consolidate_checkpoint: %s\n", e.what());

@@ -15,7 +15,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -56,6 +59,7 @@ struct Args {
   int top_k = 40;
   std::string prompt = "And God said";
   std::string save, resume;
+  std::int64_t resume_step = 0;  // the checkpoint's step (read before the ranks start)
   int save_every = 0;
   bool generate = false;
   std::string eval_model, eval_tokens;
@@ -76,9 +80,10 @@ struct Args {
     return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
             .accumulation_steps = accum, .zero1 = zero1};
   }
+  // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   optim::WarmupCosine lr_schedule() const {
-    return {.max_lr = lr, .min_lr = min_lr, .warmup_steps = warmup,
-            .total_steps = schedule_steps > 0 ? schedule_steps : steps};
+    const int total = schedule_steps > 0 ? schedule_steps : steps;
+    return {.max_lr = lr, .min_lr = min_lr, .warmup_steps = std::min(warmup, total), .total_steps = total};
   }
 };
 
@@ -165,11 +170,13 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       m += s.tp_comm_seconds + s.dp_comm_seconds;
       w += s.pp_wait_seconds;
     }
-    model.clip_grad_norm(a.clip);
+    if (a.clip > 0) model.clip_grad_norm(a.clip);
     model.set_lr(lr(step));
     model.optimizer_step();
     if (model.zero1()) m += model.optimizer_seconds();  // the parameter all-gather
     const double loss = model.accumulated_loss();
+    TESSERA_EXPECTS(std::isfinite(loss), "train_gpt: the loss at step ", step, " is ", loss,
+                    " (not finite): the training diverged; lower --lr (now ", a.lr, ") or --warmup");
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     tokens += static_cast<double>(a.batch) * a.context;
     elapsed += dt;
@@ -222,7 +229,7 @@ std::vector<double> serial_losses(const Args& a, int steps) {
     auto [logits, ctx] = gpt.forward(b.inputs);
     auto [loss, lctx] = ce.forward(logits, b.targets);
     gpt.backward(ce.backward(1.0f, lctx), ctx);
-    optim::clip_grad_norm(ps, a.clip);
+    if (a.clip > 0) optim::clip_grad_norm(ps, a.clip);
     opt.set_lr(lr(step));
     opt.step();
     losses.push_back(static_cast<double>(loss));
@@ -243,11 +250,16 @@ void generate_rank(Comm& world, const Args& a) {
 
 // Token ids (whitespace-separated integers) from a text file.
 std::vector<std::int32_t> read_token_ids(const std::string& path) {
+  TESSERA_EXPECTS(std::filesystem::is_regular_file(path), "train_gpt: the token file ", path, " is not a regular file");
   std::ifstream in(path);
   TESSERA_EXPECTS(in.good(), "train_gpt: cannot open the token file ", path);
   std::vector<std::int32_t> ids;
   long long v;
-  while (in >> v) ids.push_back(static_cast<std::int32_t>(v));
+  while (in >> v) {
+    TESSERA_EXPECTS(v >= 0 && v <= std::numeric_limits<std::int32_t>::max(), "train_gpt: token id ", v, " at position ",
+                    ids.size(), " of ", path, " is not a token id (negative or past int32)");
+    ids.push_back(static_cast<std::int32_t>(v));
+  }
   TESSERA_EXPECTS(in.eof(), "train_gpt: ", path, " holds something other than integers after ", ids.size(), " ids");
   TESSERA_EXPECTS(ids.size() >= 2, "train_gpt: ", path, " holds ", ids.size(), " token ids; at least 2 are needed");
   return ids;
@@ -272,6 +284,9 @@ nn::GPTConfig config_of_file(const std::string& path, int heads) {
 // model's context, at this layout.
 void eval_rank(Comm& world, const Args& a) {
   const nn::GPTConfig cfg = config_of_file(a.eval_model, a.heads);
+  TESSERA_EXPECTS(cfg.d_model % cfg.n_head == 0, "train_gpt: the file's width d_model ", cfg.d_model,
+                  " is not divisible by --heads ", cfg.n_head, " (GPT-2 small has 12)");
+  TESSERA_EXPECTS(cfg.n_head % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", cfg.n_head, " heads");
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   HybridGPT<float> model(mesh, cfg, a.seed, a.hybrid());
   checkpoint::load_gpt2_safetensors(a.eval_model, model.parameters(), mesh.coord().tp, a.tp, {.allow_unused = true});
@@ -373,26 +388,27 @@ int main(int argc, char** argv) {
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
   app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
-  app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::NonNegativeNumber);
-  app.add_option("--layers", a.layers, "transformer blocks")->check(CLI::PositiveNumber);
-  app.add_option("--d-model", a.d_model, "model width")->check(CLI::PositiveNumber);
-  app.add_option("--heads", a.heads, "attention heads")->check(CLI::PositiveNumber);
-  app.add_option("--context", a.context, "sequence length")->check(CLI::PositiveNumber);
-  app.add_option("--batch", a.batch, "global batch in sequences per optimizer step")->check(CLI::PositiveNumber);
+  app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--schedule-steps", a.schedule_steps, "length of the learning-rate schedule (0: --steps; on --resume: the checkpoint's)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--layers", a.layers, "transformer blocks")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--d-model", a.d_model, "model width")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--heads", a.heads, "attention heads")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--context", a.context, "sequence length")->check(CLI::Range(1, 65536));
+  app.add_option("--batch", a.batch, "global batch in sequences per optimizer step")->check(CLI::Range(1, 1 << 30));
   app.add_option("--lr", a.lr, "peak learning rate");
   app.add_option("--min-lr", a.min_lr, "final learning rate of the cosine decay");
-  app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::NonNegativeNumber);
-  app.add_option("--clip", a.clip, "clip the global gradient norm to this")->check(CLI::NonNegativeNumber);
+  app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
   app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay");
   app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling");
-  app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::NonNegativeNumber);
-  app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::PositiveNumber);
-  app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)")->check(CLI::NonNegativeNumber);
+  app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--prompt", a.prompt, "text the sample starts from");
-  app.add_option("--temperature", a.temperature, "sampling temperature")->check(CLI::PositiveNumber);
-  app.add_option("--top-k", a.top_k, "sampling top-k (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--temperature", a.temperature, "sampling temperature (> 0)");
+  app.add_option("--top-k", a.top_k, "sampling top-k (0: all)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--save", a.save, "checkpoint directory written at the end (and every --save-every steps)");
-  app.add_option("--save-every", a.save_every, "checkpoint interval in steps (0: only at the end)")->check(CLI::NonNegativeNumber);
+  app.add_option("--save-every", a.save_every, "checkpoint interval in steps (0: only at the end)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--resume", a.resume, "checkpoint directory to continue from (saved at any layout)");
   app.add_flag("--generate", a.generate, "load --resume and only sample from it at this layout");
   app.add_option("--eval-model", a.eval_model, "evaluate a Hugging Face GPT-2 .safetensors file (needs --eval-tokens)");
@@ -403,40 +419,80 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", a.quiet, "no per-step lines");
   CLI11_PARSE(app, argc, argv);
   try {
-    TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ", a.heads);
+    namespace fs = std::filesystem;
+    // Started by mpirun without --backend mpi: every process would run the whole job alone.
+    for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
+      if (const char* n = std::getenv(var); n != nullptr && std::atoi(n) > 1 && a.backend != "mpi")
+        throw Error(detail::str("train_gpt: started by mpirun as ", n, " processes but --backend is ", a.backend,
+                                ": pass --backend mpi (or run without mpirun: the threads backend needs no launcher)"));
+    TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a positive number");
+    TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
+                    " must be in [0, --lr ", a.lr, "]");
+    TESSERA_EXPECTS(std::isfinite(a.clip) && a.clip >= 0, "train_gpt: --clip ", a.clip, " must be >= 0 (0: no clipping)");
+    TESSERA_EXPECTS(std::isfinite(a.weight_decay) && a.weight_decay >= 0, "train_gpt: --weight-decay ", a.weight_decay,
+                    " must be >= 0");
+    TESSERA_EXPECTS(std::isfinite(a.temperature) && a.temperature > 0, "train_gpt: --temperature ", a.temperature,
+                    " must be positive");
     if (!a.eval_model.empty()) {
       TESSERA_EXPECTS(!a.eval_tokens.empty(), "train_gpt: --eval-model needs --eval-tokens");
       run_ranks(a, argc, argv, [&](Comm& world) { eval_rank(world, a); });
       return 0;
     }
+    TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ", a.heads);
     TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", a.heads, " heads");
+    TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",
+                    a.virtual_stages, ") exceeds the ", a.layers + 2, " pipeline layers (embedding, ", a.layers,
+                    " blocks, head)");
     if (a.generate) {
       TESSERA_EXPECTS(!a.resume.empty(), "train_gpt: --generate needs --resume DIR");
       run_ranks(a, argc, argv, [&](Comm& world) { generate_rank(world, a); });
       return 0;
     }
-    std::ifstream probe(a.data);
-    TESSERA_EXPECTS(probe.good(), "train_gpt: cannot read the text file ", a.data,
+    TESSERA_EXPECTS(fs::is_regular_file(a.data), "train_gpt: the text file ", a.data,
+                    fs::exists(a.data) ? " is not a regular file" : " does not exist",
                     " (bash scripts/main_job.sh writes data/kjv.txt)");
     TESSERA_EXPECTS(a.batch % (a.dp * a.accum) == 0, "train_gpt: global batch ", a.batch,
                     " is not divisible by dp(", a.dp, ") x accum(", a.accum, ") = ", a.dp * a.accum);
     TESSERA_EXPECTS(a.batch / (a.dp * a.accum) >= a.num_microbatches(), "train_gpt: each forward/backward gets ",
                     a.batch / (a.dp * a.accum), " sequences (batch ", a.batch, " / dp ", a.dp, " / accum ", a.accum,
                     "), fewer than the ", a.num_microbatches(), " micro-batches");
-    TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",
-                    a.virtual_stages, ") exceeds the ", a.layers + 2, " pipeline layers (embedding, ", a.layers,
-                    " blocks, head)");
+    if (a.verify) {
+      TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --verify runs the serial reference in this process: use the "
+                      "threads backend (drop --backend mpi)");
+      TESSERA_EXPECTS(a.resume.empty(), "train_gpt: --verify compares a run from step 0; drop --resume");
+    }
+    // Everything a save or resume needs is checked before the first step, not after the last.
+    if (!a.save.empty()) {
+      const fs::path dir = fs::path(a.save).has_filename() ? fs::path(a.save) : fs::path(a.save).parent_path();
+      if (fs::exists(dir)) {
+        TESSERA_EXPECTS(fs::is_directory(dir), "train_gpt: --save ", dir, " exists and is not a directory");
+        TESSERA_EXPECTS(fs::is_empty(dir) || fs::exists(dir / "index.json"), "train_gpt: --save ", dir,
+                        " exists and is neither empty nor a checkpoint: refusing to replace it");
+      } else {
+        std::error_code ec;
+        fs::create_directories(dir.has_parent_path() ? dir.parent_path() : fs::path("."), ec);
+        TESSERA_EXPECTS(!ec, "train_gpt: cannot create the parent directory of --save ", dir, ": ", ec.message());
+      }
+    }
+    if (!a.resume.empty()) {
+      const checkpoint::CheckpointReader reader(a.resume);
+      a.resume_step = reader.info().step;
+      TESSERA_EXPECTS(a.steps > a.resume_step, "train_gpt: --steps ", a.steps, " is not beyond the checkpoint's step ",
+                      a.resume_step, " (", a.resume, "); --steps counts all steps, the resumed ones included");
+      // The learning-rate schedule continues where it was unless --schedule-steps says otherwise.
+      if (a.schedule_steps == 0 && reader.info().extra.contains("schedule_steps"))
+        a.schedule_steps = reader.info().extra["schedule_steps"].get<int>();
+    }
     std::vector<Point> curve;
     run_ranks(a, argc, argv, [&](Comm& world) {
       auto c = train_rank(world, a, true);
       if (world.rank() == 0) curve = std::move(c);
     });
     if (!curve.empty()) write_curve(a, curve);
-    if (a.verify && a.backend == "threads") {
+    if (a.verify) {
       // Round-off differences grow chaotically over a long run, so the serial check covers the
       // first 20 steps run here (same learning-rate schedule), the window the equivalence tests use.
       const int n = std::min<int>(20, static_cast<int>(curve.size()));
-      TESSERA_EXPECTS(a.resume.empty(), "train_gpt: --verify compares a run from step 0; drop --resume");
       const std::vector<double> serial = serial_losses(a, n);
       double worst = 0;
       for (int i = 0; i < n; ++i)
@@ -446,7 +502,8 @@ int main(int argc, char** argv) {
       if (!(worst < 1e-4)) return 1;
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_gpt: %s\n", e.what());
+    const std::string what = e.what();
+    std::fprintf(stderr, "%s%s\n", what.rfind("train_gpt:", 0) == 0 ? "" : "train_gpt: ", what.c_str());
     return 1;
   }
   return 0;

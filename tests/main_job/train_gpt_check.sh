@@ -25,6 +25,22 @@ grep -q "compute .*comm .*bubble" "$work/a.log" || fail "no progress shares"
 [ -s "$work/ckpt/index.json" ] || fail "no checkpoint index"
 grep -q "<svg" "$work/loss.svg" || fail "no loss picture"
 
+echo "== the last stage's rank files hold no copy of the tied embedding (saved once, from the first stage)"
+python3 - "$work/ckpt" <<'PY'
+import json, struct, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+for f in sorted(d.glob("*-rank*.safetensors")):
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    names = [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+    rank = int(f.stem.split("rank")[1])
+    has = any(k.startswith("wte.weight") for k in names)
+    # dp 2 x pp 2 x tp 2: world ranks 0-3 hold pp stage 0, 4-7 the last stage
+    if rank >= 4 and has:
+        sys.exit(f"FAIL: {f.name} holds a copy of wte.weight")
+print("ok: wte.weight only in the first stage's files")
+PY
+
 echo "== resumed at dp 1 x tp 4 (another layout), 2 more steps"
 "$train" --data "$work/text.txt" "${model[@]}" --dp 1 --tp 4 --steps 8 --resume "$work/ckpt" --sample-len 0 | tee "$work/b.log"
 grep -q "resumed .*step 6, saved at dp=2 pp=2 tp=2, now dp=1 pp=1 tp=4" "$work/b.log" || fail "resume line"
@@ -43,7 +59,21 @@ ce1=$(sed -n 's/.*mean cross-entropy \([0-9.]*\).*/\1/p' "$work/d.log")
 ce2=$(sed -n 's/.*mean cross-entropy \([0-9.]*\).*/\1/p' "$work/e.log")
 [ -n "$ce1" ] && [ "$ce1" = "$ce2" ] || fail "cross-entropy at tp 1 ($ce1) differs from pp 2 x tp 2 ($ce2)"
 
-echo "== bad input"
+echo "== bad input (each caught before the first step)"
+"$train" --data "$work/text.txt" --layers 2 --d-model 32 --heads 4 --context 16 --batch 8 --steps 3 --val-every 0 \
+  --sample-len 0 > "$work/w.log" 2>&1 || { cat "$work/w.log"; fail "a 3-step run with the default warmup of 20 failed"; }
+mkdir -p "$work/notckpt" && echo x > "$work/notckpt/file"
+if "$train" --data "$work/text.txt" "${model[@]}" --steps 2 --save "$work/notckpt" > "$work/s.log" 2>&1; then fail "--save over a non-checkpoint accepted"; fi
+grep -q "neither empty nor a checkpoint" "$work/s.log" || { cat "$work/s.log"; fail "--save message"; }
+grep -q "^step" "$work/s.log" && fail "--save was checked only after training"
+if "$train" --data "$work/text.txt" "${model[@]}" --steps 6 --resume "$work/ckpt" > "$work/r.log" 2>&1; then fail "--steps 6 = the checkpoint's step accepted"; fi
+grep -q "steps 6 is not beyond the checkpoint's step 6" "$work/r.log" || { cat "$work/r.log"; fail "resume steps message"; }
+if "$train" --data "$work/text.txt" "${model[@]}" --steps 2 --lr inf > "$work/l.log" 2>&1; then fail "--lr inf accepted"; fi
+grep -q "\-\-lr inf must be a positive number" "$work/l.log" || { cat "$work/l.log"; fail "--lr message"; }
+if "$consolidate" "$work/ckpt" "$work/ckpt/model-rank00000.safetensors" > "$work/k.log" 2>&1; then fail "consolidating into the checkpoint accepted"; fi
+grep -q "lies inside the checkpoint directory" "$work/k.log" || { cat "$work/k.log"; fail "consolidate message"; }
+"$train" --resume "$work/ckpt" "${model[@]}" --generate --sample-len 5 > /dev/null || fail "the checkpoint was damaged"
+
 if "$train" --data "$work/text.txt" "${model[@]}" --dp 3 --steps 1 > "$work/f.log" 2>&1; then fail "dp 3 accepted"; fi
 grep -q "global batch 8 is not divisible by dp(3)" "$work/f.log" || { cat "$work/f.log"; fail "dp 3 message"; }
 if "$train" --data "$work/text.txt" --layers 3 --d-model 32 --heads 4 --context 16 --batch 8 --steps 7 \
@@ -53,6 +83,11 @@ if "$train" --data "$work/text.txt" "${model[@]}" --tp 3 --steps 1 > "$work/h.lo
 grep -q "tp 3 does not divide the 4 heads" "$work/h.log" || { cat "$work/h.log"; fail "tp 3 message"; }
 
 if [ -n "$mpirun" ]; then
+  echo "== mpirun without --backend mpi is refused"
+  if "$mpirun" --allow-run-as-root --oversubscribe -np 2 "$train" --data "$work/text.txt" "${model[@]}" --steps 2 > "$work/n.log" 2>&1; then
+    fail "mpirun without --backend mpi accepted"
+  fi
+  grep -q "started by mpirun as 2 processes but --backend is threads" "$work/n.log" || { cat "$work/n.log"; fail "mpirun message"; }
   echo "== 2 ranks under mpirun (dp 2), verified layout-free against the threads run"
   "$mpirun" --allow-run-as-root --oversubscribe -np 2 -x OPENBLAS_NUM_THREADS=1 "$train" --backend mpi \
     --data "$work/text.txt" "${model[@]}" --dp 2 --steps 4 --sample-len 0 | tee "$work/m.log"

@@ -4,6 +4,7 @@
 /// full model tensors, with their global names and shapes (Hugging Face GPT-2 names for
 /// tessera's GPT), which other tools load.
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -38,10 +39,22 @@ struct ConsolidateResult {
 /// memory at a time. Not collective.
 ///
 /// Throws tessera::Error as CheckpointReader (naming the tensor for a missing, truncated or
-/// corrupted piece), when a tensor has rank above 4, or for an output dtype other than F32 or
-/// F64.
-inline ConsolidateResult consolidate_checkpoint(const std::filesystem::path& dir, const std::filesystem::path& out,
+/// corrupted piece), when a tensor has rank above 4, for an output dtype other than F32 or
+/// F64, when `out` lies inside the checkpoint directory (it would replace a piece being read),
+/// or when `out` exists and is not a regular file (a directory, a device). A symbolic link
+/// `out` is followed: its target is written.
+inline ConsolidateResult consolidate_checkpoint(const std::filesystem::path& dir, const std::filesystem::path& out_given,
                                                 const ConsolidateOptions& options = {}) {
+  namespace fs = std::filesystem;
+  const fs::path out = fs::is_symlink(out_given) ? fs::weakly_canonical(out_given) : out_given;
+  {
+    const fs::path d = fs::weakly_canonical(dir), o = fs::weakly_canonical(out);
+    const auto [mismatch, _] = std::mismatch(d.begin(), d.end(), o.begin(), o.end());
+    TESSERA_EXPECTS(mismatch != d.end(), "consolidate_checkpoint: the output ", out_given,
+                    " lies inside the checkpoint directory ", dir, " it reads: write it elsewhere");
+    TESSERA_EXPECTS(!fs::exists(out) || fs::is_regular_file(out), "consolidate_checkpoint: the output ", out_given,
+                    " exists and is not a regular file: refusing to replace it");
+  }
   auto reader = std::make_shared<CheckpointReader>(dir);
   SafetensorsWriter w;
   w.set_metadata("format", "pt");

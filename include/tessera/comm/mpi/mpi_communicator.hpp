@@ -92,11 +92,18 @@ class CollectiveWatchdog {
     static auto* w = new CollectiveWatchdog();
     return *w;
   }
-  /// Watches the blocking call about to start: `describe()` builds its message if it expires.
-  void arm(std::chrono::steady_clock::time_point deadline, std::function<std::string()> describe) {
+  /// Builds the message of an expired call from its owner (the communicator) and call.
+  using Describe = std::string (*)(const void* owner, const CallInfo& call, const char* mpi_fn);
+  /// Watches the blocking call about to start (no allocation: the message is built only if
+  /// the deadline passes).
+  void arm(std::chrono::steady_clock::time_point deadline, Describe describe, const void* owner, const CallInfo& call,
+           const char* mpi_fn) {
     {
       std::lock_guard lk(mu_);
-      describe_ = std::move(describe);
+      describe_ = describe;
+      owner_ = owner;
+      call_ = call;
+      fn_ = mpi_fn;
     }
     deadline_.store(deadline.time_since_epoch().count(), std::memory_order_release);
   }
@@ -116,7 +123,7 @@ class CollectiveWatchdog {
       {
         std::lock_guard lk(mu_);
         if (deadline_.load(std::memory_order_acquire) != d) continue;  // returned meanwhile
-        what = describe_ ? describe_() : std::string("a blocking MPI collective");
+        what = describe_ ? describe_(owner_, call_, fn_) : std::string("a blocking MPI collective");
       }
       std::fprintf(stderr, "tessera: %s; aborting the job (MPI_Abort)\n", what.c_str());
       std::fflush(stderr);
@@ -125,7 +132,10 @@ class CollectiveWatchdog {
   }
   std::atomic<std::chrono::steady_clock::rep> deadline_{0};
   std::mutex mu_;
-  std::function<std::string()> describe_;
+  Describe describe_ = nullptr;
+  const void* owner_ = nullptr;
+  CallInfo call_{};
+  const char* fn_ = "";
 };
 }  // namespace detail
 
@@ -260,10 +270,10 @@ class MpiCommunicator final : public CommBackend,
   Request all_reduce(void* data, std::size_t count, DType t, ReduceOp op, bool async) override {
     const detail::CallInfo c{.kind = detail::CallKind::all_reduce, .dtype = t, .count = count,
                              .op = op, .async = async};
-    auto p = begin_(c, true);
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
     if (fast_(async)) {
+      fast_begin_(c);
       detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
         blocking_call_(c, "MPI_Allreduce", [&] {
           return MPI_Allreduce(MPI_IN_PLACE, bytes + off * es, n, detail::mpi_type(t), detail::mpi_op(op), mpi_comm());
@@ -272,6 +282,7 @@ class MpiCommunicator final : public CommBackend,
       if (op == ReduceOp::avg) detail::divide(data, count, t, size_);
       return Request{};
     }
+    auto p = begin_(c, true);
     detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Iallreduce(MPI_IN_PLACE, bytes + off * es, n, detail::mpi_type(t),
@@ -286,21 +297,22 @@ class MpiCommunicator final : public CommBackend,
   Request all_gather(const void* in, void* out, std::size_t count, DType t, bool async) override {
     const detail::CallInfo c{.kind = detail::CallKind::all_gather, .dtype = t, .count = count,
                              .async = async};
-    auto p = begin_(c, true);
     const std::size_t es = size_of(t), block = count * es;
     auto* out_b = static_cast<std::byte*>(out);
     const auto* in_b = static_cast<const std::byte*>(in);
     const bool in_place = count > 0 && in_b == out_b + static_cast<std::size_t>(rank_) * block;
-    if (!in_place && overlaps_(in_b, block, out_b, block * static_cast<std::size_t>(size_)))
-      in_b = stage_(*p, in_b, block);
+    const bool overlap = !in_place && overlaps_(in_b, block, out_b, block * static_cast<std::size_t>(size_));
     const MPI_Datatype dt = detail::mpi_type(t);
-    if (count <= max_count_ && fast_(async)) {
+    if (count <= max_count_ && !overlap && fast_(async)) {
+      fast_begin_(c);
       const int n = static_cast<int>(count);
       blocking_call_(c, "MPI_Allgather", [&] {
         return MPI_Allgather(in_place ? MPI_IN_PLACE : in_b, n, dt, out_b, n, dt, mpi_comm());
       });
       return Request{};
     }
+    auto p = begin_(c, true);
+    if (overlap) in_b = stage_(*p, in_b, block);
     if (count <= max_count_) {
       MPI_Request r = MPI_REQUEST_NULL;
       const int n = static_cast<int>(count);
@@ -333,21 +345,22 @@ class MpiCommunicator final : public CommBackend,
                          bool async) override {
     const detail::CallInfo c{.kind = detail::CallKind::reduce_scatter, .dtype = t, .count = count,
                              .op = op, .async = async};
-    auto p = begin_(c, true);
     const std::size_t es = size_of(t), block = count * es;
     auto* out_b = static_cast<std::byte*>(out);
     const auto* in_b = static_cast<const std::byte*>(in);
-    if (overlaps_(in_b, block * static_cast<std::size_t>(size_), out_b, block))
-      in_b = stage_(*p, in_b, block * static_cast<std::size_t>(size_));
+    const bool overlap = overlaps_(in_b, block * static_cast<std::size_t>(size_), out_b, block);
     const MPI_Datatype dt = detail::mpi_type(t);
     const MPI_Op mop = detail::mpi_op(op);
-    if (count <= max_count_ && fast_(async)) {
+    if (count <= max_count_ && !overlap && fast_(async)) {
+      fast_begin_(c);
       blocking_call_(c, "MPI_Reduce_scatter_block", [&] {
         return MPI_Reduce_scatter_block(in_b, out_b, static_cast<int>(count), dt, mop, mpi_comm());
       });
       if (op == ReduceOp::avg) detail::divide(out, count, t, size_);
       return Request{};
     }
+    auto p = begin_(c, true);
+    if (overlap) in_b = stage_(*p, in_b, block * static_cast<std::size_t>(size_));
     if (count <= max_count_) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Ireduce_scatter_block(in_b, out_b, static_cast<int>(count), dt, mop, mpi_comm(), &r), r);
@@ -369,15 +382,16 @@ class MpiCommunicator final : public CommBackend,
   void broadcast(void* data, std::size_t count, DType t, int root) override {
     const detail::CallInfo c{.kind = detail::CallKind::broadcast, .dtype = t, .count = count,
                              .root = root};
-    auto p = begin_(c, true);
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
     if (fast_(false)) {
+      fast_begin_(c);
       detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
         blocking_call_(c, "MPI_Bcast", [&] { return MPI_Bcast(bytes + off * es, n, detail::mpi_type(t), root, mpi_comm()); });
       });
       return;
     }
+    auto p = begin_(c, true);
     detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
       MPI_Request r = MPI_REQUEST_NULL;
       push_(p, MPI_Ibcast(bytes + off * es, n, detail::mpi_type(t), root, mpi_comm(), &r), r);
@@ -428,11 +442,13 @@ class MpiCommunicator final : public CommBackend,
 
   /// Barrier with MPI_Ibarrier, waited for with the timeout. Collective.
   void barrier() override {
-    auto p = begin_(detail::CallInfo{.kind = detail::CallKind::barrier}, true);
+    const detail::CallInfo c{.kind = detail::CallKind::barrier};
     if (fast_(false)) {
-      blocking_call_(p->call, "MPI_Barrier", [&] { return MPI_Barrier(mpi_comm()); });
+      fast_begin_(c);
+      blocking_call_(c, "MPI_Barrier", [&] { return MPI_Barrier(mpi_comm()); });
       return;
     }
+    auto p = begin_(c, true);
     MPI_Request r = MPI_REQUEST_NULL;
     push_(p, MPI_Ibarrier(mpi_comm(), &r), r);
     end_(std::move(p), false);
@@ -480,15 +496,25 @@ class MpiCommunicator final : public CommBackend,
   template <class Fn>
   void blocking_call_(const detail::CallInfo& c, const char* mpi_fn, Fn&& fn) {
     auto& wd = detail::CollectiveWatchdog::instance();
-    wd.arm(std::chrono::steady_clock::now() + timeout_, [this, c, mpi_fn] {
-      return tessera::detail::str(detail::describe(c), where_(), " waited past its timeout of ",
-                                  static_cast<double>(timeout_.count()) / 1000.0, " s in ", mpi_fn,
-                                  ": a rank did not arrive or called another collective (TESSERA_DEBUG_COLLECTIVES=1 "
-                                  "names the calls; TESSERA_MPI_POLL=1 makes this a TimeoutError)");
-    });
+    wd.arm(std::chrono::steady_clock::now() + timeout_, &describe_expired_, this, c, mpi_fn);
     const int rc = fn();
     wd.disarm();
-    check_(rc, c, mpi_fn);
+    if (rc != MPI_SUCCESS) check_(rc, c, mpi_fn);
+  }
+  static std::string describe_expired_(const void* owner, const detail::CallInfo& c, const char* mpi_fn) {
+    const auto* self = static_cast<const MpiCommunicator*>(owner);
+    return tessera::detail::str(detail::describe(c), self->where_(), " waited past its timeout of ",
+                                static_cast<double>(self->timeout_.count()) / 1000.0, " s in ", mpi_fn,
+                                ": a rank did not arrive or called another collective (TESSERA_DEBUG_COLLECTIVES=1 "
+                                "names the calls; TESSERA_MPI_POLL=1 makes this a TimeoutError)");
+  }
+  // The checks of begin_ for the blocking fast path (no operation object is made).
+  void fast_begin_(const detail::CallInfo& c) {
+    if (!broken_.empty())
+      throw CommError(tessera::detail::str(detail::describe(c), where_(), ": ", name_,
+                                           " cannot be used any more: ", broken_,
+                                           ", so its ranks no longer agree on the order of calls"));
+    if (!orphans_.empty()) reap_();
   }
 
   static bool debug_from_environment() {
