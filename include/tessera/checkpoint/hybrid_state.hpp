@@ -31,30 +31,16 @@ OptimizerState<T> hybrid_adamw_state(Hybrid<T, Input, Target, optim::AdamW<T>>& 
   return model.zero1() ? zero_adamw_state(model.zero_optimizer(), model.buckets()) : adamw_state(model.optimizer());
 }
 
-/// The copies of tied weights this rank holds for a later pipeline stage (the last stage's own
-/// "wte.weight", equal to the first stage's): saved once, from the first stage, and loaded into
-/// both. Empty on a rank that holds stage 0. Local.
-template <std::floating_point T, class Input, class Target, class Opt>
-std::set<const Parameter<T>*> tied_copies(Hybrid<T, Input, Target, Opt>& model) {
-  std::set<const Parameter<T>*> out;
-  auto& pipe = model.pipeline();
-  if (pipe.holds_stage(0)) return out;
-  for (int s : pipe.stage_indices())
-    for (Parameter<T>& p : pipe.stage(s).tied_parameters()) out.insert(&p);
-  return out;
-}
-
 /// Saves `model`'s parameters and optimizer state (unless `with_optimizer` is false) into
 /// `dir` (see save_checkpoint: atomic, each rank its shards; a tied weight only from the first
 /// stage). Collective over the mesh's world. Throws what save_checkpoint throws, on every rank.
 template <std::floating_point T, class Input, class Target>
 void save_hybrid_checkpoint(const std::filesystem::path& dir, Hybrid<T, Input, Target, optim::AdamW<T>>& model,
                             const CheckpointMeta& meta, bool with_optimizer = true) {
-  const std::set<const Parameter<T>*> copies = tied_copies(model);
   std::set<std::string> copy_names;
   ParameterList<T> params;
   for (Parameter<T>& p : model.parameters()) {
-    if (copies.count(&p)) {
+    if (model.tied_copies().count(&p)) {
       copy_names.insert(p.name);
       continue;
     }

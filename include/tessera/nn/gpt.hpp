@@ -29,6 +29,17 @@ struct GPTConfig {
   std::int64_t d_model = 768;       ///< width (Hugging Face `n_embd`)
 };
 
+/// `c` itself, after checking it: throws tessera::Error naming the values when a size is not
+/// positive or n_head does not divide d_model. Every GPT model type (serial, tensor-parallel,
+/// pipeline stages) checks its configuration with it.
+inline GPTConfig validated(const GPTConfig& c) {
+  TESSERA_EXPECTS(c.vocab_size > 0 && c.n_positions > 0 && c.n_layer > 0 && c.n_head > 0 && c.d_model > 0,
+                  "GPTConfig: sizes must be positive: vocab_size=", c.vocab_size, " n_positions=", c.n_positions,
+                  " n_layer=", c.n_layer, " n_head=", c.n_head, " d_model=", c.d_model);
+  TESSERA_EXPECTS(c.d_model % c.n_head == 0, "GPTConfig: n_head ", c.n_head, " does not divide d_model ", c.d_model);
+  return c;
+}
+
 /// GPT-2: x = wte[tokens] + wpe[positions]; n_layer pre-LN blocks; ln_f; logits = x wte^T (the
 /// LM head tied to the token embedding). Parameters, in Hugging Face GPT2Model order:
 /// "wte.weight", "wpe.weight", "h.{i}.ln_1.weight", "h.{i}.ln_1.bias",
@@ -52,7 +63,7 @@ class GPT {
   /// A model initialized as GPT-2 from `seed` (see LayerInit). Throws tessera::Error naming
   /// the values when a size is not positive or n_head does not divide d_model.
   explicit GPT(const GPTConfig& config, std::uint64_t seed = 0)
-      : config_(checked(config)),
+      : config_(validated(config)),
         embedding_(config.vocab_size, config.n_positions, config.d_model, init(seed)),
         ln_f_(config.d_model, init(seed).child("ln_f")),
         lm_head_(embedding_.wte().weight()) {
@@ -110,14 +121,6 @@ class GPT {
   LMHead<T>& lm_head() noexcept { return lm_head_; }
 
  private:
-  static GPTConfig checked(const GPTConfig& c) {
-    TESSERA_EXPECTS(c.vocab_size > 0 && c.n_positions > 0 && c.n_layer > 0 && c.n_head > 0 && c.d_model > 0,
-                    "GPTConfig: sizes must be positive: vocab_size=", c.vocab_size, " n_positions=",
-                    c.n_positions, " n_layer=", c.n_layer, " n_head=", c.n_head, " d_model=", c.d_model);
-    TESSERA_EXPECTS(c.d_model % c.n_head == 0, "GPTConfig: n_head ", c.n_head, " does not divide d_model ",
-                    c.d_model);
-    return c;
-  }
   LayerInit init(std::uint64_t seed) const {
     return LayerInit{.prefix = "", .seed = seed, .std = 0.02, .n_layer = static_cast<int>(config_.n_layer)};
   }

@@ -134,14 +134,13 @@ class Hybrid {
       zero_.emplace(*buckets_, opt_options);
     else
       opt_.emplace(params, opt_options);
-    // What the global gradient norm counts once: tp-replicated parameters on tp rank 0 only,
-    // the last stage's copy of a tied weight not at all.
-    std::set<const Parameter<T>*> copies;
+    // A later stage's copy of a tied weight (the last stage's wte); the global gradient norm
+    // counts it not at all, and tp-replicated parameters on tp rank 0 only.
     for (int s : pipe_.stage_indices())
       if (s > 0)
-        for (Parameter<T>& p : pipe_.stage(s).tied_parameters()) copies.insert(&p);
+        for (Parameter<T>& p : pipe_.stage(s).tied_parameters()) tied_copies_.insert(&p);
     for (const Parameter<T>& p : params)
-      if (!copies.count(&p) && (p.layout.is_shard() || mesh.coord().tp == 0)) counted_.insert(&p);
+      if (!tied_copies_.count(&p) && (p.layout.is_shard() || mesh.coord().tp == 0)) counted_.insert(&p);
   }
   Hybrid(const Hybrid&) = delete;             ///< not copyable
   Hybrid& operator=(const Hybrid&) = delete;  ///< not copyable
@@ -292,6 +291,10 @@ class Hybrid {
     TESSERA_EXPECTS(zero_.has_value(), "Hybrid::zero_optimizer: ZeRO-1 is off (HybridOptions::zero1)");
     return *zero_;
   }
+  /// This rank's copies of tied weights held for a later pipeline stage (the last stage's own
+  /// wte shard, equal to the first stage's): counted once in the gradient norm, and saved once,
+  /// from the first stage, by checkpoints.
+  const std::set<const Parameter<T>*>& tied_copies() const noexcept { return tied_copies_; }
   /// Whether the optimizer state is sharded over dp.
   bool zero1() const noexcept { return zero_.has_value(); }
   /// The options.
@@ -318,6 +321,7 @@ class Hybrid {
   std::unique_ptr<GradBuckets<T>> buckets_;
   std::optional<Opt> opt_;
   std::optional<ZeroOptimizer<Opt>> zero_;
+  std::set<const Parameter<T>*> tied_copies_;
   std::set<const Parameter<T>*> counted_;
   HybridStepStats stats_{};
   double window_sum_ = 0;

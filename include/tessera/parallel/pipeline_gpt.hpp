@@ -80,7 +80,7 @@ class GPTPipelineStage final : public PipelineStage<T, Tensor<std::int32_t>> {
   /// values when a size of config is not positive, n_head does not divide d_model, or the range
   /// is empty or outside [0, gpt_pipeline_num_layers(config)).
   GPTPipelineStage(const nn::GPTConfig& config, std::uint64_t seed, int first_layer, int end_layer)
-      : config_(checked(config)), first_(first_layer), end_(end_layer) {
+      : config_(nn::validated(config)), first_(first_layer), end_(end_layer) {
     const int n = gpt_pipeline_num_layers(config);
     TESSERA_EXPECTS(0 <= first_layer && first_layer < end_layer && end_layer <= n, "GPTPipelineStage: layers [",
                     first_layer, ", ", end_layer, ") are not a non-empty range of the GPT's ", n,
@@ -174,13 +174,6 @@ class GPTPipelineStage final : public PipelineStage<T, Tensor<std::int32_t>> {
   std::vector<nn::Block<T>>& blocks() noexcept { return h_; }
 
  private:
-  static nn::GPTConfig checked(const nn::GPTConfig& c) {
-    TESSERA_EXPECTS(c.vocab_size > 0 && c.n_positions > 0 && c.n_layer > 0 && c.n_head > 0 && c.d_model > 0,
-                    "GPTConfig: sizes must be positive: vocab_size=", c.vocab_size, " n_positions=", c.n_positions,
-                    " n_layer=", c.n_layer, " n_head=", c.n_head, " d_model=", c.d_model);
-    TESSERA_EXPECTS(c.d_model % c.n_head == 0, "GPTConfig: n_head ", c.n_head, " does not divide d_model ", c.d_model);
-    return c;
-  }
   StageOutput<T> finish(Tensor<T> x, Context ctx) {
     ctx.h.reserve(h_.size());
     for (const nn::Block<T>& b : h_) {

@@ -191,10 +191,7 @@ class TensorParallelGPTStage final : public PipelineStage<T, Tensor<std::int32_t
 
  private:
   static nn::GPTConfig checked(const nn::GPTConfig& c, int tp_size) {
-    TESSERA_EXPECTS(c.vocab_size > 0 && c.n_positions > 0 && c.n_layer > 0 && c.n_head > 0 && c.d_model > 0,
-                    "GPTConfig: sizes must be positive: vocab_size=", c.vocab_size, " n_positions=", c.n_positions,
-                    " n_layer=", c.n_layer, " n_head=", c.n_head, " d_model=", c.d_model);
-    TESSERA_EXPECTS(c.d_model % c.n_head == 0, "GPTConfig: n_head ", c.n_head, " does not divide d_model ", c.d_model);
+    nn::validated(c);
     TESSERA_EXPECTS(c.n_head % tp_size == 0, "TensorParallelGPTStage: n_head ", c.n_head,
                     " is not divisible by the tp size ", tp_size);
     return c;

@@ -273,7 +273,7 @@ class MpiCommunicator final : public CommBackend,
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
     if (fast_(async)) {
-      fast_begin_(c);
+      check_usable_(c);
       detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
         blocking_call_(c, "MPI_Allreduce", [&] {
           return MPI_Allreduce(MPI_IN_PLACE, bytes + off * es, n, detail::mpi_type(t), detail::mpi_op(op), mpi_comm());
@@ -304,7 +304,7 @@ class MpiCommunicator final : public CommBackend,
     const bool overlap = !in_place && overlaps_(in_b, block, out_b, block * static_cast<std::size_t>(size_));
     const MPI_Datatype dt = detail::mpi_type(t);
     if (count <= max_count_ && !overlap && fast_(async)) {
-      fast_begin_(c);
+      check_usable_(c);
       const int n = static_cast<int>(count);
       blocking_call_(c, "MPI_Allgather", [&] {
         return MPI_Allgather(in_place ? MPI_IN_PLACE : in_b, n, dt, out_b, n, dt, mpi_comm());
@@ -352,7 +352,7 @@ class MpiCommunicator final : public CommBackend,
     const MPI_Datatype dt = detail::mpi_type(t);
     const MPI_Op mop = detail::mpi_op(op);
     if (count <= max_count_ && !overlap && fast_(async)) {
-      fast_begin_(c);
+      check_usable_(c);
       blocking_call_(c, "MPI_Reduce_scatter_block", [&] {
         return MPI_Reduce_scatter_block(in_b, out_b, static_cast<int>(count), dt, mop, mpi_comm());
       });
@@ -385,7 +385,7 @@ class MpiCommunicator final : public CommBackend,
     auto* bytes = static_cast<std::byte*>(data);
     const std::size_t es = size_of(t);
     if (fast_(false)) {
-      fast_begin_(c);
+      check_usable_(c);
       detail::for_each_piece(count, max_count_, [&](std::size_t off, int n) {
         blocking_call_(c, "MPI_Bcast", [&] { return MPI_Bcast(bytes + off * es, n, detail::mpi_type(t), root, mpi_comm()); });
       });
@@ -444,7 +444,7 @@ class MpiCommunicator final : public CommBackend,
   void barrier() override {
     const detail::CallInfo c{.kind = detail::CallKind::barrier};
     if (fast_(false)) {
-      fast_begin_(c);
+      check_usable_(c);
       blocking_call_(c, "MPI_Barrier", [&] { return MPI_Barrier(mpi_comm()); });
       return;
     }
@@ -508,8 +508,10 @@ class MpiCommunicator final : public CommBackend,
                                 ": a rank did not arrive or called another collective (TESSERA_DEBUG_COLLECTIVES=1 "
                                 "names the calls; TESSERA_MPI_POLL=1 makes this a TimeoutError)");
   }
-  // The checks of begin_ for the blocking fast path (no operation object is made).
-  void fast_begin_(const detail::CallInfo& c) {
+  // Before every call: refuses a communicator broken by a timeout, and completes what dropped
+  // or timed-out operations left (begin_, and the blocking fast path, which makes no
+  // operation object).
+  void check_usable_(const detail::CallInfo& c) {
     if (!broken_.empty())
       throw CommError(tessera::detail::str(detail::describe(c), where_(), ": ", name_,
                                            " cannot be used any more: ", broken_,
@@ -567,11 +569,7 @@ class MpiCommunicator final : public CommBackend,
   /// Starts a call: refuses a communicator broken by a timeout, completes dropped operations,
   /// and in debug mode compares the collective's signature across ranks.
   std::unique_ptr<detail::PendingOp> begin_(const detail::CallInfo& c, bool collective) {
-    if (!broken_.empty())
-      throw CommError(tessera::detail::str(detail::describe(c), where_(), ": ", name_,
-                                           " cannot be used any more: ", broken_,
-                                           ", so its ranks no longer agree on the order of calls"));
-    reap_();
+    check_usable_(c);
     if (collective && debug_) check_signature_(c);
     auto p = std::make_unique<detail::PendingOp>();
     p->call = c;
