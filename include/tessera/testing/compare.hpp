@@ -71,20 +71,29 @@ double max_rel_error(std::span<const A> a, std::span<const B> b) {
 }
 
 /// ||a - b|| / max(||a||, ||b||) in double (norm-wise relative error; 0 when both are 0);
-/// +infinity on any non-finite element or a size mismatch.
+/// +infinity on any non-finite element or a size mismatch. The elements are divided by the
+/// largest magnitude before they are squared, so finite values whose squares would overflow
+/// (> 1e154) or underflow (< 1e-154, which would make different values compare as 0) still give
+/// the true ratio.
 template <class A, class B>
 double norm_rel_error(std::span<const A> a, std::span<const B> b) {
   if (a.size() != b.size()) return infinite_error;
-  double num = 0, na = 0, nb = 0;
+  double scale = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {
     const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
     if (!std::isfinite(x) || !std::isfinite(y)) return infinite_error;
+    scale = std::abs(x) > scale ? std::abs(x) : scale;
+    scale = std::abs(y) > scale ? std::abs(y) : scale;
+  }
+  if (scale == 0) return 0;
+  double num = 0, na = 0, nb = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(a[i]) / scale, y = static_cast<double>(b[i]) / scale;
     num += (x - y) * (x - y);
     na += x * x;
     nb += y * y;
   }
-  const double den = std::sqrt(na > nb ? na : nb);
-  return finite_or_infinite(den == 0 ? std::sqrt(num) : std::sqrt(num) / den);
+  return finite_or_infinite(std::sqrt(num) / std::sqrt(na > nb ? na : nb));
 }
 
 /// Whether a and b hold the same bits and every value is finite (two identical NaNs are not
