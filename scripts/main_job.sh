@@ -3,11 +3,15 @@
 # to data/kjv.txt, then trains a GPT on it over 8 thread ranks as dp 2 x pp 2 x tp 2 (1F1B, 4
 # micro-batches), checks the first 20 steps against a serial run in the same process, saves a
 # sharded checkpoint, draws the loss curve, and prints a sample.
+# It builds only what it runs (examples/train_gpt, a release build when it configures BUILD_DIR
+# itself): the tests and benchmarks are scripts/test.sh's.
 # Usage: bash scripts/main_job.sh [BUILD_DIR] [train_gpt options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-build}
 [ $# -gt 0 ] && shift
+[ -f "$dir/build.ninja" ] || meson setup "$dir" -Dbuildtype=release >/dev/null
+meson compile -C "$dir" examples/train_gpt
 mkdir -p data
 if [ ! -s data/kjv.txt ]; then
   bible "Gen1:1-Rev22:21" > data/kjv.txt

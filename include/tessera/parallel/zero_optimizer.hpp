@@ -45,9 +45,11 @@ template <class Opt>
 class ZeroOptimizer {
  public:
   /// Shards the optimizer of the replica `dp`: `opt_args` are Opt's arguments after the
-  /// parameter list (e.g. optim::AdamWOptions). Switches dp's buckets to reduce-scatter.
-  /// Local (no communication); every rank of dp builds one. Throws tessera::Error when a
-  /// parameter value is not contiguous, and what Opt's constructor throws.
+  /// parameter list (e.g. optim::AdamWOptions). Switches dp's buckets to reduce-scatter (and
+  /// back to all-reduce when destroyed). Local (no communication); every rank of dp builds one.
+  /// Throws tessera::Error when dp already has a ZeroOptimizer (it would update every
+  /// parameter twice), when a parameter value is not contiguous, and what Opt's constructor
+  /// throws.
   template <class L, class... Args>
   explicit ZeroOptimizer(DataParallel<L>& dp, Args&&... opt_args)
       : ZeroOptimizer(dp.buckets(), std::forward<Args>(opt_args)...) {}
@@ -98,6 +100,9 @@ class ZeroOptimizer {
   template <std::floating_point T>
   struct State final : StateBase {
     explicit State(GradBuckets<T>& b) : buckets(&b), comm(b.comm()) {
+      TESSERA_EXPECTS(b.mode() == GradReduce::all_reduce, "ZeroOptimizer: the gradient buckets over ", comm.name(),
+                      " already have a ZeroOptimizer; a second one would update every parameter twice. Build one "
+                      "ZeroOptimizer per DataParallel (with parameter groups for different options)");
       buckets->set_mode(GradReduce::reduce_scatter);
       const int r = comm.rank();
       for (std::size_t bi = 0; bi < buckets->buckets().size(); ++bi) {
@@ -162,6 +167,16 @@ class ZeroOptimizer {
       }
       if (error) std::rethrow_exception(error);
     }
+    // The buckets go back to all-reduce: with no sharded optimizer, every replica needs the
+    // whole reduced gradient.
+    ~State() override {
+      try {
+        buckets->set_mode(GradReduce::all_reduce);
+      } catch (...) {  // destroyed inside a backward: the mode stays; nothing to report from here
+      }
+    }
+    State(const State&) = delete;
+    State& operator=(const State&) = delete;
     void zero_grad() override { buckets->zero_grad(); }
     double clip_grad_norm(double max_norm) override {
       TESSERA_EXPECTS(max_norm >= 0, "ZeroOptimizer::clip_grad_norm: max_norm ", max_norm, " is negative");
