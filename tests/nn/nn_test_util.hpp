@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <functional>
+#include <span>
 #include <string>
 
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/testing/compare.hpp"
 
 namespace nn_test {
 
@@ -30,18 +32,35 @@ void randomize(const tessera::ParameterList<T>& params, std::uint64_t seed, doub
   for (tessera::Parameter<T>& p : params) tessera::fill_normal(p.value, seed, p.name, std);
 }
 
-// ||a - b|| / max(||a||, ||b||), over all elements.
-inline double relative_error(const Tensor<double>& a, const Tensor<double>& b) {
+// The elements of a contiguous tensor, read-only (for the comparisons of tessera/testing).
+template <class T>
+std::span<const T> values_of(const Tensor<T>& contiguous) {
+  return std::span<const T>(contiguous.span());
+}
+
+// ||a - b|| / max(||a||, ||b||), over all elements; +infinity when either holds a NaN or an
+// infinity (tessera::testing::norm_rel_error), so `relative_error(...) < tol` fails on garbage.
+template <class A, class B>
+double relative_error(const Tensor<A>& a, const Tensor<B>& b) {
   REQUIRE(a.shape() == b.shape());
-  double num = 0, na = 0, nb = 0;
-  const Tensor<double> ac = a.contiguous(), bc = b.contiguous();
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    num += (ac.data()[i] - bc.data()[i]) * (ac.data()[i] - bc.data()[i]);
-    na += ac.data()[i] * ac.data()[i];
-    nb += bc.data()[i] * bc.data()[i];
-  }
-  const double den = std::sqrt(std::max(na, nb));
-  return den == 0 ? std::sqrt(num) : std::sqrt(num) / den;
+  const Tensor<A> ac = a.contiguous();
+  const Tensor<B> bc = b.contiguous();
+  return tessera::testing::norm_rel_error(values_of(ac), values_of(bc));
+}
+
+// Whether two tensors hold bitwise the same values, all finite (tessera::testing::bitwise_equal_finite).
+template <class T>
+bool bitwise_equal(const Tensor<T>& a, const Tensor<T>& b) {
+  if (a.shape() != b.shape()) return false;
+  const Tensor<T> ac = a.contiguous(), bc = b.contiguous();
+  return tessera::testing::bitwise_equal_finite(values_of(ac), values_of(bc));
+}
+
+// Whether every element is finite.
+template <class T>
+bool all_finite(const Tensor<T>& a) {
+  const Tensor<T> ac = a.contiguous();
+  return tessera::testing::all_finite(values_of(ac));
 }
 
 // The L2 norm of all elements.
