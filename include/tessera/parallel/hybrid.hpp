@@ -157,6 +157,42 @@ class Hybrid {
     const double tp0 = tp_timer_->seconds;
     stats_ = HybridStepStats{};
     const double local_sum = static_cast<double>(pipe_.step(inputs, targets, options_.num_microbatches));
+    return finish_step(t0, tp0, local_sum);
+  }
+
+  /// Takes part in a step without data: a dp replica whose data ran out calls it (on every rank
+  /// of its pp x tp group) where the other replicas call forward_backward, and contributes no
+  /// loss and zero gradients (what its gradients hold: zero after zero_grad) to the dp
+  /// reduction; the accumulation window advances as with forward_backward. Returns the mean
+  /// loss over the other replicas' valid targets, the same on every rank. Collective over the
+  /// world (with the other replicas' forward_backward). Use any_rank_has_data or
+  /// agree_num_steps to decide when (DataParallel's uneven-data helpers; CASES C1).
+  double skip_forward_backward() {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double tp0 = tp_timer_->seconds;
+    stats_ = HybridStepStats{};
+    pipe_.skip_step();
+    return finish_step(t0, tp0, 0.0);
+  }
+
+  /// Whether any rank still has data: the loop `while (model.any_rank_has_data(more))` runs the
+  /// same number of steps on every rank, a replica without data calling skip_forward_backward.
+  /// Collective over the world (one all-reduce of an int), so every rank takes the same branch
+  /// (CASES C10).
+  bool any_rank_has_data(bool has_data) {
+    return mesh_->world().all_reduce_value(has_data ? 1 : 0, ReduceOp::max) > 0;
+  }
+  /// The smallest of the ranks' `local_steps`: the number of steps every rank runs when the
+  /// replicas with more data drop the rest (DistributedSampler's drop_last). Collective over the
+  /// world.
+  std::int64_t agree_num_steps(std::int64_t local_steps) {
+    return mesh_->world().all_reduce_value(local_steps, ReduceOp::min);
+  }
+
+ private:
+  // The dp part of a step: the loss and count summed over dp; when the window closes, the dp
+  // reduction of the gradients and the one division by the window's count.
+  double finish_step(std::chrono::steady_clock::time_point t0, double tp0, double local_sum) {
     const PipelineStepStats& ps = pipe_.last_step();
     std::vector<double> lc{local_sum, static_cast<double>(ps.num_valid)};
     mesh_->dp().all_reduce(lc, ReduceOp::sum);
@@ -186,6 +222,8 @@ class Hybrid {
     stats_.pp_wait_seconds = ps.transfer_seconds;
     return stats_.loss;
   }
+
+ public:
 
   /// The global L2 norm of the gradients (a tp-replicated parameter and a tied weight counted
   /// once), then all gradients scaled by min(1, max_norm / (norm + 1e-6)) as torch's

@@ -253,6 +253,18 @@ class PipelineParallel {
     return run_step(schedule::Schedule(builder.build(p_)), inputs, targets);
   }
 
+  /// A step without data, for a pipeline whose data ran out while other dp replicas still have
+  /// some (Hybrid::skip_forward_backward): no forward or backward and no transfers; the
+  /// gradients keep what they hold (zero after zero_grad), the accumulation window advances,
+  /// and when it closes the tied copies' gradients are summed and normalized as by step().
+  /// Returns 0. Collective over pp (every rank of it skips together).
+  T skip_step() {
+    stats_ = PipelineStepStats{};
+    stats_.schedule = "skipped (no data)";
+    close_step(0.0, 0);
+    return T{0};
+  }
+
   /// Forward only, without micro-batches, contexts or gradients (evaluation and generation):
   /// stage after stage, each stage's rank runs it on the whole batch and sends its output to
   /// the next stage's rank. Returns the last stage's output (e.g. logits (B, T, V)), the same on
@@ -625,7 +637,14 @@ class PipelineParallel {
     const std::int64_t count = static_cast<std::int64_t>(lc[1]);
     stats_.num_valid = count;
     stats_.loss = normalized(lc[0], count);
-    window_sum_ += lc[0];
+    close_step(lc[0], count);
+    return static_cast<T>(stats_.loss);
+  }
+
+  // Adds a step's summed loss and count to the accumulation window; when the window closes,
+  // sums the tied copies' gradients and normalizes. Collective over pp when it closes.
+  void close_step(double sum, std::int64_t count) {
+    window_sum_ += sum;
     window_count_ += count;
     if (++window_steps_ == options_.accumulation_steps) {
       sync_tied_grads();
@@ -640,7 +659,6 @@ class PipelineParallel {
       window_steps_ = 0;
       stats_.grads_final = true;
     }
-    return static_cast<T>(stats_.loss);
   }
 
   double normalized(double sum, std::int64_t count) const {

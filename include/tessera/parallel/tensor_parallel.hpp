@@ -41,6 +41,21 @@ struct TensorParallelOptions {
 template <class Block, class BlockLayout = Replicate>
 class TensorParallel;
 
+/// The layout a block's output leaves TensorParallel with: the block's own layout, unless the
+/// block declares `using tp_output = tessera::Shard<-1>;` -- its plan ends with a
+/// column-parallel layer whose output stays split over the last dim (an LM head whose logits
+/// go to VocabParallelCrossEntropy, Megatron-LM's `gather_output=False` output layer).
+template <class Block, class BlockLayout>
+struct TensorParallelOutputLayout {
+  using type = BlockLayout;  ///< the block's own layout
+};
+/// A block that declares `tp_output`.
+template <class Block, class BlockLayout>
+  requires requires { typename Block::tp_output; }
+struct TensorParallelOutputLayout<Block, BlockLayout> {
+  using type = typename Block::tp_output;  ///< what the block declares
+};
+
 namespace detail::tp {
 
 using tessera::tp::ColumnStep;
@@ -183,7 +198,7 @@ struct Empty {};
 template <class T, class B, class Step, class In, class Region>
 struct StepExec;
 
-template <class T, class B, class Region, class In, std::size_t I, class Steps,
+template <class T, class B, class Region, class In, std::size_t I, class Steps, class Exit = Region,
           bool End = (I == std::tuple_size_v<Steps>)>
 struct ChainExec;
 
@@ -358,11 +373,12 @@ struct StepExec<T, B, ScatterStep, In, Region>
 
 // ---- chains ----------------------------------------------------------------------------------
 
-/// Steps I.. of `Steps` entered with layout In; at the end, the conversion back to Region.
-template <class T, class B, class Region, class In, std::size_t I, class Steps>
-struct ChainExec<T, B, Region, In, I, Steps, false> {
+/// Steps I.. of `Steps` entered with layout In; at the end, the conversion to Exit (the
+/// block's layout Region, or the output layout a block declares).
+template <class T, class B, class Region, class In, std::size_t I, class Steps, class Exit>
+struct ChainExec<T, B, Region, In, I, Steps, Exit, false> {
   using Head = StepExec<T, B, std::tuple_element_t<I, Steps>, In, Region>;
-  using Tail = ChainExec<T, B, Region, typename Head::Out, I + 1, Steps>;
+  using Tail = ChainExec<T, B, Region, typename Head::Out, I + 1, Steps, Exit>;
   static constexpr LayoutError error = Head::error != LayoutError::none ? Head::error : Tail::error;
   /// The step's module, then the rest's.
   struct Module {
@@ -377,7 +393,7 @@ struct ChainExec<T, B, Region, In, I, Steps, false> {
   static Module make(B& b, const Steps& steps, Comm& tp) {
     return Module{Head::make(b, std::get<I>(steps), tp), Tail::make(b, steps, tp)};
   }
-  static ForwardResult<Act<T, Region>, Context> forward(Module& m, Comm& tp, const Act<T, In>& x) {
+  static ForwardResult<Act<T, Exit>, Context> forward(Module& m, Comm& tp, const Act<T, In>& x) {
     auto h = Head::forward(m.head, tp, x);
     auto t = Tail::forward(m.tail, tp, h.output);
     return {std::move(t.output), Context{std::move(h.ctx), std::move(t.ctx)}};
@@ -391,15 +407,15 @@ struct ChainExec<T, B, Region, In, I, Steps, false> {
   }
 };
 
-/// The end of a chain: the conversion from its last layout back to Region.
-template <class T, class B, class Region, class In, std::size_t I, class Steps>
-struct ChainExec<T, B, Region, In, I, Steps, true> {
-  using Convert = Conversion<T, In, Region>;
+/// The end of a chain: the conversion from its last layout to Exit.
+template <class T, class B, class Region, class In, std::size_t I, class Steps, class Exit>
+struct ChainExec<T, B, Region, In, I, Steps, Exit, true> {
+  using Convert = Conversion<T, In, Exit>;
   static constexpr LayoutError error = Convert::error;
   using Module = Empty;
   using Context = Empty;
   static Module make(B&, const Steps&, Comm&) { return {}; }
-  static ForwardResult<Act<T, Region>, Context> forward(Module&, Comm& tp, const Act<T, In>& x) {
+  static ForwardResult<Act<T, Exit>, Context> forward(Module&, Comm& tp, const Act<T, In>& x) {
     return {Convert::forward(tp, x), {}};
   }
   static Tensor<T> backward(Module&, Comm& tp, const Tensor<T>& dy, Context&) { return Convert::backward(tp, dy); }
@@ -462,6 +478,8 @@ struct ReplicatedGradSum {
 /// `BlockLayout` is the layout of the block's input and output: Replicate, or Shard<1>
 /// (sequence parallelism: (B, T / tp, d) activations; LayerNorms run on this rank's positions
 /// and their gradients are summed over tp at the end of backward, see TensorParallelOptions).
+/// A block that declares `using tp_output = tessera::Shard<-1>;` keeps its last column-parallel
+/// output split instead (TensorParallelOutputLayout): an LM head's vocab-parallel logits.
 ///
 /// For GPT-2's block (nn::Block: attention and MLP by their plans): per forward, 2 all-reduces
 /// of (B, T, d), per backward 2 more; under sequence parallelism, each of them becomes a
@@ -480,13 +498,17 @@ class TensorParallel {
   using T = typename LayerTraits<Block>::Scalar;
   using Region = std::conditional_t<detail::tp::is_block_layout_v<BlockLayout>, BlockLayout, Replicate>;
   using Steps = detail::tp::plan_steps_t<Block>;
-  using Chain = detail::tp::ChainExec<T, Block, Region, Region, 0, Steps>;
+  using OutLayout = typename TensorParallelOutputLayout<Block, Region>::type;
+  static_assert(std::same_as<OutLayout, Region> || std::same_as<OutLayout, Shard<-1>>,
+                "tessera: a block's `tp_output` layout is tessera::Shard<-1> (its last column-parallel output kept "
+                "split); otherwise leave it out and the output has the block's layout.");
+  using Chain = detail::tp::ChainExec<T, Block, Region, Region, 0, Steps, OutLayout>;
   static constexpr bool plan_ok = Chain::error == detail::tp::LayoutError::none;
   static_assert(detail::tp::check_layout_error<Chain::error>());
 
  public:
   using Input = Activation<Tensor<T>, Region>;   ///< x: (B, T, d), or (B, T / tp, d) under SP
-  using Output = Activation<Tensor<T>, Region>;  ///< y: as x
+  using Output = Activation<Tensor<T>, OutLayout>;  ///< y: as x (Shard<-1>: this rank's last-dim slice)
   using Context = typename Chain::Context;       ///< every step's context
 
   /// The tensor-parallel form of `block` on this rank: shards of its column and row members,
