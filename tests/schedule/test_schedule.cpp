@@ -223,18 +223,30 @@ TEST_CASE("check: peak micro-batches in flight is min(p - rank, m) for 1F1B, m f
         CHECK(one.peak_in_flight[static_cast<std::size_t>(r)] == std::min(p - r, m));
         CHECK(gpipe.peak_in_flight[static_cast<std::size_t>(r)] == m);
       }
-      for (int v = 2; v <= 3; ++v) {
-        const InterleavedOneFOneB opts{.num_microbatches = m, .virtual_stages = v};
-        if (!interleaved_options_valid(p, m, p)) continue;
-        const CheckReport il = check(opts, p);
-        for (int r = 0; r < p; ++r)
-          CHECK(il.peak_in_flight[static_cast<std::size_t>(r)] ==
-                std::min(opts.num_warmup_microbatches(p, r) + 1, m * v));
-      }
+      // Interleaved: Megatron-LM's warm-up (REFERENCE.md A.2), written out here rather than
+      // taken from the library: (p - r - 1) * 2 + (v - 1) * group forwards, capped at m v; then
+      // one more forward before the first backward.
+      for (int v = 1; v <= 3; ++v)
+        for (int group : {p, p + 1, m}) {
+          if (!interleaved_options_valid(p, m, group)) continue;
+          const CheckReport il =
+              check(InterleavedOneFOneB{.num_microbatches = m, .virtual_stages = v, .microbatch_group_size = group}, p);
+          for (int r = 0; r < p; ++r) {
+            CAPTURE(p);
+            CAPTURE(m);
+            CAPTURE(v);
+            CAPTURE(group);
+            CAPTURE(r);
+            const int warmup = std::min((p - r - 1) * 2 + (v - 1) * group, m * v);
+            CHECK(il.peak_in_flight[static_cast<std::size_t>(r)] == std::min(warmup + 1, m * v));
+          }
+        }
     }
   // The numbers of REFERENCE.md C: 1F1B's first stage holds p micro-batches, GPipe's m.
   CHECK(check(OneFOneB{.num_microbatches = 8}, 4).max_peak_in_flight() == 4);
   CHECK(check(GPipe{.num_microbatches = 8}, 4).max_peak_in_flight() == 8);
+  // Interleaved p = 4, v = 2, m = 8: rank 0 warms up with 3 * 2 + 1 * 4 = 10 forwards, then one more.
+  CHECK(check(InterleavedOneFOneB{.num_microbatches = 8, .virtual_stages = 2}, 4).max_peak_in_flight() == 11);
 }
 
 TEST_CASE("check: two ranks that each receive before they send deadlock; the error names both stuck ranks and actions") {
