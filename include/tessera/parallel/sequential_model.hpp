@@ -393,31 +393,56 @@ class LayoutCheckedLoss {
                 "split over the vocabulary (Shard<-1>, a head with `tp_output`) need a vocab-parallel loss such as "
                 "tessera::VocabParallelCrossEntropy; a replicated output needs a loss taking tessera::Tensor.");
 
+  static auto context_probe() {
+    if constexpr (takes_activation)
+      return typename std::remove_cvref_t<decltype(std::declval<Loss&>().forward(std::declval<const Act&>(),
+                                                                                  std::declval<const Target&>()))>::Context{};
+    else if constexpr (takes_tensor)
+      return typename std::remove_cvref_t<decltype(std::declval<Loss&>().forward(std::declval<const Tensor<T>&>(),
+                                                                                  std::declval<const Target&>()))>::Context{};
+    else
+      return detail::NotALayer{};
+  }
+
  public:
   /// The context of the wrapped loss.
-  using Context = typename std::remove_cvref_t<decltype(std::declval<Loss&>().forward(
-      std::declval<std::conditional_t<takes_activation, const Act&, const Tensor<T>&>>(),
-      std::declval<const Target&>()))>::Context;
+  using Context = decltype(context_probe());
 
   /// Wraps `loss` (moved in).
   explicit LayoutCheckedLoss(Loss loss) : loss_(std::make_shared<Loss>(std::move(loss))) {}
   /// The summed loss of `y` (this rank's part of the output) against `targets`.
   ForwardResult<T, Context> forward(const Tensor<T>& y, const Target& targets) const {
-    if constexpr (takes_activation)
+    if constexpr (takes_activation) {
       return loss_->forward(Act{y}, targets);
-    else
+    } else if constexpr (takes_tensor) {
       return loss_->forward(y, targets);
+    } else {
+      (void)y;
+      (void)targets;
+      return {};
+    }
   }
   /// The gradient of the output for `dloss` times the summed loss, as a plain tensor.
   Tensor<T> backward(T dloss, const Context& ctx) const {
-    auto g = loss_->backward(dloss, ctx);
-    if constexpr (requires { g.value; })
-      return g.value;
-    else
-      return g;
+    if constexpr (takes_activation || takes_tensor) {
+      auto g = loss_->backward(dloss, ctx);
+      if constexpr (requires { g.value; })
+        return g.value;
+      else
+        return g;
+    } else {
+      (void)dloss;
+      (void)ctx;
+      return {};
+    }
   }
   /// The number of units the loss sums over.
-  std::int64_t count_valid(const Target& targets) const { return loss_->count_valid(targets); }
+  std::int64_t count_valid(const Target& targets) const {
+    if constexpr (takes_activation || takes_tensor)
+      return loss_->count_valid(targets);
+    else
+      return (void)targets, 0;
+  }
 
  private:
   std::shared_ptr<Loss> loss_;
