@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -22,6 +22,7 @@
 #include "tessera/parallel/pipeline_parallel.hpp"
 #include "tessera/parallel/stage_partition.hpp"
 #include "tessera/schedule/all.hpp"
+#include "tessera/testing/compare.hpp"
 
 namespace pipe_bodies {
 
@@ -29,6 +30,7 @@ using tessera::Comm;
 using tessera::Parameter;
 using tessera::Shape;
 using tessera::Tensor;
+using tessera::testing::WorstError;
 using Tokens = Tensor<std::int32_t>;
 using GPTPipe = tessera::PipelineParallel<float, Tokens, Tokens>;
 
@@ -87,14 +89,15 @@ inline const SerialRun& serial_reference() {
   return run;
 }
 
-// max |a - b| / max |b| over a tensor (fp32 round-off: about 1e-6 after 5 steps).
+// The elements of a parameter's value or gradient, read-only.
+inline std::span<const float> values_of(const Tensor<float>& t) { return std::span<const float>(t.span()); }
+
+// max |a - b| / max |b| over a tensor of b.size() elements (fp32 round-off: about 1e-6 after 5
+// steps); +infinity when either side holds a NaN or an infinity (tessera::testing::max_rel_error).
+// An all-zero reference divides by 1e-30, so that any difference from it fails.
 inline double rel_err(const float* a, const std::vector<float>& b) {
-  double diff = 0, scale = 1e-30;
-  for (std::size_t i = 0; i < b.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
-    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
-  }
-  return diff / scale;
+  const double e = tessera::testing::max_rel_error(std::span<const float>(a, b.size()), std::span<const float>(b));
+  return std::ranges::any_of(b, [](float x) { return x != 0; }) ? e : e / 1e-30;
 }
 
 inline GPTPipe make_gpt_pipe(Comm& comm, tessera::PipelineOptions opts) {
@@ -123,7 +126,8 @@ inline bool tied_copies_bitwise_equal(Comm& comm, GPTPipe& pipe) {
                                   tessera::P2POp::recv(std::span<float>(theirs), peer, 7)};
     comm.batch_send_recv(ops);
   }
-  const int equal = std::memcmp(mine.data(), theirs.data(), mine.size() * sizeof(float)) == 0 ? 1 : 0;
+  // Bitwise, and finite: two copies that are both NaN are not "equal".
+  const int equal = tessera::testing::bitwise_equal_finite(std::span<const float>(mine), std::span<const float>(theirs)) ? 1 : 0;
   return comm.all_reduce_value(equal, tessera::ReduceOp::min) == 1;
 }
 
@@ -150,23 +154,25 @@ inline EquivReport gpt_equivalence_body(Comm& comm, tessera::PipelineScheduleKin
   r.pp = comm.size();
   r.m = m;
   r.kind = kind;
-  r.max_param_err = r.max_loss_err = r.max_first_grad_err = 0;
+  WorstError param_err, loss_err, first_grad_err;  // a NaN is +inf, not dropped
   const bool feeds = pipe.holds_stage(0), ends = pipe.holds_stage(pipe.num_stages() - 1);
   for (int s = 0; s < steps; ++s) {
     pipe.zero_grad();
     // Only the first stage's rank reads the tokens and only the last stage's the targets.
     const double loss = pipe.step(feeds ? tokens(8) : Tokens(), ends ? targets(8) : Tokens(), m);
-    r.max_loss_err = std::max(r.max_loss_err, std::abs(loss - ref.losses[static_cast<std::size_t>(s)]));
+    loss_err.add(loss - ref.losses[static_cast<std::size_t>(s)]);
     if (s == 0)
-      for (Parameter<float>& p : pipe.parameters())
-        r.max_first_grad_err = std::max(r.max_first_grad_err, rel_err(p.grad.data(), ref.first_grads.at(p.name)));
+      for (Parameter<float>& p : pipe.parameters()) first_grad_err.add(rel_err(p.grad.data(), ref.first_grads.at(p.name)));
     opt.step();
   }
   int checked = 0;
   for (Parameter<float>& p : pipe.parameters()) {
-    r.max_param_err = std::max(r.max_param_err, rel_err(p.value.data(), ref.params.at(p.name)));
+    param_err.add(rel_err(p.value.data(), ref.params.at(p.name)));
     ++checked;
   }
+  r.max_param_err = param_err.value();
+  r.max_loss_err = loss_err.value();
+  r.max_first_grad_err = first_grad_err.value();
   // The last stage's copy of wte is checked but counted once.
   if (ends && pipe.num_stages() > 1) checked -= static_cast<int>(pipe.stage(pipe.num_stages() - 1).tied_parameters().size());
   r.params_checked = comm.all_reduce_value(checked, tessera::ReduceOp::sum);
@@ -230,16 +236,16 @@ inline C5Report c5_body(Comm& comm) {
   r.not_final_after_first = !two.last_step().grads_final;
   two.step(tokens(8).slice(0, 4, 8), targets(8).slice(0, 4, 8), 2);
   r.final_after_second = two.last_step().grads_final;
-  r.loss_diff = std::abs(two.accumulated_loss() - one_loss);
-  r.max_grad_err = r.max_untied_grad_diff = 0;
+  r.loss_diff = tessera::testing::finite_or_infinite(std::abs(two.accumulated_loss() - one_loss));
+  WorstError grad_err, untied_grad_diff;
   for (Parameter<float>& p : two.parameters()) {
     const Parameter<float>& q = one.parameters().at(p.name);
     const std::vector<float> ref(q.grad.data(), q.grad.data() + q.grad.numel());
-    r.max_grad_err = std::max(r.max_grad_err, rel_err(p.grad.data(), ref));
-    if (p.name != "wte.weight")
-      for (std::size_t i = 0; i < ref.size(); ++i)
-        r.max_untied_grad_diff = std::max(r.max_untied_grad_diff, static_cast<double>(std::abs(p.grad.data()[i] - ref[i])));
+    grad_err.add(rel_err(p.grad.data(), ref));
+    if (p.name != "wte.weight") untied_grad_diff.add(tessera::testing::max_abs_error(values_of(p.grad), values_of(q.grad)));
   }
+  r.max_grad_err = grad_err.value();
+  r.max_untied_grad_diff = untied_grad_diff.value();
   r.tied_bitwise = tied_copies_bitwise_equal(comm, two);
 
   // The same global batch of 16 as 8 micro-batches of 2 and as 2 of 8: the same gradient norm,

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "tessera/parallel/pipeline_parallel.hpp"
 #include "tessera/parallel/stage_partition.hpp"
 #include "tessera/parallel/static_stage_partition.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 using namespace tessera;
@@ -189,13 +191,12 @@ TEST_CASE("StaticStagePartition: a 7-layer type list cut into 2 and 4 stages tra
         losses.push_back(pipe.step(data(10, step), data(10, 100 + step), 4));
         opt.step();
       }
-      double err = 0;
+      testing::WorstError err;  // a NaN is +inf, not dropped
       for (Parameter<float>& p : pipe.parameters()) {
         const Parameter<float>& q = serial->parameters().at(p.name);
-        for (std::int64_t i = 0; i < p.value.numel(); ++i)
-          err = std::max(err, static_cast<double>(std::abs(p.value.data()[i] - q.value.data()[i])));
+        err.add(testing::max_abs_error(std::span<const float>(p.value.span()), std::span<const float>(q.value.span())));
       }
-      return std::pair{losses, err};
+      return std::pair{losses, err.value()};
     });
   };
   for (const auto& [losses, err] : run(TwoStages{}, 2, PipelineScheduleKind::one_f_one_b)) {
@@ -246,7 +247,7 @@ TEST_CASE("GPTPipelineStage: stages cut anywhere hold exactly nn::GPT's paramete
       auto st = make_gpt_pipeline_stage<float>(cfg, 11, cut, s);
       for (Parameter<float>& p : st->parameters()) {
         const Parameter<float>& q = gpt.parameters().at(p.name);
-        CHECK(std::equal(p.value.data(), p.value.data() + p.value.numel(), q.value.data()));
+        CHECK(testing::bitwise_equal_finite(std::span<const float>(p.value.span()), std::span<const float>(q.value.span())));
         ++count;
       }
       // The tied weight: on the first stage (without the head) and as a copy on the last.
