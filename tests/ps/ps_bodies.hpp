@@ -9,7 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,6 +23,7 @@
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/sgd.hpp"
 #include "tessera/parallel/parameter_server.hpp"
+#include "tessera/testing/compare.hpp"
 
 namespace ps_bodies {
 
@@ -51,9 +54,6 @@ struct Config {
   bool explicit_finish = true;     // false: rely on the destructor's "done"
   int busy_ms = -1;                 // >= 0: push, pull, sleep busy_ms (no communication), wait;
                                     // -1: step()
-  // Threads only: every worker's clock, set just before each push (so it is never behind
-  // what a server has seen); used to measure the staleness independently of the servers.
-  std::atomic<std::int64_t>* clocks = nullptr;
 };
 
 // Rows [lo, hi) of the global batch belong to worker w of W.
@@ -159,8 +159,7 @@ struct RankResult {
   std::vector<T> values;       // worker: its parameters, flattened; server: its shard
   std::int64_t key_begin = 0;  // server: first key of its shard
   ParameterServerStats stats{};
-  std::int64_t max_gap_seen = 0;  // worker, threads only: max over pulls of my clock - min of all clocks
-  std::string error;              // an error a body caught on purpose
+  std::string error;           // an error a body caught on purpose
 };
 
 // The parameter-server run of Config `c` on `world`. Worker w holds rows [rows_begin(w),
@@ -188,7 +187,6 @@ RankResult<T> ps_run(Comm& world, const Config& c) {
     params.zero_grad();
     if (hi > lo) accumulate_grad(m, batch_x<T>(c, t).slice(0, lo, hi), batch_y<T>(c, t).slice(0, lo, hi));
     if (w == c.slow_worker) std::this_thread::sleep_for(std::chrono::milliseconds(c.slow_ms));
-    if (c.clocks) c.clocks[w].store(t);
     if (c.busy_ms >= 0) {
       const std::int64_t pushed = ps->push(params, hi - lo);
       const std::int64_t pulled = ps->pull(params);
@@ -197,11 +195,6 @@ RankResult<T> ps_run(Comm& world, const Config& c) {
       ps->wait(pulled);
     } else {
       ps->step(m, hi - lo);
-    }
-    if (c.clocks) {
-      std::int64_t lowest = t;
-      for (int q = 0; q < W; ++q) lowest = std::min(lowest, c.clocks[q].load());
-      r.max_gap_seen = std::max(r.max_gap_seen, t - lowest);
     }
   }
   if (c.explicit_finish) ps->finish();
@@ -234,20 +227,20 @@ std::vector<T> dp_reference_run(Comm& comm, const Config& c) {
   return flatten(ps);
 }
 
-// ||a - b|| / max(||a||, ||b||).
+// ||a - b|| / max(||a||, ||b||); +infinity when either side holds a NaN or an infinity, or the
+// sizes differ (tessera::testing::norm_rel_error).
 template <class T>
 double relative_error(const std::vector<T>& a, const std::vector<T>& b) {
-  double num = 0, na = 0, nb = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double x = a[i], y = b[i];
-    num += (x - y) * (x - y);
-    na += x * x;
-    nb += y * y;
-  }
-  return std::sqrt(num) / std::max(std::sqrt(std::max(na, nb)), 1e-300);
+  return tessera::testing::norm_rel_error(std::span<const T>(a), std::span<const T>(b));
 }
 
-// ---- linear regression (the asynchronous convergence check) ---------------------------------
+// Whether a and b hold the same bits, every value finite (tessera::testing::bitwise_equal_finite).
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return tessera::testing::bitwise_equal_finite(std::span<const T>(a), std::span<const T>(b));
+}
+
+// ---- linear regression (the asynchronous runs) ------------------------------------------------
 
 // y = X w* + b*, X: (rows, 8) normal, w* normal, b* = 0.5; worker w owns a contiguous block of
 // rows and runs full-batch gradient steps on it (a SUM loss, count = its rows).
@@ -258,10 +251,18 @@ struct Regression {
   int num_servers = 1;
   ParameterServerMode mode = ParameterServerMode::async;
   int staleness = 2;
-  int slow_worker = -1;
+  int slow_worker = -1;             // this worker sleeps slow_ms before every push
   int slow_ms = 0;
   double lr = 0.2;
+  std::vector<int> worker_steps{};  // per worker: steps it runs (default: all run `steps`)
+  // Threads only: every worker's clock, set just before each push (so it is never behind what
+  // a server has seen) and set to "finished" (int64 max) just before finish().
+  std::atomic<std::int64_t>* clocks = nullptr;
 };
+
+inline int steps_of(const Regression& r, int w) {
+  return r.worker_steps.empty() ? r.steps : r.worker_steps[static_cast<std::size_t>(w)];
+}
 
 template <class T>
 struct RegressionData {
@@ -292,44 +293,136 @@ double regression_loss(tessera::nn::Linear<T>& lin, const RegressionData<T>& d) 
   return s / static_cast<double>(out.size(0));
 }
 
+// The version probe: a parameter "version" appended to the model, zero at the start, whose
+// gradient every worker sets to -1 per sample (its pushed SUM is -count), so that the mean
+// gradient of every global step is -1 and the servers' SGD with lr 1 on it adds 1 per step:
+// the values a pull returns from server s carry that server's global step count, read by the
+// worker itself. Long enough (10 keys per server, the model has 9) that every server's
+// contiguous key range holds some of it.
+inline std::int64_t probe_length(int num_servers) { return 10 * static_cast<std::int64_t>(num_servers); }
+inline constexpr const char* probe_name = "version";
+
 // What a regression run reports: on a worker the full-data loss before the first and after the
-// last step (with the values of its last pull), and the staleness it saw.
+// last step (with the values of its last pull), the counters, and what it observed itself.
 struct RegressionResult {
   bool server = false;
+  int index = -1;  // worker or server index
   double initial_loss = 0, final_loss = 0;
   ParameterServerStats stats{};
+  // Worker: versions[t - 1][s] = the global step count of the values server s returned to the
+  // pull at this worker's clock t, read off the version probe. Server: versions[0][0] = the
+  // count read off its final shard.
+  std::vector<std::vector<std::int64_t>> versions;
+  std::int64_t max_gap_seen = 0;  // worker, threads only: max over pulls of my clock - min of the running clocks
+  std::string error;              // what went wrong in the observation itself (empty: nothing)
 };
+
+// Reads the version probe's keys of server s (all of them must hold the same whole number).
+template <class T>
+std::int64_t probe_version(const std::vector<T>& flat, std::int64_t probe_begin, std::int64_t key_begin,
+                           std::int64_t key_end, std::string& error) {
+  const std::int64_t lo = std::max(probe_begin, key_begin), hi = key_end;
+  if (lo >= hi) {
+    error = "a server's key range holds no key of the version probe";
+    return -1;
+  }
+  const double v = flat[static_cast<std::size_t>(lo)];
+  const std::int64_t version = std::llround(v);
+  for (std::int64_t k = lo; k < hi; ++k)
+    if (!std::isfinite(static_cast<double>(flat[static_cast<std::size_t>(k)])) ||
+        std::abs(static_cast<double>(flat[static_cast<std::size_t>(k)]) - static_cast<double>(version)) > 1e-3)
+      error = "version probe key " + std::to_string(k) + " holds " + std::to_string(flat[static_cast<std::size_t>(k)]) +
+              ", not the step count " + std::to_string(version) + " of key " + std::to_string(lo);
+  return version;
+}
 
 template <class T>
 RegressionResult regression_run(Comm& world, const Regression& r) {
   const RegressionData<T> data = regression_data<T>(r);
   tessera::nn::Linear<T> lin(r.features, 1, tessera::nn::LayerInit{.seed = 5, .std = 0.1});
-  ParameterServer<T> ps(world, lin.parameters(),
-                        {.num_servers = r.num_servers, .mode = r.mode, .staleness = r.staleness});
+  tessera::Parameter<T> probe(probe_name, Tensor<T>(Shape{probe_length(r.num_servers)}));
+  ParameterList<T> params = lin.parameters();
+  params.push_back(probe);
+  std::int64_t probe_begin = 0;
+  for (const tessera::Parameter<T>& p : lin.parameters()) probe_begin += p.value.numel();
+  ParameterServer<T> ps(world, params, {.num_servers = r.num_servers, .mode = r.mode, .staleness = r.staleness});
   RegressionResult out;
   if (ps.is_server()) {
-    tessera::optim::SGD<T> opt(ps.shard_parameters(), {.lr = r.lr});
+    ParameterList<T> model_part, probe_part;
+    for (tessera::Parameter<T>& p : ps.shard_parameters()) (p.name == probe_name ? probe_part : model_part).push_back(p);
+    struct Both {
+      tessera::optim::SGD<T> model, probe;
+      void step() {
+        model.step();
+        probe.step();
+      }
+    } opt{tessera::optim::SGD<T>(model_part, {.lr = r.lr}), tessera::optim::SGD<T>(probe_part, {.lr = 1.0})};
     out.server = true;
+    out.index = ps.server_index();
     out.stats = ps.serve(opt);
+    const std::int64_t lo = ps.layout().key_begin(out.index), hi = ps.layout().key_end(out.index);
+    std::vector<T> flat(static_cast<std::size_t>(ps.layout().num_keys()), T(0));
+    const std::vector<T> shard = flatten(ps.shard_parameters());
+    std::copy(shard.begin(), shard.end(), flat.begin() + lo);
+    out.versions = {{probe_version(flat, probe_begin, lo, hi, out.error)}};
     return out;
   }
-  const int w = ps.worker_index(), W = ps.num_workers();
+  const int w = ps.worker_index(), W = ps.num_workers(), S = ps.num_servers();
+  out.index = w;
   const std::int64_t lo = rows_begin(r.rows, w, W), hi = rows_begin(r.rows, w + 1, W);
   const Tensor<T> x = data.x.slice(0, lo, hi), y = data.y.slice(0, lo, hi);
   out.initial_loss = regression_loss(lin, data);
-  for (int t = 1; t <= r.steps; ++t) {
-    lin.parameters().zero_grad();
+  for (int t = 1; t <= steps_of(r, w); ++t) {
+    params.zero_grad();
     auto [pred, ctx] = lin.forward(x);
     Tensor<T> dy = pred.clone();
     dy.add_(y, T{-1});
     lin.backward(dy, ctx);
+    probe.grad.fill(static_cast<T>(-(hi - lo)));
     if (w == r.slow_worker) std::this_thread::sleep_for(std::chrono::milliseconds(r.slow_ms));
-    ps.step(lin, hi - lo);
+    if (r.clocks) r.clocks[w].store(t);
+    ps.step(params, hi - lo);
+    const std::vector<T> flat = flatten(params);
+    std::vector<std::int64_t>& seen = out.versions.emplace_back();
+    for (int s = 0; s < S; ++s)
+      seen.push_back(probe_version(flat, probe_begin, ps.layout().key_begin(s), ps.layout().key_end(s), out.error));
+    if (r.clocks) {
+      std::int64_t lowest = t;
+      for (int q = 0; q < W; ++q) lowest = std::min(lowest, r.clocks[q].load());
+      out.max_gap_seen = std::max(out.max_gap_seen, t - lowest);
+    }
   }
+  if (r.clocks) r.clocks[w].store(std::numeric_limits<std::int64_t>::max());
   ps.finish();
   out.final_loss = regression_loss(lin, data);
   out.stats = ps.stats();
   return out;
+}
+
+// The staleness a worker observed: for every pull (at its clock t) and server s,
+// t - versions[t - 1][s], the number of its own steps the values it got lag behind.
+struct ObservedStaleness {
+  std::int64_t min = std::numeric_limits<std::int64_t>::max();  // over every pull and server
+  std::vector<std::int64_t> max;  // per server: the largest (at least 0 once a pull happened)
+  bool monotone = true;           // no server ever returned an older version than before
+  std::int64_t pulls = 0;
+};
+
+inline ObservedStaleness observed_staleness(const RegressionResult& r, int num_servers) {
+  ObservedStaleness o;
+  o.max.assign(static_cast<std::size_t>(num_servers), std::numeric_limits<std::int64_t>::min());
+  for (std::size_t i = 0; i < r.versions.size(); ++i) {
+    const std::int64_t t = static_cast<std::int64_t>(i) + 1;
+    for (int s = 0; s < num_servers; ++s) {
+      const auto si = static_cast<std::size_t>(s);
+      const std::int64_t v = r.versions[i][si];
+      o.min = std::min(o.min, t - v);
+      o.max[si] = std::max(o.max[si], t - v);
+      if (i > 0 && v < r.versions[i - 1][si]) o.monotone = false;
+    }
+    ++o.pulls;
+  }
+  return o;
 }
 
 }  // namespace ps_bodies

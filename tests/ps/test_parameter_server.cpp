@@ -1,10 +1,13 @@
 // The parameter server on the threads backend: synchronous runs against the serial run and,
 // bitwise, against a data-parallel step done by hand; stale-synchronous runs with a
-// deliberately slow worker (the staleness bound, instrumented; convergence; s = 0 equals sync);
-// termination; errors that name the numbers.
+// deliberately slow worker (the staleness bound, measured by the workers themselves and reached;
+// convergence; s = 0 equals data parallelism); termination; errors that name the numbers, on
+// every rank.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,10 +39,10 @@ std::vector<T> check_consistent(const std::vector<RankResult<T>>& rs) {
       for (std::size_t i = 0; i < r.values.size(); ++i)
         from_servers[static_cast<std::size_t>(r.key_begin) + i] = r.values[i];
     } else {
-      CHECK(r.values == v0);
+      CHECK(bitwise_equal(r.values, v0));
     }
   }
-  CHECK(from_servers == v0);
+  CHECK(bitwise_equal(from_servers, v0));
   return v0;
 }
 
@@ -57,7 +60,98 @@ void check_sync_equivalence(int world_size, int num_servers, Opt opt) {
   CHECK(relative_error(ps, serial) < (sizeof(T) == 4 ? 2e-6 : 1e-13));
   // The data-parallel reference on W ranks: SUM all-reduce in rank order, then * (1 / N).
   const std::vector<std::vector<T>> dp = run_ranks(W, [&](Comm& w) { return dp_reference_run<T>(w, c); });
-  CHECK(ps == dp.front());
+  CHECK(bitwise_equal(ps, dp.front()));
+}
+
+// Runs Regression r on `num_workers` workers and r.num_servers servers, with shared clocks.
+std::vector<RegressionResult> run_regression(int num_workers, Regression r) {
+  std::vector<std::atomic<std::int64_t>> clocks(static_cast<std::size_t>(num_workers));
+  r.clocks = clocks.data();
+  return run_ranks(num_workers + r.num_servers, [&](Comm& w) { return regression_run<float>(w, r); });
+}
+
+// The staleness bound s, as the workers saw it: every pull got from every server values at
+// least 0 and at most s of the worker's own steps old (read off the version probe), never older
+// than the pull before; every worker other than the slow one that runs more than s steps got
+// values exactly s steps old from every server at least once (the bound is reached, so the
+// server is not synchronous). The shared clocks agree: no worker's pull returned while it was
+// more than s steps ahead of the slowest running worker, and a fast one was s ahead. The
+// servers applied every step: their shards went through max(steps) global steps.
+void check_bound(const std::vector<RegressionResult>& rs, const Regression& r, int num_workers) {
+  const int s = r.staleness, S = r.num_servers;
+  int last = 0;
+  std::int64_t pushes = 0;
+  for (int w = 0; w < num_workers; ++w) {
+    last = std::max(last, steps_of(r, w));
+    pushes += steps_of(r, w);
+  }
+  std::int64_t fast_gap = 0;
+  bool any_fast = false;
+  for (const RegressionResult& x : rs) {
+    CAPTURE(x.server);
+    CAPTURE(x.index);
+    CHECK(x.error.empty());
+    if (x.server) {
+      REQUIRE(x.versions.size() == 1);
+      CHECK(x.versions[0][0] == last);
+      CHECK(x.stats.steps == last);
+      CHECK(x.stats.pushes == pushes);
+      CHECK(x.stats.pulls == pushes);
+      continue;
+    }
+    const ObservedStaleness o = observed_staleness(x, S);
+    REQUIRE(o.pulls == steps_of(r, x.index));
+    CHECK(o.min >= 0);
+    CHECK(o.monotone);
+    CHECK(x.max_gap_seen <= s);
+    const bool fast = x.index != r.slow_worker && steps_of(r, x.index) > s;
+    for (int q = 0; q < S; ++q) {
+      CAPTURE(q);
+      const std::int64_t m = o.max[static_cast<std::size_t>(q)];
+      CHECK(m <= s);          // never beyond the bound
+      if (fast) CHECK(m == s);  // and reached
+    }
+    if (fast) {
+      any_fast = true;
+      fast_gap = std::max(fast_gap, x.max_gap_seen);
+    }
+  }
+  if (any_fast) CHECK(fast_gap == s);
+}
+
+// Runs `body` on n thread ranks, each catching its own exception, and checks that every rank
+// threw a tessera::Error of its own containing `expected`, the same message on every rank. A
+// rank that only saw another rank fail (AbortedError, whose message quotes the first failure)
+// or waited for one (TimeoutError) did not detect the problem itself, and fails the check.
+template <class F>
+void check_every_rank_fails(int n, F body, const std::string& expected) {
+  CAPTURE(n);
+  CAPTURE(expected);
+  const threads::RunOptions quick{.timeout = std::chrono::seconds(5)};  // a rank left waiting fails fast
+  const std::vector<std::string> ms = run_ranks(
+      n,
+      [&](Comm& w) -> std::string {
+        try {
+          body(w);
+        } catch (const AbortedError& e) {
+          return std::string("AbortedError (another rank failed): ") + e.what();
+        } catch (const TimeoutError& e) {
+          return std::string("TimeoutError (another rank did not come): ") + e.what();
+        } catch (const Error& e) {
+          return e.what();
+        }
+        return "no error";
+      },
+      quick);
+  for (int r = 0; r < n; ++r) {
+    const std::string& m = ms[static_cast<std::size_t>(r)];
+    CAPTURE(r);
+    CAPTURE(m);
+    CHECK(m.rfind("AbortedError", 0) == std::string::npos);
+    CHECK(m.rfind("TimeoutError", 0) == std::string::npos);
+    CHECK(m.find(expected) != std::string::npos);
+    CHECK(m == ms.front());
+  }
 }
 
 }  // namespace
@@ -149,54 +243,57 @@ TEST_CASE("ParameterServer: push, pull and wait by timestamp, the worker busy be
   const auto rs = run_ps<float>(5, c);
   for (const auto& r : rs) CHECK(r.error.empty());
   const std::vector<std::vector<float>> dp = run_ranks(3, [&](Comm& w) { return dp_reference_run<float>(w, c); });
-  CHECK(check_consistent(rs) == dp.front());
+  CHECK(bitwise_equal(check_consistent(rs), dp.front()));
 }
 
-TEST_CASE("ParameterServer: async with staleness 0 and a slow worker equals sync bitwise") {
-  Config sync{.num_servers = 2, .steps = 6, .slow_worker = 0, .slow_ms = 3};
-  Config async = sync;
-  async.mode = ParameterServerMode::async;
-  const auto a = run_ps<float>(5, sync);
-  const auto b = run_ps<float>(5, async);
-  CHECK(check_consistent(a) == check_consistent(b));
-  for (const auto& r : b) CHECK(r.stats.max_staleness == 0);
+TEST_CASE("ParameterServer: async with staleness 0 and a slow worker equals the data-parallel reference bitwise") {
+  Config c{.num_servers = 2, .mode = ParameterServerMode::async, .staleness = 0, .steps = 6, .slow_worker = 0,
+           .slow_ms = 3};
+  const std::vector<float> ps = check_consistent(run_ps<float>(5, c));
+  const std::vector<float> initial = flatten(make_mlp<float>(c, 1000).parameters());
+  CHECK(relative_error(ps, initial) > 1e-3);  // training moved the parameters
+  // The independent reference: SUM all-reduce in rank order over the 3 workers, then * (1 / N).
+  const std::vector<std::vector<float>> dp = run_ranks(3, [&](Comm& w) { return dp_reference_run<float>(w, c); });
+  CHECK(bitwise_equal(ps, dp.front()));
 }
 
-TEST_CASE("ParameterServer: SSP with one slow worker keeps every worker at most s steps ahead of the slowest, and reaches s") {
-  for (int s : {0, 1, 2, 3}) {
-    CAPTURE(s);
-    std::vector<std::atomic<std::int64_t>> clocks(3);
-    Config c{.num_servers = 1, .mode = ParameterServerMode::async, .staleness = s, .steps = 10, .opt = Opt::sgd_momentum,
-             .slow_worker = 1, .slow_ms = 10, .clocks = clocks.data()};
-    const auto rs = run_ps<float>(4, c);
-    const RankResult<float>& server = rs[3];
-    REQUIRE(server.server);
-    // The server's own count of (pulling worker's clock - version it returned) and of
-    // (clock - slowest running worker's clock) at every answered pull.
-    CHECK(server.stats.max_staleness == s);
-    CHECK(server.stats.max_clock_gap == s);
-    CHECK(server.stats.steps == 10);
-    CHECK(server.stats.pushes == 30);
-    CHECK(server.stats.pulls == 30);
-    // The fast workers run ahead up to the bound, and not beyond; the slow one (worker 1)
-    // never sees values more than s steps old either.
-    for (int w : {0, 2}) CHECK(rs[static_cast<std::size_t>(w)].stats.max_staleness == s);
-    CHECK(rs[1].stats.max_staleness <= s);
-    // Measured independently of the servers (shared clocks set before each push): the gap
-    // between a worker's clock when its pull returned and the slowest clock.
-    for (int w = 0; w < 3; ++w) CHECK(rs[static_cast<std::size_t>(w)].max_gap_seen <= s);
-    if (s > 0) CHECK(std::max(rs[0].max_gap_seen, rs[2].max_gap_seen) >= 1);
+TEST_CASE("ParameterServer: SSP with one slow worker, measured on the workers: with 1 and 2 servers and s = 0 to 3 the "
+          "others read values exactly s steps old, never older") {
+  for (int servers : {1, 2})
+    for (int s : {0, 1, 2, 3}) {
+      CAPTURE(servers);
+      CAPTURE(s);
+      const Regression r{.steps = 10, .num_servers = servers, .staleness = s, .slow_worker = 1, .slow_ms = 15};
+      check_bound(run_regression(3, r), r, 3);
+    }
+}
+
+TEST_CASE("ParameterServer: SSP with workers that finish early, measured on the workers: the bound holds and is "
+          "reached") {
+  struct Case {
+    int servers;
+    std::vector<int> steps;
+  };
+  // A fast worker stops after 3 steps; the slow worker stops after 4 (the fast ones then run
+  // on without it); both with 1 and 2 servers.
+  for (const Case& k : {Case{1, {10, 10, 3}}, Case{2, {10, 10, 3}}, Case{1, {10, 4, 10}}, Case{2, {10, 4, 10}}}) {
+    CAPTURE(k.servers);
+    CAPTURE(k.steps[1]);
+    const Regression r{.steps = 10, .num_servers = k.servers, .staleness = 2, .slow_worker = 1, .slow_ms = 15,
+                       .worker_steps = k.steps};
+    check_bound(run_regression(3, r), r, 3);
   }
 }
 
-TEST_CASE("ParameterServer: SSP with staleness 2 and a slow worker converges on linear regression") {
+TEST_CASE("ParameterServer: SSP with staleness 2 and a slow worker reads stale values and still converges on linear "
+          "regression") {
   for (int servers : {1, 2}) {
     CAPTURE(servers);
-    Regression r{.num_servers = servers, .staleness = 2, .slow_worker = 0, .slow_ms = 1};
-    const auto rs = run_ranks(3 + servers, [&](Comm& w) { return regression_run<float>(w, r); });
+    const Regression r{.num_servers = servers, .staleness = 2, .slow_worker = 0, .slow_ms = 2};
+    const auto rs = run_regression(3, r);
+    check_bound(rs, r, 3);  // stale reads happened: the bound was reached
     for (const auto& x : rs) {
       if (x.server) {
-        CHECK(x.stats.steps == r.steps);
         CHECK(x.stats.max_staleness <= 2);
         continue;
       }
@@ -221,68 +318,48 @@ TEST_CASE("ParameterServer: a worker's destructor sends done, so the servers ret
   Config c{.num_servers = 1, .steps = 2, .explicit_finish = false};
   const auto rs = run_ps<float>(3, c);
   CHECK(rs[2].stats.steps == 2);
-  CHECK(rs[0].values == rs[1].values);
+  CHECK(bitwise_equal(rs[0].values, rs[1].values));
 }
 
 TEST_CASE("ParameterServer: bad options fail on every rank naming the numbers") {
-  auto message = [](int n, ParameterServerOptions o) {
-    try {
-      run_ranks(n, [&](Comm& w) {
-        nn::Linear<float> lin(2, 2);
-        ParameterServer<float> ps(w, lin.parameters(), o);
-      });
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
-  CHECK(message(3, {.num_servers = 3}).find("num_servers = 3 must lie in [1, world size - 1] = [1, 2]") !=
-        std::string::npos);
-  CHECK(message(3, {.num_servers = 0}).find("num_servers = 0") != std::string::npos);
-  CHECK(message(3, {.num_servers = 1, .staleness = 2}).find("mode sync waits for every worker (staleness 0) but staleness = 2") !=
-        std::string::npos);
-  CHECK(message(2, {.num_servers = 1, .mode = ParameterServerMode::async, .staleness = -1})
-            .find("staleness must be >= 0, got -1") != std::string::npos);
-  // Options that differ between ranks.
-  std::string msg;
-  try {
-    run_ranks(3, [](Comm& w) {
+  auto bad = [](ParameterServerOptions o) {
+    return [o](Comm& w) {
       nn::Linear<float> lin(2, 2);
-      ParameterServer<float> ps(w, lin.parameters(),
-                                {.num_servers = 1, .mode = ParameterServerMode::async, .staleness = w.rank() == 2 ? 1 : 2});
-    });
-  } catch (const Error& e) {
-    msg = e.what();
-  }
-  CHECK(msg.find("rank 2 passes options {num_servers 1, mode async, staleness 1") != std::string::npos);
+      ParameterServer<float> ps(w, lin.parameters(), o);
+    };
+  };
+  check_every_rank_fails(3, bad({.num_servers = 3}), "num_servers = 3 must lie in [1, world size - 1] = [1, 2]");
+  check_every_rank_fails(3, bad({.num_servers = 0}), "num_servers = 0");
+  check_every_rank_fails(3, bad({.num_servers = 1, .staleness = 2}),
+                         "mode sync waits for every worker (staleness 0) but staleness = 2");
+  check_every_rank_fails(2, bad({.num_servers = 1, .mode = ParameterServerMode::async, .staleness = -1}),
+                         "staleness must be >= 0, got -1");
+  // Options that differ between ranks: only rank 2's differ, every rank must say so.
+  check_every_rank_fails(
+      3,
+      [](Comm& w) {
+        nn::Linear<float> lin(2, 2);
+        ParameterServer<float> ps(w, lin.parameters(),
+                                  {.num_servers = 1, .mode = ParameterServerMode::async, .staleness = w.rank() == 2 ? 1 : 2});
+      },
+      "rank 2 passes options {num_servers 1, mode async, staleness 1");
 }
 
 TEST_CASE("ParameterServer: parameter lists that differ between ranks fail on every rank naming both shapes, no hang") {
-  std::vector<std::string> errors(3);
-  try {
-    run_ranks(3, [&](Comm& w) {
-      nn::Linear<float> lin(2, w.rank() == 1 ? 3 : 2);
-      try {
+  check_every_rank_fails(
+      3,
+      [](Comm& w) {
+        nn::Linear<float> lin(2, w.rank() == 1 ? 3 : 2);
         ParameterServer<float> ps(w, lin.parameters(), {.num_servers = 1});
-      } catch (const Error& e) {
-        errors[static_cast<std::size_t>(w.rank())] = e.what();
-      }
-    });
-  } catch (const Error&) {
-  }
-  for (const std::string& e : errors)
-    CHECK(e.find("parameter 0 is \"weight\" of shape (2, 2) on rank 0 but \"weight\" of shape (2, 3) on rank 1") !=
-          std::string::npos);
-  std::string count_msg;
-  try {
-    run_ranks(2, [](Comm& w) {
-      nn::Linear<float> lin(2, 2, {}, w.rank() == 0);  // rank 1 has no bias
-      ParameterServer<float> ps(w, lin.parameters(), {.num_servers = 1});
-    });
-  } catch (const Error& e) {
-    count_msg = e.what();
-  }
-  CHECK(count_msg.find("rank 1 passes 1 parameters but rank 0 passes 2") != std::string::npos);
+      },
+      "parameter 0 is \"weight\" of shape (2, 2) on rank 0 but \"weight\" of shape (2, 3) on rank 1");
+  check_every_rank_fails(
+      2,
+      [](Comm& w) {
+        nn::Linear<float> lin(2, 2, {}, w.rank() == 0);  // rank 1 has no bias
+        ParameterServer<float> ps(w, lin.parameters(), {.num_servers = 1});
+      },
+      "rank 1 passes 1 parameters but rank 0 passes 2");
 }
 
 TEST_CASE("ParameterServer: pushing or pulling another parameter list, a negative count or a bad timestamp names the numbers") {
