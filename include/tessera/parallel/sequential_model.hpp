@@ -54,7 +54,9 @@ namespace tessera {
 /// Optionally `std::vector<std::string> tied_parameter_names() const`: parameters of the last
 /// layer that are the first layer's (a tied LM head and its token embedding): where one stage
 /// holds both they are one parameter; otherwise the last stage holds a copy that the pipeline
-/// keeps equal (PipelineStage::tied_parameters).
+/// keeps equal (PipelineStage::tied_parameters). Optionally `layer_names()` (for messages and
+/// partitions) and `void check_tensor_parallel(int tp_size) const`, which throws naming the
+/// numbers when the model cannot run at that tp size (called before any layer is sharded).
 template <class D>
 concept SequentialModelDescription = requires(const D& d, int i) {
   typename D::First;
@@ -96,14 +98,27 @@ struct SerialForm {
     return serial;
   }
 };
+template <class Layout>
 struct TensorParallelForm {
   template <class L>
-  using type = typename TensorParallelLayer<L>::type;
+  using type = typename TensorParallelLayer<L, Layout>::type;
   template <class L>
   static type<L> make(L serial, const std::optional<Comm>& tp) {
-    return TensorParallelLayer<L>::make(std::move(serial), *tp);
+    return TensorParallelLayer<L, Layout>::make(std::move(serial), *tp);
   }
 };
+template <class Form>
+inline constexpr bool sequence_parallel_form = false;
+template <>
+inline constexpr bool sequence_parallel_form<TensorParallelForm<Shard<1>>> = true;
+
+template <class L>
+ParameterList<typename LayerTraits<L>::Scalar> sequence_parallel_parameters_of(L& l) {
+  if constexpr (requires { l.sequence_parallel_parameters(); })
+    return l.sequence_parallel_parameters();
+  else
+    return {};
+}
 
 template <class D, class Form>
 class SequentialLayers {
@@ -120,11 +135,14 @@ class SequentialLayers {
     std::optional<typename LayerTraits<L>::Context> last;
   };
 
-  SequentialLayers(const D& d, int first, int end, std::optional<Comm> tp) : first_layer_(first), end_layer_(end) {
+  SequentialLayers(const D& d, int first, int end, std::optional<Comm> tp)
+      : first_layer_(first), end_layer_(end), tp_(tp) {
     const int n = d.num_blocks() + 2;
     TESSERA_EXPECTS(0 <= first && first < end && end <= n, "sequential model: layers [", first, ", ", end,
                     ") are not a non-empty range of the model's ", n, " layers [0, ", n, ") (first layer, ",
                     n - 2, " blocks, last layer)");
+    if constexpr (requires { d.check_tensor_parallel(1); })
+      if (tp) d.check_tensor_parallel(tp->size());
     if (first == 0) first_.emplace(Form::make(d.first(), tp));
     for (int l = std::max(first, 1); l < std::min(end, n - 1); ++l) blocks_.push_back(Form::make(d.block(l - 1), tp));
     if (end == n) last_.emplace(Form::make(d.last(), tp));
@@ -154,8 +172,32 @@ class SequentialLayers {
   ForwardResult<Tensor<T>, Context> forward_activation(const Tensor<T>& x) { return run_rest(x, Context{}); }
 
   // dy: the gradient of this run's output; returns the gradient of its input (empty when the
-  // run starts with the first layer).
+  // run starts with the first layer). Under sequence parallelism the replicated parameters'
+  // gradients (partial over tp) are summed over tp in one all-reduce at the end.
   Tensor<T> backward(const Tensor<T>& dy, Context& ctx) {
+    if constexpr (sequence_parallel_form<Form>) {
+      const ParameterList<T> seq = sequence_parallel_parameters();
+      tessera::detail::tp::ReplicatedGradSum<T> sum;
+      sum.stash(seq);
+      Tensor<T> dx = backward_layers(dy, ctx);
+      sum.reduce(*tp_, seq);
+      return dx;
+    } else {
+      return backward_layers(dy, ctx);
+    }
+  }
+  // The replicated parameters whose gradients are partial sums over tp under sequence
+  // parallelism (LayerNorms, position embeddings).
+  ParameterList<T> sequence_parallel_parameters() {
+    ParameterList<T> ps;
+    if (first_) ps.append(sequence_parallel_parameters_of(*first_));
+    for (B& b : blocks_) ps.append(sequence_parallel_parameters_of(b));
+    if (last_) ps.append(sequence_parallel_parameters_of(*last_));
+    return ps;
+  }
+
+ private:
+  Tensor<T> backward_layers(const Tensor<T>& dy, Context& ctx) {
     Tensor<T> d = dy;
     if (last_) d = last_->backward(d, *ctx.last);
     for (std::size_t i = blocks_.size(); i-- > 0;) d = blocks_[i].backward(d, ctx.blocks[i]);
@@ -165,6 +207,8 @@ class SequentialLayers {
     }
     return d;
   }
+
+ public:
 
   // Each parameter once, in layer order; the last layer's tied copies only where the first
   // layer is elsewhere.
@@ -215,6 +259,7 @@ class SequentialLayers {
   }
 
   int first_layer_, end_layer_;
+  std::optional<Comm> tp_;
   std::optional<F> first_;
   std::vector<B> blocks_;
   std::optional<L> last_;
@@ -260,23 +305,26 @@ class SequentialModel {
 };
 
 /// Layers [first_layer, end_layer) of a description (layer 0 the first layer, 1..n the
-/// blocks, n + 1 the last layer) as one pipeline stage, each layer in its tensor-parallel form
-/// over `tp` (TensorParallelLayer; at tp size 1 it computes exactly the serial layer). The
-/// stage holding layer 0 takes the model input; the others take (b, ..., d) activations,
-/// replicated over tp; the stage holding the last layer outputs what its tensor-parallel form
-/// outputs (logits split over the vocabulary for a head that declares tp_output). Tied
-/// parameters (the description's tied_parameter_names) are one parameter where this stage
-/// holds the first and the last layer, else tied_parameters(), kept equal by the pipeline.
+/// blocks, n + 1 the last layer) as one pipeline stage. With `Form` = TensorParallelForm<Layout>
+/// (SequentialStage<D>, the default, and SequenceParallelStage<D>) each layer runs in its
+/// tensor-parallel form over `tp` (TensorParallelLayer; at tp size 1 it computes exactly the
+/// serial layer), the activations between stages of layout Layout: (b, T, d) replicated over
+/// tp, or (b, T / tp, d) under sequence parallelism; with detail::SerialForm
+/// (SerialStage<D>) the serial layers, without tp. The stage holding layer 0 takes the model
+/// input; the stage holding the last layer outputs what its last layer outputs (logits split
+/// over the vocabulary for a head that declares tp_output). Tied parameters (the description's
+/// tied_parameter_names) are one parameter where this stage holds the first and the last layer,
+/// else tied_parameters(), kept equal by the pipeline.
 ///
 /// Collective over `tp`: every tp rank of the stage builds it from the same description and
 /// runs the same forwards and backwards. Throws tessera::Error when the range is empty or
 /// outside the model, and what the layers' tensor-parallel forms throw (a tp that does not
 /// divide the heads, naming both).
-template <SequentialModelDescription D>
+template <SequentialModelDescription D, class Form = detail::TensorParallelForm<Replicate>>
 class SequentialStage final
-    : public PipelineStage<typename detail::SequentialLayers<D, detail::TensorParallelForm>::T,
-                           typename detail::SequentialLayers<D, detail::TensorParallelForm>::ModelInput> {
-  using Layers = detail::SequentialLayers<D, detail::TensorParallelForm>;
+    : public PipelineStage<typename detail::SequentialLayers<D, Form>::T,
+                           typename detail::SequentialLayers<D, Form>::ModelInput> {
+  using Layers = detail::SequentialLayers<D, Form>;
   using T = typename Layers::T;
   using ModelInput = typename Layers::ModelInput;
 
@@ -285,10 +333,11 @@ class SequentialStage final
   /// vocabulary).
   using OutputLayout = typename detail::sequential_layout<typename Layers::L>::type;
 
-  /// This tp rank's form of layers [first_layer, end_layer) of `description`, named
-  /// `names[first_layer] .. names[end_layer - 1]` in messages.
-  SequentialStage(const D& description, int first_layer, int end_layer, Comm tp, std::vector<std::string> names = {})
-      : layers_(description, first_layer, end_layer, tp), tp_rank_(tp.rank()), tp_size_(tp.size()),
+  /// This tp rank's form of layers [first_layer, end_layer) of `description` (`tp`: none for
+  /// the serial form), named `names[first_layer] .. names[end_layer - 1]` in messages.
+  SequentialStage(const D& description, int first_layer, int end_layer, std::optional<Comm> tp,
+                  std::vector<std::string> names = {})
+      : layers_(description, first_layer, end_layer, tp), tp_rank_(tp ? tp->rank() : 0), tp_size_(tp ? tp->size() : 1),
         names_(std::move(names)) {}
 
   /// The stage on one micro-batch of the model input. Throws tessera::Error if this stage does
@@ -330,7 +379,7 @@ class SequentialStage final
     if (static_cast<int>(names_.size()) > b)
       s += a == b ? detail::str(" (", names_[static_cast<std::size_t>(a)], ")")
                   : detail::str(" (", names_[static_cast<std::size_t>(a)], " .. ", names_[static_cast<std::size_t>(b)], ")");
-    return detail::str(s, ", tp rank ", tp_rank_, " of ", tp_size_);
+    return tp_size_ > 1 ? detail::str(s, ", tp rank ", tp_rank_, " of ", tp_size_) : s;
   }
 
  private:
@@ -359,23 +408,87 @@ std::vector<std::string> sequential_layer_names(const D& d) {
   }
 }
 
-/// The stage factory of Hybrid (or, with a fixed tp, of PipelineParallel) for `description` cut
-/// by `partition` (over num_blocks() + 2 layers): stage s is a SequentialStage of the
-/// partition's layers [begin(s), end(s)), tensor-parallel over the tp communicator it is given.
-/// Throws tessera::Error naming both counts when the partition cuts another number of layers.
+/// A pipeline stage of the serial layers (no tensor parallelism): PipelineParallel's stages.
 template <SequentialModelDescription D>
+using SerialStage = SequentialStage<D, detail::SerialForm>;
+/// A pipeline stage whose layers run tensor-parallel with sequence parallelism.
+template <SequentialModelDescription D>
+using SequenceParallelStage = SequentialStage<D, detail::TensorParallelForm<Shard<1>>>;
+
+/// Stage `stage` of `partition` (over num_blocks() + 2 layers) of `description`, serial layers
+/// (no tp), as an owned PipelineStage: PipelineParallel's stage factory. Throws tessera::Error
+/// naming both counts when the partition cuts another number of layers.
+template <SequentialModelDescription D>
+auto make_serial_stage(const D& description, const StagePartition& partition, int stage) {
+  const int n = description.num_blocks() + 2;
+  TESSERA_EXPECTS(partition.num_layers() == n, "make_serial_stage: the partition cuts ", partition.num_layers(),
+                  " layers, but the model has ", n, " (first layer, ", n - 2, " blocks, last layer)");
+  using Stage = SerialStage<D>;
+  using Base = PipelineStage<typename detail::SequentialLayers<D, detail::SerialForm>::T,
+                             typename detail::SequentialLayers<D, detail::SerialForm>::ModelInput>;
+  return std::unique_ptr<Base>(std::make_unique<Stage>(description, partition.begin(stage), partition.end(stage),
+                                                       std::nullopt, sequential_layer_names(description)));
+}
+
+/// The stage factory of Hybrid for `description` cut by `partition` (over num_blocks() + 2
+/// layers): stage s is a SequentialStage of the partition's layers [begin(s), end(s)), every
+/// layer tensor-parallel over the tp communicator it is given, the activations between them of
+/// layout `Layout` (Replicate; Shard<1>: sequence parallelism, (b, T / tp, d) between stages
+/// too). Throws tessera::Error naming both counts when the partition cuts another number of
+/// layers.
+template <class Layout = Replicate, SequentialModelDescription D>
 auto sequential_stages(D description, StagePartition partition) {
   const int n = description.num_blocks() + 2;
   TESSERA_EXPECTS(partition.num_layers() == n, "sequential_stages: the partition cuts ", partition.num_layers(),
                   " layers, but the model has ", n, " (first layer, ", n - 2, " blocks, last layer)");
-  using Stage = SequentialStage<D>;
-  using Base = PipelineStage<typename LayerTraits<typename TensorParallelLayer<typename D::Block>::type>::Scalar,
-                             typename LayerTraits<typename TensorParallelLayer<typename D::First>::type>::Input>;
+  using Form = detail::TensorParallelForm<Layout>;
+  using Stage = SequentialStage<D, Form>;
+  using Base = PipelineStage<typename detail::SequentialLayers<D, Form>::T,
+                             typename detail::SequentialLayers<D, Form>::ModelInput>;
   return [description = std::move(description), partition = std::move(partition)](int s, Comm tp) -> std::unique_ptr<Base> {
     return std::make_unique<Stage>(description, partition.begin(s), partition.end(s), std::move(tp),
                                    sequential_layer_names(description));
   };
 }
+
+/// Every layer of a description tensor-parallel over `tp` as one Layer (the whole model at
+/// pp = 1): model input -> the last layer's output as an Activation of its layout (logits
+/// Shard<-1> for a head with tp_output, for VocabParallelCrossEntropy). `Layout` = Shard<1>
+/// turns on sequence parallelism. Collective over tp.
+template <SequentialModelDescription D, class Layout = Replicate>
+class TensorParallelModel {
+  using Layers = detail::SequentialLayers<D, detail::TensorParallelForm<Layout>>;
+  using T = typename Layers::T;
+
+ public:
+  using Input = typename Layers::ModelInput;  ///< the first layer's input
+  /// The last layer's output with its layout on the tp axis.
+  using Output = Activation<Tensor<T>, typename detail::sequential_layout<typename Layers::L>::type>;
+  using Context = typename Layers::Context;  ///< every layer's context
+
+  /// This tp rank's form of every layer of `description`. Collective over tp.
+  TensorParallelModel(const D& description, Comm tp) : layers_(description, 0, description.num_blocks() + 2, tp) {}
+
+  /// The last layer's output. Collective over tp.
+  ForwardResult<Output, Context> forward(const Input& x) {
+    auto r = layers_.forward_model_input(x);
+    return {Output{std::move(r.output)}, std::move(r.ctx)};
+  }
+  /// Accumulates every local parameter gradient (under sequence parallelism, ends with one
+  /// all-reduce of the replicated parameters' partial gradients). Collective over tp.
+  NoGrad backward(const Output& dy, Context& ctx) {
+    layers_.backward(dy.value, ctx);
+    return {};
+  }
+  /// This rank's parameters, in layer order (a tied one once).
+  ParameterList<T> parameters() { return layers_.parameters(); }
+  /// Under sequence parallelism, the replicated parameters whose gradients are summed over tp at
+  /// the end of backward; empty without it.
+  ParameterList<T> sequence_parallel_parameters() { return layers_.sequence_parallel_parameters(); }
+
+ private:
+  Layers layers_;
+};
 
 /// A loss for the last stage of a sequential model, checked at compile time against the layout
 /// its last layer leaves the output in: logits split over the vocabulary (Shard<-1>) go to a

@@ -82,6 +82,14 @@ class PlainLayer {
   }
   /// L's parameters.
   ParameterList<Scalar> parameters() { return layer_.parameters(); }
+  /// L's replicated parameters whose gradients are partial sums over tp under sequence
+  /// parallelism (TensorParallel's LayerNorms); empty if L has none.
+  ParameterList<Scalar> sequence_parallel_parameters() {
+    if constexpr (requires { layer_.sequence_parallel_parameters(); })
+      return layer_.sequence_parallel_parameters();
+    else
+      return {};
+  }
   /// The wrapped layer.
   L& layer() noexcept { return layer_; }
 
@@ -94,41 +102,50 @@ template <class L>
 concept has_tp_plan = requires { L::tp_plan.steps; } || requires { TensorParallelPlan<L>::value.steps; };
 }  // namespace detail
 
-/// The tensor-parallel form of layer type `L` over a tp communicator (see the file comment):
-/// `using type` (a Layer of plain tensors) and `static type make(L serial, Comm tp)`, which
-/// takes this rank's shards of the serial layer's values, so that every tp size computes what
-/// the serial layer computes. The primary template fails with one sentence for a layer with
-/// parameters and no plan.
-template <class L>
+/// The tensor-parallel form of layer type `L` over a tp communicator (see the file comment),
+/// between activations of layout `Layout` (Replicate, or Shard<1> under sequence parallelism:
+/// (B, T / tp, d)): `using type` (a Layer of plain tensors) and `static type make(L serial,
+/// Comm tp)`, which takes this rank's shards of the serial layer's values, so that every tp size
+/// computes what the serial layer computes. Under sequence parallelism the replicated
+/// parameters' partial gradients are left to the caller (type's sequence_parallel_parameters():
+/// a model sums them over tp once, at the end of its backward). The primary template fails with
+/// one sentence for a layer without a plan.
+template <class L, class Layout = Replicate>
 struct TensorParallelLayer {
   static_assert(detail::has_tp_plan<L>,
                 "tessera: this layer type has parameters but no tensor-parallel plan; give it `static constexpr auto "
                 "tp_plan = tessera::tp::plan(...);` or specialize tessera::TensorParallelLayer<L>.");
 };
 
-/// A layer with a plan: TensorParallel<L> over replicated activations, as plain tensors.
-template <class L>
+/// A layer with a plan: TensorParallel<L, Layout>, as plain tensors.
+template <class L, class Layout>
   requires detail::has_tp_plan<L>
-struct TensorParallelLayer<L> {
-  using type = PlainLayer<TensorParallel<L, Replicate>>;  ///< the plain-tensor form
+struct TensorParallelLayer<L, Layout> {
+  using type = PlainLayer<TensorParallel<L, Layout>>;  ///< the plain-tensor form
   /// This rank's form of `serial`. Collective over tp (as TensorParallel's constructor).
-  static type make(L serial, Comm tp) { return type(TensorParallel<L, Replicate>(std::move(serial), std::move(tp))); }
+  static type make(L serial, Comm tp) {
+    return type(TensorParallel<L, Layout>(std::move(serial), std::move(tp),
+                                          TensorParallelOptions{.all_reduce_sequence_parallel_grads = false}));
+  }
 };
 
 /// An embedding table: split over the vocabulary (VocabParallelEmbedding; token ids, the same
-/// on every tp rank, in; replicated embeddings out). The vocabulary is padded to a multiple of
-/// tp.
-template <std::floating_point T>
-struct TensorParallelLayer<nn::Embedding<T>> {
-  using type = PlainLayer<VocabParallelEmbedding<T>>;  ///< the plain-tensor form
+/// on every tp rank, in; replicated embeddings out, or reduce-scattered along T under sequence
+/// parallelism). The vocabulary is padded to a multiple of tp.
+template <std::floating_point T, class Layout>
+struct TensorParallelLayer<nn::Embedding<T>, Layout> {
+  /// The vocab-parallel embedding.
+  using Embedding = VocabParallelEmbedding<T, VocabParallelEmbeddingOptions{.sequence_parallel = std::same_as<Layout, Shard<1>>}>;
+  using type = PlainLayer<Embedding>;  ///< the plain-tensor form
   /// This rank's rows of `serial`.
-  static type make(nn::Embedding<T> serial, Comm tp) { return type(VocabParallelEmbedding<T>(serial, std::move(tp))); }
+  static type make(nn::Embedding<T> serial, Comm tp) { return type(Embedding(serial, std::move(tp))); }
 };
 
-/// The tensor-parallel form of `serial` over `tp` (TensorParallelLayer<L>::make).
-template <class L>
-typename TensorParallelLayer<L>::type tensor_parallel_layer(L serial, Comm tp) {
-  return TensorParallelLayer<L>::make(std::move(serial), std::move(tp));
+/// The tensor-parallel form of `serial` over `tp` between activations of layout `Layout`
+/// (TensorParallelLayer<L, Layout>::make).
+template <class Layout = Replicate, class L>
+typename TensorParallelLayer<L, Layout>::type tensor_parallel_layer(L serial, Comm tp) {
+  return TensorParallelLayer<L, Layout>::make(std::move(serial), std::move(tp));
 }
 
 }  // namespace tessera

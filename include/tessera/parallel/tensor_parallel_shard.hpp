@@ -5,6 +5,7 @@
 /// TensorParallel shard a user's layer type. Specialized here for nn::Linear and
 /// nn::CoreAttention.
 
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
 #include <optional>
@@ -17,6 +18,7 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/core_attention.hpp"
 #include "tessera/nn/linear.hpp"
+#include "tessera/nn/lm_head.hpp"
 #include "tessera/parallel/sharding.hpp"
 
 namespace tessera {
@@ -89,6 +91,27 @@ struct TensorParallelShard<nn::CoreAttention<T>> {
     TESSERA_EXPECTS(full.n_head() % size == 0, "TensorParallel: n_head ", full.n_head(),
                     " is not divisible by the tp size ", size);
     return nn::CoreAttention<T>(full.n_head() / size);
+  }
+};
+
+/// nn::LMHead (logits = x W^T, W [V, d]): a column-parallel shard holds rows of W, this rank's
+/// vocabulary range of the table padded to a multiple of tp (V_pad / tp rows; the rows past V are
+/// zero), as VocabParallelEmbedding holds the embedding it is tied to: the same rows, the same
+/// layout (Shard(0), with the unpadded extent V when tp does not divide it), so the two can be
+/// one parameter. Its logits are this rank's vocabulary columns (VocabParallelCrossEntropy).
+template <std::floating_point T>
+struct TensorParallelShard<nn::LMHead<T>> {
+  /// This rank's rows of the (padded) weight. Throws tessera::Error unless blocks is 1.
+  static nn::LMHead<T> column(nn::LMHead<T>& full, int blocks, int rank, int size) {
+    TESSERA_EXPECTS(blocks == 1, "ColumnParallel ", full.weight().name, ": an LM head's vocabulary is not split into ",
+                    blocks, " blocks");
+    const std::int64_t v = full.vocab_size(), d = full.dim();
+    const std::int64_t rows = (v + size - 1) / size, start = rank * rows, end = std::min(v, start + rows);
+    Tensor<T> w(Shape{rows, d});
+    if (end > start) w.slice(0, 0, end - start).copy_from(full.weight().value.slice(0, start, end));
+    const ParamLayout layout = rows * size == v ? ParamLayout::shard(0) : ParamLayout::padded_shard(0, v);
+    const Parameter<T> shard(full.weight().name, std::move(w), layout);
+    return nn::LMHead<T>(shard);  // shares the new tensors
   }
 };
 
