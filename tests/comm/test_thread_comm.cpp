@@ -2,6 +2,7 @@
 // sizes 1..8; bitwise reproducibility; mismatch, timeout and abort paths; the Mesh.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -204,25 +205,96 @@ TEST_CASE("threads backend results are bitwise equal over 3 runs") {
   CHECK(b == c);
 }
 
-TEST_CASE("non-blocking collectives overlap with computation and complete in issue order") {
-  for (int n : {1, 2, 3, 4}) {
+// What "overlap" means observably: the threads backend runs non-blocking collectives on a
+// progress thread of its own, so a request completes -- test() turns true -- while the issuing
+// rank computes, before it calls wait() or any other communication. What "issue order" means:
+// a request is never complete before one issued earlier. Each poll tests the requests from the
+// last to the first, so when request j + 1 is seen complete, request j, tested just after, must
+// be complete too; the set of complete requests is always a prefix of the issue order.
+TEST_CASE("non-blocking collectives complete while the rank computes, before any wait(), in issue order, and equal "
+          "the serial results") {
+  constexpr int kReduces = 6;
+  constexpr ReduceOp kOps[kReduces] = {ReduceOp::sum, ReduceOp::avg, ReduceOp::max,
+                                       ReduceOp::min, ReduceOp::sum, ReduceOp::sum};
+  // Heavy and light requests alternate, so that a backend completing out of issue order shows
+  // it: the light ones would overtake the heavy ones in front of them.
+  auto count_of = [](int k) { return (k % 2 == 0 ? std::size_t{1} << 19 : 1000) + 37 * static_cast<std::size_t>(k); };
+  constexpr std::size_t kGather = 50, kScatter = 13;
+  constexpr int kRequests = kReduces + 2;  // the all-reduces, one all-gather, one reduce-scatter
+  struct Observed {
+    std::vector<std::vector<double>> reduced;  // the kReduces all-reduced buffers
+    std::vector<double> gathered, scattered;
+    bool all_done_before_wait = false;         // every test() turned true while computing
+    bool always_prefix = true;                 // completions never ran ahead of issue order
+    std::vector<long> completed_at_poll;       // the poll that first saw each request complete
+    bool queued_behind = false;                // a pending request completed by a later blocking call
+    std::vector<double> after_blocking;        // that request's result
+  };
+  for (int n : {1, 2, 3, 4, 7}) {
+    CAPTURE(n);
     auto out = run_ranks(n, [&](Comm& c) {
-      std::vector<std::vector<double>> bufs;
-      for (int k = 0; k < 6; ++k) bufs.push_back(input<double>(c.rank(), 1000 + 37 * static_cast<std::size_t>(k), k));
+      Observed o;
+      for (int k = 0; k < kReduces; ++k) o.reduced.push_back(input<double>(c.rank(), count_of(k), k));
+      const auto mine = input<double>(c.rank(), kGather, 99);
+      const auto to_scatter = input<double>(c.rank(), kScatter * static_cast<std::size_t>(n), 77);
+      o.gathered.assign(kGather * static_cast<std::size_t>(n), 0.0);
+      o.scattered.assign(kScatter, 0.0);
       std::vector<Request> reqs;
-      for (auto& b : bufs) reqs.push_back(c.iall_reduce(b));
-      std::vector<double> g(50 * static_cast<std::size_t>(n));
-      auto mine = input<double>(c.rank(), 50, 99);
-      reqs.push_back(c.iall_gather(mine, g));
-      c.barrier();  // a blocking collective queues behind the pending ones
-      const double busy = std::sqrt(static_cast<double>(c.rank() + 2));  // "computation"
+      for (int k = 0; k < kReduces; ++k) reqs.push_back(c.iall_reduce(o.reduced[static_cast<std::size_t>(k)], kOps[k]));
+      reqs.push_back(c.iall_gather(mine, o.gathered));
+      reqs.push_back(c.ireduce_scatter(to_scatter, o.scattered));
+
+      // Computation, in short chunks, with a poll of every request before each chunk; no
+      // barrier, no wait(), no other communication. A backend that progressed only inside
+      // wait() would leave the requests pending until the deadline.
+      o.completed_at_poll.assign(kRequests, -1);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      double acc = 0;
+      for (long poll = 0;; ++poll) {
+        bool later_done = false;
+        for (int j = kRequests; j-- > 0;) {
+          const bool done = reqs[static_cast<std::size_t>(j)].test();
+          if (done && o.completed_at_poll[static_cast<std::size_t>(j)] < 0)
+            o.completed_at_poll[static_cast<std::size_t>(j)] = poll;
+          if (later_done && !done) o.always_prefix = false;
+          later_done = later_done || done;
+        }
+        if (std::ranges::all_of(o.completed_at_poll, [](long p) { return p >= 0; })) break;
+        if (std::chrono::steady_clock::now() > deadline) break;
+        for (int i = 1; i <= 2000; ++i) acc += std::sqrt(static_cast<double>(i) + acc * 1e-12);
+      }
+      o.all_done_before_wait = std::ranges::all_of(o.completed_at_poll, [](long p) { return p >= 0; });
       for (auto& r : reqs) r.wait();
-      return std::tuple{bufs, g, busy};
+      REQUIRE(std::isfinite(acc));
+
+      // A blocking collective issued while a non-blocking one is pending runs after it.
+      o.after_blocking = input<double>(c.rank(), 301, 5);
+      Request pending = c.iall_reduce(o.after_blocking);
+      std::vector<double> blocking = input<double>(c.rank(), 7, 6);
+      c.all_reduce(blocking);
+      o.queued_behind = pending.test();
+      pending.wait();
+      return o;
     });
-    for (int k = 0; k < 6; ++k)
-      for (int r = 0; r < n; ++r)
-        REQUIRE(std::get<0>(out[static_cast<std::size_t>(r)])[static_cast<std::size_t>(k)] ==
-                serial_reduce<double>(n, 1000 + 37 * static_cast<std::size_t>(k), ReduceOp::sum, k));
+    for (int r = 0; r < n; ++r) {
+      CAPTURE(r);
+      const Observed& o = out[static_cast<std::size_t>(r)];
+      CHECK(o.all_done_before_wait);
+      CHECK(o.always_prefix);
+      CHECK(std::ranges::is_sorted(o.completed_at_poll));
+      CHECK(o.queued_behind);
+      for (int k = 0; k < kReduces; ++k) {
+        CAPTURE(k);
+        CHECK(o.reduced[static_cast<std::size_t>(k)] == serial_reduce<double>(n, count_of(k), kOps[k], k));
+      }
+      for (int q = 0; q < n; ++q)
+        for (std::size_t i = 0; i < kGather; ++i)
+          REQUIRE(o.gathered[static_cast<std::size_t>(q) * kGather + i] == value<double>(q, i, 99));
+      const auto sum = serial_reduce<double>(n, kScatter * static_cast<std::size_t>(n), ReduceOp::sum, 77);
+      CHECK(o.scattered == std::vector<double>(sum.begin() + r * static_cast<std::ptrdiff_t>(kScatter),
+                                               sum.begin() + (r + 1) * static_cast<std::ptrdiff_t>(kScatter)));
+      CHECK(o.after_blocking == serial_reduce<double>(n, 301, ReduceOp::sum, 5));
+    }
   }
 }
 
