@@ -3,11 +3,19 @@
 // bench/dp/dp_bench_mpi.cpp on MPI processes) and one timed training loop over any Comm: an MLP of
 // 4 x (Linear(1024, 1024) + ReLU), batch 64 per rank, SGD, the loss 0.5 * sum (y - t)^2 normalized
 // by the global sample count. bench/dp/torch_ddp.py is the same model in PyTorch.
+//
+// Every timed run also returns the parameters it ends with, so that the benchmarks check what
+// they timed: after the same number of steps, DataParallel on n ranks must have applied the same
+// updates as the bare model trained on the global batch (the n ranks' inputs stacked), and every
+// replica must hold the same bits. A DataParallel that skipped or botched the all-reduce would
+// run faster and fail this check.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <span>
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
@@ -15,6 +23,7 @@
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/sgd.hpp"
 #include "tessera/parallel/data_parallel.hpp"
+#include "tessera/testing/compare.hpp"
 
 namespace dp_bench {
 
@@ -93,28 +102,82 @@ inline Tensor<float> random(const Shape& s, std::uint64_t seed, const char* name
   return t;
 }
 
-// Seconds per step of the bare model on this thread.
-inline double serial_step(int steps, int warmup) {
+// What one timed training run leaves: seconds per timed step and the parameters after its last
+// step, flattened in parameter order.
+struct RunResult {
+  double seconds = 0;
+  std::vector<float> params;
+};
+
+inline std::vector<float> flatten(const ParameterList<float>& ps) {
+  std::vector<float> flat;
+  for (const auto& p : ps) {
+    const Tensor<float> v = p.value.contiguous();
+    flat.insert(flat.end(), v.data(), v.data() + v.numel());
+  }
+  return flat;
+}
+
+// The input of rank `rank`: (batch, width); the target is the same on every rank.
+inline Tensor<float> rank_input(int rank) {
+  return random(Shape{batch, width}, 2 + static_cast<std::uint64_t>(rank), "x");
+}
+inline Tensor<float> target() { return random(Shape{batch, width}, 3, "t"); }
+
+// The bare model on this thread, trained on the global batch of `ranks` ranks (their inputs
+// stacked: (ranks * batch, width)), the loss normalized by ranks * batch. ranks = 1: the
+// bare-model baseline that is timed; ranks = n: the reference for DataParallel on n ranks.
+inline RunResult serial_run(int ranks, int steps, int warmup) {
   Mlp model(1);
   optim::SGD<float> opt(model.parameters(), {.lr = 1e-3});
-  const Tensor<float> x = random(Shape{batch, width}, 2, "x"), t = random(Shape{batch, width}, 3, "t");
+  const std::int64_t rows = ranks * batch;
+  const Tensor<float> x = Tensor<float>::empty(Shape{rows, width}), t = Tensor<float>::empty(Shape{rows, width});
+  const Tensor<float> t1 = target();
+  for (int r = 0; r < ranks; ++r) {
+    const Tensor<float> xr = rank_input(r);
+    std::copy(xr.data(), xr.data() + xr.numel(), x.data() + r * batch * width);
+    std::copy(t1.data(), t1.data() + t1.numel(), t.data() + r * batch * width);
+  }
   Clock::time_point t0;
   for (int s = 0; s < warmup + steps; ++s) {
     if (s == warmup) t0 = Clock::now();
     auto [y, ctx] = model.forward(x);
-    model.backward(loss_grad(y, t, 1.0f / batch), ctx);
+    model.backward(loss_grad(y, t, 1.0f / static_cast<float>(rows)), ctx);
     opt.step();
     model.parameters().zero_grad();
   }
-  return std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  const double sec = std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  return {sec, flatten(model.parameters())};
 }
 
-// Seconds per step of DataParallel on this rank of `world` (timed between two barriers).
-inline double dp_step_seconds(Comm& world, const DataParallelOptions& o, int steps, int warmup) {
+// The parameters of the untrained model (every run starts from them).
+inline std::vector<float> initial_params() { return flatten(Mlp(1).parameters()); }
+
+// ||(got - init) - (want - init)|| / max(||got - init||, ||want - init||): the error of the
+// updates that a run applied, against the reference's (the parameters themselves hardly move in
+// 20 steps, so comparing them would hide a wrong gradient); +infinity on anything non-finite.
+inline double update_error(const std::vector<float>& got, const std::vector<float>& want, const std::vector<float>& init) {
+  if (got.size() != init.size() || want.size() != init.size()) return testing::infinite_error;
+  std::vector<double> dg(init.size()), dw(init.size());
+  for (std::size_t i = 0; i < init.size(); ++i) {
+    dg[i] = static_cast<double>(got[i]) - init[i];
+    dw[i] = static_cast<double>(want[i]) - init[i];
+  }
+  return testing::norm_rel_error(std::span<const double>(dg), std::span<const double>(dw));
+}
+
+// Tolerance of update_error: the reduced gradient sums the ranks' halves in another order than
+// the serial GEMM, so the updates differ by fp32 round-off (seen about 1e-7 to 1e-6, the
+// parameters' rounding in SGD included); a missing or wrong reduction is an error of order 1.
+inline constexpr double update_tolerance = 1e-4;
+
+// DataParallel on this rank of `world`: seconds per step (timed between two barriers) and this
+// replica's parameters after the last step.
+inline RunResult dp_run(Comm& world, const DataParallelOptions& o, int steps, int warmup) {
   DataParallel dp(Mlp(1), world, o);
   optim::SGD<float> opt(dp.parameters(), {.lr = 1e-3});
-  const Tensor<float> x = random(Shape{batch, width}, 2 + static_cast<std::uint64_t>(world.rank()), "x");
-  const Tensor<float> t = random(Shape{batch, width}, 3, "t");
+  const Tensor<float> x = rank_input(world.rank());
+  const Tensor<float> t = target();
   Clock::time_point t0;
   for (int s = 0; s < warmup + steps; ++s) {
     if (s == warmup) {
@@ -128,7 +191,8 @@ inline double dp_step_seconds(Comm& world, const DataParallelOptions& o, int ste
     dp.zero_grad();
   }
   world.barrier();
-  return std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  const double sec = std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  return {sec, flatten(dp.parameters())};
 }
 
 // Seconds of one all_reduce of the model's gradient (4 x (1024^2 + 1024) floats) on this rank.

@@ -6,12 +6,19 @@
   --mode ddp      DistributedDataParallel (default buckets, 25 MiB) with gloo on 2 processes
                   on 127.0.0.1 (env://)
 
-Prints "torch <single|ddp2> <round> <ms per step>" (the slowest rank's, for ddp). Run with
-Debian's /usr/bin/python3 (python3-torch); bench/dp/run_dp_bench.sh calls it.
+Each rank draws its own input (seeded by its rank) and the same target, as in dp_bench.
+
+Prints "torch <single|ddp2> <round> <ms per step>" (the slowest rank's, for ddp). For ddp it also
+checks that DDP really reduced the gradients: every rank's parameters after the run must hold the
+same bits (with different inputs per rank, replicas that skipped the all-reduce drift apart) and
+be finite; it prints "check torch ddp2 <round> <max |difference| between ranks> <equal: 1|0>
+<ok|FAILED>" and exits 2 when the check failed. Run with Debian's /usr/bin/python3
+(python3-torch); bench/dp/run_dp_bench.sh calls it.
 """
 import argparse
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -29,10 +36,10 @@ def make_model():
     return torch.nn.Sequential(*layers)
 
 
-def run_steps(model, steps, warmup, barrier=None):
+def run_steps(model, steps, warmup, rank=0, barrier=None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(BATCH, WIDTH)
-    t = torch.randn(BATCH, WIDTH)
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(2 + rank))
+    t = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(3))
     for s in range(warmup + steps):
         if s == warmup:
             if barrier:
@@ -53,8 +60,17 @@ def ddp_worker(rank, world, port, steps, warmup, queue):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     model = torch.nn.parallel.DistributedDataParallel(make_model())
-    sec = run_steps(model, steps, warmup, barrier=dist.barrier)
-    queue.put(sec)
+    sec = run_steps(model, steps, warmup, rank=rank, barrier=dist.barrier)
+    # The check: the replicas' parameters, elementwise max - min over the ranks.
+    with torch.no_grad():
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        finite = torch.isfinite(flat).all().to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        diff = (hi - lo).abs().max().item() if finite.item() == 1 else float("inf")
+    queue.put((sec, diff))
     dist.destroy_process_group()
 
 
@@ -79,8 +95,14 @@ def main():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.spawn(ddp_worker, args=(2, free_port(), a.steps, a.warmup, queue), nprocs=2, join=True)
-    sec = max(queue.get() for _ in range(2))
+    results = [queue.get() for _ in range(2)]
+    sec = max(r[0] for r in results)
+    diff = max(r[1] for r in results)
+    ok = diff == 0.0
     print(f"torch ddp2 {a.round} {sec * 1e3:.4f}", flush=True)
+    print(f"check torch ddp2 {a.round} {diff:.3e} {1 if ok else 0} {'ok' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        sys.exit(2)
 
 
 if __name__ == "__main__":
