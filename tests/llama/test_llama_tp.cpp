@@ -129,13 +129,18 @@ TEST_CASE("TensorParallel<llama::DecoderLayer>: GQA heads split over tp 1, 2, 4 
   check_decoder_layer<Replicate>(kConfig, 5, {1, 2, 4});
 }
 
-TEST_CASE("TensorParallel<llama::DecoderLayer>: tp 3 with 6 query heads on 3 KV heads and F = 18") {
+TEST_CASE("TensorParallel<llama::DecoderLayer>: odd tp 3 and 7 (6 on 3 heads, F = 18; 14 on 7 heads, F = 21) equal the serial layer") {
   llama::LlamaConfig c = kConfig;
   c.n_head = 6;
   c.n_kv_head = 3;
   c.d_model = 24;
   c.ffn_hidden = 18;
   check_decoder_layer<Replicate>(c, 5, {3});
+  c.n_head = 14;
+  c.n_kv_head = 7;
+  c.d_model = 28;  // head_dim 2
+  c.ffn_hidden = 21;
+  check_decoder_layer<Replicate>(c, 5, {7});
 }
 
 TEST_CASE("SequenceParallel<llama::DecoderLayer>: T = 8 split over tp 1, 2, 4 equals the serial layer within 1e-5") {
