@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -259,8 +260,10 @@ TEST_CASE("C10: a save with one failing rank makes every rank throw; ranks that 
     CHECK(contains(errs[0], "tensor 'w': elements [0, 4) are saved by both rank 0 and rank 1"));
   }
   SUBCASE("only rank 0 enters the save: it throws instead of waiting") {
-    tessera::threads::RunOptions o;
-    o.timeout = std::chrono::milliseconds(3000);
+    // Rank 1 has returned, so rank 0's first collective of the save can never complete: it
+    // must say so at once, not wait out the timeout (10 s) and report a timeout.
+    const auto timeout = std::chrono::seconds(10);
+    const auto t0 = std::chrono::steady_clock::now();
     const std::string e = error_of([&] {
       tessera::testing::run_ranks(
           2,
@@ -270,9 +273,13 @@ TEST_CASE("C10: a save with one failing rank makes every rank throw; ranks that 
             save_checkpoint<double>(d / "c", world, placement(0, MeshShape{.dp = 2}), ParameterList<double>{&p}, nullptr,
                                     CheckpointMeta{});
           },
-          o);
+          tessera::threads::RunOptions{.timeout = timeout});
     });
-    CHECK(!e.empty());
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CAPTURE(e);
+    CHECK(elapsed < 2.5);  // a quarter of the timeout; measured well under 0.1 s
+    CHECK(contains(e, "(rank 0 of 2) can never complete"));
+    CHECK(contains(e, "ranks that never arrived: rank 1 (world rank 1) had returned from its function"));
     CHECK(!fs::exists(d / "c"));
   }
   SUBCASE("the decision to save taken from an all-reduced value: every rank saves") {
