@@ -28,6 +28,7 @@
 #include "tessera/optim/sgd.hpp"
 #include "tessera/parallel/data_parallel.hpp"
 #include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 
 namespace dp_bodies {
@@ -51,32 +52,49 @@ inline std::int64_t hash_params(const ParameterList<float>& params) {
   return static_cast<std::int64_t>(h);
 }
 
-// Whether every rank of `c` holds bitwise the same parameters. Collective.
-inline bool replicas_identical(Comm& c, const ParameterList<float>& params) {
-  const std::int64_t mine = hash_params(params);
-  std::vector<std::int64_t> all(static_cast<std::size_t>(c.size()));
-  c.iall_gather(std::span<const std::int64_t>(&mine, 1), all).wait();
-  return std::all_of(all.begin(), all.end(), [&](std::int64_t h) { return h == all.front(); });
+// Whether every parameter value is finite.
+inline bool params_finite(const ParameterList<float>& params) {
+  for (const Parameter<float>& p : params) {
+    const Tensor<float> v = p.value.contiguous();
+    if (!testing::all_finite(std::span<const float>(v.span()))) return false;
+  }
+  return true;
 }
 
-// ||a - b|| / ||b|| over one tensor (0 when both are 0).
+// Whether every rank of `c` holds bitwise the same parameters, all finite (replicas that are
+// all NaN hash alike: a rank with a non-finite value sends -(rank + 1) instead of its hash, so
+// that no two ranks agree, and answers false itself). Collective.
+inline bool replicas_identical(Comm& c, const ParameterList<float>& params) {
+  const bool finite = params_finite(params);
+  const std::int64_t mine = finite ? hash_params(params) : -(static_cast<std::int64_t>(c.rank()) + 1);
+  std::vector<std::int64_t> all(static_cast<std::size_t>(c.size()));
+  c.iall_gather(std::span<const std::int64_t>(&mine, 1), all).wait();
+  return finite && std::all_of(all.begin(), all.end(), [&](std::int64_t h) { return h == all.front(); });
+}
+
+// ||a - b|| / ||b|| over one tensor (0 when both are 0); +infinity when either holds a NaN or
+// an infinity, or the sizes differ (tessera::testing's rule: a non-finite error never passes).
 inline double rel_diff(const Tensor<float>& a, const Tensor<float>& b) {
   const Tensor<float> ac = a.contiguous(), bc = b.contiguous();
+  if (ac.numel() != bc.numel() || !testing::all_finite(std::span<const float>(ac.span())) ||
+      !testing::all_finite(std::span<const float>(bc.span())))
+    return testing::infinite_error;
   double num = 0, den = 0;
   for (std::int64_t i = 0; i < ac.numel(); ++i) {
     const double d = static_cast<double>(ac.data()[i]) - bc.data()[i];
     num += d * d;
     den += static_cast<double>(bc.data()[i]) * bc.data()[i];
   }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+  return testing::finite_or_infinite(den == 0 ? std::sqrt(num) : std::sqrt(num / den));
 }
 
-// The largest rel_diff over matching parameters' values (or grads).
+// The largest rel_diff over matching parameters' values (or grads); +infinity after a NaN
+// (testing::WorstError; std::max drops it) or when the lists differ in length.
 inline double max_rel_diff(const ParameterList<float>& a, const ParameterList<float>& b, bool grads = false) {
-  double m = 0;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    m = std::max(m, grads ? rel_diff(a[i].grad, b[i].grad) : rel_diff(a[i].value, b[i].value));
-  return m;
+  if (a.size() != b.size()) return testing::infinite_error;
+  testing::WorstError m;
+  for (std::size_t i = 0; i < a.size(); ++i) m.add(grads ? rel_diff(a[i].grad, b[i].grad) : rel_diff(a[i].value, b[i].value));
+  return m.value();
 }
 
 inline std::vector<float> flatten(const ParameterList<float>& params) {
@@ -211,6 +229,7 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
   nn::CrossEntropy<float> ce_sum({.reduction = nn::Reduction::sum});
   nn::CrossEntropy<float> ce_mean({.reduction = nn::Reduction::mean});
   const int k = cfg.accumulation;
+  testing::WorstError loss_rel;  // |loss - serial| / |serial| over the steps; a NaN is +inf
   for (int step = 0; step < cfg.steps; ++step) {
     // This rank's micro-batches, and the global batch of the serial model.
     std::vector<TokenBatch> mine, global;
@@ -242,9 +261,10 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
     opt_serial.step();
     opt_serial.zero_grad();
 
-    res.max_loss_rel = std::max(res.max_loss_rel, std::abs(loss - sloss) / std::abs(static_cast<double>(sloss)));
+    loss_rel.add(testing::rel_error(loss, static_cast<double>(sloss)));
     res.identical_every_step = replicas_identical(c, dp.parameters()) && res.identical_every_step;
   }
+  res.max_loss_rel = loss_rel.value();
   res.max_param_rel = max_rel_diff(dp.parameters(), serial.parameters());
   for (const auto& s : dp.buckets().slots())
     if (s.param->name == "wte.weight") {
