@@ -10,7 +10,7 @@
 /// ```cpp
 /// llama::LlamaConfig config{.vocab_size = 256, .n_layer = 4, .n_head = 8, .n_kv_head = 4,
 ///                           .d_model = 256, .ffn_hidden = 688};
-/// llama::Llama<float> model(config, /*seed=*/1);              // the serial model
+/// llama::Llama<float> model(config, /*seed=*/1);              // the serial model (llama_model.hpp)
 /// auto layer = llama::decoder_layer<float>(config, 2, 1);     // layer 2 alone, same values
 /// tessera::TensorParallel<llama::DecoderLayer<float>> tp_layer(std::move(layer), mesh.tp());
 /// ```
@@ -747,95 +747,6 @@ template <std::floating_point T>
 DecoderLayer<T> decoder_layer(const LlamaConfig& config, std::int64_t index, std::uint64_t seed) {
   return DecoderLayer<T>(config, model_init(seed).child("model.layers." + std::to_string(index)));
 }
-
-// ---- the whole model -----------------------------------------------------------------------------
-
-/// The Llama language model: x = embed_tokens[tokens]; n_layer decoder layers; norm;
-/// logits = lm_head(x), the head untied from the embedding. Parameters, Hugging Face names:
-/// "model.embed_tokens.weight" [V, d], the layers' "model.layers.{i}.*" (DecoderLayer),
-/// "model.norm.weight" [d], "lm_head.weight" [d, V] (tessera's nn::Linear stores [in, out]).
-/// Initialized from a seed by name (model_init), so the same (config, seed) gives the same
-/// values whatever subset of the model is built.
-///
-/// tokens: (B, T) int32 -> logits: (B, T, vocab_size).
-template <std::floating_point T>
-class Llama {
- public:
-  using Input = Tensor<std::int32_t>;  ///< tokens: (B, T)
-  /// What backward needs: every sub-layer's context.
-  struct Context {
-    typename nn::Embedding<T>::Context embed_tokens;   ///< the embedding's
-    std::vector<typename DecoderLayer<T>::Context> layers;  ///< one per layer
-    typename RMSNorm<T>::Context norm;                 ///< the final norm's
-    typename nn::Linear<T>::Context lm_head;           ///< the head's
-  };
-
-  /// A model of `config`'s sizes initialized from `seed`. Throws tessera::Error naming the
-  /// values when the config is invalid.
-  explicit Llama(const LlamaConfig& config, std::uint64_t seed = 0)
-      : config_(validated(config)),
-        embed_tokens_(config.vocab_size, config.d_model, model_init(seed).child("model.embed_tokens")),
-        norm_(config.d_model, model_init(seed).child("model.norm"), static_cast<T>(config.norm_eps)),
-        lm_head_(config.d_model, config.vocab_size, model_init(seed).child("lm_head"), false) {
-    layers_.reserve(static_cast<std::size_t>(config.n_layer));
-    for (std::int64_t i = 0; i < config.n_layer; ++i) layers_.push_back(decoder_layer<T>(config, i, seed));
-  }
-
-  /// The logits (B, T, vocab_size). Throws tessera::Error when tokens is not (B, T) or an id is
-  /// outside the vocabulary (naming the values).
-  ForwardResult<Tensor<T>, Context> forward(const Tensor<std::int32_t>& tokens) const {
-    TESSERA_EXPECTS(tokens.rank() == 2, "Llama: tokens of shape ", tokens.shape(), " are not (B, T)");
-    Context ctx;
-    auto [x, ce] = embed_tokens_.forward(tokens);
-    ctx.embed_tokens = std::move(ce);
-    for (const DecoderLayer<T>& layer : layers_) {
-      auto [y, c] = layer.forward(x);
-      ctx.layers.push_back(std::move(c));
-      x = std::move(y);
-    }
-    auto [xf, cn] = norm_.forward(x);
-    ctx.norm = std::move(cn);
-    auto [logits, cl] = lm_head_.forward(xf);
-    ctx.lm_head = std::move(cl);
-    return {std::move(logits), std::move(ctx)};
-  }
-
-  /// Accumulates every parameter gradient from dlogits: (B, T, vocab_size).
-  NoGrad backward(const Tensor<T>& dlogits, const Context& ctx) {
-    TESSERA_EXPECTS(ctx.layers.size() == layers_.size(), "Llama: context holds ", ctx.layers.size(),
-                    " layers, the model ", layers_.size());
-    Tensor<T> dx = norm_.backward(lm_head_.backward(dlogits, ctx.lm_head), ctx.norm);
-    for (std::size_t i = layers_.size(); i-- > 0;) dx = layers_[i].backward(dx, ctx.layers[i]);
-    return embed_tokens_.backward(dx, ctx.embed_tokens);
-  }
-
-  /// embed_tokens, the layers in order, norm, lm_head.
-  ParameterList<T> parameters() {
-    ParameterList<T> ps = embed_tokens_.parameters();
-    for (DecoderLayer<T>& layer : layers_) ps.append(layer.parameters());
-    ps.append(norm_.parameters());
-    ps.append(lm_head_.parameters());
-    return ps;
-  }
-
-  /// The sizes.
-  const LlamaConfig& config() const noexcept { return config_; }
-  /// The token embedding.
-  nn::Embedding<T>& embed_tokens() noexcept { return embed_tokens_; }
-  /// The decoder layers model.layers.0 .. n_layer - 1.
-  std::vector<DecoderLayer<T>>& layers() noexcept { return layers_; }
-  /// The final RMSNorm.
-  RMSNorm<T>& norm() noexcept { return norm_; }
-  /// The untied LM head [d, V].
-  nn::Linear<T>& lm_head() noexcept { return lm_head_; }
-
- private:
-  LlamaConfig config_;
-  nn::Embedding<T> embed_tokens_;
-  std::vector<DecoderLayer<T>> layers_;
-  RMSNorm<T> norm_;
-  nn::Linear<T> lm_head_;
-};
 
 }  // namespace llama
 

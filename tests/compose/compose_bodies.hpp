@@ -76,6 +76,15 @@ struct TinyDecoder {
   Last last() const { return Last{nn::LayerNorm<float>(d, init().child("ln_f")), nn::Linear<float>(d, vocab, init().child("head"))}; }
 };
 
+// The vocabulary of a description: its `vocab` or its config's vocab_size.
+template <class D>
+std::int64_t vocab_of(const D& d) {
+  if constexpr (requires { d.vocab; })
+    return d.vocab;
+  else
+    return d.config.vocab_size;
+}
+
 struct Setup {
   int steps = 20;
   std::int64_t batch = 16, T = 8;
@@ -87,11 +96,11 @@ struct Setup {
 // 1, 2 or 3 by row), so the next token is learnable; tokens (B, T) and targets (B, T).
 template <class D>
 std::pair<Tensor<std::int32_t>, Tensor<std::int32_t>> batch_of(const D& d, const Setup& s, int step) {
-  const Tensor<std::int32_t> start = tp_test::random_tokens(s.batch, 1, d.vocab, 2000 + step);
+  const Tensor<std::int32_t> start = tp_test::random_tokens(s.batch, 1, vocab_of(d), 2000 + step);
   Tensor<std::int32_t> seq = Tensor<std::int32_t>::empty(Shape{s.batch, s.T + 1});
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t t = 0; t <= s.T; ++t)
-      seq.data()[b * (s.T + 1) + t] = static_cast<std::int32_t>((start.data()[b] + t * (1 + b % 3)) % d.vocab);
+      seq.data()[b * (s.T + 1) + t] = static_cast<std::int32_t>((start.data()[b] + t * (1 + b % 3)) % vocab_of(d));
   return {seq.slice(1, 0, s.T).contiguous(), seq.slice(1, 1, s.T + 1).contiguous()};
 }
 
@@ -179,8 +188,8 @@ Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup&
   const StagePartition cut = StagePartition::even(layers, v.shape.pp * v.options.virtual_stages, sequential_layer_names(d));
   return Hybrid<float>(
       mesh, sequential_stages(d, cut),
-      [&d](Comm tp) {
-        return sequential_loss<D>(VocabParallelCrossEntropy<float>(tp, d.vocab, {.reduction = nn::Reduction::sum}));
+      [v = vocab_of(d)](Comm tp) {
+        return sequential_loss<D>(VocabParallelCrossEntropy<float>(tp, v, {.reduction = nn::Reduction::sum}));
       },
       v.options, s.adamw());
 }

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "llama/llama_layers.hpp"
+#include "llama/llama_model.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/nn/core_attention.hpp"
 #include "tessera/testing/compare.hpp"

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "llama/llama_layers.hpp"
+#include "llama/llama_model.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/parallel/tensor_parallel.hpp"
 #include "tessera/testing/compare.hpp"
