@@ -3,13 +3,18 @@
 // grad-ready hooks of the nn layers.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "dp_bodies.hpp"
 #include "tessera/tessera.hpp"
+#include "tessera/testing/compare.hpp"
 
 using namespace tessera;
 using namespace dp_bodies;
@@ -32,6 +37,83 @@ constexpr Layout layouts[] = {{"per-parameter", 0, 0},
 DataParallelOptions options(const Layout& l, bool overlap) {
   return {.bucket_size = l.bucket_size, .first_bucket_size = l.first_bucket_size, .overlap_grad_reduce = overlap};
 }
+
+// The worst relative error of the gradients of `a` against those of `b`, parameter by
+// parameter; +infinity on a NaN or infinity (tessera::testing::WorstError).
+double grad_rel_error(const ParameterList<float>& a, const ParameterList<float>& b) {
+  testing::WorstError worst;
+  if (a.size() != b.size()) return testing::infinite_error;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const Tensor<float> x = a[i].grad.contiguous(), y = b[i].grad.contiguous();
+    worst.add(testing::max_rel_error(std::span<const float>(x.data(), static_cast<std::size_t>(x.numel())),
+                                     std::span<const float>(y.data(), static_cast<std::size_t>(y.numel()))));
+  }
+  return worst.value();
+}
+
+// A non-blocking request as ProbeComm hands it out: forwards to the backend's request and
+// remembers completion, so the test can ask whether it completed without disturbing its owner.
+class ProbeRequest final : public RequestImpl {
+ public:
+  explicit ProbeRequest(Request inner) : inner_(std::move(inner)) {}
+  void wait() override {
+    inner_.wait();
+    done_ = true;
+  }
+  bool test() override {
+    if (!done_) done_ = inner_.test();
+    return done_;
+  }
+
+ private:
+  Request inner_;
+  bool done_ = false;
+};
+
+// A CommBackend that forwards to another and keeps every non-blocking request it returns, in
+// issue order, so a test can watch, from inside backward, which reductions have completed.
+// Used from its rank's thread only.
+class ProbeComm final : public CommBackend {
+ public:
+  explicit ProbeComm(std::shared_ptr<CommBackend> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string name() const override { return inner_->name(); }
+  void set_name(std::string n) override { inner_->set_name(std::move(n)); }
+  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
+  void set_timeout(std::chrono::milliseconds t) override { inner_->set_timeout(t); }
+  Request all_reduce(void* d, std::size_t n, DType t, ReduceOp op, bool async) override {
+    return keep(inner_->all_reduce(d, n, t, op, async), async);
+  }
+  Request all_gather(const void* in, void* out, std::size_t n, DType t, bool async) override {
+    return keep(inner_->all_gather(in, out, n, t, async), async);
+  }
+  Request reduce_scatter(const void* in, void* out, std::size_t n, DType t, ReduceOp op, bool async) override {
+    return keep(inner_->reduce_scatter(in, out, n, t, op, async), async);
+  }
+  void broadcast(void* d, std::size_t n, DType t, int root) override { inner_->broadcast(d, n, t, root); }
+  Request send(const void* d, std::size_t n, DType t, int peer, int tag, bool async) override {
+    return keep(inner_->send(d, n, t, peer, tag, async), async);
+  }
+  Request recv(void* d, std::size_t n, DType t, int peer, int tag, bool async) override {
+    return keep(inner_->recv(d, n, t, peer, tag, async), async);
+  }
+  Request batch_p2p(std::span<const P2POp> ops) override { return keep(inner_->batch_p2p(ops), true); }
+  void barrier() override { inner_->barrier(); }
+  std::shared_ptr<CommBackend> split(int color, int key) override { return inner_->split(color, key); }
+
+  // The non-blocking requests so far, in issue order.
+  std::vector<std::shared_ptr<ProbeRequest>>& requests() { return requests_; }
+
+ private:
+  Request keep(Request r, bool async) {
+    if (!async) return r;
+    requests_.push_back(std::make_shared<ProbeRequest>(std::move(r)));
+    return Request(requests_.back());
+  }
+  std::shared_ptr<CommBackend> inner_;
+  std::vector<std::shared_ptr<ProbeRequest>> requests_;
+};
 
 std::int64_t tiny_gpt_numel() {
   nn::GPT<float> g(tiny_gpt(), 0);
@@ -311,6 +393,79 @@ TEST_CASE("DataParallel: a step issues one all-reduce per bucket after the last 
   }
 }
 
+// Overlap, observed: layer 0's backward (the last to run) is made slow, and while it runs the
+// buckets started by layers 3, 2 and 1 must complete their reduction -- seen through test()
+// on their requests, not through any wait() -- and hold the global gradient of the serial
+// model on the whole batch. A DataParallel that started its buckets only when backward
+// returns, or a backend that progressed only inside wait(), fails here. World size 1 has no
+// reduction to overlap.
+TEST_CASE("DataParallel: while a slow layer 0 runs its backward, the buckets of layers 3-1 complete their reduction "
+          "and hold the global gradient, before backward returns") {
+  struct Seen {
+    std::size_t launched = 0;   // buckets started when layer 0's backward began
+    std::size_t completed = 0;  // of those, complete (in issue order) while layer 0 still ran
+    double grad_rel = testing::infinite_error;  // their gradients against the serial ones
+    bool observed = false;      // layer 0's hook ran in the overlapped step
+  };
+  for (int world : {2, 3, 4, 7}) {
+    CAPTURE(world);
+    const auto res = run_ranks(world, [](Comm& c) {
+      auto probe = std::make_shared<ProbeComm>(c.backend_ptr());
+      DataParallel dp(Stack({6, 6, 6, 6, 6}, 21), Comm(probe), {.bucket_size = 0, .first_bucket_size = 0});
+      // The serial model's gradient of step 1's global batch (2 rows per rank, mean loss).
+      Stack serial({6, 6, 6, 6, 6}, 21);
+      for (int r = 0; r < c.size(); ++r) {
+        auto [y, ctx] = serial.forward(stack_input(1, r, 2, 6));
+        auto [loss, dy] = square_loss(y, 1.0 / (2.0 * c.size()));
+        serial.backward(dy, ctx);
+      }
+      Seen seen;
+      bool overlapped_step = false;
+      dp.module().before_layer_backward = [&](std::size_t i) {
+        if (i != 0 || !overlapped_step) return;
+        seen.observed = true;
+        seen.launched = probe->requests().size();
+        // Layer 0 is slow: it computes, in chunks, until the started reductions complete (or
+        // 10 s pass), polling them between chunks.
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        double acc = 0;
+        for (;;) {
+          for (int k = 1; k <= 20000; ++k) acc += std::sqrt(static_cast<double>(k) + acc * 1e-12);
+          seen.completed = 0;
+          while (seen.completed < seen.launched && probe->requests()[seen.completed]->test()) ++seen.completed;
+          if (seen.completed == seen.launched || std::chrono::steady_clock::now() > deadline) break;
+        }
+        REQUIRE(std::isfinite(acc));
+        if (seen.launched == 0 || seen.completed < seen.launched) return;  // their buffers are still in use
+        // Layers 3, 2 and 1 have run their backward; their gradients are now the reduced sums.
+        ParameterList<float> mine, ref;
+        for (const char* name : {"l1.weight", "l1.bias", "l2.weight", "l2.bias", "l3.weight", "l3.bias"}) {
+          mine.push_back(dp.parameters().at(name));
+          ref.push_back(serial.parameters().at(name));
+        }
+        seen.grad_rel = grad_rel_error(mine, ref);
+      };
+      for (int step = 0; step < 2; ++step) {  // step 0 learns the marks; step 1 overlaps
+        overlapped_step = step == 1;
+        const double scale = dp.loss_scale(2);
+        auto [y, ctx] = dp.forward(stack_input(step, c.rank(), 2, 6));
+        auto [loss, dy] = square_loss(y, scale);
+        probe->requests().clear();  // from here on: the bucket reductions of this backward
+        dp.backward(dy, ctx);
+        if (step == 0) dp.zero_grad();
+      }
+      return seen;
+    });
+    for (const Seen& s : res) {
+      CHECK(s.observed);
+      // Per parameter, one bucket each: l3.bias, l3.weight, ..., l1.weight started before layer 0.
+      CHECK(s.launched == 6);
+      CHECK(s.completed == s.launched);
+      CHECK(s.grad_rel < tol);
+    }
+  }
+}
+
 TEST_CASE("DataParallel: a parameter marked ready more often than in the first backward, after its bucket started, "
           "is an error naming it; without overlap the same model trains correctly") {
   DataParallelOptions o{.bucket_size = 0, .first_bucket_size = 0, .overlap_grad_reduce = true};
@@ -352,7 +507,7 @@ TEST_CASE("DataParallel: a moved replica keeps its hooks and buckets and still t
     v.reserve(4);  // moves it again
     DataParallel<Stack>& dp = v.front();
     Stack serial({4, 5, 3}, 11);
-    double rel = 0;
+    testing::WorstError rel;
     for (int step = 0; step < 3; ++step) {
       const double scale = dp.loss_scale(2);
       auto [y, ctx] = dp.forward(stack_input(step, c.rank(), 2));
@@ -363,11 +518,11 @@ TEST_CASE("DataParallel: a moved replica keeps its hooks and buckets and still t
         auto [sl, sdy] = square_loss(sy, 0.25);
         serial.backward(sdy, sctx);
       }
-      rel = std::max(rel, max_rel_diff(dp.parameters(), serial.parameters(), true));
+      rel.add(grad_rel_error(dp.parameters(), serial.parameters()));
       dp.zero_grad();
       serial.parameters().zero_grad();
     }
-    return std::pair<double, std::size_t>(rel, dp.buckets().early_launches());
+    return std::pair<double, std::size_t>(rel.value(), dp.buckets().early_launches());
   });
   for (const auto& [rel, early] : res) {
     CHECK(rel < tol);
