@@ -1,14 +1,16 @@
 // Hybrid checkpoints on the threads backend: a run saved at one (dp, pp, tp) layout and resumed
 // at another continues exactly as the single-rank run (world 2 -> 4 and 4 -> 1, with ZeRO-1
-// state resharded), and a checkpoint of another configuration or a corrupted file is an error
-// on every rank that changes nothing.
+// state resharded), and a checkpoint of another configuration or a truncated file is an error
+// on every rank (each rank's own, never an AbortedError) that changes nothing.
 #include <doctest/doctest.h>
 
 #include <filesystem>
 #include <fstream>
 
 #include "hybrid_bodies.hpp"
+#include "rank_errors.hpp"
 #include "tessera/comm/thread/thread_communicator.hpp"
+#include "tessera/testing/compare.hpp"
 
 using namespace tessera;
 using namespace hybrid_test;
@@ -79,56 +81,62 @@ TEST_CASE("Hybrid checkpoint: another configuration or a truncated file fails on
   const Setup s = short_setup();
   const fs::path dir = scratch("err");
   const Variant v = layout(1, 2, 2, false);
+  const threads::RunOptions quick{.timeout = std::chrono::seconds(10)};  // a rank left waiting fails fast
   threads::run(4, [&](Comm& w) { return run_segment(w, s, v, short_reference(), 0, 1, "", dir.string()); });
-  // Another configuration: one layer more.
+  // Another configuration (one layer more): every rank reads the index and finds it itself,
+  // so each rank's own error names the field and both values.
   Setup deeper = s;
   deeper.config.n_layer = 7;
-  std::vector<std::string> messages(4);
-  CHECK_THROWS(threads::run(4, [&](Comm& w) {
-    Mesh mesh(w, v.shape);
-    HybridGPT<float> model(mesh, deeper.config, deeper.seed, v.options, deeper.adamw());
-    try {
-      checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(deeper.config));
-    } catch (const std::exception& e) {
-      messages[static_cast<std::size_t>(w.rank())] = e.what();
-      throw;
-    }
-    return 0;
-  }));
-  for (const std::string& m : messages) {
-    CAPTURE(m);
-    CHECK(m.find("n_layer") != std::string::npos);
-  }
-  // A truncated rank file: every rank throws, naming the file, and the parameters are unchanged.
-  fs::path victim;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().rfind("model-rank", 0) == 0) victim = e.path();
-  REQUIRE(!victim.empty());
+  const std::vector<RankError> config_errors = threads::run(
+      4,
+      [&](Comm& w) {
+        Mesh mesh(w, v.shape);
+        HybridGPT<float> model(mesh, deeper.config, deeper.seed, v.options, deeper.adamw());
+        return rank_error([&] { checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(deeper.config)); });
+      },
+      quick);
+  check_own_errors(config_errors, {"another model configuration: n_layer is 6 in the checkpoint and 7 in this model"});
+  // A truncated rank file: the ranks that read it throw their own error naming it, every
+  // other rank throws the agreed error naming the lowest of those ranks and the file (not an
+  // AbortedError), and no rank's parameters changed.
+  const fs::path victim = dir / "model-rank00001.safetensors";
+  REQUIRE(fs::exists(victim));
   fs::resize_file(victim, fs::file_size(victim) / 2);
-  std::vector<std::string> errs(4);
-  std::vector<int> unchanged(4, 0);
-  CHECK_THROWS(threads::run(4, [&](Comm& w) {
-    Mesh mesh(w, v.shape);
-    HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
-    std::vector<Tensor<float>> before;
-    for (const Parameter<float>& p : model.parameters()) before.push_back(p.value.clone());
-    try {
-      checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(s.config));
-    } catch (const std::exception& e) {
-      errs[static_cast<std::size_t>(w.rank())] = e.what();
-      bool same = true;
-      std::size_t i = 0;
-      for (const Parameter<float>& p : model.parameters()) same = same && tp_test::bitwise_equal(p.value, before[i++]);
-      unchanged[static_cast<std::size_t>(w.rank())] = same ? 1 : 0;
-      throw;
-    }
-    return 0;
-  }));
+  struct Truncated {
+    RankError error;
+    bool unchanged = false;
+  };
+  const std::vector<Truncated> truncated = threads::run(
+      4,
+      [&](Comm& w) {
+        Mesh mesh(w, v.shape);
+        HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
+        std::vector<Tensor<float>> before;
+        for (const Parameter<float>& p : model.parameters()) before.push_back(p.value.clone());
+        Truncated t;
+        t.error = rank_error([&] { checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(s.config)); });
+        t.unchanged = true;
+        std::size_t i = 0;
+        for (const Parameter<float>& p : model.parameters())
+          t.unchanged = t.unchanged && tessera::testing::bitwise_equal_finite<float>(p.value.contiguous().span(), before[i++].span());
+        return t;
+      },
+      quick);
+  int first_own = -1;
+  for (int r = 0; r < 4 && first_own < 0; ++r)
+    if (!contains(truncated[static_cast<std::size_t>(r)].error.message, "failed on rank")) first_own = r;
+  REQUIRE(first_own >= 0);  // some rank found the truncation itself
   for (int r = 0; r < 4; ++r) {
-    CAPTURE(errs[static_cast<std::size_t>(r)]);
-    CHECK(!errs[static_cast<std::size_t>(r)].empty());
-    CHECK(unchanged[static_cast<std::size_t>(r)] == 1);
+    const Truncated& t = truncated[static_cast<std::size_t>(r)];
+    CAPTURE(r);
+    CAPTURE(t.error.message);
+    CHECK(t.error.thrown);
+    CHECK(!t.error.aborted);
+    CHECK(!t.error.timeout);
+    CHECK(contains(t.error.message, victim.filename().string()));
+    CHECK(contains(t.error.message, "truncated"));
+    if (contains(t.error.message, "failed on rank")) CHECK(contains(t.error.message, "failed on rank " + std::to_string(first_own)));
+    CHECK(t.unchanged);
   }
-  CHECK(errs[0].find(victim.filename().string()) != std::string::npos);
   fs::remove_all(dir);
 }
