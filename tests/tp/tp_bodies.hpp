@@ -33,6 +33,7 @@
 #include "tessera/parallel/tensor_parallel_gpt.hpp"
 #include "tessera/parallel/vocab_parallel_cross_entropy.hpp"
 #include "tessera/parallel/vocab_parallel_embedding.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 #include "tp_test_util.hpp"
 
@@ -157,14 +158,14 @@ inline double mappings_body(Comm& tp) {
   const Tensor<double> bias = tp_test::random_tensor<double>(Shape{4 * n}, 8);
   Tensor<double> sum(s);
   for (int q = 0; q < n; ++q) sum.add_(rank_tensor(q));
-  double err = 0;
+  testing::WorstError err;  // a NaN is +inf, not dropped
   auto diff = [&](const Tensor<double>& a, const Tensor<double>& b) {
     if (a.shape() != b.shape()) {
-      err = 1e300;
+      err.add(testing::infinite_error);
       return;
     }
     const Tensor<double> ac = a.contiguous(), bc = b.contiguous();
-    for (std::int64_t i = 0; i < ac.numel(); ++i) err = std::max(err, std::abs(ac.data()[i] - bc.data()[i]));
+    err.add(testing::max_abs_error(tp_test::values_of(ac), tp_test::values_of(bc)));
   };
   auto slice = [&](const Tensor<double>& t, int dim) { return detail::tp::split_dim(t, dim, 1, r, n); };
   Tensor<double> sum_plus_bias = sum.clone();
@@ -197,7 +198,7 @@ inline double mappings_body(Comm& tp) {
   ReduceScatterToSequenceParallelRegion<double> rs(tp);
   diff(rs.forward({rank_tensor(r), bias}).output.value, slice(sum_plus_bias, 1));
   diff(rs.backward({slice(x, 1)}).value, x);
-  return tp.all_reduce_value(err, ReduceOp::max);
+  return tp.all_reduce_value(err.value(), ReduceOp::max);
 }
 
 // ColumnParallel then RowParallel (nn::Linear d -> 2d -> d, with biases) against the two serial
@@ -222,7 +223,7 @@ double column_row_body(Comm& tp) {
   ParameterList<T> sp = serial.first.parameters();
   sp.append(serial.second.parameters());
 
-  double worst = 0;
+  testing::WorstError worst;  // a NaN is +inf, not dropped
   auto check = [&](auto& col, auto& row, auto x_in, auto dy_in, auto to_full) {
     auto [hh, c1] = col.forward(x_in);
     auto [y, c2] = row.forward(hh);
@@ -230,8 +231,10 @@ double column_row_body(Comm& tp) {
     ParameterList<T> ps = col.parameters();
     ps.append(row.parameters());
     const GradReport g = tp_test::compare_params(tp, ps, sp);
-    worst = std::max({worst, rel_err(to_full(y.value), ys), rel_err(to_full(dx.value), dxs), g.max_rel,
-                      g.replicated_equal ? 0.0 : 1.0});
+    worst.add(rel_err(to_full(y.value), ys));
+    worst.add(rel_err(to_full(dx.value), dxs));
+    worst.add(g.max_rel);
+    worst.add(g.replicated_equal ? 0.0 : 1.0);
   };
   auto same = [](const Tensor<T>& t) { return t; };
   {
@@ -253,7 +256,7 @@ double column_row_body(Comm& tp) {
     check(col, row, with_layout<Shard<1>>(local_of<Shard<1>>(tp, x)), with_layout<Shard<1>>(local_of<Shard<1>>(tp, dy)),
           [&](const Tensor<T>& t) { return full_of<Shard<1>>(tp, t); });
   }
-  return worst;
+  return worst.value();
 }
 
 // VocabParallelEmbedding (vocabulary 50 padded to a multiple of tp) against nn::Embedding:
@@ -264,7 +267,8 @@ double vocab_embedding_body(Comm& tp) {
   nn::Embedding<double> serial(kVocab, 12, {.prefix = "wte", .seed = 9});
   VocabParallelEmbedding<double, VocabParallelEmbeddingOptions{.sequence_parallel = sp}> from_seed(
       kVocab, 12, tp, {.prefix = "wte", .seed = 9});
-  double worst = tp_test::compare_params(tp, from_seed.parameters(), serial.parameters(), true).max_rel;
+  testing::WorstError worst;  // a NaN is +inf, not dropped
+  worst.add(tp_test::compare_params(tp, from_seed.parameters(), serial.parameters(), true).max_rel);
   tp_test::randomize(serial.parameters(), 3);
   VocabParallelEmbedding<double, VocabParallelEmbeddingOptions{.sequence_parallel = sp}> emb(serial, tp);
   const Tensor<std::int32_t> ids = tp_test::random_tokens(kB, kT, kVocab, 5);
@@ -273,11 +277,12 @@ double vocab_embedding_body(Comm& tp) {
   serial.backward(dy, cs);
   auto [y, c] = emb.forward(ids);
   emb.backward(with_layout<L>(local_of<L>(tp, dy)), c);
-  worst = std::max(worst, rel_err(full_of<L>(tp, y.value), ys));
+  worst.add(rel_err(full_of<L>(tp, y.value), ys));
   // Padding rows never get a gradient.
   const std::int64_t rows = emb.weight().grad.size(0), real = emb.vocab_end() - emb.vocab_start();
-  for (std::int64_t i = real * 12; i < rows * 12; ++i) worst = std::max(worst, std::abs(emb.weight().grad.data()[i]));
-  return std::max(worst, tp_test::compare_params(tp, emb.parameters(), serial.parameters()).max_rel);
+  for (std::int64_t i = real * 12; i < rows * 12; ++i) worst.add(emb.weight().grad.data()[i]);
+  worst.add(tp_test::compare_params(tp, emb.parameters(), serial.parameters()).max_rel);
+  return worst.value();
 }
 
 // Vocab-parallel cross-entropy of fp64 logits (n rows over `vocab` entries, a few targets
@@ -387,7 +392,7 @@ GPTReport gpt_body(Comm& tp, int steps) {
     auto [lt, clt] = model.forward(tokens);
     auto [loss_t, ct] = ce.forward(lt, targets);
     model.backward(ce.backward(1.0f, ct), clt);
-    const double dl = std::abs(static_cast<double>(loss_t) - loss_s) / std::abs(static_cast<double>(loss_s));
+    const double dl = testing::rel_error(static_cast<double>(loss_t), static_cast<double>(loss_s));
     if (compare) {
       const Tensor<float> full = detail::tp::all_gather_dim(tp, lt.value, -1).slice(-1, 0, kVocab).contiguous();
       rep.logits = rel_err(full, ls);
@@ -398,10 +403,12 @@ GPTReport gpt_body(Comm& tp, int steps) {
   };
   optim::AdamW<float> opt_s(serial.parameters(), {.lr = 1e-3, .eps = 1e-6});
   optim::AdamW<float> opt_t(model.parameters(), {.lr = 1e-3, .eps = 1e-6});
+  testing::WorstError train_loss;  // a NaN is +inf, not dropped
   for (int s = 0; s < std::max(steps, 1); ++s) {
     opt_s.zero_grad();
     opt_t.zero_grad();
-    rep.train_loss = std::max(rep.train_loss, step(static_cast<std::uint64_t>(s), s == 0));
+    train_loss.add(step(static_cast<std::uint64_t>(s), s == 0));
+    rep.train_loss = train_loss.value();
     if (steps == 0) break;
     opt_s.step();
     opt_t.step();

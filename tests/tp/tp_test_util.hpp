@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/parallel/sharding.hpp"
+#include "tessera/testing/compare.hpp"
 
 namespace tp_test {
 
@@ -24,28 +26,29 @@ using tessera::ParameterList;
 using tessera::Shape;
 using tessera::Tensor;
 
-// ||a - b|| / max(||a||, ||b||) over all elements, in double (0 when both are 0).
-template <class A, class B>
-double rel_err(const Tensor<A>& a, const Tensor<B>& b) {
-  if (a.shape() != b.shape()) return 1e300;
-  const Tensor<double> ac = a.template cast<double>(), bc = b.template cast<double>();
-  double num = 0, na = 0, nb = 0;
-  for (std::int64_t i = 0; i < ac.numel(); ++i) {
-    const double x = ac.data()[i], y = bc.data()[i];
-    num += (x - y) * (x - y);
-    na += x * x;
-    nb += y * y;
-  }
-  const double den = std::sqrt(std::max(na, nb));
-  return den == 0 ? std::sqrt(num) : std::sqrt(num) / den;
+// The elements of a contiguous tensor, read-only (for the comparisons of tessera/testing).
+template <class T>
+std::span<const T> values_of(const Tensor<T>& contiguous) {
+  return std::span<const T>(contiguous.span());
 }
 
-// Whether both tensors hold the same values bit for bit.
+// ||a - b|| / max(||a||, ||b||) over all elements, in double (0 when both are 0); +infinity
+// when the shapes differ or either holds a NaN or an infinity (tessera::testing::norm_rel_error).
+template <class A, class B>
+double rel_err(const Tensor<A>& a, const Tensor<B>& b) {
+  if (a.shape() != b.shape()) return tessera::testing::infinite_error;
+  const Tensor<A> ac = a.contiguous();
+  const Tensor<B> bc = b.contiguous();
+  return tessera::testing::norm_rel_error(values_of(ac), values_of(bc));
+}
+
+// Whether both tensors hold the same values bit for bit, all finite (two NaN tensors are not
+// equal: tessera::testing::bitwise_equal_finite).
 template <class T>
 bool bitwise_equal(const Tensor<T>& a, const Tensor<T>& b) {
   if (a.shape() != b.shape()) return false;
   const Tensor<T> ac = a.contiguous(), bc = b.contiguous();
-  return std::equal(ac.data(), ac.data() + ac.numel(), bc.data());
+  return tessera::testing::bitwise_equal_finite(values_of(ac), values_of(bc));
 }
 
 // normal(0, std) values of `shape`, from (seed, name).
@@ -104,20 +107,24 @@ void load_shards(const ParameterList<T>& tp_params, const ParameterList<T>& seri
 
 // The worst relative error of the gathered tp gradients against the serial ones, by name.
 struct GradReport {
-  double max_rel = 0;       // over every parameter
+  double max_rel = 0;       // over every parameter (+infinity after a NaN or an infinity)
   std::string worst;        // the name of the worst
   std::size_t count = 0;    // parameters compared
   bool replicated_equal = true;  // every replicated gradient bitwise equal on all tp ranks
 };
 
-// Whether `local` is the same, bit for bit, on every rank of `tp`. Collective over `tp`.
+// Whether `local` is the same, bit for bit, on every rank of `tp`, and finite (NaN copies are
+// not "the same"). Collective over `tp`.
 template <class T>
 bool same_on_every_rank(Comm& tp, const Tensor<T>& local) {
   const Tensor<T> lc = local.contiguous();
   Tensor<T> all = Tensor<T>::empty(Shape{static_cast<std::int64_t>(tp.size()), lc.numel()});
   tp.all_gather(lc.span(), all.span());
+  const std::span<const T> everyone = values_of(all);
+  const std::size_t n = static_cast<std::size_t>(lc.numel());
   for (int r = 0; r < tp.size(); ++r)
-    if (!std::equal(lc.data(), lc.data() + lc.numel(), all.data() + r * lc.numel())) return false;
+    if (!tessera::testing::bitwise_equal_finite(values_of(lc), everyone.subspan(static_cast<std::size_t>(r) * n, n)))
+      return false;
   return true;
 }
 
@@ -127,18 +134,18 @@ template <class T>
 GradReport compare_params(Comm& tp, const ParameterList<T>& tp_params, const ParameterList<T>& serial,
                           bool values = false) {
   GradReport r;
+  tessera::testing::WorstError worst;  // a NaN is +inf, not skipped
   for (Parameter<T>& p : tp_params) {
     const Parameter<T>& s = serial.at(p.name);
     const Tensor<T>& mine = values ? p.value : p.grad;
     const Tensor<T> full = gather_full(tp, mine, p.layout, s.value.size(0));
-    const double e = rel_err(full, values ? s.value : s.grad);
-    if (e >= r.max_rel) {
-      r.max_rel = e;
-      r.worst = p.name;
-    }
+    const double before = worst.value();
+    worst.add(rel_err(full, values ? s.value : s.grad));
+    if (r.worst.empty() || worst.value() > before) r.worst = p.name;
     if (!p.layout.is_shard() && !same_on_every_rank(tp, mine)) r.replicated_equal = false;
     ++r.count;
   }
+  r.max_rel = worst.value();
   return r;
 }
 
