@@ -10,10 +10,16 @@
 // A real gradient (linear regression, 8 features) is pushed and pulled each step, and the
 // final loss is printed, so every mode also shows it still trains.
 //
+// Checks (no timing target: the figures are read against docs/parameter_server.md): every run
+// trains (worker 0's final full-data loss finite and below 1% of the untrained model's; enough
+// steps are needed, 40 by default), and the staleness the server saw stays within the bound
+// (0 for sync, s for SSP s). Exit status: 0 when every check passes, 2 when one fails.
+//
 // Run: OPENBLAS_NUM_THREADS=1 build/bench/ps/ps_bench [steps] [base_ms] [rounds]
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -36,6 +42,7 @@ enum class Scenario { balanced, one_slow, straggler };
 struct Result {
   double seconds = 0;     // worker: wall time of its steps
   double final_loss = 0;  // worker 0: full-data loss after its last pull
+  double initial_loss = 0;  // worker 0: full-data loss of the untrained model
   std::int64_t max_staleness = 0;
 };
 
@@ -70,6 +77,16 @@ Result run_one(Comm& world, Scenario sc, ParameterServerMode mode, int s, int st
     r.max_staleness = ps.serve(opt).max_staleness;
     return r;
   }
+  auto full_loss = [&] {
+    auto [pred, ctx] = lin.forward(x);
+    double loss = 0;
+    for (std::int64_t i = 0; i < kRows; ++i) {
+      const double e = pred(i, 0) - y(i, 0);
+      loss += 0.5 * e * e / kRows;
+    }
+    return loss;
+  };
+  r.initial_loss = full_loss();
   const int w = ps.worker_index();
   const std::int64_t lo = kRows * w / kWorkers, hi = kRows * (w + 1) / kWorkers;
   const auto t0 = Clock::now();
@@ -84,11 +101,7 @@ Result run_one(Comm& world, Scenario sc, ParameterServerMode mode, int s, int st
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   ps.finish();
-  auto [pred, ctx] = lin.forward(x);
-  for (std::int64_t i = 0; i < kRows; ++i) {
-    const double e = pred(i, 0) - y(i, 0);
-    r.final_loss += 0.5 * e * e / kRows;
-  }
+  r.final_loss = full_loss();
   return r;
 }
 
@@ -108,6 +121,9 @@ int main(int argc, char** argv) {
   std::vector<double> wall[ns][nm];
   std::int64_t stale[ns][nm] = {};
   double loss[ns][nm] = {};
+  bool trained[ns][nm];
+  for (auto& row : trained)
+    for (bool& b : row) b = true;
   for (int round = 0; round < rounds; ++round)
     for (int i = 0; i < ns; ++i)
       for (int j = 0; j < nm; ++j) {
@@ -121,17 +137,26 @@ int main(int argc, char** argv) {
         wall[i][j].push_back(t);
         stale[i][j] = std::max(stale[i][j], rs[kWorkers].max_staleness);
         loss[i][j] = std::max(loss[i][j], rs[0].final_loss);
+        // NaN-safe: a non-finite loss is not below anything.
+        trained[i][j] = trained[i][j] && std::isfinite(rs[0].final_loss) && rs[0].final_loss <= 0.01 * rs[0].initial_loss;
       }
-  std::printf("%-10s %-9s %12s %12s %10s %10s %12s\n", "scenario", "mode", "wall (s)", "ms / step", "vs sync",
-              "max stale", "final loss");
+  std::printf("%-10s %-9s %12s %12s %10s %10s %12s  %s\n", "scenario", "mode", "wall (s)", "ms / step", "vs sync",
+              "max stale", "final loss", "check");
+  int failed = 0;
   for (int i = 0; i < ns; ++i) {
     const double sync_wall = median(wall[i][0]);
     for (int j = 0; j < nm; ++j) {
       const double t = median(wall[i][j]);
       const std::string label = staleness[j] < 0 ? "sync" : "ssp s=" + std::to_string(staleness[j]);
-      std::printf("%-10s %-9s %12.3f %12.2f %9.2fx %10lld %12.2e\n", scenarios[i].second, label.c_str(), t,
-                  1e3 * t / steps, sync_wall / t, static_cast<long long>(stale[i][j]), loss[i][j]);
+      const bool within_bound = stale[i][j] <= std::max(staleness[j], 0);
+      const bool ok = within_bound && trained[i][j];
+      failed += ok ? 0 : 1;
+      std::printf("%-10s %-9s %12.3f %12.2f %9.2fx %10lld %12.2e  %s\n", scenarios[i].second, label.c_str(), t,
+                  1e3 * t / steps, sync_wall / t, static_cast<long long>(stale[i][j]), loss[i][j],
+                  ok ? "ok" : !within_bound ? "FAILED: staleness above the bound" : "FAILED: did not train");
     }
   }
-  return 0;
+  std::printf("\ncheck: every run trains (final loss <= 1%% of the initial) and stays within its staleness bound: %s\n",
+              failed == 0 ? "ok" : "FAILED");
+  return failed == 0 ? 0 : 2;
 }
