@@ -21,6 +21,7 @@
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/parallel/hybrid_gpt.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tp/tp_test_util.hpp"
 
 namespace hybrid_test {
@@ -127,7 +128,7 @@ inline std::vector<Variant> variants_for(int world) {
 
 // What one rank found.
 struct Outcome {
-  double worst_loss = 0, worst_norm = 0, worst_param = 0;
+  double worst_loss = 0, worst_norm = 0, worst_param = 0;  // relative errors; +inf after a NaN
   std::string worst_param_name;
   bool copies_equal = true;  // every rank's parameters equal on all dp ranks (bitwise)
 };
@@ -146,6 +147,7 @@ inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const 
   const int dp = v.shape.dp, a = v.options.accumulation_steps;
   const std::int64_t rows = s.batch / dp, r0 = mesh.coord().dp * rows, chunk = rows / a;
   Outcome o;
+  testing::WorstError worst_loss, worst_norm;  // a NaN is +inf, not dropped
   for (int step = begin; step < end; ++step) {
     auto [x, y] = batch_of(s, step);
     model.zero_grad();
@@ -157,9 +159,11 @@ inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const 
     model.optimizer_step();
     const double loss = model.accumulated_loss();
     const std::size_t i = static_cast<std::size_t>(step);
-    o.worst_loss = std::max(o.worst_loss, std::abs(loss - ref.losses[i]) / std::abs(ref.losses[i]));
-    o.worst_norm = std::max(o.worst_norm, std::abs(norm - ref.norms[i]) / std::abs(ref.norms[i]));
+    worst_loss.add(testing::rel_error(loss, ref.losses[i]));
+    worst_norm.add(testing::rel_error(norm, ref.norms[i]));
   }
+  o.worst_loss = worst_loss.value();
+  o.worst_norm = worst_norm.value();
   if (!save.empty()) {
     checkpoint::CheckpointMeta meta;
     meta.config = checkpoint::gpt2_config_json(s.config);
@@ -168,17 +172,17 @@ inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const 
   }
   if (end < s.steps) return o;  // the final parameters are compared at the end of the run
   const int tp = v.shape.tp, tr = mesh.coord().tp;
+  testing::WorstError worst_param;
   for (const Parameter<float>& p : model.parameters()) {
     Tensor<float> full = ref.params.at(p.name);
     if (p.layout.is_shard() && p.layout.dim == 0) full = tp_test::pad_rows(full, p.value.size(0) * tp);
     const Tensor<float> want = p.layout.is_shard() ? shard_of(full, p.layout, tr, tp) : full;
-    const double e = tp_test::rel_err(p.value, want);
-    if (e >= o.worst_param) {
-      o.worst_param = e;
-      o.worst_param_name = p.name;
-    }
+    const double before = worst_param.value();
+    worst_param.add(tp_test::rel_err(p.value, want));
+    if (o.worst_param_name.empty() || worst_param.value() > before) o.worst_param_name = p.name;
     if (!tp_test::same_on_every_rank(mesh.dp(), p.value)) o.copies_equal = false;
   }
+  o.worst_param = worst_param.value();
   return o;
 }
 
