@@ -155,7 +155,7 @@ int bubble_table(const Options& o) {
                     ok ? "yes" : "NO");
         std::fflush(stdout);
       }
-  std::printf("\n%d of the measured ratios are more than 2 points off the formula (target: none).\n\n", failures);
+  std::printf("\n%d of the measured ratios are more than 2 points off the formula (target: 0).\n\n", failures);
   return failures;
 }
 
