@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/nn/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 namespace ckpt_test {
@@ -139,12 +141,13 @@ Tensor<T> unshard(const std::vector<Tensor<T>>& shards, ParamLayout layout) {
   return tessera::concat(parts, layout.dim);
 }
 
-// Same shape and the same bits.
+// Same shape and the same bits, all finite (two NaN tensors are not the same: a resumed run
+// that went NaN must not pass; tessera::testing::bitwise_equal_finite).
 template <class T>
 bool same_bits(const Tensor<T>& a, const Tensor<T>& b) {
   if (a.shape() != b.shape()) return false;
   const Tensor<T> ac = a.contiguous(), bc = b.contiguous();
-  return std::memcmp(ac.data(), bc.data(), static_cast<std::size_t>(a.numel()) * sizeof(T)) == 0;
+  return tessera::testing::bitwise_equal_finite(std::span<const T>(ac.span()), std::span<const T>(bc.span()));
 }
 
 // Which parameters pp stage `s` of `pp` holds: stage 0 the embeddings, the blocks split evenly

@@ -60,7 +60,7 @@ TEST_CASE("safetensors: F32, F64, I32 and I64 tensors round-trip bitwise with me
   CHECK(same_bits(f.read<float>("a"), a));
   CHECK(same_bits(f.read<double>("b"), b));
   const Tensor<std::int32_t> c2 = f.read<std::int32_t>("c");
-  CHECK(std::memcmp(c2.data(), c.data(), 12) == 0);
+  CHECK(same_bits(c2, c));
   CHECK(f.read<std::int64_t>("e").data()[0] == e.data()[0]);
   CHECK(f.read<float>("empty").shape() == Shape{0, 5});
   CHECK(f.at("b").dtype == SafetensorsDType::f64);
