@@ -29,7 +29,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/parameter_server.hpp"
+#include "tessera/parallel/ps/parameter_server.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 namespace {

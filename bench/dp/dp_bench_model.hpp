@@ -22,7 +22,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/data_parallel.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
 #include "tessera/testing/compare.hpp"
 
 namespace dp_bench {

@@ -32,9 +32,9 @@
 #include <thread>
 #include <vector>
 
-#include "tessera/parallel/pipeline_gpt.hpp"
-#include "tessera/parallel/pipeline_parallel.hpp"
-#include "tessera/parallel/stage_partition.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/parallel/pipeline/pipeline_parallel.hpp"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
 
@@ -166,7 +166,7 @@ struct GPTResult {
   std::string report;  // schedule::to_string of the last step's bubble
 };
 
-const nn::GPTConfig bench_gpt{.vocab_size = 1024, .n_positions = 64, .n_layer = 8, .n_head = 4, .d_model = 128};
+const GPTConfig bench_gpt{.vocab_size = 1024, .n_positions = 64, .n_layer = 8, .n_head = 4, .d_model = 128};
 constexpr int bench_batch = 16, bench_seq = 64;
 
 Tensor<std::int32_t> bench_ids(int salt) {
@@ -176,9 +176,9 @@ Tensor<std::int32_t> bench_ids(int salt) {
   return t;
 }
 
-// The same training step without the pipeline: nn::GPT, mean cross-entropy, AdamW.
+// The same training step without the pipeline: GPT, mean cross-entropy, AdamW.
 double serial_gpt_ms(const Options& o) {
-  nn::GPT<float> gpt(bench_gpt, 1);
+  GPT<float> gpt(bench_gpt, 1);
   nn::CrossEntropy<float> ce;
   optim::AdamW<float> opt(gpt.parameters(), {.lr = 1e-3});
   const Tensor<std::int32_t> tokens = bench_ids(0), targets = bench_ids(1);
@@ -197,7 +197,7 @@ double serial_gpt_ms(const Options& o) {
 }
 
 GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bool picture) {
-  const nn::GPTConfig cfg = bench_gpt;
+  const GPTConfig cfg = bench_gpt;
   const int seq = bench_seq;
   // FLOP-like cost per layer and token: the embedding is a lookup, a block 12 d^2 + 2 T d
   // multiply-adds (GEMMs and attention), the head V d.
@@ -250,7 +250,7 @@ bool gpt_table(const Options& o) {
   const GPTResult two_16 = run_gpt(2, 16, PipelineScheduleKind::one_f_one_b, o, false);
   std::printf("| run | ranks | m | step time (ms) | speed-up vs pp = 1, same m | measured bubble ratio | loss |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
-  std::printf("| nn::GPT, no pipeline | 1 | 1 | %.1f | -- | -- | -- |\n", serial);
+  std::printf("| GPT, no pipeline | 1 | 1 | %.1f | -- | -- | -- |\n", serial);
   std::printf("| pp = 1 | 1 | 1 | %.1f | -- | -- | %.5f |\n", one_1.step_ms, one_1.loss);
   std::printf("| pp = 1 | 1 | 8 | %.1f | 1.00 | -- | %.5f |\n", one_8.step_ms, one_8.loss);
   std::printf("| pp = 2 | 2 | 8 | %.1f | %.2f | %.4f | %.5f |\n", two_8.step_ms, one_8.step_ms / two_8.step_ms, two_8.bubble,

@@ -28,8 +28,8 @@
 #include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/nn/block.hpp"
-#include "tessera/parallel/sharding.hpp"
-#include "tessera/parallel/tensor_parallel.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
+#include "tessera/parallel/tensor/tensor_parallel.hpp"
 #include "tessera/testing/compare.hpp"
 
 namespace {

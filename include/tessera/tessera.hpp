@@ -14,7 +14,6 @@
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/nn/activation_checkpoint.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/nn/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/optim/sgd.hpp"

@@ -77,7 +77,7 @@ inline void load_train_check(Comm& comm, MeshShape shape, bool zero, int steps, 
     CAPTURE(p.name);
     const Parameter<double>& ref = *std::find_if(serial.rank.params.begin(), serial.rank.params.end(),
                                                  [&](const Parameter<double>& q) { return q.name == p.name; });
-    CHECK(same_bits(p.value, shard_of(ref.value, p.layout, w.coord.tp, w.shape.tp)));
+    CHECK(same_bits(p.value, reference_shard_of(ref.value, p.layout, w.coord.tp, w.shape.tp)));
   }
 }
 

@@ -19,7 +19,7 @@
 
 #include "tessera/checkpoint/checkpoint.hpp"
 #include "tessera/core/random.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
@@ -85,7 +85,7 @@ inline void flip_byte(const fs::path& p, std::uint64_t at) {
 
 // The tiny GPT-2 of these tests: 12 heads so that tp 1, 2, 3 and 4 all divide them, a vocab
 // of 24 that they divide as well.
-inline tessera::nn::GPTConfig tiny_config(std::int64_t n_layer = 2) {
+inline tessera::GPTConfig tiny_config(std::int64_t n_layer = 2) {
   return {.vocab_size = 24, .n_positions = 8, .n_layer = n_layer, .n_head = 12, .d_model = 24};
 }
 
@@ -107,7 +107,7 @@ using FullModel = std::vector<std::pair<std::string, Tensor<double>>>;
 // The full (serial) parameters of a tiny GPT from `seed`, perturbed so that LayerNorm weights
 // and biases are not 1 and 0 (all values distinct).
 inline FullModel full_gpt(std::uint64_t seed, std::int64_t n_layer = 2) {
-  tessera::nn::GPT<double> gpt(tiny_config(n_layer), seed);
+  tessera::GPT<double> gpt(tiny_config(n_layer), seed);
   FullModel out;
   for (Parameter<double>& p : gpt.parameters()) {
     Tensor<double> t = p.value.clone();
@@ -120,7 +120,7 @@ inline FullModel full_gpt(std::uint64_t seed, std::int64_t n_layer = 2) {
 // Rank `r`'s shard of `full` under `layout` at tp size `n`, by ParamLayout's definition: dim
 // `dim` is `blocks` equal parts, each split evenly; the shard holds its slice of each part.
 template <class T>
-Tensor<T> shard_of(const Tensor<T>& full, ParamLayout layout, int r, int n) {
+Tensor<T> reference_shard_of(const Tensor<T>& full, ParamLayout layout, int r, int n) {
   if (!layout.is_shard()) return full.clone();
   const std::int64_t part = full.size(layout.dim) / layout.blocks, piece = part / n;
   std::vector<Tensor<T>> pieces;
@@ -180,10 +180,10 @@ struct Rank {
     for (const auto& [name, t] : full) {
       if (!on_stage(name, w.coord.pp, w.shape.pp, n_layer)) continue;
       const ParamLayout l = tp_layout(name);
-      params.emplace_back(name, shard_of(t, l, w.coord.tp, w.shape.tp), l);
+      params.emplace_back(name, reference_shard_of(t, l, w.coord.tp, w.shape.tp), l);
       Tensor<double> idx = Tensor<double>::empty(t.shape());
       for (std::int64_t i = 0; i < idx.numel(); ++i) idx.data()[i] = static_cast<double>(i);
-      global_index.push_back(shard_of(idx, l, w.coord.tp, w.shape.tp));
+      global_index.push_back(reference_shard_of(idx, l, w.coord.tp, w.shape.tp));
       list.push_back(params.back());
     }
     const tessera::optim::AdamWOptions o{.lr = 0.01, .weight_decay = 0.1};

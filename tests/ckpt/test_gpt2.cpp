@@ -88,7 +88,7 @@ struct ShardedModel {
   ShardedModel(const FullModel& m, int r, int n) {
     for (const auto& [name, t] : m) {
       const tessera::ParamLayout l = tp_layout(name);
-      ps.emplace_back(name, Tensor<float>(shard_of(t, l, r, n).shape()), l);
+      ps.emplace_back(name, Tensor<float>(reference_shard_of(t, l, r, n).shape()), l);
       list.push_back(ps.back());
     }
   }
@@ -106,7 +106,7 @@ TEST_CASE("load_gpt2_safetensors: a Hugging Face style F16 file with 'transforme
   TempDir d;
   const FullModel m = quantized_gpt(5);
   write_hf_like(d / "model.safetensors", m, "F16", "transformer.", true, true);
-  tessera::nn::GPT<float> gpt(tiny_config(), 77);
+  tessera::GPT<float> gpt(tiny_config(), 77);
   load_gpt2_safetensors(d / "model.safetensors", gpt.parameters());
   for (const Parameter<float>& p : gpt.parameters()) {
     CAPTURE(p.name);
@@ -117,20 +117,20 @@ TEST_CASE("load_gpt2_safetensors: a Hugging Face style F16 file with 'transforme
   load_gpt2_safetensors(d.path, s.list, 1, 2);
   for (const Parameter<float>& p : s.ps) {
     CAPTURE(p.name);
-    CHECK(same_bits(p.value, shard_of(find(m, p.name).cast<float>(), p.layout, 1, 2)));
+    CHECK(same_bits(p.value, reference_shard_of(find(m, p.name).cast<float>(), p.layout, 1, 2)));
   }
 }
 
 TEST_CASE("load_gpt2_safetensors: a missing tensor, a wrong shape, another depth or an untied lm_head is an error naming the tensor") {
   TempDir d;
   const FullModel m = quantized_gpt(6);
-  tessera::nn::GPT<float> gpt(tiny_config(), 1);
+  tessera::GPT<float> gpt(tiny_config(), 1);
   write_hf_like(d / "a.safetensors", m, "F32", "", true, false, "ln_f.bias");
   CHECK(contains(error_of([&] { load_gpt2_safetensors(d / "a.safetensors", gpt.parameters()); }),
                  "tensor 'ln_f.bias' is not in the file"));
-  tessera::nn::GPTConfig longer = tiny_config();
+  tessera::GPTConfig longer = tiny_config();
   longer.n_positions = 16;
-  tessera::nn::GPT<float> gpt16(longer, 1);
+  tessera::GPT<float> gpt16(longer, 1);
   write_hf_like(d / "b.safetensors", m, "F32", "", false, false);
   CHECK(contains(error_of([&] { load_gpt2_safetensors(d / "b.safetensors", gpt16.parameters()); }),
                  "tensor 'wpe.weight' has shape (8, 24) in the file but (16, 24) in this model"));
@@ -172,7 +172,7 @@ TEST_CASE("consolidate_checkpoint: a (pp=2, tp=2) checkpoint becomes one GPT-2 f
   CHECK(f.metadata().at("format") == "pt");
   CHECK(nlohmann::json::parse(f.metadata().at("tessera.config")) == gpt2_config_json(tiny_config()));
   // The evaluation loader reads it into a fresh GPT, whose logits equal the saved model's.
-  tessera::nn::GPT<double> original(tiny_config(), 1), loaded(tiny_config(), 2);
+  tessera::GPT<double> original(tiny_config(), 1), loaded(tiny_config(), 2);
   for (Parameter<double>& p : original.parameters()) p.value.copy_from(find(m, p.name));
   load_gpt2_safetensors(d / "model.safetensors", loaded.parameters());
   const Tensor<std::int32_t> tokens = Tensor<std::int32_t>::from(Shape{2, 5}, {1, 5, 9, 23, 0, 7, 7, 2, 11, 3});

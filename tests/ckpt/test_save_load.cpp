@@ -63,7 +63,7 @@ std::vector<std::string> load_errors(const fs::path& dir, int tp, const nlohmann
     const std::string e = error_of([&] { load_checkpoint(dir, world, w, r.list, with_optimizer ? &st : nullptr, cfg); });
     if (!e.empty())
       for (const Parameter<double>& p : r.params)
-        CHECK(same_bits(p.value, shard_of(std::find_if(decoy.begin(), decoy.end(), [&](const auto& x) { return x.first == p.name; })->second,
+        CHECK(same_bits(p.value, reference_shard_of(std::find_if(decoy.begin(), decoy.end(), [&](const auto& x) { return x.first == p.name; })->second,
                                           p.layout, w.coord.tp, tp)));
     return e;
   });

@@ -6,8 +6,8 @@
 
 #include "ckpt_test_util.hpp"
 #include "tessera/checkpoint/zero_state.hpp"
-#include "tessera/parallel/data_parallel.hpp"
-#include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 
 using namespace ckpt_test;
 using namespace tessera::checkpoint;
@@ -19,10 +19,10 @@ using Zero = tessera::ZeroOptimizer<tessera::optim::AdamW<double>>;
 // A GPT under DataParallel with ZeRO-1 AdamW, its values set to `full`; small buckets so that
 // parameters straddle the dp blocks.
 struct ZeroRun {
-  tessera::DataParallel<tessera::nn::GPT<double>> dp;
+  tessera::DataParallel<tessera::GPT<double>> dp;
   Zero zero;
   ZeroRun(tessera::Comm& c, const FullModel& full)
-      : dp(tessera::nn::GPT<double>(tiny_config(), 1), c, {.bucket_size = 6000, .first_bucket_size = 2000}),
+      : dp(tessera::GPT<double>(tiny_config(), 1), c, {.bucket_size = 6000, .first_bucket_size = 2000}),
         zero(dp, tessera::optim::AdamWOptions{.lr = 0.01, .weight_decay = 0.1}) {
     for (Parameter<double>& p : dp.parameters())
       p.value.copy_from(std::find_if(full.begin(), full.end(), [&](const auto& e) { return e.first == p.name; })->second);

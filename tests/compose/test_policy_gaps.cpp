@@ -10,8 +10,8 @@
 #include "compose/compose_bodies.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/data_parallel.hpp"
-#include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 using namespace compose_test;

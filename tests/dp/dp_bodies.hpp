@@ -22,12 +22,12 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/nn/embedding.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/data_parallel.hpp"
-#include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 
@@ -116,7 +116,7 @@ inline std::uint64_t mix(std::uint64_t z) {
 // ---------------------------------------------------------------------------------------------
 // The tiny GPT of the equivalence tests and its data
 
-inline nn::GPTConfig tiny_gpt() {
+inline GPTConfig tiny_gpt() {
   return {.vocab_size = 13, .n_positions = 8, .n_layer = 2, .n_head = 2, .d_model = 8};
 }
 inline constexpr std::int64_t seq_len = 6;
@@ -203,8 +203,8 @@ inline std::int64_t rows_of(const EquivConfig& cfg, int rank) { return cfg.unequ
 inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
   const int world = c.size(), rank = c.rank();
   EquivResult res;
-  nn::GPT<float> serial(tiny_gpt(), model_seed);
-  DataParallel dp(nn::GPT<float>(tiny_gpt(), model_seed + 17 * static_cast<std::uint64_t>(rank)), c, cfg.dp);
+  GPT<float> serial(tiny_gpt(), model_seed);
+  DataParallel dp(GPT<float>(tiny_gpt(), model_seed + 17 * static_cast<std::uint64_t>(rank)), c, cfg.dp);
   res.identical_after_wrap = replicas_identical(c, dp.parameters());
   res.num_buckets = dp.buckets().buckets().size();
 
@@ -308,9 +308,9 @@ inline TokenBatch c4_batch(int m, int rank) {
 // with a mean over its tokens.
 inline C4Result c4_body(Comm& c) {
   C4Result res;
-  DataParallel dp(nn::GPT<float>(tiny_gpt(), model_seed), c);
-  nn::GPT<float> serial(tiny_gpt(), model_seed);
-  nn::GPT<float> wrong(tiny_gpt(), model_seed);
+  DataParallel dp(GPT<float>(tiny_gpt(), model_seed), c);
+  GPT<float> serial(tiny_gpt(), model_seed);
+  GPT<float> wrong(tiny_gpt(), model_seed);
   nn::CrossEntropy<float> ce_sum({.reduction = nn::Reduction::sum});
   nn::CrossEntropy<float> ce_mean({.reduction = nn::Reduction::mean});
   const TokenBatch b0 = c4_batch(0, c.rank()), b1 = c4_batch(1, c.rank());

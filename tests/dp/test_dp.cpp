@@ -26,15 +26,15 @@ constexpr double tol = 1e-5;  // fp32 round-off over 5 steps, relative
 
 // The three bucket layouts of the tests: one parameter per bucket, small buckets (several
 // parameters each, a smaller first one), one bucket of everything.
-struct Layout {
+struct BucketLayout {
   const char* name;
   std::size_t bucket_size, first_bucket_size;
 };
-constexpr Layout layouts[] = {{"per-parameter", 0, 0},
+constexpr BucketLayout layouts[] = {{"per-parameter", 0, 0},
                               {"small", 1024, 256},
                               {"everything", std::size_t(-1), std::size_t(-1)}};
 
-DataParallelOptions options(const Layout& l, bool overlap) {
+DataParallelOptions options(const BucketLayout& l, bool overlap) {
   return {.bucket_size = l.bucket_size, .first_bucket_size = l.first_bucket_size, .overlap_grad_reduce = overlap};
 }
 
@@ -116,19 +116,19 @@ class ProbeComm final : public CommBackend {
 };
 
 std::int64_t tiny_gpt_numel() {
-  nn::GPT<float> g(tiny_gpt(), 0);
+  GPT<float> g(tiny_gpt(), 0);
   return g.parameters().numel();
 }
 
 }  // namespace
 
-static_assert(Layer<DataParallel<nn::GPT<float>>>, "DataParallel of a Layer is a Layer");
+static_assert(Layer<DataParallel<GPT<float>>>, "DataParallel of a Layer is a Layer");
 static_assert(Layer<DataParallel<Branchy>>, "DataParallel wraps user-defined layers");
 static_assert(Layer<nn::ActivationCheckpoint<DataParallel<Stack>>>, "DataParallel nests in other policies");
 static_assert(Layer<DataParallel<nn::ActivationCheckpoint<Stack>>>, "DataParallel wraps other policies");
 
 TEST_CASE("nn layers mark each parameter ready once per backward, after its gradient is accumulated") {
-  nn::GPT<float> gpt(tiny_gpt(), 1);
+  GPT<float> gpt(tiny_gpt(), 1);
   ParameterList<float> ps = gpt.parameters();
   std::vector<int> marks(ps.size(), 0);
   std::vector<double> grad_sum_at_mark(ps.size(), 0);
@@ -163,7 +163,7 @@ TEST_CASE("nn layers mark each parameter ready once per backward, after its grad
 TEST_CASE("DataParallel: 5 steps at world sizes 1-4 equal 5 serial steps on the global batch, for every bucket "
           "layout, overlap on and off, accumulation k = 1 and 3; replicas bitwise identical after every step") {
   for (int world = 1; world <= 4; ++world)
-    for (const Layout& l : layouts)
+    for (const BucketLayout& l : layouts)
       for (bool overlap : {true, false})
         for (int k : {1, 3}) {
           CAPTURE(world);
@@ -220,7 +220,7 @@ TEST_CASE("C9: one bucket, small buckets and one all-reduce per parameter give b
   for (int world : {2, 3, 4}) {
     CAPTURE(world);
     std::vector<std::vector<float>> finals;
-    for (const Layout& l : layouts)
+    for (const BucketLayout& l : layouts)
       for (bool overlap : {true, false}) {
         const EquivConfig cfg{.dp = options(l, overlap), .accumulation = 2, .unequal = true};
         finals.push_back(run_ranks(world, [&](Comm& c) { return equivalence_body(c, cfg); }).front().params);
@@ -234,7 +234,7 @@ TEST_CASE("ZeroOptimizer: after 5 steps the parameters equal plain DataParallel'
   REQUIRE(tiny_gpt_numel() % 3 != 0);  // world 3 pads
   for (int world = 1; world <= 4; ++world)
     for (bool adamw : {false, true})
-      for (const Layout& l : layouts) {
+      for (const BucketLayout& l : layouts) {
         CAPTURE(world);
         CAPTURE(adamw);
         CAPTURE(l.name);
@@ -290,7 +290,7 @@ TEST_CASE("C1: ranks taking different branches complete the step; an unused para
         CHECK(r.final_param_rel < tol);
         CHECK(r.identical_every_step);
       }
-      for (const Layout& l : layouts) {
+      for (const BucketLayout& l : layouts) {
         CAPTURE(l.name);
         const auto o = run_ranks(world, [&](Comm& c) { return c1_overlap_body(c, 5, alternate, options(l, true)); });
         for (const C1Result& r : o) {

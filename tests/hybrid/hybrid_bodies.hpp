@@ -17,10 +17,10 @@
 #include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
-#include "tessera/parallel/hybrid_gpt.hpp"
+#include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tp/tp_test_util.hpp"
 
@@ -32,7 +32,7 @@ using namespace tessera;
 // the padded vocabulary is exercised; n_layer 6 gives 8 pipeline layers (pp up to 8); 8
 // heads (tp up to 8).
 struct Setup {
-  nn::GPTConfig config{.vocab_size = 50, .n_positions = 8, .n_layer = 6, .n_head = 8, .d_model = 16};
+  GPTConfig config{.vocab_size = 50, .n_positions = 8, .n_layer = 6, .n_head = 8, .d_model = 16};
   std::uint64_t seed = 7;
   int steps = 20;
   std::int64_t batch = 16;  // global sequences per step
@@ -53,9 +53,9 @@ struct Reference {
   std::map<std::string, Tensor<float>> params;  // final values by name
 };
 
-// The single-rank run: nn::GPT, mean cross-entropy, clip, AdamW.
+// The single-rank run: GPT, mean cross-entropy, clip, AdamW.
 inline Reference serial_reference(const Setup& s) {
-  nn::GPT<float> gpt(s.config, s.seed);
+  GPT<float> gpt(s.config, s.seed);
   ParameterList<float> ps = gpt.parameters();
   optim::AdamW<float> opt(ps, s.adamw());
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});

@@ -59,7 +59,7 @@ const threads::RunOptions quick{.timeout = std::chrono::seconds(10)};
 // setup() with `n_layer`, and `partition` if given); returns what each rank threw.
 std::vector<RankError> construction_errors(int world, MeshShape shape, HybridOptions options, int n_layer = 6,
                                            std::optional<StagePartition> partition = std::nullopt) {
-  nn::GPTConfig config = setup().config;
+  GPTConfig config = setup().config;
   config.n_layer = n_layer;
   return threads::run(
       world,

@@ -15,7 +15,7 @@
 
 #include "llama/llama_model.hpp"
 #include "tessera/core/random.hpp"
-#include "tessera/parallel/tensor_parallel.hpp"
+#include "tessera/parallel/tensor/tensor_parallel.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
 

@@ -13,11 +13,13 @@
 #include "nn_test_util.hpp"
 #include "tessera/core/layer.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 
 using tessera::Shape;
 using tessera::Tensor;
 using namespace tessera::nn;
+using tessera::GPT;
+using tessera::GPTConfig;
 using nn_test::contains;
 using nn_test::error_of;
 

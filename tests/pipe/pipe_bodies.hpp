@@ -16,11 +16,10 @@
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/pipeline_gpt.hpp"
-#include "tessera/parallel/pipeline_parallel.hpp"
-#include "tessera/parallel/stage_partition.hpp"
+#include "tessera/parallel/pipeline/pipeline_parallel.hpp"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
 #include "tessera/schedule/all.hpp"
 #include "tessera/testing/compare.hpp"
 
@@ -35,7 +34,7 @@ using Tokens = Tensor<std::int32_t>;
 using GPTPipe = tessera::PipelineParallel<float, Tokens, Tokens>;
 
 // A tiny GPT: 6 blocks, so that pp = 4 with v = 2 (8 stages) has a layer per stage.
-inline tessera::nn::GPTConfig tiny_config() {
+inline tessera::GPTConfig tiny_config() {
   return {.vocab_size = 40, .n_positions = 8, .n_layer = 6, .n_head = 2, .d_model = 16};
 }
 constexpr std::uint64_t seed = 7;
@@ -56,7 +55,7 @@ inline Tokens targets(int n, int b = 0) {
   return t;
 }
 
-// Serial reference: nn::GPT, cross-entropy mean over the whole batch, SGD with momentum;
+// Serial reference: GPT, cross-entropy mean over the whole batch, SGD with momentum;
 // losses of every step and the parameters after `steps` steps, by name.
 struct SerialRun {
   std::vector<double> losses;
@@ -64,7 +63,7 @@ struct SerialRun {
   std::map<std::string, std::vector<float>> first_grads;  // after the first backward
 };
 inline SerialRun serial_run(int batch) {
-  tessera::nn::GPT<float> gpt(tiny_config(), seed);
+  tessera::GPT<float> gpt(tiny_config(), seed);
   tessera::nn::CrossEntropy<float> ce;
   tessera::optim::SGD<float> opt(gpt.parameters(), {.lr = lr, .momentum = momentum});
   SerialRun out;
@@ -256,7 +255,7 @@ inline C5Report c5_body(Comm& comm) {
     p.step(tokens(16, 1), targets(16, 1), m);
     (m == 8 ? r.norm_8x2 : r.norm_2x8) = p.grad_norm();
   }
-  tessera::nn::GPT<float> gpt(tiny_config(), seed);
+  tessera::GPT<float> gpt(tiny_config(), seed);
   tessera::nn::CrossEntropy<float> ce;
   auto [logits, ctx] = gpt.forward(tokens(16, 1));
   auto [loss, lctx] = ce.forward(logits, targets(16, 1));

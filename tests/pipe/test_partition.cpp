@@ -12,13 +12,12 @@
 #include <vector>
 
 #include "tessera/nn/gelu.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/pipeline_gpt.hpp"
-#include "tessera/parallel/pipeline_parallel.hpp"
-#include "tessera/parallel/stage_partition.hpp"
-#include "tessera/parallel/static_stage_partition.hpp"
+#include "tessera/parallel/pipeline/pipeline_parallel.hpp"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
+#include "tessera/parallel/pipeline/static_stage_partition.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
@@ -85,7 +84,7 @@ TEST_CASE("StagePartition::balanced: the largest stage cost is the smallest poss
   CHECK(sizes(StagePartition::balanced({1, 1, 10, 1, 1, 1}, 3)) == std::vector<int>{2, 1, 3});
   // GPT-2 small by parameter count: the embedding and the head (vocab 50257, 38.6M each)
   // outweigh six blocks (7.1M each) and get a stage each.
-  const nn::GPTConfig gpt2{};
+  const GPTConfig gpt2{};
   const StagePartition g = StagePartition::balanced(gpt_pipeline_layer_costs(gpt2), 4, gpt_pipeline_layer_names(gpt2));
   CHECK(g.to_string() == "stage 0: layer 0 (embedding)\n"
                          "stage 1: layers 1-6 (h.0 .. h.5)\n"
@@ -234,9 +233,9 @@ TEST_CASE("LayerStage: output shapes come from one forward on zeros, once per in
             .find("PipelineStage 'widen' cannot be the first stage") != std::string::npos);
 }
 
-TEST_CASE("GPTPipelineStage: stages cut anywhere hold exactly nn::GPT's parameters, with the same initial values") {
-  const nn::GPTConfig cfg{.vocab_size = 40, .n_positions = 8, .n_layer = 4, .n_head = 2, .d_model = 16};
-  nn::GPT<float> gpt(cfg, 11);
+TEST_CASE("make_gpt_pipeline_stage: stages cut anywhere hold exactly GPT's parameters, with the same initial values") {
+  const GPTConfig cfg{.vocab_size = 40, .n_positions = 8, .n_layer = 4, .n_head = 2, .d_model = 16};
+  GPT<float> gpt(cfg, 11);
   const int n = gpt_pipeline_num_layers(cfg);
   CHECK(n == 6);
   CHECK(gpt_pipeline_layer_names(cfg) == std::vector<std::string>{"embedding", "h.0", "h.1", "h.2", "h.3", "head"});

@@ -22,7 +22,7 @@
 #include "tessera/nn/mlp.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/sgd.hpp"
-#include "tessera/parallel/parameter_server.hpp"
+#include "tessera/parallel/ps/parameter_server.hpp"
 #include "tessera/testing/compare.hpp"
 
 namespace ps_bodies {

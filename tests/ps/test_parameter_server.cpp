@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "ps/ps_bodies.hpp"
-#include "tessera/parallel/parameter_server.hpp"
+#include "tessera/parallel/ps/parameter_server.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 using namespace tessera;

@@ -226,7 +226,7 @@ TEST_CASE("errors: tp not dividing the output features, the input features, the 
     m.push_back(error_of([&] { ColumnParallel<nn::Linear<float>> col(lin, c); }));
     m.push_back(error_of([&] { RowParallel<nn::Linear<float>> row(lin, c); }));
     m.push_back(error_of([&] { TensorParallel<nn::SelfAttention<float>> a(nn::SelfAttention<float>(12, 4), c); }));
-    m.push_back(error_of([&] { TensorParallelGPT<float> g(nn::GPTConfig{.vocab_size = 10, .n_positions = 8, .n_layer = 1, .n_head = 2, .d_model = 4}, c); }));
+    m.push_back(error_of([&] { TensorParallelGPT<float> g(GPTDescription<float>(GPTConfig{.vocab_size = 10, .n_positions = 8, .n_layer = 1, .n_head = 2, .d_model = 4}), c); }));
     m.push_back(error_of([&] { ScatterToSequenceParallelRegion<float>(c).forward({Tensor<float>(Shape{1, 4, 6})}); }));
     m.push_back(error_of([&] { TensorParallel<NormInsideRegion> bad(NormInsideRegion{}, c); }));
     return m;

@@ -116,7 +116,7 @@ TEST_CASE("counts: a GPT block step issues 4 all-reduces of B x T x d; with sequ
 
 TEST_CASE("counts: a GPT training step issues 4 L + 2 all-reduces of B x T x d and 3 of B x T for the loss; sequence parallel: reduce-scatters + all-gathers") {
   const std::size_t btd = kB * kT * kD, bt = kB * kT, L = 2;
-  const nn::GPTConfig cfg = tp_bodies::tiny_gpt();
+  const GPTConfig cfg = tp_bodies::tiny_gpt();
   for (int tp : {2, 4}) {
     INFO("tp = ", tp);
     for (const auto& c : testing::run_ranks(tp, [](Comm& comm) { return tp_bodies::gpt_counts_body<Replicate>(comm); })) {
@@ -137,7 +137,7 @@ TEST_CASE("counts: a GPT training step issues 4 L + 2 all-reduces of B x T x d a
   }
 }
 
-TEST_CASE("TensorParallelGPT: built from the seed, every shard is the slice of nn::GPT's init, bit for bit, at tp 1-4") {
+TEST_CASE("TensorParallelGPT: built from the seed, every shard is the slice of GPT's init, bit for bit, at tp 1-4") {
   for (int tp : {1, 2, 3, 4}) {
     INFO("tp = ", tp);
     for (const auto& [err, layouts] : testing::run_ranks(tp, [](Comm& c) { return tp_bodies::gpt_init_body(c); })) {
@@ -147,7 +147,7 @@ TEST_CASE("TensorParallelGPT: built from the seed, every shard is the slice of n
   }
 }
 
-TEST_CASE("TensorParallelGPT: logits, loss and every gradient equal nn::GPT within 1e-5, and 20 AdamW steps stay equal, at tp 1-4") {
+TEST_CASE("TensorParallelGPT: logits, loss and every gradient equal GPT within 1e-5, and 20 AdamW steps stay equal, at tp 1-4") {
   for (int tp : {1, 2, 3, 4}) {
     INFO("tp = ", tp);
     for (const auto& r : testing::run_ranks(tp, [](Comm& c) { return tp_bodies::gpt_body<Replicate>(c, 20); })) {
@@ -164,7 +164,7 @@ TEST_CASE("TensorParallelGPT: logits, loss and every gradient equal nn::GPT with
   }
 }
 
-TEST_CASE("TensorParallelGPT with sequence parallelism: equal to nn::GPT within 1e-5 over 20 AdamW steps, replicated parameters bitwise equal on every rank") {
+TEST_CASE("TensorParallelGPT with sequence parallelism: equal to GPT within 1e-5 over 20 AdamW steps, replicated parameters bitwise equal on every rank") {
   for (int tp : {1, 2, 3, 4}) {
     INFO("tp = ", tp);
     for (const auto& r : testing::run_ranks(tp, [](Comm& c) { return tp_bodies::gpt_body<Shard<1>>(c, 20); })) {

@@ -85,7 +85,7 @@ TEST_CASE("mpi tp: a GPT block step issues 4 all-reduces of B x T x d, or 4 redu
   CHECK(seq.all_reduce_elems == 4 * static_cast<std::size_t>(tp_bodies::kD));
 }
 
-TEST_CASE("mpi tp: TensorParallelGPT equals nn::GPT over 20 AdamW steps, replicated parameters bitwise equal on every rank after each step") {
+TEST_CASE("mpi tp: TensorParallelGPT equals GPT over 20 AdamW steps, replicated parameters bitwise equal on every rank after each step") {
   Comm tp = mpi::world();
   auto [init_err, layouts] = tp_bodies::gpt_init_body(tp);
   CHECK(init_err == 0.0);
@@ -94,7 +94,7 @@ TEST_CASE("mpi tp: TensorParallelGPT equals nn::GPT over 20 AdamW steps, replica
   check_gpt<Shard<1>>(tp, 20);
 }
 
-TEST_CASE("mpi tp: on the tp axis of a dp = 2 x tp = 2 mesh, each replica's TensorParallelGPT equals nn::GPT") {
+TEST_CASE("mpi tp: on the tp axis of a dp = 2 x tp = 2 mesh, each replica's TensorParallelGPT equals GPT") {
   Comm world = mpi::world();
   if (world.size() != 4) return;
   Mesh mesh(world, MeshShape{.dp = 2, .tp = 2});

@@ -19,20 +19,19 @@
 #include "tessera/nn/block.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/nn/gelu.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/nn/mlp.hpp"
 #include "tessera/nn/self_attention.hpp"
 #include "tessera/optim/adamw.hpp"
-#include "tessera/parallel/column_parallel.hpp"
-#include "tessera/parallel/dropout.hpp"
-#include "tessera/parallel/mappings.hpp"
-#include "tessera/parallel/row_parallel.hpp"
-#include "tessera/parallel/tensor_parallel.hpp"
-#include "tessera/parallel/tensor_parallel_gpt.hpp"
-#include "tessera/parallel/vocab_parallel_cross_entropy.hpp"
-#include "tessera/parallel/vocab_parallel_embedding.hpp"
+#include "tessera/parallel/tensor/column_parallel.hpp"
+#include "tessera/parallel/tensor/dropout.hpp"
+#include "tessera/parallel/tensor/mappings.hpp"
+#include "tessera/parallel/tensor/row_parallel.hpp"
+#include "tessera/parallel/tensor/tensor_parallel.hpp"
+#include "tessera/parallel/tensor/vocab_parallel_cross_entropy.hpp"
+#include "tessera/parallel/tensor/vocab_parallel_embedding.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 #include "tp_test_util.hpp"
@@ -355,7 +354,7 @@ inline std::pair<bool, bool> user_block_dropout_body(Comm& tp) {
   return {masks_differ, tp_test::same_on_every_rank(tp, y.value)};
 }
 
-// TensorParallelGPT against nn::GPT (same seed, weights randomized through the serial model
+// TensorParallelGPT against GPT (same seed, weights randomized through the serial model
 // and loaded as shards): logits, loss, every gradient; then `steps` AdamW steps on new batches,
 // checking the loss each step, the replicated parameters bitwise equal on every tp rank after
 // each step, and the parameters at the end.
@@ -368,16 +367,16 @@ struct GPTReport {
   bool replicated_equal = true;
 };
 
-inline nn::GPTConfig tiny_gpt() {
-  return nn::GPTConfig{.vocab_size = kVocab, .n_positions = 16, .n_layer = 2, .n_head = kHeads, .d_model = kD};
+inline GPTConfig tiny_gpt() {
+  return GPTConfig{.vocab_size = kVocab, .n_positions = 16, .n_layer = 2, .n_head = kHeads, .d_model = kD};
 }
 
 template <class L>
 GPTReport gpt_body(Comm& tp, int steps) {
-  const nn::GPTConfig cfg = tiny_gpt();
-  nn::GPT<float> serial(cfg, 11);
+  const GPTConfig cfg = tiny_gpt();
+  GPT<float> serial(cfg, 11);
   tp_test::randomize(serial.parameters(), 31, 0.2);
-  TensorParallelGPT<float, L> model(cfg, tp, 11);
+  TensorParallelGPT<float, L> model(GPTDescription<float>(cfg, 11), tp);
   tp_test::load_shards(model.parameters(), serial.parameters(), tp);
   nn::CrossEntropy<float> ce_serial;
   VocabParallelCrossEntropy<float> ce(tp, cfg.vocab_size);
@@ -426,7 +425,7 @@ template <class L>
 Counts gpt_counts_body(Comm& tp) {
   auto counters = std::make_shared<testing::CommCounters>();
   Comm counted = testing::instrument(tp, counters);
-  TensorParallelGPT<float, L> model(tiny_gpt(), counted, 11);
+  TensorParallelGPT<float, L> model(GPTDescription<float>(tiny_gpt(), 11), counted);
   VocabParallelCrossEntropy<float> ce(counted, kVocab);
   const Tensor<std::int32_t> tokens = tp_test::random_tokens(kB, kT, kVocab, 1);
   counters->reset();
@@ -436,13 +435,13 @@ Counts gpt_counts_body(Comm& tp) {
   return counts_of(*counters);
 }
 
-// TensorParallelGPT built from the seed holds exactly the slices of nn::GPT's parameters (bit
+// TensorParallelGPT built from the seed holds exactly the slices of GPT's parameters (bit
 // for bit), c_attn's as its heads' q, k and v columns (Shard(1, blocks=3)). Returns the largest
 // relative error (exact: 0) and whether the layouts are as documented.
 inline std::pair<double, bool> gpt_init_body(Comm& tp) {
-  const nn::GPTConfig cfg = tiny_gpt();
-  nn::GPT<float> serial(cfg, 5);
-  TensorParallelGPT<float> model(cfg, tp, 5);
+  const GPTConfig cfg = tiny_gpt();
+  GPT<float> serial(cfg, 5);
+  TensorParallelGPT<float> model(GPTDescription<float>(cfg, 5), tp);
   const ParameterList<float> ps = model.parameters();
   bool layouts = ps.size() == serial.parameters().size() &&
                  ps.at("h.0.attn.c_attn.weight").layout == ParamLayout::shard(1, 3) &&

@@ -15,7 +15,7 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/sharding.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 #include "tessera/testing/compare.hpp"
 
 namespace tp_test {

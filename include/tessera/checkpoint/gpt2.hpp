@@ -24,14 +24,14 @@
 #include "tessera/checkpoint/tensor_shard.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
-#include "tessera/nn/gpt.hpp"
+#include "tessera/models/gpt.hpp"
 
 namespace tessera::checkpoint {
 
 /// The configuration of a GPT-2 model as checkpoints record and compare it, with Hugging
 /// Face's config.json names: {"model_type": "gpt2", "vocab_size", "n_positions", "n_layer",
 /// "n_head", "n_embd"}.
-inline nlohmann::json gpt2_config_json(const nn::GPTConfig& c) {
+inline nlohmann::json gpt2_config_json(const GPTConfig& c) {
   return {{"model_type", "gpt2"}, {"vocab_size", c.vocab_size}, {"n_positions", c.n_positions},
           {"n_layer", c.n_layer}, {"n_head", c.n_head},           {"n_embd", c.d_model}};
 }

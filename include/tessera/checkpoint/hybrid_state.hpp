@@ -19,7 +19,7 @@
 #include "tessera/checkpoint/zero_state.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/optim/adamw.hpp"
-#include "tessera/parallel/hybrid.hpp"
+#include "tessera/parallel/hybrid/hybrid.hpp"
 
 namespace tessera::checkpoint {
 

@@ -12,8 +12,8 @@
 #include "tessera/checkpoint/flat_layout.hpp"
 #include "tessera/checkpoint/optimizer_state.hpp"
 #include "tessera/optim/adamw.hpp"
-#include "tessera/parallel/grad_buckets.hpp"
-#include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 
 namespace tessera::checkpoint {
 

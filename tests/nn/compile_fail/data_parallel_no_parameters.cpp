@@ -1,6 +1,6 @@
 // Misuse: DataParallel wraps a layer that does not expose its parameters (it would have no
 // gradients to reduce).
-#include "tessera/parallel/data_parallel.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
 
 struct NoParameters {
   using Input = tessera::Tensor<float>;

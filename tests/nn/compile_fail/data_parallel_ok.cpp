@@ -1,5 +1,5 @@
 // Control: a complete user layer compiles when wrapped in DataParallel.
-#include "tessera/parallel/data_parallel.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
 
 struct Scale {
   using Input = tessera::Tensor<float>;

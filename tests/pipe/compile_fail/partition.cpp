@@ -1,6 +1,6 @@
 // A model given as a type list, cut into stages by the macro SPEC (set by meson.build). The
 // control (no SPEC) compiles; each misuse must fail with one error naming the culprits.
-#include "tessera/parallel/static_stage_partition.hpp"
+#include "tessera/parallel/pipeline/static_stage_partition.hpp"
 
 struct Twice {
   using Input = tessera::Tensor<float>;

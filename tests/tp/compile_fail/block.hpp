@@ -4,7 +4,7 @@
 #include "tessera/nn/gelu.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/nn/linear.hpp"
-#include "tessera/parallel/tensor_parallel.hpp"
+#include "tessera/parallel/tensor/tensor_parallel.hpp"
 
 namespace tp = tessera::tp;
 

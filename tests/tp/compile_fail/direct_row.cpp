@@ -1,6 +1,6 @@
 // Misuse, without a plan: a replicated activation handed to RowParallel::forward directly.
 #include "tessera/nn/linear.hpp"
-#include "tessera/parallel/row_parallel.hpp"
+#include "tessera/parallel/tensor/row_parallel.hpp"
 
 int main() {
   tessera::Comm comm;

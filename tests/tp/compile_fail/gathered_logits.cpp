@@ -1,5 +1,5 @@
 // Misuse: gathered (replicated) logits handed to the vocab-parallel cross-entropy.
-#include "tessera/parallel/vocab_parallel_cross_entropy.hpp"
+#include "tessera/parallel/tensor/vocab_parallel_cross_entropy.hpp"
 
 int main() {
   tessera::Comm comm;

@@ -4,7 +4,7 @@
   tp::plan(tp::residual(tp::replicate(&UserBlock::ln), tp::column(&UserBlock::up), tp::elementwise(&UserBlock::act), \
                         tp::row(&UserBlock::down)))
 #include "block.hpp"
-#include "tessera/parallel/vocab_parallel_cross_entropy.hpp"
+#include "tessera/parallel/tensor/vocab_parallel_cross_entropy.hpp"
 
 int main() {
   tessera::Comm comm;

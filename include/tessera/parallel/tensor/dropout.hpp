@@ -15,7 +15,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/layer_init.hpp"
-#include "tessera/parallel/layouts.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
 
 namespace tessera {
 

@@ -28,7 +28,7 @@
 #include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/nn/sampling.hpp"
-#include "tessera/parallel/hybrid_gpt.hpp"
+#include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
 #ifdef TESSERA_HAVE_MPI
@@ -70,7 +70,7 @@ struct Args {
 
   int world() const { return dp * tp * pp; }
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
-  nn::GPTConfig config() const {
+  GPTConfig config() const {
     return {.vocab_size = data::ByteTokenizer::vocab_size, .n_positions = context, .n_layer = layers,
             .n_head = heads, .d_model = d_model};
   }
@@ -214,11 +214,11 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   return curve;
 }
 
-// The same training on one rank without any policy: nn::GPT, mean cross-entropy, clipping,
+// The same training on one rank without any policy: GPT, mean cross-entropy, clipping,
 // AdamW with the same schedule and data. Returns the per-step losses of `steps` steps.
 std::vector<double> serial_losses(const Args& a, int steps) {
   const data::TextDataset ds(a.data, a.context);
-  nn::GPT<float> gpt(a.config(), a.seed);
+  GPT<float> gpt(a.config(), a.seed);
   ParameterList<float> ps = gpt.parameters();
   optim::AdamW<float> opt(ps, {.lr = a.lr, .weight_decay = a.weight_decay});
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
@@ -268,7 +268,7 @@ std::vector<std::int32_t> read_token_ids(const std::string& path) {
 
 // The configuration of a Hugging Face GPT-2 safetensors file: vocab and width from wte, context
 // from wpe, depth from the h.N tensors; n_head from --heads (not stored in the weights).
-nn::GPTConfig config_of_file(const std::string& path, int heads) {
+GPTConfig config_of_file(const std::string& path, int heads) {
   const checkpoint::SafetensorsFile f(path);
   const auto* wte = f.find("wte.weight") ? f.find("wte.weight") : f.find("transformer.wte.weight");
   const auto* wpe = f.find("wpe.weight") ? f.find("wpe.weight") : f.find("transformer.wpe.weight");
@@ -284,7 +284,7 @@ nn::GPTConfig config_of_file(const std::string& path, int heads) {
 // Mean next-token cross-entropy of a GPT-2 safetensors file over a token file, windows of the
 // model's context, at this layout.
 void eval_rank(Comm& world, const Args& a) {
-  const nn::GPTConfig cfg = config_of_file(a.eval_model, a.heads);
+  const GPTConfig cfg = config_of_file(a.eval_model, a.heads);
   TESSERA_EXPECTS(cfg.d_model % cfg.n_head == 0, "train_gpt: the file's width d_model ", cfg.d_model,
                   " is not divisible by --heads ", cfg.n_head, " (GPT-2 small has 12)");
   TESSERA_EXPECTS(cfg.n_head % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", cfg.n_head, " heads");

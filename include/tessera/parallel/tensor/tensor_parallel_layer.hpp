@@ -18,9 +18,9 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/embedding.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/tensor_parallel.hpp"
-#include "tessera/parallel/vocab_parallel_embedding.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/tensor/tensor_parallel.hpp"
+#include "tessera/parallel/tensor/vocab_parallel_embedding.hpp"
 
 namespace tessera {
 

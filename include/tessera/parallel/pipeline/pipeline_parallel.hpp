@@ -6,7 +6,7 @@
 /// records a timeline of every action.
 ///
 /// ```cpp
-/// const nn::GPTConfig cfg{...};
+/// const GPTConfig cfg{...};
 /// const StagePartition cut = StagePartition::even(gpt_pipeline_num_layers(cfg), pp.size());
 /// PipelineParallel<float, Tensor<std::int32_t>> pipe(
 ///     pp, [&](int s) { return make_gpt_pipeline_stage<float>(cfg, seed, cut, s); },
@@ -39,8 +39,8 @@
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
-#include "tessera/parallel/pipeline_loss.hpp"
-#include "tessera/parallel/pipeline_stage.hpp"
+#include "tessera/parallel/pipeline/pipeline_loss.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
 #include "tessera/schedule/action.hpp"
 #include "tessera/schedule/checker.hpp"
 #include "tessera/schedule/gpipe.hpp"

@@ -6,7 +6,7 @@
 
 #include <type_traits>
 
-#include "tessera/parallel/layouts.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
 
 namespace tessera::detail::tp {
 

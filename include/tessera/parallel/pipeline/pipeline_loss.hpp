@@ -13,7 +13,7 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/parallel/pipeline_stage.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
 
 namespace tessera {
 

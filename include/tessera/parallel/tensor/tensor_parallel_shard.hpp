@@ -19,7 +19,7 @@
 #include "tessera/nn/core_attention.hpp"
 #include "tessera/nn/linear.hpp"
 #include "tessera/nn/lm_head.hpp"
-#include "tessera/parallel/sharding.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera {
 

@@ -17,8 +17,8 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/parallel/detail/layout_errors.hpp"
-#include "tessera/parallel/layouts.hpp"
+#include "tessera/parallel/tensor/detail/layout_errors.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
 
 namespace tessera {
 

@@ -25,8 +25,8 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/sharding.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera {
 

@@ -22,9 +22,9 @@
 
 #include "tessera/core/layer.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/pipeline_stage.hpp"
-#include "tessera/parallel/stage_chain.hpp"
-#include "tessera/parallel/stage_partition.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
+#include "tessera/parallel/pipeline/stage_chain.hpp"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
 
 namespace tessera {
 

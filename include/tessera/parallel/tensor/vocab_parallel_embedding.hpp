@@ -18,8 +18,8 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/embedding.hpp"
 #include "tessera/nn/layer_init.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/sharding.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera {
 

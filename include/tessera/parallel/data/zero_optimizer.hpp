@@ -20,8 +20,8 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/data_parallel.hpp"
-#include "tessera/parallel/grad_buckets.hpp"
+#include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/grad_buckets.hpp"
 
 namespace tessera {
 

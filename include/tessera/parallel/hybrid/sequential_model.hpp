@@ -40,11 +40,11 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/pipeline_loss.hpp"
-#include "tessera/parallel/pipeline_stage.hpp"
-#include "tessera/parallel/stage_partition.hpp"
-#include "tessera/parallel/tensor_parallel_layer.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/pipeline/pipeline_loss.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
+#include "tessera/parallel/tensor/tensor_parallel_layer.hpp"
 
 namespace tessera {
 

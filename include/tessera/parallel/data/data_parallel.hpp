@@ -16,8 +16,8 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
-#include "tessera/parallel/dp_replicas.hpp"
-#include "tessera/parallel/grad_buckets.hpp"
+#include "tessera/parallel/data/dp_replicas.hpp"
+#include "tessera/parallel/data/grad_buckets.hpp"
 
 namespace tessera {
 

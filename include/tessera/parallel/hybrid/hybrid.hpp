@@ -36,12 +36,12 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/optim/adamw.hpp"
-#include "tessera/parallel/dp_replicas.hpp"
-#include "tessera/parallel/grad_buckets.hpp"
-#include "tessera/parallel/pipeline_loss.hpp"
-#include "tessera/parallel/pipeline_parallel.hpp"
-#include "tessera/parallel/pipeline_stage.hpp"
-#include "tessera/parallel/zero_optimizer.hpp"
+#include "tessera/parallel/data/dp_replicas.hpp"
+#include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/pipeline/pipeline_loss.hpp"
+#include "tessera/parallel/pipeline/pipeline_parallel.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 
 namespace tessera {
 

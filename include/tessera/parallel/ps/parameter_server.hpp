@@ -44,7 +44,7 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/parameter_server_layout.hpp"
+#include "tessera/parallel/ps/parameter_server_layout.hpp"
 
 namespace tessera {
 

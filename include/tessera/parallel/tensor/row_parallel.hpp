@@ -13,10 +13,10 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
-#include "tessera/parallel/detail/layout_errors.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/sharding.hpp"
-#include "tessera/parallel/tensor_parallel_shard.hpp"
+#include "tessera/parallel/tensor/detail/layout_errors.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
+#include "tessera/parallel/tensor/tensor_parallel_shard.hpp"
 
 namespace tessera {
 
