@@ -37,8 +37,8 @@
 #include "tessera/nn/embedding.hpp"
 #include "tessera/nn/layer_init.hpp"
 #include "tessera/nn/linear.hpp"
-#include "tessera/parallel/tensor_parallel_plan.hpp"
-#include "tessera/parallel/tensor_parallel_shard.hpp"
+#include "tessera/parallel/tensor/tensor_parallel_plan.hpp"
+#include "tessera/parallel/tensor/tensor_parallel_shard.hpp"
 
 namespace llama {
 

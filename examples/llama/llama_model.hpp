@@ -15,8 +15,8 @@
 #include "llama_layers.hpp"
 #include "tessera/nn/embedding.hpp"
 #include "tessera/nn/linear.hpp"
-#include "tessera/parallel/layouts.hpp"
-#include "tessera/parallel/sequential_model.hpp"
+#include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/hybrid/sequential_model.hpp"
 
 namespace llama {
 
