@@ -1,0 +1,115 @@
+#pragma once
+// train_gpt's options: what to train (model sizes, data), how to lay it out (dp x pp x tp,
+// schedule, micro-batches, accumulation, ZeRO-1, backend), the optimizer and its schedule, and
+// what to do besides training (validation, sampling, checkpoints, evaluation, verification).
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "tessera/data/text_dataset.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/optim/warmup_cosine.hpp"
+#include "tessera/parallel/hybrid/hybrid.hpp"
+
+namespace train_gpt {
+
+using namespace tessera;
+
+struct Args {
+  std::string data = "data/kjv.txt";
+  int dp = 2, tp = 1, pp = 1;
+  std::string schedule = "1f1b";
+  int virtual_stages = 1;
+  int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
+  int accum = 1;
+  bool zero1 = false;
+  std::string backend = "threads";
+  int steps = 300;
+  int schedule_steps = 0;  // length of the learning-rate schedule (0: steps)
+  int layers = 4, d_model = 128, heads = 4, context = 64;
+  int batch = 16;  // global batch (sequences per optimizer step)
+  double lr = 1e-3, min_lr = 1e-4, clip = 1.0, weight_decay = 0.0;
+  int warmup = 20;
+  std::uint64_t seed = 1;
+  int val_every = 50, val_batches = 4, log_every = 10;
+  int sample_len = 300;
+  double temperature = 0.8;
+  int top_k = 40;
+  std::string prompt = "And God said";
+  std::string save, resume;
+  std::int64_t resume_step = 0;  // the checkpoint's step (read before the ranks start)
+  int save_every = 0;
+  bool generate = false;
+  std::string eval_model, eval_tokens;
+  std::string loss_csv, loss_svg;
+  bool verify = false;
+  bool quiet = false;
+
+  int world() const { return dp * tp * pp; }
+  int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
+  GPTConfig config() const {
+    return {.vocab_size = data::ByteTokenizer::vocab_size, .n_positions = context, .n_layer = layers,
+            .n_head = heads, .d_model = d_model};
+  }
+  HybridOptions hybrid() const {
+    const PipelineScheduleKind kind = schedule == "gpipe"         ? PipelineScheduleKind::gpipe
+                                      : schedule == "interleaved" ? PipelineScheduleKind::interleaved_one_f_one_b
+                                                                  : PipelineScheduleKind::one_f_one_b;
+    return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
+            .accumulation_steps = accum, .zero1 = zero1};
+  }
+  // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
+  optim::WarmupCosine lr_schedule() const {
+    const int total = schedule_steps > 0 ? schedule_steps : steps;
+    return {.max_lr = lr, .min_lr = min_lr, .warmup_steps = std::min(warmup, total), .total_steps = total};
+  }
+};
+
+
+// The command line, with each flag's range.
+inline void add_options(CLI::App& app, Args& a) {
+  app.add_option("--data", a.data, "text file to train on");
+  app.add_option("--dp", a.dp, "data-parallel ranks")->check(CLI::Range(1, 64));
+  app.add_option("--tp", a.tp, "tensor-parallel ranks (divides --heads)")->check(CLI::Range(1, 64));
+  app.add_option("--pp", a.pp, "pipeline stages (ranks)")->check(CLI::Range(1, 64));
+  app.add_option("--schedule", a.schedule, "pipeline schedule")->check(CLI::IsMember({"gpipe", "1f1b", "interleaved"}));
+  app.add_option("--virtual-stages", a.virtual_stages, "model chunks per pipeline rank (interleaved)")->check(CLI::Range(1, 64));
+  app.add_option("--microbatches", a.microbatches, "micro-batches per forward/backward (0: pp x virtual stages)")
+      ->check(CLI::Range(0, 4096));
+  app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
+  app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
+  app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
+  app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--schedule-steps", a.schedule_steps, "length of the learning-rate schedule (0: --steps; on --resume: the checkpoint's)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--layers", a.layers, "transformer blocks")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--d-model", a.d_model, "model width")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--heads", a.heads, "attention heads")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--context", a.context, "sequence length")->check(CLI::Range(1, 65536));
+  app.add_option("--batch", a.batch, "global batch in sequences per optimizer step")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--lr", a.lr, "peak learning rate");
+  app.add_option("--min-lr", a.min_lr, "final learning rate of the cosine decay");
+  app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
+  app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay");
+  app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling");
+  app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--prompt", a.prompt, "text the sample starts from");
+  app.add_option("--temperature", a.temperature, "sampling temperature (> 0)");
+  app.add_option("--top-k", a.top_k, "sampling top-k (0: all)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--save", a.save, "checkpoint directory written at the end (and every --save-every steps)");
+  app.add_option("--save-every", a.save_every, "checkpoint interval in steps (0: only at the end)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--resume", a.resume, "checkpoint directory to continue from (saved at any layout)");
+  app.add_flag("--generate", a.generate, "load --resume and only sample from it at this layout");
+  app.add_option("--eval-model", a.eval_model, "evaluate a Hugging Face GPT-2 .safetensors file (needs --eval-tokens)");
+  app.add_option("--eval-tokens", a.eval_tokens, "file of whitespace-separated token ids for --eval-model");
+  app.add_option("--loss-csv", a.loss_csv, "write the loss curve as CSV");
+  app.add_option("--loss-svg", a.loss_svg, "write the loss curve as an SVG picture");
+  app.add_flag("--verify", a.verify, "also train serially in this process and print the largest loss difference");
+  app.add_flag("--quiet", a.quiet, "no per-step lines");
+}
+
+}  // namespace train_gpt

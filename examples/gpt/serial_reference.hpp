@@ -1,0 +1,38 @@
+#pragma once
+// --verify: the same training on one rank without any policy (GPT, mean cross-entropy,
+// clipping, AdamW, the same data and schedule), to compare the parallel run's losses with.
+#include <vector>
+
+#include "gpt/args.hpp"
+#include "tessera/data/text_dataset.hpp"
+#include "tessera/nn/cross_entropy.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
+
+namespace train_gpt {
+
+// The same training on one rank without any policy: GPT, mean cross-entropy, clipping,
+// AdamW with the same schedule and data. Returns the per-step losses of `steps` steps.
+inline std::vector<double> serial_losses(const Args& a, int steps) {
+  const data::TextDataset ds(a.data, a.context);
+  GPT<float> gpt(a.config(), a.seed);
+  ParameterList<float> ps = gpt.parameters();
+  optim::AdamW<float> opt(ps, {.lr = a.lr, .weight_decay = a.weight_decay});
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  const optim::WarmupCosine lr = a.lr_schedule();
+  std::vector<double> losses;
+  for (int step = 0; step < steps; ++step) {
+    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, 0, a.batch);
+    ps.zero_grad();
+    auto [logits, ctx] = gpt.forward(b.inputs);
+    auto [loss, lctx] = ce.forward(logits, b.targets);
+    gpt.backward(ce.backward(1.0f, lctx), ctx);
+    if (a.clip > 0) optim::clip_grad_norm(ps, a.clip);
+    opt.set_lr(lr(step));
+    opt.step();
+    losses.push_back(static_cast<double>(loss));
+  }
+  return losses;
+}
+
+}  // namespace train_gpt
