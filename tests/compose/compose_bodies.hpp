@@ -181,13 +181,14 @@ struct Outcome {
   bool copies_equal = true;
 };
 
-// The Hybrid model of description `d` at layout `v` (stages cut evenly).
-template <class D>
+// The Hybrid model of description `d` at layout `v` (stages cut evenly); Layout Shard<1>:
+// sequence parallelism inside and between the stages.
+template <class Layout = Replicate, class D>
 Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup& s) {
   const int layers = d.num_blocks() + 2;
   const StagePartition cut = StagePartition::even(layers, v.shape.pp * v.options.virtual_stages, sequential_layer_names(d));
   return Hybrid<float>(
-      mesh, sequential_stages(d, cut),
+      mesh, sequential_stages<Layout>(d, cut),
       [v = vocab_of(d)](Comm tp) {
         return sequential_loss<D>(VocabParallelCrossEntropy<float>(tp, v, {.reduction = nn::Reduction::sum}));
       },
@@ -195,10 +196,10 @@ Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup&
 }
 
 // Runs `v` on this rank of `world` and compares every step with `ref`. Collective over world.
-template <class D>
+template <class Layout = Replicate, class D>
 Outcome run_variant(Comm& world, const D& d, const Setup& s, const Variant& v, const Reference& ref) {
   Mesh mesh(world, v.shape);
-  Hybrid<float> model = make_hybrid(mesh, d, v, s);
+  Hybrid<float> model = make_hybrid<Layout>(mesh, d, v, s);
   const int dp = v.shape.dp, a = v.options.accumulation_steps;
   const std::int64_t rows = s.batch / dp, r0 = mesh.coord().dp * rows, chunk = rows / a;
   testing::WorstError loss_err, norm_err, param_err;

@@ -109,7 +109,7 @@ class DataParallel {
   DataParallel(L model, Comm dp, const DataParallelOptions& options = {})
       : model_(std::move(model)), comm_(std::move(dp)), options_(options) {
     TESSERA_EXPECTS(comm_.valid(), "DataParallel: the dp communicator handle is empty");
-    ParameterList<Scalar> params = model_.parameters();
+    ParameterList<Scalar> params = parameters();
     expect_same_parameters(comm_, params, "DataParallel");
     broadcast_parameters(comm_, params, 0);
     buckets_ = std::make_unique<GradBuckets<Scalar>>(
@@ -126,7 +126,7 @@ class DataParallel {
         options_(other.options_),
         require_sync_(other.require_sync_),
         buckets_(std::move(other.buckets_)) {
-    if (buckets_) buckets_->rebind(model_.parameters());
+    if (buckets_) buckets_->rebind(parameters());
   }
   DataParallel(const DataParallel&) = delete;             ///< not copyable
   DataParallel& operator=(const DataParallel&) = delete;  ///< not copyable
@@ -154,7 +154,12 @@ class DataParallel {
   }
 
   /// L's parameters (their grads are views into the buckets).
-  ParameterList<Scalar> parameters() { return model_.parameters(); }
+  ParameterList<Scalar> parameters() {
+    if constexpr (Layer<L>)
+      return model_.parameters();
+    else
+      return {};  // not a Layer: check_layer's sentence is the only error
+  }
 
   /// Sets every gradient to zero. Local.
   void zero_grad() { buckets_->zero_grad(); }
