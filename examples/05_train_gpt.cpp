@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -53,7 +54,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   const bool rank0 = world.rank() == 0 && print;
   const data::TextDataset ds(a.data, a.context);
-  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), {.lr = a.lr, .weight_decay = a.weight_decay});
+  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), {.lr = a.lr, .weight_decay = a.weight_decay}, std::nullopt,
+                         {.sequence_parallel = a.sequence_parallel});
   const optim::WarmupCosine lr = a.lr_schedule();
 
   int start = 0;
@@ -68,9 +70,10 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
-                "global batch %d x %d; rank 0 holds %lld parameters\n",
+                "global batch %d x %d; rank 0 holds %lld parameters%s\n",
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
-                a.accum, a.zero1 ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params));
+                a.accum, a.zero1 ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
+                a.sequence_parallel ? "; sequence parallel" : "");
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
   std::vector<Point> curve;
@@ -160,6 +163,8 @@ int main(int argc, char** argv) {
     }
     TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ", a.heads);
     TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", a.heads, " heads");
+    TESSERA_EXPECTS(!a.sequence_parallel || a.context % a.tp == 0, "train_gpt: --sequence-parallel needs tp ", a.tp,
+                    " to divide --context ", a.context);
     TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",
                     a.virtual_stages, ") exceeds the ", a.layers + 2, " pipeline layers (embedding, ", a.layers,
                     " blocks, head)");

@@ -25,6 +25,7 @@ struct Args {
   int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
   int accum = 1;
   bool zero1 = false;
+  bool sequence_parallel = false;
   std::string backend = "threads";
   int steps = 300;
   int schedule_steps = 0;  // length of the learning-rate schedule (0: steps)
@@ -80,6 +81,7 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::Range(0, 4096));
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
+  app.add_flag("--sequence-parallel", a.sequence_parallel, "split activations along the sequence over tp (--context divisible by --tp)");
   app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
   app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::Range(1, 1 << 30));
   app.add_option("--schedule-steps", a.schedule_steps, "length of the learning-rate schedule (0: --steps; on --resume: the checkpoint's)")->check(CLI::Range(0, 1 << 30));

@@ -78,6 +78,13 @@ grep -q "compute .*comm .*bubble" "$work/a.log" || fail "no progress shares"
 [ -s "$work/ckpt/index.json" ] || fail "no checkpoint index"
 grep -q "<svg" "$work/loss.svg" || fail "no loss picture"
 
+echo "== dp 1 x pp 2 x tp 2 with sequence parallelism, verified against the serial run, sampled"
+"$train" --data "$work/text.txt" "${model[@]}" --dp 1 --pp 2 --tp 2 --sequence-parallel --microbatches 2 \
+  --steps $verify_steps --verify --sample-len 21 | tee "$work/sp.log"
+grep -q "sequence parallel" "$work/sp.log" || fail "no sequence-parallel line"
+grep -q -- "--- sample ---" "$work/sp.log" || fail "no sample under sequence parallelism"
+check_verify "$work/sp.log"
+
 echo "== the last stage's rank files hold no copy of the tied embedding (saved once, from the first stage)"
 python3 - "$work/ckpt" <<'PY'
 import json, struct, sys, pathlib

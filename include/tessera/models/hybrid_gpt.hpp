@@ -56,12 +56,22 @@ class HybridGPT : public Hybrid<T> {
 
   /// The logits of the next token after `tokens` (1, T), over the whole vocabulary (the tp
   /// shards gathered, padding dropped): vocab_size values, the same on every rank. Forward
-  /// only. Collective over pp and tp (every rank of the world may call it together).
+  /// only; under sequence parallelism T is padded at the end to a multiple of tp (T + padding
+  /// must not exceed n_positions). Collective over pp and tp (every rank of the world may call
+  /// it together).
   std::vector<T> next_token_logits(const Tensor<std::int32_t>& tokens) {
     TESSERA_EXPECTS(tokens.rank() == 2 && tokens.size(0) == 1, "HybridGPT::next_token_logits: tokens of shape ",
                     tokens.shape(), " are not (1, T)");
-    const Tensor<T> logits = this->forward_only(tokens);  // (1, T, V_pad / tp)
-    const std::int64_t Tn = logits.size(1), w = logits.size(2);
+    const std::int64_t Tn = tokens.size(1), tp = this->tp().size();
+    Tensor<std::int32_t> x = tokens;
+    if (sequence_parallel_ && Tn % tp != 0) {
+      // Split along T, the sequence must divide over tp: pad at the end. The causal mask keeps
+      // the padding out of position Tn - 1, whose logits are the ones returned.
+      x = Tensor<std::int32_t>(Shape{1, (Tn + tp - 1) / tp * tp});
+      x.slice(1, 0, Tn).copy_from(tokens);
+    }
+    const Tensor<T> logits = this->forward_only(x);  // (1, T, V_pad / tp)
+    const std::int64_t w = logits.size(2);
     std::vector<T> mine(logits.data() + (Tn - 1) * w, logits.data() + Tn * w);
     std::vector<T> all(static_cast<std::size_t>(w * this->tp().size()));
     this->tp().all_gather(mine, all);
@@ -88,7 +98,8 @@ class HybridGPT : public Hybrid<T> {
             },
             options, opt),
         config_(d.config),
-        partition_(std::move(partition)) {}
+        partition_(std::move(partition)),
+        sequence_parallel_(gpt_options.sequence_parallel) {}
 
   static int checked_stages(const GPTConfig& config, Mesh& mesh, const HybridOptions& options) {
     const int stages = mesh.shape().pp * options.virtual_stages;
@@ -111,6 +122,7 @@ class HybridGPT : public Hybrid<T> {
 
   GPTConfig config_;
   StagePartition partition_;
+  bool sequence_parallel_ = false;
 };
 
 }  // namespace tessera
