@@ -3,7 +3,7 @@
 // in buckets during backward, so every replica takes the same step as one process on the whole
 // batch. Only rank 0 prints.
 //
-//   ./build/examples/01_data_parallel_mlp
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/01_data_parallel_mlp
 #include <cstdio>
 #include <vector>
 

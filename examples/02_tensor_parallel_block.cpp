@@ -5,7 +5,7 @@
 // chosen at compile time (Megatron-LM's ParallelMLP). Every tp size computes what the serial
 // block computes; rank 0 prints the difference.
 //
-//   ./build/examples/02_tensor_parallel_block
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/02_tensor_parallel_block
 #include <cstdio>
 #include <vector>
 

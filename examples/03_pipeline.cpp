@@ -4,7 +4,7 @@
 // forward and gradients back, and the step's gradients are those of the whole batch. Only rank
 // 0 prints.
 //
-//   ./build/examples/03_pipeline
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/03_pipeline
 #include <cstdio>
 #include <vector>
 

@@ -4,7 +4,7 @@
 // (llama/llama_model.hpp) is cut into pipeline stages whose layers run tensor-parallel by their
 // plans, each stage replicated over dp, the loss vocab-parallel. Only rank 0 prints.
 //
-//   ./build/examples/04_hybrid_llama
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/04_hybrid_llama
 #include <cstdio>
 #include <vector>
 

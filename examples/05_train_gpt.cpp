@@ -2,22 +2,24 @@
 // tokens) across dp x pp x tp ranks, saves and resumes sharded checkpoints at any layout,
 // samples from it, and evaluates a Hugging Face GPT-2 safetensors file.
 //
-//   ./build/examples/train_gpt --data data/kjv.txt --dp 2 --pp 2 --tp 2 --steps 300
-//   ./build/examples/train_gpt --resume ckpt --generate --tp 2 --prompt "And God said"
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/train_gpt --data data/kjv.txt --dp 2 --pp 2 --tp 2 --steps 300
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/train_gpt --resume ckpt --generate --tp 2 --prompt "And God said"
 //   mpirun -np 4 ./build/examples/train_gpt --backend mpi --dp 2 --tp 2
-//   ./build/examples/train_gpt --eval-model gpt2/model.safetensors --eval-tokens ids.txt --tp 2
+//   OPENBLAS_NUM_THREADS=1 ./build/examples/train_gpt --eval-model gpt2/model.safetensors --eval-tokens ids.txt --tp 2
 //
 // The training loop (train_rank) reads top to bottom like llm.c's: make the mesh and the model
 // over it, then for each step take the batch, forward and backward every accumulation step,
 // clip, step the optimizer, log, validate, save. Options, sampling, evaluation, the loss curve
 // and the serial check are modules beside it (examples/gpt/). Only world rank 0 prints.
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -141,6 +143,8 @@ int main(int argc, char** argv) {
   CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens)"};
   add_options(app, a);
   CLI11_PARSE(app, argc, argv);
+  a.heads_given = app.count("--heads") > 0;
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they are printed, even through a pipe
   try {
     namespace fs = std::filesystem;
     // Started by mpirun without --backend mpi: every process would run the whole job alone.
@@ -156,6 +160,10 @@ int main(int argc, char** argv) {
                     " must be >= 0");
     TESSERA_EXPECTS(std::isfinite(a.temperature) && a.temperature > 0, "train_gpt: --temperature ", a.temperature,
                     " must be positive");
+    TESSERA_EXPECTS(a.backend == "mpi" || a.world() <= 4096, "train_gpt: dp x pp x tp = ", a.world(),
+                    " ranks; the threads backend starts one thread per rank, at most 4096 here");
+    TESSERA_EXPECTS(a.sample_len == 0 || !a.prompt.empty(), "train_gpt: --prompt is empty; sampling starts from it "
+                    "(or pass --sample-len 0)");
     if (!a.eval_model.empty()) {
       TESSERA_EXPECTS(!a.eval_tokens.empty(), "train_gpt: --eval-model needs --eval-tokens");
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) { eval_rank(world, a); });
@@ -198,6 +206,14 @@ int main(int argc, char** argv) {
         fs::create_directories(dir.has_parent_path() ? dir.parent_path() : fs::path("."), ec);
         TESSERA_EXPECTS(!ec, "train_gpt: cannot create the parent directory of --save ", dir, ": ", ec.message());
       }
+      // The save writes "<dir>.tmp-*" beside it and renames: make sure that can be written now.
+      const fs::path probe = dir.string() + ".probe-" + std::to_string(::getpid());
+      std::ofstream(probe).put('x');
+      std::error_code ec;
+      const bool writable = fs::exists(probe, ec) && fs::file_size(probe, ec) == 1;
+      fs::remove(probe, ec);
+      TESSERA_EXPECTS(writable, "train_gpt: cannot write beside --save ", dir, " (", probe.parent_path(),
+                      " is not writable)");
     }
     if (!a.resume.empty()) {
       const checkpoint::CheckpointReader reader(a.resume);

@@ -47,6 +47,7 @@ struct Args {
   std::string loss_csv, loss_svg;
   bool verify = false;
   bool quiet = false;
+  bool heads_given = false;  // whether --heads was on the command line
 
   int world() const { return dp * tp * pp; }
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }

@@ -47,9 +47,21 @@ inline std::vector<std::int32_t> read_token_ids(const std::string& path) {
 }
 
 // The configuration of a Hugging Face GPT-2 safetensors file: vocab and width from wte, context
-// from wpe, depth from the h.N tensors; n_head from --heads (not stored in the weights).
+// from wpe, depth from the h.N tensors; n_head from the file's "tessera.config" metadata (a
+// consolidated tessera checkpoint), else from --heads, which must then be given (`heads` 0: not
+// given). A --heads that contradicts the file is an error.
 inline GPTConfig config_of_file(const std::string& path, int heads) {
   const checkpoint::SafetensorsFile f(path);
+  int stored = 0;
+  if (auto it = f.metadata().find("tessera.config"); it != f.metadata().end()) {
+    const nlohmann::json c = nlohmann::json::parse(it->second, nullptr, false);
+    if (c.is_object() && c.contains("n_head") && c["n_head"].is_number_integer()) stored = c["n_head"].get<int>();
+  }
+  TESSERA_EXPECTS(stored > 0 || heads > 0, "train_gpt: ", path, " does not record its number of heads: pass --heads "
+                  "(12 for GPT-2 small)");
+  TESSERA_EXPECTS(stored == 0 || heads == 0 || heads == stored, "train_gpt: --heads ", heads, " contradicts the ",
+                  stored, " heads recorded in ", path);
+  heads = stored > 0 ? stored : heads;
   const auto* wte = f.find("wte.weight") ? f.find("wte.weight") : f.find("transformer.wte.weight");
   const auto* wpe = f.find("wpe.weight") ? f.find("wpe.weight") : f.find("transformer.wpe.weight");
   TESSERA_EXPECTS(wte && wpe, "train_gpt: ", path, " has no wte.weight / wpe.weight: not a GPT-2 checkpoint");
@@ -64,7 +76,7 @@ inline GPTConfig config_of_file(const std::string& path, int heads) {
 // Mean next-token cross-entropy of a GPT-2 safetensors file over a token file, windows of the
 // model's context, at this layout.
 inline void eval_rank(Comm& world, const Args& a) {
-  const GPTConfig cfg = config_of_file(a.eval_model, a.heads);
+  const GPTConfig cfg = config_of_file(a.eval_model, a.heads_given ? a.heads : 0);
   TESSERA_EXPECTS(cfg.d_model % cfg.n_head == 0, "train_gpt: the file's width d_model ", cfg.d_model,
                   " is not divisible by --heads ", cfg.n_head, " (GPT-2 small has 12)");
   TESSERA_EXPECTS(cfg.n_head % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", cfg.n_head, " heads");

@@ -372,6 +372,8 @@ class SequentialStage final
   ParameterList<T> parameters() override { return layers_.parameters(); }
   /// The tied parameters this stage holds without their other end (see the class comment).
   ParameterList<T> tied_parameters() override { return layers_.tied_parameters(); }
+  /// Whether this stage holds the description's last layer.
+  bool holds_last_layer() const override { return layers_.has_last(); }
   /// "layers 0-2 (embedding .. h.1), tp rank 0 of 2".
   std::string name() const override {
     const int a = layers_.first_layer(), b = layers_.end_layer() - 1;

@@ -173,7 +173,8 @@ class PipelineParallel {
   /// the embedding group and broadcasts the tied parameters). Throws Error naming the values
   /// when the options are invalid (virtual_stages < 1, accumulation_steps < 1, v > 1 without the
   /// interleaved schedule, a stage_ranks list that does not give every rank v stages), when
-  /// make_stage returns null, when a middle stage has tied parameters, or when the first and
+  /// make_stage returns null, when the last stage does not hold the model's last layer
+  /// (PipelineStage::holds_last_layer; on every rank), when a middle stage has tied parameters, or when the first and
   /// last stages' tied parameters differ in number or size.
   PipelineParallel(Comm pp, const StageFactory& make_stage, PipelineLoss<T, Target> loss, PipelineOptions options = {})
       : pp_(std::move(pp)), loss_(std::move(loss)), options_(std::move(options)) {
@@ -212,6 +213,13 @@ class PipelineParallel {
       stage_ids_.push_back(s);
       stages_.push_back(std::move(st));
     }
+    // The last stage must end the model: a partition into more stages than the pipeline runs
+    // would otherwise train a model without its last layers. Collective, so every rank says so.
+    int ends = 1;
+    if (holds_stage(num_stages_ - 1) && !local_stage(num_stages_ - 1).holds_last_layer()) ends = 0;
+    TESSERA_EXPECTS(pp_.all_reduce_value(ends, ReduceOp::min) == 1, "PipelineParallel: the last of its ", num_stages_,
+                    " stages (pp_size ", p_, " x virtual_stages ", v, ") does not hold the model's last layer: the model "
+                    "is cut into more stages than that (check the partition's stage count)");
     std::set<const void*> seen;
     for (auto& st : stages_)
       for (Parameter<T>& prm : st->parameters())

@@ -118,6 +118,9 @@ class PipelineStage {
   virtual ParameterList<T> tied_parameters() { return {}; }
   /// A name for messages, e.g. "layers 0-3".
   virtual std::string name() const { return "stage"; }
+  /// Whether this stage holds the model's last layer (what the loss takes): the pipeline checks
+  /// that its last stage does. True by default (a stage that cannot tell).
+  virtual bool holds_last_layer() const { return true; }
 };
 
 namespace detail {
