@@ -155,3 +155,28 @@ TEST_CASE("HybridGPT with sequence parallelism: next-token logits of a prompt wh
     CHECK(err < 1e-5);
   }
 }
+
+TEST_CASE("Hybrid refuses, on every rank, a model cut into more stages than pp x virtual_stages (it would train a "
+          "model without its last layers)") {
+  const TinyDecoder d;
+  const auto msgs = tessera::testing::run_ranks(2, [&](Comm& w) {
+    std::string m;
+    try {
+      Mesh mesh(w, MeshShape{.pp = 2});
+      const StagePartition three = StagePartition::even(d.num_blocks() + 2, 3);  // 3 stages, pp 2
+      Hybrid<float> model(mesh, sequential_stages(d, three), [&](Comm tp) {
+        return sequential_loss<TinyDecoder>(VocabParallelCrossEntropy<float>(tp, d.vocab, {.reduction = nn::Reduction::sum}));
+      });
+    } catch (const tessera::AbortedError&) {
+      m = "aborted by a peer";
+    } catch (const tessera::Error& e) {
+      m = e.what();
+    }
+    return m;
+  });
+  for (const std::string& m : msgs) {
+    CAPTURE(m);
+    CHECK(m.find("the last of its 2 stages (pp_size 2 x virtual_stages 1) does not hold the model's last layer") !=
+          std::string::npos);
+  }
+}
