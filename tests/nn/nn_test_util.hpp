@@ -43,17 +43,13 @@ std::span<const T> values_of(const Tensor<T>& contiguous) {
 template <class A, class B>
 double relative_error(const Tensor<A>& a, const Tensor<B>& b) {
   REQUIRE(a.shape() == b.shape());
-  const Tensor<A> ac = a.contiguous();
-  const Tensor<B> bc = b.contiguous();
-  return tessera::testing::norm_rel_error(values_of(ac), values_of(bc));
+  return tessera::testing::norm_rel_error(a, b);
 }
 
 // Whether two tensors hold bitwise the same values, all finite (tessera::testing::bitwise_equal_finite).
 template <class T>
 bool bitwise_equal(const Tensor<T>& a, const Tensor<T>& b) {
-  if (a.shape() != b.shape()) return false;
-  const Tensor<T> ac = a.contiguous(), bc = b.contiguous();
-  return tessera::testing::bitwise_equal_finite(values_of(ac), values_of(bc));
+  return tessera::testing::bitwise_equal_finite(a, b);
 }
 
 // Whether every element is finite.

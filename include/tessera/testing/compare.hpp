@@ -11,6 +11,8 @@
 #include <limits>
 #include <span>
 
+#include "tessera/core/tensor.hpp"
+
 namespace tessera::testing {
 
 /// +infinity: the error of a comparison that involved a non-finite value.
@@ -112,6 +114,24 @@ bool all_finite(std::span<const T> a) {
   for (const T& x : a)
     if (!std::isfinite(static_cast<double>(x))) return false;
   return true;
+}
+
+/// norm_rel_error over two tensors of any strides: +infinity when the shapes differ (or as the
+/// span form).
+template <class A, class B>
+double norm_rel_error(const Tensor<A>& a, const Tensor<B>& b) {
+  if (a.shape() != b.shape()) return infinite_error;
+  const Tensor<A> ac = a.contiguous();
+  const Tensor<B> bc = b.contiguous();
+  return norm_rel_error(std::span<const A>(ac.span()), std::span<const B>(bc.span()));
+}
+
+/// bitwise_equal_finite over two tensors of any strides: false when the shapes differ.
+template <class T>
+bool bitwise_equal_finite(const Tensor<T>& a, const Tensor<T>& b) {
+  if (a.shape() != b.shape()) return false;
+  const Tensor<T> ac = a.contiguous(), bc = b.contiguous();
+  return bitwise_equal_finite(std::span<const T>(ac.span()), std::span<const T>(bc.span()));
 }
 
 }  // namespace tessera::testing
