@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   };
   int stale = 0;
   for (const auto& [file, schedule] : pictures) {
-    const ts::Timeline timeline = ts::simulate(schedule, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}});
+    const ts::Timeline timeline = ts::simulate(schedule, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}, .transfer_duration = {}});
     const std::string svg = ts::to_svg(timeline, {.width = 960, .row_height = 28, .title = {}, .time_unit = "t_F",
                                                   .time_scale = 1.0, .show_bubble = true});
     const std::string path = dir + "/" + file;

@@ -393,7 +393,7 @@ TEST_CASE("check: a hand-written schedule with its own stage placement (V shape)
   CHECK(rep.peak_in_flight == std::vector<int>{2, 2});
   CHECK(v.chunk_of(3) == 1);
   CHECK(v.chunk_of(2) == 1);
-  const Timeline t = simulate(v, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}});
+  const Timeline t = simulate(v, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}, .transfer_duration = {}});
   CHECK(t.span() == doctest::Approx(12.0));  // the V is a straight chain: 4 F then 4 B
 }
 
@@ -403,7 +403,7 @@ TEST_CASE("simulate: with t_B = 2 t_F the bubble ratio is (p-1)/m for GPipe and 
       CAPTURE(p);
       CAPTURE(m);
       for (const Schedule& s : {GPipe{.num_microbatches = m}.build(p), OneFOneB{.num_microbatches = m}.build(p)}) {
-        const BubbleStats b = bubble_stats(simulate(s, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}}));
+        const BubbleStats b = bubble_stats(simulate(s, {.t_forward = 1.0, .t_backward = 2.0, .duration = {}, .transfer_duration = {}}));
         CHECK(b.bubble_ratio == doctest::Approx(double(p - 1) / m));
         CHECK(b.span == doctest::Approx(3.0 * (m + p - 1)));  // (m + p - 1)(t_F + t_B)
         for (double f : b.bubble_fraction) CHECK(f == doctest::Approx(double(p - 1) / (m + p - 1)));
@@ -413,7 +413,7 @@ TEST_CASE("simulate: with t_B = 2 t_F the bubble ratio is (p-1)/m for GPipe and 
         CAPTURE(v);
         if (!interleaved_options_valid(p, m, p)) continue;
         const Schedule s = InterleavedOneFOneB{.num_microbatches = m, .virtual_stages = v}.build(p);
-        const BubbleStats b = bubble_stats(simulate(s, {.t_forward = 0.5, .t_backward = 1.0, .duration = {}}));
+        const BubbleStats b = bubble_stats(simulate(s, {.t_forward = 0.5, .t_backward = 1.0, .duration = {}, .transfer_duration = {}}));
         CHECK(b.bubble_ratio == doctest::Approx(double(p - 1) / (v * m)));
       }
     }
@@ -422,6 +422,41 @@ TEST_CASE("simulate: with t_B = 2 t_F the bubble ratio is (p-1)/m for GPipe and 
   const Schedule il = InterleavedOneFOneB{.num_microbatches = 8, .virtual_stages = 2}.build(2);
   CHECK(bubble_stats(simulate(il)).idle_fraction ==
         doctest::Approx(1.0 / 17));
+}
+
+TEST_CASE("simulate: with a transfer time d, one micro-batch through p stages takes p (t_F + t_B) + 2 (p - 1) d") {
+  // One micro-batch is a chain: p forwards, p backwards, and a hand-off each way between each
+  // pair of neighbouring stages, every hand-off on the critical path (written out, not taken
+  // from the engine). Each transfer becomes one event on each side.
+  for (int p : {1, 2, 3, 4, 7}) {
+    CAPTURE(p);
+    for (const Schedule& s : {GPipe{.num_microbatches = 1}.build(p), OneFOneB{.num_microbatches = 1}.build(p)}) {
+      const Timeline t = simulate(s, {.t_forward = 1.0, .t_backward = 2.0, .duration = {},
+                                      .transfer_duration = [](const Action&) { return 0.5; }});
+      CHECK(t.span() == doctest::Approx(3.0 * p + 2 * (p - 1) * 0.5));
+      const auto transfers = std::count_if(t.events.begin(), t.events.end(),
+                                           [](const TimelineEvent& e) { return e.action.is_transfer(); });
+      CHECK(transfers == 4 * (p - 1));
+      for (const TimelineEvent& e : t.events)
+        if (e.action.is_transfer()) CHECK(e.end - e.start == doctest::Approx(0.5));
+      // The bubble counts transfers as idle: busy is still p (t_F + t_B) in all.
+      const BubbleStats b = bubble_stats(t);
+      double busy = 0;
+      for (double x : b.busy) busy += x;
+      CHECK(busy == doctest::Approx(3.0 * p));
+    }
+  }
+  // Steady state of 1F1B, p = 2, m = 8: the first rank waits 2 d more per micro-batch than with
+  // free transfers only where the chain crosses; the span grows, and never by less than 2 d.
+  const Schedule s = OneFOneB{.num_microbatches = 8}.build(2);
+  const double free_span = simulate(s).span();
+  const double span = simulate(s, {.t_forward = 1.0, .t_backward = 2.0, .duration = {},
+                                   .transfer_duration = [](const Action&) { return 0.25; }}).span();
+  CHECK(span >= free_span + 0.5 - 1e-12);
+  CHECK(span <= free_span + 0.5 * 8 * 2 + 1e-12);  // at most every hand-off exposed
+  CHECK_THROWS_AS(simulate(s, {.t_forward = 1.0, .t_backward = 2.0, .duration = {},
+                               .transfer_duration = [](const Action&) { return -1.0; }}),
+                  Error);
 }
 
 TEST_CASE("chrome_trace: parses as JSON with one X event per F and B, pid 0, tid = rank, names F3/B3, chunk in args") {

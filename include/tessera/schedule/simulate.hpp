@@ -1,7 +1,7 @@
 #pragma once
 /// @file
-/// schedule::simulate: the ideal timeline of a schedule -- when each F and B would run given
-/// fixed compute durations and free communication.
+/// schedule::simulate: the timeline of a schedule -- when each F and B would run given
+/// compute durations, with free communication or with a duration per transfer.
 
 #include <functional>
 #include <utility>
@@ -20,12 +20,19 @@ struct SimulateOptions {
   /// When set, the duration in seconds of each F or B (overrides t_forward / t_backward), e.g.
   /// to model unbalanced stages.
   std::function<double(const Action&)> duration{};
+  /// When set, the duration in seconds of each transfer (SEND_F, RECV_F, SEND_B, RECV_B); it
+  /// should give a SEND and its RECV the same time. A tick's batched group then ends when its
+  /// last transfer ends, each transfer starting once both sides have issued it, and the
+  /// timeline also holds one event per transfer (bubble_stats counts them as idle). Unset:
+  /// communication is free and the timeline holds only F and B.
+  std::function<double(const Action&)> transfer_duration{};
 };
 
 /// Simulates `s` with the checker's semantics (ticks in order; a tick's compute runs
 /// back-to-back, then its transfers complete together once every peer has issued the matching
-/// operation) with the given compute durations and zero-cost communication, starting every
-/// rank at time 0. Returns the F and B events of all ranks (titled s.description()).
+/// operation) with the given compute durations and, unless opts.transfer_duration is set,
+/// zero-cost communication, starting every rank at time 0. Returns the F and B events of all
+/// ranks, and the transfers' when they have durations (titled s.description()).
 /// With t_B = 2 t_F the bubble ratio (bubble_stats) is (p-1)/m for GPipe and 1F1B and
 /// (p-1)/(v m) for interleaved 1F1B (Narayanan et al. 2021). Throws what check() throws for an
 /// invalid schedule, and Error if a duration is negative.
@@ -36,7 +43,7 @@ inline Timeline simulate(const Schedule& s, const SimulateOptions& opts = {}) {
     duration = [tf, tb](const Action& a) { return a.kind == ActionKind::forward ? tf : tb; };
   }
   detail::Engine engine(s);
-  detail::EngineResult r = engine.run(&duration);
+  detail::EngineResult r = engine.run(&duration, opts.transfer_duration ? &opts.transfer_duration : nullptr);
   return Timeline{.title = s.description(), .num_ranks = s.pp_size, .events = std::move(r.events)};
 }
 

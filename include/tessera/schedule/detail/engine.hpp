@@ -37,8 +37,10 @@ class Engine {
  public:
   explicit Engine(const Schedule& s) : s_(s) {}
 
-  /// Validates, then simulates; `duration` gives each compute action's length (nullptr: 0).
-  EngineResult run(const std::function<double(const Action&)>* duration) {
+  /// Validates, then simulates; `duration` gives each compute action's length (nullptr: 0),
+  /// `transfer_duration` each transfer's (nullptr: 0, and no transfer events are recorded).
+  EngineResult run(const std::function<double(const Action&)>* duration,
+                   const std::function<double(const Action&)>* transfer_duration = nullptr) {
     check_shape();
     for (int st = 0; st < stages(); ++st) chunks_.push_back(s_.chunk_of(st));
     index_actions();
@@ -49,7 +51,7 @@ class Engine {
     EngineResult res;
     res.peak_in_flight = peak_in_flight();
     for (const auto& ticks : s_.ticks) res.num_ticks.push_back(static_cast<int>(ticks.size()));
-    simulate(duration, res.events);
+    simulate(duration, transfer_duration, res.events);
     return res;
   }
 
@@ -262,9 +264,12 @@ class Engine {
   // Runs all ranks tick by tick. A rank's tick: compute (durations add up), then its transfers
   // are issued at once; each completes when the peer has issued the counterpart (rendezvous, so
   // a send also waits for its receive, as large NCCL / MPI messages do); the tick ends when its
-  // whole group has completed, at the latest issue time among its transfers and their
-  // counterparts (communication itself takes no time).
-  void simulate(const std::function<double(const Action&)>* duration, std::vector<TimelineEvent>& events) const {
+  // whole group has completed: each transfer starts at the later of its own and its
+  // counterpart's issue time and lasts transfer_duration (0 without one); the group ends with
+  // its last transfer.
+  void simulate(const std::function<double(const Action&)>* duration,
+                const std::function<double(const Action&)>* transfer_duration,
+                std::vector<TimelineEvent>& events) const {
     const std::size_t np = static_cast<std::size_t>(p());
     std::vector<int> tick(np, 0);
     std::vector<bool> issued(np, false);
@@ -306,6 +311,19 @@ class Engine {
             end = std::max(end, it);
           }
           if (!complete) break;
+          if (transfer_duration) {
+            double group_end = end;
+            for (const Action& a : t) {
+              if (a.is_compute()) continue;
+              const Action other = a.counterpart(r);
+              const double start = std::max(clock[ur], issue_time[key(other.kind, other.microbatch, other.stage_index)]);
+              const double d = (*transfer_duration)(a);
+              TESSERA_EXPECTS(d >= 0.0, who(), ": the duration of ", to_string(a), " is negative (", d, ")");
+              events.push_back({a, r, chunks_[static_cast<std::size_t>(a.stage_index)], start, start + d});
+              group_end = std::max(group_end, start + d);
+            }
+            end = group_end;
+          }
           clock[ur] = end;
           ++tick[ur];
           issued[ur] = false;
