@@ -1,0 +1,114 @@
+#pragma once
+/// @file
+/// Cluster: the machine the planner plans for -- devices per node, memory, peak FLOP/s,
+/// bandwidths and latencies, and a GEMM-efficiency curve -- read from a JSON file
+/// (plan/clusters/*.json).
+
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tessera/core/error.hpp"
+#include "tessera/plan/gemm_efficiency.hpp"
+
+namespace tessera::plan {
+
+/// A homogeneous cluster of nodes with `devices_per_node` accelerators each. Bandwidths are
+/// bytes per second in one direction; `inter_node_bandwidth` is a whole node's (all its
+/// network links together), so a device's share when every device of the node talks across
+/// nodes at once is inter_node_bandwidth / devices_per_node.
+struct Cluster {
+  std::string name{};                ///< e.g. "A: NVIDIA Selene (DGX A100 80 GB)"
+  std::string source{};              ///< where the numbers come from
+  int devices_per_node = 1;          ///< accelerators per node
+  double device_memory = 0;          ///< bytes of memory per device
+  double peak_flops = 0;             ///< dense 16-bit FLOP/s per device
+  double memory_bandwidth = 0;       ///< device memory bandwidth, bytes/s
+  double intra_node_bandwidth = 0;   ///< per device, one direction, inside a node, bytes/s
+  double intra_node_latency = 0;     ///< seconds per message step inside a node
+  double inter_node_bandwidth = 0;   ///< per node, one direction, all network links, bytes/s
+  double inter_node_latency = 0;     ///< seconds per message step between nodes
+  GemmEfficiency gemm_efficiency{};  ///< fraction of peak per GEMM size
+
+  /// A device's bandwidth toward devices of other nodes when all devices of its node send at
+  /// once: inter_node_bandwidth / devices_per_node, bytes/s.
+  double inter_node_bandwidth_per_device() const { return inter_node_bandwidth / devices_per_node; }
+
+  /// Throws Error naming the field when a number is not positive or the curve is invalid.
+  void validate() const {
+    TESSERA_EXPECTS(devices_per_node >= 1, "Cluster '", name, "': devices_per_node must be >= 1, got ",
+                    devices_per_node);
+    const std::pair<const char*, double> positive[] = {
+        {"device_memory", device_memory},         {"peak_flops", peak_flops},
+        {"memory_bandwidth", memory_bandwidth},   {"intra_node_bandwidth", intra_node_bandwidth},
+        {"inter_node_bandwidth", inter_node_bandwidth}};
+    for (const auto& [field, value] : positive)
+      TESSERA_EXPECTS(value > 0, "Cluster '", name, "': ", field, " must be > 0, got ", value);
+    TESSERA_EXPECTS(intra_node_latency >= 0 && inter_node_latency >= 0, "Cluster '", name,
+                    "': latencies must be >= 0, got ", intra_node_latency, " and ", inter_node_latency);
+    gemm_efficiency.validate();
+  }
+
+  /// Reads a cluster from JSON in the units people quote:
+  /// {"name", "source", "devices_per_node", "device_memory_gib", "peak_tflops",
+  ///  "memory_bandwidth_gbps", "intra_node": {"bandwidth_gbps", "latency_us"},
+  ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]}
+  /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
+  /// what validate() throws.
+  static Cluster from_json(const nlohmann::json& j) {
+    auto need = [&](const nlohmann::json& obj, const char* key, const char* where) -> const nlohmann::json& {
+      TESSERA_EXPECTS(obj.is_object() && obj.contains(key), "Cluster JSON: ", where, " has no key '", key, "'");
+      return obj.at(key);
+    };
+    auto number = [&](const nlohmann::json& obj, const char* key, const char* where) {
+      const nlohmann::json& v = need(obj, key, where);
+      TESSERA_EXPECTS(v.is_number(), "Cluster JSON: ", where, ".", key, " must be a number, got ", v.dump());
+      return v.get<double>();
+    };
+    Cluster c;
+    c.name = j.value("name", std::string{});
+    c.source = j.value("source", std::string{});
+    c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
+    c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
+    c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
+    c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;
+    const nlohmann::json& intra = need(j, "intra_node", "the top level");
+    c.intra_node_bandwidth = number(intra, "bandwidth_gbps", "intra_node") * 1e9;
+    c.intra_node_latency = number(intra, "latency_us", "intra_node") * 1e-6;
+    const nlohmann::json& inter = need(j, "inter_node", "the top level");
+    c.inter_node_bandwidth = number(inter, "bandwidth_gbps", "inter_node") * 1e9;
+    c.inter_node_latency = number(inter, "latency_us", "inter_node") * 1e-6;
+    const nlohmann::json& curve = need(j, "gemm_efficiency", "the top level");
+    TESSERA_EXPECTS(curve.is_array(), "Cluster JSON: gemm_efficiency must be an array of [gflop, fraction]");
+    for (const nlohmann::json& p : curve) {
+      TESSERA_EXPECTS(p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number(),
+                      "Cluster JSON: each gemm_efficiency point must be [gflop, fraction], got ", p.dump());
+      c.gemm_efficiency.points.emplace_back(p[0].get<double>() * 1e9, p[1].get<double>());
+    }
+    c.validate();
+    return c;
+  }
+
+  /// Reads the JSON file at `path` (see from_json). Throws Error naming the path if it cannot
+  /// be read or parsed.
+  static Cluster load(const std::string& path) {
+    std::ifstream in(path);
+    TESSERA_EXPECTS(in.good(), "Cluster::load: cannot open '", path, "'");
+    nlohmann::json j;
+    try {
+      in >> j;
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(tessera::detail::str("Cluster::load: '", path, "' is not valid JSON: ", e.what()));
+    }
+    try {
+      return from_json(j);
+    } catch (const Error& e) {
+      throw Error(tessera::detail::str("Cluster::load: '", path, "': ", e.what()));
+    }
+  }
+};
+
+}  // namespace tessera::plan

@@ -1,0 +1,261 @@
+#pragma once
+/// @file
+/// CostModel: the seconds and bytes of each piece of one training step for a model, a
+/// cluster and a layout -- a block's forward and backward (GEMMs, memory-bound work, tensor-
+/// parallel collectives), a stage's, a pipeline hand-off, the dp reduction and the optimizer.
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/plan/cluster.hpp"
+#include "tessera/plan/layer_activations.hpp"
+#include "tessera/plan/layout.hpp"
+#include "tessera/plan/model_spec.hpp"
+#include "tessera/plan/precision.hpp"
+
+namespace tessera::plan {
+
+/// Seconds of one piece of work on one device, split into computation and the tensor-parallel
+/// collectives it waits for (Megatron-LM's tp all-reduces are not overlapped).
+struct WorkTime {
+  double compute = 0;  ///< GEMMs and memory-bound kernels, seconds
+  double tp_comm = 0;  ///< tensor-parallel collectives, seconds
+  /// compute + tp_comm.
+  double total() const { return compute + tp_comm; }
+  /// Adds `o` piecewise.
+  WorkTime& operator+=(const WorkTime& o) {
+    compute += o.compute;
+    tp_comm += o.tp_comm;
+    return *this;
+  }
+  /// `k` times this piecewise.
+  WorkTime times(double k) const { return {compute * k, tp_comm * k}; }
+};
+
+/// One matrix multiplication of a block's forward on one device: `batch` independent GEMMs
+/// of `flops` each (batch > 1 for the attention core's per-head products).
+struct Gemm {
+  std::string name{};  ///< e.g. "QKV projection"
+  double flops = 0;    ///< floating-point operations of one GEMM, 2 M N K
+  double batch = 1;    ///< how many such GEMMs
+};
+
+/// The cost of every piece of a step of `model` on `cluster` under `layout`, per device.
+///
+/// Model (stated here, used everywhere): a GEMM of f flops runs at peak * efficiency(f) (the
+/// cluster's curve; a backward GEMM has the shape, and so the efficiency, of its forward);
+/// memory-bound work (LayerNorm, softmax, GeLU, dropout, residual adds) moves, per forward,
+/// the bytes the block would keep for backward without recomputation (each is written once)
+/// and twice that per backward, at the device's memory bandwidth; a tensor-parallel all-reduce
+/// of S bytes over t devices is a ring: 2 (t-1)/t S / bandwidth + 2 (t-1) latency (sequence
+/// parallelism's all-gather plus reduce-scatter move the same bytes). Full recomputation adds
+/// one forward to each backward, selective the attention core (Korthikanti et al. 2022).
+struct CostModel {
+  ModelSpec model{};     ///< the transformer
+  Cluster cluster{};     ///< the machine
+  Layout layout{};       ///< how it is run
+  Precision precision{};  ///< bytes per element
+
+  /// Seconds of one GEMM of `flops` flops.
+  double gemm_seconds(double flops) const {
+    return flops / (cluster.peak_flops * cluster.gemm_efficiency.at(flops));
+  }
+
+  /// The GEMMs of one block's forward on one device for one micro-batch (tp splits the
+  /// projections' output or input width and the heads). Their flops add up to
+  /// 24 b s h^2 (1 + s / (6 h)) / tp when ffn = 4h and kv_heads = heads (Narayanan et al. 2021).
+  std::vector<Gemm> layer_gemms() const {
+    const double s = model.seq, b = layout.microbatch_size, h = model.hidden, t = layout.tp;
+    const double kv = static_cast<double>(model.kv_dim()), f = static_cast<double>(model.ffn_size());
+    const double tokens = s * b, dh = model.head_dim(), heads_here = model.heads / t;
+    return {{"QKV projection", 2 * tokens * h * (h + 2 * kv) / t, 1},
+            {"attention scores Q K^T", 2 * s * s * dh, b * heads_here},
+            {"attention over V", 2 * s * s * dh, b * heads_here},
+            {"output projection", 2 * tokens * h * h / t, 1},
+            {"MLP first linear", 2 * tokens * h * f / t, 1},
+            {"MLP second linear", 2 * tokens * f * h / t, 1}};
+  }
+
+  /// Seconds of a ring all-reduce of `bytes` over `n` devices at `bandwidth` bytes/s with
+  /// `latency` seconds per step: 2 (n-1)/n bytes / bandwidth + 2 (n-1) latency; 0 when n = 1.
+  static double all_reduce_seconds(double bytes, int n, double bandwidth, double latency) {
+    if (n <= 1) return 0.0;
+    return 2.0 * (n - 1) / n * bytes / bandwidth + 2.0 * (n - 1) * latency;
+  }
+
+  /// Seconds of one tensor-parallel all-reduce of one micro-batch's activations (b s h
+  /// elements), inside a node when tp fits in one, else across nodes.
+  double tp_all_reduce_seconds() const {
+    const double bytes = precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden;
+    const bool inside = layout.tp <= cluster.devices_per_node;
+    return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+  }
+
+  /// One block's forward for one micro-batch: its GEMMs, its memory-bound work, and two tp
+  /// all-reduces (Megatron-LM's g after attention and after the MLP).
+  WorkTime layer_forward() const {
+    WorkTime w;
+    for (const Gemm& g : layer_gemms()) w.compute += g.batch * gemm_seconds(g.flops);
+    Layout keep_all = layout;
+    keep_all.recompute = Recompute::none;
+    w.compute += LayerActivations::of(model, keep_all, precision).bytes() / cluster.memory_bandwidth;
+    w.tp_comm = 2 * tp_all_reduce_seconds();
+    return w;
+  }
+
+  /// The attention core alone (scores, softmax, dropout, product with V): what selective
+  /// recomputation reruns.
+  WorkTime attention_core_forward() const {
+    WorkTime w;
+    for (const Gemm& g : layer_gemms())
+      if (g.name.rfind("attention", 0) == 0) w.compute += g.batch * gemm_seconds(g.flops);
+    const double s = model.seq, b = layout.microbatch_size, a = model.heads, t = layout.tp;
+    w.compute += (2 * precision.activation_bytes + 1) * a * s * s * b / t / cluster.memory_bandwidth;
+    return w;
+  }
+
+  /// One block's backward for one micro-batch: twice the forward's GEMMs and memory-bound
+  /// work, two tp all-reduces (f's backward), plus the recomputation the layout asks for.
+  WorkTime layer_backward() const {
+    const WorkTime fwd = layer_forward();
+    WorkTime w{2 * fwd.compute, fwd.tp_comm};
+    if (layout.recompute == Recompute::full) w += fwd;
+    if (layout.recompute == Recompute::selective) w += attention_core_forward();
+    return w;
+  }
+
+  /// The blocks held by `stage` (of layout.num_stages()): an even share; when the stages do
+  /// not divide the blocks, the extra blocks go to the inner stages first, then to the first
+  /// and the last (which also hold the embedding and the head). Throws Error if a stage would
+  /// hold no block.
+  int stage_layers(int stage) const {
+    const int S = layout.num_stages(), L = model.layers;
+    TESSERA_EXPECTS(L >= S, "CostModel: ", L, " layers cannot fill ", S, " pipeline stages (pp ", layout.pp,
+                    " x virtual_stages ", layout.virtual_stages, ")");
+    TESSERA_EXPECTS(stage >= 0 && stage < S, "CostModel: stage ", stage, " is outside [0, ", S, ")");
+    const int base = L / S, extra = L % S;
+    // Preference order for the extra blocks: 1, 2, ..., S-2, then 0, then S-1.
+    int rank_in_order = 0;
+    if (S <= 2) rank_in_order = stage;
+    else if (stage == 0) rank_in_order = S - 2;
+    else if (stage == S - 1) rank_in_order = S - 1;
+    else rank_in_order = stage - 1;
+    return base + (rank_in_order < extra ? 1 : 0);
+  }
+
+  /// The input embedding's forward (first stage): writing b s h activations and, with tp, the
+  /// vocab-parallel embedding's all-reduce.
+  WorkTime embedding_forward() const {
+    const double bytes = precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden;
+    return {bytes / cluster.memory_bandwidth, tp_all_reduce_seconds()};
+  }
+
+  /// The LM head's forward on the last stage: the logits GEMM (2 b s h V / tp flops) and the
+  /// cross-entropy's fp32 pass over the logits.
+  WorkTime head_forward() const {
+    const double tokens = model.seq * layout.microbatch_size;
+    const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
+    return {gemm_seconds(flops) + 2 * 4.0 * tokens * model.vocab / layout.tp / cluster.memory_bandwidth, 0.0};
+  }
+
+  /// The LM head's backward: two GEMMs of the forward's shape and the gradient of the logits.
+  WorkTime head_backward() const {
+    const double tokens = model.seq * layout.microbatch_size;
+    const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
+    return {2 * gemm_seconds(flops) + 4.0 * tokens * model.vocab / layout.tp / cluster.memory_bandwidth, 0.0};
+  }
+
+  /// One forward (F) of `stage` on one micro-batch: its blocks, plus the embedding on stage 0
+  /// and the head on the last stage.
+  WorkTime stage_forward(int stage) const {
+    WorkTime w = layer_forward().times(stage_layers(stage));
+    if (stage == 0) w += embedding_forward();
+    if (stage == layout.num_stages() - 1) w += head_forward();
+    return w;
+  }
+
+  /// One backward (B) of `stage` on one micro-batch, with recomputation.
+  WorkTime stage_backward(int stage) const {
+    WorkTime w = layer_backward().times(stage_layers(stage));
+    if (stage == layout.num_stages() - 1) w += head_backward();
+    return w;
+  }
+
+  /// Bytes of one pipeline hand-off (an activation or its gradient) on one device:
+  /// b s h elements, split over tp (Megatron-LM's scatter-gather of p2p tensors, or sequence
+  /// parallelism's own split).
+  double p2p_bytes() const {
+    return precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden / layout.tp;
+  }
+
+  /// The node of the device holding (pp index, dp index 0, tp index 0): rank order tp, dp, pp.
+  int node_of_pp_rank(int pp_rank) const { return pp_rank * layout.dp * layout.tp / cluster.devices_per_node; }
+
+  /// Seconds of one hand-off between pipeline ranks `from` and `to`: latency plus bytes over
+  /// NVLink inside a node, or over the device's share of the node's network otherwise (every
+  /// device of the node sends at once).
+  double p2p_seconds(int from, int to) const {
+    const bool inside = node_of_pp_rank(from) == node_of_pp_rank(to);
+    return inside ? cluster.intra_node_latency + p2p_bytes() / cluster.intra_node_bandwidth
+                  : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device();
+  }
+
+  /// Parameters held by one device of `stage`'s pipeline rank, before ZeRO sharding: the
+  /// blocks of all its model chunks / tp, plus the embedding on pp rank 0 and the head (and a
+  /// tied copy of the embedding when pp > 1) on the last pp rank.
+  double rank_parameters(int pp_rank) const {
+    double p = 0;
+    for (int c = 0; c < layout.virtual_stages; ++c)
+      p += stage_layers(c * layout.pp + pp_rank) * model.layer_parameters() / layout.tp;
+    if (pp_rank == 0) p += model.embedding_parameters() / layout.tp;
+    if (pp_rank == layout.pp - 1) {
+      p += model.head_parameters() / layout.tp;
+      if (model.tied && layout.pp > 1) p += static_cast<double>(model.vocab) * model.hidden / layout.tp;
+    }
+    return p;
+  }
+
+  /// Bandwidth of one device's dp reduction, bytes/s: NVLink when the dp group fits in a node,
+  /// else the node's network shared by the min(tp, devices_per_node) dp groups of the node
+  /// (a ring crosses each node boundary once per channel, so a group gets its node's share).
+  double dp_bandwidth() const {
+    if (layout.dp * layout.tp <= cluster.devices_per_node) return cluster.intra_node_bandwidth;
+    const int groups = std::min(layout.tp, cluster.devices_per_node);
+    return std::min(cluster.intra_node_bandwidth, cluster.inter_node_bandwidth / groups);
+  }
+
+  /// Seconds of the dp gradient reduction of pp rank `pp_rank`'s parameters:
+  /// an all-reduce (ZeRO 0), a reduce-scatter plus an all-gather (ZeRO 1 and 2; the same
+  /// bytes), or 1.5 times that (ZeRO-3 gathers the weights in forward and in backward;
+  /// Rajbhandari et al. 2020). 0 when dp = 1.
+  double dp_reduce_seconds(int pp_rank) const {
+    const double bytes = rank_parameters(pp_rank) * precision.gradient_bytes;
+    const bool inside = layout.dp * layout.tp <= cluster.devices_per_node;
+    const double t = all_reduce_seconds(bytes, layout.dp, dp_bandwidth(),
+                                        inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+    return layout.zero_stage == 3 ? 1.5 * t : t;
+  }
+
+  /// Seconds of summing the tied embedding's gradient between the first and the last pp rank
+  /// (Megatron-LM's embedding group); 0 without a tie across ranks.
+  double tied_embedding_seconds() const {
+    if (!model.tied || layout.pp == 1) return 0.0;
+    const double bytes = static_cast<double>(model.vocab) * model.hidden / layout.tp * precision.gradient_bytes;
+    const bool inside = node_of_pp_rank(0) == node_of_pp_rank(layout.pp - 1);
+    return all_reduce_seconds(bytes, 2, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+  }
+
+  /// Seconds of the optimizer step on pp rank `pp_rank`: precision.step_bytes() per parameter
+  /// it updates (its parameters / dp under ZeRO 1-3) at the memory bandwidth.
+  double optimizer_seconds(int pp_rank) const {
+    const double params = rank_parameters(pp_rank) / (layout.zero_stage >= 1 ? layout.dp : 1);
+    return params * precision.step_bytes() / cluster.memory_bandwidth;
+  }
+};
+
+}  // namespace tessera::plan

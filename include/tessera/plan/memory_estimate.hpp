@@ -1,0 +1,86 @@
+#pragma once
+/// @file
+/// MemoryEstimate: the predicted memory of one device for a layout, by kind, on the pipeline
+/// rank that needs the most.
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/plan/cost_model.hpp"
+#include "tessera/plan/layer_activations.hpp"
+#include "tessera/schedule/schedule.hpp"
+
+namespace tessera::plan {
+
+/// Predicted bytes on one device, by kind.
+struct MemoryEstimate {
+  int pp_rank = 0;            ///< the pipeline rank these bytes are for (the fullest one)
+  double parameters = 0;      ///< 16-bit weights (sharded over dp under ZeRO-3), bytes
+  double gradients = 0;       ///< gradients (sharded over dp under ZeRO-2 and 3), bytes
+  double optimizer_state = 0; ///< master weights and moments (sharded over dp under ZeRO 1-3), bytes
+  double activations = 0;     ///< activations kept for backward at the schedule's peak, bytes
+  double buffers = 0;         ///< logits, p2p buffers, recomputation working set, bytes
+  /// Sum of the kinds, bytes.
+  double total() const { return parameters + gradients + optimizer_state + activations + buffers; }
+
+  /// The memory of pipeline rank `pp_rank` when it runs `sched` (the layout's schedule;
+  /// every F of a stage keeps stage_layers(stage) blocks' LayerActivations until its B):
+  /// the activation peak is found by walking the rank's compute actions in order, so it is the
+  /// schedule's own in-flight count (1F1B's first rank holds p micro-batches, the interleaved
+  /// schedule's p (1 + (p-1)/(p v)) stage-equivalents, Korthikanti et al. 2022).
+  static MemoryEstimate of_rank(const CostModel& cm, const schedule::Schedule& sched, int pp_rank) {
+    const Layout& L = cm.layout;
+    const Precision& pr = cm.precision;
+    MemoryEstimate m;
+    m.pp_rank = pp_rank;
+    const double params = cm.rank_parameters(pp_rank);
+    m.parameters = params * pr.parameter_bytes / (L.zero_stage >= 3 ? L.dp : 1);
+    m.gradients = params * pr.gradient_bytes / (L.zero_stage >= 2 ? L.dp : 1);
+    m.optimizer_state = params * pr.optimizer_bytes / (L.zero_stage >= 1 ? L.dp : 1);
+    const double per_layer = LayerActivations::of(cm.model, L, pr).bytes();
+    double live = 0, peak = 0;
+    for (const schedule::Action& a : sched.compute_order(pp_rank)) {
+      const double bytes = cm.stage_layers(a.stage_index) * per_layer;
+      live += a.kind == schedule::ActionKind::forward ? bytes : -bytes;
+      peak = std::max(peak, live);
+    }
+    m.activations = peak;
+    const double tokens = static_cast<double>(cm.model.seq) * L.microbatch_size;
+    if (pp_rank == L.pp - 1) m.buffers += tokens * cm.model.vocab / L.tp * (pr.activation_bytes + 4.0);
+    if (L.pp > 1) m.buffers += 2 * cm.p2p_bytes();
+    if (L.recompute != Recompute::none) {
+      Layout keep_all = L;
+      keep_all.recompute = Recompute::none;
+      m.buffers += LayerActivations::of(cm.model, keep_all, pr).bytes() - per_layer;
+    }
+    return m;
+  }
+
+  /// The fullest pipeline rank's memory (see of_rank).
+  static MemoryEstimate of(const CostModel& cm, const schedule::Schedule& sched) {
+    MemoryEstimate worst = of_rank(cm, sched, 0);
+    for (int r = 1; r < cm.layout.pp; ++r) {
+      MemoryEstimate m = of_rank(cm, sched, r);
+      if (m.total() > worst.total()) worst = m;
+    }
+    return worst;
+  }
+
+  /// One line in GiB, e.g. "71.3 GiB on pp rank 0: parameters 7.1, gradients 7.1, optimizer
+  /// 5.3, activations 48.0, buffers 3.8".
+  std::string to_string() const {
+    const double g = 1024.0 * 1024.0 * 1024.0;
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "%.1f GiB on pp rank %d: parameters %.1f, gradients %.1f, optimizer %.1f, activations %.1f, "
+                  "buffers %.1f",
+                  total() / g, pp_rank, parameters / g, gradients / g, optimizer_state / g, activations / g,
+                  buffers / g);
+    return buf;
+  }
+};
+
+}  // namespace tessera::plan

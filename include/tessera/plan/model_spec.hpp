@@ -1,0 +1,67 @@
+#pragma once
+/// @file
+/// ModelSpec: the shape of a decoder-only transformer (GPT / Llama style) as the planner sees
+/// it -- layer count and sizes, no weights.
+
+#include <string>
+
+#include "tessera/core/error.hpp"
+
+namespace tessera::plan {
+
+/// The shape of a decoder-only transformer: `layers` blocks of self-attention (`heads` query
+/// heads, `kv_heads` key/value heads) and a two-matrix MLP of width `ffn`, a vocabulary of
+/// `vocab` tokens, sequences of `seq` tokens, the LM head tied to the input embedding or not.
+/// Set with designated initializers: `ModelSpec{.layers = 24, .hidden = 2304, .heads = 24, ...}`.
+struct ModelSpec {
+  std::string name{};  ///< shown in reports, e.g. "GPT 1.7B"
+  int layers = 1;      ///< transformer blocks (l)
+  int hidden = 1;      ///< hidden size (h)
+  int heads = 1;       ///< attention (query) heads (a)
+  int kv_heads = 0;    ///< key/value heads (grouped-query attention); 0 means `heads`
+  int ffn = 0;         ///< MLP inner width; 0 means 4 * hidden
+  int vocab = 1;       ///< vocabulary size (V)
+  int seq = 1;         ///< sequence length in tokens (s)
+  bool tied = true;    ///< LM head shares the input embedding's weight
+
+  /// Key/value heads actually used: kv_heads, or heads when kv_heads is 0.
+  int num_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }
+  /// MLP width actually used: ffn, or 4 * hidden when ffn is 0.
+  long long ffn_size() const { return ffn == 0 ? 4LL * hidden : ffn; }
+  /// Size of one attention head, hidden / heads.
+  int head_dim() const { return hidden / heads; }
+  /// Width of the key (and of the value) projection, num_kv_heads() * head_dim().
+  long long kv_dim() const { return static_cast<long long>(num_kv_heads()) * head_dim(); }
+
+  /// Parameters of one transformer block: the QKV, output, and two MLP weights with their
+  /// biases, and two LayerNorms (scale and shift). 12 h^2 + 13 h when ffn = 4h and kv = heads
+  /// (Narayanan et al., SC 2021, Eq. 2).
+  double layer_parameters() const {
+    const double h = hidden, kv = static_cast<double>(kv_dim()), f = static_cast<double>(ffn_size());
+    return h * (h + 2 * kv) + (h + 2 * kv)  // QKV weight and bias
+           + h * h + h                      // output projection
+           + 2 * h * f + f + h              // MLP
+           + 4 * h;                         // two LayerNorms
+  }
+  /// Parameters of the input side: token embedding V h plus learned positions s h.
+  double embedding_parameters() const { return (static_cast<double>(vocab) + seq) * hidden; }
+  /// Parameters of the output side: final LayerNorm, plus V h when the head is not tied.
+  double head_parameters() const { return 2.0 * hidden + (tied ? 0.0 : static_cast<double>(vocab) * hidden); }
+  /// All parameters: layers * layer_parameters() + embedding and head.
+  double parameters() const { return layers * layer_parameters() + embedding_parameters() + head_parameters(); }
+
+  /// Throws Error naming the numbers when a size is < 1, kv_heads does not divide heads, or
+  /// heads does not divide hidden.
+  void validate() const {
+    TESSERA_EXPECTS(layers >= 1 && hidden >= 1 && heads >= 1 && vocab >= 1 && seq >= 1, "ModelSpec '", name,
+                    "': layers, hidden, heads, vocab and seq must be >= 1, got ", layers, ", ", hidden, ", ", heads,
+                    ", ", vocab, ", ", seq);
+    TESSERA_EXPECTS(hidden % heads == 0, "ModelSpec '", name, "': heads ", heads, " must divide hidden ", hidden);
+    TESSERA_EXPECTS(kv_heads >= 0 && ffn >= 0, "ModelSpec '", name, "': kv_heads ", kv_heads, " and ffn ", ffn,
+                    " must be >= 0 (0 = the default)");
+    TESSERA_EXPECTS(heads % num_kv_heads() == 0, "ModelSpec '", name, "': kv_heads ", num_kv_heads(),
+                    " must divide heads ", heads);
+  }
+};
+
+}  // namespace tessera::plan

@@ -1,0 +1,151 @@
+#pragma once
+/// @file
+/// plan::search: every layout of a world size and global batch, predicted; the fastest that
+/// fit in memory ranked, and every other with the reason it was rejected.
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/plan/cluster.hpp"
+#include "tessera/plan/layout.hpp"
+#include "tessera/plan/model_spec.hpp"
+#include "tessera/plan/plan.hpp"
+#include "tessera/plan/precision.hpp"
+
+namespace tessera::plan {
+
+/// What plan::search tries. Set with designated initializers:
+/// `SearchOptions{.world = 64, .global_batch = 512}`.
+struct SearchOptions {
+  int world = 1;                                       ///< devices to use, exactly dp * tp * pp
+  long long global_batch = 1;                          ///< sequences per step
+  std::vector<int> microbatch_sizes{1, 2, 4, 8};       ///< micro-batch sizes to try
+  std::vector<int> virtual_stages{1, 2, 3, 4};         ///< v to try (v > 1: interleaved 1F1B)
+  std::vector<Recompute> recompute{Recompute::none, Recompute::selective, Recompute::full};  ///< modes to try
+  std::vector<int> zero_stages{0, 1};                  ///< ZeRO stages to try
+  bool sequence_parallel = true;                       ///< use sequence parallelism whenever tp > 1
+  bool overlap_grad_reduce = false;                    ///< whether the dp reduction is overlapped
+  std::vector<int> tp_sizes{};                         ///< tp sizes to try; empty: powers of 2 up to a node
+  std::vector<int> pp_sizes{};                         ///< pp sizes to try; empty: every divisor
+  std::vector<int> dp_sizes{};                         ///< dp sizes to try; empty: every divisor
+};
+
+/// A layout the search did not rank, and why.
+struct Rejected {
+  Layout layout{};       ///< the layout
+  std::string reason{};  ///< e.g. "needs 93.2 GiB, the device has 80.0 GiB (activations 61.0 GiB)"
+};
+
+/// What plan::search found.
+struct SearchResult {
+  std::vector<Plan> ranked{};        ///< layouts that fit, fastest first
+  std::vector<Rejected> rejected{};  ///< every other layout tried, with its reason
+};
+
+/// Tries every layout of `opts.world` devices for `opts.global_batch` sequences: dp x tp x pp
+/// = world (tp at most a node and dividing the heads, key/value heads and the MLP width; pp
+/// dividing the layers), every micro-batch size that divides the batch per replica, 1F1B and
+/// interleaved 1F1B with each v whose stages divide the layers and whose micro-batch count
+/// is a multiple of pp, every recomputation mode and ZeRO stage asked for. Each is predicted
+/// with Plan::predict; those that fit are ranked by step time (ties: less memory first), the
+/// rest are returned with the reason. Throws Error if world or global_batch is < 1.
+inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const SearchOptions& opts,
+                           const Precision& precision = {}) {
+  model.validate();
+  cluster.validate();
+  TESSERA_EXPECTS(opts.world >= 1 && opts.global_batch >= 1, "plan::search: world and global_batch must be >= 1, got ",
+                  opts.world, " and ", opts.global_batch);
+  using tessera::detail::str;
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  SearchResult out;
+  auto divisors = [](int n) {
+    std::vector<int> d;
+    for (int i = 1; i <= n; ++i)
+      if (n % i == 0) d.push_back(i);
+    return d;
+  };
+  std::vector<int> tps = opts.tp_sizes;
+  if (tps.empty())
+    for (int t = 1; t <= opts.world && t <= cluster.devices_per_node; t *= 2) tps.push_back(t);
+  const std::vector<int> pps = opts.pp_sizes.empty() ? divisors(opts.world) : opts.pp_sizes;
+  for (int tp : tps)
+    for (int pp : pps) {
+      if (opts.world % (tp * pp) != 0) continue;
+      const int dp = opts.world / (tp * pp);
+      if (!opts.dp_sizes.empty() && std::find(opts.dp_sizes.begin(), opts.dp_sizes.end(), dp) == opts.dp_sizes.end())
+        continue;
+      Layout base{.dp = dp, .tp = tp, .pp = pp};
+      base.sequence_parallel = opts.sequence_parallel && tp > 1;
+      base.overlap_grad_reduce = opts.overlap_grad_reduce;
+      auto reject = [&](const Layout& l, std::string why) { out.rejected.push_back({l, std::move(why)}); };
+      if (tp > cluster.devices_per_node) {
+        reject(base, str("tp ", tp, " spans nodes of ", cluster.devices_per_node, " devices"));
+        continue;
+      }
+      if (model.heads % tp != 0 || model.num_kv_heads() % tp != 0 || model.ffn_size() % tp != 0) {
+        reject(base, str("tp ", tp, " does not divide the heads ", model.heads, ", key/value heads ",
+                         model.num_kv_heads(), " and MLP width ", model.ffn_size()));
+        continue;
+      }
+      if (model.layers % pp != 0) {
+        reject(base, str("pp ", pp, " does not divide the ", model.layers, " layers"));
+        continue;
+      }
+      if (opts.global_batch % dp != 0) {
+        reject(base, str("dp ", dp, " does not divide the global batch ", opts.global_batch));
+        continue;
+      }
+      const long long per_replica = opts.global_batch / dp;
+      for (int mbs : opts.microbatch_sizes) {
+        Layout lm = base;
+        lm.microbatch_size = mbs;
+        if (per_replica % mbs != 0) {
+          reject(lm, str("micro-batch size ", mbs, " does not divide the ", per_replica, " sequences per replica"));
+          continue;
+        }
+        lm.num_microbatches = static_cast<int>(per_replica / mbs);
+        for (int v : opts.virtual_stages) {
+          Layout lv = lm;
+          lv.virtual_stages = v;
+          lv.schedule = v > 1 ? PipelineSchedule::interleaved : PipelineSchedule::one_f_one_b;
+          if (v > 1 && pp == 1) continue;  // interleaving needs a pipeline; not a layout
+          if (v > 1 && model.layers % (pp * v) != 0) {
+            reject(lv, str("pp ", pp, " x v ", v, " = ", pp * v, " stages do not divide the ", model.layers, " layers"));
+            continue;
+          }
+          if (v > 1 && lv.num_microbatches % pp != 0) {
+            reject(lv, str("interleaving needs the micro-batch count ", lv.num_microbatches, " to be a multiple of pp ",
+                           pp));
+            continue;
+          }
+          for (Recompute rc : opts.recompute)
+            for (int z : opts.zero_stages) {
+              Layout l = lv;
+              l.recompute = rc;
+              l.zero_stage = z;
+              if (z > 0 && dp == 1) continue;  // ZeRO over one replica is stage 0
+              Plan p = Plan::predict(model, cluster, l, precision);
+              if (!p.fits()) {
+                const MemoryEstimate& m = p.memory;
+                reject(l, str("needs ", m.total() / gib, " GiB on pp rank ", m.pp_rank, ", the device has ",
+                              cluster.device_memory / gib, " GiB (activations ", m.activations / gib,
+                              " GiB, model state ", (m.parameters + m.gradients + m.optimizer_state) / gib, " GiB)"));
+                continue;
+              }
+              p.time.timeline = {};  // keep the result small; Plan::predict redraws one
+              out.ranked.push_back(std::move(p));
+            }
+        }
+      }
+    }
+  std::stable_sort(out.ranked.begin(), out.ranked.end(), [](const Plan& a, const Plan& b) {
+    if (a.time.total() != b.time.total()) return a.time.total() < b.time.total();
+    return a.memory.total() < b.memory.total();
+  });
+  return out;
+}
+
+}  // namespace tessera::plan

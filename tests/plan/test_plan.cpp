@@ -1,0 +1,234 @@
+// The planner (include/tessera/plan): activation memory against Korthikanti et al.'s closed
+// forms, model state against ZeRO's, FLOPs and parameter counts against Narayanan et al.'s
+// formulas, the pipeline replay against the schedules' own counts and the papers' bubble, the
+// cluster file, and the search. Each expected value is a formula written out here, never the
+// planner's own bookkeeping.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tessera/plan/plan.hpp"
+#include "tessera/plan/search.hpp"
+#include "tessera/testing/compare.hpp"
+
+using namespace tessera;
+using namespace tessera::plan;
+
+namespace {
+
+// GPT-3 175B's shape (Korthikanti et al. 2022, Table 3).
+ModelSpec gpt175() {
+  return ModelSpec{.name = "175B", .layers = 96, .hidden = 12288, .heads = 96, .kv_heads = 0, .ffn = 0,
+                   .vocab = 51200, .seq = 2048, .tied = true};
+}
+
+// A cluster written out in the test (numbers of an A100 node; a flat efficiency curve so times
+// are easy to reason about).
+Cluster flat_cluster(double efficiency = 0.5) {
+  const nlohmann::json j = {{"name", "test"},
+                            {"devices_per_node", 8},
+                            {"device_memory_gib", 80},
+                            {"peak_tflops", 312},
+                            {"memory_bandwidth_gbps", 2039},
+                            {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
+                            {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
+                            {"gemm_efficiency", {{1.0, efficiency}}}};
+  return Cluster::from_json(j);
+}
+
+double rel(double a, double b) { return testing::rel_error(a, b); }
+
+}  // namespace
+
+TEST_CASE("LayerActivations: within 10% of Korthikanti et al.'s per-layer formulas in every mode") {
+  // Their Table 2, 16-bit activations and 1-byte dropout masks; b micro-batch, a heads, t tp.
+  for (const ModelSpec& m : {gpt175(), ModelSpec{.name = "22B", .layers = 48, .hidden = 6144, .heads = 64, .kv_heads = 0,
+                                                  .ffn = 0, .vocab = 51200, .seq = 2048, .tied = true}})
+    for (int t : {1, 2, 8})
+      for (int b : {1, 4}) {
+        CAPTURE(m.name);
+        CAPTURE(t);
+        CAPTURE(b);
+        const double s = m.seq, h = m.hidden, a = m.heads, sbh = s * b * h;
+        auto bytes = [&](bool sp, Recompute r) {
+          Layout l{.tp = t, .microbatch_size = b};
+          l.sequence_parallel = sp;
+          l.recompute = r;
+          return LayerActivations::of(m, l).bytes();
+        };
+        CHECK(rel(bytes(false, Recompute::none), sbh * (10 + 24.0 / t + 5 * a * s / (h * t))) < 0.10);
+        CHECK(rel(bytes(false, Recompute::selective), sbh * (10 + 24.0 / t)) < 0.10);
+        CHECK(rel(bytes(false, Recompute::full), 2 * sbh) < 0.10);
+        if (t > 1) {
+          CHECK(rel(bytes(true, Recompute::none), sbh / t * (34 + 5 * a * s / h)) < 0.10);
+          CHECK(rel(bytes(true, Recompute::selective), 34 * sbh / t) < 0.10);
+        }
+        if (t == 1) CHECK(rel(bytes(false, Recompute::none), sbh * (34 + 5 * a * s / h)) < 0.10);
+      }
+}
+
+TEST_CASE("MemoryEstimate: the first 1F1B rank keeps L layers of activations, interleaved L (1 + (p-1)/(p v))") {
+  // Korthikanti et al. 2022, sec. 4.2.3: 1F1B's first stage holds p micro-batches of L/p layers;
+  // interleaving multiplies that by (1 + (p-1)/(p v)).
+  const ModelSpec m = gpt175();
+  const Cluster c = flat_cluster();
+  for (int p : {2, 4, 8})
+    for (int v : {1, 2, 3}) {
+      CAPTURE(p);
+      CAPTURE(v);
+      if (m.layers % (p * v) != 0) continue;
+      Layout l{.dp = 1, .tp = 8, .pp = p, .virtual_stages = v, .microbatch_size = 1, .num_microbatches = 4 * p};
+      l.schedule = v > 1 ? PipelineSchedule::interleaved : PipelineSchedule::one_f_one_b;
+      l.sequence_parallel = true;
+      l.recompute = Recompute::selective;
+      const Plan plan = Plan::predict(m, c, l);
+      const double per_layer = 34.0 * m.seq * m.hidden / 8;  // SP + selective, b = 1
+      const double expected = per_layer * m.layers * (v == 1 ? 1.0 : 1.0 + double(p - 1) / (p * v));
+      CHECK(plan.memory.pp_rank == 0);
+      CHECK(rel(plan.memory.activations, expected) < 0.10);
+    }
+}
+
+TEST_CASE("MemoryEstimate: model state per device is ZeRO's 16 Psi, 4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N") {
+  // Rajbhandari et al. 2020 (REFERENCE.md D), with Psi the parameters a device holds.
+  const ModelSpec m{.name = "1.3B", .layers = 24, .hidden = 2048, .heads = 16, .kv_heads = 0, .ffn = 0,
+                    .vocab = 50304, .seq = 1024, .tied = true};
+  const Cluster c = flat_cluster();
+  const double psi = m.parameters();  // tp = pp = 1: the device holds every parameter
+  CHECK(rel(psi, 12.0 * 24 * 2048.0 * 2048 * (1 + 13.0 / (12 * 2048) + (50304.0 + 1024) / (12 * 24 * 2048)) + 2 * 2048) <
+        1e-12);  // Narayanan et al. 2021, Eq. 2, plus the final LayerNorm
+  const int n = 16;
+  const double expected[] = {16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n};
+  for (int z = 0; z <= 3; ++z) {
+    CAPTURE(z);
+    const Plan p = Plan::predict(m, c, Layout{.dp = n, .microbatch_size = 1, .num_microbatches = 1, .zero_stage = z});
+    CHECK(rel(p.memory.parameters + p.memory.gradients + p.memory.optimizer_state, expected[z]) < 1e-12);
+  }
+}
+
+TEST_CASE("CostModel: a block's GEMMs do 24 b s h^2 (1 + s/(6h)) / t flops and a step 96 B s l h^2 (...) with full recomputation") {
+  const ModelSpec m = gpt175();
+  for (int t : {1, 8}) {
+    const CostModel cm{.model = m, .cluster = flat_cluster(), .layout = Layout{.tp = t, .microbatch_size = 2}};
+    double flops = 0;
+    for (const Gemm& g : cm.layer_gemms()) flops += g.flops * g.batch;
+    const double s = m.seq, h = m.hidden, b = 2;
+    CHECK(rel(flops, 24 * b * s * h * h * (1 + s / (6 * h)) / t) < 1e-12);
+  }
+  // With a flat curve every GEMM runs at the same rate, so the compute time of the GEMMs of one
+  // step (no memory-bound work: infinite bandwidth) is Narayanan et al.'s FLOPs / (peak * 0.5).
+  Cluster c = flat_cluster(0.5);
+  c.memory_bandwidth = 1e30;
+  c.intra_node_bandwidth = c.inter_node_bandwidth = 1e30;
+  c.intra_node_latency = c.inter_node_latency = 0;
+  Layout l{.dp = 1, .tp = 1, .pp = 1, .microbatch_size = 1, .num_microbatches = 4};
+  l.recompute = Recompute::full;
+  const ModelSpec small{.name = "small", .layers = 4, .hidden = 1024, .heads = 16, .kv_heads = 0, .ffn = 0,
+                        .vocab = 32000, .seq = 1024, .tied = true};
+  const Plan p = Plan::predict(small, c, l);
+  const double B = 4, s = 1024, L = 4, h = 1024, V = 32000;
+  const double F = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h));
+  CHECK(rel(p.time.compute, F / (312e12 * 0.5)) < 1e-9);
+  CHECK(p.time.bubble == doctest::Approx(0.0).epsilon(1e-12));
+}
+
+TEST_CASE("TimeEstimate: the replay's sends are the schedule's 2 (S-1) m hand-offs, and its bubble the papers' (p-1)/(v m)") {
+  // Uniform stages (tp 1 and infinite memory bandwidth: no embedding cost, a head of 8 tokens'
+  // vocabulary, t_B = 2 t_F exactly), free transfers: the bubble ratio of the replay is
+  // Narayanan et al.'s (p-1)/m for 1F1B and (p-1)/(v m) interleaved.
+  Cluster c = flat_cluster();
+  c.memory_bandwidth = 1e30;
+  const ModelSpec m{.name = "uniform", .layers = 24, .hidden = 4096, .heads = 32, .kv_heads = 0, .ffn = 0,
+                    .vocab = 8, .seq = 2048, .tied = true};
+  for (int p : {2, 4})
+    for (int v : {1, 2, 3})
+      for (int mb : {4, 8}) {
+        CAPTURE(p);
+        CAPTURE(v);
+        CAPTURE(mb);
+        Layout l{.dp = 1, .tp = 1, .pp = p, .virtual_stages = v, .microbatch_size = 1, .num_microbatches = mb};
+        l.schedule = v > 1 ? PipelineSchedule::interleaved : PipelineSchedule::one_f_one_b;
+        const Plan plan = Plan::predict(m, c, l);
+        const int S = p * v;
+        CHECK(plan.time.p2p_messages == 2LL * (S - 1) * mb);  // one SEND each way per boundary and micro-batch
+        CHECK(plan.time.p2p_bytes == doctest::Approx(2.0 * 2048 * 4096));  // b s h, 16-bit
+        CHECK(plan.time.bubble_ratio == doctest::Approx(double(p - 1) / (v * mb)).epsilon(1e-3));
+        const double busy = plan.time.compute + plan.time.tp_comm;
+        CHECK(plan.time.bubble == doctest::Approx(busy * (p - 1) / (v * mb)).epsilon(1e-3));
+        CHECK(plan.time.pp_p2p > 0);
+      }
+}
+
+TEST_CASE("TimeEstimate: tp all-reduces are 2 (t-1)/t S / B + 2 (t-1) latency, six per block with full recomputation") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m = gpt175();
+  Layout l{.dp = 1, .tp = 8, .pp = 1, .microbatch_size = 1, .num_microbatches = 2};
+  l.recompute = Recompute::full;
+  const Plan p = Plan::predict(m, c, l);
+  const double S = 2.0 * 2048 * 12288;  // b s h, 16-bit
+  const double one = 2 * 7.0 / 8 * S / 300e9 + 2 * 7 * 5e-6;
+  // Per micro-batch: 6 per block (forward, recomputed forward, backward: 2 each) and the embedding's one.
+  CHECK(rel(p.time.tp_comm, 2 * (6 * 96 + 1) * one) < 1e-9);
+}
+
+TEST_CASE("Cluster: the JSON file's units, and errors that name the missing key or the bad point") {
+  const Cluster c = flat_cluster();
+  CHECK(c.device_memory == 80.0 * 1024 * 1024 * 1024);
+  CHECK(c.peak_flops == 312e12);
+  CHECK(c.inter_node_bandwidth_per_device() == doctest::Approx(25e9));
+  nlohmann::json j = {{"devices_per_node", 8}};
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("no key 'device_memory_gib'"), Error);
+  GemmEfficiency g{.points = {{1e9, 0.5}, {1e11, 0.9}}};
+  CHECK(g.at(1e10) == doctest::Approx(0.7));  // halfway in log(flops)
+  CHECK(g.at(1e3) == doctest::Approx(0.5));
+  CHECK(g.at(1e15) == doctest::Approx(0.9));
+  GemmEfficiency bad{.points = {{1e9, 0.5}, {1e8, 0.9}}};
+  CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("point 1 has flops 1e+08, not above point 0's 1e+09"), Error);
+  CHECK_THROWS_WITH_AS(Cluster::load("/nonexistent/cluster.json"), doctest::Contains("cannot open '/nonexistent/cluster.json'"),
+                       Error);
+}
+
+TEST_CASE("search: the ranked layouts fit and are sorted; the first beats every other fitting layout tried by hand") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "6.7B", .layers = 32, .hidden = 4096, .heads = 32, .kv_heads = 0, .ffn = 0,
+                    .vocab = 51200, .seq = 2048, .tied = true};
+  const SearchResult r = search(m, c, SearchOptions{.world = 16, .global_batch = 64});
+  REQUIRE(!r.ranked.empty());
+  for (std::size_t i = 0; i < r.ranked.size(); ++i) {
+    CHECK(r.ranked[i].fits());
+    CHECK(r.ranked[i].layout.world() == 16);
+    CHECK(r.ranked[i].layout.global_batch() == 64);
+    if (i) CHECK(r.ranked[i - 1].time.total() <= r.ranked[i].time.total());
+  }
+  // Independent enumeration of a few layouts: none that fits is faster than the first choice.
+  for (int tp : {1, 2, 4, 8})
+    for (int pp : {1, 2, 4}) {
+      if (16 % (tp * pp)) continue;
+      Layout l{.dp = 16 / (tp * pp), .tp = tp, .pp = pp, .microbatch_size = 1};
+      l.num_microbatches = 64 / l.dp;
+      l.recompute = Recompute::selective;
+      l.sequence_parallel = tp > 1;
+      const Plan p = Plan::predict(m, c, l);
+      if (p.fits()) CHECK(r.ranked.front().time.total() <= p.time.total());
+    }
+  // tp 16 spans nodes of 8; ask for it explicitly and it is rejected with that reason.
+  const SearchResult r16 = search(m, c, SearchOptions{.world = 16, .global_batch = 64, .tp_sizes = {16}});
+  CHECK(r16.ranked.empty());
+  REQUIRE(!r16.rejected.empty());
+  CHECK(r16.rejected.front().reason == "tp 16 spans nodes of 8 devices");
+}
+
+TEST_CASE("search: a model too large for the devices is rejected everywhere, each reason naming its GiB") {
+  const Cluster c = flat_cluster();
+  const SearchResult r = search(gpt175(), c, SearchOptions{.world = 8, .global_batch = 8});
+  CHECK(r.ranked.empty());
+  REQUIRE(!r.rejected.empty());
+  int memory_reasons = 0;
+  for (const Rejected& x : r.rejected)
+    if (x.reason.find("GiB on pp rank") != std::string::npos) ++memory_reasons;
+  CHECK(memory_reasons > 0);
+}
