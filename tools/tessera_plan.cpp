@@ -1,0 +1,315 @@
+// tessera-plan: the planner on the command line (include/tessera/plan, docs/planner.md).
+//
+//   tessera-plan plan     --cluster plan/clusters/selene_a100.json <model> <layout>   one layout
+//   tessera-plan rank     --cluster ... <model> --world 64 --batch 512               the search
+//   tessera-plan timeline --cluster ... <model> <layout> --svg step.svg              the replay
+//   tessera-plan validate plan/validation/published_rows.json                        published runs
+//
+// <model>: --layers --hidden --heads [--kv-heads] [--ffn] --vocab --seq [--untied], or
+// --model file.json with the same keys. <layout>: --dp --tp --pp [--v] --mbs --batch
+// [--schedule] [--sp] [--recompute] [--zero] [--overlap-dp].
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "tessera/plan/plan.hpp"
+#include "tessera/plan/search.hpp"
+#include "tessera/schedule/chrome_trace.hpp"
+#include "tessera/schedule/svg.hpp"
+
+namespace tp = tessera::plan;
+using nlohmann::json;
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+struct ModelArgs {
+  std::string file;
+  tp::ModelSpec spec{.name = "model"};
+  bool untied = false;
+  void add(CLI::App* app) {
+    app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied}");
+    app->add_option("--layers", spec.layers, "transformer blocks");
+    app->add_option("--hidden", spec.hidden, "hidden size");
+    app->add_option("--heads", spec.heads, "attention heads");
+    app->add_option("--kv-heads", spec.kv_heads, "key/value heads (0: = heads)");
+    app->add_option("--ffn", spec.ffn, "MLP width (0: 4 x hidden)");
+    app->add_option("--vocab", spec.vocab, "vocabulary size");
+    app->add_option("--seq", spec.seq, "sequence length");
+    app->add_flag("--untied", untied, "LM head not tied to the embedding");
+  }
+  tp::ModelSpec get() const {
+    tp::ModelSpec m = spec;
+    m.tied = !untied;
+    if (!file.empty()) {
+      std::ifstream in(file);
+      if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
+      const json j = json::parse(in);
+      m.name = j.value("name", file);
+      m.layers = j.at("layers");
+      m.hidden = j.at("hidden");
+      m.heads = j.at("heads");
+      m.kv_heads = j.value("kv_heads", 0);
+      m.ffn = j.value("ffn", 0);
+      m.vocab = j.at("vocab");
+      m.seq = j.at("seq");
+      m.tied = j.value("tied", true);
+    }
+    m.validate();
+    return m;
+  }
+};
+
+struct LayoutArgs {
+  tp::Layout layout{};
+  long long batch = 0;
+  std::string schedule = "auto", recompute = "none";
+  void add(CLI::App* app) {
+    app->add_option("--dp", layout.dp, "data-parallel replicas");
+    app->add_option("--tp", layout.tp, "tensor-parallel size");
+    app->add_option("--pp", layout.pp, "pipeline ranks");
+    app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)");
+    app->add_option("--mbs", layout.microbatch_size, "micro-batch size");
+    app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")->required();
+    app->add_option("--schedule", schedule, "auto, 1f1b, interleaved or gpipe");
+    app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
+    app->add_option("--recompute", recompute, "none, selective or full");
+    app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3");
+    app->add_flag("--overlap-dp", layout.overlap_grad_reduce, "overlap the dp reduction with the last backward");
+  }
+  tp::Layout get() const {
+    tp::Layout l = layout;
+    const long long per = 1LL * l.dp * l.microbatch_size;
+    if (batch % per != 0)
+      throw tessera::Error(tessera::detail::str("tessera-plan: the batch ", batch, " is not a multiple of dp x mbs = ",
+                                                per));
+    l.num_microbatches = static_cast<int>(batch / per);
+    if (schedule == "auto") l.schedule = l.virtual_stages > 1 ? tp::PipelineSchedule::interleaved : tp::PipelineSchedule::one_f_one_b;
+    else if (schedule == "1f1b") l.schedule = tp::PipelineSchedule::one_f_one_b;
+    else if (schedule == "interleaved") l.schedule = tp::PipelineSchedule::interleaved;
+    else if (schedule == "gpipe") l.schedule = tp::PipelineSchedule::gpipe;
+    else throw tessera::Error("tessera-plan: --schedule must be auto, 1f1b, interleaved or gpipe, got '" + schedule + "'");
+    l.recompute = parse_recompute(recompute);
+    return l;
+  }
+  static tp::Recompute parse_recompute(const std::string& s) {
+    if (s == "none") return tp::Recompute::none;
+    if (s == "selective") return tp::Recompute::selective;
+    if (s == "full") return tp::Recompute::full;
+    throw tessera::Error("tessera-plan: --recompute must be none, selective or full, got '" + s + "'");
+  }
+};
+
+void print_plan(const tp::Plan& p) {
+  std::printf("%s\n", p.to_string().c_str());
+  std::printf("  %.1f%% of peak as model FLOP/s per device (%.1f TFLOP/s); bubble ratio %.4f; %lld p2p sends of %.2f MB per pipeline\n",
+              0.0, p.model_flops_per_device() / 1e12, p.time.bubble_ratio, p.time.p2p_messages, p.time.p2p_bytes / 1e6);
+}
+
+// ---- validate ---------------------------------------------------------------------------------
+
+struct RowResult {
+  std::string id;
+  tp::Plan plan;
+  double published = 0;  // 0: none
+  double spread_lo = 0, spread_hi = 0;
+  int candidates = 0;
+  bool fits = true;
+};
+
+// Predicts a published row; unknown mbs / v / recompute are chosen as the fastest candidate that fits
+// (mbs in {1, 2, 4}, v in {1, 2, 3}, recompute in {selective, full}); the spread is over every
+// candidate that can be built.
+RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
+  tp::ModelSpec m{.name = r.at("id").get<std::string>(), .layers = r.at("layers"), .hidden = r.at("hidden"),
+                  .heads = r.at("heads"), .kv_heads = 0, .ffn = 0, .vocab = r.at("vocab"), .seq = r.at("seq"),
+                  .tied = true};
+  const tp::Cluster c = tp::Cluster::load((clusters / r.at("cluster").get<std::string>()).string());
+  std::vector<int> mbss = r.at("mbs").is_null() ? std::vector<int>{1, 2, 4} : std::vector<int>{r.at("mbs").get<int>()};
+  std::vector<int> vs = r.at("v").is_null() ? std::vector<int>{1, 2, 3} : std::vector<int>{r.at("v").get<int>()};
+  std::vector<tp::Recompute> rcs = r.at("recompute").is_null()
+                                       ? std::vector<tp::Recompute>{tp::Recompute::selective, tp::Recompute::full}
+                                       : std::vector<tp::Recompute>{LayoutArgs::parse_recompute(r.at("recompute"))};
+  RowResult out{.id = m.name, .plan = {}, .published = r.at("iteration_s").is_null() ? 0.0 : r.at("iteration_s").get<double>()};
+  bool have = false;
+  for (int mbs : mbss)
+    for (int v : vs)
+      for (tp::Recompute rc : rcs) {
+        tp::Layout l{.dp = r.at("dp"), .tp = r.at("tp"), .pp = r.at("pp"), .virtual_stages = v, .microbatch_size = mbs};
+        const long long per = 1LL * l.dp * mbs, B = r.at("global_batch");
+        if (B % per != 0) continue;
+        l.num_microbatches = static_cast<int>(B / per);
+        if (v > 1 && (l.pp == 1 || l.num_microbatches % l.pp != 0 || m.layers % (l.pp * v) != 0)) continue;
+        l.schedule = v > 1 ? tp::PipelineSchedule::interleaved : tp::PipelineSchedule::one_f_one_b;
+        l.sequence_parallel = r.at("sp").get<bool>() && l.tp > 1;
+        l.recompute = rc;
+        l.zero_stage = r.at("zero");
+        tp::Plan p = tp::Plan::predict(m, c, l);
+        const double t = p.time.total();
+        out.spread_lo = out.candidates == 0 ? t : std::min(out.spread_lo, t);
+        out.spread_hi = out.candidates == 0 ? t : std::max(out.spread_hi, t);
+        ++out.candidates;
+        const bool better = !have || (p.fits() && !out.plan.fits()) ||
+                            (p.fits() == out.plan.fits() && t < out.plan.time.total());
+        if (better) {
+          out.plan = std::move(p);
+          have = true;
+        }
+      }
+  if (!have) throw tessera::Error("tessera-plan validate: row " + m.name + " has no layout that can be built");
+  out.fits = out.plan.fits();
+  return out;
+}
+
+int validate(const std::string& rows_path, const std::string& clusters_dir, double max_mean, double max_max) {
+  std::ifstream in(rows_path);
+  if (!in) throw tessera::Error("tessera-plan validate: cannot open '" + rows_path + "'");
+  const json doc = json::parse(in);
+  const std::filesystem::path clusters =
+      clusters_dir.empty() ? std::filesystem::path(rows_path).parent_path() / ".." / "clusters" : std::filesystem::path(clusters_dir);
+  std::printf("Rows: %s\nSource: %s\n\n", rows_path.c_str(), doc.value("source", std::string("?")).c_str());
+  std::printf("%-4s %-10s %-10s %-8s %-19s %s\n", "row", "predicted", "published", "error", "spread (unknowns)", "chosen layout / breakdown");
+  double sum = 0, worst = 0;
+  int n = 0;
+  for (const json& r : doc.at("rows")) {
+    const RowResult x = predict_row(r, clusters);
+    const double t = x.plan.time.total();
+    std::string err = "-";
+    if (x.published > 0) {
+      const double e = std::abs(t - x.published) / x.published;
+      char b[32];
+      std::snprintf(b, sizeof b, "%+.1f%%", 100 * (t - x.published) / x.published);
+      err = b;
+      if (x.id.rfind("C", 0) == 0) {
+        sum += e;
+        worst = std::max(worst, e);
+        ++n;
+      }
+    }
+    char pub[32] = "-";
+    if (x.published > 0) std::snprintf(pub, sizeof pub, "%.2f s", x.published);
+    char spread[64];
+    std::snprintf(spread, sizeof spread, "%.2f-%.2f s (%d)", x.spread_lo, x.spread_hi, x.candidates);
+    std::printf("%-4s %-10s %-10s %-8s %-19s %s%s\n", x.id.c_str(), (std::to_string(t).substr(0, 6) + " s").c_str(), pub,
+                err.c_str(), spread, x.plan.layout.to_string().c_str(), x.fits ? "" : "  [predicted not to fit]");
+    std::printf("     time   %s\n     memory %s\n", x.plan.time.to_string().c_str(), x.plan.memory.to_string().c_str());
+  }
+  const double mean = n ? sum / n : 0;
+  std::printf("\nCalibration rows C1-C6: mean |error| %.2f%%, max |error| %.2f%% (targets: mean <= 5%%, max <= 10%%)\n",
+              100 * mean, 100 * worst);
+  if (doc.contains("bloom_sweep")) {
+    const json& s = doc.at("bloom_sweep");
+    const tp::Cluster c = tp::Cluster::load((clusters / s.at("cluster").get<std::string>()).string());
+    const tp::ModelSpec m{.name = "BLOOM sweep 181B", .layers = s.at("layers"), .hidden = s.at("hidden"), .heads = s.at("heads"),
+                          .kv_heads = 0, .ffn = 0, .vocab = s.at("vocab"), .seq = s.at("seq"), .tied = true};
+    std::printf("\nBLOOM layout sweep (%s), ranked by predicted step time:\n", c.name.c_str());
+    std::vector<tp::Plan> plans;
+    for (const json& l : s.at("layouts")) {
+      tp::Layout x{.dp = l.at("dp"), .tp = l.at("tp"), .pp = l.at("pp"), .microbatch_size = l.at("mbs")};
+      x.num_microbatches = static_cast<int>(l.at("global_batch").get<long long>() / (1LL * x.dp * x.microbatch_size));
+      x.recompute = LayoutArgs::parse_recompute(s.at("recompute"));
+      x.zero_stage = s.at("zero");
+      plans.push_back(tp::Plan::predict(m, c, x));
+    }
+    std::stable_sort(plans.begin(), plans.end(), [](const tp::Plan& a, const tp::Plan& b) { return a.time.total() < b.time.total(); });
+    for (const tp::Plan& p : plans)
+      std::printf("  %-48s %8.2f s  %6.1f GiB%s\n", p.layout.to_string().c_str(), p.time.total(), p.memory.total() / kGiB,
+                  p.fits() ? "" : "  OOM (does not fit 80 GiB)");
+  }
+  if (max_mean > 0 && (mean > max_mean || worst > max_max)) {
+    std::printf("FAILED: the calibration error is above the limits given (mean %.2f%%, max %.2f%%)\n", 100 * max_mean,
+                100 * max_max);
+    return 2;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tessera-plan: predict, rank and validate parallel layouts (docs/planner.md)"};
+  app.require_subcommand(1);
+  std::string cluster_path;
+  ModelArgs model;
+  LayoutArgs layout;
+
+  CLI::App* plan_cmd = app.add_subcommand("plan", "predict one layout: step time and memory by kind");
+  plan_cmd->add_option("--cluster", cluster_path, "cluster JSON (plan/clusters/*.json)")->required();
+  model.add(plan_cmd);
+  layout.add(plan_cmd);
+
+  CLI::App* time_cmd = app.add_subcommand("timeline", "replay one layout's schedule and draw it");
+  time_cmd->add_option("--cluster", cluster_path, "cluster JSON")->required();
+  model.add(time_cmd);
+  layout.add(time_cmd);
+  std::string svg_path, trace_path;
+  time_cmd->add_option("--svg", svg_path, "write the predicted timeline as SVG here");
+  time_cmd->add_option("--trace", trace_path, "write it as a Chrome trace (JSON) here");
+
+  CLI::App* rank_cmd = app.add_subcommand("rank", "search every layout of a world size and batch");
+  rank_cmd->add_option("--cluster", cluster_path, "cluster JSON")->required();
+  model.add(rank_cmd);
+  tp::SearchOptions sopts;
+  int top = 10;
+  bool show_rejected = false;
+  rank_cmd->add_option("--world", sopts.world, "devices")->required();
+  rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required();
+  rank_cmd->add_option("--top", top, "how many ranked layouts to print");
+  rank_cmd->add_flag("--rejected", show_rejected, "print every rejected layout with its reason");
+  rank_cmd->add_flag("--overlap-dp", sopts.overlap_grad_reduce, "overlap the dp reduction with the last backward");
+
+  CLI::App* val_cmd = app.add_subcommand("validate", "predict the published runs of a rows file and report the error");
+  std::string rows_path, clusters_dir;
+  double max_mean = 0, max_max = 0;
+  val_cmd->add_option("rows", rows_path, "rows JSON (plan/validation/published_rows.json)")->required();
+  val_cmd->add_option("--clusters", clusters_dir, "folder of the cluster files (default: ../clusters beside the rows)");
+  val_cmd->add_option("--max-mean-error", max_mean, "exit 2 when the C rows' mean |error| is above this fraction");
+  val_cmd->add_option("--max-error", max_max, "exit 2 when a C row's |error| is above this fraction");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*val_cmd) return validate(rows_path, clusters_dir, max_mean, max_max);
+    const tp::Cluster cluster = tp::Cluster::load(cluster_path);
+    const tp::ModelSpec m = model.get();
+    if (*rank_cmd) {
+      const tp::SearchResult res = tp::search(m, cluster, sopts);
+      std::printf("%s on %s: %zu layouts fit, %zu rejected\n", m.name.c_str(), cluster.name.c_str(), res.ranked.size(),
+                  res.rejected.size());
+      for (std::size_t i = 0; i < res.ranked.size() && static_cast<int>(i) < top; ++i)
+        std::printf("%2zu. %s\n", i + 1, res.ranked[i].to_string().c_str());
+      std::map<std::string, int> why;
+      for (const tp::Rejected& r : res.rejected) {
+        if (show_rejected) std::printf("rejected: %s: %s\n", r.layout.to_string().c_str(), r.reason.c_str());
+        ++why[r.reason.substr(0, r.reason.find_first_of("0123456789"))];
+      }
+      for (const auto& [k, n] : why) std::printf("  %d rejected: %s...\n", n, k.c_str());
+      return res.ranked.empty() ? 1 : 0;
+    }
+    const tp::Plan p = tp::Plan::predict(m, cluster, layout.get());
+    print_plan(p);
+    if (*time_cmd) {
+      if (!svg_path.empty()) {
+        tessera::schedule::write_svg(p.time.timeline, svg_path, {.width = 1200, .row_height = 16, .title = "", .time_unit = "", .time_scale = 1.0, .show_bubble = true});
+        std::printf("wrote %s\n", svg_path.c_str());
+      }
+      if (!trace_path.empty()) {
+        tessera::schedule::write_chrome_trace(p.time.timeline, trace_path);
+        std::printf("wrote %s\n", trace_path.c_str());
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tessera-plan: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
