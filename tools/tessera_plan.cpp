@@ -110,10 +110,11 @@ struct LayoutArgs {
   }
 };
 
-void print_plan(const tp::Plan& p) {
+void print_plan(const tp::Plan& p, const tp::Cluster& c) {
   std::printf("%s\n", p.to_string().c_str());
-  std::printf("  %.1f%% of peak as model FLOP/s per device (%.1f TFLOP/s); bubble ratio %.4f; %lld p2p sends of %.2f MB per pipeline\n",
-              0.0, p.model_flops_per_device() / 1e12, p.time.bubble_ratio, p.time.p2p_messages, p.time.p2p_bytes / 1e6);
+  std::printf("  model FLOP/s per device %.1f TFLOP/s (%.1f%% of peak); bubble ratio %.4f; %lld p2p sends of %.2f MB per pipeline\n",
+              p.model_flops_per_device() / 1e12, 100 * p.model_flops_per_device() / c.peak_flops, p.time.bubble_ratio,
+              p.time.p2p_messages, p.time.p2p_bytes / 1e6);
 }
 
 // ---- validate ---------------------------------------------------------------------------------
@@ -200,7 +201,9 @@ int validate(const std::string& rows_path, const std::string& clusters_dir, doub
     if (x.published > 0) std::snprintf(pub, sizeof pub, "%.2f s", x.published);
     char spread[64];
     std::snprintf(spread, sizeof spread, "%.2f-%.2f s (%d)", x.spread_lo, x.spread_hi, x.candidates);
-    std::printf("%-4s %-10s %-10s %-8s %-19s %s%s\n", x.id.c_str(), (std::to_string(t).substr(0, 6) + " s").c_str(), pub,
+    char pred[32];
+    std::snprintf(pred, sizeof pred, "%.2f s", t);
+    std::printf("%-4s %-10s %-10s %-8s %-19s %s%s\n", x.id.c_str(), pred, pub,
                 err.c_str(), spread, x.plan.layout.to_string().c_str(), x.fits ? "" : "  [predicted not to fit]");
     std::printf("     time   %s\n     memory %s\n", x.plan.time.to_string().c_str(), x.plan.memory.to_string().c_str());
   }
@@ -296,7 +299,7 @@ int main(int argc, char** argv) {
       return res.ranked.empty() ? 1 : 0;
     }
     const tp::Plan p = tp::Plan::predict(m, cluster, layout.get());
-    print_plan(p);
+    print_plan(p, cluster);
     if (*time_cmd) {
       if (!svg_path.empty()) {
         tessera::schedule::write_svg(p.time.timeline, svg_path, {.width = 1200, .row_height = 16, .title = "", .time_unit = "", .time_scale = 1.0, .show_bubble = true});

@@ -48,8 +48,9 @@ struct Gemm {
 /// Model (stated here, used everywhere): a GEMM of f flops runs at peak * efficiency(f) (the
 /// cluster's curve; a backward GEMM has the shape, and so the efficiency, of its forward);
 /// memory-bound work (LayerNorm, softmax, GeLU, dropout, residual adds) moves, per forward,
-/// the bytes the block would keep for backward without recomputation (each is written once)
-/// and twice that per backward, at the device's memory bandwidth; a tensor-parallel all-reduce
+/// twice the bytes the block would keep for backward without recomputation (each such tensor
+/// is written by one kernel and read by the next) and twice that per backward, at the
+/// device's memory bandwidth; a tensor-parallel all-reduce
 /// of S bytes over t devices is a ring: 2 (t-1)/t S / bandwidth + 2 (t-1) latency (sequence
 /// parallelism's all-gather plus reduce-scatter move the same bytes). Full recomputation adds
 /// one forward to each backward, selective the attention core (Korthikanti et al. 2022).
@@ -95,14 +96,15 @@ struct CostModel {
                               inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
-  /// One block's forward for one micro-batch: its GEMMs, its memory-bound work, and two tp
-  /// all-reduces (Megatron-LM's g after attention and after the MLP).
+  /// One block's forward for one micro-batch: its GEMMs, its memory-bound work (twice the
+  /// bytes LayerActivations lists without recomputation), and two tp all-reduces
+  /// (Megatron-LM's g after attention and after the MLP).
   WorkTime layer_forward() const {
     WorkTime w;
     for (const Gemm& g : layer_gemms()) w.compute += g.batch * gemm_seconds(g.flops);
     Layout keep_all = layout;
     keep_all.recompute = Recompute::none;
-    w.compute += LayerActivations::of(model, keep_all, precision).bytes() / cluster.memory_bandwidth;
+    w.compute += 2 * LayerActivations::of(model, keep_all, precision).bytes() / cluster.memory_bandwidth;
     w.tp_comm = 2 * tp_all_reduce_seconds();
     return w;
   }
