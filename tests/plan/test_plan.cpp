@@ -6,7 +6,11 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <fstream>
+#include <memory>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -14,6 +18,8 @@
 #include "tessera/plan/plan.hpp"
 #include "tessera/plan/search.hpp"
 #include "tessera/testing/compare.hpp"
+#include "tessera/testing/instrumented_comm.hpp"
+#include "tessera/testing/run_ranks.hpp"
 
 using namespace tessera;
 using namespace tessera::plan;
@@ -231,4 +237,101 @@ TEST_CASE("search: a model too large for the devices is rejected everywhere, eac
   for (const Rejected& x : r.rejected)
     if (x.reason.find("GiB on pp rank") != std::string::npos) ++memory_reasons;
   CHECK(memory_reasons > 0);
+}
+
+TEST_CASE("TimeEstimate: the predicted sends and bytes equal what executing the layout's schedule sends through an instrumented Comm") {
+  // One source of truth: a small executor walks each rank's ticks of Layout::build_schedule()
+  // and sends, per transfer, a buffer of the planner's message size (fp32 activations, as
+  // tessera's own pipeline sends them); the counts are taken from InstrumentedComm on every
+  // rank, not from the schedule.
+  const ModelSpec m{.name = "tiny", .layers = 12, .hidden = 8, .heads = 2, .kv_heads = 0, .ffn = 0,
+                    .vocab = 16, .seq = 6, .tied = true};
+  const Precision fp32{.activation_bytes = 4, .parameter_bytes = 4, .gradient_bytes = 4, .optimizer_bytes = 8};
+  std::vector<Layout> layouts;
+  for (int p : {2, 3}) {
+    layouts.push_back(Layout{.pp = p, .microbatch_size = 2, .num_microbatches = 5});
+    Layout g{.pp = p, .microbatch_size = 1, .num_microbatches = 3};
+    g.schedule = PipelineSchedule::gpipe;
+    layouts.push_back(g);
+    Layout il{.pp = p, .virtual_stages = 2, .microbatch_size = 1, .num_microbatches = 2 * p};
+    il.schedule = PipelineSchedule::interleaved;
+    layouts.push_back(il);
+  }
+  for (const Layout& l : layouts) {
+    CAPTURE(l.to_string());
+    const Plan plan = Plan::predict(m, flat_cluster(), l, fp32);
+    const schedule::Schedule s = l.build_schedule();
+    const std::size_t count = static_cast<std::size_t>(plan.time.p2p_bytes / sizeof(float));
+    const auto counters = testing::run_ranks(l.pp, [&](Comm& world) {
+      auto c = std::make_shared<testing::CommCounters>();
+      Comm comm = testing::instrument(world, c);
+      std::vector<std::vector<float>> boxes;
+      for (const schedule::Tick& tick : s.ticks[static_cast<std::size_t>(comm.rank())]) {
+        boxes.assign(tick.size(), std::vector<float>(count, 1.0f));
+        std::vector<P2POp> ops;
+        for (std::size_t i = 0; i < tick.size(); ++i) {
+          const schedule::Action& a = tick[i];
+          if (a.is_send()) ops.push_back(P2POp::send(std::span<const float>(boxes[i]), a.peer, a.transfer_tag(s.num_microbatches)));
+          if (a.is_recv()) ops.push_back(P2POp::recv(std::span<float>(boxes[i]), a.peer, a.transfer_tag(s.num_microbatches)));
+        }
+        if (!ops.empty()) comm.batch_send_recv(ops);
+      }
+      return std::pair{c->calls(testing::CallKind::send), c->bytes(testing::CallKind::send)};
+    });
+    std::size_t sends = 0, bytes = 0;
+    for (const auto& [calls, b] : counters) {
+      sends += calls;
+      bytes += b;
+    }
+    CHECK(static_cast<long long>(sends) == plan.time.p2p_messages);
+    CHECK(static_cast<double>(bytes) == doctest::Approx(plan.time.p2p_messages * plan.time.p2p_bytes));
+    CHECK(plan.time.p2p_bytes == doctest::Approx(4.0 * l.microbatch_size * m.seq * m.hidden));  // b s h fp32
+  }
+}
+
+TEST_CASE("The cluster files in plan/clusters load, and their numbers are the datasheets'") {
+  const std::string dir = std::string(TESSERA_SOURCE_ROOT) + "/plan/clusters/";
+  const Cluster a = Cluster::load(dir + "selene_a100.json");
+  CHECK(a.peak_flops == 312e12);
+  CHECK(a.devices_per_node == 8);
+  CHECK(a.inter_node_bandwidth == doctest::Approx(8 * 200e9 / 8));  // 8 x 200 Gb/s HDR per node
+  const Cluster j = Cluster::load(dir + "jeanzay_a100.json");
+  CHECK(j.inter_node_bandwidth == doctest::Approx(4 * 100e9 / 8));  // 4 x 100 Gb/s Omni-Path
+  CHECK(j.gemm_efficiency.points == a.gemm_efficiency.points);      // one A100 curve
+  const Cluster h = Cluster::load(dir + "h100.json");
+  CHECK(h.peak_flops == 989e12);
+}
+
+TEST_CASE("BLOOM sweep (rows.md): the layout whose model state alone exceeds 80 GiB is flagged, the other 14 are not") {
+  // The sweep as published_rows.json copies it from rows.md (cluster J, 181B, full
+  // recomputation, ZeRO-1). rows.md gives no measured memory per layout, so the check is: the
+  // planner flags exactly the layouts whose 16-bit weights and gradients plus the sharded
+  // optimizer state, 4 P/(tp pp) + 12 P/(tp pp dp) with P from Narayanan's Eq. 2 (written
+  // here), already exceed the device; that is dp 48 x tp 8 x pp 1, and no other.
+  const std::string root = TESSERA_SOURCE_ROOT;
+  std::ifstream in(root + "/plan/validation/published_rows.json");
+  REQUIRE(in.good());
+  const nlohmann::json doc = nlohmann::json::parse(in);
+  const nlohmann::json& sw = doc.at("bloom_sweep");
+  const Cluster c = Cluster::load(root + "/plan/clusters/" + sw.at("cluster").get<std::string>());
+  const ModelSpec m{.name = "BLOOM sweep", .layers = sw.at("layers"), .hidden = sw.at("hidden"), .heads = sw.at("heads"),
+                    .kv_heads = 0, .ffn = 0, .vocab = sw.at("vocab"), .seq = sw.at("seq"), .tied = true};
+  const double h = m.hidden, l = m.layers, V = m.vocab, s = m.seq;
+  const double P = 12 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h));
+  int flagged = 0, n = 0;
+  for (const nlohmann::json& x : sw.at("layouts")) {
+    Layout lay{.dp = x.at("dp"), .tp = x.at("tp"), .pp = x.at("pp"), .microbatch_size = x.at("mbs")};
+    lay.num_microbatches = static_cast<int>(x.at("global_batch").get<long long>() / (lay.dp * lay.microbatch_size));
+    lay.recompute = Recompute::full;
+    lay.zero_stage = 1;
+    CAPTURE(lay.to_string());
+    const Plan p = Plan::predict(m, c, lay);
+    const double state = 4 * P / (lay.tp * lay.pp) + 12 * P / (lay.tp * lay.pp * lay.dp);
+    const bool must_flag = state > c.device_memory;
+    CHECK(p.fits() == !must_flag);
+    flagged += p.fits() ? 0 : 1;
+    ++n;
+  }
+  CHECK(n == 15);
+  CHECK(flagged == 1);
 }
