@@ -9,6 +9,7 @@
 // --model file.json with the same keys. <layout>: --dp --tp --pp [--v] --mbs --batch
 // [--schedule] [--sp] [--recompute] [--zero] [--overlap-dp].
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -293,9 +294,13 @@ int main(int argc, char** argv) {
       std::map<std::string, int> why;
       for (const tp::Rejected& r : res.rejected) {
         if (show_rejected) std::printf("rejected: %s: %s\n", r.layout.to_string().c_str(), r.reason.c_str());
-        ++why[r.reason.substr(0, r.reason.find_first_of("0123456789"))];
+        std::string kind;  // the reason with its numbers replaced by N, to count reasons by kind
+        for (char ch : r.reason)
+          if (!std::isdigit(static_cast<unsigned char>(ch)) && ch != '.') kind += ch;
+          else if (kind.empty() || kind.back() != 'N') kind += 'N';
+        ++why[kind];
       }
-      for (const auto& [k, n] : why) std::printf("  %d rejected: %s...\n", n, k.c_str());
+      for (const auto& [k, n] : why) std::printf("  %4d rejected: %s\n", n, k.c_str());
       return res.ranked.empty() ? 1 : 0;
     }
     const tp::Plan p = tp::Plan::predict(m, cluster, layout.get());
