@@ -10,6 +10,7 @@
 
 #include "llama/llama_model.hpp"
 #include "tessera/tessera.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 #include "tessera/parallel/hybrid/sequential_model.hpp"
 #include "tessera/parallel/tensor/vocab_parallel_cross_entropy.hpp"
@@ -31,7 +32,12 @@ int main() {
           return sequential_loss<llama::LlamaDescription<float>>(
               VocabParallelCrossEntropy<float>(tp, config.vocab_size, {.reduction = nn::Reduction::sum}));
         },
-        {.num_microbatches = 4}, {.lr = 3e-3, .weight_decay = 0.0});
+        {.num_microbatches = 4});
+    // The optimizer is outside the model: AdamW over its parameters (ZeRO-1 here: the state
+    // sharded over dp), no weight decay on the RMSNorm weights.
+    DistributedOptimizer<optim::AdamW<float>> opt(
+        llama, optim::weight_decay_groups(llama.parameters(), optim::AdamWOptions{.lr = 3e-3, .weight_decay = 0.01}),
+        /*zero1=*/true);
 
     const std::int64_t rows = 16, T = 16, r0 = mesh.coord().dp * rows;  // this dp rank's rows of 32
     for (int step = 0; step < 60; ++step) {
@@ -44,8 +50,8 @@ int main() {
         }
       llama.zero_grad();
       const double loss = llama.forward_backward(tokens, targets);  // the global batch's mean
-      llama.clip_grad_norm(1.0);
-      llama.optimizer_step();
+      optim::clip_grad_norm(llama.gradients(), 1.0);
+      opt.step();
       if (step == 0) first_loss = loss;
       loss_now = loss;
       if (world.rank() == 0 && step % 15 == 0) std::printf("step %2d  loss %.4f\n", step, loss);

@@ -8,8 +8,8 @@
 //   OPENBLAS_NUM_THREADS=1 ./build/examples/train_gpt --eval-model gpt2/model.safetensors --eval-tokens ids.txt --tp 2
 //
 // The training loop (train_rank) reads top to bottom like llm.c's: make the mesh and the model
-// over it, then for each step take the batch, forward and backward every accumulation step,
-// clip, step the optimizer, log, validate, save. Options, sampling, evaluation, the loss curve
+// over it and the optimizer over the model's parameters, then for each step take the batch,
+// forward and backward every accumulation step, clip, step the optimizer, log, validate, save. Options, sampling, evaluation, the loss curve
 // and the serial check are modules beside it (examples/gpt/). Only world rank 0 prints.
 #include <CLI/CLI.hpp>
 #include <unistd.h>
@@ -34,6 +34,7 @@
 #include "tessera/comm/launch.hpp"
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
 
@@ -56,13 +57,15 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   const bool rank0 = world.rank() == 0 && print;
   const data::TextDataset ds(a.data, a.context);
-  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), {.lr = a.lr, .weight_decay = a.weight_decay}, std::nullopt,
-                         {.sequence_parallel = a.sequence_parallel});
+  HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), std::nullopt, {.sequence_parallel = a.sequence_parallel});
+  // AdamW outside the model: no weight decay on biases and LayerNorm weights (GPT recipes),
+  // the state sharded over dp with --zero1.
+  DistributedOptimizer<optim::AdamW<float>> opt(model, a.adamw_groups(model.parameters()), a.zero1);
   const optim::WarmupCosine lr = a.lr_schedule();
 
   int start = 0;
   if (!a.resume.empty()) {
-    const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, checkpoint::gpt2_config_json(a.config()));
+    const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, opt, checkpoint::gpt2_config_json(a.config()));
     start = static_cast<int>(info.step);
     if (rank0)
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
@@ -95,10 +98,10 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       m += s.tp_comm_seconds + s.dp_comm_seconds;
       w += s.pp_wait_seconds;
     }
-    if (a.clip > 0) model.clip_grad_norm(a.clip);
-    model.set_lr(lr(step));
-    model.optimizer_step();
-    if (model.zero1()) m += model.optimizer_seconds();  // the parameter all-gather
+    if (a.clip > 0) optim::clip_grad_norm(model.gradients(), a.clip);
+    opt.set_lr(lr(step));
+    opt.step();
+    if (opt.zero1()) m += opt.seconds();  // the parameter all-gather
     const double loss = model.accumulated_loss();
     TESSERA_EXPECTS(std::isfinite(loss), "train_gpt: the loss at step ", step, " is ", loss,
                     " (not finite): the training diverged; lower --lr (now ", a.lr, ") or --warmup");
@@ -124,7 +127,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     }
     if (rank0 && pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
-      checkpoint::save_hybrid_checkpoint(a.save, model, meta_of(a, step + 1));
+      checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
       if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
     }
   }

@@ -10,6 +10,8 @@
 
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/models/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/param_group.hpp"
 #include "tessera/optim/warmup_cosine.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 
@@ -60,7 +62,12 @@ struct Args {
                                       : schedule == "interleaved" ? PipelineScheduleKind::interleaved_one_f_one_b
                                                                   : PipelineScheduleKind::one_f_one_b;
     return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
-            .accumulation_steps = accum, .zero1 = zero1};
+            .accumulation_steps = accum};
+  }
+  // AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and
+  // LayerNorm weights (nanoGPT's and Megatron's split).
+  optim::ParamGroupsOf<float, optim::AdamWOptions> adamw_groups(const ParameterList<float>& params) const {
+    return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   optim::WarmupCosine lr_schedule() const {

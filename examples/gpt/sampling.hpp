@@ -30,7 +30,7 @@ std::string sample(HybridGPT<float>& model, const Args& a) {
 inline void generate_rank(Comm& world, const Args& a) {
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid());
-  const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, checkpoint::gpt2_config_json(a.config()), false);
+  const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, checkpoint::gpt2_config_json(a.config()));
   const std::string text = sample(model, a);
   if (world.rank() == 0)
     std::printf("checkpoint %s (step %lld), sampled at dp=%d pp=%d tp=%d:\n%s\n", a.resume.c_str(),

@@ -17,7 +17,7 @@ inline std::vector<double> serial_losses(const Args& a, int steps) {
   const data::TextDataset ds(a.data, a.context);
   GPT<float> gpt(a.config(), a.seed);
   ParameterList<float> ps = gpt.parameters();
-  optim::AdamW<float> opt(ps, {.lr = a.lr, .weight_decay = a.weight_decay});
+  optim::AdamW<float> opt(a.adamw_groups(ps));
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   const optim::WarmupCosine lr = a.lr_schedule();
   std::vector<double> losses;

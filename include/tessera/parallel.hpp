@@ -1,12 +1,13 @@
 #pragma once
 /// @file
-/// Umbrella header of the parallel policies: DataParallel, ZeroOptimizer, ParameterServer,
+/// Umbrella header of the parallel policies: DataParallel, ZeroOptimizer, DistributedOptimizer, ParameterServer,
 /// TensorParallel (ColumnParallel, RowParallel, vocab-parallel embedding and loss, sequence
 /// parallelism), PipelineParallel, and Hybrid / HybridGPT over a Mesh. Needs neither MPI nor
 /// CUDA. Checkpoints of a Hybrid model: tessera/checkpoint/hybrid_state.hpp.
 
 #include "tessera/parallel/tensor/column_parallel.hpp"
 #include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"

@@ -16,6 +16,7 @@
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/optim/param_group.hpp"
 #include "tessera/optim/sgd.hpp"
 #include "tessera/optim/warmup_cosine.hpp"
 #include "tessera/schedule/all.hpp"

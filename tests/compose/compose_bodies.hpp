@@ -23,6 +23,8 @@
 #include "tessera/nn/linear.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/optim/param_group.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 #include "tessera/parallel/hybrid/sequential_model.hpp"
 #include "tessera/parallel/tensor/sharding.hpp"
@@ -90,6 +92,10 @@ struct Setup {
   std::int64_t batch = 16, T = 8;
   double lr = 3e-3, max_norm = 0.5;
   optim::AdamWOptions adamw() const { return {.lr = lr, .weight_decay = 0.01}; }
+  // AdamW's groups as GPT recipes set them: no weight decay on biases and norm weights.
+  optim::ParamGroupsOf<float, optim::AdamWOptions> groups(const ParameterList<float>& ps) const {
+    return optim::weight_decay_groups(ps, adamw());
+  }
 };
 
 // Step `step`'s global batch: rows of an arithmetic sequence mod vocab (a random start, stride
@@ -114,7 +120,7 @@ template <class D>
 Reference serial_reference(const D& d, const Setup& s) {
   SequentialModel<D> model(d);
   ParameterList<float> ps = model.parameters();
-  optim::AdamW<float> opt(ps, s.adamw());
+  optim::AdamW<float> opt(s.groups(ps));
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   Reference r;
   for (int step = 0; step < s.steps; ++step) {
@@ -134,11 +140,12 @@ Reference serial_reference(const D& d, const Setup& s) {
 struct Variant {
   MeshShape shape{};
   HybridOptions options{};
+  bool zero1 = false;  // the optimizer sharded over dp (DistributedOptimizer)
   std::string describe() const {
     char buf[160];
     std::snprintf(buf, sizeof buf, "dp=%d pp=%d tp=%d sched=%d v=%d m=%d accum=%d%s", shape.dp, shape.pp, shape.tp,
                   static_cast<int>(options.schedule), options.virtual_stages, options.num_microbatches,
-                  options.accumulation_steps, options.zero1 ? " zero1" : "");
+                  options.accumulation_steps, zero1 ? " zero1" : "");
     return buf;
   }
 };
@@ -167,7 +174,7 @@ inline std::vector<Variant> variants_for(int world, int layers) {
       const int per_call = rows / v.options.accumulation_steps;
       v.options.num_microbatches = std::max(1, std::min(per_call, pp > 1 ? 2 * pp : 2));
       if (v.options.virtual_stages > 1) v.options.num_microbatches = std::max(pp, std::min(per_call / pp * pp, 2 * pp));
-      v.options.zero1 = dp > 1 && k % 2 == 0;
+      v.zero1 = dp > 1 && k % 2 == 0;
       out.push_back(v);
       ++k;
     }
@@ -184,7 +191,7 @@ struct Outcome {
 // The Hybrid model of description `d` at layout `v` (stages cut evenly); Layout Shard<1>:
 // sequence parallelism inside and between the stages.
 template <class Layout = Replicate, class D>
-Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup& s) {
+Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup& = {}) {
   const int layers = d.num_blocks() + 2;
   const StagePartition cut = StagePartition::even(layers, v.shape.pp * v.options.virtual_stages, sequential_layer_names(d));
   return Hybrid<float>(
@@ -192,7 +199,7 @@ Hybrid<float> make_hybrid(Mesh& mesh, const D& d, const Variant& v, const Setup&
       [v = vocab_of(d)](Comm tp) {
         return sequential_loss<D>(VocabParallelCrossEntropy<float>(tp, v, {.reduction = nn::Reduction::sum}));
       },
-      v.options, s.adamw());
+      v.options);
 }
 
 // Runs `v` on this rank of `world` and compares every step with `ref`. Collective over world.
@@ -200,6 +207,7 @@ template <class Layout = Replicate, class D>
 Outcome run_variant(Comm& world, const D& d, const Setup& s, const Variant& v, const Reference& ref) {
   Mesh mesh(world, v.shape);
   Hybrid<float> model = make_hybrid<Layout>(mesh, d, v, s);
+  DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), v.zero1);
   const int dp = v.shape.dp, a = v.options.accumulation_steps;
   const std::int64_t rows = s.batch / dp, r0 = mesh.coord().dp * rows, chunk = rows / a;
   testing::WorstError loss_err, norm_err, param_err;
@@ -211,8 +219,8 @@ Outcome run_variant(Comm& world, const D& d, const Setup& s, const Variant& v, c
       const std::int64_t lo = r0 + k * chunk;
       model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
     }
-    const double norm = model.clip_grad_norm(s.max_norm);
-    model.optimizer_step();
+    const double norm = optim::clip_grad_norm(model.gradients(), s.max_norm);
+    opt.step();
     const std::size_t i = static_cast<std::size_t>(step);
     loss_err.add(testing::rel_error(model.accumulated_loss(), ref.losses[i]));
     norm_err.add(testing::rel_error(norm, ref.norms[i]));

@@ -1,6 +1,7 @@
 // Gaps found when the policies were tried as a user would, closed: uneven data across Hybrid's
 // dp replicas (skip_forward_backward, any_rank_has_data, agree_num_steps) and a second
-// ZeroOptimizer over one DataParallel.
+// ZeroOptimizer over one DataParallel, parameter groups (no weight decay on biases) with and
+// without ZeRO-1.
 
 #include <doctest/doctest.h>
 
@@ -9,6 +10,8 @@
 
 #include "compose/compose_bodies.hpp"
 #include "tessera/nn/linear.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/param_group.hpp"
 #include "tessera/optim/sgd.hpp"
 #include "tessera/parallel/data/data_parallel.hpp"
 #include "tessera/parallel/data/zero_optimizer.hpp"
@@ -25,7 +28,7 @@ std::int64_t rows_of(int step) { return step < 2 ? 16 : 8; }
 Reference uneven_reference(const TinyDecoder& d, const Setup& s) {
   SequentialModel<TinyDecoder> model(d);
   ParameterList<float> ps = model.parameters();
-  optim::AdamW<float> opt(ps, s.adamw());
+  optim::AdamW<float> opt(s.groups(ps));
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   Reference r;
   for (int step = 0; step < 3; ++step) {
@@ -52,6 +55,7 @@ struct UnevenOutcome {
 UnevenOutcome uneven_body(Comm& world, const TinyDecoder& d, const Setup& s, const Variant& v, const Reference& ref) {
   Mesh mesh(world, v.shape);
   Hybrid<float> model = make_hybrid(mesh, d, v, s);
+  DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), v.zero1);
   const int replica = mesh.coord().dp;
   const int my_steps = replica == 0 ? 3 : 2;
   UnevenOutcome o;
@@ -67,8 +71,8 @@ UnevenOutcome uneven_body(Comm& world, const TinyDecoder& d, const Setup& s, con
     } else {
       model.skip_forward_backward();
     }
-    model.clip_grad_norm(s.max_norm);
-    model.optimizer_step();
+    optim::clip_grad_norm(model.gradients(), s.max_norm);
+    opt.step();
     loss_err.add(testing::rel_error(model.accumulated_loss(), ref.losses[static_cast<std::size_t>(step)]));
     ++step;
   }
@@ -95,7 +99,7 @@ TEST_CASE("Hybrid with uneven data: a replica whose data ran out skips with zero
     v.shape = shape;
     v.options.num_microbatches = shape.pp;
     for (bool zero1 : {false, true}) {
-      v.options.zero1 = zero1;
+      v.zero1 = zero1;
       CAPTURE(v.describe());
       const auto out = tessera::testing::run_ranks(shape.dp * shape.pp * shape.tp,
                                                     [&](Comm& w) { return uneven_body(w, d, s, v, ref); });
@@ -136,12 +140,78 @@ TEST_CASE("ZeroOptimizer: a second one over the same DataParallel is refused on 
   }
 }
 
+namespace {
+// Gradient of step `k` for parameter `p` (element i): a fixed pattern, exact in float.
+float grad_value(int k, const std::string& p, std::int64_t i) {
+  return static_cast<float>(((3 * i + 5 * k + static_cast<int>(p.size())) % 7) - 3) * 0.125f;
+}
+void set_grads(const ParameterList<float>& ps, int k, float scale) {
+  for (Parameter<float>& p : ps) {
+    Tensor<float> g = p.grad;
+    for (std::int64_t i = 0; i < g.numel(); ++i) g.data()[i] = scale * grad_value(k, p.name, i);
+  }
+}
+std::vector<std::vector<float>> values_of(const ParameterList<float>& ps) {
+  std::vector<std::vector<float>> out;
+  for (const Parameter<float>& p : ps) out.emplace_back(p.value.data(), p.value.data() + p.value.numel());
+  return out;
+}
+}  // namespace
+
+TEST_CASE("Parameter groups: ZeroOptimizer with weight_decay_groups over 2 dp ranks gives AdamW's parameters with the "
+          "same groups bitwise; the bias is not decayed, and without the groups it is") {
+  const optim::AdamWOptions o{.lr = 0.1, .weight_decay = 0.5};
+  auto serial = [&](bool grouped) {
+    nn::Linear<float> l(5, 3, nn::LayerInit{.prefix = "l", .seed = 4});
+    const ParameterList<float> ps = l.parameters();
+    optim::AdamW<float> opt = grouped ? optim::AdamW<float>(optim::weight_decay_groups(ps, o)) : optim::AdamW<float>(ps, o);
+    for (int k = 0; k < 3; ++k) {
+      set_grads(ps, k, 1.0f);
+      opt.step();
+    }
+    return values_of(ps);
+  };
+  const auto grouped = serial(true), single = serial(false);
+  REQUIRE(grouped.size() == 2);  // weight, bias
+  CHECK(grouped[0] == single[0]);  // the weight decays in both
+  CHECK(grouped[1] != single[1]);  // the bias only without the groups
+  // The bias with groups equals AdamW with weight_decay 0 on it.
+  {
+    nn::Linear<float> l(5, 3, nn::LayerInit{.prefix = "l", .seed = 4});
+    ParameterList<float> bias;
+    bias.push_back(l.parameters()[1]);
+    optim::AdamW<float> opt(bias, optim::AdamWOptions{.lr = 0.1, .weight_decay = 0});
+    for (int k = 0; k < 3; ++k) {
+      set_grads(bias, k, 1.0f);
+      opt.step();
+    }
+    CHECK(values_of(bias)[0] == grouped[1]);
+  }
+  // ZeRO-1 over 2 ranks, bucket_size 0 (one bucket per parameter) and one bucket for all: the
+  // blocks cut through parameters of both groups.
+  for (std::size_t bucket : {std::size_t{0}, std::size_t{1} << 20}) {
+    CAPTURE(bucket);
+    const auto out = tessera::testing::run_ranks(2, [&](Comm& c) {
+      tessera::DataParallel<nn::Linear<float>> dp(nn::Linear<float>(5, 3, nn::LayerInit{.prefix = "l", .seed = 4}), c,
+                                                   {.bucket_size = bucket, .first_bucket_size = bucket});
+      tessera::ZeroOptimizer<optim::AdamW<float>> zero(dp, optim::weight_decay_groups(dp.parameters(), o));
+      for (int k = 0; k < 3; ++k) {
+        set_grads(dp.parameters(), k, 0.5f);  // each rank half: the sum over 2 ranks is the serial gradient
+        dp.reduce_grads();
+        zero.step();
+      }
+      return values_of(dp.parameters());
+    });
+    for (const auto& v : out) CHECK(v == grouped);
+  }
+}
+
 TEST_CASE("HybridGPT with sequence parallelism: next-token logits of a prompt whose length tp does not divide equal "
           "the model without it (the prompt padded at the end, which the causal mask keeps out)") {
   const GPTConfig cfg{.vocab_size = 50, .n_positions = 8, .n_layer = 2, .n_head = 4, .d_model = 16};
   const auto out = tessera::testing::run_ranks(4, [&](Comm& w) {
     Mesh mesh(w, MeshShape{.pp = 2, .tp = 2});
-    HybridGPT<float> sp(mesh, cfg, 3, {.num_microbatches = 1}, {}, std::nullopt, {.sequence_parallel = true});
+    HybridGPT<float> sp(mesh, cfg, 3, {.num_microbatches = 1}, std::nullopt, {.sequence_parallel = true});
     HybridGPT<float> plain(mesh, cfg, 3, {.num_microbatches = 1});
     Tensor<std::int32_t> prompt(Shape{1, 5});
     for (std::int64_t t = 0; t < 5; ++t) prompt(0, t) = static_cast<std::int32_t>(7 * t + 1);

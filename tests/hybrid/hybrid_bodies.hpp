@@ -20,6 +20,8 @@
 #include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/optim/param_group.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tp/tp_test_util.hpp"
@@ -40,6 +42,10 @@ struct Setup {
   double lr = 3e-3;
   double max_norm = 0.5;  // low enough that clipping acts
   optim::AdamWOptions adamw() const { return {.lr = lr, .weight_decay = 0.01}; }
+  // AdamW's groups as GPT recipes set them: no weight decay on biases and norm weights.
+  optim::ParamGroupsOf<float, optim::AdamWOptions> groups(const ParameterList<float>& ps) const {
+    return optim::weight_decay_groups(ps, adamw());
+  }
 };
 
 // Step `step`'s global batch: tokens (B, T) and next-token targets (B, T).
@@ -57,7 +63,7 @@ struct Reference {
 inline Reference serial_reference(const Setup& s) {
   GPT<float> gpt(s.config, s.seed);
   ParameterList<float> ps = gpt.parameters();
-  optim::AdamW<float> opt(ps, s.adamw());
+  optim::AdamW<float> opt(s.groups(ps));
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   Reference r;
   for (int step = 0; step < s.steps; ++step) {
@@ -78,6 +84,7 @@ inline Reference serial_reference(const Setup& s) {
 struct Variant {
   MeshShape shape{};
   HybridOptions options{};
+  bool zero1 = false;  // the optimizer sharded over dp (DistributedOptimizer)
   std::string describe() const {
     const char* sched = options.schedule == PipelineScheduleKind::gpipe         ? "gpipe"
                         : options.schedule == PipelineScheduleKind::one_f_one_b ? "1f1b"
@@ -85,7 +92,7 @@ struct Variant {
     char buf[160];
     std::snprintf(buf, sizeof buf, "dp=%d pp=%d tp=%d %s v=%d m=%d accum=%d%s", shape.dp, shape.pp, shape.tp, sched,
                   options.virtual_stages, options.num_microbatches, options.accumulation_steps,
-                  options.zero1 ? " zero1" : "");
+                  zero1 ? " zero1" : "");
     return buf;
   }
 };
@@ -119,7 +126,7 @@ inline std::vector<Variant> variants_for(int world) {
       v.options.num_microbatches = std::min(per_call, pp > 1 ? 2 * pp : 2);
       if (v.options.virtual_stages > 1) v.options.num_microbatches = std::min(per_call / pp * pp, 2 * pp);
       if (v.options.num_microbatches < 1) v.options.num_microbatches = 1;
-      v.options.zero1 = dp > 1 && k % 2 == 0;
+      v.zero1 = dp > 1 && k % 2 == 0;
       out.push_back(v);
       ++k;
     }
@@ -139,9 +146,10 @@ struct Outcome {
 inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const Reference& ref, int begin, int end,
                            const std::string& load = "", const std::string& save = "") {
   Mesh mesh(world, v.shape);
-  HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
+  HybridGPT<float> model(mesh, s.config, s.seed, v.options);
+  DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), v.zero1);
   if (!load.empty()) {
-    const auto info = checkpoint::load_hybrid_checkpoint(load, model, checkpoint::gpt2_config_json(s.config));
+    const auto info = checkpoint::load_hybrid_checkpoint(load, model, opt, checkpoint::gpt2_config_json(s.config));
     REQUIRE(info.step == begin);
   }
   const int dp = v.shape.dp, a = v.options.accumulation_steps;
@@ -155,8 +163,8 @@ inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const 
       const std::int64_t lo = r0 + k * chunk;
       model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
     }
-    const double norm = model.clip_grad_norm(s.max_norm);
-    model.optimizer_step();
+    const double norm = optim::clip_grad_norm(model.gradients(), s.max_norm);
+    opt.step();
     const double loss = model.accumulated_loss();
     const std::size_t i = static_cast<std::size_t>(step);
     worst_loss.add(testing::rel_error(loss, ref.losses[i]));
@@ -168,7 +176,7 @@ inline Outcome run_segment(Comm& world, const Setup& s, const Variant& v, const 
     checkpoint::CheckpointMeta meta;
     meta.config = checkpoint::gpt2_config_json(s.config);
     meta.step = end;
-    checkpoint::save_hybrid_checkpoint(save, model, meta);
+    checkpoint::save_hybrid_checkpoint(save, model, opt, meta);
   }
   if (end < s.steps) return o;  // the final parameters are compared at the end of the run
   const int tp = v.shape.tp, tr = mesh.coord().tp;

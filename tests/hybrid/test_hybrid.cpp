@@ -66,7 +66,7 @@ std::vector<RankError> construction_errors(int world, MeshShape shape, HybridOpt
       [&](Comm& w) {
         return rank_error([&] {
           Mesh mesh(w, shape);
-          HybridGPT<float> model(mesh, config, setup().seed, options, setup().adamw(), partition);
+          HybridGPT<float> model(mesh, config, setup().seed, options, partition);
         });
       },
       quick);
@@ -80,7 +80,7 @@ std::vector<RankError> use_errors(int world, MeshShape shape, Options options_of
       world,
       [&](Comm& w) {
         Mesh mesh(w, shape);
-        HybridGPT<float> model(mesh, setup().config, setup().seed, options_of(w.rank()), setup().adamw());
+        HybridGPT<float> model(mesh, setup().config, setup().seed, options_of(w.rank()));
         return rank_error([&] { fn(model, w); });
       },
       quick);
@@ -143,7 +143,8 @@ TEST_CASE("Hybrid errors: ranks of a pipeline given different micro-batch counts
 }
 
 TEST_CASE("Hybrid errors: a negative max_norm, sampling tokens that are not (1, T) and the optimizer accessor of the "
-          "other mode fail on every rank, naming the values") {
+          "other mode, parameter groups that miss a parameter and a second ZeRO-1 optimizer fail on every rank, naming "
+          "the values") {
   const Setup& s = setup();
   auto [x, y] = batch_of(s, 0);
   const MeshShape shape{.dp = 2, .tp = 2};
@@ -153,20 +154,42 @@ TEST_CASE("Hybrid errors: a negative max_norm, sampling tokens that are not (1, 
                          const std::int64_t rows = s.batch / 2, r0 = model.mesh().coord().dp * rows;
                          model.zero_grad();
                          model.forward_backward(x.slice(0, r0, r0 + rows).contiguous(), y.slice(0, r0, r0 + rows).contiguous());
-                         model.clip_grad_norm(-0.5);
+                         optim::clip_grad_norm(model.gradients(), -0.5);
                        }),
-                   {"Hybrid::clip_grad_norm: max_norm -0.5 is negative"});
+                   {"clip_grad_norm: max_norm -0.5 is negative"});
   const Tensor<std::int32_t> two_rows = x.slice(0, 0, 2).contiguous();  // (2, 8)
   check_own_errors(use_errors(
                        4, shape, [](int) { return HybridOptions{}; },
                        [&](HybridGPT<float>& model, Comm&) { model.next_token_logits(two_rows); }),
                    {"tokens of shape (2, 8) are not (1, T)"});
   check_own_errors(use_errors(
-                       4, shape, [](int) { return HybridOptions{.zero1 = true}; },
-                       [&](HybridGPT<float>& model, Comm&) { model.optimizer(); }),
-                   {"the optimizer is sharded (zero1); use zero_optimizer()"});
+                       4, shape, [](int) { return HybridOptions{}; },
+                       [&](HybridGPT<float>& model, Comm&) {
+                         DistributedOptimizer<optim::AdamW<float>> opt(model, setup().adamw(), /*zero1=*/true);
+                         opt.replicated();
+                       }),
+                   {"the optimizer is sharded (zero1); use sharded()"});
   check_own_errors(use_errors(
                        4, shape, [](int) { return HybridOptions{}; },
-                       [&](HybridGPT<float>& model, Comm&) { model.zero_optimizer(); }),
-                   {"ZeRO-1 is off"});
+                       [&](HybridGPT<float>& model, Comm&) {
+                         DistributedOptimizer<optim::AdamW<float>> opt(model, setup().adamw(), /*zero1=*/false);
+                         opt.sharded();
+                       }),
+                   {"the optimizer is not sharded (zero1 is off)"});
+  // A parameter in no group, and two ZeRO-1 optimizers over one model, are refused naming it.
+  check_own_errors(use_errors(
+                       4, shape, [](int) { return HybridOptions{}; },
+                       [&](HybridGPT<float>& model, Comm&) {
+                         auto groups = setup().groups(model.parameters());
+                         groups.pop_back();  // drop the no-decay group: the biases are in none
+                         DistributedOptimizer<optim::AdamW<float>> opt(model, groups, /*zero1=*/true);
+                       }),
+                   {"is in none of the 1 parameter groups"});
+  check_own_errors(use_errors(
+                       4, shape, [](int) { return HybridOptions{}; },
+                       [&](HybridGPT<float>& model, Comm&) {
+                         DistributedOptimizer<optim::AdamW<float>> first(model, setup().adamw(), /*zero1=*/true);
+                         DistributedOptimizer<optim::AdamW<float>> second(model, setup().adamw(), /*zero1=*/true);
+                       }),
+                   {"already have a ZeroOptimizer; a second one would update every parameter twice"});
 }

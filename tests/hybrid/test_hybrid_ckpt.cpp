@@ -36,7 +36,7 @@ Variant layout(int dp, int pp, int tp, bool zero1, PipelineScheduleKind kind = P
   v.shape = MeshShape{.dp = dp, .pp = pp, .tp = tp};
   v.options.schedule = kind;
   v.options.num_microbatches = 2;
-  v.options.zero1 = zero1;
+  v.zero1 = zero1;
   return v;
 }
 void check(const std::vector<Outcome>& outcomes, bool final_params) {
@@ -91,8 +91,10 @@ TEST_CASE("Hybrid checkpoint: another configuration or a truncated file fails on
       4,
       [&](Comm& w) {
         Mesh mesh(w, v.shape);
-        HybridGPT<float> model(mesh, deeper.config, deeper.seed, v.options, deeper.adamw());
-        return rank_error([&] { checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(deeper.config)); });
+        HybridGPT<float> model(mesh, deeper.config, deeper.seed, v.options);
+        DistributedOptimizer<optim::AdamW<float>> opt(model, deeper.groups(model.parameters()), v.zero1);
+        return rank_error(
+            [&] { checkpoint::load_hybrid_checkpoint(dir, model, opt, checkpoint::gpt2_config_json(deeper.config)); });
       },
       quick);
   check_own_errors(config_errors, {"another model configuration: n_layer is 6 in the checkpoint and 7 in this model"});
@@ -110,11 +112,13 @@ TEST_CASE("Hybrid checkpoint: another configuration or a truncated file fails on
       4,
       [&](Comm& w) {
         Mesh mesh(w, v.shape);
-        HybridGPT<float> model(mesh, s.config, s.seed, v.options, s.adamw());
+        HybridGPT<float> model(mesh, s.config, s.seed, v.options);
+        DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), v.zero1);
         std::vector<Tensor<float>> before;
         for (const Parameter<float>& p : model.parameters()) before.push_back(p.value.clone());
         Truncated t;
-        t.error = rank_error([&] { checkpoint::load_hybrid_checkpoint(dir, model, checkpoint::gpt2_config_json(s.config)); });
+        t.error =
+            rank_error([&] { checkpoint::load_hybrid_checkpoint(dir, model, opt, checkpoint::gpt2_config_json(s.config)); });
         t.unchanged = true;
         std::size_t i = 0;
         for (const Parameter<float>& p : model.parameters())

@@ -52,23 +52,24 @@ std::vector<ZeroBucketShard> zero_bucket_shards(GradBuckets<T>& buckets) {
 }
 
 /// The state of `zero` (a ZeroOptimizer of AdamW over `buckets`, those of the DataParallel it
-/// was built on) as named pieces: for every parameter part in this dp rank's blocks,
-/// "<name>.exp_avg" and "<name>.exp_avg_sq" with their flat ranges (views into the inner
-/// AdamW's moments, so loading writes them in place), and step = zero.inner().steps(). After
-/// loading, call `zero.inner().set_steps(state.step)`. Local. Throws tessera::Error when the
-/// inner optimizer has not one parameter per bucket.
+/// was built on, with or without parameter groups) as named pieces: for every parameter part
+/// in this dp rank's blocks, "<name>.exp_avg" and "<name>.exp_avg_sq" with their flat ranges
+/// (views into the inner AdamW's moments, so loading writes them in place), and step =
+/// zero.inner().steps(). After loading, call `zero.inner().set_steps(state.step)`. Local.
+/// Throws tessera::Error when the inner optimizer has not one parameter per shard piece.
 template <std::floating_point T>
 OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, GradBuckets<T>& buckets) {
   optim::AdamW<T>& inner = zero.inner();
   const std::vector<ZeroBucketShard> shards = zero_bucket_shards(buckets);
-  TESSERA_EXPECTS(inner.parameters().size() == shards.size(), "zero_adamw_state: the inner AdamW has ",
-                  inner.parameters().size(), " parameters for ", shards.size(), " buckets");
+  const std::vector<ZeroShardPiece>& pieces = zero.shard_pieces();
+  TESSERA_EXPECTS(inner.parameters().size() == pieces.size(), "zero_adamw_state: the inner AdamW has ",
+                  inner.parameters().size(), " parameters for ", pieces.size(), " shard pieces");
   OptimizerState<T> s;
   s.step = inner.steps();
-  for (std::size_t b = 0; b < shards.size(); ++b) {
-    for (auto& t : shards[b].layout.shards(shards[b].begin, inner.exp_avg(b), ".exp_avg")) s.tensors.push_back(std::move(t));
-    for (auto& t : shards[b].layout.shards(shards[b].begin, inner.exp_avg_sq(b), ".exp_avg_sq"))
-      s.tensors.push_back(std::move(t));
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    const ZeroBucketShard& b = shards.at(pieces[i].bucket);
+    for (auto& t : b.layout.shards(pieces[i].begin, inner.exp_avg(i), ".exp_avg")) s.tensors.push_back(std::move(t));
+    for (auto& t : b.layout.shards(pieces[i].begin, inner.exp_avg_sq(i), ".exp_avg_sq")) s.tensors.push_back(std::move(t));
   }
   return s;
 }

@@ -16,7 +16,6 @@
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/models/gpt.hpp"
 #include "tessera/nn/cross_entropy.hpp"
-#include "tessera/optim/adamw.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 #include "tessera/parallel/hybrid/sequential_model.hpp"
 #include "tessera/parallel/pipeline/stage_partition.hpp"
@@ -33,8 +32,8 @@ struct HybridGPTOptions {
 
 /// GPT(config, seed) trained over `mesh` with Hybrid: pp * virtual_stages SequentialStages of
 /// GPTDescription cut by `partition` (default: gpt_balanced_partition), every layer
-/// tensor-parallel over tp; VocabParallelCrossEntropy (sum) on the head's vocab-split logits;
-/// AdamW with `opt` (sharded over dp with HybridOptions::zero1). Every parameter starts as the
+/// tensor-parallel over tp; VocabParallelCrossEntropy (sum) on the head's vocab-split logits.
+/// The optimizer is outside (DistributedOptimizer over it). Every parameter starts as the
 /// slice of GPT's init, whatever the layout, so every layout trains the single-rank model.
 ///
 /// Inputs of forward_backward: tokens (b, T) int32 and targets (b, T) int32, this dp rank's
@@ -46,9 +45,8 @@ class HybridGPT : public Hybrid<T> {
  public:
   /// Builds this rank's stages. Collective over the mesh's world.
   HybridGPT(Mesh& mesh, const GPTConfig& config, std::uint64_t seed, const HybridOptions& options = {},
-            const optim::AdamWOptions& opt = {}, std::optional<StagePartition> partition = std::nullopt,
-            const HybridGPTOptions& gpt_options = {})
-      : HybridGPT(mesh, GPTDescription<T>(config, seed), options, opt,
+            std::optional<StagePartition> partition = std::nullopt, const HybridGPTOptions& gpt_options = {})
+      : HybridGPT(mesh, GPTDescription<T>(config, seed), options,
                   checked_partition(partition ? *partition
                                               : gpt_balanced_partition(config, checked_stages(config, mesh, options)),
                                     config, mesh, options),
@@ -86,8 +84,8 @@ class HybridGPT : public Hybrid<T> {
  private:
   using StageFactory = typename Hybrid<T>::StageFactory;
 
-  HybridGPT(Mesh& mesh, const GPTDescription<T>& d, const HybridOptions& options, const optim::AdamWOptions& opt,
-            StagePartition partition, const HybridGPTOptions& gpt_options)
+  HybridGPT(Mesh& mesh, const GPTDescription<T>& d, const HybridOptions& options, StagePartition partition,
+            const HybridGPTOptions& gpt_options)
       : Hybrid<T>(
             mesh,
             gpt_options.sequence_parallel ? StageFactory(sequential_stages<Shard<1>>(d, partition))
@@ -96,7 +94,7 @@ class HybridGPT : public Hybrid<T> {
               return sequential_loss<GPTDescription<T>>(
                   VocabParallelCrossEntropy<T>(std::move(tp), v, {.reduction = nn::Reduction::sum}));
             },
-            options, opt),
+            options),
         config_(d.config),
         partition_(std::move(partition)),
         sequence_parallel_(gpt_options.sequence_parallel) {}

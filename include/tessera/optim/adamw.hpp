@@ -13,6 +13,7 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/optim/param_group.hpp"
 
 namespace tessera::optim {
 
@@ -30,37 +31,51 @@ struct AdamWOptions {
 ///
 /// It updates whatever parameters it is given, in place, through their `value` and `grad`
 /// tensors (which may be strided views), so a sharded (ZeRO-1) optimizer is this one built on
-/// the local slices. Parameters that should not decay (biases, LayerNorm) go to a second
-/// AdamW with weight_decay 0. The parameters must outlive it and stay in place.
+/// the local slices. Parameter groups give subsets their own options (weight_decay_groups: no
+/// decay on biases and norms); set_lr sets every group's learning rate. The parameters must
+/// outlive it and stay in place.
 template <std::floating_point T>
 class AdamW {
  public:
   using Options = AdamWOptions;  ///< the options type (generic code builds optimizers from it)
-  /// An optimizer of `params`; moments start at 0. Throws tessera::Error for a negative lr,
-  /// eps or weight decay, or betas outside [0, 1).
+  /// An optimizer of `params`, all with `options`; moments start at 0. Throws tessera::Error
+  /// for a negative lr, eps or weight decay, or betas outside [0, 1).
   AdamW(ParameterList<T> params, const AdamWOptions& options = {})
-      : params_(std::move(params)), options_(options) {
-    TESSERA_EXPECTS(options.lr >= 0 && options.eps >= 0 && options.weight_decay >= 0, "AdamW: lr=", options.lr,
-                    " eps=", options.eps, " weight_decay=", options.weight_decay, " must not be negative");
-    TESSERA_EXPECTS(options.beta1 >= 0 && options.beta1 < 1 && options.beta2 >= 0 && options.beta2 < 1,
-                    "AdamW: betas (", options.beta1, ", ", options.beta2, ") must lie in [0, 1)");
-    for (const Parameter<T>& p : params_) {
-      m_.emplace_back(p.value.shape());
-      v_.emplace_back(p.value.shape());
+      : AdamW(single_group(std::move(params), options)) {}
+
+  /// An optimizer of the groups' parameters (in group order: parameter i of parameters() is
+  /// the i-th of the groups' lists put end to end), each group with its options. Throws
+  /// tessera::Error as above, naming the group.
+  explicit AdamW(const std::vector<ParamGroup<T, AdamWOptions>>& groups) {
+    TESSERA_EXPECTS(!groups.empty(), "AdamW: no parameter group");
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const AdamWOptions& o = groups[g].options;
+      TESSERA_EXPECTS(o.lr >= 0 && o.eps >= 0 && o.weight_decay >= 0, "AdamW: group ", g, ": lr=", o.lr, " eps=", o.eps,
+                      " weight_decay=", o.weight_decay, " must not be negative");
+      TESSERA_EXPECTS(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1, "AdamW: group ", g, ": betas (",
+                      o.beta1, ", ", o.beta2, ") must lie in [0, 1)");
+      options_.push_back(o);
+      for (Parameter<T>& p : groups[g].params) {
+        params_.push_back(p);
+        group_.push_back(g);
+        m_.emplace_back(p.value.shape());
+        v_.emplace_back(p.value.shape());
+      }
     }
   }
 
   /// One update of every parameter from its current gradient.
   void step() {
     ++steps_;
-    const double bc1 = 1 - std::pow(options_.beta1, static_cast<double>(steps_));
-    const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
-    const T decay = static_cast<T>(1 - options_.lr * options_.weight_decay);
-    const T step_size = static_cast<T>(options_.lr / bc1);
-    const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
-    const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
-    const T eps = static_cast<T>(options_.eps);
     for (std::size_t i = 0; i < params_.size(); ++i) {
+      const AdamWOptions& o = options_[group_[i]];
+      const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(steps_));
+      const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(steps_));
+      const T decay = static_cast<T>(1 - o.lr * o.weight_decay);
+      const T step_size = static_cast<T>(o.lr / bc1);
+      const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
+      const T b1 = static_cast<T>(o.beta1), b2 = static_cast<T>(o.beta2);
+      const T eps = static_cast<T>(o.eps);
       Parameter<T>& p = params_[i];
       detail::for_each_element(
           "AdamW",
@@ -75,10 +90,16 @@ class AdamW {
   }
   /// Sets every gradient to zero.
   void zero_grad() { params_.zero_grad(); }
-  /// The learning rate.
-  double lr() const noexcept { return options_.lr; }
-  /// Sets the learning rate (e.g. from a schedule) for the next steps.
-  void set_lr(double lr) { options_.lr = lr; }
+  /// The learning rate (of group 0; set_lr sets every group's).
+  double lr() const noexcept { return options_.front().lr; }
+  /// Sets every group's learning rate (e.g. from a schedule) for the next steps.
+  void set_lr(double lr) {
+    for (AdamWOptions& o : options_) o.lr = lr;
+  }
+  /// The options of parameter group `g`. Throws std::out_of_range for a group that does not exist.
+  const AdamWOptions& group_options(std::size_t g) const { return options_.at(g); }
+  /// The group of parameter i.
+  std::size_t group_of(std::size_t i) const { return group_.at(i); }
   /// Steps taken so far (t of the bias correction).
   std::int64_t steps() const noexcept { return steps_; }
   /// Sets the step count, e.g. to the one a checkpoint saved (the moments are restored through
@@ -104,7 +125,8 @@ class AdamW {
 
  private:
   ParameterList<T> params_;
-  AdamWOptions options_;
+  std::vector<AdamWOptions> options_;  // per group
+  std::vector<std::size_t> group_;     // per parameter
   std::vector<Tensor<T>> m_, v_;
   std::int64_t steps_ = 0;
 };

@@ -10,6 +10,7 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/optim/param_group.hpp"
 
 namespace tessera::optim {
 
@@ -31,22 +32,34 @@ template <std::floating_point T>
 class SGD {
  public:
   using Options = SGDOptions;  ///< the options type (generic code builds optimizers from it)
-  /// An optimizer of `params`. Throws tessera::Error for a negative lr, momentum or weight
-  /// decay.
-  SGD(ParameterList<T> params, const SGDOptions& options = {})
-      : params_(std::move(params)), options_(options), buffers_(params_.size()) {
-    TESSERA_EXPECTS(options.lr >= 0 && options.momentum >= 0 && options.weight_decay >= 0,
-                    "SGD: lr=", options.lr, " momentum=", options.momentum, " weight_decay=",
-                    options.weight_decay, " must not be negative");
+  /// An optimizer of `params`, all with `options`. Throws tessera::Error for a negative lr,
+  /// momentum or weight decay.
+  SGD(ParameterList<T> params, const SGDOptions& options = {}) : SGD(single_group(std::move(params), options)) {}
+
+  /// An optimizer of the groups' parameters (in group order), each group with its options.
+  /// Throws tessera::Error as above, naming the group.
+  explicit SGD(const std::vector<ParamGroup<T, SGDOptions>>& groups) {
+    TESSERA_EXPECTS(!groups.empty(), "SGD: no parameter group");
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const SGDOptions& o = groups[g].options;
+      TESSERA_EXPECTS(o.lr >= 0 && o.momentum >= 0 && o.weight_decay >= 0, "SGD: group ", g, ": lr=", o.lr,
+                      " momentum=", o.momentum, " weight_decay=", o.weight_decay, " must not be negative");
+      options_.push_back(o);
+      for (Parameter<T>& p : groups[g].params) {
+        params_.push_back(p);
+        group_.push_back(g);
+      }
+    }
+    buffers_.resize(params_.size());
   }
 
   /// One update of every parameter from its current gradient.
   void step() {
-    const T lr = static_cast<T>(options_.lr), mu = static_cast<T>(options_.momentum),
-            wd = static_cast<T>(options_.weight_decay);
     for (std::size_t i = 0; i < params_.size(); ++i) {
+      const SGDOptions& o = options_[group_[i]];
+      const T lr = static_cast<T>(o.lr), mu = static_cast<T>(o.momentum), wd = static_cast<T>(o.weight_decay);
       Parameter<T>& p = params_[i];
-      if (options_.momentum == 0) {
+      if (o.momentum == 0) {
         detail::for_each_element("SGD", [=](T& v, const T& g) { v -= lr * (g + wd * v); }, p.value, p.grad);
         continue;
       }
@@ -62,10 +75,12 @@ class SGD {
   }
   /// Sets every gradient to zero.
   void zero_grad() { params_.zero_grad(); }
-  /// The learning rate.
-  double lr() const noexcept { return options_.lr; }
-  /// Sets the learning rate (e.g. from a schedule) for the next steps.
-  void set_lr(double lr) { options_.lr = lr; }
+  /// The learning rate (of group 0; set_lr sets every group's).
+  double lr() const noexcept { return options_.front().lr; }
+  /// Sets every group's learning rate (e.g. from a schedule) for the next steps.
+  void set_lr(double lr) {
+    for (SGDOptions& o : options_) o.lr = lr;
+  }
   /// The parameters it updates.
   const ParameterList<T>& parameters() const noexcept { return params_; }
   /// The momentum buffer of parameter i (empty before the first step or without momentum).
@@ -80,7 +95,8 @@ class SGD {
 
  private:
   ParameterList<T> params_;
-  SGDOptions options_;
+  std::vector<SGDOptions> options_;  // per group
+  std::vector<std::size_t> group_;   // per parameter
   std::vector<Tensor<T>> buffers_;
 };
 

@@ -20,10 +20,22 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/optim/param_group.hpp"
 #include "tessera/parallel/data/data_parallel.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
 
 namespace tessera {
+
+/// One contiguous run of this dp rank's block of a gradient bucket that the inner optimizer of
+/// a ZeroOptimizer sees as one parameter: flat elements [begin, end) of bucket `bucket`, all of
+/// parameter group `group` (padding joins the run before it).
+struct ZeroShardPiece {
+  std::size_t bucket = 0;   ///< the bucket
+  std::int64_t begin = 0;   ///< first flat element of the bucket
+  std::int64_t end = 0;     ///< one past the last
+  std::size_t group = 0;    ///< the parameter group
+};
 
 /// An optimizer `Opt` (optim::SGD, optim::AdamW, or any type built from a ParameterList and
 /// options, with step()) whose state is sharded over the dp ranks of a DataParallel.
@@ -39,26 +51,44 @@ namespace tessera {
 /// backend). Parameter counts that dp does not divide are padded with zeros.
 ///
 /// After backward, a parameter's own `grad` holds only this rank's local gradient (the reduced
-/// sums live in the shards): clip with clip_grad_norm here, not on the parameters.
-/// Every parameter gets `Opt`'s single set of options.
+/// sums live in the shards): clip gradients() (or clip_grad_norm here), not the parameters.
+///
+/// Parameter groups (e.g. optim::weight_decay_groups: no weight decay on biases and norms):
+/// this rank's block of each bucket is cut into runs of one group each (ZeroShardPiece), and
+/// the inner optimizer gets one parameter per run, with its group's options.
 template <class Opt>
 class ZeroOptimizer {
  public:
   /// Shards the optimizer of the replica `dp`: `opt_args` are Opt's arguments after the
-  /// parameter list (e.g. optim::AdamWOptions). Switches dp's buckets to reduce-scatter (and
-  /// back to all-reduce when destroyed). Local (no communication); every rank of dp builds one.
-  /// Throws tessera::Error when dp already has a ZeroOptimizer (it would update every
-  /// parameter twice), when a parameter value is not contiguous, and what Opt's constructor
-  /// throws.
+  /// parameter list (e.g. optim::AdamWOptions), for every parameter. Switches dp's buckets to
+  /// reduce-scatter (and back to all-reduce when destroyed). Local (no communication); every
+  /// rank of dp builds one. Throws tessera::Error when dp already has a ZeroOptimizer (it
+  /// would update every parameter twice), when a parameter value is not contiguous, and what
+  /// Opt's constructor throws.
   template <class L, class... Args>
+    requires std::constructible_from<Opt, ParameterList<typename DataParallel<L>::Scalar>, Args...>
   explicit ZeroOptimizer(DataParallel<L>& dp, Args&&... opt_args)
       : ZeroOptimizer(dp.buckets(), std::forward<Args>(opt_args)...) {}
 
   /// As above, on the buckets of a replica directly.
   template <std::floating_point T, class... Args>
+    requires std::constructible_from<Opt, ParameterList<T>, Args...>
   explicit ZeroOptimizer(GradBuckets<T>& buckets, Args&&... opt_args)
-      : state_(std::make_unique<State<T>>(buckets)),
+      : state_(std::make_unique<State<T>>(buckets, nullptr)),
         opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
+
+  /// Shards the optimizer with parameter groups: `groups` hold the replica's parameters, each
+  /// in exactly one group, with the group's options (Opt must take a vector of
+  /// optim::ParamGroup, as optim::AdamW and optim::SGD do). Local. Throws tessera::Error as
+  /// above, and naming the parameter that is in no group or in two.
+  template <std::floating_point T, class Options>
+  ZeroOptimizer(GradBuckets<T>& buckets, const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : state_(make_grouped_state(buckets, groups)),
+        opt_(static_cast<State<T>&>(*state_).shard_groups(groups)) {}
+  /// As above, on a DataParallel's buckets.
+  template <class L, std::floating_point T, class Options>
+  ZeroOptimizer(DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : ZeroOptimizer(dp.buckets(), groups) {}
 
   /// One optimizer step on this rank's shards, then an all-gather of the updated parameters.
   /// Collective over dp (one all_gather per bucket). Throws what Opt and the communicator throw.
@@ -70,10 +100,27 @@ class ZeroOptimizer {
   /// Sets every gradient to zero (the replica's buckets). Local.
   void zero_grad() { state_->zero_grad(); }
 
-  /// Clips the reduced gradients (this rank's shards) to global L2 norm `max_norm` and returns
-  /// the norm before clipping, the same on every rank. Collective over dp (one all-reduce).
-  /// Throws tessera::Error for a negative max_norm.
+  /// The reduced gradients as clipping sees them (optim::clip_grad_norm): this rank's shards,
+  /// each counted, summed over dp. Local. Throws tessera::Error when T is not the parameters'
+  /// element type.
+  template <std::floating_point T>
+  optim::Gradients<T> gradients() const {
+    auto* st = dynamic_cast<State<T>*>(state_.get());
+    TESSERA_EXPECTS(st != nullptr, "ZeroOptimizer::gradients: the parameters are not of the element type asked for");
+    optim::Gradients<T> g{{}, st->comm};
+    for (const Parameter<T>& p : st->shards) g.pieces.push_back({p.grad, true});
+    return g;
+  }
+
+  /// Clips the reduced gradients (this rank's shards) to global L2 norm `max_norm` with
+  /// optim::clip_grad_norm and returns the norm before clipping, the same on every rank.
+  /// Collective over dp (one all-reduce). Throws tessera::Error for a negative max_norm.
   double clip_grad_norm(double max_norm) { return state_->clip_grad_norm(max_norm); }
+
+  /// The runs of this rank's blocks that the inner optimizer updates, in its parameter order
+  /// (inner parameter i is piece i): what a checkpoint of the inner state maps back onto
+  /// named parameters.
+  const std::vector<ZeroShardPiece>& shard_pieces() const noexcept { return state_->pieces(); }
 
   /// Bytes of optimizer state on this rank (Opt's state_bytes() on the shards): about 1/dp of
   /// what Opt holds for the whole model.
@@ -92,34 +139,82 @@ class ZeroOptimizer {
     virtual void gather_parameters() = 0;
     virtual void zero_grad() = 0;
     virtual double clip_grad_norm(double max_norm) = 0;
+    virtual const std::vector<ZeroShardPiece>& pieces() const = 0;
   };
 
+  template <std::floating_point T, class Options>
+  static std::unique_ptr<StateBase> make_grouped_state(GradBuckets<T>& buckets,
+                                                       const std::vector<optim::ParamGroup<T, Options>>& groups) {
+    TESSERA_EXPECTS(!groups.empty(), "ZeroOptimizer: no parameter group");
+    ParameterList<T> all;
+    for (const auto& slot : buckets.slots()) all.push_back(*slot.param);
+    const std::vector<std::size_t> group = optim::group_of_each(all, groups, "ZeroOptimizer");
+    return std::make_unique<State<T>>(buckets, &group);
+  }
+
   // The shards of one element type: per bucket the gathered parameter buffer (padded, flat),
-  // whose block `rank` is this rank's parameter shard, and the gradient shard (a view of the
-  // bucket's block `rank`).
+  // whose block `rank` is this rank's parameter shard, and per piece (a run of that block of
+  // one parameter group) a Parameter viewing its values and its reduced gradients.
   template <std::floating_point T>
   struct State final : StateBase {
-    explicit State(GradBuckets<T>& b) : buckets(&b), comm(b.comm()) {
+    // `slot_group`: the group of each slot (null: one group, one piece per bucket).
+    State(GradBuckets<T>& b, const std::vector<std::size_t>* slot_group) : buckets(&b), comm(b.comm()) {
       TESSERA_EXPECTS(b.mode() == GradReduce::all_reduce, "ZeroOptimizer: the gradient buckets over ", comm.name(),
                       " already have a ZeroOptimizer; a second one would update every parameter twice. Build one "
                       "ZeroOptimizer per DataParallel (with parameter groups for different options)");
-      buckets->set_mode(GradReduce::reduce_scatter);
       const int r = comm.rank();
+      std::vector<ZeroShardPiece> runs;
       for (std::size_t bi = 0; bi < buckets->buckets().size(); ++bi) {
         const auto& bucket = buckets->buckets()[bi];
-        const std::int64_t n = buckets->shard_size(bi);
+        const std::int64_t n = buckets->shard_size(bi), lo = r * n, hi = lo + n;
         Tensor<T> full(bucket.buffer.shape());
-        for (std::size_t i : bucket.slots) {
+        std::vector<std::size_t> order(bucket.slots.begin(), bucket.slots.end());
+        std::sort(order.begin(), order.end(),
+                  [&](std::size_t x, std::size_t y) { return buckets->slots()[x].offset < buckets->slots()[y].offset; });
+        ZeroShardPiece cur{bi, lo, lo, slot_group ? std::size_t(-1) : 0};
+        for (std::size_t i : order) {
           const auto& s = buckets->slots()[i];
           TESSERA_EXPECTS(s.param->value.is_contiguous(), "ZeroOptimizer: parameter \"", s.param->name,
                           "\" of shape ", s.param->value.shape(), " is not contiguous");
           full.slice(0, s.offset, s.offset + s.numel).copy_from(s.param->value.reshape(Shape{s.numel}));
+          if (!slot_group || s.offset + s.numel <= lo || s.offset >= hi) continue;
+          const std::size_t g = (*slot_group)[i];
+          if (cur.group == std::size_t(-1)) {
+            cur.group = g;
+          } else if (g != cur.group) {
+            cur.end = std::max(lo, s.offset);
+            runs.push_back(cur);
+            cur = ZeroShardPiece{bi, cur.end, cur.end, g};
+          }
         }
+        cur.end = hi;
+        if (cur.group == std::size_t(-1)) cur.group = 0;  // a block of padding only
+        if (cur.end > cur.begin) runs.push_back(cur);
         params.push_back(full);
-        shards.emplace_back(detail::str("zero.bucket", bi, ".shard", r), full.slice(0, r * n, (r + 1) * n),
-                            buckets->grad_shard(bi), ParamLayout{});
+      }
+      buckets->set_mode(GradReduce::reduce_scatter);
+      // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
+      std::size_t num_groups = 0;
+      for (const ZeroShardPiece& p : runs) num_groups = std::max(num_groups, p.group + 1);
+      for (std::size_t g = 0; g < num_groups; ++g)
+        for (const ZeroShardPiece& p : runs)
+          if (p.group == g) piece_list.push_back(p);
+      for (const ZeroShardPiece& p : piece_list) {
+        const std::int64_t lo = r * buckets->shard_size(p.bucket);
+        shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
+                            params[p.bucket].slice(0, p.begin, p.end),
+                            buckets->grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
       }
     }
+    template <class Options>
+    std::vector<optim::ParamGroup<T, Options>> shard_groups(const std::vector<optim::ParamGroup<T, Options>>& groups) {
+      std::vector<optim::ParamGroup<T, Options>> out;
+      for (const auto& g : groups) out.push_back({{}, g.options});
+      for (std::size_t i = 0; i < shards.size(); ++i) out[piece_list[i].group].params.push_back(shards[i]);
+      std::erase_if(out, [](const auto& g) { return g.params.empty(); });
+      return out;
+    }
+    const std::vector<ZeroShardPiece>& pieces() const override { return piece_list; }
     ParameterList<T> shard_list() {
       ParameterList<T> list;
       for (Parameter<T>& p : shards) list.push_back(p);
@@ -179,22 +274,16 @@ class ZeroOptimizer {
     State& operator=(const State&) = delete;
     void zero_grad() override { buckets->zero_grad(); }
     double clip_grad_norm(double max_norm) override {
-      TESSERA_EXPECTS(max_norm >= 0, "ZeroOptimizer::clip_grad_norm: max_norm ", max_norm, " is negative");
-      double sq = 0;
-      for (const Parameter<T>& p : shards)
-        detail::for_each_element("clip_grad_norm", [&sq](const T& g) { sq += static_cast<double>(g) * g; }, p.grad);
-      comm.iall_reduce(std::span<double>(&sq, 1), ReduceOp::sum).wait();
-      const double norm = std::sqrt(sq);
-      const double coef = max_norm / (norm + 1e-6);
-      if (coef < 1)
-        for (const Parameter<T>& p : shards) p.grad.scale_(static_cast<T>(coef));
-      return norm;
+      optim::Gradients<T> g{{}, comm};
+      for (const Parameter<T>& p : shards) g.pieces.push_back({p.grad, true});
+      return optim::clip_grad_norm(g, max_norm);
     }
 
     GradBuckets<T>* buckets;
     Comm comm;
     std::vector<Tensor<T>> params;    // per bucket: gathered values, padded
-    std::vector<Parameter<T>> shards;  // per bucket: this rank's value and grad blocks
+    std::vector<Parameter<T>> shards;  // per piece: this rank's value and grad runs
+    std::vector<ZeroShardPiece> piece_list;
   };
 
   std::unique_ptr<StateBase> state_;

@@ -3,16 +3,20 @@
 /// Hybrid: data, tensor and pipeline parallelism together over one Mesh (dp x pp x tp ranks):
 /// a PipelineParallel over the pp axis whose stages are tensor-parallel over the tp axis, one
 /// replica of it per dp coordinate, gradients reduced over the dp axis in buckets, optionally
-/// with ZeRO-1 (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
-/// Clusters Using Megatron-LM", SC 2021: PTD-P).
+/// (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
+/// Megatron-LM", SC 2021: PTD-P). The optimizer, the learning rate and gradient clipping are
+/// outside it: they take the parameters, buckets and gradients it exposes.
 ///
 /// ```cpp
 /// Mesh mesh(world, MeshShape{.dp = 2, .pp = 2, .tp = 2});
-/// HybridGPT<float> model(mesh, config, seed, {.num_microbatches = 4, .zero1 = true}, {.lr = 1e-3});
+/// HybridGPT<float> model(mesh, config, seed, {.num_microbatches = 4});
+/// DistributedOptimizer<optim::AdamW<float>> opt(model, optim::weight_decay_groups(model.parameters(),
+///                                               optim::AdamWOptions{.lr = 1e-3}), /*zero1=*/true);
 /// model.zero_grad();
 /// double loss = model.forward_backward(tokens, targets);  // this dp rank's rows
-/// model.clip_grad_norm(1.0);
-/// model.optimizer_step();
+/// optim::clip_grad_norm(model.gradients(), 1.0);
+/// opt.set_lr(schedule(step));
+/// opt.step();
 /// ```
 
 #include <algorithm>
@@ -35,13 +39,12 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/mesh/mesh.hpp"
-#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
 #include "tessera/parallel/pipeline/pipeline_loss.hpp"
 #include "tessera/parallel/pipeline/pipeline_parallel.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
-#include "tessera/parallel/data/zero_optimizer.hpp"
 
 namespace tessera {
 
@@ -58,9 +61,6 @@ struct HybridOptions {
   /// once, after the last (as DDP's no_sync), and the gradients are those of the mean loss
   /// over all their tokens (CASES C4, C5).
   int accumulation_steps = 1;
-  /// ZeRO-1: optimizer state sharded over dp (gradients reduce-scattered, parameters
-  /// all-gathered after the step).
-  bool zero1 = false;
   /// Bytes per gradient bucket of the dp reduction (DDP's 25 MiB).
   std::size_t bucket_size = std::size_t{25} << 20;
   /// Record the pipeline timeline (PipelineParallel::timeline; one barrier per step).
@@ -91,14 +91,15 @@ struct HybridStepStats {
 ///   micro-batches, all steps of an accumulation window), declared once: the pipeline sums,
 ///   and when a window closes the gradients are all-reduced (or reduce-scattered, ZeRO-1) over
 ///   dp and divided once by the global count. So every layout gives the single-rank gradients.
-/// - **Optimizer.** `Opt` (optim::AdamW by default) over this rank's parameters, or sharded
-///   over dp with ZeroOptimizer<Opt> (options.zero1). Built from `opt_options`.
+/// - **Optimizer.** Outside: any optimizer over parameters(), or ZeRO-1 (ZeroOptimizer over
+///   buckets(), which switches them to reduce-scatter; then the reduced gradients live in the
+///   buckets' shards), or DistributedOptimizer, which picks one of the two. Clipping takes
+///   gradients() (optim::clip_grad_norm).
 ///
 /// Collective over the mesh's world: every rank constructs it with the same options and calls
 /// the methods documented as collective in the same order. Throws tessera::Error naming the
 /// values when an option is out of range, and what PipelineParallel and the stages throw.
-template <std::floating_point T, class Input = Tensor<std::int32_t>, class Target = Tensor<std::int32_t>,
-          class Opt = optim::AdamW<T>>
+template <std::floating_point T, class Input = Tensor<std::int32_t>, class Target = Tensor<std::int32_t>>
 class Hybrid {
  public:
   using Stage = PipelineStage<T, Input>;  ///< the stage interface
@@ -106,12 +107,10 @@ class Hybrid {
   using StageFactory = std::function<std::unique_ptr<Stage>(int stage_index, Comm tp)>;
   /// Makes the loss of the last stage over `tp`.
   using LossFactory = std::function<PipelineLoss<T, Target>(Comm tp)>;
-  /// The optimizer's options (e.g. optim::AdamWOptions).
-  using OptOptions = typename Opt::Options;
+  using Scalar = T;  ///< parameter element type
 
   /// Builds this rank's part (see the class comment). Collective over the mesh's world.
-  Hybrid(Mesh& mesh, const StageFactory& make_stage, const LossFactory& make_loss, const HybridOptions& options = {},
-         const OptOptions& opt_options = {})
+  Hybrid(Mesh& mesh, const StageFactory& make_stage, const LossFactory& make_loss, const HybridOptions& options = {})
       : mesh_(&mesh),
         options_(checked(options)),
         tp_timer_(std::make_shared<CommTimer>()),
@@ -130,10 +129,6 @@ class Hybrid {
         params, mesh.dp(),
         GradBucketsOptions{.bucket_size = options.bucket_size, .first_bucket_size = options.bucket_size,
                            .overlap_grad_reduce = false});
-    if (options.zero1)
-      zero_.emplace(*buckets_, opt_options);
-    else
-      opt_.emplace(params, opt_options);
     // A later stage's copy of a tied weight (the last stage's wte); the global gradient norm
     // counts it not at all, and tp-replicated parameters on tp rank 0 only.
     for (int s : pipe_.stage_indices())
@@ -149,7 +144,7 @@ class Hybrid {
   /// on those of the last stage; other ranks may pass empty tensors), cut into
   /// options.num_microbatches micro-batches run in the schedule's order. When the call closes
   /// an accumulation window, the gradients are reduced over dp and normalized: ready for
-  /// clip_grad_norm and optimizer_step. Returns the mean loss over this call's valid targets
+  /// clipping and the optimizer step. Returns the mean loss over this call's valid targets
   /// on all dp ranks, the same on every rank. Collective over the world. Throws what
   /// PipelineParallel::step throws (a batch smaller than the micro-batch count, naming both).
   double forward_backward(const Input& inputs, const Target& targets) {
@@ -205,7 +200,7 @@ class Hybrid {
       const auto r0 = std::chrono::steady_clock::now();
       buckets_->reduce();
       const T scale = window_count_ > 0 ? static_cast<T>(1.0 / static_cast<double>(window_count_)) : T{0};
-      if (zero_) {
+      if (sharded()) {
         for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) buckets_->grad_shard(b).scale_(scale);
       } else {
         for (Parameter<T>& p : pipe_.parameters()) p.grad.scale_(scale);
@@ -225,57 +220,32 @@ class Hybrid {
 
  public:
 
-  /// The global L2 norm of the gradients (a tp-replicated parameter and a tied weight counted
-  /// once), then all gradients scaled by min(1, max_norm / (norm + 1e-6)) as torch's
-  /// clip_grad_norm_. Returns the norm before clipping, the same on every rank. Call after a
-  /// window closed. Collective over the world (one all-reduce of a double). Throws
-  /// tessera::Error for a negative max_norm.
-  double clip_grad_norm(double max_norm) {
-    TESSERA_EXPECTS(max_norm >= 0, "Hybrid::clip_grad_norm: max_norm ", max_norm, " is negative");
-    double sq = 0;
-    if (zero_) {
+  /// The reduced gradients as clipping sees them (optim::clip_grad_norm(model.gradients(),
+  /// max_norm)): summed over the world, a tp-replicated parameter counted on tp rank 0 only, a
+  /// later stage's copy of a tied weight not at all, and every dp replica's equal copy once
+  /// (dp rank 0's; under ZeRO-1 each dp rank's own block of every bucket). Valid after a window
+  /// closed. Local (the clipping that takes them is collective over the world).
+  optim::Gradients<T> gradients() const {
+    optim::Gradients<T> g{{}, mesh_->world()};
+    if (sharded()) {
       // This dp rank's block of every bucket holds the reduced gradients of its elements.
       const std::int64_t r = mesh_->dp().rank();
       for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) {
         const auto& bucket = buckets_->buckets()[b];
         const std::int64_t n = buckets_->shard_size(b), lo = r * n, hi = lo + n;
-        const T* g = bucket.buffer.data();
         for (std::size_t i : bucket.slots) {
           const auto& s = buckets_->slots()[i];
-          if (!counted_.count(s.param)) continue;
-          for (std::int64_t k = std::max(lo, s.offset); k < std::min(hi, s.offset + s.numel); ++k)
-            sq += static_cast<double>(g[k]) * static_cast<double>(g[k]);
+          const std::int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
+          if (a < e) g.pieces.push_back({bucket.buffer.slice(0, a, e), counted_.count(s.param) > 0});
         }
       }
-    } else if (mesh_->dp().rank() == 0) {  // every dp replica holds the same reduced gradients
-      for (const Parameter<T>& p : pipe_.parameters()) {
-        if (!counted_.count(&p)) continue;
-        const Tensor<T> g = p.grad.contiguous();
-        for (const T x : g.span()) sq += static_cast<double>(x) * static_cast<double>(x);
-      }
+    } else {
+      const bool replica0 = mesh_->dp().rank() == 0;
+      for (const Parameter<T>& p : pipe_.parameters()) g.pieces.push_back({p.grad, replica0 && counted_.count(&p) > 0});
     }
-    const double norm = std::sqrt(mesh_->world().all_reduce_value(sq, ReduceOp::sum));
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1) {
-      if (zero_) {
-        for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) buckets_->grad_shard(b).scale_(static_cast<T>(coef));
-      } else {
-        for (Parameter<T>& p : pipe_.parameters()) p.grad.scale_(static_cast<T>(coef));
-      }
-    }
-    return norm;
+    return g;
   }
 
-  /// One optimizer step on the final gradients (with ZeRO-1: each dp rank its shards, then an
-  /// all-gather of the parameters over dp). Collective over dp with ZeRO-1, else local.
-  void optimizer_step() {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (zero_)
-      zero_->step();
-    else
-      opt_->step();
-    optimizer_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
   /// Sets every gradient to zero and starts a new accumulation window. Local.
   void zero_grad() {
     pipe_.zero_grad();
@@ -283,14 +253,6 @@ class Hybrid {
     window_sum_ = 0;
     window_count_ = 0;
   }
-  /// Sets the learning rate of the next optimizer steps. Local.
-  void set_lr(double lr) {
-    if (zero_)
-      zero_->set_lr(lr);
-    else
-      opt_->set_lr(lr);
-  }
-
   /// The mean loss over the valid targets of all dp ranks' batches, forward only (no
   /// gradients, no micro-batches): for validation. Each dp rank passes its own rows: inputs
   /// (read on the ranks of pp stage 0) and targets (read on every rank). Returns the same value
@@ -311,30 +273,19 @@ class Hybrid {
   const ParameterList<T>& parameters() const noexcept { return pipe_.parameters(); }
   /// Where the last forward_backward's time went on this rank.
   const HybridStepStats& last_step() const noexcept { return stats_; }
-  /// Seconds of the last optimizer_step (ZeRO-1's all-gather included).
-  double optimizer_seconds() const noexcept { return optimizer_seconds_; }
   /// The mean loss of the last closed accumulation window over all dp ranks.
   double accumulated_loss() const noexcept { return accumulated_loss_; }
   /// The pipeline (this dp replica's pp group).
   PipelineParallel<T, Input, Target>& pipeline() noexcept { return pipe_; }
-  /// The dp gradient buckets.
+  /// The dp gradient buckets (ZeroOptimizer and DistributedOptimizer work on them).
   GradBuckets<T>& buckets() noexcept { return *buckets_; }
-  /// The optimizer without ZeRO-1. Throws tessera::Error with ZeRO-1.
-  Opt& optimizer() {
-    TESSERA_EXPECTS(opt_.has_value(), "Hybrid::optimizer: the optimizer is sharded (zero1); use zero_optimizer()");
-    return *opt_;
-  }
-  /// The ZeRO-1 optimizer. Throws tessera::Error without ZeRO-1.
-  ZeroOptimizer<Opt>& zero_optimizer() {
-    TESSERA_EXPECTS(zero_.has_value(), "Hybrid::zero_optimizer: ZeRO-1 is off (HybridOptions::zero1)");
-    return *zero_;
-  }
   /// This rank's copies of tied weights held for a later pipeline stage (the last stage's own
   /// wte shard, equal to the first stage's): counted once in the gradient norm, and saved once,
   /// from the first stage, by checkpoints.
   const std::set<const Parameter<T>*>& tied_copies() const noexcept { return tied_copies_; }
-  /// Whether the optimizer state is sharded over dp.
-  bool zero1() const noexcept { return zero_.has_value(); }
+  /// Whether a ZeroOptimizer shards the optimizer over dp (the buckets reduce-scatter, and the
+  /// reduced gradients live in their shards).
+  bool sharded() const noexcept { return buckets_->mode() == GradReduce::reduce_scatter; }
   /// The options.
   const HybridOptions& options() const noexcept { return options_; }
   /// The mesh.
@@ -357,15 +308,12 @@ class Hybrid {
   PipelineLoss<T, Target> loss_;
   PipelineParallel<T, Input, Target> pipe_;
   std::unique_ptr<GradBuckets<T>> buckets_;
-  std::optional<Opt> opt_;
-  std::optional<ZeroOptimizer<Opt>> zero_;
   std::set<const Parameter<T>*> tied_copies_;
   std::set<const Parameter<T>*> counted_;
   HybridStepStats stats_{};
   double window_sum_ = 0;
   std::int64_t window_count_ = 0;
   double accumulated_loss_ = 0;
-  double optimizer_seconds_ = 0;
 };
 
 }  // namespace tessera

@@ -331,29 +331,26 @@ class PipelineParallel {
   /// pipeline lives.
   const ParameterList<T>& parameters() const noexcept { return params_; }
 
-  /// The global L2 norm of the gradients of all pipeline ranks, counting a tied weight once.
-  /// Collective over pp (one all_reduce of a double).
-  double grad_norm() {
-    double local = 0;
+  /// This rank's gradients as clipping sees them (optim::clip_grad_norm): every parameter's,
+  /// a last stage's copy of a tied weight not counted (the first stage counts it), summed over
+  /// pp. Local (the clipping that takes them is collective over pp).
+  optim::Gradients<T> gradients() const {
     std::set<const void*> skip;
     if (last_tied_is_copy())
       for (Parameter<T>& prm : local_stage(num_stages_ - 1).tied_parameters()) skip.insert(prm.grad.data());
-    for (Parameter<T>& prm : params_) {
-      if (skip.count(prm.grad.data())) continue;
-      const Tensor<T> g = prm.grad.contiguous();
-      for (const T x : g.span()) local += static_cast<double>(x) * static_cast<double>(x);
-    }
-    return std::sqrt(pp_.all_reduce_value(local, ReduceOp::sum));
+    optim::Gradients<T> g{{}, pp_};
+    for (Parameter<T>& prm : params_) g.pieces.push_back({prm.grad, !skip.count(prm.grad.data())});
+    return g;
   }
 
+  /// The global L2 norm of the gradients of all pipeline ranks, counting a tied weight once.
+  /// Collective over pp (one all_reduce of a double).
+  double grad_norm() { return optim::grad_norm(gradients()); }
+
   /// Scales all gradients by min(1, max_norm / (grad_norm() + 1e-6)) (torch's
-  /// clip_grad_norm_) and returns the norm before clipping. Collective over pp. Throws Error
-  /// for a negative max_norm.
-  double clip_grad_norm(double max_norm) {
-    const double norm = grad_norm();
-    optim::clip_grads_by_norm(params_, max_norm, norm);
-    return norm;
-  }
+  /// clip_grad_norm_, through optim::clip_grad_norm) and returns the norm before clipping.
+  /// Collective over pp. Throws Error for a negative max_norm.
+  double clip_grad_norm(double max_norm) { return optim::clip_grad_norm(gradients(), max_norm); }
 
   /// The timeline of the last step, all ranks' events (gathered with two all_gathers).
   /// Collective over pp. Throws Error if no step was recorded (record_timeline off, or before
