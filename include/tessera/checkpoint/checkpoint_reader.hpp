@@ -21,6 +21,7 @@
 
 #include "tessera/checkpoint/checkpoint_info.hpp"
 #include "tessera/checkpoint/detail/assemble.hpp"
+#include "tessera/checkpoint/detail/json_input.hpp"
 #include "tessera/checkpoint/safetensors_dtype.hpp"
 #include "tessera/checkpoint/safetensors_file.hpp"
 #include "tessera/checkpoint/tensor_shard.hpp"
@@ -42,15 +43,15 @@ enum class TensorKind {
 inline void check_config(const nlohmann::json& saved, const nlohmann::json& expected, std::string_view where) {
   if (expected.is_null() || (expected.is_object() && expected.empty())) return;
   TESSERA_EXPECTS(saved.is_object() && expected.is_object(), where, ": model configurations are not JSON objects (",
-                  saved.dump(), " and ", expected.dump(), ")");
+                  detail::brief(saved), " and ", detail::brief(expected), ")");
   std::set<std::string> keys;
   for (auto it = saved.begin(); it != saved.end(); ++it) keys.insert(it.key());
   for (auto it = expected.begin(); it != expected.end(); ++it) keys.insert(it.key());
   for (const std::string& k : keys) {
     const bool in_saved = saved.contains(k), in_expected = expected.contains(k);
     TESSERA_EXPECTS(in_saved && in_expected && saved[k] == expected[k], where,
-                    " holds another model configuration: ", k, " is ", in_saved ? saved[k].dump() : "absent",
-                    " in the checkpoint and ", in_expected ? expected[k].dump() : "absent", " in this model");
+                    " holds another model configuration: ", k, " is ", in_saved ? detail::brief(saved[k]) : "absent",
+                    " in the checkpoint and ", in_expected ? detail::brief(expected[k]) : "absent", " in this model");
   }
 }
 
@@ -72,21 +73,19 @@ class CheckpointReader {
   /// fit its tensor's shape (naming the tensor).
   explicit CheckpointReader(std::filesystem::path dir) : dir_(std::move(dir)) {
     const std::filesystem::path index = dir_ / index_file_name;
-    std::ifstream in(index, std::ios::binary);
-    TESSERA_EXPECTS(in.good(), "checkpoint ", dir_, ": no ", index_file_name,
+    std::error_code ec;
+    TESSERA_EXPECTS(std::filesystem::is_regular_file(index, ec), "checkpoint ", dir_, ": no ", index_file_name,
                     " (not a checkpoint, or a save that did not complete)");
+    std::ifstream in(index, std::ios::binary);
+    TESSERA_EXPECTS(in.good(), "checkpoint ", dir_, ": cannot open ", index_file_name);
     std::stringstream ss;
     ss << in.rdbuf();
-    nlohmann::ordered_json j;
-    try {
-      j = nlohmann::ordered_json::parse(ss.str());
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(tessera::detail::str("checkpoint ", dir_, ": ", index_file_name, " is not valid JSON: ", e.what()));
-    }
+    const std::string where = tessera::detail::str("checkpoint ", dir_, ": ", index_file_name);
+    const auto j = detail::parse_json<nlohmann::ordered_json>(ss.str(), where);
     try {
       parse_index(j);
     } catch (const nlohmann::json::exception& e) {
-      throw Error(tessera::detail::str("checkpoint ", dir_, ": ", index_file_name, " is malformed: ", e.what()));
+      throw Error(tessera::detail::str(where, " is malformed: ", e.what()));
     }
   }
   CheckpointReader(const CheckpointReader&) = delete;             ///< holds open files
@@ -135,6 +134,7 @@ class CheckpointReader {
     const Entry& e = entry(name);
     TESSERA_EXPECTS(e.shape.size() <= static_cast<std::size_t>(max_rank), "checkpoint ", dir_, ": tensor '", name,
                     "' has rank ", e.shape.size(), " above ", max_rank);
+    check_files_hold(e);
     Index dims{};
     for (std::size_t d = 0; d < e.shape.size(); ++d) dims[d] = e.shape[d];
     Tensor<T> out = Tensor<T>::empty(Shape::from(dims, static_cast<int>(e.shape.size())));
@@ -227,51 +227,103 @@ class CheckpointReader {
     return entries_[it->second];
   }
 
+  // Reads index.json's fields, each checked for its JSON type and range: every defect is a
+  // tessera::Error naming index.json and the field (a tensor's by its name).
   void parse_index(const nlohmann::ordered_json& j) {
+    using detail::integer;
+    using detail::member;
+    using Json = nlohmann::ordered_json;
     const std::string where = tessera::detail::str("checkpoint ", dir_, ": ", index_file_name);
-    TESSERA_EXPECTS(j.is_object() && j.value("format", std::string()) == index_format, where,
+    TESSERA_EXPECTS(j.is_object() && j.contains("format") && j["format"].is_string() &&
+                        j["format"].get<std::string>() == index_format,
+                    where,
                     " is not a tessera checkpoint index (format ",
-                    j.is_object() && j.contains("format") ? j["format"].dump() : "absent", ")");
-    info_.version = j.at("version").get<int>();
+                    j.is_object() && j.contains("format") ? detail::brief(j["format"]) : "absent", ")");
+    info_.version = integer<int>(member(j, "version", where), where + " version");
     TESSERA_EXPECTS(info_.version == format_version, where, " has format version ", info_.version,
                     "; this build reads version ", format_version);
-    info_.id = j.at("id").get<std::string>();
-    info_.step = j.at("step").get<std::int64_t>();
-    info_.config = nlohmann::json::parse(j.at("config").dump());
-    info_.extra = nlohmann::json::parse(j.value("extra", nlohmann::ordered_json::object()).dump());
-    const auto& l = j.at("layout");
-    info_.layout = MeshShape{.dp = l.at("dp").get<int>(), .pp = l.at("pp").get<int>(), .tp = l.at("tp").get<int>()};
+    info_.id = detail::string_of(member(j, "id", where), where + " id");
+    info_.step = integer<std::int64_t>(member(j, "step", where), where + " step");
+    info_.config = member(j, "config", where);
+    info_.extra = j.contains("extra") ? nlohmann::json(j["extra"]) : nlohmann::json::object();
+    const Json& l = member(j, "layout", where);
+    const std::string lw = where + " layout";
+    info_.layout = MeshShape{.dp = integer<int>(member(l, "dp", lw), lw + " dp", 1),
+                             .pp = integer<int>(member(l, "pp", lw), lw + " pp", 1),
+                             .tp = integer<int>(member(l, "tp", lw), lw + " tp", 1)};
     if (j.contains("optimizer") && !j["optimizer"].is_null()) {
       info_.has_optimizer = true;
-      info_.optimizer_step = j["optimizer"].at("step").get<std::int64_t>();
+      info_.optimizer_step = integer<std::int64_t>(member(j["optimizer"], "step", where + " optimizer"),
+                                                   where + " optimizer step");
     }
-    for (auto it = j.at("files").begin(); it != j.at("files").end(); ++it)
-      file_bytes_[it.key()] = it->at("bytes").get<std::uint64_t>();
-    for (auto it = j.at("tensors").begin(); it != j.at("tensors").end(); ++it) {
+    const Json& files = member(j, "files", where);
+    TESSERA_EXPECTS(files.is_object(), where, ": \"files\" is ", detail::brief(files), ", not a JSON object");
+    for (auto it = files.begin(); it != files.end(); ++it) {
+      const std::string fw = tessera::detail::str(where, ": file '", it.key(), "'");
+      TESSERA_EXPECTS(plain_file_name(it.key()), fw, " is not a plain file name in the checkpoint directory");
+      file_bytes_[it.key()] = integer<std::uint64_t>(member(*it, "bytes", fw), fw + " bytes");
+    }
+    const Json& tensors = member(j, "tensors", where);
+    TESSERA_EXPECTS(tensors.is_object(), where, ": \"tensors\" is ", detail::brief(tensors), ", not a JSON object");
+    for (auto it = tensors.begin(); it != tensors.end(); ++it) {
       Entry e;
       e.name = it.key();
-      const std::string kind = it->at("kind").get<std::string>();
-      TESSERA_EXPECTS(kind == "model" || kind == "optimizer", where, ": tensor '", e.name, "' has kind '", kind, "'");
+      const std::string tw = tessera::detail::str(where, ": tensor '", e.name, "'");
+      const std::string kind = detail::string_of(member(*it, "kind", tw), tw + " kind");
+      TESSERA_EXPECTS(kind == "model" || kind == "optimizer", tw, " has kind '", kind, "'");
       e.kind = kind == "model" ? TensorKind::model : TensorKind::optimizer;
-      const auto dt = parse_safetensors_dtype(it->at("dtype").get<std::string>());
-      TESSERA_EXPECTS(dt.has_value(), where, ": tensor '", e.name, "' has unknown dtype ", it->at("dtype").dump());
+      const auto dt = parse_safetensors_dtype(detail::string_of(member(*it, "dtype", tw), tw + " dtype"));
+      TESSERA_EXPECTS(dt.has_value(), tw, " has unknown dtype ", detail::brief((*it)["dtype"]));
       e.dtype = *dt;
-      e.shape = it->at("shape").get<std::vector<std::int64_t>>();
-      for (const auto& pj : it->at("pieces")) {
+      const Json& shape = member(*it, "shape", tw);
+      TESSERA_EXPECTS(shape.is_array(), tw, " has shape ", detail::brief(shape), ", not an array");
+      for (const Json& d : shape) e.shape.push_back(integer<std::int64_t>(d, tw + " extent", 0));
+      TESSERA_EXPECTS(detail::checked_numel(e.shape, static_cast<std::int64_t>(size_of(e.dtype))) >= 0, tw,
+                      " has shape ", shape_str(e.shape), " of ", name_of(e.dtype), ", whose byte size overflows");
+      const Json& pieces = member(*it, "pieces", tw);
+      TESSERA_EXPECTS(pieces.is_array(), tw, " has pieces ", detail::brief(pieces), ", not an array");
+      for (const Json& pj : pieces) {
         Piece p;
-        p.file = pj.at("file").get<std::string>();
-        p.pp = pj.value("pp", 0);
-        TESSERA_EXPECTS(file_bytes_.count(p.file) != 0, where, ": tensor '", e.name, "' is in file ", p.file,
-                        ", which the index does not list");
-        p.geometry = ShardGeometry::from_json(nlohmann::json::parse(pj.at("geometry").dump()), e.name);
-        TESSERA_EXPECTS(p.geometry.global_shape == e.shape, where, ": tensor '", e.name, "' has shape ",
-                        shape_str(e.shape), " but a piece in ", p.file, " describes ",
-                        shape_str(p.geometry.global_shape));
+        p.file = detail::string_of(member(pj, "file", tw + " piece"), tw + " piece file");
+        p.pp = pj.is_object() && pj.contains("pp") ? integer<int>(pj["pp"], tw + " piece pp", 0) : 0;
+        TESSERA_EXPECTS(file_bytes_.count(p.file) != 0, tw, " is in file ", p.file, ", which the index does not list");
+        try {
+          p.geometry = ShardGeometry::from_json(nlohmann::json(member(pj, "geometry", tw + " piece")), e.name);
+        } catch (const Error& err) {
+          throw Error(tessera::detail::str(where, ": ", err.what()));
+        }
+        TESSERA_EXPECTS(p.geometry.global_shape == e.shape, tw, " has shape ", shape_str(e.shape), " but a piece in ",
+                        p.file, " describes ", shape_str(p.geometry.global_shape));
         e.pieces.push_back(std::move(p));
       }
       by_name_[e.name] = entries_.size();
       entries_.push_back(std::move(e));
     }
+  }
+
+  // Whether `name` names a file directly inside the checkpoint directory (no separator, not
+  // "." or ".."): an index cannot point the reader at another file.
+  static bool plain_file_name(const std::string& name) {
+    return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+           name.find('\0') == std::string::npos;
+  }
+
+  // Throws unless the files holding `e`'s pieces are, on disk, at least as large as the
+  // tensor's bytes: a lying index must not make read_full allocate memory for a tensor that
+  // no file holds.
+  void check_files_hold(const Entry& e) const {
+    std::set<std::string> names;
+    for (const Piece& p : e.pieces) names.insert(p.file);
+    std::uint64_t on_disk = 0;
+    for (const std::string& n : names) {
+      std::error_code ec;
+      const std::uintmax_t b = std::filesystem::file_size(dir_ / n, ec);
+      if (!ec) on_disk += b;
+    }
+    const auto need = static_cast<std::uint64_t>(detail::checked_numel(e.shape)) * size_of(e.dtype);
+    TESSERA_EXPECTS(need <= on_disk, "checkpoint ", dir_, ": tensor '", e.name, "' of shape ", shape_str(e.shape),
+                    " needs ", need, " bytes but the files of its ", e.pieces.size(), " pieces hold ", on_disk,
+                    " bytes in all (truncated, missing, or a wrong index)");
   }
 
   const OpenFile& file(const std::string& name, std::string_view tensor) const {
@@ -295,13 +347,16 @@ class CheckpointReader {
                     id == f->metadata().end() ? std::string("absent") : id->second, ", the index has ", info_.id, ")");
     std::map<std::string, ShardGeometry> geoms;
     if (const auto it = f->metadata().find("tessera.shards"); it != f->metadata().end()) {
-      nlohmann::json shards;
-      try {
-        shards = nlohmann::json::parse(it->second);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(tessera::detail::str(where, ": its file ", name, ": metadata tessera.shards is not JSON: ", e.what()));
+      const std::string mw = tessera::detail::str(where, ": its file ", name, ": metadata tessera.shards");
+      const auto shards = detail::parse_json<nlohmann::json>(it->second, mw);
+      TESSERA_EXPECTS(shards.is_object(), mw, " is ", detail::brief(shards), ", not a JSON object");
+      for (auto g = shards.begin(); g != shards.end(); ++g) {
+        try {
+          geoms[g.key()] = ShardGeometry::from_json(*g, g.key());
+        } catch (const Error& err) {
+          throw Error(tessera::detail::str(where, ": its file ", name, ": ", err.what()));
+        }
       }
-      for (auto g = shards.begin(); g != shards.end(); ++g) geoms[g.key()] = ShardGeometry::from_json(*g, g.key());
     }
     return files_.emplace(name, OpenFile{std::move(f), std::move(geoms)}).first->second;
   }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "tessera/checkpoint/detail/assemble.hpp"
+#include "tessera/checkpoint/detail/json_input.hpp"
 #include "tessera/checkpoint/safetensors_file.hpp"
 #include "tessera/checkpoint/tensor_shard.hpp"
 #include "tessera/core/error.hpp"
@@ -87,16 +88,18 @@ void load_gpt2_safetensors(const std::filesystem::path& path, const ParameterLis
       std::ifstream in(index);
       std::stringstream ss;
       ss << in.rdbuf();
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(ss.str());
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(tessera::detail::str("load_gpt2_safetensors: ", index, " is not valid JSON: ", e.what()));
-      }
-      TESSERA_EXPECTS(j.contains("weight_map") && j["weight_map"].is_object(), "load_gpt2_safetensors: ", index,
+      const std::string what = tessera::detail::str("load_gpt2_safetensors: ", index);
+      const auto j = detail::parse_json<nlohmann::json>(ss.str(), what);
+      TESSERA_EXPECTS(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), what,
                       " has no weight_map object");
       std::set<std::string> files;
-      for (const auto& f : j["weight_map"]) files.insert(f.get<std::string>());
+      for (auto f = j["weight_map"].begin(); f != j["weight_map"].end(); ++f) {
+        const std::string file = detail::string_of(*f, what + ": the file of tensor '" + f.key() + "'");
+        // Hugging Face's shards lie beside the index: a name with a separator would read elsewhere.
+        TESSERA_EXPECTS(!file.empty() && file != "." && file != ".." && file.find('/') == std::string::npos, what,
+                        ": the file of tensor '", f.key(), "' is \"", file, "\", not a file name beside the index");
+        files.insert(file);
+      }
       for (const std::string& f : files) paths.push_back(path / f);
     } else {
       paths.push_back(path / "model.safetensors");

@@ -32,6 +32,7 @@
 
 #include "tessera/checkpoint/atomic_file.hpp"
 #include "tessera/checkpoint/crc32.hpp"
+#include "tessera/checkpoint/detail/json_input.hpp"
 #include "tessera/checkpoint/safetensors_dtype.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/shape.hpp"
@@ -78,13 +79,19 @@ class SafetensorsFile {
   /// numbers for every defect listed in the class comment (e.g. "tensor 'wte.weight' ends at
   /// byte 1024 of the data but the file holds 1000 bytes of data: the file is truncated").
   explicit SafetensorsFile(std::filesystem::path path) : path_(std::move(path)) {
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     TESSERA_EXPECTS(fd >= 0, "safetensors: cannot open ", path_, ": ", detail::errno_text(errno));
     struct ::stat st {};
     if (::fstat(fd, &st) != 0) {
       const int err = errno;
       ::close(fd);
       throw Error(tessera::detail::str("safetensors: cannot stat ", path_, ": ", detail::errno_text(err)));
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw Error(tessera::detail::str("safetensors: ", path_, " is not a regular file (",
+                                       S_ISDIR(st.st_mode) ? "a directory" : "a device, FIFO or socket", ")"));
     }
     size_ = static_cast<std::uint64_t>(st.st_size);
     if (size_ > 0) {
@@ -205,12 +212,9 @@ class SafetensorsFile {
                                 " bytes after the length field: the file is truncated or not safetensors"));
     data_offset_ = 8 + n;
     const std::uint64_t data_size = size_ - data_offset_;
-    nlohmann::json h;
-    try {
-      h = nlohmann::json::parse(reinterpret_cast<const char*>(base_ + 8), reinterpret_cast<const char*>(base_ + 8 + n));
-    } catch (const nlohmann::json::exception& e) {
-      fail(tessera::detail::str("the ", n, "-byte header is not valid JSON: ", e.what()));
-    }
+    const nlohmann::json h = detail::parse_json<nlohmann::json>(
+        std::string_view(reinterpret_cast<const char*>(base_ + 8), static_cast<std::size_t>(n)),
+        tessera::detail::str("safetensors: ", path_, ": the ", n, "-byte header"));
     if (!h.is_object()) fail("the header is not a JSON object");
     for (auto it = h.begin(); it != h.end(); ++it) {
       if (it.key() == "__metadata__") {
@@ -248,12 +252,8 @@ class SafetensorsFile {
                                 ")"));
     for (std::size_t i = 0; i < tensors_.size(); ++i) by_name_[tensors_[i].name] = i;
     if (const auto it = metadata_.find(std::string(crc32_metadata_key)); it != metadata_.end()) {
-      nlohmann::json crcs;
-      try {
-        crcs = nlohmann::json::parse(it->second);
-      } catch (const nlohmann::json::exception& e) {
-        fail(tessera::detail::str("metadata '", crc32_metadata_key, "' is not valid JSON: ", e.what()));
-      }
+      const nlohmann::json crcs = detail::parse_json<nlohmann::json>(
+          it->second, tessera::detail::str("safetensors: ", path_, ": metadata '", crc32_metadata_key, "'"));
       if (!crcs.is_object()) fail(tessera::detail::str("metadata '", crc32_metadata_key, "' is not a JSON object"));
       for (auto c = crcs.begin(); c != crcs.end(); ++c) {
         if (!by_name_.count(c.key()))
@@ -263,7 +263,7 @@ class SafetensorsFile {
         char* end = nullptr;
         const unsigned long v = std::strtoul(s.c_str(), &end, 16);
         if (s.empty() || end != s.c_str() + s.size() || v > 0xFFFFFFFFUL)
-          fail(tessera::detail::str("CRC-32 of tensor '", c.key(), "' is not 8 hex digits: ", c->dump()));
+          fail(tessera::detail::str("CRC-32 of tensor '", c.key(), "' is not 8 hex digits: ", detail::brief(*c)));
         crc_[c.key()] = static_cast<std::uint32_t>(v);
       }
     }
@@ -277,7 +277,7 @@ class SafetensorsFile {
     const auto dt = e.find("dtype");
     if (dt == e.end() || !dt->is_string()) bad("no \"dtype\" string");
     const auto parsed = parse_safetensors_dtype(dt->get<std::string>());
-    if (!parsed) bad(tessera::detail::str("dtype ", dt->dump(), " is not one of F16, BF16, F32, F64, I32, I64"));
+    if (!parsed) bad(tessera::detail::str("dtype ", detail::brief(*dt), " is not one of F16, BF16, F32, F64, I32, I64"));
     t.dtype = *parsed;
     const auto sh = e.find("shape");
     if (sh == e.end() || !sh->is_array()) bad("no \"shape\" array");
@@ -285,9 +285,9 @@ class SafetensorsFile {
     std::uint64_t numel = 1;
     for (const auto& d : *sh) {
       if (!d.is_number_unsigned() || d.get<std::uint64_t>() > max_extent)
-        bad(tessera::detail::str("shape ", sh->dump(), " has an extent that is not a non-negative integer"));
+        bad(tessera::detail::str("shape ", detail::brief(*sh), " has an extent that is not a non-negative integer"));
       const std::uint64_t x = d.get<std::uint64_t>();
-      if (x != 0 && numel > max_extent / x) bad(tessera::detail::str("shape ", sh->dump(), " overflows"));
+      if (x != 0 && numel > max_extent / x) bad(tessera::detail::str("shape ", detail::brief(*sh), " overflows"));
       numel *= x;
       t.shape.push_back(static_cast<std::int64_t>(x));
     }

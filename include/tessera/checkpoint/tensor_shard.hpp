@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "tessera/checkpoint/detail/json_input.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
@@ -115,6 +116,7 @@ struct ShardGeometry {
   /// whole tensor is one run; a column shard of a (R, C) matrix is R runs per range.
   std::vector<Run> runs() const {
     std::vector<Run> out;
+    if (global_numel() == 0) return out;  // nothing held; also no loop over a huge outer extent
     auto push = [&out](Run r) {
       if (r.length == 0) return;
       if (!out.empty() && out.back().global + out.back().length == r.global &&
@@ -161,37 +163,54 @@ struct ShardGeometry {
     if (local_extent >= 0) j["local_extent"] = local_extent;
     return j;
   }
-  /// Parses `to_json`'s form and checks it (ranges inside the global extent, flat range inside
-  /// the local tensor). Throws tessera::Error naming `name` (the tensor) and the defect.
+  /// Parses `to_json`'s form and checks it: integers of the right type, non-negative extents
+  /// whose element count fits in int64 (for the local tensor too), a shard_dim of the shape,
+  /// increasing disjoint ranges inside the global extent, a flat range inside the local
+  /// tensor. Throws tessera::Error naming `name` (the tensor) and the defect; never anything
+  /// else, whatever `j` holds.
   static ShardGeometry from_json(const nlohmann::json& j, std::string_view name) {
-    auto bad = [&](const std::string& what) {
-      throw Error(tessera::detail::str("tensor '", name, "': shard description ", j.dump(), " ", what));
+    const std::string what = tessera::detail::str("tensor '", name, "': shard description ", detail::brief(j));
+    auto bad = [&](const std::string& defect) { throw Error(tessera::detail::str(what, " ", defect)); };
+    auto array_of = [&](const nlohmann::json& a, std::string_view key, std::size_t size) -> const nlohmann::json& {
+      if (!a.is_array() || (size > 0 && a.size() != size))
+        bad(tessera::detail::str("has a \"", key, "\" that is not ", size > 0 ? "a pair" : "an array"));
+      return a;
+    };
+    auto pair = [&](const nlohmann::json& a, std::string_view key) {
+      const nlohmann::json& p = array_of(a, key, 2);
+      return std::array<std::int64_t, 2>{detail::integer<std::int64_t>(p[0], what + " " + std::string(key)),
+                                         detail::integer<std::int64_t>(p[1], what + " " + std::string(key))};
     };
     ShardGeometry g;
-    try {
-      g.global_shape = j.at("global_shape").get<std::vector<std::int64_t>>();
-      g.shard_dim = j.at("shard_dim").get<int>();
-      for (const auto& r : j.at("ranges")) g.ranges.push_back({r.at(0).get<std::int64_t>(), r.at(1).get<std::int64_t>()});
-      if (j.contains("flat")) g.flat = std::array<std::int64_t, 2>{j["flat"].at(0).get<std::int64_t>(), j["flat"].at(1).get<std::int64_t>()};
-      if (j.contains("local_extent")) g.local_extent = j["local_extent"].get<std::int64_t>();
-    } catch (const nlohmann::json::exception& e) {
-      bad(tessera::detail::str("is malformed: ", e.what()));
-    }
-    for (std::int64_t d : g.global_shape)
-      if (d < 0) bad("has a negative extent");
-    if (g.shard_dim < -1 || g.shard_dim >= static_cast<int>(g.global_shape.size())) bad("has an invalid shard_dim");
+    for (const auto& d : array_of(detail::member(j, "global_shape", what), "global_shape", 0))
+      g.global_shape.push_back(detail::integer<std::int64_t>(d, what + " extent", 0));
+    if (g.global_shape.size() > static_cast<std::size_t>(max_rank))
+      bad(tessera::detail::str("has rank ", g.global_shape.size(), " above ", max_rank));
+    g.shard_dim = detail::integer<int>(detail::member(j, "shard_dim", what), what + " shard_dim", -1,
+                                       static_cast<int>(g.global_shape.size()) - 1);
+    for (const auto& r : array_of(detail::member(j, "ranges", what), "ranges", 0)) g.ranges.push_back(pair(r, "range"));
+    if (j.contains("flat")) g.flat = pair(j["flat"], "flat");
+    if (j.contains("local_extent")) g.local_extent = detail::integer<std::int64_t>(j["local_extent"], what + " local_extent", 0);
+    if (detail::checked_numel(g.global_shape) < 0) bad("has more elements than an int64 counts");
     if (g.shard_dim >= 0) {
       const std::int64_t ext = g.global_shape[static_cast<std::size_t>(g.shard_dim)];
-      std::int64_t held = 0;
+      std::int64_t held = 0, at = 0;
       for (const auto& r : g.ranges) {
-        if (r[0] < 0 || r[0] > r[1] || r[1] > ext) bad("has a range outside the global extent");
-        held += r[1] - r[0];
+        if (r[0] < at || r[0] > r[1] || r[1] > ext)
+          bad(tessera::detail::str("has a range [", r[0], ", ", r[1], ") outside the global extent ", ext,
+                                   " or not after the previous one"));
+        held += r[1] - r[0];  // <= ext: the ranges are disjoint
+        at = r[1];
       }
       if (g.local_extent >= 0 && g.local_extent < held) bad("has a local extent smaller than its ranges");
     } else if (g.local_extent >= 0) {
       bad("has a local extent but no shard dim");
+    } else if (!g.ranges.empty()) {
+      bad("has ranges but no shard dim");
     }
-    if (g.flat && ((*g.flat)[0] < 0 || (*g.flat)[0] > (*g.flat)[1] || (*g.flat)[1] > g.local_numel()))
+    const std::int64_t local = detail::checked_numel(g.local_shape());
+    if (local < 0) bad("has a local tensor of more elements than an int64 counts");
+    if (g.flat && ((*g.flat)[0] < 0 || (*g.flat)[0] > (*g.flat)[1] || (*g.flat)[1] > local))
       bad("has a flat range outside the local tensor");
     return g;
   }

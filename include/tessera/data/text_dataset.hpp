@@ -4,9 +4,10 @@
 /// validation, sampled into (B, T) batches of which each data-parallel rank takes its own rows.
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,13 +57,24 @@ struct Batch {
 /// data-parallel rank reads only its own rows: rank r of dp takes rows [r B/dp, (r+1) B/dp).
 class TextDataset {
  public:
-  /// Reads and tokenizes `path`. Throws Error if the file cannot be read, or is too short for
-  /// one sequence of `context + 1` tokens in each split.
+  /// Reads and tokenizes `path`. Throws Error naming the file if it does not exist, is not a
+  /// regular file (a directory, a FIFO), cannot be read to its end, or is too short for one
+  /// sequence of `context + 1` tokens in each split. Any bytes are valid text.
   TextDataset(const std::string& path, std::int64_t context, double val_fraction = 0.1)
       : context_(context) {
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    TESSERA_EXPECTS(std::filesystem::exists(status), "TextDataset: \"", path, "\" does not exist");
+    TESSERA_EXPECTS(std::filesystem::is_regular_file(status), "TextDataset: \"", path, "\" is not a regular file (",
+                    std::filesystem::is_directory(status) ? "a directory" : "a device, FIFO or socket", ")");
     std::ifstream in(path, std::ios::binary);
     TESSERA_EXPECTS(in.good(), "TextDataset: cannot open \"", path, "\"");
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::uintmax_t bytes = std::filesystem::file_size(path, ec);
+    TESSERA_EXPECTS(!ec, "TextDataset: cannot read the size of \"", path, "\": ", ec.message());
+    std::string text(static_cast<std::size_t>(bytes), '\0');
+    in.read(text.data(), static_cast<std::streamsize>(bytes));
+    TESSERA_EXPECTS(static_cast<std::uintmax_t>(in.gcount()) == bytes, "TextDataset: read ", in.gcount(), " of the ",
+                    bytes, " bytes of \"", path, "\" (the file changed or a read failed)");
     init(ByteTokenizer::encode(text), val_fraction, path);
   }
   /// A dataset over given tokens (for tests).
