@@ -335,3 +335,57 @@ TEST_CASE("BLOOM sweep (rows.md): the layout whose model state alone exceeds 80 
   CHECK(n == 15);
   CHECK(flagged == 1);
 }
+
+TEST_CASE("CostModel: 70 blocks over 12 stages (BLOOM) give 5 to the first and last stage and 6 to the ten inner ones") {
+  const ModelSpec m{.name = "BLOOM", .layers = 70, .hidden = 14336, .heads = 112, .kv_heads = 0, .ffn = 0,
+                    .vocab = 250880, .seq = 2048, .tied = true};
+  const CostModel cm{.model = m, .cluster = flat_cluster(), .layout = Layout{.dp = 8, .tp = 4, .pp = 12}};
+  int total = 0;
+  for (int s = 0; s < 12; ++s) {
+    CAPTURE(s);
+    CHECK(cm.stage_layers(s) == (s == 0 || s == 11 ? 5 : 6));
+    total += cm.stage_layers(s);
+  }
+  CHECK(total == 70);
+  // Evenly divided: every stage the same.
+  const CostModel even{.model = gpt175(), .cluster = flat_cluster(), .layout = Layout{.pp = 8, .virtual_stages = 3}};
+  for (int s = 0; s < 24; ++s) CHECK(even.stage_layers(s) == 4);
+}
+
+TEST_CASE("Plan::predict: bad layouts fail with errors that name the numbers") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "small", .layers = 4, .hidden = 64, .heads = 4, .kv_heads = 0, .ffn = 0, .vocab = 100,
+                    .seq = 32, .tied = true};
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, Layout{.pp = 8, .microbatch_size = 1, .num_microbatches = 8}),
+                       doctest::Contains("4 layers cannot fill 8 pipeline stages (pp 8 x virtual_stages 1)"), Error);
+  Layout il{.pp = 2, .virtual_stages = 2, .microbatch_size = 1, .num_microbatches = 3};
+  il.schedule = PipelineSchedule::interleaved;
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, il), doctest::Contains("num_microbatches % group = 3 % 2 = 1"), Error);
+  Layout v_without{.pp = 2, .virtual_stages = 2, .microbatch_size = 1, .num_microbatches = 4};
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, v_without), doctest::Contains("virtual_stages 2 needs the interleaved schedule"),
+                       Error);
+  Layout sp{.tp = 1};
+  sp.sequence_parallel = true;
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, sp), doctest::Contains("sequence parallelism needs tp > 1, got tp 1"), Error);
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, Layout{.zero_stage = 4}), doctest::Contains("got 4"), Error);
+  ModelSpec bad = m;
+  bad.heads = 5;
+  CHECK_THROWS_WITH_AS(Plan::predict(bad, c, Layout{}), doctest::Contains("heads 5 must divide hidden 64"), Error);
+}
+
+TEST_CASE("search: odd world sizes 3 and 7 give only layouts of that many devices, the rest rejected with reasons") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "small", .layers = 21, .hidden = 512, .heads = 8, .kv_heads = 0, .ffn = 0, .vocab = 1000,
+                    .seq = 256, .tied = true};
+  for (int world : {3, 7}) {
+    CAPTURE(world);
+    const SearchResult r = search(m, c, SearchOptions{.world = world, .global_batch = 4 * world});
+    REQUIRE(!r.ranked.empty());
+    for (const Plan& p : r.ranked) {
+      CHECK(p.layout.world() == world);
+      CHECK(p.layout.global_batch() == 4 * world);
+      CHECK(p.layout.tp == 1);  // 3 and 7 are not powers of two: tp stays 1
+    }
+    for (const Rejected& x : r.rejected) CHECK(!x.reason.empty());
+  }
+}
