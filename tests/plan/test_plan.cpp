@@ -17,6 +17,7 @@
 
 #include "tessera/plan/plan.hpp"
 #include "tessera/plan/search.hpp"
+#include "tessera/schedule/svg.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/instrumented_comm.hpp"
 #include "tessera/testing/run_ranks.hpp"
@@ -388,4 +389,23 @@ TEST_CASE("search: odd world sizes 3 and 7 give only layouts of that many device
     }
     for (const Rejected& x : r.rejected) CHECK(!x.reason.empty());
   }
+}
+
+TEST_CASE("Plan: the predicted timeline holds every F and B once and both sides of every send; its SVG one box per F and B") {
+  const ModelSpec m{.name = "small", .layers = 16, .hidden = 1024, .heads = 16, .kv_heads = 0, .ffn = 0, .vocab = 32000,
+                    .seq = 1024, .tied = true};
+  Layout l{.dp = 2, .tp = 2, .pp = 4, .virtual_stages = 2, .microbatch_size = 1, .num_microbatches = 8};
+  l.schedule = PipelineSchedule::interleaved;
+  const Plan p = Plan::predict(m, flat_cluster(), l);
+  const schedule::Timeline& t = p.time.timeline;
+  const int S = 8, mb = 8;
+  long long computes = 0, transfers = 0;
+  for (const schedule::TimelineEvent& e : t.events) (e.action.is_compute() ? computes : transfers) += 1;
+  CHECK(computes == 2LL * S * mb);
+  CHECK(transfers == 2 * p.time.p2p_messages);  // a SEND and its RECV
+  const std::string svg = schedule::to_svg(t);
+  std::size_t boxes = 0;
+  for (std::size_t at = svg.find("<rect class=\"F\""); at != std::string::npos; at = svg.find("<rect class=\"F\"", at + 1))
+    ++boxes;
+  CHECK(boxes == static_cast<std::size_t>(S * mb));
 }
