@@ -87,10 +87,24 @@ struct CostModel {
     return 2.0 * (n - 1) / n * bytes / bandwidth + 2.0 * (n - 1) * latency;
   }
 
-  /// Seconds of one tensor-parallel all-reduce of one micro-batch's activations (b s h
-  /// elements), inside a node when tp fits in one, else across nodes.
+  /// Tensor-parallel all-reduces in one block's forward: Megatron-LM's g after the attention
+  /// and after the MLP. With sequence parallelism each is a reduce-scatter plus an all-gather
+  /// moving the same bytes. (tessera's TensorParallel<nn::Block> issues these; tests/plan
+  /// counts them on an instrumented run.)
+  static constexpr int tp_all_reduces_forward = 2;
+  /// Tensor-parallel all-reduces in one block's backward: f's backward before the attention and
+  /// before the MLP (a recomputed forward adds tp_all_reduces_forward more).
+  static constexpr int tp_all_reduces_backward = 2;
+
+  /// Elements of one tensor-parallel all-reduce: one micro-batch's activations, b s h.
+  double tp_all_reduce_elements() const {
+    return static_cast<double>(model.seq) * layout.microbatch_size * model.hidden;
+  }
+
+  /// Seconds of one tensor-parallel all-reduce of tp_all_reduce_elements() activations, inside
+  /// a node when tp fits in one, else across nodes.
   double tp_all_reduce_seconds() const {
-    const double bytes = precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden;
+    const double bytes = precision.activation_bytes * tp_all_reduce_elements();
     const bool inside = layout.tp <= cluster.devices_per_node;
     return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
                               inside ? cluster.intra_node_latency : cluster.inter_node_latency);
@@ -105,7 +119,7 @@ struct CostModel {
     Layout keep_all = layout;
     keep_all.recompute = Recompute::none;
     w.compute += 2 * LayerActivations::of(model, keep_all, precision).bytes() / cluster.memory_bandwidth;
-    w.tp_comm = 2 * tp_all_reduce_seconds();
+    w.tp_comm = tp_all_reduces_forward * tp_all_reduce_seconds();
     return w;
   }
 
@@ -121,10 +135,10 @@ struct CostModel {
   }
 
   /// One block's backward for one micro-batch: twice the forward's GEMMs and memory-bound
-  /// work, two tp all-reduces (f's backward), plus the recomputation the layout asks for.
+  /// work, tp_all_reduces_backward tp all-reduces, plus the recomputation the layout asks for.
   WorkTime layer_backward() const {
     const WorkTime fwd = layer_forward();
-    WorkTime w{2 * fwd.compute, fwd.tp_comm};
+    WorkTime w{2 * fwd.compute, tp_all_reduces_backward * tp_all_reduce_seconds()};
     if (layout.recompute == Recompute::full) w += fwd;
     if (layout.recompute == Recompute::selective) w += attention_core_forward();
     return w;
