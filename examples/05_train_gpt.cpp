@@ -92,7 +92,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     for (int k = 0; k < a.accum; ++k) {
       const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
-      model.forward_backward(x, y);
+      // The rows' place in the global batch: dropout draws the masks of the single-rank run.
+      model.forward_backward(x, y, BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = r0 + k * chunk});
       const HybridStepStats& s = model.last_step();
       c += s.compute_seconds;
       m += s.tp_comm_seconds + s.dp_comm_seconds;
@@ -161,6 +162,8 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(std::isfinite(a.clip) && a.clip >= 0, "train_gpt: --clip ", a.clip, " must be >= 0 (0: no clipping)");
     TESSERA_EXPECTS(std::isfinite(a.weight_decay) && a.weight_decay >= 0, "train_gpt: --weight-decay ", a.weight_decay,
                     " must be >= 0");
+    TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
+                    " must be in [0, 1)");
     TESSERA_EXPECTS(std::isfinite(a.temperature) && a.temperature > 0, "train_gpt: --temperature ", a.temperature,
                     " must be positive");
     TESSERA_EXPECTS(a.backend == "mpi" || a.world() <= 4096, "train_gpt: dp x pp x tp = ", a.world(),

@@ -34,6 +34,7 @@ struct Args {
   int layers = 4, d_model = 128, heads = 4, context = 64;
   int batch = 16;  // global batch (sequences per optimizer step)
   double lr = 1e-3, min_lr = 1e-4, clip = 1.0, weight_decay = 0.0;
+  double dropout = 0.0;  // on the embeddings (GPT-2's embd_pdrop)
   int warmup = 20;
   std::uint64_t seed = 1;
   int val_every = 50, val_batches = 4, log_every = 10;
@@ -55,7 +56,7 @@ struct Args {
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
   GPTConfig config() const {
     return {.vocab_size = data::ByteTokenizer::vocab_size, .n_positions = context, .n_layer = layers,
-            .n_head = heads, .d_model = d_model};
+            .n_head = heads, .d_model = d_model, .embd_pdrop = dropout};
   }
   HybridOptions hybrid() const {
     const PipelineScheduleKind kind = schedule == "gpipe"         ? PipelineScheduleKind::gpipe
@@ -102,7 +103,8 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--min-lr", a.min_lr, "final learning rate of the cosine decay");
   app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
   app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
-  app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay");
+  app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay (not on biases and LayerNorm weights)");
+  app.add_option("--dropout", a.dropout, "dropout probability on the embeddings (GPT-2's embd_pdrop), in [0, 1)");
   app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling");
   app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::Range(1, 1 << 30));

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "gpt/args.hpp"
+#include "tessera/core/batch_position.hpp"
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
@@ -12,7 +13,7 @@
 namespace train_gpt {
 
 // The same training on one rank without any policy: GPT, mean cross-entropy, clipping,
-// AdamW with the same schedule and data. Returns the per-step losses of `steps` steps.
+// AdamW with the same groups, schedule, data and dropout masks. Returns the per-step losses of `steps` steps.
 inline std::vector<double> serial_losses(const Args& a, int steps) {
   const data::TextDataset ds(a.data, a.context);
   GPT<float> gpt(a.config(), a.seed);
@@ -24,6 +25,7 @@ inline std::vector<double> serial_losses(const Args& a, int steps) {
   for (int step = 0; step < steps; ++step) {
     const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, 0, a.batch);
     ps.zero_grad();
+    const BatchPositionScope at(BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = 0});  // dropout masks
     auto [logits, ctx] = gpt.forward(b.inputs);
     auto [loss, lctx] = ce.forward(logits, b.targets);
     gpt.backward(ce.backward(1.0f, lctx), ctx);

@@ -21,6 +21,7 @@
 #include "tessera/nn/embedding.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/nn/linear.hpp"
+#include "tessera/core/batch_position.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/optim/param_group.hpp"
@@ -115,7 +116,7 @@ struct Reference {
   std::map<std::string, Tensor<float>> params;
 };
 
-// The serial run: SequentialModel, mean cross-entropy, clip, AdamW.
+// The serial run: SequentialModel, mean cross-entropy, clip, AdamW (with weight-decay groups).
 template <class D>
 Reference serial_reference(const D& d, const Setup& s) {
   SequentialModel<D> model(d);
@@ -126,6 +127,8 @@ Reference serial_reference(const D& d, const Setup& s) {
   for (int step = 0; step < s.steps; ++step) {
     auto [x, y] = batch_of(d, s, step);
     ps.zero_grad();
+    // The whole batch of step `step` from row 0: the dropout masks every layout draws.
+    const BatchPositionScope at(BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = 0});
     auto [logits, ctx] = model.forward(x);
     auto [loss, lctx] = ce.forward(logits, y);
     model.backward(ce.backward(1.0f, lctx), ctx);

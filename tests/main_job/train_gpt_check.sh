@@ -68,8 +68,9 @@ PY
 for i in $(seq 1 400); do echo "In the beginning God created the heaven and the earth. And the earth was without form."; done > "$work/text.txt"
 model=(--layers 2 --d-model 32 --heads 4 --context 16 --batch 8 --warmup 2 --val-every 0 --log-every 1)
 
-echo "== dp 2 x pp 2 x tp 2, verified against the serial run, saved"
+echo "== dp 2 x pp 2 x tp 2 (ZeRO-1, weight-decay groups, embedding dropout), verified against the serial run, saved"
 "$train" --data "$work/text.txt" "${model[@]}" --dp 2 --pp 2 --tp 2 --microbatches 2 --steps $verify_steps --verify \
+  --zero1 --weight-decay 0.1 --dropout 0.1 \
   --save "$work/ckpt" --sample-len 20 --loss-svg "$work/loss.svg" | tee "$work/a.log"
 grep -q "verify: largest relative loss difference vs the serial run over the first $verify_steps steps" "$work/a.log" \
   || fail "no verify line"

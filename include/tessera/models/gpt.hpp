@@ -26,6 +26,7 @@
 #include "tessera/nn/layer_init.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/nn/lm_head.hpp"
+#include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/parallel/tensor/layouts.hpp"
 #include "tessera/parallel/hybrid/sequential_model.hpp"
 #include "tessera/parallel/pipeline/stage_partition.hpp"
@@ -42,6 +43,9 @@ struct GPTConfig {
   std::int64_t n_layer = 12;        ///< transformer blocks
   std::int64_t n_head = 12;         ///< attention heads per block
   std::int64_t d_model = 768;       ///< width (Hugging Face `n_embd`)
+  /// Dropout probability on the embeddings (Hugging Face `embd_pdrop`; 0: none). Not part of
+  /// the architecture: checkpoints do not record it.
+  double embd_pdrop = 0.0;
 };
 
 /// `c` itself, after checking it: throws tessera::Error naming the values when a size is not
@@ -51,8 +55,50 @@ inline GPTConfig validated(const GPTConfig& c) {
                   "GPTConfig: sizes must be positive: vocab_size=", c.vocab_size, " n_positions=", c.n_positions,
                   " n_layer=", c.n_layer, " n_head=", c.n_head, " d_model=", c.d_model);
   TESSERA_EXPECTS(c.d_model % c.n_head == 0, "GPTConfig: n_head ", c.n_head, " does not divide d_model ", c.d_model);
+  TESSERA_EXPECTS(c.embd_pdrop >= 0.0 && c.embd_pdrop < 1.0, "GPTConfig: embd_pdrop ", c.embd_pdrop,
+                  " is outside [0, 1)");
   return c;
 }
+
+/// GPT-2's first layer: the embedding (nn::GPTEmbedding: wte[tokens] + wpe[positions]), then
+/// dropout with probability embd_pdrop (Hugging Face's `drop`), whose masks follow the
+/// thread's BatchPosition (the step and the global row), so every layout draws the single-rank
+/// run's masks; the identity in evaluation. Tensor-parallel form: VocabParallelGPTEmbedding.
+///
+/// tokens: (B, T) int32 -> (B, T, d).
+template <std::floating_point T>
+class GPTInput {
+ public:
+  using Input = Tensor<std::int32_t>;  ///< tokens: (B, T)
+  /// What backward needs: the embedding's and the dropout's contexts.
+  struct Context {
+    typename nn::GPTEmbedding<T>::Context embedding;  ///< the lookups'
+    typename Dropout<T>::Context drop;                ///< the mask
+  };
+  /// The embedding and its dropout.
+  GPTInput(nn::GPTEmbedding<T> embedding, Dropout<T> drop) : embedding_(std::move(embedding)), drop_(std::move(drop)) {}
+
+  /// Embeddings, dropped out. Throws what nn::GPTEmbedding throws.
+  ForwardResult<Tensor<T>, Context> forward(const Tensor<std::int32_t>& tokens) const {
+    auto [h, ce] = embedding_.forward(tokens);
+    auto [y, cd] = drop_.forward(h);
+    return {std::move(y), Context{std::move(ce), std::move(cd)}};
+  }
+  /// Accumulates wte's and wpe's gradients.
+  NoGrad backward(const Tensor<T>& dy, const Context& ctx) {
+    return embedding_.backward(drop_.backward(dy, ctx.drop), ctx.embedding);
+  }
+  /// wte.weight, wpe.weight.
+  ParameterList<T> parameters() { return embedding_.parameters(); }
+  /// The embedding.
+  nn::GPTEmbedding<T>& embedding() noexcept { return embedding_; }
+  /// The dropout.
+  const Dropout<T>& dropout() const noexcept { return drop_; }
+
+ private:
+  nn::GPTEmbedding<T> embedding_;
+  Dropout<T> drop_;
+};
 
 /// GPT-2's last layer: ln_f, then logits = x W^T with W the token embedding "wte.weight"
 /// [vocab_size, d] (the tied LM head; Press and Wolf 2017). Built alone it holds its own copy
@@ -109,14 +155,14 @@ class GPTHead {
 };
 
 /// GPT-2 described as a sequence of layers (SequentialModelDescription): layer 0 the
-/// embedding (nn::GPTEmbedding: tokens (B, T) int32 -> (B, T, d)), layers 1..n_layer the blocks
+/// embedding and its dropout (GPTInput: tokens (B, T) int32 -> (B, T, d)), layers 1..n_layer the blocks
 /// "h.{i}" (nn::Block), layer n_layer + 1 the head (GPTHead -> logits (B, T, vocab_size)), the
 /// head's weight tied to "wte.weight". Each layer initialized as GPT-2 from `seed` (LayerInit:
 /// normal(0, 0.02), residual projections scaled by 1 / sqrt(2 n_layer)), keyed by parameter
 /// name, so any layer built anywhere holds the same values.
 template <std::floating_point T>
 struct GPTDescription {
-  using First = nn::GPTEmbedding<T>;  ///< wte + wpe
+  using First = GPTInput<T>;          ///< wte + wpe, dropout
   using Block = nn::Block<T>;         ///< a pre-LN transformer block
   using Last = GPTHead<T>;            ///< ln_f + the tied LM head
 
@@ -130,7 +176,10 @@ struct GPTDescription {
   /// n_layer.
   int num_blocks() const noexcept { return static_cast<int>(config.n_layer); }
   /// The embedding.
-  First first() const { return First(config.vocab_size, config.n_positions, config.d_model, init()); }
+  First first() const {
+    return First(nn::GPTEmbedding<T>(config.vocab_size, config.n_positions, config.d_model, init()),
+                 Dropout<T>(config.embd_pdrop, init().child("drop")));
+  }
   /// Block h.{i}.
   Block block(int i) const { return Block(config.d_model, config.n_head, init().child("h." + std::to_string(i))); }
   /// The head.
@@ -227,6 +276,8 @@ auto make_gpt_pipeline_stage(const GPTConfig& config, std::uint64_t seed, const 
 /// (VocabParallelEmbedding, padded to a multiple of tp), wpe replicated; under sequence
 /// parallelism (Layout Shard<1>) the sum is reduce-scattered along T and each rank adds the
 /// rows of its own positions (wpe's gradient then partial over tp: sequence_parallel_parameters).
+/// Then the dropout, in the replicated region (the same mask on every tp rank) or the
+/// sequence-parallel one (each rank the mask's rows of its positions): the serial mask.
 /// tokens (B, T) int32, the same on every tp rank -> (B, T, d), or (B, T / tp, d). Collective
 /// over tp.
 template <std::floating_point T, class Layout>
@@ -241,11 +292,12 @@ class VocabParallelGPTEmbedding {
   struct Context {
     typename Wte::Context wte;               ///< token lookup
     typename nn::Embedding<T>::Context wpe;  ///< this rank's positions
+    typename Dropout<T>::Context drop;       ///< the dropout mask of this rank's positions
   };
 
-  /// This rank's form of `serial`. Collective over tp.
-  VocabParallelGPTEmbedding(nn::GPTEmbedding<T>& serial, Comm tp)
-      : tp_(tp), wte_(serial.wte(), std::move(tp)), wpe_(std::move(serial.wpe())) {}
+  /// This rank's form of `serial` (and its dropout). Collective over tp.
+  VocabParallelGPTEmbedding(nn::GPTEmbedding<T>& serial, Comm tp, Dropout<T> drop = Dropout<T>())
+      : tp_(tp), wte_(serial.wte(), std::move(tp)), wpe_(std::move(serial.wpe())), drop_(std::move(drop)) {}
 
   /// Embeddings of this rank's positions. Throws tessera::Error when tokens is not (B, T), T
   /// exceeds n_positions or (sequence parallelism) is not divisible by tp, or a token is outside
@@ -264,11 +316,15 @@ class VocabParallelGPTEmbedding {
     for (std::int64_t t = 0; t < local_t; ++t) pos.data()[t] = static_cast<std::int32_t>(t0 + t);
     auto [p, cp] = wpe_.forward(pos);
     for (std::int64_t b = 0; b < B; ++b) e.value.slice(0, b, b + 1).reshape(Shape{local_t, d}).add_(p);
-    return {std::move(e.value), Context{std::move(ce), std::move(cp)}};
+    const ShardInfo where{.region = sp ? ShardInfo::Region::sequence_parallel : ShardInfo::Region::replicated,
+                          .rank = tp_.rank(), .size = tp_.size()};
+    auto [y, cd] = drop_.forward(e.value, where);
+    return {std::move(y), Context{std::move(ce), std::move(cp), std::move(cd)}};
   }
   /// Accumulates both tables' gradients from dx (this rank's positions). Collective over tp
   /// under sequence parallelism.
-  NoGrad backward(const Tensor<T>& dx, const Context& ctx) {
+  NoGrad backward(const Tensor<T>& dy, const Context& ctx) {
+    const Tensor<T> dx = drop_.backward(dy, ctx.drop);
     const std::int64_t B = dx.size(0), local_t = dx.size(1), d = dx.size(2);
     Tensor<T> dp(Shape{local_t, d});
     for (std::int64_t b = 0; b < B; ++b) dp.add_(dx.slice(0, b, b + 1).contiguous().reshape(Shape{local_t, d}));
@@ -288,6 +344,7 @@ class VocabParallelGPTEmbedding {
   Comm tp_;
   Wte wte_;
   nn::Embedding<T> wpe_;
+  Dropout<T> drop_;
 };
 
 /// GPT-2's embedding runs as VocabParallelGPTEmbedding.
@@ -296,6 +353,14 @@ struct TensorParallelLayer<nn::GPTEmbedding<T>, Layout> {
   using type = VocabParallelGPTEmbedding<T, Layout>;  ///< the tensor-parallel form
   /// This rank's form of `serial`.
   static type make(nn::GPTEmbedding<T> serial, Comm tp) { return type(serial, std::move(tp)); }
+};
+
+/// GPT-2's first layer (embedding and dropout) runs as VocabParallelGPTEmbedding.
+template <std::floating_point T, class Layout>
+struct TensorParallelLayer<GPTInput<T>, Layout> {
+  using type = VocabParallelGPTEmbedding<T, Layout>;  ///< the tensor-parallel form
+  /// This rank's form of `serial`.
+  static type make(GPTInput<T> serial, Comm tp) { return type(serial.embedding(), std::move(tp), serial.dropout()); }
 };
 
 }  // namespace tessera

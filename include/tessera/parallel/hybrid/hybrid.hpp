@@ -122,6 +122,7 @@ class Hybrid {
                               .loss_normalization = LossNormalization::sum,
                               .accumulation_steps = options.accumulation_steps,
                               .record_timeline = options.record_timeline}) {
+    pipe_.set_replica(mesh.coord().dp);
     const ParameterList<T>& params = pipe_.parameters();
     expect_same_parameters(mesh.dp(), params, "Hybrid");
     broadcast_parameters(mesh.dp(), params, 0);
@@ -145,12 +146,17 @@ class Hybrid {
   /// options.num_microbatches micro-batches run in the schedule's order. When the call closes
   /// an accumulation window, the gradients are reduced over dp and normalized: ready for
   /// clipping and the optimizer step. Returns the mean loss over this call's valid targets
-  /// on all dp ranks, the same on every rank. Collective over the world. Throws what
-  /// PipelineParallel::step throws (a batch smaller than the micro-batch count, naming both).
-  double forward_backward(const Input& inputs, const Target& targets) {
+  /// on all dp ranks, the same on every rank. `at` places the rows in the global batch for
+  /// dropout (BatchPosition: the optimizer step and the global row of the first row); without
+  /// it the pipeline's default (see PipelineParallel::set_batch_position: dp rank r's rows
+  /// follow ranks 0..r-1's, each accumulation call's the previous call's). Collective over the
+  /// world. Throws what PipelineParallel::step throws (a batch smaller than the micro-batch
+  /// count, naming both).
+  double forward_backward(const Input& inputs, const Target& targets, std::optional<BatchPosition> at = std::nullopt) {
     const auto t0 = std::chrono::steady_clock::now();
     const double tp0 = tp_timer_->seconds;
     stats_ = HybridStepStats{};
+    if (at) pipe_.set_batch_position(*at);
     const double local_sum = static_cast<double>(pipe_.step(inputs, targets, options_.num_microbatches));
     return finish_step(t0, tp0, local_sum);
   }

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
+#include "tessera/core/batch_position.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
@@ -261,6 +262,19 @@ class PipelineParallel {
     return run_step(schedule::Schedule(builder.build(p_)), inputs, targets);
   }
 
+  /// The BatchPosition of the next step's rows (read by Dropout through the thread's
+  /// BatchPosition; micro-batch k's first row is at.first_row plus the rows before it). Without
+  /// it a step takes {step: the number of accumulation windows closed so far, first_row:
+  /// replica x B x accumulation_steps + the rows of the window's earlier steps} (B this step's
+  /// batch): replicas' rows follow each other in the global batch, as DistributedSampler splits
+  /// it. Local; every rank of the pipeline sets the same.
+  void set_batch_position(const BatchPosition& at) { next_position_ = at; }
+  /// The index of this pipeline among the dp replicas (Hybrid sets it): the default
+  /// BatchPosition's replica. Local.
+  void set_replica(int index) { replica_ = index; }
+  /// The BatchPosition of the last step's first row.
+  const BatchPosition& batch_position() const noexcept { return position_; }
+
   /// A step without data, for a pipeline whose data ran out while other dp replicas still have
   /// some (Hybrid::skip_forward_backward): no forward or backward and no transfers; the
   /// gradients keep what they hold (zero after zero_grad), the accumulation window advances,
@@ -281,6 +295,7 @@ class PipelineParallel {
   /// between ranks, one broadcast of the output). A stage that throws makes every rank throw:
   /// its own rank the stage's error, the others tessera::Error naming the stage and rank.
   Tensor<T> forward_only(const Input& inputs) {
+    const BatchPositionScope evaluation(BatchPosition{.training = false});  // no dropout
     Tensor<T> x;
     for (int s = 0; s < num_stages_; ++s) {
       const int owner = placement_.rank_of(s);
@@ -607,6 +622,15 @@ class PipelineParallel {
     const schedule::CheckReport& report = checked(s);
     const int m = s.num_microbatches;
     agree_on_batch(inputs, targets, m);
+    std::int64_t rows = 0;
+    for (std::int64_t n : sizes_) rows += n;
+    position_ = next_position_ ? *next_position_
+                               : BatchPosition{.step = windows_closed_,
+                                               .first_row = static_cast<std::int64_t>(replica_) * rows *
+                                                                options_.accumulation_steps +
+                                                            static_cast<std::int64_t>(window_steps_) * rows};
+    position_.training = true;
+    next_position_.reset();
     stats_ = PipelineStepStats{};
     stats_.shapes_exchanged = plan_shapes(m);
     stats_.schedule = s.description();
@@ -662,6 +686,7 @@ class PipelineParallel {
       window_sum_ = 0;
       window_count_ = 0;
       window_steps_ = 0;
+      ++windows_closed_;
       stats_.grads_final = true;
     }
   }
@@ -740,6 +765,9 @@ class PipelineParallel {
   void forward(int st, int mb, const Input& inputs, const Target& targets) {
     Stage& stage = local_stage(st);
     const std::size_t umb = static_cast<std::size_t>(mb);
+    BatchPosition at = position_;
+    at.first_row += offsets_[umb];
+    const BatchPositionScope scope(at);
     StageOutput<T> out;
     if (st == 0) {
       out = stage.forward_first(inputs.slice(0, offsets_[umb], offsets_[umb] + sizes_[umb]));
@@ -828,6 +856,10 @@ class PipelineParallel {
   double window_sum_ = 0;
   std::int64_t window_count_ = 0;
   int window_steps_ = 0;
+  std::uint64_t windows_closed_ = 0;           // the default BatchPosition's step
+  int replica_ = 0;                            // the default BatchPosition's replica
+  std::optional<BatchPosition> next_position_;  // set_batch_position's, for the next step
+  BatchPosition position_{};                   // the current step's
   double accumulated_loss_ = 0;
   std::int64_t accumulated_count_ = 0;
 };

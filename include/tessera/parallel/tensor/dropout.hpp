@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "tessera/core/batch_position.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
@@ -23,9 +24,13 @@ namespace tessera {
 /// p = 0 it is the identity (y is x itself, and no mask is drawn).
 ///
 /// The keep bit of element i is a pure function of (init.seed, the stream named init.prefix,
-/// the iteration set by set_iteration, i) (counter-based, tessera::random_bits), so a forward
-/// recomputed for activation checkpointing draws the same mask, and the mask of a slice is the
-/// slice of the mask.
+/// the iteration set by set_iteration, the step of the thread's BatchPosition, i)
+/// (counter-based, tessera::random_bits), so a forward recomputed for activation checkpointing
+/// draws the same mask, and the mask of a slice is the slice of the mask. i counts from the
+/// BatchPosition's first row: element (b, rest) of x is element (first_row + b, rest) of the
+/// global batch, so micro-batches, accumulation calls and dp replicas that hold other rows of
+/// one step's batch draw together exactly the mask of the whole batch on one rank. With
+/// BatchPosition::training false (evaluation: PipelineParallel::forward_only) it is the identity.
 ///
 /// Under tensor parallelism (forward with a ShardInfo, as TensorParallel calls it):
 /// - replicated region: the same mask on every tp rank (i is the element index);
@@ -64,11 +69,12 @@ class Dropout {
   /// The same on this rank's part of a tensor-parallel activation (see the class comment).
   /// Throws tessera::Error unless a sequence-parallel x is (B, T / tp, d).
   ForwardResult<Tensor<T>, Context> forward(const Tensor<T>& x, const ShardInfo& where) const {
-    if (p_ == 0.0) return {x, Context{}};
+    const BatchPosition at = current_batch_position();
+    if (p_ == 0.0 || !at.training) return {x, Context{}};
     const Tensor<T> xc = x.contiguous();
     Tensor<T> y = Tensor<T>::empty(x.shape());
     Tensor<T> mask = Tensor<T>::empty(x.shape());
-    std::uint64_t stream = stream_ ^ detail::splitmix64(iteration_);
+    std::uint64_t stream = stream_ ^ detail::splitmix64(iteration_) ^ detail::splitmix64(0x5354455000000000ULL ^ at.step);
     if (where.region == ShardInfo::Region::tensor_parallel)
       stream ^= detail::splitmix64(0x7470000000000000ULL + static_cast<std::uint64_t>(where.rank));
     const std::uint64_t key = stream_key(seed_, stream);
@@ -85,12 +91,18 @@ class Dropout {
       global_t = local_t * where.size;
       offset = local_t * where.rank;
     }
+    // Rows: dim 0 (the batch), so that the mask follows the rows' place in the global batch.
+    if (where.region != ShardInfo::Region::sequence_parallel && x.rank() >= 2 && x.size(0) > 0) {
+      rows = x.size(0);
+      inner = x.numel() / rows;
+    }
+    const std::int64_t row0 = at.first_row;
     const std::uint64_t threshold = static_cast<std::uint64_t>(p_ * 9007199254740992.0);  // p * 2^53
     std::int64_t i = 0;
     for (std::int64_t b = 0; b < rows; ++b)
       for (std::int64_t t = 0; t < local_t; ++t)
         for (std::int64_t j = 0; j < inner; ++j, ++i) {
-          const auto g = static_cast<std::uint64_t>((b * global_t + offset + t) * inner + j);
+          const auto g = static_cast<std::uint64_t>(((row0 + b) * global_t + offset + t) * inner + j);
           const bool keep = (detail::splitmix64(key ^ g) >> 11) >= threshold;
           mask.data()[i] = keep ? scale : T{0};
           y.data()[i] = xc.data()[i] * mask.data()[i];
