@@ -1,0 +1,16 @@
+// libFuzzer target: the token-file reader (TextDataset): the first byte picks the context, the rest is the
+// file; batches of an accepted file are checked against its bytes.
+// Built and run by scripts/fuzz.sh; the seed corpus is fuzz/corpus/token_file/. An input is accepted
+// or refused with a tessera::Error naming the file (tests/fuzz/fuzz_inputs.hpp); anything else
+// stops the fuzzer.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fuzz/fuzz_inputs.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  static const fuzz_inputs::ScratchDir dir;
+  fuzz_inputs::feed_token_file({data, size}, dir.path);
+  return 0;
+}
