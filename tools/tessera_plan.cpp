@@ -4,12 +4,15 @@
 //   tessera-plan rank     --cluster ... <model> --world 64 --batch 512               the search
 //   tessera-plan timeline --cluster ... <model> <layout> --svg step.svg              the replay
 //   tessera-plan validate plan/validation/published_rows.json                        published runs
+//   tessera-plan calibrate --out plan/clusters/this_machine_threads.json            this machine
+//   mpirun -np 2 tessera-plan calibrate --backend mpi --ranks 2 --out ...            (MPI links)
 //
 // <model>: --layers --hidden --heads [--kv-heads] [--ffn] --vocab --seq [--untied], or
 // --model file.json with the same keys. <layout>: --dp --tp --pp [--v] --mbs --batch
 // [--schedule] [--sp] [--recompute] [--zero] [--overlap-dp].
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -22,6 +25,12 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <thread>
+#include <unistd.h>
+
+#include "comm_benchmark.hpp"
+#include "tessera/comm/launch.hpp"
+#include "tessera/plan/calibration.hpp"
 #include "tessera/plan/plan.hpp"
 #include "tessera/plan/search.hpp"
 #include "tessera/schedule/chrome_trace.hpp"
@@ -238,6 +247,71 @@ int validate(const std::string& rows_path, const std::string& clusters_dir, doub
   return 0;
 }
 
+// ---- calibrate --------------------------------------------------------------------------------
+
+struct CalibrateArgs {
+  std::string backend = "threads", out, name;
+  std::vector<int> ranks{2, 4, 8};
+  std::vector<int> mbs{1, 2, 4, 8, 16, 32};
+  std::vector<int> tps{1, 2};
+  std::vector<double> comm_kib{16, 128, 1024, 8192};
+  int devices_per_node = 8, link_ranks = 2;
+  double min_seconds = 0.005;
+};
+
+// Measures this machine (GEMMs and element-wise kernels on rank 0 alone, then the collectives
+// at each rank count) and writes the cluster file. Under MPI every process runs this; rank 0
+// measures the kernels while the others wait, and writes.
+int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**& argv) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  tp::Calibration cal{.backend = c.backend, .cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};
+  std::vector<double> sizes;
+  for (double kib : c.comm_kib) sizes.push_back(kib * 1024);
+  auto kernels = [&] {
+    cal.measure_gemms(m, c.mbs, c.tps, c.min_seconds);
+    cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, m.hidden, c.min_seconds);
+    cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, 4LL * m.hidden, c.min_seconds);
+  };
+  if (c.backend == "threads") {
+    kernels();
+    for (int n : c.ranks)
+      tessera::threads::run(n, [&](tessera::Comm& world) {
+        auto samples = tessera_plan::measure_comm(world, sizes);
+        if (world.rank() == 0) cal.comm.insert(cal.comm.end(), samples.begin(), samples.end());
+      });
+  } else {
+    if (c.ranks.size() != 1)
+      throw tessera::Error("tessera-plan calibrate: with --backend mpi give one --ranks, the mpirun -np count");
+    tessera::launch(c.backend, c.ranks[0], argc, argv, [&](tessera::Comm& world) {
+      if (world.rank() == 0) kernels();
+      world.barrier();
+      auto samples = tessera_plan::measure_comm(world, sizes);
+      if (world.rank() == 0) cal.comm.insert(cal.comm.end(), samples.begin(), samples.end());
+    });
+    if (cal.comm.empty()) return 0;  // not rank 0
+  }
+  const double ram_gib = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE)) / kGiB;
+  const std::string name = c.name.empty() ? "this machine, " + c.backend + " backend" : c.name;
+  const int link = std::find(c.ranks.begin(), c.ranks.end(), c.link_ranks) != c.ranks.end() ? c.link_ranks : c.ranks[0];
+  const json j = cal.to_cluster_json(name, c.devices_per_node, ram_gib / c.devices_per_node, link);
+  std::printf("calibrated %s in %.1f s: %d cores, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
+              std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.peak_flops() / 1e9,
+              cal.elementwise_bandwidth / 1e9);
+  std::printf("  GEMM efficiency (GFLOP, fraction of peak):");
+  for (const auto& [f, e] : cal.gemm_efficiency().points) std::printf(" (%.3g, %.2f)", f / 1e9, e);
+  std::printf("\n");
+  for (const json& f : j.at("calibration").at("fits"))
+    std::printf("  %-15s %d ranks: latency %8.2f us, bandwidth %7.2f GB/s\n", f.at("collective").get<std::string>().c_str(),
+                f.at("ranks").get<int>(), f.at("latency_us").get<double>(), f.at("bandwidth_gbps").get<double>());
+  if (!c.out.empty()) {
+    std::ofstream(c.out) << j.dump(2) << "\n";
+    tp::Cluster::load(c.out);  // what the planner will read
+    std::printf("wrote %s\n", c.out.c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -280,9 +354,27 @@ int main(int argc, char** argv) {
   val_cmd->add_option("--max-mean-error", max_mean, "exit 2 when the C rows' mean |error| is above this fraction");
   val_cmd->add_option("--max-error", max_max, "exit 2 when a C row's |error| is above this fraction");
 
+  CLI::App* cal_cmd = app.add_subcommand("calibrate", "measure this machine and write a cluster file");
+  CalibrateArgs cal;
+  ModelArgs cal_model;
+  cal_model.spec = tp::ModelSpec{.name = "train_gpt main job", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0,
+                                 .ffn = 0, .vocab = 256, .seq = 128, .tied = true};
+  cal_model.add(cal_cmd);
+  cal_cmd->add_option("--backend", cal.backend, "threads, or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
+  cal_cmd->add_option("--ranks", cal.ranks, "communicator sizes to time (threads: each; mpi: the -np count)");
+  cal_cmd->add_option("--mbs", cal.mbs, "micro-batch sizes whose GEMM shapes are timed");
+  cal_cmd->add_option("--tp", cal.tps, "tensor-parallel sizes whose GEMM shapes are timed");
+  cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB");
+  cal_cmd->add_option("--devices-per-node", cal.devices_per_node, "ranks a node may hold (the search's largest tp)");
+  cal_cmd->add_option("--link-ranks", cal.link_ranks, "the rank count whose all-reduce fit becomes the link");
+  cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel");
+  cal_cmd->add_option("--name", cal.name, "the cluster's name");
+  cal_cmd->add_option("--out", cal.out, "write the cluster file here");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*val_cmd) return validate(rows_path, clusters_dir, max_mean, max_max);
+    if (*cal_cmd) return calibrate(cal, cal_model.get(), argc, argv);
     const tp::Cluster cluster = tp::Cluster::load(cluster_path);
     const tp::ModelSpec m = model.get();
     if (*rank_cmd) {

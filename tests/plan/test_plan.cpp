@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tessera/plan/calibration.hpp"
 #include "tessera/plan/plan.hpp"
 #include "tessera/plan/search.hpp"
 #include "tessera/schedule/svg.hpp"
@@ -408,4 +409,81 @@ TEST_CASE("Plan: the predicted timeline holds every F and B once and both sides 
   for (std::size_t at = svg.find("<rect class=\"F\""); at != std::string::npos; at = svg.find("<rect class=\"F\"", at + 1))
     ++boxes;
   CHECK(boxes == static_cast<std::size_t>(S * mb));
+}
+
+TEST_CASE("Calibration: the link fit recovers the latency and bandwidth the samples were made with, per collective") {
+  // Samples written from the planner's own formulas with chosen constants: the fit must give
+  // them back (exactly up to round-off: the model is linear in bytes).
+  const double L = 7e-6, B = 3.5e9;
+  for (int n : {2, 3, 4, 8}) {
+    Calibration cal;
+    for (double bytes : {16e3, 128e3, 1e6, 8e6}) {
+      const double r = n;
+      cal.comm.push_back({.collective = "all_reduce", .ranks = n, .bytes = bytes,
+                          .seconds = 2 * (r - 1) * L + 2 * (r - 1) / r * bytes / B});
+      cal.comm.push_back({.collective = "all_gather", .ranks = n, .bytes = bytes,
+                          .seconds = (r - 1) * L + (r - 1) / r * bytes / B});
+      cal.comm.push_back({.collective = "send_recv", .ranks = n, .bytes = bytes, .seconds = L + bytes / B});
+    }
+    for (const char* c : {"all_reduce", "all_gather", "send_recv"}) {
+      CAPTURE(n);
+      CAPTURE(c);
+      const LinkFit f = cal.fit(c, n);
+      CHECK(rel(f.latency, L) < 1e-6);
+      CHECK(rel(f.bandwidth, B) < 1e-9);
+    }
+    CHECK_THROWS_WITH_AS(cal.fit("reduce_scatter", n), doctest::Contains("reduce_scatter"), Error);
+  }
+}
+
+TEST_CASE("Calibration: the GEMM curve is each shape's rate over the fastest, sorted by flops; its cluster file loads") {
+  Calibration cal{.backend = "threads", .cores = 2};
+  // Three shapes at 50, 100 and 25 GFLOP/s (the middle one the peak); two of equal flops merge.
+  cal.gemms.push_back({.name = "a", .m = 100, .n = 100, .k = 100, .seconds = 2e6 / 50e9});
+  cal.gemms.push_back({.name = "b", .m = 200, .n = 200, .k = 200, .seconds = 16e6 / 100e9});
+  cal.gemms.push_back({.name = "c", .m = 200, .n = 100, .k = 400, .seconds = 16e6 / 25e9});
+  cal.gemms.push_back({.name = "d", .m = 10, .n = 10, .k = 10, .seconds = 2e3 / 25e9});
+  cal.elementwise_bandwidth = 6e9;
+  for (double bytes : {1e4, 1e6}) cal.comm.push_back({.collective = "all_reduce", .ranks = 2, .bytes = bytes,
+                                                      .seconds = 2e-6 + bytes / 4e9});
+  CHECK(rel(cal.peak_flops(), 100e9) < 1e-12);
+  const GemmEfficiency curve = cal.gemm_efficiency();
+  REQUIRE(curve.points.size() == 3);
+  CHECK(rel(curve.points[0].first, 2e3) < 1e-12);
+  CHECK(rel(curve.points[0].second, 0.25) < 1e-12);
+  CHECK(rel(curve.points[1].second, 0.5) < 1e-12);
+  // b and c: 32 MFLOP in 0.16 + 0.64 ms = 40 GFLOP/s, 0.4 of the peak.
+  CHECK(rel(curve.points[2].first, 16e6) < 1e-12);
+  CHECK(rel(curve.points[2].second, 0.4) < 1e-12);
+  const Cluster c = Cluster::from_json(cal.to_cluster_json("this machine", 8, 4.0, 2));
+  CHECK(c.devices_per_node == 8);
+  CHECK(c.cores_per_node == 2);
+  CHECK(rel(c.peak_flops, 100e9) < 1e-12);
+  CHECK(rel(c.memory_bandwidth, 6e9) < 1e-12);
+  CHECK(rel(c.intra_node_bandwidth, 4e9) < 1e-9);
+  CHECK(rel(c.intra_node_latency, 1e-6) < 1e-6);  // 2 us over the 2 (n-1) = 2 steps of a ring
+  CHECK(rel(c.gemm_efficiency.at(16e6), 0.4) < 1e-12);
+}
+
+TEST_CASE("CostModel: with more ranks than cores_per_node every piece of a rank's work is ranks / cores times slower") {
+  Cluster shared = flat_cluster();
+  shared.cores_per_node = 2;
+  const ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                    .seq = 128, .tied = true};
+  for (int world : {1, 2, 4, 8, 16}) {
+    CAPTURE(world);
+    const Layout l{.dp = world / 2 > 0 ? world / 2 : 1, .tp = world >= 2 ? 2 : 1, .pp = 1, .microbatch_size = 2,
+                   .num_microbatches = 2};
+    const CostModel alone{.model = m, .cluster = flat_cluster(), .layout = l, .precision = {}};
+    const CostModel crowded{.model = m, .cluster = shared, .layout = l, .precision = {}};
+    // A node holds min(world, 8) ranks on 2 cores.
+    const double expect = std::max(1.0, std::min(world, 8) / 2.0);
+    CHECK(rel(crowded.layer_forward().compute, expect * alone.layer_forward().compute) < 1e-12);
+    CHECK(rel(crowded.layer_backward().total(), expect * alone.layer_backward().total()) < 1e-12);
+    CHECK(rel(crowded.dp_reduce_seconds(0), expect * alone.dp_reduce_seconds(0)) < 1e-12);
+    CHECK(rel(crowded.optimizer_seconds(0), expect * alone.optimizer_seconds(0)) < 1e-12);
+    CHECK(rel(Plan::predict(m, shared, l).time.total(), expect * Plan::predict(m, flat_cluster(), l).time.total()) < 1e-9);
+  }
+  shared.cores_per_node = -1;
+  CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }

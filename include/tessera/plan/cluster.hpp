@@ -32,6 +32,10 @@ struct Cluster {
   double inter_node_bandwidth = 0;   ///< per node, one direction, all network links, bytes/s
   double inter_node_latency = 0;     ///< seconds per message step between nodes
   GemmEfficiency gemm_efficiency{};  ///< fraction of peak per GEMM size
+  /// Cores a node's devices share, for CPU ranks (threads or processes on one machine); 0: each
+  /// device computes on its own (accelerators). With more ranks than cores on a node, the
+  /// planner runs each rank's work ranks / cores_per_node times slower (CostModel::contention).
+  int cores_per_node = 0;
 
   /// A device's bandwidth toward devices of other nodes when all devices of its node send at
   /// once: inter_node_bandwidth / devices_per_node, bytes/s.
@@ -47,6 +51,8 @@ struct Cluster {
         {"inter_node_bandwidth", inter_node_bandwidth}};
     for (const auto& [field, value] : positive)
       TESSERA_EXPECTS(value > 0, "Cluster '", name, "': ", field, " must be > 0, got ", value);
+    TESSERA_EXPECTS(cores_per_node >= 0, "Cluster '", name, "': cores_per_node must be >= 0 (0: one per device), got ",
+                    cores_per_node);
     TESSERA_EXPECTS(intra_node_latency >= 0 && inter_node_latency >= 0, "Cluster '", name,
                     "': latencies must be >= 0, got ", intra_node_latency, " and ", inter_node_latency);
     gemm_efficiency.validate();
@@ -55,7 +61,8 @@ struct Cluster {
   /// Reads a cluster from JSON in the units people quote:
   /// {"name", "source", "devices_per_node", "device_memory_gib", "peak_tflops",
   ///  "memory_bandwidth_gbps", "intra_node": {"bandwidth_gbps", "latency_us"},
-  ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]}
+  ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]},
+  /// optionally "cores_per_node" (default 0); other keys (e.g. "calibration") are ignored
   /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
   /// what validate() throws.
   static Cluster from_json(const nlohmann::json& j) {
@@ -72,6 +79,7 @@ struct Cluster {
     c.name = j.value("name", std::string{});
     c.source = j.value("source", std::string{});
     c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
+    if (j.contains("cores_per_node")) c.cores_per_node = static_cast<int>(number(j, "cores_per_node", "the top level"));
     c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
     c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
     c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;

@@ -60,10 +60,24 @@ struct CostModel {
   Layout layout{};       ///< how it is run
   Precision precision{};  ///< bytes per element
 
-  /// Seconds of one GEMM of `flops` flops.
-  double gemm_seconds(double flops) const {
-    return flops / (cluster.peak_flops * cluster.gemm_efficiency.at(flops));
+  /// How many times slower each rank runs because the ranks of a node share fewer cores
+  /// (cluster.cores_per_node, CPU ranks): max(1, ranks on a node / cores_per_node), where a
+  /// node holds min(world, devices_per_node) ranks; 1 when cores_per_node is 0. Every rank is
+  /// taken as busy all the time (the pipeline bubble's idle ranks are not given back their
+  /// cores), and every piece of work, communication included, is slowed alike.
+  double contention() const {
+    if (cluster.cores_per_node <= 0) return 1.0;
+    const int ranks_on_node = std::min(layout.world(), cluster.devices_per_node);
+    return std::max(1.0, static_cast<double>(ranks_on_node) / cluster.cores_per_node);
   }
+
+  /// Seconds of one GEMM of `flops` flops: flops / (peak * efficiency(flops)), times contention().
+  double gemm_seconds(double flops) const {
+    return contention() * flops / (cluster.peak_flops * cluster.gemm_efficiency.at(flops));
+  }
+
+  /// Seconds of memory-bound work moving `bytes`: bytes / memory_bandwidth, times contention().
+  double memory_seconds(double bytes) const { return contention() * bytes / cluster.memory_bandwidth; }
 
   /// The GEMMs of one block's forward on one device for one micro-batch (tp splits the
   /// projections' output or input width and the heads). Their flops add up to
@@ -106,8 +120,9 @@ struct CostModel {
   double tp_all_reduce_seconds() const {
     const double bytes = precision.activation_bytes * tp_all_reduce_elements();
     const bool inside = layout.tp <= cluster.devices_per_node;
-    return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
-                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+    return contention() * all_reduce_seconds(bytes, layout.tp,
+                                             inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                                             inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
   /// One block's forward for one micro-batch: its GEMMs, its memory-bound work (twice the
@@ -118,7 +133,7 @@ struct CostModel {
     for (const Gemm& g : layer_gemms()) w.compute += g.batch * gemm_seconds(g.flops);
     Layout keep_all = layout;
     keep_all.recompute = Recompute::none;
-    w.compute += 2 * LayerActivations::of(model, keep_all, precision).bytes() / cluster.memory_bandwidth;
+    w.compute += memory_seconds(2 * LayerActivations::of(model, keep_all, precision).bytes());
     w.tp_comm = tp_all_reduces_forward * tp_all_reduce_seconds();
     return w;
   }
@@ -130,7 +145,7 @@ struct CostModel {
     for (const Gemm& g : layer_gemms())
       if (g.name.rfind("attention", 0) == 0) w.compute += g.batch * gemm_seconds(g.flops);
     const double s = model.seq, b = layout.microbatch_size, a = model.heads, t = layout.tp;
-    w.compute += (2 * precision.activation_bytes + 1) * a * s * s * b / t / cluster.memory_bandwidth;
+    w.compute += memory_seconds((2 * precision.activation_bytes + 1) * a * s * s * b / t);
     return w;
   }
 
@@ -167,7 +182,7 @@ struct CostModel {
   /// vocab-parallel embedding's all-reduce.
   WorkTime embedding_forward() const {
     const double bytes = precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden;
-    return {bytes / cluster.memory_bandwidth, tp_all_reduce_seconds()};
+    return {memory_seconds(bytes), tp_all_reduce_seconds()};
   }
 
   /// The LM head's forward on the last stage: the logits GEMM (2 b s h V / tp flops) and the
@@ -175,14 +190,14 @@ struct CostModel {
   WorkTime head_forward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {gemm_seconds(flops) + 2 * 4.0 * tokens * model.vocab / layout.tp / cluster.memory_bandwidth, 0.0};
+    return {gemm_seconds(flops) + memory_seconds(2 * 4.0 * tokens * model.vocab / layout.tp), 0.0};
   }
 
   /// The LM head's backward: two GEMMs of the forward's shape and the gradient of the logits.
   WorkTime head_backward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {2 * gemm_seconds(flops) + 4.0 * tokens * model.vocab / layout.tp / cluster.memory_bandwidth, 0.0};
+    return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), 0.0};
   }
 
   /// One forward (F) of `stage` on one micro-batch: its blocks, plus the embedding on stage 0
@@ -216,8 +231,8 @@ struct CostModel {
   /// device of the node sends at once).
   double p2p_seconds(int from, int to) const {
     const bool inside = node_of_pp_rank(from) == node_of_pp_rank(to);
-    return inside ? cluster.intra_node_latency + p2p_bytes() / cluster.intra_node_bandwidth
-                  : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device();
+    return contention() * (inside ? cluster.intra_node_latency + p2p_bytes() / cluster.intra_node_bandwidth
+                                  : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device());
   }
 
   /// Parameters held by one device of `stage`'s pipeline rank, before ZeRO sharding: the
@@ -253,7 +268,7 @@ struct CostModel {
     const bool inside = layout.dp * layout.tp <= cluster.devices_per_node;
     const double t = all_reduce_seconds(bytes, layout.dp, dp_bandwidth(),
                                         inside ? cluster.intra_node_latency : cluster.inter_node_latency);
-    return layout.zero_stage == 3 ? 1.5 * t : t;
+    return contention() * (layout.zero_stage == 3 ? 1.5 * t : t);
   }
 
   /// Seconds of summing the tied embedding's gradient between the first and the last pp rank
@@ -262,15 +277,16 @@ struct CostModel {
     if (!model.tied || layout.pp == 1) return 0.0;
     const double bytes = static_cast<double>(model.vocab) * model.hidden / layout.tp * precision.gradient_bytes;
     const bool inside = node_of_pp_rank(0) == node_of_pp_rank(layout.pp - 1);
-    return all_reduce_seconds(bytes, 2, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
-                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+    return contention() * all_reduce_seconds(bytes, 2,
+                                             inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                                             inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
   /// Seconds of the optimizer step on pp rank `pp_rank`: precision.step_bytes() per parameter
   /// it updates (its parameters / dp under ZeRO 1-3) at the memory bandwidth.
   double optimizer_seconds(int pp_rank) const {
     const double params = rank_parameters(pp_rank) / (layout.zero_stage >= 1 ? layout.dp : 1);
-    return params * precision.step_bytes() / cluster.memory_bandwidth;
+    return memory_seconds(params * precision.step_bytes());
   }
 };
 

@@ -18,6 +18,12 @@ struct Precision {
   /// Bytes the optimizer step reads and writes per parameter: the gradient, the optimizer
   /// state read and written back, and the new 16-bit weight.
   double step_bytes() const { return gradient_bytes + 2 * optimizer_bytes + parameter_bytes; }
+
+  /// Single precision with AdamW and no master copy, as tessera trains on CPUs (train_gpt):
+  /// 4-byte activations, weights and gradients, two 4-byte moments (8 bytes of optimizer state).
+  static constexpr Precision float32_adamw() {
+    return {.activation_bytes = 4, .parameter_bytes = 4, .gradient_bytes = 4, .optimizer_bytes = 8};
+  }
 };
 
 }  // namespace tessera::plan

@@ -1,0 +1,286 @@
+#pragma once
+/// @file
+/// Calibration: this machine's own constants for the planner -- the GEMM rate per shape
+/// through tessera's GEMM, the rate of tessera's element-wise kernels, and the communicator's
+/// latency and bandwidth per collective -- measured, fitted, and written as a cluster file
+/// (plan/clusters/*.json) that Cluster::load reads. `tessera-plan calibrate` drives it
+/// (docs/planner.md, "Calibration on this machine").
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tessera/core/error.hpp"
+#include "tessera/core/gemm.hpp"
+#include "tessera/nn/gelu.hpp"
+#include "tessera/nn/layer_norm.hpp"
+#include "tessera/plan/cluster.hpp"
+#include "tessera/plan/model_spec.hpp"
+
+namespace tessera::plan {
+
+/// One measured GEMM shape: a layer's forward GEMM (m, n, k) and its two backward GEMMs (the
+/// input's and the weight's gradient, same flops), timed together as a training step runs them.
+struct GemmSample {
+  std::string name{};  ///< e.g. "QKV projection, mbs 4, tp 2"
+  std::int64_t m = 0;  ///< rows of the forward output
+  std::int64_t n = 0;  ///< columns of the forward output
+  std::int64_t k = 0;  ///< inner dimension
+  double seconds = 0;  ///< mean seconds of one of the three GEMMs
+  /// Floating-point operations of one GEMM, 2 m n k.
+  double flops() const { return 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k); }
+  /// FLOP/s reached, flops() / seconds.
+  double rate() const { return flops() / seconds; }
+};
+
+/// One measured collective: `ranks` ranks each contributing `bytes` (all-reduce: the buffer;
+/// all-gather and reduce-scatter: the whole gathered buffer; send/recv: the message).
+struct CommSample {
+  std::string collective{};  ///< "all_reduce", "all_gather", "reduce_scatter" or "send_recv"
+  int ranks = 2;             ///< communicator size
+  double bytes = 0;          ///< bytes as above
+  double seconds = 0;        ///< median seconds of one call (send_recv: one one-way message)
+};
+
+/// A latency-bandwidth fit of one collective at one size, in the planner's terms: a ring
+/// all-reduce takes 2 (n-1) latency + 2 (n-1)/n bytes / bandwidth, an all-gather or a
+/// reduce-scatter (n-1) latency + (n-1)/n bytes / bandwidth, a message latency + bytes /
+/// bandwidth.
+struct LinkFit {
+  std::string collective{};  ///< as CommSample
+  int ranks = 2;             ///< communicator size
+  double latency = 0;        ///< seconds per step (>= 0)
+  double bandwidth = 0;      ///< bytes/s
+};
+
+/// The measurements of one calibration run and the cluster file made from them.
+struct Calibration {
+  std::string backend{};                 ///< "threads" or "mpi"
+  int cores = 1;                         ///< hardware threads the ranks share (std::thread::hardware_concurrency)
+  std::vector<GemmSample> gemms{};       ///< GEMM shapes timed
+  double elementwise_bandwidth = 0;      ///< bytes/s: the planner's byte count of element-wise work over its measured time
+  std::vector<CommSample> comm{};        ///< collectives timed
+
+  /// Seconds of `fn()` per call: runs it once to warm up, then in batches of calls lasting at
+  /// least `min_seconds` each, and returns the median of `batches` batches' per-call times
+  /// (the median resists another process taking the core for a moment).
+  template <class Fn>
+  static double time_per_call(Fn&& fn, double min_seconds = 0.01, int batches = 5) {
+    using Clock = std::chrono::steady_clock;
+    fn();
+    std::vector<double> per_call;
+    for (int b = 0; b < batches; ++b) {
+      int calls = 0;
+      const auto t0 = Clock::now();
+      double elapsed = 0;
+      do {
+        fn();
+        ++calls;
+        elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+      } while (elapsed < min_seconds);
+      per_call.push_back(elapsed / calls);
+    }
+    std::nth_element(per_call.begin(), per_call.begin() + batches / 2, per_call.end());
+    return per_call[static_cast<std::size_t>(batches / 2)];
+  }
+
+  /// Times the three GEMMs of a linear layer of (k -> n) on m rows through tessera::gemm<float>
+  /// as nn::Linear runs them: y = x W (NN), dx = dy W^T (NT), dW += x^T dy (TN). Returns the
+  /// mean seconds of one of them. Throws Error if a size is < 1.
+  static GemmSample measure_linear(std::string name, std::int64_t m, std::int64_t n, std::int64_t k,
+                                   double min_seconds = 0.01) {
+    TESSERA_EXPECTS(m >= 1 && n >= 1 && k >= 1, "Calibration: GEMM '", name, "' has sizes m=", m, " n=", n, " k=", k,
+                    "; each must be >= 1");
+    std::vector<float> x(static_cast<std::size_t>(m * k), 0.5f), w(static_cast<std::size_t>(k * n), 0.25f);
+    std::vector<float> y(static_cast<std::size_t>(m * n)), dx(x.size()), dw(w.size());
+    const double s = time_per_call(
+        [&] {
+          gemm<float>(Transpose::no, Transpose::no, m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, y.data(), n);
+          gemm<float>(Transpose::no, Transpose::yes, m, k, n, 1.0f, y.data(), n, w.data(), n, 0.0f, dx.data(), k);
+          gemm<float>(Transpose::yes, Transpose::no, k, n, m, 1.0f, x.data(), k, y.data(), n, 1.0f, dw.data(), n);
+        },
+        min_seconds);
+    return GemmSample{.name = std::move(name), .m = m, .n = n, .k = k, .seconds = s / 3};
+  }
+
+  /// The GEMM shapes one block and the LM head of `model` run for a micro-batch of `mbs`
+  /// sequences at tensor-parallel size `tp` (CostModel::layer_gemms' list: the projections as
+  /// linears of tokens = mbs * seq rows; the attention core's per-head products of seq x seq x
+  /// head_dim), as (name, m, n, k). Throws Error if tp does not divide the heads.
+  static std::vector<std::pair<std::string, std::array<std::int64_t, 3>>> layer_shapes(const ModelSpec& model,
+                                                                                        int mbs, int tp) {
+    TESSERA_EXPECTS(tp >= 1 && model.heads % tp == 0 && mbs >= 1, "Calibration: tp ", tp,
+                    " must divide the heads ", model.heads, " and mbs ", mbs, " must be >= 1");
+    const std::int64_t tokens = static_cast<std::int64_t>(mbs) * model.seq, h = model.hidden, t = tp;
+    const std::int64_t kv = model.kv_dim(), f = model.ffn_size(), s = model.seq, dh = model.head_dim();
+    const std::int64_t vocab_here = (model.vocab + t - 1) / t;
+    return {{"QKV projection", {tokens, (h + 2 * kv) / t, h}},
+            {"attention core", {s, s, dh}},
+            {"output projection", {tokens, h, h / t}},
+            {"MLP first linear", {tokens, f / t, h}},
+            {"MLP second linear", {tokens, h, f / t}},
+            {"LM head", {tokens, vocab_here, h}}};
+  }
+
+  /// Measures every shape of layer_shapes(model, mbs, tp) for each mbs and tp given.
+  void measure_gemms(const ModelSpec& model, const std::vector<int>& mbss, const std::vector<int>& tps,
+                     double min_seconds = 0.01) {
+    for (int tp : tps)
+      for (int mbs : mbss)
+        for (const auto& [name, mnk] : layer_shapes(model, mbs, tp))
+          gemms.push_back(measure_linear(tessera::detail::str(name, ", mbs ", mbs, ", tp ", tp), mnk[0], mnk[1], mnk[2],
+                                         min_seconds));
+  }
+
+  /// Measures tessera's element-wise kernels (nn::GELU and nn::LayerNorm, forward and backward)
+  /// on `rows` rows of `width` elements and sets elementwise_bandwidth to the bytes the
+  /// planner charges for them over the measured time: CostModel counts a kept tensor of B bytes
+  /// as 2 B in forward and 4 B in backward, so each kernel pair is charged 6 x 4 x rows x width
+  /// bytes. Returns the bandwidth, bytes/s.
+  double measure_elementwise(std::int64_t rows, std::int64_t width, double min_seconds = 0.01) {
+    TESSERA_EXPECTS(rows >= 1 && width >= 1, "Calibration: element-wise shape ", rows, " x ", width,
+                    " must be positive");
+    Tensor<float> x = Tensor<float>::full(Shape{rows, width}, 0.3f);
+    const nn::GELU<float> gelu;
+    nn::LayerNorm<float> norm(width);
+    const double t_gelu = time_per_call(
+        [&] {
+          auto r = gelu.forward(x);
+          (void)gelu.backward(r.output, r.ctx);
+        },
+        min_seconds);
+    const double t_norm = time_per_call(
+        [&] {
+          auto r = norm.forward(x);
+          (void)norm.backward(r.output, r.ctx);
+        },
+        min_seconds);
+    const double charged = 6.0 * 4.0 * static_cast<double>(rows * width);
+    elementwise_bandwidth = 2 * charged / (t_gelu + t_norm);
+    return elementwise_bandwidth;
+  }
+
+  /// The fastest GEMM rate measured, FLOP/s (the cluster's peak). Throws Error if none was.
+  double peak_flops() const {
+    TESSERA_EXPECTS(!gemms.empty(), "Calibration: no GEMM was measured");
+    double peak = 0;
+    for (const GemmSample& g : gemms) peak = std::max(peak, g.rate());
+    return peak;
+  }
+
+  /// The GEMM-efficiency curve: the measured shapes sorted by flops, each point (flops, rate /
+  /// peak_flops()); shapes within 5% of each other's flops are merged (mean flops and the rate
+  /// of their summed flops over summed time). Throws Error if no GEMM was measured.
+  GemmEfficiency gemm_efficiency() const {
+    std::vector<GemmSample> sorted = gemms;
+    std::sort(sorted.begin(), sorted.end(), [](const GemmSample& a, const GemmSample& b) { return a.flops() < b.flops(); });
+    const double peak = peak_flops();
+    GemmEfficiency curve;
+    std::size_t i = 0;
+    while (i < sorted.size()) {
+      std::size_t j = i;
+      double flops = 0, seconds = 0;
+      while (j < sorted.size() && sorted[j].flops() <= 1.05 * sorted[i].flops()) {
+        flops += sorted[j].flops();
+        seconds += sorted[j].seconds;
+        ++j;
+      }
+      curve.points.emplace_back(flops / static_cast<double>(j - i), std::min(1.0, flops / seconds / peak));
+      i = j;
+    }
+    curve.validate();
+    return curve;
+  }
+
+  /// Least-squares fit of seconds = a + b * bytes over the samples of `collective` at `ranks`
+  /// ranks, minimizing the relative errors (each sample weighted by 1 / seconds^2, so small
+  /// messages, where the latency shows, count as much as large ones), turned into the
+  /// planner's latency and bandwidth (see LinkFit); a negative intercept is clamped to 0. Throws Error naming them when fewer than two sizes were measured
+  /// or the slope is not positive.
+  LinkFit fit(const std::string& collective, int ranks) const {
+    std::vector<const CommSample*> xs;
+    for (const CommSample& c : comm)
+      if (c.collective == collective && c.ranks == ranks) xs.push_back(&c);
+    TESSERA_EXPECTS(xs.size() >= 2, "Calibration: ", collective, " at ", ranks, " ranks has ", xs.size(),
+                    " measured sizes; the fit needs at least 2");
+    double sw = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (const CommSample* c : xs) {
+      const double w = 1.0 / (c->seconds * c->seconds);
+      sw += w;
+      sx += w * c->bytes;
+      sy += w * c->seconds;
+      sxx += w * c->bytes * c->bytes;
+      sxy += w * c->bytes * c->seconds;
+    }
+    const double slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx);
+    const double intercept = (sy - slope * sx) / sw;
+    TESSERA_EXPECTS(slope > 0, "Calibration: ", collective, " at ", ranks, " ranks: time does not grow with size (slope ",
+                    slope, " s/byte); measure larger messages");
+    // Steps and the share of the bytes each rank moves, per the planner's formulas.
+    const double r = ranks;
+    double steps = 1, share = 1;
+    if (collective == "all_reduce") {
+      steps = 2 * (r - 1);
+      share = 2 * (r - 1) / r;
+    } else if (collective == "all_gather" || collective == "reduce_scatter") {
+      steps = r - 1;
+      share = (r - 1) / r;
+    }
+    return LinkFit{.collective = collective, .ranks = ranks, .latency = std::max(0.0, intercept) / steps,
+                   .bandwidth = share / slope};
+  }
+
+  /// The cluster file: one node of `devices_per_node` ranks sharing `cores` cores
+  /// (cores_per_node), peak_flops() and gemm_efficiency(), elementwise_bandwidth as the memory
+  /// bandwidth, the all-reduce fit at `link_ranks` ranks as the intra-node link (and, since
+  /// there is one node, as the inter-node one too), `device_memory_gib` per rank; every sample
+  /// and every fit is kept under "calibration". Throws what the fits throw.
+  nlohmann::json to_cluster_json(const std::string& name, int devices_per_node, double device_memory_gib,
+                                 int link_ranks) const {
+    const LinkFit link = fit("all_reduce", link_ranks);
+    nlohmann::json curve = nlohmann::json::array();
+    for (const auto& [flops, fraction] : gemm_efficiency().points) curve.push_back({flops / 1e9, fraction});
+    nlohmann::json samples = nlohmann::json::array();
+    for (const GemmSample& g : gemms)
+      samples.push_back({{"name", g.name}, {"m", g.m}, {"n", g.n}, {"k", g.k}, {"gflops", g.flops() / 1e9},
+                         {"seconds", g.seconds}, {"gflop_per_s", g.rate() / 1e9}});
+    nlohmann::json comm_samples = nlohmann::json::array(), fits = nlohmann::json::array();
+    std::vector<std::pair<std::string, int>> kinds;
+    for (const CommSample& c : comm) {
+      comm_samples.push_back({{"collective", c.collective}, {"ranks", c.ranks}, {"bytes", c.bytes}, {"seconds", c.seconds}});
+      if (std::find(kinds.begin(), kinds.end(), std::pair{c.collective, c.ranks}) == kinds.end())
+        kinds.emplace_back(c.collective, c.ranks);
+    }
+    for (const auto& [collective, ranks] : kinds) {
+      const LinkFit f = fit(collective, ranks);
+      fits.push_back({{"collective", collective}, {"ranks", ranks}, {"latency_us", f.latency * 1e6},
+                      {"bandwidth_gbps", f.bandwidth / 1e9}});
+    }
+    return {{"name", name},
+            {"source", tessera::detail::str(
+                           "Measured by tessera-plan calibrate on this machine (backend ", backend,
+                           "): GEMM rates through tessera::gemm<float> (OpenBLAS, one thread per rank) at the main "
+                           "job's layer shapes, peak = the fastest; memory_bandwidth = the planner's byte count of "
+                           "tessera's GELU and LayerNorm forward+backward over their time; links = the all-reduce "
+                           "fit at ",
+                           link_ranks, " ranks. Depends on the load of the machine when measured.")},
+            {"devices_per_node", devices_per_node},
+            {"cores_per_node", cores},
+            {"device_memory_gib", device_memory_gib},
+            {"peak_tflops", peak_flops() / 1e12},
+            {"memory_bandwidth_gbps", elementwise_bandwidth / 1e9},
+            {"intra_node", {{"bandwidth_gbps", link.bandwidth / 1e9}, {"latency_us", link.latency * 1e6}}},
+            {"inter_node", {{"bandwidth_gbps", link.bandwidth / 1e9}, {"latency_us", link.latency * 1e6}}},
+            {"gemm_efficiency", curve},
+            {"calibration", {{"backend", backend}, {"gemms", samples}, {"comm", comm_samples}, {"fits", fits}}}};
+  }
+};
+
+}  // namespace tessera::plan
