@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "gpt/args.hpp"
+#include "gpt/auto_plan.hpp"
 #include "gpt/evaluation.hpp"
 #include "gpt/loss_curve.hpp"
 #include "gpt/sampling.hpp"
@@ -151,6 +152,9 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they are printed, even through a pipe
   try {
     namespace fs = std::filesystem;
+    if (a.plan == "auto") apply_auto_plan(a);  // sets dp, tp, pp, schedule, micro-batches, ZeRO-1
+    TESSERA_EXPECTS(a.world_size == 0 || a.world() == a.world_size, "train_gpt: --world ", a.world_size,
+                    " is not dp x tp x pp = ", a.world(), " (--world is for --plan auto)");
     // Started by mpirun without --backend mpi: every process would run the whole job alone.
     for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
       if (const char* n = std::getenv(var); n != nullptr && std::atoi(n) > 1 && a.backend != "mpi")

@@ -265,10 +265,11 @@ struct CalibrateArgs {
 int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**& argv) {
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
-  tp::Calibration cal{.backend = c.backend, .cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};
+  tp::Calibration cal{.backend = c.backend, .hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};
   std::vector<double> sizes;
   for (double kib : c.comm_kib) sizes.push_back(kib * 1024);
   auto kernels = [&] {
+    cal.measure_cores(cal.hardware_threads);
     cal.measure_gemms(m, c.mbs, c.tps, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, m.hidden, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, 4LL * m.hidden, c.min_seconds);
@@ -295,8 +296,8 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   const std::string name = c.name.empty() ? "this machine, " + c.backend + " backend" : c.name;
   const int link = std::find(c.ranks.begin(), c.ranks.end(), c.link_ranks) != c.ranks.end() ? c.link_ranks : c.ranks[0];
   const json j = cal.to_cluster_json(name, c.devices_per_node, ram_gib / c.devices_per_node, link);
-  std::printf("calibrated %s in %.1f s: %d cores, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
-              std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.peak_flops() / 1e9,
+  std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
+              std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.peak_flops() / 1e9,
               cal.elementwise_bandwidth / 1e9);
   std::printf("  GEMM efficiency (GFLOP, fraction of peak):");
   for (const auto& [f, e] : cal.gemm_efficiency().points) std::printf(" (%.3g, %.2f)", f / 1e9, e);
@@ -321,7 +322,9 @@ int main(int argc, char** argv) {
   ModelArgs model;
   LayoutArgs layout;
 
+  bool fp32 = false;  // Precision::float32_adamw() instead of mixed precision
   CLI::App* plan_cmd = app.add_subcommand("plan", "predict one layout: step time and memory by kind");
+  plan_cmd->add_flag("--fp32", fp32, "fp32 activations, weights, gradients and AdamW moments (tessera on CPUs)");
   plan_cmd->add_option("--cluster", cluster_path, "cluster JSON (plan/clusters/*.json)")->required();
   model.add(plan_cmd);
   layout.add(plan_cmd);
@@ -340,6 +343,7 @@ int main(int argc, char** argv) {
   tp::SearchOptions sopts;
   int top = 10;
   bool show_rejected = false;
+  rank_cmd->add_flag("--fp32", fp32, "fp32 activations, weights, gradients and AdamW moments (tessera on CPUs)");
   rank_cmd->add_option("--world", sopts.world, "devices")->required();
   rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required();
   rank_cmd->add_option("--top", top, "how many ranked layouts to print");
@@ -377,25 +381,20 @@ int main(int argc, char** argv) {
     if (*cal_cmd) return calibrate(cal, cal_model.get(), argc, argv);
     const tp::Cluster cluster = tp::Cluster::load(cluster_path);
     const tp::ModelSpec m = model.get();
+    const tp::Precision precision = fp32 ? tp::Precision::float32_adamw() : tp::Precision{};
     if (*rank_cmd) {
-      const tp::SearchResult res = tp::search(m, cluster, sopts);
+      const tp::SearchResult res = tp::search(m, cluster, sopts, precision);
       std::printf("%s on %s: %zu layouts fit, %zu rejected\n", m.name.c_str(), cluster.name.c_str(), res.ranked.size(),
                   res.rejected.size());
       for (std::size_t i = 0; i < res.ranked.size() && static_cast<int>(i) < top; ++i)
         std::printf("%2zu. %s\n", i + 1, res.ranked[i].to_string().c_str());
-      std::map<std::string, int> why;
-      for (const tp::Rejected& r : res.rejected) {
-        if (show_rejected) std::printf("rejected: %s: %s\n", r.layout.to_string().c_str(), r.reason.c_str());
-        std::string kind;  // the reason with its numbers replaced by N, to count reasons by kind
-        for (char ch : r.reason)
-          if (!std::isdigit(static_cast<unsigned char>(ch)) && ch != '.') kind += ch;
-          else if (kind.empty() || kind.back() != 'N') kind += 'N';
-        ++why[kind];
-      }
-      for (const auto& [k, n] : why) std::printf("  %4d rejected: %s\n", n, k.c_str());
+      if (show_rejected)
+        for (const tp::Rejected& r : res.rejected)
+          std::printf("rejected: %s: %s\n", r.layout.to_string().c_str(), r.reason.c_str());
+      for (const auto& [k, n] : res.rejections_by_kind()) std::printf("  %4d rejected: %s\n", n, k.c_str());
       return res.ranked.empty() ? 1 : 0;
     }
-    const tp::Plan p = tp::Plan::predict(m, cluster, layout.get());
+    const tp::Plan p = tp::Plan::predict(m, cluster, layout.get(), precision);
     print_plan(p, cluster);
     if (*time_cmd) {
       if (!svg_path.empty()) {

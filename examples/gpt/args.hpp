@@ -51,6 +51,9 @@ struct Args {
   bool verify = false;
   bool quiet = false;
   bool heads_given = false;  // whether --heads was on the command line
+  std::string plan;          // "auto": the planner picks the layout (gpt/auto_plan.hpp)
+  int world_size = 0;        // ranks for --plan auto (0: dp x tp x pp)
+  std::string cluster;       // cluster file for --plan auto ("": plan/clusters/this_machine_<backend>.json)
 
   int world() const { return dp * tp * pp; }
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
@@ -122,6 +125,11 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--loss-svg", a.loss_svg, "write the loss curve as an SVG picture");
   app.add_flag("--verify", a.verify, "also train serially in this process and print the largest loss difference");
   app.add_flag("--quiet", a.quiet, "no per-step lines");
+  app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches and ZeRO-1 for --world ranks")
+      ->check(CLI::IsMember({"auto"}));
+  app.add_option("--world", a.world_size, "ranks for --plan auto (default: dp x tp x pp)")->check(CLI::Range(1, 4096));
+  app.add_option("--cluster", a.cluster, "cluster file for --plan auto (default: plan/clusters/this_machine_<backend>.json, "
+                 "written by tessera-plan calibrate)");
 }
 
 }  // namespace train_gpt

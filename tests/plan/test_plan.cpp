@@ -484,6 +484,11 @@ TEST_CASE("CostModel: with more ranks than cores_per_node every piece of a rank'
     CHECK(rel(crowded.optimizer_seconds(0), expect * alone.optimizer_seconds(0)) < 1e-12);
     CHECK(rel(Plan::predict(m, shared, l).time.total(), expect * Plan::predict(m, flat_cluster(), l).time.total()) < 1e-9);
   }
+  // An effective count below the hardware's (another program's load): 2 ranks on 1.5 cores.
+  shared.cores_per_node = 1.5;
+  const Layout two{.dp = 2, .microbatch_size = 2, .num_microbatches = 2};
+  CHECK(rel(CostModel{.model = m, .cluster = shared, .layout = two, .precision = {}}.layer_forward().compute,
+            2 / 1.5 * CostModel{.model = m, .cluster = flat_cluster(), .layout = two, .precision = {}}.layer_forward().compute) < 1e-12);
   shared.cores_per_node = -1;
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }

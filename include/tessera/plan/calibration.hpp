@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -63,7 +64,8 @@ struct LinkFit {
 /// The measurements of one calibration run and the cluster file made from them.
 struct Calibration {
   std::string backend{};                 ///< "threads" or "mpi"
-  int cores = 1;                         ///< hardware threads the ranks share (std::thread::hardware_concurrency)
+  int hardware_threads = 1;              ///< std::thread::hardware_concurrency()
+  double cores = 1;                      ///< effective cores: ranks computing at once at a lone rank's speed (measure_cores)
   std::vector<GemmSample> gemms{};       ///< GEMM shapes timed
   double elementwise_bandwidth = 0;      ///< bytes/s: the planner's byte count of element-wise work over its measured time
   std::vector<CommSample> comm{};        ///< collectives timed
@@ -167,6 +169,35 @@ struct Calibration {
     return elementwise_bandwidth;
   }
 
+  /// Measures the effective cores: the GEMM of a linear (m, n, k) timed on one thread, then
+  /// on `threads` threads at once (each `calls` calls); cores = threads x (one thread's time
+  /// per call) / (the slowest thread's), at most `threads`. Another program's load, or cores
+  /// sharing a memory bus, give fewer than `threads`. Returns it and sets `cores`.
+  double measure_cores(int threads, std::int64_t m = 512, std::int64_t n = 768, std::int64_t k = 192, int calls = 60) {
+    TESSERA_EXPECTS(threads >= 1 && calls >= 1, "Calibration: measure_cores needs threads >= 1 and calls >= 1, got ",
+                    threads, " and ", calls);
+    using Clock = std::chrono::steady_clock;
+    auto run = [&](double& seconds) {
+      std::vector<float> x(static_cast<std::size_t>(m * k), 0.5f), w(static_cast<std::size_t>(k * n), 0.25f);
+      std::vector<float> y(static_cast<std::size_t>(m * n));
+      const auto t0 = Clock::now();
+      for (int c = 0; c < calls; ++c)
+        gemm<float>(Transpose::no, Transpose::no, m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, y.data(), n);
+      seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    };
+    double alone = 0;
+    run(alone);  // warm up
+    run(alone);
+    std::vector<double> each(static_cast<std::size_t>(threads));
+    {
+      std::vector<std::jthread> pool;
+      for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { run(each[static_cast<std::size_t>(t)]); });
+    }
+    const double slowest = *std::max_element(each.begin(), each.end());
+    cores = std::min<double>(threads, threads * alone / slowest);
+    return cores;
+  }
+
   /// The fastest GEMM rate measured, FLOP/s (the cluster's peak). Throws Error if none was.
   double peak_flops() const {
     TESSERA_EXPECTS(!gemms.empty(), "Calibration: no GEMM was measured");
@@ -267,7 +298,9 @@ struct Calibration {
             {"source", tessera::detail::str(
                            "Measured by tessera-plan calibrate on this machine (backend ", backend,
                            "): GEMM rates through tessera::gemm<float> (OpenBLAS, one thread per rank) at the main "
-                           "job's layer shapes, peak = the fastest; memory_bandwidth = the planner's byte count of "
+                           "job's layer shapes, peak = the fastest; cores_per_node = effective cores (",
+                           hardware_threads, " hardware threads; the GEMM rate of all at once over one alone); "
+                           "memory_bandwidth = the planner's byte count of "
                            "tessera's GELU and LayerNorm forward+backward over their time; links = the all-reduce "
                            "fit at ",
                            link_ranks, " ranks. Depends on the load of the machine when measured.")},

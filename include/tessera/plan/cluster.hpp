@@ -32,10 +32,12 @@ struct Cluster {
   double inter_node_bandwidth = 0;   ///< per node, one direction, all network links, bytes/s
   double inter_node_latency = 0;     ///< seconds per message step between nodes
   GemmEfficiency gemm_efficiency{};  ///< fraction of peak per GEMM size
-  /// Cores a node's devices share, for CPU ranks (threads or processes on one machine); 0: each
-  /// device computes on its own (accelerators). With more ranks than cores on a node, the
-  /// planner runs each rank's work ranks / cores_per_node times slower (CostModel::contention).
-  int cores_per_node = 0;
+  /// Cores a node's devices share, for CPU ranks (threads or processes on one machine), as an
+  /// effective count (tessera-plan calibrate measures it: how many ranks compute at once at a
+  /// lone rank's speed, which another program's load lowers); 0: each device computes on its
+  /// own (accelerators). With more ranks than cores on a node, the planner runs each rank's
+  /// work ranks / cores_per_node times slower (CostModel::contention).
+  double cores_per_node = 0;
 
   /// A device's bandwidth toward devices of other nodes when all devices of its node send at
   /// once: inter_node_bandwidth / devices_per_node, bytes/s.
@@ -79,7 +81,7 @@ struct Cluster {
     c.name = j.value("name", std::string{});
     c.source = j.value("source", std::string{});
     c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
-    if (j.contains("cores_per_node")) c.cores_per_node = static_cast<int>(number(j, "cores_per_node", "the top level"));
+    if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
     c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
     c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
     c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;

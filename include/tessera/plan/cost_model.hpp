@@ -68,7 +68,7 @@ struct CostModel {
   double contention() const {
     if (cluster.cores_per_node <= 0) return 1.0;
     const int ranks_on_node = std::min(layout.world(), cluster.devices_per_node);
-    return std::max(1.0, static_cast<double>(ranks_on_node) / cluster.cores_per_node);
+    return std::max(1.0, ranks_on_node / cluster.cores_per_node);
   }
 
   /// Seconds of one GEMM of `flops` flops: flops / (peak * efficiency(flops)), times contention().

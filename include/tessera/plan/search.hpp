@@ -4,6 +4,8 @@
 /// fit in memory ranked, and every other with the reason it was rejected.
 
 #include <algorithm>
+#include <cctype>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,6 +45,20 @@ struct Rejected {
 struct SearchResult {
   std::vector<Plan> ranked{};        ///< layouts that fit, fastest first
   std::vector<Rejected> rejected{};  ///< every other layout tried, with its reason
+
+  /// The rejections counted by kind: each reason with its numbers replaced by N (e.g. "pp N
+  /// does not divide the N layers" -> 14), in the order of the kinds' text.
+  std::map<std::string, int> rejections_by_kind() const {
+    std::map<std::string, int> kinds;
+    for (const Rejected& r : rejected) {
+      std::string kind;
+      for (char ch : r.reason)
+        if (!std::isdigit(static_cast<unsigned char>(ch)) && ch != '.') kind += ch;
+        else if (kind.empty() || kind.back() != 'N') kind += 'N';
+      ++kinds[kind];
+    }
+    return kinds;
+  }
 };
 
 /// Tries every layout of `opts.world` devices for `opts.global_batch` sequences: dp x tp x pp

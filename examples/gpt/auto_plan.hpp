@@ -1,0 +1,88 @@
+#pragma once
+// train_gpt --plan auto: the planner (tessera::plan, docs/planner.md) picks dp x tp x pp, the
+// schedule, the micro-batches and ZeRO-1 for the world size given, from this machine's
+// calibrated cluster file, says why, and writes the choice into the options before the ranks
+// start.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "gpt/args.hpp"
+#include "tessera/data/text_dataset.hpp"
+#include "tessera/plan/cluster.hpp"
+#include "tessera/plan/search.hpp"
+
+namespace train_gpt {
+
+// The model train_gpt trains, as the planner sees it: GPT-2's block (4 x d MLP), byte-level
+// vocabulary, the LM head tied to the embedding.
+inline plan::ModelSpec model_spec(const Args& a) {
+  return plan::ModelSpec{.name = "train_gpt GPT", .layers = a.layers, .hidden = a.d_model, .heads = a.heads,
+                         .kv_heads = 0, .ffn = 0, .vocab = static_cast<int>(data::ByteTokenizer::vocab_size),
+                         .seq = a.context, .tied = true};
+}
+
+// The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
+// pp dividing the layers, 1F1B or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0 or 1,
+// no recomputation and no sequence parallelism (train_gpt has neither option on), fp32 AdamW.
+inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
+  plan::SearchOptions o{.world = world, .global_batch = a.batch};
+  o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};
+  o.recompute = {plan::Recompute::none};
+  o.zero_stages = {0, 1};
+  o.sequence_parallel = false;
+  for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
+    if (a.heads % t == 0) o.tp_sizes.push_back(t);
+  return o;
+}
+
+// Only rank 0 of an MPI job prints (every process plans the same, deterministically).
+inline bool prints() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK"})
+    if (const char* r = std::getenv(var); r != nullptr && std::atoi(r) != 0) return false;
+  return true;
+}
+
+// Searches every layout of the world size (--world, else --dp x --tp x --pp) on the cluster
+// file (--cluster, else plan/clusters/this_machine_<backend>.json), prints the ranking's top 3
+// with their predicted step times and the rejections by kind, and sets a's layout to the
+// first. Throws tessera::Error naming the numbers when no layout fits.
+inline void apply_auto_plan(Args& a) {
+  const int world = a.world_size > 0 ? a.world_size : a.world();
+  const std::string path = a.cluster.empty() ? "plan/clusters/this_machine_" + a.backend + ".json" : a.cluster;
+  const plan::Cluster cluster = plan::Cluster::load(path);
+  const plan::ModelSpec model = model_spec(a);
+  const plan::SearchResult r =
+      plan::search(model, cluster, search_options(a, world, cluster), plan::Precision::float32_adamw());
+  TESSERA_EXPECTS(!r.ranked.empty(), "train_gpt --plan auto: none of the ", r.rejected.size(), " layouts of ", world,
+                  " ranks for batch ", a.batch, " fits ", path, (r.rejected.empty() ? "" : "; e.g. "),
+                  (r.rejected.empty() ? "" : r.rejected.front().reason));
+  const plan::Plan& best = r.ranked.front();
+  const plan::Layout& l = best.layout;
+  if (prints()) {
+    std::printf("plan auto: %d ranks on %s (%s): %zu layouts fit, %zu rejected; the fastest predicted is chosen\n", world,
+                cluster.name.c_str(), path.c_str(), r.ranked.size(), r.rejected.size());
+    for (std::size_t i = 0; i < r.ranked.size() && i < 3; ++i) {
+      const plan::Plan& p = r.ranked[i];
+      std::printf("plan auto: %zu. %-50s predicted %.3f s/step (%.0f tokens/s)%s\n", i + 1, p.layout.to_string().c_str(),
+                  p.time.total(), static_cast<double>(a.batch) * a.context / p.time.total(),
+                  i == 0 ? "  <- chosen" : "");
+      std::printf("plan auto:    %s\n", p.time.to_string().c_str());
+    }
+    if (r.ranked.size() > 1)
+      std::printf("plan auto: the second is predicted %.1f%% slower\n",
+                  100 * (r.ranked[1].time.total() / best.time.total() - 1));
+    for (const auto& [kind, n] : r.rejections_by_kind()) std::printf("plan auto: %4d rejected: %s\n", n, kind.c_str());
+  }
+  a.dp = l.dp;
+  a.tp = l.tp;
+  a.pp = l.pp;
+  a.schedule = l.schedule == plan::PipelineSchedule::interleaved ? "interleaved" : "1f1b";
+  a.virtual_stages = l.virtual_stages;
+  a.microbatches = l.num_microbatches;
+  a.accum = 1;
+  a.zero1 = l.zero_stage == 1;
+  a.sequence_parallel = l.sequence_parallel;
+}
+
+}  // namespace train_gpt
