@@ -46,7 +46,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 struct ModelArgs {
   std::string file;
   tp::ModelSpec spec{.name = "model"};
-  bool untied = false;
+  bool untied = false, no_dropout = false;
   void add(CLI::App* app) {
     app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied}");
     app->add_option("--layers", spec.layers, "transformer blocks");
@@ -57,10 +57,12 @@ struct ModelArgs {
     app->add_option("--vocab", spec.vocab, "vocabulary size");
     app->add_option("--seq", spec.seq, "sequence length");
     app->add_flag("--untied", untied, "LM head not tied to the embedding");
+    app->add_flag("--no-dropout", no_dropout, "blocks without dropout (tessera's nn::Block, train_gpt)");
   }
   tp::ModelSpec get() const {
     tp::ModelSpec m = spec;
     m.tied = !untied;
+    m.dropout = !no_dropout;
     if (!file.empty()) {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
@@ -74,6 +76,7 @@ struct ModelArgs {
       m.vocab = j.at("vocab");
       m.seq = j.at("seq");
       m.tied = j.value("tied", true);
+      m.dropout = j.value("dropout", true);
     }
     m.validate();
     return m;

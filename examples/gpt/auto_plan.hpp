@@ -14,12 +14,12 @@
 
 namespace train_gpt {
 
-// The model train_gpt trains, as the planner sees it: GPT-2's block (4 x d MLP), byte-level
-// vocabulary, the LM head tied to the embedding.
+// The model train_gpt trains, as the planner sees it: GPT-2's block (4 x d MLP) without dropout
+// inside the blocks (nn::Block has none), byte-level vocabulary, the LM head tied to the embedding.
 inline plan::ModelSpec model_spec(const Args& a) {
   return plan::ModelSpec{.name = "train_gpt GPT", .layers = a.layers, .hidden = a.d_model, .heads = a.heads,
                          .kv_heads = 0, .ffn = 0, .vocab = static_cast<int>(data::ByteTokenizer::vocab_size),
-                         .seq = a.context, .tied = true};
+                         .seq = a.context, .tied = true, .dropout = false};
 }
 
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),

@@ -79,6 +79,17 @@ TEST_CASE("LayerActivations: within 10% of Korthikanti et al.'s per-layer formul
       }
 }
 
+TEST_CASE("LayerActivations: a block without dropout keeps s b h (32 + 2 a s / h) bytes: no masks, no dropout output") {
+  // Korthikanti et al.'s 34 + 5 a s / h less the two residual masks (1 byte each) and the
+  // attention dropout's mask (1 byte) and output (2 bytes per score).
+  ModelSpec m = gpt175();
+  m.dropout = false;
+  for (int b : {1, 4}) {
+    const double s = m.seq, h = m.hidden, a = m.heads, sbh = s * b * h;
+    CHECK(rel(LayerActivations::of(m, Layout{.microbatch_size = b}).bytes(), sbh * (32 + 2 * a * s / h)) < 1e-12);
+  }
+}
+
 TEST_CASE("MemoryEstimate: the first 1F1B rank keeps L layers of activations, interleaved L (1 + (p-1)/(p v))") {
   // Korthikanti et al. 2022, sec. 4.2.3: 1F1B's first stage holds p micro-batches of L/p layers;
   // interleaving multiplies that by (1 + (p-1)/(p v)).
@@ -465,30 +476,43 @@ TEST_CASE("Calibration: the GEMM curve is each shape's rate over the fastest, so
   CHECK(rel(c.gemm_efficiency.at(16e6), 0.4) < 1e-12);
 }
 
-TEST_CASE("CostModel: with more ranks than cores_per_node every piece of a rank's work is ranks / cores times slower") {
+TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(the replay, the node's work / cores)") {
   Cluster shared = flat_cluster();
   shared.cores_per_node = 2;
   const ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
                     .seq = 128, .tied = true};
+  // Data parallelism alone: every rank has the same work and no bubble, so the step is
+  // max(1, ranks on the node / cores) times the uncontended one (a node holds at most 8).
   for (int world : {1, 2, 4, 8, 16}) {
     CAPTURE(world);
-    const Layout l{.dp = world / 2 > 0 ? world / 2 : 1, .tp = world >= 2 ? 2 : 1, .pp = 1, .microbatch_size = 2,
-                   .num_microbatches = 2};
-    const CostModel alone{.model = m, .cluster = flat_cluster(), .layout = l, .precision = {}};
-    const CostModel crowded{.model = m, .cluster = shared, .layout = l, .precision = {}};
-    // A node holds min(world, 8) ranks on 2 cores.
-    const double expect = std::max(1.0, std::min(world, 8) / 2.0);
-    CHECK(rel(crowded.layer_forward().compute, expect * alone.layer_forward().compute) < 1e-12);
-    CHECK(rel(crowded.layer_backward().total(), expect * alone.layer_backward().total()) < 1e-12);
-    CHECK(rel(crowded.dp_reduce_seconds(0), expect * alone.dp_reduce_seconds(0)) < 1e-12);
-    CHECK(rel(crowded.optimizer_seconds(0), expect * alone.optimizer_seconds(0)) < 1e-12);
-    CHECK(rel(Plan::predict(m, shared, l).time.total(), expect * Plan::predict(m, flat_cluster(), l).time.total()) < 1e-9);
+    const Layout l{.dp = world, .microbatch_size = 2, .num_microbatches = 16 / std::min(world, 16)};
+    const double alone = Plan::predict(m, flat_cluster(), l).time.total();
+    const TimeEstimate crowded = Plan::predict(m, shared, l).time;
+    CHECK(rel(crowded.total(), std::max(1.0, std::min(world, 8) / 2.0) * alone) < 1e-9);
+    CHECK(rel(crowded.contention, crowded.total() - alone) < 1e-9);
   }
+  // A pipeline of 4 on one core: the bubble is given to the other ranks, so the step is the
+  // sum of the four ranks' busy times, written out here from CostModel's pieces.
+  shared.cores_per_node = 1;
+  const Layout pipe{.pp = 4, .microbatch_size = 2, .num_microbatches = 8};
+  const CostModel cm{.model = m, .cluster = shared, .layout = pipe, .precision = {}};
+  double work = 0;
+  for (int r = 0; r < 4; ++r)
+    work += 8 * (cm.stage_forward(r).total() + cm.stage_backward(r).total()) + cm.optimizer_seconds(r) +
+            (r == 0 || r == 3 ? cm.tied_embedding_seconds() : 0.0);
+  const TimeEstimate piped = Plan::predict(m, shared, pipe).time;
+  CHECK(rel(piped.total(), work) < 1e-9);
+  CHECK(piped.contention > 0);
+  // With 4 cores for the 4 ranks nothing waits: the replay alone, bubble included.
+  shared.cores_per_node = 4;
+  const TimeEstimate roomy = Plan::predict(m, shared, pipe).time;
+  CHECK(roomy.contention == 0);
+  CHECK(rel(roomy.total(), Plan::predict(m, flat_cluster(), pipe).time.total()) < 1e-12);
+  CHECK(roomy.bubble > 0);
   // An effective count below the hardware's (another program's load): 2 ranks on 1.5 cores.
   shared.cores_per_node = 1.5;
-  const Layout two{.dp = 2, .microbatch_size = 2, .num_microbatches = 2};
-  CHECK(rel(CostModel{.model = m, .cluster = shared, .layout = two, .precision = {}}.layer_forward().compute,
-            2 / 1.5 * CostModel{.model = m, .cluster = flat_cluster(), .layout = two, .precision = {}}.layer_forward().compute) < 1e-12);
+  const Layout two{.dp = 2, .microbatch_size = 2, .num_microbatches = 8};
+  CHECK(rel(Plan::predict(m, shared, two).time.total(), 2 / 1.5 * Plan::predict(m, flat_cluster(), two).time.total()) < 1e-9);
   shared.cores_per_node = -1;
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }

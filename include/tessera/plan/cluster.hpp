@@ -35,8 +35,8 @@ struct Cluster {
   /// Cores a node's devices share, for CPU ranks (threads or processes on one machine), as an
   /// effective count (tessera-plan calibrate measures it: how many ranks compute at once at a
   /// lone rank's speed, which another program's load lowers); 0: each device computes on its
-  /// own (accelerators). With more ranks than cores on a node, the planner runs each rank's
-  /// work ranks / cores_per_node times slower (CostModel::contention).
+  /// own (accelerators). With more ranks than cores on a node, the step takes at least the
+  /// node's total work over cores_per_node (TimeEstimate::contention).
   double cores_per_node = 0;
 
   /// A device's bandwidth toward devices of other nodes when all devices of its node send at

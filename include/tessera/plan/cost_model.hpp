@@ -60,24 +60,16 @@ struct CostModel {
   Layout layout{};       ///< how it is run
   Precision precision{};  ///< bytes per element
 
-  /// How many times slower each rank runs because the ranks of a node share fewer cores
-  /// (cluster.cores_per_node, CPU ranks): max(1, ranks on a node / cores_per_node), where a
-  /// node holds min(world, devices_per_node) ranks; 1 when cores_per_node is 0. Every rank is
-  /// taken as busy all the time (the pipeline bubble's idle ranks are not given back their
-  /// cores), and every piece of work, communication included, is slowed alike.
-  double contention() const {
-    if (cluster.cores_per_node <= 0) return 1.0;
-    const int ranks_on_node = std::min(layout.world(), cluster.devices_per_node);
-    return std::max(1.0, ranks_on_node / cluster.cores_per_node);
-  }
-
-  /// Seconds of one GEMM of `flops` flops: flops / (peak * efficiency(flops)), times contention().
+  /// Seconds of one GEMM of `flops` flops: flops / (peak * efficiency(flops)).
   double gemm_seconds(double flops) const {
-    return contention() * flops / (cluster.peak_flops * cluster.gemm_efficiency.at(flops));
+    return flops / (cluster.peak_flops * cluster.gemm_efficiency.at(flops));
   }
 
-  /// Seconds of memory-bound work moving `bytes`: bytes / memory_bandwidth, times contention().
-  double memory_seconds(double bytes) const { return contention() * bytes / cluster.memory_bandwidth; }
+  /// Ranks one node holds: min(world, devices_per_node).
+  int ranks_per_node() const { return std::min(layout.world(), cluster.devices_per_node); }
+
+  /// Seconds of memory-bound work moving `bytes`: bytes / memory_bandwidth.
+  double memory_seconds(double bytes) const { return bytes / cluster.memory_bandwidth; }
 
   /// The GEMMs of one block's forward on one device for one micro-batch (tp splits the
   /// projections' output or input width and the heads). Their flops add up to
@@ -120,9 +112,8 @@ struct CostModel {
   double tp_all_reduce_seconds() const {
     const double bytes = precision.activation_bytes * tp_all_reduce_elements();
     const bool inside = layout.tp <= cluster.devices_per_node;
-    return contention() * all_reduce_seconds(bytes, layout.tp,
-                                             inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
-                                             inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+    return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
   /// One block's forward for one micro-batch: its GEMMs, its memory-bound work (twice the
@@ -231,8 +222,8 @@ struct CostModel {
   /// device of the node sends at once).
   double p2p_seconds(int from, int to) const {
     const bool inside = node_of_pp_rank(from) == node_of_pp_rank(to);
-    return contention() * (inside ? cluster.intra_node_latency + p2p_bytes() / cluster.intra_node_bandwidth
-                                  : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device());
+    return inside ? cluster.intra_node_latency + p2p_bytes() / cluster.intra_node_bandwidth
+                  : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device();
   }
 
   /// Parameters held by one device of `stage`'s pipeline rank, before ZeRO sharding: the
@@ -268,7 +259,7 @@ struct CostModel {
     const bool inside = layout.dp * layout.tp <= cluster.devices_per_node;
     const double t = all_reduce_seconds(bytes, layout.dp, dp_bandwidth(),
                                         inside ? cluster.intra_node_latency : cluster.inter_node_latency);
-    return contention() * (layout.zero_stage == 3 ? 1.5 * t : t);
+    return layout.zero_stage == 3 ? 1.5 * t : t;
   }
 
   /// Seconds of summing the tied embedding's gradient between the first and the last pp rank
@@ -277,9 +268,8 @@ struct CostModel {
     if (!model.tied || layout.pp == 1) return 0.0;
     const double bytes = static_cast<double>(model.vocab) * model.hidden / layout.tp * precision.gradient_bytes;
     const bool inside = node_of_pp_rank(0) == node_of_pp_rank(layout.pp - 1);
-    return contention() * all_reduce_seconds(bytes, 2,
-                                             inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
-                                             inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+    return all_reduce_seconds(bytes, 2, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
   /// Seconds of the optimizer step on pp rank `pp_rank`: precision.step_bytes() per parameter

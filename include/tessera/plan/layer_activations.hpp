@@ -28,7 +28,8 @@ struct StoredTensor {
 /// parallelism splits them. Activations are precision.activation_bytes per element, dropout
 /// masks 1 byte. Listed tensor by tensor, so grouped-query attention (kv_heads < heads) and any
 /// MLP width are counted; with kv_heads = heads and ffn = 4h the sum is Korthikanti et al.'s
-/// s b h (34 + 5 a s / h) without parallelism (their Table 2 for the parallel forms).
+/// s b h (34 + 5 a s / h) without parallelism (their Table 2 for the parallel forms). Without
+/// dropout (model.dropout false) the masks and the attention dropout's output are not kept.
 struct LayerActivations {
   std::vector<StoredTensor> tensors{};  ///< what is kept, tensor by tensor
 
@@ -61,16 +62,18 @@ struct LayerActivations {
     keep("V", act * s * b * kv / t);
     if (layout.recompute == Recompute::none) {
       keep("softmax output", act * a * s * s * b / t);
-      keep("attention dropout mask", mask * a * s * s * b / t);
-      keep("attention dropout output", act * a * s * s * b / t);
+      if (model.dropout) {
+        keep("attention dropout mask", mask * a * s * s * b / t);
+        keep("attention dropout output", act * a * s * s * b / t);
+      }
     }
     keep("output projection input", act * s * b * h / t);
-    keep("attention residual dropout mask", mask * s * b * h * outside);
+    if (model.dropout) keep("attention residual dropout mask", mask * s * b * h * outside);
     keep("MLP LayerNorm input", act * s * b * h * outside);
     keep("MLP first linear input", act * s * b * h * outside);
     keep("GeLU input", act * s * b * f / t);
     keep("MLP second linear input", act * s * b * f / t);
-    keep("MLP residual dropout mask", mask * s * b * h * outside);
+    if (model.dropout) keep("MLP residual dropout mask", mask * s * b * h * outside);
     return out;
   }
 };

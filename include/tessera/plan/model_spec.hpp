@@ -23,6 +23,10 @@ struct ModelSpec {
   int vocab = 1;       ///< vocabulary size (V)
   int seq = 1;         ///< sequence length in tokens (s)
   bool tied = true;    ///< LM head shares the input embedding's weight
+  /// The block has Megatron-LM's dropouts (on the attention probabilities and on both residual
+  /// branches), whose masks and outputs it keeps for backward; tessera's nn::Block has none
+  /// (train_gpt: false).
+  bool dropout = true;
 
   /// Key/value heads actually used: kv_heads, or heads when kv_heads is 0.
   int num_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }

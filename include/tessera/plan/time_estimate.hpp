@@ -26,13 +26,18 @@ struct TimeEstimate {
   double dp_comm_exposed = 0;     ///< dp reduction (and tied-embedding sum) not hidden, seconds
   double dp_comm_overlapped = 0;  ///< dp reduction hidden behind the last backward, seconds
   double optimizer = 0;           ///< optimizer step, seconds
+  /// Waiting for a core, seconds: when a node holds more ranks than cluster.cores_per_node, the
+  /// step takes at least the node's work (every rank's busy time) / cores_per_node; this is
+  /// what that bound adds to the replay's time (a rank waiting in the bubble gives its core to
+  /// the others, so bubbles are absorbed first). 0 on accelerators.
+  double contention = 0;
   double bubble_ratio = 0;        ///< Megatron's bubble ratio of the replay with free transfers
   long long p2p_messages = 0;     ///< point-to-point sends per step in one pipeline (the schedule's SEND actions)
   double p2p_bytes = 0;           ///< bytes each of those sends carries on one device
   schedule::Timeline timeline{};  ///< the replayed pipeline step (F, B and transfers), seconds
 
-  /// The step time: compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer.
-  double total() const { return compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer; }
+  /// The step time: compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer + contention.
+  double total() const { return compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer + contention; }
 
   /// Replays `sched` (the layout's schedule) with CostModel's durations for every F, B and
   /// transfer, once with free transfers (the bubble) and once with them (their exposed part),
@@ -88,16 +93,36 @@ struct TimeEstimate {
         t.optimizer = cm.optimizer_seconds(r);
       }
     }
+    // Ranks sharing fewer cores (CPU ranks): the node's cores run at most cores_per_node ranks'
+    // work at once, so the step lasts at least the node's work / cores (Brent's bound, the
+    // replay being the other: max(span, work / cores)). The node's share of the work: every
+    // rank's busy time -- its F and B, its dp reduction and tied-embedding sum, its optimizer
+    // step -- times the ranks of the node over the world.
+    if (cm.cluster.cores_per_node > 0 && cm.ranks_per_node() > cm.cluster.cores_per_node) {
+      double work = 0;
+      for (int r = 0; r < L.pp; ++r) {
+        double busy = 0;
+        for (const schedule::Action& a : sched.compute_order(r))
+          busy += (a.kind == schedule::ActionKind::forward ? fwd : bwd)[static_cast<std::size_t>(a.stage_index)].total();
+        const bool tied_rank = r == 0 || r == L.pp - 1;
+        busy += cm.dp_reduce_seconds(r) + (tied_rank ? cm.tied_embedding_seconds() : 0.0) + cm.optimizer_seconds(r);
+        work += busy * L.dp * L.tp;
+      }
+      work *= static_cast<double>(cm.ranks_per_node()) / L.world();
+      t.contention = std::max(0.0, work / cm.cluster.cores_per_node - t.total());
+    }
     return t;
   }
 
   /// One line in seconds, e.g. "24.1 s: compute 19.0, tp 2.1, p2p 0.3, bubble 1.6, dp 0.8
-  /// (+0.0 hidden), optimizer 0.05".
+  /// (+0.0 hidden), optimizer 0.05" (and ", waiting for a core X" when contention > 0).
   std::string to_string() const {
-    char buf[256];
+    char extra[64] = "";
+    if (contention > 0) std::snprintf(extra, sizeof extra, ", waiting for a core %.3f", contention);
+    char buf[320];
     std::snprintf(buf, sizeof buf,
-                  "%.3f s: compute %.3f, tp %.3f, p2p %.3f, bubble %.3f, dp %.3f (+%.3f hidden), optimizer %.3f",
-                  total(), compute, tp_comm, pp_p2p, bubble, dp_comm_exposed, dp_comm_overlapped, optimizer);
+                  "%.3f s: compute %.3f, tp %.3f, p2p %.3f, bubble %.3f, dp %.3f (+%.3f hidden), optimizer %.3f%s",
+                  total(), compute, tp_comm, pp_p2p, bubble, dp_comm_exposed, dp_comm_overlapped, optimizer, extra);
     return buf;
   }
 };

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# On-machine validation of the planner (issue 15, docs/planner.md "On this machine"): calibrates
+# this machine (tessera-plan calibrate), then runs train_gpt on the main job's model (--layers 6
+# --d-model 192 --heads 6 --context 128 --batch 32) at every layout of 1, 2, 4 and 8 thread ranks
+# the planner can predict (tp dividing the heads, pp at most the layers; train_gpt's default
+# micro-batches, m = pp) and at the planner's own first choice for each world size
+# (train_gpt --plan auto), and prints the predicted step time (tessera-plan plan --fp32 on the
+# fresh cluster file) beside the measured one (the median of train_gpt's per-step tokens/s
+# after the first step). With --mpi, also 2 and 4 MPI ranks (mpirun) on an MPI calibration.
+# Nothing is fitted here: the constants are what calibrate measured.
+#
+# Usage: bench/plan/validate_train_gpt.sh [BUILD_DIR (build-plan)] [--steps N (6)] [--mpi] [--out FILE.md]
+# Takes about 4 minutes on 2 cores (more when the machine is loaded; the load is printed).
+set -euo pipefail
+build=build-plan
+steps=6
+mpi=0
+out=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --steps) steps=$2; shift 2 ;;
+    --mpi) mpi=1; shift ;;
+    --out) out=$2; shift 2 ;;
+    *) build=$1; shift ;;
+  esac
+done
+export OPENBLAS_NUM_THREADS=1
+python3 - "$build" "$steps" "$mpi" "$out" <<'PY'
+import os, re, statistics, subprocess, sys, tempfile, time
+build, steps, use_mpi, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+train, planner = f"{build}/examples/train_gpt", f"{build}/tools/tessera-plan"
+work = tempfile.mkdtemp()
+data = "data/kjv.txt"
+if not os.path.exists(data):
+    data = f"{work}/text.txt"
+    with open(data, "w") as f:
+        f.write("In the beginning God created the heaven and the earth. And the earth was without form.\n" * 4000)
+model = ["--layers", "6", "--d-model", "192", "--heads", "6", "--context", "128", "--batch", "32"]
+spec = ["--layers", "6", "--hidden", "192", "--heads", "6", "--vocab", "256", "--seq", "128", "--batch", "32", "--no-dropout"]
+tokens_per_step = 32 * 128
+lines = []
+def say(s=""):
+    print(s, flush=True)
+    lines.append(s)
+def load():
+    return open("/proc/loadavg").read().split()[0]
+
+def calibrate(backend, n=None):
+    path = f"{work}/this_machine_{backend}.json"
+    cmd = [planner, "calibrate", "--min-time", "0.02", "--out", path]
+    if backend == "mpi":
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n)] + cmd + ["--backend", "mpi", "--ranks", str(n)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    say(f"    {r.stdout.splitlines()[0]}  (load average {load()})")
+    return path
+
+def measure(args, backend="threads", n=1):
+    cmd = [train] + model + args + ["--steps", str(steps), "--log-every", "1", "--val-every", "0", "--sample-len", "0"]
+    if backend == "mpi":
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n)] + cmd + ["--backend", "mpi"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"train_gpt failed: {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+    rates = [float(x) for x in re.findall(r"^step +\d+ +loss \S+ +lr \S+ +(\d+) tokens/s", r.stdout, re.M)]
+    g = re.search(r"; dp=(\d+) pp=(\d+) tp=(\d+) \((\w+), (\d+) micro-batches, accum 1(, ZeRO-1)?\)", r.stdout)
+    layout = dict(dp=int(g[1]), pp=int(g[2]), tp=int(g[3]), schedule=g[4], m=int(g[5]), zero=bool(g[6]))
+    return tokens_per_step / statistics.median(rates[1:]), layout, r.stdout
+
+def predict(cluster, l):
+    mbs = 32 // (l["dp"] * l["m"])
+    cmd = [planner, "plan", "--fp32", "--cluster", cluster] + spec + ["--dp", str(l["dp"]), "--tp", str(l["tp"]),
+           "--pp", str(l["pp"]), "--mbs", str(mbs), "--zero", "1" if l["zero"] else "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    t = re.search(r"time +([\d.]+) s: (.*)", r.stdout)
+    return float(t[1]), t[2], mbs
+
+def name(l):
+    return f"dp {l['dp']} x tp {l['tp']} x pp {l['pp']}, m {l['m']}" + (", ZeRO-1" if l["zero"] else "")
+
+def layouts(world):
+    for pp in (1, 2, 4, 8):
+        for tp in (1, 2, 3, 6):
+            if world % (pp * tp) or pp > 6 or 6 % tp:
+                continue
+            dp = world // (pp * tp)
+            if 32 % (dp * pp):
+                continue
+            yield ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
+
+def run(backend, worlds, cluster_of):
+    errors, firsts = [], []
+    say(f"| backend | ranks | layout | predicted s/step | measured s/step | error | predicted breakdown |")
+    say(f"|---|---|---|---|---|---|---|")
+    for n in worlds:
+        cluster = cluster_of(n)
+        rows = []
+        for args in layouts(n):
+            meas, l, _ = measure(args, backend, n)
+            pred, parts, _ = predict(cluster, l)
+            rows.append((name(l), pred, meas, parts))
+        meas, l, log = measure(["--plan", "auto", "--world", str(n), "--cluster", cluster], backend, n)
+        pred, parts, _ = predict(cluster, l)
+        chosen = name(l)
+        if chosen not in [r[0] for r in rows]:
+            rows.append((chosen, pred, meas, parts))
+        for nm, p, m, parts in rows:
+            e = (p - m) / m
+            errors.append(abs(e))
+            mark = " (planner's choice)" if nm == chosen else ""
+            say(f"| {backend} | {n} | {nm}{mark} | {p:.3f} | {m:.3f} | {100 * e:+.1f}% | {parts} |")
+        fastest = min(rows, key=lambda r: r[2])
+        mine = next(r for r in rows if r[0] == chosen)
+        firsts.append((backend, n, chosen, mine[2], fastest[0], fastest[2]))
+    return errors, firsts
+
+t0 = time.time()
+say(f"## train_gpt on this machine: predicted vs measured (steps {steps}, median after step 0)")
+say(f"load average at start {load()}; {os.cpu_count()} hardware threads")
+say("calibration:")
+cal = calibrate("threads")
+errors, firsts = run("threads", [1, 2, 4, 8], lambda n: cal)
+if use_mpi:
+    cals = {n: calibrate("mpi", n) for n in (2, 4)}
+    e2, f2 = run("mpi", [2, 4], lambda n: cals[n])
+    errors += e2
+    firsts += f2
+say()
+within = sum(1 for e in errors if e <= 0.15)
+say(f"step time error: mean |error| {100 * statistics.mean(errors):.1f}%, max {100 * max(errors):.1f}%, "
+    f"{within} of {len(errors)} layouts within 15%")
+for backend, n, chosen, m_chosen, fastest, m_fast in firsts:
+    gap = (m_chosen - m_fast) / m_fast
+    say(f"{backend} {n} ranks: planner's choice {chosen} measured {m_chosen:.3f} s; fastest measured {fastest} "
+        f"{m_fast:.3f} s; choice {100 * gap:+.1f}% ({'within' if gap <= 0.05 else 'NOT within'} 5%)")
+say(f"load average at end {load()}; {time.time() - t0:.0f} s")
+if out:
+    open(out, "w").write("\n".join(lines) + "\n")
+PY
