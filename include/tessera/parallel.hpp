@@ -11,6 +11,7 @@
 #include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/hybrid/data_parallel_stage.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/parallel/tensor/layouts.hpp"

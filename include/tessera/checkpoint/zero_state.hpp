@@ -51,16 +51,26 @@ std::vector<ZeroBucketShard> zero_bucket_shards(GradBuckets<T>& buckets) {
   return out;
 }
 
-/// The state of `zero` (a ZeroOptimizer of AdamW over `buckets`, those of the DataParallel it
-/// was built on, with or without parameter groups) as named pieces: for every parameter part
+/// The ZeRO-1 layout of several bucket sets of one dp communicator (a Hybrid's stages), their
+/// buckets in order: what a ZeroOptimizer over `sets` shards. Local.
+template <std::floating_point T>
+std::vector<ZeroBucketShard> zero_bucket_shards(const std::vector<GradBuckets<T>*>& sets) {
+  std::vector<ZeroBucketShard> out;
+  for (GradBuckets<T>* b : sets)
+    for (ZeroBucketShard& z : zero_bucket_shards(*b)) out.push_back(std::move(z));
+  return out;
+}
+
+/// The state of `zero` (a ZeroOptimizer of AdamW over the bucket sets `sets`, those it was built
+/// on, with or without parameter groups) as named pieces: for every parameter part
 /// in this dp rank's blocks, "<name>.exp_avg" and "<name>.exp_avg_sq" with their flat ranges
 /// (views into the inner AdamW's moments, so loading writes them in place), and step =
 /// zero.inner().steps(). After loading, call `zero.inner().set_steps(state.step)`. Local.
 /// Throws tessera::Error when the inner optimizer has not one parameter per shard piece.
 template <std::floating_point T>
-OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, GradBuckets<T>& buckets) {
+OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, const std::vector<GradBuckets<T>*>& sets) {
   optim::AdamW<T>& inner = zero.inner();
-  const std::vector<ZeroBucketShard> shards = zero_bucket_shards(buckets);
+  const std::vector<ZeroBucketShard> shards = zero_bucket_shards(sets);
   const std::vector<ZeroShardPiece>& pieces = zero.shard_pieces();
   TESSERA_EXPECTS(inner.parameters().size() == pieces.size(), "zero_adamw_state: the inner AdamW has ",
                   inner.parameters().size(), " parameters for ", pieces.size(), " shard pieces");
@@ -72,6 +82,11 @@ OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, GradBuc
     for (auto& t : b.layout.shards(pieces[i].begin, inner.exp_avg_sq(i), ".exp_avg_sq")) s.tensors.push_back(std::move(t));
   }
   return s;
+}
+/// As above, for a ZeroOptimizer over one DataParallel's `buckets`.
+template <std::floating_point T>
+OptimizerState<T> zero_adamw_state(ZeroOptimizer<optim::AdamW<T>>& zero, GradBuckets<T>& buckets) {
+  return zero_adamw_state(zero, std::vector<GradBuckets<T>*>{&buckets});
 }
 
 }  // namespace tessera::checkpoint

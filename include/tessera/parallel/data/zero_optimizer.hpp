@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -31,7 +32,7 @@ namespace tessera {
 /// a ZeroOptimizer sees as one parameter: flat elements [begin, end) of bucket `bucket`, all of
 /// parameter group `group` (padding joins the run before it).
 struct ZeroShardPiece {
-  std::size_t bucket = 0;   ///< the bucket
+  std::size_t bucket = 0;   ///< the bucket (counting every bucket of every bucket set, in order)
   std::int64_t begin = 0;   ///< first flat element of the bucket
   std::int64_t end = 0;     ///< one past the last
   std::size_t group = 0;    ///< the parameter group
@@ -74,7 +75,14 @@ class ZeroOptimizer {
   template <std::floating_point T, class... Args>
     requires std::constructible_from<Opt, ParameterList<T>, Args...>
   explicit ZeroOptimizer(GradBuckets<T>& buckets, Args&&... opt_args)
-      : state_(std::make_unique<State<T>>(buckets, nullptr)),
+      : ZeroOptimizer(std::vector<GradBuckets<T>*>{&buckets}, std::forward<Args>(opt_args)...) {}
+
+  /// As above, over several bucket sets of one dp communicator (a Hybrid's stages, each
+  /// replicated over dp with its own buckets): one flat list of their buckets, in order.
+  template <std::floating_point T, class... Args>
+    requires std::constructible_from<Opt, ParameterList<T>, Args...>
+  explicit ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, Args&&... opt_args)
+      : state_(std::make_unique<State<T>>(sets, nullptr)),
         opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
 
   /// Shards the optimizer with parameter groups: `groups` hold the replica's parameters, each
@@ -83,8 +91,11 @@ class ZeroOptimizer {
   /// above, and naming the parameter that is in no group or in two.
   template <std::floating_point T, class Options>
   ZeroOptimizer(GradBuckets<T>& buckets, const std::vector<optim::ParamGroup<T, Options>>& groups)
-      : state_(make_grouped_state(buckets, groups)),
-        opt_(static_cast<State<T>&>(*state_).shard_groups(groups)) {}
+      : ZeroOptimizer(std::vector<GradBuckets<T>*>{&buckets}, groups) {}
+  /// As above, over several bucket sets of one dp communicator.
+  template <std::floating_point T, class Options>
+  ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : state_(make_grouped_state(sets, groups)), opt_(static_cast<State<T>&>(*state_).shard_groups(groups)) {}
   /// As above, on a DataParallel's buckets.
   template <class L, std::floating_point T, class Options>
   ZeroOptimizer(DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
@@ -143,42 +154,60 @@ class ZeroOptimizer {
   };
 
   template <std::floating_point T, class Options>
-  static std::unique_ptr<StateBase> make_grouped_state(GradBuckets<T>& buckets,
+  static std::unique_ptr<StateBase> make_grouped_state(const std::vector<GradBuckets<T>*>& sets,
                                                        const std::vector<optim::ParamGroup<T, Options>>& groups) {
     TESSERA_EXPECTS(!groups.empty(), "ZeroOptimizer: no parameter group");
     ParameterList<T> all;
-    for (const auto& slot : buckets.slots()) all.push_back(*slot.param);
+    for (GradBuckets<T>* b : sets)
+      for (const auto& slot : b->slots()) all.push_back(*slot.param);
     const std::vector<std::size_t> group = optim::group_of_each(all, groups, "ZeroOptimizer");
-    return std::make_unique<State<T>>(buckets, &group);
+    std::map<const Parameter<T>*, std::size_t> of;
+    for (std::size_t i = 0; i < all.size(); ++i) of[&all[i]] = group[i];
+    return std::make_unique<State<T>>(sets, &of);
   }
 
-  // The shards of one element type: per bucket the gathered parameter buffer (padded, flat),
-  // whose block `rank` is this rank's parameter shard, and per piece (a run of that block of
-  // one parameter group) a Parameter viewing its values and its reduced gradients.
+  // The shards of one element type: per bucket (of all sets, in order) the gathered parameter
+  // buffer (padded, flat), whose block `rank` is this rank's parameter shard, and per piece (a
+  // run of that block of one parameter group) a Parameter viewing its values and its reduced
+  // gradients.
   template <std::floating_point T>
   struct State final : StateBase {
-    // `slot_group`: the group of each slot (null: one group, one piece per bucket).
-    State(GradBuckets<T>& b, const std::vector<std::size_t>* slot_group) : buckets(&b), comm(b.comm()) {
-      TESSERA_EXPECTS(b.mode() == GradReduce::all_reduce, "ZeroOptimizer: the gradient buckets over ", comm.name(),
-                      " already have a ZeroOptimizer; a second one would update every parameter twice. Build one "
-                      "ZeroOptimizer per DataParallel (with parameter groups for different options)");
+    using Slot = typename GradBuckets<T>::Slot;
+    struct Ref {
+      GradBuckets<T>* set;  // the bucket's set
+      std::size_t index;    // its index there
+    };
+
+    // `group_of`: each parameter's group (null: one group, one piece per bucket).
+    State(const std::vector<GradBuckets<T>*>& bucket_sets, const std::map<const Parameter<T>*, std::size_t>* group_of)
+        : sets(bucket_sets) {
+      TESSERA_EXPECTS(!sets.empty(), "ZeroOptimizer: no gradient buckets");
+      comm = sets.front()->comm();
+      for (GradBuckets<T>* b : sets) {
+        TESSERA_EXPECTS(b->mode() == GradReduce::all_reduce, "ZeroOptimizer: the gradient buckets over ",
+                        b->comm().name(), " already have a ZeroOptimizer; a second one would update every parameter "
+                        "twice. Build one ZeroOptimizer per DataParallel (with parameter groups for different options)");
+        TESSERA_EXPECTS(b->comm().size() == comm.size() && b->comm().rank() == comm.rank(), "ZeroOptimizer: bucket sets "
+                        "over communicators of different sizes or ranks (", comm.name(), ", ", b->comm().name(), ")");
+        for (std::size_t i = 0; i < b->buckets().size(); ++i) refs.push_back({b, i});
+      }
       const int r = comm.rank();
       std::vector<ZeroShardPiece> runs;
-      for (std::size_t bi = 0; bi < buckets->buckets().size(); ++bi) {
-        const auto& bucket = buckets->buckets()[bi];
-        const std::int64_t n = buckets->shard_size(bi), lo = r * n, hi = lo + n;
+      for (std::size_t bi = 0; bi < refs.size(); ++bi) {
+        const auto& bucket = this->bucket(bi);
+        const std::int64_t n = shard_size(bi), lo = r * n, hi = lo + n;
         Tensor<T> full(bucket.buffer.shape());
         std::vector<std::size_t> order(bucket.slots.begin(), bucket.slots.end());
         std::sort(order.begin(), order.end(),
-                  [&](std::size_t x, std::size_t y) { return buckets->slots()[x].offset < buckets->slots()[y].offset; });
-        ZeroShardPiece cur{bi, lo, lo, slot_group ? std::size_t(-1) : 0};
+                  [&](std::size_t x, std::size_t y) { return slot(bi, x).offset < slot(bi, y).offset; });
+        ZeroShardPiece cur{bi, lo, lo, group_of ? std::size_t(-1) : 0};
         for (std::size_t i : order) {
-          const auto& s = buckets->slots()[i];
+          const Slot& s = slot(bi, i);
           TESSERA_EXPECTS(s.param->value.is_contiguous(), "ZeroOptimizer: parameter \"", s.param->name,
                           "\" of shape ", s.param->value.shape(), " is not contiguous");
           full.slice(0, s.offset, s.offset + s.numel).copy_from(s.param->value.reshape(Shape{s.numel}));
-          if (!slot_group || s.offset + s.numel <= lo || s.offset >= hi) continue;
-          const std::size_t g = (*slot_group)[i];
+          if (!group_of || s.offset + s.numel <= lo || s.offset >= hi) continue;
+          const std::size_t g = group_of->at(s.param);
           if (cur.group == std::size_t(-1)) {
             cur.group = g;
           } else if (g != cur.group) {
@@ -192,7 +221,7 @@ class ZeroOptimizer {
         if (cur.end > cur.begin) runs.push_back(cur);
         params.push_back(full);
       }
-      buckets->set_mode(GradReduce::reduce_scatter);
+      for (GradBuckets<T>* b : sets) b->set_mode(GradReduce::reduce_scatter);
       // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
       std::size_t num_groups = 0;
       for (const ZeroShardPiece& p : runs) num_groups = std::max(num_groups, p.group + 1);
@@ -200,12 +229,17 @@ class ZeroOptimizer {
         for (const ZeroShardPiece& p : runs)
           if (p.group == g) piece_list.push_back(p);
       for (const ZeroShardPiece& p : piece_list) {
-        const std::int64_t lo = r * buckets->shard_size(p.bucket);
+        const std::int64_t lo = r * shard_size(p.bucket);
         shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
                             params[p.bucket].slice(0, p.begin, p.end),
-                            buckets->grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
+                            grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
       }
     }
+    const typename GradBuckets<T>::Bucket& bucket(std::size_t bi) const { return refs[bi].set->buckets()[refs[bi].index]; }
+    std::int64_t shard_size(std::size_t bi) const { return refs[bi].set->shard_size(refs[bi].index); }
+    Tensor<T> grad_shard(std::size_t bi) const { return refs[bi].set->grad_shard(refs[bi].index); }
+    const Slot& slot(std::size_t bi, std::size_t i) const { return refs[bi].set->slots()[i]; }
+
     template <class Options>
     std::vector<optim::ParamGroup<T, Options>> shard_groups(const std::vector<optim::ParamGroup<T, Options>>& groups) {
       std::vector<optim::ParamGroup<T, Options>> out;
@@ -225,9 +259,9 @@ class ZeroOptimizer {
     void load_shards() override {
       const std::int64_t r = comm.rank();
       for (std::size_t bi = 0; bi < params.size(); ++bi) {
-        const std::int64_t n = buckets->shard_size(bi), lo = r * n, hi = lo + n;
-        for (std::size_t i : buckets->buckets()[bi].slots) {
-          const auto& s = buckets->slots()[i];
+        const std::int64_t n = shard_size(bi), lo = r * n, hi = lo + n;
+        for (std::size_t i : bucket(bi).slots) {
+          const Slot& s = slot(bi, i);
           const std::int64_t a = std::max(lo, s.offset), b = std::min(hi, s.offset + s.numel);
           if (a >= b) continue;
           std::copy(s.param->value.data() + (a - s.offset), s.param->value.data() + (b - s.offset),
@@ -241,7 +275,7 @@ class ZeroOptimizer {
       if (w > 1) {
         const std::size_t r = static_cast<std::size_t>(comm.rank());
         for (std::size_t bi = 0; bi < params.size(); ++bi) {
-          const std::size_t n = static_cast<std::size_t>(buckets->shard_size(bi));
+          const std::size_t n = static_cast<std::size_t>(shard_size(bi));
           T* full = params[bi].data();
           // In place: this rank's block of the output is the input.
           requests[bi] = comm.iall_gather(std::span<const T>(full + r * n, n), std::span<T>(full, n * w));
@@ -255,8 +289,8 @@ class ZeroOptimizer {
           if (!error) error = std::current_exception();
         }
         if (error) continue;
-        for (std::size_t i : buckets->buckets()[bi].slots) {
-          const auto& s = buckets->slots()[i];
+        for (std::size_t i : bucket(bi).slots) {
+          const Slot& s = slot(bi, i);
           std::copy_n(params[bi].data() + s.offset, s.numel, s.param->value.data());
         }
       }
@@ -265,24 +299,29 @@ class ZeroOptimizer {
     // The buckets go back to all-reduce: with no sharded optimizer, every replica needs the
     // whole reduced gradient.
     ~State() override {
-      try {
-        buckets->set_mode(GradReduce::all_reduce);
-      } catch (...) {  // destroyed inside a backward: the mode stays; nothing to report from here
+      for (GradBuckets<T>* b : sets) {
+        try {
+          b->set_mode(GradReduce::all_reduce);
+        } catch (...) {  // destroyed inside a backward: the mode stays; nothing to report from here
+        }
       }
     }
     State(const State&) = delete;
     State& operator=(const State&) = delete;
-    void zero_grad() override { buckets->zero_grad(); }
+    void zero_grad() override {
+      for (GradBuckets<T>* b : sets) b->zero_grad();
+    }
     double clip_grad_norm(double max_norm) override {
       optim::Gradients<T> g{{}, comm};
       for (const Parameter<T>& p : shards) g.pieces.push_back({p.grad, true});
       return optim::clip_grad_norm(g, max_norm);
     }
 
-    GradBuckets<T>* buckets;
+    std::vector<GradBuckets<T>*> sets;
+    std::vector<Ref> refs;              // every bucket of every set, in order
     Comm comm;
-    std::vector<Tensor<T>> params;    // per bucket: gathered values, padded
-    std::vector<Parameter<T>> shards;  // per piece: this rank's value and grad runs
+    std::vector<Tensor<T>> params;      // per bucket: gathered values, padded
+    std::vector<Parameter<T>> shards;   // per piece: this rank's value and grad runs
     std::vector<ZeroShardPiece> piece_list;
   };
 

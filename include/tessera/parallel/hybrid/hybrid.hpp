@@ -40,8 +40,8 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
-#include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/hybrid/data_parallel_stage.hpp"
 #include "tessera/parallel/pipeline/pipeline_loss.hpp"
 #include "tessera/parallel/pipeline/pipeline_parallel.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
@@ -85,12 +85,14 @@ struct HybridStepStats {
 ///   tensor-parallel over the tp communicator it is given (mesh.tp(), timed); the last stage's
 ///   output goes into `make_loss(tp)`'s loss (it must sum over its targets). A stage must be
 ///   the same function on every dp coordinate.
-/// - **Replicas.** At construction the dp ranks check that they hold the same parameter list
-///   (CASES C2) and take dp rank 0's values (C3).
+/// - **Replicas.** Each stage is wrapped in a DataParallelStage over mesh.dp(): at construction
+///   the dp ranks check that they hold the same parameter list (CASES C2) and take dp rank 0's
+///   values (C3); its gradients live in its buckets.
 /// - **Loss.** The mean over every valid target of the global batch (all dp ranks, all
 ///   micro-batches, all steps of an accumulation window), declared once: the pipeline sums,
-///   and when a window closes the gradients are all-reduced (or reduce-scattered, ZeRO-1) over
-///   dp and divided once by the global count. So every layout gives the single-rank gradients.
+///   and when a window closes it sums the tied copies over pp, each stage all-reduces (or
+///   reduce-scatters, ZeRO-1) its gradients over dp, and Hybrid divides once by the global
+///   count. So every layout gives the single-rank gradients.
 /// - **Optimizer.** Outside: any optimizer over parameters(), or ZeRO-1 (ZeroOptimizer over
 ///   buckets(), which switches them to reduce-scatter; then the reduced gradients live in the
 ///   buckets' shards), or DistributedOptimizer, which picks one of the two. Clipping takes
@@ -116,20 +118,24 @@ class Hybrid {
         tp_timer_(std::make_shared<CommTimer>()),
         tp_(timed(mesh.tp(), tp_timer_)),
         loss_(make_loss(tp_)),
-        pipe_(mesh.pp(), [&](int s) { return make_stage(s, tp_); }, loss_,
+        pipe_(
+            mesh.pp(),
+            [&](int s) -> std::unique_ptr<Stage> {
+              return std::make_unique<DataParallelStage<T, Input>>(make_stage(s, tp_), mesh.dp(), options.bucket_size);
+            },
+            loss_,
               PipelineOptions{.schedule = options.schedule,
                               .virtual_stages = options.virtual_stages,
                               .loss_normalization = LossNormalization::sum,
                               .accumulation_steps = options.accumulation_steps,
                               .record_timeline = options.record_timeline}) {
     pipe_.set_replica(mesh.coord().dp);
+    for (int st : pipe_.stage_indices()) {
+      auto& replicated = static_cast<DataParallelStage<T, Input>&>(pipe_.stage(st));
+      stages_.push_back(&replicated);
+      bucket_sets_.push_back(&replicated.buckets());
+    }
     const ParameterList<T>& params = pipe_.parameters();
-    expect_same_parameters(mesh.dp(), params, "Hybrid");
-    broadcast_parameters(mesh.dp(), params, 0);
-    buckets_ = std::make_unique<GradBuckets<T>>(
-        params, mesh.dp(),
-        GradBucketsOptions{.bucket_size = options.bucket_size, .first_bucket_size = options.bucket_size,
-                           .overlap_grad_reduce = false});
     // A later stage's copy of a tied weight (the last stage's wte); the global gradient norm
     // counts it not at all, and tp-replicated parameters on tp rank 0 only.
     for (int s : pipe_.stage_indices())
@@ -203,15 +209,16 @@ class Hybrid {
     window_count_ += stats_.num_valid;
     const double tp_in_step = tp_timer_->seconds - tp0;
     if (ps.grads_final) {
-      const auto r0 = std::chrono::steady_clock::now();
-      buckets_->reduce();
+      // The stages reduced their gradients over dp as the pipeline closed the window.
+      stats_.dp_comm_seconds = 0;
+      for (DataParallelStage<T, Input>* st : stages_) stats_.dp_comm_seconds += st->last_sync_seconds();
       const T scale = window_count_ > 0 ? static_cast<T>(1.0 / static_cast<double>(window_count_)) : T{0};
       if (sharded()) {
-        for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) buckets_->grad_shard(b).scale_(scale);
+        for (GradBuckets<T>* set : bucket_sets_)
+          for (std::size_t b = 0; b < set->buckets().size(); ++b) set->grad_shard(b).scale_(scale);
       } else {
         for (Parameter<T>& p : pipe_.parameters()) p.grad.scale_(scale);
       }
-      stats_.dp_comm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
       accumulated_loss_ = window_count_ > 0 ? window_sum_ / static_cast<double>(window_count_) : 0.0;
       window_sum_ = 0;
       window_count_ = 0;
@@ -236,15 +243,16 @@ class Hybrid {
     if (sharded()) {
       // This dp rank's block of every bucket holds the reduced gradients of its elements.
       const std::int64_t r = mesh_->dp().rank();
-      for (std::size_t b = 0; b < buckets_->buckets().size(); ++b) {
-        const auto& bucket = buckets_->buckets()[b];
-        const std::int64_t n = buckets_->shard_size(b), lo = r * n, hi = lo + n;
-        for (std::size_t i : bucket.slots) {
-          const auto& s = buckets_->slots()[i];
-          const std::int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
-          if (a < e) g.pieces.push_back({bucket.buffer.slice(0, a, e), counted_.count(s.param) > 0});
+      for (GradBuckets<T>* set : bucket_sets_)
+        for (std::size_t b = 0; b < set->buckets().size(); ++b) {
+          const auto& bucket = set->buckets()[b];
+          const std::int64_t n = set->shard_size(b), lo = r * n, hi = lo + n;
+          for (std::size_t i : bucket.slots) {
+            const auto& s = set->slots()[i];
+            const std::int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
+            if (a < e) g.pieces.push_back({bucket.buffer.slice(0, a, e), counted_.count(s.param) > 0});
+          }
         }
-      }
     } else {
       const bool replica0 = mesh_->dp().rank() == 0;
       for (const Parameter<T>& p : pipe_.parameters()) g.pieces.push_back({p.grad, replica0 && counted_.count(&p) > 0});
@@ -255,7 +263,7 @@ class Hybrid {
   /// Sets every gradient to zero and starts a new accumulation window. Local.
   void zero_grad() {
     pipe_.zero_grad();
-    buckets_->zero_grad();
+    for (GradBuckets<T>* set : bucket_sets_) set->zero_grad();
     window_sum_ = 0;
     window_count_ = 0;
   }
@@ -283,15 +291,16 @@ class Hybrid {
   double accumulated_loss() const noexcept { return accumulated_loss_; }
   /// The pipeline (this dp replica's pp group).
   PipelineParallel<T, Input, Target>& pipeline() noexcept { return pipe_; }
-  /// The dp gradient buckets (ZeroOptimizer and DistributedOptimizer work on them).
-  GradBuckets<T>& buckets() noexcept { return *buckets_; }
+  /// The dp gradient buckets of this rank's stages, one set per stage in stage order
+  /// (ZeroOptimizer and DistributedOptimizer work on them).
+  const std::vector<GradBuckets<T>*>& buckets() const noexcept { return bucket_sets_; }
   /// This rank's copies of tied weights held for a later pipeline stage (the last stage's own
   /// wte shard, equal to the first stage's): counted once in the gradient norm, and saved once,
   /// from the first stage, by checkpoints.
   const std::set<const Parameter<T>*>& tied_copies() const noexcept { return tied_copies_; }
   /// Whether a ZeroOptimizer shards the optimizer over dp (the buckets reduce-scatter, and the
   /// reduced gradients live in their shards).
-  bool sharded() const noexcept { return buckets_->mode() == GradReduce::reduce_scatter; }
+  bool sharded() const noexcept { return bucket_sets_.front()->mode() == GradReduce::reduce_scatter; }
   /// The options.
   const HybridOptions& options() const noexcept { return options_; }
   /// The mesh.
@@ -313,7 +322,8 @@ class Hybrid {
   Comm tp_;
   PipelineLoss<T, Target> loss_;
   PipelineParallel<T, Input, Target> pipe_;
-  std::unique_ptr<GradBuckets<T>> buckets_;
+  std::vector<DataParallelStage<T, Input>*> stages_;  // this rank's stages (owned by pipe_)
+  std::vector<GradBuckets<T>*> bucket_sets_;         // their buckets
   std::set<const Parameter<T>*> tied_copies_;
   std::set<const Parameter<T>*> counted_;
   HybridStepStats stats_{};

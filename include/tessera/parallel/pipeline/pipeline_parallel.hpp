@@ -677,6 +677,7 @@ class PipelineParallel {
     window_count_ += count;
     if (++window_steps_ == options_.accumulation_steps) {
       sync_tied_grads();
+      for (int st : stage_ids_) local_stage(st).finish_grad_sync();  // e.g. the dp reduction
       if (options_.loss_normalization == LossNormalization::mean && window_count_ > 0) {
         const T scale = static_cast<T>(1.0 / static_cast<double>(window_count_));
         for (Parameter<T>& prm : params_) prm.grad.scale_(scale);

@@ -121,6 +121,10 @@ class PipelineStage {
   /// Whether this stage holds the model's last layer (what the loss takes): the pipeline checks
   /// that its last stage does. True by default (a stage that cannot tell).
   virtual bool holds_last_layer() const { return true; }
+  /// Called by the pipeline when an accumulation window closes, after the tied copies'
+  /// gradients are summed and before they are normalized: a stage replicated over dp
+  /// (DataParallelStage) reduces its gradients here. Nothing by default.
+  virtual void finish_grad_sync() {}
 };
 
 namespace detail {

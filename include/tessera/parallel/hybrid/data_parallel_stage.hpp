@@ -1,0 +1,89 @@
+#pragma once
+/// @file
+/// DataParallelStage: data parallelism wrapping one pipeline stage, as torchtitan applies DDP
+/// (or FSDP) to each of a pipeline's stage modules: the stage's replicas over the dp ranks,
+/// checked equal and broadcast from dp rank 0 at construction, their gradients laid out in
+/// DataParallel's buckets (GradBuckets) and reduced over dp when the pipeline closes an
+/// accumulation window. Hybrid is the pipeline schedule over such stages, each tensor-parallel
+/// inside.
+
+#include <chrono>
+#include <concepts>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/shape.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/parallel/data/dp_replicas.hpp"
+#include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/pipeline/pipeline_stage.hpp"
+
+namespace tessera {
+
+/// A PipelineStage replicated over the dp communicator `dp` (see the file comment). Forward,
+/// backward, shapes and tied parameters are the wrapped stage's; `finish_grad_sync()` (which
+/// PipelineParallel calls when a window closes, after summing the tied copies) reduces the
+/// stage's gradients over dp: summed by all-reduce, or, once a ZeroOptimizer is built on
+/// buckets(), reduce-scattered into this dp rank's blocks. Construction is collective over dp;
+/// the wrapped stage must be the same function on every dp rank.
+template <std::floating_point T, class Input = Tensor<T>>
+class DataParallelStage final : public PipelineStage<T, Input> {
+ public:
+  /// Wraps `stage` over `dp` with buckets of `bucket_size` bytes. Collective over dp: checks
+  /// that every dp rank holds the same parameters (names, shapes, layouts; throws
+  /// tessera::Error on every rank naming the first difference) and takes dp rank 0's values.
+  /// Throws tessera::Error for a null stage.
+  DataParallelStage(std::unique_ptr<PipelineStage<T, Input>> stage, Comm dp, std::size_t bucket_size)
+      : stage_(std::move(stage)), dp_(std::move(dp)) {
+    TESSERA_EXPECTS(stage_ != nullptr, "DataParallelStage: the stage is null");
+    const ParameterList<T> params = stage_->parameters();
+    expect_same_parameters(dp_, params, "Hybrid stage '" + stage_->name() + "'");
+    broadcast_parameters(dp_, params, 0);
+    buckets_ = std::make_unique<GradBuckets<T>>(
+        params, dp_,
+        GradBucketsOptions{.bucket_size = bucket_size, .first_bucket_size = bucket_size, .overlap_grad_reduce = false});
+  }
+
+  /// The wrapped stage's forward on the model input.
+  StageOutput<T> forward_first(const Input& x) override { return stage_->forward_first(x); }
+  /// The wrapped stage's forward on an activation.
+  StageOutput<T> forward(const Tensor<T>& x) override { return stage_->forward(x); }
+  /// The wrapped stage's backward (no communication: the reduction waits for the window's end).
+  Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override { return stage_->backward(dy, ctx); }
+  /// The wrapped stage's output shape.
+  Shape output_shape(const Shape& input) override { return stage_->output_shape(input); }
+  /// The wrapped stage's parameters (their gradients are views into the buckets).
+  ParameterList<T> parameters() override { return stage_->parameters(); }
+  /// The wrapped stage's tied parameters.
+  ParameterList<T> tied_parameters() override { return stage_->tied_parameters(); }
+  /// The wrapped stage's name.
+  std::string name() const override { return stage_->name(); }
+  /// Whether the wrapped stage holds the model's last layer.
+  bool holds_last_layer() const override { return stage_->holds_last_layer(); }
+  /// Reduces the gradients over dp (all-reduce, or reduce-scatter under ZeRO-1). Collective
+  /// over dp (one reduction per bucket).
+  void finish_grad_sync() override {
+    const auto t0 = std::chrono::steady_clock::now();
+    buckets_->reduce();
+    sync_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  /// Seconds of the last finish_grad_sync (the dp reduction).
+  double last_sync_seconds() const noexcept { return sync_seconds_; }
+
+  /// The gradient buckets (ZeroOptimizer shards them).
+  GradBuckets<T>& buckets() noexcept { return *buckets_; }
+  /// The wrapped stage.
+  PipelineStage<T, Input>& module() noexcept { return *stage_; }
+
+ private:
+  std::unique_ptr<PipelineStage<T, Input>> stage_;
+  Comm dp_;
+  std::unique_ptr<GradBuckets<T>> buckets_;  // on the heap: the hooks point at it
+  double sync_seconds_ = 0;
+};
+
+}  // namespace tessera
