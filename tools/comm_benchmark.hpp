@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <ctime>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
@@ -73,6 +75,34 @@ inline std::vector<tessera::plan::CommSample> measure_comm(tessera::Comm& world,
     }
   }
   return out;
+}
+
+// Collective over `world`: the share of a core a rank uses while it waits for a message
+// (0: it blocks and gives the core away, as the threads backend's condition variables do; near
+// 1: it polls, as Open MPI does by default). Rank 0 sleeps 100 ms while the others wait for it
+// in a barrier; the CPU time spent meanwhile over the wall time, per waiting rank. With
+// `one_process` (threads backend) the process clock covers every rank; otherwise each process
+// measures its own and the largest share is taken. Returns it on every rank.
+inline double measure_waiting_share(tessera::Comm& world, bool one_process) {
+  using Clock = std::chrono::steady_clock;
+  const int n = world.size();
+  if (n < 2) return 0.0;
+  auto cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
+  world.barrier();
+  const double c0 = cpu();
+  const auto t0 = Clock::now();
+  if (world.rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  world.barrier();
+  const double wall = std::chrono::duration<double>(Clock::now() - t0).count(), used = cpu() - c0;
+  double share = 0;
+  if (one_process) share = world.rank() == 0 ? used / wall / (n - 1) : 0.0;
+  else share = world.rank() == 0 ? 0.0 : used / wall;
+  share = world.all_reduce_value(share, tessera::ReduceOp::max);
+  return std::clamp(share, 0.0, 1.0);
 }
 
 }  // namespace tessera_plan

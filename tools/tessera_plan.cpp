@@ -281,6 +281,8 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
     kernels();
     for (int n : c.ranks)
       tessera::threads::run(n, [&](tessera::Comm& world) {
+        const double share = tessera_plan::measure_waiting_share(world, true);
+        if (world.rank() == 0) cal.waiting_core_share = std::max(cal.waiting_core_share, share);
         auto samples = tessera_plan::measure_comm(world, sizes);
         if (world.rank() == 0) cal.comm.insert(cal.comm.end(), samples.begin(), samples.end());
       });
@@ -288,8 +290,19 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
     if (c.ranks.size() != 1)
       throw tessera::Error("tessera-plan calibrate: with --backend mpi give one --ranks, the mpirun -np count");
     tessera::launch(c.backend, c.ranks[0], argc, argv, [&](tessera::Comm& world) {
-      if (world.rank() == 0) kernels();
-      world.barrier();
+      // Rank 0 measures the kernels alone; the others sleep meanwhile (an MPI wait would poll
+      // and take a core), waking every millisecond to test for rank 0's "done".
+      std::vector<float> done(1, 0.0f);
+      if (world.rank() == 0) {
+        kernels();
+        for (int r = 1; r < world.size(); ++r) world.send(done, r);
+      } else {
+        const tessera::P2POp op = tessera::P2POp::recv(std::span<float>(done), 0);
+        tessera::Request req = world.batch_isend_irecv(std::span<const tessera::P2POp>(&op, 1));
+        while (!req.test()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      const double share = tessera_plan::measure_waiting_share(world, false);
+      if (world.rank() == 0) cal.waiting_core_share = share;
       auto samples = tessera_plan::measure_comm(world, sizes);
       if (world.rank() == 0) cal.comm.insert(cal.comm.end(), samples.begin(), samples.end());
     });
@@ -299,8 +312,8 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   const std::string name = c.name.empty() ? "this machine, " + c.backend + " backend" : c.name;
   const int link = std::find(c.ranks.begin(), c.ranks.end(), c.link_ranks) != c.ranks.end() ? c.link_ranks : c.ranks[0];
   const json j = cal.to_cluster_json(name, c.devices_per_node, ram_gib / c.devices_per_node, link);
-  std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
-              std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.peak_flops() / 1e9,
+  std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, a waiting rank uses %.2f of a core, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
+              std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.waiting_core_share, cal.peak_flops() / 1e9,
               cal.elementwise_bandwidth / 1e9);
   std::printf("  GEMM efficiency (GFLOP, fraction of peak):");
   for (const auto& [f, e] : cal.gemm_efficiency().points) std::printf(" (%.3g, %.2f)", f / 1e9, e);

@@ -503,6 +503,12 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
   const TimeEstimate piped = Plan::predict(m, shared, pipe).time;
   CHECK(rel(piped.total(), work) < 1e-9);
   CHECK(piped.contention > 0);
+  // Ranks that poll while they wait (waiting_core_share 1, Open MPI) keep their core through
+  // the bubble: the four ranks' work is then 4 whole steps of the replay.
+  shared.waiting_core_share = 1;
+  const double replay = Plan::predict(m, flat_cluster(), pipe).time.total();
+  CHECK(rel(Plan::predict(m, shared, pipe).time.total(), 4 * replay) < 1e-9);
+  shared.waiting_core_share = 0;
   // With 4 cores for the 4 ranks nothing waits: the replay alone, bubble included.
   shared.cores_per_node = 4;
   const TimeEstimate roomy = Plan::predict(m, shared, pipe).time;
@@ -513,6 +519,9 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
   shared.cores_per_node = 1.5;
   const Layout two{.dp = 2, .microbatch_size = 2, .num_microbatches = 8};
   CHECK(rel(Plan::predict(m, shared, two).time.total(), 2 / 1.5 * Plan::predict(m, flat_cluster(), two).time.total()) < 1e-9);
+  shared.waiting_core_share = 1.5;
+  CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("waiting_core_share must lie in [0, 1]"), Error);
+  shared.waiting_core_share = 0;
   shared.cores_per_node = -1;
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }

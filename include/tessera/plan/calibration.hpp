@@ -68,6 +68,7 @@ struct Calibration {
   double cores = 1;                      ///< effective cores: ranks computing at once at a lone rank's speed (measure_cores)
   std::vector<GemmSample> gemms{};       ///< GEMM shapes timed
   double elementwise_bandwidth = 0;      ///< bytes/s: the planner's byte count of element-wise work over its measured time
+  double waiting_core_share = 0;         ///< share of a core a waiting rank uses (measured by the tool on the backend)
   std::vector<CommSample> comm{};        ///< collectives timed
 
   /// Seconds of `fn()` per call: runs it once to warm up, then in batches of calls lasting at
@@ -269,7 +270,7 @@ struct Calibration {
   }
 
   /// The cluster file: one node of `devices_per_node` ranks sharing `cores` cores
-  /// (cores_per_node), peak_flops() and gemm_efficiency(), elementwise_bandwidth as the memory
+  /// (cores_per_node; waiting_core_share as measured), peak_flops() and gemm_efficiency(), elementwise_bandwidth as the memory
   /// bandwidth, the all-reduce fit at `link_ranks` ranks as the intra-node link (and, since
   /// there is one node, as the inter-node one too), `device_memory_gib` per rank; every sample
   /// and every fit is kept under "calibration". Throws what the fits throw.
@@ -306,6 +307,7 @@ struct Calibration {
                            link_ranks, " ranks. Depends on the load of the machine when measured.")},
             {"devices_per_node", devices_per_node},
             {"cores_per_node", cores},
+            {"waiting_core_share", waiting_core_share},
             {"device_memory_gib", device_memory_gib},
             {"peak_tflops", peak_flops() / 1e12},
             {"memory_bandwidth_gbps", elementwise_bandwidth / 1e9},

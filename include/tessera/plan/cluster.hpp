@@ -38,6 +38,10 @@ struct Cluster {
   /// own (accelerators). With more ranks than cores on a node, the step takes at least the
   /// node's total work over cores_per_node (TimeEstimate::contention).
   double cores_per_node = 0;
+  /// The share of a core a CPU rank uses while it waits for a message: 0 when it blocks (the
+  /// threads backend), near 1 when it polls (Open MPI's default); tessera-plan calibrate
+  /// measures it. Used with cores_per_node: a waiting rank's share counts as work.
+  double waiting_core_share = 0;
 
   /// A device's bandwidth toward devices of other nodes when all devices of its node send at
   /// once: inter_node_bandwidth / devices_per_node, bytes/s.
@@ -55,6 +59,8 @@ struct Cluster {
       TESSERA_EXPECTS(value > 0, "Cluster '", name, "': ", field, " must be > 0, got ", value);
     TESSERA_EXPECTS(cores_per_node >= 0, "Cluster '", name, "': cores_per_node must be >= 0 (0: one per device), got ",
                     cores_per_node);
+    TESSERA_EXPECTS(waiting_core_share >= 0 && waiting_core_share <= 1, "Cluster '", name,
+                    "': waiting_core_share must lie in [0, 1], got ", waiting_core_share);
     TESSERA_EXPECTS(intra_node_latency >= 0 && inter_node_latency >= 0, "Cluster '", name,
                     "': latencies must be >= 0, got ", intra_node_latency, " and ", inter_node_latency);
     gemm_efficiency.validate();
@@ -64,7 +70,7 @@ struct Cluster {
   /// {"name", "source", "devices_per_node", "device_memory_gib", "peak_tflops",
   ///  "memory_bandwidth_gbps", "intra_node": {"bandwidth_gbps", "latency_us"},
   ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]},
-  /// optionally "cores_per_node" (default 0); other keys (e.g. "calibration") are ignored
+  /// optionally "cores_per_node" and "waiting_core_share" (default 0); other keys (e.g. "calibration") are ignored
   /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
   /// what validate() throws.
   static Cluster from_json(const nlohmann::json& j) {
@@ -82,6 +88,7 @@ struct Cluster {
     c.source = j.value("source", std::string{});
     c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
     if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
+    if (j.contains("waiting_core_share")) c.waiting_core_share = number(j, "waiting_core_share", "the top level");
     c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
     c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
     c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;

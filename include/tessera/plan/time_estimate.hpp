@@ -29,7 +29,8 @@ struct TimeEstimate {
   /// Waiting for a core, seconds: when a node holds more ranks than cluster.cores_per_node, the
   /// step takes at least the node's work (every rank's busy time) / cores_per_node; this is
   /// what that bound adds to the replay's time (a rank waiting in the bubble gives its core to
-  /// the others, so bubbles are absorbed first). 0 on accelerators.
+  /// the others, so bubbles are absorbed first, unless it polls: Cluster::waiting_core_share).
+  /// 0 on accelerators.
   double contention = 0;
   double bubble_ratio = 0;        ///< Megatron's bubble ratio of the replay with free transfers
   long long p2p_messages = 0;     ///< point-to-point sends per step in one pipeline (the schedule's SEND actions)
@@ -97,8 +98,10 @@ struct TimeEstimate {
     // work at once, so the step lasts at least the node's work / cores (Brent's bound, the
     // replay being the other: max(span, work / cores)). The node's share of the work: every
     // rank's busy time -- its F and B, its dp reduction and tied-embedding sum, its optimizer
-    // step -- times the ranks of the node over the world.
+    // step -- plus waiting_core_share of the rest of the step (a polling rank keeps its core),
+    // times the ranks of the node over the world.
     if (cm.cluster.cores_per_node > 0 && cm.ranks_per_node() > cm.cluster.cores_per_node) {
+      const double span = t.total();
       double work = 0;
       for (int r = 0; r < L.pp; ++r) {
         double busy = 0;
@@ -106,10 +109,11 @@ struct TimeEstimate {
           busy += (a.kind == schedule::ActionKind::forward ? fwd : bwd)[static_cast<std::size_t>(a.stage_index)].total();
         const bool tied_rank = r == 0 || r == L.pp - 1;
         busy += cm.dp_reduce_seconds(r) + (tied_rank ? cm.tied_embedding_seconds() : 0.0) + cm.optimizer_seconds(r);
+        busy += cm.cluster.waiting_core_share * std::max(0.0, span - busy);
         work += busy * L.dp * L.tp;
       }
       work *= static_cast<double>(cm.ranks_per_node()) / L.world();
-      t.contention = std::max(0.0, work / cm.cluster.cores_per_node - t.total());
+      t.contention = std::max(0.0, work / cm.cluster.cores_per_node - span);
     }
     return t;
   }
