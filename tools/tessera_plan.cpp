@@ -293,14 +293,21 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
       // Rank 0 measures the kernels alone; the others sleep meanwhile (an MPI wait would poll
       // and take a core), waking every millisecond to test for rank 0's "done".
       std::vector<float> done(1, 0.0f);
+      double alone = 0;
       if (world.rank() == 0) {
         kernels();
+        alone = tp::Calibration::gemm_loop_seconds();
         for (int r = 1; r < world.size(); ++r) world.send(done, r);
       } else {
         const tessera::P2POp op = tessera::P2POp::recv(std::span<float>(done), 0);
         tessera::Request req = world.batch_isend_irecv(std::span<const tessera::P2POp>(&op, 1));
         while (!req.test()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
+      // Effective cores across the processes (mpirun may bind each to one core): the same GEMM
+      // work on every rank at once against rank 0's lone run.
+      world.barrier();
+      const double slowest = world.all_reduce_value(tp::Calibration::gemm_loop_seconds(), tessera::ReduceOp::max);
+      if (world.rank() == 0) cal.cores = tp::Calibration::effective_cores(world.size(), alone, slowest);
       const double share = tessera_plan::measure_waiting_share(world, false);
       if (world.rank() == 0) cal.waiting_core_share = share;
       auto samples = tessera_plan::measure_comm(world, sizes);

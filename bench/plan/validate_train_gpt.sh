@@ -4,13 +4,13 @@
 # --d-model 192 --heads 6 --context 128 --batch 32) at every layout of 1, 2, 4 and 8 thread ranks
 # the planner can predict (tp dividing the heads, pp at most the layers; train_gpt's default
 # micro-batches, m = pp) and at the planner's own first choice for each world size
-# (train_gpt --plan auto), and prints the predicted step time (tessera-plan plan --fp32 on the
-# fresh cluster file) beside the measured one (the median of train_gpt's per-step tokens/s
+# (train_gpt --plan auto), and prints the predicted step time (tessera-plan plan --fp32 on a
+# cluster file calibrated just before that world size's runs) beside the measured one (the median of train_gpt's per-step tokens/s
 # after the first step). With --mpi, also 2 and 4 MPI ranks (mpirun) on an MPI calibration.
 # Nothing is fitted here: the constants are what calibrate measured.
 #
 # Usage: bench/plan/validate_train_gpt.sh [BUILD_DIR (build-plan)] [--steps N (6)] [--mpi] [--out FILE.md]
-# Takes about 4 minutes on 2 cores (more when the machine is loaded; the load is printed).
+# Takes about 3 minutes on 2 cores, 7 with --mpi (more when the machine is loaded; the load is printed).
 set -euo pipefail
 build=build-plan
 steps=6
@@ -117,8 +117,9 @@ t0 = time.time()
 say(f"## train_gpt on this machine: predicted vs measured (steps {steps}, median after step 0)")
 say(f"load average at start {load()}; {os.cpu_count()} hardware threads")
 say("calibration:")
-cal = calibrate("threads")
-errors, firsts = run("threads", [1, 2, 4, 8], lambda n: cal)
+# The machine's load changes within minutes (other people's builds): calibrate again before
+# each world size, so the constants are those of the minute the layouts run in.
+errors, firsts = run("threads", [1, 2, 4, 8], lambda n: calibrate("threads"))
 if use_mpi:
     cals = {n: calibrate("mpi", n) for n in (2, 4)}
     e2, f2 = run("mpi", [2, 4], lambda n: cals[n])

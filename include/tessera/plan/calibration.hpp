@@ -170,32 +170,38 @@ struct Calibration {
     return elementwise_bandwidth;
   }
 
-  /// Measures the effective cores: the GEMM of a linear (m, n, k) timed on one thread, then
-  /// on `threads` threads at once (each `calls` calls); cores = threads x (one thread's time
-  /// per call) / (the slowest thread's), at most `threads`. Another program's load, or cores
-  /// sharing a memory bus, give fewer than `threads`. Returns it and sets `cores`.
-  double measure_cores(int threads, std::int64_t m = 512, std::int64_t n = 768, std::int64_t k = 192, int calls = 60) {
-    TESSERA_EXPECTS(threads >= 1 && calls >= 1, "Calibration: measure_cores needs threads >= 1 and calls >= 1, got ",
-                    threads, " and ", calls);
-    using Clock = std::chrono::steady_clock;
-    auto run = [&](double& seconds) {
-      std::vector<float> x(static_cast<std::size_t>(m * k), 0.5f), w(static_cast<std::size_t>(k * n), 0.25f);
-      std::vector<float> y(static_cast<std::size_t>(m * n));
-      const auto t0 = Clock::now();
-      for (int c = 0; c < calls; ++c)
-        gemm<float>(Transpose::no, Transpose::no, m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, y.data(), n);
-      seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    };
-    double alone = 0;
-    run(alone);  // warm up
-    run(alone);
+  /// Seconds of `calls` forward GEMMs of a linear (m, n, k) through tessera::gemm<float>, after
+  /// one call to warm up: the unit of work measure_cores (and the tool's MPI variant, which runs
+  /// it on every process at once) compares.
+  static double gemm_loop_seconds(int calls = 60, std::int64_t m = 512, std::int64_t n = 768, std::int64_t k = 192) {
+    std::vector<float> x(static_cast<std::size_t>(m * k), 0.5f), w(static_cast<std::size_t>(k * n), 0.25f);
+    std::vector<float> y(static_cast<std::size_t>(m * n));
+    auto call = [&] { gemm<float>(Transpose::no, Transpose::no, m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, y.data(), n); };
+    call();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int c = 0; c < calls; ++c) call();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+  /// Effective cores from a lone run and `ranks` simultaneous runs of the same work:
+  /// ranks x alone / slowest, at most `ranks`.
+  static double effective_cores(int ranks, double alone, double slowest) {
+    return std::min<double>(ranks, ranks * alone / slowest);
+  }
+
+  /// Measures the effective cores with threads of this process: gemm_loop_seconds() on one
+  /// thread, then on `threads` threads at once; cores = effective_cores(threads, alone, the
+  /// slowest thread's). Another program's load, or cores sharing a memory bus, give fewer than
+  /// `threads`. Returns it and sets `cores`. (Under MPI the tool runs it across the processes.)
+  double measure_cores(int threads) {
+    TESSERA_EXPECTS(threads >= 1, "Calibration: measure_cores needs threads >= 1, got ", threads);
+    const double alone = gemm_loop_seconds();
     std::vector<double> each(static_cast<std::size_t>(threads));
     {
       std::vector<std::jthread> pool;
-      for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { run(each[static_cast<std::size_t>(t)]); });
+      for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { each[static_cast<std::size_t>(t)] = gemm_loop_seconds(); });
     }
-    const double slowest = *std::max_element(each.begin(), each.end());
-    cores = std::min<double>(threads, threads * alone / slowest);
+    cores = effective_cores(threads, alone, *std::max_element(each.begin(), each.end()));
     return cores;
   }
 
