@@ -237,3 +237,23 @@ TEST_CASE("checkpoint input: bad tessera.shards metadata in a rank file names th
               "its file model-rank00001.safetensors belongs to another save (checkpoint id another-save"));
   }
 }
+
+TEST_CASE("checkpoint input: a Hugging Face weight map with a non-string or escaping file name is refused by name") {
+  ScratchDir d;
+  auto map_error = [&](const std::string& index) {
+    write_bytes(d.path / "model.safetensors.index.json",
+                {reinterpret_cast<const std::uint8_t*>(index.data()), index.size()});
+    try {
+      tessera::checkpoint::load_gpt2_safetensors(d.path, tessera::ParameterList<float>{});
+    } catch (const tessera::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(has(map_error(R"({"weight_map":{"wte.weight":5}})"),
+            "model.safetensors.index.json\": the file of tensor 'wte.weight' is 5, not a string"));
+  CHECK(has(map_error(R"({"weight_map":{"wte.weight":"../model.safetensors"}})"),
+            "the file of tensor 'wte.weight' is \"../model.safetensors\", not a file name beside the index"));
+  CHECK(has(map_error(R"({"weight_map":[]})"), "has no weight_map object"));
+  CHECK(has(map_error(std::string(1000, '[')), "model.safetensors.index.json\" nests deeper than 128 levels"));
+}
