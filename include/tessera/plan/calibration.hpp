@@ -191,17 +191,25 @@ struct Calibration {
 
   /// Measures the effective cores with threads of this process: gemm_loop_seconds() on one
   /// thread, then on `threads` threads at once; cores = effective_cores(threads, alone, the
-  /// slowest thread's). Another program's load, or cores sharing a memory bus, give fewer than
+  /// slowest thread's), the median of `repeats` such pairs (the load of other programs comes
+  /// and goes). Another program's load, or cores sharing a memory bus, give fewer than
   /// `threads`. Returns it and sets `cores`. (Under MPI the tool runs it across the processes.)
-  double measure_cores(int threads) {
-    TESSERA_EXPECTS(threads >= 1, "Calibration: measure_cores needs threads >= 1, got ", threads);
-    const double alone = gemm_loop_seconds();
-    std::vector<double> each(static_cast<std::size_t>(threads));
-    {
-      std::vector<std::jthread> pool;
-      for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { each[static_cast<std::size_t>(t)] = gemm_loop_seconds(); });
+  double measure_cores(int threads, int repeats = 7) {
+    TESSERA_EXPECTS(threads >= 1 && repeats >= 1, "Calibration: measure_cores needs threads >= 1 and repeats >= 1, got ",
+                    threads, " and ", repeats);
+    std::vector<double> estimates;
+    for (int r = 0; r < repeats; ++r) {
+      const double alone = gemm_loop_seconds();
+      std::vector<double> each(static_cast<std::size_t>(threads));
+      {
+        std::vector<std::jthread> pool;
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] { each[static_cast<std::size_t>(t)] = gemm_loop_seconds(); });
+      }
+      estimates.push_back(effective_cores(threads, alone, *std::max_element(each.begin(), each.end())));
     }
-    cores = effective_cores(threads, alone, *std::max_element(each.begin(), each.end()));
+    std::nth_element(estimates.begin(), estimates.begin() + repeats / 2, estimates.end());
+    cores = estimates[static_cast<std::size_t>(repeats / 2)];
     return cores;
   }
 
