@@ -396,7 +396,8 @@ int main(int argc, char** argv) {
                                  .ffn = 0, .vocab = 256, .seq = 128, .tied = true};
   cal_model.add(cal_cmd);
   cal_cmd->add_option("--backend", cal.backend, "threads, or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
-  cal_cmd->add_option("--ranks", cal.ranks, "communicator sizes to time (threads: each; mpi: the -np count)");
+  cal_cmd->add_option("--ranks", cal.ranks, "communicator sizes to time (threads: each; mpi: the -np count)")
+      ->check(CLI::Range(2, 4096));
   cal_cmd->add_option("--mbs", cal.mbs, "micro-batch sizes whose GEMM shapes are timed");
   cal_cmd->add_option("--tp", cal.tps, "tensor-parallel sizes whose GEMM shapes are timed");
   cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB");

@@ -445,6 +445,7 @@ TEST_CASE("Calibration: the link fit recovers the latency and bandwidth the samp
     }
     CHECK_THROWS_WITH_AS(cal.fit("reduce_scatter", n), doctest::Contains("reduce_scatter"), Error);
   }
+  CHECK_THROWS_WITH_AS(Calibration{}.fit("all_reduce", 1), doctest::Contains("all_reduce at 1 rank moves nothing"), Error);
 }
 
 TEST_CASE("Calibration: the GEMM curve is each shape's rate over the fastest, sorted by flops; its cluster file loads") {

@@ -248,9 +248,12 @@ struct Calibration {
   /// Least-squares fit of seconds = a + b * bytes over the samples of `collective` at `ranks`
   /// ranks, minimizing the relative errors (each sample weighted by 1 / seconds^2, so small
   /// messages, where the latency shows, count as much as large ones), turned into the
-  /// planner's latency and bandwidth (see LinkFit); a negative intercept is clamped to 0. Throws Error naming them when fewer than two sizes were measured
-  /// or the slope is not positive.
+  /// planner's latency and bandwidth (see LinkFit); a negative intercept is clamped to 0.
+  /// Throws Error naming them when a collective is fitted at 1 rank, fewer than two sizes were
+  /// measured or the slope is not positive.
   LinkFit fit(const std::string& collective, int ranks) const {
+    TESSERA_EXPECTS(ranks >= 2 || collective == "send_recv", "Calibration: ", collective, " at ", ranks,
+                    " rank moves nothing; fit it at 2 or more ranks");
     std::vector<const CommSample*> xs;
     for (const CommSample& c : comm)
       if (c.collective == collective && c.ranks == ranks) xs.push_back(&c);
