@@ -499,6 +499,52 @@ TEST_CASE("a rank that throws makes every other rank throw AbortedError; run ret
   }
 }
 
+TEST_CASE("a failure elsewhere during a collective: every rank finishes reading its peers' buffers before any leaves "
+          "(no use after free), then the next collective throws AbortedError; posted receives are withdrawn") {
+  // Ranks 0 and 1 gather large buffers in a loop (each iteration's buffers freed after it) on a
+  // communicator of their own while rank 2 fails: a rank that left the "done reading"
+  // rendezvous early would free its buffer under its peer's copy (AddressSanitizer reports it;
+  // CI's sanitizer stage runs this test). Rank 3 has a receive posted when rank 2 fails.
+  std::vector<std::string> seen(4);
+  std::vector<int> gathers_ok(4, 0);
+  std::string first;
+  try {
+    run_ranks(4, [&](Comm& c) {
+      Comm pair = c.split(c.rank() < 2 ? 0 : 1, c.rank());
+      const std::size_t r = static_cast<std::size_t>(c.rank());
+      try {
+        if (c.rank() == 2) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          throw std::runtime_error("boom on rank two");
+        }
+        if (c.rank() == 3) {
+          std::vector<float> in(1024);
+          pair.recv(in, 0, 7);  // rank 2 never sends
+          return;
+        }
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);  // rank 2 fails long before
+        for (int it = 0; std::chrono::steady_clock::now() < until; ++it) {
+          std::vector<float> mine(1 << 16, static_cast<float>(c.rank() + it)), all(2 << 16);
+          pair.all_gather(mine, all);
+          if (all[0] != static_cast<float>(it) || all[1 << 16] != static_cast<float>(1 + it)) return;
+          ++gathers_ok[r];
+        }
+      } catch (const AbortedError& e) {
+        seen[r] = e.what();
+        throw;
+      }
+    });
+  } catch (const std::runtime_error& e) {
+    first = e.what();
+  }
+  CHECK(first == "boom on rank two");
+  for (int r : {0, 1, 3}) {
+    CAPTURE(r);
+    CHECK(seen[static_cast<std::size_t>(r)].find("world rank 2 failed") != std::string::npos);
+  }
+  CHECK(gathers_ok[0] == gathers_ok[1]);  // every gather either completed on both ranks or on neither
+}
+
 TEST_CASE("recv with a count other than the send's is an error naming both counts") {
   std::string msg;
   try {

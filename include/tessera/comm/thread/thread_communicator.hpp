@@ -114,20 +114,45 @@ class RecvRequest final : public RequestImpl {
   explicit RecvRequest(std::vector<std::shared_ptr<std::atomic<int>>> states, std::vector<Waiter> waiters,
                        std::vector<std::function<bool()>> doomed)
       : states_(std::move(states)), waiters_(std::move(waiters)), doomed_(std::move(doomed)) {}
+  // Every receive is waited for (or withdrawn, when its wait throws) before the first error is
+  // rethrown: a receive left posted would let a later send write into a freed buffer.
   void wait() override {
-    for (auto& w : waiters_) w();
+    std::exception_ptr first;
+    for (auto& w : waiters_) {
+      try {
+        w();
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+    }
+    if (first) std::rethrow_exception(first);
   }
   bool test() override {
     bool done = true;
     for (std::size_t i = 0; i < states_.size(); ++i)
       if (states_[i]->load(std::memory_order_acquire) == 0) {
-        if (doomed_[i]()) waiters_[i]();  // throws AbortedError / TimeoutError, or it just arrived
+        if (doomed_[i]()) {
+          try {
+            waiters_[i]();  // throws AbortedError / TimeoutError, or it just arrived
+          } catch (...) {
+            wait_rest();
+            throw;
+          }
+        }
         done = done && states_[i]->load(std::memory_order_acquire) != 0;
       }
     return done;  // wait() then reports a count/type mismatch, if any
   }
 
  private:
+  void wait_rest() noexcept {
+    for (auto& w : waiters_) {
+      try {
+        w();
+      } catch (...) {  // the first error is the one reported
+      }
+    }
+  }
   std::vector<std::shared_ptr<std::atomic<int>>> states_;
   std::vector<Waiter> waiters_;
   std::vector<std::function<bool()>> doomed_;
@@ -305,7 +330,7 @@ class ThreadCommunicator final : public CommBackend {
       for (std::size_t i = 0; i < members.size(); ++i)
         if (members[i].second == rank_) my = static_cast<int>(i);
       result = std::make_shared<ThreadCommunicator>(world_, g, my, timeout_);
-      sync(sig);  // everyone has read the slots
+      sync_done(sig);  // everyone has read the slots
       world_->set_idle(group_->world_rank(rank_));
     }).wait();
     return result;
@@ -320,6 +345,11 @@ class ThreadCommunicator final : public CommBackend {
     group_->check_signatures(rank_, name_);
   }
   void sync(const detail::Signature& sig) { group_->barrier_wait(rank_, sig, name_, timeout_); }
+  // The "done reading" rendezvous: waits for every rank whatever fails elsewhere (see
+  // barrier_wait); a failure of the run is reported by the next collective.
+  void sync_done(const detail::Signature& sig) {
+    group_->barrier_wait(rank_, sig, name_, timeout_, /*abortable=*/false);
+  }
 
   // A two-rendezvous collective: arrive (post buffers), do `work` reading peers' slots, and
   // wait until every rank is done reading before any returns (and reuses its buffer).
@@ -331,7 +361,7 @@ class ThreadCommunicator final : public CommBackend {
     s.out = out;
     arrive(s);
     work();
-    if (group_->size() > 1) sync(sig);
+    if (group_->size() > 1) sync_done(sig);
     world_->set_idle(group_->world_rank(rank_));
   }
 

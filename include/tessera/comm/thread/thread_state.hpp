@@ -199,8 +199,13 @@ class Group {
   /// Rendezvous of all ranks of the group. Throws AbortedError if another rank failed,
   /// TimeoutError naming the missing ranks past `timeout`, or at once if a missing rank has
   /// already returned from its function (it can never arrive).
+  ///
+  /// With `abortable` false (the second rendezvous of a collective, "done reading": every rank
+  /// has passed the first, so every rank arrives unless the timeout passes) neither another
+  /// rank's failure nor a finished rank ends the wait early: a rank that left while its peers
+  /// still read or write its buffers would free them under them.
   void barrier_wait(int r, const Signature& what, const std::string& comm_name,
-                    std::chrono::milliseconds timeout) {
+                    std::chrono::milliseconds timeout, bool abortable = true) {
     std::unique_lock lk(mu_);
     const std::uint64_t gen = generation_.load(std::memory_order_relaxed);
     here_[static_cast<std::size_t>(r)] = 1;
@@ -226,7 +231,8 @@ class Group {
     lk.lock();
     const auto deadline = start + timeout;
     while (generation_.load(std::memory_order_acquire) == gen) {
-      if (world_->aborted()) {
+      if (abortable && world_->aborted()) {
+        leave(r);
         lk.unlock();
         throw_aborted(r, what, comm_name);
       }
@@ -236,10 +242,10 @@ class Group {
       for (int q = 0; q < size_; ++q)
         if (!here_[static_cast<std::size_t>(q)]) {
           missing.push_back(q);
-          if (world_->finished(world_rank(q))) any_finished = true;
+          if (abortable && world_->finished(world_rank(q))) any_finished = true;
         }
       if (any_finished || now >= deadline) {
-        // Leave the barrier consistent for nobody: the run is failing anyway.
+        leave(r);
         lk.unlock();
         std::string who;
         for (int q : missing) {
@@ -254,6 +260,15 @@ class Group {
             " s; ranks that never arrived: ", who));
       }
       cv_.wait_for(lk, std::min<std::chrono::steady_clock::duration>(deadline - now, std::chrono::milliseconds(20)));
+    }
+  }
+
+  /// Takes rank r's arrival back (under mu_, the barrier not complete): a rank that gives up
+  /// must not let the last peer to arrive complete the rendezvous alone and read its buffer.
+  void leave(int r) {
+    if (here_[static_cast<std::size_t>(r)]) {
+      here_[static_cast<std::size_t>(r)] = 0;
+      --arrived_;
     }
   }
 
@@ -332,14 +347,23 @@ class Group {
                  std::chrono::milliseconds timeout) {
     const auto start = std::chrono::steady_clock::now();
     std::unique_lock lk(mu_);
+    // A receive given up (abort, timeout) is withdrawn under the lock first, so that no later
+    // send writes into the buffer its caller is about to free.
+    auto withdraw = [&] {
+      auto it = posted_.find({src, r, pr.tag});
+      if (it == posted_.end()) return;
+      std::erase_if(it->second, [&](const PostedRecv& q) { return q.state == pr.state; });
+    };
     while (pr.state->load(std::memory_order_acquire) == 0) {
       if (world_->aborted()) {
+        withdraw();
         lk.unlock();
         throw_aborted(r, what, comm_name);
       }
       const auto now = std::chrono::steady_clock::now();
       const bool gone = world_->finished(world_rank(src));
       if (gone || now - start >= timeout) {
+        withdraw();
         lk.unlock();
         throw TimeoutError(tessera::detail::str(
             describe(what), " on ", comm_name, " (rank ", r, ") ", gone ? "can never complete" : "timed out",
