@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -258,6 +259,12 @@ int main(int argc, char** argv) {
                   worst.value());
       if (!(worst.value() < 1e-4)) return 1;
     }
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "train_gpt: out of memory for --layers %d --d-model %d --context %d --batch %d (dp %d, pp %d, "
+                 "tp %d): about %.3g GB of parameters, gradients and AdamW state for the whole model; lower the sizes or "
+                 "spread them over more ranks\n", a.layers, a.d_model, a.context, a.batch, a.dp, a.pp, a.tp,
+                 16.0 * (12.0 * a.d_model * double(a.d_model) * a.layers + (256.0 + a.context) * a.d_model) / 1e9);
+    return 1;
   } catch (const std::exception& e) {
     const std::string what = e.what();
     std::fprintf(stderr, "%s%s\n", what.rfind("train_gpt:", 0) == 0 ? "" : "train_gpt: ", what.c_str());

@@ -108,7 +108,9 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
   app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay (not on biases and LayerNorm weights)");
   app.add_option("--dropout", a.dropout, "dropout probability on the embeddings (GPT-2's embd_pdrop), in [0, 1)");
-  app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling");
+  app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling")->check(CLI::Validator(
+      [](const std::string& v) { return !v.empty() && v[0] == '-' ? std::string("must be >= 0, got ") + v : std::string(); },
+      "SEED >= 0"));
   app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::Range(1, 1 << 30));
   app.add_option("--sample-len", a.sample_len, "bytes to sample at the end (0: none)")->check(CLI::Range(0, 1 << 30));

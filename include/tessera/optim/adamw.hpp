@@ -92,8 +92,10 @@ class AdamW {
   void zero_grad() { params_.zero_grad(); }
   /// The learning rate (of group 0; set_lr sets every group's).
   double lr() const noexcept { return options_.front().lr; }
-  /// Sets every group's learning rate (e.g. from a schedule) for the next steps.
+  /// Sets every group's learning rate (e.g. from a schedule) for the next steps. Throws
+  /// tessera::Error naming it when it is negative or not a number.
   void set_lr(double lr) {
+    TESSERA_EXPECTS(lr >= 0, "AdamW::set_lr: learning rate ", lr, " must be a number >= 0");
     for (AdamWOptions& o : options_) o.lr = lr;
   }
   /// The options of parameter group `g`. Throws std::out_of_range for a group that does not exist.

@@ -77,7 +77,8 @@ double grad_norm_squared(const ParameterList<T>& params) {
 /// norm, and returns `norm`. Local. Throws tessera::Error for a negative max_norm.
 template <std::floating_point T>
 double scale_by_norm(const Gradients<T>& grads, double max_norm, double norm) {
-  TESSERA_EXPECTS(max_norm >= 0, "clip_grad_norm: max_norm ", max_norm, " is negative");
+  TESSERA_EXPECTS(max_norm >= 0, "clip_grad_norm: max_norm ", max_norm,
+                  std::isnan(max_norm) ? " is not a number" : " is negative");
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1)
     for (const GradientPiece<T>& piece : grads.pieces) piece.grad.scale_(static_cast<T>(coef));
@@ -87,10 +88,11 @@ double scale_by_norm(const Gradients<T>& grads, double max_norm, double norm) {
 /// Clips the model's gradients to global L2 norm at most `max_norm` (torch's clip_grad_norm_:
 /// every gradient scaled by min(1, max_norm / (norm + 1e-6))) and returns the norm before
 /// clipping, the same on every rank of grads.comm. Collective over grads.comm. Throws
-/// tessera::Error for a negative max_norm (on every rank, before communicating).
+/// tessera::Error for a negative or NaN max_norm (on every rank, before communicating).
 template <std::floating_point T>
 double clip_grad_norm(const Gradients<T>& grads, double max_norm) {
-  TESSERA_EXPECTS(max_norm >= 0, "clip_grad_norm: max_norm ", max_norm, " is negative");
+  TESSERA_EXPECTS(max_norm >= 0, "clip_grad_norm: max_norm ", max_norm,
+                  std::isnan(max_norm) ? " is not a number" : " is negative");
   return scale_by_norm(grads, max_norm, grad_norm(grads));
 }
 

@@ -77,8 +77,10 @@ class SGD {
   void zero_grad() { params_.zero_grad(); }
   /// The learning rate (of group 0; set_lr sets every group's).
   double lr() const noexcept { return options_.front().lr; }
-  /// Sets every group's learning rate (e.g. from a schedule) for the next steps.
+  /// Sets every group's learning rate (e.g. from a schedule) for the next steps. Throws
+  /// tessera::Error naming it when it is negative or not a number.
   void set_lr(double lr) {
+    TESSERA_EXPECTS(lr >= 0, "SGD::set_lr: learning rate ", lr, " must be a number >= 0");
     for (SGDOptions& o : options_) o.lr = lr;
   }
   /// The parameters it updates.

@@ -268,7 +268,12 @@ class PipelineParallel {
   /// replica x B x accumulation_steps + the rows of the window's earlier steps} (B this step's
   /// batch): replicas' rows follow each other in the global batch, as DistributedSampler splits
   /// it. Local; every rank of the pipeline sets the same.
-  void set_batch_position(const BatchPosition& at) { next_position_ = at; }
+  /// Throws tessera::Error naming it when at.first_row is negative.
+  void set_batch_position(const BatchPosition& at) {
+    TESSERA_EXPECTS(at.first_row >= 0, "PipelineParallel::set_batch_position: first_row ", at.first_row,
+                    " is negative (the global batch row of the step's first row)");
+    next_position_ = at;
+  }
   /// The index of this pipeline among the dp replicas (Hybrid sets it): the default
   /// BatchPosition's replica. Local.
   void set_replica(int index) { replica_ = index; }
