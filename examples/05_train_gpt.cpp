@@ -233,7 +233,8 @@ int main(int argc, char** argv) {
                       a.resume_step, " (", a.resume, "); --steps counts all steps, the resumed ones included");
       // The learning-rate schedule continues where it was unless --schedule-steps says otherwise.
       if (a.schedule_steps == 0 && reader.info().extra.contains("schedule_steps"))
-        a.schedule_steps = reader.info().extra["schedule_steps"].get<int>();
+        a.schedule_steps = checkpoint::detail::integer<int>(reader.info().extra["schedule_steps"],
+                                                            "the checkpoint's extra.schedule_steps", 1);
     }
     std::vector<Point> curve;
     launch(a.backend, a.world(), argc, argv, [&](Comm& world) {

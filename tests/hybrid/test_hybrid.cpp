@@ -124,7 +124,9 @@ TEST_CASE("Hybrid errors: num_microbatches, accumulation_steps or virtual_stages
 TEST_CASE("Hybrid errors: ranks of a pipeline given different micro-batch counts, or a batch smaller than the "
           "micro-batch count, fail on every rank, naming the numbers") {
   const Setup& s = setup();
-  auto [x, y] = batch_of(s, 0);  // 16 rows
+  const auto batch = batch_of(s, 0);  // 16 rows
+  const Tensor<std::int32_t>& x = batch.first;
+  const Tensor<std::int32_t>& y = batch.second;
   // Pipelines of 2 and 3 stages, the last rank cutting its batch into 4 micro-batches, the others 2.
   for (int pp : {2, 3}) {
     CAPTURE(pp);
@@ -146,7 +148,9 @@ TEST_CASE("Hybrid errors: a negative max_norm, sampling tokens that are not (1, 
           "other mode, parameter groups that miss a parameter and a second ZeRO-1 optimizer fail on every rank, naming "
           "the values") {
   const Setup& s = setup();
-  auto [x, y] = batch_of(s, 0);
+  const auto batch = batch_of(s, 0);
+  const Tensor<std::int32_t>& x = batch.first;
+  const Tensor<std::int32_t>& y = batch.second;
   const MeshShape shape{.dp = 2, .tp = 2};
   check_own_errors(use_errors(
                        4, shape, [](int) { return HybridOptions{.num_microbatches = 2}; },
