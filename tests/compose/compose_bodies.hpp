@@ -184,6 +184,20 @@ inline std::vector<Variant> variants_for(int world, int layers) {
   return out;
 }
 
+// What fn() threw on this rank: its message, "aborted by a peer" for an AbortedError (another
+// rank's failure reached this one), "" when it did not throw.
+template <class F>
+std::string own_error(F&& fn) {
+  try {
+    fn();
+  } catch (const AbortedError&) {
+    return "aborted by a peer";
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 struct Outcome {
   double worst_loss = 0, worst_norm = 0, worst_param = 0;
   std::string worst_param_name;

@@ -259,19 +259,13 @@ TEST_CASE("Hybrid refuses, on every rank, a model cut into more stages than pp x
           "model without its last layers)") {
   const TinyDecoder d;
   const auto msgs = tessera::testing::run_ranks(2, [&](Comm& w) {
-    std::string m;
-    try {
+    return own_error([&] {
       Mesh mesh(w, MeshShape{.pp = 2});
       const StagePartition three = StagePartition::even(d.num_blocks() + 2, 3);  // 3 stages, pp 2
       Hybrid<float> model(mesh, sequential_stages(d, three), [&](Comm tp) {
         return sequential_loss<TinyDecoder>(VocabParallelCrossEntropy<float>(tp, d.vocab, {.reduction = nn::Reduction::sum}));
       });
-    } catch (const tessera::AbortedError&) {
-      m = "aborted by a peer";
-    } catch (const tessera::Error& e) {
-      m = e.what();
-    }
-    return m;
+    });
   });
   for (const std::string& m : msgs) {
     CAPTURE(m);
@@ -283,8 +277,7 @@ TEST_CASE("Hybrid refuses, on every rank, a model cut into more stages than pp x
 TEST_CASE("Hybrid wraps each stage in a DataParallelStage: dp replicas whose stages differ are refused on every rank, "
           "naming the stage and the parameter") {
   const auto out = tessera::testing::run_ranks(4, [&](Comm& w) {
-    std::string m;
-    try {
+    return own_error([&] {
       Mesh mesh(w, MeshShape{.dp = 2, .pp = 2});
       TinyDecoder d;
       if (w.rank() == 3) d.d = 32;  // (pp 1, dp 1): stage 1's second replica is wider
@@ -292,19 +285,14 @@ TEST_CASE("Hybrid wraps each stage in a DataParallelStage: dp replicas whose sta
       Hybrid<float> model(mesh, sequential_stages(d, cut), [&](Comm tp) {
         return sequential_loss<TinyDecoder>(VocabParallelCrossEntropy<float>(tp, d.vocab, {.reduction = nn::Reduction::sum}));
       });
-    } catch (const tessera::AbortedError&) {
-      m = "aborted by a peer";
-    } catch (const tessera::Error& e) {
-      m = e.what();
-    }
-    return std::pair<std::string, int>(m, 0);
+    });
   });
   // World rank = pp * 2 + dp: stage 1's dp replicas are ranks 2 and 3, and they differ in width.
   for (int r : {2, 3}) {
     CAPTURE(r);
-    CAPTURE(out[static_cast<std::size_t>(r)].first);
-    CHECK(out[static_cast<std::size_t>(r)].first.find("Hybrid stage 'layers 4-7 (block 3 .. last)' on threads:world/dp[pp=1,tp=0]") != std::string::npos);
-    CHECK(out[static_cast<std::size_t>(r)].first.find("\"h.3.ln_1.weight\" (16) float32 Replicate on rank 0 but \"h.3.ln_1.weight\" (32)") != std::string::npos);
-    CHECK(out[static_cast<std::size_t>(r)].first.find("the replicas' parameter lists differ") != std::string::npos);
+    CAPTURE(out[static_cast<std::size_t>(r)]);
+    CHECK(out[static_cast<std::size_t>(r)].find("Hybrid stage 'layers 4-7 (block 3 .. last)' on threads:world/dp[pp=1,tp=0]") != std::string::npos);
+    CHECK(out[static_cast<std::size_t>(r)].find("\"h.3.ln_1.weight\" (16) float32 Replicate on rank 0 but \"h.3.ln_1.weight\" (32)") != std::string::npos);
+    CHECK(out[static_cast<std::size_t>(r)].find("the replicas' parameter lists differ") != std::string::npos);
   }
 }

@@ -59,18 +59,12 @@ TEST_CASE("Llama through Hybrid: tp not dividing the KV heads is an error naming
   llama::LlamaConfig c{.vocab_size = 64, .n_layer = 2, .n_head = 8, .n_kv_head = 2, .d_model = 16, .ffn_hidden = 32};
   const llama::LlamaDescription<float> d(c, 1);
   const auto msgs = tessera::testing::run_ranks(4, [&](tessera::Comm& w) {
-    std::string m;
-    try {
+    return own_error([&] {
       tessera::Mesh mesh(w, tessera::MeshShape{.tp = 4});
       Variant v;
       v.shape = tessera::MeshShape{.tp = 4};
       auto model = make_hybrid(mesh, d, v, Setup{});
-    } catch (const tessera::AbortedError&) {
-      m = "aborted by a peer";
-    } catch (const tessera::Error& e) {
-      m = e.what();
-    }
-    return m;
+    });
   });
   for (const std::string& m : msgs) {
     CAPTURE(m);
