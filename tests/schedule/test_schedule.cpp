@@ -24,7 +24,7 @@ using namespace tessera::schedule;
 namespace {
 
 static_assert(ScheduleBuilder<GPipe> && ScheduleBuilder<OneFOneB> && ScheduleBuilder<InterleavedOneFOneB> &&
-                  ScheduleBuilder<Schedule>,
+                  ScheduleBuilder<ZeroBubbleH1> && ScheduleBuilder<Schedule>,
               "every provided schedule and Schedule itself must model ScheduleBuilder");
 
 Action F(int mb, int s) { return Action::forward(mb, s); }
@@ -33,6 +33,8 @@ Action SF(int mb, int s, int peer) { return Action::send_forward(mb, s, peer); }
 Action RF(int mb, int s, int peer) { return Action::recv_forward(mb, s, peer); }
 Action SB(int mb, int s, int peer) { return Action::send_backward(mb, s, peer); }
 Action RB(int mb, int s, int peer) { return Action::recv_backward(mb, s, peer); }
+Action I(int mb, int s) { return Action::backward_input(mb, s); }
+Action W(int mb, int s) { return Action::backward_weight(mb, s); }
 
 // Megatron-LM's non-interleaved loop (schedules.py), written out serially: the compute order of
 // one rank as (kind, micro-batch).
@@ -617,7 +619,11 @@ RankResult execute(const Schedule& s, Comm& comm) {
             if (st == last) res.outputs[mb] = act[{st, mb}];
           });
           break;
+        case ActionKind::backward_weight:  // nothing to compute here: the weight has no value
+          rec.time(a, [] {});
+          break;
         case ActionKind::backward:
+        case ActionKind::backward_input:
           rec.time(a, [&] {
             const double g = st == last ? act.at({st, mb}) : s.rank_of(st + 1) == r ? grad.at({st + 1, mb})
                                                                                       : recv_grad.at({st, mb});
@@ -656,7 +662,8 @@ TEST_CASE("executor sketch: GPipe, 1F1B and interleaved schedules run on thread 
   for (const Schedule& s : {GPipe{.num_microbatches = 3}.build(2), OneFOneB{.num_microbatches = 8}.build(4),
                             OneFOneB{.num_microbatches = 2}.build(3),
                             InterleavedOneFOneB{.num_microbatches = 4, .virtual_stages = 2}.build(2),
-                            InterleavedOneFOneB{.num_microbatches = 6, .virtual_stages = 3}.build(3)}) {
+                            InterleavedOneFOneB{.num_microbatches = 6, .virtual_stages = 3}.build(3),
+                            ZeroBubbleH1{.num_microbatches = 8}.build(4), ZeroBubbleH1{.num_microbatches = 3}.build(3)}) {
     CAPTURE(s.description());
     const auto results = testing::run_ranks(s.pp_size, [&](Comm& comm) { return execute(s, comm); });
     // Serial reference: the whole model on one micro-batch at a time.
@@ -676,11 +683,162 @@ TEST_CASE("executor sketch: GPipe, 1F1B and interleaved schedules run on thread 
     CHECK(t.num_ranks == s.pp_size);
     const auto computes = std::count_if(t.events.begin(), t.events.end(),
                                         [](const TimelineEvent& e) { return e.action.is_compute(); });
-    CHECK(computes == 2 * stages * s.num_microbatches);
+    const int per_microbatch = s.name == "ZB-H1" ? 3 : 2;  // F and B, or F, I and W
+    CHECK(computes == per_microbatch * stages * s.num_microbatches);
     const BubbleStats b = bubble_stats(t);
     CHECK(b.span > 0.0);
     CHECK(b.busy.size() == static_cast<std::size_t>(s.pp_size));
     const nlohmann::json doc = chrome_trace(t);
     CHECK(doc.at("traceEvents").size() == t.events.size() + 1 + 2 * static_cast<std::size_t>(s.pp_size));
   }
+}
+
+// ---- ZB-H1 (Qi et al., ICLR 2024) -------------------------------------------------------------
+
+TEST_CASE("ZeroBubbleH1: p=4 m=8 compute orders of ranks 0 and 3 equal the hand-written H1 lists") {
+  const Schedule s = ZeroBubbleH1{.num_microbatches = 8}.build(4);
+  // Rank 0: 1F1B's 3 warm-up forwards, then F I W per micro-batch (no W deferred), then I W.
+  const std::vector<Action> rank0{F(0, 0), F(1, 0), F(2, 0), F(3, 0), I(0, 0), W(0, 0), F(4, 0), I(1, 0), W(1, 0),
+                                  F(5, 0), I(2, 0), W(2, 0), F(6, 0), I(3, 0), W(3, 0), F(7, 0), I(4, 0), W(4, 0),
+                                  I(5, 0), W(5, 0), I(6, 0), W(6, 0), I(7, 0), W(7, 0)};
+  // Rank 3 (last): no warm-up, F I pairs with its first 3 W deferred, then 4 W at the end.
+  const std::vector<Action> rank3{F(0, 3), I(0, 3), F(1, 3), I(1, 3), F(2, 3), I(2, 3), F(3, 3), I(3, 3), W(0, 3),
+                                  F(4, 3), I(4, 3), W(1, 3), F(5, 3), I(5, 3), W(2, 3), F(6, 3), I(6, 3), W(3, 3),
+                                  F(7, 3), I(7, 3), W(4, 3), W(5, 3), W(6, 3), W(7, 3)};
+  CHECK(s.compute_order(0) == rank0);
+  CHECK(s.compute_order(3) == rank3);
+  CHECK(s.name == "ZB-H1");
+  CHECK(kind_name(ActionKind::backward_input) == std::string("I"));
+  CHECK(kind_name(ActionKind::backward_weight) == std::string("W"));
+  CHECK(to_string(W(2, 1)) == "W(mb=2, stage=1)");
+  // The first stage sends F3's output only when stage 1 needs it (tick of its own, with the
+  // receive of the first gradient), not right after F3.
+  CHECK(s.ticks[0][3] == Tick{F(3, 0)});
+  CHECK(s.ticks[0][4] == (Tick{SF(3, 0, 1), RB(0, 0, 1)}));
+}
+
+TEST_CASE("ZeroBubbleH1: the checker accepts it for p 1..8 and m 1..20; every rank holds at most min(p, m) micro-batches, 1F1B's peak") {
+  for (int p = 1; p <= 8; ++p)
+    for (int m = 1; m <= 20; ++m) {
+      CAPTURE(p);
+      CAPTURE(m);
+      const Schedule s = ZeroBubbleH1{.num_microbatches = m}.build(p);
+      CheckReport rep;
+      REQUIRE_NOTHROW(rep = check(s));
+      CHECK(rep.max_peak_in_flight() == check(OneFOneB{.num_microbatches = m}.build(p)).max_peak_in_flight());
+      for (int r = 0; r < p; ++r) CHECK(rep.peak_in_flight[static_cast<std::size_t>(r)] <= std::min(p, m));
+      if (m >= p)
+        for (int r = 0; r < p; ++r) CHECK(rep.peak_in_flight[static_cast<std::size_t>(r)] == p);
+      // Every (stage, micro-batch) has one F, one I and one W, no fused B.
+      for (int r = 0; r < p; ++r) {
+        const auto order = s.compute_order(r);
+        CHECK(std::count_if(order.begin(), order.end(), [](const Action& a) { return a.kind == ActionKind::backward; }) == 0);
+        CHECK(order.size() == static_cast<std::size_t>(3 * m));
+      }
+    }
+  CHECK_THROWS_AS(ZeroBubbleH1{.num_microbatches = 0}.build(2), Error);
+  CHECK_THROWS_AS(ZeroBubbleH1{.num_microbatches = 2}.build(0), Error);
+}
+
+TEST_CASE("ZeroBubbleH1: simulated with t_F = t_I = t_W its bubble ratio is the paper's (p-1)/(3m), a third of 1F1B's") {
+  for (int p = 2; p <= 8; ++p)
+    for (int m : {p, p + 1, 2 * p, 16}) {
+      if (m < p) continue;
+      CAPTURE(p);
+      CAPTURE(m);
+      const SimulateOptions equal{.t_forward = 1.0, .t_backward = 2.0, .t_backward_input = 1.0, .t_backward_weight = 1.0};
+      const BubbleStats zb = bubble_stats(simulate(ZeroBubbleH1{.num_microbatches = m}.build(p), equal));
+      const BubbleStats f1 = bubble_stats(simulate(OneFOneB{.num_microbatches = m}.build(p), equal));
+      CHECK(zb.bubble_ratio == doctest::Approx(zero_bubble_h1_bubble_ratio(p, m)));
+      CHECK(zb.bubble_ratio == doctest::Approx((p - 1.0) / (3.0 * m)));
+      CHECK(f1.bubble_ratio == doctest::Approx(one_f_one_b_bubble_ratio(p, m)));
+      CHECK(zb.span == doctest::Approx(3.0 * m + (p - 1)));  // m (t_F + t_I + t_W) + (p - 1)(t_F + t_I - t_W)
+    }
+  // With unequal times the schedule stays valid and below 1F1B's bubble, though not the formula.
+  const SimulateOptions heavy_w{.t_forward = 1.0, .t_backward = 2.0, .t_backward_input = 1.0, .t_backward_weight = 0.5};
+  CHECK(bubble_stats(simulate(ZeroBubbleH1{.num_microbatches = 8}.build(4), heavy_w)).bubble_ratio <
+        bubble_stats(simulate(OneFOneB{.num_microbatches = 8}.build(4), {.t_forward = 1.0, .t_backward = 1.5})).bubble_ratio);
+  CHECK(zero_bubble_h1_bubble_ratio(4, 8, 1.0, 1.0, 0.5) == doctest::Approx(3 * 1.5 / (8 * 2.5)));
+  CHECK_THROWS_AS(zero_bubble_h1_bubble_ratio(4, 3), Error);  // m < p: the formula does not hold
+  CHECK_THROWS_AS(zero_bubble_h1_bubble_ratio(4, 8, -1.0), Error);
+}
+
+TEST_CASE("check: broken split backwards are refused: a W before its I, a missing W, a W without I, B and I both") {
+  const Schedule good = ZeroBubbleH1{.num_microbatches = 4}.build(2);
+  REQUIRE_NOTHROW(check(good));
+  auto find = [](const Schedule& s, int r, const Action& a) {
+    for (std::size_t t = 0; t < s.ticks[static_cast<std::size_t>(r)].size(); ++t)
+      for (std::size_t i = 0; i < s.ticks[static_cast<std::size_t>(r)][t].size(); ++i)
+        if (s.ticks[static_cast<std::size_t>(r)][t][i] == a) return std::pair{t, i};
+    FAIL("action not found");
+    return std::pair<std::size_t, std::size_t>{0, 0};
+  };
+  {  // W(0) swapped with its I(0) on rank 1: W before its I.
+    Schedule s = good;
+    const auto [ti, ii] = find(s, 1, I(0, 1));
+    const auto [tw, iw] = find(s, 1, W(0, 1));
+    std::swap(s.ticks[1][ti][ii], s.ticks[1][tw][iw]);
+    const std::string e = check_error(s);
+    CAPTURE(e);
+    CHECK(e.find("W(mb=0, stage=1) needs I(mb=0, stage=1), which rank 1 runs only at tick") != std::string::npos);
+  }
+  {  // A missing W: the weight gradient would be lost.
+    Schedule s = good;
+    for (Tick& t : s.ticks[0]) std::erase(t, W(3, 0));
+    std::erase_if(s.ticks[0], [](const Tick& t) { return t.empty(); });
+    const std::string e = check_error(s);
+    CAPTURE(e);
+    CHECK(e.find("is incomplete: rank 0 runs I(mb=3, stage=0) but never W(mb=3, stage=0)") != std::string::npos);
+  }
+  {  // A W without its I (the I turned into a W of another micro-batch is a duplicate; here the I is dropped and
+     // its SEND_B kept, so the completeness check names the W first).
+    Schedule s = good;
+    for (Tick& t : s.ticks[0]) std::replace(t.begin(), t.end(), I(1, 0), B(1, 0));
+    const std::string e = check_error(s);
+    CAPTURE(e);
+    CHECK(e.find("rank 0 runs both the fused B(mb=1, stage=0) and the split W(mb=1, stage=0)") != std::string::npos);
+    for (Tick& t : s.ticks[0]) std::erase(t, B(1, 0));
+    const std::string e2 = check_error(s);
+    CAPTURE(e2);
+    CHECK(e2.find("rank 0 runs W(mb=1, stage=0) but never I(mb=1, stage=0)") != std::string::npos);
+  }
+  {  // A SEND_B placed before the I that produces it.
+    Schedule s = good;
+    const auto [ti, ii] = find(s, 1, I(2, 1));
+    (void)ii;
+    const auto [ts, is] = find(s, 1, SB(2, 1, 0));
+    (void)is;
+    REQUIRE(ts >= ti);
+    std::erase(s.ticks[1][ts], SB(2, 1, 0));
+    s.ticks[1][ti - 1].push_back(SB(2, 1, 0));
+    CHECK(check_error(s).find("SEND_B(mb=2, stage=1, to rank 0) needs I(mb=2, stage=1)") != std::string::npos);
+  }
+}
+
+TEST_CASE("ZeroBubbleH1: drawn (class I and W boxes, a W legend) and traced (cat backward_input / backward_weight)") {
+  const Schedule s = ZeroBubbleH1{.num_microbatches = 8}.build(4);
+  const Timeline t = simulate(s);
+  const std::string svg = to_svg(t, {.width = 960, .row_height = 28, .title = "", .time_unit = "t_F", .time_scale = 1.0,
+                                     .show_bubble = true});
+  CHECK(occurrences(svg, "<rect class=\"F\"") == 32);
+  CHECK(occurrences(svg, "<rect class=\"I\"") == 32);
+  CHECK(occurrences(svg, "<rect class=\"W\"") == 32);
+  CHECK(occurrences(svg, "<rect class=\"B\"") == 0);
+  CHECK(svg.find("weight grad (W)") != std::string::npos);
+  CHECK(svg.find("ZB-H1 (p=4, m=8)") != std::string::npos);
+  const nlohmann::json doc = chrome_trace(t);
+  int inputs = 0, weights = 0;
+  for (const auto& e : doc.at("traceEvents")) {
+    const std::string cat = e.value("cat", ""), name = e.value("name", "");
+    if (cat == "backward_input") {
+      ++inputs;
+      CHECK(name.starts_with("I"));
+    }
+    if (cat == "backward_weight") {
+      ++weights;
+      CHECK(name.starts_with("W"));
+    }
+  }
+  CHECK(inputs == 32);
+  CHECK(weights == 32);
 }

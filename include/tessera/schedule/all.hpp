@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// Everything in tessera::schedule: pipeline schedules as data (GPipe, OneFOneB,
-/// InterleavedOneFOneB, or your own Schedule), the checker, the ideal-timeline simulator, the
+/// InterleavedOneFOneB, ZeroBubbleH1, or your own Schedule), the checker, the ideal-timeline simulator, the
 /// per-rank Recorder, bubble statistics, Chrome trace JSON and SVG pictures.
 
 #include "tessera/schedule/action.hpp"
@@ -16,3 +16,4 @@
 #include "tessera/schedule/simulate.hpp"
 #include "tessera/schedule/svg.hpp"
 #include "tessera/schedule/timeline.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"

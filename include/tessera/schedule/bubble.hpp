@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "tessera/core/error.hpp"
 #include "tessera/schedule/timeline.hpp"
 
 namespace tessera::schedule {
@@ -16,18 +17,41 @@ namespace tessera::schedule {
 /// Idle time of a pipeline step, measured on a Timeline.
 struct BubbleStats {
   double span = 0.0;                    ///< seconds from the first event's start to the last event's end
-  std::vector<double> busy{};             ///< per rank: seconds spent in F or B (overlaps counted once)
+  std::vector<double> busy{};             ///< per rank: seconds spent in F, B, I or W (overlaps counted once)
   std::vector<double> bubble_fraction{};  ///< per rank: idle time / span = (span - busy) / span
   /// Megatron-LM's bubble ratio: total idle time / total compute time,
-  /// sum_r (span - busy_r) / sum_r busy_r. (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved.
+  /// sum_r (span - busy_r) / sum_r busy_r. (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved,
+  /// (p-1)/(3m) for ZB-H1 with t_F = t_I = t_W.
   double bubble_ratio = 0.0;
   /// Fraction of all ranks' wall time that is idle: sum_r (span - busy_r) / (p span)
   /// = bubble_ratio / (1 + bubble_ratio).
   double idle_fraction = 0.0;
 };
 
-/// Measures the bubble of `t`: per rank, the time within the timeline's span not covered by F
-/// or B events (transfers and waits count as idle), and the ratios above. Ranks are
+/// The bubble ratio (idle / compute, BubbleStats::bubble_ratio) of GPipe and 1F1B with p ranks
+/// and m micro-batches: (p - 1) / m (Huang et al. 2019; Narayanan et al. 2021), whatever
+/// t_F and t_B. Throws Error unless p >= 1 and m >= 1.
+inline double one_f_one_b_bubble_ratio(int p, int m) {
+  TESSERA_EXPECTS(p >= 1 && m >= 1, "one_f_one_b_bubble_ratio: p = ", p, " and m = ", m, " must be >= 1");
+  return (p - 1.0) / m;
+}
+
+/// The bubble ratio of ZB-H1 (schedule::ZeroBubbleH1; Qi et al., ICLR 2024, sec. 3.1) with p
+/// ranks, m >= p micro-batches and per-stage times t_F (forward), t_B (input gradient, I) and
+/// t_W (weight gradient, W): each rank idles (p - 1)(t_F + t_B - t_W) of a step that computes
+/// m (t_F + t_B + t_W), so the ratio is (p - 1)(t_F + t_B - t_W) / (m (t_F + t_B + t_W)):
+/// (p - 1) / (3 m) with equal times, a third of 1F1B's (p - 1) / m. Holds for t_W <= t_F + t_B,
+/// where the deferred W passes fit in the cool-down. Throws Error unless p >= 1, m >= p and
+/// the times are >= 0 with a positive sum.
+inline double zero_bubble_h1_bubble_ratio(int p, int m, double t_f = 1.0, double t_b = 1.0, double t_w = 1.0) {
+  TESSERA_EXPECTS(p >= 1 && m >= p, "zero_bubble_h1_bubble_ratio: needs p >= 1 and m >= p, got p = ", p, ", m = ", m);
+  TESSERA_EXPECTS(t_f >= 0 && t_b >= 0 && t_w >= 0 && t_f + t_b + t_w > 0, "zero_bubble_h1_bubble_ratio: times t_F = ",
+                  t_f, ", t_B = ", t_b, ", t_W = ", t_w, " must be >= 0 with a positive sum");
+  return (p - 1.0) * std::max(t_f + t_b - t_w, 0.0) / (m * (t_f + t_b + t_w));
+}
+
+/// Measures the bubble of `t`: per rank, the time within the timeline's span not covered by F,
+/// B, I or W events (transfers and waits count as idle), and the ratios above. Ranks are
 /// 0..t.num_ranks-1; a rank without events is idle for the whole span. Ratios are 0 when there
 /// is no compute.
 inline BubbleStats bubble_stats(const Timeline& t) {

@@ -13,8 +13,8 @@ namespace tessera::schedule {
 
 /// What schedule::check found out about a valid schedule.
 struct CheckReport {
-  /// Per rank: the largest number of (stage, micro-batch) pairs whose F has run and whose B has
-  /// not yet -- the activation sets the rank must keep alive (per micro-batch without
+  /// Per rank: the largest number of (stage, micro-batch) pairs whose F has run and whose B (or
+  /// W, for a split backward) has not yet -- the activation sets the rank must keep alive (per micro-batch without
   /// interleaving). 1F1B: min(pp_size - rank, m); GPipe: m.
   std::vector<int> peak_in_flight{};
   /// Per rank: number of ticks.
@@ -33,13 +33,16 @@ struct CheckReport {
 ///  - every action: micro-batch and stage in range, the stage lives on the acting rank, a
 ///    transfer names the rank of its peer stage (not its own rank), compute listed before
 ///    transfers in a tick, nothing done twice ("rank 0 does F(mb=1, stage=0) twice, ...");
-///  - completeness: one F and one B per (stage, micro-batch) ("... is incomplete: rank 1 never
-///    runs B(mb=3, stage=1)"), and a SEND/RECV pair for every hand-off between ranks;
+///  - completeness: one F and one backward per (stage, micro-batch), fused (B) or split (I and
+///    W, never both) ("... is incomplete: rank 1 never runs B(mb=3, stage=1) (or its split
+///    I + W)"; "rank 0 runs I(mb=2, stage=0) but never W(mb=2, stage=0) ..."), and a
+///    SEND/RECV pair for every hand-off between ranks;
 ///  - pairing: every RECV has its SEND ("rank 1 is stuck at tick 3 waiting for
 ///    RECV_F(mb=2, stage=1, from rank 0), which rank 0 never sends") and every SEND its RECV;
 ///  - order inside a rank: F after its input (the previous stage's F on the same rank, or its
-///    RECV_F in an earlier tick), B after its F and its output gradient, SEND after the compute
-///    that produces what it sends;
+///    RECV_F in an earlier tick), B or I after its F and its output gradient, W after its I
+///    ("... W(mb=0, stage=0) needs I(mb=0, stage=0), which rank 0 runs only at tick 5 ..."),
+///    SEND after the compute that produces what it sends (SEND_B: the B or the I);
 ///  - order between two ranks: the transfers from one rank to another are received in the
 ///    order they are sent (NCCL matches them in issue order);
 ///  - no deadlock: simulating all ranks, each tick's transfers issued as one batched group that

@@ -16,8 +16,8 @@ namespace tessera::schedule {
 
 /// The Trace Event Format document of `t`: {"traceEvents": [...], "displayTimeUnit": "ms"}.
 /// Each event becomes a complete event (ph "X") with pid 0, tid = rank, ts and dur in
-/// microseconds, name "F3" / "B3" / "SEND_F3" (kind and micro-batch), cat "forward",
-/// "backward" or "transfer", and args {microbatch, stage, chunk} (+ peer for transfers).
+/// microseconds, name "F3" / "B3" / "I3" / "W3" / "SEND_F3" (kind and micro-batch), cat
+/// "forward", "backward", "backward_input", "backward_weight" or "transfer", and args {microbatch, stage, chunk} (+ peer for transfers).
 /// Metadata events (ph "M") name the process after t.title and each thread "rank r".
 inline nlohmann::json chrome_trace(const Timeline& t) {
   using nlohmann::json;
@@ -34,7 +34,11 @@ inline nlohmann::json chrome_trace(const Timeline& t) {
     const Action& a = e.action;
     json args{{"microbatch", a.microbatch}, {"stage", a.stage_index}, {"chunk", e.chunk}};
     if (a.is_transfer()) args["peer"] = a.peer;
-    const char* cat = a.kind == ActionKind::forward ? "forward" : a.kind == ActionKind::backward ? "backward" : "transfer";
+    const char* cat = a.kind == ActionKind::forward           ? "forward"
+                      : a.kind == ActionKind::backward        ? "backward"
+                      : a.kind == ActionKind::backward_input  ? "backward_input"
+                      : a.kind == ActionKind::backward_weight ? "backward_weight"
+                                                              : "transfer";
     events.push_back(json{{"name", short_name(a)}, {"cat", cat}, {"ph", "X"}, {"pid", 0}, {"tid", e.rank},
                           {"ts", e.start * 1e6}, {"dur", (e.end - e.start) * 1e6}, {"args", std::move(args)}});
   }

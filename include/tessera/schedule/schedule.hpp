@@ -33,8 +33,8 @@ using Tick = std::vector<Action>;
 /// `virtual_stages` model chunks (v; 1 without interleaving). Stage s lives on rank
 /// `stage_ranks[s]`, or, when `stage_ranks` is empty, on rank s % pp_size (loop placement, as
 /// Megatron-LM and torch.distributed.pipelining place interleaved chunks: chunk c of rank r is
-/// stage c * pp_size + r). Every (stage, micro-batch) needs exactly one F and one B on the
-/// stage's rank, and every hand-off between stages on different ranks a SEND and a RECV.
+/// stage c * pp_size + r). Every (stage, micro-batch) needs exactly one F and either one B
+/// or one I followed by one W (a split backward) on the stage's rank, and every hand-off between stages on different ranks a SEND and a RECV.
 ///
 /// A Schedule is an aggregate: `Schedule{.name = "mine", .pp_size = 2, .num_microbatches = 1,
 /// .ticks = {...}}`. Validate it with schedule::check.
@@ -80,7 +80,7 @@ struct Schedule {
     return c;
   }
 
-  /// The compute actions (F, B) of `rank` in execution order, ticks flattened.
+  /// The compute actions (F, B, I, W) of `rank` in execution order, ticks flattened.
   /// Throws Error if rank is out of range.
   std::vector<Action> compute_order(int rank) const {
     TESSERA_EXPECTS(rank >= 0 && rank < static_cast<int>(ticks.size()), "Schedule '", name, "': rank ", rank,

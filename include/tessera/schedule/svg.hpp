@@ -63,14 +63,16 @@ inline std::string svg_shade(int r, int g, int b, double amount) {
 }
 inline std::string svg_fill(ActionKind k, int chunk, int num_chunks) {
   const double amount = num_chunks > 1 ? 0.55 * chunk / (num_chunks - 1) : 0.0;
-  if (k == ActionKind::forward) return svg_shade(0x2f, 0x6f, 0xb3, amount);  // blue
-  return svg_shade(0xe0, 0x7b, 0x10, amount);                                // orange
+  if (k == ActionKind::forward) return svg_shade(0x2f, 0x6f, 0xb3, amount);          // blue
+  if (k == ActionKind::backward_weight) return svg_shade(0x3a, 0x9a, 0x4a, amount);  // green
+  return svg_shade(0xe0, 0x7b, 0x10, amount);                                        // orange: B and I
 }
 }  // namespace detail
 
 /// Draws `t` as a standalone SVG document (starts with "<svg", UTF-8, no external resources):
-/// one row per rank (rank 0 on top), each F and B event a box (class "F" or "B") labelled with
-/// its micro-batch, forwards blue and backwards orange, later model chunks of interleaved
+/// one row per rank (rank 0 on top), each F, B, I and W event a box (class "F", "B", "I" or
+/// "W") labelled with its micro-batch, forwards blue, backwards and input gradients (I) orange,
+/// weight gradients (W) green, later model chunks of interleaved
 /// schedules in lighter shades, with a title, a legend, the bubble ratio and a time axis.
 /// Transfers are not drawn. Throws Error if width < 200 or row_height < 8.
 inline std::string to_svg(const Timeline& t, const SvgOptions& opts = {}) {
@@ -143,7 +145,7 @@ inline std::string to_svg(const Timeline& t, const SvgOptions& opts = {}) {
     if (!e.action.is_compute() || e.rank < 0 || e.rank >= ranks) continue;
     const double x = x_of(e.start), w = std::max(x_of(e.end) - x, 0.5);
     const double y = top + e.rank * (row + gap);
-    const char* cls = e.action.kind == ActionKind::forward ? "F" : "B";
+    const char* cls = kind_name(e.action.kind);
     o += str("<rect class=\"", cls, "\" x=\"", svg_num(x), "\" y=\"", svg_num(y + 1), "\" width=\"", svg_num(w),
              "\" height=\"", svg_num(row - 2), "\" fill=\"", detail::svg_fill(e.action.kind, e.chunk, chunks),
              "\" stroke=\"white\" stroke-width=\"1\"><title>", cls, e.action.microbatch, " stage ",
@@ -171,11 +173,20 @@ inline std::string to_svg(const Timeline& t, const SvgOptions& opts = {}) {
   // Legend.
   double lx = left;
   const double ly = ay + 24;
-  for (ActionKind k : {ActionKind::forward, ActionKind::backward})
+  bool split = false;  // a zero-bubble timeline: legend I and W instead of B
+  for (const TimelineEvent& e : t.events) split = split || e.action.kind == ActionKind::backward_weight;
+  const std::vector<ActionKind> kinds = split ? std::vector<ActionKind>{ActionKind::forward, ActionKind::backward_input,
+                                                                        ActionKind::backward_weight}
+                                              : std::vector<ActionKind>{ActionKind::forward, ActionKind::backward};
+  for (ActionKind k : kinds)
     for (int c = 0; c < chunks; ++c) {
       o += str("<rect class=\"legend\" x=\"", svg_num(lx), "\" y=\"", svg_num(ly), "\" width=\"12\" height=\"12\" "
                "fill=\"", detail::svg_fill(k, c, chunks), "\"/>\n");
-      const std::string text = chunks > 1 ? str(kind_name(k), " chunk ", c) : std::string(k == ActionKind::forward ? "forward" : "backward");
+      const char* long_name = k == ActionKind::forward          ? "forward"
+                              : k == ActionKind::backward_input ? "input grad (I)"
+                              : k == ActionKind::backward_weight ? "weight grad (W)"
+                                                                 : "backward";
+      const std::string text = chunks > 1 ? str(kind_name(k), " chunk ", c) : std::string(long_name);
       o += str("<text x=\"", svg_num(lx + 16), "\" y=\"", svg_num(ly + 10), "\" font-size=\"11\">", text, "</text>\n");
       lx += 28 + 7.0 * static_cast<double>(text.size());
     }

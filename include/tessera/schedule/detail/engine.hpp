@@ -65,7 +65,8 @@ class Engine {
   int m() const { return s_.num_microbatches; }
   int stages() const { return s_.num_stages(); }
   std::size_t key(ActionKind k, int mb, int stage) const {
-    return (static_cast<std::size_t>(stage) * static_cast<std::size_t>(m()) + static_cast<std::size_t>(mb)) * 6 +
+    return (static_cast<std::size_t>(stage) * static_cast<std::size_t>(m()) + static_cast<std::size_t>(mb)) *
+               static_cast<std::size_t>(num_action_kinds) +
            static_cast<std::size_t>(k);
   }
   const Loc& loc(ActionKind k, int mb, int stage) const { return loc_[key(k, mb, stage)]; }
@@ -105,7 +106,9 @@ class Engine {
   }
 
   void index_actions() {
-    loc_.assign(static_cast<std::size_t>(stages()) * static_cast<std::size_t>(m()) * 6, Loc{});
+    loc_.assign(static_cast<std::size_t>(stages()) * static_cast<std::size_t>(m()) *
+                    static_cast<std::size_t>(num_action_kinds),
+                Loc{});
     for_each_action([&](const Action& a, Loc l) {
       auto here = [&] { return str("rank ", l.rank, " tick ", l.tick, ": ", to_string(a)); };
       TESSERA_EXPECTS(a.microbatch >= 0 && a.microbatch < m(), who(), ": ", here(), " has micro-batch ",
@@ -135,13 +138,39 @@ class Engine {
     });
   }
 
+  // The Loc of the action that produces the gradient of stage st's input for mb: its B, or its
+  // I when the backward is split.
+  const Loc& input_grad_loc(int mb, int st) const {
+    const Loc& b = loc(ActionKind::backward, mb, st);
+    return b.found() ? b : loc(ActionKind::backward_input, mb, st);
+  }
+
   void check_complete() const {
     std::vector<std::string> missing;
     for (int st = 0; st < stages(); ++st)
-      for (int mb = 0; mb < m(); ++mb)
-        for (ActionKind k : {ActionKind::forward, ActionKind::backward})
-          if (!loc(k, mb, st).found())
-            missing.push_back(str("rank ", s_.rank_of(st), " never runs ", to_string(Action{k, mb, st, -1})));
+      for (int mb = 0; mb < m(); ++mb) {
+        const int r = s_.rank_of(st);
+        if (!loc(ActionKind::forward, mb, st).found())
+          missing.push_back(str("rank ", r, " never runs ", to_string(Action::forward(mb, st))));
+        const bool b = loc(ActionKind::backward, mb, st).found();
+        const bool i = loc(ActionKind::backward_input, mb, st).found();
+        const bool w = loc(ActionKind::backward_weight, mb, st).found();
+        if (b && (i || w))
+          missing.push_back(str("rank ", r, " runs both the fused ", to_string(Action::backward(mb, st)),
+                                " and the split ", to_string(Action{i ? ActionKind::backward_input
+                                                                      : ActionKind::backward_weight, mb, st, -1}),
+                                "; a backward is either fused (B) or split (I, then W)"));
+        else if (i && !w)
+          missing.push_back(str("rank ", r, " runs ", to_string(Action::backward_input(mb, st)), " but never ",
+                                to_string(Action::backward_weight(mb, st)),
+                                " (the weight gradient of a split backward would be lost)"));
+        else if (w && !i)
+          missing.push_back(str("rank ", r, " runs ", to_string(Action::backward_weight(mb, st)), " but never ",
+                                to_string(Action::backward_input(mb, st)), " (a W needs its I first)"));
+        else if (!b && !i)
+          missing.push_back(str("rank ", r, " never runs ", to_string(Action::backward(mb, st)),
+                                " (or its split I + W)"));
+      }
     if (missing.empty()) return;
     std::string msg = str(who(), " is incomplete: ", missing.front());
     for (std::size_t i = 1; i < std::min<std::size_t>(missing.size(), 4); ++i) msg += "; " + missing[i];
@@ -196,12 +225,19 @@ class Engine {
             }
           }
           break;
-        case ActionKind::backward: {
+        case ActionKind::backward_weight: {
+          const Loc& il = loc(ActionKind::backward_input, mb, st);
+          if (!il.before(l))
+            stuck(at(il), il, "runs", " (a W computes the weight gradient from what its I leaves; it must come after it)");
+          break;
+        }
+        case ActionKind::backward:
+        case ActionKind::backward_input: {
           const Loc& fl = loc(ActionKind::forward, mb, st);
           if (!fl.before(l)) stuck(at(fl), fl, "runs", "");
           if (st + 1 < stages()) {
             if (s_.rank_of(st + 1) == l.rank) {
-              const Loc& nl = loc(ActionKind::backward, mb, st + 1);
+              const Loc& nl = input_grad_loc(mb, st + 1);
               if (!nl.before(l)) stuck(at(nl), nl, "runs", "");
             } else {
               const Loc& nl = loc(ActionKind::recv_backward, mb, st);
@@ -212,8 +248,7 @@ class Engine {
         }
         case ActionKind::send_forward:
         case ActionKind::send_backward: {
-          const ActionKind producer = a.kind == ActionKind::send_forward ? ActionKind::forward : ActionKind::backward;
-          const Loc& pl = loc(producer, mb, st);
+          const Loc& pl = a.kind == ActionKind::send_forward ? loc(ActionKind::forward, mb, st) : input_grad_loc(mb, st);
           if (pl.tick > l.tick) stuck(at(pl), pl, "runs", " (a SEND carries the output of a compute of its own tick or an earlier one)");
           break;
         }
@@ -254,6 +289,9 @@ class Engine {
     for (int r = 0; r < p(); ++r) {
       int live = 0;
       for (const Action& a : s_.compute_order(r)) {
+        // A micro-batch is in flight from its F to its B, or to its W when split (W needs what
+        // the forward kept: the layers' inputs).
+        if (a.kind == ActionKind::backward_input) continue;
         live += a.kind == ActionKind::forward ? 1 : -1;
         peak[static_cast<std::size_t>(r)] = std::max(peak[static_cast<std::size_t>(r)], live);
       }

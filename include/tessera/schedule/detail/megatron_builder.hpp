@@ -53,7 +53,7 @@ inline Schedule assemble(std::string name, int p, int m, int v, const std::vecto
           tick.push_back(Action::send_forward(a.microbatch, a.stage_index, to));
           sent[{r, to, 0}].push_back(tick.back());
         }
-        if (a.kind == ActionKind::backward && a.stage_index > 0 && s.rank_of(a.stage_index - 1) != r) {
+        if (a.produces_input_grad() && a.stage_index > 0 && s.rank_of(a.stage_index - 1) != r) {
           const int to = s.rank_of(a.stage_index - 1);
           tick.push_back(Action::send_backward(a.microbatch, a.stage_index, to));
           sent[{r, to, 1}].push_back(tick.back());
