@@ -42,28 +42,6 @@ struct NonfiniteVerdict {
   double grad_norm = 0.0;  ///< the global L2 norm of the counted gradients (as optim::grad_norm); not finite when `finite` is false
 };
 
-namespace detail {
-/// Index (row-major) of the first element of `t` that is NaN or infinite, or -1.
-template <std::floating_point T>
-std::int64_t first_nonfinite(const Tensor<T>& t, T* value) {
-  std::int64_t i = 0, found = -1;
-  tessera::detail::for_each_element(
-      "nonfinite_check",
-      [&](const T& x) {
-        if (found < 0 && !std::isfinite(x)) {
-          found = i;
-          *value = x;
-        }
-        ++i;
-      },
-      t);
-  return found;
-}
-
-/// "NaN", "+inf" or "-inf".
-inline const char* nonfinite_name(double x) { return std::isnan(x) ? "NaN" : x > 0 ? "+inf" : "-inf"; }
-}  // namespace detail
-
 /// Checks the loss and the gradients for NaN and infinity before an optimizer step.
 ///
 ///     optim::NonfiniteCheck<float> nonfinite(optim::OnNonfinite::skip);
@@ -98,7 +76,7 @@ class NonfiniteCheck {
     bool local_bad = !std::isfinite(loss);
     T scratch{};
     for (const GradientPiece<T>& piece : grads.pieces)
-      if (!local_bad && !piece.counted) local_bad = detail::first_nonfinite(piece.grad, &scratch) >= 0;
+      if (!local_bad && !piece.counted) local_bad = first_nonfinite_(piece.grad, &scratch) >= 0;
     Gradients<T> fused{grads.pieces, grads.comm};
     fused.pieces.push_back({Tensor<T>::full(Shape{1}, local_bad ? std::numeric_limits<T>::quiet_NaN() : T{0}), true});
     const double norm = grad_norm(fused);
@@ -131,14 +109,14 @@ class NonfiniteCheck {
     T value{};
     std::string name;
     for (const Parameter<T>& p : params) {
-      const std::int64_t e = detail::first_nonfinite(p.grad, &value);
+      const std::int64_t e = first_nonfinite_(p.grad, &value);
       if (e >= 0) {
         rec[1] = 2, rec[2] = e, rec[3] = -1, name = p.name;
         break;
       }
     }
     for (std::size_t i = 0; rec[1] == 0 && i < grads.pieces.size(); ++i) {
-      const std::int64_t e = detail::first_nonfinite(grads.pieces[i].grad, &value);
+      const std::int64_t e = first_nonfinite_(grads.pieces[i].grad, &value);
       if (e >= 0) rec[1] = 2, rec[2] = e, rec[3] = static_cast<std::int64_t>(i);
     }
     if (rec[1] == 0 && !std::isfinite(loss)) rec[1] = 1;
@@ -169,7 +147,7 @@ class NonfiniteCheck {
       const double v = std::bit_cast<double>(rec[4]);
       found = tessera::detail::str(
           "the gradient of ", rec[3] < 0 ? "'" + pname + "'" : tessera::detail::str("gradient piece ", rec[3]),
-          " holds ", detail::nonfinite_name(v), " at element ", rec[2], " (the first found, on rank ", from, " of ",
+          " holds ", nonfinite_name_(v), " at element ", rec[2], " (the first found, on rank ", from, " of ",
           comm_name, "); the loss is ", seen_loss);
     } else if (rec[1] == 1) {
       found = tessera::detail::str("the loss is ", seen_loss, " on rank ", from, " of ", comm_name,
@@ -181,6 +159,24 @@ class NonfiniteCheck {
                                 on_ == OnNonfinite::stop ? "was not taken (OnNonfinite::skip would skip it and go on)"
                                                          : "is skipped");
   }
+
+  // Index (row-major) of the first element of `t` that is NaN or infinite (its value in
+  // *value), or -1.
+  static std::int64_t first_nonfinite_(const Tensor<T>& t, T* value) {
+    std::int64_t i = 0, found = -1;
+    tessera::detail::for_each_element(
+        "nonfinite_check",
+        [&](const T& x) {
+          if (found < 0 && !std::isfinite(x)) {
+            found = i;
+            *value = x;
+          }
+          ++i;
+        },
+        t);
+    return found;
+  }
+  static const char* nonfinite_name_(double x) { return std::isnan(x) ? "NaN" : x > 0 ? "+inf" : "-inf"; }
 
   OnNonfinite on_;
   std::int64_t skipped_ = 0;
