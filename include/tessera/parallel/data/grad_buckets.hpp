@@ -21,6 +21,7 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/parallel/data/compression/comm_hook.hpp"  // issue 16: the bucket reduction hook
 
 namespace tessera {
 
@@ -334,6 +335,32 @@ class GradBuckets {
     }
   }
 
+  // ---- issue 16: communication hook (parallel/data/compression) -------------------------------
+ public:
+  /// Installs `hook` to reduce every bucket from now on, in place of the all-reduce (or
+  /// reduce-scatter: the hook leaves the whole reduced bucket, so this rank's block holds what a
+  /// reduce-scatter would give); nullptr restores the built-in reduction. The hook runs blocking
+  /// where the bucket's reduction would start (PyTorch DDP's register_comm_hook). Throws
+  /// tessera::Error inside a backward. Local; every rank installs a hook of the same kind.
+  void set_comm_hook(std::shared_ptr<CommHook<T>> hook) {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::set_comm_hook inside backward");
+    comm_hook_ = std::move(hook);
+  }
+  /// The installed hook (nullptr: the built-in all-reduce / reduce-scatter).
+  const std::shared_ptr<CommHook<T>>& comm_hook() const noexcept { return comm_hook_; }
+
+ private:
+  std::shared_ptr<CommHook<T>> comm_hook_;
+  // Runs the hook on bucket `b` (index bi): its elements in use and its parameters' places.
+  void reduce_with_hook(std::size_t bi, Bucket& b) {
+    GradBucketView<T> view{.index = bi, .grad = std::span<T>(b.buffer.data(), static_cast<std::size_t>(b.numel)), .tensors = {}};
+    for (std::size_t i : b.slots)
+      view.tensors.push_back(GradBucketTensor{.offset = b.alias ? 0 : slots_[i].offset, .shape = slots_[i].param->value.shape()});
+    comm_hook_->reduce(view, comm_);
+    b.request = Request();  // complete
+  }
+  // ---- end of issue 16 ----------------------------------------------------------------------------
+
   void launch(std::size_t bi) {
     Bucket& b = buckets_[bi];
     for (std::size_t i : b.slots)
@@ -343,6 +370,7 @@ class GradBuckets {
       b.done = true;
       return;
     }
+    if (comm_hook_) return reduce_with_hook(bi, b);  // issue 16: the communication hook
     T* data = b.buffer.data();
     if (mode_ == GradReduce::all_reduce) {
       b.request = comm_.iall_reduce(std::span<T>(data, static_cast<std::size_t>(b.numel)), ReduceOp::sum);

@@ -1,0 +1,60 @@
+#pragma once
+/// @file
+/// CommHook: how a data-parallel replica reduces one gradient bucket, replaceable per model,
+/// as PyTorch DDP's `register_comm_hook` (a hook sees a bucket's flat gradient and returns its
+/// reduction). The built-in hooks are AllReduceHook (no compression), HalfPrecisionHook
+/// (bf16 / fp16 transport), PowerSGDHook and TopKHook (compression with error feedback);
+/// a user-written compressor derives from CommHook the same way.
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/core/shape.hpp"
+
+namespace tessera {
+
+/// One parameter's gradient inside a bucket: its first element in the bucket's flat buffer and
+/// its shape (PowerSGD sees a gradient of rank >= 2 as a matrix (shape[0], numel / shape[0])).
+struct GradBucketTensor {
+  std::int64_t offset = 0;  ///< first element in GradBucketView::grad
+  Shape shape;              ///< the parameter's shape
+};
+
+/// What a CommHook sees of one bucket in one reduction.
+template <std::floating_point T>
+struct GradBucketView {
+  std::size_t index = 0;                  ///< bucket index: the same bucket has the same index on every rank, every step
+  std::span<T> grad;                      ///< this rank's flat gradients (the elements in use, no padding)
+  std::vector<GradBucketTensor> tensors;  ///< its parameters, in bucket order
+};
+
+/// A bucket's reduction over the dp ranks. GradBuckets calls `reduce` for every bucket, in
+/// bucket order, on every rank, where it would otherwise start the bucket's all-reduce (see
+/// GradBuckets::set_comm_hook). The hook replaces `bucket.grad` in place with the *sum* over
+/// the ranks of their gradients, or the compressor's estimate of it; tessera's gradients are
+/// already divided by the global sample count (DataParallel::loss_scale), so the sum is DDP's
+/// average. Every rank must end with bitwise the same values (the replicas stay identical).
+///
+/// State (an error-feedback residual, a warm-started factor) is kept per `bucket.index`.
+/// A hook runs its collectives blocking, so a compressed bucket is not overlapped with the
+/// rest of backward. One hook object serves one replica (one rank); it is not shared between
+/// ranks' threads.
+template <std::floating_point T>
+class CommHook {
+ public:
+  virtual ~CommHook() = default;
+  /// Replaces `bucket.grad` with the (estimated) sum over the ranks of `comm`. Collective over
+  /// `comm`: every rank calls it for the same bucket, with the same size and tensor list.
+  /// Throws what the communicator throws, and tessera::Error for a bucket it cannot handle.
+  virtual void reduce(GradBucketView<T>& bucket, Comm& comm) = 0;
+  /// Short name for logs: "none", "bf16", "powersgd:4", "topk:0.01", ...
+  virtual std::string name() const = 0;
+};
+
+}  // namespace tessera

@@ -1,0 +1,218 @@
+#pragma once
+/// @file
+/// PowerSGDHook: rank-r compression of every matrix gradient by one step of subspace (power)
+/// iteration with error feedback and a warm-started Q (Vogels, Karimireddy and Jaggi,
+/// "PowerSGD: Practical Low-Rank Gradient Compression for Distributed Optimization",
+/// NeurIPS 2019, Algorithms 1 and 2); 1-D gradients are all-reduced uncompressed.
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/core/error.hpp"
+#include "tessera/parallel/data/compression/comm_hook.hpp"
+
+namespace tessera {
+
+/// Options of PowerSGDHook.
+struct PowerSGDOptions {
+  int rank = 4;                 ///< r, the rank of the approximation (>= 1)
+  std::uint64_t seed = 0x5eed;  ///< seed of the initial Q (the same on every rank)
+};
+
+/// PowerSGD with error feedback. Within a bucket, each parameter gradient of rank >= 2 is seen
+/// as a matrix M of shape (n, m) = (shape[0], numel / shape[0]) and compressed when
+/// r (n + m) < n m (with r' = min(r, n, m)); the others (biases, LayerNorm weights, small
+/// matrices) are all-reduced uncompressed in one all-reduce. For the compressed ones, per step
+/// (sums over the p ranks; tessera's gradients are pre-divided, see CommHook):
+/// 1. M = G + E (E: this rank's error-feedback residual, 0 at first);
+/// 2. P = M Q (n x r'), Q (m x r') warm-started from the last step (at first: N(0, 1) from
+///    `seed`, the same on every rank); all-reduce P (sum), one all-reduce for the bucket;
+/// 3. P^ = orthogonalize(P): Gram-Schmidt on its columns, as the paper (a column of norm below
+///    1e-8 relative to nothing is set to zero rather than divided);
+/// 4. Q = M^T P^ (m x r'); all-reduce Q (sum), one all-reduce for the bucket;
+/// 5. the bucket receives P^ Q^T (the sum over ranks of P^ P^^T M_w); the residual becomes
+///    E = M - P^ Q^T / p (this rank's share of the sum; the mean of what was applied), and the
+///    warm start for the next step is Q / p.
+/// So over any number of steps, (what was applied) + (sum over ranks of E) = the sum over steps
+/// and ranks of G, to round-off. Bytes per rank per step: 2 (p - 1) / p * 4 r'(n + m) per
+/// matrix instead of 2 (p - 1) / p * 4 n m.
+template <std::floating_point T>
+class PowerSGDHook final : public CommHook<T> {
+ public:
+  /// The state of one compressed matrix of one bucket.
+  struct MatrixState {
+    std::int64_t offset = 0;  ///< first element in the bucket
+    std::int64_t n = 0;       ///< rows (shape[0])
+    std::int64_t m = 0;       ///< columns (numel / n)
+    std::int64_t r = 0;       ///< rank used, min(rank, n, m)
+    std::vector<T> q;         ///< warm-started Q, (m, r) row-major
+    std::vector<T> error;     ///< error-feedback residual E, (n, m) row-major
+  };
+
+  /// A hook of `options.rank`. Throws tessera::Error naming the rank when it is below 1.
+  explicit PowerSGDHook(const PowerSGDOptions& options = {}) : options_(options) {
+    TESSERA_EXPECTS(options.rank >= 1, "PowerSGDHook: rank ", options.rank, " must be at least 1");
+  }
+
+  /// Replaces `bucket.grad` with the PowerSGD estimate of the sum over ranks (class comment).
+  /// Collective over `comm`: up to three all-reduces per bucket (uncompressed part, P, Q).
+  /// Throws tessera::Error when the bucket's tensor list differs from the one first seen.
+  void reduce(GradBucketView<T>& bucket, Comm& comm) override {
+    std::vector<MatrixState>& mats = layout(bucket);
+    const T inv_p = T{1} / static_cast<T>(comm.size());
+    // The uncompressed tensors, in one all-reduce.
+    flat_.clear();
+    for (const auto& [off, len] : plain_[bucket.index]) flat_.insert(flat_.end(), bucket.grad.begin() + off, bucket.grad.begin() + off + len);
+    if (!flat_.empty()) {
+      comm.all_reduce(flat_, ReduceOp::sum);
+      std::size_t k = 0;
+      for (const auto& [off, len] : plain_[bucket.index])
+        for (std::int64_t i = 0; i < len; ++i) bucket.grad[static_cast<std::size_t>(off + i)] = flat_[k++];
+    }
+    if (mats.empty()) return;
+    // 1-2. M = G + E (in place in the bucket), P = M Q.
+    std::size_t p_total = 0, q_total = 0;
+    for (const MatrixState& s : mats) {
+      p_total += static_cast<std::size_t>(s.n * s.r);
+      q_total += static_cast<std::size_t>(s.m * s.r);
+    }
+    pbuf_.assign(p_total, T{0});
+    qbuf_.assign(q_total, T{0});
+    std::size_t po = 0;
+    for (MatrixState& s : mats) {
+      T* M = bucket.grad.data() + s.offset;
+      for (std::int64_t i = 0; i < s.n * s.m; ++i) M[i] += s.error[static_cast<std::size_t>(i)];
+      matmul_nn(M, s.q.data(), pbuf_.data() + po, s.n, s.m, s.r);
+      po += static_cast<std::size_t>(s.n * s.r);
+    }
+    comm.all_reduce(pbuf_, ReduceOp::sum);
+    // 3-4. P^ = orthogonalize(P), Q = M^T P^.
+    po = 0;
+    std::size_t qo = 0;
+    for (MatrixState& s : mats) {
+      T* P = pbuf_.data() + po;
+      orthogonalize(P, s.n, s.r);
+      matmul_tn(bucket.grad.data() + s.offset, P, qbuf_.data() + qo, s.n, s.m, s.r);
+      po += static_cast<std::size_t>(s.n * s.r);
+      qo += static_cast<std::size_t>(s.m * s.r);
+    }
+    comm.all_reduce(qbuf_, ReduceOp::sum);
+    // 5. grad = P^ Q^T; E = M - P^ Q^T / p; warm start Q / p.
+    po = 0;
+    qo = 0;
+    for (MatrixState& s : mats) {
+      const T* P = pbuf_.data() + po;
+      const T* Q = qbuf_.data() + qo;
+      T* M = bucket.grad.data() + s.offset;
+      for (std::int64_t i = 0; i < s.n; ++i)
+        for (std::int64_t j = 0; j < s.m; ++j) {
+          T a = 0;
+          for (std::int64_t c = 0; c < s.r; ++c) a += P[i * s.r + c] * Q[j * s.r + c];
+          const std::size_t e = static_cast<std::size_t>(i * s.m + j);
+          s.error[e] = M[e] - a * inv_p;
+          M[e] = a;
+        }
+      for (std::int64_t k = 0; k < s.m * s.r; ++k) s.q[static_cast<std::size_t>(k)] = Q[k] * inv_p;
+      po += static_cast<std::size_t>(s.n * s.r);
+      qo += static_cast<std::size_t>(s.m * s.r);
+    }
+  }
+
+  /// "powersgd:R".
+  std::string name() const override { return "powersgd:" + std::to_string(options_.rank); }
+  /// The options.
+  const PowerSGDOptions& options() const noexcept { return options_; }
+  /// The compressed matrices of bucket `index` with their Q and residual (empty before the
+  /// bucket's first reduction, or when nothing in it is compressed).
+  const std::vector<MatrixState>& matrices(std::size_t index) const {
+    static const std::vector<MatrixState> none;
+    auto it = mats_.find(index);
+    return it == mats_.end() ? none : it->second;
+  }
+
+  /// Gram-Schmidt on the `r` columns of the row-major (n, r) matrix `a`, in place, as the
+  /// paper: each column has the projections on the earlier ones removed, then is divided by its
+  /// norm (a column of norm <= 1e-8 is divided by 1e-8 instead, as PyTorch's hook adds an
+  /// epsilon, so a zero gradient gives a zero column rather than NaN). Local.
+  static void orthogonalize(T* a, std::int64_t n, std::int64_t r) {
+    for (std::int64_t c = 0; c < r; ++c) {
+      for (std::int64_t k = 0; k < c; ++k) {
+        T dot = 0;
+        for (std::int64_t i = 0; i < n; ++i) dot += a[i * r + c] * a[i * r + k];
+        for (std::int64_t i = 0; i < n; ++i) a[i * r + c] -= dot * a[i * r + k];
+      }
+      T norm = 0;
+      for (std::int64_t i = 0; i < n; ++i) norm += a[i * r + c] * a[i * r + c];
+      norm = std::max<T>(std::sqrt(norm), static_cast<T>(1e-8));
+      for (std::int64_t i = 0; i < n; ++i) a[i * r + c] /= norm;
+    }
+  }
+
+ private:
+  // c (n, r) = a (n, m) b (m, r), all row-major.
+  static void matmul_nn(const T* a, const T* b, T* c, std::int64_t n, std::int64_t m, std::int64_t r) {
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t j = 0; j < m; ++j) {
+        const T x = a[i * m + j];
+        for (std::int64_t k = 0; k < r; ++k) c[i * r + k] += x * b[j * r + k];
+      }
+  }
+  // c (m, r) = a^T b, a (n, m), b (n, r), all row-major.
+  static void matmul_tn(const T* a, const T* b, T* c, std::int64_t n, std::int64_t m, std::int64_t r) {
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t j = 0; j < m; ++j) {
+        const T x = a[i * m + j];
+        for (std::int64_t k = 0; k < r; ++k) c[j * r + k] += x * b[i * r + k];
+      }
+  }
+
+  // The matrices of the bucket (made at its first reduction, with Q drawn from the seed and the
+  // bucket index, so every rank draws the same), checked against the tensor list afterwards.
+  std::vector<MatrixState>& layout(const GradBucketView<T>& bucket) {
+    auto it = mats_.find(bucket.index);
+    if (it != mats_.end()) {
+      TESSERA_EXPECTS(seen_[bucket.index] == bucket.tensors.size(), "PowerSGDHook: bucket ", bucket.index, " has ",
+                      bucket.tensors.size(), " tensors, ", seen_[bucket.index], " at its first reduction");
+      return it->second;
+    }
+    std::vector<MatrixState> mats;
+    std::vector<std::pair<std::int64_t, std::int64_t>> plain;
+    std::mt19937_64 rng(options_.seed + 0x9e3779b97f4a7c15ull * (bucket.index + 1));
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (const GradBucketTensor& t : bucket.tensors) {
+      const std::int64_t numel = t.shape.numel();
+      if (numel == 0) continue;
+      const std::int64_t n = t.shape.rank() >= 2 ? t.shape[0] : 1, m = numel / n;
+      const std::int64_t r = std::min<std::int64_t>({options_.rank, n, m});
+      if (t.shape.rank() < 2 || r * (n + m) >= n * m) {
+        plain.emplace_back(t.offset, numel);
+        continue;
+      }
+      MatrixState s{.offset = t.offset, .n = n, .m = m, .r = r, .q = {}, .error = {}};
+      s.q.resize(static_cast<std::size_t>(m * r));
+      for (T& x : s.q) x = static_cast<T>(normal(rng));
+      s.error.assign(static_cast<std::size_t>(n * m), T{0});
+      mats.push_back(std::move(s));
+    }
+    seen_[bucket.index] = bucket.tensors.size();
+    plain_[bucket.index] = std::move(plain);
+    return mats_[bucket.index] = std::move(mats);
+  }
+
+  PowerSGDOptions options_;
+  std::map<std::size_t, std::vector<MatrixState>> mats_;                                    // per bucket
+  std::map<std::size_t, std::vector<std::pair<std::int64_t, std::int64_t>>> plain_;        // (offset, numel)
+  std::map<std::size_t, std::size_t> seen_;                                                 // tensors per bucket
+  std::vector<T> flat_, pbuf_, qbuf_;
+};
+
+}  // namespace tessera
