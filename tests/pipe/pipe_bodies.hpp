@@ -188,6 +188,8 @@ inline int paper_peak(tessera::PipelineScheduleKind kind, int p, int m, int r, i
   switch (kind) {
     case tessera::PipelineScheduleKind::gpipe: return m;
     case tessera::PipelineScheduleKind::one_f_one_b: return std::min(p - r, m);
+    // ZB-H1: F to W in flight; every rank holds 1F1B's rank-0 peak, min(p, m) (Qi et al. 2024).
+    case tessera::PipelineScheduleKind::zero_bubble_h1: return std::min(p, m);
     case tessera::PipelineScheduleKind::interleaved_one_f_one_b: break;
   }
   const tessera::schedule::InterleavedOneFOneB opts{.num_microbatches = m, .virtual_stages = v};
@@ -209,6 +211,47 @@ inline void check_equivalence(const EquivReport& r, int v = 1) {
   // torch.tensor_split sizes: 8 samples over m micro-batches.
   REQUIRE(r.microbatch_sizes.size() == static_cast<std::size_t>(r.m));
   for (int i = 0; i < r.m; ++i) CHECK(r.microbatch_sizes[static_cast<std::size_t>(i)] == 8 / r.m + (i < 8 % r.m ? 1 : 0));
+}
+
+// ---- ZB-H1 against 1F1B ----------------------------------------------------------------------------
+struct ZbReport {
+  bool losses_bitwise = false;  // every step's loss
+  bool params_bitwise = false;  // every parameter after the steps, on every rank
+  int i_events = 0, w_events = 0, b_events = 0;  // of the ZB-H1 run's last timeline, all ranks
+};
+
+// 5 steps of the tiny GPT with 1F1B and with ZB-H1 over the same ranks, from the same initial
+// values and data: the split backward does each parameter's arithmetic in the same order, so
+// losses and parameters are expected bitwise equal.
+inline ZbReport zb_vs_1f1b_body(Comm& comm, int m) {
+  GPTPipe a = make_gpt_pipe(comm, {.schedule = tessera::PipelineScheduleKind::one_f_one_b});
+  GPTPipe b = make_gpt_pipe(comm, {.schedule = tessera::PipelineScheduleKind::zero_bubble_h1});
+  tessera::optim::SGD<float> oa(a.parameters(), {.lr = lr, .momentum = momentum});
+  tessera::optim::SGD<float> ob(b.parameters(), {.lr = lr, .momentum = momentum});
+  const bool feeds = a.holds_stage(0), ends = a.holds_stage(a.num_stages() - 1);
+  ZbReport r;
+  int same_loss = 1;
+  for (int s = 0; s < steps; ++s) {
+    a.zero_grad();
+    b.zero_grad();
+    const float la = a.step(feeds ? tokens(8, s) : Tokens(), ends ? targets(8, s) : Tokens(), m);
+    const float lb = b.step(feeds ? tokens(8, s) : Tokens(), ends ? targets(8, s) : Tokens(), m);
+    same_loss &= tessera::testing::bitwise_equal_finite(std::span<const float>(&la, 1), std::span<const float>(&lb, 1));
+    oa.step();
+    ob.step();
+  }
+  int same = 1;
+  for (std::size_t i = 0; i < a.parameters().size(); ++i)
+    same &= tessera::testing::bitwise_equal_finite(values_of(a.parameters()[i].value), values_of(b.parameters()[i].value));
+  r.losses_bitwise = comm.all_reduce_value(same_loss, tessera::ReduceOp::min) == 1;
+  r.params_bitwise = comm.all_reduce_value(same, tessera::ReduceOp::min) == 1;
+  const tessera::schedule::Timeline t = b.timeline();
+  for (const auto& e : t.events) {
+    r.i_events += e.action.kind == tessera::schedule::ActionKind::backward_input;
+    r.w_events += e.action.kind == tessera::schedule::ActionKind::backward_weight;
+    r.b_events += e.action.kind == tessera::schedule::ActionKind::backward;
+  }
+  return r;
 }
 
 // ---- CASES.md C5: pipeline + accumulation -----------------------------------------------------------

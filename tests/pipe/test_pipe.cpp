@@ -286,3 +286,128 @@ TEST_CASE("PipelineParallel: a hand-written V-shaped schedule (stages 0 and 3 on
     CHECK(peak == 2);
   }
 }
+
+// ---- ZB-H1: split backward ---------------------------------------------------------------------------
+
+TEST_CASE("ZB-H1: the GPT at pp 2 and 4, m 4 and 8 equals the serial model and 1F1B bitwise (losses and parameters)") {
+  for (int pp : {2, 4})
+    for (int m : {4, 8}) {
+      CAPTURE(pp);
+      CAPTURE(m);
+      const auto reports = testing::run_ranks(pp, [&](Comm& comm) {
+        return pb::gpt_equivalence_body(comm, PipelineScheduleKind::zero_bubble_h1, m);
+      });
+      for (const pb::EquivReport& r : reports) pb::check_equivalence(r);  // serial, peak min(p, m), tied bitwise
+      const auto zb = testing::run_ranks(pp, [&](Comm& comm) { return pb::zb_vs_1f1b_body(comm, m); });
+      for (const pb::ZbReport& r : zb) {
+        CHECK(r.losses_bitwise);
+        CHECK(r.params_bitwise);
+        CHECK(r.i_events == pp * m);
+        CHECK(r.w_events == pp * m);
+        CHECK(r.b_events == 0);
+      }
+    }
+}
+
+namespace {
+// The gradients of every parameter of `ps`, copied.
+std::vector<std::vector<float>> grads_of(const ParameterList<float>& ps) {
+  std::vector<std::vector<float>> out;
+  for (const Parameter<float>& p : ps) {
+    const auto v = pb::values_of(p.grad);
+    out.emplace_back(v.begin(), v.end());
+  }
+  return out;
+}
+// A (shape) tensor of normal(0, 1) values from the stream `seed`.
+Tensor<float> randn(const Shape& shape, std::uint64_t seed) {
+  Tensor<float> t = Tensor<float>::empty(shape);
+  fill_normal(t, seed, "test", 1.0);
+  return t;
+}
+}  // namespace
+
+TEST_CASE("Linear and LMHead: backward_input + backward_weight, and backward under DeferWeightGrads, equal the fused backward bitwise") {
+  nn::Linear<float> lin(6, 5, {.prefix = "l", .seed = 3, .std = 0.5});
+  const Tensor<float> x = randn(Shape{2, 3, 6}, 11), dy = randn(Shape{2, 3, 5}, 12);
+  auto [y, ctx] = lin.forward(x);
+  lin.parameters().zero_grad();
+  const Tensor<float> dx_fused = lin.backward(dy, ctx);
+  const auto fused = grads_of(lin.parameters());
+  lin.parameters().zero_grad();
+  const Tensor<float> dx_split = lin.backward_input(dy, ctx);
+  for (const Parameter<float>& p : lin.parameters())  // the I pass leaves the weights' gradients alone
+    CHECK(std::ranges::all_of(pb::values_of(p.grad), [](float g) { return g == 0.0f; }));
+  lin.backward_weight(dy, ctx);
+  CHECK(testing::bitwise_equal_finite(dx_fused, dx_split));
+  CHECK(grads_of(lin.parameters()) == fused);
+  // Deferred through the queue: same dx now, same gradients after run().
+  lin.parameters().zero_grad();
+  nn::WeightGradQueue q;
+  Tensor<float> dx_deferred;
+  {
+    const nn::DeferWeightGrads scope(q);
+    dx_deferred = lin.backward(dy, ctx);
+  }
+  CHECK(nn::WeightGradQueue::active() == nullptr);
+  CHECK(q.size() == 1);
+  CHECK(q.held_bytes() == static_cast<std::int64_t>(sizeof(float)) * (x.numel() + dy.numel()));
+  CHECK(std::ranges::all_of(pb::values_of(lin.weight().grad), [](float g) { return g == 0.0f; }));
+  q.run();
+  CHECK(q.empty());
+  CHECK(testing::bitwise_equal_finite(dx_fused, dx_deferred));
+  CHECK(grads_of(lin.parameters()) == fused);
+  CHECK_THROWS_AS(lin.backward_input(Tensor<float>(Shape{2, 3, 4}), ctx), Error);
+
+  nn::Embedding<float> emb(7, 6, {.prefix = "", .seed = 5, .std = 0.5});
+  nn::LMHead<float> head(emb.weight());
+  auto [logits, hctx] = head.forward(x);
+  const Tensor<float> dl = randn(logits.shape(), 13);
+  head.parameters().zero_grad();
+  const Tensor<float> hdx = head.backward(dl, hctx);
+  const auto hfused = grads_of(head.parameters());
+  head.parameters().zero_grad();
+  nn::WeightGradQueue hq;
+  Tensor<float> hdx2;
+  {
+    const nn::DeferWeightGrads scope(hq);
+    hdx2 = head.backward(dl, hctx);
+  }
+  CHECK(hq.size() == 1);
+  hq.run();
+  CHECK(testing::bitwise_equal_finite(hdx, hdx2));
+  CHECK(grads_of(head.parameters()) == hfused);
+}
+
+TEST_CASE("A GPT stage's backward_input defers its Linears' and the LM head's weight gradients to backward_weight; LayerNorm and the embedding fall back to I") {
+  const GPTConfig cfg = pb::tiny_config();
+  const StagePartition cut = StagePartition::even(gpt_pipeline_num_layers(cfg), 2, gpt_pipeline_layer_names(cfg));
+  for (int s : {0, 1}) {
+    CAPTURE(s);
+    auto fused = make_gpt_pipeline_stage<float>(cfg, pb::seed, cut, s);
+    auto split = make_gpt_pipeline_stage<float>(cfg, pb::seed, cut, s);
+    const Tensor<float> act = randn(Shape{2, pb::seq_len, cfg.d_model}, 21);
+    StageOutput<float> a = s == 0 ? fused->forward_first(pb::tokens(2)) : fused->forward(act);
+    StageOutput<float> b = s == 0 ? split->forward_first(pb::tokens(2)) : split->forward(act);
+    const Tensor<float> dy = randn(a.output.shape(), 22);
+    const Tensor<float> dx_a = fused->backward(dy, a.ctx);
+    nn::WeightGradQueue q;
+    const Tensor<float> dx_b = split->backward_input(dy, b.ctx, q);
+    if (s == 1) CHECK(testing::bitwise_equal_finite(dx_a, dx_b));
+    // 4 Linears per block (c_attn, c_proj, c_fc, c_proj), 3 blocks per stage, + the LM head on the last.
+    CHECK(q.size() == static_cast<std::size_t>(4 * 3 + (s == 1 ? 1 : 0)));
+    ParameterList<float> pa = fused->parameters(), pb_ = split->parameters();
+    for (std::size_t i = 0; i < pa.size(); ++i) {
+      CAPTURE(pa[i].name);
+      const bool deferred = pa[i].name.find(".c_") != std::string::npos || (s == 1 && pa[i].name == "wte.weight");
+      const bool zero = std::ranges::all_of(pb::values_of(pb_[i].grad), [](float g) { return g == 0.0f; });
+      CHECK(zero == deferred);  // LayerNorms and embeddings computed theirs in I (fused fallback)
+    }
+    split->backward_weight(q);
+    CHECK(q.empty());
+    for (std::size_t i = 0; i < pa.size(); ++i) {
+      CAPTURE(pa[i].name);
+      CHECK(testing::bitwise_equal_finite(pb::values_of(pa[i].grad), pb::values_of(pb_[i].grad)));
+    }
+  }
+}

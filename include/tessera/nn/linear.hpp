@@ -16,6 +16,7 @@
 #include "tessera/core/random.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/layer_init.hpp"
+#include "tessera/nn/weight_grad_queue.hpp"
 
 namespace tessera::nn {
 
@@ -80,18 +81,46 @@ class Linear {
   }
 
   /// dx = dy W^T; adds x^T dy into the weight's grad and the column sums of dy into the
-  /// bias's, then marks both ready (Parameter::mark_grad_ready). dy: (..., out) -> dx: (..., in). Throws tessera::Error naming both shapes when dy
-  /// does not have the output's shape.
+  /// bias's, then marks both ready (Parameter::mark_grad_ready). dy: (..., out) -> dx: (..., in).
+  /// Inside a DeferWeightGrads scope only dx is computed here and the weight and bias gradients
+  /// are pushed to the scope's WeightGradQueue (zero-bubble's W pass), bitwise the same when
+  /// they run. Throws tessera::Error naming both shapes when dy does not have the output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
-    const Shape out_shape = ctx.x.shape().with(-1, out_features());
-    TESSERA_EXPECTS(dy.shape() == out_shape, "Linear ", weight_.name, ": output gradient of shape ",
-                    dy.shape(), " does not match the output shape ", out_shape);
+    Tensor<T> dx = backward_input(dy, ctx);
+    if (WeightGradQueue* q = WeightGradQueue::active()) {
+      Context kept{ctx.x};
+      Tensor<T> g = dy.contiguous();
+      const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T)) * (kept.x.numel() + g.numel());
+      q->push([this, kept = std::move(kept), g = std::move(g)] { backward_weight(g, kept); }, bytes);
+    } else {
+      backward_weight(dy, ctx);
+    }
+    return dx;
+  }
+
+  /// The input-gradient half of backward (zero-bubble's B pass): dx = dy W^T, no parameter
+  /// gradient. dy: (..., out) -> dx: (..., in). Throws tessera::Error naming both shapes when dy
+  /// does not have the output's shape.
+  Tensor<T> backward_input(const Tensor<T>& dy, const Context& ctx) const {
+    check_grad(dy, ctx);
     const Tensor<T> g = dy.contiguous();
     const std::int64_t m = g.shape().rows();
     const std::int64_t in = in_features(), out = out_features();
     Tensor<T> dx = Tensor<T>::empty(ctx.x.shape());
     gemm<T>(Transpose::no, Transpose::yes, m, in, out, T{1}, g.data(), out, weight_.value.data(), out, T{0},
             dx.data(), in);
+    return dx;
+  }
+
+  /// The weight-gradient half of backward (zero-bubble's W pass): adds x^T dy into the weight's
+  /// grad and the column sums of dy into the bias's, then marks both ready. backward_input
+  /// followed by backward_weight computes exactly what backward computes. Throws
+  /// tessera::Error naming both shapes when dy does not have the output's shape.
+  void backward_weight(const Tensor<T>& dy, const Context& ctx) {
+    check_grad(dy, ctx);
+    const Tensor<T> g = dy.contiguous();
+    const std::int64_t m = g.shape().rows();
+    const std::int64_t in = in_features(), out = out_features();
     gemm<T>(Transpose::yes, Transpose::no, in, out, m, T{1}, ctx.x.data(), in, g.data(), out, T{1},
             weight_.grad.data(), out);
     if (bias_) {
@@ -103,7 +132,6 @@ class Linear {
     }
     weight_.mark_grad_ready();
     if (bias_) bias_->mark_grad_ready();
-    return dx;
   }
 
   /// The weight, then the bias if any.
@@ -123,6 +151,11 @@ class Linear {
   std::int64_t out_features() const noexcept { return weight_.value.shape()[1]; }
 
  private:
+  void check_grad(const Tensor<T>& dy, const Context& ctx) const {
+    const Shape out_shape = ctx.x.shape().with(-1, out_features());
+    TESSERA_EXPECTS(dy.shape() == out_shape, "Linear ", weight_.name, ": output gradient of shape ",
+                    dy.shape(), " does not match the output shape ", out_shape);
+  }
   static Shape checked_shape(std::int64_t in, std::int64_t out) {
     TESSERA_EXPECTS(in > 0 && out > 0, "Linear: sizes in=", in, " out=", out, " must be positive");
     return Shape{in, out};

@@ -12,6 +12,7 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/nn/weight_grad_queue.hpp"
 
 namespace tessera::nn {
 
@@ -52,20 +53,44 @@ class LMHead {
   }
 
   /// dx = dy W; adds dy^T x into the weight's grad, then marks it ready
-  /// (Parameter::mark_grad_ready). dy: (..., vocab_size). Throws
-  /// tessera::Error naming both shapes when dy does not have the output's shape.
+  /// (Parameter::mark_grad_ready). dy: (..., vocab_size). Inside a DeferWeightGrads scope only
+  /// dx is computed here and the weight gradient is pushed to the scope's WeightGradQueue
+  /// (zero-bubble's W pass). Throws tessera::Error naming both shapes when dy does not have the
+  /// output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
+    Tensor<T> dx = backward_input(dy, ctx);
+    if (WeightGradQueue* q = WeightGradQueue::active()) {
+      Context kept{ctx.x};
+      Tensor<T> g = dy.contiguous();
+      const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T)) * (kept.x.numel() + g.numel());
+      q->push([this, kept = std::move(kept), g = std::move(g)] { backward_weight(g, kept); }, bytes);
+    } else {
+      backward_weight(dy, ctx);
+    }
+    return dx;
+  }
+
+  /// The input-gradient half of backward: dx = dy W. dy: (..., vocab_size) -> dx: (..., d).
+  /// Throws as backward.
+  Tensor<T> backward_input(const Tensor<T>& dy, const Context& ctx) const {
+    check_grad(dy, ctx);
     const std::int64_t v = vocab_size(), d = dim();
-    const Shape out_shape = ctx.x.shape().with(-1, v);
-    TESSERA_EXPECTS(dy.shape() == out_shape, "LMHead ", weight_.name, ": output gradient of shape ", dy.shape(),
-                    " does not match the output shape ", out_shape);
     const Tensor<T> g = dy.contiguous();
     const std::int64_t m = g.shape().rows();
     Tensor<T> dx = Tensor<T>::empty(ctx.x.shape());
     gemm<T>(Transpose::no, Transpose::no, m, d, v, T{1}, g.data(), v, weight_.value.data(), d, T{0}, dx.data(), d);
+    return dx;
+  }
+
+  /// The weight-gradient half of backward: adds dy^T x into the weight's grad, then marks it
+  /// ready. Throws as backward.
+  void backward_weight(const Tensor<T>& dy, const Context& ctx) {
+    check_grad(dy, ctx);
+    const std::int64_t v = vocab_size(), d = dim();
+    const Tensor<T> g = dy.contiguous();
+    const std::int64_t m = g.shape().rows();
     gemm<T>(Transpose::yes, Transpose::no, v, d, m, T{1}, g.data(), v, ctx.x.data(), d, T{1}, weight_.grad.data(), d);
     weight_.mark_grad_ready();
-    return dx;
   }
 
   /// The (tied) weight.
@@ -78,6 +103,11 @@ class LMHead {
   std::int64_t dim() const noexcept { return weight_.value.shape()[1]; }
 
  private:
+  void check_grad(const Tensor<T>& dy, const Context& ctx) const {
+    const Shape out_shape = ctx.x.shape().with(-1, vocab_size());
+    TESSERA_EXPECTS(dy.shape() == out_shape, "LMHead ", weight_.name, ": output gradient of shape ", dy.shape(),
+                    " does not match the output shape ", out_shape);
+  }
   void check_weight() const {
     TESSERA_EXPECTS(weight_.value.rank() == 2 && weight_.value.is_contiguous() && weight_.grad.is_contiguous(),
                     "LMHead: weight ", weight_.name, " of shape ", weight_.value.shape(),

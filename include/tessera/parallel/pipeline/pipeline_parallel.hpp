@@ -50,6 +50,7 @@
 #include "tessera/schedule/recorder.hpp"
 #include "tessera/schedule/schedule.hpp"
 #include "tessera/schedule/timeline.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"
 
 namespace tessera {
 
@@ -58,6 +59,11 @@ enum class PipelineScheduleKind {
   gpipe,                    ///< schedule::GPipe (Huang et al. 2019): all forwards, then all backwards
   one_f_one_b,              ///< schedule::OneFOneB (PipeDream-Flush, Narayanan et al. 2021; Megatron-LM)
   interleaved_one_f_one_b,  ///< schedule::InterleavedOneFOneB (Narayanan et al., SC 2021): v chunks per rank
+  /// schedule::ZeroBubbleH1 (Qi et al., ICLR 2024): each backward split into I (input
+  /// gradient) and W (weight gradient), the W passes deferred into 1F1B's bubble; 1F1B's peak
+  /// activation memory. Stages split their backward through PipelineStage::backward_input /
+  /// backward_weight (a stage that cannot runs its whole backward in I).
+  zero_bubble_h1,
 };
 
 /// How the losses of a step (or of an accumulation window) are combined; declared once in
@@ -101,7 +107,7 @@ struct PipelineStepStats {
   int num_microbatches = 0;                  ///< m
   std::vector<std::int64_t> microbatch_sizes{};  ///< samples per micro-batch (the first B % m hold one more)
   /// The largest number of (stage, micro-batch) contexts this rank held at once (forward done,
-  /// backward not yet), counted by the executor.
+  /// backward -- or, for a split backward, its W -- not yet), counted by the executor.
   int peak_in_flight = 0;
   /// The checker's number for this rank (schedule::CheckReport::peak_in_flight): min(p - rank, m)
   /// for 1F1B, m for GPipe. Equal to peak_in_flight.
@@ -500,6 +506,7 @@ class PipelineParallel {
     switch (options_.schedule) {
       case PipelineScheduleKind::gpipe: return schedule::GPipe{.num_microbatches = m}.build(p_);
       case PipelineScheduleKind::one_f_one_b: return schedule::OneFOneB{.num_microbatches = m}.build(p_);
+      case PipelineScheduleKind::zero_bubble_h1: return schedule::ZeroBubbleH1{.num_microbatches = m}.build(p_);
       case PipelineScheduleKind::interleaved_one_f_one_b: break;
     }
     schedule::Schedule s = schedule::InterleavedOneFOneB{.num_microbatches = m,
@@ -649,6 +656,8 @@ class PipelineParallel {
     grad_.assign(slots, std::nullopt);
     ctx_.clear();
     ctx_.resize(slots);
+    weights_.clear();
+    weights_.resize(slots);
     loss_ctx_.clear();
     loss_ctx_.resize(static_cast<std::size_t>(m));
     live_ = 0;
@@ -709,7 +718,10 @@ class PipelineParallel {
   void run_tick(const schedule::Tick& tick, const Input& inputs, const Target& targets) {
     for (const schedule::Action& a : tick) {
       if (a.kind == schedule::ActionKind::forward) timed(a, [&] { forward(a.stage_index, a.microbatch, inputs, targets); });
-      if (a.kind == schedule::ActionKind::backward) timed(a, [&] { backward(a.stage_index, a.microbatch); });
+      if (a.kind == schedule::ActionKind::backward) timed(a, [&] { backward(a.stage_index, a.microbatch, false); });
+      if (a.kind == schedule::ActionKind::backward_input)
+        timed(a, [&] { backward(a.stage_index, a.microbatch, true); });
+      if (a.kind == schedule::ActionKind::backward_weight) timed(a, [&] { backward_weight(a.stage_index, a.microbatch); });
     }
     // All transfers of the tick as one batched group, in the listed order.
     std::vector<P2POp> ops;
@@ -799,7 +811,9 @@ class PipelineParallel {
     stats_.peak_in_flight = std::max(stats_.peak_in_flight, ++live_);
   }
 
-  void backward(int st, int mb) {
+  // B (split = false) or I (split = true: the weight gradients the stage can defer go to
+  // weights_[slot] for the W).
+  void backward(int st, int mb, bool split) {
     Stage& stage = local_stage(st);
     Tensor<T> dy;
     if (st == num_stages_ - 1) {
@@ -813,9 +827,9 @@ class PipelineParallel {
     }
     StageContext& c = ctx_[slot(st, mb)];
     TESSERA_EXPECTS(c.has_value(), "PipelineParallel: B(mb=", mb, ", stage=", st, ") runs before its forward");
-    Tensor<T> dx = stage.backward(dy, c);
+    Tensor<T> dx = split ? stage.backward_input(dy, c, weights_[slot(st, mb)]) : stage.backward(dy, c);
     c.reset();
-    --live_;
+    if (!split) --live_;
     if (st > 0) {
       const Shape& want = plan_[slot(st - 1, mb)];
       TESSERA_EXPECTS(dx.shape() == want, "PipelineParallel: stage ", st, " ('", stage.name(),
@@ -823,6 +837,14 @@ class PipelineParallel {
                       ", but its input has shape ", want);
       grad_[slot(st - 1, mb)] = dx.contiguous();
     }
+  }
+
+  void backward_weight(int st, int mb) {
+    Stage& stage = local_stage(st);
+    TESSERA_EXPECTS(!ctx_[slot(st, mb)].has_value(), "PipelineParallel: W(mb=", mb, ", stage=", st,
+                    ") runs before its I");
+    stage.backward_weight(weights_[slot(st, mb)]);
+    --live_;
   }
 
   // ---- state ----------------------------------------------------------------------------------
@@ -852,6 +874,7 @@ class PipelineParallel {
   int m_ = 1;
   std::vector<std::optional<Tensor<T>>> act_, grad_;  // [boundary][mb]: activation / gradient between stage b and b+1
   std::vector<StageContext> ctx_;                      // [stage][mb]
+  std::vector<nn::WeightGradQueue> weights_;           // [stage][mb]: deferred weight gradients, I to W
   std::vector<StageContext> loss_ctx_;                 // [mb]
   int live_ = 0;
   double loss_sum_ = 0;

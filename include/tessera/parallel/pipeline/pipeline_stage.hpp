@@ -20,6 +20,7 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/nn/weight_grad_queue.hpp"
 
 namespace tessera {
 
@@ -76,6 +77,9 @@ struct StageOutput {
 /// - `backward(dy, ctx)` with the gradient of the stage's output and the context of the
 ///   matching forward; it returns the gradient of the input (an empty tensor on the first
 ///   stage, whose input has no gradient) and adds the parameter gradients into their `grad`;
+///   under a zero-bubble schedule `backward_input(dy, ctx, weights)` and later
+///   `backward_weight(weights)` instead (by default backward() with the weight gradients of
+///   the layers that can defer them deferred);
 /// - `output_shape(input_shape)` before a step, so that every receiving rank knows the shape of
 ///   each activation before it arrives (torch's shape inference, Megatron's tensor_shape);
 /// - `parameters()` for the optimizer, and `tied_parameters()`: the parameters that are copies
@@ -108,6 +112,21 @@ class PipelineStage {
   /// Backward from dy (the output's shape): returns dx (empty for the first stage) and adds the
   /// parameter gradients into their grad.
   virtual Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) = 0;
+  /// The input-gradient half of a split backward (schedule::ActionKind::backward_input, the
+  /// zero-bubble schedules' B pass; Qi et al., ICLR 2024): returns dx as backward() does and
+  /// leaves the weight gradients to backward_weight(weights). The default runs backward()
+  /// inside a nn::DeferWeightGrads scope on `weights`: the layers that split their backward
+  /// (nn::Linear, nn::LMHead and the layers built from them) push their weight gradients into
+  /// `weights`; the others (a stage without the split) compute everything here, the fused
+  /// backward. After it the pipeline drops `ctx`; `weights` keeps what the W pass needs.
+  virtual Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) {
+    const nn::DeferWeightGrads scope(weights);
+    return backward(dy, ctx);
+  }
+  /// The weight-gradient half (schedule::ActionKind::backward_weight, the W pass): adds the
+  /// gradients that backward_input deferred into `weights` to the parameters' grads. The
+  /// default runs the queue (nothing when the stage fused everything into backward_input).
+  virtual void backward_weight(nn::WeightGradQueue& weights) { weights.run(); }
   /// The output shape for an input of shape `input` (the model input's shape for the first
   /// stage). Throws Error for an input the stage cannot take.
   virtual Shape output_shape(const Shape& input) = 0;
