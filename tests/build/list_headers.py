@@ -3,12 +3,13 @@
 
     list_headers.py INCLUDE_DIR GROUP
         prints the headers of GROUP, one per line, as include paths ("tessera/core/error.hpp").
-    list_headers.py INCLUDE_DIR --check [--mpi] [--nccl] -- CONFIGURED...
+    list_headers.py INCLUDE_DIR --check [--mpi] [--nccl] [--cuda] -- CONFIGURED...
         compares the headers on disk with CONFIGURED (the list Meson saw at configure time);
         exits 1 naming the difference, since Meson globs only when it configures.
 
 Groups: "mpi" holds every header under a folder named mpi/ and any header named mpi.hpp;
-"nccl" likewise for nccl; "core" holds the rest. Headers under a folder named detail/ are
+"nccl" and "cuda" likewise for nccl and cuda (the device layer's host-side headers; its
+.cuh kernel headers need nvcc and are checked by tests/cuda); "core" holds the rest. Headers under a folder named detail/ are
 implementation details and are left out (they are checked through the headers that include
 them).
 """
@@ -17,14 +18,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
-GROUPS = ("core", "mpi", "nccl")
+GROUPS = ("core", "mpi", "nccl", "cuda")
 
 
 def group_of(rel: pathlib.PurePosixPath) -> str | None:
     folders = rel.parts[:-1]
     if "detail" in folders:
         return None
-    for backend in ("mpi", "nccl"):
+    for backend in ("mpi", "nccl", "cuda"):
         if backend in folders or rel.name == backend + ".hpp":
             return backend
     return "core"
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 4 and argv[2] == "--check" and "--" in argv:
         sep = argv.index("--")
         flags, configured = argv[3:sep], set(argv[sep + 1:])
-        groups = {"core"} | {f[2:] for f in flags if f in ("--mpi", "--nccl")}
+        groups = {"core"} | {f[2:] for f in flags if f in ("--mpi", "--nccl", "--cuda")}
         on_disk = set(headers(pathlib.Path(argv[1]), groups))
         added, removed = sorted(on_disk - configured), sorted(configured - on_disk)
         for h in added:

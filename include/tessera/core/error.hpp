@@ -75,19 +75,28 @@ class CommError : public Error {
 /// the communicator and the ranks that did not arrive (where the backend can know them).
 class TimeoutError : public CommError {
  public:
-  using CommError::CommError;
+  /// As CommError's constructor.
+  explicit TimeoutError(const std::string& message, int code = 0,
+                 SourceLocation loc = SourceLocation::current())
+      : CommError(message, code, loc) {}
 };
 
 /// Another rank failed (threw) while this rank waited for it; thrown instead of hanging.
 class AbortedError : public CommError {
  public:
-  using CommError::CommError;
+  /// As CommError's constructor.
+  explicit AbortedError(const std::string& message, int code = 0,
+                 SourceLocation loc = SourceLocation::current())
+      : CommError(message, code, loc) {}
 };
 
 /// Ranks called collectives that do not match (a different collective, type, count or root).
 class MismatchError : public CommError {
  public:
-  using CommError::CommError;
+  /// As CommError's constructor.
+  explicit MismatchError(const std::string& message, int code = 0,
+                 SourceLocation loc = SourceLocation::current())
+      : CommError(message, code, loc) {}
 };
 
 }  // namespace tessera

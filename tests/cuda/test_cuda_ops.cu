@@ -1,0 +1,311 @@
+// The device layers against the CPU reference layers (tessera/nn, tessera/optim): every kernel
+// and cuBLASLt product, forward and backward, odd sizes (T not a multiple of any tile), fp32
+// within 1e-5 relative (norm-wise), bf16 within its rounding. Needs a GPU (gpu_main.cpp skips
+// without one).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/cuda/blas_lt.hpp"
+#include "tessera/cuda/caching_allocator.hpp"
+#include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/ops/adamw.cuh"
+#include "tessera/cuda/ops/attention.cuh"
+#include "tessera/cuda/ops/cross_entropy.cuh"
+#include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/gelu.cuh"
+#include "tessera/cuda/ops/global_norm.cuh"
+#include "tessera/cuda/ops/layer_norm.cuh"
+#include "tessera/nn/core_attention.hpp"
+#include "tessera/nn/cross_entropy.hpp"
+#include "tessera/nn/embedding.hpp"
+#include "tessera/nn/gelu.hpp"
+#include "tessera/nn/layer_norm.hpp"
+#include "tessera/nn/linear.hpp"
+#include "tessera/optim/adamw.hpp"
+
+using namespace tessera;
+namespace tc = tessera::cuda;
+namespace ops = tessera::cuda::ops;
+
+namespace {
+
+Tensor<float> randn(const Shape& s, unsigned seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.f, scale);
+  Tensor<float> t(s);
+  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = n(rng);
+  return t;
+}
+
+// ||a - b|| / ||b||, NaN when either holds a NaN (so a NaN never passes).
+double rel(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.numel() == b.numel());
+  double d = 0, n = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.data()[i], y = b.data()[i];
+    if (std::isnan(x) || std::isnan(y)) return NAN;
+    d += (x - y) * (x - y);
+    n += y * y;
+  }
+  return std::sqrt(d / (n > 0 ? n : 1));
+}
+
+tc::Stream& stream() {
+  static tc::Stream s;
+  return s;
+}
+tc::BlasLt& blas() {
+  static tc::BlasLt b(stream());
+  return b;
+}
+
+template <class T = float>
+tc::DeviceTensor<T> dev(const Tensor<float>& h) {
+  return tc::to_device<T>(h, stream());
+}
+Tensor<float> host(const tc::DeviceTensor<float>& d) { return tc::to_host(d, stream()); }
+
+constexpr double fp32_tol = 1e-5;
+
+}  // namespace
+
+TEST_CASE("gemm fp32: Linear forward with the bias epilogue, and both backward products, equal nn::Linear") {
+  const std::int64_t M = 37, in = 53, out = 29;
+  nn::Linear<float> lin(in, out, nn::LayerInit{.prefix = "fc", .seed = 5, .std = 0.2});
+  for (std::int64_t j = 0; j < out; ++j) lin.bias()->value(j) = 0.1f * static_cast<float>(j % 7) - 0.3f;
+  const Tensor<float> x = randn(Shape{M, in}, 1), dy = randn(Shape{M, out}, 2);
+  auto [y_ref, ctx] = lin.forward(x);
+  const Tensor<float> dx_ref = lin.backward(dy, ctx);
+  auto dx_d = dev(x), w_d = dev(lin.weight().value), b_d = dev(lin.bias()->value), dy_d = dev(dy);
+  auto y_d = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  tc::EpilogueArgs ep{tc::Epilogue::bias, b_d.data(), nullptr};
+  blas().gemm(stream(), tc::GemmShape{.m = M, .n = out, .k = in}, dx_d.data(), w_d.data(), y_d.data(), 1.f, 0.f, ep);
+  CHECK(rel(host(y_d), y_ref) < fp32_tol);
+  // dx = dy W^T (W stored in x out); dW = x^T dy.
+  auto gx = tc::DeviceTensor<float>::empty(Shape{M, in}, stream());
+  blas().gemm(stream(), tc::GemmShape{.trans_b = true, .m = M, .n = in, .k = out}, dy_d.data(), w_d.data(), gx.data());
+  CHECK(rel(host(gx), dx_ref) < fp32_tol);
+  auto gw = tc::DeviceTensor<float>::empty(Shape{in, out}, stream());
+  blas().gemm(stream(), tc::GemmShape{.trans_a = true, .m = in, .n = out, .k = M}, dx_d.data(), dy_d.data(), gw.data());
+  CHECK(rel(host(gw), lin.weight().grad) < fp32_tol);
+}
+
+TEST_CASE("gemm fp32: the GELU epilogue keeps the pre-activation, and dgelu applies GELU's derivative") {
+  const std::int64_t M = 33, in = 40, out = 24;
+  const Tensor<float> x = randn(Shape{M, in}, 3), w = randn(Shape{in, out}, 4, 0.3f), b = randn(Shape{out}, 5, 0.1f);
+  nn::Linear<float> lin("fc", w.clone(), b.clone());
+  nn::GELU<float> gelu;
+  auto [pre, lctx] = lin.forward(x);
+  auto [y_ref, gctx] = gelu.forward(pre);
+  auto x_d = dev(x), w_d = dev(w), b_d = dev(b);
+  auto y_d = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  auto aux = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  blas().gemm(stream(), tc::GemmShape{.m = M, .n = out, .k = in}, x_d.data(), w_d.data(), y_d.data(), 1.f, 0.f,
+              tc::EpilogueArgs{tc::Epilogue::gelu_bias, b_d.data(), aux.data()});
+  CHECK(rel(host(aux), pre) < fp32_tol);
+  CHECK(rel(host(y_d), y_ref) < 1e-4);  // cuBLASLt's tanh against our sigmoid form of the same GELU
+  // dpre = (dz W2^T) * gelu'(pre), with W2 (out x 17).
+  const Tensor<float> w2 = randn(Shape{out, 17}, 6, 0.3f), dz = randn(Shape{M, 17}, 7);
+  nn::Linear<float> lin2("proj", w2.clone());
+  auto [z, ctx2] = lin2.forward(y_ref);
+  const Tensor<float> dpre_ref = gelu.backward(lin2.backward(dz, ctx2), gctx);
+  auto w2_d = dev(w2), dz_d = dev(dz);
+  auto dpre = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  blas().gemm(stream(), tc::GemmShape{.trans_b = true, .m = M, .n = out, .k = 17}, dz_d.data(), w2_d.data(), dpre.data(),
+              1.f, 0.f, tc::EpilogueArgs{tc::Epilogue::dgelu, nullptr, aux.data()});
+  CHECK(rel(host(dpre), dpre_ref) < 1e-4);
+}
+
+TEST_CASE("gemm bf16: inputs rounded to bf16, fp32 accumulation, within bf16's rounding of the fp32 product") {
+  const std::int64_t M = 64, in = 96, out = 80;
+  const Tensor<float> x = randn(Shape{M, in}, 8), w = randn(Shape{in, out}, 9, 0.1f);
+  nn::Linear<float> lin("fc", w.clone());
+  auto [y_ref, ctx] = lin.forward(x);
+  auto x_d = dev<tc::bf16>(x), w_d = dev<tc::bf16>(w);
+  auto y_d = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  blas().gemm(stream(), tc::GemmShape{.m = M, .n = out, .k = in}, x_d.data(), w_d.data(), y_d.data());
+  const double r = rel(host(y_d), y_ref);
+  CHECK(r < 1e-2);
+  CHECK(r > 1e-5);  // it did round: the check would notice an fp32 path posing as bf16
+}
+
+TEST_CASE("layer norm: forward and backward equal nn::LayerNorm (37 rows of 77)") {
+  const std::int64_t R = 37, C = 77;
+  nn::LayerNorm<float> ln(C);
+  for (std::int64_t j = 0; j < C; ++j) {
+    ln.weight().value(j) = 1.f + 0.01f * static_cast<float>(j);
+    ln.bias().value(j) = 0.02f * static_cast<float>(j % 5);
+  }
+  const Tensor<float> x = randn(Shape{R, C}, 10, 2.f), dy = randn(Shape{R, C}, 12);
+  auto [y_ref, ctx] = ln.forward(x);
+  const Tensor<float> dx_ref = ln.backward(dy, ctx);
+  auto x_d = dev(x), w_d = dev(ln.weight().value), b_d = dev(ln.bias().value), dy_d = dev(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{R, C}, stream());
+  auto mean = tc::DeviceTensor<float>::empty(Shape{R}, stream()), rstd = tc::DeviceTensor<float>::empty(Shape{R}, stream());
+  ops::layer_norm_forward<float>(stream(), x_d, w_d, b_d, y, mean, rstd);
+  CHECK(rel(host(y), y_ref) < fp32_tol);
+  CHECK(rel(host(rstd), ctx.rstd) < fp32_tol);
+  auto dx = tc::DeviceTensor<float>::empty(Shape{R, C}, stream());
+  auto dw = tc::DeviceTensor<float>::zeros(Shape{C}, stream()), db = tc::DeviceTensor<float>::zeros(Shape{C}, stream());
+  auto ws = tc::DeviceTensor<float>::empty(Shape{2 * C * ops::layer_norm_chunks(R)}, stream());
+  ops::layer_norm_backward<float>(stream(), dy_d, x_d, w_d, mean, rstd, dx, dw, db, ws);
+  CHECK(rel(host(dx), dx_ref) < fp32_tol);
+  CHECK(rel(host(dw), ln.weight().grad) < fp32_tol);
+  CHECK(rel(host(db), ln.bias().grad) < fp32_tol);
+}
+
+TEST_CASE("gelu: forward and backward equal nn::GELU") {
+  const Tensor<float> x = randn(Shape{1000, 3}, 13, 3.f), dy = randn(Shape{1000, 3}, 14);
+  nn::GELU<float> g;
+  auto [y_ref, ctx] = g.forward(x);
+  const Tensor<float> dx_ref = g.backward(dy, ctx);
+  auto x_d = dev(x), dy_d = dev(dy);
+  auto y = tc::DeviceTensor<float>::empty(x.shape(), stream()), dx = tc::DeviceTensor<float>::empty(x.shape(), stream());
+  ops::gelu_forward<float>(stream(), x_d, y);
+  ops::gelu_backward<float>(stream(), x_d, dy_d, dx);
+  CHECK(rel(host(y), y_ref) < fp32_tol);
+  CHECK(rel(host(dx), dx_ref) < fp32_tol);
+}
+
+TEST_CASE("softmax cross-entropy fused with the logits' gradient equals nn::CrossEntropy (padded vocabulary, ignored rows)") {
+  const std::int64_t R = 29, V = 101, Vp = 128;
+  const Tensor<float> logits = randn(Shape{R, V}, 15, 2.f);
+  Tensor<std::int32_t> targets(Shape{R});
+  for (std::int64_t r = 0; r < R; ++r) targets(r) = static_cast<std::int32_t>((r * 37) % V);
+  targets(3) = -100;
+  targets(17) = -100;
+  nn::CrossEntropy<float> ce;
+  auto [loss_ref, ctx] = ce.forward(logits, targets);
+  const Tensor<float> dlogits_ref = ce.backward(1.f, ctx);
+  Tensor<float> padded(Shape{R, Vp});
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t j = 0; j < Vp; ++j) padded(r, j) = j < V ? logits(r, j) : 1e4f;  // padding must be ignored
+  auto l_d = dev(padded);
+  auto t_d = tc::to_device<std::int32_t>(targets, stream());
+  auto losses = tc::DeviceTensor<float>::empty(Shape{R}, stream());
+  const float dloss = 1.f / static_cast<float>(R - 2);
+  ops::softmax_cross_entropy<float>(stream(), l_d, V, t_d, losses, &dloss);
+  const Tensor<float> lh = host(losses), gh = host(l_d);
+  double total = 0;
+  for (std::int64_t r = 0; r < R; ++r) total += lh(r);
+  CHECK(lh(3) == 0.f);
+  CHECK(total / static_cast<double>(R - 2) == doctest::Approx(loss_ref).epsilon(1e-6));
+  Tensor<float> g(Shape{R, V});
+  for (std::int64_t r = 0; r < R; ++r) {
+    for (std::int64_t j = 0; j < V; ++j) g(r, j) = gh(r, j);
+    for (std::int64_t j = V; j < Vp; ++j) CHECK(gh(r, j) == 0.f);
+  }
+  CHECK(rel(g, dlogits_ref) < fp32_tol);
+}
+
+TEST_CASE("embedding: lookup with positions added, and a deterministic backward, equal nn::Embedding") {
+  const std::int64_t V = 50, C = 24, N = 300;
+  nn::Embedding<float> emb(V, C, nn::LayerInit{.prefix = "wte", .seed = 1, .std = 0.5});
+  Tensor<std::int32_t> ids(Shape{N});
+  for (std::int64_t i = 0; i < N; ++i) ids(i) = static_cast<std::int32_t>((i * i + 3) % 17);  // many repeats
+  const Tensor<float> base = randn(Shape{N, C}, 16), dy = randn(Shape{N, C}, 17);
+  auto [rows, ctx] = emb.forward(ids);
+  emb.backward(dy, ctx);
+  auto ids_d = tc::to_device<std::int32_t>(ids, stream());
+  auto w_d = dev(emb.weight().value);
+  auto out = dev(base);
+  ops::embedding_forward<float>(stream(), ids_d, w_d, out, /*accumulate=*/true);
+  Tensor<float> expect = base.clone();
+  for (std::int64_t i = 0; i < N * C; ++i) expect.data()[i] += rows.data()[i];
+  CHECK(rel(host(out), expect) < fp32_tol);
+  auto dy_d = dev(dy);
+  auto dw1 = tc::DeviceTensor<float>::zeros(Shape{V, C}, stream()), dw2 = tc::DeviceTensor<float>::zeros(Shape{V, C}, stream());
+  ops::embedding_backward<float>(stream(), ids_d, dy_d, dw1);
+  ops::embedding_backward<float>(stream(), ids_d, dy_d, dw2);
+  const Tensor<float> g1 = host(dw1), g2 = host(dw2);
+  CHECK(rel(g1, emb.weight().grad) < fp32_tol);
+  for (std::int64_t i = 0; i < V * C; ++i) CHECK(g1.data()[i] == g2.data()[i]);
+}
+
+TEST_CASE("attention: causal forward and backward equal nn::CoreAttention (T = 13, 3 heads of 8)") {
+  const std::int64_t B = 2, Tn = 13, H = 3, hd = 8, C = H * hd;
+  const Tensor<float> qkv = randn(Shape{B, Tn, 3 * C}, 18), dy = randn(Shape{B, Tn, C}, 19);
+  nn::CoreAttention<float> attn(H);
+  auto [y_ref, ctx] = attn.forward(qkv);
+  const Tensor<float> dqkv_ref = attn.backward(dy, ctx);
+  auto qkv_d = dev(qkv), dy_d = dev(dy);
+  auto probs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, stream());
+  auto dprobs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, stream());
+  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
+  auto dqkv = tc::DeviceTensor<float>::empty(Shape{B, Tn, 3 * C}, stream());
+  ops::attention_forward<float>(stream(), blas(), qkv_d, H, probs, y);
+  CHECK(rel(host(y), y_ref) < fp32_tol);
+  CHECK(rel(host(probs), ctx.probs) < fp32_tol);
+  ops::attention_backward<float>(stream(), blas(), dy_d, qkv_d, H, probs, dprobs, dqkv);
+  CHECK(rel(host(dqkv), dqkv_ref) < fp32_tol);
+}
+
+TEST_CASE("adamw: one launch over a flat buffer of two parameters in two groups equals optim::AdamW") {
+  Parameter<float> w("w", randn(Shape{5000}, 20)), b("b", randn(Shape{77}, 21));
+  optim::AdamWOptions decay{3e-3, 0.9, 0.95, 1e-8, 0.1}, no_decay = decay;
+  no_decay.weight_decay = 0;
+  Tensor<float> flat(Shape{5077});
+  for (std::int64_t i = 0; i < 5000; ++i) flat(i) = w.value(i);
+  for (std::int64_t i = 0; i < 77; ++i) flat(5000 + i) = b.value(i);
+  optim::AdamW<float> opt(std::vector<optim::ParamGroup<float, optim::AdamWOptions>>{
+      {ParameterList<float>{&w}, decay}, {ParameterList<float>{&b}, no_decay}});
+  auto p_d = dev(flat);
+  auto m_d = tc::DeviceTensor<float>::zeros(Shape{5077}, stream()), v_d = tc::DeviceTensor<float>::zeros(Shape{5077}, stream());
+  const ops::AdamWChunks chunks = ops::adamw_chunks(stream(), {{0, 5000, 0}, {5000, 77, 1}}, 1024);
+  CHECK(chunks.chunks == 6);
+  for (int t = 1; t <= 3; ++t) {
+    const Tensor<float> g = randn(Shape{5077}, 30 + t);
+    for (std::int64_t i = 0; i < 5000; ++i) w.grad(i) = g(i);
+    for (std::int64_t i = 0; i < 77; ++i) b.grad(i) = g(5000 + i);
+    opt.step();
+    auto g_d = dev(g);
+    ops::AdamWGroupScalars s{};
+    s.group[0] = tc::math::adamw_scalars(decay.lr, decay.beta1, decay.beta2, decay.eps, decay.weight_decay, t);
+    s.group[1] = tc::math::adamw_scalars(no_decay.lr, no_decay.beta1, no_decay.beta2, no_decay.eps, 0, t);
+    ops::adamw_step<float>(stream(), p_d, g_d, m_d, v_d, chunks, s);
+  }
+  const Tensor<float> ph = host(p_d);
+  Tensor<float> ref(Shape{5077});
+  for (std::int64_t i = 0; i < 5000; ++i) ref(i) = w.value(i);
+  for (std::int64_t i = 0; i < 77; ++i) ref(5000 + i) = b.value(i);
+  CHECK(rel(ph, ref) < 1e-6);
+}
+
+TEST_CASE("global norm: the sum of squares of a buffer, the same on every run") {
+  const Tensor<float> g = randn(Shape{123457}, 40);
+  double ref = 0;
+  for (std::int64_t i = 0; i < g.numel(); ++i) ref += static_cast<double>(g.data()[i]) * g.data()[i];
+  auto g_d = dev(g);
+  auto out = tc::DeviceTensor<float>::empty(Shape{1}, stream());
+  auto ws = tc::DeviceTensor<float>::empty(Shape{ops::norm_blocks}, stream());
+  ops::global_sum_of_squares(stream(), g_d, out, ws);
+  const float first = host(out)(0);
+  ops::global_sum_of_squares(stream(), g_d, out, ws);
+  CHECK(host(out)(0) == first);
+  CHECK(first == doctest::Approx(ref).epsilon(1e-5));
+}
+
+TEST_CASE("caching allocator on the device: a repeated step makes no cudaMalloc after its first, and OOM names the sizes") {
+  tc::CachingAllocator<>& a = tc::default_allocator();
+  auto step = [&] {
+    auto t1 = tc::DeviceTensor<float>::empty(Shape{1000, 1000}, stream());
+    auto t2 = tc::DeviceTensor<float>::empty(Shape{77}, stream());
+    ops::gelu_forward<float>(stream(), t2, t2);
+  };
+  step();
+  const std::int64_t raw = a.stats().raw_allocations;
+  for (int i = 0; i < 5; ++i) step();
+  CHECK(a.stats().raw_allocations == raw);
+  CHECK(a.stats().peak_allocated_bytes >= 4000000);
+  CHECK_THROWS_WITH_AS(tc::DeviceTensor<float>::empty(Shape{std::int64_t{1} << 48}, stream()),
+                       doctest::Contains("out of device memory allocating 1125899906842624 bytes"), tc::OutOfDeviceMemory);
+  // The device still works after the refusal.
+  step();
+  stream().synchronize();
+}
