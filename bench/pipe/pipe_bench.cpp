@@ -6,7 +6,12 @@
 //    over compute time, summed over ranks, from the recorded timeline (schedule::bubble_stats)
 //    -- against the papers' (p - 1) / m and (p - 1) / (v m).
 // 2. GPT: a real GPT trained with 1F1B on pp = 2 thread ranks against pp = 1 (one rank, the
-//    same micro-batches): step time and speed-up, measured side by side in one run.
+//    same micro-batches): step time and speed-up, measured side by side in one run; and ZB-H1
+//    against 1F1B at pp 2 and 4 (step times and their ratio, alternating, in one run).
+//
+// ZB-H1 (Qi et al., ICLR 2024) is in the bubble table with I and W each half the backward
+// (t_F = t_I = t_W = t): formula (p-1)/(3m), and its measured ratio must also be below the
+// 1F1B ratio measured in the same run. --zb-only runs just those rows and the GPT comparison.
 //
 //   OPENBLAS_NUM_THREADS=1 build/bench/pipe/pipe_bench [--t-ms 20] [--steps 5] [--svg-dir docs/img]
 //
@@ -25,6 +30,8 @@
 // its target, 2 when the GPT losses disagree (or are not finite).
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <map>
+#include <utility>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -53,6 +60,12 @@ class SleepStage final : public PipelineStage<float, Tensor<float>> {
     std::this_thread::sleep_until(Clock::now() + t_b_);
     return first_ ? Tensor<float>() : dy;
   }
+  // ZB-H1's split: the input gradient (I) and the weight gradient (W) take half the backward each.
+  Tensor<float> backward_input(const Tensor<float>& dy, StageContext&, nn::WeightGradQueue&) override {
+    std::this_thread::sleep_until(Clock::now() + t_b_ / 2);
+    return first_ ? Tensor<float>() : dy;
+  }
+  void backward_weight(nn::WeightGradQueue&) override { std::this_thread::sleep_until(Clock::now() + t_b_ / 2); }
   Shape output_shape(const Shape& input) override { return input; }
   ParameterList<float> parameters() override { return {}; }
   std::string name() const override { return "sleep"; }
@@ -85,6 +98,7 @@ const char* kind_name(PipelineScheduleKind k) {
     case PipelineScheduleKind::gpipe: return "GPipe";
     case PipelineScheduleKind::one_f_one_b: return "1F1B";
     case PipelineScheduleKind::interleaved_one_f_one_b: return "interleaved 1F1B (v=2)";
+    case PipelineScheduleKind::zero_bubble_h1: return "ZB-H1";
   }
   return "?";
 }
@@ -93,6 +107,7 @@ struct Options {
   double t_ms = 20.0;
   int steps = 5;
   std::string svg_dir, trace_dir;
+  bool zb_only = false;  // only ZB-H1 and 1F1B in the bubble table, only the ZB-H1 vs 1F1B GPT rows
 };
 
 void save(const schedule::Timeline& t, const Options& o, const std::string& stem, const std::string& unit) {
@@ -120,7 +135,10 @@ double measure_bubble(int pp, PipelineScheduleKind kind, int m, const Options& o
       if (step == 0) continue;
       ratios.push_back(schedule::bubble_stats(t).bubble_ratio);
       if (picture && step == o.steps && comm.rank() == 0)
-        save(t, o, kind == PipelineScheduleKind::one_f_one_b ? "pipeline_1f1b_p4_m8_measured" : "pipeline_interleaved_p4_v2_m8_measured",
+        save(t, o,
+             kind == PipelineScheduleKind::one_f_one_b      ? "pipeline_1f1b_p4_m8_measured"
+             : kind == PipelineScheduleKind::zero_bubble_h1 ? "pipeline_zb_h1_p4_m8_measured"
+                                                            : "pipeline_interleaved_p4_v2_m8_measured",
              "ms");
     }
     std::sort(ratios.begin(), ratios.end());
@@ -131,31 +149,61 @@ double measure_bubble(int pp, PipelineScheduleKind kind, int m, const Options& o
 
 // Prints the table; returns how many measured ratios are more than 2 points off the formula.
 int bubble_table(const Options& o) {
-  std::printf("## Bubble: measured vs (p-1)/m and (p-1)/(v m); forward %.1f ms, backward %.1f ms per stage\n\n", o.t_ms,
-              2 * o.t_ms);
+  std::printf("## Bubble: measured vs (p-1)/m, (p-1)/(v m) and ZB-H1's (p-1)(t_F+t_B-t_W)/(m (t_F+t_B+t_W)); forward %.1f ms, "
+              "backward %.1f ms per stage (ZB-H1: I %.1f ms + W %.1f ms)\n\n",
+              o.t_ms, 2 * o.t_ms, o.t_ms, o.t_ms);
   std::printf("| schedule | pp | m | measured bubble ratio | formula | difference (points) | within 2 points |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   int failures = 0;
-  for (auto kind : {PipelineScheduleKind::gpipe, PipelineScheduleKind::one_f_one_b,
-                    PipelineScheduleKind::interleaved_one_f_one_b})
+  std::map<std::pair<int, int>, double> one_f_one_b;  // (pp, m) -> measured, for ZB-H1's comparison
+  std::vector<std::string> zb_vs;
+  const std::vector<PipelineScheduleKind> kinds =
+      o.zb_only ? std::vector<PipelineScheduleKind>{PipelineScheduleKind::one_f_one_b, PipelineScheduleKind::zero_bubble_h1}
+                : std::vector<PipelineScheduleKind>{PipelineScheduleKind::gpipe, PipelineScheduleKind::one_f_one_b,
+                                                    PipelineScheduleKind::interleaved_one_f_one_b,
+                                                    PipelineScheduleKind::zero_bubble_h1};
+  for (auto kind : kinds)
     for (int pp : {2, 4, 8})
       for (int m : {4, 8, 16}) {
+        const bool zb = kind == PipelineScheduleKind::zero_bubble_h1;
+        if (zb && m < pp) {
+          std::printf("| %s | %d | %d | -- | -- | -- | (m < pp: the formula needs m >= pp) |\n", kind_name(kind), pp, m);
+          continue;
+        }
         const bool il = kind == PipelineScheduleKind::interleaved_one_f_one_b;
         if (il && !(m >= pp && (m % pp == 0 || m % pp >= pp))) {
           std::printf("| %s | %d | %d | -- | -- | -- | (m < pp: not a valid interleaved schedule) |\n", kind_name(kind), pp, m);
           continue;
         }
-        const double formula = (pp - 1.0) / ((il ? 2.0 : 1.0) * m);
+        const double formula = zb ? schedule::zero_bubble_h1_bubble_ratio(pp, m, 1.0, 1.0, 1.0)
+                                  : (pp - 1.0) / ((il ? 2.0 : 1.0) * m);
         const bool picture = pp == 4 && m == 8 && kind != PipelineScheduleKind::gpipe;
         const double got = measure_bubble(pp, kind, m, o, picture);
         const double diff = 100.0 * (got - formula);
-        const bool ok = std::abs(diff) <= 2.0;
+        bool ok = std::abs(diff) <= 2.0;
+        if (kind == PipelineScheduleKind::one_f_one_b) one_f_one_b[{pp, m}] = got;
+        if (zb) {
+          const double ref = one_f_one_b.at({pp, m});
+          const bool below = got < ref;
+          ok = ok && below;
+          char line[200];
+          std::snprintf(line, sizeof line, "| %d | %d | %.4f | %.4f | %.2f | %s |", pp, m, got, ref, got > 0 ? ref / got : 0.0,
+                        below ? "yes" : "NO");
+          zb_vs.push_back(line);
+        }
         failures += !ok;
         std::printf("| %s | %d | %d | %.4f | %.4f | %+.2f | %s |\n", kind_name(kind), pp, m, got, formula, diff,
                     ok ? "yes" : "NO");
         std::fflush(stdout);
       }
-  std::printf("\n%d of the measured ratios are more than 2 points off the formula (target: 0).\n\n", failures);
+  std::printf("\n%d of the measured ratios are more than 2 points off the formula, or (ZB-H1) not below 1F1B's "
+              "(target: 0).\n\n", failures);
+  if (!zb_vs.empty()) {
+    std::printf("ZB-H1 against 1F1B, measured in this run:\n\n| pp | m | ZB-H1 bubble | 1F1B bubble | 1F1B / ZB-H1 | ZB-H1 below |\n"
+                "|---|---|---|---|---|---|\n");
+    for (const std::string& l : zb_vs) std::printf("%s\n", l.c_str());
+    std::printf("\n");
+  }
   return failures;
 }
 
@@ -241,6 +289,37 @@ GPTResult run_gpt(int pp, int m, PipelineScheduleKind kind, const Options& o, bo
 }
 
 // Prints the table; returns whether every pipelined run ended with pp = 1, m = 1's loss.
+// ZB-H1 against 1F1B on the pipelined GPT: step times side by side, alternating the two
+// schedules `rounds` times (the machine's load drifts), and their ratio.
+void gpt_zb_table(const Options& o) {
+  std::printf("## GPT (d_model 128, 8 blocks, 4 heads, vocab 1024, seq 64, batch 16): ZB-H1 against 1F1B, AdamW step included\n\n");
+  std::printf("| pp | m | 1F1B step (ms) | ZB-H1 step (ms) | 1F1B / ZB-H1 | 1F1B bubble | ZB-H1 bubble | losses equal |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (int pp : {2, 4})
+    for (int m : {8, 16}) {
+      std::vector<double> a, b, ba, bb;
+      double la = 0, lb = 0;
+      for (int round = 0; round < 3; ++round) {
+        const GPTResult x = run_gpt(pp, m, PipelineScheduleKind::one_f_one_b, o, false);
+        const GPTResult y = run_gpt(pp, m, PipelineScheduleKind::zero_bubble_h1, o, false);
+        a.push_back(x.step_ms);
+        b.push_back(y.step_ms);
+        ba.push_back(x.bubble);
+        bb.push_back(y.bubble);
+        la = x.loss;
+        lb = y.loss;
+      }
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      std::printf("| %d | %d | %.1f | %.1f | %.3f | %.4f | %.4f | %s |\n", pp, m, median(a), median(b), median(a) / median(b),
+                  median(ba), median(bb), la == lb ? "bitwise" : "NO");
+      std::fflush(stdout);
+    }
+  std::printf("\n");
+}
+
 bool gpt_table(const Options& o) {
   std::printf("## GPT (d_model 128, 8 blocks, 4 heads, vocab 1024, seq 64, batch 16), 1F1B, AdamW step included\n\n");
   const double serial = serial_gpt_ms(o);
@@ -280,13 +359,15 @@ int main(int argc, char** argv) {
   app.add_option("--trace-dir", o.trace_dir, "write Chrome trace JSON of the same timelines into this folder");
   app.add_flag("--skip-bubble", skip_bubble, "skip the synthetic bubble table");
   app.add_flag("--skip-gpt", skip_gpt, "skip the GPT step times");
+  app.add_flag("--zb-only", o.zb_only, "only 1F1B and ZB-H1: their bubble rows and the GPT's ZB-H1 vs 1F1B step times");
   CLI11_PARSE(app, argc, argv);
   if (o.steps < 1) o.steps = 1;
   const char* blas = std::getenv("OPENBLAS_NUM_THREADS");
   if (!blas || std::string(blas) != "1")
     std::printf("note: OPENBLAS_NUM_THREADS is not 1; ranks will compete for the cores in the GPT runs\n\n");
   const int bubble_misses = skip_bubble ? 0 : bubble_table(o);
-  const bool gpt_ok = skip_gpt ? true : gpt_table(o);
+  if (!skip_gpt) gpt_zb_table(o);
+  const bool gpt_ok = skip_gpt || o.zb_only ? true : gpt_table(o);
   if (!gpt_ok) return 2;
   return bubble_misses > 0 ? 1 : 0;
 }
