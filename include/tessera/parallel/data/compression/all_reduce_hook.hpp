@@ -17,7 +17,10 @@ template <std::floating_point T>
 class AllReduceHook final : public CommHook<T> {
  public:
   /// All-reduces `bucket.grad` in place. Collective.
-  void reduce(GradBucketView<T>& bucket, Comm& comm) override { comm.all_reduce(bucket.grad, ReduceOp::sum); }
+  void reduce(GradBucketView<T>& bucket, Comm& comm) override {
+    comm.all_reduce(bucket.grad, ReduceOp::sum);
+    this->count_all_reduce(bucket.grad.size(), sizeof(T), comm.size());
+  }
   /// "none".
   std::string name() const override { return "none"; }
 };

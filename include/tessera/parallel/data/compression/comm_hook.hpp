@@ -55,6 +55,26 @@ class CommHook {
   virtual void reduce(GradBucketView<T>& bucket, Comm& comm) = 0;
   /// Short name for logs: "none", "bf16", "powersgd:4", "topk:0.01", ...
   virtual std::string name() const = 0;
+
+  /// Bytes this rank has sent in the hook's collectives so far, counted with the ring
+  /// algorithms' volumes (all-reduce of B bytes over p ranks: 2 (p - 1) / p B; all-gather of B
+  /// bytes per rank: (p - 1) B; point-to-point: the bytes sent), so hooks compare on one scale.
+  std::int64_t bytes_sent() const noexcept { return bytes_sent_; }
+
+ protected:
+  /// Counts a ring all-reduce of `count` elements of `elem_bytes` over `ranks`.
+  void count_all_reduce(std::size_t count, std::size_t elem_bytes, int ranks) noexcept {
+    bytes_sent_ += static_cast<std::int64_t>(2 * static_cast<double>(ranks - 1) / ranks * static_cast<double>(count * elem_bytes));
+  }
+  /// Counts a ring all-gather of `count` elements of `elem_bytes` per rank over `ranks`.
+  void count_all_gather(std::size_t count, std::size_t elem_bytes, int ranks) noexcept {
+    bytes_sent_ += static_cast<std::int64_t>(count * elem_bytes) * (ranks - 1);
+  }
+  /// Counts `bytes` sent point-to-point.
+  void count_sent(std::size_t bytes) noexcept { bytes_sent_ += static_cast<std::int64_t>(bytes); }
+
+ private:
+  std::int64_t bytes_sent_ = 0;
 };
 
 }  // namespace tessera

@@ -56,6 +56,7 @@ class HalfPrecisionHook final : public CommHook<T> {
       ops.push_back(P2POp::recv(std::span<std::int32_t>(recv_.data() + j * words, words), static_cast<int>(j), tag));
     }
     if (!ops.empty()) comm.batch_send_recv(ops);
+    this->count_sent((p - 1) * words * sizeof(std::int32_t));
     // Block `me` of rank j: this rank's own block for j == me, else what j sent.
     std::vector<std::int32_t> mine(words);
     auto* out = reinterpret_cast<std::uint16_t*>(mine.data());
@@ -69,6 +70,7 @@ class HalfPrecisionHook final : public CommHook<T> {
       out[e] = encode_half(format_, static_cast<float>(sum));
     }
     comm.all_gather(mine, recv_);
+    this->count_all_gather(words, sizeof(std::int32_t), comm.size());
     const auto* all = reinterpret_cast<const std::uint16_t*>(recv_.data());
     for (std::size_t i = 0; i < n; ++i) bucket.grad[i] = static_cast<T>(decode_half(format_, all[i]));
   }

@@ -74,6 +74,7 @@ class PowerSGDHook final : public CommHook<T> {
     for (const auto& [off, len] : plain_[bucket.index]) flat_.insert(flat_.end(), bucket.grad.begin() + off, bucket.grad.begin() + off + len);
     if (!flat_.empty()) {
       comm.all_reduce(flat_, ReduceOp::sum);
+      this->count_all_reduce(flat_.size(), sizeof(T), comm.size());
       std::size_t k = 0;
       for (const auto& [off, len] : plain_[bucket.index])
         for (std::int64_t i = 0; i < len; ++i) bucket.grad[static_cast<std::size_t>(off + i)] = flat_[k++];
@@ -95,6 +96,7 @@ class PowerSGDHook final : public CommHook<T> {
       po += static_cast<std::size_t>(s.n * s.r);
     }
     comm.all_reduce(pbuf_, ReduceOp::sum);
+    this->count_all_reduce(pbuf_.size(), sizeof(T), comm.size());
     // 3-4. P^ = orthogonalize(P), Q = M^T P^.
     po = 0;
     std::size_t qo = 0;
@@ -106,6 +108,7 @@ class PowerSGDHook final : public CommHook<T> {
       qo += static_cast<std::size_t>(s.m * s.r);
     }
     comm.all_reduce(qbuf_, ReduceOp::sum);
+    this->count_all_reduce(qbuf_.size(), sizeof(T), comm.size());
     // 5. grad = P^ Q^T; E = M - P^ Q^T / p; warm start Q / p.
     po = 0;
     qo = 0;

@@ -74,6 +74,7 @@ class TopKHook final : public CommHook<T> {
     std::vector<T> all_val(p * k);
     comm.all_gather(idx, all_idx);
     comm.all_gather(val, all_val);
+    this->count_all_gather(k, sizeof(std::int32_t) + sizeof(T), comm.size());
     std::fill(bucket.grad.begin(), bucket.grad.end(), T{0});
     for (std::size_t j = 0; j < p * k; ++j) bucket.grad[static_cast<std::size_t>(all_idx[j])] += all_val[j];
     last_indices_[bucket.index] = std::move(idx);
