@@ -25,7 +25,7 @@ struct ZeroBucketShard {
   std::int64_t end = 0;     ///< one past the last
 };
 
-/// The ZeRO-1 layout of `buckets` as this dp rank (buckets.comm().rank()) holds it: bucket b of
+/// The ZeRO-1 (and ZeRO-2: the same blocks) layout of `buckets` as this dp rank (buckets.comm().rank()) holds it: bucket b of
 /// the result is the flat vector whose block `rank` ZeroOptimizer's inner optimizer sees as its
 /// parameter b. Local. For optimizers other than AdamW: `layout.shards(begin, state_b, suffix)`
 /// names their per-bucket state.
@@ -42,8 +42,8 @@ std::vector<ZeroBucketShard> zero_bucket_shards(GradBuckets<T>& buckets) {
     }
     std::sort(z.layout.params.begin(), z.layout.params.end(),
               [](const FlatParam& a, const FlatParam& b) { return a.offset < b.offset; });
-    z.layout.padded_numel = bucket.buffer.numel();
-    const std::int64_t n = buckets.shard_size(bi);
+    const std::int64_t n = buckets.shard_size(bi);  // also while ZeRO-2 has released the buffer
+    z.layout.padded_numel = n * buckets.comm().size();
     z.begin = rank * n;
     z.end = (rank + 1) * n;
     out.push_back(std::move(z));

@@ -146,6 +146,7 @@ class DataParallel {
     try {
       InputGrad dx = model_.backward(dy, ctx);
       buckets_->end_backward();
+      buckets_->release_buffers();  // ZeRO-2: only the shards stay (nothing otherwise)
       return dx;
     } catch (...) {
       buckets_->abort_backward();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/core/memory_tracker.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/optim/param_group.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
@@ -51,14 +52,25 @@ class DistributedOptimizer {
   /// or two (naming it), when the model's buckets already have a ZeroOptimizer, and what Opt
   /// throws.
   template <DataParallelModel M, std::floating_point T>
-  DistributedOptimizer(M& model, const std::vector<optim::ParamGroup<T, Options>>& groups, bool zero1) {
-    if (zero1) {
-      zero_.emplace(model.buckets(), groups);
+  DistributedOptimizer(M& model, const std::vector<optim::ParamGroup<T, Options>>& groups, bool zero1)
+      : DistributedOptimizer(model, groups, zero1 ? ZeroStage::optimizer : ZeroStage::none) {}
+  /// Opt over `model`'s parameters with `groups` at ZeRO stage `stage`: none (replicated),
+  /// optimizer (ZeRO-1) or gradients (ZeRO-2: the reduced gradients sharded too, see
+  /// ZeroOptimizer). Local. Throws as above.
+  template <DataParallelModel M, std::floating_point T>
+  DistributedOptimizer(M& model, const std::vector<optim::ParamGroup<T, Options>>& groups, ZeroStage stage) {
+    if (stage != ZeroStage::none) {
+      zero_.emplace(stage, bucket_sets<T>(model), groups);
     } else {
       (void)optim::group_of_each(model.parameters(), groups, "DistributedOptimizer");
       opt_.emplace(groups);
+      state_mem_.set(opt_->state_bytes());
     }
   }
+  /// Opt over all of `model`'s parameters with one set of options at ZeRO stage `stage`.
+  template <DataParallelModel M>
+  DistributedOptimizer(M& model, const Options& options, ZeroStage stage)
+      : DistributedOptimizer(model, optim::single_group(model.parameters(), options), stage) {}
   /// Opt over all of `model`'s parameters with one set of options, sharded over dp when
   /// `zero1`. Local. Throws as above.
   template <DataParallelModel M>
@@ -72,10 +84,12 @@ class DistributedOptimizer {
   /// all-gather), else local. Throws what Opt and the communicator throw.
   void step() {
     const auto t0 = std::chrono::steady_clock::now();
-    if (zero_)
+    if (zero_) {
       zero_->step();
-    else
+    } else {
       opt_->step();
+      state_mem_.set(opt_->state_bytes());
+    }
     seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   /// Sets every group's learning rate for the next steps. Local.
@@ -87,8 +101,10 @@ class DistributedOptimizer {
   }
   /// The learning rate (of group 0).
   double lr() const { return zero_ ? zero_->lr() : opt_->lr(); }
-  /// Whether the state is sharded over dp (ZeRO-1).
+  /// Whether the state is sharded over dp (ZeRO-1 or 2).
   bool zero1() const noexcept { return zero_.has_value(); }
+  /// The ZeRO stage.
+  ZeroStage stage() const noexcept { return zero_ ? zero_->stage() : ZeroStage::none; }
   /// Seconds of the last step (ZeRO-1's all-gather included).
   double seconds() const noexcept { return seconds_; }
   /// Bytes of optimizer state on this rank.
@@ -105,6 +121,15 @@ class DistributedOptimizer {
   }
 
  private:
+  // The model's bucket sets: one (a DataParallel's) or a vector (a Hybrid's, one per stage).
+  template <std::floating_point T, class M>
+  static std::vector<GradBuckets<T>*> bucket_sets(M& model) {
+    if constexpr (requires { model.buckets().size(); })
+      return model.buckets();
+    else
+      return {&model.buckets()};
+  }
+  MemoryTracker::Entry state_mem_{MemoryCategory::optimizer_state};
   std::optional<Opt> opt_;
   std::optional<ZeroOptimizer<Opt>> zero_;
   double seconds_ = 0;

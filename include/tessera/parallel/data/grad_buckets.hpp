@@ -19,6 +19,7 @@
 #include "tessera/comm/communicator.hpp"
 #include "tessera/comm/request.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/core/memory_tracker.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/parallel/data/compression/comm_hook.hpp"  // issue 16: the bucket reduction hook
@@ -28,7 +29,7 @@ namespace tessera {
 /// How GradBuckets reduces a bucket over the dp ranks.
 enum class GradReduce {
   all_reduce,      ///< every rank gets the whole sum (plain data parallelism)
-  reduce_scatter,  ///< rank r gets the sum of block r of the padded bucket (ZeRO-1, ZeroOptimizer)
+  reduce_scatter,  ///< rank r gets the sum of block r of the padded bucket (ZeRO-1 and 2, ZeroOptimizer)
 };
 
 /// Options of GradBuckets (DataParallelOptions carries the same fields).
@@ -70,6 +71,15 @@ struct GradBucketsOptions {
 /// throws tessera::Error: the gradient changed while being reduced (a model whose use of a
 /// parameter grows from step to step needs overlap_grad_reduce = false).
 ///
+/// ZeRO-2 (set_shard_grads): each reduced block goes into a shard of its own, accumulated over
+/// micro-batches and steps, and the buffers become communication buffers that
+/// release_buffers() frees between backwards. The tied parameters' own grad tensors (and an
+/// alias bucket's buffer, which is such a tensor) stay allocated.
+///
+/// Memory (MemoryTracker of the constructing thread): the distinct parameters' values as
+/// parameters; the buffers as gradients (ZeRO-2: as communication buffers, the shards as
+/// gradients).
+///
 /// Not copyable or movable: the hooks point at it (DataParallel holds it on the heap).
 template <std::floating_point T>
 class GradBuckets {
@@ -95,7 +105,9 @@ class GradBuckets {
     bool alias = false;               ///< the buffer is the one (copied) parameter's own grad
     bool launched = false;            ///< reduction started in this backward / reduce()
     bool done = false;                ///< reduction complete
+    bool accumulated = false;         ///< ZeRO-2: its block added into `shard` in this reduction
     Request request;                  ///< the non-blocking reduction
+    Tensor<T> shard;                  ///< ZeRO-2 (shard_grads()): this rank's reduced block, accumulated
   };
 
   /// Lays out the buckets of `params` over `comm` and installs the grad-ready hooks; current
@@ -161,6 +173,10 @@ class GradBuckets {
       }
       s.param->set_grad_ready_hook([this, i] { on_grad_ready(i); });
     }
+    std::size_t param_bytes = 0;
+    for (const Slot& s : slots_) param_bytes += static_cast<std::size_t>(s.numel) * sizeof(T);
+    params_mem_.set(param_bytes);
+    account();
   }
   GradBuckets(const GradBuckets&) = delete;             ///< not copyable: the hooks point here
   GradBuckets& operator=(const GradBuckets&) = delete;  ///< not copyable
@@ -173,12 +189,17 @@ class GradBuckets {
 
   /// Starts a backward pass: resets the marks. `sync`: reduce at its end (false inside
   /// no_sync: gradients only accumulate). Throws tessera::Error if a backward is already open.
+  ///
+  /// Under ZeRO-2 (shard_grads()) every backward syncs, whatever `sync` says: its gradient is
+  /// reduce-scattered into this rank's shards, where micro-batches accumulate (DeepSpeed's
+  /// ZeRO-2 reduces every micro-batch), so no rank keeps a full gradient between them.
   void begin_backward(bool sync) {
     TESSERA_EXPECTS(!in_backward_, "DataParallel on ", comm_.name(),
                     ": backward started while another backward of the same replica is still running");
+    ensure_buffers();
     for (Slot& s : slots_) s.marks = 0;
     reset_launches();
-    sync_ = sync;
+    sync_ = sync || shard_grads_;
     early_launches_ = 0;
     in_backward_ = true;
   }
@@ -224,6 +245,7 @@ class GradBuckets {
   /// backward. Throws tessera::Error inside a backward, or what the communicator throws.
   void reduce() {
     TESSERA_EXPECTS(!in_backward_, "DataParallel on ", comm_.name(), ": reduce_grads called inside backward");
+    ensure_buffers();
     reset_launches();
     while (next_ < buckets_.size()) launch(next_++);
     finish();
@@ -231,10 +253,52 @@ class GradBuckets {
 
   /// Sets every gradient to zero (one fill per bucket). Local.
   void zero_grad() {
-    for (Bucket& b : buckets_) b.buffer.zero();
+    for (Bucket& b : buckets_) {
+      b.buffer.zero();
+      b.shard.zero();
+    }
     for (Slot& s : slots_)
       if (s.copy && !buckets_[s.bucket].alias) s.param->grad.zero();
   }
+
+  /// ZeRO-2 (Rajbhandari et al., SC 2020, P_os+g) on or off. On: each bucket's reduce-scatter
+  /// (mode() must be reduce_scatter) is added, as soon as it completes, into a shard of
+  /// shard_size(b) elements that this rank keeps (grad_shard(b)), and the bucket's buffer is
+  /// zeroed for the next micro-batch; every backward syncs (see begin_backward), and
+  /// release_buffers() may then free the buffers until the next backward. Off: the shards are
+  /// dropped. The current gradients are dropped either way (call it before training or
+  /// between steps). Throws tessera::Error inside a backward, or when turning it on under
+  /// all-reduce. Local; every rank must choose the same.
+  void set_shard_grads(bool on) {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::set_shard_grads inside backward");
+    TESSERA_EXPECTS(!on || mode_ == GradReduce::reduce_scatter, "GradBuckets::set_shard_grads(true) on ", comm_.name(),
+                    ": ZeRO-2 needs the reduce-scatter mode (a ZeroOptimizer sets it)");
+    ensure_buffers();
+    shard_grads_ = on;
+    for (std::size_t bi = 0; bi < buckets_.size(); ++bi)
+      buckets_[bi].shard = on ? Tensor<T>(Shape{shard_size(bi)}) : Tensor<T>();
+    zero_grad();
+    account();
+  }
+  /// Whether ZeRO-2 is on (set_shard_grads).
+  bool shard_grads() const noexcept { return shard_grads_; }
+
+  /// ZeRO-2: frees the bucket buffers, and with them every parameter's `grad` (which becomes
+  /// an empty tensor) except tied ones that keep their own tensor, until the next backward or
+  /// reduce() allocates them again (zeroed). After it no rank holds a full gradient; only the
+  /// shards remain. Does nothing without ZeRO-2. Throws tessera::Error inside a backward. Local.
+  void release_buffers() {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::release_buffers inside backward");
+    if (!shard_grads_ || released_) return;
+    for (Bucket& b : buckets_)
+      if (!b.alias) b.buffer = Tensor<T>();
+    for (Slot& s : slots_)
+      if (!s.copy) s.param->grad = Tensor<T>();
+    released_ = true;
+    account();
+  }
+  /// Whether the buffers are released (release_buffers) now.
+  bool released() const noexcept { return released_; }
 
   /// Chooses all-reduce (the default) or reduce-scatter (ZeRO-1) for later reductions. Throws
   /// tessera::Error inside a backward. Local; every rank must choose the same.
@@ -260,10 +324,12 @@ class GradBuckets {
   /// The slots (one per distinct parameter, in reverse parameter order).
   const std::vector<Slot>& slots() const noexcept { return slots_; }
   /// Elements of each rank's block of bucket `b` under reduce-scatter (padded / world).
-  std::int64_t shard_size(std::size_t b) const { return buckets_.at(b).buffer.numel() / world_; }
+  std::int64_t shard_size(std::size_t b) const { return padded(buckets_.at(b)) / world_; }
   /// This rank's block of bucket `b`: after a reduce-scatter, the sum over ranks of that part of
-  /// the gradients. A view of the bucket's buffer.
+  /// the gradients. A view of the bucket's buffer; under ZeRO-2 (shard_grads()) the shard that
+  /// accumulates it over micro-batches and steps.
   Tensor<T> grad_shard(std::size_t b) const {
+    if (shard_grads_) return buckets_.at(b).shard;
     const std::int64_t n = shard_size(b);
     return buckets_.at(b).buffer.slice(0, rank_ * n, (rank_ + 1) * n);
   }
@@ -278,7 +344,28 @@ class GradBuckets {
   /// Whether the first backward has run (marks learned, sharers checked).
   bool learned() const noexcept { return learned_; }
 
+  /// Allocates the buffers that release_buffers freed (zeroed) and points the parameters'
+  /// grads at them again; nothing when they are allocated. backward and reduce() call it; a
+  /// policy whose backward does not (DataParallelStage) calls it before the model's backward.
+  /// Local.
+  void ensure_buffers() {
+    if (!released_) return;
+    for (Bucket& b : buckets_)
+      if (!b.alias) b.buffer = Tensor<T>(Shape{padded(b)});
+    for (Slot& s : slots_)
+      if (!s.copy) s.param->grad = view_of(s);
+    released_ = false;
+    account();
+  }
+
  private:
+  // Elements of bucket b's buffer, padded to a multiple of world_ (also while released).
+  std::int64_t padded(const Bucket& b) const {
+    if (b.alias) return b.numel;
+    const std::int64_t w = world_;
+    return (b.numel + w - 1) / w * w;
+  }
+
   // The distinct parameters of `params` (a tensor listed twice counts once) with whether each
   // must be copied rather than viewed (tied, or listed twice). Empty parameters are skipped.
   static std::vector<std::pair<Parameter<T>*, bool>> distinct(const ParameterList<T>& params) {
@@ -296,6 +383,32 @@ class GradBuckets {
     return out;
   }
 
+  // The tracker's figures: parameters (set once), the buffers (gradients; under ZeRO-2
+  // communication buffers) and the shards (ZeRO-2's gradients). Tied parameters' own grad
+  // tensors count as gradients.
+  void account() {
+    std::size_t buffers = 0, shards = 0, own = 0;
+    for (const Bucket& b : buckets_) {
+      buffers += static_cast<std::size_t>(b.buffer.numel()) * sizeof(T);
+      shards += static_cast<std::size_t>(b.shard.numel()) * sizeof(T);
+    }
+    for (const Slot& s : slots_)
+      if (s.copy && !buckets_[s.bucket].alias) own += static_cast<std::size_t>(s.param->grad.numel()) * sizeof(T);
+    grads_mem_.set(shards + own + (shard_grads_ ? 0 : buffers));
+    buffers_mem_.set(shard_grads_ ? buffers : 0);
+  }
+
+  // ZeRO-2: adds this rank's reduced block of bucket bi into its shard and zeroes the buffer
+  // for the next micro-batch (its parameters are final for this backward).
+  void accumulate(std::size_t bi) {
+    Bucket& b = buckets_[bi];
+    if (!shard_grads_ || b.accumulated) return;
+    const std::int64_t n = shard_size(bi);
+    b.shard.add_(b.buffer.slice(0, rank_ * n, (rank_ + 1) * n));
+    b.buffer.zero();
+    b.accumulated = true;
+  }
+
   Tensor<T> view_of(const Slot& s) const {
     return buckets_[s.bucket].buffer.slice(0, s.offset, s.offset + s.numel).reshape(s.param->value.shape());
   }
@@ -305,6 +418,7 @@ class GradBuckets {
       b.ready = 0;
       b.launched = false;
       b.done = false;
+      b.accumulated = false;
     }
     next_ = 0;
     polled_ = 0;
@@ -331,6 +445,7 @@ class GradBuckets {
     // Drive progress of what is in flight (MPI progresses non-blocking collectives in calls).
     while (polled_ < next_ && (buckets_[polled_].done || buckets_[polled_].request.test())) {
       buckets_[polled_].done = true;
+      accumulate(polled_);
       ++polled_;
     }
   }
@@ -363,8 +478,12 @@ class GradBuckets {
 
   void launch(std::size_t bi) {
     Bucket& b = buckets_[bi];
-    for (std::size_t i : b.slots)
-      if (slots_[i].copy && !b.alias) view_of(slots_[i]).copy_from(slots_[i].param->grad);
+    for (std::size_t i : b.slots) {
+      if (!slots_[i].copy || b.alias) continue;
+      view_of(slots_[i]).copy_from(slots_[i].param->grad);
+      // ZeRO-2: what was copied goes to the shard; the next micro-batch starts from zero.
+      if (shard_grads_) slots_[i].param->grad.zero();
+    }
     b.launched = true;
     if (world_ == 1) {
       b.done = true;
@@ -396,6 +515,8 @@ class GradBuckets {
       b.done = true;
     }
     if (error) std::rethrow_exception(error);
+    for (std::size_t bi = 0; bi < buckets_.size(); ++bi)
+      if (buckets_[bi].launched) accumulate(bi);
     if (mode_ == GradReduce::all_reduce)
       for (Slot& s : slots_)
         if (s.copy && !buckets_[s.bucket].alias) s.param->grad.copy_from(view_of(s));
@@ -433,6 +554,11 @@ class GradBuckets {
   bool in_backward_ = false;
   bool sync_ = true;
   bool learned_ = false;
+  bool shard_grads_ = false;  // ZeRO-2
+  bool released_ = false;     // the buffers are freed (release_buffers)
+  MemoryTracker::Entry params_mem_{MemoryCategory::parameters};
+  MemoryTracker::Entry grads_mem_{MemoryCategory::gradients};
+  MemoryTracker::Entry buffers_mem_{MemoryCategory::comm_buffers};
 };
 
 }  // namespace tessera

@@ -19,6 +19,7 @@
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/core/memory_tracker.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
@@ -27,6 +28,22 @@
 #include "tessera/parallel/data/grad_buckets.hpp"
 
 namespace tessera {
+
+/// What ZeRO shards over the dp ranks (Rajbhandari et al., SC 2020, sec. 5): the stages of
+/// DeepSpeed's `zero_optimization.stage` and train_gpt's `--zero`.
+enum class ZeroStage : int {
+  none = 0,        ///< nothing: plain data parallelism, every rank holds everything
+  optimizer = 1,   ///< ZeRO-1, P_os: the optimizer state
+  gradients = 2,   ///< ZeRO-2, P_os+g: the optimizer state and the reduced gradients
+};
+
+/// The ZeroStage of the number `stage` (0, 1 or 2, as `--zero` takes it). Throws tessera::Error
+/// naming the number otherwise (stage 3, parameter sharding, is not built yet).
+inline ZeroStage zero_stage(int stage) {
+  TESSERA_EXPECTS(stage >= 0 && stage <= 2, "ZeRO stage ", stage, " is not one of 0, 1, 2 (stage 3, parameter "
+                  "sharding, is not implemented)");
+  return static_cast<ZeroStage>(stage);
+}
 
 /// One contiguous run of this dp rank's block of a gradient bucket that the inner optimizer of
 /// a ZeroOptimizer sees as one parameter: flat elements [begin, end) of bucket `bucket`, all of
@@ -53,6 +70,18 @@ struct ZeroShardPiece {
 ///
 /// After backward, a parameter's own `grad` holds only this rank's local gradient (the reduced
 /// sums live in the shards): clip gradients() (or clip_grad_norm here), not the parameters.
+///
+/// ZeRO-2 (ZeroStage::gradients, the constructors taking a stage): the buckets also keep only
+/// this rank's reduced block of each bucket, accumulated over micro-batches and steps in a
+/// shard of their own (GradBuckets::set_shard_grads); the full bucket buffers are then
+/// communication buffers, freed after each syncing backward (DataParallel) or window
+/// (DataParallelStage) and allocated again by the next. Every backward reduce-scatters (no_sync
+/// has no effect), so manual accumulation keeps every micro-batch's gradient. Same parameters
+/// as ZeRO-1 up to the order of the fp32 sums over micro-batches.
+///
+/// Memory (MemoryTracker): the gathered parameter buffers (one flat copy of the parameters,
+/// the all-gather's destination) count as communication buffers, the inner state as optimizer
+/// state (updated after each step).
 ///
 /// Parameter groups (e.g. optim::weight_decay_groups: no weight decay on biases and norms):
 /// this rank's block of each bucket is cut into runs of one group each (ZeroShardPiece), and
@@ -82,7 +111,7 @@ class ZeroOptimizer {
   template <std::floating_point T, class... Args>
     requires std::constructible_from<Opt, ParameterList<T>, Args...>
   explicit ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, Args&&... opt_args)
-      : state_(std::make_unique<State<T>>(sets, nullptr)),
+      : state_(std::make_unique<State<T>>(sets, nullptr, false)),
         opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
 
   /// Shards the optimizer with parameter groups: `groups` hold the replica's parameters, each
@@ -95,7 +124,24 @@ class ZeroOptimizer {
   /// As above, over several bucket sets of one dp communicator.
   template <std::floating_point T, class Options>
   ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, const std::vector<optim::ParamGroup<T, Options>>& groups)
-      : state_(make_grouped_state(sets, groups)), opt_(static_cast<State<T>&>(*state_).shard_groups(groups)) {}
+      : ZeroOptimizer(ZeroStage::optimizer, sets, groups) {}
+  /// As above at ZeRO stage `stage` (optimizer: ZeRO-1; gradients: ZeRO-2, see the class
+  /// comment). Throws tessera::Error for ZeroStage::none, and as above.
+  template <std::floating_point T, class Options>
+  ZeroOptimizer(ZeroStage stage, const std::vector<GradBuckets<T>*>& sets,
+                const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : state_(make_grouped_state(checked(stage), sets, groups)),
+        opt_(static_cast<State<T>&>(*state_).shard_groups(groups)) {}
+  /// ZeRO stage `stage` on a DataParallel's buckets, with parameter groups.
+  template <class L, std::floating_point T, class Options>
+  ZeroOptimizer(ZeroStage stage, DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : ZeroOptimizer(stage, std::vector<GradBuckets<T>*>{&dp.buckets()}, groups) {}
+  /// ZeRO stage `stage` on bucket sets with one set of options for every parameter.
+  template <std::floating_point T, class... Args>
+    requires std::constructible_from<Opt, ParameterList<T>, Args...>
+  ZeroOptimizer(ZeroStage stage, const std::vector<GradBuckets<T>*>& sets, Args&&... opt_args)
+      : state_(std::make_unique<State<T>>(sets, nullptr, checked(stage) == ZeroStage::gradients)),
+        opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
   /// As above, on a DataParallel's buckets.
   template <class L, std::floating_point T, class Options>
   ZeroOptimizer(DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
@@ -106,8 +152,11 @@ class ZeroOptimizer {
   void step() {
     state_->load_shards();
     opt_.step();
+    state_mem_.set(opt_.state_bytes());
     state_->gather_parameters();
   }
+  /// The ZeRO stage (optimizer or gradients).
+  ZeroStage stage() const noexcept { return state_->stage(); }
   /// Sets every gradient to zero (the replica's buckets). Local.
   void zero_grad() { state_->zero_grad(); }
 
@@ -151,10 +200,17 @@ class ZeroOptimizer {
     virtual void zero_grad() = 0;
     virtual double clip_grad_norm(double max_norm) = 0;
     virtual const std::vector<ZeroShardPiece>& pieces() const = 0;
+    virtual ZeroStage stage() const = 0;
   };
 
+  static ZeroStage checked(ZeroStage stage) {
+    TESSERA_EXPECTS(stage == ZeroStage::optimizer || stage == ZeroStage::gradients, "ZeroOptimizer: ZeRO stage ",
+                    static_cast<int>(stage), " is not 1 (optimizer state) or 2 (gradients too)");
+    return stage;
+  }
+
   template <std::floating_point T, class Options>
-  static std::unique_ptr<StateBase> make_grouped_state(const std::vector<GradBuckets<T>*>& sets,
+  static std::unique_ptr<StateBase> make_grouped_state(ZeroStage stage, const std::vector<GradBuckets<T>*>& sets,
                                                        const std::vector<optim::ParamGroup<T, Options>>& groups) {
     TESSERA_EXPECTS(!groups.empty(), "ZeroOptimizer: no parameter group");
     ParameterList<T> all;
@@ -163,7 +219,7 @@ class ZeroOptimizer {
     const std::vector<std::size_t> group = optim::group_of_each(all, groups, "ZeroOptimizer");
     std::map<const Parameter<T>*, std::size_t> of;
     for (std::size_t i = 0; i < all.size(); ++i) of[&all[i]] = group[i];
-    return std::make_unique<State<T>>(sets, &of);
+    return std::make_unique<State<T>>(sets, &of, stage == ZeroStage::gradients);
   }
 
   // The shards of one element type: per bucket (of all sets, in order) the gathered parameter
@@ -178,9 +234,11 @@ class ZeroOptimizer {
       std::size_t index;    // its index there
     };
 
-    // `group_of`: each parameter's group (null: one group, one piece per bucket).
-    State(const std::vector<GradBuckets<T>*>& bucket_sets, const std::map<const Parameter<T>*, std::size_t>* group_of)
-        : sets(bucket_sets) {
+    // `group_of`: each parameter's group (null: one group, one piece per bucket). `zero2`:
+    // the buckets keep only this rank's shards of the reduced gradients.
+    State(const std::vector<GradBuckets<T>*>& bucket_sets, const std::map<const Parameter<T>*, std::size_t>* group_of,
+          bool zero2)
+        : sets(bucket_sets), shard_grads(zero2) {
       TESSERA_EXPECTS(!sets.empty(), "ZeroOptimizer: no gradient buckets");
       comm = sets.front()->comm();
       for (GradBuckets<T>* b : sets) {
@@ -221,7 +279,13 @@ class ZeroOptimizer {
         if (cur.end > cur.begin) runs.push_back(cur);
         params.push_back(full);
       }
-      for (GradBuckets<T>* b : sets) b->set_mode(GradReduce::reduce_scatter);
+      for (GradBuckets<T>* b : sets) {
+        b->set_mode(GradReduce::reduce_scatter);
+        if (shard_grads) b->set_shard_grads(true);
+      }
+      std::size_t gathered = 0;
+      for (const Tensor<T>& t : params) gathered += static_cast<std::size_t>(t.numel()) * sizeof(T);
+      gathered_mem.set(gathered);
       // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
       std::size_t num_groups = 0;
       for (const ZeroShardPiece& p : runs) num_groups = std::max(num_groups, p.group + 1);
@@ -249,6 +313,7 @@ class ZeroOptimizer {
       return out;
     }
     const std::vector<ZeroShardPiece>& pieces() const override { return piece_list; }
+    ZeroStage stage() const override { return shard_grads ? ZeroStage::gradients : ZeroStage::optimizer; }
     ParameterList<T> shard_list() {
       ParameterList<T> list;
       for (Parameter<T>& p : shards) list.push_back(p);
@@ -301,6 +366,7 @@ class ZeroOptimizer {
     ~State() override {
       for (GradBuckets<T>* b : sets) {
         try {
+          if (shard_grads) b->set_shard_grads(false);
           b->set_mode(GradReduce::all_reduce);
         } catch (...) {  // destroyed inside a backward: the mode stays; nothing to report from here
         }
@@ -323,10 +389,13 @@ class ZeroOptimizer {
     std::vector<Tensor<T>> params;      // per bucket: gathered values, padded
     std::vector<Parameter<T>> shards;   // per piece: this rank's value and grad runs
     std::vector<ZeroShardPiece> piece_list;
+    bool shard_grads = false;  // ZeRO-2
+    MemoryTracker::Entry gathered_mem{MemoryCategory::comm_buffers};  // `params`
   };
 
   std::unique_ptr<StateBase> state_;
   Opt opt_;
+  MemoryTracker::Entry state_mem_{MemoryCategory::optimizer_state, opt_.state_bytes()};
 };
 
 }  // namespace tessera

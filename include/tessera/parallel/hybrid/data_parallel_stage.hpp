@@ -53,7 +53,11 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   /// The wrapped stage's forward on an activation.
   StageOutput<T> forward(const Tensor<T>& x) override { return stage_->forward(x); }
   /// The wrapped stage's backward (no communication: the reduction waits for the window's end).
-  Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override { return stage_->backward(dy, ctx); }
+  /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end.
+  Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override {
+    buckets_->ensure_buffers();
+    return stage_->backward(dy, ctx);
+  }
   /// The wrapped stage's output shape.
   Shape output_shape(const Shape& input) override { return stage_->output_shape(input); }
   /// The wrapped stage's parameters (their gradients are views into the buckets).
@@ -64,11 +68,13 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   std::string name() const override { return stage_->name(); }
   /// Whether the wrapped stage holds the model's last layer.
   bool holds_last_layer() const override { return stage_->holds_last_layer(); }
-  /// Reduces the gradients over dp (all-reduce, or reduce-scatter under ZeRO-1). Collective
-  /// over dp (one reduction per bucket).
+  /// Reduces the gradients over dp (all-reduce, or reduce-scatter under ZeRO-1 and 2; under
+  /// ZeRO-2 into the shards, after which the full buffers are released until the next
+  /// window's first backward). Collective over dp (one reduction per bucket).
   void finish_grad_sync() override {
     const auto t0 = std::chrono::steady_clock::now();
     buckets_->reduce();
+    buckets_->release_buffers();
     sync_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   /// Seconds of the last finish_grad_sync (the dp reduction).
