@@ -16,6 +16,7 @@
 #include "tessera/cuda/device.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/element_math.hpp"
+#include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/optim/adamw.hpp"
@@ -328,4 +329,33 @@ TEST_CASE("no device: device work refuses with the runtime's reason, and nothing
   CHECK(!why.empty());
   CHECK_THROWS_WITH_AS(tc::Stream(), doctest::Contains("no CUDA device: cudaGetDeviceCount"), tc::CudaError);
   CHECK_THROWS_WITH_AS(tc::set_device(0), doctest::Contains("no CUDA device"), tc::CudaError);
+}
+
+TEST_CASE("flat GPT layout: the CPU GPT's parameters end to end, decay on matrices only; another model is refused by name") {
+  const GPTConfig cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+  GPT<float> gpt(cfg, 1);
+  ParameterList<float> ps = gpt.parameters();
+  const std::vector<tc::FlatParameter> flat = tc::flat_gpt_layout(cfg, ps);
+  REQUIRE(flat.size() == ps.size());
+  std::int64_t off = 0, decayed = 0, total = 0;
+  std::size_t i = 0;
+  for (Parameter<float>& p : ps) {
+    CHECK(flat[i].name == p.name);
+    CHECK(flat[i].offset == off);
+    CHECK(flat[i].decay == (p.value.rank() >= 2));
+    off += p.value.numel();
+    total += p.value.numel();
+    if (flat[i].decay) decayed += p.value.numel();
+    ++i;
+  }
+  // 67*32 + 16*32 + 2 * (12 d^2 + 13 d) + 2d: every parameter once (the tied head adds none).
+  CHECK(total == 67 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32);
+  CHECK(decayed == 67 * 32 + 16 * 32 + 2 * 12 * 32 * 32);
+  const GPTConfig wider{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 64};
+  CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(wider, ps),
+                       doctest::Contains("parameter 0 is wte.weight of shape (67, 32), expected wte.weight of shape (67, 64)"),
+                       Error);
+  const GPTConfig deeper{.vocab_size = 67, .n_positions = 16, .n_layer = 3, .n_head = 4, .d_model = 32};
+  CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(deeper, ps), doctest::Contains("has 28 parameters, a GPT of 3 layers has 40"),
+                       Error);
 }

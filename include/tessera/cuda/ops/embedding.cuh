@@ -28,6 +28,8 @@ __global__ void embedding_forward(const std::int32_t* ids, const T* weight, T* o
   for (int c = static_cast<int>(threadIdx.x); c < C; c += static_cast<int>(blockDim.x))
     store_from_f32(o + c, (accumulate ? load_f32(o[c]) : 0.f) + load_f32(wr[c]));
 }
+// A template (of nothing) so that the header defines it in every translation unit (ODR).
+template <int = 0>
 __global__ void iota(std::int32_t* p, std::int64_t n) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) p[i] = static_cast<std::int32_t>(i);
@@ -76,7 +78,7 @@ void embedding_backward(const Stream& s, DeviceView<const std::int32_t> ids, Dev
   auto pos = DeviceTensor<std::int32_t>::empty(Shape{n}, s);
   auto sorted_ids = DeviceTensor<std::int32_t>::empty(Shape{n}, s);
   auto sorted_pos = DeviceTensor<std::int32_t>::empty(Shape{n}, s);
-  kernels::iota<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, s.get()>>>(pos.data(), n);
+  kernels::iota<><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, s.get()>>>(pos.data(), n);
   cuda::detail::check_launch("iota", "cuda embedding_backward");
   int end_bit = 1;
   while (end_bit < 31 && (std::int64_t{1} << end_bit) < V) ++end_bit;

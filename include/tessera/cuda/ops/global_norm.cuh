@@ -19,6 +19,8 @@ namespace tessera::cuda::ops {
 inline constexpr int norm_blocks = 264;
 
 namespace kernels {
+// A template (of nothing) so that the header defines it in every translation unit (ODR).
+template <int = 0>
 __global__ void sum_of_squares_partial(const float* x, std::int64_t n, float* partial) {
   __shared__ float scratch[32];
   float s = 0.f;
@@ -28,6 +30,8 @@ __global__ void sum_of_squares_partial(const float* x, std::int64_t n, float* pa
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
+// A template (of nothing) so that the header defines it in every translation unit (ODR).
+template <int = 0>
 __global__ void sum_partials(const float* partial, int count, float* out) {
   __shared__ float scratch[32];
   float s = 0.f;
@@ -43,9 +47,9 @@ inline void global_sum_of_squares(const Stream& s, DeviceView<const float> x, De
                                   DeviceView<float> workspace) {
   TESSERA_EXPECTS(out.numel() == 1 && workspace.numel() >= norm_blocks, "cuda global_sum_of_squares: out ", out.shape,
                   " must be one float, workspace ", workspace.shape, " at least ", norm_blocks);
-  kernels::sum_of_squares_partial<<<norm_blocks, 256, 0, s.get()>>>(x.data, x.numel(), workspace.data);
+  kernels::sum_of_squares_partial<><<<norm_blocks, 256, 0, s.get()>>>(x.data, x.numel(), workspace.data);
   cuda::detail::check_launch("sum_of_squares_partial", "cuda global_sum_of_squares of ", x.numel(), " floats");
-  kernels::sum_partials<<<1, 256, 0, s.get()>>>(workspace.data, norm_blocks, out.data);
+  kernels::sum_partials<><<<1, 256, 0, s.get()>>>(workspace.data, norm_blocks, out.data);
   cuda::detail::check_launch("sum_partials", "cuda global_sum_of_squares");
 }
 

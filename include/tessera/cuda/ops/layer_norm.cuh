@@ -47,7 +47,7 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* y, flo
 // One warp per row: dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w.
 template <class T>
 __global__ void layer_norm_backward_input(const T* dy, const T* x, const T* w, const float* mean, const float* rstd,
-                                          T* dx, std::int64_t rows, int C) {
+                                          T* dx, std::int64_t rows, int C, bool accumulate) {
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * (blockDim.x / warp_size) + threadIdx.x / warp_size;
   const int lane = static_cast<int>(threadIdx.x) % warp_size;
   if (row >= rows) return;
@@ -65,7 +65,7 @@ __global__ void layer_norm_backward_input(const T* dy, const T* x, const T* w, c
   for (int j = lane; j < C; j += warp_size) {
     const float g = load_f32(gr[j]) * load_f32(w[j]);
     const float h = (load_f32(xr[j]) - m) * rs;
-    store_from_f32(dxr + j, rs * (g - mg - h * mgh));
+    store_from_f32(dxr + j, (accumulate ? load_f32(dxr[j]) : 0.f) + rs * (g - mg - h * mgh));
   }
 }
 
@@ -89,6 +89,8 @@ __global__ void layer_norm_backward_partial(const T* dy, const T* x, const float
 }
 
 // Thread per column: adds the chunks' partial sums, in chunk order, into the gradients.
+// A template (of nothing) so that the header defines it in every translation unit (ODR).
+template <int = 0>
 __global__ void layer_norm_backward_finish(const float* partial_w, const float* partial_b, float* dw, float* db,
                                            int C, int chunks) {
   const int j = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
@@ -127,13 +129,15 @@ inline int layer_norm_chunks(std::int64_t rows) {
   return static_cast<int>(c < 1 ? 1 : (c > 1024 ? 1024 : c));
 }
 
-/// LayerNorm backward: dx (rows x C) overwritten; dweight and dbias (fp32, C) accumulated (+=),
-/// as nn::LayerNorm adds into its gradients. `workspace` is fp32 of at least
-/// 2 * C * layer_norm_chunks(rows) elements. Throws tessera::Error naming the shapes.
+/// LayerNorm backward: dx (rows x C) overwritten (or added to, with `accumulate_dx`: the
+/// residual stream's gradient); dweight and dbias (fp32, C) accumulated (+=), as nn::LayerNorm
+/// adds into its gradients. `workspace` is fp32 of at least 2 * C * layer_norm_chunks(rows)
+/// elements. Throws tessera::Error naming the shapes.
 template <class T>
 void layer_norm_backward(const Stream& s, DeviceView<const T> dy, DeviceView<const T> x, DeviceView<const T> weight,
                          DeviceView<const float> mean, DeviceView<const float> rstd, DeviceView<T> dx,
-                         DeviceView<float> dweight, DeviceView<float> dbias, DeviceView<float> workspace) {
+                         DeviceView<float> dweight, DeviceView<float> dbias, DeviceView<float> workspace,
+                         bool accumulate_dx = false) {
   const std::int64_t C = x.size(-1), rows = x.numel() / (C ? C : 1);
   const int chunks = layer_norm_chunks(rows);
   TESSERA_EXPECTS(dy.numel() == x.numel() && dx.numel() == x.numel() && weight.numel() == C &&
@@ -145,7 +149,7 @@ void layer_norm_backward(const Stream& s, DeviceView<const T> dy, DeviceView<con
   if (rows == 0) return;
   const int warps = 8;
   kernels::layer_norm_backward_input<T><<<static_cast<unsigned>(ceil_div(rows, warps)), warps * warp_size, 0, s.get()>>>(
-      dy.data, x.data, weight.data, mean.data, rstd.data, dx.data, rows, static_cast<int>(C));
+      dy.data, x.data, weight.data, mean.data, rstd.data, dx.data, rows, static_cast<int>(C), accumulate_dx);
   cuda::detail::check_launch("layer_norm_backward_input", "cuda layer_norm_backward of x ", x.shape);
   const std::int64_t per_chunk = ceil_div(rows, chunks);
   const dim3 grid(static_cast<unsigned>(ceil_div(C, 128)), static_cast<unsigned>(chunks));
@@ -153,7 +157,7 @@ void layer_norm_backward(const Stream& s, DeviceView<const T> dy, DeviceView<con
                                                                     workspace.data, workspace.data + C * chunks, rows,
                                                                     static_cast<int>(C), per_chunk);
   cuda::detail::check_launch("layer_norm_backward_partial", "cuda layer_norm_backward of x ", x.shape);
-  kernels::layer_norm_backward_finish<<<static_cast<unsigned>(ceil_div(C, 128)), 128, 0, s.get()>>>(
+  kernels::layer_norm_backward_finish<><<<static_cast<unsigned>(ceil_div(C, 128)), 128, 0, s.get()>>>(
       workspace.data, workspace.data + C * chunks, dweight.data, dbias.data, static_cast<int>(C), chunks);
   cuda::detail::check_launch("layer_norm_backward_finish", "cuda layer_norm_backward of x ", x.shape);
 }

@@ -17,6 +17,14 @@
 
 namespace tessera {
 
+namespace detail {
+/// The context type of loss L's forward on (Tensor<T>, Target). An alias rather than a
+/// parameter type spelled inside the concept: nvcc 13's front end crashes on the latter.
+template <class L, class T, class Target>
+using LossContext = typename std::remove_cvref_t<decltype(std::declval<const L&>().forward(
+    std::declval<const Tensor<T>&>(), std::declval<const Target&>()))>::Context;
+}  // namespace detail
+
 /// What a pipeline's loss must offer, for output Tensor<T> and targets `Target`:
 /// - `forward(output, target)` returns ForwardResult<T, Context> holding the loss **summed**
 ///   over the micro-batch (not averaged);
@@ -29,7 +37,7 @@ concept PipelineLossFunction = requires(const L& l, const Tensor<T>& y, const Ta
   typename std::remove_cvref_t<decltype(l.forward(y, t))>::Context;
   { l.forward(y, t).output } -> std::convertible_to<T>;
   { l.count_valid(t) } -> std::convertible_to<std::int64_t>;
-} && requires(const L& l, T dloss, typename std::remove_cvref_t<decltype(l.forward(std::declval<const Tensor<T>&>(), std::declval<const Target&>()))>::Context& c) {
+} && requires(const L& l, T dloss, detail::LossContext<L, T, Target>& c) {
   { l.backward(dloss, c) } -> std::same_as<Tensor<T>>;
 };
 

@@ -1,0 +1,416 @@
+#pragma once
+/// @file
+/// DeviceGPT<C>: GPT-2 (the model of models/gpt.hpp) trained on one CUDA device, in fp32
+/// (C = float, TF32 off: the reference) or bf16 mixed precision (C = bf16: bf16 weights and
+/// activations; fp32 master weights, gradients, AdamW moments, LayerNorm statistics, softmax and
+/// loss). Parameters live in one flat fp32 buffer in the CPU GPT's parameter order, so the CPU
+/// model is the checkpoint format: upload() takes its values, download() writes them back, and
+/// the same goes for AdamW's moments. Every product is a cuBLASLt GEMM (bias and GELU fused as
+/// epilogues); the other operations are tessera/cuda/ops kernels, each checked against its CPU
+/// layer. Dropout is not on the device yet (refused). CUDA code: compile with nvcc.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/cuda/blas_lt.hpp"
+#include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/element_math.hpp"
+#include "tessera/cuda/flat_gpt_layout.hpp"
+#include "tessera/cuda/ops/adamw.cuh"
+#include "tessera/cuda/ops/attention.cuh"
+#include "tessera/cuda/ops/bias_grad.cuh"
+#include "tessera/cuda/ops/cross_entropy.cuh"
+#include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/global_norm.cuh"
+#include "tessera/cuda/ops/layer_norm.cuh"
+#include "tessera/cuda/stream.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
+
+namespace tessera::cuda {
+
+/// GPT-2 on one device; see the file comment. `C` is the compute type (float or bf16).
+template <class C>
+class DeviceGPT {
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, bf16>, "DeviceGPT<C>: C is float or cuda::bf16");
+
+ public:
+  /// The compute (storage) type of weights and activations.
+  using Compute = C;
+
+  /// A model of `config` on the current device, its parameters uploaded from `params` (the CPU
+  /// GPT's parameters(), in its order), work on `stream`. Throws tessera::Error naming the
+  /// parameter when a name or shape is not the GPT's, or when config.embd_pdrop > 0 (dropout is
+  /// not on the device yet); CudaError where there is no device.
+  DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream)
+      : config_(validated(config)), stream_(stream), blas_(stream) {
+    TESSERA_EXPECTS(config_.embd_pdrop == 0.0, "DeviceGPT: dropout (embd_pdrop ", config_.embd_pdrop,
+                    ") is not implemented on the device yet; train with --dropout 0");
+    layout(params);
+    const Shape flat{numel_};
+    master_ = DeviceTensor<float>::empty(flat, stream_);
+    grad_ = DeviceTensor<float>::zeros(flat, stream_);
+    m_ = DeviceTensor<float>::zeros(flat, stream_);
+    v_ = DeviceTensor<float>::zeros(flat, stream_);
+    if constexpr (std::is_same_v<C, bf16>) low_ = DeviceTensor<bf16>::empty(flat, stream_);
+    std::vector<ops::FlatSegment> segments;
+    for (const FlatParameter& p : flat_) segments.push_back({p.offset, p.shape.numel(), p.decay ? 0 : 1});
+    chunks_ = ops::adamw_chunks(stream_, segments);
+    norm_out_ = DeviceTensor<float>::empty(Shape{1}, stream_);
+    norm_ws_ = DeviceTensor<float>::empty(Shape{ops::norm_blocks}, stream_);
+    upload(params);
+  }
+
+  /// The sizes.
+  const GPTConfig& config() const noexcept { return config_; }
+  /// Where each parameter lives, in the CPU model's order.
+  const std::vector<FlatParameter>& flat_parameters() const noexcept { return flat_; }
+  /// Number of parameters (elements).
+  std::int64_t numel() const noexcept { return numel_; }
+
+  /// Copies the CPU model's parameter values to the device (master weights and, for bf16, the
+  /// compute copy). Throws tessera::Error naming a parameter whose name or shape differs.
+  void upload(const ParameterList<float>& params) {
+    Tensor<float> flat = Tensor<float>::empty(Shape{numel_});
+    gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
+    master_ = to_device<float>(flat, stream_);
+    refresh_low();
+  }
+  /// Copies the device's master weights into the CPU model's parameters (e.g. to save a
+  /// checkpoint or to sample on the host). Throws as upload().
+  void download(const ParameterList<float>& params) const {
+    scatter(params, to_host(master_, stream_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
+  }
+  /// Copies AdamW's moments and step count from a CPU optimizer over the same parameters (a
+  /// resumed checkpoint's state) to the device.
+  void upload_optimizer(const optim::AdamW<float>& opt) {
+    Tensor<float> m = Tensor<float>::empty(Shape{numel_}), v = Tensor<float>::empty(Shape{numel_});
+    copy_moments_to_flat(opt, m, v);
+    m_ = to_device<float>(m, stream_);
+    v_ = to_device<float>(v, stream_);
+    steps_ = opt.steps();
+  }
+  /// Writes the device's AdamW moments and step count into a CPU optimizer over the CPU
+  /// model's parameters (for a checkpoint); its parameters may be in any order (groups), each is
+  /// found by name. Throws tessera::Error naming a parameter the model does not have.
+  void download_optimizer(optim::AdamW<float>& opt) const {
+    const Tensor<float> m = to_host(m_, stream_), v = to_host(v_, stream_);
+    std::size_t i = 0;
+    for (Parameter<float>& p : opt.parameters()) {
+      const FlatParameter& f = find(p.name, p.value.shape());
+      opt.exp_avg(i).copy_from(flat_slice(m, f));
+      opt.exp_avg_sq(i).copy_from(flat_slice(v, f));
+      ++i;
+    }
+    opt.set_steps(steps_);
+  }
+
+  /// Sets every gradient to zero.
+  void zero_grad() { grad_.fill_zero(stream_); }
+
+  /// Forward and backward of one micro-batch: tokens and targets (B, T) int32 on the device
+  /// (ids already checked in [0, vocab)), gradients accumulated (+=) with the loss's gradient
+  /// per token `dloss` (1 / tokens of the whole step for a mean). The micro-batch's summed loss
+  /// is added to a device accumulator that take_loss_sum() reads. Throws tessera::Error naming
+  /// the shapes when T exceeds n_positions or the shapes differ.
+  void forward_backward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, float dloss) {
+    forward(tokens, targets, &dloss);
+    backward(tokens);
+  }
+
+  /// The summed loss of a forward without backward (evaluation): tokens and targets as above.
+  /// Adds into the same accumulator (take_loss_sum()).
+  void evaluate(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets) {
+    forward(tokens, targets, nullptr);
+  }
+
+  /// The loss summed over every token since the last call (blocks until the stream is done),
+  /// and resets the accumulator.
+  double take_loss_sum() {
+    if (loss_sum_.numel() == 0) return 0;
+    const double s = to_host(loss_sum_, stream_)(0);
+    loss_sum_.fill_zero(stream_);
+    return s;
+  }
+
+  /// The global L2 norm of the gradients (blocks until computed).
+  double grad_norm() {
+    ops::global_sum_of_squares(stream_, grad_, norm_out_, norm_ws_);
+    return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
+  }
+
+  /// One AdamW step of every parameter in one launch, with `options` (lr as given; weight decay
+  /// on the rank >= 2 group only) and the gradients scaled by `grad_scale` (a clipping factor).
+  void step(const optim::AdamWOptions& options, double lr, float grad_scale = 1.f) {
+    ++steps_;
+    ops::AdamWGroupScalars s{};
+    s.group[0] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, options.weight_decay, steps_);
+    s.group[1] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
+    if constexpr (std::is_same_v<C, bf16>)
+      ops::adamw_step<bf16>(stream_, master_, grad_, m_, v_, chunks_, s, grad_scale, low_);
+    else
+      ops::adamw_step<float>(stream_, master_, grad_, m_, v_, chunks_, s, grad_scale);
+  }
+
+  /// Optimizer steps taken (AdamW's t).
+  std::int64_t steps() const noexcept { return steps_; }
+  /// The gradients, flat, in flat_parameters() order (fp32), e.g. for tests.
+  const DeviceTensor<float>& gradients() const noexcept { return grad_; }
+  /// The cuBLASLt handle (its plans() count shows the products planned).
+  BlasLt& blas() noexcept { return blas_; }
+  /// Bytes of device memory the activations of the last micro-batch shape hold.
+  std::size_t activation_bytes() const noexcept { return act_bytes_; }
+
+ private:
+  // Offsets of one block's parameters (indices into flat_).
+  struct BlockParams {
+    std::size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
+  };
+  struct LayerActs {
+    DeviceTensor<C> x_in, ln1, qkv, probs, atty, x_mid, ln2, pre, h;
+    DeviceTensor<float> mean1, rstd1, mean2, rstd2;
+  };
+
+  void layout(const ParameterList<float>& params) {
+    flat_ = flat_gpt_layout(config_, params);
+    const FlatParameter& last = flat_.back();
+    const std::int64_t off = last.offset + last.shape.numel();
+    numel_ = off;
+    for (std::int64_t l = 0; l < config_.n_layer; ++l) {
+      const std::size_t b = 2 + static_cast<std::size_t>(l) * 12;
+      blocks_.push_back({b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9, b + 10, b + 11});
+    }
+  }
+
+  template <class Get>
+  void gather(const ParameterList<float>& params, Tensor<float>& flat, Get get) const {
+    TESSERA_EXPECTS(params.size() == flat_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
+                    flat_.size());
+    std::size_t i = 0;
+    for (Parameter<float>& p : params) {
+      const FlatParameter& f = flat_[i++];
+      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.shape, "DeviceGPT: parameter ", p.name, " of shape ",
+                      p.value.shape(), " is not ", f.name, " of shape ", f.shape);
+      const Tensor<float> c = get(p).contiguous();
+      std::copy(c.data(), c.data() + c.numel(), flat.data() + f.offset);
+    }
+  }
+  template <class Get>
+  void scatter(const ParameterList<float>& params, const Tensor<float>& flat, Get get) const {
+    TESSERA_EXPECTS(params.size() == flat_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
+                    flat_.size());
+    std::size_t i = 0;
+    for (Parameter<float>& p : params) {
+      const FlatParameter& f = flat_[i++];
+      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.shape, "DeviceGPT: parameter ", p.name, " of shape ",
+                      p.value.shape(), " is not ", f.name, " of shape ", f.shape);
+      Tensor<float>& t = get(p);
+      Tensor<float> src = Tensor<float>::from(f.shape, std::span<const float>(flat.data() + f.offset,
+                                                                             static_cast<std::size_t>(f.shape.numel())));
+      t.copy_from(src);
+    }
+  }
+  void copy_moments_to_flat(const optim::AdamW<float>& opt, Tensor<float>& m, Tensor<float>& v) const {
+    TESSERA_EXPECTS(opt.parameters().size() == flat_.size(), "DeviceGPT: the optimizer has ", opt.parameters().size(),
+                    " parameters, the model ", flat_.size());
+    m.fill(0.f);
+    v.fill(0.f);
+    std::size_t i = 0;
+    for (Parameter<float>& p : opt.parameters()) {
+      const FlatParameter& f = find(p.name, p.value.shape());
+      flat_slice(m, f).copy_from(opt.exp_avg(i));
+      flat_slice(v, f).copy_from(opt.exp_avg_sq(i));
+      ++i;
+    }
+  }
+  const FlatParameter& find(const std::string& name, const Shape& shape) const {
+    for (const FlatParameter& f : flat_)
+      if (f.name == name) {
+        TESSERA_EXPECTS(f.shape == shape, "DeviceGPT: optimizer parameter ", name, " has shape ", shape,
+                        ", the model's ", f.shape);
+        return f;
+      }
+    throw Error(tessera::detail::str("DeviceGPT: the optimizer holds parameter ", name, ", which the model does not have"));
+  }
+  static Tensor<float> flat_slice(const Tensor<float>& flat, const FlatParameter& f) {
+    return flat.slice(0, f.offset, f.offset + f.shape.numel()).reshape(f.shape);
+  }
+
+  void refresh_low() {
+    if constexpr (std::is_same_v<C, bf16>) low_ = to_device<bf16>(to_host(master_, stream_), stream_);
+  }
+
+  // The compute-type weights of parameter i, and its fp32 gradient.
+  C* w(std::size_t i) const {
+    if constexpr (std::is_same_v<C, bf16>)
+      return low_.data() + flat_[i].offset;
+    else
+      return master_.data() + flat_[i].offset;
+  }
+  float* g(std::size_t i) const { return grad_.data() + flat_[i].offset; }
+  DeviceView<const C> wv(std::size_t i) const { return {w(i), flat_[i].shape}; }
+  DeviceView<float> gv(std::size_t i) const { return {g(i), flat_[i].shape}; }
+
+  void ensure_activations(std::int64_t B, std::int64_t T) {
+    if (B == B_ && T == T_) return;
+    const std::int64_t D = config_.d_model, H = config_.n_head, N = B * T, V = config_.vocab_size;
+    B_ = B;
+    T_ = T;
+    acts_.clear();
+    act_bytes_ = 0;
+    auto make = [&](auto& t, const Shape& s) {
+      using Tn = typename std::decay_t<decltype(t)>::Scalar;
+      t = DeviceTensor<Tn>::empty(s, stream_);
+      act_bytes_ += t.bytes();
+    };
+    for (std::int64_t l = 0; l <= config_.n_layer; ++l) {
+      LayerActs a;
+      make(a.x_in, Shape{N, D});
+      if (l < config_.n_layer) {
+        make(a.ln1, Shape{N, D});
+        make(a.qkv, Shape{B, T, 3 * D});
+        make(a.probs, Shape{B, H, T, T});
+        make(a.atty, Shape{N, D});
+        make(a.x_mid, Shape{N, D});
+        make(a.ln2, Shape{N, D});
+        make(a.pre, Shape{N, 4 * D});
+        make(a.h, Shape{N, 4 * D});
+      }
+      make(a.mean1, Shape{N});
+      make(a.rstd1, Shape{N});
+      make(a.mean2, Shape{N});
+      make(a.rstd2, Shape{N});
+      acts_.push_back(std::move(a));
+    }
+    make(lnf_, Shape{N, D});
+    make(logits_, Shape{N, V});
+    make(losses_, Shape{N});
+    make(dres_, Shape{N, D});
+    make(dln_, Shape{N, D});
+    make(datt_, Shape{N, D});
+    make(dqkv_, Shape{B, T, 3 * D});
+    make(dpre_, Shape{N, 4 * D});
+    make(dprobs_, Shape{B, H, T, T});
+    const std::int64_t ws = std::max<std::int64_t>(2 * 4 * D * ops::layer_norm_chunks(N), 4 * D * ops::bias_grad_chunks(N));
+    make(ws_, Shape{ws});
+    Tensor<std::int32_t> pos(Shape{B, T});
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t t = 0; t < T; ++t) pos(b, t) = static_cast<std::int32_t>(t);
+    positions_ = to_device<std::int32_t>(pos, stream_);
+    if (loss_sum_.numel() == 0) loss_sum_ = DeviceTensor<float>::zeros(Shape{1}, stream_);
+  }
+
+  void gemm(const GemmShape& s, const C* a, const C* b, C* out, float beta = 0.f, const EpilogueArgs& ep = {}) {
+    blas_.gemm(stream_, s, a, b, out, 1.f, beta, ep);
+  }
+  void gemm_grad(const GemmShape& s, const C* a, const C* b, float* out) { blas_.gemm(stream_, s, a, b, out, 1.f, 1.f); }
+  void copy(const DeviceTensor<C>& from, const DeviceTensor<C>& to) {
+    detail::check(cudaMemcpyAsync(to.data(), from.data(), from.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
+                  "cudaMemcpyAsync", "DeviceGPT residual copy of ", from.numel(), " elements");
+  }
+
+  void forward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, const float* dloss) {
+    TESSERA_EXPECTS(tokens.shape.rank() == 2 && targets.shape == tokens.shape, "DeviceGPT: tokens ", tokens.shape,
+                    " and targets ", targets.shape, " must both be (B, T)");
+    const std::int64_t B = tokens.size(0), T = tokens.size(1);
+    TESSERA_EXPECTS(T <= config_.n_positions, "GPT: sequence length ", T, " exceeds the position table n_positions=",
+                    config_.n_positions);
+    ensure_activations(B, T);
+    const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
+    // Embedding: wte[tokens] + wpe[t].
+    ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
+    ops::embedding_forward<C>(stream_, positions_, wv(1), acts_[0].x_in, true);
+    for (std::int64_t l = 0; l < config_.n_layer; ++l) {
+      LayerActs& a = acts_[static_cast<std::size_t>(l)];
+      LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
+      const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
+      ops::layer_norm_forward<C>(stream_, a.x_in, wv(p.ln1_w), wv(p.ln1_b), a.ln1, a.mean1, a.rstd1);
+      gemm({.m = N, .n = 3 * D, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkv.data(), 0.f,
+           {Epilogue::bias, w(p.qkv_b), nullptr});
+      ops::attention_forward<C>(stream_, blas_, a.qkv, config_.n_head, a.probs, a.atty.reshape(Shape{B, T, D}));
+      copy(a.x_in, a.x_mid);
+      gemm({.m = N, .n = D, .k = D}, a.atty.data(), w(p.proj_w), a.x_mid.data(), 1.f,
+           {Epilogue::bias, w(p.proj_b), nullptr});
+      ops::layer_norm_forward<C>(stream_, a.x_mid, wv(p.ln2_w), wv(p.ln2_b), a.ln2, a.mean2, a.rstd2);
+      gemm({.m = N, .n = 4 * D, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
+           {Epilogue::gelu_bias, w(p.fc_b), a.pre.data()});
+      copy(a.x_mid, next.x_in);
+      gemm({.m = N, .n = D, .k = 4 * D}, a.h.data(), w(p.fcproj_w), next.x_in.data(), 1.f,
+           {Epilogue::bias, w(p.fcproj_b), nullptr});
+    }
+    LayerActs& last = acts_.back();
+    const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
+    ops::layer_norm_forward<C>(stream_, last.x_in, wv(lnf_w), wv(lnf_b), lnf_, last.mean1, last.rstd1);
+    // Logits = lnf wte^T (the tied head), then the loss and, with dloss, dlogits in place.
+    gemm({.trans_b = true, .m = N, .n = V, .k = D}, lnf_.data(), w(0), logits_.data());
+    ops::softmax_cross_entropy<C>(stream_, logits_, V, DeviceView<const std::int32_t>(targets.data, Shape{N}), losses_, dloss);
+    ops::bias_grad<float>(stream_, DeviceView<const float>(losses_.data(), Shape{N, 1}),
+                          DeviceView<float>(loss_sum_.data(), Shape{1}), ws_);
+  }
+
+  void backward(DeviceView<const std::int32_t> tokens) {
+    const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
+    LayerActs& last = acts_.back();
+    // Head: dlnf = dlogits wte; dwte += dlogits^T lnf; ln_f backward into the residual gradient.
+    gemm({.m = N, .n = D, .k = V}, logits_.data(), w(0), dln_.data());
+    gemm_grad({.trans_a = true, .m = V, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
+    ops::layer_norm_backward<C>(stream_, dln_, last.x_in, wv(lnf_w), last.mean1, last.rstd1, dres_, gv(lnf_w),
+                                gv(lnf_b), ws_, false);
+    for (std::int64_t l = config_.n_layer - 1; l >= 0; --l) {
+      LayerActs& a = acts_[static_cast<std::size_t>(l)];
+      const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
+      // MLP: dpre = (dres Wfcproj^T) * gelu'(pre); weight and bias gradients.
+      gemm({.trans_b = true, .m = N, .n = 4 * D, .k = D}, dres_.data(), w(p.fcproj_w), dpre_.data(), 0.f,
+           {Epilogue::dgelu, nullptr, a.pre.data()});
+      gemm_grad({.trans_a = true, .m = 4 * D, .n = D, .k = N}, a.h.data(), dres_.data(), g(p.fcproj_w));
+      ops::bias_grad<C>(stream_, dres_, gv(p.fcproj_b), ws_);
+      gemm({.trans_b = true, .m = N, .n = D, .k = 4 * D}, dpre_.data(), w(p.fc_w), dln_.data());
+      gemm_grad({.trans_a = true, .m = D, .n = 4 * D, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
+      ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * D}), gv(p.fc_b), ws_);
+      ops::layer_norm_backward<C>(stream_, dln_, a.x_mid, wv(p.ln2_w), a.mean2, a.rstd2, dres_, gv(p.ln2_w),
+                                  gv(p.ln2_b), ws_, true);
+      // Attention: datt = dres Wproj^T; weight and bias gradients; core attention; c_attn.
+      gemm({.trans_b = true, .m = N, .n = D, .k = D}, dres_.data(), w(p.proj_w), datt_.data());
+      gemm_grad({.trans_a = true, .m = D, .n = D, .k = N}, a.atty.data(), dres_.data(), g(p.proj_w));
+      ops::bias_grad<C>(stream_, dres_, gv(p.proj_b), ws_);
+      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, D}), a.qkv, config_.n_head, a.probs,
+                                 dprobs_, dqkv_);
+      gemm({.trans_b = true, .m = N, .n = D, .k = 3 * D}, dqkv_.data(), w(p.qkv_w), dln_.data());
+      gemm_grad({.trans_a = true, .m = D, .n = 3 * D, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
+      ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * D}), gv(p.qkv_b), ws_);
+      ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
+                                  gv(p.ln1_b), ws_, true);
+    }
+    ops::embedding_backward<C>(stream_, tokens, dres_, gv(0));
+    ops::embedding_backward<C>(stream_, positions_, dres_, gv(1));
+  }
+
+  GPTConfig config_;
+  const Stream& stream_;
+  BlasLt blas_;
+  std::vector<FlatParameter> flat_;
+  std::vector<BlockParams> blocks_;
+  std::int64_t numel_ = 0;
+  DeviceTensor<float> master_, grad_, m_, v_;
+  DeviceTensor<bf16> low_;
+  ops::AdamWChunks chunks_;
+  DeviceTensor<float> norm_out_, norm_ws_, loss_sum_;
+  std::int64_t steps_ = 0;
+  std::int64_t B_ = -1, T_ = -1;
+  std::vector<LayerActs> acts_;
+  DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_;
+  DeviceTensor<float> losses_, ws_;
+  DeviceTensor<std::int32_t> positions_;
+  std::size_t act_bytes_ = 0;
+};
+
+}  // namespace tessera::cuda

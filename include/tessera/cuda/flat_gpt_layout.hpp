@@ -1,0 +1,66 @@
+#pragma once
+/// @file
+/// FlatParameter and flat_gpt_layout: where each of the GPT's parameters lives in one flat
+/// buffer (DeviceGPT's master weights, gradients and moments), in the CPU GPT's parameter order,
+/// checked name by name and shape by shape. Host code (no CUDA needed).
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/core/error.hpp"
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/shape.hpp"
+#include "tessera/models/gpt.hpp"
+
+namespace tessera::cuda {
+
+/// One parameter's place in a flat buffer.
+struct FlatParameter {
+  std::string name;         ///< the CPU model's name, e.g. "h.0.attn.c_attn.weight"
+  Shape shape;              ///< its shape
+  std::int64_t offset = 0;  ///< first element in the flat buffer
+  bool decay = false;       ///< in the weight-decay group (rank >= 2, as optim::weight_decay_groups)
+};
+
+/// The GPT's parameters in order ("wte.weight" (V, d), "wpe.weight" (P, d), then per block
+/// ln_1, attn.c_attn (d, 3d), attn.c_proj, ln_2, mlp.c_fc (d, 4d), mlp.c_proj (4d, d), weights
+/// before biases, then ln_f), laid end to end. Throws tessera::Error naming the first parameter
+/// of `params` whose name or shape is not the GPT's of `config`, or the counts when they differ.
+inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const ParameterList<float>& params) {
+  const std::int64_t V = config.vocab_size, P = config.n_positions, D = config.d_model;
+  std::vector<std::pair<std::string, Shape>> expect = {{"wte.weight", Shape{V, D}}, {"wpe.weight", Shape{P, D}}};
+  for (std::int64_t l = 0; l < config.n_layer; ++l) {
+    const std::string h = "h." + std::to_string(l) + ".";
+    expect.insert(expect.end(), {{h + "ln_1.weight", Shape{D}},
+                                 {h + "ln_1.bias", Shape{D}},
+                                 {h + "attn.c_attn.weight", Shape{D, 3 * D}},
+                                 {h + "attn.c_attn.bias", Shape{3 * D}},
+                                 {h + "attn.c_proj.weight", Shape{D, D}},
+                                 {h + "attn.c_proj.bias", Shape{D}},
+                                 {h + "ln_2.weight", Shape{D}},
+                                 {h + "ln_2.bias", Shape{D}},
+                                 {h + "mlp.c_fc.weight", Shape{D, 4 * D}},
+                                 {h + "mlp.c_fc.bias", Shape{4 * D}},
+                                 {h + "mlp.c_proj.weight", Shape{4 * D, D}},
+                                 {h + "mlp.c_proj.bias", Shape{D}}});
+  }
+  expect.insert(expect.end(), {{"ln_f.weight", Shape{D}}, {"ln_f.bias", Shape{D}}});
+  TESSERA_EXPECTS(params.size() == expect.size(), "flat GPT layout: the model has ", params.size(),
+                  " parameters, a GPT of ", config.n_layer, " layers has ", expect.size());
+  std::vector<FlatParameter> flat;
+  std::int64_t off = 0;
+  std::size_t i = 0;
+  for (Parameter<float>& p : params) {
+    TESSERA_EXPECTS(p.name == expect[i].first && p.value.shape() == expect[i].second, "flat GPT layout: parameter ", i,
+                    " is ", p.name, " of shape ", p.value.shape(), ", expected ", expect[i].first, " of shape ",
+                    expect[i].second);
+    flat.push_back({p.name, p.value.shape(), off, p.value.rank() >= 2});
+    off += p.value.numel();
+    ++i;
+  }
+  return flat;
+}
+
+}  // namespace tessera::cuda
