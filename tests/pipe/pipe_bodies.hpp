@@ -254,6 +254,54 @@ inline ZbReport zb_vs_1f1b_body(Comm& comm, int m) {
   return r;
 }
 
+// ---- activation recomputation ----------------------------------------------------------------------
+struct RecomputeReport {
+  bool losses_bitwise = false, params_bitwise = false;
+  int recomputed = -1, expected_recomputed = -2;  // last step, this rank
+  double recompute_seconds = -1;
+};
+
+// 3 steps of the tiny GPT (embedding dropout 0.1, so the rerun forward must draw the same
+// masks) with `schedule` and no recomputation against the same with `rc`: losses and
+// parameters bitwise.
+inline RecomputeReport recompute_body(Comm& comm, tessera::PipelineScheduleKind kind, int m, int v,
+                                      tessera::nn::Recompute rc) {
+  auto cfg = tiny_config();
+  cfg.embd_pdrop = 0.1;
+  const int stages = comm.size() * v;
+  const tessera::StagePartition cut =
+      tessera::StagePartition::even(tessera::gpt_pipeline_num_layers(cfg), stages, tessera::gpt_pipeline_layer_names(cfg));
+  auto make = [&](tessera::nn::Recompute r) {
+    return GPTPipe(comm, [cfg, cut](int s) { return tessera::make_gpt_pipeline_stage<float>(cfg, seed, cut, s); },
+                   tessera::nn::CrossEntropy<float>({.ignore_index = -100, .reduction = tessera::nn::Reduction::sum}),
+                   {.schedule = kind, .virtual_stages = v, .recompute = r});
+  };
+  GPTPipe a = make(tessera::nn::Recompute::none), b = make(rc);
+  tessera::optim::SGD<float> oa(a.parameters(), {.lr = lr, .momentum = momentum});
+  tessera::optim::SGD<float> ob(b.parameters(), {.lr = lr, .momentum = momentum});
+  const bool feeds = a.holds_stage(0), ends = a.holds_stage(a.num_stages() - 1);
+  int same_loss = 1;
+  for (int s = 0; s < 3; ++s) {
+    a.zero_grad();
+    b.zero_grad();
+    const float la = a.step(feeds ? tokens(8, s) : Tokens(), ends ? targets(8, s) : Tokens(), m);
+    const float lb = b.step(feeds ? tokens(8, s) : Tokens(), ends ? targets(8, s) : Tokens(), m);
+    same_loss &= tessera::testing::bitwise_equal_finite(std::span<const float>(&la, 1), std::span<const float>(&lb, 1));
+    oa.step();
+    ob.step();
+  }
+  int same = 1;
+  for (std::size_t i = 0; i < a.parameters().size(); ++i)
+    same &= tessera::testing::bitwise_equal_finite(values_of(a.parameters()[i].value), values_of(b.parameters()[i].value));
+  RecomputeReport r;
+  r.losses_bitwise = comm.all_reduce_value(same_loss, tessera::ReduceOp::min) == 1;
+  r.params_bitwise = comm.all_reduce_value(same, tessera::ReduceOp::min) == 1;
+  r.recomputed = b.last_step().recomputed_forwards;
+  r.expected_recomputed = rc == tessera::nn::Recompute::full ? v * m : 0;
+  r.recompute_seconds = b.last_step().recompute_seconds;
+  return r;
+}
+
 // ---- CASES.md C5: pipeline + accumulation -----------------------------------------------------------
 struct C5Report {
   double max_grad_err = 1;            // 2 stages x 2 mb x 2 accumulation steps vs 1 stage x 4 mb

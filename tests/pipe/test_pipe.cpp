@@ -11,6 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include <malloc.h>
+
 #include <nlohmann/json.hpp>
 
 #include "pipe_bodies.hpp"
@@ -410,4 +412,85 @@ TEST_CASE("A GPT stage's backward_input defers its Linears' and the LM head's we
       CHECK(testing::bitwise_equal_finite(pb::values_of(pa[i].grad), pb::values_of(pb_[i].grad)));
     }
   }
+}
+
+// ---- activation recomputation -----------------------------------------------------------------------
+
+TEST_CASE("Recomputation: selective and full give the GPT's losses and parameters bitwise under GPipe, 1F1B, interleaved 1F1B and ZB-H1") {
+  struct Case {
+    PipelineScheduleKind kind;
+    int pp, m, v;
+  };
+  for (const Case c : {Case{PipelineScheduleKind::gpipe, 2, 4, 1}, Case{PipelineScheduleKind::one_f_one_b, 4, 8, 1},
+                       Case{PipelineScheduleKind::interleaved_one_f_one_b, 2, 4, 2},
+                       Case{PipelineScheduleKind::zero_bubble_h1, 2, 4, 1}, Case{PipelineScheduleKind::zero_bubble_h1, 4, 8, 1}})
+    for (nn::Recompute rc : {nn::Recompute::selective, nn::Recompute::full}) {
+      CAPTURE(static_cast<int>(c.kind));
+      CAPTURE(c.pp);
+      CAPTURE(nn::to_string(rc));
+      const auto reports =
+          testing::run_ranks(c.pp, [&](Comm& comm) { return pb::recompute_body(comm, c.kind, c.m, c.v, rc); });
+      for (const pb::RecomputeReport& r : reports) {
+        CHECK(r.losses_bitwise);
+        CHECK(r.params_bitwise);
+        CHECK(r.recomputed == r.expected_recomputed);  // full: one rerun forward per (stage, micro-batch)
+        CHECK((rc == nn::Recompute::full) == (r.recompute_seconds > 0));
+      }
+    }
+  CHECK(nn::parse_recompute("selective") == nn::Recompute::selective);
+  CHECK_THROWS_WITH_AS(nn::parse_recompute("some"), doctest::Contains("'some' is not one of none, selective, full"), Error);
+  // A per-stage list of the wrong length is refused on every rank, naming both counts.
+  const auto errors = testing::run_ranks(2, [&](Comm& comm) {
+    return pb::error_of([&] {
+      pb::make_gpt_pipe(comm, {.schedule = PipelineScheduleKind::one_f_one_b, .stage_recompute = {nn::Recompute::full}});
+    });
+  });
+  for (const std::string& e : errors) CHECK(e.find("stage_recompute has 1 entries, expected one per stage") != std::string::npos);
+}
+
+namespace {
+// Bytes the heap holds for this thread's tensors now (glibc: small blocks and mmapped ones),
+// after emptying this thread's cache of freed tensor storage.
+std::int64_t heap_in_use() {
+  detail::StorageCache::release();
+  const struct mallinfo2 mi = mallinfo2();
+  return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
+}
+}  // namespace
+
+TEST_CASE("Recomputation: the activation bytes a 2-block stage keeps per micro-batch are within 10% of Korthikanti et al.'s count for our fp32 layers, and none > selective > full") {
+  // A stage of two blocks (layers 1 and 2 of 6), b = 4, s = 32, h = 64, a = 4 heads.
+  const GPTConfig cfg{.vocab_size = 40, .n_positions = 32, .n_layer = 4, .n_head = 4, .d_model = 64};
+  const StagePartition cut = StagePartition::from_cuts(6, {1, 3});
+  auto stage = make_gpt_pipeline_stage<float>(cfg, pb::seed, cut, 1);
+  const std::int64_t b = 4, s = 32, h = 64, a = 4;
+  const Tensor<float> x0 = randn(Shape{b, s, h}, 31);
+  // What the executor keeps from F to B for one micro-batch: the stage's contexts (none,
+  // selective) or only its input (full); the output goes to the next stage either way.
+  auto kept = [&](nn::Recompute rc) {
+    stage->forward(x0.clone());  // warm-up: any lazily built state exists before measuring
+    const std::int64_t before = heap_in_use();
+    StageContext ctx;
+    {
+      Tensor<float> x = x0.clone();
+      const nn::SelectiveRecompute selective(rc == nn::Recompute::selective);
+      StageOutput<float> out = stage->forward(x);
+      ctx = rc == nn::Recompute::full ? StageContext::hold(x) : std::move(out.ctx);
+    }
+    return heap_in_use() - before;
+  };
+  const std::int64_t none = kept(nn::Recompute::none), selective = kept(nn::Recompute::selective),
+                     full = kept(nn::Recompute::full);
+  const std::int64_t f_none = 2 * nn::block_activation_bytes(b, s, h, a, nn::Recompute::none);
+  const std::int64_t f_selective = 2 * nn::block_activation_bytes(b, s, h, a, nn::Recompute::selective);
+  const std::int64_t f_full = b * s * h * 4;  // the stage input
+  MESSAGE("kept per micro-batch (bytes): none ", none, " (formula ", f_none, "), selective ", selective, " (", f_selective,
+          "), full ", full, " (", f_full, ")");
+  CHECK(std::abs(double(none - f_none)) <= 0.1 * double(f_none));
+  CHECK(std::abs(double(selective - f_selective)) <= 0.1 * double(f_selective));
+  CHECK(std::abs(double(full - f_full)) <= 0.1 * double(f_full));
+  CHECK(none > selective);
+  CHECK(selective > full);
+  // The probabilities are what selective drops: 2 blocks x a s^2 b floats.
+  CHECK(std::abs(double(none - selective) - 2.0 * a * s * s * b * 4) <= 0.1 * (2.0 * a * s * s * b * 4));
 }

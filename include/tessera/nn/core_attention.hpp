@@ -14,6 +14,7 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/nn/recompute.hpp"
 
 namespace tessera::nn {
 
@@ -35,7 +36,9 @@ class CoreAttention {
   /// What backward needs: the input and the attention probabilities.
   struct Context {
     Tensor<T> qkv;    ///< (B, T, 3C), contiguous
-    Tensor<T> probs;  ///< (B, n_head, T, T): softmax rows, 0 above the diagonal
+    /// (B, n_head, T, T): softmax rows, 0 above the diagonal; empty when the forward ran inside
+    /// a SelectiveRecompute scope (backward then recomputes each head's rows from qkv).
+    Tensor<T> probs;
   };
 
   /// Attention over `n_head` heads. Throws tessera::Error unless n_head is positive.
@@ -43,35 +46,30 @@ class CoreAttention {
     TESSERA_EXPECTS(n_head > 0, "CoreAttention: n_head ", n_head, " must be positive");
   }
 
-  /// Causal attention of every head. Throws tessera::Error naming the shape when qkv is not
-  /// (B, T, 3 * n_head * head_dim).
+  /// Causal attention of every head. Inside a SelectiveRecompute scope the probabilities are
+  /// not kept (Korthikanti et al. 2022's selective activation recomputation: they are
+  /// B n_head T^2 elements, the largest activation of a block at long T, and cost only two
+  /// small GEMMs and a softmax to redo); backward recomputes them, bitwise the same. Throws
+  /// tessera::Error naming the shape when qkv is not (B, T, 3 * n_head * head_dim).
   ForwardResult<Tensor<T>, Context> forward(const Tensor<T>& qkv) const {
     check_input(qkv);
     const Tensor<T> x = qkv.contiguous();
     const std::int64_t B = x.size(0), Tn = x.size(1), C3 = x.size(2), C = C3 / 3, H = n_head_, hd = C / H;
     const T scale = T{1} / std::sqrt(static_cast<T>(hd));
     Tensor<T> y = Tensor<T>::empty(Shape{B, Tn, C});
-    Tensor<T> probs = Tensor<T>::empty(Shape{B, H, Tn, Tn});
+    const bool keep = !SelectiveRecompute::active();  // selective: one head's (T, T) scratch, dropped after
+    Tensor<T> probs = keep ? Tensor<T>::empty(Shape{B, H, Tn, Tn}) : Tensor<T>::empty(Shape{Tn, Tn});
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t h = 0; h < H; ++h) {
         const T* q = x.data() + b * Tn * C3 + h * hd;
         const T* k = q + C;
         const T* v = q + 2 * C;
-        T* p = probs.data() + (b * H + h) * Tn * Tn;
-        // (T, T) scores = q k^T / sqrt(hd), then a causal softmax per row.
-        gemm<T>(Transpose::no, Transpose::yes, Tn, Tn, hd, scale, q, C3, k, C3, T{0}, p, Tn);
-        for (std::int64_t i = 0; i < Tn; ++i) {
-          T* row = p + i * Tn;
-          const T mx = *std::max_element(row, row + i + 1);
-          T sum = 0;
-          for (std::int64_t j = 0; j <= i; ++j) sum += (row[j] = std::exp(row[j] - mx));
-          const T inv = T{1} / sum;
-          for (std::int64_t j = 0; j <= i; ++j) row[j] *= inv;
-          std::fill(row + i + 1, row + Tn, T{0});
-        }
+        T* p = keep ? probs.data() + (b * H + h) * Tn * Tn : probs.data();
+        head_probs(q, k, Tn, hd, C3, scale, p);
         // (T, hd) head output = probs v, into columns [h hd, (h+1) hd) of y.
         gemm<T>(Transpose::no, Transpose::no, Tn, hd, Tn, T{1}, p, Tn, v, C3, T{0}, y.data() + b * Tn * C + h * hd, C);
       }
+    if (!keep) return {std::move(y), Context{x, Tensor<T>()}};
     return {std::move(y), Context{x, std::move(probs)}};
   }
 
@@ -86,12 +84,15 @@ class CoreAttention {
     const Tensor<T> g = dy.contiguous();
     Tensor<T> dqkv = Tensor<T>::empty(ctx.qkv.shape());
     Tensor<T> dp = Tensor<T>::empty(Shape{Tn, Tn});  // scratch, reused by every head
+    const bool recompute = ctx.probs.numel() == 0;   // selective: probabilities not kept
+    Tensor<T> redo = recompute ? Tensor<T>::empty(Shape{Tn, Tn}) : Tensor<T>();
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t h = 0; h < H; ++h) {
         const T* q = ctx.qkv.data() + b * Tn * C3 + h * hd;
         const T* k = q + C;
         const T* v = q + 2 * C;
-        const T* p = ctx.probs.data() + (b * H + h) * Tn * Tn;
+        const T* p = recompute ? redo.data() : ctx.probs.data() + (b * H + h) * Tn * Tn;
+        if (recompute) head_probs(q, k, Tn, hd, C3, scale, redo.data());
         const T* go = g.data() + b * Tn * C + h * hd;
         T* dq = dqkv.data() + b * Tn * C3 + h * hd;
         T* dk = dq + C;
@@ -122,6 +123,20 @@ class CoreAttention {
   std::int64_t n_head() const noexcept { return n_head_; }
 
  private:
+  // One head's (T, T) probabilities into p: scores = q k^T * scale, then a causal softmax per
+  // row (0 above the diagonal). q and k have row stride ld.
+  static void head_probs(const T* q, const T* k, std::int64_t Tn, std::int64_t hd, std::int64_t ld, T scale, T* p) {
+    gemm<T>(Transpose::no, Transpose::yes, Tn, Tn, hd, scale, q, ld, k, ld, T{0}, p, Tn);
+    for (std::int64_t i = 0; i < Tn; ++i) {
+      T* row = p + i * Tn;
+      const T mx = *std::max_element(row, row + i + 1);
+      T sum = 0;
+      for (std::int64_t j = 0; j <= i; ++j) sum += (row[j] = std::exp(row[j] - mx));
+      const T inv = T{1} / sum;
+      for (std::int64_t j = 0; j <= i; ++j) row[j] *= inv;
+      std::fill(row + i + 1, row + Tn, T{0});
+    }
+  }
   void check_input(const Tensor<T>& qkv) const {
     TESSERA_EXPECTS(qkv.rank() == 3 && qkv.size(2) % (3 * n_head_) == 0 && qkv.size(2) > 0,
                     "CoreAttention: input of shape ", qkv.shape(), " is not (B, T, 3 * n_head * head_dim) with n_head=",

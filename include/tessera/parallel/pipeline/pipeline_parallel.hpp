@@ -39,6 +39,7 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/nn/recompute.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/parallel/pipeline/pipeline_loss.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
@@ -99,6 +100,17 @@ struct PipelineOptions {
   int accumulation_steps = 1;
   /// Record every action's start and end (one barrier per step to align the ranks' clocks).
   bool record_timeline = true;
+  /// Activation recomputation of every stage, honoured by every schedule: none; selective
+  /// (Korthikanti et al. 2022: the stage's forward runs in a nn::SelectiveRecompute scope, so
+  /// attention keeps q, k, v and the GEMM outputs but not its softmax probabilities, which
+  /// backward recomputes); full (Chen et al. 2016: only the stage's input is kept from F to
+  /// B / I, and the stage's forward reruns, at the same BatchPosition, just before its
+  /// backward). Gradients are bitwise those without recomputation; the extra forward time is
+  /// last_step().recompute_seconds.
+  nn::Recompute recompute = nn::Recompute::none;
+  /// Per-stage recomputation (one entry per stage, pp_size * virtual_stages); empty: every
+  /// stage uses `recompute`.
+  std::vector<nn::Recompute> stage_recompute{};
 };
 
 /// What the last step() did on this rank.
@@ -123,6 +135,12 @@ struct PipelineStepStats {
   /// Seconds this rank spent in its ticks' batched sends and receives: the transfers and the
   /// waits for a neighbour stage (the pipeline bubble shows up here).
   double transfer_seconds = 0.0;
+  /// Forwards rerun for full recomputation on this rank (one per (stage, micro-batch) of a
+  /// full-recompute stage), and the seconds they took (part of compute_seconds): the extra
+  /// compute recomputation costs. Selective recomputation's extra softmax runs inside the
+  /// backward and is not separated.
+  int recomputed_forwards = 0;
+  double recompute_seconds = 0.0;  ///< see recomputed_forwards
 };
 
 /// Pipeline parallelism: the stages of a model over the ranks of the pipeline communicator
@@ -212,6 +230,9 @@ class PipelineParallel {
                         " ", per_rank[static_cast<std::size_t>(r)], " stages, expected virtual_stages = ", v);
     }
     num_stages_ = p_ * v;
+    TESSERA_EXPECTS(options_.stage_recompute.empty() || static_cast<int>(options_.stage_recompute.size()) == num_stages_,
+                    "PipelineParallel: stage_recompute has ", options_.stage_recompute.size(),
+                    " entries, expected one per stage: pp_size * virtual_stages = ", num_stages_);
     local_index_.assign(static_cast<std::size_t>(num_stages_), -1);
     for (int s : placement_.stages_of(rank_)) {
       std::unique_ptr<Stage> st = make_stage(s);
@@ -780,22 +801,40 @@ class PipelineParallel {
     stats_.compute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   }
 
+  // What a full-recompute stage keeps from F to B: its input.
+  struct FullRecompute {
+    std::optional<Input> first;  // stage 0: its micro-batch of the model input (a view)
+    Tensor<T> x;                 // other stages: the activation received
+  };
+
+  nn::Recompute recompute_of(int st) const {
+    return options_.stage_recompute.empty() ? options_.recompute
+                                            : options_.stage_recompute[static_cast<std::size_t>(st)];
+  }
+
   void forward(int st, int mb, const Input& inputs, const Target& targets) {
     Stage& stage = local_stage(st);
     const std::size_t umb = static_cast<std::size_t>(mb);
     BatchPosition at = position_;
     at.first_row += offsets_[umb];
     const BatchPositionScope scope(at);
+    const nn::Recompute rc = recompute_of(st);
+    const nn::SelectiveRecompute selective(rc == nn::Recompute::selective);
     StageOutput<T> out;
+    FullRecompute keep;
     if (st == 0) {
-      out = stage.forward_first(inputs.slice(0, offsets_[umb], offsets_[umb] + sizes_[umb]));
+      const Input x = inputs.slice(0, offsets_[umb], offsets_[umb] + sizes_[umb]);
+      out = stage.forward_first(x);
+      if (rc == nn::Recompute::full) keep.first = x;
     } else {
       std::optional<Tensor<T>>& in = act_[slot(st - 1, mb)];
       TESSERA_EXPECTS(in.has_value(), "PipelineParallel: F(mb=", mb, ", stage=", st, ") has no input activation");
       const Tensor<T> x = std::move(*in);
       in.reset();
       out = stage.forward(x);
+      if (rc == nn::Recompute::full) keep.x = x;
     }
+    if (rc == nn::Recompute::full) out.ctx = StageContext::hold(std::move(keep));  // the layers' contexts go
     if (st == num_stages_ - 1) {
       auto [l, lctx] = loss_.forward(out.output, targets.slice(0, offsets_[umb], offsets_[umb] + sizes_[umb]));
       loss_sum_ += l;
@@ -827,6 +866,7 @@ class PipelineParallel {
     }
     StageContext& c = ctx_[slot(st, mb)];
     TESSERA_EXPECTS(c.has_value(), "PipelineParallel: B(mb=", mb, ", stage=", st, ") runs before its forward");
+    if (recompute_of(st) == nn::Recompute::full) rerun_forward(st, mb, c);
     Tensor<T> dx = split ? stage.backward_input(dy, c, weights_[slot(st, mb)]) : stage.backward(dy, c);
     c.reset();
     if (!split) --live_;
@@ -837,6 +877,21 @@ class PipelineParallel {
                       ", but its input has shape ", want);
       grad_[slot(st - 1, mb)] = dx.contiguous();
     }
+  }
+
+  // Full recomputation: the stage's forward again on its kept input, at the micro-batch's
+  // BatchPosition (the same dropout masks), replacing the kept input by the layers' contexts.
+  void rerun_forward(int st, int mb, StageContext& c) {
+    const auto c0 = std::chrono::steady_clock::now();
+    FullRecompute keep = std::move(c.get<FullRecompute>());
+    Stage& stage = local_stage(st);
+    BatchPosition at = position_;
+    at.first_row += offsets_[static_cast<std::size_t>(mb)];
+    const BatchPositionScope scope(at);
+    StageOutput<T> out = st == 0 ? stage.forward_first(*keep.first) : stage.forward(keep.x);
+    c = std::move(out.ctx);
+    ++stats_.recomputed_forwards;
+    stats_.recompute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   }
 
   void backward_weight(int st, int mb) {
