@@ -27,6 +27,7 @@
 
 #include "gpt/args.hpp"
 #include "gpt/auto_plan.hpp"
+#include "gpt/dp_communication.hpp"
 #include "gpt/evaluation.hpp"
 #include "gpt/loss_curve.hpp"
 #include "gpt/sampling.hpp"
@@ -64,6 +65,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   // the state sharded over dp with --zero1.
   DistributedOptimizer<optim::AdamW<float>> opt(model, a.adamw_groups(model.parameters()), a.zero1);
   const optim::WarmupCosine lr = a.lr_schedule();
+  // --compress / --sync-every: how the dp replicas communicate (gpt/dp_communication.hpp).
+  DpCommunication dp_comm(model, mesh.dp(), a);
 
   int start = 0;
   if (!a.resume.empty()) {
@@ -75,6 +78,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   }
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
+  if (rank0 && a.dp > 1) std::printf("dp communication: %s\n", dp_comm.describe(a).c_str());
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
                 "global batch %d x %d; rank 0 holds %lld parameters%s\n",
@@ -108,6 +112,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     const double loss = model.accumulated_loss();
     TESSERA_EXPECTS(std::isfinite(loss), "train_gpt: the loss at step ", step, " is ", loss,
                     " (not finite): the training diverged; lower --lr (now ", a.lr, ") or --warmup");
+    dp_comm.after_step();  // DiLoCo: every H steps, the outer step over dp
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     tokens += static_cast<double>(a.batch) * a.context;
     elapsed += dt;
@@ -123,9 +128,9 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       // (tp collectives, dp gradient reduction, ZeRO-1 gather) and pipeline waits (bubble and
       // activation transfers), over the steps since the last line.
       const double other = std::max(0.0, elapsed - compute - comm - bubble);
-      std::printf("step %4d  loss %.4f  lr %.2e  %6.0f tokens/s  compute %3.0f%%  comm %3.0f%%  bubble %3.0f%%\n", step,
-                  loss, lr(step), tokens / elapsed, 100 * (compute + other) / elapsed, 100 * comm / elapsed,
-                  100 * bubble / elapsed);
+      std::printf("step %4d  loss %.4f  lr %.2e  %6.0f tokens/s  compute %3.0f%%  comm %3.0f%%  bubble %3.0f%%  "
+                  "dp %.3g MB/step\n", step, loss, lr(step), tokens / elapsed, 100 * (compute + other) / elapsed,
+                  100 * comm / elapsed, 100 * bubble / elapsed, dp_comm.take_bytes_per_step() / 1e6);
       tokens = elapsed = compute = comm = bubble = 0;
     }
     if (rank0 && pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
@@ -169,6 +174,14 @@ int main(int argc, char** argv) {
                     " must be >= 0");
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
+    TESSERA_EXPECTS(a.compress.empty() || a.sync_every == 0, "train_gpt: --compress ", a.compress,
+                    " and --sync-every ", a.sync_every, " exclude each other (DiLoCo sends no gradients)");
+    if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
+    TESSERA_EXPECTS(a.sync_every == 0 || !a.zero1, "train_gpt: --sync-every ", a.sync_every,
+                    " needs whole optimizer state on every replica: drop --zero1");
+    TESSERA_EXPECTS(std::isfinite(a.outer_lr) && a.outer_lr > 0, "train_gpt: --outer-lr ", a.outer_lr, " must be positive");
+    TESSERA_EXPECTS(std::isfinite(a.outer_momentum) && a.outer_momentum >= 0 && a.outer_momentum < 1,
+                    "train_gpt: --outer-momentum ", a.outer_momentum, " must be in [0, 1)");
     TESSERA_EXPECTS(std::isfinite(a.temperature) && a.temperature > 0, "train_gpt: --temperature ", a.temperature,
                     " must be positive");
     TESSERA_EXPECTS(a.backend == "mpi" || a.world() <= 4096, "train_gpt: dp x pp x tp = ", a.world(),

@@ -27,6 +27,9 @@ struct Args {
   int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
   int accum = 1;
   bool zero1 = false;
+  std::string compress;       // --compress: dp gradient compression ("": the fp32 all-reduce)
+  int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
+  double outer_lr = 0.7, outer_momentum = 0.9;  // DiLoCo's outer SGD (Nesterov)
   bool sequence_parallel = false;
   std::string backend = "threads";
   int steps = 300;
@@ -93,6 +96,12 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::Range(0, 4096));
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
+  app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R (rank R) or topk:F "
+                 "(fraction F), with error feedback (docs/compression.md)");
+  app.add_option("--sync-every", a.sync_every, "DiLoCo / local SGD: replicas step on their own gradients and average "
+                 "every H steps through an outer Nesterov SGD (0: synchronous data parallelism)")->check(CLI::Range(0, 1 << 30));
+  app.add_option("--outer-lr", a.outer_lr, "DiLoCo's outer learning rate (1 with --outer-momentum 0: parameter averaging)");
+  app.add_option("--outer-momentum", a.outer_momentum, "DiLoCo's outer Nesterov momentum, in [0, 1)");
   app.add_flag("--sequence-parallel", a.sequence_parallel, "split activations along the sequence over tp (--context divisible by --tp)");
   app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
   app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::Range(1, 1 << 30));
