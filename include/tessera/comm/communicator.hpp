@@ -7,6 +7,7 @@
 /// Semantics follow NCCL and MPI: every collective is *collective* over the communicator, i.e.
 /// every rank calls it, in the same order, with the same element type, count, op and root.
 
+#include <atomic>
 #include <chrono>
 #include <concepts>
 #include <cstddef>
@@ -94,6 +95,19 @@ class CommBackend {
 };
 
 namespace detail {
+/// Whether Comm records the call site of each collective for a CollectiveChecker
+/// (comm/collective_checker.hpp): false until the first checker is made in this process, and
+/// then the only cost of a collective with the mode off is this one relaxed load.
+inline std::atomic<bool> call_sites_wanted{false};
+/// The call site of the collective this thread is issuing through Comm, read (and cleared) by
+/// the CollectiveChecker underneath. Set only while call_sites_wanted.
+inline thread_local SourceLocation pending_call_site{};
+/// Records `loc` for a CollectiveChecker when one exists.
+inline void note_call_site(const SourceLocation& loc) noexcept {
+  if (call_sites_wanted.load(std::memory_order_relaxed)) [[unlikely]]
+    pending_call_site = loc;
+}
+
 /// A contiguous range of CommScalar elements: std::vector<float>, std::span<double>, ...
 template <class R>
 concept CommRange = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
@@ -141,14 +155,18 @@ class Comm {
   /// In-place all-reduce: afterwards every rank holds op over all ranks' `data`, reduced in a
   /// fixed rank order on the threads backend (bitwise reproducible).
   /// Collective over this communicator: every rank calls it with the same count and op.
+  /// `loc` (the caller's) names the call site in CollectiveChecker's reports.
   template <detail::CommRange R>
-  void all_reduce(R&& data, ReduceOp op = ReduceOp::sum) {
+  void all_reduce(R&& data, ReduceOp op = ReduceOp::sum, SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     iall_reduce_(std::forward<R>(data), op, false).wait();
   }
   /// Non-blocking all_reduce; the buffer must not be touched until the Request completes.
   /// Collective, issued in the same order as every other collective on this communicator.
   template <detail::CommRange R>
-  [[nodiscard]] Request iall_reduce(R&& data, ReduceOp op = ReduceOp::sum) {
+  [[nodiscard]] Request iall_reduce(R&& data, ReduceOp op = ReduceOp::sum,
+                                    SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     return iall_reduce_(std::forward<R>(data), op, true);
   }
 
@@ -156,12 +174,14 @@ class Comm {
   /// offset r * in.size(). Throws Error if out.size() != size() * in.size().
   /// Collective: every rank calls it with the same in.size().
   template <detail::CommRange In, detail::CommRange Out>
-  void all_gather(const In& in, Out&& out) {
+  void all_gather(const In& in, Out&& out, SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     iall_gather_(in, out, false).wait();
   }
   /// Non-blocking all_gather (see all_gather). Collective.
   template <detail::CommRange In, detail::CommRange Out>
-  [[nodiscard]] Request iall_gather(const In& in, Out&& out) {
+  [[nodiscard]] Request iall_gather(const In& in, Out&& out, SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     return iall_gather_(in, out, true);
   }
 
@@ -169,20 +189,25 @@ class Comm {
   /// reduction over ranks of block r. Throws Error if in.size() != size() * out.size().
   /// Collective: every rank calls it with the same out.size() and op.
   template <detail::CommRange In, detail::CommRange Out>
-  void reduce_scatter(const In& in, Out&& out, ReduceOp op = ReduceOp::sum) {
+  void reduce_scatter(const In& in, Out&& out, ReduceOp op = ReduceOp::sum,
+                      SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     ireduce_scatter_(in, out, op, false).wait();
   }
   /// Non-blocking reduce_scatter (see reduce_scatter). Collective.
   template <detail::CommRange In, detail::CommRange Out>
-  [[nodiscard]] Request ireduce_scatter(const In& in, Out&& out, ReduceOp op = ReduceOp::sum) {
+  [[nodiscard]] Request ireduce_scatter(const In& in, Out&& out, ReduceOp op = ReduceOp::sum,
+                                        SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
     return ireduce_scatter_(in, out, op, true);
   }
 
   /// Broadcast: every rank's `data` becomes root's. Throws Error if root is not in [0, size()).
   /// Collective: every rank calls it with the same count and root.
   template <detail::CommRange R>
-  void broadcast(R&& data, int root = 0) {
+  void broadcast(R&& data, int root = 0, SourceLocation loc = SourceLocation::current()) {
     check_rank_(root, "broadcast", "root");
+    detail::note_call_site(loc);
     using T = detail::range_elem_t<R>;
     impl().broadcast(std::ranges::data(data), std::ranges::size(data), dtype_of<T>, root);
   }
@@ -223,22 +248,26 @@ class Comm {
   void batch_send_recv(std::span<const P2POp> ops) { batch_isend_irecv(ops).wait(); }
 
   /// Blocks until every rank has entered barrier(). Collective.
-  void barrier() { impl().barrier(); }
+  void barrier(SourceLocation loc = SourceLocation::current()) {
+    detail::note_call_site(loc);
+    impl().barrier();
+  }
 
   /// Splits the communicator: ranks passing the same `color` (>= 0) form a new communicator in
   /// which they are ordered by `key`, ties broken by their rank here (MPI_Comm_split).
   /// Collective: every rank calls it. Throws Error if color < 0.
-  Comm split(int color, int key) const {
+  Comm split(int color, int key, SourceLocation loc = SourceLocation::current()) const {
     TESSERA_EXPECTS(color >= 0, "split: color must be >= 0, got ", color, " on rank ", rank(),
                     " of ", name());
+    detail::note_call_site(loc);
     return Comm(impl().split(color, key));
   }
 
   /// Helper for control decisions (CASES C10): returns op over every rank's `value`, the same
   /// value on every rank, so every rank takes the same branch. Collective.
   template <CommScalar T>
-  T all_reduce_value(T value, ReduceOp op = ReduceOp::sum) {
-    all_reduce(std::span<T>(&value, 1), op);
+  T all_reduce_value(T value, ReduceOp op = ReduceOp::sum, SourceLocation loc = SourceLocation::current()) {
+    all_reduce(std::span<T>(&value, 1), op, loc);
     return value;
   }
 

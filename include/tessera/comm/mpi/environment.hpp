@@ -26,6 +26,7 @@
 #include <typeinfo>
 #include <utility>
 
+#include "tessera/comm/collective_checker.hpp"
 #include "tessera/comm/communicator.hpp"
 #include "tessera/comm/mpi/mpi_communicator.hpp"
 #include "tessera/core/error.hpp"
@@ -143,7 +144,9 @@ inline Comm make_comm(const boost::mpi::communicator& comm, std::string name) {
 /// The MPI backend behind `comm`, for MPI-only settings (set_debug_collectives,
 /// set_max_message_count, mpi_comm). Throws Error if `comm` is not an MPI communicator.
 inline MpiCommunicator& backend(const Comm& comm) {
-  auto* b = dynamic_cast<MpiCommunicator*>(&comm.backend());
+  CommBackend* inner = &comm.backend();
+  if (auto* checker = dynamic_cast<CollectiveChecker*>(inner)) inner = checker->inner().get();
+  auto* b = dynamic_cast<MpiCommunicator*>(inner);
   TESSERA_EXPECTS(b != nullptr, "tessera::mpi::backend: ", comm.name(), " is not an MPI communicator");
   return *b;
 }
@@ -159,6 +162,7 @@ template <class Fn>
 int run(int& argc, char**& argv, Fn&& fn) {
   Environment env(argc, argv);
   Comm w = world();
+  if (collective_checks_from_environment()) w = check_collectives(w);  // TESSERA_DEBUG_COLLECTIVES=detail
   try {
     static_cast<void>(fn(w));
   } catch (const std::exception& e) {

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tessera/comm/collective_checker.hpp"
 #include "tessera/comm/communicator.hpp"
 #include "tessera/comm/thread/thread_state.hpp"
 
@@ -430,6 +431,10 @@ struct RunOptions {
   /// How long a collective waits for its peers before throwing TimeoutError (default:
   /// TESSERA_TIMEOUT seconds from the environment, else 60 s).
   std::chrono::milliseconds timeout = default_timeout();
+  /// Wrap each rank's world in a CollectiveChecker (comm/collective_checker.hpp): every
+  /// collective's sequence number, signature and call site compared across ranks (default:
+  /// TESSERA_DEBUG_COLLECTIVES=detail in the environment).
+  bool check_collectives = collective_checks_from_environment();
 };
 
 /// Starts `n` ranks as std::threads, each calling `fn(Comm& world)`, joins them, and returns
@@ -456,6 +461,7 @@ auto run(int n, F&& fn, RunOptions opts = {}) {
       threads.emplace_back([&, r] {
         try {
           Comm comm(std::make_shared<ThreadCommunicator>(world, group, r, opts.timeout));
+          if (opts.check_collectives) comm = tessera::check_collectives(comm);
           if constexpr (std::is_void_v<R>) {
             fn(comm);
           } else {
