@@ -12,8 +12,11 @@
 // forward and backward every accumulation step, clip, step the optimizer, log, validate, save. Options, sampling, evaluation, the loss curve
 // and the serial check are modules beside it (examples/gpt/). Only world rank 0 prints.
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -28,8 +31,10 @@
 #include "gpt/args.hpp"
 #include "gpt/auto_plan.hpp"
 #include "gpt/dp_communication.hpp"
+#include "gpt/device_training.hpp"
 #include "gpt/evaluation.hpp"
 #include "gpt/loss_curve.hpp"
+#include "gpt/memory_report.hpp"
 #include "gpt/sampling.hpp"
 #include "gpt/serial_reference.hpp"
 #include "tessera/checkpoint/checkpoint.hpp"
@@ -38,12 +43,17 @@
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/parallel/data/distributed_optimizer.hpp"
+#include "tessera/optim/nonfinite_check.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
 
 using namespace tessera;
 using namespace train_gpt;
 using Clock = std::chrono::steady_clock;
+
+// Set when the first training step starts: an error before it comes from the command line
+// or its files (exit code 2), an error after it from the run (exit code 1).
+std::atomic<bool> training_started{false};
 
 checkpoint::CheckpointMeta meta_of(const Args& a, int step) {
   checkpoint::CheckpointMeta m;
@@ -62,11 +72,16 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   const data::TextDataset ds(a.data, a.context);
   HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), std::nullopt, {.sequence_parallel = a.sequence_parallel});
   // AdamW outside the model: no weight decay on biases and LayerNorm weights (GPT recipes),
-  // the state sharded over dp with --zero1.
-  DistributedOptimizer<optim::AdamW<float>> opt(model, a.adamw_groups(model.parameters()), a.zero1);
+  // the state sharded over dp with --zero 1 (--zero1), the gradients too with --zero 2.
+  DistributedOptimizer<optim::AdamW<float>> opt(model, a.adamw_groups(model.parameters()), a.zero_stage());
   const optim::WarmupCosine lr = a.lr_schedule();
   // --compress / --sync-every: how the dp replicas communicate (gpt/dp_communication.hpp).
   DpCommunication dp_comm(model, mesh.dp(), a);
+  // A NaN or Inf in the loss or a gradient stops the run naming the step and the parameter,
+  // or skips the step (--on-nonfinite skip), decided in the gradient-norm reduction.
+  optim::NonfiniteCheck<float> nonfinite(a.on_nonfinite == "skip" ? optim::OnNonfinite::skip : optim::OnNonfinite::stop);
+  std::ofstream json_log;  // --log-json: one object per step, flushed per line (rank 0)
+  if (rank0 && !a.log_json.empty()) json_log.open(a.log_json, std::ios::trunc);
 
   int start = 0;
   if (!a.resume.empty()) {
@@ -83,11 +98,12 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
                 "global batch %d x %d; rank 0 holds %lld parameters%s\n",
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
-                a.accum, a.zero1 ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
+                a.accum, a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
                 a.sequence_parallel ? "; sequence parallel" : "");
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
   std::vector<Point> curve;
+  training_started = true;
   const auto t_start = Clock::now();
   double tokens = 0, elapsed = 0, compute = 0, comm = 0, bubble = 0;
   for (int step = start; step < a.steps; ++step) {
@@ -105,13 +121,17 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       m += s.tp_comm_seconds + s.dp_comm_seconds;
       w += s.pp_wait_seconds;
     }
-    if (a.clip > 0) optim::clip_grad_norm(model.gradients(), a.clip);
-    opt.set_lr(lr(step));
-    opt.step();
-    if (opt.zero1()) m += opt.seconds();  // the parameter all-gather
     const double loss = model.accumulated_loss();
-    TESSERA_EXPECTS(std::isfinite(loss), "train_gpt: the loss at step ", step, " is ", loss,
-                    " (not finite): the training diverged; lower --lr (now ", a.lr, ") or --warmup");
+    const optim::NonfiniteVerdict v = nonfinite.check(step, loss, model.gradients(), model.parameters());
+    if (v.finite) {
+      if (a.clip > 0) optim::scale_by_norm(model.gradients(), a.clip, v.grad_norm);  // the norm just reduced
+      opt.set_lr(lr(step));
+      opt.step();
+      if (opt.zero1()) m += opt.seconds();  // the parameter all-gather
+    } else if (rank0 && !a.quiet) {
+      std::printf("step %4d  skipped (%lld so far): %s\n", step, static_cast<long long>(nonfinite.skipped_steps()),
+                  nonfinite.last_message().c_str());
+    }
     dp_comm.after_step();  // DiLoCo: every H steps, the outer step over dp
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     tokens += static_cast<double>(a.batch) * a.context;
@@ -122,7 +142,14 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     Point pt{step, loss, -1.0};
     const bool last = step == a.steps - 1;
     if (a.val_every > 0 && (step % a.val_every == 0 || last)) pt.val = validation_loss(model, ds, a);
-    curve.push_back(pt);
+    if (v.finite) curve.push_back(pt);
+    if (json_log.is_open()) {
+      nlohmann::json j = {{"step", step}, {"loss", loss}, {"lr", lr(step)}, {"tokens_per_s", a.batch * a.context / dt},
+                          {"grad_norm", v.grad_norm}, {"skipped", !v.finite}, {"skipped_steps", nonfinite.skipped_steps()},
+                          {"step_seconds", dt}, {"compute_seconds", c}, {"comm_seconds", m}, {"pp_wait_seconds", w}};
+      if (pt.val >= 0) j["val_loss"] = pt.val;
+      json_log << j.dump() << std::endl;  // a dashboard reads each line as it is written
+    }
     if (rank0 && !a.quiet && (step % a.log_every == 0 || last)) {
       // Shares of rank 0's step time: compute (forward, backward, optimizer), communication
       // (tp collectives, dp gradient reduction, ZeRO-1 gather) and pipeline waits (bubble and
@@ -140,12 +167,16 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     }
   }
   if (rank0 && a.steps > start)
-    std::printf("trained steps %d..%d in %.1f s\n", start, a.steps - 1,
-                std::chrono::duration<double>(Clock::now() - t_start).count());
+    std::printf("trained steps %d..%d in %.1f s%s\n", start, a.steps - 1,
+                std::chrono::duration<double>(Clock::now() - t_start).count(),
+                nonfinite.skipped_steps() > 0
+                    ? detail::str(" (", nonfinite.skipped_steps(), " skipped: non-finite values)").c_str()
+                    : "");
   if (a.sample_len > 0) {
     const std::string text = sample(model, a);
     if (rank0) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
   }
+  if (a.memory_report) print_memory_report(world, world.rank() == 0 && print);
   return curve;
 }
 
@@ -153,11 +184,43 @@ int main(int argc, char** argv) {
   Args a;
   CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens)"};
   add_options(app, a);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help exits 0; a bad flag or value is a usage error: one line on stderr, exit code 2.
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    std::fprintf(stderr, "train_gpt: %s (--help lists the flags)\n", what.c_str());
+    return 2;
+  }
   a.heads_given = app.count("--heads") > 0;
+  if (a.model == "gpt2-124m") {  // GPT-2 small; byte tokens: a vocabulary of 256, a multiple of 128
+    if (app.count("--layers") == 0) a.layers = 12;
+    if (app.count("--d-model") == 0) a.d_model = 768;
+    if (app.count("--heads") == 0) a.heads = 12;
+    if (app.count("--context") == 0) a.context = 1024;
+    a.heads_given = true;
+  }
+  const bool layout_given = app.count("--dp") + app.count("--tp") + app.count("--pp") > 0;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they are printed, even through a pipe
   try {
     namespace fs = std::filesystem;
+    if (a.device == "cuda") {
+      // One GPU for now: the policies move onto device memory in "GPU execution, part 2".
+      TESSERA_EXPECTS(!layout_given || a.world() == 1, "train_gpt: --device cuda trains on one GPU: dp x tp x pp is ",
+                      a.world(), "; drop --dp/--tp/--pp (the policies on GPUs are not built yet)");
+      TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
+      TESSERA_EXPECTS(a.dropout == 0, "train_gpt: --dropout ", a.dropout, " is not on the device yet; use --dropout 0");
+      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() == ZeroStage::none,
+                      "train_gpt: --compress, --sync-every and --zero/--zero1 need dp > 1, which --device cuda does not "
+                      "have yet");
+      TESSERA_EXPECTS(!a.verify && !a.generate && a.eval_model.empty(), "train_gpt: --verify, --generate and "
+                      "--eval-model run on the CPU; drop --device cuda for them");
+      a.dp = a.tp = a.pp = 1;
+    } else {
+      TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
+    }
     if (a.plan == "auto") apply_auto_plan(a);  // sets dp, tp, pp, schedule, micro-batches, ZeRO-1
     TESSERA_EXPECTS(a.world_size == 0 || a.world() == a.world_size, "train_gpt: --world ", a.world_size,
                     " is not dp x tp x pp = ", a.world(), " (--world is for --plan auto)");
@@ -177,8 +240,8 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(a.compress.empty() || a.sync_every == 0, "train_gpt: --compress ", a.compress,
                     " and --sync-every ", a.sync_every, " exclude each other (DiLoCo sends no gradients)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
-    TESSERA_EXPECTS(a.sync_every == 0 || !a.zero1, "train_gpt: --sync-every ", a.sync_every,
-                    " needs whole optimizer state on every replica: drop --zero1");
+    TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
+                    " needs whole optimizer state on every replica: drop --zero1 / --zero");
     TESSERA_EXPECTS(std::isfinite(a.outer_lr) && a.outer_lr > 0, "train_gpt: --outer-lr ", a.outer_lr, " must be positive");
     TESSERA_EXPECTS(std::isfinite(a.outer_momentum) && a.outer_momentum >= 0 && a.outer_momentum < 1,
                     "train_gpt: --outer-momentum ", a.outer_momentum, " must be in [0, 1)");
@@ -250,10 +313,16 @@ int main(int argc, char** argv) {
                                                             "the checkpoint's extra.schedule_steps", 1);
     }
     std::vector<Point> curve;
-    launch(a.backend, a.world(), argc, argv, [&](Comm& world) {
-      auto c = train_rank(world, a, true);
-      if (world.rank() == 0) curve = std::move(c);
-    });
+    if (a.device == "cuda") {
+      TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "
+                      "cuBLASLt was not found when Meson configured); install the CUDA toolkit, configure with -Dcuda=enabled");
+      launch("threads", 1, argc, argv, [&](Comm& world) { curve = train_on_device(world, a, meta_of, training_started); });
+    } else {
+      launch(a.backend, a.world(), argc, argv, [&](Comm& world) {
+        auto c = train_rank(world, a, true);
+        if (world.rank() == 0) curve = std::move(c);
+      });
+    }
     if (!curve.empty()) write_curve(a, curve);
     if (a.verify) {
       // Round-off differences grow chaotically over a long run, so the serial check covers the
@@ -278,11 +347,11 @@ int main(int argc, char** argv) {
                  "tp %d): about %.3g GB of parameters, gradients and AdamW state for the whole model; lower the sizes or "
                  "spread them over more ranks\n", a.layers, a.d_model, a.context, a.batch, a.dp, a.pp, a.tp,
                  16.0 * (12.0 * a.d_model * double(a.d_model) * a.layers + (256.0 + a.context) * a.d_model) / 1e9);
-    return 1;
+    return training_started ? 1 : 2;
   } catch (const std::exception& e) {
     const std::string what = e.what();
     std::fprintf(stderr, "%s%s\n", what.rfind("train_gpt:", 0) == 0 ? "" : "train_gpt: ", what.c_str());
-    return 1;
+    return training_started ? 1 : 2;  // 2: the command line or its files are wrong
   }
   return 0;
 }

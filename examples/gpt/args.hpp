@@ -13,6 +13,7 @@
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/param_group.hpp"
 #include "tessera/optim/warmup_cosine.hpp"
+#include "tessera/parallel/data/zero_optimizer.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
 
 namespace train_gpt {
@@ -23,10 +24,13 @@ struct Args {
   std::string data = "data/kjv.txt";
   int dp = 2, tp = 1, pp = 1;
   std::string schedule = "1f1b";
+  std::string recompute = "none";  // --recompute none|selective|full: activation recomputation of every stage
   int virtual_stages = 1;
   int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
   int accum = 1;
   bool zero1 = false;
+  int zero = -1;              // --zero 0|1|2: ZeRO stage (-1: --zero1 decides)
+  bool memory_report = false; // --memory-report: each rank's MemoryTracker table at the end
   std::string compress;       // --compress: dp gradient compression ("": the fp32 all-reduce)
   int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
   double outer_lr = 0.7, outer_momentum = 0.9;  // DiLoCo's outer SGD (Nesterov)
@@ -53,10 +57,15 @@ struct Args {
   std::string loss_csv, loss_svg;
   bool verify = false;
   bool quiet = false;
+  std::string on_nonfinite = "stop";  // a NaN or Inf in the loss or a gradient: stop, or skip the step
+  std::string log_json;               // one JSON object per step (rank 0), "" for none
   bool heads_given = false;  // whether --heads was on the command line
   std::string plan;          // "auto": the planner picks the layout (gpt/auto_plan.hpp)
   int world_size = 0;        // ranks for --plan auto (0: dp x tp x pp)
   std::string cluster;       // cluster file for --plan auto ("": plan/clusters/this_machine_<backend>.json)
+  std::string device = "cpu";  // --device cuda: train on one CUDA device (gpt/device_training.hpp)
+  std::string dtype = "fp32";  // --dtype bf16: mixed precision on the device (fp32 master weights)
+  std::string model;           // --model gpt2-124m: 12 layers, d 768, 12 heads, context 1024 (flags given win)
 
   int world() const { return dp * tp * pp; }
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
@@ -67,9 +76,10 @@ struct Args {
   HybridOptions hybrid() const {
     const PipelineScheduleKind kind = schedule == "gpipe"         ? PipelineScheduleKind::gpipe
                                       : schedule == "interleaved" ? PipelineScheduleKind::interleaved_one_f_one_b
+                                      : schedule == "zb-h1"       ? PipelineScheduleKind::zero_bubble_h1
                                                                   : PipelineScheduleKind::one_f_one_b;
     return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
-            .accumulation_steps = accum};
+            .accumulation_steps = accum, .recompute = nn::parse_recompute(recompute)};
   }
   // AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and
   // LayerNorm weights (nanoGPT's and Megatron's split).
@@ -77,6 +87,11 @@ struct Args {
     return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
+  // The ZeRO stage of --zero (or --zero1). Throws tessera::Error when both are given and differ.
+  ZeroStage zero_stage() const {
+    TESSERA_EXPECTS(zero < 0 || !zero1 || zero == 1, "train_gpt: --zero1 and --zero ", zero, " disagree");
+    return tessera::zero_stage(zero >= 0 ? zero : (zero1 ? 1 : 0));
+  }
   optim::WarmupCosine lr_schedule() const {
     const int total = schedule_steps > 0 ? schedule_steps : steps;
     return {.max_lr = lr, .min_lr = min_lr, .warmup_steps = std::min(warmup, total), .total_steps = total};
@@ -90,12 +105,18 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--dp", a.dp, "data-parallel ranks")->check(CLI::Range(1, 64));
   app.add_option("--tp", a.tp, "tensor-parallel ranks (divides --heads)")->check(CLI::Range(1, 64));
   app.add_option("--pp", a.pp, "pipeline stages (ranks)")->check(CLI::Range(1, 64));
-  app.add_option("--schedule", a.schedule, "pipeline schedule")->check(CLI::IsMember({"gpipe", "1f1b", "interleaved"}));
+  app.add_option("--schedule", a.schedule, "pipeline schedule (zb-h1: zero-bubble H1, backward split into input and weight gradients)")
+      ->check(CLI::IsMember({"gpipe", "1f1b", "interleaved", "zb-h1"}));
+  app.add_option("--recompute", a.recompute, "activation recomputation: none, selective (attention's softmax) or full "
+                 "(only each stage's input kept)")->check(CLI::IsMember({"none", "selective", "full"}));
   app.add_option("--virtual-stages", a.virtual_stages, "model chunks per pipeline rank (interleaved)")->check(CLI::Range(1, 64));
   app.add_option("--microbatches", a.microbatches, "micro-batches per forward/backward (0: pp x virtual stages)")
       ->check(CLI::Range(0, 4096));
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
-  app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1)");
+  app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1; the same as --zero 1)");
+  app.add_option("--zero", a.zero, "ZeRO stage: 0 none, 1 optimizer state, 2 gradients too (sharded over dp)")
+      ->check(CLI::Range(0, 2));
+  app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
   app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R (rank R) or topk:F "
                  "(fraction F), with error feedback (docs/compression.md)");
   app.add_option("--sync-every", a.sync_every, "DiLoCo / local SGD: replicas step on their own gradients and average "
@@ -116,6 +137,12 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
   app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
   app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay (not on biases and LayerNorm weights)");
+  app.add_option("--device", a.device, "cpu (the ranks as threads or processes) or cuda (one GPU, dp = tp = pp = 1)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--dtype", a.dtype, "with --device cuda: fp32 (TF32 off) or bf16 (mixed precision, fp32 master weights)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--model", a.model, "a preset: gpt2-124m = --layers 12 --d-model 768 --heads 12 --context 1024 "
+                 "(flags given explicitly win)")->check(CLI::IsMember({"gpt2-124m"}));
   app.add_option("--dropout", a.dropout, "dropout probability on the embeddings (GPT-2's embd_pdrop), in [0, 1)");
   app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling")->check(CLI::Validator(
       [](const std::string& v) { return !v.empty() && v[0] == '-' ? std::string("must be >= 0, got ") + v : std::string(); },
@@ -136,6 +163,9 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--loss-svg", a.loss_svg, "write the loss curve as an SVG picture");
   app.add_flag("--verify", a.verify, "also train serially in this process and print the largest loss difference");
   app.add_flag("--quiet", a.quiet, "no per-step lines");
+  app.add_option("--on-nonfinite", a.on_nonfinite, "a NaN or Inf in the loss or a gradient: stop (naming the step and "
+                 "parameter) or skip the optimizer step")->check(CLI::IsMember({"stop", "skip"}));
+  app.add_option("--log-json", a.log_json, "write one JSON object per step to this file (step, loss, lr, tokens/s, grad norm)");
   app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches and ZeRO-1 for --world ranks")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--world", a.world_size, "ranks for --plan auto (default: dp x tp x pp)")->check(CLI::Range(1, 4096));

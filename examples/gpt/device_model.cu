@@ -1,0 +1,62 @@
+// train_gpt's --device cuda model: tessera::cuda::DeviceGPT behind DeviceModel (compiled by nvcc).
+#include "gpt/device_model.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include "tessera/cuda/caching_allocator.hpp"
+#include "tessera/cuda/device.hpp"
+#include "tessera/cuda/device_gpt.cuh"
+
+namespace train_gpt {
+namespace {
+
+template <class C>
+class CudaModel final : public DeviceModel {
+ public:
+  CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params)
+      : stream_(), model_(config, params, stream_) {}
+  void zero_grad() override { model_.zero_grad(); }
+  void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
+                        float dloss) override {
+    auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
+    model_.forward_backward(xd, yd, dloss);
+  }
+  void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) override {
+    auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
+    model_.evaluate(xd, yd);
+  }
+  double take_loss_sum() override { return model_.take_loss_sum(); }
+  double grad_norm() override { return model_.grad_norm(); }
+  void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) override {
+    model_.step(options, lr, grad_scale);
+  }
+  void download(const tessera::ParameterList<float>& params) const override { model_.download(params); }
+  void upload_optimizer(const tessera::optim::AdamW<float>& opt) override { model_.upload_optimizer(opt); }
+  void download_optimizer(tessera::optim::AdamW<float>& opt) const override { model_.download_optimizer(opt); }
+  std::size_t activation_bytes() const override { return model_.activation_bytes(); }
+  std::size_t peak_device_bytes() const override {
+    return tessera::cuda::default_allocator().stats().peak_allocated_bytes;
+  }
+  std::string device_name() const override {
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";
+    return p.name;
+  }
+
+ private:
+  tessera::cuda::Stream stream_;
+  tessera::cuda::DeviceGPT<C> model_;
+};
+
+}  // namespace
+
+bool built_with_cuda() { return true; }
+
+std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
+                                               const tessera::ParameterList<float>& params, bool bf16) {
+  tessera::cuda::set_device(0);
+  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params);
+  return std::make_unique<CudaModel<float>>(config, params);
+}
+
+}  // namespace train_gpt

@@ -1,0 +1,45 @@
+#pragma once
+// --device cuda: the GPT on one CUDA device behind a plain C++ interface, so train_gpt's own
+// translation unit is compiled by the C++ compiler and only device_model.cu by nvcc (where the
+// build has the CUDA device layers; device_model_unavailable.cpp otherwise).
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "tessera/core/parameter.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
+
+namespace train_gpt {
+
+// tessera::cuda::DeviceGPT<float or bf16>, type-erased. Token tensors are host tensors (B, T);
+// each call copies them to the device.
+class DeviceModel {
+ public:
+  virtual ~DeviceModel() = default;
+  virtual void zero_grad() = 0;
+  // Gradients of one micro-batch accumulated; dloss: the loss gradient per token.
+  virtual void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
+                                float dloss) = 0;
+  virtual void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) = 0;
+  virtual double take_loss_sum() = 0;  // summed token losses since the last call
+  virtual double grad_norm() = 0;
+  virtual void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) = 0;
+  virtual void download(const tessera::ParameterList<float>& params) const = 0;
+  virtual void upload_optimizer(const tessera::optim::AdamW<float>& opt) = 0;
+  virtual void download_optimizer(tessera::optim::AdamW<float>& opt) const = 0;
+  virtual std::size_t activation_bytes() const = 0;
+  virtual std::size_t peak_device_bytes() const = 0;  // the caching allocator's peak
+  virtual std::string device_name() const = 0;
+};
+
+// Whether this train_gpt was built with the CUDA device layers (nvcc found at configure time).
+bool built_with_cuda();
+
+// A model on CUDA device 0 holding `params` (the CPU GPT's, in its order), bf16 mixed precision
+// or fp32. Throws tessera::Error naming the reason where there is no device or no CUDA build.
+std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
+                                               const tessera::ParameterList<float>& params, bool bf16);
+
+}  // namespace train_gpt

@@ -1,0 +1,17 @@
+// train_gpt's --device cuda where the build has no CUDA device layers (nvcc was not found when
+// Meson configured): a clear refusal instead of a link error.
+#include "gpt/device_model.hpp"
+
+#include "tessera/core/error.hpp"
+
+namespace train_gpt {
+
+bool built_with_cuda() { return false; }
+
+std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&, bool) {
+  throw tessera::Error(
+      "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
+      "configured); install the CUDA toolkit and configure with -Dcuda=enabled");
+}
+
+}  // namespace train_gpt

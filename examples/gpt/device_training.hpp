@@ -1,0 +1,133 @@
+#pragma once
+// --device cuda: train_gpt's loop on one CUDA device (dp = tp = pp = 1). The model trains on the
+// device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
+// the sampler: a save downloads the weights and AdamW's state into it and writes the same
+// safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
+// loads into it and uploads.
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tessera/checkpoint/checkpoint.hpp"
+#include "tessera/checkpoint/gpt2.hpp"
+#include "gpt/args.hpp"
+#include "gpt/device_model.hpp"
+#include "gpt/loss_curve.hpp"
+#include "gpt/sampling.hpp"
+#include "tessera/checkpoint/hybrid_state.hpp"
+#include "tessera/data/text_dataset.hpp"
+#include "tessera/mesh/mesh.hpp"
+#include "tessera/models/hybrid_gpt.hpp"
+#include "tessera/optim/warmup_cosine.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
+
+namespace train_gpt {
+
+// Trains on CUDA device 0 as rank 0 of a 1-rank `world` and returns the loss curve.
+inline std::vector<Point> train_on_device(Comm& world, const Args& a,
+                                          checkpoint::CheckpointMeta (*meta)(const Args&, int), std::atomic<bool>& started) {
+  using Clock = std::chrono::steady_clock;
+  Mesh mesh(world, MeshShape{.dp = 1, .pp = 1, .tp = 1});
+  const data::TextDataset ds(a.data, a.context);
+  HybridGPT<float> host(mesh, a.config(), a.seed, a.hybrid());
+  DistributedOptimizer<optim::AdamW<float>> opt(host, a.adamw_groups(host.parameters()), ZeroStage::none);
+  int start = 0;
+  if (!a.resume.empty()) {
+    const auto info = checkpoint::load_hybrid_checkpoint(a.resume, host, opt, checkpoint::gpt2_config_json(a.config()));
+    start = static_cast<int>(info.step);
+    std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
+                info.layout.dp, info.layout.pp, info.layout.tp);
+  }
+  std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.dtype == "bf16");
+  if (start > 0) dev->upload_optimizer(opt.replicated());
+  std::int64_t n_params = 0;
+  for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
+  std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s; global batch %d x %d, accum %d; "
+              "%lld parameters\n",
+              a.layers, a.d_model, a.heads, a.context, dev->device_name().c_str(),
+              a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", a.batch, a.context,
+              a.accum, static_cast<long long>(n_params));
+  const optim::WarmupCosine lr = a.lr_schedule();
+  const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
+  const double tokens_per_step = static_cast<double>(a.batch) * a.context;
+  const int chunk = a.batch / a.accum;
+  std::ofstream json_log;
+  if (!a.log_json.empty()) json_log.open(a.log_json, std::ios::trunc);
+  std::vector<Point> curve;
+  std::int64_t skipped = 0;
+  started = true;
+  const auto t_start = Clock::now();
+  double tokens = 0, elapsed = 0;
+  for (int step = start; step < a.steps; ++step) {
+    const auto t0 = Clock::now();
+    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, 0, a.batch);
+    dev->zero_grad();
+    for (int k = 0; k < a.accum; ++k) {
+      const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
+      const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
+      dev->forward_backward(x, y, static_cast<float>(1.0 / tokens_per_step));
+    }
+    const double loss = dev->take_loss_sum() / tokens_per_step;
+    const double norm = dev->grad_norm();
+    const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    if (finite) {
+      const float scale = a.clip > 0 && norm > a.clip ? static_cast<float>(a.clip / (norm + 1e-6)) : 1.f;
+      dev->step(adamw, lr(step), scale);
+    } else {
+      TESSERA_EXPECTS(a.on_nonfinite == "skip", "train_gpt: step ", step, ": the loss (", loss,
+                      ") or the gradient norm (", norm, ") is not finite on the device; --on-nonfinite skip skips such steps");
+      ++skipped;
+      std::printf("step %4d  skipped (%lld so far): loss %g, gradient norm %g\n", step, static_cast<long long>(skipped),
+                  loss, norm);
+    }
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    tokens += tokens_per_step;
+    elapsed += dt;
+    Point pt{step, loss, -1.0};
+    const bool last = step == a.steps - 1;
+    if (a.val_every > 0 && (step % a.val_every == 0 || last)) {
+      for (int i = 0; i < a.val_batches; ++i) {
+        const data::Batch v = ds.batch(data::Split::val, a.seed, i, a.batch, 0, a.batch);
+        dev->evaluate(v.inputs, v.targets);
+      }
+      pt.val = dev->take_loss_sum() / (tokens_per_step * a.val_batches);
+    }
+    if (finite) curve.push_back(pt);
+    if (json_log.is_open()) {
+      nlohmann::json j = {{"step", step}, {"loss", loss}, {"lr", lr(step)}, {"tokens_per_s", tokens_per_step / dt},
+                          {"grad_norm", norm}, {"skipped", !finite}, {"skipped_steps", skipped}, {"step_seconds", dt},
+                          {"device", "cuda"}, {"dtype", a.dtype}};
+      if (pt.val >= 0) j["val_loss"] = pt.val;
+      json_log << j.dump() << std::endl;
+    }
+    if (!a.quiet && (step % a.log_every == 0 || last)) {
+      std::printf("step %4d  loss %.4f  lr %.2e  %8.0f tokens/s  device cuda %s\n", step, loss, lr(step),
+                  tokens / elapsed, a.dtype.c_str());
+      tokens = elapsed = 0;
+    }
+    if (pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
+      dev->download(host.parameters());
+      dev->download_optimizer(opt.replicated());
+      checkpoint::save_hybrid_checkpoint(a.save, host, opt, meta(a, step + 1));
+      if (!a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
+    }
+  }
+  if (a.steps > start)
+    std::printf("trained steps %d..%d in %.1f s on the device (activations %.3g MB, device memory peak %.3g MB)\n",
+                start, a.steps - 1, std::chrono::duration<double>(Clock::now() - t_start).count(),
+                static_cast<double>(dev->activation_bytes()) / 1e6, static_cast<double>(dev->peak_device_bytes()) / 1e6);
+  if (a.sample_len > 0) {
+    dev->download(host.parameters());
+    const std::string text = sample(host, a);
+    std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
+  }
+  return curve;
+}
+
+}  // namespace train_gpt
