@@ -1,0 +1,111 @@
+// gpt_device_bench: tokens/s and model FLOPs utilization of DeviceGPT training steps (forward,
+// backward, gradient norm, AdamW) on one GPU, the figures the GPU issue compares with PyTorch
+// (bench/cuda/pytorch_gpt.py prints the same line for the same model). Random tokens (the speed
+// does not depend on them); warmup steps first; the timed steps end with a stream synchronize.
+// Prints one line: "tessera <name> <dtype> tokens/s <X> step_ms <Y> mfu <Z>". Exit 2 where the
+// loss is not finite (a wrong result is not a speed), 77 where no GPU exists.
+//
+//   gpt_device_bench --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --dtype bf16
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+
+#include "tessera/cuda/device.hpp"
+#include "tessera/cuda/device_gpt.cuh"
+#include "tessera/models/gpt.hpp"
+
+using namespace tessera;
+
+namespace {
+
+struct Options {
+  std::int64_t layers = 6, d_model = 192, heads = 6, context = 128, batch = 32, vocab = 256;
+  int steps = 20, warmup = 3;
+  std::string dtype = "fp32", name = "gpt";
+  double peak_tflops = 989.0;  // H100/H200 SXM dense bf16 (the issue's reference)
+};
+
+template <class C>
+int run(const Options& o) {
+  const GPTConfig cfg{.vocab_size = o.vocab, .n_positions = o.context, .n_layer = o.layers, .n_head = o.heads,
+                      .d_model = o.d_model};
+  GPT<float> host(cfg, 1);
+  cuda::Stream stream;
+  cuda::DeviceGPT<C> model(cfg, host.parameters(), stream);
+  std::mt19937 rng(1);
+  Tensor<std::int32_t> x(Shape{o.batch, o.context}), y(Shape{o.batch, o.context});
+  for (std::int64_t i = 0; i < x.numel(); ++i) {
+    x.data()[i] = static_cast<std::int32_t>(rng() % o.vocab);
+    y.data()[i] = static_cast<std::int32_t>(rng() % o.vocab);
+  }
+  auto xd = cuda::to_device<std::int32_t>(x, stream), yd = cuda::to_device<std::int32_t>(y, stream);
+  const double tokens = static_cast<double>(o.batch * o.context);
+  const optim::AdamWOptions adamw{.lr = 1e-4, .weight_decay = 0.1};
+  auto one_step = [&] {
+    model.zero_grad();
+    model.forward_backward(xd, yd, static_cast<float>(1.0 / tokens));
+    const double norm = model.grad_norm();  // a host sync, as the trainer's clipping does
+    model.step(adamw, 1e-4, norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.f);
+  };
+  for (int i = 0; i < o.warmup; ++i) one_step();
+  stream.synchronize();
+  (void)model.take_loss_sum();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < o.steps; ++i) one_step();
+  stream.synchronize();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double loss = model.take_loss_sum() / (tokens * o.steps);
+  if (!std::isfinite(loss)) {
+    std::printf("tessera %s %s: the loss is not finite (%g)\n", o.name.c_str(), o.dtype.c_str(), loss);
+    return 2;
+  }
+  // FLOPs per token: 6 N (forward and backward through every parameter) + 12 L d T (attention's
+  // two products forward and backward), as PaLM's appendix counts it.
+  const double n = static_cast<double>(model.numel());
+  const double flops_per_token = 6 * n + 12.0 * o.layers * o.d_model * o.context;
+  const double tps = tokens * o.steps / s;
+  std::printf("tessera %s %s tokens/s %.0f step_ms %.3f mfu %.4f loss %.4f params %.0f\n", o.name.c_str(),
+              o.dtype.c_str(), tps, 1e3 * s / o.steps, tps * flops_per_token / (o.peak_tflops * 1e12), loss, n);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--layers") o.layers = std::atoll(v.c_str());
+    else if (k == "--d-model") o.d_model = std::atoll(v.c_str());
+    else if (k == "--heads") o.heads = std::atoll(v.c_str());
+    else if (k == "--context") o.context = std::atoll(v.c_str());
+    else if (k == "--batch") o.batch = std::atoll(v.c_str());
+    else if (k == "--vocab") o.vocab = std::atoll(v.c_str());
+    else if (k == "--steps") o.steps = std::atoi(v.c_str());
+    else if (k == "--warmup") o.warmup = std::atoi(v.c_str());
+    else if (k == "--dtype") o.dtype = v;
+    else if (k == "--name") o.name = v;
+    else if (k == "--peak-tflops") o.peak_tflops = std::atof(v.c_str());
+    else {
+      std::fprintf(stderr, "gpt_device_bench: unknown flag %s\n", k.c_str());
+      return 2;
+    }
+  }
+  if (cuda::device_count() == 0) {
+    std::printf("SKIP: no CUDA device (%s)\n", cuda::no_device_reason().c_str());
+    return 77;
+  }
+  try {
+    if (o.dtype == "bf16") return run<cuda::bf16>(o);
+    if (o.dtype == "fp32") return run<float>(o);
+    std::fprintf(stderr, "gpt_device_bench: --dtype %s is not fp32 or bf16\n", o.dtype.c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "gpt_device_bench: %s\n", e.what());
+    return 2;
+  }
+}

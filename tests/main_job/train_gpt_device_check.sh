@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
+# runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
+# their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU.
+# Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
+set -uo pipefail
+exe=$1 data=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+expect() {  # exit code, message fragment, args...
+  local code=$1 msg=$2; shift 2
+  local out rc
+  out=$(timeout 60 "$exe" --data "$data" "$@" 2>&1); rc=$?
+  if [[ $rc != "$code" || "$out" != *"$msg"* ]]; then
+    echo "FAIL: train_gpt $* -> exit $rc (expected $code), output: $out"
+    fails=$((fails + 1))
+  else
+    echo "ok: train_gpt $* -> exit $rc: $(echo "$out" | head -n 1)"
+  fi
+}
+expect 2 "--device cuda trains on one GPU: dp x tp x pp is 4" --device cuda --dp 2 --tp 2 --steps 2
+expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
+expect 2 "--dropout 0.1 is not on the device yet" --device cuda --dropout 0.1 --steps 2
+expect 2 "--device: gpu not in" --device gpu --steps 2
+expect 2 "--plan auto plans CPU ranks" --device cuda --plan auto --world 2 --steps 2
+if ! "$exe" --help | grep -q -- "--device"; then echo "FAIL: --help does not list --device"; fails=$((fails + 1)); fi
+if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
+  out=$(timeout 120 "$exe" --device cuda --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 --context 16 \
+        --batch 4 --sample-len 0 --val-every 3 --save "$tmp/ck" 2>&1); rc=$?
+  echo "$out" | tail -n 4
+  [[ $rc == 0 && -f "$tmp/ck/index.json" ]] || { echo "FAIL: a GPU run (exit $rc)"; fails=$((fails + 1)); }
+  timeout 120 "$exe" --data "$data" --resume "$tmp/ck" --steps 8 --layers 2 --d-model 32 --heads 2 --context 16 \
+    --batch 4 --sample-len 0 --val-every 0 --dp 2 || { echo "FAIL: the GPU checkpoint resumed on the CPU"; fails=$((fails + 1)); }
+else
+  # No GPU: the device run is refused with the runtime's reason, exit 2 (nothing started).
+  expect 2 "no CUDA device" --device cuda --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
+fi
+[[ $fails == 0 ]] && echo "train_gpt --device checks: all passed" || echo "train_gpt --device checks: $fails failed"
+exit $((fails > 0))
