@@ -239,10 +239,16 @@ TEST_CASE("attention: causal forward and backward equal nn::CoreAttention (T = 1
   auto dprobs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, stream());
   auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
   auto dqkv = tc::DeviceTensor<float>::empty(Shape{B, Tn, 3 * C}, stream());
-  ops::attention_forward<float>(stream(), blas(), qkv_d, H, probs, y);
+  auto qkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, stream());
+  auto dqkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, stream());
+  auto heads = tc::DeviceTensor<float>::empty(Shape{B * H * Tn * hd}, stream());
+  ops::attention_forward<float>(stream(), blas(), qkv_d, H, qkvp, probs, heads, y);
   CHECK(rel(host(y), y_ref) < fp32_tol);
   CHECK(rel(host(probs), ctx.probs) < fp32_tol);
-  ops::attention_backward<float>(stream(), blas(), dy_d, qkv_d, H, probs, dprobs, dqkv);
+  // The split heads are q, k, v of head h at (which, b, h, t, e).
+  const Tensor<float> qh = host(qkvp);
+  CHECK(qh.data()[((1 * B + 1) * H + 2) * Tn * hd + 5 * hd + 3] == qkv(1, 5, C + 2 * hd + 3));
+  ops::attention_backward<float>(stream(), blas(), dy_d, qkvp, H, probs, heads, dprobs, dqkvp, dqkv);
   CHECK(rel(host(dqkv), dqkv_ref) < fp32_tol);
 }
 

@@ -175,7 +175,7 @@ class DeviceGPT {
     std::size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
   };
   struct LayerActs {
-    DeviceTensor<C> x_in, ln1, qkv, probs, atty, x_mid, ln2, pre, h;
+    DeviceTensor<C> x_in, ln1, qkvp, probs, atty, x_mid, ln2, pre, h;  // qkvp: heads split out (3, B, H, T, hd)
     DeviceTensor<float> mean1, rstd1, mean2, rstd2;
   };
 
@@ -276,7 +276,7 @@ class DeviceGPT {
       make(a.x_in, Shape{N, D});
       if (l < config_.n_layer) {
         make(a.ln1, Shape{N, D});
-        make(a.qkv, Shape{B, T, 3 * D});
+        make(a.qkvp, Shape{3 * B * H * T * (D / H)});
         make(a.probs, Shape{B, H, T, T});
         make(a.atty, Shape{N, D});
         make(a.x_mid, Shape{N, D});
@@ -297,6 +297,9 @@ class DeviceGPT {
     make(dln_, Shape{N, D});
     make(datt_, Shape{N, D});
     make(dqkv_, Shape{B, T, 3 * D});
+    make(qkv_, Shape{B, T, 3 * D});
+    make(heads_, Shape{B * T * D});
+    make(dqkvp_, Shape{3 * B * T * D});
     make(dpre_, Shape{N, 4 * D});
     make(dprobs_, Shape{B, H, T, T});
     const std::int64_t ws = std::max<std::int64_t>(2 * 4 * D * ops::layer_norm_chunks(N), 4 * D * ops::bias_grad_chunks(N));
@@ -333,9 +336,10 @@ class DeviceGPT {
       LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
       ops::layer_norm_forward<C>(stream_, a.x_in, wv(p.ln1_w), wv(p.ln1_b), a.ln1, a.mean1, a.rstd1);
-      gemm({.m = N, .n = 3 * D, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkv.data(), 0.f,
+      gemm({.m = N, .n = 3 * D, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
            {Epilogue::bias, w(p.qkv_b), nullptr});
-      ops::attention_forward<C>(stream_, blas_, a.qkv, config_.n_head, a.probs, a.atty.reshape(Shape{B, T, D}));
+      ops::attention_forward<C>(stream_, blas_, qkv_, config_.n_head, a.qkvp, a.probs, heads_,
+                                a.atty.reshape(Shape{B, T, D}));
       copy(a.x_in, a.x_mid);
       gemm({.m = N, .n = D, .k = D}, a.atty.data(), w(p.proj_w), a.x_mid.data(), 1.f,
            {Epilogue::bias, w(p.proj_b), nullptr});
@@ -382,8 +386,8 @@ class DeviceGPT {
       gemm({.trans_b = true, .m = N, .n = D, .k = D}, dres_.data(), w(p.proj_w), datt_.data());
       gemm_grad({.trans_a = true, .m = D, .n = D, .k = N}, a.atty.data(), dres_.data(), g(p.proj_w));
       ops::bias_grad<C>(stream_, dres_, gv(p.proj_b), ws_);
-      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, D}), a.qkv, config_.n_head, a.probs,
-                                 dprobs_, dqkv_);
+      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, D}), a.qkvp, config_.n_head, a.probs,
+                                 heads_, dprobs_, dqkvp_, dqkv_);
       gemm({.trans_b = true, .m = N, .n = D, .k = 3 * D}, dqkv_.data(), w(p.qkv_w), dln_.data());
       gemm_grad({.trans_a = true, .m = D, .n = 3 * D, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * D}), gv(p.qkv_b), ws_);
@@ -407,7 +411,7 @@ class DeviceGPT {
   std::int64_t steps_ = 0;
   std::int64_t B_ = -1, T_ = -1;
   std::vector<LayerActs> acts_;
-  DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_;
+  DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_, qkv_, heads_, dqkvp_;
   DeviceTensor<float> losses_, ws_;
   DeviceTensor<std::int32_t> positions_;
   std::size_t act_bytes_ = 0;

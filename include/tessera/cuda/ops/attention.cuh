@@ -1,10 +1,11 @@
 #pragma once
 /// @file
 /// Causal multi-head attention on the device, as nn::CoreAttention (the reference, unfused
-/// path): scores = q k^T / sqrt(hd) by cuBLASLt (batched over heads, one product per batch row,
-/// reading q, k, v in place from the fused (B, T, 3C) projection), a causal softmax kernel that
-/// keeps the probabilities (B, H, T, T) for backward, then y = p v written as (B, T, C). The
-/// fused (flash) path is future work; this one is what it will be checked against. CUDA code.
+/// path, as llm.c's): the heads of the fused (B, T, 3C) projection split out to (3, B, H, T, hd),
+/// scores = q k^T / sqrt(hd) by one strided-batched cuBLASLt call over all B x H heads, a causal
+/// softmax kernel that keeps the probabilities (B, H, T, T) for backward, y = p v, the heads
+/// merged back to (B, T, C). The fused (flash) path is future work; this one is what it will be
+/// checked against. CUDA code.
 
 #include <cuda_runtime.h>
 
@@ -71,75 +72,119 @@ inline AttentionShape attention_shape(const Shape& qkv, std::int64_t heads) {
 }
 }  // namespace detail
 
-/// Causal attention forward: y (B, T, C) and probs (B, H, T, T) (kept for backward) from qkv
-/// (B, T, 3C). Throws tessera::Error naming the shapes.
+namespace kernels {
+// x (B, T, parts, H, hd) -> xp (parts, B, H, T, hd), one thread per element: the heads of the
+// fused q, k, v (parts 3) or of an output gradient (parts 1) split out for batched products.
 template <class T>
-void attention_forward(const Stream& s, BlasLt& blas, DeviceView<const T> qkv, std::int64_t heads, DeviceView<T> probs,
-                       DeviceView<T> y) {
-  const AttentionShape a = detail::attention_shape(qkv.shape, heads);
-  const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim();
-  TESSERA_EXPECTS(probs.numel() == B * H * Tn * Tn && y.numel() == B * Tn * C, "cuda attention_forward: probs ",
-                  probs.shape, " or y ", y.shape, " do not fit qkv ", qkv.shape, " with ", heads, " heads");
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  for (std::int64_t b = 0; b < B; ++b) {
-    const T* q = qkv.data + b * Tn * 3 * C;
-    GemmShape g{.trans_a = false, .trans_b = true, .m = Tn, .n = Tn, .k = hd, .lda = 3 * C, .ldb = 3 * C, .ldc = Tn,
-                .batch = H, .stride_a = hd, .stride_b = hd, .stride_c = Tn * Tn};
-    blas.gemm(s, g, q, q + C, probs.data + b * H * Tn * Tn, scale, 0.f);
+__global__ void split_heads(const T* x, T* xp, std::int64_t parts, std::int64_t B, std::int64_t Tn, std::int64_t H,
+                            std::int64_t hd) {
+  const std::int64_t n = parts * B * Tn * H * hd;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t e = i % hd, h = (i / hd) % H, p = (i / (hd * H)) % parts, t = (i / (hd * H * parts)) % Tn,
+                       b = i / (hd * H * parts * Tn);
+    xp[(((p * B + b) * H + h) * Tn + t) * hd + e] = x[i];
   }
-  const std::int64_t rows = B * H * Tn;
+}
+// (B, H, T, hd) -> (B, T, H, hd), `parts` stacked tensors at once (parts x B x H x T x hd into
+// a row of parts x C per (b, t), part p at columns [p C, (p + 1) C)).
+template <class T>
+__global__ void merge_heads(const T* xp, T* x, std::int64_t parts, std::int64_t B, std::int64_t Tn, std::int64_t H,
+                            std::int64_t hd) {
+  const std::int64_t n = parts * B * Tn * H * hd;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    // i indexes x: (b, t, part, h, e)
+    const std::int64_t e = i % hd, h = (i / hd) % H, p = (i / (hd * H)) % parts, t = (i / (hd * H * parts)) % Tn,
+                       b = i / (hd * H * parts * Tn);
+    x[i] = xp[(((p * B + b) * H + h) * Tn + t) * hd + e];
+  }
+}
+inline unsigned permute_blocks(std::int64_t n) {
+  const std::int64_t b = ceil_div(n, 256);
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 ? 65535 : b));
+}
+}  // namespace kernels
+
+/// Causal attention forward: y (B, T, C) from qkv (B, T, 3C). Keeps for backward the heads
+/// split out, qkvp (3, B, H, T, hd), and the probabilities, probs (B, H, T, T); `yh` (B, H, T, hd)
+/// is scratch. Every product is one strided-batched cuBLASLt call over all B x H heads. Throws
+/// tessera::Error naming the shapes.
+template <class T>
+void attention_forward(const Stream& s, BlasLt& blas, DeviceView<const T> qkv, std::int64_t heads, DeviceView<T> qkvp,
+                       DeviceView<T> probs, DeviceView<T> yh, DeviceView<T> y) {
+  const AttentionShape a = detail::attention_shape(qkv.shape, heads);
+  const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim(), BH = B * H;
+  TESSERA_EXPECTS(qkvp.numel() == qkv.numel() && probs.numel() == BH * Tn * Tn && yh.numel() == B * Tn * C &&
+                      y.numel() == B * Tn * C,
+                  "cuda attention_forward: qkvp ", qkvp.shape, ", probs ", probs.shape, ", yh ", yh.shape, " or y ",
+                  y.shape, " do not fit qkv ", qkv.shape, " with ", heads, " heads");
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  kernels::split_heads<T><<<kernels::permute_blocks(qkv.numel()), 256, 0, s.get()>>>(qkv.data, qkvp.data, 3, B, Tn,
+                                                                                     H, hd);
+  cuda::detail::check_launch("split_heads", "cuda attention_forward of qkv ", qkv.shape);
+  const T* q = qkvp.data;
+  const T* k = q + BH * Tn * hd;
+  const T* v = k + BH * Tn * hd;
+  // scores = q k^T / sqrt(hd), every head in one call.
+  blas.gemm(s, GemmShape{.trans_a = false, .trans_b = true, .m = Tn, .n = Tn, .k = hd, .batch = BH,
+                         .stride_a = Tn * hd, .stride_b = Tn * hd, .stride_c = Tn * Tn},
+            q, k, probs.data, scale, 0.f);
+  const std::int64_t rows = BH * Tn;
   kernels::causal_softmax_forward<T><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, s.get()>>>(probs.data, rows,
                                                                                                      static_cast<int>(Tn));
   cuda::detail::check_launch("causal_softmax_forward", "cuda attention_forward of qkv ", qkv.shape);
-  for (std::int64_t b = 0; b < B; ++b) {
-    GemmShape g{.trans_a = false, .trans_b = false, .m = Tn, .n = hd, .k = Tn, .lda = Tn, .ldb = 3 * C, .ldc = C,
-                .batch = H, .stride_a = Tn * Tn, .stride_b = hd, .stride_c = hd};
-    blas.gemm(s, g, probs.data + b * H * Tn * Tn, qkv.data + b * Tn * 3 * C + 2 * C, y.data + b * Tn * C);
-  }
+  blas.gemm(s, GemmShape{.m = Tn, .n = hd, .k = Tn, .batch = BH, .stride_a = Tn * Tn, .stride_b = Tn * hd,
+                         .stride_c = Tn * hd},
+            static_cast<const T*>(probs.data), v, yh.data);
+  kernels::merge_heads<T><<<kernels::permute_blocks(y.numel()), 256, 0, s.get()>>>(yh.data, y.data, 1, B, Tn, H, hd);
+  cuda::detail::check_launch("merge_heads", "cuda attention_forward of qkv ", qkv.shape);
 }
 
-/// Causal attention backward: dqkv (B, T, 3C) overwritten from dy (B, T, C), the forward's qkv
-/// and probs; `dprobs` is scratch of probs' size. Throws tessera::Error naming the shapes.
+/// Causal attention backward: dqkv (B, T, 3C) overwritten from dy (B, T, C) and the forward's
+/// qkvp and probs. Scratch: dyh (B, H, T, hd), dprobs (probs' size), dqkvp (qkvp's size).
+/// Throws tessera::Error naming the shapes.
 template <class T>
-void attention_backward(const Stream& s, BlasLt& blas, DeviceView<const T> dy, DeviceView<const T> qkv,
-                        std::int64_t heads, DeviceView<const T> probs, DeviceView<T> dprobs, DeviceView<T> dqkv) {
-  const AttentionShape a = detail::attention_shape(qkv.shape, heads);
-  const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim();
-  TESSERA_EXPECTS(probs.numel() == B * H * Tn * Tn && dprobs.numel() == probs.numel() && dy.numel() == B * Tn * C &&
-                      dqkv.numel() == qkv.numel(),
-                  "cuda attention_backward: dy ", dy.shape, ", probs ", probs.shape, ", dprobs ", dprobs.shape,
-                  ", dqkv ", dqkv.shape, " do not fit qkv ", qkv.shape);
+void attention_backward(const Stream& s, BlasLt& blas, DeviceView<const T> dy, DeviceView<const T> qkvp,
+                        std::int64_t heads, DeviceView<const T> probs, DeviceView<T> dyh, DeviceView<T> dprobs,
+                        DeviceView<T> dqkvp, DeviceView<T> dqkv) {
+  const AttentionShape a = detail::attention_shape(dqkv.shape, heads);
+  const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim(), BH = B * H;
+  TESSERA_EXPECTS(qkvp.numel() == dqkv.numel() && dqkvp.numel() == dqkv.numel() && probs.numel() == BH * Tn * Tn &&
+                      dprobs.numel() == probs.numel() && dy.numel() == B * Tn * C && dyh.numel() == dy.numel(),
+                  "cuda attention_backward: dy ", dy.shape, ", qkvp ", qkvp.shape, ", probs ", probs.shape, ", dyh ",
+                  dyh.shape, ", dprobs ", dprobs.shape, ", dqkvp ", dqkvp.shape, " do not fit dqkv ", dqkv.shape);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  for (std::int64_t b = 0; b < B; ++b) {
-    const T* dyb = dy.data + b * Tn * C;
-    const T* qb = qkv.data + b * Tn * 3 * C;
-    const T* pb = probs.data + b * H * Tn * Tn;
-    T* dpb = dprobs.data + b * H * Tn * Tn;
-    T* dqb = dqkv.data + b * Tn * 3 * C;
-    // dP = dY V^T; dV = P^T dY.
-    blas.gemm(s, GemmShape{.trans_a = false, .trans_b = true, .m = Tn, .n = Tn, .k = hd, .lda = C, .ldb = 3 * C,
-                           .ldc = Tn, .batch = H, .stride_a = hd, .stride_b = hd, .stride_c = Tn * Tn},
-              dyb, qb + 2 * C, dpb);
-    blas.gemm(s, GemmShape{.trans_a = true, .trans_b = false, .m = Tn, .n = hd, .k = Tn, .lda = Tn, .ldb = C,
-                           .ldc = 3 * C, .batch = H, .stride_a = Tn * Tn, .stride_b = hd, .stride_c = hd},
-              pb, dyb, dqb + 2 * C);
-  }
-  const std::int64_t rows = B * H * Tn;
+  // dy (B, T, H, hd) -> dyh (B, H, T, hd): split_heads's map with one part.
+  kernels::split_heads<T><<<kernels::permute_blocks(dy.numel()), 256, 0, s.get()>>>(dy.data, dyh.data, 1, B, Tn, H, hd);
+  cuda::detail::check_launch("split_heads", "cuda attention_backward of dy ", dy.shape);
+  const T* q = qkvp.data;
+  const T* k = q + BH * Tn * hd;
+  const T* v = k + BH * Tn * hd;
+  T* dq = dqkvp.data;
+  T* dk = dq + BH * Tn * hd;
+  T* dv = dk + BH * Tn * hd;
+  // dP = dY V^T; dV = P^T dY.
+  blas.gemm(s, GemmShape{.trans_b = true, .m = Tn, .n = Tn, .k = hd, .batch = BH, .stride_a = Tn * hd,
+                         .stride_b = Tn * hd, .stride_c = Tn * Tn},
+            static_cast<const T*>(dyh.data), v, dprobs.data);
+  blas.gemm(s, GemmShape{.trans_a = true, .m = Tn, .n = hd, .k = Tn, .batch = BH, .stride_a = Tn * Tn,
+                         .stride_b = Tn * hd, .stride_c = Tn * hd},
+            probs.data, static_cast<const T*>(dyh.data), dv);
+  const std::int64_t rows = BH * Tn;
   kernels::causal_softmax_backward<T><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, s.get()>>>(
       probs.data, dprobs.data, rows, static_cast<int>(Tn), scale);
-  cuda::detail::check_launch("causal_softmax_backward", "cuda attention_backward of qkv ", qkv.shape);
-  for (std::int64_t b = 0; b < B; ++b) {
-    const T* qb = qkv.data + b * Tn * 3 * C;
-    const T* dsb = dprobs.data + b * H * Tn * Tn;
-    T* dqb = dqkv.data + b * Tn * 3 * C;
-    // dQ = dS K; dK = dS^T Q (dS already holds the 1/sqrt(hd) scale).
-    blas.gemm(s, GemmShape{.trans_a = false, .trans_b = false, .m = Tn, .n = hd, .k = Tn, .lda = Tn, .ldb = 3 * C,
-                           .ldc = 3 * C, .batch = H, .stride_a = Tn * Tn, .stride_b = hd, .stride_c = hd},
-              dsb, qb + C, dqb);
-    blas.gemm(s, GemmShape{.trans_a = true, .trans_b = false, .m = Tn, .n = hd, .k = Tn, .lda = Tn, .ldb = 3 * C,
-                           .ldc = 3 * C, .batch = H, .stride_a = Tn * Tn, .stride_b = hd, .stride_c = hd},
-              dsb, qb, dqb + C);
-  }
+  cuda::detail::check_launch("causal_softmax_backward", "cuda attention_backward of dqkv ", dqkv.shape);
+  // dQ = dS K; dK = dS^T Q (dS holds the 1/sqrt(hd) scale).
+  blas.gemm(s, GemmShape{.m = Tn, .n = hd, .k = Tn, .batch = BH, .stride_a = Tn * Tn, .stride_b = Tn * hd,
+                         .stride_c = Tn * hd},
+            static_cast<const T*>(dprobs.data), k, dq);
+  blas.gemm(s, GemmShape{.trans_a = true, .m = Tn, .n = hd, .k = Tn, .batch = BH, .stride_a = Tn * Tn,
+                         .stride_b = Tn * hd, .stride_c = Tn * hd},
+            static_cast<const T*>(dprobs.data), q, dk);
+  kernels::merge_heads<T><<<kernels::permute_blocks(dqkv.numel()), 256, 0, s.get()>>>(dqkvp.data, dqkv.data, 3, B, Tn,
+                                                                                      H, hd);
+  cuda::detail::check_launch("merge_heads", "cuda attention_backward of dqkv ", dqkv.shape);
 }
 
 }  // namespace tessera::cuda::ops
