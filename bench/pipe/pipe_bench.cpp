@@ -13,6 +13,11 @@
 // (t_F = t_I = t_W = t): formula (p-1)/(3m), and its measured ratio must also be below the
 // 1F1B ratio measured in the same run. --zb-only runs just those rows and the GPT comparison.
 //
+// 3. Activation recomputation (none, selective, full): the bytes a 4-block stage of that GPT
+//    keeps per micro-batch, measured (glibc's heap counters, one thread) against
+//    nn::block_activation_bytes, and the step times of 1F1B and ZB-H1 at pp = 2 with each
+//    (--recompute-only runs just this).
+//
 //   OPENBLAS_NUM_THREADS=1 build/bench/pipe/pipe_bench [--t-ms 20] [--steps 5] [--svg-dir docs/img]
 //
 // Scheduling delays of the machine (other processes waking late) add idle time that the
@@ -29,8 +34,11 @@
 // Exit status: 0 when every check passes and every target is met, 1 when a bubble ratio missed
 // its target, 2 when the GPT losses disagree (or are not finite).
 #include <CLI/CLI.hpp>
+#include <malloc.h>
+
 #include <algorithm>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <chrono>
 #include <cstdio>
@@ -320,6 +328,82 @@ void gpt_zb_table(const Options& o) {
   std::printf("\n");
 }
 
+// Bytes the heap holds for this thread now (glibc: small blocks and mmapped ones), after
+// emptying this thread's cache of freed tensor storage.
+std::int64_t heap_in_use() {
+  detail::StorageCache::release();
+  const struct mallinfo2 mi = mallinfo2();
+  return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
+}
+
+// Activation recomputation on the bench GPT: the bytes one micro-batch keeps in a stage of 4
+// blocks (measured on one thread, against nn::block_activation_bytes), and the step time of
+// 1F1B and ZB-H1 at pp = 2, m = 8 with none / selective / full (the extra compute).
+void recompute_table(const Options& o) {
+  const GPTConfig cfg = bench_gpt;
+  const std::int64_t b = bench_batch / 8, s = bench_seq, h = cfg.d_model, a = cfg.n_head;
+  const StagePartition cut = StagePartition::from_cuts(gpt_pipeline_num_layers(cfg), {1, 5});
+  auto stage = make_gpt_pipeline_stage<float>(cfg, 1, cut, 1);  // h.0 - h.3
+  Tensor<float> x0 = Tensor<float>::empty(Shape{b, s, h});
+  fill_normal(x0, 3, "x", 1.0);
+  std::printf("## Activation recomputation: GPT above, micro-batch of %lld sequences (m = 8), a stage of 4 blocks\n\n",
+              static_cast<long long>(b));
+  std::printf("| recompute | kept per micro-batch, measured (bytes) | Korthikanti et al. for our fp32 layers (bytes) | "
+              "difference |\n|---|---|---|---|\n");
+  for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::selective, nn::Recompute::full}) {
+    stage->forward(x0.clone());
+    const std::int64_t before = heap_in_use();
+    StageContext ctx;
+    {
+      Tensor<float> x = x0.clone();
+      const nn::SelectiveRecompute selective(rc == nn::Recompute::selective);
+      StageOutput<float> out = stage->forward(x);
+      ctx = rc == nn::Recompute::full ? StageContext::hold(x) : std::move(out.ctx);
+    }
+    const std::int64_t got = heap_in_use() - before;
+    const std::int64_t formula =
+        rc == nn::Recompute::full ? b * s * h * 4 : 4 * nn::block_activation_bytes(b, s, h, a, rc);
+    std::printf("| %s | %lld | %lld | %+.2f%% |\n", nn::to_string(rc), static_cast<long long>(got),
+                static_cast<long long>(formula), 100.0 * (double(got) - double(formula)) / double(formula));
+  }
+  std::printf("\n| schedule | recompute | step (ms) | vs none | rerun forwards per rank | their ms (rank 0) | losses equal none |\n"
+              "|---|---|---|---|---|---|---|\n");
+  const Tensor<std::int32_t> tokens = bench_ids(0), targets = bench_ids(1);
+  const StagePartition two = gpt_balanced_partition(cfg, 2);
+  for (auto kind : {PipelineScheduleKind::one_f_one_b, PipelineScheduleKind::zero_bubble_h1}) {
+    double base_ms = 0, base_loss = 0;
+    for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::selective, nn::Recompute::full}) {
+      const auto results = threads::run(2, [&](Comm& comm) {
+        PipelineParallel<float, Tensor<std::int32_t>> pipe(
+            comm, [&](int st) { return make_gpt_pipeline_stage<float>(cfg, 1, two, st); },
+            nn::CrossEntropy<float>({.reduction = nn::Reduction::sum}), {.schedule = kind, .recompute = rc});
+        std::vector<double> times;
+        double loss = 0;
+        for (int step = 0; step <= o.steps; ++step) {
+          comm.barrier();
+          const auto t0 = Clock::now();
+          pipe.zero_grad();
+          loss = pipe.step(tokens, targets, 8);
+          comm.barrier();
+          if (step > 0) times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        }
+        std::sort(times.begin(), times.end());
+        return std::tuple{times[times.size() / 2], loss, pipe.last_step().recomputed_forwards,
+                          1e3 * pipe.last_step().recompute_seconds};
+      });
+      const auto& [ms, loss, reruns, rerun_ms] = results[0];
+      if (rc == nn::Recompute::none) {
+        base_ms = ms;
+        base_loss = loss;
+      }
+      std::printf("| %s | %s | %.1f | %.2f | %d | %.1f | %s |\n", kind_name(kind), nn::to_string(rc), ms, ms / base_ms,
+                  reruns, rerun_ms, loss == base_loss ? "bitwise" : "NO");
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n");
+}
+
 bool gpt_table(const Options& o) {
   std::printf("## GPT (d_model 128, 8 blocks, 4 heads, vocab 1024, seq 64, batch 16), 1F1B, AdamW step included\n\n");
   const double serial = serial_gpt_ms(o);
@@ -351,7 +435,7 @@ bool gpt_table(const Options& o) {
 
 int main(int argc, char** argv) {
   Options o;
-  bool skip_bubble = false, skip_gpt = false;
+  bool skip_bubble = false, skip_gpt = false, recompute_only = false;
   CLI::App app{"Pipeline bubble and GPT step time on the threads backend"};
   app.add_option("--t-ms", o.t_ms, "forward time of a synthetic stage in ms (backward: twice)");
   app.add_option("--steps", o.steps, "measured steps per configuration (after one warm-up step)");
@@ -359,14 +443,20 @@ int main(int argc, char** argv) {
   app.add_option("--trace-dir", o.trace_dir, "write Chrome trace JSON of the same timelines into this folder");
   app.add_flag("--skip-bubble", skip_bubble, "skip the synthetic bubble table");
   app.add_flag("--skip-gpt", skip_gpt, "skip the GPT step times");
+  app.add_flag("--recompute-only", recompute_only, "only the activation recomputation tables (bytes kept, step times)");
   app.add_flag("--zb-only", o.zb_only, "only 1F1B and ZB-H1: their bubble rows and the GPT's ZB-H1 vs 1F1B step times");
   CLI11_PARSE(app, argc, argv);
   if (o.steps < 1) o.steps = 1;
   const char* blas = std::getenv("OPENBLAS_NUM_THREADS");
   if (!blas || std::string(blas) != "1")
     std::printf("note: OPENBLAS_NUM_THREADS is not 1; ranks will compete for the cores in the GPT runs\n\n");
+  if (recompute_only) {
+    recompute_table(o);
+    return 0;
+  }
   const int bubble_misses = skip_bubble ? 0 : bubble_table(o);
   if (!skip_gpt) gpt_zb_table(o);
+  if (!skip_gpt) recompute_table(o);
   const bool gpt_ok = skip_gpt || o.zb_only ? true : gpt_table(o);
   if (!gpt_ok) return 2;
   return bubble_misses > 0 ? 1 : 0;
