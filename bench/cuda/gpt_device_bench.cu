@@ -19,6 +19,7 @@
 #include "tessera/models/gpt.hpp"
 
 using namespace tessera;
+namespace tc = tessera::cuda;
 
 namespace {
 
@@ -34,15 +35,15 @@ int run(const Options& o) {
   const GPTConfig cfg{.vocab_size = o.vocab, .n_positions = o.context, .n_layer = o.layers, .n_head = o.heads,
                       .d_model = o.d_model};
   GPT<float> host(cfg, 1);
-  cuda::Stream stream;
-  cuda::DeviceGPT<C> model(cfg, host.parameters(), stream);
+  tc::Stream stream;
+  tc::DeviceGPT<C> model(cfg, host.parameters(), stream);
   std::mt19937 rng(1);
   Tensor<std::int32_t> x(Shape{o.batch, o.context}), y(Shape{o.batch, o.context});
   for (std::int64_t i = 0; i < x.numel(); ++i) {
     x.data()[i] = static_cast<std::int32_t>(rng() % o.vocab);
     y.data()[i] = static_cast<std::int32_t>(rng() % o.vocab);
   }
-  auto xd = cuda::to_device<std::int32_t>(x, stream), yd = cuda::to_device<std::int32_t>(y, stream);
+  auto xd = tc::to_device<std::int32_t>(x, stream), yd = tc::to_device<std::int32_t>(y, stream);
   const double tokens = static_cast<double>(o.batch * o.context);
   const optim::AdamWOptions adamw{.lr = 1e-4, .weight_decay = 0.1};
   auto one_step = [&] {
@@ -65,7 +66,7 @@ int run(const Options& o) {
   }
   // FLOPs per token: 6 N (forward and backward through every parameter) + 12 L d T (attention's
   // two products forward and backward), as PaLM's appendix counts it.
-  const double n = static_cast<double>(model.numel());
+  const double n = static_cast<double>(model.parameter_count());
   const double flops_per_token = 6 * n + 12.0 * o.layers * o.d_model * o.context;
   const double tps = tokens * o.steps / s;
   std::printf("tessera %s %s tokens/s %.0f step_ms %.3f mfu %.4f loss %.4f params %.0f\n", o.name.c_str(),
@@ -95,12 +96,12 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (cuda::device_count() == 0) {
-    std::printf("SKIP: no CUDA device (%s)\n", cuda::no_device_reason().c_str());
+  if (tc::device_count() == 0) {
+    std::printf("SKIP: no CUDA device (%s)\n", tc::no_device_reason().c_str());
     return 77;
   }
   try {
-    if (o.dtype == "bf16") return run<cuda::bf16>(o);
+    if (o.dtype == "bf16") return run<tc::bf16>(o);
     if (o.dtype == "fp32") return run<float>(o);
     std::fprintf(stderr, "gpt_device_bench: --dtype %s is not fp32 or bf16\n", o.dtype.c_str());
     return 2;

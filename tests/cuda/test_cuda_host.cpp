@@ -342,8 +342,9 @@ TEST_CASE("flat GPT layout: the CPU GPT's parameters end to end, decay on matric
   for (Parameter<float>& p : ps) {
     CHECK(flat[i].name == p.name);
     CHECK(flat[i].offset == off);
+    CHECK(flat[i].offset % tc::flat_alignment == 0);
     CHECK(flat[i].decay == (p.value.rank() >= 2));
-    off += p.value.numel();
+    off += (p.value.numel() + 127) / 128 * 128;
     total += p.value.numel();
     if (flat[i].decay) decayed += p.value.numel();
     ++i;

@@ -7,6 +7,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -81,8 +82,13 @@ class BlasLt {
     const cublasComputeType_t compute = (std::is_same_v<In, float> && mode == MathMode::tf32)
                                             ? CUBLAS_COMPUTE_32F_FAST_TF32
                                             : CUBLAS_COMPUTE_32F;
+    // cuBLASLt assumes 256-byte aligned operands unless told less: tell it what these are (a
+    // pointer into a flat buffer, heads side by side in a row), so it picks kernels valid for them.
+    const std::uint32_t align_a = alignment(b, sizeof(In), g.batch > 1 ? g.stride_a : 0);
+    const std::uint32_t align_b = alignment(a, sizeof(In), g.batch > 1 ? g.stride_b : 0);
+    const std::uint32_t align_c = alignment(c, sizeof(Out), g.batch > 1 ? g.stride_c : 0);
     std::lock_guard lock(mu_);
-    Plan& plan = plan_for(g, in_t, out_t, compute, ep.kind, shape);
+    Plan& plan = plan_for(g, in_t, out_t, compute, ep.kind, shape, align_a, align_b, align_c);
     set_epilogue(plan, ep, out_t, g, shape);
     detail::check(cublasLtMatmul(h_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, c, plan.c, c, plan.c,
                                  &plan.algo, workspace_.data(), workspace_bytes, stream.get()),
@@ -105,7 +111,15 @@ class BlasLt {
     }
   };
   using Key = std::tuple<bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                         std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, int, int, int>;
+                         std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, int, int, int,
+                         std::uint32_t, std::uint32_t, std::uint32_t>;
+
+  // The largest power of two, at most 256, dividing the address and the batch stride in bytes.
+  static std::uint32_t alignment(const void* p, std::size_t elem, std::int64_t stride) {
+    std::uint64_t bits = reinterpret_cast<std::uintptr_t>(p) | 256u;
+    if (stride != 0) bits |= static_cast<std::uint64_t>(stride) * elem;
+    return static_cast<std::uint32_t>(bits & (~bits + 1));
+  }
 
   static std::string describe(const GemmShape& s) {
     return tessera::detail::str("cuda gemm m ", s.m, " n ", s.n, " k ", s.k, " (trans_a ", s.trans_a, ", trans_b ",
@@ -123,10 +137,11 @@ class BlasLt {
   }
 
   Plan& plan_for(const ColumnMajorGemm& g, cudaDataType_t in_t, cudaDataType_t out_t, cublasComputeType_t compute,
-                 Epilogue ep, const GemmShape& shape) {
+                 Epilogue ep, const GemmShape& shape, std::uint32_t align_a, std::uint32_t align_b,
+                 std::uint32_t align_c) {
     const Key key{g.trans_a, g.trans_b, g.m,        g.n,        g.k,        g.lda,          g.ldb,          g.ldc,
                   g.batch,   g.stride_a, g.stride_b, g.stride_c, static_cast<int>(in_t), static_cast<int>(out_t),
-                  static_cast<int>(compute), static_cast<int>(ep)};
+                  static_cast<int>(compute), static_cast<int>(ep), align_a, align_b, align_c};
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     Plan p;
@@ -163,6 +178,10 @@ class BlasLt {
     detail::check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate", what);
     const std::size_t ws = workspace_bytes;
     (void)cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    (void)cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof align_a);
+    (void)cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof align_b);
+    (void)cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof align_c);
+    (void)cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof align_c);
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(h_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);

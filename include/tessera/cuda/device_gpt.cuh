@@ -73,13 +73,19 @@ class DeviceGPT {
   const GPTConfig& config() const noexcept { return config_; }
   /// Where each parameter lives, in the CPU model's order.
   const std::vector<FlatParameter>& flat_parameters() const noexcept { return flat_; }
-  /// Number of parameters (elements).
+  /// Elements of the flat buffers: the parameters and the alignment gaps between them.
   std::int64_t numel() const noexcept { return numel_; }
+  /// Number of parameters (elements), the N of 6N FLOPs per token.
+  std::int64_t parameter_count() const noexcept {
+    std::int64_t n = 0;
+    for (const FlatParameter& p : flat_) n += p.shape.numel();
+    return n;
+  }
 
   /// Copies the CPU model's parameter values to the device (master weights and, for bf16, the
   /// compute copy). Throws tessera::Error naming a parameter whose name or shape differs.
   void upload(const ParameterList<float>& params) {
-    Tensor<float> flat = Tensor<float>::empty(Shape{numel_});
+    Tensor<float> flat(Shape{numel_});  // zeros: the alignment gaps stay 0
     gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
     master_ = to_device<float>(flat, stream_);
     refresh_low();
@@ -92,7 +98,7 @@ class DeviceGPT {
   /// Copies AdamW's moments and step count from a CPU optimizer over the same parameters (a
   /// resumed checkpoint's state) to the device.
   void upload_optimizer(const optim::AdamW<float>& opt) {
-    Tensor<float> m = Tensor<float>::empty(Shape{numel_}), v = Tensor<float>::empty(Shape{numel_});
+    Tensor<float> m(Shape{numel_}), v(Shape{numel_});
     copy_moments_to_flat(opt, m, v);
     m_ = to_device<float>(m, stream_);
     v_ = to_device<float>(v, stream_);
@@ -182,7 +188,7 @@ class DeviceGPT {
   void layout(const ParameterList<float>& params) {
     flat_ = flat_gpt_layout(config_, params);
     const FlatParameter& last = flat_.back();
-    const std::int64_t off = last.offset + last.shape.numel();
+    const std::int64_t off = last.offset + (last.shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     numel_ = off;
     for (std::int64_t l = 0; l < config_.n_layer; ++l) {
       const std::size_t b = 2 + static_cast<std::size_t>(l) * 12;

@@ -16,6 +16,10 @@
 
 namespace tessera::cuda {
 
+/// Each parameter starts at a multiple of this many elements (128: 512 bytes of fp32, 256 of
+/// bf16), so a cuBLASLt operand or a vectorized load starting at a parameter is aligned.
+inline constexpr std::int64_t flat_alignment = 128;
+
 /// One parameter's place in a flat buffer.
 struct FlatParameter {
   std::string name;         ///< the CPU model's name, e.g. "h.0.attn.c_attn.weight"
@@ -26,7 +30,8 @@ struct FlatParameter {
 
 /// The GPT's parameters in order ("wte.weight" (V, d), "wpe.weight" (P, d), then per block
 /// ln_1, attn.c_attn (d, 3d), attn.c_proj, ln_2, mlp.c_fc (d, 4d), mlp.c_proj (4d, d), weights
-/// before biases, then ln_f), laid end to end. Throws tessera::Error naming the first parameter
+/// before biases, then ln_f), laid end to end, each at a multiple of flat_alignment elements
+/// (the gaps hold zeros and are never updated). Throws tessera::Error naming the first parameter
 /// of `params` whose name or shape is not the GPT's of `config`, or the counts when they differ.
 inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const ParameterList<float>& params) {
   const std::int64_t V = config.vocab_size, P = config.n_positions, D = config.d_model;
@@ -57,7 +62,7 @@ inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const
                     " is ", p.name, " of shape ", p.value.shape(), ", expected ", expect[i].first, " of shape ",
                     expect[i].second);
     flat.push_back({p.name, p.value.shape(), off, p.value.rank() >= 2});
-    off += p.value.numel();
+    off += (p.value.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     ++i;
   }
   return flat;
