@@ -50,7 +50,7 @@ namespace tessera {
 
 /// Options of Hybrid, set with designated initializers.
 struct HybridOptions {
-  /// The pipeline schedule (GPipe, 1F1B, interleaved 1F1B; with pp = 1 any of them runs the
+  /// The pipeline schedule (GPipe, 1F1B, interleaved 1F1B, ZB-H1; with pp = 1 any of them runs the
   /// micro-batches one after the other).
   PipelineScheduleKind schedule = PipelineScheduleKind::one_f_one_b;
   /// Model chunks per pp rank (> 1 needs the interleaved schedule).
@@ -65,6 +65,9 @@ struct HybridOptions {
   std::size_t bucket_size = std::size_t{25} << 20;
   /// Record the pipeline timeline (PipelineParallel::timeline; one barrier per step).
   bool record_timeline = false;
+  /// Activation recomputation of every stage (PipelineOptions::recompute): none, selective
+  /// (attention's softmax recomputed) or full (only each stage's input kept).
+  nn::Recompute recompute = nn::Recompute::none;
 };
 
 /// Where the last forward_backward's time went on this rank, in seconds.
@@ -128,7 +131,8 @@ class Hybrid {
                               .virtual_stages = options.virtual_stages,
                               .loss_normalization = LossNormalization::sum,
                               .accumulation_steps = options.accumulation_steps,
-                              .record_timeline = options.record_timeline}) {
+                              .record_timeline = options.record_timeline,
+                              .recompute = options.recompute}) {
     pipe_.set_replica(mesh.coord().dp);
     for (int st : pipe_.stage_indices()) {
       auto& replicated = static_cast<DataParallelStage<T, Input>&>(pipe_.stage(st));
