@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// Schedule: a pipeline schedule as plain data -- for every pipeline rank, its actions grouped
-/// in ticks. The provided schedules (GPipe, OneFOneB, InterleavedOneFOneB) build one; a user
+/// in ticks. The provided schedules (GPipe, OneFOneB, InterleavedOneFOneB, ZeroBubbleH1) build one; a user
 /// can write one by hand and pass it to schedule::check.
 
 #include <algorithm>
@@ -34,7 +34,8 @@ using Tick = std::vector<Action>;
 /// `stage_ranks[s]`, or, when `stage_ranks` is empty, on rank s % pp_size (loop placement, as
 /// Megatron-LM and torch.distributed.pipelining place interleaved chunks: chunk c of rank r is
 /// stage c * pp_size + r). Every (stage, micro-batch) needs exactly one F and either one B
-/// or one I followed by one W (a split backward) on the stage's rank, and every hand-off between stages on different ranks a SEND and a RECV.
+/// or one I followed by one W (a split backward) on the stage's rank, and every hand-off
+/// between stages on different ranks a SEND and a RECV.
 ///
 /// A Schedule is an aggregate: `Schedule{.name = "mine", .pp_size = 2, .num_microbatches = 1,
 /// .ticks = {...}}`. Validate it with schedule::check.
@@ -112,7 +113,7 @@ struct Schedule {
 
 /// What a schedule generator offers: `build(pp_size)` returns the Schedule for a pipeline of
 /// `pp_size` ranks (the executor passes its pipeline communicator's size). GPipe, OneFOneB,
-/// InterleavedOneFOneB and Schedule itself model it.
+/// InterleavedOneFOneB, ZeroBubbleH1 and Schedule itself model it.
 template <class S>
 concept ScheduleBuilder = requires(const S& s, int pp_size) {
   { s.build(pp_size) } -> std::convertible_to<Schedule>;
