@@ -255,11 +255,15 @@ TEST_CASE("ZeroOptimizer: after 5 steps the parameters equal plain DataParallel'
           // Plain: the state of every element (2 moments, or 1 momentum buffer), fp32.
           const std::size_t per_elem = (adamw ? 2 : 1) * sizeof(float);
           CHECK(p[static_cast<std::size_t>(r)].state_bytes == static_cast<std::size_t>(tiny_gpt_numel()) * per_elem);
-          // ZeRO-1: the ceil(bucket / dp) elements of each bucket this rank owns.
-          CHECK(zr.state_bytes * static_cast<std::size_t>(world) >= p[0].state_bytes);
+          // ZeRO-1: the elements of its block of each bucket that are not padding, at most
+          // ceil(bucket / dp) per bucket.
           CHECK(zr.state_bytes * static_cast<std::size_t>(world) <=
                 p[0].state_bytes + zr.num_buckets * static_cast<std::size_t>(world) * per_elem);
         }
+        // ... so the ranks' states add up to the plain optimizer's, element for element.
+        std::size_t total = 0;
+        for (const EquivResult& zr : z) total += zr.state_bytes;
+        CHECK(total == p[0].state_bytes);
       }
 }
 

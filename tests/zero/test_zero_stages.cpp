@@ -236,11 +236,12 @@ TEST_CASE("MemoryTracker: bytes per parameter of params + grads + AdamW state ma
                                                           : 4.0 + 12.0 / nd;
       for (const PerParam& p : res) {
         CHECK(std::abs(p.model_states - want) / want < 0.05);
-        // Reported separately: ZeRO-2's bucket buffers (at most the whole gradient, during
-        // backward) and ZeRO-1/2's gathered parameter copy (the all-gather's destination).
+        // Reported separately: ZeRO-2's bucket buffers (the whole gradient, during backward:
+        // 4 bytes per parameter) and ZeRO-1/2's all-gather buffers (two buckets at a time,
+        // during step(); here two buckets are most of this small model).
         if (stage == ZeroStage::none) CHECK(p.comm == 0.0);
-        if (stage == ZeroStage::optimizer) CHECK(std::abs(p.comm - 4.0) < 0.2);
-        if (stage == ZeroStage::gradients) CHECK(std::abs(p.comm - 8.0) < 0.4);
+        if (stage == ZeroStage::optimizer) CHECK(p.comm <= 4.0);
+        if (stage == ZeroStage::gradients) CHECK(std::abs(p.comm - 4.0) < 0.2);
       }
     }
   }

@@ -47,7 +47,7 @@ inline ZeroStage zero_stage(int stage) {
 
 /// One contiguous run of this dp rank's block of a gradient bucket that the inner optimizer of
 /// a ZeroOptimizer sees as one parameter: flat elements [begin, end) of bucket `bucket`, all of
-/// parameter group `group` (padding joins the run before it).
+/// parameter group `group`: one parameter's part of this rank's block (the padding has none).
 struct ZeroShardPiece {
   std::size_t bucket = 0;   ///< the bucket (counting every bucket of every bucket set, in order)
   std::int64_t begin = 0;   ///< first flat element of the bucket
@@ -62,9 +62,10 @@ struct ZeroShardPiece {
 /// is split into dp equal contiguous blocks; rank r owns block r of every bucket. Building a
 /// ZeroOptimizer switches the DataParallel to reduce-scatter: backward leaves in block r the
 /// sum over ranks of that block's gradients (still bucket by bucket, overlapped with backward);
-/// `step()` copies this rank's block of the parameter values into a flat shard, runs `Opt` on
-/// the shards (one Parameter per bucket, so Opt keeps state for 1/dp of the elements), and
-/// all-gathers the updated shards into every replica's parameters. Element-wise optimizers
+/// `step()` runs `Opt` on this rank's blocks (one inner Parameter per parameter part in the
+/// block, viewing the parameter's own values and the reduced gradient block, so Opt keeps
+/// state for 1/dp of the elements), then all-gathers the updated blocks into every replica's
+/// parameters. Element-wise optimizers
 /// then give the same parameters as plain data parallelism with `Opt` (bitwise on the threads
 /// backend). Parameter counts that dp does not divide are padded with zeros.
 ///
@@ -79,13 +80,12 @@ struct ZeroShardPiece {
 /// has no effect), so manual accumulation keeps every micro-batch's gradient. Same parameters
 /// as ZeRO-1 up to the order of the fp32 sums over micro-batches.
 ///
-/// Memory (MemoryTracker): the gathered parameter buffers (one flat copy of the parameters,
-/// the all-gather's destination) count as communication buffers, the inner state as optimizer
-/// state (updated after each step).
+/// Memory (MemoryTracker): the inner state as optimizer state (updated after each step); the
+/// all-gather's full buffers, alive during step() only, as communication buffers. The inner
+/// optimizer updates views of the parameters' own values, so no copy of them is kept.
 ///
 /// Parameter groups (e.g. optim::weight_decay_groups: no weight decay on biases and norms):
-/// this rank's block of each bucket is cut into runs of one group each (ZeroShardPiece), and
-/// the inner optimizer gets one parameter per run, with its group's options.
+/// each inner parameter (ZeroShardPiece) takes its parameter's group's options.
 template <class Opt>
 class ZeroOptimizer {
  public:
@@ -222,10 +222,8 @@ class ZeroOptimizer {
     return std::make_unique<State<T>>(sets, &of, stage == ZeroStage::gradients);
   }
 
-  // The shards of one element type: per bucket (of all sets, in order) the gathered parameter
-  // buffer (padded, flat), whose block `rank` is this rank's parameter shard, and per piece (a
-  // run of that block of one parameter group) a Parameter viewing its values and its reduced
-  // gradients.
+  // The shards of one element type: per piece (a parameter's part of this rank's block of a
+  // bucket) a Parameter viewing its values and its reduced gradients.
   template <std::floating_point T>
   struct State final : StateBase {
     using Slot = typename GradBuckets<T>::Slot;
@@ -250,54 +248,45 @@ class ZeroOptimizer {
         for (std::size_t i = 0; i < b->buckets().size(); ++i) refs.push_back({b, i});
       }
       const int r = comm.rank();
+      // One piece per parameter part inside this rank's block of a bucket: the inner optimizer
+      // updates a view of the parameter's own values (no copy), from a view of the reduced
+      // gradient block. The padding has no piece.
       std::vector<ZeroShardPiece> runs;
+      std::vector<const Slot*> run_slot;
       for (std::size_t bi = 0; bi < refs.size(); ++bi) {
         const auto& bucket = this->bucket(bi);
         const std::int64_t n = shard_size(bi), lo = r * n, hi = lo + n;
-        Tensor<T> full(bucket.buffer.shape());
         std::vector<std::size_t> order(bucket.slots.begin(), bucket.slots.end());
         std::sort(order.begin(), order.end(),
                   [&](std::size_t x, std::size_t y) { return slot(bi, x).offset < slot(bi, y).offset; });
-        ZeroShardPiece cur{bi, lo, lo, group_of ? std::size_t(-1) : 0};
         for (std::size_t i : order) {
           const Slot& s = slot(bi, i);
           TESSERA_EXPECTS(s.param->value.is_contiguous(), "ZeroOptimizer: parameter \"", s.param->name,
                           "\" of shape ", s.param->value.shape(), " is not contiguous");
-          full.slice(0, s.offset, s.offset + s.numel).copy_from(s.param->value.reshape(Shape{s.numel}));
-          if (!group_of || s.offset + s.numel <= lo || s.offset >= hi) continue;
-          const std::size_t g = group_of->at(s.param);
-          if (cur.group == std::size_t(-1)) {
-            cur.group = g;
-          } else if (g != cur.group) {
-            cur.end = std::max(lo, s.offset);
-            runs.push_back(cur);
-            cur = ZeroShardPiece{bi, cur.end, cur.end, g};
-          }
+          const std::int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
+          if (a >= e) continue;
+          runs.push_back(ZeroShardPiece{bi, a, e, group_of ? group_of->at(s.param) : 0});
+          run_slot.push_back(&s);
         }
-        cur.end = hi;
-        if (cur.group == std::size_t(-1)) cur.group = 0;  // a block of padding only
-        if (cur.end > cur.begin) runs.push_back(cur);
-        params.push_back(full);
       }
       for (GradBuckets<T>* b : sets) {
         b->set_mode(GradReduce::reduce_scatter);
         if (shard_grads) b->set_shard_grads(true);
       }
-      std::size_t gathered = 0;
-      for (const Tensor<T>& t : params) gathered += static_cast<std::size_t>(t.numel()) * sizeof(T);
-      gathered_mem.set(gathered);
       // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
       std::size_t num_groups = 0;
       for (const ZeroShardPiece& p : runs) num_groups = std::max(num_groups, p.group + 1);
       for (std::size_t g = 0; g < num_groups; ++g)
-        for (const ZeroShardPiece& p : runs)
-          if (p.group == g) piece_list.push_back(p);
-      for (const ZeroShardPiece& p : piece_list) {
-        const std::int64_t lo = r * shard_size(p.bucket);
-        shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
-                            params[p.bucket].slice(0, p.begin, p.end),
-                            grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
-      }
+        for (std::size_t k = 0; k < runs.size(); ++k) {
+          const ZeroShardPiece& p = runs[k];
+          if (p.group != g) continue;
+          piece_list.push_back(p);
+          const Slot& s = *run_slot[k];
+          const std::int64_t lo = r * shard_size(p.bucket);
+          shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
+                              s.param->value.reshape(Shape{s.numel}).slice(0, p.begin - s.offset, p.end - s.offset),
+                              grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
+        }
     }
     const typename GradBuckets<T>::Bucket& bucket(std::size_t bi) const { return refs[bi].set->buckets()[refs[bi].index]; }
     std::int64_t shard_size(std::size_t bi) const { return refs[bi].set->shard_size(refs[bi].index); }
@@ -319,46 +308,58 @@ class ZeroOptimizer {
       for (Parameter<T>& p : shards) list.push_back(p);
       return list;
     }
-    // This rank's block of the current parameter values into its shard (the parameters may
-    // have been changed outside, e.g. loaded): only the 1/dp that this rank updates.
-    void load_shards() override {
-      const std::int64_t r = comm.rank();
-      for (std::size_t bi = 0; bi < params.size(); ++bi) {
-        const std::int64_t n = shard_size(bi), lo = r * n, hi = lo + n;
-        for (std::size_t i : bucket(bi).slots) {
-          const Slot& s = slot(bi, i);
-          const std::int64_t a = std::max(lo, s.offset), b = std::min(hi, s.offset + s.numel);
-          if (a >= b) continue;
-          std::copy(s.param->value.data() + (a - s.offset), s.param->value.data() + (b - s.offset),
-                    params[bi].data() + a);
-        }
-      }
-    }
+    // The inner parameters are views of the model's own values: nothing to load.
+    void load_shards() override {}
+    // Each bucket's blocks all-gathered into a temporary full buffer (a communication
+    // buffer), then copied into the replica's parameters; at most two buckets in flight, so
+    // the buffers hold two buckets, not the model.
     void gather_parameters() override {
       const std::size_t w = static_cast<std::size_t>(comm.size());
-      std::vector<Request> requests(params.size());
-      if (w > 1) {
-        const std::size_t r = static_cast<std::size_t>(comm.rank());
-        for (std::size_t bi = 0; bi < params.size(); ++bi) {
-          const std::size_t n = static_cast<std::size_t>(shard_size(bi));
-          T* full = params[bi].data();
-          // In place: this rank's block of the output is the input.
-          requests[bi] = comm.iall_gather(std::span<const T>(full + r * n, n), std::span<T>(full, n * w));
-        }
-      }
+      if (w == 1) return;  // the inner optimizer updated the parameters themselves
+      const std::int64_t r = comm.rank();
+      std::vector<std::vector<std::size_t>> pieces_of(refs.size());
+      for (std::size_t k = 0; k < piece_list.size(); ++k) pieces_of[piece_list[k].bucket].push_back(k);
+      std::vector<Tensor<T>> gathered(refs.size());
+      std::vector<Request> requests(refs.size());
+      MemoryTracker::Entry gathered_mem(MemoryCategory::comm_buffers);
+      std::size_t bytes = 0;
       std::exception_ptr error;
-      for (std::size_t bi = 0; bi < params.size(); ++bi) {
+      // Waits for bucket bi's gather, copies it into the parameters, frees its buffer.
+      auto complete = [&](std::size_t bi) {
         try {
           requests[bi].wait();
         } catch (...) {
           if (!error) error = std::current_exception();
         }
-        if (error) continue;
-        for (std::size_t i : bucket(bi).slots) {
-          const Slot& s = slot(bi, i);
-          std::copy_n(params[bi].data() + s.offset, s.numel, s.param->value.data());
+        if (!error)
+          for (std::size_t i : bucket(bi).slots) {
+            const Slot& s = slot(bi, i);
+            std::copy_n(gathered[bi].data() + s.offset, s.numel, s.param->value.data());
+          }
+        bytes -= static_cast<std::size_t>(gathered[bi].numel()) * sizeof(T);
+        gathered[bi] = Tensor<T>();
+        gathered_mem.set(bytes);
+      };
+      for (std::size_t bi = 0; bi < refs.size(); ++bi) {
+        const std::size_t n = static_cast<std::size_t>(shard_size(bi));
+        if (!error) {
+          gathered[bi] = Tensor<T>(Shape{static_cast<std::int64_t>(n * w)});
+          bytes += n * w * sizeof(T);
+          gathered_mem.set(bytes);
+          T* full = gathered[bi].data();
+          for (std::size_t k : pieces_of[bi])  // this rank's updated block
+            std::copy_n(shards[k].value.data(), piece_list[k].end - piece_list[k].begin, full + piece_list[k].begin);
+          // In place: this rank's block of the output is the input.
+          try {
+            requests[bi] = comm.iall_gather(std::span<const T>(full + static_cast<std::size_t>(r) * n, n),
+                                            std::span<T>(full, n * w));
+          } catch (...) {
+            if (!error) error = std::current_exception();
+          }
         }
+        if (bi > 0) complete(bi - 1);
       }
+      complete(refs.size() - 1);
       if (error) std::rethrow_exception(error);
     }
     // The buckets go back to all-reduce: with no sharded optimizer, every replica needs the
@@ -386,11 +387,9 @@ class ZeroOptimizer {
     std::vector<GradBuckets<T>*> sets;
     std::vector<Ref> refs;              // every bucket of every set, in order
     Comm comm;
-    std::vector<Tensor<T>> params;      // per bucket: gathered values, padded
     std::vector<Parameter<T>> shards;   // per piece: this rank's value and grad runs
     std::vector<ZeroShardPiece> piece_list;
     bool shard_grads = false;  // ZeRO-2
-    MemoryTracker::Entry gathered_mem{MemoryCategory::comm_buffers};  // `params`
   };
 
   std::unique_ptr<StateBase> state_;
