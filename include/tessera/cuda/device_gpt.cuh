@@ -196,8 +196,9 @@ class DeviceGPT {
     }
   }
 
-  template <class Get>
-  void gather(const ParameterList<float>& params, Tensor<float>& flat, Get get) const {
+  // Calls fn(parameter, its place) for every parameter of `params`, checked against the layout.
+  template <class Fn>
+  void for_each_flat(const ParameterList<float>& params, Fn fn) const {
     TESSERA_EXPECTS(params.size() == flat_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
                     flat_.size());
     std::size_t i = 0;
@@ -205,24 +206,16 @@ class DeviceGPT {
       const FlatParameter& f = flat_[i++];
       TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.shape, "DeviceGPT: parameter ", p.name, " of shape ",
                       p.value.shape(), " is not ", f.name, " of shape ", f.shape);
-      const Tensor<float> c = get(p).contiguous();
-      std::copy(c.data(), c.data() + c.numel(), flat.data() + f.offset);
+      fn(p, f);
     }
   }
   template <class Get>
+  void gather(const ParameterList<float>& params, Tensor<float>& flat, Get get) const {
+    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { flat_slice(flat, f).copy_from(get(p)); });
+  }
+  template <class Get>
   void scatter(const ParameterList<float>& params, const Tensor<float>& flat, Get get) const {
-    TESSERA_EXPECTS(params.size() == flat_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
-                    flat_.size());
-    std::size_t i = 0;
-    for (Parameter<float>& p : params) {
-      const FlatParameter& f = flat_[i++];
-      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.shape, "DeviceGPT: parameter ", p.name, " of shape ",
-                      p.value.shape(), " is not ", f.name, " of shape ", f.shape);
-      Tensor<float>& t = get(p);
-      Tensor<float> src = Tensor<float>::from(f.shape, std::span<const float>(flat.data() + f.offset,
-                                                                             static_cast<std::size_t>(f.shape.numel())));
-      t.copy_from(src);
-    }
+    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { get(p).copy_from(flat_slice(flat, f)); });
   }
   void copy_moments_to_flat(const optim::AdamW<float>& opt, Tensor<float>& m, Tensor<float>& v) const {
     TESSERA_EXPECTS(opt.parameters().size() == flat_.size(), "DeviceGPT: the optimizer has ", opt.parameters().size(),
