@@ -179,6 +179,7 @@ struct EquivConfig {
   int accumulation = 1;    // micro-batches per step (no_sync on all but the last)
   bool unequal = false;    // rank r has 1 + r % 3 rows per micro-batch (else 2)
   bool zero = false;       // ZeroOptimizer instead of the plain optimizer
+  bool zero2 = false;      // ... at ZeRO stage 2 (gradients sharded too)
   bool adamw = false;      // AdamW instead of SGD with momentum
   int steps = 5;
 };
@@ -212,11 +213,13 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
   auto zero_dp = [&dp] { dp.zero_grad(); };
   auto zero_serial = [&serial] { serial.parameters().zero_grad(); };
   if (cfg.zero) {
+    const ZeroStage stage = cfg.zero2 ? ZeroStage::gradients : ZeroStage::optimizer;
+    const std::vector<GradBuckets<float>*> sets{&dp.buckets()};
     if (cfg.adamw) {
-      auto z = std::make_shared<ZeroOptimizer<optim::AdamW<float>>>(dp, adamw_options());
+      auto z = std::make_shared<ZeroOptimizer<optim::AdamW<float>>>(stage, sets, adamw_options());
       opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); }};
     } else {
-      auto z = std::make_shared<ZeroOptimizer<optim::SGD<float>>>(dp, sgd_options());
+      auto z = std::make_shared<ZeroOptimizer<optim::SGD<float>>>(stage, sets, sgd_options());
       opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); }};
     }
   } else {
