@@ -18,6 +18,7 @@
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/core/gemm.hpp"
 #include "tessera/parallel/data/compression/comm_hook.hpp"
 
 namespace tessera {
@@ -86,13 +87,13 @@ class PowerSGDHook final : public CommHook<T> {
       p_total += static_cast<std::size_t>(s.n * s.r);
       q_total += static_cast<std::size_t>(s.m * s.r);
     }
-    pbuf_.assign(p_total, T{0});
-    qbuf_.assign(q_total, T{0});
+    pbuf_.resize(p_total);
+    qbuf_.resize(q_total);
     std::size_t po = 0;
     for (MatrixState& s : mats) {
       T* M = bucket.grad.data() + s.offset;
       for (std::int64_t i = 0; i < s.n * s.m; ++i) M[i] += s.error[static_cast<std::size_t>(i)];
-      matmul_nn(M, s.q.data(), pbuf_.data() + po, s.n, s.m, s.r);
+      gemm(Transpose::no, Transpose::no, s.n, s.r, s.m, T{1}, M, s.m, s.q.data(), s.r, T{0}, pbuf_.data() + po, s.r);
       po += static_cast<std::size_t>(s.n * s.r);
     }
     comm.all_reduce(pbuf_, ReduceOp::sum);
@@ -103,7 +104,8 @@ class PowerSGDHook final : public CommHook<T> {
     for (MatrixState& s : mats) {
       T* P = pbuf_.data() + po;
       orthogonalize(P, s.n, s.r);
-      matmul_tn(bucket.grad.data() + s.offset, P, qbuf_.data() + qo, s.n, s.m, s.r);
+      gemm(Transpose::yes, Transpose::no, s.m, s.r, s.n, T{1}, bucket.grad.data() + s.offset, s.m, P, s.r, T{0},
+           qbuf_.data() + qo, s.r);
       po += static_cast<std::size_t>(s.n * s.r);
       qo += static_cast<std::size_t>(s.m * s.r);
     }
@@ -116,14 +118,10 @@ class PowerSGDHook final : public CommHook<T> {
       const T* P = pbuf_.data() + po;
       const T* Q = qbuf_.data() + qo;
       T* M = bucket.grad.data() + s.offset;
-      for (std::int64_t i = 0; i < s.n; ++i)
-        for (std::int64_t j = 0; j < s.m; ++j) {
-          T a = 0;
-          for (std::int64_t c = 0; c < s.r; ++c) a += P[i * s.r + c] * Q[j * s.r + c];
-          const std::size_t e = static_cast<std::size_t>(i * s.m + j);
-          s.error[e] = M[e] - a * inv_p;
-          M[e] = a;
-        }
+      // E = M - P^ Q^T / p, then M = P^ Q^T (two GEMMs of inner dimension r).
+      std::copy(M, M + s.n * s.m, s.error.begin());
+      gemm(Transpose::no, Transpose::yes, s.n, s.m, s.r, -inv_p, P, s.r, Q, s.r, T{1}, s.error.data(), s.m);
+      gemm(Transpose::no, Transpose::yes, s.n, s.m, s.r, T{1}, P, s.r, Q, s.r, T{0}, M, s.m);
       for (std::int64_t k = 0; k < s.m * s.r; ++k) s.q[static_cast<std::size_t>(k)] = Q[k] * inv_p;
       po += static_cast<std::size_t>(s.n * s.r);
       qo += static_cast<std::size_t>(s.m * s.r);
@@ -161,23 +159,6 @@ class PowerSGDHook final : public CommHook<T> {
   }
 
  private:
-  // c (n, r) = a (n, m) b (m, r), all row-major.
-  static void matmul_nn(const T* a, const T* b, T* c, std::int64_t n, std::int64_t m, std::int64_t r) {
-    for (std::int64_t i = 0; i < n; ++i)
-      for (std::int64_t j = 0; j < m; ++j) {
-        const T x = a[i * m + j];
-        for (std::int64_t k = 0; k < r; ++k) c[i * r + k] += x * b[j * r + k];
-      }
-  }
-  // c (m, r) = a^T b, a (n, m), b (n, r), all row-major.
-  static void matmul_tn(const T* a, const T* b, T* c, std::int64_t n, std::int64_t m, std::int64_t r) {
-    for (std::int64_t i = 0; i < n; ++i)
-      for (std::int64_t j = 0; j < m; ++j) {
-        const T x = a[i * m + j];
-        for (std::int64_t k = 0; k < r; ++k) c[j * r + k] += x * b[i * r + k];
-      }
-  }
-
   // The matrices of the bucket (made at its first reduction, with Q drawn from the seed and the
   // bucket index, so every rank draws the same), checked against the tensor list afterwards.
   std::vector<MatrixState>& layout(const GradBucketView<T>& bucket) {

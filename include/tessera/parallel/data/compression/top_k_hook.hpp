@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <limits>
 #include <map>
-#include <numeric>
 #include <span>
 #include <string>
 #include <vector>
@@ -45,7 +44,8 @@ class TopKHook final : public CommHook<T> {
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
   /// Collective over `comm`: two all-gathers. Throws tessera::Error for a bucket of 2^31 or more
-  /// elements (int32 indices).
+  /// elements (int32 indices), and on the rank whose gradient holds a NaN (the others then
+  /// fail in the all-gather, as after any rank's error).
   void reduce(GradBucketView<T>& bucket, Comm& comm) override {
     const std::size_t n = bucket.grad.size();
     if (n == 0) return;
@@ -55,15 +55,28 @@ class TopKHook final : public CommHook<T> {
     std::vector<T>& e = error_[bucket.index];
     if (e.size() != n) e.assign(n, T{0});
     for (std::size_t i = 0; i < n; ++i) e[i] += bucket.grad[i];  // e holds M now
-    std::vector<std::int32_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k - 1), order.end(),
-                     [&e](std::int32_t a, std::int32_t b) {
-                       const T x = std::abs(e[static_cast<std::size_t>(a)]), y = std::abs(e[static_cast<std::size_t>(b)]);
-                       return x > y || (x == y && a < b);
-                     });
-    std::vector<std::int32_t> idx(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k));
-    std::sort(idx.begin(), idx.end());
+    // The k-th largest |M| (a selection over a contiguous copy), then the indices above it and,
+    // to make up k, those equal to it from the lowest: the strict order of the class comment.
+    abs_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) abs_[i] = std::abs(e[i]);
+    std::nth_element(abs_.begin(), abs_.begin() + static_cast<std::ptrdiff_t>(n - k), abs_.end());
+    const T threshold = abs_[n - k];
+    std::vector<std::int32_t> idx;
+    idx.reserve(k);
+    std::size_t above = 0;
+    for (std::size_t i = 0; i < n; ++i) above += std::abs(e[i]) > threshold;
+    std::size_t ties = k - above;
+    for (std::size_t i = 0; i < n; ++i) {
+      const T a = std::abs(e[i]);
+      if (a > threshold) {
+        idx.push_back(static_cast<std::int32_t>(i));
+      } else if (a == threshold && ties > 0) {
+        --ties;
+        idx.push_back(static_cast<std::int32_t>(i));
+      }
+    }
+    TESSERA_EXPECTS(idx.size() == k, "TopKHook: bucket ", bucket.index, " selected ", idx.size(), " of k = ", k,
+                    " entries: its gradient plus residual holds a NaN");
     std::vector<T> val(k);
     for (std::size_t j = 0; j < k; ++j) {
       val[j] = e[static_cast<std::size_t>(idx[j])];
@@ -108,6 +121,7 @@ class TopKHook final : public CommHook<T> {
     return s;
   }
   double fraction_;
+  std::vector<T> abs_;  // |M|, scratch of the selection
   std::map<std::size_t, std::vector<T>> error_;
   std::map<std::size_t, std::vector<std::int32_t>> last_indices_;
 };
