@@ -184,6 +184,10 @@ int main(int argc, char** argv) {
   Args a;
   CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens)"};
   add_options(app, a);
+  // A number flag given an empty value (--lr '') is an error, not the default kept.
+  for (CLI::Option* o : app.get_options())
+    if (o->get_type_name().rfind("FLOAT", 0) == 0 || o->get_type_name().rfind("UINT", 0) == 0)
+      o->check(CLI::Validator([](std::string& v) { return v.empty() ? std::string("an empty value is not a number") : std::string(); }, ""));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -276,6 +280,31 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(a.batch / (a.dp * a.accum) >= a.num_microbatches(), "train_gpt: each forward/backward gets ",
                     a.batch / (a.dp * a.accum), " sequences (batch ", a.batch, " / dp ", a.dp, " / accum ", a.accum,
                     "), fewer than the ", a.num_microbatches(), " micro-batches");
+    // What cannot fit is refused before a rank allocates it: an allocation beyond the machine's
+    // memory is not always a std::bad_alloc (the kernel may kill the process instead). A lower
+    // bound, in bytes: the parameters and their gradients of every dp replica in this process
+    // (all of them on the threads backend, 1 / (tp x pp) of one per MPI process), every block's
+    // input activation for backward, and one layer's attention probabilities of a micro-batch.
+    {
+      const double params = 12.0 * a.d_model * double(a.d_model) * a.layers + (256.0 + a.context) * a.d_model;
+      const double replicas = a.backend == "mpi" ? 1.0 / (a.tp * a.pp) : double(a.dp);
+      const double per_process = a.backend == "mpi" ? 1.0 / a.world() : 1.0;
+      const double rows = double(a.batch) / (a.dp * a.accum * a.num_microbatches());
+      const double need = 8.0 * params * replicas +
+                          4.0 * double(a.batch) * a.context * double(a.d_model) * a.layers * per_process +
+                          4.0 * rows * a.heads * double(a.context) * a.context * (a.backend == "mpi" ? 1.0 / a.tp : double(a.dp));
+      const double have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+      TESSERA_EXPECTS(need <= have, "train_gpt: --layers ", a.layers, " --d-model ", a.d_model, " --heads ", a.heads,
+                      " --context ", a.context, " --batch ", a.batch, " need at least ", need / 1e9,
+                      " GB (parameters, gradients, activations) but this machine has ", have / 1e9, " GB");
+    }
+    // Output files are checked now, not after the last step.
+    for (const auto& [flag, path] : {std::pair<const char*, std::string>{"--loss-csv", a.loss_csv},
+                                     {"--loss-svg", a.loss_svg}, {"--log-json", a.log_json}}) {
+      if (path.empty()) continue;
+      TESSERA_EXPECTS(!fs::is_directory(path), "train_gpt: ", flag, " ", path, " is a directory, not a file");
+      TESSERA_EXPECTS(std::ofstream(path, std::ios::app).good(), "train_gpt: cannot write ", flag, " ", path);
+    }
     if (a.verify) {
       TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --verify runs the serial reference in this process: use the "
                       "threads backend (drop --backend mpi)");

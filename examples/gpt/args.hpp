@@ -145,7 +145,12 @@ inline void add_options(CLI::App& app, Args& a) {
                  "(flags given explicitly win)")->check(CLI::IsMember({"gpt2-124m"}));
   app.add_option("--dropout", a.dropout, "dropout probability on the embeddings (GPT-2's embd_pdrop), in [0, 1)");
   app.add_option("--seed", a.seed, "seed of the init, the data order and the sampling")->check(CLI::Validator(
-      [](const std::string& v) { return !v.empty() && v[0] == '-' ? std::string("must be >= 0, got ") + v : std::string(); },
+      [](const std::string& v) {
+        // Digits only, at most 2^64 - 1 (a larger value would wrap around or saturate silently).
+        const bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+        const bool fits = v.size() < 20 || (v.size() == 20 && v <= "18446744073709551615");
+        return digits && fits ? std::string() : std::string("must be an integer in [0, 2^64 - 1], got '") + v + "'";
+      },
       "SEED >= 0"));
   app.add_option("--val-every", a.val_every, "validation interval in steps (0: never)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--log-every", a.log_every, "progress line interval in steps")->check(CLI::Range(1, 1 << 30));
