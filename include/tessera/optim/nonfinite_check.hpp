@@ -138,7 +138,8 @@ class NonfiniteCheck {
       if (first >= 2 * n) from = 0;
       comm.broadcast(std::span<std::int64_t>(rec), from);
     }
-    const double seen_loss = std::bit_cast<double>(rec[0]);
+    double seen_loss = std::bit_cast<double>(rec[0]);
+    if (std::isnan(seen_loss)) seen_loss = std::numeric_limits<double>::quiet_NaN();  // "nan", not "-nan"
     std::string found;
     if (rec[1] == 2) {
       std::string pname;
@@ -156,8 +157,7 @@ class NonfiniteCheck {
       found = "the gradients' sum of squares overflowed (every element is finite)";
     }
     return tessera::detail::str("non-finite values at step ", step, ": ", found, "; the optimizer step ",
-                                on_ == OnNonfinite::stop ? "was not taken (OnNonfinite::skip would skip it and go on)"
-                                                         : "is skipped");
+                                on_ == OnNonfinite::stop ? "was not taken" : "is skipped");
   }
 
   // Index (row-major) of the first element of `t` that is NaN or infinite (its value in
