@@ -108,7 +108,7 @@ bench() {  # name, dtype, args...
   tt=$(echo "$t" | awk '$1 == "tessera" {print $5}'); pt=$(echo "$p" | awk '$1 == "pytorch" {print $5}')
   [[ -z "$tt" ]] && fail "gpt_device_bench $name $dtype: $t"
   row "$name $dtype tokens/s: tessera / pytorch" "${tt:-?} / ${pt:-?}  (ratio $(awk -v a="${tt:-0}" -v b="${pt:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}'))"
-  row "$name $dtype MFU: tessera / pytorch" "$(echo "$t" | awk '{print $9}') / $(echo "$p" | awk '{print $9}')"
+  row "$name $dtype MFU: tessera / pytorch" "$(echo "$t" | awk '$1 == "tessera" {print $9}') / $(echo "$p" | awk '$1 == "pytorch" {print $9}')"
 }
 main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
 bench main-job fp32 "${main_model[@]}"
@@ -122,7 +122,7 @@ curve() {  # dtype -> json log path
 }
 curve fp32 || fail "train_gpt --device cuda --dtype fp32"
 curve bf16 || fail "train_gpt --device cuda --dtype bf16"
-if [[ -f "$RUN/curve_fp32.jsonl" && -f "$RUN/curve_bf16.jsonl" ]]; then
+if [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_bf16.jsonl" ]]; then
   cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_bf16.jsonl" <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
