@@ -4,8 +4,9 @@
 #
 # Usage: scripts/sanitize.sh [asan|tsan] [core|full] [BUILD_DIR]
 #   asan (default): AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer).
-#   tsan: ThreadSanitizer on the threads backend's own suite (tests/comm).
-#   core (default): comm, nn, schedule, testing, fuzz.  full: also dp, tp, pipe, hybrid, ckpt, ps.
+#   tsan: ThreadSanitizer on the threads backend's own suite (tests/comm) and CollectiveChecker's.
+#   core (default): comm, nn, schedule, testing, fuzz, harden (NonfiniteCheck, CollectiveChecker).
+#   full: also dp, tp, pipe, hybrid, ckpt, ps.
 #   BUILD_DIR: default build-asan / build-tsan.
 # Compiler: $CXX, default clang++ (its -fsanitize=undefined also checks float-to-integer
 # overflow, and at -O1 it builds these programs about 3 times faster than g++ -O2 here); a new
@@ -33,13 +34,16 @@ declare -A targets=(
   [threads_comm]=test_thread_comm [schedule]=test_schedule [schedule_pictures_up_to_date]=schedule_picture
   [testing]=test_compare [nn]=nn_tests [fuzz_regressions]=fuzz_regression_tests
   [dp]=test_dp [tp]=tp_tests [pipe]=pipe_tests [hybrid]=hybrid_tests [ckpt]=ckpt_tests
-  [parameter_server]=test_parameter_server)
+  [parameter_server]=test_parameter_server [nonfinite_check]=test_nonfinite_check
+  [collective_checker]=test_collective_checker [collective_checker_env]=test_collective_checker)
 if [ "$mode" = tsan ]; then
-  tests=(threads_comm)
+  tests=(threads_comm collective_checker)
 elif [ "$level" = full ]; then
-  tests=(threads_comm schedule schedule_pictures_up_to_date testing nn fuzz_regressions dp tp pipe hybrid ckpt parameter_server)
+  tests=(threads_comm schedule schedule_pictures_up_to_date testing nn fuzz_regressions nonfinite_check collective_checker
+         collective_checker_env dp tp pipe hybrid ckpt parameter_server)
 else
-  tests=(threads_comm schedule schedule_pictures_up_to_date testing nn fuzz_regressions)
+  tests=(threads_comm schedule schedule_pictures_up_to_date testing nn fuzz_regressions nonfinite_check collective_checker
+         collective_checker_env)
 fi
 meson_level=core
 for t in "${tests[@]}"; do case $t in dp|tp|pipe|hybrid|ckpt|parameter_server) meson_level=full ;; esac; done
