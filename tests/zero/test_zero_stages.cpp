@@ -49,7 +49,8 @@ struct DpRun {
 
 // `steps` steps of the small GPT under DataParallel over `c` at ZeRO stage `stage`, AdamW,
 // `accum` micro-batches per step (no_sync on all but the last), rank r with 1 + r % 2 rows.
-DpRun dp_run(Comm& c, ZeroStage stage, int accum, int steps, DataParallelOptions o) {
+// `join`: the last rank has no data at odd steps and joins with reduce_grads().
+DpRun dp_run(Comm& c, ZeroStage stage, int accum, int steps, DataParallelOptions o, bool join = false) {
   DataParallel dp(GPT<float>(small_gpt(), 99), c, o);
   DistributedOptimizer<optim::AdamW<float>> opt(
       dp, optim::weight_decay_groups(dp.parameters(), optim::AdamWOptions{.lr = 1e-2, .weight_decay = 0.1}), stage);
@@ -57,9 +58,14 @@ DpRun dp_run(Comm& c, ZeroStage stage, int accum, int steps, DataParallelOptions
   const std::int64_t rows = 1 + c.rank() % 2;
   DpRun r;
   for (int step = 0; step < steps; ++step) {
-    const double scale = dp.loss_scale(rows * seq * accum);
+    const bool idle = join && step % 2 == 1 && c.rank() == c.size() - 1;
+    const double scale = dp.loss_scale(idle ? 0 : rows * seq * accum);
     double loss = 0;
-    for (int m = 0; m < accum; ++m) {
+    if (idle) {
+      dp.reduce_grads();
+      if (stage == ZeroStage::gradients) r.no_full_grad = r.no_full_grad && dp.buckets().released();
+    }
+    for (int m = 0; m < (idle ? 0 : accum); ++m) {
       auto guard = dp.no_sync(m + 1 < accum);
       auto [x, y] = batch(step, m, c.rank(), rows, small_gpt().vocab_size);
       auto [logits, ctx] = dp.forward(x);
@@ -125,6 +131,18 @@ TEST_CASE("ZeRO-2 with manual accumulation keeps every micro-batch's gradient (n
   });
   for (const auto& [plain, z2] : res)
     CHECK(testing::norm_rel_error(std::span<const float>(z2.params), std::span<const float>(plain.params)) < 1e-5);
+}
+
+TEST_CASE("ZeRO-2: a rank out of data joins with reduce_grads (zero contribution) as under plain DP") {
+  // Planted: reduce_grads without the shard accumulation leaves the joining steps' gradients
+  // out of the shards; the ranks then disagree with plain DP from step 1 on.
+  auto res = run_ranks(3, [](Comm& c) {
+    return std::pair{dp_run(c, ZeroStage::none, 1, 6, {}, true), dp_run(c, ZeroStage::gradients, 1, 6, {}, true)};
+  });
+  for (const auto& [plain, z2] : res) {
+    CHECK(testing::norm_rel_error(std::span<const float>(z2.params), std::span<const float>(plain.params)) < 1e-5);
+    CHECK(z2.no_full_grad);
+  }
 }
 
 TEST_CASE("ZeRO-2 over Hybrid (dp 2 with tp 2 and pp 2, dp 4; accumulation 2) equals the serial GPT over 20 steps") {

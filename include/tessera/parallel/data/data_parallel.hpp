@@ -204,12 +204,16 @@ class DataParallel {
   /// Reduces the gradients as they are now, without a backward: a rank whose data ran out calls
   /// it where the others run their syncing backward, and contributes what its gradients hold
   /// (zero after zero_grad). Collective over dp (the same reductions as a syncing backward).
-  void reduce_grads() { buckets_->reduce(); }
+  void reduce_grads() {
+    buckets_->reduce();
+    buckets_->release_buffers();  // ZeRO-2: only the shards stay (nothing otherwise)
+  }
 
   /// Whether backward reduces the gradients (true unless inside no_sync).
   bool require_backward_grad_sync() const noexcept { return require_sync_; }
   /// Sets whether backward reduces the gradients; false accumulates them locally
-  /// (PyTorch DDP's `require_backward_grad_sync`). Local; every rank must set the same.
+  /// (PyTorch DDP's `require_backward_grad_sync`). Under ZeRO-2 every backward reduces
+  /// (GradBuckets::begin_backward). Local; every rank must set the same.
   void set_require_backward_grad_sync(bool sync) noexcept { require_sync_ = sync; }
   /// A guard that turns gradient sync off while it lives, when `active`: wrap every
   /// micro-batch but the last of an accumulation (`auto g = dp.no_sync(m + 1 < k);`).
