@@ -17,6 +17,7 @@
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
 #include "tessera/cuda/ops/gelu.cuh"
+#include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/stream.hpp"

@@ -19,6 +19,7 @@
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
 #include "tessera/cuda/ops/gelu.cuh"
+#include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/nn/core_attention.hpp"
@@ -314,4 +315,32 @@ TEST_CASE("caching allocator on the device: a repeated step makes no cudaMalloc 
   // The device still works after the refusal.
   step();
   stream().synchronize();
+}
+
+TEST_CASE("gemm epilogue fallback: the plain product then the epilogue kernels equal Linear + GELU and GELU's backward") {
+  const std::int64_t M = 21, in = 40, out = 24;
+  const Tensor<float> x = randn(Shape{M, in}, 50), w = randn(Shape{in, out}, 51, 0.3f), b = randn(Shape{out}, 52, 0.1f);
+  nn::Linear<float> lin("fc", w.clone(), b.clone());
+  nn::GELU<float> gelu;
+  auto [pre, lctx] = lin.forward(x);
+  auto [y_ref, gctx] = gelu.forward(pre);
+  const Tensor<float> dy = randn(Shape{M, out}, 53);
+  const Tensor<float> dpre_ref = gelu.backward(dy, gctx);
+  auto x_d = dev(x), w_d = dev(w), b_d = dev(b), dy_d = dev(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  auto aux = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  const tc::GemmShape g{.m = M, .n = out, .k = in};
+  blas().gemm(stream(), g, x_d.data(), w_d.data(), y.data());
+  ops::kernels::epilogue_bias_gelu<float><<<4, 256, 0, stream().get()>>>(y.data(), aux.data(), b_d.data(), M, out, out, true);
+  CHECK(rel(host(aux), pre) < fp32_tol);
+  CHECK(rel(host(y), y_ref) < fp32_tol);
+  ops::kernels::epilogue_dgelu<float><<<4, 256, 0, stream().get()>>>(dy_d.data(), aux.data(), M, out, out);
+  CHECK(rel(host(dy_d), dpre_ref) < fp32_tol);
+  // And through gemm_epilogue (fused or not, whichever this cuBLASLt offers): the same values.
+  auto y2 = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  auto aux2 = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  const bool fused = ops::gemm_epilogue<float>(stream(), blas(), g, x_d.data(), w_d.data(), y2.data(), 1.f, 0.f,
+                                               tc::EpilogueArgs{tc::Epilogue::gelu_bias, b_d.data(), aux2.data()});
+  MESSAGE("cuBLASLt fuses bias + GELU for fp32 here: ", fused);
+  CHECK(rel(host(y2), y_ref) < 1e-4);
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -95,6 +96,36 @@ class BlasLt {
                   "cublasLtMatmul", describe(shape));
   }
 
+  /// Whether cuBLASLt has an algorithm for this product with epilogue `kind` at these operands'
+  /// alignment (plans it if not yet planned; a problem without one is remembered as such).
+  /// Where it has none, ops::gemm_epilogue runs the product plain and the epilogue as a kernel.
+  template <class In, class Out>
+  bool supports(const GemmShape& shape, Epilogue kind, const In* a, const In* b, const Out* c,
+                MathMode mode = MathMode::fp32) {
+    const ColumnMajorGemm g = to_column_major(shape);
+    if (g.m == 0 || g.n == 0) return true;
+    const cudaDataType_t in_t = std::is_same_v<In, float> ? CUDA_R_32F : CUDA_R_16BF;
+    const cudaDataType_t out_t = std::is_same_v<Out, float> ? CUDA_R_32F : CUDA_R_16BF;
+    const cublasComputeType_t compute = (std::is_same_v<In, float> && mode == MathMode::tf32)
+                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                            : CUBLAS_COMPUTE_32F;
+    const std::uint32_t align_a = alignment(b, sizeof(In), g.batch > 1 ? g.stride_a : 0);
+    const std::uint32_t align_b = alignment(a, sizeof(In), g.batch > 1 ? g.stride_b : 0);
+    const std::uint32_t align_c = alignment(c, sizeof(Out), g.batch > 1 ? g.stride_c : 0);
+    std::lock_guard lock(mu_);
+    const Key key = key_of(g, in_t, out_t, compute, kind, align_a, align_b, align_c);
+    if (unsupported_.count(key) != 0) return false;
+    try {
+      (void)plan_for(g, in_t, out_t, compute, kind, shape, align_a, align_b, align_c);
+      return true;
+    } catch (const CudaError& e) {
+      // No algorithm, or an epilogue attribute this cuBLASLt refuses for these types.
+      if (kind == Epilogue::none && e.code() != static_cast<int>(CUBLAS_STATUS_NOT_SUPPORTED)) throw;
+      unsupported_.insert(key);
+      return false;
+    }
+  }
+
   /// Number of distinct problems planned so far (each asked cuBLASLt's heuristic once).
   std::size_t plans() const noexcept { return plans_.size(); }
 
@@ -113,6 +144,13 @@ class BlasLt {
   using Key = std::tuple<bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                          std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, int, int, int,
                          std::uint32_t, std::uint32_t, std::uint32_t>;
+
+  static Key key_of(const ColumnMajorGemm& g, cudaDataType_t in_t, cudaDataType_t out_t, cublasComputeType_t compute,
+                    Epilogue ep, std::uint32_t align_a, std::uint32_t align_b, std::uint32_t align_c) {
+    return Key{g.trans_a, g.trans_b, g.m,        g.n,        g.k,        g.lda,          g.ldb,          g.ldc,
+               g.batch,   g.stride_a, g.stride_b, g.stride_c, static_cast<int>(in_t), static_cast<int>(out_t),
+               static_cast<int>(compute), static_cast<int>(ep), align_a, align_b, align_c};
+  }
 
   // The largest power of two, at most 256, dividing the address and the batch stride in bytes.
   static std::uint32_t alignment(const void* p, std::size_t elem, std::int64_t stride) {
@@ -139,9 +177,7 @@ class BlasLt {
   Plan& plan_for(const ColumnMajorGemm& g, cudaDataType_t in_t, cudaDataType_t out_t, cublasComputeType_t compute,
                  Epilogue ep, const GemmShape& shape, std::uint32_t align_a, std::uint32_t align_b,
                  std::uint32_t align_c) {
-    const Key key{g.trans_a, g.trans_b, g.m,        g.n,        g.k,        g.lda,          g.ldb,          g.ldc,
-                  g.batch,   g.stride_a, g.stride_b, g.stride_c, static_cast<int>(in_t), static_cast<int>(out_t),
-                  static_cast<int>(compute), static_cast<int>(ep), align_a, align_b, align_c};
+    const Key key = key_of(g, in_t, out_t, compute, ep, align_a, align_b, align_c);
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     Plan p;
@@ -232,6 +268,7 @@ class BlasLt {
   DeviceTensor<std::int32_t> workspace_;
   std::mutex mu_;
   std::map<Key, Plan> plans_;
+  std::set<Key> unsupported_;
 };
 
 }  // namespace tessera::cuda

@@ -29,6 +29,7 @@
 #include "tessera/cuda/ops/bias_grad.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/stream.hpp"
@@ -311,7 +312,7 @@ class DeviceGPT {
   }
 
   void gemm(const GemmShape& s, const C* a, const C* b, C* out, float beta = 0.f, const EpilogueArgs& ep = {}) {
-    blas_.gemm(stream_, s, a, b, out, 1.f, beta, ep);
+    ops::gemm_epilogue<C>(stream_, blas_, s, a, b, out, 1.f, beta, ep);
   }
   void gemm_grad(const GemmShape& s, const C* a, const C* b, float* out) { blas_.gemm(stream_, s, a, b, out, 1.f, 1.f); }
   void copy(const DeviceTensor<C>& from, const DeviceTensor<C>& to) {
