@@ -4,8 +4,11 @@
 // paper's accounting carried to fp32 AdamW (Rajbhandari et al., SC 2020, sec. 3 and 5).
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -145,10 +148,69 @@ TEST_CASE("ZeRO-2: a rank out of data joins with reduce_grads (zero contribution
   }
 }
 
-TEST_CASE("ZeRO-2 over Hybrid (dp 2 with tp 2 and pp 2, dp 4; accumulation 2) equals the serial GPT over 20 steps") {
+namespace {
+
+struct HybridOutcome {
+  double loss = 0, norm = 0, param = 0;  // worst relative errors against the serial run
+  bool released = true;                  // the dp buffers released after every window
+};
+
+// Steps [begin, end) of the serial reference's run of hybrid_test::Setup at `shape` with ZeRO
+// stage `stage` and `accum` accumulation steps: first loads the checkpoint `load` (unless
+// empty), at the end saves into `save` (unless empty). Collective over `c`.
+HybridOutcome hybrid_segment(Comm& c, const hybrid_test::Setup& s, const hybrid_test::Reference& ref, MeshShape shape,
+                             int accum, ZeroStage stage, int begin, int end, const std::string& load = "",
+                             const std::string& save = "") {
   using namespace hybrid_test;
-  const Setup s;
-  const Reference ref = serial_reference(s);
+  Mesh mesh(c, shape);
+  HybridOptions ho;
+  ho.accumulation_steps = accum;
+  ho.num_microbatches = 2;
+  HybridGPT<float> model(mesh, s.config, s.seed, ho);
+  DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), stage);
+  if (!load.empty()) REQUIRE(checkpoint::load_hybrid_checkpoint(load, model, opt, checkpoint::gpt2_config_json(s.config)).step == begin);
+  const std::int64_t rows = s.batch / shape.dp, r0 = mesh.coord().dp * rows, chunk = rows / accum;
+  testing::WorstError loss_err, norm_err;
+  HybridOutcome o;
+  for (int step = begin; step < end; ++step) {
+    auto [x, y] = batch_of(s, step);
+    model.zero_grad();
+    for (int k = 0; k < accum; ++k) {
+      const std::int64_t lo = r0 + k * chunk;
+      model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
+    }
+    if (stage == ZeroStage::gradients)
+      for (GradBuckets<float>* b : model.buckets()) o.released = o.released && b->released();
+    const double norm = optim::clip_grad_norm(model.gradients(), s.max_norm);
+    opt.step();
+    loss_err.add(testing::rel_error(model.accumulated_loss(), ref.losses[static_cast<std::size_t>(step)]));
+    norm_err.add(testing::rel_error(norm, ref.norms[static_cast<std::size_t>(step)]));
+  }
+  if (!save.empty()) {
+    checkpoint::CheckpointMeta meta;
+    meta.config = checkpoint::gpt2_config_json(s.config);
+    meta.step = end;
+    checkpoint::save_hybrid_checkpoint(save, model, opt, meta);
+  }
+  testing::WorstError param_err;
+  if (end == s.steps)
+    for (const Parameter<float>& p : model.parameters()) {
+      Tensor<float> full = ref.params.at(p.name);
+      if (p.layout.is_shard() && p.layout.dim == 0) full = tp_test::pad_rows(full, p.value.size(0) * shape.tp);
+      const Tensor<float> want = p.layout.is_shard() ? shard_of(full, p.layout, mesh.coord().tp, shape.tp) : full;
+      param_err.add(tp_test::rel_err(p.value, want));
+    }
+  o.loss = loss_err.value();
+  o.norm = norm_err.value();
+  o.param = param_err.value();
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-2 over Hybrid (dp 2 with tp 2 and pp 2, dp 4; accumulation 2) equals the serial GPT over 20 steps") {
+  const hybrid_test::Setup s;
+  const hybrid_test::Reference ref = hybrid_test::serial_reference(s);
   struct Layout {
     MeshShape shape;
     int accum;
@@ -160,44 +222,39 @@ TEST_CASE("ZeRO-2 over Hybrid (dp 2 with tp 2 and pp 2, dp 4; accumulation 2) eq
     CAPTURE(l.shape.tp);
     const int world = l.shape.dp * l.shape.pp * l.shape.tp;
     auto out = run_ranks(world, [&](Comm& c) {
-      Mesh mesh(c, l.shape);
-      HybridOptions ho;
-      ho.accumulation_steps = l.accum;
-      ho.num_microbatches = 2;
-      HybridGPT<float> model(mesh, s.config, s.seed, ho);
-      DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), ZeroStage::gradients);
-      const std::int64_t rows = s.batch / l.shape.dp, r0 = mesh.coord().dp * rows, chunk = rows / l.accum;
-      testing::WorstError loss_err, norm_err;
-      bool released = true;
-      for (int step = 0; step < s.steps; ++step) {
-        auto [x, y] = batch_of(s, step);
-        model.zero_grad();
-        for (int k = 0; k < l.accum; ++k) {
-          const std::int64_t lo = r0 + k * chunk;
-          model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
-        }
-        for (GradBuckets<float>* b : model.buckets()) released = released && b->released();
-        const double norm = optim::clip_grad_norm(model.gradients(), s.max_norm);
-        opt.step();
-        loss_err.add(testing::rel_error(model.accumulated_loss(), ref.losses[static_cast<std::size_t>(step)]));
-        norm_err.add(testing::rel_error(norm, ref.norms[static_cast<std::size_t>(step)]));
-      }
-      testing::WorstError param_err;
-      for (const Parameter<float>& p : model.parameters()) {
-        Tensor<float> full = ref.params.at(p.name);
-        if (p.layout.is_shard() && p.layout.dim == 0) full = tp_test::pad_rows(full, p.value.size(0) * l.shape.tp);
-        const Tensor<float> want = p.layout.is_shard() ? shard_of(full, p.layout, mesh.coord().tp, l.shape.tp) : full;
-        param_err.add(tp_test::rel_err(p.value, want));
-      }
-      return std::tuple{loss_err.value(), norm_err.value(), param_err.value(), released};
+      return hybrid_segment(c, s, ref, l.shape, l.accum, ZeroStage::gradients, 0, s.steps);
     });
-    for (const auto& [loss, norm, param, released] : out) {
-      CHECK(loss < 1e-5);
-      CHECK(norm < 1e-4);
-      CHECK(param < 1e-4);
-      CHECK(released);
+    for (const HybridOutcome& o : out) {
+      CHECK(o.loss < 1e-5);
+      CHECK(o.norm < 1e-4);
+      CHECK(o.param < 1e-4);
+      CHECK(o.released);
     }
   }
+}
+
+TEST_CASE("A ZeRO-2 checkpoint (dp 2 x pp 2) resumes at dp 1 x tp 2 without ZeRO and at dp 4 with ZeRO-2") {
+  const hybrid_test::Setup s;
+  const hybrid_test::Reference ref = hybrid_test::serial_reference(s);
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("tessera_zero2_ckpt_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  run_ranks(4, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 2, .pp = 2, .tp = 1}, 1, ZeroStage::gradients, 0, 10, "", dir.string());
+  });
+  const auto plain = run_ranks(2, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 1, .pp = 1, .tp = 2}, 1, ZeroStage::none, 10, s.steps, dir.string());
+  });
+  const auto zero2 = run_ranks(4, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 4, .pp = 1, .tp = 1}, 1, ZeroStage::gradients, 10, s.steps, dir.string());
+  });
+  std::filesystem::remove_all(dir);
+  for (const auto* runs : {&plain, &zero2})
+    for (const HybridOutcome& o : *runs) {
+      CHECK(o.loss < 1e-5);
+      CHECK(o.norm < 1e-4);
+      CHECK(o.param < 1e-4);
+    }
 }
 
 namespace {
