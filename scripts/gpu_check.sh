@@ -16,6 +16,7 @@
 #        layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
 #        TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     3. train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
+#        and --verify: 20 fp32 steps against the serial CPU run (1e-4);
 #     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #        run's resumed on the GPU;
 #     5. NCCL all_reduce on 1 GPU;
@@ -140,6 +141,13 @@ PY
   row "train_gpt --device cuda tokens/s fp32 / bf16" "$ta / $tb"
   awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "bf16 loss curve differs from fp32 by $worst (> 2%)"
 fi
+
+say "3b. train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
+v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 --verify --data "$RUN/data/kjv.txt" --steps 20 \
+    --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
+echo "$v" | tail -n 3
+row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
+[[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
 
 say "4. checkpoints across devices"
 ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }
