@@ -3,12 +3,19 @@
 # is killed with SIGKILL at random times, KILLS times. After each kill the checkpoint directory
 # must hold a complete checkpoint: consolidate_checkpoint reads it, and it is bitwise the
 # checkpoint an uninterrupted run of the same seed saves at that step (same learning-rate
-# schedule); a resume from it trains on. Usage: kill_during_save.sh TRAIN_GPT CONSOLIDATE [KILLS] [SEED]
+# schedule); a resume from it trains on. With MPIRUN, the job runs as 4 processes (--backend
+# mpi) and a random rank's process is killed (mpirun then ends the others).
+# Usage: kill_during_save.sh TRAIN_GPT CONSOLIDATE [KILLS] [SEED] [MPIRUN]
 set -uo pipefail
 train=$1
 consolidate=$2
 kills=${3:-6}
 RANDOM=${4:-17}
+mpirun=${5:-}
+launch=()
+[ -n "$mpirun" ] && launch=("$mpirun" --allow-run-as-root --oversubscribe -np 4 -x OPENBLAS_NUM_THREADS=1)
+backend=()
+[ -n "$mpirun" ] && backend=(--backend mpi)
 work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
@@ -21,11 +28,16 @@ model=(--data "$work/text.txt" --layers 2 --d-model 32 --heads 4 --context 16 --
 ck="$work/ck"
 compared=0 mid_save=0
 for k in $(seq "$kills"); do
-  "$train" "${model[@]}" --steps 100000 --save-every 1 --save "$ck" $([ -d "$ck" ] && echo --resume "$ck") \
-    > "$work/run.log" 2>&1 &
+  "${launch[@]}" "$train" "${backend[@]}" "${model[@]}" --steps 100000 --save-every 1 --save "$ck" \
+    $([ -d "$ck" ] && echo --resume "$ck") > "$work/run.log" 2>&1 &
   pid=$!
-  # 0.5-2.5 s: past the first saves, then anywhere in a step or a save.
-  sleep "$(python3 -c "import random; random.seed($RANDOM); print(0.5 + 2 * random.random())")"
+  # 0.5-2.5 s (MPI: 2-4 s, it starts slower): past the first saves, then anywhere in a step or a save.
+  sleep "$(python3 -c "import random; random.seed($RANDOM); print(${mpirun:+1.5 +} 0.5 + 2 * random.random())")"
+  if [ -n "$mpirun" ]; then
+    ranks=($(pgrep -P "$pid"))
+    [ ${#ranks[@]} -gt 0 ] && kill -9 "${ranks[$((RANDOM % ${#ranks[@]}))]}" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
   kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
   pid=
@@ -35,13 +47,14 @@ for k in $(seq "$kills"); do
   "$consolidate" "$ck" "$work/k.safetensors" > "$work/c.log" 2>&1 || { cat "$work/c.log"; fail "kill $k: step $step does not load"; }
   # The uninterrupted run to the same step, saved once at its end.
   rm -rf "$work/ref"
-  "$train" "${model[@]}" --steps "$step" --save "$work/ref" > "$work/ref.log" 2>&1 || { cat "$work/ref.log"; fail "reference run"; }
+  "${launch[@]}" "$train" "${backend[@]}" "${model[@]}" --steps "$step" --save "$work/ref" > "$work/ref.log" 2>&1 \
+    || { cat "$work/ref.log"; fail "reference run"; }
   "$consolidate" "$work/ref" "$work/r.safetensors" > /dev/null 2>&1 || fail "the reference does not load"
   cmp -s "$work/k.safetensors" "$work/r.safetensors" || fail "kill $k: the checkpoint at step $step differs from the uninterrupted run's"
   compared=$((compared + 1))
   echo "kill $k: complete checkpoint at step $step, bitwise the uninterrupted run's$(ls -d "$ck".tmp-* > /dev/null 2>&1 && echo ' (a save was under way)')"
 done
 # The last one resumes and trains on.
-"$train" "${model[@]}" --steps $((step + 2)) --resume "$ck" --save "$ck" > "$work/resume.log" 2>&1 \
+"${launch[@]}" "$train" "${backend[@]}" "${model[@]}" --steps $((step + 2)) --resume "$ck" --save "$ck" > "$work/resume.log" 2>&1 \
   || { cat "$work/resume.log"; fail "resume from step $step"; }
 echo "kill_during_save: $kills kills ($mid_save during a save), $compared checkpoints bitwise equal to the uninterrupted runs'"
