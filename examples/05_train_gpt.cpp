@@ -216,7 +216,6 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(!layout_given || a.world() == 1, "train_gpt: --device cuda trains on one GPU: dp x tp x pp is ",
                       a.world(), "; drop --dp/--tp/--pp (the policies on GPUs are not built yet)");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
-      TESSERA_EXPECTS(a.dropout == 0, "train_gpt: --dropout ", a.dropout, " is not on the device yet; use --dropout 0");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() == ZeroStage::none,
                       "train_gpt: --compress, --sync-every and --zero/--zero1 need dp > 1, which --device cuda does not "
                       "have yet");

@@ -13,13 +13,13 @@ namespace {
 template <class C>
 class CudaModel final : public DeviceModel {
  public:
-  CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params)
-      : stream_(), model_(config, params, stream_) {}
+  CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed)
+      : stream_(), model_(config, params, stream_, seed) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
-                        float dloss) override {
+                        float dloss, const tessera::BatchPosition& at) override {
     auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
-    model_.forward_backward(xd, yd, dloss);
+    model_.forward_backward(xd, yd, dloss, at);
   }
   void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) override {
     auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
@@ -53,10 +53,11 @@ class CudaModel final : public DeviceModel {
 bool built_with_cuda() { return true; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
-                                               const tessera::ParameterList<float>& params, bool bf16) {
+                                               const tessera::ParameterList<float>& params, std::uint64_t seed,
+                                               bool bf16) {
   tessera::cuda::set_device(0);
-  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params);
-  return std::make_unique<CudaModel<float>>(config, params);
+  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed);
+  return std::make_unique<CudaModel<float>>(config, params, seed);
 }
 
 }  // namespace train_gpt

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "tessera/core/batch_position.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/models/gpt.hpp"
@@ -19,9 +20,10 @@ class DeviceModel {
  public:
   virtual ~DeviceModel() = default;
   virtual void zero_grad() = 0;
-  // Gradients of one micro-batch accumulated; dloss: the loss gradient per token.
+  // Gradients of one micro-batch accumulated; dloss: the loss gradient per token; at: the
+  // micro-batch's step and first global row (the dropout masks).
   virtual void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
-                                float dloss) = 0;
+                                float dloss, const tessera::BatchPosition& at) = 0;
   virtual void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) = 0;
   virtual double take_loss_sum() = 0;  // summed token losses since the last call
   virtual double grad_norm() = 0;
@@ -37,9 +39,11 @@ class DeviceModel {
 // Whether this train_gpt was built with the CUDA device layers (nvcc found at configure time).
 bool built_with_cuda();
 
-// A model on CUDA device 0 holding `params` (the CPU GPT's, in its order), bf16 mixed precision
-// or fp32. Throws tessera::Error naming the reason where there is no device or no CUDA build.
+// A model on CUDA device 0 holding `params` (the CPU GPT's, in its order, made from `seed`),
+// bf16 mixed precision or fp32. Throws tessera::Error naming the reason where there is no
+// device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
-                                               const tessera::ParameterList<float>& params, bool bf16);
+                                               const tessera::ParameterList<float>& params, std::uint64_t seed,
+                                               bool bf16);
 
 }  // namespace train_gpt

@@ -43,7 +43,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
                 info.layout.dp, info.layout.pp, info.layout.tp);
   }
-  std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.dtype == "bf16");
+  std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16");
   if (start > 0) dev->upload_optimizer(opt.replicated());
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
@@ -70,7 +70,9 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     for (int k = 0; k < a.accum; ++k) {
       const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
-      dev->forward_backward(x, y, static_cast<float>(1.0 / tokens_per_step));
+      // The rows' place in the global batch: dropout draws the masks of the CPU run.
+      dev->forward_backward(x, y, static_cast<float>(1.0 / tokens_per_step),
+                            BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = k * chunk});
     }
     const double loss = dev->take_loss_sum() / tokens_per_step;
     const double norm = dev->grad_norm();

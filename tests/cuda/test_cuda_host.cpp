@@ -18,7 +18,9 @@
 #include "tessera/cuda/element_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
+#include "tessera/core/batch_position.hpp"
 #include "tessera/nn/gelu.hpp"
+#include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/optim/adamw.hpp"
 
 using namespace tessera;
@@ -359,4 +361,27 @@ TEST_CASE("flat GPT layout: the CPU GPT's parameters end to end, decay on matric
   const GPTConfig deeper{.vocab_size = 67, .n_positions = 16, .n_layer = 3, .n_head = 4, .d_model = 32};
   CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(deeper, ps), doctest::Contains("has 28 parameters, a GPT of 3 layers has 40"),
                        Error);
+}
+
+TEST_CASE("element math: the device's dropout masks are the CPU Dropout's, element by element") {
+  const Dropout<float> drop(0.3, nn::LayerInit{.prefix = "", .seed = 9}.child("drop"));
+  const Tensor<float> x = Tensor<float>::full(Shape{3, 5, 8}, 1.f);
+  const BatchPosition at{.step = 7, .first_row = 4};
+  Tensor<float> y;
+  {
+    const BatchPositionScope scope(at);
+    y = drop.forward(x).output;
+  }
+  const auto key = drop.mask_key(at);
+  const float scale = static_cast<float>(1.0 / (1.0 - 0.3));
+  int kept = 0;
+  for (std::int64_t i = 0; i < x.numel(); ++i) {
+    const bool keep = tc::math::dropout_keep(key, static_cast<std::uint64_t>(4 * 40 + i), drop.keep_threshold());
+    CHECK(y.data()[i] == (keep ? scale : 0.f));
+    kept += keep;
+  }
+  CHECK(kept > 60);  // about 70% of 120 kept: a mask, not all or nothing
+  CHECK(kept < 110);
+  // Another step draws another mask.
+  CHECK(drop.mask_key(BatchPosition{.step = 8, .first_row = 4}) != key);
 }

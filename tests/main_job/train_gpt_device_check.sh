@@ -21,7 +21,6 @@ expect() {  # exit code, message fragment, args...
 }
 expect 2 "--device cuda trains on one GPU: dp x tp x pp is 4" --device cuda --dp 2 --tp 2 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
-expect 2 "--dropout 0.1 is not on the device yet" --device cuda --dropout 0.1 --steps 2
 expect 2 "--device: gpu not in" --device gpu --steps 2
 expect 2 "--plan auto plans CPU ranks" --device cuda --plan auto --world 2 --steps 2
 if ! "$exe" --help | grep -q -- "--device"; then echo "FAIL: --help does not list --device"; fails=$((fails + 1)); fi

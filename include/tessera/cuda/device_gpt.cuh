@@ -7,7 +7,8 @@
 /// model is the checkpoint format: upload() takes its values, download() writes them back, and
 /// the same goes for AdamW's moments. Every product is a cuBLASLt GEMM (bias and GELU fused as
 /// epilogues); the other operations are tessera/cuda/ops kernels, each checked against its CPU
-/// layer. Dropout is not on the device yet (refused). CUDA code: compile with nvcc.
+/// layer. Embedding dropout (embd_pdrop) draws the CPU Dropout's masks (keyed by the step and the
+/// global batch row), so a device run with dropout equals the CPU run. CUDA code: compile with nvcc.
 
 #include <cuda_runtime.h>
 
@@ -18,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tessera/core/batch_position.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/cuda/blas_lt.hpp"
@@ -28,6 +30,7 @@
 #include "tessera/cuda/ops/attention.cuh"
 #include "tessera/cuda/ops/bias_grad.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
+#include "tessera/cuda/ops/dropout.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
 #include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
@@ -48,13 +51,14 @@ class DeviceGPT {
   using Compute = C;
 
   /// A model of `config` on the current device, its parameters uploaded from `params` (the CPU
-  /// GPT's parameters(), in its order), work on `stream`. Throws tessera::Error naming the
-  /// parameter when a name or shape is not the GPT's, or when config.embd_pdrop > 0 (dropout is
-  /// not on the device yet); CudaError where there is no device.
-  DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream)
-      : config_(validated(config)), stream_(stream), blas_(stream) {
-    TESSERA_EXPECTS(config_.embd_pdrop == 0.0, "DeviceGPT: dropout (embd_pdrop ", config_.embd_pdrop,
-                    ") is not implemented on the device yet; train with --dropout 0");
+  /// GPT's parameters(), in its order), work on `stream`; `seed` is the CPU model's (it keys the
+  /// dropout masks). Throws tessera::Error naming the parameter when a name or shape is not the
+  /// GPT's; CudaError where there is no device.
+  DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0)
+      : config_(validated(config)),
+        stream_(stream),
+        blas_(stream),
+        drop_(config_.embd_pdrop, nn::LayerInit{.prefix = "", .seed = seed}.child("drop")) {
     layout(params);
     const Shape flat{numel_};
     master_ = DeviceTensor<float>::empty(flat, stream_);
@@ -125,18 +129,20 @@ class DeviceGPT {
 
   /// Forward and backward of one micro-batch: tokens and targets (B, T) int32 on the device
   /// (ids already checked in [0, vocab)), gradients accumulated (+=) with the loss's gradient
-  /// per token `dloss` (1 / tokens of the whole step for a mean). The micro-batch's summed loss
+  /// per token `dloss` (1 / tokens of the whole step for a mean); `at` is the micro-batch's
+  /// place (the step and its first row in the global batch: the dropout masks). The summed loss
   /// is added to a device accumulator that take_loss_sum() reads. Throws tessera::Error naming
   /// the shapes when T exceeds n_positions or the shapes differ.
-  void forward_backward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, float dloss) {
-    forward(tokens, targets, &dloss);
+  void forward_backward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, float dloss,
+                        const BatchPosition& at = {}) {
+    forward(tokens, targets, &dloss, at);
     backward(tokens);
   }
 
   /// The summed loss of a forward without backward (evaluation): tokens and targets as above.
   /// Adds into the same accumulator (take_loss_sum()).
   void evaluate(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets) {
-    forward(tokens, targets, nullptr);
+    forward(tokens, targets, nullptr, BatchPosition{.training = false});
   }
 
   /// The loss summed over every token since the last call (blocks until the stream is done),
@@ -320,7 +326,8 @@ class DeviceGPT {
                   "cudaMemcpyAsync", "DeviceGPT residual copy of ", from.numel(), " elements");
   }
 
-  void forward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, const float* dloss) {
+  void forward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, const float* dloss,
+               const BatchPosition& at) {
     TESSERA_EXPECTS(tokens.shape.rank() == 2 && targets.shape == tokens.shape, "DeviceGPT: tokens ", tokens.shape,
                     " and targets ", targets.shape, " must both be (B, T)");
     const std::int64_t B = tokens.size(0), T = tokens.size(1);
@@ -331,6 +338,13 @@ class DeviceGPT {
     // Embedding: wte[tokens] + wpe[t].
     ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
     ops::embedding_forward<C>(stream_, positions_, wv(1), acts_[0].x_in, true);
+    // Embedding dropout with the CPU layer's masks (identity in evaluation or at p = 0).
+    mask_ = ops::DropoutMask{};
+    if (at.training && drop_.p() > 0) {
+      mask_ = ops::DropoutMask{drop_.mask_key(at), drop_.keep_threshold(), static_cast<float>(1.0 / (1.0 - drop_.p())),
+                               static_cast<std::uint64_t>(at.first_row * T * D)};
+      ops::dropout_apply<C>(stream_, acts_[0].x_in, mask_);
+    }
     for (std::int64_t l = 0; l < config_.n_layer; ++l) {
       LayerActs& a = acts_[static_cast<std::size_t>(l)];
       LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
@@ -394,6 +408,7 @@ class DeviceGPT {
       ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
                                   gv(p.ln1_b), ws_, true);
     }
+    ops::dropout_apply<C>(stream_, dres_, mask_);  // the same mask on the gradient
     ops::embedding_backward<C>(stream_, tokens, dres_, gv(0));
     ops::embedding_backward<C>(stream_, positions_, dres_, gv(1));
   }
@@ -415,6 +430,8 @@ class DeviceGPT {
   DeviceTensor<float> losses_, ws_;
   DeviceTensor<std::int32_t> positions_;
   std::size_t act_bytes_ = 0;
+  Dropout<float> drop_;
+  ops::DropoutMask mask_;
 };
 
 }  // namespace tessera::cuda

@@ -79,4 +79,18 @@ TESSERA_HD inline void adamw_update(float& x, float g, float& m, float& v, const
   x -= s.step_size * m / (sqrt_f(v) / s.bc2_sqrt + s.eps);
 }
 
+/// splitmix64 (the same bijection as tessera::detail::splitmix64, callable on the device).
+TESSERA_HD inline unsigned long long splitmix64(unsigned long long x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+/// Whether Dropout keeps element `g` (its index in the global batch) of the masks with `key`
+/// and `threshold` (Dropout::mask_key, Dropout::keep_threshold): the CPU layer's own test.
+TESSERA_HD inline bool dropout_keep(unsigned long long key, unsigned long long g, unsigned long long threshold) {
+  return (splitmix64(key ^ g) >> 11) >= threshold;
+}
+
 }  // namespace tessera::cuda::math

@@ -63,6 +63,18 @@ class Dropout {
   /// The drop probability.
   double p() const noexcept { return p_; }
 
+  /// The counter-based key of the masks drawn at `at` in `where`'s region: element g (its global
+  /// index, see the class comment) is kept when (splitmix64(key ^ g) >> 11) >= keep_threshold().
+  /// The device kernels (tessera/cuda) draw the same masks from it.
+  std::uint64_t mask_key(const BatchPosition& at, const ShardInfo& where = {}) const noexcept {
+    std::uint64_t stream = stream_ ^ detail::splitmix64(iteration_) ^ detail::splitmix64(0x5354455000000000ULL ^ at.step);
+    if (where.region == ShardInfo::Region::tensor_parallel)
+      stream ^= detail::splitmix64(0x7470000000000000ULL + static_cast<std::uint64_t>(where.rank));
+    return stream_key(seed_, stream);
+  }
+  /// p * 2^53: 53 random bits below it drop the element.
+  std::uint64_t keep_threshold() const noexcept { return static_cast<std::uint64_t>(p_ * 9007199254740992.0); }
+
   /// x with dropped elements zeroed and kept ones scaled by 1 / (1 - p).
   ForwardResult<Tensor<T>, Context> forward(const Tensor<T>& x) const { return forward(x, ShardInfo{}); }
 
@@ -74,10 +86,7 @@ class Dropout {
     const Tensor<T> xc = x.contiguous();
     Tensor<T> y = Tensor<T>::empty(x.shape());
     Tensor<T> mask = Tensor<T>::empty(x.shape());
-    std::uint64_t stream = stream_ ^ detail::splitmix64(iteration_) ^ detail::splitmix64(0x5354455000000000ULL ^ at.step);
-    if (where.region == ShardInfo::Region::tensor_parallel)
-      stream ^= detail::splitmix64(0x7470000000000000ULL + static_cast<std::uint64_t>(where.rank));
-    const std::uint64_t key = stream_key(seed_, stream);
+    const std::uint64_t key = mask_key(at, where);
     const T scale = static_cast<T>(1.0 / (1.0 - p_));
     // Global index of local element i: under sequence parallelism, rank r holds positions
     // [r Tl, (r + 1) Tl) of each of the B rows of T = Tl * tp positions.
@@ -97,7 +106,7 @@ class Dropout {
       inner = x.numel() / rows;
     }
     const std::int64_t row0 = at.first_row;
-    const std::uint64_t threshold = static_cast<std::uint64_t>(p_ * 9007199254740992.0);  // p * 2^53
+    const std::uint64_t threshold = keep_threshold();
     std::int64_t i = 0;
     for (std::int64_t b = 0; b < rows; ++b)
       for (std::int64_t t = 0; t < local_t; ++t)
