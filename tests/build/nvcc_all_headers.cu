@@ -15,6 +15,7 @@
 #include "tessera/cuda/ops/attention.cuh"
 #include "tessera/cuda/ops/bias_grad.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
+#include "tessera/cuda/ops/dropout.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
 #include "tessera/cuda/ops/gelu.cuh"
 #include "tessera/cuda/ops/gemm_epilogue.cuh"
