@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Draws the convergence runs of bench/compress/convergence.sh in one SVG: the training loss of
+the progress lines (every 20 steps, thin) and the validation loss (dots, thick) of every policy
+whose log is in DIR (a run still going is drawn as far as it got).
+Usage: python3 bench/compress/plot_curves.py DIR OUT.svg"""
+import re
+import os
+import sys
+
+COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0_01": "#2ca02c", "diloco_10": "#9467bd"}
+LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
+          "diloco_10": "DiLoCo H=10"}
+
+
+def read(path):
+    train, val = [], []
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"step\s+(\d+)\s+loss ([0-9.]+)", line)
+            if m:
+                train.append((int(m.group(1)), float(m.group(2))))
+            m = re.match(r"step\s+(\d+)\s+validation loss ([0-9.]+)", line)
+            if m:
+                val.append((int(m.group(1)), float(m.group(2))))
+    return train, val
+
+
+def main(src, out):
+    runs = {}
+    for name in COLORS:
+        p = os.path.join(src, name + ".log")
+        if os.path.exists(p):
+            runs[name] = read(p)
+    W, H, L, R, T, B = 760, 440, 60, 170, 30, 40
+    smax = 400
+    ys = [v for t, va in runs.values() for _, v in t[1:] + va]
+    ymin, ymax = min(ys) * 0.97, min(max(ys), 3.2)
+    X = lambda s: L + (W - L - R) * s / smax
+    Y = lambda v: T + (H - T - B) * (ymax - min(v, ymax)) / (ymax - ymin)
+    o = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='12'>",
+         "<rect width='100%' height='100%' fill='white'/>",
+         f"<text x='{L}' y='18'>GPT 6x192 on KJV, dp 4, 400 steps: train loss every 20 steps (thin), validation (dots)</text>",
+         f"<line x1='{L}' y1='{H - B}' x2='{W - R}' y2='{H - B}' stroke='black'/>",
+         f"<line x1='{L}' y1='{T}' x2='{L}' y2='{H - B}' stroke='black'/>"]
+    for i in range(6):
+        v = ymin + (ymax - ymin) * i / 5
+        o.append(f"<text x='8' y='{Y(v) + 4:.1f}'>{v:.2f}</text>")
+        o.append(f"<line x1='{L}' y1='{Y(v):.1f}' x2='{W - R}' y2='{Y(v):.1f}' stroke='#ddd'/>")
+    for s in range(0, smax + 1, 100):
+        o.append(f"<text x='{X(s) - 10:.1f}' y='{H - B + 16}'>{s}</text>")
+    for k, (name, (train, val)) in enumerate(runs.items()):
+        c = COLORS[name]
+        pts = " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in train[1:])
+        o.append(f"<polyline fill='none' stroke='{c}' stroke-width='1' opacity='0.7' points='{pts}'/>")
+        o.append(f"<polyline fill='none' stroke='{c}' stroke-width='2.5' points='" +
+                 " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in val) + "'/>")
+        for s, v in val:
+            o.append(f"<circle cx='{X(s):.1f}' cy='{Y(v):.1f}' r='3' fill='{c}'/>")
+        last = val[-1] if val else (0, float("nan"))
+        o.append(f"<text x='{W - R + 10}' y='{T + 20 + 18 * k}' fill='{c}'>{LABELS[name]}: {last[1]:.4f} @{last[0]}</text>")
+    o.append("</svg>")
+    with open(out, "w") as f:
+        f.write("\n".join(o) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
