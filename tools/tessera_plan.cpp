@@ -94,7 +94,7 @@ struct LayoutArgs {
     app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)");
     app->add_option("--mbs", layout.microbatch_size, "micro-batch size");
     app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")->required();
-    app->add_option("--schedule", schedule, "auto, 1f1b, interleaved or gpipe");
+    app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
     app->add_option("--recompute", recompute, "none, selective or full");
     app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3");
@@ -111,7 +111,8 @@ struct LayoutArgs {
     else if (schedule == "1f1b") l.schedule = tp::PipelineSchedule::one_f_one_b;
     else if (schedule == "interleaved") l.schedule = tp::PipelineSchedule::interleaved;
     else if (schedule == "gpipe") l.schedule = tp::PipelineSchedule::gpipe;
-    else throw tessera::Error("tessera-plan: --schedule must be auto, 1f1b, interleaved or gpipe, got '" + schedule + "'");
+    else if (schedule == "zb-h1") l.schedule = tp::PipelineSchedule::zero_bubble_h1;
+    else throw tessera::Error("tessera-plan: --schedule must be auto, 1f1b, interleaved, gpipe or zb-h1, got '" + schedule + "'");
     l.recompute = parse_recompute(recompute);
     return l;
   }

@@ -23,7 +23,7 @@ inline plan::ModelSpec model_spec(const Args& a) {
 }
 
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
-// pp dividing the layers, 1F1B or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0 or 1,
+// pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0 or 1,
 // no recomputation and no sequence parallelism (train_gpt has neither option on), fp32 AdamW.
 inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
   plan::SearchOptions o{.world = world, .global_batch = a.batch};
@@ -77,7 +77,9 @@ inline void apply_auto_plan(Args& a) {
   a.dp = l.dp;
   a.tp = l.tp;
   a.pp = l.pp;
-  a.schedule = l.schedule == plan::PipelineSchedule::interleaved ? "interleaved" : "1f1b";
+  a.schedule = l.schedule == plan::PipelineSchedule::interleaved      ? "interleaved"
+               : l.schedule == plan::PipelineSchedule::zero_bubble_h1 ? "zb-h1"
+                                                                      : "1f1b";
   a.virtual_stages = l.virtual_stages;
   a.microbatches = l.num_microbatches;
   a.accum = 1;

@@ -526,3 +526,117 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
   shared.cores_per_node = -1;
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }
+
+TEST_CASE("ZB-H1: I + W is the fused backward, W is the four linears' dW GEMMs, and the replay's bubble is zero_bubble_h1_bubble_ratio") {
+  // Uniform stages as above (no embedding cost, a head of 8 tokens' vocabulary); the replay of
+  // schedule::ZeroBubbleH1 with the planner's own t_F, t_I, t_W has Qi et al.'s bubble
+  // (p-1)(t_F + t_I - t_W) / (m (t_F + t_I + t_W)), from schedule/bubble.hpp.
+  Cluster c = flat_cluster();
+  c.memory_bandwidth = 1e30;
+  const ModelSpec m{.name = "uniform", .layers = 24, .hidden = 4096, .heads = 32, .kv_heads = 0, .ffn = 0,
+                    .vocab = 8, .seq = 2048, .tied = true};
+  for (Recompute rc : {Recompute::none, Recompute::selective, Recompute::full})
+    for (int p : {2, 4, 8})
+      for (int mb : {p, 2 * p, 3 * p}) {
+        CAPTURE(to_string(rc));
+        CAPTURE(p);
+        CAPTURE(mb);
+        Layout l{.dp = 1, .tp = 1, .pp = p, .virtual_stages = 1, .microbatch_size = 1, .num_microbatches = mb};
+        l.schedule = PipelineSchedule::zero_bubble_h1;
+        l.recompute = rc;
+        const CostModel cm{.model = m, .cluster = c, .layout = l, .precision = {}};
+        // W: one GEMM of each linear's forward shape, 2 b s h (h + 2h + h + 4h + 4h) = 24 b s h^2 flops at 0.5 of peak.
+        const double w_layer = 24.0 * 2048 * 4096 * 4096 / (312e12 * 0.5);
+        CHECK(cm.layer_backward_weight().total() == doctest::Approx(w_layer).epsilon(1e-9));
+        for (int s = 0; s < p; ++s) {
+          CHECK(cm.stage_backward_input(s).total() + cm.stage_backward_weight(s).total() ==
+                doctest::Approx(cm.stage_backward(s).total()).epsilon(1e-12));
+          CHECK(cm.stage_backward_input(s).tp_comm == cm.stage_backward(s).tp_comm);
+        }
+        const Plan plan = Plan::predict(m, c, l);
+        const double tf = cm.stage_forward(1).total(), ti = cm.stage_backward_input(1).total(),
+                     tw = cm.stage_backward_weight(1).total();
+        CHECK(plan.time.bubble_ratio == doctest::Approx(schedule::zero_bubble_h1_bubble_ratio(p, mb, tf, ti, tw)).epsilon(1e-3));
+        // Every I and W of the replay lasts the CostModel's time for it.
+        int splits = 0;
+        for (const schedule::TimelineEvent& e : plan.time.timeline.events) {
+          if (e.action.kind == schedule::ActionKind::backward_input) {
+            CHECK(e.end - e.start == doctest::Approx(cm.stage_backward_input(e.action.stage_index).total()).epsilon(1e-9));
+            ++splits;
+          }
+          if (e.action.kind == schedule::ActionKind::backward_weight)
+            CHECK(e.end - e.start == doctest::Approx(cm.stage_backward_weight(e.action.stage_index).total()).epsilon(1e-9));
+        }
+        CHECK(splits == p * mb);
+        // A third of 1F1B's bubble or less, and a shorter step.
+        Layout one = l;
+        one.schedule = PipelineSchedule::one_f_one_b;
+        const Plan p1 = Plan::predict(m, c, one);
+        CHECK(plan.time.bubble < p1.time.bubble);
+        CHECK(plan.time.total() < p1.time.total());
+        CHECK(plan.time.compute + plan.time.tp_comm == doctest::Approx(p1.time.compute + p1.time.tp_comm).epsilon(1e-9));
+      }
+}
+
+TEST_CASE("ZB-H1 memory: rank 0 keeps 1F1B's p micro-batches; the last rank keeps each deferred W's x and dy (16 s b h per block)") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "1.3B", .layers = 24, .hidden = 2048, .heads = 16, .kv_heads = 0, .ffn = 0,
+                    .vocab = 51200, .seq = 2048, .tied = true};
+  const double s = 2048, h = 2048, b = 2;
+  for (int p : {2, 4, 8}) {
+    CAPTURE(p);
+    Layout l{.dp = 1, .tp = 1, .pp = p, .microbatch_size = 2, .num_microbatches = 2 * p};
+    l.schedule = PipelineSchedule::zero_bubble_h1;
+    // Without recomputation a block's I-to-W bytes (16 s b h, 16-bit) are below its F-to-I bytes.
+    const double wpass = LayerActivations::weight_pass(m, l).bytes();
+    CHECK(wpass == doctest::Approx(2.0 * 16 * s * b * h));
+    const double kept = LayerActivations::of(m, l).bytes();
+    const CostModel cm{.model = m, .cluster = c, .layout = l, .precision = {}};
+    const schedule::Schedule zb = l.build_schedule();
+    Layout one = l;
+    one.schedule = PipelineSchedule::one_f_one_b;
+    const double layers = 24.0 / p;
+    CHECK(MemoryEstimate::of_rank(cm, zb, 0).activations == doctest::Approx(p * layers * kept));
+    CHECK(MemoryEstimate::of_rank(cm, zb, 0).activations ==
+          doctest::Approx(MemoryEstimate::of_rank(CostModel{.model = m, .cluster = c, .layout = one, .precision = {}},
+                                                  one.build_schedule(), 0)
+                              .activations));
+    // Full recomputation: F keeps s b h per block, I leaves the weight pass; the last rank defers
+    // p - 1 W's, so after its p-th I it holds p weight passes (its blocks' and the LM head's x and
+    // dlogits, s b (h + V) each).
+    Layout full = l;
+    full.recompute = Recompute::full;
+    const CostModel cf{.model = m, .cluster = c, .layout = full, .precision = {}};
+    const double head = 2.0 * s * b * (h + 51200);
+    CHECK(MemoryEstimate::of_rank(cf, full.build_schedule(), p - 1).activations ==
+          doctest::Approx(p * (layers * wpass + head)));
+  }
+}
+
+TEST_CASE("search offers ZB-H1 for pipelines (v = 1), and ranks it above 1F1B when the bubble matters") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "6.7B", .layers = 32, .hidden = 4096, .heads = 32, .kv_heads = 0, .ffn = 0,
+                    .vocab = 51200, .seq = 2048, .tied = true};
+  SearchOptions o{.world = 8, .global_batch = 16};
+  o.tp_sizes = {1};
+  o.pp_sizes = {4};
+  o.recompute = {Recompute::full};
+  o.virtual_stages = {1};
+  const SearchResult r = search(m, c, o);
+  REQUIRE(!r.ranked.empty());
+  int zb = 0, one = 0;
+  for (const Plan& p : r.ranked) {
+    zb += p.layout.schedule == PipelineSchedule::zero_bubble_h1;
+    one += p.layout.schedule == PipelineSchedule::one_f_one_b;
+  }
+  CHECK(zb > 0);
+  CHECK(zb == one);  // every 1F1B layout has its ZB-H1 twin
+  CHECK(r.ranked.front().layout.schedule == PipelineSchedule::zero_bubble_h1);
+  CHECK(r.ranked.front().layout.to_string().find("ZB-H1") != std::string::npos);
+  o.zero_bubble = false;
+  for (const Plan& p : search(m, c, o).ranked) CHECK(p.layout.schedule != PipelineSchedule::zero_bubble_h1);
+  // No ZB-H1 without a pipeline.
+  o.zero_bubble = true;
+  o.pp_sizes = {1};
+  for (const Plan& p : search(m, c, o).ranked) CHECK(p.layout.schedule == PipelineSchedule::one_f_one_b);
+}

@@ -150,6 +150,25 @@ struct CostModel {
     return w;
   }
 
+  /// The weight-gradient half of one block's backward (zero-bubble's W pass, Qi et al. 2024):
+  /// dW = x^T dy for the QKV, output and two MLP linears, one GEMM of each one's forward shape;
+  /// no collective and no recomputation (they belong to the input-gradient half).
+  WorkTime layer_backward_weight() const {
+    WorkTime w;
+    for (const Gemm& g : layer_gemms())
+      if (g.name.rfind("attention", 0) != 0) w.compute += g.batch * gemm_seconds(g.flops);
+    return w;
+  }
+
+  /// The input-gradient half of one block's backward (zero-bubble's I pass, what the previous
+  /// stage waits for): layer_backward() less layer_backward_weight() -- the linears' dx GEMMs,
+  /// the attention core's backward, the memory-bound work, the tp all-reduces and any
+  /// recomputation. I + W = B exactly.
+  WorkTime layer_backward_input() const {
+    const WorkTime b = layer_backward(), w = layer_backward_weight();
+    return {b.compute - w.compute, b.tp_comm - w.tp_comm};
+  }
+
   /// The blocks held by `stage` (of layout.num_stages()): an even share; when the stages do
   /// not divide the blocks, the extra blocks go to the inner stages first, then to the first
   /// and the last (which also hold the embedding and the head). Throws Error if a stage would
@@ -191,6 +210,12 @@ struct CostModel {
     return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), 0.0};
   }
 
+  /// The LM head's weight-gradient GEMM alone (its W pass; nn::LMHead defers it under ZB-H1).
+  WorkTime head_backward_weight() const {
+    const double tokens = model.seq * layout.microbatch_size;
+    return {gemm_seconds(2 * tokens * model.hidden * model.vocab / layout.tp), 0.0};
+  }
+
   /// One forward (F) of `stage` on one micro-batch: its blocks, plus the embedding on stage 0
   /// and the head on the last stage.
   WorkTime stage_forward(int stage) const {
@@ -204,6 +229,21 @@ struct CostModel {
   WorkTime stage_backward(int stage) const {
     WorkTime w = layer_backward().times(stage_layers(stage));
     if (stage == layout.num_stages() - 1) w += head_backward();
+    return w;
+  }
+
+  /// The input-gradient pass (I) of `stage` on one micro-batch: stage_backward() less
+  /// stage_backward_weight().
+  WorkTime stage_backward_input(int stage) const {
+    const WorkTime b = stage_backward(stage), w = stage_backward_weight(stage);
+    return {b.compute - w.compute, b.tp_comm - w.tp_comm};
+  }
+
+  /// The weight-gradient pass (W) of `stage` on one micro-batch: its blocks' linears' dW GEMMs,
+  /// and the LM head's on the last stage (the embedding's gradient is a scatter, kept in I).
+  WorkTime stage_backward_weight(int stage) const {
+    WorkTime w = layer_backward_weight().times(stage_layers(stage));
+    if (stage == layout.num_stages() - 1) w += head_backward_weight();
     return w;
   }
 

@@ -76,6 +76,34 @@ struct LayerActivations {
     if (model.dropout) keep("MLP residual dropout mask", mask * s * b * h * outside);
     return out;
   }
+
+  /// What one block keeps from its input-gradient pass (I) to its weight-gradient pass (W)
+  /// under a split backward (ZB-H1; nn::Linear's deferred dW = x^T dy keeps x and dy): each of
+  /// the four linears' input and output gradient, per micro-batch on one device -- with ffn =
+  /// 4h and kv_heads = heads, 16 s b h elements without parallelism (7 inputs, 9 gradients),
+  /// whatever the recomputation (a recomputed forward rebuilds the inputs before I). Throws
+  /// what model.validate() and layout.validate() throw.
+  static LayerActivations weight_pass(const ModelSpec& model, const Layout& layout, const Precision& precision = {}) {
+    model.validate();
+    layout.validate();
+    const double s = model.seq, b = layout.microbatch_size, h = model.hidden;
+    const double kv = static_cast<double>(model.kv_dim()), f = static_cast<double>(model.ffn_size());
+    const double t = layout.tp, act = precision.activation_bytes;
+    const double outside = layout.sequence_parallel ? 1.0 / t : 1.0;
+    LayerActivations out;
+    auto keep = [&](std::string name, double elements) {
+      out.tensors.push_back({std::move(name), act * s * b * elements});
+    };
+    keep("QKV projection input", h * outside);
+    keep("QKV projection output gradient", (h + 2 * kv) / t);
+    keep("output projection input", h / t);
+    keep("output projection output gradient", h * outside);
+    keep("MLP first linear input", h * outside);
+    keep("MLP first linear output gradient", f / t);
+    keep("MLP second linear input", f / t);
+    keep("MLP second linear output gradient", h * outside);
+    return out;
+  }
 };
 
 }  // namespace tessera::plan

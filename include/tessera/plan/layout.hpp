@@ -11,6 +11,7 @@
 #include "tessera/schedule/interleaved_one_f_one_b.hpp"
 #include "tessera/schedule/one_f_one_b.hpp"
 #include "tessera/schedule/schedule.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"
 
 namespace tessera::plan {
 
@@ -19,8 +20,10 @@ namespace tessera::plan {
 /// recomputed in backward); full (each layer keeps only its input and reruns its forward).
 enum class Recompute { none, selective, full };
 
-/// The pipeline schedule a layout runs (tessera::schedule's builders).
-enum class PipelineSchedule { one_f_one_b, interleaved, gpipe };
+/// The pipeline schedule a layout runs (tessera::schedule's builders): 1F1B, interleaved 1F1B,
+/// GPipe, or ZB-H1 (Qi et al., ICLR 2024: each backward split into its input-gradient pass I
+/// and its weight-gradient pass W, the W passes deferred into 1F1B's bubble; v = 1 only).
+enum class PipelineSchedule { one_f_one_b, interleaved, gpipe, zero_bubble_h1 };
 
 /// "none", "selective" or "full".
 inline const char* to_string(Recompute r) {
@@ -32,12 +35,13 @@ inline const char* to_string(Recompute r) {
   return "?";
 }
 
-/// "1F1B", "interleaved" or "GPipe".
+/// "1F1B", "interleaved", "GPipe" or "ZB-H1".
 inline const char* to_string(PipelineSchedule s) {
   switch (s) {
     case PipelineSchedule::one_f_one_b: return "1F1B";
     case PipelineSchedule::interleaved: return "interleaved";
     case PipelineSchedule::gpipe: return "GPipe";
+    case PipelineSchedule::zero_bubble_h1: return "ZB-H1";
   }
   return "?";
 }
@@ -80,8 +84,8 @@ struct Layout {
     TESSERA_EXPECTS(!sequence_parallel || tp > 1, "Layout: sequence parallelism needs tp > 1, got tp ", tp);
   }
 
-  /// The tessera schedule this layout runs on its pp ranks: OneFOneB, InterleavedOneFOneB or
-  /// GPipe with num_microbatches (and virtual_stages). Throws what validate() and the
+  /// The tessera schedule this layout runs on its pp ranks: OneFOneB, InterleavedOneFOneB,
+  /// GPipe or ZeroBubbleH1 with num_microbatches (and virtual_stages). Throws what validate() and the
   /// builder throw (e.g. interleaving with num_microbatches not a multiple of pp).
   schedule::Schedule build_schedule() const {
     validate();
@@ -91,6 +95,8 @@ struct Layout {
                                              .microbatch_group_size = 0}
             .build(pp);
       case PipelineSchedule::gpipe: return schedule::GPipe{.num_microbatches = num_microbatches}.build(pp);
+      case PipelineSchedule::zero_bubble_h1:
+        return schedule::ZeroBubbleH1{.num_microbatches = num_microbatches}.build(pp);
       default: return schedule::OneFOneB{.num_microbatches = num_microbatches}.build(pp);
     }
   }

@@ -27,7 +27,8 @@ struct MemoryEstimate {
   double total() const { return parameters + gradients + optimizer_state + activations + buffers; }
 
   /// The memory of pipeline rank `pp_rank` when it runs `sched` (the layout's schedule;
-  /// every F of a stage keeps stage_layers(stage) blocks' LayerActivations until its B):
+  /// every F of a stage keeps stage_layers(stage) blocks' LayerActivations until its B, or
+  /// until its I, which keeps LayerActivations::weight_pass until its W):
   /// the activation peak is found by walking the rank's compute actions in order, so it is the
   /// schedule's own in-flight count (1F1B's first rank holds p micro-batches, the interleaved
   /// schedule's p (1 + (p-1)/(p v)) stage-equivalents, Korthikanti et al. 2022).
@@ -41,14 +42,28 @@ struct MemoryEstimate {
     m.gradients = params * pr.gradient_bytes / (L.zero_stage >= 2 ? L.dp : 1);
     m.optimizer_state = params * pr.optimizer_bytes / (L.zero_stage >= 1 ? L.dp : 1);
     const double per_layer = LayerActivations::of(cm.model, L, pr).bytes();
+    const double per_layer_w = LayerActivations::weight_pass(cm.model, L, pr).bytes();
+    const double tokens = static_cast<double>(cm.model.seq) * L.microbatch_size;
+    // What a stage's split backward keeps from I to W: its blocks' weight_pass, and on the
+    // last stage the LM head's input and logits gradient.
+    auto weight_pass_bytes = [&](int stage) {
+      double w = cm.stage_layers(stage) * per_layer_w;
+      if (stage == L.num_stages() - 1)
+        w += pr.activation_bytes * tokens * (cm.model.hidden + static_cast<double>(cm.model.vocab) / L.tp);
+      return w;
+    };
     double live = 0, peak = 0;
     for (const schedule::Action& a : sched.compute_order(pp_rank)) {
       const double bytes = cm.stage_layers(a.stage_index) * per_layer;
-      live += a.kind == schedule::ActionKind::forward ? bytes : -bytes;
+      switch (a.kind) {
+        case schedule::ActionKind::forward: live += bytes; break;
+        case schedule::ActionKind::backward_input: live += weight_pass_bytes(a.stage_index) - bytes; break;
+        case schedule::ActionKind::backward_weight: live -= weight_pass_bytes(a.stage_index); break;
+        default: live -= bytes;
+      }
       peak = std::max(peak, live);
     }
     m.activations = peak;
-    const double tokens = static_cast<double>(cm.model.seq) * L.microbatch_size;
     if (pp_rank == L.pp - 1) m.buffers += tokens * cm.model.vocab / L.tp * (pr.activation_bytes + 4.0);
     if (L.pp > 1) m.buffers += 2 * cm.p2p_bytes();
     if (L.recompute != Recompute::none) {

@@ -28,6 +28,7 @@ struct SearchOptions {
   std::vector<int> virtual_stages{1, 2, 3, 4};         ///< v to try (v > 1: interleaved 1F1B)
   std::vector<Recompute> recompute{Recompute::none, Recompute::selective, Recompute::full};  ///< modes to try
   std::vector<int> zero_stages{0, 1};                  ///< ZeRO stages to try
+  bool zero_bubble = true;  ///< also try ZB-H1 (schedule::ZeroBubbleH1) for every pipeline with v = 1 and pp > 1
   bool sequence_parallel = true;                       ///< use sequence parallelism whenever tp > 1
   bool overlap_grad_reduce = false;                    ///< whether the dp reduction is overlapped
   std::vector<int> tp_sizes{};                         ///< tp sizes to try; empty: powers of 2 up to a node
@@ -63,9 +64,10 @@ struct SearchResult {
 
 /// Tries every layout of `opts.world` devices for `opts.global_batch` sequences: dp x tp x pp
 /// = world (tp at most a node and dividing the heads, key/value heads and the MLP width; pp
-/// dividing the layers), every micro-batch size that divides the batch per replica, 1F1B and
-/// interleaved 1F1B with each v whose stages divide the layers and whose micro-batch count
-/// is a multiple of pp, every recomputation mode and ZeRO stage asked for. Each is predicted
+/// dividing the layers), every micro-batch size that divides the batch per replica, 1F1B,
+/// ZB-H1 (pp > 1, unless opts.zero_bubble is false) and interleaved 1F1B with each v whose
+/// stages divide the layers and whose micro-batch count is a multiple of pp, every
+/// recomputation mode and ZeRO stage asked for. Each is predicted
 /// with Plan::predict; those that fit are ranked by step time (ties: less memory first), the
 /// rest are returned with the reason. Throws Error if world or global_batch is < 1.
 inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const SearchOptions& opts,
@@ -137,9 +139,13 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
                            pp));
             continue;
           }
+          std::vector<PipelineSchedule> scheds{lv.schedule};
+          if (v == 1 && pp > 1 && opts.zero_bubble) scheds.push_back(PipelineSchedule::zero_bubble_h1);
+          for (PipelineSchedule sc : scheds)
           for (Recompute rc : opts.recompute)
             for (int z : opts.zero_stages) {
               Layout l = lv;
+              l.schedule = sc;
               l.recompute = rc;
               l.zero_stage = z;
               if (z > 0 && dp == 1) continue;  // ZeRO over one replica is stage 0

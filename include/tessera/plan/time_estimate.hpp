@@ -40,20 +40,32 @@ struct TimeEstimate {
   /// The step time: compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer + contention.
   double total() const { return compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer + contention; }
 
-  /// Replays `sched` (the layout's schedule) with CostModel's durations for every F, B and
+  /// Replays `sched` (the layout's schedule) with CostModel's durations for every F, B, I, W
+  /// (stage_forward, stage_backward, stage_backward_input, stage_backward_weight) and
   /// transfer, once with free transfers (the bubble) and once with them (their exposed part),
   /// and adds the dp reduction and the optimizer step after the pipeline flush.
   static TimeEstimate of(const CostModel& cm, const schedule::Schedule& sched) {
     const Layout& L = cm.layout;
     const int S = L.num_stages();
-    std::vector<WorkTime> fwd, bwd;
+    std::vector<WorkTime> fwd, bwd, bwd_input, bwd_weight;
     for (int s = 0; s < S; ++s) {
       fwd.push_back(cm.stage_forward(s));
       bwd.push_back(cm.stage_backward(s));
+      bwd_input.push_back(cm.stage_backward_input(s));
+      bwd_weight.push_back(cm.stage_backward_weight(s));
     }
-    std::function<double(const schedule::Action&)> duration = [&](const schedule::Action& a) {
+    // The work of one compute action: F, a fused B, or a split backward's I or W.
+    auto work_of = [&](const schedule::Action& a) -> const WorkTime& {
       const auto s = static_cast<std::size_t>(a.stage_index);
-      return a.kind == schedule::ActionKind::forward ? fwd[s].total() : bwd[s].total();
+      switch (a.kind) {
+        case schedule::ActionKind::forward: return fwd[s];
+        case schedule::ActionKind::backward_input: return bwd_input[s];
+        case schedule::ActionKind::backward_weight: return bwd_weight[s];
+        default: return bwd[s];
+      }
+    };
+    std::function<double(const schedule::Action&)> duration = [&](const schedule::Action& a) {
+      return work_of(a).total();
     };
     std::function<double(const schedule::Action&)> transfer = [&](const schedule::Action& a) {
       return cm.p2p_seconds(sched.rank_of(a.stage_index), a.peer);
@@ -70,7 +82,7 @@ struct TimeEstimate {
     for (int r = 1; r < L.pp; ++r)
       if (b.busy[static_cast<std::size_t>(r)] > b.busy[static_cast<std::size_t>(busiest)]) busiest = r;
     for (const schedule::Action& a : sched.compute_order(busiest)) {
-      const WorkTime& w = (a.kind == schedule::ActionKind::forward ? fwd : bwd)[static_cast<std::size_t>(a.stage_index)];
+      const WorkTime& w = work_of(a);
       t.compute += w.compute;
       t.tp_comm += w.tp_comm;
     }
@@ -105,8 +117,7 @@ struct TimeEstimate {
       double work = 0;
       for (int r = 0; r < L.pp; ++r) {
         double busy = 0;
-        for (const schedule::Action& a : sched.compute_order(r))
-          busy += (a.kind == schedule::ActionKind::forward ? fwd : bwd)[static_cast<std::size_t>(a.stage_index)].total();
+        for (const schedule::Action& a : sched.compute_order(r)) busy += work_of(a).total();
         const bool tied_rank = r == 0 || r == L.pp - 1;
         busy += cm.dp_reduce_seconds(r) + (tied_rank ? cm.tied_embedding_seconds() : 0.0) + cm.optimizer_seconds(r);
         busy += cm.cluster.waiting_core_share * std::max(0.0, span - busy);
