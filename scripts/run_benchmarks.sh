@@ -36,6 +36,7 @@ benches=(
   "pipe|bench/pipe/pipe_bench|$build/bench/pipe/pipe_bench"
   "parameter_server|bench/ps/ps_bench|$build/bench/ps/ps_bench"
   "comm|bench/comm/comm_bench|mpirun --oversubscribe -np 2 -x OPENBLAS_NUM_THREADS=1 $build/bench/comm/comm_bench"
+  "harden|bench/harden/collective_checker_bench|$build/bench/harden/collective_checker_bench"
 )
 
 # Only the benchmarks named in BENCHES, when it is set.
