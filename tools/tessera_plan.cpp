@@ -46,7 +46,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 struct ModelArgs {
   std::string file;
   tp::ModelSpec spec{.name = "model"};
-  bool untied = false, no_dropout = false;
+  bool untied = false, no_dropout = false, tessera_block = false;
   void add(CLI::App* app) {
     app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied}");
     app->add_option("--layers", spec.layers, "transformer blocks");
@@ -58,11 +58,15 @@ struct ModelArgs {
     app->add_option("--seq", spec.seq, "sequence length");
     app->add_flag("--untied", untied, "LM head not tied to the embedding");
     app->add_flag("--no-dropout", no_dropout, "blocks without dropout (tessera's nn::Block, train_gpt)");
+    app->add_flag("--tessera-block", tessera_block,
+                  "tessera's nn::Block (train_gpt): its contexts as nn::block_activation_bytes counts them, full "
+                  "recomputation per stage; implies --no-dropout");
   }
   tp::ModelSpec get() const {
     tp::ModelSpec m = spec;
     m.tied = !untied;
-    m.dropout = !no_dropout;
+    m.dropout = !no_dropout && !tessera_block;
+    m.tessera_block = tessera_block;
     if (!file.empty()) {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
@@ -76,7 +80,8 @@ struct ModelArgs {
       m.vocab = j.at("vocab");
       m.seq = j.at("seq");
       m.tied = j.value("tied", true);
-      m.dropout = j.value("dropout", true);
+      m.tessera_block = j.value("tessera_block", false);
+      m.dropout = j.value("dropout", !m.tessera_block);
     }
     m.validate();
     return m;

@@ -36,7 +36,7 @@ if not os.path.exists(data):
     with open(data, "w") as f:
         f.write("In the beginning God created the heaven and the earth. And the earth was without form.\n" * 4000)
 model = ["--layers", "6", "--d-model", "192", "--heads", "6", "--context", "128", "--batch", "32"]
-spec = ["--layers", "6", "--hidden", "192", "--heads", "6", "--vocab", "256", "--seq", "128", "--batch", "32", "--no-dropout"]
+spec = ["--layers", "6", "--hidden", "192", "--heads", "6", "--vocab", "256", "--seq", "128", "--batch", "32", "--tessera-block"]
 tokens_per_step = 32 * 128
 lines = []
 def say(s=""):

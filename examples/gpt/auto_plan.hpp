@@ -14,21 +14,22 @@
 
 namespace train_gpt {
 
-// The model train_gpt trains, as the planner sees it: GPT-2's block (4 x d MLP) without dropout
-// inside the blocks (nn::Block has none), byte-level vocabulary, the LM head tied to the embedding.
+// The model train_gpt trains, as the planner sees it: tessera's nn::Block (4 x d MLP, no dropout
+// inside, its contexts as nn::block_activation_bytes counts them), byte-level vocabulary, the LM
+// head tied to the embedding.
 inline plan::ModelSpec model_spec(const Args& a) {
   return plan::ModelSpec{.name = "train_gpt GPT", .layers = a.layers, .hidden = a.d_model, .heads = a.heads,
                          .kv_heads = 0, .ffn = 0, .vocab = static_cast<int>(data::ByteTokenizer::vocab_size),
-                         .seq = a.context, .tied = true, .dropout = false};
+                         .seq = a.context, .tied = true, .dropout = false, .tessera_block = true};
 }
 
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
 // pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0 or 1,
-// no recomputation and no sequence parallelism (train_gpt has neither option on), fp32 AdamW.
+// recomputation none, selective or full, no sequence parallelism (left to the user), fp32 AdamW.
 inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
   plan::SearchOptions o{.world = world, .global_batch = a.batch};
   o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};
-  o.recompute = {plan::Recompute::none};
+  o.recompute = {plan::Recompute::none, plan::Recompute::selective, plan::Recompute::full};
   o.zero_stages = {0, 1};
   o.sequence_parallel = false;
   for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
@@ -84,6 +85,12 @@ inline void apply_auto_plan(Args& a) {
   a.microbatches = l.num_microbatches;
   a.accum = 1;
   a.zero1 = l.zero_stage == 1;
+  a.recompute = plan::to_string(l.recompute);
+  if (prints())
+    std::printf("plan auto: training with --dp %d --tp %d --pp %d --schedule %s --virtual-stages %d --microbatches %d "
+                "--recompute %s --zero %d\n",
+                a.dp, a.tp, a.pp, a.schedule.c_str(), a.virtual_stages, a.microbatches, a.recompute.c_str(),
+                l.zero_stage);
   a.sequence_parallel = l.sequence_parallel;
 }
 

@@ -10,11 +10,13 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "tessera/nn/recompute.hpp"
 #include "tessera/plan/calibration.hpp"
 #include "tessera/plan/plan.hpp"
 #include "tessera/plan/search.hpp"
@@ -639,4 +641,75 @@ TEST_CASE("search offers ZB-H1 for pipelines (v = 1), and ranks it above 1F1B wh
   o.zero_bubble = true;
   o.pp_sizes = {1};
   for (const Plan& p : search(m, c, o).ranked) CHECK(p.layout.schedule == PipelineSchedule::one_f_one_b);
+}
+
+TEST_CASE("tessera's block: the predicted activation bytes are nn::block_activation_bytes in every recomputation mode") {
+  // train_gpt's model as the planner sees it (fp32, tessera_block): one block's contexts equal
+  // the library's own count (Korthikanti et al.'s carried to nn::Block) for none and selective;
+  // under full recomputation a block keeps nothing and the stage its input (s b h fp32 values),
+  // and the whole stage's contexts are rebuilt at once for one micro-batch.
+  const Cluster c = flat_cluster();
+  const Precision fp32 = Precision::float32_adamw();
+  for (const auto& [h, a, s] : std::vector<std::tuple<int, int, int>>{{192, 6, 128}, {64, 4, 32}, {128, 2, 64}})
+    for (int b : {1, 2, 8}) {
+      const ModelSpec m{.name = "train_gpt", .layers = 6, .hidden = h, .heads = a, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                        .seq = s, .tied = true, .dropout = false, .tessera_block = true};
+      for (Recompute rc : {Recompute::none, Recompute::selective, Recompute::full}) {
+        CAPTURE(h);
+        CAPTURE(b);
+        CAPTURE(to_string(rc));
+        const nn::Recompute nrc = rc == Recompute::none        ? nn::Recompute::none
+                                  : rc == Recompute::selective ? nn::Recompute::selective
+                                                               : nn::Recompute::full;
+        Layout l{.dp = 1, .tp = 1, .pp = 1, .microbatch_size = b, .num_microbatches = 3};
+        l.recompute = rc;
+        const double block = static_cast<double>(nn::block_activation_bytes(b, s, h, a, nrc));
+        CHECK(LayerActivations::of(m, l, fp32).bytes() == block);
+        const double input = rc == Recompute::full ? 4.0 * b * s * h : 0.0;
+        CHECK(LayerActivations::stage_input_bytes(m, l, fp32) == input);
+        // One stage of 6 blocks, micro-batches one at a time: the peak is one micro-batch's.
+        const Plan p = Plan::predict(m, c, l, fp32);
+        CHECK(p.memory.activations == doctest::Approx(6 * block + input));
+        // 2 stages under 1F1B: rank 0 holds 2 micro-batches of its 3 blocks.
+        Layout l2 = l;
+        l2.pp = 2;
+        const Plan p2 = Plan::predict(m, c, l2, fp32);
+        CHECK(MemoryEstimate::of_rank(CostModel{.model = m, .cluster = c, .layout = l2, .precision = fp32},
+                                      l2.build_schedule(), 0)
+                  .activations == doctest::Approx(2 * (3 * block + input)));
+        // Full: the working set of the rerun stage, 6 blocks' contexts without recomputation.
+        if (rc == Recompute::full) {
+          Layout none = l;
+          none.recompute = Recompute::none;
+          const Plan pn = Plan::predict(m, c, none, fp32);
+          CHECK(p.memory.buffers - pn.memory.buffers ==
+                doctest::Approx(6.0 * static_cast<double>(nn::block_activation_bytes(b, s, h, a, nn::Recompute::none))));
+        }
+      }
+    }
+}
+
+TEST_CASE("Recomputation in the time estimate: full adds a forward per block, selective the attention core; the search offers both") {
+  const Cluster c = flat_cluster();
+  const ModelSpec m{.name = "train_gpt", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                    .seq = 128, .tied = true, .dropout = false, .tessera_block = true};
+  Layout l{.dp = 1, .tp = 1, .pp = 1, .microbatch_size = 4, .num_microbatches = 2};
+  auto with = [&](Recompute rc) {
+    Layout x = l;
+    x.recompute = rc;
+    return CostModel{.model = m, .cluster = c, .layout = x, .precision = Precision::float32_adamw()};
+  };
+  const CostModel none = with(Recompute::none), sel = with(Recompute::selective), full = with(Recompute::full);
+  CHECK(full.layer_backward().total() == doctest::Approx(none.layer_backward().total() + none.layer_forward().total()));
+  // Selective: the two attention GEMMs (b a of 2 s^2 d_head each, at 0.5 of peak) and the
+  // probabilities written and read once (4-byte values, no dropout mask) at memory bandwidth.
+  const double core = 2.0 * 4 * 6 * 2 * 128.0 * 128 * 32 / (312e12 * 0.5) + 2.0 * 4 * 6 * 128 * 128 * 4 / 2039e9;
+  CHECK(sel.layer_backward().total() == doctest::Approx(none.layer_backward().total() + core));
+  SearchOptions o{.world = 2, .global_batch = 8};
+  o.tp_sizes = {1};
+  int seen[3] = {0, 0, 0};
+  for (const Plan& p : search(m, c, o, Precision::float32_adamw()).ranked) ++seen[static_cast<int>(p.layout.recompute)];
+  CHECK(seen[0] > 0);
+  CHECK(seen[1] == seen[0]);
+  CHECK(seen[2] == seen[0]);
 }

@@ -136,7 +136,8 @@ struct CostModel {
     for (const Gemm& g : layer_gemms())
       if (g.name.rfind("attention", 0) == 0) w.compute += g.batch * gemm_seconds(g.flops);
     const double s = model.seq, b = layout.microbatch_size, a = model.heads, t = layout.tp;
-    w.compute += memory_seconds((2 * precision.activation_bytes + 1) * a * s * s * b / t);
+    const double mask = model.dropout && !model.tessera_block ? 1.0 : 0.0;
+    w.compute += memory_seconds((2 * precision.activation_bytes + mask) * a * s * s * b / t);
     return w;
   }
 

@@ -30,6 +30,8 @@ struct StoredTensor {
 /// MLP width are counted; with kv_heads = heads and ffn = 4h the sum is Korthikanti et al.'s
 /// s b h (34 + 5 a s / h) without parallelism (their Table 2 for the parallel forms). Without
 /// dropout (model.dropout false) the masks and the attention dropout's output are not kept.
+/// For tessera's own block (model.tessera_block) the list is nn::Block's contexts, which sum
+/// to nn::block_activation_bytes without parallelism (tests/plan checks each mode).
 struct LayerActivations {
   std::vector<StoredTensor> tensors{};  ///< what is kept, tensor by tensor
 
@@ -51,6 +53,26 @@ struct LayerActivations {
     const double outside = layout.sequence_parallel ? 1.0 / t : 1.0;  // outside the tp regions
     LayerActivations out;
     auto keep = [&](std::string name, double bytes) { out.tensors.push_back({std::move(name), bytes}); };
+    if (model.tessera_block) {
+      // nn::Block's contexts (nn::block_activation_bytes): with full recomputation the block
+      // keeps nothing of its own; the stage keeps its input (stage_input_bytes).
+      if (layout.recompute == Recompute::full) return out;
+      keep("ln_1 x-hat", act * s * b * h * outside);
+      keep("ln_1 1/sigma", act * s * b * outside);
+      keep("attention input", act * s * b * h * outside);
+      keep("q", act * s * b * h / t);
+      keep("k", act * s * b * kv / t);
+      keep("v", act * s * b * kv / t);
+      if (layout.recompute == Recompute::none) keep("attention probabilities", act * a * s * s * b / t);
+      keep("attention core output", act * s * b * h / t);
+      keep("ln_2 x-hat", act * s * b * h * outside);
+      keep("ln_2 1/sigma", act * s * b * outside);
+      keep("MLP input", act * s * b * h * outside);
+      keep("GELU input", act * s * b * f / t);
+      keep("GELU gate", act * s * b * f / t);
+      keep("GELU output", act * s * b * f / t);
+      return out;
+    }
     if (layout.recompute == Recompute::full) {
       keep("block input (recomputed from it)", act * s * b * h * outside);
       return out;
@@ -75,6 +97,16 @@ struct LayerActivations {
     keep("MLP second linear input", act * s * b * f / t);
     if (model.dropout) keep("MLP residual dropout mask", mask * s * b * h * outside);
     return out;
+  }
+
+  /// Bytes a pipeline stage keeps per micro-batch besides its blocks' (of()): its input,
+  /// s b h elements (split by sequence parallelism), under full recomputation of tessera's
+  /// blocks (model.tessera_block: the stage, not each block, keeps its input and reruns its
+  /// forward); 0 otherwise.
+  static double stage_input_bytes(const ModelSpec& model, const Layout& layout, const Precision& precision = {}) {
+    if (!model.tessera_block || layout.recompute != Recompute::full) return 0.0;
+    const double outside = layout.sequence_parallel ? 1.0 / layout.tp : 1.0;
+    return precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden * outside;
   }
 
   /// What one block keeps from its input-gradient pass (I) to its weight-gradient pass (W)

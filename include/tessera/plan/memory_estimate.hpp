@@ -52,9 +52,10 @@ struct MemoryEstimate {
         w += pr.activation_bytes * tokens * (cm.model.hidden + static_cast<double>(cm.model.vocab) / L.tp);
       return w;
     };
+    const double stage_input = LayerActivations::stage_input_bytes(cm.model, L, pr);
     double live = 0, peak = 0;
     for (const schedule::Action& a : sched.compute_order(pp_rank)) {
-      const double bytes = cm.stage_layers(a.stage_index) * per_layer;
+      const double bytes = cm.stage_layers(a.stage_index) * per_layer + stage_input;
       switch (a.kind) {
         case schedule::ActionKind::forward: live += bytes; break;
         case schedule::ActionKind::backward_input: live += weight_pass_bytes(a.stage_index) - bytes; break;
@@ -67,9 +68,16 @@ struct MemoryEstimate {
     if (pp_rank == L.pp - 1) m.buffers += tokens * cm.model.vocab / L.tp * (pr.activation_bytes + 4.0);
     if (L.pp > 1) m.buffers += 2 * cm.p2p_bytes();
     if (L.recompute != Recompute::none) {
+      // The recomputed working set of one micro-batch: one block's (Megatron-LM recomputes
+      // block by block), or under tessera's full recomputation its largest stage's blocks
+      // (the stage's forward reruns whole before its backward).
       Layout keep_all = L;
       keep_all.recompute = Recompute::none;
-      m.buffers += LayerActivations::of(cm.model, keep_all, pr).bytes() - per_layer;
+      const double block = LayerActivations::of(cm.model, keep_all, pr).bytes() - per_layer;
+      int blocks = 1;
+      if (cm.model.tessera_block && L.recompute == Recompute::full)
+        for (int c = 0; c < L.virtual_stages; ++c) blocks = std::max(blocks, cm.stage_layers(c * L.pp + pp_rank));
+      m.buffers += blocks * block;
     }
     return m;
   }

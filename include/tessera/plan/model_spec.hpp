@@ -27,6 +27,12 @@ struct ModelSpec {
   /// branches), whose masks and outputs it keeps for backward; tessera's nn::Block has none
   /// (train_gpt: false).
   bool dropout = true;
+  /// The blocks are tessera's nn::Block (train_gpt: true): they keep fp32-style contexts as
+  /// nn::block_activation_bytes counts them (LayerNorm's x-hat and 1/sigma, the GELU's input,
+  /// gate and output; no dropout), and full recomputation keeps each pipeline stage's input
+  /// once, not each block's (PipelineOptions::recompute). false: Megatron-LM's block, counted
+  /// as Korthikanti et al. 2022 do.
+  bool tessera_block = false;
 
   /// Key/value heads actually used: kv_heads, or heads when kv_heads is 0.
   int num_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }
