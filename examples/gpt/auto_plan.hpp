@@ -1,6 +1,6 @@
 #pragma once
 // train_gpt --plan auto: the planner (tessera::plan, docs/planner.md) picks dp x tp x pp, the
-// schedule, the micro-batches and ZeRO-1 for the world size given, from this machine's
+// schedule, the micro-batches, the recomputation and the ZeRO stage for the world size given, from this machine's
 // calibrated cluster file, says why, and writes the choice into the options before the ranks
 // start.
 #include <cstdio>
@@ -24,13 +24,13 @@ inline plan::ModelSpec model_spec(const Args& a) {
 }
 
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
-// pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0 or 1,
+// pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0, 1 or 2,
 // recomputation none, selective or full, no sequence parallelism (left to the user), fp32 AdamW.
 inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
   plan::SearchOptions o{.world = world, .global_batch = a.batch};
   o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};
   o.recompute = {plan::Recompute::none, plan::Recompute::selective, plan::Recompute::full};
-  o.zero_stages = {0, 1};
+  o.zero_stages = {0, 1, 2};
   o.sequence_parallel = false;
   for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
     if (a.heads % t == 0) o.tp_sizes.push_back(t);
@@ -85,6 +85,7 @@ inline void apply_auto_plan(Args& a) {
   a.microbatches = l.num_microbatches;
   a.accum = 1;
   a.zero1 = l.zero_stage == 1;
+  a.zero = l.zero_stage;
   a.recompute = plan::to_string(l.recompute);
   if (prints())
     std::printf("plan auto: training with --dp %d --tp %d --pp %d --schedule %s --virtual-stages %d --microbatches %d "

@@ -35,29 +35,29 @@ check_choice() {
 import re, subprocess, sys
 log, world, planner, cluster = open(sys.argv[1]).read(), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 ranked = re.findall(r"^plan auto: (\d)\. dp (\d+) x tp (\d+) x pp (\d+), (1F1B|interleaved|ZB-H1)(?: v (\d+))?, mbs (\d+) x (\d+), "
-                    r"recompute (\w+)(, ZeRO-1)? +predicted ([\d.]+) s/step", log, re.M)
+                    r"recompute (\w+)(?:, ZeRO-([12]))? +predicted ([\d.]+) s/step", log, re.M)
 if not ranked: sys.exit("FAIL: no ranking printed")
 times = [float(r[10]) for r in ranked]
 if times != sorted(times): sys.exit(f"FAIL: the ranking is not sorted by predicted time: {times}")
 _, dp, tp, pp, sched, v, mbs, m, recompute, zero, t = ranked[0]
 dp, tp, pp, m = int(dp), int(tp), int(pp), int(m)
 if dp * tp * pp != world: sys.exit(f"FAIL: chosen dp {dp} x tp {tp} x pp {pp} is not {world} ranks")
-g = re.search(r"^GPT .*; dp=(\d+) pp=(\d+) tp=(\d+) \(([\w-]+), (\d+) micro-batches, accum 1(, ZeRO-1)?\)", log, re.M)
+g = re.search(r"^GPT .*; dp=(\d+) pp=(\d+) tp=(\d+) \(([\w-]+), (\d+) micro-batches, accum 1(?:, ZeRO-([12]))?\)", log, re.M)
 if not g: sys.exit("FAIL: no 'GPT ...' line: did it train?")
-trained = (int(g[1]), int(g[3]), int(g[2]), g[4], int(g[5]), bool(g[6]))
+trained = (int(g[1]), int(g[3]), int(g[2]), g[4], int(g[5]), int(g[6] or 0))
 schedule = {"interleaved": "interleaved", "ZB-H1": "zb-h1"}.get(sched, "1f1b")
-want = (dp, tp, pp, schedule, m, bool(zero))
-if trained != want: sys.exit(f"FAIL: trained (dp, tp, pp, schedule, micro-batches, ZeRO-1) {trained}, the plan said {want}")
+want = (dp, tp, pp, schedule, m, int(zero or 0))
+if trained != want: sys.exit(f"FAIL: trained (dp, tp, pp, schedule, micro-batches, ZeRO stage) {trained}, the plan said {want}")
 if f"--recompute {recompute} " not in log: sys.exit(f"FAIL: train_gpt was not given the plan's --recompute {recompute}")
 if "trained steps 0..1" not in log: sys.exit("FAIL: the two steps did not finish")
 args = [planner, "plan", "--fp32", "--cluster", cluster, "--layers", "4", "--hidden", "32", "--heads", "4",
         "--vocab", "256", "--seq", "16", "--tessera-block", "--recompute", recompute, "--dp", str(dp), "--tp", str(tp), "--pp", str(pp), "--v", v or "1",
-        "--mbs", mbs, "--batch", "12", "--zero", "1" if zero else "0", "--schedule", schedule]
+        "--mbs", mbs, "--batch", "12", "--zero", zero or "0", "--schedule", schedule]
 out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
 tool = float(re.search(r"time +([\d.]+) s", out)[1])
 if abs(tool - float(t)) > 1e-3 * max(tool, 1e-9) + 5e-4:
     sys.exit(f"FAIL: train_gpt predicted {t} s for its choice, tessera-plan plan {tool} s")
-print(f"ok: {world} ranks -> dp {dp} x tp {tp} x pp {pp}, {sched}, mbs {mbs} x {m}{zero}, {t} s (tessera-plan: {tool} s)")
+print(f"ok: {world} ranks -> dp {dp} x tp {tp} x pp {pp}, {sched}, mbs {mbs} x {m}, recompute {recompute}, ZeRO-{zero or 0}, {t} s (tessera-plan: {tool} s)")
 PY
 }
 

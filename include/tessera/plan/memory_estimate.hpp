@@ -41,6 +41,16 @@ struct MemoryEstimate {
     m.parameters = params * pr.parameter_bytes / (L.zero_stage >= 3 ? L.dp : 1);
     m.gradients = params * pr.gradient_bytes / (L.zero_stage >= 2 ? L.dp : 1);
     m.optimizer_state = params * pr.optimizer_bytes / (L.zero_stage >= 1 ? L.dp : 1);
+    if (cm.model.tessera_block && L.zero_stage == 2 && L.dp > 1) {
+      // tessera's ZeRO-2 (ZeroOptimizer, GradBuckets::set_shard_grads): the gradients are the
+      // rank's shard (above), but the bucket buffers hold the whole gradient during backward
+      // (released after it), and a tied embedding keeps its own full gradient tensor besides;
+      // the MemoryTracker counts both as communication buffers (docs/memory.md; tests/plan's
+      // plan_zero measures them at pp 1).
+      m.buffers += params * pr.gradient_bytes;
+      const bool holds_tied = cm.model.tied && (pp_rank == 0 || pp_rank == L.pp - 1);
+      if (holds_tied) m.buffers += static_cast<double>(cm.model.vocab) * cm.model.hidden / L.tp * pr.gradient_bytes;
+    }
     const double per_layer = LayerActivations::of(cm.model, L, pr).bytes();
     const double per_layer_w = LayerActivations::weight_pass(cm.model, L, pr).bytes();
     const double tokens = static_cast<double>(cm.model.seq) * L.microbatch_size;
