@@ -171,7 +171,7 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--on-nonfinite", a.on_nonfinite, "a NaN or Inf in the loss or a gradient: stop (naming the step and "
                  "parameter) or skip the optimizer step")->check(CLI::IsMember({"stop", "skip"}));
   app.add_option("--log-json", a.log_json, "write one JSON object per step to this file (step, loss, lr, tokens/s, grad norm)");
-  app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches and ZeRO-1 for --world ranks")
+  app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches, recomputation and ZeRO stage for --world ranks")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--world", a.world_size, "ranks for --plan auto (default: dp x tp x pp)")->check(CLI::Range(1, 4096));
   app.add_option("--cluster", a.cluster, "cluster file for --plan auto (default: plan/clusters/this_machine_<backend>.json, "
