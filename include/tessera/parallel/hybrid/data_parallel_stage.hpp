@@ -18,6 +18,7 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/nn/weight_grad_queue.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
@@ -58,6 +59,13 @@ class DataParallelStage final : public PipelineStage<T, Input> {
     buckets_->ensure_buffers();
     return stage_->backward(dy, ctx);
   }
+  /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one.
+  Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) override {
+    buckets_->ensure_buffers();
+    return stage_->backward_input(dy, ctx, weights);
+  }
+  /// The wrapped stage's weight-gradient pass (ZB-H1's W).
+  void backward_weight(nn::WeightGradQueue& weights) override { stage_->backward_weight(weights); }
   /// The wrapped stage's output shape.
   Shape output_shape(const Shape& input) override { return stage_->output_shape(input); }
   /// The wrapped stage's parameters (their gradients are views into the buckets).
