@@ -74,23 +74,11 @@ class BlasLt {
   template <class In, class Out>
   void gemm(const Stream& stream, const GemmShape& shape, const In* a, const In* b, Out* c, float alpha = 1.f,
             float beta = 0.f, const EpilogueArgs& ep = {}, MathMode mode = MathMode::fp32) {
-    static_assert(std::is_same_v<In, float> || std::is_same_v<In, bf16>, "cuda gemm: inputs are float or bf16");
-    static_assert(std::is_same_v<Out, float> || std::is_same_v<Out, bf16>, "cuda gemm: outputs are float or bf16");
-    const ColumnMajorGemm g = to_column_major(shape);
-    if (g.m == 0 || g.n == 0) return;
-    const cudaDataType_t in_t = std::is_same_v<In, float> ? CUDA_R_32F : CUDA_R_16BF;
-    const cudaDataType_t out_t = std::is_same_v<Out, float> ? CUDA_R_32F : CUDA_R_16BF;
-    const cublasComputeType_t compute = (std::is_same_v<In, float> && mode == MathMode::tf32)
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
-    // cuBLASLt assumes 256-byte aligned operands unless told less: tell it what these are (a
-    // pointer into a flat buffer, heads side by side in a row), so it picks kernels valid for them.
-    const std::uint32_t align_a = alignment(b, sizeof(In), g.batch > 1 ? g.stride_a : 0);
-    const std::uint32_t align_b = alignment(a, sizeof(In), g.batch > 1 ? g.stride_b : 0);
-    const std::uint32_t align_c = alignment(c, sizeof(Out), g.batch > 1 ? g.stride_c : 0);
+    const Problem p = problem(shape, a, b, c, mode);
+    if (p.g.m == 0 || p.g.n == 0) return;
     std::lock_guard lock(mu_);
-    Plan& plan = plan_for(g, in_t, out_t, compute, ep.kind, shape, align_a, align_b, align_c);
-    set_epilogue(plan, ep, out_t, g, shape);
+    Plan& plan = plan_for(p, ep.kind, shape);
+    set_epilogue(plan, ep, p.out_t, p.g, shape);
     detail::check(cublasLtMatmul(h_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, c, plan.c, c, plan.c,
                                  &plan.algo, workspace_.data(), workspace_bytes, stream.get()),
                   "cublasLtMatmul", describe(shape));
@@ -102,21 +90,13 @@ class BlasLt {
   template <class In, class Out>
   bool supports(const GemmShape& shape, Epilogue kind, const In* a, const In* b, const Out* c,
                 MathMode mode = MathMode::fp32) {
-    const ColumnMajorGemm g = to_column_major(shape);
-    if (g.m == 0 || g.n == 0) return true;
-    const cudaDataType_t in_t = std::is_same_v<In, float> ? CUDA_R_32F : CUDA_R_16BF;
-    const cudaDataType_t out_t = std::is_same_v<Out, float> ? CUDA_R_32F : CUDA_R_16BF;
-    const cublasComputeType_t compute = (std::is_same_v<In, float> && mode == MathMode::tf32)
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
-    const std::uint32_t align_a = alignment(b, sizeof(In), g.batch > 1 ? g.stride_a : 0);
-    const std::uint32_t align_b = alignment(a, sizeof(In), g.batch > 1 ? g.stride_b : 0);
-    const std::uint32_t align_c = alignment(c, sizeof(Out), g.batch > 1 ? g.stride_c : 0);
+    const Problem p = problem(shape, a, b, c, mode);
+    if (p.g.m == 0 || p.g.n == 0) return true;
     std::lock_guard lock(mu_);
-    const Key key = key_of(g, in_t, out_t, compute, kind, align_a, align_b, align_c);
+    const Key key = key_of(p, kind);
     if (unsupported_.count(key) != 0) return false;
     try {
-      (void)plan_for(g, in_t, out_t, compute, kind, shape, align_a, align_b, align_c);
+      (void)plan_for(p, kind, shape);
       return true;
     } catch (const CudaError& e) {
       // No algorithm, or an epilogue attribute this cuBLASLt refuses for these types.
@@ -145,11 +125,36 @@ class BlasLt {
                          std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, int, int, int,
                          std::uint32_t, std::uint32_t, std::uint32_t>;
 
-  static Key key_of(const ColumnMajorGemm& g, cudaDataType_t in_t, cudaDataType_t out_t, cublasComputeType_t compute,
-                    Epilogue ep, std::uint32_t align_a, std::uint32_t align_b, std::uint32_t align_c) {
+  // One product as cuBLASLt sees it: the column-major problem, its types and the operands'
+  // alignment. cuBLASLt assumes 256-byte aligned operands unless told less: these say what they
+  // are (a pointer into a flat buffer, heads side by side in a row), so it picks kernels valid
+  // for them.
+  struct Problem {
+    ColumnMajorGemm g;
+    cudaDataType_t in_t, out_t;
+    cublasComputeType_t compute;
+    std::uint32_t align_a, align_b, align_c;
+  };
+  template <class In, class Out>
+  static Problem problem(const GemmShape& shape, const In* a, const In* b, const Out* c, MathMode mode) {
+    static_assert(std::is_same_v<In, float> || std::is_same_v<In, bf16>, "cuda gemm: inputs are float or bf16");
+    static_assert(std::is_same_v<Out, float> || std::is_same_v<Out, bf16>, "cuda gemm: outputs are float or bf16");
+    Problem p;
+    p.g = to_column_major(shape);
+    p.in_t = std::is_same_v<In, float> ? CUDA_R_32F : CUDA_R_16BF;
+    p.out_t = std::is_same_v<Out, float> ? CUDA_R_32F : CUDA_R_16BF;
+    p.compute = (std::is_same_v<In, float> && mode == MathMode::tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    p.align_a = alignment(b, sizeof(In), p.g.batch > 1 ? p.g.stride_a : 0);  // A' is the row-major B
+    p.align_b = alignment(a, sizeof(In), p.g.batch > 1 ? p.g.stride_b : 0);
+    p.align_c = alignment(c, sizeof(Out), p.g.batch > 1 ? p.g.stride_c : 0);
+    return p;
+  }
+
+  static Key key_of(const Problem& p, Epilogue ep) {
+    const ColumnMajorGemm& g = p.g;
     return Key{g.trans_a, g.trans_b, g.m,        g.n,        g.k,        g.lda,          g.ldb,          g.ldc,
-               g.batch,   g.stride_a, g.stride_b, g.stride_c, static_cast<int>(in_t), static_cast<int>(out_t),
-               static_cast<int>(compute), static_cast<int>(ep), align_a, align_b, align_c};
+               g.batch,   g.stride_a, g.stride_b, g.stride_c, static_cast<int>(p.in_t), static_cast<int>(p.out_t),
+               static_cast<int>(p.compute), static_cast<int>(ep), p.align_a, p.align_b, p.align_c};
   }
 
   // The largest power of two, at most 256, dividing the address and the batch stride in bytes.
@@ -174,15 +179,16 @@ class BlasLt {
     return CUBLASLT_EPILOGUE_DEFAULT;
   }
 
-  Plan& plan_for(const ColumnMajorGemm& g, cudaDataType_t in_t, cudaDataType_t out_t, cublasComputeType_t compute,
-                 Epilogue ep, const GemmShape& shape, std::uint32_t align_a, std::uint32_t align_b,
-                 std::uint32_t align_c) {
-    const Key key = key_of(g, in_t, out_t, compute, ep, align_a, align_b, align_c);
+  Plan& plan_for(const Problem& prob, Epilogue ep, const GemmShape& shape) {
+    const ColumnMajorGemm& g = prob.g;
+    const cudaDataType_t in_t = prob.in_t, out_t = prob.out_t;
+    const std::uint32_t align_a = prob.align_a, align_b = prob.align_b, align_c = prob.align_c;
+    const Key key = key_of(prob, ep);
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     Plan p;
     const std::string what = describe(shape);
-    detail::check(cublasLtMatmulDescCreate(&p.desc, compute, CUDA_R_32F), "cublasLtMatmulDescCreate", what);
+    detail::check(cublasLtMatmulDescCreate(&p.desc, prob.compute, CUDA_R_32F), "cublasLtMatmulDescCreate", what);
     const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     detail::check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a),
