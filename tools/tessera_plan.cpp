@@ -93,12 +93,13 @@ struct LayoutArgs {
   long long batch = 0;
   std::string schedule = "auto", recompute = "none";
   void add(CLI::App* app) {
-    app->add_option("--dp", layout.dp, "data-parallel replicas");
+    app->add_option("--dp", layout.dp, "data-parallel replicas")->check(CLI::Range(1, 1 << 30));
     app->add_option("--tp", layout.tp, "tensor-parallel size");
     app->add_option("--pp", layout.pp, "pipeline ranks");
     app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)");
-    app->add_option("--mbs", layout.microbatch_size, "micro-batch size");
-    app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")->required();
+    app->add_option("--mbs", layout.microbatch_size, "micro-batch size")->check(CLI::Range(1, 1 << 30));
+    app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")
+        ->required()->check(CLI::Range(1LL, 1LL << 40));
     app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
     app->add_option("--recompute", recompute, "none, selective or full");
