@@ -650,8 +650,10 @@ TEST_CASE("tessera's block: the predicted activation bytes are nn::block_activat
   // and the whole stage's contexts are rebuilt at once for one micro-batch.
   const Cluster c = flat_cluster();
   const Precision fp32 = Precision::float32_adamw();
-  for (const auto& [h, a, s] : std::vector<std::tuple<int, int, int>>{{192, 6, 128}, {64, 4, 32}, {128, 2, 64}})
+  // (Plain variables, not a structured binding: clang++ 14 cannot capture those in CAPTURE's lambda.)
+  for (const std::tuple<int, int, int>& shape : std::vector<std::tuple<int, int, int>>{{192, 6, 128}, {64, 4, 32}, {128, 2, 64}})
     for (int b : {1, 2, 8}) {
+      const int h = std::get<0>(shape), a = std::get<1>(shape), s = std::get<2>(shape);
       const ModelSpec m{.name = "train_gpt", .layers = 6, .hidden = h, .heads = a, .kv_heads = 0, .ffn = 0, .vocab = 256,
                         .seq = s, .tied = true, .dropout = false, .tessera_block = true};
       for (Recompute rc : {Recompute::none, Recompute::selective, Recompute::full}) {
