@@ -86,16 +86,7 @@ class Linear {
   /// are pushed to the scope's WeightGradQueue (zero-bubble's W pass), bitwise the same when
   /// they run. Throws tessera::Error naming both shapes when dy does not have the output's shape.
   Tensor<T> backward(const Tensor<T>& dy, const Context& ctx) {
-    Tensor<T> dx = backward_input(dy, ctx);
-    if (WeightGradQueue* q = WeightGradQueue::active()) {
-      Context kept{ctx.x};
-      Tensor<T> g = dy.contiguous();
-      const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T)) * (kept.x.numel() + g.numel());
-      q->push([this, kept = std::move(kept), g = std::move(g)] { backward_weight(g, kept); }, bytes);
-    } else {
-      backward_weight(dy, ctx);
-    }
-    return dx;
+    return deferrable_backward(*this, dy, ctx);
   }
 
   /// The input-gradient half of backward (zero-bubble's B pass): dx = dy W^T, no parameter

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/core/tensor.hpp"
 
 namespace tessera::nn {
 
@@ -83,5 +84,24 @@ class DeferWeightGrads {
  private:
   WeightGradQueue* previous_;
 };
+
+/// A layer's backward that honours a DeferWeightGrads scope: dx now (layer.backward_input); the
+/// weight gradients now (layer.backward_weight) or, inside the scope, pushed to the active queue
+/// with the layer's input and a contiguous dy kept for them (their bytes counted). For layers
+/// whose Context holds their input as `x` (nn::Linear, nn::LMHead). The layer must outlive the
+/// queued work.
+template <class Layer, class T, class Context>
+Tensor<T> deferrable_backward(Layer& layer, const Tensor<T>& dy, const Context& ctx) {
+  Tensor<T> dx = layer.backward_input(dy, ctx);
+  if (WeightGradQueue* q = WeightGradQueue::active()) {
+    Context kept{ctx.x};
+    Tensor<T> g = dy.contiguous();
+    const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T)) * (kept.x.numel() + g.numel());
+    q->push([&layer, kept = std::move(kept), g = std::move(g)] { layer.backward_weight(g, kept); }, bytes);
+  } else {
+    layer.backward_weight(dy, ctx);
+  }
+  return dx;
+}
 
 }  // namespace tessera::nn
