@@ -133,23 +133,43 @@ class DataParallel {
   DataParallel& operator=(DataParallel&&) = delete;       ///< not assignable (build in place)
   ~DataParallel() = default;                              ///< removes the hooks
 
-  /// L's forward on this rank's part of the batch. Local.
-  ForwardResult<Output, Context> forward(const Input& x) { return model_.forward(x); }
+  /// L's forward on this rank's part of the batch. Local; under ZeRO-3 (a ZeroOptimizer at
+  /// ZeroStage::parameters) the model is one unit: its parameters are all-gathered first
+  /// (GradBuckets::gather_values, with prefetch unless buckets().set_prefetch(false)) and
+  /// freed after, so the forward is collective over dp.
+  ForwardResult<Output, Context> forward(const Input& x) {
+    if (!buckets_->shard_params()) return model_.forward(x);
+    buckets_->gather_values(buckets_->prefetch(), false);
+    try {
+      ForwardResult<Output, Context> out = model_.forward(x);
+      buckets_->release_values();
+      return out;
+    } catch (...) {
+      buckets_->release_values();
+      throw;
+    }
+  }
 
   /// L's backward; when gradient sync is on (not inside no_sync), reduces the gradients over
   /// the dp ranks, bucket by bucket as they become final, and returns once all are reduced, so
   /// the optimizer can step. Collective over dp when syncing (one all-reduce per bucket, in
   /// bucket order). Throws what L and the communicator throw; tessera::Error when a parameter
   /// is marked ready after its bucket's all-reduce started (see GradBuckets).
+  ///
+  /// Under ZeRO-3 the parameters are all-gathered again before L's backward (bucket order) and
+  /// freed after it; the gradients are reduce-scattered into the shards as under ZeRO-2.
   InputGrad backward(const Output& dy, Context& ctx) {
+    buckets_->gather_values(buckets_->prefetch(), true);  // ZeRO-3 (nothing otherwise)
     buckets_->begin_backward(require_sync_);
     try {
       InputGrad dx = model_.backward(dy, ctx);
       buckets_->end_backward();
       buckets_->release_buffers();  // ZeRO-2: only the shards stay (nothing otherwise)
+      buckets_->release_values();   // ZeRO-3: only the value shards stay
       return dx;
     } catch (...) {
       buckets_->abort_backward();
+      buckets_->release_values();
       throw;
     }
   }
@@ -204,7 +224,13 @@ class DataParallel {
   /// Reduces the gradients as they are now, without a backward: a rank whose data ran out calls
   /// it where the others run their syncing backward, and contributes what its gradients hold
   /// (zero after zero_grad). Collective over dp (the same reductions as a syncing backward).
+  /// Throws tessera::Error under ZeRO-3, where the other ranks' forward and backward also
+  /// all-gather the parameters: there every rank must run the same number of micro-batches
+  /// (agree_num_steps).
   void reduce_grads() {
+    TESSERA_EXPECTS(!buckets_->shard_params(), "DataParallel::reduce_grads on ", comm_.name(), ": under ZeRO-3 a "
+                    "rank cannot join without data (the others' forward and backward all-gather the parameters); "
+                    "agree on the number of steps with agree_num_steps");
     buckets_->reduce();
     buckets_->release_buffers();  // ZeRO-2: only the shards stay (nothing otherwise)
   }

@@ -55,8 +55,9 @@ class DistributedOptimizer {
   DistributedOptimizer(M& model, const std::vector<optim::ParamGroup<T, Options>>& groups, bool zero1)
       : DistributedOptimizer(model, groups, zero1 ? ZeroStage::optimizer : ZeroStage::none) {}
   /// Opt over `model`'s parameters with `groups` at ZeRO stage `stage`: none (replicated),
-  /// optimizer (ZeRO-1) or gradients (ZeRO-2: the reduced gradients sharded too, see
-  /// ZeroOptimizer). Local. Throws as above.
+  /// optimizer (ZeRO-1), gradients (ZeRO-2: the reduced gradients sharded too) or parameters
+  /// (ZeRO-3: the parameter values too, gathered per unit around each forward and backward;
+  /// see ZeroOptimizer). Local. Throws as above.
   template <DataParallelModel M, std::floating_point T>
   DistributedOptimizer(M& model, const std::vector<optim::ParamGroup<T, Options>>& groups, ZeroStage stage) {
     if (stage != ZeroStage::none) {
@@ -101,7 +102,18 @@ class DistributedOptimizer {
   }
   /// The learning rate (of group 0).
   double lr() const { return zero_ ? zero_->lr() : opt_->lr(); }
-  /// Whether the state is sharded over dp (ZeRO-1 or 2).
+  /// ZeRO-3: all-gathers the full parameter values into the parameters (to save or load a
+  /// checkpoint, or evaluate outside the policy) until release_full_parameters(); nothing at
+  /// other stages. Collective over dp.
+  void gather_full_parameters() {
+    if (zero_) zero_->gather_full_parameters();
+  }
+  /// ZeRO-3: frees what gather_full_parameters() gathered; `store`: first keeps this rank's
+  /// block of the (changed, e.g. loaded) values in its shards. Nothing at other stages. Local.
+  void release_full_parameters(bool store) {
+    if (zero_) zero_->release_full_parameters(store);
+  }
+  /// Whether the state is sharded over dp (ZeRO-1, 2 or 3).
   bool zero1() const noexcept { return zero_.has_value(); }
   /// The ZeRO stage.
   ZeroStage stage() const noexcept { return zero_ ? zero_->stage() : ZeroStage::none; }

@@ -94,6 +94,9 @@ class GradBuckets {
     int expected_marks = 0;         ///< marks per backward, learned (see the class comment)
     int marks = 0;                  ///< marks in the current backward
     Tensor<T> original;             ///< the grad tensor before construction, until checked
+    Shape shape;                    ///< the value's shape (also while ZeRO-3 has freed it)
+    bool pinned = false;            ///< ZeRO-3: keeps its own value tensor (a tied copy outside the list views it)
+    std::vector<Parameter<T>*> aliases;  ///< other Parameter objects in the list viewing the same value
   };
   /// One flat bucket.
   struct Bucket {
@@ -108,6 +111,10 @@ class GradBuckets {
     bool accumulated = false;         ///< ZeRO-2: its block added into `shard` in this reduction
     Request request;                  ///< the non-blocking reduction
     Tensor<T> shard;                  ///< ZeRO-2 (shard_grads()): this rank's reduced block, accumulated
+    Tensor<T> value_shard;            ///< ZeRO-3 (shard_params()): this rank's block of the flat values
+    Tensor<T> gathered;               ///< ZeRO-3: the all-gathered flat values while gathered
+    Request gather_request;           ///< ZeRO-3: the all-gather in flight into `gathered`
+    bool gathering = false;           ///< ZeRO-3: gather_request not waited for yet
   };
 
   /// Lays out the buckets of `params` over `comm` and installs the grad-ready hooks; current
@@ -116,6 +123,7 @@ class GradBuckets {
   GradBuckets(const ParameterList<T>& params, Comm comm, const GradBucketsOptions& options = {})
       : comm_(std::move(comm)), options_(options), world_(comm_.size()), rank_(comm_.rank()) {
     const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
+    const std::vector<std::vector<Parameter<T>*>> aliases = aliases_of(params);
     for (const auto& [p, copy] : list)
       TESSERA_EXPECTS(!p->has_grad_ready_hook(), "DataParallel on ", comm_.name(), ": parameter \"", p->name,
                       "\" already has a grad-ready hook: it belongs to another DataParallel (wrap a model once)");
@@ -130,6 +138,8 @@ class GradBuckets {
       Slot s;
       s.param = &p;
       s.numel = p.value.numel();
+      s.shape = p.value.shape();
+      s.aliases = aliases[k];
       s.copy = list[k].second;
       if (s.copy && p.grad.is_contiguous() && s.numel % world_ == 0) {
         // A tied parameter keeps its grad tensor; where no padding is needed, its own bucket's
@@ -173,9 +183,7 @@ class GradBuckets {
       }
       s.param->set_grad_ready_hook([this, i] { on_grad_ready(i); });
     }
-    std::size_t param_bytes = 0;
-    for (const Slot& s : slots_) param_bytes += static_cast<std::size_t>(s.numel) * sizeof(T);
-    params_mem_.set(param_bytes);
+    account_params();
     account();
   }
   GradBuckets(const GradBuckets&) = delete;             ///< not copyable: the hooks point here
@@ -300,6 +308,179 @@ class GradBuckets {
   /// Whether the buffers are released (release_buffers) now.
   bool released() const noexcept { return released_; }
 
+  /// ZeRO-3 (Rajbhandari et al., SC 2020, P_os+g+p; PyTorch FSDP's FULL_SHARD) on or off.
+  ///
+  /// On (needs shard_grads()): each bucket's parameter values, in the flat padded layout of
+  /// its gradients, are kept as this rank's block only (value_shard(b), shard_size(b)
+  /// elements), copied from the current values; then every parameter's `value` (and that of
+  /// each Parameter object listed with it: a tied LM head listed with its embedding) is freed
+  /// (an empty tensor) until gather_values() points it at a gathered buffer. The buckets are
+  /// then one unit of gathering (FSDP2's `fully_shard` on one module): a DataParallel or a
+  /// DataParallelStage gathers its unit before each forward and backward and frees it after.
+  /// A tied parameter with a Parameter::tied copy that is not in the list (the GPT lists
+  /// wte.weight, not its LM head's copy) keeps its own full value tensor, which gathering
+  /// writes into: still gathered once per use and its gradient reduced once, but its memory
+  /// is not saved. Local; every rank must choose the same.
+  ///
+  /// Off: gathers the values back into tensors of the parameters' own and drops the shards.
+  /// Collective over the dp communicator (one all-gather per bucket).
+  ///
+  /// Throws tessera::Error inside a backward and when turning on without ZeRO-2.
+  void set_shard_params(bool on) {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::set_shard_params inside backward");
+    if (on == shard_params_) return;
+    if (on) {
+      TESSERA_EXPECTS(shard_grads_, "GradBuckets::set_shard_params(true) on ", comm_.name(),
+                      ": ZeRO-3 needs ZeRO-2's gradient shards (set_shard_grads(true)) first");
+      // A tied parameter with a copy outside the list (the GPT lists its embedding, not the
+      // LM head's tied copy) keeps its own value tensor: the copy outside still views it.
+      for (Slot& s : slots_) s.pinned = s.param->tie_count() > 1 + static_cast<long>(s.aliases.size());
+      for (std::size_t bi = 0; bi < buckets_.size(); ++bi) {
+        Bucket& b = buckets_[bi];
+        const std::int64_t n = shard_size(bi), lo = rank_ * n, hi = lo + n;
+        b.value_shard = Tensor<T>(Shape{n});
+        b.value_shard.zero();
+        for (std::size_t i : b.slots) {
+          const Slot& s = slots_[i];
+          const std::int64_t off = b.alias ? 0 : s.offset;
+          const std::int64_t a = std::max(lo, off), e = std::min(hi, off + s.numel);
+          if (a >= e) continue;
+          const Tensor<T> v = s.param->value.contiguous();
+          std::copy_n(v.data() + (a - off), e - a, b.value_shard.data() + (a - lo));
+        }
+      }
+      shard_params_ = true;
+      gathered_ = true;  // the parameters' own tensors: released below
+      release_values();
+    } else {
+      gather_values(true, false);
+      for (Slot& s : slots_) {
+        if (s.pinned) continue;
+        Tensor<T> own = s.param->value.contiguous().clone();
+        s.param->value = own;
+        for (Parameter<T>* a : s.aliases) a->value = own;
+      }
+      for (Bucket& b : buckets_) {
+        b.gathered = Tensor<T>();
+        b.value_shard = Tensor<T>();
+      }
+      gathered_ = false;
+      shard_params_ = false;
+      gathered_mem_.set(0);
+      account_params();
+    }
+  }
+  /// Whether ZeRO-3 is on (set_shard_params).
+  bool shard_params() const noexcept { return shard_params_; }
+  /// ZeRO-3: this rank's block of bucket `b`'s flat parameter values (what the optimizer
+  /// updates); an empty tensor without ZeRO-3.
+  Tensor<T> value_shard(std::size_t b) const { return buckets_.at(b).value_shard; }
+
+  /// ZeRO-3: all-gathers every bucket's values into a flat buffer per bucket (a communication
+  /// buffer: MemoryTracker::comm_buffers, and gathered_bytes()) and points each parameter's
+  /// `value` at its part. `prefetch`: every bucket's all-gather is started (non-blocking)
+  /// before the first is waited for, so the later ones run while the earlier are unpacked;
+  /// false: each is waited for before the next starts (for comparison). `backward_order`:
+  /// buckets in bucket order (the order backward finishes them), else in reverse (the order
+  /// forward uses them). Nothing without ZeRO-3 or when already gathered. Collective over the
+  /// dp communicator (one all-gather per bucket). Throws what the communicator throws (the
+  /// buffers are then freed again).
+  void gather_values(bool prefetch, bool backward_order) {
+    if (!shard_params_ || gathered_) return;
+    const std::size_t nb = buckets_.size();
+    std::exception_ptr error;
+    std::size_t bytes = 0;
+    for (std::size_t k = 0; k < nb; ++k) {
+      const std::size_t bi = backward_order ? k : nb - 1 - k;
+      Bucket& b = buckets_[bi];
+      const std::int64_t n = shard_size(bi);
+      b.gathered = Tensor<T>(Shape{n * world_});
+      bytes += static_cast<std::size_t>(n * world_) * sizeof(T);
+      gathered_mem_.set(bytes);
+      peak_gathered_ = std::max(peak_gathered_, bytes);
+      T* full = b.gathered.data();
+      std::copy_n(b.value_shard.data(), n, full + rank_ * n);
+      if (world_ > 1 && !error) {
+        try {
+          b.gather_request = comm_.iall_gather(std::span<const T>(full + rank_ * n, static_cast<std::size_t>(n)),
+                                               std::span<T>(full, static_cast<std::size_t>(n * world_)));
+          b.gathering = true;
+          if (!prefetch) wait_gather(b);
+        } catch (...) {
+          if (!error) error = std::current_exception();
+        }
+      }
+    }
+    for (std::size_t k = 0; k < nb; ++k) {
+      Bucket& b = buckets_[backward_order ? k : nb - 1 - k];
+      try {
+        wait_gather(b);
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
+    }
+    gathered_ = true;
+    if (error) {
+      release_values();
+      std::rethrow_exception(error);
+    }
+    for (Slot& s : slots_) {
+      const Bucket& b = buckets_[s.bucket];
+      const std::int64_t off = b.alias ? 0 : s.offset;
+      Tensor<T> view = b.gathered.slice(0, off, off + s.numel).reshape(s.shape);
+      if (s.pinned) {  // into its own tensor, which the tied copy outside the list views
+        s.param->value.copy_from(view);
+        continue;
+      }
+      s.param->value = view;
+      for (Parameter<T>* a : s.aliases) a->value = view;
+    }
+  }
+  /// ZeRO-3: whether the policies gather with prefetch (the argument they pass to
+  /// gather_values; true unless set_prefetch(false)).
+  bool prefetch() const noexcept { return prefetch_; }
+  /// ZeRO-3: sets prefetch() (false: each bucket's all-gather waited for before the next
+  /// starts, for comparison). Local; every rank must choose the same.
+  void set_prefetch(bool on) noexcept { prefetch_ = on; }
+  /// ZeRO-3: frees the gathered buffers; every parameter's `value` becomes an empty tensor.
+  /// Nothing without ZeRO-3 or when not gathered. Local.
+  void release_values() {
+    if (!shard_params_ || !gathered_) return;
+    for (Slot& s : slots_) {
+      if (s.pinned) continue;
+      s.param->value = Tensor<T>();
+      for (Parameter<T>* a : s.aliases) a->value = Tensor<T>();
+    }
+    for (Bucket& b : buckets_) b.gathered = Tensor<T>();
+    gathered_ = false;
+    gathered_mem_.set(0);
+    account_params();
+  }
+  /// ZeRO-3: whether the values are gathered now (between gather_values and release_values).
+  bool values_gathered() const noexcept { return shard_params_ && gathered_; }
+  /// ZeRO-3: copies this rank's block of the parameters' current values (gathered, then
+  /// changed, e.g. by a checkpoint load) into the value shards. Throws tessera::Error when the
+  /// values are not gathered. Local.
+  void store_values() {
+    if (!shard_params_) return;
+    TESSERA_EXPECTS(gathered_, "GradBuckets::store_values on ", comm_.name(), ": the values are not gathered");
+    for (Slot& s : slots_)  // a pinned value may have been changed in its own tensor
+      if (s.pinned) {
+        const Bucket& b = buckets_[s.bucket];
+        const std::int64_t off = b.alias ? 0 : s.offset;
+        b.gathered.slice(0, off, off + s.numel).reshape(s.shape).copy_from(s.param->value);
+      }
+    for (std::size_t bi = 0; bi < buckets_.size(); ++bi) {
+      const std::int64_t n = shard_size(bi);
+      std::copy_n(buckets_[bi].gathered.data() + rank_ * n, n, buckets_[bi].value_shard.data());
+    }
+  }
+  /// ZeRO-3: bytes of gathered parameter buffers alive now, and the most alive at once since
+  /// construction (also counted in MemoryTracker::comm_buffers).
+  std::size_t gathered_bytes() const noexcept { return static_cast<std::size_t>(gathered_mem_.bytes()); }
+  /// ZeRO-3: the most gathered bytes alive at once (see gathered_bytes).
+  std::size_t peak_gathered_bytes() const noexcept { return peak_gathered_; }
+
   /// Chooses all-reduce (the default) or reduce-scatter (ZeRO-1) for later reductions. Throws
   /// tessera::Error inside a backward. Local; every rank must choose the same.
   void set_mode(GradReduce mode) {
@@ -316,7 +497,11 @@ class GradBuckets {
     const std::vector<std::pair<Parameter<T>*, bool>> list = distinct(params);
     TESSERA_EXPECTS(list.size() == slots_.size(), "GradBuckets::rebind: ", list.size(), " parameters, expected ",
                     slots_.size());
-    for (std::size_t k = 0; k < list.size(); ++k) slots_[list.size() - 1 - k].param = list[k].first;
+    const std::vector<std::vector<Parameter<T>*>> aliases = aliases_of(params);
+    for (std::size_t k = 0; k < list.size(); ++k) {
+      slots_[list.size() - 1 - k].param = list[k].first;
+      slots_[list.size() - 1 - k].aliases = aliases[k];
+    }
   }
 
   /// The buckets, in launch order.
@@ -382,8 +567,42 @@ class GradBuckets {
     }
     return out;
   }
+  // For each distinct parameter of `params` (distinct's order), the other Parameter objects of
+  // the list that view the same value (a tied LM head listed with its embedding).
+  static std::vector<std::vector<Parameter<T>*>> aliases_of(const ParameterList<T>& params) {
+    std::vector<std::vector<Parameter<T>*>> out;
+    std::unordered_map<const T*, std::size_t> first;
+    for (Parameter<T>& p : params) {
+      if (p.value.numel() == 0) continue;
+      auto [it, fresh] = first.emplace(p.value.data(), out.size());
+      if (fresh)
+        out.emplace_back();
+      else
+        out[it->second].push_back(&p);
+    }
+    return out;
+  }
 
-  // The tracker's figures: parameters (set once), the buffers (gradients; under ZeRO-2
+  // The parameters' figure: their values, or under ZeRO-3 the value shards (the gathered
+  // buffers are communication buffers).
+  void account_params() {
+    std::size_t bytes = 0;
+    if (shard_params_) {
+      for (const Bucket& b : buckets_) bytes += static_cast<std::size_t>(b.value_shard.numel()) * sizeof(T);
+      for (const Slot& s : slots_)
+        if (s.pinned) bytes += static_cast<std::size_t>(s.numel) * sizeof(T);
+    } else
+      for (const Slot& s : slots_) bytes += static_cast<std::size_t>(s.numel) * sizeof(T);
+    params_mem_.set(bytes);
+  }
+  // Waits for bucket b's all-gather, if in flight.
+  static void wait_gather(Bucket& b) {
+    if (!b.gathering) return;
+    b.gathering = false;
+    b.gather_request.wait();
+  }
+
+  // The tracker's figures: parameters (account_params), the buffers (gradients; under ZeRO-2
   // communication buffers) and the shards (ZeRO-2's gradients). Tied parameters' own grad
   // tensors count as gradients.
   void account() {
@@ -410,7 +629,7 @@ class GradBuckets {
   }
 
   Tensor<T> view_of(const Slot& s) const {
-    return buckets_[s.bucket].buffer.slice(0, s.offset, s.offset + s.numel).reshape(s.param->value.shape());
+    return buckets_[s.bucket].buffer.slice(0, s.offset, s.offset + s.numel).reshape(s.shape);
   }
 
   void reset_launches() {
@@ -470,7 +689,7 @@ class GradBuckets {
   void reduce_with_hook(std::size_t bi, Bucket& b) {
     GradBucketView<T> view{.index = bi, .grad = std::span<T>(b.buffer.data(), static_cast<std::size_t>(b.numel)), .tensors = {}};
     for (std::size_t i : b.slots)
-      view.tensors.push_back(GradBucketTensor{.offset = b.alias ? 0 : slots_[i].offset, .shape = slots_[i].param->value.shape()});
+      view.tensors.push_back(GradBucketTensor{.offset = b.alias ? 0 : slots_[i].offset, .shape = slots_[i].shape});
     comm_hook_->reduce(view, comm_);
     b.request = Request();  // complete
   }
@@ -556,6 +775,11 @@ class GradBuckets {
   bool learned_ = false;
   bool shard_grads_ = false;  // ZeRO-2
   bool released_ = false;     // the buffers are freed (release_buffers)
+  bool shard_params_ = false; // ZeRO-3
+  bool gathered_ = false;     // ZeRO-3: the values are gathered
+  bool prefetch_ = true;      // ZeRO-3: gather with prefetch
+  std::size_t peak_gathered_ = 0;
+  MemoryTracker::Entry gathered_mem_{MemoryCategory::comm_buffers};
   MemoryTracker::Entry params_mem_{MemoryCategory::parameters};
   MemoryTracker::Entry grads_mem_{MemoryCategory::gradients};
   MemoryTracker::Entry buffers_mem_{MemoryCategory::comm_buffers};

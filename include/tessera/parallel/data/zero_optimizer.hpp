@@ -35,13 +35,13 @@ enum class ZeroStage : int {
   none = 0,        ///< nothing: plain data parallelism, every rank holds everything
   optimizer = 1,   ///< ZeRO-1, P_os: the optimizer state
   gradients = 2,   ///< ZeRO-2, P_os+g: the optimizer state and the reduced gradients
+  parameters = 3,  ///< ZeRO-3, P_os+g+p: the parameters too (PyTorch FSDP's FULL_SHARD)
 };
 
-/// The ZeroStage of the number `stage` (0, 1 or 2, as `--zero` takes it). Throws tessera::Error
-/// naming the number otherwise (stage 3, parameter sharding, is not built yet).
+/// The ZeroStage of the number `stage` (0, 1, 2 or 3, as `--zero` takes it). Throws
+/// tessera::Error naming the number otherwise.
 inline ZeroStage zero_stage(int stage) {
-  TESSERA_EXPECTS(stage >= 0 && stage <= 2, "ZeRO stage ", stage, " is not one of 0, 1, 2 (stage 3, parameter "
-                  "sharding, is not implemented)");
+  TESSERA_EXPECTS(stage >= 0 && stage <= 3, "ZeRO stage ", stage, " is not one of 0, 1, 2, 3");
   return static_cast<ZeroStage>(stage);
 }
 
@@ -80,6 +80,18 @@ struct ZeroShardPiece {
 /// has no effect), so manual accumulation keeps every micro-batch's gradient. Same parameters
 /// as ZeRO-1 up to the order of the fp32 sums over micro-batches.
 ///
+/// ZeRO-3 (ZeroStage::parameters): as ZeRO-2, and the parameter values live sharded too
+/// (GradBuckets::set_shard_params): rank r keeps block r of each bucket's flat values, which
+/// the inner optimizer updates in place; `step()` gathers nothing. The unit of gathering is one
+/// bucket set: a DataParallel's model, or one pipeline stage of a Hybrid (DataParallelStage),
+/// gathered before each forward and backward and freed after (FSDP2's `fully_shard` on that
+/// module; wrap smaller modules in DataParallels of their own for smaller units). Between
+/// uses the parameters' `value` tensors are empty: gather them with gather_full_parameters()
+/// (checkpoints, evaluation outside the policy) and free them again with
+/// release_full_parameters(). Destroying the optimizer gathers the values back into
+/// tensors of the parameters' own (collective over dp). Same parameters as ZeRO-2 (bitwise on
+/// the threads backend: the same updates on the same blocks).
+///
 /// Memory (MemoryTracker): the inner state as optimizer state (updated after each step); the
 /// all-gather's full buffers, alive during step() only, as communication buffers. The inner
 /// optimizer updates views of the parameters' own values, so no copy of them is kept.
@@ -111,7 +123,7 @@ class ZeroOptimizer {
   template <std::floating_point T, class... Args>
     requires std::constructible_from<Opt, ParameterList<T>, Args...>
   explicit ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, Args&&... opt_args)
-      : state_(std::make_unique<State<T>>(sets, nullptr, false)),
+      : state_(std::make_unique<State<T>>(sets, nullptr, ZeroStage::optimizer)),
         opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
 
   /// Shards the optimizer with parameter groups: `groups` hold the replica's parameters, each
@@ -125,8 +137,8 @@ class ZeroOptimizer {
   template <std::floating_point T, class Options>
   ZeroOptimizer(const std::vector<GradBuckets<T>*>& sets, const std::vector<optim::ParamGroup<T, Options>>& groups)
       : ZeroOptimizer(ZeroStage::optimizer, sets, groups) {}
-  /// As above at ZeRO stage `stage` (optimizer: ZeRO-1; gradients: ZeRO-2, see the class
-  /// comment). Throws tessera::Error for ZeroStage::none, and as above.
+  /// As above at ZeRO stage `stage` (optimizer: ZeRO-1; gradients: ZeRO-2; parameters:
+  /// ZeRO-3, see the class comment). Throws tessera::Error for ZeroStage::none, and as above.
   template <std::floating_point T, class Options>
   ZeroOptimizer(ZeroStage stage, const std::vector<GradBuckets<T>*>& sets,
                 const std::vector<optim::ParamGroup<T, Options>>& groups)
@@ -140,23 +152,31 @@ class ZeroOptimizer {
   template <std::floating_point T, class... Args>
     requires std::constructible_from<Opt, ParameterList<T>, Args...>
   ZeroOptimizer(ZeroStage stage, const std::vector<GradBuckets<T>*>& sets, Args&&... opt_args)
-      : state_(std::make_unique<State<T>>(sets, nullptr, checked(stage) == ZeroStage::gradients)),
+      : state_(std::make_unique<State<T>>(sets, nullptr, checked(stage))),
         opt_(static_cast<State<T>&>(*state_).shard_list(), std::forward<Args>(opt_args)...) {}
   /// As above, on a DataParallel's buckets.
   template <class L, std::floating_point T, class Options>
   ZeroOptimizer(DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
       : ZeroOptimizer(dp.buckets(), groups) {}
 
-  /// One optimizer step on this rank's shards, then an all-gather of the updated parameters.
-  /// Collective over dp (one all_gather per bucket). Throws what Opt and the communicator throw.
+  /// One optimizer step on this rank's shards, then (ZeRO-1 and 2) an all-gather of the
+  /// updated parameters. Collective over dp (one all_gather per bucket) at ZeRO-1 and 2; local
+  /// at ZeRO-3 (the shards are the parameters). Throws what Opt and the communicator throw.
   void step() {
     state_->load_shards();
     opt_.step();
     state_mem_.set(opt_.state_bytes());
     state_->gather_parameters();
   }
-  /// The ZeRO stage (optimizer or gradients).
+  /// The ZeRO stage (optimizer, gradients or parameters).
   ZeroStage stage() const noexcept { return state_->stage(); }
+  /// ZeRO-3: all-gathers every parameter's full value into the parameters (e.g. to save or
+  /// load a checkpoint, or to evaluate outside the policy), until release_full_parameters().
+  /// Nothing at ZeRO-1 and 2. Collective over dp.
+  void gather_full_parameters() { state_->gather_full(); }
+  /// ZeRO-3: frees the values gathered by gather_full_parameters(); with `store`, first copies
+  /// this rank's block of them into its shards (after loading a checkpoint into them). Local.
+  void release_full_parameters(bool store) { state_->release_full(store); }
   /// Sets every gradient to zero (the replica's buckets). Local.
   void zero_grad() { state_->zero_grad(); }
 
@@ -201,11 +221,14 @@ class ZeroOptimizer {
     virtual double clip_grad_norm(double max_norm) = 0;
     virtual const std::vector<ZeroShardPiece>& pieces() const = 0;
     virtual ZeroStage stage() const = 0;
+    virtual void gather_full() = 0;
+    virtual void release_full(bool store) = 0;
   };
 
   static ZeroStage checked(ZeroStage stage) {
-    TESSERA_EXPECTS(stage == ZeroStage::optimizer || stage == ZeroStage::gradients, "ZeroOptimizer: ZeRO stage ",
-                    static_cast<int>(stage), " is not 1 (optimizer state) or 2 (gradients too)");
+    TESSERA_EXPECTS(stage == ZeroStage::optimizer || stage == ZeroStage::gradients || stage == ZeroStage::parameters,
+                    "ZeroOptimizer: ZeRO stage ", static_cast<int>(stage),
+                    " is not 1 (optimizer state), 2 (gradients too) or 3 (parameters too)");
     return stage;
   }
 
@@ -219,7 +242,7 @@ class ZeroOptimizer {
     const std::vector<std::size_t> group = optim::group_of_each(all, groups, "ZeroOptimizer");
     std::map<const Parameter<T>*, std::size_t> of;
     for (std::size_t i = 0; i < all.size(); ++i) of[&all[i]] = group[i];
-    return std::make_unique<State<T>>(sets, &of, stage == ZeroStage::gradients);
+    return std::make_unique<State<T>>(sets, &of, stage);
   }
 
   // The shards of one element type: per piece (a parameter's part of this rank's block of a
@@ -232,11 +255,12 @@ class ZeroOptimizer {
       std::size_t index;    // its index there
     };
 
-    // `group_of`: each parameter's group (null: one group, one piece per bucket). `zero2`:
-    // the buckets keep only this rank's shards of the reduced gradients.
+    // `group_of`: each parameter's group (null: one group, one piece per bucket). ZeRO-2 and
+    // 3: the buckets keep only this rank's shards of the reduced gradients; ZeRO-3: of the
+    // parameter values too.
     State(const std::vector<GradBuckets<T>*>& bucket_sets, const std::map<const Parameter<T>*, std::size_t>* group_of,
-          bool zero2)
-        : sets(bucket_sets), shard_grads(zero2) {
+          ZeroStage stage)
+        : sets(bucket_sets), shard_grads(stage >= ZeroStage::gradients), shard_params(stage == ZeroStage::parameters) {
       TESSERA_EXPECTS(!sets.empty(), "ZeroOptimizer: no gradient buckets");
       comm = sets.front()->comm();
       for (GradBuckets<T>* b : sets) {
@@ -272,6 +296,7 @@ class ZeroOptimizer {
       for (GradBuckets<T>* b : sets) {
         b->set_mode(GradReduce::reduce_scatter);
         if (shard_grads) b->set_shard_grads(true);
+        if (shard_params) b->set_shard_params(true);
       }
       // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
       std::size_t num_groups = 0;
@@ -283,14 +308,17 @@ class ZeroOptimizer {
           piece_list.push_back(p);
           const Slot& s = *run_slot[k];
           const std::int64_t lo = r * shard_size(p.bucket);
+          // ZeRO-3: the value is this rank's block of the flat values, not the parameter's own.
+          Tensor<T> value = shard_params ? value_shard(p.bucket).slice(0, p.begin - lo, p.end - lo)
+                                         : s.param->value.reshape(Shape{s.numel}).slice(0, p.begin - s.offset, p.end - s.offset);
           shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
-                              s.param->value.reshape(Shape{s.numel}).slice(0, p.begin - s.offset, p.end - s.offset),
-                              grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
+                              std::move(value), grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
         }
     }
     const typename GradBuckets<T>::Bucket& bucket(std::size_t bi) const { return refs[bi].set->buckets()[refs[bi].index]; }
     std::int64_t shard_size(std::size_t bi) const { return refs[bi].set->shard_size(refs[bi].index); }
     Tensor<T> grad_shard(std::size_t bi) const { return refs[bi].set->grad_shard(refs[bi].index); }
+    Tensor<T> value_shard(std::size_t bi) const { return refs[bi].set->value_shard(refs[bi].index); }
     const Slot& slot(std::size_t bi, std::size_t i) const { return refs[bi].set->slots()[i]; }
 
     template <class Options>
@@ -302,7 +330,18 @@ class ZeroOptimizer {
       return out;
     }
     const std::vector<ZeroShardPiece>& pieces() const override { return piece_list; }
-    ZeroStage stage() const override { return shard_grads ? ZeroStage::gradients : ZeroStage::optimizer; }
+    ZeroStage stage() const override {
+      return shard_params ? ZeroStage::parameters : shard_grads ? ZeroStage::gradients : ZeroStage::optimizer;
+    }
+    void gather_full() override {
+      for (GradBuckets<T>* b : sets) b->gather_values(true, false);
+    }
+    void release_full(bool store) override {
+      for (GradBuckets<T>* b : sets) {
+        if (store && b->values_gathered()) b->store_values();
+        b->release_values();
+      }
+    }
     ParameterList<T> shard_list() {
       ParameterList<T> list;
       for (Parameter<T>& p : shards) list.push_back(p);
@@ -316,6 +355,7 @@ class ZeroOptimizer {
     void gather_parameters() override {
       const std::size_t w = static_cast<std::size_t>(comm.size());
       if (w == 1) return;  // the inner optimizer updated the parameters themselves
+      if (shard_params) return;  // ZeRO-3: the shards are the parameters; gathered before use
       const std::int64_t r = comm.rank();
       std::vector<std::vector<std::size_t>> pieces_of(refs.size());
       for (std::size_t k = 0; k < piece_list.size(); ++k) pieces_of[piece_list[k].bucket].push_back(k);
@@ -363,11 +403,14 @@ class ZeroOptimizer {
       if (error) std::rethrow_exception(error);
     }
     // The buckets go back to all-reduce: with no sharded optimizer, every replica needs the
-    // whole reduced gradient.
+    // whole reduced gradient. ZeRO-3: the values are gathered back into the parameters
+    // (collective over dp; skipped while an exception unwinds, when the other ranks may not
+    // take part).
     ~State() override {
       for (GradBuckets<T>* b : sets) {
         try {
-          if (shard_grads) b->set_shard_grads(false);
+          if (shard_params && std::uncaught_exceptions() == 0) b->set_shard_params(false);
+          if (shard_grads && !b->shard_params()) b->set_shard_grads(false);
           b->set_mode(GradReduce::all_reduce);
         } catch (...) {  // destroyed inside a backward: the mode stays; nothing to report from here
         }
@@ -389,7 +432,8 @@ class ZeroOptimizer {
     Comm comm;
     std::vector<Parameter<T>> shards;   // per piece: this rank's value and grad runs
     std::vector<ZeroShardPiece> piece_list;
-    bool shard_grads = false;  // ZeRO-2
+    bool shard_grads = false;   // ZeRO-2 and 3
+    bool shard_params = false;  // ZeRO-3
   };
 
   std::unique_ptr<StateBase> state_;

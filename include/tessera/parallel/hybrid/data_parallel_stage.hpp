@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/core/error.hpp"
@@ -49,25 +50,46 @@ class DataParallelStage final : public PipelineStage<T, Input> {
         GradBucketsOptions{.bucket_size = bucket_size, .first_bucket_size = bucket_size, .overlap_grad_reduce = false});
   }
 
-  /// The wrapped stage's forward on the model input.
-  StageOutput<T> forward_first(const Input& x) override { return stage_->forward_first(x); }
-  /// The wrapped stage's forward on an activation.
-  StageOutput<T> forward(const Tensor<T>& x) override { return stage_->forward(x); }
+  /// The wrapped stage's forward on the model input. Under ZeRO-3 the stage is one unit of
+  /// gathering: its parameters are all-gathered over dp first and freed after (collective over
+  /// dp; every dp rank runs the same schedule).
+  StageOutput<T> forward_first(const Input& x) override {
+    return with_values(false, [&] { return stage_->forward_first(x); });
+  }
+  /// The wrapped stage's forward on an activation (under ZeRO-3 gathered as forward_first).
+  StageOutput<T> forward(const Tensor<T>& x) override {
+    return with_values(false, [&] { return stage_->forward(x); });
+  }
   /// The wrapped stage's backward (no communication: the reduction waits for the window's end).
-  /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end.
+  /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end;
+  /// under ZeRO-3 gathers the parameters again for it (collective over dp) and frees them after.
   Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override {
     buckets_->ensure_buffers();
-    return stage_->backward(dy, ctx);
+    return with_values(true, [&] { return stage_->backward(dy, ctx); });
   }
-  /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one.
+  /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one
+  /// (gathered under ZeRO-3 as backward).
   Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) override {
     buckets_->ensure_buffers();
-    return stage_->backward_input(dy, ctx, weights);
+    return with_values(true, [&] { return stage_->backward_input(dy, ctx, weights); });
   }
-  /// The wrapped stage's weight-gradient pass (ZB-H1's W).
-  void backward_weight(nn::WeightGradQueue& weights) override { stage_->backward_weight(weights); }
-  /// The wrapped stage's output shape.
-  Shape output_shape(const Shape& input) override { return stage_->output_shape(input); }
+  /// The wrapped stage's weight-gradient pass (ZB-H1's W; gathered under ZeRO-3 as backward).
+  void backward_weight(nn::WeightGradQueue& weights) override {
+    with_values(true, [&] {
+      stage_->backward_weight(weights);
+      return 0;
+    });
+  }
+  /// The wrapped stage's output shape (under ZeRO-3 computed with the parameters gathered
+  /// once per input shape, then cached: collective over dp the first time).
+  Shape output_shape(const Shape& input) override {
+    if (!buckets_->shard_params()) return stage_->output_shape(input);
+    for (const auto& [in, out] : shapes_)
+      if (in == input) return out;
+    const Shape out = with_values(false, [&] { return stage_->output_shape(input); });
+    shapes_.emplace_back(input, out);
+    return out;
+  }
   /// The wrapped stage's parameters (their gradients are views into the buckets).
   ParameterList<T> parameters() override { return stage_->parameters(); }
   /// The wrapped stage's tied parameters.
@@ -98,6 +120,23 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   Comm dp_;
   std::unique_ptr<GradBuckets<T>> buckets_;  // on the heap: the hooks point at it
   double sync_seconds_ = 0;
+  std::vector<std::pair<Shape, Shape>> shapes_;  // ZeRO-3: output_shape's answers
+
+  // f() with the stage's parameters gathered under ZeRO-3 (in backward bucket order when
+  // `backward`), freed after, also when f throws; f() alone otherwise.
+  template <class F>
+  auto with_values(bool backward, F&& f) {
+    if (!buckets_->shard_params()) return f();
+    buckets_->gather_values(buckets_->prefetch(), backward);
+    try {
+      auto out = f();
+      buckets_->release_values();
+      return out;
+    } catch (...) {
+      buckets_->release_values();
+      throw;
+    }
+  }
 };
 
 }  // namespace tessera
