@@ -72,40 +72,43 @@ Tensor<T> split_dim(const Tensor<T>& x, int dim, int blocks, int rank, int size,
 }
 
 /// The full tensor from every rank's shard `local` along `dim`: an all-gather, then the pieces
-/// put in place. Collective over `comm`: every rank calls it with the same shape.
+/// put in place. Collective over `comm`: every rank calls it with the same shape. `loc` (the
+/// caller's line by default) is the call site a CollectiveChecker reports.
 template <class T>
-Tensor<T> all_gather_dim(Comm& comm, const Tensor<T>& local, int dim, int blocks = 1) {
+Tensor<T> all_gather_dim(Comm& comm, const Tensor<T>& local, int dim, int blocks = 1,
+                         SourceLocation loc = SourceLocation::current()) {
   const int size = comm.size();
   const Shape full_shape = local.shape().with(dim, local.size(dim) * size);
   const SplitGeometry g = split_geometry(full_shape, dim, blocks, size, "all_gather");
   const Tensor<T> lc = local.contiguous();
   Tensor<T> full = Tensor<T>::empty(full_shape);
   if (rank_major(g)) {
-    comm.all_gather(lc.span(), full.span());
+    comm.all_gather(lc.span(), full.span(), loc);
     return full;
   }
   Tensor<T> packed = Tensor<T>::empty(Shape{static_cast<std::int64_t>(size), lc.numel()});  // [rank][local]
-  comm.all_gather(lc.span(), packed.span());
+  comm.all_gather(lc.span(), packed.span(), loc);
   for (int r = 0; r < size; ++r) scatter_pieces(packed.data() + r * lc.numel(), full.data(), g, r);
   return full;
 }
 
 /// This rank's shard along `dim` of the sum over ranks of `full`: a reduce-scatter, with the
 /// pieces packed rank by rank first. Collective over `comm`: every rank calls it with the same
-/// shape.
+/// shape. `loc`: the call site a CollectiveChecker reports (the caller's line by default).
 template <class T>
-Tensor<T> reduce_scatter_dim(Comm& comm, const Tensor<T>& full, int dim, int blocks = 1) {
+Tensor<T> reduce_scatter_dim(Comm& comm, const Tensor<T>& full, int dim, int blocks = 1,
+                             SourceLocation loc = SourceLocation::current()) {
   const int size = comm.size();
   const SplitGeometry g = split_geometry(full.shape(), dim, blocks, size, "reduce_scatter");
   const Tensor<T> fc = full.contiguous();
   Tensor<T> local = Tensor<T>::empty(full.shape().with(dim, full.size(dim) / size));
   if (rank_major(g)) {
-    comm.reduce_scatter(fc.span(), local.span());
+    comm.reduce_scatter(fc.span(), local.span(), ReduceOp::sum, loc);
     return local;
   }
   Tensor<T> packed = Tensor<T>::empty(Shape{static_cast<std::int64_t>(size), local.numel()});
   for (int r = 0; r < size; ++r) gather_pieces(fc.data(), packed.data() + r * local.numel(), g, r);
-  comm.reduce_scatter(packed.span(), local.span());
+  comm.reduce_scatter(packed.span(), local.span(), ReduceOp::sum, loc);
   return local;
 }
 
@@ -114,10 +117,11 @@ inline void expect_sequence_rank(const Shape& s, const char* what) {
   TESSERA_EXPECTS(s.rank() == 3, what, ": a sequence-parallel activation must be (B, T, d); got shape ", s);
 }
 
-/// In-place sum over the ranks of a contiguous tensor. Collective over `comm`.
+/// In-place sum over the ranks of a contiguous tensor. Collective over `comm`. `loc`: the call
+/// site a CollectiveChecker reports (the caller's line by default).
 template <class T>
-void all_reduce_sum(Comm& comm, const Tensor<T>& x) {
-  comm.all_reduce(x.span(), ReduceOp::sum);
+void all_reduce_sum(Comm& comm, const Tensor<T>& x, SourceLocation loc = SourceLocation::current()) {
+  comm.all_reduce(x.span(), ReduceOp::sum, loc);
 }
 
 /// Adds `bias` [c] to every row of contiguous `x` (..., c); nothing for an empty bias.
