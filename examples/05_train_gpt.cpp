@@ -54,6 +54,9 @@ using Clock = std::chrono::steady_clock;
 // Set when the first training step starts: an error before it comes from the command line
 // or its files (exit code 2), an error after it from the run (exit code 1).
 std::atomic<bool> training_started{false};
+// --inject-fault: when the faulty rank threw (seconds on the steady clock; < 0: not yet).
+std::atomic<double> fault_thrown_at{-1.0};
+double now_seconds() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
 
 checkpoint::CheckpointMeta meta_of(const Args& a, int step) {
   checkpoint::CheckpointMeta m;
@@ -119,6 +122,13 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, r0, r0 + rows);
     model.zero_grad();
     double c = 0, m = 0, w = 0;
+    // --inject-fault throw@STEP:RANK: this rank fails mid-run, between collectives (the others
+    // wait for it in this step's first tp collective, pipeline receive or dp reduction).
+    if (step == a.fault_step && world.rank() == a.fault_rank) {
+      fault_thrown_at = now_seconds();
+      throw Error(detail::str("train_gpt: injected fault (--inject-fault ", a.inject_fault, "): world rank ", a.fault_rank,
+                              " throws before step ", step, "'s forward"));
+    }
     for (int k = 0; k < a.accum; ++k) {
       const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
@@ -232,9 +242,42 @@ int main(int argc, char** argv) {
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }
-    if (a.plan == "auto") apply_auto_plan(a);  // sets dp, tp, pp, schedule, micro-batches, ZeRO-1
+    if (a.plan == "auto") {
+      // The plan sets dp, tp, pp, schedule, micro-batches, accumulation, recomputation, ZeRO and
+      // sequence parallelism: say which flags given on the command line it overrides.
+      const Args given = a;
+      apply_auto_plan(a);
+      std::string overridden;
+      const auto note = [&](const char* flag, const auto& before, const auto& after) {
+        if (app.count(flag) > 0 && before != after) overridden += detail::str(" ", flag, " ", before, " -> ", after, ";");
+      };
+      note("--dp", given.dp, a.dp);
+      note("--tp", given.tp, a.tp);
+      note("--pp", given.pp, a.pp);
+      note("--schedule", given.schedule, a.schedule);
+      note("--virtual-stages", given.virtual_stages, a.virtual_stages);
+      note("--microbatches", given.microbatches, a.microbatches);
+      note("--accum", given.accum, a.accum);
+      note("--recompute", given.recompute, a.recompute);
+      note("--zero", given.zero, a.zero);
+      note("--zero1", given.zero1, a.zero1);
+      note("--sequence-parallel", given.sequence_parallel, a.sequence_parallel);
+      if (!overridden.empty() && prints()) {
+        overridden.pop_back();
+        std::printf("plan auto: note: the plan overrides flags given on the command line:%s\n", overridden.c_str());
+      }
+    }
     TESSERA_EXPECTS(a.world_size == 0 || a.world() == a.world_size, "train_gpt: --world ", a.world_size,
                     " is not dp x tp x pp = ", a.world(), " (--world is for --plan auto)");
+    // --backend mpi started without a launcher: MPI_Init would start a singleton, then abort on
+    // the layout. One line instead (the variables Open MPI, MPICH/Hydra, PMIx and Slurm set).
+    if (a.backend == "mpi") {
+      bool launched = false;
+      for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"})
+        launched = launched || std::getenv(var) != nullptr;
+      TESSERA_EXPECTS(launched, "train_gpt: --backend mpi was not started by mpirun: run under mpirun -np ", a.world(),
+                      " (dp x tp x pp), or use --backend threads (no launcher needed)");
+    }
     // Started by mpirun without --backend mpi: every process would run the whole job alone.
     for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
       if (const char* n = std::getenv(var); n != nullptr && std::atoi(n) > 1 && a.backend != "mpi")
@@ -262,6 +305,33 @@ int main(int argc, char** argv) {
                     " ranks; the threads backend starts one thread per rank, at most 4096 here");
     TESSERA_EXPECTS(a.sample_len == 0 || !a.prompt.empty(), "train_gpt: --prompt is empty; sampling starts from it "
                     "(or pass --sample-len 0)");
+    if (!a.inject_fault.empty()) {
+      // throw@STEP:RANK (docs/reliability.md: fault injection)
+      int step = -1, rank = -1, used = 0;
+      const bool parsed = std::sscanf(a.inject_fault.c_str(), "throw@%d:%d%n", &step, &rank, &used) == 2 &&
+                          used == static_cast<int>(a.inject_fault.size());
+      TESSERA_EXPECTS(parsed && step >= 0 && rank >= 0 && rank < a.world(), "train_gpt: --inject-fault '",
+                      a.inject_fault, "' is not throw@STEP:RANK with STEP >= 0 and RANK in [0, dp x tp x pp = ",
+                      a.world(), ")");
+      a.fault_step = step;
+      a.fault_rank = rank;
+    }
+    // Flags that do nothing at this layout: a one-line note each, the run goes on.
+    {
+      std::vector<std::string> notes;
+      if (a.dp == 1 && a.zero_stage() != ZeroStage::none)
+        notes.push_back("--zero/--zero1 at dp 1: one replica holds the whole optimizer state and gradients anyway "
+                        "(ZeRO shards over dp)");
+      if (a.dp == 1 && !a.compress.empty())
+        notes.push_back(detail::str("--compress ", a.compress, " at dp 1: there is no dp gradient reduction to compress"));
+      if (a.dp == 1 && a.sync_every > 0)
+        notes.push_back(detail::str("--sync-every ", a.sync_every, " at dp 1: there are no replicas to average; the outer "
+                                    "Nesterov step acts on the one replica's progress alone"));
+      if (a.pp == 1 && a.schedule == "zb-h1")
+        notes.push_back("--schedule zb-h1 at pp 1: one stage has no pipeline bubble to fill; it trains as 1F1B does");
+      if (a.device != "cuda" && prints())
+        for (const std::string& n : notes) std::printf("train_gpt: note: %s\n", n.c_str());
+    }
     if (!a.eval_model.empty()) {
       TESSERA_EXPECTS(!a.eval_tokens.empty(), "train_gpt: --eval-model needs --eval-tokens");
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) { eval_rank(world, a); });
@@ -355,8 +425,19 @@ int main(int argc, char** argv) {
       launch("threads", 1, argc, argv, [&](Comm& world) { curve = train_on_device(world, a, meta_of, training_started); });
     } else {
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) {
-        auto c = train_rank(world, a, true);
-        if (world.rank() == 0) curve = std::move(c);
+        try {
+          auto c = train_rank(world, a, true);
+          if (world.rank() == 0) curve = std::move(c);
+        } catch (const std::exception& e) {
+          // --inject-fault: each other rank says how it stopped (the job's error line is the
+          // faulty rank's own), and on the threads backend how long after the fault.
+          if (a.fault_rank >= 0 && world.rank() != a.fault_rank) {
+            const double t = fault_thrown_at.load();
+            std::fprintf(stderr, "train_gpt: [inject-fault] world rank %d stopped%s: %s\n", world.rank(),
+                         t >= 0 ? detail::str(" ", now_seconds() - t, " s after the fault").c_str() : "", e.what());
+          }
+          throw;
+        }
       });
     }
     if (!curve.empty()) write_curve(a, curve);

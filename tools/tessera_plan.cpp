@@ -414,7 +414,17 @@ int main(int argc, char** argv) {
   cal_cmd->add_option("--name", cal.name, "the cluster's name");
   cal_cmd->add_option("--out", cal.out, "write the cluster file here");
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help exits 0; a bad subcommand, flag or value is a usage error: one line on stderr and
+    // exit code 2, as train_gpt's.
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    std::fprintf(stderr, "tessera-plan: %s (--help lists the subcommands and flags)\n", what.c_str());
+    return 2;
+  }
   try {
     if (*val_cmd) return validate(rows_path, clusters_dir, max_mean, max_max);
     if (*cal_cmd) return calibrate(cal, cal_model.get(), argc, argv);

@@ -66,6 +66,8 @@ struct Args {
   std::string device = "cpu";  // --device cuda: train on one CUDA device (gpt/device_training.hpp)
   std::string dtype = "fp32";  // --dtype bf16: mixed precision on the device (fp32 master weights)
   std::string model;           // --model gpt2-124m: 12 layers, d 768, 12 heads, context 1024 (flags given win)
+  std::string inject_fault;    // --inject-fault throw@STEP:RANK: a fault for tests (docs/reliability.md)
+  int fault_step = -1, fault_rank = -1;  // --inject-fault parsed (-1: none)
 
   int world() const { return dp * tp * pp; }
   int num_microbatches() const { return microbatches > 0 ? microbatches : std::max(1, pp * virtual_stages); }
@@ -174,6 +176,9 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches, recomputation and ZeRO stage for --world ranks")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--world", a.world_size, "ranks for --plan auto (default: dp x tp x pp)")->check(CLI::Range(1, 4096));
+  // Not in --help (an empty group): for fault-injection tests, docs/reliability.md.
+  app.add_option("--inject-fault", a.inject_fault, "throw@STEP:RANK: world rank RANK throws before step STEP's first "
+                 "forward (the other ranks wait in its collectives)")->group("");
   app.add_option("--cluster", a.cluster, "cluster file for --plan auto (default: plan/clusters/this_machine_<backend>.json, "
                  "written by tessera-plan calibrate)");
 }

@@ -6,7 +6,11 @@ empty, overflowing, NaN and infinities, a fraction for an integer, one past each
 declared range) and its largest declared value where that cannot fit in memory (model and
 batch sizes). Every file flag gets a missing file, a directory, and an unwritable path for
 outputs. Each run must end within the time bound with exit code 2 and exactly one line on
-stderr naming the flag or value, and must not start training. Usage: bad_flags.py TRAIN_GPT
+stderr naming the flag or value, and must not start training. Also: --inject-fault's malformed
+values, --backend mpi without mpirun, and (with TESSERA_PLAN) tessera-plan's usage errors, each
+exit code 2 and one line; and the flags that do nothing at a layout (ZeRO, compression and
+--sync-every at dp 1, --schedule zb-h1 at pp 1, --plan auto overriding a flag given) train with
+a one-line note. Usage: bad_flags.py TRAIN_GPT [TESSERA_PLAN]
 """
 import concurrent.futures
 import os
@@ -17,6 +21,7 @@ import tempfile
 import time
 
 train = os.path.abspath(sys.argv[1])
+plan = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else None
 work = tempfile.mkdtemp()
 text = os.path.join(work, "text.txt")
 with open(text, "w") as f:
@@ -76,15 +81,37 @@ for flag in ["--save", "--loss-csv", "--loss-svg", "--log-json"]:
 for flag in ["--loss-csv", "--loss-svg", "--log-json"]:
     cases.append((flag, work, {}))
 cases.append(("--save", work, {}))  # exists, neither empty nor a checkpoint
+# The fault-injection flag (not in --help): malformed, or a rank outside dp x tp x pp.
+for v in ["throw", "throw@", "throw@1", "throw@1:", "throw@x:0", "throw@-1:0", "throw@1:1", "kill@1:0", "throw@1:0x"]:
+    cases.append(("--inject-fault", v, {}))
+# --backend mpi without mpirun (no launcher variables in this environment).
+cases.append(("--backend", "mpi", {}))
+for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):
+    env.pop(var, None)
+
+# tessera-plan's usage errors: ("tessera-plan", argv).
+plan_cases = []
+if plan:
+    for argv in [[], ["nosuch"], ["plan", "--nosuch"], ["rank", "--world", "abc"], ["rank", "--cluster", "x.json"],
+                 ["plan", "--cluster"], ["calibrate", "--ranks", "1"], ["calibrate", "--backend", "nccl"],
+                 ["validate"], ["timeline", "--svg"]]:
+        cases.append(("tessera-plan", argv, {}))
+
 
 def check(case):
     """One command line: "" when it is refused as it must be, else what went wrong; and its time."""
     flag, value, extra = case
-    args = dict(base)
-    args.update(extra)
-    args[flag] = value
-    cmd = [train] + [x for kv in args.items() for x in kv]
-    what = f"{flag} {value!r}" + (f" with {extra}" if extra else "")
+    if flag == "tessera-plan":
+        cmd = [plan] + value
+        what = f"tessera-plan {' '.join(value)!r}"
+        prefix = "tessera-plan: "
+    else:
+        args = dict(base)
+        args.update(extra)
+        args[flag] = value
+        cmd = [train] + [x for kv in args.items() for x in kv]
+        what = f"{flag} {value!r}" + (f" with {extra}" if extra else "")
+        prefix = "train_gpt: "
     t0 = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
@@ -96,8 +123,8 @@ def check(case):
         return f"{what}: exit code {r.returncode}, expected 2; stderr: {r.stderr.strip()[:300]!r}", dt, what
     if len(err) != 1:
         return f"{what}: {len(err)} lines on stderr, expected 1: {r.stderr[:300]!r}", dt, what
-    if not err[0].startswith("train_gpt: "):
-        return f"{what}: the error does not start with 'train_gpt: ': {err[0][:200]!r}", dt, what
+    if not err[0].startswith(prefix):
+        return f"{what}: the error does not start with {prefix!r}: {err[0][:200]!r}", dt, what
     if re.search(r"^step ", r.stdout, re.M):
         return f"{what}: training started before the error", dt, what
     return "", dt, what
@@ -107,11 +134,32 @@ start = time.time()
 with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # 2 processes at a time
     results = list(pool.map(check, cases))
 failures = [f for f, _, _ in results if f]
+
+# Flags that do nothing at the layout given: the run trains (exit 0) and prints one note naming
+# the flag on stdout; the plain run prints no note.
+notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, "note: --zero/--zero1 at dp 1"),
+         ({"--compress": "bf16"}, "note: --compress bf16 at dp 1"), ({"--sync-every": "2"}, "note: --sync-every 2 at dp 1"),
+         ({"--schedule": "zb-h1"}, "note: --schedule zb-h1 at pp 1"), ({}, None),
+         ({"--plan": "auto", "--world": "1", "--dp": "1", "--zero": "2",
+           "--cluster": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plan", "clusters",
+                                     "this_machine_threads.json")},
+          "plan auto: note: the plan overrides flags given on the command line: --zero 2 -> ")]
+for extra, want in notes:
+    args = dict(base)
+    args.update(extra)
+    cmd = [train] + [x for kv in args.items() for x in kv if x is not None]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
+    got = [l for l in r.stdout.splitlines() if "note:" in l]
+    ok = r.returncode == 0 and (got == [] if want is None else len(got) == 1 and got[0].startswith(want if want.startswith("plan") else "train_gpt: " + want))
+    if not ok:
+        failures.append(f"{extra}: exit {r.returncode}, notes {got}, expected {want!r}; stderr {r.stderr[:200]!r}")
+    cases.append(("note", extra, {}))
 slowest = max((dt, what) for _, dt, what in results)
 elapsed = time.time() - start
 for f in failures:
     print("FAIL:", f)
-print(f"{len(cases)} invalid or boundary command lines over {len(numeric)} numeric flags and the file flags, "
-      f"{len(cases) - len(failures)} refused with one line and exit code 2, in {elapsed:.1f} s "
+print(f"{len(cases)} invalid or boundary command lines over {len(numeric)} numeric flags, the file flags, "
+      f"--inject-fault, --backend mpi{', tessera-plan' if plan else ''} and {len(notes)} note checks, "
+      f"{len(cases) - len(failures)} handled right (exit code 2 and one line, or a note), in {elapsed:.1f} s "
       f"(slowest {slowest[0]:.2f} s: {slowest[1]})")
 sys.exit(1 if failures else 0)
