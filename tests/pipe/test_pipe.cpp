@@ -1,13 +1,17 @@
 // PipelineParallel on thread ranks: equivalence with the serial GPT for pp 2..4, m 1..8 and
 // every schedule; peak in-flight counts; CASES.md C5 (accumulation) and C6 (batched ticks);
-// tied weights; errors; the recorded timeline, its Chrome trace and its picture.
+// tied weights; errors; the recorded timeline, its Chrome trace and its picture; the activation
+// memory each rank measures against the analytic count and Korthikanti et al.'s formula.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <map>
 #include <memory>
 #include <chrono>
 #include <string>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -16,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pipe_bodies.hpp"
+#include "tessera/core/memory_tracker.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/testing/run_ranks.hpp"
@@ -530,4 +535,200 @@ TEST_CASE("Hybrid runs ZB-H1 with recomputation: dp 2 x pp 2 and tp 2 x pp 2 (se
     });
     for (bool s : same) CHECK(s);
   }
+}
+
+namespace {
+// The activation-accounting runs: a GPT of 4 blocks (h 64, a 4, vocab 40, s 32), a batch of 16
+// sequences in 4 micro-batches of b = 4, cut at pp 2 into [embedding, blocks 1-2] and
+// [blocks 3-4, ln_f, LM head]. Each rank reports, for the second of two steps: the executor's
+// peak activation bytes, the MemoryTracker's activations peak and live figure after the step,
+// its pp and tp coordinates and its peak number of micro-batches in flight.
+struct ActivationRun {
+  std::int64_t peak = 0, tracker_peak = 0, tracker_live = 0;
+  int pp_rank = 0, tp_rank = 0, in_flight = 0;
+};
+constexpr std::int64_t act_b = 4, act_s = 32, act_h = 64, act_a = 4, act_v = 40, act_m = 4;
+std::vector<ActivationRun> activation_runs(MeshShape shape, PipelineScheduleKind kind, nn::Recompute rc, bool sp) {
+  const GPTConfig cfg{.vocab_size = act_v, .n_positions = act_s, .n_layer = 4, .n_head = act_a, .d_model = act_h};
+  return testing::run_ranks(shape.world_size(), [&](Comm& w) {
+    Mesh mesh(w, shape);
+    HybridGPT<float> model(mesh, cfg, pb::seed, {.schedule = kind, .num_microbatches = act_m, .recompute = rc},
+                           StagePartition::from_cuts(6, shape.pp == 2 ? std::vector<int>{3} : std::vector<int>{}),
+                           {.sequence_parallel = sp});
+    Tensor<std::int32_t> x(Shape{act_b * act_m, act_s}), y(Shape{act_b * act_m, act_s});
+    for (std::int64_t i = 0; i < x.numel(); ++i) {
+      x.data()[i] = static_cast<std::int32_t>((i * 7 + 3) % act_v);
+      y.data()[i] = static_cast<std::int32_t>((i * 11 + 5) % act_v);
+    }
+    model.forward_backward(x, y);  // lazily built state exists before measuring
+    MemoryTracker& t = MemoryTracker::this_rank();
+    t.reset_peaks();
+    model.forward_backward(x, y);
+    const PipelineStepStats& st = model.pipeline().last_step();
+    return ActivationRun{.peak = st.peak_activation_bytes,
+                         .tracker_peak = static_cast<std::int64_t>(t.peak(MemoryCategory::activations)),
+                         .tracker_live = static_cast<std::int64_t>(t.live(MemoryCategory::activations)),
+                         .pp_rank = mesh.coord().pp,
+                         .tp_rank = mesh.coord().tp,
+                         .in_flight = st.peak_in_flight};
+  });
+}
+}  // namespace
+
+TEST_CASE("Activation memory: each rank's measured peak is blocks x layers on its stage x micro-batches in flight (pp 1 and 2; 1F1B and GPipe; recompute none, selective, full) within 10%, and the MemoryTracker reports it") {
+  const std::int64_t b = act_b, s = act_s, h = act_h, a = act_a, V = act_v, f = 4;  // f: bytes per fp32
+  const std::int64_t sbh = s * b * h, sb = s * b;
+  // Besides the blocks, the last stage keeps ln_f's x-hat and 1/sigma, the LM head's input and
+  // the cross-entropy's probabilities; the first keeps only token ids (views of the batch).
+  const std::int64_t head = f * (2 * sbh + sb), probs = f * s * b * V;
+  std::map<std::tuple<int, bool, nn::Recompute>, std::vector<ActivationRun>> all;
+  for (const int pp : {1, 2})
+    for (const PipelineScheduleKind kind : {PipelineScheduleKind::one_f_one_b, PipelineScheduleKind::gpipe})
+      for (const nn::Recompute rc : {nn::Recompute::none, nn::Recompute::selective, nn::Recompute::full}) {
+        const bool gpipe = kind == PipelineScheduleKind::gpipe;
+        if (pp == 1 && gpipe) continue;  // the same order as 1F1B at pp 1
+        CAPTURE(pp);
+        CAPTURE(gpipe);
+        const std::string mode = nn::to_string(rc);
+        CAPTURE(mode);
+        const auto runs = activation_runs(MeshShape{.pp = pp}, kind, rc, false);
+        all[{pp, gpipe, rc}] = runs;
+        for (const ActivationRun& r : runs) {
+          const int stage = r.pp_rank;
+          const bool last = stage == pp - 1;
+          const std::int64_t layers = 4 / pp;
+          // 1F1B: a stage keeps at most pp - stage micro-batches (PipeDream-Flush); GPipe all m.
+          const std::int64_t in_flight = gpipe ? act_m : std::min<std::int64_t>(pp - stage, act_m);
+          const std::int64_t input = stage > 0 ? f * sbh : 0;  // a received input (stage 0's are token ids)
+          std::int64_t expected = 0;
+          if (rc == nn::Recompute::full)
+            // The other micro-batches in flight keep their input (and the loss's probabilities);
+            // the one in backward has its rerun forward's contexts, the loss's already released.
+            expected = (in_flight - 1) * (input + (last ? probs : 0)) +
+                       layers * nn::block_activation_bytes(b, s, h, a, nn::Recompute::none) + (last ? head : 0);
+          else
+            expected = in_flight * (layers * nn::block_activation_bytes(b, s, h, a, rc) + (last ? head + probs : 0));
+          CAPTURE(stage);
+          MESSAGE("pp ", pp, std::string(gpipe ? " GPipe " : " 1F1B "), std::string(nn::to_string(rc)), " stage ", stage,
+                  ": measured peak ", r.peak, " B, analytic ", expected, " B (", r.in_flight, " in flight)");
+          CHECK(r.in_flight == in_flight);
+          CHECK(std::abs(double(r.peak - expected)) <= 0.1 * double(expected));
+          CHECK(r.tracker_peak == r.peak);  // the tracker's activations category is fed the same figures
+          CHECK(r.tracker_live == 0);       // every context released after the step
+        }
+      }
+  // Recomputation lowers every rank's peak: selective always, full where more than one
+  // micro-batch is in flight (with one, the rerun holds what none holds).
+  for (const auto& entry : all) {  // (no structured binding: clang++ 14 cannot capture one in CHECK)
+    const auto& key = entry.first;
+    const std::vector<ActivationRun>& none = entry.second;
+    if (std::get<2>(key) != nn::Recompute::none) continue;
+    const auto& sel = all.at({std::get<0>(key), std::get<1>(key), nn::Recompute::selective});
+    const auto& full = all.at({std::get<0>(key), std::get<1>(key), nn::Recompute::full});
+    for (std::size_t i = 0; i < none.size(); ++i) {
+      CHECK(sel[i].peak < none[i].peak);
+      if (none[i].in_flight > 1) CHECK(full[i].peak < sel[i].peak);
+    }
+  }
+}
+
+namespace {
+// Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+// sec. 4), the activations one transformer layer keeps, per tensor-parallel rank, as a list of
+// tensors: elements of 2-byte (fp16) tensors and bytes of 1-byte dropout masks. Tensor
+// parallelism (t) shards the attention and the MLP inside; sequence parallelism also shards the
+// layer norms, the GEMM inputs and the dropouts along the sequence.
+struct LayerTensors {
+  double elements = 0;  // of fp16 (their) or fp32 (ours) tensors
+  double mask_bytes = 0;
+};
+LayerTensors korthikanti(double s, double b, double h, double a, double t, bool sp, nn::Recompute rc) {
+  const double sbh = s * b * h, as2b = a * s * s * b, r = sp ? t : 1.0;  // r: what SP divides
+  LayerTensors k;
+  if (rc == nn::Recompute::full) {
+    k.elements = sbh / r;  // only the layer's input
+    return k;
+  }
+  k.elements += 2 * sbh / r;                 // the two layer norms' inputs
+  k.elements += sbh / r + 3 * sbh / t;       // QKV GEMM input; Q, K, V
+  k.elements += sbh / t;                     // the output projection's input
+  k.elements += 4 * sbh / t + 4 * sbh / t;  // GELU input, second GEMM input
+  k.elements += sbh / r;                     // first GEMM input
+  k.mask_bytes += 2 * sbh / r;               // the dropouts after attention and after the MLP
+  if (rc == nn::Recompute::none) {
+    k.elements += 2 * as2b / t;  // softmax output, and the dropout's output
+    k.mask_bytes += as2b / t;    // the attention dropout's mask
+  }
+  return k;
+}
+// The same list carried to tessera's block (nn::Block, tensor-parallel with or without
+// sequence parallelism) in fp32 bytes: no dropout inside the block (no masks, no dropout
+// output); the layer norms keep x-hat (the input's size) and also 1/sigma (s b each); the GELU
+// also keeps its gate 0.5 (1 + tanh u) (4 s b h / t); under sequence parallelism the QKV and
+// first MLP GEMMs keep their all-gathered input (s b h each, where Megatron keeps the shard and
+// gathers again in backward). Full recomputation keeps one input per stage, not per layer.
+double tessera_layer_bytes(double s, double b, double h, double a, double t, bool sp, nn::Recompute rc) {
+  const double sbh = s * b * h, as2b = a * s * s * b, r = sp ? t : 1.0;
+  if (rc == nn::Recompute::full) return 4 * korthikanti(s, b, h, a, t, sp, rc).elements;
+  double e = korthikanti(s, b, h, a, t, sp, rc).elements;
+  if (rc == nn::Recompute::none) e -= as2b / t;  // the attention dropout's output
+  e += 2 * s * b / r;                            // 1/sigma of the two layer norms
+  e += 4 * sbh / t;                              // the GELU's gate
+  if (sp) e += 2 * (sbh - sbh / t);              // gathered, not sharded, GEMM inputs
+  return 4 * e;
+}
+}  // namespace
+
+TEST_CASE("Activation memory: Korthikanti et al.'s per-layer formula (tp 2, with and without sequence parallelism; recompute none, selective, full), carried to fp32 and tessera's block, is within 10% of the bytes each rank measures") {
+  const double s = act_s, b = act_b, h = act_h, a = act_a, V = act_v, t = 2;
+  const double sbh = s * b * h;
+  // The term lists reproduce the paper's closed forms (fp16 bytes): 34 s b h + 5 a s^2 b without
+  // parallelism, s b h (10 + 24/t + 5 a s / (h t)) with tensor parallelism, s b h / t (34 + 5 a s
+  // / h) with sequence parallelism too, 34 s b h / t selective with it, 2 s b h full.
+  auto bytes16 = [](LayerTensors k) { return 2 * k.elements + k.mask_bytes; };
+  CHECK(bytes16(korthikanti(s, b, h, a, 1, false, nn::Recompute::none)) == doctest::Approx(sbh * (34 + 5 * a * s / h)));
+  CHECK(bytes16(korthikanti(s, b, h, a, t, false, nn::Recompute::none)) ==
+        doctest::Approx(sbh * (10 + 24 / t + 5 * a * s / (h * t))));
+  CHECK(bytes16(korthikanti(s, b, h, a, t, true, nn::Recompute::none)) == doctest::Approx(sbh / t * (34 + 5 * a * s / h)));
+  CHECK(bytes16(korthikanti(s, b, h, a, t, true, nn::Recompute::selective)) == doctest::Approx(sbh / t * 34));
+  CHECK(bytes16(korthikanti(s, b, h, a, 1, false, nn::Recompute::full)) == doctest::Approx(2 * sbh));
+  // Without tensor parallelism the carried formula is nn::block_activation_bytes.
+  CHECK(tessera_layer_bytes(s, b, h, a, 1, false, nn::Recompute::none) ==
+        doctest::Approx(double(nn::block_activation_bytes(act_b, act_s, act_h, act_a, nn::Recompute::none))));
+  CHECK(tessera_layer_bytes(s, b, h, a, 1, false, nn::Recompute::selective) ==
+        doctest::Approx(double(nn::block_activation_bytes(act_b, act_s, act_h, act_a, nn::Recompute::selective))));
+
+  // Measured at tp 2 x pp 2: stage 0 (the embedding and 2 blocks) keeps 2 micro-batches in
+  // flight under 1F1B; per layer = its peak / (2 layers x 2). Full recomputation under GPipe on
+  // the last stage: m - 1 micro-batches keep their input (and the loss's probabilities), the
+  // one in backward its rerun forward's contexts (2 blocks, ln_f, the LM head's input).
+  for (const bool sp : {false, true})
+    for (const nn::Recompute rc : {nn::Recompute::none, nn::Recompute::selective, nn::Recompute::full}) {
+      CAPTURE(sp);
+      const std::string mode = nn::to_string(rc);
+      CAPTURE(mode);
+      const bool full = rc == nn::Recompute::full;
+      const auto runs = activation_runs(MeshShape{.pp = 2, .tp = 2}, full ? PipelineScheduleKind::gpipe : PipelineScheduleKind::one_f_one_b,
+                                        rc, sp);
+      const double r = sp ? t : 1.0;
+      for (const ActivationRun& run : runs) {
+        if (run.pp_rank != (full ? 1 : 0)) continue;
+        double measured = 0;
+        if (!full) {
+          measured = double(run.peak) / (2.0 * 2.0);
+        } else {
+          // The rerun's part, from the carried formula for none, taken off; what is left is
+          // what m - 1 micro-batches keep. The probabilities: (s b V / t) fp32 each.
+          const double rerun = 2 * tessera_layer_bytes(s, b, h, a, t, sp, nn::Recompute::none) +
+                               4 * (sbh / r + s * b / r + sbh);  // ln_f x-hat, 1/sigma; the head's gathered input
+          measured = (double(run.peak) - rerun) / double(act_m - 1) - 4 * s * b * V / t;
+        }
+        const double carried = tessera_layer_bytes(s, b, h, a, t, sp, rc);
+        const double paper = 2 * bytes16(korthikanti(s, b, h, a, t, sp, rc));  // fp16 -> fp32, masks as fp32 too
+        MESSAGE("tp 2", std::string(sp ? " + SP" : ""), " ", std::string(nn::to_string(rc)), " (tp rank ", run.tp_rank, "): measured ", measured,
+                " B per layer", std::string(full ? " (per stage)" : ""), "; Korthikanti x2 (fp32) ", paper, "; carried to tessera's block ",
+                carried, " (", 100.0 * (measured - carried) / carried, "%)");
+        CHECK(std::abs(measured - carried) <= 0.1 * carried);
+      }
+    }
 }

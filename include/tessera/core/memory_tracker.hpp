@@ -2,7 +2,9 @@
 /// @file
 /// MemoryTracker: live and peak bytes of one rank, by category (parameters, gradients,
 /// optimizer state, activations, communication buffers), fed by the places that allocate
-/// model state (GradBuckets, ZeroOptimizer, DistributedOptimizer) through MemoryTracker::Entry.
+/// model state (GradBuckets, ZeroOptimizer, DistributedOptimizer) and by the pipeline executor
+/// (PipelineParallel: the bytes its micro-batches' contexts hold, measured with an
+/// AllocationCounter per micro-batch) through MemoryTracker::Entry.
 /// The categories are those of the ZeRO paper's accounting (Rajbhandari et al., SC 2020,
 /// sec. 3: model states = parameters + gradients + optimizer states; residual states =
 /// activations + temporary buffers).
@@ -23,7 +25,7 @@ enum class MemoryCategory {
   parameters,      ///< parameter values (the model's own tensors)
   gradients,       ///< gradients the optimizer reads (full, or this rank's shards under ZeRO-2)
   optimizer_state, ///< optimizer state (AdamW's two moments)
-  activations,     ///< tensors saved for backward
+  activations,     ///< tensors saved for backward (the contexts of the micro-batches in flight)
   comm_buffers,    ///< buffers that exist for communication (ZeRO-2 buckets, ZeRO gathered parameters)
 };
 /// Number of MemoryCategory values.

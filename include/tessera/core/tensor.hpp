@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "tessera/core/allocation_counter.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/storage_cache.hpp"
@@ -225,12 +226,14 @@ class Tensor {
     if (n == 0) return {};
     const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
     T* p = static_cast<T*>(detail::StorageCache::allocate(bytes));
-    try {
-      return std::shared_ptr<T[]>(p, [bytes](T* q) { detail::StorageCache::deallocate(q, bytes); });
-    } catch (...) {
-      detail::StorageCache::deallocate(p, bytes);
-      throw;
-    }
+    // Counted in this thread's AllocationCounter, if any (the pipeline's activation accounting),
+    // until freed. If the control block cannot be allocated, shared_ptr calls the deleter itself.
+    std::shared_ptr<AllocationCounter> counter = AllocationCounter::current();
+    if (counter) counter->add(static_cast<std::int64_t>(bytes));
+    return std::shared_ptr<T[]>(p, [bytes, counter = std::move(counter)](T* q) {
+      if (counter) counter->remove(static_cast<std::int64_t>(bytes));
+      detail::StorageCache::deallocate(q, bytes);
+    });
   }
 
   std::shared_ptr<T[]> storage_;

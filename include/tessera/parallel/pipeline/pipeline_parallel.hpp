@@ -34,8 +34,10 @@
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
+#include "tessera/core/allocation_counter.hpp"
 #include "tessera/core/batch_position.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/core/memory_tracker.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
@@ -141,6 +143,12 @@ struct PipelineStepStats {
   /// backward and is not separated.
   int recomputed_forwards = 0;
   double recompute_seconds = 0.0;  ///< see recomputed_forwards
+  /// The largest number of activation bytes this rank held at once during the step: the tensor
+  /// storage its forwards (stage and loss) allocated that the micro-batches' contexts still
+  /// held, plus a full-recompute stage's kept input, and during the backward of a
+  /// full-recompute stage its rerun forward's contexts. Outputs waiting to be sent are not
+  /// included. The same figures feed MemoryTracker's `activations` category (this rank's).
+  std::int64_t peak_activation_bytes = 0;
 };
 
 /// Pipeline parallelism: the stages of a model over the ranks of the pipeline communicator
@@ -674,6 +682,9 @@ class PipelineParallel {
 
     const std::size_t slots = static_cast<std::size_t>(num_stages_) * static_cast<std::size_t>(m);
     act_.assign(slots, std::nullopt);
+    acts_.assign(slots, SlotActivations{});
+    activations_.reset();  // the tracker of the thread running the step (this rank's)
+    activations_.emplace(MemoryCategory::activations);
     grad_.assign(slots, std::nullopt);
     ctx_.clear();
     ctx_.resize(slots);
@@ -743,10 +754,12 @@ class PipelineParallel {
       if (a.kind == schedule::ActionKind::backward_input)
         timed(a, [&] { backward(a.stage_index, a.microbatch, true); });
       if (a.kind == schedule::ActionKind::backward_weight) timed(a, [&] { backward_weight(a.stage_index, a.microbatch); });
+      if (a.is_compute()) track_activations();
     }
     // All transfers of the tick as one batched group, in the listed order.
     std::vector<P2POp> ops;
     std::vector<std::optional<Tensor<T>>*> sent;
+    std::vector<std::size_t> sent_outputs;  // slots whose forward output is sent
     for (const schedule::Action& a : tick) {
       if (a.is_compute()) continue;
       const int st = a.stage_index, mb = a.microbatch, tag = a.transfer_tag(m_);
@@ -756,6 +769,7 @@ class PipelineParallel {
           TESSERA_EXPECTS(t.has_value(), "PipelineParallel: ", schedule::to_string(a), " has no activation to send");
           ops.push_back(P2POp::send(std::span<const T>(t->span()), a.peer, tag));
           sent.push_back(&t);
+          sent_outputs.push_back(slot(st, mb));
           break;
         }
         case schedule::ActionKind::send_backward: {
@@ -789,6 +803,8 @@ class PipelineParallel {
         if (a.is_transfer()) recorder_->record(a, t0, t1);
     }
     for (std::optional<Tensor<T>>* t : sent) t->reset();
+    for (std::size_t i : sent_outputs) acts_[i].unsent = 0;
+    track_activations();
   }
 
   template <class F>
@@ -820,8 +836,14 @@ class PipelineParallel {
     const BatchPositionScope scope(at);
     const nn::Recompute rc = recompute_of(st);
     const nn::SelectiveRecompute selective(rc == nn::Recompute::selective);
+    // Everything this forward (and the loss's) allocates is counted in the slot's counter
+    // while it lives: what the contexts keep is the micro-batch's activation memory.
+    SlotActivations& acc = acts_[slot(st, mb)];
+    acc = SlotActivations{.counter = std::make_shared<AllocationCounter>()};
+    const AllocationCounter::Scope counting(acc.counter);
     StageOutput<T> out;
     FullRecompute keep;
+    Tensor<T> input;  // a received input (allocated before the counter: not counted)
     if (st == 0) {
       const Input x = inputs.slice(0, offsets_[umb], offsets_[umb] + sizes_[umb]);
       out = stage.forward_first(x);
@@ -831,8 +853,13 @@ class PipelineParallel {
       TESSERA_EXPECTS(in.has_value(), "PipelineParallel: F(mb=", mb, ", stage=", st, ") has no input activation");
       const Tensor<T> x = std::move(*in);
       in.reset();
+      acts_[slot(st - 1, mb)].unsent = 0;  // a local previous stage's output: now this stage's input
+      input = x;
       out = stage.forward(x);
-      if (rc == nn::Recompute::full) keep.x = x;
+      if (rc == nn::Recompute::full) {
+        keep.x = x;
+        acc.held_input = x.numel() * static_cast<std::int64_t>(sizeof(T));  // received: not counted above
+      }
     }
     if (rc == nn::Recompute::full) out.ctx = StageContext::hold(std::move(keep));  // the layers' contexts go
     if (st == num_stages_ - 1) {
@@ -845,6 +872,9 @@ class PipelineParallel {
                       "') produced an output of shape ", out.output.shape(), " for micro-batch ", mb,
                       ", but its output_shape() said ", want);
       act_[slot(st, mb)] = out.output.contiguous();
+      // The output waits to be sent (or taken by a local next stage): not an activation kept.
+      const bool own = !act_[slot(st, mb)]->shares_storage_with(input);
+      if (own) acc.unsent = act_[slot(st, mb)]->numel() * static_cast<std::int64_t>(sizeof(T));
     }
     ctx_[slot(st, mb)] = std::move(out.ctx);
     stats_.peak_in_flight = std::max(stats_.peak_in_flight, ++live_);
@@ -867,6 +897,7 @@ class PipelineParallel {
     StageContext& c = ctx_[slot(st, mb)];
     TESSERA_EXPECTS(c.has_value(), "PipelineParallel: B(mb=", mb, ", stage=", st, ") runs before its forward");
     if (recompute_of(st) == nn::Recompute::full) rerun_forward(st, mb, c);
+    if (recompute_of(st) == nn::Recompute::full) track_activations();  // the rerun's contexts: this rank's peak
     Tensor<T> dx = split ? stage.backward_input(dy, c, weights_[slot(st, mb)]) : stage.backward(dy, c);
     c.reset();
     if (!split) --live_;
@@ -888,8 +919,11 @@ class PipelineParallel {
     BatchPosition at = position_;
     at.first_row += offsets_[static_cast<std::size_t>(mb)];
     const BatchPositionScope scope(at);
+    SlotActivations& acc = acts_[slot(st, mb)];
+    const AllocationCounter::Scope counting(acc.counter);
     StageOutput<T> out = st == 0 ? stage.forward_first(*keep.first) : stage.forward(keep.x);
     c = std::move(out.ctx);
+    acc.held_input = 0;  // the rerun's contexts replace the kept input
     ++stats_.recomputed_forwards;
     stats_.recompute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   }
@@ -900,6 +934,16 @@ class PipelineParallel {
                     ") runs before its I");
     stage.backward_weight(weights_[slot(st, mb)]);
     --live_;
+  }
+
+  // Sets this rank's MemoryTracker activations (and the step's peak) to what the slots'
+  // counters hold now, less the outputs waiting to be sent, plus kept full-recompute inputs.
+  void track_activations() {
+    std::int64_t sum = 0;
+    for (const SlotActivations& a : acts_)
+      if (a.counter) sum += std::max<std::int64_t>(0, a.counter->bytes() - a.unsent) + a.held_input;
+    stats_.peak_activation_bytes = std::max(stats_.peak_activation_bytes, sum);
+    if (activations_) activations_->set(static_cast<std::size_t>(sum));
   }
 
   // ---- state ----------------------------------------------------------------------------------
@@ -931,6 +975,17 @@ class PipelineParallel {
   std::vector<StageContext> ctx_;                      // [stage][mb]
   std::vector<nn::WeightGradQueue> weights_;           // [stage][mb]: deferred weight gradients, I to W
   std::vector<StageContext> loss_ctx_;                 // [mb]
+  // Activation accounting per (stage, micro-batch) slot: the counter of what its forward
+  // allocated (kept to the end of the step: after the micro-batch's backward, or its W, it
+  // counts what is still alive, 0 unless something kept a forward tensor), the bytes of its
+  // output not yet sent, and a full-recompute stage's kept input (received: not counted).
+  struct SlotActivations {
+    std::shared_ptr<AllocationCounter> counter;
+    std::int64_t unsent = 0;
+    std::int64_t held_input = 0;
+  };
+  std::vector<SlotActivations> acts_;                  // [stage][mb]
+  std::optional<MemoryTracker::Entry> activations_;    // this rank's tracker, category activations
   int live_ = 0;
   double loss_sum_ = 0;
   std::optional<schedule::Recorder> recorder_;
