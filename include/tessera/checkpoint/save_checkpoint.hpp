@@ -321,7 +321,7 @@ void save_checkpoint(const std::filesystem::path& dir_given, Comm world, const P
     err = std::current_exception();
   }
   try {
-    detail::agree(world, err, what);
+    detail::agree(world, err, what, detail::Blame::shared);
   } catch (...) {
     if (rank == 0 && !staging.empty()) {
       std::error_code ec;
@@ -372,7 +372,7 @@ void save_checkpoint(const std::filesystem::path& dir_given, Comm world, const P
     err = std::current_exception();
   }
   try {
-    detail::agree(world, err, what);
+    detail::agree(world, err, what, detail::Blame::shared);
   } catch (...) {
     cleanup_on_rank0();
     throw;
@@ -393,7 +393,7 @@ void save_checkpoint(const std::filesystem::path& dir_given, Comm world, const P
       cleanup_on_rank0();
     }
   }
-  detail::agree(world, err, what);
+  detail::agree(world, err, what, detail::Blame::shared);
 }
 
 /// save_checkpoint on `mesh`'s world with this rank's placement on it. Collective over the

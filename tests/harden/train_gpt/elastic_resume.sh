@@ -10,6 +10,10 @@
 #           (step 6), so rank 2 throws inside the collective save; every rank must stop with
 #           exit code 1 and one error line naming rank 2. The step-4 checkpoint resumes at
 #           dp 1 x tp 2, dp 2 (ZeRO-1) and dp 1 x pp 2 (threads) to step 14.
+#  threads, outside a save: dp 2 x pp 2 with --inject-fault throw@5:3 (world rank 3 throws
+#           before step 5's forward, between collectives) and TESSERA_TIMEOUT=10: every other
+#           rank stops with an error naming rank 3 within 10 + 5 s of the throw, exit code 1,
+#           the job's one error line is rank 3's; the step-4 checkpoint resumes at dp 1 x tp 2.
 #  mpirun:  (when MPIRUN is given) dp 4 on 4 processes, TESSERA_TIMEOUT=10; after step 5 world
 #           rank 1 is killed with SIGKILL (kill_rank_mpi.sh: every other process gone and mpirun
 #           exited non-zero naming rank 1 within 10 + 5 s). The last complete checkpoint (step
@@ -94,10 +98,10 @@ LD_PRELOAD=$fail_io TESSERA_FAIL=fsync:3:EIO TESSERA_FAIL_PATH=optim-rank00002 \
 rc=$?
 [ $rc -eq 1 ] || { cat "$work/t.log" "$work/t.err"; fail "threads: exit code $rc after rank 2's save failed, expected 1"; }
 [ "$(wc -l < "$work/t.err")" -eq 1 ] || { cat "$work/t.err"; fail "threads: not one error line"; }
-# The one line is the error of whichever rank aborted the run first (threads::run): another
-# rank's "save_checkpoint(...) failed on rank 2 of threads:world: <rank 2's error>", or rank
-# 2's own error, which names its file (optim-rank00002) but not the rank.
-grep -Eq "^train_gpt: (save_checkpoint\(.*\) failed on rank 2 of threads:world: )?AtomicFile: fsync of .*/optim-rank00002\.safetensors\.tmp-.* failed: Input/output error" "$work/t.err" \
+# Every rank, rank 2 included, throws the same "save_checkpoint(...) failed on rank 2 of
+# threads:world: <rank 2's error>" (checkpoint::detail::agree, Blame::shared), so the one line
+# names rank 2 whichever rank's error threads::run reports.
+grep -Eq "^train_gpt: save_checkpoint\(.*\) failed on rank 2 of threads:world: AtomicFile: fsync of .*/optim-rank00002\.safetensors\.tmp-.* failed: Input/output error" "$work/t.err" \
   || { cat "$work/t.err"; fail "threads: the error does not name rank 2's failed fsync"; }
 echo "threads: rank 2 threw at step 5's save; exit 1: $(cut -c1-160 "$work/t.err")..."
 [ "$(ck_step "$ck")" -eq 4 ] || fail "threads: the last complete checkpoint is at step $(ck_step "$ck"), expected 4"
@@ -111,6 +115,34 @@ resume "threads dp 2 x tp 2 (ZeRO-1) -> dp 1 x pp 2" "$ck" 14 -- --dp 1 --pp 2
 compare_out=$(batch=16; resume "planted: --batch 16" "$ck" 14 -- --dp 2 2>&1)
 [[ $compare_out == *"past the tolerance"* ]] || { echo "$compare_out"; fail "a resume with --batch 16 did not fail the comparison"; }
 echo "planted: --batch 16 fails the comparison as it must: $(echo "$compare_out" | grep -o 'largest.*' | head -1)"
+
+# --- threads: a rank that throws between collectives (not in a save) ---
+ck="$work/ck_throw"
+t0=$(date +%s.%N)
+TESSERA_TIMEOUT=10 "$train" "${model[@]}" --batch "$batch" "${schedule[@]}" --dp 2 --pp 2 --steps 20 --save-every 2 \
+  --save "$ck" --quiet --inject-fault throw@5:3 --log-json "$work/thrown.jsonl" > "$work/x.log" 2> "$work/x.err"
+rc=$?
+took=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")
+[ $rc -eq 1 ] || { cat "$work/x.log" "$work/x.err"; fail "throw: exit code $rc after rank 3 threw, expected 1"; }
+python3 -c "import sys; sys.exit(float(sys.argv[1]) >= 15)" "$took" || fail "throw: the job took $took s, beyond 10 + 5 s"
+# The job's error line is rank 3's own (the last line); before it each other rank's stop
+# ("[inject-fault] world rank R stopped S s after the fault: world rank 3 failed, so ...").
+tail -1 "$work/x.err" | grep -q "^train_gpt: injected fault (--inject-fault throw@5:3): world rank 3 throws before step 5's forward" \
+  || { cat "$work/x.err"; fail "throw: the last error line is not rank 3's fault"; }
+for r in 0 1 2; do
+  line=$(grep "^train_gpt: \[inject-fault\] world rank $r stopped" "$work/x.err")
+  [ -n "$line" ] || { cat "$work/x.err"; fail "throw: world rank $r did not stop with an error"; }
+  [[ $line == *"world rank 3 failed"* ]] || { echo "$line"; fail "throw: world rank $r's error does not name rank 3"; }
+  s=$(echo "$line" | sed -E 's/.* stopped ([0-9.e+-]+) s after the fault.*/\1/')
+  python3 -c "import sys; sys.exit(float(sys.argv[1]) >= 15)" "$s" || fail "throw: world rank $r stopped $s s after the fault"
+done
+[ "$(grep -c . "$work/x.err")" -eq 4 ] || { cat "$work/x.err"; fail "throw: expected 3 stop lines and the error"; }
+echo "threads: world rank 3 threw before step 5's forward; ranks 0-2 stopped naming it within" \
+  "$(grep -o 'stopped [0-9.e+-]* s' "$work/x.err" | awk '{print $2}' | sort -g | tail -1) s; exit 1 after $took s"
+[ "$(ck_step "$ck")" -eq 4 ] || fail "throw: the last complete checkpoint is at step $(ck_step "$ck"), expected 4"
+compare "threads, dp 2 x pp 2 before the throw" "$work/thrown.jsonl" "$work/ref.jsonl" 0 5 \
+  || fail "the dp 2 x pp 2 run before the throw differs from the reference"
+resume "threads dp 2 x pp 2 (thrown) -> dp 1 x tp 2" "$ck" 14 -- --dp 1 --tp 2
 
 # --- mpirun: a rank killed with SIGKILL ---
 if [ -n "$mpirun" ]; then

@@ -45,21 +45,38 @@ inline std::vector<std::string> all_gather_strings(Comm& comm, std::string_view 
   return out;
 }
 
+/// Who a failed agreement's Error blames on a rank that failed itself.
+enum class Blame {
+  own,     ///< a failing rank rethrows its own exception (loads: each rank names its own file)
+  shared,  ///< every rank, failing or not, throws the same Error naming the lowest failing rank (saves)
+};
+
 /// Collective over `comm`: every rank passes the error it hit (null if none). If any rank had
-/// one, every rank throws: a failing rank rethrows its own exception, the others throw
-/// tessera::Error "<what> failed on rank R: <R's message>" for the lowest failing rank R.
+/// one, every rank throws. The ranks that did not fail throw tessera::Error "<what> failed on
+/// rank R of <comm>: <R's message>" for the lowest failing rank R (", and on ranks S, T" added
+/// when others failed too). A failing rank rethrows its own exception under Blame::own, and
+/// throws that same shared Error under Blame::shared, so that every rank of a job (and a log
+/// that keeps whichever rank's line came first) names the same rank and cause.
 /// Returns normally on every rank otherwise.
-inline void agree(Comm& comm, const std::exception_ptr& error, std::string_view what) {
+inline void agree(Comm& comm, const std::exception_ptr& error, std::string_view what, Blame blame = Blame::own) {
   const auto n = static_cast<std::size_t>(comm.size());
   std::vector<std::int32_t> mine{error ? 1 : 0}, all(n);
   comm.all_gather(mine, all);
   int first = -1;
-  for (std::size_t r = 0; r < n && first < 0; ++r)
-    if (all[r] != 0) first = static_cast<int>(r);
+  std::string others;
+  for (std::size_t r = 0; r < n; ++r) {
+    if (all[r] == 0) continue;
+    if (first < 0)
+      first = static_cast<int>(r);
+    else
+      others += tessera::detail::str(others.empty() ? "" : ", ", r);
+  }
+  if (!others.empty())
+    others = tessera::detail::str(", and on rank", others.find(',') == std::string::npos ? " " : "s ", others);
   if (first < 0) return;
   const std::vector<std::string> msgs = all_gather_strings(comm, error ? message_of(error) : std::string());
-  if (error) std::rethrow_exception(error);
-  throw Error(tessera::detail::str(what, " failed on rank ", first, " of ", comm.name(), ": ",
+  if (error && blame == Blame::own) std::rethrow_exception(error);
+  throw Error(tessera::detail::str(what, " failed on rank ", first, " of ", comm.name(), others, ": ",
                                    msgs[static_cast<std::size_t>(first)]));
 }
 
