@@ -89,7 +89,9 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
 
   int start = 0;
   if (!a.resume.empty()) {
+    opt.gather_full_parameters();  // --zero 3: load into the gathered values, keep this rank's block
     const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, opt, checkpoint::gpt2_config_json(a.config()));
+    opt.release_full_parameters(true);
     start = static_cast<int>(info.step);
     if (rank0)
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
@@ -103,13 +105,15 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
                   a.sync_every > 0 ? "the outer momentum and the last synchronized weights" : "error-feedback residuals");
   }
   std::int64_t n_params = 0;
+  opt.gather_full_parameters();  // --zero 3: the values are freed between uses
   for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
+  opt.release_full_parameters(false);
   if (rank0 && a.dp > 1) std::printf("dp communication: %s\n", dp_comm.describe(a).c_str());
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
                 "global batch %d x %d; rank 0 holds %lld parameters%s\n",
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
-                a.accum, a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
+                a.accum, a.zero_stage() == ZeroStage::parameters ? ", ZeRO-3" : a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
                 a.sequence_parallel ? "; sequence parallel" : "");
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
@@ -180,7 +184,9 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     }
     if (rank0 && pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
+      opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
       checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
+      opt.release_full_parameters(false);
       if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
     }
   }

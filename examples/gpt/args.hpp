@@ -29,7 +29,7 @@ struct Args {
   int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
   int accum = 1;
   bool zero1 = false;
-  int zero = -1;              // --zero 0|1|2: ZeRO stage (-1: --zero1 decides)
+  int zero = -1;              // --zero 0|1|2|3: ZeRO stage (-1: --zero1 decides)
   bool memory_report = false; // --memory-report: each rank's MemoryTracker table at the end
   std::string compress;       // --compress: dp gradient compression ("": the fp32 all-reduce)
   int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
@@ -116,8 +116,9 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::Range(0, 4096));
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1; the same as --zero 1)");
-  app.add_option("--zero", a.zero, "ZeRO stage: 0 none, 1 optimizer state, 2 gradients too (sharded over dp)")
-      ->check(CLI::Range(0, 2));
+  app.add_option("--zero", a.zero, "ZeRO stage: 0 none, 1 optimizer state, 2 gradients too, 3 parameters too "
+                 "(sharded over dp; 3 gathers each pipeline stage before its forward and backward)")
+      ->check(CLI::Range(0, 3));
   app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
   app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R (rank R) or topk:F "
                  "(fraction F), with error feedback (docs/compression.md)");
