@@ -279,13 +279,15 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   std::vector<double> sizes;
   for (double kib : c.comm_kib) sizes.push_back(kib * 1024);
   auto kernels = [&] {
-    cal.measure_cores(cal.hardware_threads);
     cal.measure_gemms(m, c.mbs, c.tps, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, m.hidden, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, 4LL * m.hidden, c.min_seconds);
   };
   if (c.backend == "threads") {
     kernels();
+    cal.cores = cal.measure_cores(m, cal.hardware_threads);
+    for (int n : c.ranks)
+      if (n != cal.hardware_threads) cal.measure_cores(m, n);  // the cores when n ranks share them
     for (int n : c.ranks)
       tessera::threads::run(n, [&](tessera::Comm& world) {
         const double share = tessera_plan::measure_waiting_share(world, true);
@@ -301,10 +303,12 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
       // and take a core), waking every millisecond to test for rank 0's "done".
       std::vector<float> done(1, 0.0f);
       double alone = 0;
+      tp::Calibration::BlockWork work(m);
+      (void)work.run();
       if (world.rank() == 0) {
         kernels();
         std::vector<double> runs;  // the others sleep meanwhile
-        for (int r = 0; r < 7; ++r) runs.push_back(tp::Calibration::gemm_loop_seconds());
+        for (int r = 0; r < 7; ++r) runs.push_back(work.run());
         std::nth_element(runs.begin(), runs.begin() + 3, runs.end());
         alone = runs[3];
         for (int r = 1; r < world.size(); ++r) world.send(done, r);
@@ -319,10 +323,13 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
       std::vector<double> together;
       for (int r = 0; r < 7; ++r) {
         world.barrier();
-        together.push_back(world.all_reduce_value(tp::Calibration::gemm_loop_seconds(), tessera::ReduceOp::max));
+        together.push_back(world.all_reduce_value(work.run(), tessera::ReduceOp::max));
       }
       std::nth_element(together.begin(), together.begin() + 3, together.end());
-      if (world.rank() == 0) cal.cores = tp::Calibration::effective_cores(world.size(), alone, together[3]);
+      if (world.rank() == 0) {
+        cal.cores = tp::Calibration::effective_cores(world.size(), alone, together[3]);
+        cal.record_cores(world.size(), cal.cores);
+      }
       const double share = tessera_plan::measure_waiting_share(world, false);
       if (world.rank() == 0) cal.waiting_core_share = share;
       auto samples = tessera_plan::measure_comm(world, sizes);
@@ -337,6 +344,9 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, a waiting rank uses %.2f of a core, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
               std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.waiting_core_share, cal.peak_flops() / 1e9,
               cal.elementwise_bandwidth / 1e9);
+  std::printf("  effective cores with N ranks at once (a block's forward + backward each):");
+  for (const auto& [r, k] : cal.cores_at_ranks) std::printf(" %d: %.2f", r, k);
+  std::printf("\n");
   std::printf("  GEMM efficiency (GFLOP, fraction of peak):");
   for (const auto& [f, e] : cal.gemm_efficiency().points) std::printf(" (%.3g, %.2f)", f / 1e9, e);
   std::printf("\n");

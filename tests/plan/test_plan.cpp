@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tessera/nn/block.hpp"
 #include "tessera/nn/recompute.hpp"
 #include "tessera/plan/calibration.hpp"
 #include "tessera/plan/plan.hpp"
@@ -529,6 +530,53 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node must be >= 0"), Error);
 }
 
+TEST_CASE("Effective cores per rank count: the file's [ranks, cores] pairs, interpolated, set the contention of that many ranks") {
+  // calibrate measures the cores with 2, 4 and 8 ranks at once; a layout of N ranks on the node
+  // is bounded by its work over the cores measured at N (linear between measured counts).
+  Calibration cal{.backend = "threads", .cores = 1.9};
+  cal.gemms.push_back({.name = "a", .m = 100, .n = 100, .k = 100, .seconds = 2e6 / 50e9});
+  cal.elementwise_bandwidth = 6e9;
+  for (double bytes : {1e4, 1e6}) cal.comm.push_back({.collective = "all_reduce", .ranks = 2, .bytes = bytes,
+                                                      .seconds = 2e-6 + bytes / 4e9});
+  cal.record_cores(8, 1.5);
+  cal.record_cores(2, 1.9);
+  cal.record_cores(4, 1.7);
+  cal.record_cores(4, 1.6);  // a repeated count replaces its entry
+  Cluster shared = Cluster::from_json(cal.to_cluster_json("this machine", 8, 4.0, 2));
+  REQUIRE(shared.cores_at_ranks.size() == 3);
+  CHECK(shared.cores_at_ranks[1] == std::pair<int, double>{4, 1.6});
+  CHECK(shared.cores_for(1) == 1.9);
+  CHECK(shared.cores_for(2) == 1.9);
+  CHECK(shared.cores_for(4) == 1.6);
+  CHECK(rel(shared.cores_for(6), 1.55) < 1e-12);
+  CHECK(shared.cores_for(16) == 1.5);
+  // dp-only layouts: every rank the same work, no bubble: the step is ranks / cores(ranks)
+  // times the uncontended one.
+  Cluster flat = shared;
+  flat.cores_per_node = 0;
+  flat.cores_at_ranks.clear();
+  const ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                    .seq = 128, .tied = true, .dropout = false, .tessera_block = true};
+  for (const auto& [world, cores] : std::vector<std::pair<int, double>>{{2, 1.9}, {4, 1.6}, {8, 1.5}}) {
+    CAPTURE(world);
+    const Layout l{.dp = world, .microbatch_size = 2, .num_microbatches = 16 / world};
+    const double alone = Plan::predict(m, flat, l).time.total();
+    CHECK(rel(Plan::predict(m, shared, l).time.total(), world / cores * alone) < 1e-9);
+  }
+  // Entries out of order are refused, naming the entry.
+  shared.cores_at_ranks = {{4, 1.6}, {2, 1.9}};
+  CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("cores_per_node_at_ranks entry 1 is (2, 1.9)"), Error);
+  // A real measurement with a block of this model: 1 thread is 1 core (within timing noise),
+  // and the count is recorded.
+  Calibration real;
+  const ModelSpec tiny{.name = "tiny", .layers = 1, .hidden = 32, .heads = 2, .vocab = 64, .seq = 16, .dropout = false,
+                       .tessera_block = true};
+  const double one = real.measure_cores(tiny, 1, 3);
+  CHECK(one == doctest::Approx(1.0).epsilon(0.35));
+  REQUIRE(real.cores_at_ranks.size() == 1);
+  CHECK(real.cores_at_ranks[0].first == 1);
+}
+
 TEST_CASE("ZB-H1: I + W is the fused backward, W is the four linears' dW GEMMs, and the replay's bubble is zero_bubble_h1_bubble_ratio") {
   // Uniform stages as above (no embedding cost, a head of 8 tokens' vocabulary); the replay of
   // schedule::ZeroBubbleH1 with the planner's own t_F, t_I, t_W has Qi et al.'s bubble
@@ -714,4 +762,58 @@ TEST_CASE("Recomputation in the time estimate: full adds a forward per block, se
   CHECK(seen[0] > 0);
   CHECK(seen[1] == seen[0]);
   CHECK(seen[2] == seen[0]);
+}
+
+TEST_CASE("tessera's block: the element-wise work charged is the inputs of nn::Block's LayerNorms, softmax and GELU") {
+  // CostModel charges tessera's block 2 x 4 bytes per element of each element-wise kernel's
+  // input in forward (twice that in backward), the unit calibrate measures the kernels in. The
+  // elements are counted here on a real nn::Block forward: each LayerNorm's x-hat, the core
+  // attention's probabilities (B H T T) and the GELU's saved input.
+  const Cluster c = flat_cluster();
+  const Precision fp32 = Precision::float32_adamw();
+  for (const std::tuple<int, int, int>& shape : std::vector<std::tuple<int, int, int>>{{192, 6, 128}, {64, 4, 32}, {48, 2, 16}})
+    for (int b : {1, 3}) {
+      const int h = std::get<0>(shape), a = std::get<1>(shape), s = std::get<2>(shape);
+      CAPTURE(h);
+      CAPTURE(b);
+      nn::Block<float> block(h, a);
+      Tensor<float> x = Tensor<float>::empty(Shape{b, s, h});
+      for (std::int64_t i = 0; i < x.numel(); ++i) x.data()[i] = 0.01f * static_cast<float>(i % 89) - 0.4f;
+      const auto r = block.forward(x);
+      const double ln1 = static_cast<double>(r.ctx.ln_1.xhat.numel()), ln2 = static_cast<double>(r.ctx.ln_2.xhat.numel());
+      const double softmax = static_cast<double>(r.ctx.attn.core.probs.numel());
+      const double gelu = static_cast<double>(r.ctx.mlp.act.x.numel());
+      const ModelSpec m{.name = "train_gpt", .layers = 6, .hidden = h, .heads = a, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                        .seq = s, .tied = true, .dropout = false, .tessera_block = true};
+      const Layout l{.dp = 1, .tp = 1, .pp = 1, .microbatch_size = b, .num_microbatches = 1};
+      const CostModel cm{.model = m, .cluster = c, .layout = l, .precision = fp32};
+      const std::vector<CostModel::ElementwisePass> passes = cm.layer_elementwise_passes();
+      REQUIRE(passes.size() == 4);
+      CHECK(passes[0].elements == ln1);
+      CHECK(passes[1].elements == softmax);
+      CHECK(passes[2].elements == ln2);
+      CHECK(passes[3].elements == gelu);
+      CHECK(cm.layer_memory_bytes() == 2.0 * 4 * (ln1 + softmax + ln2 + gelu));
+      // The forward's time: the GEMMs plus those bytes at the memory bandwidth; backward twice.
+      double gemms = 0;
+      for (const Gemm& g : cm.layer_gemms()) gemms += g.batch * cm.gemm_seconds(g.flops);
+      CHECK(cm.layer_forward().compute == doctest::Approx(gemms + 8 * (ln1 + softmax + ln2 + gelu) / c.memory_bandwidth));
+      CHECK(cm.layer_backward().compute == doctest::Approx(2 * cm.layer_forward().compute));
+      // A tp rank holds a / t heads and ffn / t of the MLP; the LayerNorms run on the whole
+      // width unless sequence parallelism splits the tokens.
+      Layout l2 = l;
+      l2.tp = 2;
+      const std::vector<CostModel::ElementwisePass> tp2 = CostModel{.model = m, .cluster = c, .layout = l2, .precision = fp32}.layer_elementwise_passes();
+      CHECK(tp2[0].elements == ln1);
+      CHECK(tp2[1].elements == softmax / 2);
+      CHECK(tp2[3].elements == gelu / 2);
+      l2.sequence_parallel = true;
+      CHECK(CostModel{.model = m, .cluster = c, .layout = l2, .precision = fp32}.layer_elementwise_passes()[2].elements == ln2 / 2);
+    }
+  // Other blocks keep Korthikanti et al.'s charge: twice the kept bytes without recomputation.
+  const ModelSpec g = gpt175();
+  const Layout lg{.dp = 1, .tp = 8, .pp = 1, .microbatch_size = 1, .num_microbatches = 1};
+  const CostModel cg{.model = g, .cluster = c, .layout = lg, .precision = Precision{}};
+  CHECK(cg.layer_elementwise_passes().empty());
+  CHECK(cg.layer_memory_bytes() == 2 * LayerActivations::of(g, lg, Precision{}).bytes());
 }

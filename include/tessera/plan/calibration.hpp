@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -20,6 +21,7 @@
 
 #include "tessera/core/error.hpp"
 #include "tessera/core/gemm.hpp"
+#include "tessera/nn/block.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/plan/cluster.hpp"
@@ -66,6 +68,7 @@ struct Calibration {
   std::string backend{};                 ///< "threads" or "mpi"
   int hardware_threads = 1;              ///< std::thread::hardware_concurrency()
   double cores = 1;                      ///< effective cores: ranks computing at once at a lone rank's speed (measure_cores)
+  std::vector<std::pair<int, double>> cores_at_ranks{};  ///< (ranks, effective cores) per rank count measured, ascending
   std::vector<GemmSample> gemms{};       ///< GEMM shapes timed
   double elementwise_bandwidth = 0;      ///< bytes/s: the planner's byte count of element-wise work over its measured time
   double waiting_core_share = 0;         ///< share of a core a waiting rank uses (measured by the tool on the backend)
@@ -144,9 +147,9 @@ struct Calibration {
 
   /// Measures tessera's element-wise kernels (nn::GELU and nn::LayerNorm, forward and backward)
   /// on `rows` rows of `width` elements and sets elementwise_bandwidth to the bytes the
-  /// planner charges for them over the measured time: CostModel counts a kept tensor of B bytes
-  /// as 2 B in forward and 4 B in backward, so each kernel pair is charged 6 x 4 x rows x width
-  /// bytes. Returns the bandwidth, bytes/s.
+  /// planner charges for them over the measured time: CostModel charges an element-wise kernel
+  /// whose input holds B bytes 2 B in forward and 4 B in backward (CostModel::layer_memory_bytes),
+  /// so each kernel pair is charged 6 x 4 x rows x width bytes. Returns the bandwidth, bytes/s.
   double measure_elementwise(std::int64_t rows, std::int64_t width, double min_seconds = 0.01) {
     TESSERA_EXPECTS(rows >= 1 && width >= 1, "Calibration: element-wise shape ", rows, " x ", width,
                     " must be positive");
@@ -170,18 +173,31 @@ struct Calibration {
     return elementwise_bandwidth;
   }
 
-  /// Seconds of `calls` forward GEMMs of a linear (m, n, k) through tessera::gemm<float>, after
-  /// one call to warm up: the unit of work measure_cores (and the tool's MPI variant, which runs
-  /// it on every process at once) compares.
-  static double gemm_loop_seconds(int calls = 60, std::int64_t m = 512, std::int64_t n = 768, std::int64_t k = 192) {
-    std::vector<float> x(static_cast<std::size_t>(m * k), 0.5f), w(static_cast<std::size_t>(k * n), 0.25f);
-    std::vector<float> y(static_cast<std::size_t>(m * n));
-    auto call = [&] { gemm<float>(Transpose::no, Transpose::no, m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, y.data(), n); };
-    call();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int c = 0; c < calls; ++c) call();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
+  /// One rank's unit of work for the effective-core measurement: `calls` forward + backward
+  /// passes of an nn::Block<float> of `model`'s width and heads on `mbs` sequences of its
+  /// length -- the job's own mix of GEMMs and element-wise kernels and its working set, which
+  /// a GEMM loop alone does not show when ranks share cores and caches.
+  struct BlockWork {
+    nn::Block<float> block;  ///< the block, with its own parameters
+    Tensor<float> x;         ///< its input, (mbs, seq, hidden)
+    int calls = 2;           ///< passes per run()
+
+    /// A block of `model` and an input of `mbs` sequences. Throws what nn::Block throws.
+    BlockWork(const ModelSpec& model, int mbs = 4, int calls_ = 2)
+        : block(model.hidden, model.heads), x(Tensor<float>::full(Shape{mbs, model.seq, model.hidden}, 0.0f)),
+          calls(calls_) {
+      for (std::int64_t i = 0; i < x.numel(); ++i) x.data()[i] = 0.01f * static_cast<float>(i % 101) - 0.5f;
+    }
+    /// Seconds of `calls` forward + backward passes.
+    double run() {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int c = 0; c < calls; ++c) {
+        auto r = block.forward(x);
+        (void)block.backward(r.output, r.ctx);
+      }
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  };
 
   /// Effective cores from a lone run and `ranks` simultaneous runs of the same work:
   /// ranks x alone / slowest, at most `ranks`.
@@ -189,28 +205,49 @@ struct Calibration {
     return std::min<double>(ranks, ranks * alone / slowest);
   }
 
-  /// Measures the effective cores with threads of this process: gemm_loop_seconds() on one
-  /// thread, then on `threads` threads at once; cores = effective_cores(threads, alone, the
-  /// slowest thread's), the median of `repeats` such pairs (the load of other programs comes
-  /// and goes). Another program's load, or cores sharing a memory bus, give fewer than
-  /// `threads`. Returns it and sets `cores`. (Under MPI the tool runs it across the processes.)
-  double measure_cores(int threads, int repeats = 7) {
+  /// Measures the effective cores with `threads` threads of this process: a BlockWork of
+  /// `model` run on one thread, then on `threads` threads at once (each its own block);
+  /// effective_cores(threads, alone, the slowest thread's), the median of `repeats` such pairs
+  /// (the load of other programs comes and goes). Another program's load, cores sharing a
+  /// memory bus, or more threads than cores sharing the caches give fewer than `threads`.
+  /// Returns it and records it in cores_at_ranks (sorted by ranks). (Under MPI the tool runs
+  /// BlockWork across the processes.) Throws Error if threads or repeats is < 1.
+  double measure_cores(const ModelSpec& model, int threads, int repeats = 5) {
     TESSERA_EXPECTS(threads >= 1 && repeats >= 1, "Calibration: measure_cores needs threads >= 1 and repeats >= 1, got ",
                     threads, " and ", repeats);
+    std::vector<std::unique_ptr<BlockWork>> work;
+    for (int t = 0; t < threads; ++t) work.push_back(std::make_unique<BlockWork>(model));
+    for (auto& w : work) (void)w->run();  // warm up: first-touch of every buffer
     std::vector<double> estimates;
     for (int r = 0; r < repeats; ++r) {
-      const double alone = gemm_loop_seconds();
+      const double alone = work[0]->run();
       std::vector<double> each(static_cast<std::size_t>(threads));
       {
         std::vector<std::jthread> pool;
         for (int t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] { each[static_cast<std::size_t>(t)] = gemm_loop_seconds(); });
+          pool.emplace_back([&, t] { each[static_cast<std::size_t>(t)] = work[static_cast<std::size_t>(t)]->run(); });
       }
       estimates.push_back(effective_cores(threads, alone, *std::max_element(each.begin(), each.end())));
     }
     std::nth_element(estimates.begin(), estimates.begin() + repeats / 2, estimates.end());
-    cores = estimates[static_cast<std::size_t>(repeats / 2)];
-    return cores;
+    const double c = estimates[static_cast<std::size_t>(repeats / 2)];
+    record_cores(threads, c);
+    return c;
+  }
+
+  /// Records `c` effective cores measured with `ranks` ranks at once in cores_at_ranks (kept
+  /// sorted by ranks; a repeated count replaces its entry).
+  void record_cores(int ranks, double c) {
+    auto it = std::find_if(cores_at_ranks.begin(), cores_at_ranks.end(), [&](const auto& e) { return e.first >= ranks; });
+    if (it != cores_at_ranks.end() && it->first == ranks) it->second = c;
+    else cores_at_ranks.insert(it, {ranks, c});
+  }
+
+  /// cores_at_ranks as JSON [[ranks, cores], ...].
+  nlohmann::json cores_at_ranks_json() const {
+    nlohmann::json a = nlohmann::json::array();
+    for (const auto& [r, c] : cores_at_ranks) a.push_back({r, c});
+    return a;
   }
 
   /// The fastest GEMM rate measured, FLOP/s (the cluster's peak). Throws Error if none was.
@@ -317,13 +354,15 @@ struct Calibration {
                            "Measured by tessera-plan calibrate on this machine (backend ", backend,
                            "): GEMM rates through tessera::gemm<float> (OpenBLAS, one thread per rank) at the main "
                            "job's layer shapes, peak = the fastest; cores_per_node = effective cores (",
-                           hardware_threads, " hardware threads; the GEMM rate of all at once over one alone); "
+                           hardware_threads, " hardware threads; the rate of a block's forward + backward on all "
+                           "at once over one alone; cores_per_node_at_ranks: the same with 2, 4, 8 ranks at once); "
                            "memory_bandwidth = the planner's byte count of "
                            "tessera's GELU and LayerNorm forward+backward over their time; links = the all-reduce "
                            "fit at ",
                            link_ranks, " ranks. Depends on the load of the machine when measured.")},
             {"devices_per_node", devices_per_node},
             {"cores_per_node", cores},
+            {"cores_per_node_at_ranks", cores_at_ranks_json()},
             {"waiting_core_share", waiting_core_share},
             {"device_memory_gib", device_memory_gib},
             {"peak_tflops", peak_flops() / 1e12},

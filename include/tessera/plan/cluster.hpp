@@ -42,6 +42,25 @@ struct Cluster {
   /// threads backend), near 1 when it polls (Open MPI's default); tessera-plan calibrate
   /// measures it. Used with cores_per_node: a waiting rank's share counts as work.
   double waiting_core_share = 0;
+  /// Effective cores measured with a given number of ranks computing at once, as (ranks, cores),
+  /// ranks ascending (tessera-plan calibrate: 2, 4 and 8 threads, or the mpirun size). With more
+  /// ranks than cores the ranks share the cores by time slices, and their working sets share
+  /// the caches, so the count can fall as ranks grow. Empty: cores_per_node at every count.
+  std::vector<std::pair<int, double>> cores_at_ranks{};
+
+  /// Effective cores when `ranks` ranks of a node compute at once: cores_at_ranks' entry for
+  /// that count, linear between the two counts around it, the nearest count's outside them;
+  /// cores_per_node when cores_at_ranks is empty.
+  double cores_for(int ranks) const {
+    if (cores_at_ranks.empty()) return cores_per_node;
+    if (ranks <= cores_at_ranks.front().first) return cores_at_ranks.front().second;
+    if (ranks >= cores_at_ranks.back().first) return cores_at_ranks.back().second;
+    std::size_t i = 1;
+    while (cores_at_ranks[i].first < ranks) ++i;
+    const auto& [r0, c0] = cores_at_ranks[i - 1];
+    const auto& [r1, c1] = cores_at_ranks[i];
+    return c0 + (c1 - c0) * (ranks - r0) / static_cast<double>(r1 - r0);
+  }
 
   /// A device's bandwidth toward devices of other nodes when all devices of its node send at
   /// once: inter_node_bandwidth / devices_per_node, bytes/s.
@@ -59,6 +78,11 @@ struct Cluster {
       TESSERA_EXPECTS(value > 0, "Cluster '", name, "': ", field, " must be > 0, got ", value);
     TESSERA_EXPECTS(cores_per_node >= 0, "Cluster '", name, "': cores_per_node must be >= 0 (0: one per device), got ",
                     cores_per_node);
+    for (std::size_t i = 0; i < cores_at_ranks.size(); ++i)
+      TESSERA_EXPECTS(cores_at_ranks[i].first >= 1 && cores_at_ranks[i].second > 0 &&
+                          (i == 0 || cores_at_ranks[i].first > cores_at_ranks[i - 1].first),
+                      "Cluster '", name, "': cores_per_node_at_ranks entry ", i, " is (", cores_at_ranks[i].first, ", ",
+                      cores_at_ranks[i].second, "); ranks must be >= 1 and ascending, cores > 0");
     TESSERA_EXPECTS(waiting_core_share >= 0 && waiting_core_share <= 1, "Cluster '", name,
                     "': waiting_core_share must lie in [0, 1], got ", waiting_core_share);
     TESSERA_EXPECTS(intra_node_latency >= 0 && inter_node_latency >= 0, "Cluster '", name,
@@ -70,7 +94,8 @@ struct Cluster {
   /// {"name", "source", "devices_per_node", "device_memory_gib", "peak_tflops",
   ///  "memory_bandwidth_gbps", "intra_node": {"bandwidth_gbps", "latency_us"},
   ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]},
-  /// optionally "cores_per_node" and "waiting_core_share" (default 0); other keys (e.g. "calibration") are ignored
+  /// optionally "cores_per_node" and "waiting_core_share" (default 0) and
+  /// "cores_per_node_at_ranks": [[ranks, cores], ...]; other keys (e.g. "calibration") are ignored
   /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
   /// what validate() throws.
   static Cluster from_json(const nlohmann::json& j) {
@@ -89,6 +114,15 @@ struct Cluster {
     c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
     if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
     if (j.contains("waiting_core_share")) c.waiting_core_share = number(j, "waiting_core_share", "the top level");
+    if (j.contains("cores_per_node_at_ranks")) {
+      const nlohmann::json& at = j.at("cores_per_node_at_ranks");
+      TESSERA_EXPECTS(at.is_array(), "Cluster JSON: cores_per_node_at_ranks must be an array of [ranks, cores]");
+      for (const nlohmann::json& p : at) {
+        TESSERA_EXPECTS(p.is_array() && p.size() == 2 && p[0].is_number_integer() && p[1].is_number(),
+                        "Cluster JSON: each cores_per_node_at_ranks entry must be [ranks, cores], got ", p.dump());
+        c.cores_at_ranks.emplace_back(p[0].get<int>(), p[1].get<double>());
+      }
+    }
     c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
     c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
     c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;

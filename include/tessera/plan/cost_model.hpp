@@ -50,7 +50,8 @@ struct Gemm {
 /// memory-bound work (LayerNorm, softmax, GeLU, dropout, residual adds) moves, per forward,
 /// twice the bytes the block would keep for backward without recomputation (each such tensor
 /// is written by one kernel and read by the next) and twice that per backward, at the
-/// device's memory bandwidth; a tensor-parallel all-reduce
+/// device's memory bandwidth -- for tessera's own block, twice the bytes of each element-wise
+/// kernel's input instead (layer_memory_bytes); a tensor-parallel all-reduce
 /// of S bytes over t devices is a ring: 2 (t-1)/t S / bandwidth + 2 (t-1) latency (sequence
 /// parallelism's all-gather plus reduce-scatter move the same bytes). Full recomputation adds
 /// one forward to each backward, selective the attention core (Korthikanti et al. 2022).
@@ -116,15 +117,54 @@ struct CostModel {
                               inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
-  /// One block's forward for one micro-batch: its GEMMs, its memory-bound work (twice the
-  /// bytes LayerActivations lists without recomputation), and two tp all-reduces
-  /// (Megatron-LM's g after attention and after the MLP).
+  /// One element-wise kernel of a block's forward and the elements it runs over on one device
+  /// for one micro-batch.
+  struct ElementwisePass {
+    std::string name{};   ///< e.g. "GELU"
+    double elements = 0;  ///< elements of its input
+  };
+
+  /// The element-wise kernels of tessera's nn::Block between its GEMMs, per forward on one
+  /// device for one micro-batch: ln_1 and ln_2 (s b h each; / tp with sequence parallelism),
+  /// the causal softmax over the attention scores (a s^2 b / tp) and the GELU (s b ffn / tp).
+  /// (The two residual adds are left out: they read two tensors and write one with no
+  /// arithmetic to speak of; on this machine they took 1% of a block's time.) Empty for other
+  /// blocks, whose memory-bound work is charged from their kept tensors (layer_memory_bytes).
+  std::vector<ElementwisePass> layer_elementwise_passes() const {
+    if (!model.tessera_block) return {};
+    const double s = model.seq, b = layout.microbatch_size, h = model.hidden, t = layout.tp;
+    const double outside = layout.sequence_parallel ? 1.0 / t : 1.0;
+    return {{"ln_1", s * b * h * outside},
+            {"attention softmax", model.heads * s * s * b / t},
+            {"ln_2", s * b * h * outside},
+            {"GELU", s * b * static_cast<double>(model.ffn_size()) / t}};
+  }
+
+  /// Bytes of memory-bound work charged to one block's forward for one micro-batch (its
+  /// backward is charged twice this). tessera's block: 2 x the bytes of each element-wise
+  /// kernel's input (layer_elementwise_passes), the unit in which Calibration measures the
+  /// element-wise rate (a GELU or LayerNorm forward + backward over E elements of B bytes is
+  /// charged 6 E B), so the calibrated bandwidth reproduces these kernels' time. Other blocks
+  /// (Korthikanti et al.'s, with dropout): twice the bytes LayerActivations lists without
+  /// recomputation (each kept tensor written by one kernel and read by the next).
+  double layer_memory_bytes() const {
+    if (model.tessera_block) {
+      double elements = 0;
+      for (const ElementwisePass& p : layer_elementwise_passes()) elements += p.elements;
+      return 2 * precision.activation_bytes * elements;
+    }
+    Layout keep_all = layout;
+    keep_all.recompute = Recompute::none;
+    return 2 * LayerActivations::of(model, keep_all, precision).bytes();
+  }
+
+  /// One block's forward for one micro-batch: its GEMMs, its memory-bound work
+  /// (layer_memory_bytes), and two tp all-reduces (Megatron-LM's g after attention and after
+  /// the MLP).
   WorkTime layer_forward() const {
     WorkTime w;
     for (const Gemm& g : layer_gemms()) w.compute += g.batch * gemm_seconds(g.flops);
-    Layout keep_all = layout;
-    keep_all.recompute = Recompute::none;
-    w.compute += memory_seconds(2 * LayerActivations::of(model, keep_all, precision).bytes());
+    w.compute += memory_seconds(layer_memory_bytes());
     w.tp_comm = tp_all_reduces_forward * tp_all_reduce_seconds();
     return w;
   }

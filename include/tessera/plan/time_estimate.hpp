@@ -112,7 +112,9 @@ struct TimeEstimate {
     // rank's busy time -- its F and B, its dp reduction and tied-embedding sum, its optimizer
     // step -- plus waiting_core_share of the rest of the step (a polling rank keeps its core),
     // times the ranks of the node over the world.
-    if (cm.cluster.cores_per_node > 0 && cm.ranks_per_node() > cm.cluster.cores_per_node) {
+    // The cores are those measured with as many ranks as the node holds (Cluster::cores_for).
+    const double cores = cm.cluster.cores_for(cm.ranks_per_node());
+    if (cm.cluster.cores_per_node > 0 && cm.ranks_per_node() > cores) {
       const double span = t.total();
       double work = 0;
       for (int r = 0; r < L.pp; ++r) {
@@ -124,7 +126,7 @@ struct TimeEstimate {
         work += busy * L.dp * L.tp;
       }
       work *= static_cast<double>(cm.ranks_per_node()) / L.world();
-      t.contention = std::max(0.0, work / cm.cluster.cores_per_node - span);
+      t.contention = std::max(0.0, work / cores - span);
     }
     return t;
   }
