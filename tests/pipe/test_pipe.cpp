@@ -630,6 +630,19 @@ TEST_CASE("Activation memory: each rank's measured peak is blocks x layers on it
       if (none[i].in_flight > 1) CHECK(full[i].peak < sel[i].peak);
     }
   }
+  // ZB-H1 at pp 2: stage 0 holds what 1F1B's does (2 micro-batches' contexts); the last stage
+  // runs a micro-batch's W after the next one's F, so it holds one micro-batch's contexts and
+  // the inputs the previous one's deferred weight gradients need (nn::Linear's and
+  // nn::LMHead's: per block c_attn, attn.c_proj and c_fc, s b h each, and the MLP's c_proj,
+  // 4 s b h; the head's s b h), counted until its W.
+  const auto zb = activation_runs(MeshShape{.pp = 2}, PipelineScheduleKind::zero_bubble_h1, nn::Recompute::none, false);
+  const std::int64_t block = nn::block_activation_bytes(b, s, h, a, nn::Recompute::none);
+  for (const ActivationRun& r : zb) {
+    const std::int64_t expected = r.pp_rank == 0 ? 2 * 2 * block : 2 * block + head + probs + f * (2 * 7 * sbh + sbh);
+    MESSAGE("pp 2 ZB-H1 none stage ", r.pp_rank, ": measured peak ", r.peak, " B, analytic ", expected, " B");
+    CHECK(std::abs(double(r.peak - expected)) <= 0.1 * double(expected));
+    CHECK(r.tracker_live == 0);
+  }
 }
 
 namespace {
