@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the threads-backend test programs under sanitizers and runs them; any finding fails
-# the run (-fno-sanitize-recover=all, halt_on_error). No MPI, no CUDA; examples only for tsan's
-# hybrid run.
+# the run (-fno-sanitize-recover=all, halt_on_error). No MPI, no CUDA (so CI's sanitizer stages
+# also show that tessera builds and runs without either); examples only for tsan's hybrid run.
 #
-# Usage: scripts/sanitize.sh [asan|tsan] [core|full|hybrid] [BUILD_DIR]
+# Usage: scripts/sanitize.sh [asan|tsan] [core|full|hybrid|ci] [BUILD_DIR]
 #   asan (default): AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer).
 #   tsan: ThreadSanitizer on the threads backend's own suite (tests/comm), CollectiveChecker's,
 #     and the hybrid run: train_gpt at dp 2 x pp 2 x tp 2 (8 rank threads) for 4 steps, with a
@@ -12,6 +12,8 @@
 #   core (default): comm, nn, schedule, testing, fuzz, harden (NonfiniteCheck, CollectiveChecker).
 #   full: also dp, tp, pipe, hybrid, ckpt, ps.
 #   hybrid (tsan only): the hybrid run alone.
+#   ci (tsan only, CI's stage): tests/comm and the first hybrid run (saved at step 2, resumed
+#     and saved at step 4), not the 6 variants nor the checker's test.
 #   BUILD_DIR: default build-asan / build-tsan.
 # Compiler: $CXX, default clang++ (its -fsanitize=undefined also checks float-to-integer
 # overflow, and at -O1 it builds these programs about 3 times faster than g++ -O2 here); a new
@@ -25,7 +27,7 @@ level=${2:-core}
 case $mode in
   asan) sanitize=address,undefined ;;
   tsan) sanitize=thread ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
 dir=${3:-build-$mode}
 export OPENBLAS_NUM_THREADS=1
@@ -46,8 +48,9 @@ if [ "$mode" = tsan ]; then
   tests=(threads_comm collective_checker)
   hybrid_run=true
   [ "$level" = hybrid ] && tests=()
-elif [ "$level" = hybrid ]; then
-  echo "sanitize.sh: the hybrid level is for tsan"; exit 2
+  [ "$level" = ci ] && tests=(threads_comm)
+elif [ "$level" = hybrid ] || [ "$level" = ci ]; then
+  echo "sanitize.sh: the $level level is for tsan"; exit 2
 elif [ "$level" = full ]; then
   tests=(threads_comm schedule schedule_pictures_up_to_date testing nn fuzz_regressions nonfinite_check collective_checker
          collective_checker_env dp tp pipe hybrid ckpt parameter_server)
@@ -59,8 +62,7 @@ meson_level=core
 for t in ${tests[@]+"${tests[@]}"}; do case $t in dp|tp|pipe|hybrid|ckpt|parameter_server) meson_level=full ;; esac; done
 
 opts=(-Dtest_level=$meson_level -Db_sanitize=$sanitize -Dcpp_args=-fno-sanitize-recover=all
-      -Dmpi=disabled -Dnccl=disabled -Dexamples=$hybrid_run -Dbench=false)
-$hybrid_run && opts+=(-Dcuda=disabled)
+      -Dmpi=disabled -Dnccl=disabled -Dcuda=disabled -Dexamples=$hybrid_run -Dbench=false)
 if [ -f "$dir/build.ninja" ]; then
   meson setup --reconfigure "$dir" "${opts[@]}" > /dev/null
 else
@@ -98,6 +100,7 @@ if $hybrid_run; then
   # The other schedules and dp variants, 3 steps each (4 blocks: room for 2 virtual stages).
   variants=("--schedule interleaved --virtual-stages 2" "--schedule zb-h1" "--schedule gpipe --recompute full"
             "--sequence-parallel --zero 2 --accum 2" "--compress powersgd:2" "--sync-every 2")
+  [ "$level" = ci ] && variants=()
   for v in "${variants[@]}"; do
     [ $hybrid_rc -eq 0 ] || break
     # shellcheck disable=SC2086  # $v is several flags
