@@ -4,10 +4,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
 #include "nn_test_util.hpp"
+#include "tessera/core/allocation_counter.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/random.hpp"
 #include "tessera/core/storage_cache.hpp"
@@ -212,4 +214,34 @@ TEST_CASE("StorageCache: a freed large buffer is handed out again for the same s
   CHECK(StorageCache::cached_bytes() == (std::size_t{2} << 20));
   StorageCache::release();
   CHECK(StorageCache::cached_bytes() == 0);
+}
+
+TEST_CASE("AllocationCounter: counts the storage allocated under its Scope until it is freed, on any thread; temporaries drop out, views add nothing, scopes nest") {
+  using tessera::AllocationCounter;
+  auto outer = std::make_shared<AllocationCounter>();
+  auto inner = std::make_shared<AllocationCounter>();
+  Tensor<float> kept, view;
+  Tensor<double> in_inner;
+  {
+    const AllocationCounter::Scope counting(outer);
+    kept = Tensor<float>(Shape{100});  // 400 bytes
+    { const Tensor<float> temporary(Shape{1 << 18}); }  // 1 MiB, allocated and freed: drops out
+    {
+      const AllocationCounter::Scope nested(inner);
+      in_inner = Tensor<double>(Shape{10});  // 80 bytes, in the inner counter only
+    }
+    view = kept.slice(0, 10, 20);             // a view: no new storage
+    const Tensor<std::int32_t> last(Shape{3});  // the outer counter again: 12 bytes while alive
+    CHECK(outer->bytes() == 412);
+    CHECK(inner->bytes() == 80);
+  }
+  CHECK(AllocationCounter::current() == nullptr);
+  const Tensor<float> outside(Shape{50});  // no scope: not counted
+  CHECK(outer->bytes() == 400);
+  kept = Tensor<float>();
+  CHECK(outer->bytes() == 400);  // the view still holds the storage
+  std::thread([&] { view = Tensor<float>(); }).join();  // freed on another thread
+  CHECK(outer->bytes() == 0);
+  in_inner = Tensor<double>();
+  CHECK(inner->bytes() == 0);
 }
