@@ -557,7 +557,10 @@ TEST_CASE("Effective cores per rank count: the file's [ranks, cores] pairs, inte
   flat.cores_at_ranks.clear();
   const ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
                     .seq = 128, .tied = true, .dropout = false, .tessera_block = true};
-  for (const auto& [world, cores] : std::vector<std::pair<int, double>>{{2, 1.9}, {4, 1.6}, {8, 1.5}}) {
+  // (Plain variables, not a structured binding: clang++ 14 cannot capture those in CAPTURE's lambda.)
+  for (const std::pair<int, double>& wc : std::vector<std::pair<int, double>>{{2, 1.9}, {4, 1.6}, {8, 1.5}}) {
+    const int world = wc.first;
+    const double cores = wc.second;
     CAPTURE(world);
     const Layout l{.dp = world, .microbatch_size = 2, .num_microbatches = 16 / world};
     const double alone = Plan::predict(m, flat, l).time.total();
