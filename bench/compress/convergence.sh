@@ -5,7 +5,11 @@
 # each writing its loss curve (CSV) and log under OUT; then a summary table (final validation
 # loss, its difference from the uncompressed run, dp MB per step) on stdout.
 # Usage: bash bench/compress/convergence.sh [BUILD_DIR] [OUT] [policy...]
-#   policies: none bf16 powersgd:4 topk:0.01 diloco:10 (default: all five)
+#   policies: none bf16 powersgd:4 topk:0.01 diloco:10 (default: all five); a compressor may carry
+#   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,warmup=40,momentum=0.9),
+#   and diloco:H,lr=X,momentum=Y sets the outer optimizer (--outer-lr, --outer-momentum);
+#   diloco:1,lr=1,momentum=0,compress=topk:0.01 compresses each replica's AdamW update instead
+#   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-build}
@@ -17,10 +21,20 @@ policies=("$@")
 mkdir -p "$out"
 export OPENBLAS_NUM_THREADS=1
 for p in "${policies[@]}"; do
-  name=${p//[:.]/_}
+  name=${p//[:.,=]/_}
   case $p in
     none) flags=() ;;
-    diloco:*) flags=(--sync-every "${p#diloco:}") ;;
+    diloco:*)
+      IFS=, read -ra opt <<< "${p#diloco:}"
+      flags=(--sync-every "${opt[0]}")
+      for o in "${opt[@]:1}"; do
+        case $o in
+          lr=*) flags+=(--outer-lr "${o#lr=}") ;;
+          momentum=*) flags+=(--outer-momentum "${o#momentum=}") ;;
+          compress=*) flags+=(--compress "${o#compress=}") ;;
+          *) echo "convergence.sh: unknown DiLoCo option '$o' in '$p' (lr=X, momentum=Y, compress=C)" >&2; exit 2 ;;
+        esac
+      done ;;
     *) flags=(--compress "$p") ;;
   esac
   echo "== $p" >&2
@@ -33,7 +47,7 @@ done
 base=$(grep 'validation loss' "$out/none.log" 2>/dev/null | tail -1 | awk '{print $5}')
 printf '%-12s %10s %10s %12s\n' policy val_loss vs_none dp_MB/step
 for p in "${policies[@]}"; do
-  name=${p//[:.]/_}
+  name=${p//[:.,=]/_}
   v=$(grep 'validation loss' "$out/$name.log" | tail -1 | awk '{print $5}')
   mb=$(grep -o 'dp [0-9.e+-]* MB/step' "$out/$name.log" | awk '{s += $2; n++} END {if (n) printf "%.4g", s / n}')
   rel=$(awk -v v="$v" -v b="$base" 'BEGIN {if (b > 0) printf "%+.2f%%", 100 * (v - b) / b; else print "-"}')

@@ -3,15 +3,30 @@
 // buckets through a compressor (bf16, powersgd:R, topk:F; parallel/data/compression), and
 // --sync-every H runs DiLoCo: the replicas step on their own gradients (LocalGradientHook) and
 // meet every H steps (LocalSGD: all-reduce of the pseudo-gradient, outer SGD with Nesterov
-// momentum). It also counts the bytes this rank sends over dp per step.
+// momentum). Both together (--sync-every H --compress C) exchange the pseudo-gradients through
+// the compressor C: with H = 1, --outer-lr 1 and --outer-momentum 0, each replica's AdamW step
+// (the update direction) is compressed with error feedback and averaged, instead of the
+// gradient. It also counts the bytes this rank sends over dp per step.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
 #include "gpt/args.hpp"
+#include "tessera/checkpoint/checkpoint_info.hpp"
+#include "tessera/checkpoint/hybrid_state.hpp"
+#include "tessera/checkpoint/safetensors_file.hpp"
+#include "tessera/checkpoint/safetensors_writer.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/parallel/data/compression/local_gradient_hook.hpp"
 #include "tessera/parallel/data/compression/make_comm_hook.hpp"
@@ -27,6 +42,14 @@ class DpCommunication {
   // Installs the hooks on `model`'s dp buckets and, with --sync-every, the LocalSGD over
   // `dp` (collective over dp: LocalSGD broadcasts dp rank 0's values).
   DpCommunication(Hybrid<float>& model, Comm dp, const Args& a) : dp_size_(dp.size()) {
+    // PowerSGD and top-k compress each rank's bucket as a whole, so a parameter held on several
+    // tp ranks (replicated) or pp stages (the tied embedding) would be compressed differently
+    // on each and its copies would drift apart (found by tests/compress/train_gpt's resume
+    // check). Until the hooks learn which tensors are such copies: refused.
+    const bool error_feedback = a.compress.rfind("powersgd", 0) == 0 || a.compress.rfind("topk", 0) == 0;
+    TESSERA_EXPECTS(!error_feedback || (a.tp == 1 && a.pp == 1), "train_gpt: --compress ", a.compress, " at tp ", a.tp,
+                    " x pp ", a.pp, ": PowerSGD and top-k need tp 1 and pp 1 (a tp-replicated or pp-tied parameter's "
+                    "copies would be compressed differently and drift apart); bf16 and fp16 work at any layout");
     for (GradBuckets<float>* set : model.buckets()) {
       std::int64_t n = 0;
       for (const auto& b : set->buckets()) n += b.numel;
@@ -40,6 +63,10 @@ class DpCommunication {
       local_.emplace(model.parameters(), dp, LocalSGDOptions{.sync_every = a.sync_every, .outer_lr = a.outer_lr,
                                                              .outer_momentum = a.outer_momentum, .nesterov = true});
       for (const Parameter<float>* p : distinct(model.parameters())) sync_elements_ += p->value.numel();
+      if (!a.compress.empty()) {
+        sync_hook_ = make_comm_hook<float>(a.compress);
+        local_->set_comm_hook(sync_hook_);
+      }
     } else if (!a.compress.empty()) {
       for (GradBuckets<float>* set : model.buckets()) {
         hooks_.push_back(make_comm_hook<float>(a.compress));
@@ -52,7 +79,7 @@ class DpCommunication {
   // its synchronization every H steps. Collective over dp on a synchronization step.
   void after_step() {
     ++steps_;
-    if (local_ && local_->step()) bytes_ += ring_all_reduce_bytes(sync_elements_);
+    if (local_ && local_->step() && !sync_hook_) bytes_ += ring_all_reduce_bytes(sync_elements_);
   }
 
   // Bytes this rank sent over dp per step, on average over the steps since the last call
@@ -61,6 +88,9 @@ class DpCommunication {
   double take_bytes_per_step() {
     std::int64_t hooked = 0;
     for (const auto& h : hooks_) hooked += h->bytes_sent();
+    if (sync_hook_) hooked += sync_hook_->bytes_sent();
+    total_bytes_ += bytes_ + (hooked - hooks_seen_) + (hooks_.empty() ? steps_ * ring_all_reduce_bytes(plain_elements_) : 0);
+    total_steps_ += steps_;
     std::int64_t b = bytes_ + (hooked - hooks_seen_);
     if (hooks_.empty()) b += steps_ * ring_all_reduce_bytes(plain_elements_);
     const double per_step = steps_ > 0 ? static_cast<double>(b) / static_cast<double>(steps_) : 0.0;
@@ -69,9 +99,120 @@ class DpCommunication {
     steps_ = 0;
     return per_step;
   }
+  // Bytes this rank sent over dp per step over every step counted by take_bytes_per_step so
+  // far (the whole run when called after the last progress line), and that step count.
+  double total_bytes_per_step() const {
+    return total_steps_ > 0 ? static_cast<double>(total_bytes_) / static_cast<double>(total_steps_) : 0.0;
+  }
+  std::int64_t total_steps() const { return total_steps_; }
+
+  // The file beside a checkpoint's shards holding world rank `rank`'s dp state.
+  static std::filesystem::path state_file(const std::filesystem::path& dir, int rank) {
+    char name[64];
+    std::snprintf(name, sizeof name, "dp-state-rank%05d.safetensors", rank);
+    return dir / name;
+  }
+
+  // Saves this rank's dp state into the checkpoint `dir` just written (after
+  // save_hybrid_checkpoint): the compressors' residuals, warm starts and warm-up counts; with
+  // --sync-every, LocalSGD's state (this replica's weights, the anchor, the outer momentum, the
+  // counters) and this replica's AdamW moments (they differ between replicas). Tagged with the
+  // checkpoint's id, layout and policy, so a resume takes it only into the same run shape.
+  // Nothing for stateless policies (fp32, bf16). Collective over the world: every rank throws
+  // if one failed to write.
+  template <class Model, class Opt>
+  void save_state(const std::filesystem::path& dir, Comm& world, const Mesh& mesh, Model& model, Opt& opt,
+                  const Args& a, int step) {
+    if (!stateful()) return;
+    std::string err;
+    try {
+      const DpRankState<float> st = collect(model, opt);
+      checkpoint::SafetensorsWriter w;
+      for (const auto& [k, v] : st.tensors)
+        if (!v.empty()) w.add(k, Tensor<float>::from(Shape{static_cast<std::int64_t>(v.size())}, std::span<const float>(v)));
+      nlohmann::json meta = {{"checkpoint_id", checkpoint_id(dir)}, {"step", step}, {"dp", a.dp}, {"pp", a.pp}, {"tp", a.tp},
+                             {"coord", {mesh.coord().dp, mesh.coord().pp, mesh.coord().tp}}, {"policy", describe(a)},
+                             {"counters", st.counters}};
+      w.set_metadata("tessera.dp_state", meta.dump());
+      w.write(state_file(dir, world.rank()));
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    const int failed = world.all_reduce_value(err.empty() ? 0 : 1, ReduceOp::sum);
+    TESSERA_EXPECTS(failed == 0, "train_gpt: saving the dp state (", describe(a), ") into ", dir, " failed on ", failed,
+                    " rank(s)", err.empty() ? std::string() : ": this rank: " + err);
+  }
+
+  // Loads this rank's dp state from the checkpoint `dir` just loaded (after
+  // load_hybrid_checkpoint), when every rank's file is there and was saved by this
+  // checkpoint at the same dp x pp x tp with the same policy; then the run continues bitwise
+  // as the uninterrupted one. Otherwise (another layout or policy, an older checkpoint) the
+  // state restarts: rank 0 prints a note saying why, and DiLoCo takes the loaded weights as
+  // its anchor. Collective over the world (and dp). Returns whether it was loaded.
+  template <class Model, class Opt>
+  bool load_state(const std::filesystem::path& dir, Comm& world, const Mesh& mesh, Model& model, Opt& opt,
+                  const Args& a, int step, bool print) {
+    if (!stateful()) return false;
+    std::string why;
+    std::optional<checkpoint::SafetensorsFile> file;
+    try {
+      const std::filesystem::path path = state_file(dir, world.rank());
+      if (!std::filesystem::exists(path)) {
+        why = "the checkpoint has no dp state for rank " + std::to_string(world.rank());
+      } else {
+        file.emplace(path);
+        const auto it = file->metadata().find("tessera.dp_state");
+        TESSERA_EXPECTS(it != file->metadata().end(), path, " has no tessera.dp_state metadata");
+        const nlohmann::json meta = nlohmann::json::parse(it->second);
+        const std::string policy = meta.at("policy").get<std::string>();
+        if (meta.at("checkpoint_id").get<std::string>() != checkpoint_id(dir))
+          why = "rank " + std::to_string(world.rank()) + "'s dp state belongs to another checkpoint";
+        else if (meta.at("dp").get<int>() != a.dp || meta.at("pp").get<int>() != a.pp || meta.at("tp").get<int>() != a.tp)
+          why = detail::str("it was saved at dp=", meta.at("dp").get<int>(), " pp=", meta.at("pp").get<int>(),
+                            " tp=", meta.at("tp").get<int>(), " (dp state is per dp rank)");
+        else if (policy != describe(a))
+          why = "it was saved with " + policy;
+      }
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    const int missing = world.all_reduce_value(why.empty() ? 0 : 1, ReduceOp::sum);
+    if (missing == 0) {
+      std::string err;
+      try {
+        DpRankState<float> st;
+        for (const checkpoint::TensorInfo& t : file->tensors()) {
+          const Tensor<float> v = file->read<float>(t.name);
+          st.tensors[t.name] = std::vector<float>(v.data(), v.data() + v.numel());
+        }
+        const nlohmann::json meta = nlohmann::json::parse(file->metadata().at("tessera.dp_state"));
+        st.counters = meta.at("counters").get<std::map<std::string, std::int64_t>>();
+        apply(st, model, opt);
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      const int failed = world.all_reduce_value(err.empty() ? 0 : 1, ReduceOp::sum);
+      TESSERA_EXPECTS(failed == 0, "train_gpt: loading the dp state from ", dir, " failed on ", failed, " rank(s)",
+                      err.empty() ? std::string() : ": this rank: " + err);
+      if (print) std::printf("resumed the dp state (%s) of every rank\n", describe(a).c_str());
+      return true;
+    }
+    if (local_) local_->restart(step);
+    if (print)
+      std::printf("note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
+                  local_ ? "the outer momentum; the anchor is the loaded weights" : "error-feedback residuals",
+                  why.empty() ? "another rank's state is missing or differs" : why.c_str(),
+                  missing > 1 ? detail::str("; ", missing, " ranks").c_str() : "");
+    (void)mesh;
+    return false;
+  }
+
   // "fp32 all-reduce", the compressor's name, or "DiLoCo H=..".
   std::string describe(const Args& a) const {
-    if (local_) return "DiLoCo: sync every " + std::to_string(a.sync_every) + " steps";
+    if (local_)
+      return "DiLoCo: sync every " + std::to_string(a.sync_every) + " steps, outer lr " + std::to_string(a.outer_lr) +
+             " momentum " + std::to_string(a.outer_momentum) +
+             (sync_hook_ ? ", pseudo-gradients through " + sync_hook_->name() : std::string());
     return hooks_.empty() ? std::string("fp32 all-reduce") : "compression " + hooks_.front()->name();
   }
 
@@ -90,10 +231,55 @@ class DpCommunication {
     return out;
   }
 
+  // Whether the policy keeps state across steps that a checkpoint must hold.
+  bool stateful() const {
+    if (local_) return true;
+    for (const auto& h : hooks_)
+      if (h->name().rfind("powersgd", 0) == 0 || h->name().rfind("topk", 0) == 0) return true;
+    return false;
+  }
+  // The checkpoint's id (index.json), which tags the dp state saved with it.
+  static std::string checkpoint_id(const std::filesystem::path& dir) {
+    std::ifstream in(dir / checkpoint::index_file_name);
+    TESSERA_EXPECTS(in.good(), "train_gpt: cannot read ", dir / checkpoint::index_file_name);
+    return nlohmann::json::parse(in).at("id").get<std::string>();
+  }
+  // This rank's state: "hook<j>." per bucket set's hook; "local." LocalSGD's; "adamw.<name>"
+  // this replica's AdamW moments (DiLoCo only).
+  template <class Model, class Opt>
+  DpRankState<float> collect(Model& model, Opt& opt) const {
+    DpRankState<float> st;
+    for (std::size_t j = 0; j < hooks_.size(); ++j) st.add("hook" + std::to_string(j) + ".", hooks_[j]->state());
+    if (local_) {
+      st.add("local.", local_->state());
+      for (const auto& t : checkpoint::hybrid_adamw_state(model, opt).tensors) {
+        const Tensor<float> v = t.value.contiguous();
+        st.tensors["adamw." + t.name] = std::vector<float>(v.data(), v.data() + v.numel());
+      }
+    }
+    return st;
+  }
+  template <class Model, class Opt>
+  void apply(const DpRankState<float>& st, Model& model, Opt& opt) {
+    for (std::size_t j = 0; j < hooks_.size(); ++j) hooks_[j]->load_state(st.take_prefix("hook" + std::to_string(j) + "."));
+    if (local_) {
+      local_->load_state(st.take_prefix("local."));
+      for (auto& t : checkpoint::hybrid_adamw_state(model, opt).tensors) {
+        auto it = st.tensors.find("adamw." + t.name);
+        TESSERA_EXPECTS(it != st.tensors.end() && static_cast<std::int64_t>(it->second.size()) == t.value.numel(),
+                        "train_gpt: the dp state lacks this replica's AdamW tensor '", t.name, "' of ", t.value.numel(),
+                        " elements");
+        t.value.copy_from(Tensor<float>::from(t.value.shape(), std::span<const float>(it->second)));
+      }
+    }
+  }
+
   int dp_size_;
   std::vector<std::shared_ptr<CommHook<float>>> hooks_;
+  std::shared_ptr<CommHook<float>> sync_hook_;  // --sync-every with --compress: LocalSGD's exchange
   std::optional<LocalSGD<float>> local_;
   std::int64_t plain_elements_ = 0, sync_elements_ = 0, bytes_ = 0, hooks_seen_ = 0, steps_ = 0;
+  std::int64_t total_bytes_ = 0, total_steps_ = 0;
 };
 
 }  // namespace train_gpt

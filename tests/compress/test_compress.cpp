@@ -204,6 +204,37 @@ TEST_CASE("PowerSGDHook: P, Q, the result and the residual against a direct comp
   }
 }
 
+TEST_CASE("PowerSGDHook warm-up: the first N reductions are the plain all-reduce bitwise, then compression starts afresh") {
+  constexpr int world = 3, warmup = 2;
+  constexpr std::int64_t n = 8, m = 6;
+  const std::size_t total = n * m + 4;
+  const std::vector<GradBucketTensor> tensors{{0, Shape{n, m}}, {n * m, Shape{4}}};
+  auto ok = run_ranks(world, [&](Comm& c) {
+    PowerSGDHook<float> warm({.rank = 2, .warmup_steps = warmup});
+    PowerSGDHook<float> fresh({.rank = 2});
+    AllReduceHook<float> plain;
+    int bad = 0;
+    for (int step = 0; step < warmup + 2; ++step) {
+      std::vector<float> g = grads_of(step, c.rank(), total), ref = g;
+      GradBucketView<float> v{.index = 1, .grad = g, .tensors = tensors}, vr{.index = 1, .grad = ref, .tensors = tensors};
+      warm.reduce(v, c);
+      if (step < warmup) plain.reduce(vr, c);
+      else fresh.reduce(vr, c);  // compression from the warm-up's end equals a hook that starts then
+      bad += g != ref;
+      if (step < warmup) bad += !warm.matrices(1).empty();  // no Q, no residual during the warm-up
+    }
+    bad += warm.bytes_sent() != plain.bytes_sent() + fresh.bytes_sent();
+    return bad;
+  });
+  for (int bad : ok) CHECK(bad == 0);
+  CHECK(make_comm_hook<float>("powersgd:4,warmup=40")->name() == "powersgd:4,warmup=40");
+  CHECK(make_comm_hook<float>("powersgd:4,warmup=0")->name() == "powersgd:4");
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,warmup=-1"), doctest::Contains("warmup \"-1\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,rank=2"), doctest::Contains("option \"rank=2\" is unknown"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,warmup=3"), doctest::Contains("only powersgd takes"), Error);
+  CHECK_THROWS_WITH_AS(PowerSGDHook<float>({.rank = 1, .warmup_steps = -3}), doctest::Contains("warmup_steps -3"), Error);
+}
+
 TEST_CASE("TopKHook: the k largest |G + E| of each rank, summed; the rest carried to the next step") {
   constexpr int world = 3;
   constexpr std::size_t n = 40;
@@ -322,14 +353,17 @@ class RecordingHook final : public CommHook<float> {
 // `accumulation` micro-batches, SGD with `so` (ZeroOptimizer when `zero`), with `hook`
 // installed (nullptr: none); its final parameters.
 std::vector<float> train_tiny(Comm& c, std::shared_ptr<CommHook<float>> hook, std::size_t bucket_size, int accumulation,
-                              bool zero, optim::SGDOptions so = dp_bodies::sgd_options()) {
+                              int zero, optim::SGDOptions so = dp_bodies::sgd_options()) {
   using namespace dp_bodies;
   DataParallel dp(GPT<float>(tiny_gpt(), model_seed), c,
                   DataParallelOptions{.bucket_size = bucket_size, .first_bucket_size = bucket_size / 4});
   if (hook) dp.buckets().set_comm_hook(hook);
   std::shared_ptr<ZeroOptimizer<optim::SGD<float>>> z;
   std::shared_ptr<optim::SGD<float>> plain;
-  if (zero)
+  if (zero == 2)  // ZeRO-2: the hook runs at every backward (every micro-batch syncs)
+    z = std::make_shared<ZeroOptimizer<optim::SGD<float>>>(ZeroStage::gradients,
+                                                           std::vector<GradBuckets<float>*>{&dp.buckets()}, so);
+  else if (zero == 1)
     z = std::make_shared<ZeroOptimizer<optim::SGD<float>>>(dp, so);
   else
     plain = std::make_shared<optim::SGD<float>>(dp.parameters(), so);
@@ -419,6 +453,26 @@ TEST_CASE("Compressed DataParallel composes with buckets, accumulation and ZeRO-
         for (std::size_t i = 0; i < plain.size(); ++i) worst = std::max(worst, std::abs(double(plain[i]) - exact[i]));
         CHECK(worst < (spec == "bf16" ? 0.02 : 1.0));
       }
+    }
+  }
+}
+
+TEST_CASE("A hook under ZeRO-2: bitwise the plain step with the same hook at accumulation 1; at accumulation 2 it compresses each micro-batch") {
+  for (const std::string spec : {"none", "bf16", "powersgd:2", "topk:0.3"}) {
+    CAPTURE(spec);
+    auto out = run_ranks(3, [&](Comm& c) {
+      return std::make_tuple(train_tiny(c, make_comm_hook<float>(spec), 1024, 1, 0),
+                             train_tiny(c, make_comm_hook<float>(spec), 1024, 1, 2),
+                             train_tiny(c, make_comm_hook<float>(spec), 1024, 2, 0),
+                             train_tiny(c, make_comm_hook<float>(spec), 1024, 2, 2));
+    });
+    for (const auto& [plain1, zero2_1, plain2, zero2_2] : out) {
+      CHECK(zero2_1 == plain1);                    // one reduction per step: the same compressed gradient
+      CHECK(zero2_2 == std::get<3>(out[0]));       // replicas identical
+      double worst = 0;
+      for (std::size_t i = 0; i < plain2.size(); ++i) worst = std::max(worst, std::abs(double(plain2[i]) - zero2_2[i]));
+      if (spec == "none") CHECK(worst < 1e-5);     // two all-reduces summed vs one of the sum: round-off
+      if (spec == "powersgd:2") CHECK(worst > 0);  // each micro-batch compressed on its own
     }
   }
 }

@@ -2,6 +2,7 @@
 // server), on the threads backend, against data parallelism and direct computations.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -10,6 +11,9 @@
 #include <vector>
 
 #include "dp/dp_bodies.hpp"
+#include "tessera/parallel/data/compression/all_reduce_hook.hpp"
+#include "tessera/parallel/data/compression/half_precision_hook.hpp"
+#include "tessera/parallel/data/compression/top_k_hook.hpp"
 #include "tessera/parallel/data/local_sgd.hpp"
 #include "tessera/parallel/ps/parameter_averaging.hpp"
 #include "tessera/testing/run_ranks.hpp"
@@ -143,6 +147,91 @@ TEST_CASE("LocalSGD with H = 4: replicas drift between synchronizations; a sync 
   }
 }
 
+// This replica's distinct parameters in LocalSGD's anchor order (the tied head listed once).
+std::vector<float> distinct_values(GPT<float>& m) {
+  std::vector<float> mine;
+  for (const Parameter<float>& p : m.parameters()) {
+    if (p.name == "head.weight") continue;  // tied to wte.weight
+    const Tensor<float> v = p.value.contiguous();
+    mine.insert(mine.end(), v.data(), v.data() + v.numel());
+  }
+  return mine;
+}
+
+TEST_CASE("LocalSGD through a CommHook: AllReduceHook is the plain all-reduce bitwise; TopKHook compresses the updates with error feedback") {
+  constexpr int world = 3, steps = 5;
+  constexpr double fraction = 0.05;
+  struct Out {
+    std::vector<float> plain, hooked;          // AllReduceHook vs none, after all steps
+    std::vector<std::vector<float>> before;    // top-k run: this replica's parameters before each sync
+    std::vector<std::vector<float>> anchors;   // top-k run: the anchor at the start and after each sync
+    std::int64_t bytes = 0;
+  };
+  auto outs = run_ranks(world, [&](Comm& c) {
+    Out o;
+    GPT<float> a(tiny_gpt(), model_seed + static_cast<std::uint64_t>(c.rank()));
+    GPT<float> b(tiny_gpt(), model_seed + static_cast<std::uint64_t>(c.rank()));
+    GPT<float> t(tiny_gpt(), model_seed + static_cast<std::uint64_t>(c.rank()));
+    optim::SGD<float> opt_a(a.parameters(), inner), opt_b(b.parameters(), inner), opt_t(t.parameters(), inner);
+    const LocalSGDOptions avg{.sync_every = 1, .outer_lr = 1.0, .outer_momentum = 0.0};
+    LocalSGD<float> la(a.parameters(), c, {.sync_every = 2, .outer_lr = 0.7, .outer_momentum = 0.9});
+    LocalSGD<float> lb(b.parameters(), c, {.sync_every = 2, .outer_lr = 0.7, .outer_momentum = 0.9});
+    LocalSGD<float> lt(t.parameters(), c, avg);
+    lb.set_comm_hook(std::make_shared<AllReduceHook<float>>());
+    auto topk = std::make_shared<TopKHook<float>>(fraction);
+    lt.set_comm_hook(topk);
+    o.anchors.emplace_back(lt.anchor().begin(), lt.anchor().end());
+    for (int step = 0; step < steps; ++step) {
+      local_step(a, opt_a, step, c.rank());
+      la.step();
+      local_step(b, opt_b, step, c.rank());
+      lb.step();
+      local_step(t, opt_t, step, c.rank());
+      o.before.push_back(distinct_values(t));
+      CHECK(lt.step());
+      o.anchors.emplace_back(lt.anchor().begin(), lt.anchor().end());
+    }
+    o.plain = flatten(a.parameters());
+    o.hooked = flatten(b.parameters());
+    o.bytes = topk->bytes_sent();
+    return o;
+  });
+  const std::size_t n = outs[0].anchors[0].size();
+  REQUIRE(outs[0].before[0].size() == n);
+  const std::size_t k = static_cast<std::size_t>(std::ceil(fraction * static_cast<double>(n) - 1e-9));
+  // Direct: each rank's residual + pseudo-gradient in float (as the hook adds), its k largest
+  // magnitudes sent, the sum over ranks / p taken from the anchor; the rest kept as residual.
+  std::vector<std::vector<float>> e(world, std::vector<float>(n, 0.0f));
+  std::vector<double> anchor(outs[0].anchors[0].begin(), outs[0].anchors[0].end());
+  for (int s = 0; s < steps; ++s) {
+    std::vector<double> applied(n, 0.0);
+    for (int w = 0; w < world; ++w) {
+      std::vector<float>& m = e[static_cast<std::size_t>(w)];
+      for (std::size_t i = 0; i < n; ++i) m[i] += outs[0].anchors[static_cast<std::size_t>(s)][i] - outs[w].before[static_cast<std::size_t>(s)][i];
+      std::vector<std::size_t> order(n);
+      for (std::size_t i = 0; i < n; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) { return std::abs(m[x]) > std::abs(m[y]); });
+      for (std::size_t j = 0; j < k; ++j) {
+        applied[order[j]] += m[order[j]];
+        m[order[j]] = 0.0f;
+      }
+    }
+    double worst = 0, scale = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      anchor[i] -= applied[i] / world;
+      worst = std::max(worst, std::abs(outs[0].anchors[static_cast<std::size_t>(s + 1)][i] - anchor[i]));
+      scale = std::max(scale, std::abs(anchor[i]));
+    }
+    CAPTURE(s);
+    CHECK(worst < 1e-6 * scale);
+  }
+  for (int w = 0; w < world; ++w) {
+    CHECK(outs[w].hooked == outs[w].plain);  // AllReduceHook: bitwise the plain all-reduce
+    CHECK(outs[w].anchors.back() == outs[0].anchors.back());
+    CHECK(outs[w].bytes == static_cast<std::int64_t>(steps * k * 8 * (world - 1)));
+  }
+}
+
 TEST_CASE("LocalSGD refuses bad options, naming them") {
   run_ranks(1, [](Comm& c) {
     GPT<float> m(tiny_gpt(), model_seed);
@@ -187,4 +276,65 @@ TEST_CASE("Parameter averaging every H steps through the parameter server equals
     CHECK(ps_params == std::get<0>(out[0]));
     CHECK(max_rel(ps_params, ar_params) < 1e-6);
   }
+}
+
+TEST_CASE("The parameter server's push through a CommHook: bf16 on the link, summed in fp32 on the server") {
+  // World 3: workers 0-1, server 2; two parameters split over one server. Each worker's
+  // gradient is known; the server (SGD, lr 1) must apply -(1/N) * (bf16(g_0) + bf16(g_1)).
+  constexpr int workers = 2;
+  constexpr std::int64_t count = 3;  // samples per worker
+  const auto g_of = [](int w, std::size_t i) { return static_cast<float>(0.37 * std::sin(1.3 * i + w) + 1e-3 * w); };
+  for (const char* spec : {"bf16", "none"}) {
+    CAPTURE(spec);
+    auto out = run_ranks(workers + 1, [&](Comm& world) {
+      Parameter<float> a("a", Tensor<float>::full(Shape{5, 7}, 0.5f)), b("b", Tensor<float>::full(Shape{9}, -0.25f));
+      ParameterList<float> params{&a, &b};
+      ParameterServer<float> ps(world, params, {.num_servers = 1});
+      std::shared_ptr<CommHook<float>> hook;
+      if (std::string(spec) == "bf16") hook = std::make_shared<HalfPrecisionHook<float>>(HalfFormat::bf16);
+      else hook = std::make_shared<AllReduceHook<float>>();
+      ps.set_push_hook(hook);
+      if (ps.is_server()) {
+        optim::SGD<float> sgd(ps.shard_parameters(), {.lr = 1.0});
+        ps.serve(sgd);
+        return std::make_pair(std::vector<float>{}, std::int64_t{0});
+      }
+      std::size_t k = 0;
+      for (Parameter<float>* p : {&a, &b})
+        for (float& x : p->grad.span()) x = g_of(world.rank(), k++);
+      ps.step(params, count);
+      ps.finish();
+      return std::make_pair(flatten(params), hook->bytes_sent());
+    });
+    const std::size_t n = 5 * 7 + 9;
+    const float scale = static_cast<float>(1.0 / (workers * count));
+    int bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      float sum = 0;
+      for (int w = 0; w < workers; ++w) {
+        const float g = g_of(w, i);
+        sum += std::string(spec) == "bf16" ? bf16_to_float(float_to_bf16(g)) : g;
+      }
+      const float expect = (i < 35 ? 0.5f : -0.25f) - 1.0f * (sum * scale);
+      bad += std::abs(out[0].first[i] - expect) > 1e-7f;
+    }
+    CHECK(bad == 0);
+    CHECK(out[1].first == out[0].first);
+    // bf16: 44 values in 22 floats (88 bytes) per push; none: no bytes counted (a plain copy).
+    CHECK(out[0].second == (std::string(spec) == "bf16" ? 88 : 0));
+  }
+  run_ranks(2, [](Comm& world) {  // a hook without a point-to-point form is refused
+    Parameter<float> a("a", Tensor<float>::full(Shape{4, 4}, 1.0f));
+    ParameterList<float> params{&a};
+    ParameterServer<float> ps(world, params, {.num_servers = 1});
+    CHECK_THROWS_WITH_AS(ps.set_push_hook(std::make_shared<TopKHook<float>>(0.5)),
+                         doctest::Contains("has no point-to-point form"), Error);
+    ps.set_push_hook(nullptr);
+    if (ps.is_server()) {
+      optim::SGD<float> sgd(ps.shard_parameters(), {.lr = 1.0});
+      ps.serve(sgd);
+    } else {
+      ps.finish();
+    }
+  });
 }

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <concepts>
+#include <memory>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -21,6 +22,8 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/parallel/data/compression/comm_hook.hpp"
+#include "tessera/parallel/data/compression/dp_rank_state.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
 
 namespace tessera {
@@ -47,6 +50,13 @@ struct LocalSGDOptions {
 /// With sync_every = 1, outer_lr = 1 and outer_momentum = 0 this is synchronous data
 /// parallelism to round-off (the inner optimizer's update is linear in the gradient for SGD
 /// with momentum: the mean of the replicas' steps is the step on the mean gradient).
+/// With a CommHook (set_comm_hook), step 1's all-reduce is the hook's reduction of the
+/// pseudo-gradients as one bucket (index 0, every distinct parameter a tensor of it): a
+/// compressor then compresses the replicas' *updates* (with H = 1, outer lr 1 and no momentum:
+/// each rank's inner optimizer step on its local gradient, e.g. AdamW's, compressed with the
+/// hook's error feedback and averaged; so the update direction is compressed, as Deep Gradient
+/// Compression's momentum correction compresses the accumulated velocity instead of the
+/// gradient, Lin et al. 2018, section 3.2).
 /// Bytes per synchronization: one all-reduce of the parameters, so H times fewer than
 /// DataParallel's per-step all-reduce of the gradients. The inner optimizer's state (Adam
 /// moments, momentum) stays local to each replica, as in DiLoCo.
@@ -78,7 +88,20 @@ class LocalSGD {
       }
     anchor_.resize(static_cast<std::size_t>(n));
     gather(anchor_);
+    std::int64_t offset = 0;
+    for (const Parameter<T>* p : distinct_) {
+      tensors_.push_back(GradBucketTensor{.offset = offset, .shape = p->value.shape()});
+      offset += p->value.numel();
+    }
   }
+
+  /// Exchanges the pseudo-gradients through `hook` from the next synchronization on (nullptr:
+  /// the plain all-reduce again). The hook sees one bucket, index 0, holding every distinct
+  /// parameter's pseudo-gradient flat in parameter order (tensor shapes as the parameters').
+  /// Local; every rank must install the same kind of hook.
+  void set_comm_hook(std::shared_ptr<CommHook<T>> hook) { hook_ = std::move(hook); }
+  /// The hook of set_comm_hook (nullptr: none).
+  const std::shared_ptr<CommHook<T>>& comm_hook() const noexcept { return hook_; }
 
   /// Counts one inner step; every sync_every-th call synchronizes (see the class comment) and
   /// returns true. Collective over dp when it synchronizes (every rank calls step() after each
@@ -90,13 +113,18 @@ class LocalSGD {
   }
 
   /// Synchronizes now (the class comment's steps 1-3). Collective over dp: one all-reduce of
-  /// every parameter's element count.
+  /// every parameter's element count, or the hook's collectives (set_comm_hook).
   void sync() {
     const std::size_t n = anchor_.size();
     delta_.resize(n);
     gather(delta_);
     for (std::size_t i = 0; i < n; ++i) delta_[i] = anchor_[i] - delta_[i];  // this replica's pseudo-gradient
-    if (comm_.size() > 1) comm_.all_reduce(delta_, ReduceOp::sum);
+    if (hook_) {
+      GradBucketView<T> view{.index = 0, .grad = std::span<T>(delta_), .tensors = tensors_};
+      hook_->reduce(view, comm_);
+    } else if (comm_.size() > 1) {
+      comm_.all_reduce(delta_, ReduceOp::sum);
+    }
     const T inv_p = static_cast<T>(1.0 / static_cast<double>(comm_.size()));
     const T lr = static_cast<T>(options_.outer_lr), mu = static_cast<T>(options_.outer_momentum);
     const bool first = momentum_.empty();
@@ -113,6 +141,62 @@ class LocalSGD {
     }
     scatter(anchor_);
     ++syncs_;
+  }
+
+  /// This rank's state for a checkpoint: "params" (this replica's distinct parameters, flat:
+  /// they differ between replicas between synchronizations), "anchor", "momentum" (empty
+  /// before the first synchronization or without momentum; a state without it means empty), the counters "inner_steps" and
+  /// "syncs", and the hook's state under "hook.". Local.
+  DpRankState<T> state() const {
+    DpRankState<T> out;
+    std::vector<T> mine(anchor_.size());
+    gather(mine);
+    out.tensors["params"] = std::move(mine);
+    out.tensors["anchor"] = anchor_;
+    out.tensors["momentum"] = momentum_;
+    out.counters["inner_steps"] = inner_steps_;
+    out.counters["syncs"] = syncs_;
+    if (hook_) out.add("hook.", hook_->state());
+    return out;
+  }
+  /// Restores a state() saved by a LocalSGD over the same parameters and options: this
+  /// replica's parameters, the anchor, the outer momentum, the counters and the hook's state
+  /// (install the hook first). Then the run continues bitwise as the saved one (with the inner
+  /// optimizer's state restored too). Throws tessera::Error when a tensor is missing or has
+  /// another size (naming it and both sizes). Local.
+  void load_state(const DpRankState<T>& state) {
+    const auto tensor = [&](const char* name) -> const std::vector<T>& {
+      auto it = state.tensors.find(name);
+      TESSERA_EXPECTS(it != state.tensors.end(), "LocalSGD: the state has no '", name, "'");
+      return it->second;
+    };
+    const std::vector<T>& mine = tensor("params");
+    const std::vector<T>& anchor = tensor("anchor");
+    static const std::vector<T> none;
+    const std::vector<T>& momentum = state.tensors.count("momentum") ? tensor("momentum") : none;  // may be absent
+    for (const auto& [name, v] : {std::pair<const char*, const std::vector<T>*>{"params", &mine}, {"anchor", &anchor}})
+      TESSERA_EXPECTS(v->size() == anchor_.size(), "LocalSGD: state '", name, "' has ", v->size(),
+                      " elements, the parameters ", anchor_.size());
+    TESSERA_EXPECTS(momentum.empty() || momentum.size() == anchor_.size(), "LocalSGD: state 'momentum' has ",
+                    momentum.size(), " elements, the parameters ", anchor_.size());
+    TESSERA_EXPECTS(state.counters.count("inner_steps") && state.counters.count("syncs"),
+                    "LocalSGD: the state lacks the counters inner_steps and syncs");
+    if (hook_) hook_->load_state(state.take_prefix("hook."));
+    scatter(mine);
+    anchor_ = anchor;
+    momentum_ = momentum;
+    inner_steps_ = state.counters.at("inner_steps");
+    syncs_ = state.counters.at("syncs");
+  }
+  /// Starts afresh from the parameters as they are now (after loading a checkpoint without this
+  /// rank's state): they become the anchor, the outer momentum is cleared and the inner-step
+  /// count set to `inner_steps` (the next synchronization comes at its next multiple of H).
+  /// Collective over dp: broadcasts dp rank 0's values first, so the replicas start equal.
+  void restart(std::int64_t inner_steps) {
+    broadcast_parameters(comm_, params_, 0);
+    gather(anchor_);
+    momentum_.clear();
+    inner_steps_ = inner_steps;
   }
 
   /// Inner steps counted so far.
@@ -156,6 +240,8 @@ class LocalSGD {
 
   ParameterList<T> params_;
   std::vector<Parameter<T>*> distinct_;  // params_ with each tensor once
+  std::vector<GradBucketTensor> tensors_;  // distinct_ as one bucket's tensors (the hook's view)
+  std::shared_ptr<CommHook<T>> hook_;
   Comm comm_;
   LocalSGDOptions options_;
   std::vector<T> anchor_, delta_, momentum_;

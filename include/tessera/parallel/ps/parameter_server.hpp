@@ -44,6 +44,7 @@
 #include "tessera/core/layer.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/parallel/data/compression/comm_hook.hpp"
 #include "tessera/parallel/ps/parameter_server_layout.hpp"
 
 namespace tessera {
@@ -265,6 +266,25 @@ class ParameterServer {
   /// done. Idempotent. Throws tessera::Error on a server; the communicator's errors.
   void finish();
 
+  /// Compresses every push through `hook`'s point-to-point form (CommHook::encode on the
+  /// worker, decode on the server before the sum; e.g. HalfPrecisionHook: bf16 on the link,
+  /// summed in T), as DataParallel's buckets take a hook; nullptr: T values as before.
+  /// Collective over the world: every rank, workers and servers, installs a hook of the same
+  /// name (checked), before its first push or serve(). Throws tessera::Error on every rank when
+  /// the names differ, and on the ranks whose hook has no point-to-point form (naming it).
+  void set_push_hook(std::shared_ptr<CommHook<T>> hook) {
+    const std::string name = hook ? hook->name() : std::string("none (uncompressed)");
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a of the name
+    for (const char c : name) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+    const auto key = static_cast<std::int64_t>(h >> 2);
+    const std::int64_t lo = comm_.all_reduce_value(key, ReduceOp::min), hi = comm_.all_reduce_value(key, ReduceOp::max);
+    TESSERA_EXPECTS(lo == hi, "ParameterServer::set_push_hook: rank ", comm_.rank(), " installs '", name,
+                    "', but the ranks' hooks differ");
+    TESSERA_EXPECTS(!hook || hook->point_to_point(), "ParameterServer::set_push_hook: hook '", name,
+                    "' has no point-to-point form (bf16, fp16 and none have)");
+    push_hook_ = std::move(hook);
+  }
+
   /// Worker: its clock, the number of pushes it has made. Server: the global steps applied.
   std::int64_t clock() const noexcept { return is_worker() ? clock_ : version_; }
 
@@ -420,6 +440,7 @@ class ParameterServer {
   std::int64_t next_ts_ = 0;
   bool finished_ = false;
   std::deque<PendingOp> pending_;
+  std::shared_ptr<CommHook<T>> push_hook_;  // set_push_hook: the pushes' encoding (nullptr: none)
 };
 
 // ---- worker ------------------------------------------------------------------------------------
@@ -434,6 +455,12 @@ std::int64_t ParameterServer<T>::push(const ParameterList<T>& params, std::int64
   op.ts = next_ts_++;
   op.clock = ++clock_;
   gather_grads(params, op.buffers);
+  if (push_hook_)  // set_push_hook: each server's range encoded (e.g. bf16)
+    for (std::vector<T>& b : op.buffers) {
+      std::vector<T> wire(push_hook_->encoded_size(b.size()));
+      push_hook_->encode(std::span<const T>(b), std::span<T>(wire));
+      b = std::move(wire);
+    }
   op.sent.resize(static_cast<std::size_t>(num_servers()));
   for (int s = 0; s < num_servers(); ++s) {
     const auto si = static_cast<std::size_t>(s);
@@ -644,6 +671,11 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
     if (p.awaiting_grad) {
       p.awaiting_grad = false;
       p.clock += 1;
+      if (push_hook_) {  // set_push_hook: decoded into T before the sum
+        std::vector<T> values(static_cast<std::size_t>(len));
+        push_hook_->decode(std::span<const T>(p.incoming), std::span<T>(values));
+        p.incoming = std::move(values);
+      }
       p.pushes.push_back({p.clock, p.incoming_count, std::move(p.incoming)});
       ++stats_.pushes;
       post_header(w);
@@ -682,7 +714,7 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
       p.incoming = std::move(pool.back());
       pool.pop_back();
     }
-    p.incoming.resize(static_cast<std::size_t>(len));
+    p.incoming.resize(push_hook_ ? push_hook_->encoded_size(static_cast<std::size_t>(len)) : static_cast<std::size_t>(len));
     p.awaiting_grad = true;
     p.request = comm_.irecv(std::span<T>(p.incoming), worker_rank(w), tag_push());
   };

@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
+#include "tessera/core/error.hpp"
 #include "tessera/core/shape.hpp"
+#include "tessera/parallel/data/compression/dp_rank_state.hpp"
 
 namespace tessera {
 
@@ -55,6 +57,40 @@ class CommHook {
   virtual void reduce(GradBucketView<T>& bucket, Comm& comm) = 0;
   /// Short name for logs: "none", "bf16", "powersgd:4", "topk:0.01", ...
   virtual std::string name() const = 0;
+
+  /// Whether the hook has a point-to-point form (encode / decode): a sender encodes its values,
+  /// a receiver decodes and sums them, as a parameter server's push (ParameterServer::
+  /// set_push_hook). AllReduceHook (identity) and HalfPrecisionHook (16-bit values) have one;
+  /// PowerSGD and top-k need the ranks' collectives and do not.
+  virtual bool point_to_point() const { return false; }
+  /// Point-to-point form: the number of T elements that carry `n` encoded values. Throws
+  /// tessera::Error when point_to_point() is false. Local.
+  virtual std::size_t encoded_size(std::size_t n) const {
+    TESSERA_EXPECTS(false, "CommHook ", name(), " has no point-to-point form (", n, " values)");
+    return 0;
+  }
+  /// Point-to-point form: encodes `values` into `out` (encoded_size(values.size()) elements).
+  /// Throws as encoded_size. Local.
+  virtual void encode(std::span<const T> values, std::span<T> out) {
+    TESSERA_EXPECTS(false, "CommHook ", name(), " has no point-to-point form (", values.size(), " -> ", out.size(), ")");
+  }
+  /// Point-to-point form: decodes `in` (encode's output) into `values`. Throws as
+  /// encoded_size. Local.
+  virtual void decode(std::span<const T> in, std::span<T> values) const {
+    TESSERA_EXPECTS(false, "CommHook ", name(), " has no point-to-point form (", in.size(), " -> ", values.size(), ")");
+  }
+
+  /// This rank's state across steps (error-feedback residuals, warm starts, warm-up counts),
+  /// for a checkpoint: load_state of it into a fresh hook of the same options continues
+  /// bitwise as this one would. Stateless hooks return nothing. Local.
+  virtual DpRankState<T> state() const { return {}; }
+  /// Restores a state() of a hook of the same kind and options (on the same bucket layout).
+  /// Call before the first reduction. Throws tessera::Error when the state does not fit (a
+  /// stateless hook given state, a tensor of another size, naming it). Local.
+  virtual void load_state(const DpRankState<T>& state) {
+    TESSERA_EXPECTS(state.empty(), "CommHook ", name(), ": keeps no state, but was given ", state.tensors.size(),
+                    " tensors and ", state.counters.size(), " counters");
+  }
 
   /// Bytes this rank has sent in the hook's collectives so far, counted with the ring
   /// algorithms' volumes (all-reduce of B bytes over p ranks: 2 (p - 1) / p B; all-gather of B

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <cstring>
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
@@ -73,6 +74,32 @@ class HalfPrecisionHook final : public CommHook<T> {
     this->count_all_gather(words, sizeof(std::int32_t), comm.size());
     const auto* all = reinterpret_cast<const std::uint16_t*>(recv_.data());
     for (std::size_t i = 0; i < n; ++i) bucket.grad[i] = static_cast<T>(decode_half(format_, all[i]));
+  }
+
+  /// Point-to-point form (a parameter server's push): each value rounded to 16 bits, packed
+  /// sizeof(T) / 2 to an element of T (bit patterns, not numbers); the receiver decodes and
+  /// sums in T. Half the bytes of sending T = float.
+  bool point_to_point() const override { return true; }
+  /// ceil(2 n / sizeof(T)).
+  std::size_t encoded_size(std::size_t n) const override { return (2 * n + sizeof(T) - 1) / sizeof(T); }
+  /// Rounds `values` to 16 bits into `out` (encoded_size(values.size()) elements; the unused
+  /// tail is 0). Throws tessera::Error when out has another size.
+  void encode(std::span<const T> values, std::span<T> out) override {
+    TESSERA_EXPECTS(out.size() == encoded_size(values.size()), "HalfPrecisionHook::encode: ", values.size(),
+                    " values need ", encoded_size(values.size()), " elements, got ", out.size());
+    std::vector<std::uint16_t> halves(out.size() * sizeof(T) / 2, 0);
+    for (std::size_t i = 0; i < values.size(); ++i) halves[i] = encode_half(format_, static_cast<float>(values[i]));
+    std::memcpy(out.data(), halves.data(), out.size() * sizeof(T));
+    this->count_sent(out.size() * sizeof(T));
+  }
+  /// The values encode rounded, into `values`. Throws tessera::Error when in has another size
+  /// than encoded_size(values.size()).
+  void decode(std::span<const T> in, std::span<T> values) const override {
+    TESSERA_EXPECTS(in.size() == encoded_size(values.size()), "HalfPrecisionHook::decode: ", values.size(),
+                    " values need ", encoded_size(values.size()), " elements, got ", in.size());
+    std::vector<std::uint16_t> halves(in.size() * sizeof(T) / 2);
+    std::memcpy(halves.data(), in.data(), in.size() * sizeof(T));
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<T>(decode_half(format_, halves[i]));
   }
 
   /// "bf16" or "fp16".

@@ -4,6 +4,7 @@
 /// "powersgd:R", "topk:F"), as train_gpt's --compress takes it.
 
 #include <concepts>
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <stdexcept>
@@ -20,29 +21,56 @@ namespace tessera {
 
 /// The hook named by `spec`: "none" (AllReduceHook), "bf16" / "fp16" (HalfPrecisionHook),
 /// "powersgd:R" (PowerSGDHook of rank R >= 1), "topk:F" (TopKHook sending the fraction
-/// 0 < F <= 1). Throws tessera::Error naming the spec and the accepted forms otherwise. Local.
+/// 0 < F <= 1). PowerSGD takes options after commas: "powersgd:4,warmup=40" all-reduces each
+/// bucket uncompressed for its first 40 reductions (PowerSGDOptions::warmup_steps, PyTorch's
+/// start_powerSGD_iter). Throws tessera::Error naming the spec and the accepted forms
+/// otherwise. Local.
 template <std::floating_point T>
 std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
-  const std::string forms = "expected none, bf16, fp16, powersgd:R (R an integer >= 1) or topk:F (0 < F <= 1)";
-  if (spec == "none") return std::make_shared<AllReduceHook<T>>();
-  if (spec == "bf16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::bf16);
-  if (spec == "fp16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::fp16);
-  const std::size_t colon = spec.find(':');
-  const std::string kind = spec.substr(0, colon), arg = colon == std::string::npos ? "" : spec.substr(colon + 1);
-  std::size_t used = 0;
-  if (kind == "powersgd" && !arg.empty()) {
-    long r = 0;
+  const std::string forms =
+      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or topk:F (0 < F <= 1)";
+  const std::size_t comma = spec.find(',');
+  const std::string head = spec.substr(0, comma);
+  const std::string options = comma == std::string::npos ? "" : spec.substr(comma + 1);
+  // An integer option's value; `used` = characters parsed.
+  const auto integer = [](const std::string& text, long& value) {
+    std::size_t used = 0;
     try {
-      r = std::stol(arg, &used);
+      value = std::stol(text, &used);
     } catch (const std::exception&) {
       used = 0;
     }
-    TESSERA_EXPECTS(used == arg.size() && r >= 1 && r <= 1 << 20, "compression \"", spec, "\": rank \"", arg,
+    return !text.empty() && used == text.size();
+  };
+  TESSERA_EXPECTS(options.empty() || head.rfind("powersgd:", 0) == 0, "compression \"", spec, "\": only powersgd takes ",
+                  "options after a comma; ", forms);
+  if (head == "none") return std::make_shared<AllReduceHook<T>>();
+  if (head == "bf16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::bf16);
+  if (head == "fp16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::fp16);
+  const std::size_t colon = head.find(':');
+  const std::string kind = head.substr(0, colon), arg = colon == std::string::npos ? "" : head.substr(colon + 1);
+  if (kind == "powersgd" && !arg.empty()) {
+    long r = 0;
+    TESSERA_EXPECTS(integer(arg, r) && r >= 1 && r <= 1 << 20, "compression \"", spec, "\": rank \"", arg,
                     "\" is not an integer >= 1; ", forms);
-    return std::make_shared<PowerSGDHook<T>>(PowerSGDOptions{.rank = static_cast<int>(r)});
+    PowerSGDOptions o{.rank = static_cast<int>(r)};
+    for (std::size_t at = 0; at < options.size();) {
+      const std::size_t end = std::min(options.find(',', at), options.size());
+      const std::string item = options.substr(at, end - at);
+      at = end + 1;
+      const std::size_t eq = item.find('=');
+      const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+      long w = 0;
+      TESSERA_EXPECTS(key == "warmup", "compression \"", spec, "\": option \"", item, "\" is unknown; ", forms);
+      TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
+                      "\" is not an integer >= 0; ", forms);
+      o.warmup_steps = w;
+    }
+    return std::make_shared<PowerSGDHook<T>>(o);
   }
   if (kind == "topk" && !arg.empty()) {
     double f = 0;
+    std::size_t used = 0;
     try {
       f = std::stod(arg, &used);
     } catch (const std::exception&) {

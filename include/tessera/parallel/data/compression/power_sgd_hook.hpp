@@ -14,6 +14,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/comm/communicator.hpp"
@@ -27,6 +28,11 @@ namespace tessera {
 struct PowerSGDOptions {
   int rank = 4;                 ///< r, the rank of the approximation (>= 1)
   std::uint64_t seed = 0x5eed;  ///< seed of the initial Q (the same on every rank)
+  /// Reductions of each bucket all-reduced uncompressed (fp32) before compression starts, as
+  /// PyTorch's `start_powerSGD_iter` (its docs: about 10% of training; the early gradients
+  /// change fast and low-rank estimates of them slow training down). No error feedback
+  /// during them; Q is drawn and E starts at 0 at the first compressed reduction. >= 0.
+  std::int64_t warmup_steps = 0;
 };
 
 /// PowerSGD with error feedback. Within a bucket, each parameter gradient of rank >= 2 is seen
@@ -62,12 +68,20 @@ class PowerSGDHook final : public CommHook<T> {
   /// A hook of `options.rank`. Throws tessera::Error naming the rank when it is below 1.
   explicit PowerSGDHook(const PowerSGDOptions& options = {}) : options_(options) {
     TESSERA_EXPECTS(options.rank >= 1, "PowerSGDHook: rank ", options.rank, " must be at least 1");
+    TESSERA_EXPECTS(options.warmup_steps >= 0, "PowerSGDHook: warmup_steps ", options.warmup_steps, " must be >= 0");
   }
 
   /// Replaces `bucket.grad` with the PowerSGD estimate of the sum over ranks (class comment).
   /// Collective over `comm`: up to three all-reduces per bucket (uncompressed part, P, Q).
   /// Throws tessera::Error when the bucket's tensor list differs from the one first seen.
   void reduce(GradBucketView<T>& bucket, Comm& comm) override {
+    // Warm-up (options.warmup_steps): this bucket's first reductions are plain all-reduces.
+    if (std::int64_t& done = reductions_[bucket.index]; done < options_.warmup_steps) {
+      ++done;
+      comm.all_reduce(bucket.grad, ReduceOp::sum);
+      this->count_all_reduce(bucket.grad.size(), sizeof(T), comm.size());
+      return;
+    }
     std::vector<MatrixState>& mats = layout(bucket);
     const T inv_p = T{1} / static_cast<T>(comm.size());
     // The uncompressed tensors, in one all-reduce.
@@ -128,8 +142,44 @@ class PowerSGDHook final : public CommHook<T> {
     }
   }
 
-  /// "powersgd:R".
-  std::string name() const override { return "powersgd:" + std::to_string(options_.rank); }
+  /// Per bucket b: "bucket<b>.reductions" (the warm-up count) and, per compressed matrix i,
+  /// "bucket<b>.m<i>.q" (the warm start) and "bucket<b>.m<i>.error" (the residual). Local.
+  DpRankState<T> state() const override {
+    DpRankState<T> out;
+    for (const auto& [b, done] : reductions_) out.counters["bucket" + std::to_string(b) + ".reductions"] = done;
+    for (const auto& [b, mats] : mats_)
+      for (std::size_t i = 0; i < mats.size(); ++i) {
+        const std::string key = "bucket" + std::to_string(b) + ".m" + std::to_string(i);
+        out.tensors[key + ".q"] = mats[i].q;
+        out.tensors[key + ".error"] = mats[i].error;
+      }
+    return out;
+  }
+  /// Restores a state() (see there); a bucket's matrices take their Q and residual at its first
+  /// reduction here, which throws tessera::Error when a saved tensor's size differs or a saved
+  /// matrix is missing from the bucket (naming them). Throws for names it does not know. Local.
+  void load_state(const DpRankState<T>& state) override {
+    TESSERA_EXPECTS(mats_.empty() && reductions_.empty(), "PowerSGDHook: load_state after the first reduction");
+    for (const auto& [k, v] : state.counters) {
+      std::size_t b = 0;
+      TESSERA_EXPECTS(parse_bucket(k, ".reductions", b) && v >= 0, "PowerSGDHook: unknown state counter '", k, "' = ", v);
+      reductions_[b] = v;
+    }
+    for (const auto& [k, v] : state.tensors) {
+      const std::size_t dot = k.rfind('.');
+      std::size_t b = 0;
+      TESSERA_EXPECTS(dot != std::string::npos && (k.substr(dot) == ".q" || k.substr(dot) == ".error") &&
+                          parse_bucket(k.substr(0, k.find('.', 6)), "", b),
+                      "PowerSGDHook: unknown state tensor '", k, "'");
+      pending_[k] = v;
+    }
+  }
+
+  /// "powersgd:R", with ",warmup=N" when warmup_steps > 0 (make_comm_hook's syntax).
+  std::string name() const override {
+    return "powersgd:" + std::to_string(options_.rank) +
+           (options_.warmup_steps > 0 ? ",warmup=" + std::to_string(options_.warmup_steps) : std::string());
+  }
   /// The options.
   const PowerSGDOptions& options() const noexcept { return options_; }
   /// The compressed matrices of bucket `index` with their Q and residual (empty before the
@@ -187,15 +237,45 @@ class PowerSGDHook final : public CommHook<T> {
       s.error.assign(static_cast<std::size_t>(n * m), T{0});
       mats.push_back(std::move(s));
     }
+    // A loaded state (load_state): this bucket's Q and residuals.
+    for (std::size_t i = 0; i < mats.size(); ++i) {
+      const std::string key = "bucket" + std::to_string(bucket.index) + ".m" + std::to_string(i);
+      for (auto [suffix, dst] : {std::pair{".q", &mats[i].q}, std::pair{".error", &mats[i].error}}) {
+        auto it = pending_.find(key + suffix);
+        if (it == pending_.end()) continue;
+        TESSERA_EXPECTS(it->second.size() == dst->size(), "PowerSGDHook: state tensor '", it->first, "' has ",
+                        it->second.size(), " elements, the bucket's matrix ", mats[i].n, " x ", mats[i].m, " needs ",
+                        dst->size());
+        *dst = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    const std::string mine = "bucket" + std::to_string(bucket.index) + ".m";
+    for (const auto& [k, v] : pending_)
+      TESSERA_EXPECTS(k.rfind(mine, 0) != 0, "PowerSGDHook: state tensor '", k, "' has no matrix in bucket ",
+                      bucket.index, " (", mats.size(), " compressed matrices)");
     seen_[bucket.index] = bucket.tensors.size();
     plain_[bucket.index] = std::move(plain);
     return mats_[bucket.index] = std::move(mats);
   }
 
+  // "bucket<b>" + suffix -> b.
+  static bool parse_bucket(const std::string& key, const std::string& suffix, std::size_t& b) {
+    if (key.rfind("bucket", 0) != 0 || key.size() <= 6 + suffix.size() ||
+        key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
+      return false;
+    const std::string digits = key.substr(6, key.size() - 6 - suffix.size());
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+    b = static_cast<std::size_t>(std::stoull(digits));
+    return true;
+  }
+
   PowerSGDOptions options_;
+  std::map<std::string, std::vector<T>> pending_;  // loaded Q and residuals not yet given to a bucket
   std::map<std::size_t, std::vector<MatrixState>> mats_;                                    // per bucket
   std::map<std::size_t, std::vector<std::pair<std::int64_t, std::int64_t>>> plain_;        // (offset, numel)
   std::map<std::size_t, std::size_t> seen_;                                                 // tensors per bucket
+  std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
   std::vector<T> flat_, pbuf_, qbuf_;
 };
 

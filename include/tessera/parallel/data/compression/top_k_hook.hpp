@@ -53,6 +53,8 @@ class TopKHook final : public CommHook<T> {
                     bucket.index, " has ", n, " elements; int32 indices reach 2^31 - 1");
     const std::size_t k = k_of(n);
     std::vector<T>& e = error_[bucket.index];
+    TESSERA_EXPECTS(!loaded_ || e.empty() || e.size() == n, "TopKHook: the loaded residual of bucket ", bucket.index,
+                    " has ", e.size(), " elements, the bucket ", n);
     if (e.size() != n) e.assign(n, T{0});
     for (std::size_t i = 0; i < n; ++i) e[i] += bucket.grad[i];  // e holds M now
     // The k-th largest |M| (a selection over a contiguous copy), then the indices above it and,
@@ -93,6 +95,25 @@ class TopKHook final : public CommHook<T> {
     last_indices_[bucket.index] = std::move(idx);
   }
 
+  /// "bucket<b>.error": each bucket's residual E. Local.
+  DpRankState<T> state() const override {
+    DpRankState<T> out;
+    for (const auto& [b, e] : error_) out.tensors["bucket" + std::to_string(b) + ".error"] = e;
+    return out;
+  }
+  /// Restores a state(): the residuals (a bucket's size is checked at its next reduction,
+  /// which throws tessera::Error naming both sizes). Throws for names it does not know. Local.
+  void load_state(const DpRankState<T>& state) override {
+    TESSERA_EXPECTS(state.counters.empty(), "TopKHook: keeps no counters, was given ", state.counters.size());
+    for (const auto& [k, v] : state.tensors) {
+      const bool ok = k.rfind("bucket", 0) == 0 && k.size() > 12 && k.compare(k.size() - 6, 6, ".error") == 0 &&
+                      k.substr(6, k.size() - 12).find_first_not_of("0123456789") == std::string::npos;
+      TESSERA_EXPECTS(ok, "TopKHook: unknown state tensor '", k, "'");
+      error_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 12)))] = v;
+      loaded_ = true;
+    }
+  }
+
   /// "topk:F".
   std::string name() const override { return "topk:" + format_fraction(); }
   /// The fraction sent.
@@ -121,6 +142,7 @@ class TopKHook final : public CommHook<T> {
     return s;
   }
   double fraction_;
+  bool loaded_ = false;  // load_state gave residuals (their sizes are checked)
   std::vector<T> abs_;  // |M|, scratch of the selection
   std::map<std::size_t, std::vector<T>> error_;
   std::map<std::size_t, std::vector<std::int32_t>> last_indices_;

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Resuming compressed and DiLoCo runs of train_gpt from a checkpoint: the dp state each rank
+# keeps (PowerSGD's residuals, warm starts and warm-up count; top-k's residuals; DiLoCo's
+# replica weights, anchor, outer momentum, counters and each replica's AdamW moments) is saved
+# per rank beside the shards, so a run stopped at step 5 and resumed at the same layout
+# continues bitwise as the uninterrupted one: the losses of steps 5..9 (as --log-json prints
+# them, round-trip digits) must be equal as strings. (dp 2 at tp 1 x pp 1: PowerSGD and top-k are
+# refused at tp > 1 or pp > 1, see dp_communication.hpp.) A resume at another dp size restarts the
+# dp state and says so. A tiny model: seconds.
+# Usage: resume_check.sh TRAIN_GPT
+set -euo pipefail
+train=$1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OPENBLAS_NUM_THREADS=1
+fail() { echo "FAIL: $*"; exit 1; }
+for i in $(seq 1 300); do echo "In the beginning God created the heaven and the earth. And the earth was without form."; done > "$work/text.txt"
+model=(--data "$work/text.txt" --layers 2 --d-model 32 --heads 4 --context 16 --batch 8 --warmup 2 --val-every 0
+       --log-every 1 --sample-len 0 --schedule-steps 10)
+stop=5 steps=10
+
+# losses LOG.json FROM: "step loss" lines from FROM on, the loss as printed (round-trip digits).
+losses() { python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    if j['step'] >= int(sys.argv[2]): print(j['step'], repr(j['loss']))" "$1" "$2"; }
+
+check() {  # NAME FLAGS...: uninterrupted vs stopped at $stop and resumed, same layout
+  local name=$1; shift
+  "$train" "${model[@]}" "$@" --steps $steps --log-json "$work/$name.full.json" > "$work/$name.full.log" 2>&1 \
+    || { cat "$work/$name.full.log"; fail "$name: the uninterrupted run failed"; }
+  "$train" "${model[@]}" "$@" --steps $stop --save "$work/$name.ckpt" > "$work/$name.a.log" 2>&1 \
+    || { cat "$work/$name.a.log"; fail "$name: the first half failed"; }
+  ls "$work/$name.ckpt"/dp-state-rank*.safetensors > /dev/null 2>&1 || fail "$name: no dp state in the checkpoint"
+  "$train" "${model[@]}" "$@" --steps $steps --resume "$work/$name.ckpt" --log-json "$work/$name.b.json" \
+    > "$work/$name.b.log" 2>&1 || { cat "$work/$name.b.log"; fail "$name: the resumed run failed"; }
+  grep -q "resumed the dp state" "$work/$name.b.log" || { cat "$work/$name.b.log"; fail "$name: dp state not resumed"; }
+  diff <(losses "$work/$name.full.json" $stop) <(losses "$work/$name.b.json" $stop) \
+    || fail "$name: the resumed losses (right) differ from the uninterrupted run's (left)"
+  [ "$(losses "$work/$name.b.json" $stop | wc -l)" -eq $((steps - stop)) ] || fail "$name: resumed steps missing"
+  echo "ok: $name: steps $stop..$((steps - 1)) after the resume equal the uninterrupted run bitwise"
+}
+
+check powersgd --dp 2 --compress powersgd:2,warmup=3
+check topk --dp 2 --compress topk:0.1
+check diloco --dp 2 --sync-every 3
+check topk-updates --dp 2 --sync-every 1 --outer-lr 1 --outer-momentum 0 --compress topk:0.1
+
+# Another dp size: the residuals restart, with a note; the run goes on.
+"$train" "${model[@]}" --dp 4 --compress topk:0.1 --steps $steps --resume "$work/topk.ckpt" > "$work/dp4.log" 2>&1 \
+  || { cat "$work/dp4.log"; fail "resume at dp 4 failed"; }
+grep -q "note: the dp state (error-feedback residuals) restarts (it was saved at dp=2 pp=1 tp=1" "$work/dp4.log" \
+  || { cat "$work/dp4.log"; fail "no note at dp 4"; }
+grep -q "^step    9" "$work/dp4.log" || fail "the dp 4 resume did not reach step 9"
+echo "ok: a resume at dp 4 restarts the residuals with a note"
+
+# PowerSGD / top-k at tp > 1 or pp > 1 are refused on every rank, naming the layout.
+if "$train" "${model[@]}" --dp 2 --pp 2 --compress topk:0.1 --steps 2 > "$work/pp.log" 2>&1; then fail "topk at pp 2 accepted"; fi
+grep -q "compress topk:0.1 at tp 1 x pp 2: PowerSGD and top-k need tp 1 and pp 1" "$work/pp.log" || { cat "$work/pp.log"; fail "pp 2 message"; }
+echo "ok: top-k at pp 2 is refused"
