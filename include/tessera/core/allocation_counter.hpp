@@ -16,28 +16,32 @@ namespace tessera {
 /// Live bytes of the tensor storage allocated under it (see AllocationCounter::Scope). A
 /// storage counted here stays counted until it is freed, on any thread (the count is atomic),
 /// also after the scope has ended: views, copies of the handle and contexts keep it alive.
-/// Tensor's allocation calls add() and its deleter remove(); nothing else needs to.
-class AllocationCounter {
+/// Tensor's allocation calls add() and its deleter remove() (holding the counter alive through
+/// shared_from_this()); nothing else needs to. A counter is owned by a std::shared_ptr.
+class AllocationCounter : public std::enable_shared_from_this<AllocationCounter> {
  public:
   /// While alive, tensor storage allocated on this thread is counted in `counter` (which may be
-  /// null: nothing is counted). Scopes nest; the previous counter is restored on destruction.
+  /// null: nothing is counted), which the scope keeps alive. Scopes nest; the previous counter
+  /// is restored on destruction.
   class Scope {
    public:
     /// Makes `counter` this thread's current counter.
-    explicit Scope(std::shared_ptr<AllocationCounter> counter) noexcept : previous_(std::move(slot())) {
-      slot() = std::move(counter);
+    explicit Scope(std::shared_ptr<AllocationCounter> counter) noexcept
+        : counter_(std::move(counter)), previous_(slot()) {
+      slot() = counter_.get();
     }
     /// Restores the previous counter.
-    ~Scope() { slot() = std::move(previous_); }
+    ~Scope() { slot() = previous_; }
     Scope(const Scope&) = delete;             ///< not copyable
     Scope& operator=(const Scope&) = delete;  ///< not copyable
 
    private:
-    std::shared_ptr<AllocationCounter> previous_;
+    std::shared_ptr<AllocationCounter> counter_;
+    AllocationCounter* previous_;
   };
 
   /// This thread's current counter (null outside every Scope).
-  static const std::shared_ptr<AllocationCounter>& current() noexcept { return slot(); }
+  static AllocationCounter* current() noexcept { return slot(); }
 
   /// Live bytes counted now.
   std::int64_t bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
@@ -47,8 +51,9 @@ class AllocationCounter {
   void remove(std::int64_t n) noexcept { bytes_.fetch_sub(n, std::memory_order_relaxed); }
 
  private:
-  static std::shared_ptr<AllocationCounter>& slot() noexcept {
-    thread_local std::shared_ptr<AllocationCounter> current;
+  // A plain pointer: trivially destructible, so valid during thread exit too.
+  static AllocationCounter*& slot() noexcept {
+    thread_local AllocationCounter* current = nullptr;
     return current;
   }
   std::atomic<std::int64_t> bytes_{0};

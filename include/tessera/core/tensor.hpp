@@ -228,7 +228,8 @@ class Tensor {
     T* p = static_cast<T*>(detail::StorageCache::allocate(bytes));
     // Counted in this thread's AllocationCounter, if any (the pipeline's activation accounting),
     // until freed. If the control block cannot be allocated, shared_ptr calls the deleter itself.
-    std::shared_ptr<AllocationCounter> counter = AllocationCounter::current();
+    AllocationCounter* const current = AllocationCounter::current();
+    std::shared_ptr<AllocationCounter> counter = current ? current->shared_from_this() : nullptr;
     if (counter) counter->add(static_cast<std::int64_t>(bytes));
     return std::shared_ptr<T[]>(p, [bytes, counter = std::move(counter)](T* q) {
       if (counter) counter->remove(static_cast<std::int64_t>(bytes));
