@@ -136,10 +136,13 @@ class DataParallel {
   /// L's forward on this rank's part of the batch. Local; under ZeRO-3 (a ZeroOptimizer at
   /// ZeroStage::parameters) the model is one unit: its parameters are all-gathered first
   /// (GradBuckets::gather_values, with prefetch unless buckets().set_prefetch(false)) and
-  /// freed after, so the forward is collective over dp.
+  /// freed after, so the forward is collective over dp. With prefetch, the gather of the unit
+  /// after this one (a ZeroOptimizer over several DataParallels' buckets links them in the
+  /// order given) is started before this forward computes (GradBuckets::prefetch_neighbour).
   ForwardResult<Output, Context> forward(const Input& x) {
     if (!buckets_->shard_params()) return model_.forward(x);
     buckets_->gather_values(buckets_->prefetch(), false);
+    buckets_->prefetch_neighbour(false);  // the next unit's gather travels while this one computes
     try {
       ForwardResult<Output, Context> out = model_.forward(x);
       buckets_->release_values();
@@ -160,6 +163,7 @@ class DataParallel {
   /// freed after it; the gradients are reduce-scattered into the shards as under ZeRO-2.
   InputGrad backward(const Output& dy, Context& ctx) {
     buckets_->gather_values(buckets_->prefetch(), true);  // ZeRO-3 (nothing otherwise)
+    buckets_->prefetch_neighbour(true);
     buckets_->begin_backward(require_sync_);
     try {
       InputGrad dx = model_.backward(dy, ctx);

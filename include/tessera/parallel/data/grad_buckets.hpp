@@ -191,6 +191,7 @@ class GradBuckets {
   /// Removes the hooks; waits for reductions still in flight (after a failed backward).
   ~GradBuckets() {
     abort_backward();
+    release_values();  // ZeRO-3: waits for a prefetch still in flight
     for (Slot& s : slots_)
       if (s.param) s.param->set_grad_ready_hook({});
   }
@@ -387,55 +388,37 @@ class GradBuckets {
   /// buffers are then freed again).
   void gather_values(bool prefetch, bool backward_order) {
     if (!shard_params_ || gathered_) return;
-    const std::size_t nb = buckets_.size();
-    std::exception_ptr error;
-    std::size_t bytes = 0;
-    for (std::size_t k = 0; k < nb; ++k) {
-      const std::size_t bi = backward_order ? k : nb - 1 - k;
-      Bucket& b = buckets_[bi];
-      const std::int64_t n = shard_size(bi);
-      b.gathered = Tensor<T>(Shape{n * world_});
-      bytes += static_cast<std::size_t>(n * world_) * sizeof(T);
-      gathered_mem_.set(bytes);
-      peak_gathered_ = std::max(peak_gathered_, bytes);
-      T* full = b.gathered.data();
-      std::copy_n(b.value_shard.data(), n, full + rank_ * n);
-      if (world_ > 1 && !error) {
-        try {
-          b.gather_request = comm_.iall_gather(std::span<const T>(full + rank_ * n, static_cast<std::size_t>(n)),
-                                               std::span<T>(full, static_cast<std::size_t>(n * world_)));
-          b.gathering = true;
-          if (!prefetch) wait_gather(b);
-        } catch (...) {
-          if (!error) error = std::current_exception();
-        }
-      }
-    }
-    for (std::size_t k = 0; k < nb; ++k) {
-      Bucket& b = buckets_[backward_order ? k : nb - 1 - k];
-      try {
-        wait_gather(b);
-      } catch (...) {
-        if (!error) error = std::current_exception();
-      }
-    }
-    gathered_ = true;
-    if (error) {
-      release_values();
-      std::rethrow_exception(error);
-    }
-    for (Slot& s : slots_) {
-      const Bucket& b = buckets_[s.bucket];
-      const std::int64_t off = b.alias ? 0 : s.offset;
-      Tensor<T> view = b.gathered.slice(0, off, off + s.numel).reshape(s.shape);
-      if (s.pinned) {  // into its own tensor, which the tied copy outside the list views
-        s.param->value.copy_from(view);
-        continue;
-      }
-      s.param->value = view;
-      for (Parameter<T>* a : s.aliases) a->value = view;
-    }
+    if (in_flight_)
+      ++prefetched_uses_;  // started by start_gather while the previous unit computed
+    else
+      issue_gathers(prefetch, backward_order);
+    finish_gathers(backward_order);
   }
+  /// ZeRO-3: starts every bucket's all-gather (non-blocking) without waiting: the prefetch of
+  /// this unit while another computes; the next gather_values() (or release_values()) waits
+  /// for them. Nothing without ZeRO-3, when gathered, or when already started. Collective over
+  /// the dp communicator (one all-gather per bucket; every rank must start it at the same point
+  /// of its sequence of collectives, as the policies do: after the same unit's gather).
+  void start_gather(bool backward_order) {
+    if (!shard_params_ || gathered_ || in_flight_) return;
+    issue_gathers(true, backward_order);
+  }
+  /// ZeRO-3: links this unit to the units that run after it in forward order (`next`) and in
+  /// backward order (`previous`) on this rank, for prefetch_neighbour (null: none). A
+  /// ZeroOptimizer over several bucket sets links them in the order given. Local.
+  void set_neighbours(GradBuckets* next, GradBuckets* previous) noexcept {
+    next_unit_ = next;
+    previous_unit_ = previous;
+  }
+  /// ZeRO-3, with prefetch(): starts the gather of the unit that runs next (forward: `next`;
+  /// `backward`: `previous`, see set_neighbours), so that it travels while this unit computes.
+  /// Call after this unit's gather_values. Collective over dp as start_gather.
+  void prefetch_neighbour(bool backward) {
+    GradBuckets* u = backward ? previous_unit_ : next_unit_;
+    if (prefetch_ && shard_params_ && u != nullptr) u->start_gather(backward);
+  }
+  /// ZeRO-3: how many gather_values() found their gathers already started by a prefetch.
+  std::size_t prefetched_uses() const noexcept { return prefetched_uses_; }
   /// ZeRO-3: whether the policies gather with prefetch (the argument they pass to
   /// gather_values; true unless set_prefetch(false)).
   bool prefetch() const noexcept { return prefetch_; }
@@ -443,8 +426,20 @@ class GradBuckets {
   /// starts, for comparison). Local; every rank must choose the same.
   void set_prefetch(bool on) noexcept { prefetch_ = on; }
   /// ZeRO-3: frees the gathered buffers; every parameter's `value` becomes an empty tensor.
-  /// Nothing without ZeRO-3 or when not gathered. Local.
+  /// A prefetch still in flight is waited for and freed. Nothing without ZeRO-3 or when not
+  /// gathered. Local.
   void release_values() {
+    if (shard_params_ && in_flight_) {  // a prefetch never used: wait for it, then free it
+      for (Bucket& b : buckets_) {
+        try {
+          wait_gather(b);
+        } catch (...) {  // nothing uses these values
+        }
+      }
+      in_flight_ = false;
+      gather_error_ = nullptr;
+      gathered_ = true;
+    }
     if (!shard_params_ || !gathered_) return;
     for (Slot& s : slots_) {
       if (s.pinned) continue;
@@ -581,6 +576,65 @@ class GradBuckets {
         out[it->second].push_back(&p);
     }
     return out;
+  }
+
+  // ZeRO-3: allocates every bucket's gathered buffer and starts its all-gather (waiting for
+  // each before the next unless `prefetch`); errors are kept for finish_gathers.
+  void issue_gathers(bool prefetch, bool backward_order) {
+    const std::size_t nb = buckets_.size();
+    std::size_t bytes = 0;
+    in_flight_ = true;
+    for (std::size_t k = 0; k < nb; ++k) {
+      const std::size_t bi = backward_order ? k : nb - 1 - k;
+      Bucket& b = buckets_[bi];
+      const std::int64_t n = shard_size(bi);
+      b.gathered = Tensor<T>(Shape{n * world_});
+      bytes += static_cast<std::size_t>(n * world_) * sizeof(T);
+      gathered_mem_.set(bytes);
+      peak_gathered_ = std::max(peak_gathered_, bytes);
+      T* full = b.gathered.data();
+      std::copy_n(b.value_shard.data(), n, full + rank_ * n);
+      if (world_ > 1 && !gather_error_) {
+        try {
+          b.gather_request = comm_.iall_gather(std::span<const T>(full + rank_ * n, static_cast<std::size_t>(n)),
+                                               std::span<T>(full, static_cast<std::size_t>(n * world_)));
+          b.gathering = true;
+          if (!prefetch) wait_gather(b);
+        } catch (...) {
+          if (!gather_error_) gather_error_ = std::current_exception();
+        }
+      }
+    }
+  }
+  // ZeRO-3: waits for the gathers issue_gathers started and points the values at them.
+  void finish_gathers(bool backward_order) {
+    const std::size_t nb = buckets_.size();
+    for (std::size_t k = 0; k < nb; ++k) {
+      Bucket& b = buckets_[backward_order ? k : nb - 1 - k];
+      try {
+        wait_gather(b);
+      } catch (...) {
+        if (!gather_error_) gather_error_ = std::current_exception();
+      }
+    }
+    in_flight_ = false;
+    gathered_ = true;
+    if (gather_error_) {
+      std::exception_ptr error = std::exchange(gather_error_, nullptr);
+      release_values();
+      std::rethrow_exception(error);
+    }
+    for (Slot& s : slots_) {
+      const Bucket& b = buckets_[s.bucket];
+      const std::int64_t off = b.alias ? 0 : s.offset;
+      Tensor<T> view = b.gathered.slice(0, off, off + s.numel).reshape(s.shape);
+      if (s.pinned) {  // into its own tensor, which the tied copy outside the list views
+        s.param->value.copy_from(view);
+        continue;
+      }
+      s.param->value = view;
+      for (Parameter<T>* a : s.aliases) a->value = view;
+    }
   }
 
   // The parameters' figure: their values, or under ZeRO-3 the value shards (the gathered
@@ -778,6 +832,11 @@ class GradBuckets {
   bool shard_params_ = false; // ZeRO-3
   bool gathered_ = false;     // ZeRO-3: the values are gathered
   bool prefetch_ = true;      // ZeRO-3: gather with prefetch
+  bool in_flight_ = false;    // ZeRO-3: gathers started (issue_gathers), not finished
+  std::exception_ptr gather_error_;
+  GradBuckets* next_unit_ = nullptr;      // ZeRO-3: the unit after this one in forward order
+  GradBuckets* previous_unit_ = nullptr;  // and in backward order
+  std::size_t prefetched_uses_ = 0;
   std::size_t peak_gathered_ = 0;
   MemoryTracker::Entry gathered_mem_{MemoryCategory::comm_buffers};
   MemoryTracker::Entry params_mem_{MemoryCategory::parameters};

@@ -85,7 +85,9 @@ struct ZeroShardPiece {
 /// the inner optimizer updates in place; `step()` gathers nothing. The unit of gathering is one
 /// bucket set: a DataParallel's model, or one pipeline stage of a Hybrid (DataParallelStage),
 /// gathered before each forward and backward and freed after (FSDP2's `fully_shard` on that
-/// module; wrap smaller modules in DataParallels of their own for smaller units). Between
+/// module; wrap smaller modules in DataParallels of their own for smaller units). The bucket
+/// sets given are units in forward order: with prefetch, a unit's gather starts while the one
+/// before it (in backward: after it) computes. Between
 /// uses the parameters' `value` tensors are empty: gather them with gather_full_parameters()
 /// (checkpoints, evaluation outside the policy) and free them again with
 /// release_full_parameters(). Destroying the optimizer gathers the values back into
@@ -298,6 +300,11 @@ class ZeroOptimizer {
         if (shard_grads) b->set_shard_grads(true);
         if (shard_params) b->set_shard_params(true);
       }
+      // ZeRO-3: the sets are units in forward order (a Hybrid's stages on this rank); each
+      // prefetches its neighbour's gather.
+      if (shard_params)
+        for (std::size_t i = 0; i < sets.size(); ++i)
+          sets[i]->set_neighbours(i + 1 < sets.size() ? sets[i + 1] : nullptr, i > 0 ? sets[i - 1] : nullptr);
       // Pieces in group order (the inner optimizer's parameter order), in bucket order inside.
       std::size_t num_groups = 0;
       for (const ZeroShardPiece& p : runs) num_groups = std::max(num_groups, p.group + 1);
@@ -409,6 +416,7 @@ class ZeroOptimizer {
     ~State() override {
       for (GradBuckets<T>* b : sets) {
         try {
+          b->set_neighbours(nullptr, nullptr);
           if (shard_params && std::uncaught_exceptions() == 0) b->set_shard_params(false);
           if (shard_grads && !b->shard_params()) b->set_shard_grads(false);
           b->set_mode(GradReduce::all_reduce);

@@ -52,7 +52,8 @@ class DataParallelStage final : public PipelineStage<T, Input> {
 
   /// The wrapped stage's forward on the model input. Under ZeRO-3 the stage is one unit of
   /// gathering: its parameters are all-gathered over dp first and freed after (collective over
-  /// dp; every dp rank runs the same schedule).
+  /// dp; every dp rank runs the same schedule); with prefetch, the gather of this rank's next
+  /// stage (virtual stages; the previous one in backward) is started before this one computes.
   StageOutput<T> forward_first(const Input& x) override {
     return with_values(false, [&] { return stage_->forward_first(x); });
   }
@@ -105,6 +106,7 @@ class DataParallelStage final : public PipelineStage<T, Input> {
     const auto t0 = std::chrono::steady_clock::now();
     buckets_->reduce();
     buckets_->release_buffers();
+    buckets_->release_values();  // ZeRO-3: a prefetch of this stage that no operation used
     sync_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   /// Seconds of the last finish_grad_sync (the dp reduction).
@@ -128,6 +130,7 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   auto with_values(bool backward, F&& f) {
     if (!buckets_->shard_params()) return f();
     buckets_->gather_values(buckets_->prefetch(), backward);
+    buckets_->prefetch_neighbour(backward);  // this rank's next stage (previous in backward)
     try {
       auto out = f();
       buckets_->release_values();
