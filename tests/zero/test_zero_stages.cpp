@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -193,6 +194,73 @@ TEST_CASE("ZeRO-3 equals ZeRO-2 bitwise on the threads backend") {
     CHECK(z3.params == z2.params);
     CHECK(z3.losses == z2.losses);
     CHECK(z3.no_full_param);
+  }
+}
+
+namespace {
+
+// Two MLP blocks, each its own DataParallel (its own unit, as fully_shard per module), chained:
+// `steps` AdamW steps of L = sum(y^2)/2 over the global batch at ZeRO stage `stage` (none: a
+// plain AdamW over both; parameters: one ZeroOptimizer over both units' buckets, in forward
+// order). Returns the final values of both blocks and, at ZeRO-3, the fewest prefetched
+// gathers of a unit.
+std::pair<std::vector<float>, std::size_t> two_units(Comm& c, ZeroStage stage, int steps) {
+  constexpr std::int64_t d = 12;
+  DataParallel a(nn::MLP<float>(d, {.prefix = "a", .seed = 5}), c, DataParallelOptions{.bucket_size = 512, .first_bucket_size = 256});
+  DataParallel b(nn::MLP<float>(d, {.prefix = "b", .seed = 6}), c, DataParallelOptions{.bucket_size = 512, .first_bucket_size = 256});
+  const optim::AdamWOptions o{.lr = 1e-2, .weight_decay = 0.1};
+  ParameterList<float> all = a.parameters();
+  all.append(b.parameters());
+  std::optional<optim::AdamW<float>> plain;
+  std::optional<ZeroOptimizer<optim::AdamW<float>>> zero;
+  if (stage == ZeroStage::none)
+    plain.emplace(all, o);
+  else
+    zero.emplace(stage, std::vector<GradBuckets<float>*>{&a.buckets(), &b.buckets()}, o);
+  for (int step = 0; step < steps; ++step) {
+    Tensor<float> x(Shape{2 + c.rank() % 2, d});
+    for (std::int64_t i = 0; i < x.size(0); ++i)
+      for (std::int64_t j = 0; j < d; ++j) x(i, j) = std::sin(0.3f * static_cast<float>(i + 3 * j + 7 * step + 11 * c.rank()));
+    const float scale = static_cast<float>(a.loss_scale(x.size(0)));
+    auto [h, actx] = a.forward(x);
+    auto [y, bctx] = b.forward(h);
+    Tensor<float> dy = y.clone();
+    dy.scale_(scale);
+    a.backward(b.backward(dy, bctx), actx);
+    if (plain) plain->step(); else zero->step();
+    a.zero_grad();
+    b.zero_grad();
+  }
+  std::size_t prefetched = 0;
+  if (zero) {
+    prefetched = std::min(a.buckets().prefetched_uses(), b.buckets().prefetched_uses());
+    zero->gather_full_parameters();
+  }
+  std::vector<float> values;
+  for (const Parameter<float>& p : all) {
+    const Tensor<float> v = p.value.contiguous();
+    values.insert(values.end(), v.data(), v.data() + v.numel());
+  }
+  if (zero) zero->release_full_parameters(false);
+  return {values, prefetched};
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-3 with two units (two DataParallels, one ZeroOptimizer): each prefetches the other, equal to plain DP") {
+  // The units are the user's choice: each block its own DataParallel. Unit a's forward starts
+  // b's gather, b's backward starts a's. Planted bug seen to fail here: the forward prefetch
+  // aimed at the computing unit itself (b never prefetched) fails the prefetch check.
+  for (int world : {2, 3}) {
+    CAPTURE(world);
+    auto res = run_ranks(world, [](Comm& c) {
+      return std::pair{two_units(c, ZeroStage::none, 10), two_units(c, ZeroStage::parameters, 10)};
+    });
+    for (const auto& [plain, z3] : res) {
+      REQUIRE(z3.first.size() == plain.first.size());
+      CHECK(testing::norm_rel_error(std::span<const float>(z3.first), std::span<const float>(plain.first)) < 1e-5);
+      CHECK(z3.second > 0);
+    }
   }
 }
 
