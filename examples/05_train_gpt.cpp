@@ -96,13 +96,9 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     if (rank0)
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
                   info.layout.dp, info.layout.pp, info.layout.tp, a.dp, a.pp, a.tp);
-    // Checkpoints hold the weights and AdamW's state, not a compressor's error-feedback residuals
-    // or DiLoCo's outer state: such a resume continues, but not bitwise as the uninterrupted run.
-    if (rank0 && a.dp > 1 && ((!a.compress.empty() && a.compress.rfind("powersgd", 0) == 0) ||
-                              a.compress.rfind("topk", 0) == 0 || a.sync_every > 0))
-      std::printf("note: --%s state (%s) is not in checkpoints: this resume restarts it, so it does not continue "
-                  "the interrupted run exactly\n", a.sync_every > 0 ? "sync-every" : "compress",
-                  a.sync_every > 0 ? "the outer momentum and the last synchronized weights" : "error-feedback residuals");
+    // The compressors' residuals and DiLoCo's state, saved per rank beside the shards: taken at
+    // the same layout (bitwise continuation), else restarted with a note.
+    dp_comm.load_state(a.resume, world, mesh, model, opt, a, start, rank0);
   }
   std::int64_t n_params = 0;
   opt.gather_full_parameters();  // --zero 3: the values are freed between uses
@@ -186,10 +182,14 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
       opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
       checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
+      dp_comm.save_state(a.save, world, mesh, model, opt, a, step + 1);  // residuals, DiLoCo state
       opt.release_full_parameters(false);
       if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
     }
   }
+  if (rank0 && a.dp > 1 && dp_comm.total_steps() > 0)
+    std::printf("dp sent %.4g MB/step over %lld steps (%s)\n", dp_comm.total_bytes_per_step() / 1e6,
+                static_cast<long long>(dp_comm.total_steps()), dp_comm.describe(a).c_str());
   if (rank0 && a.steps > start)
     std::printf("trained steps %d..%d in %.1f s%s\n", start, a.steps - 1,
                 std::chrono::duration<double>(Clock::now() - t_start).count(),
@@ -297,8 +297,6 @@ int main(int argc, char** argv) {
                     " must be >= 0");
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
-    TESSERA_EXPECTS(a.compress.empty() || a.sync_every == 0, "train_gpt: --compress ", a.compress,
-                    " and --sync-every ", a.sync_every, " exclude each other (DiLoCo sends no gradients)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
                     " needs whole optimizer state on every replica: drop --zero1 / --zero");

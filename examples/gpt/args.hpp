@@ -120,8 +120,9 @@ inline void add_options(CLI::App& app, Args& a) {
                  "(sharded over dp; 3 gathers each pipeline stage before its forward and backward)")
       ->check(CLI::Range(0, 3));
   app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
-  app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R (rank R) or topk:F "
-                 "(fraction F), with error feedback (docs/compression.md)");
+  app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R[,warmup=N] (rank R; N "
+                 "steps uncompressed first) or topk:F (fraction F), with error feedback; with --sync-every, the "
+                 "compressor of the pseudo-gradients (docs/compression.md)");
   app.add_option("--sync-every", a.sync_every, "DiLoCo / local SGD: replicas step on their own gradients and average "
                  "every H steps through an outer Nesterov SGD (0: synchronous data parallelism)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--outer-lr", a.outer_lr, "DiLoCo's outer learning rate (1 with --outer-momentum 0: parameter averaging)");
