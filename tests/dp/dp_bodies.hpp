@@ -160,6 +160,8 @@ struct AnyOptimizer {
   std::function<void()> step;
   std::function<void()> zero_grad;
   std::function<std::size_t()> state_bytes;
+  std::function<void()> gather_full = [] {};   // ZeRO-3: the full values into the parameters
+  std::function<void()> release_full = [] {};  // ZeRO-3: and freed again
 };
 
 template <class Opt, class Options>
@@ -180,6 +182,7 @@ struct EquivConfig {
   bool unequal = false;    // rank r has 1 + r % 3 rows per micro-batch (else 2)
   bool zero = false;       // ZeroOptimizer instead of the plain optimizer
   bool zero2 = false;      // ... at ZeRO stage 2 (gradients sharded too)
+  bool zero3 = false;      // ... at ZeRO stage 3 (parameters sharded too)
   bool adamw = false;      // AdamW instead of SGD with momentum
   int steps = 5;
 };
@@ -213,14 +216,16 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
   auto zero_dp = [&dp] { dp.zero_grad(); };
   auto zero_serial = [&serial] { serial.parameters().zero_grad(); };
   if (cfg.zero) {
-    const ZeroStage stage = cfg.zero2 ? ZeroStage::gradients : ZeroStage::optimizer;
+    const ZeroStage stage = cfg.zero3 ? ZeroStage::parameters : cfg.zero2 ? ZeroStage::gradients : ZeroStage::optimizer;
     const std::vector<GradBuckets<float>*> sets{&dp.buckets()};
     if (cfg.adamw) {
       auto z = std::make_shared<ZeroOptimizer<optim::AdamW<float>>>(stage, sets, adamw_options());
-      opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); }};
+      opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); },
+                [z] { z->gather_full_parameters(); }, [z] { z->release_full_parameters(false); }};
     } else {
       auto z = std::make_shared<ZeroOptimizer<optim::SGD<float>>>(stage, sets, sgd_options());
-      opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); }};
+      opt_dp = {[z] { z->step(); }, [z] { z->zero_grad(); }, [z] { return z->state_bytes(); },
+                [z] { z->gather_full_parameters(); }, [z] { z->release_full_parameters(false); }};
     }
   } else {
     opt_dp = cfg.adamw ? plain_optimizer<optim::AdamW<float>>(dp.parameters(), adamw_options(), zero_dp)
@@ -265,9 +270,12 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
     opt_serial.zero_grad();
 
     loss_rel.add(testing::rel_error(loss, static_cast<double>(sloss)));
+    opt_dp.gather_full();  // ZeRO-3 (nothing otherwise)
     res.identical_every_step = replicas_identical(c, dp.parameters()) && res.identical_every_step;
+    opt_dp.release_full();
   }
   res.max_loss_rel = loss_rel.value();
+  opt_dp.gather_full();
   res.max_param_rel = max_rel_diff(dp.parameters(), serial.parameters());
   for (const auto& s : dp.buckets().slots())
     if (s.param->name == "wte.weight") {
@@ -276,6 +284,7 @@ inline EquivResult equivalence_body(Comm& c, const EquivConfig& cfg) {
     }
   res.state_bytes = opt_dp.state_bytes();
   res.params = flatten(dp.parameters());
+  opt_dp.release_full();
   return res;
 }
 

@@ -69,17 +69,18 @@ TEST_CASE("DataParallel (MPI): unequal per-rank batch sizes equal the serial run
   }
 }
 
-TEST_CASE("ZeroOptimizer (MPI): ZeRO-1 and ZeRO-2 parameters after 5 steps equal plain DataParallel's within "
-          "round-off, state is 1/dp per rank") {
+TEST_CASE("ZeroOptimizer (MPI): ZeRO-1, ZeRO-2 and ZeRO-3 parameters after 5 steps equal plain DataParallel's "
+          "within round-off, state is 1/dp per rank") {
   Comm c = world();
   for (bool adamw : {false, true})
-  for (bool zero2 : {false, true}) {
+  for (int stage : {1, 2, 3}) {
     CAPTURE(adamw);
-    CAPTURE(zero2);
+    CAPTURE(stage);
     const EquivConfig plain{.dp = layout(1, true), .accumulation = 2, .unequal = true, .adamw = adamw};
     EquivConfig zero = plain;
     zero.zero = true;
-    zero.zero2 = zero2;
+    zero.zero2 = stage == 2;
+    zero.zero3 = stage == 3;
     const EquivResult p = equivalence_body(c, plain);
     const EquivResult z = equivalence_body(c, zero);
     CHECK(z.identical_every_step);
