@@ -201,6 +201,19 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     if (rank0) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
   }
   if (a.memory_report) print_memory_report(world, world.rank() == 0 && print);
+  if (a.memory_report && a.zero_stage() == ZeroStage::parameters) {
+    // ZeRO-3's gathered units (part of comm_buffers above) on a line of their own: the largest
+    // bytes of gathered stage values alive at once on a rank, over the ranks.
+    double gathered[2] = {0, 0};  // peak, live
+    for (GradBuckets<float>* b : model.buckets()) {
+      gathered[0] += static_cast<double>(b->peak_gathered_bytes());
+      gathered[1] += static_cast<double>(b->gathered_bytes());
+    }
+    world.all_reduce(std::span<double>(gathered, 2), ReduceOp::max);
+    if (world.rank() == 0 && print)
+      std::printf("ZeRO-3 gathered units (in comm_buffers), MiB, largest rank: %.3f peak / %.3f live\n",
+                  gathered[0] / (1024.0 * 1024.0), gathered[1] / (1024.0 * 1024.0));
+  }
   return curve;
 }
 
