@@ -10,9 +10,10 @@ import re
 import sys
 names=[('none','fp32 all-reduce'),('bf16','bf16'),('powersgd_4','PowerSGD r=4'),('topk_0_01','top-k 1%'),('diloco_10','DiLoCo H=10'),
        ('powersgd_4_warmup_20','PowerSGD r=4, 20 steps uncompressed first'),
-       ('diloco_1_lr_1_momentum_0_compress_powersgd_4','PowerSGD r=4 of the AdamW update (--sync-every 1)'),
        ('diloco_1_lr_1_momentum_0_compress_topk_0_01','top-k 1% of the AdamW update (--sync-every 1)'),
-       ('diloco_10_lr_1_momentum_0','DiLoCo H=10, outer lr 1, no momentum (averaging)')]
+       ('diloco_10_lr_1_momentum_0','DiLoCo H=10, outer lr 1, no momentum (averaging)'),
+       ('diloco_10_lr_1_momentum_0_5','DiLoCo H=10, outer lr 1, Nesterov 0.5'),
+       ('powersgd_64','PowerSGD r=64 (a check of the code, not a target)')]
 dirs=sys.argv[1:] or ['data/compress']
 steps=[50,100,150,200,250,300,350,399]
 vals={};mb={};whole={}

@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
 """Draws the convergence runs of bench/compress/convergence.sh in one SVG: the training loss of
 the progress lines (every 20 steps, thin) and the validation loss (dots, thick) of every policy
-whose log is in DIR (a run still going is drawn as far as it got).
-Usage: python3 bench/compress/plot_curves.py DIR OUT.svg"""
+whose log is in one of the DIRs (the last DIR that has it; a run still going is drawn as far as it
+got).
+Usage: python3 bench/compress/plot_curves.py DIR... OUT.svg"""
 import re
 import os
 import sys
 
-COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0_01": "#2ca02c", "diloco_10": "#9467bd"}
+COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0_01": "#2ca02c", "diloco_10": "#9467bd",
+          "powersgd_4_warmup_20": "#ff7f0e", "diloco_1_lr_1_momentum_0_compress_topk_0_01": "#17becf",
+          "diloco_1_lr_1_momentum_0_compress_powersgd_4": "#e377c2", "diloco_10_lr_1_momentum_0": "#8c564b",
+          "diloco_10_lr_1_momentum_0_5": "#bcbd22", "powersgd_64": "#7f7f7f"}
 LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
-          "diloco_10": "DiLoCo H=10"}
+          "diloco_10": "DiLoCo H=10", "powersgd_4_warmup_20": "PowerSGD r=4, warmup 20",
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01": "top-k 1% of the update",
+          "diloco_1_lr_1_momentum_0_compress_powersgd_4": "PowerSGD r=4 of the update",
+          "diloco_10_lr_1_momentum_0": "DiLoCo H=10 averaging", "diloco_10_lr_1_momentum_0_5": "DiLoCo H=10 lr 1 mom 0.5",
+          "powersgd_64": "PowerSGD r=64 (check)"}
 
 
 def read(path):
@@ -25,13 +33,13 @@ def read(path):
     return train, val
 
 
-def main(src, out):
+def main(srcs, out):
     runs = {}
     for name in COLORS:
-        p = os.path.join(src, name + ".log")
-        if os.path.exists(p):
-            runs[name] = read(p)
-    W, H, L, R, T, B = 760, 440, 60, 170, 30, 40
+        found = [os.path.join(d, name + ".log") for d in srcs if os.path.exists(os.path.join(d, name + ".log"))]
+        if found:
+            runs[name] = read(found[-1])  # the last DIR that has the policy's log
+    W, H, L, R, T, B = 900, 480, 60, 300, 30, 40
     smax = 400
     ys = [v for t, va in runs.values() for _, v in t[1:] + va]
     ymin, ymax = min(ys) * 0.97, min(max(ys), 3.2)
@@ -64,4 +72,4 @@ def main(src, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:-1], sys.argv[-1])
