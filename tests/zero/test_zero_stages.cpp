@@ -11,13 +11,16 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "hybrid/hybrid_bodies.hpp"
 #include "tessera/core/memory_tracker.hpp"
+#include "tessera/optim/nonfinite_check.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
 #include "tessera/testing/run_ranks.hpp"
@@ -284,6 +287,92 @@ TEST_CASE("ZeRO-2: a rank out of data joins with reduce_grads (zero contribution
   for (const auto& [plain, z2] : res) {
     CHECK(testing::norm_rel_error(std::span<const float>(z2.params), std::span<const float>(plain.params)) < 1e-5);
     CHECK(z2.no_full_grad);
+  }
+}
+
+namespace {
+
+// One backward of the small GPT under DataParallel over `c` (rank r: 1 + r % 2 rows) at ZeRO
+// stage `stage`; returns the optimizer's view of the reduced gradients (ZeRO: this rank's
+// shards) and, for stage none, every parameter's reduced gradient by name in `full`.
+optim::Gradients<float> one_backward(Comm& c, ZeroStage stage, std::map<std::string, std::vector<float>>* full) {
+  DataParallel dp(GPT<float>(small_gpt(), 99), c, {});
+  DistributedOptimizer<optim::AdamW<float>> opt(dp, optim::AdamWOptions{.lr = 1e-2}, stage);
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::sum});
+  const std::int64_t rows = 1 + c.rank() % 2;
+  const double scale = dp.loss_scale(rows * seq);
+  auto [x, y] = batch(0, 0, c.rank(), rows, small_gpt().vocab_size);
+  auto [logits, ctx] = dp.forward(x);
+  auto [l, lctx] = ce.forward(logits, y);
+  dp.backward(ce.backward(static_cast<float>(scale), lctx), ctx);
+  if (full != nullptr)
+    for (const Parameter<float>& p : dp.parameters()) {
+      const Tensor<float> g = p.grad.contiguous();
+      (*full)[p.name].assign(g.data(), g.data() + g.numel());
+    }
+  if (stage == ZeroStage::none) return {};
+  optim::Gradients<float> g = opt.sharded().gradients<float>();
+  for (optim::GradientPiece<float>& piece : g.pieces) piece.grad = piece.grad.clone();  // outlive the buckets
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-2 and 3: each gradient shard piece names its parameter and first element; a NaN in one is reported by that name") {
+  // What NonfiniteCheck names under ZeRO-2/3, where the parameters' own gradients are freed:
+  // every piece must hold exactly the reduced gradient of the parameter it names, from the
+  // element it names, and the pieces of all ranks must cover each parameter once. Planted: a
+  // piece naming the bucket offset instead of the parameter's (first_element = a) fails here.
+  for (ZeroStage stage : {ZeroStage::gradients, ZeroStage::parameters}) {
+    CAPTURE(static_cast<int>(stage));
+    const int n = 3;
+    std::vector<std::map<std::string, std::vector<float>>> full(n);
+    auto res = run_ranks(n, [&](Comm& c) {
+      (void)one_backward(c, ZeroStage::none, &full[static_cast<std::size_t>(c.rank())]);
+      optim::Gradients<float> g = one_backward(c, stage, nullptr);
+      std::map<std::string, std::int64_t> covered;
+      double worst = 0;
+      for (const optim::GradientPiece<float>& piece : g.pieces) {
+        const std::vector<float>& ref = full[static_cast<std::size_t>(c.rank())].at(piece.name);
+        const std::int64_t k = piece.grad.numel();
+        if (piece.first_element < 0 || piece.first_element + k > static_cast<std::int64_t>(ref.size())) {
+          worst = std::numeric_limits<double>::infinity();  // names elements the parameter does not have
+          continue;
+        }
+        const std::span<const float> want(ref.data() + piece.first_element, static_cast<std::size_t>(k));
+        worst = std::max(worst, testing::max_abs_error(std::span<const float>(piece.grad.data(), static_cast<std::size_t>(k)), want));
+        covered[piece.name] += k;
+      }
+      // A NaN in the last piece of the last rank: every rank stops with that parameter's name
+      // and the element's index in it.
+      std::string expected, message = "(no error)";
+      if (c.rank() == n - 1 && !g.pieces.empty()) {
+        const optim::GradientPiece<float>& last = g.pieces.back();
+        last.grad.span()[0] = std::numeric_limits<float>::quiet_NaN();
+        expected = tessera::detail::str("the gradient of '", last.name, "' holds NaN at element ", last.first_element);
+      }
+      try {
+        optim::NonfiniteCheck<float> check;
+        (void)check.check(4, 1.0, g);
+      } catch (const Error& e) {
+        message = e.what();
+      }
+      return std::tuple{covered, worst, expected, message};
+    });
+    std::map<std::string, std::int64_t> total;
+    for (const auto& [covered, worst, expected, message] : res) {
+      CHECK(worst <= 1e-6);
+      for (const auto& [name, k] : covered) total[name] += k;
+      INFO(message);
+      CHECK(message == std::get<3>(res[0]));
+    }
+    const std::string& expected = std::get<2>(res[n - 1]);
+    REQUIRE(!expected.empty());
+    CHECK(std::get<3>(res[0]).find(expected) != std::string::npos);
+    for (const auto& [name, values] : full[0]) {
+      CAPTURE(name);
+      CHECK(total[name] == static_cast<std::int64_t>(values.size()));
+    }
   }
 }
 

@@ -9,7 +9,9 @@
 
 #include <cmath>
 #include <concepts>
+#include <cstdint>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -25,6 +27,11 @@ template <std::floating_point T>
 struct GradientPiece {
   Tensor<T> grad;        ///< the gradient elements (a handle: clipping scales them in place)
   bool counted = true;   ///< whether this rank counts it in the norm (false: another rank, or another piece, holds the same values)
+  /// For messages (NonfiniteCheck): the parameter whose gradient elements these are, when the
+  /// piece is a run of one parameter's flattened gradient (a ZeRO shard); empty: unnamed.
+  std::string name{};
+  /// With `name`: the index, in that parameter's flattened gradient, of this piece's element 0.
+  std::int64_t first_element = 0;
 };
 
 /// The gradients of a (possibly parallel) model as this rank holds them: clipping scales every

@@ -62,7 +62,8 @@ class NonfiniteCheck {
   /// tessera::Error on every rank with the same message: the step, the first parameter of
   /// `params` (in order, on the lowest rank that holds one) whose gradient holds a NaN or an
   /// infinity, the element and its value, and the loss; `params` only names what is found and
-  /// may be empty (the message then gives the gradient piece's index). With OnNonfinite::skip,
+  /// may be empty (the message then names the piece's parameter, GradientPiece::name, as ZeRO-2
+  /// and 3 shards do, or else gives the gradient piece's index). With OnNonfinite::skip,
   /// returns `finite = false` and adds one to skipped_steps(); the caller skips the optimizer
   /// step and zeroes the gradients as for any step.
   ///
@@ -116,8 +117,15 @@ class NonfiniteCheck {
       }
     }
     for (std::size_t i = 0; rec[1] == 0 && i < grads.pieces.size(); ++i) {
-      const std::int64_t e = first_nonfinite_(grads.pieces[i].grad, &value);
-      if (e >= 0) rec[1] = 2, rec[2] = e, rec[3] = static_cast<std::int64_t>(i);
+      const GradientPiece<T>& piece = grads.pieces[i];
+      const std::int64_t e = first_nonfinite_(piece.grad, &value);
+      if (e < 0) continue;
+      rec[1] = 2;
+      if (piece.name.empty()) {
+        rec[2] = e, rec[3] = static_cast<std::int64_t>(i);
+      } else {  // a run of a named parameter (a ZeRO shard): its name and the element there
+        rec[2] = piece.first_element + e, rec[3] = -1, name = piece.name;
+      }
     }
     if (rec[1] == 0 && !std::isfinite(loss)) rec[1] = 1;
     rec[4] = std::bit_cast<std::int64_t>(static_cast<double>(value));

@@ -190,7 +190,8 @@ class ZeroOptimizer {
     auto* st = dynamic_cast<State<T>*>(state_.get());
     TESSERA_EXPECTS(st != nullptr, "ZeroOptimizer::gradients: the parameters are not of the element type asked for");
     optim::Gradients<T> g{{}, st->comm};
-    for (const Parameter<T>& p : st->shards) g.pieces.push_back({p.grad, true});
+    for (std::size_t i = 0; i < st->shards.size(); ++i)
+      g.pieces.push_back({st->shards[i].grad, true, st->owner[i].first, st->owner[i].second});
     return g;
   }
 
@@ -318,6 +319,7 @@ class ZeroOptimizer {
           // ZeRO-3: the value is this rank's block of the flat values, not the parameter's own.
           Tensor<T> value = shard_params ? value_shard(p.bucket).slice(0, p.begin - lo, p.end - lo)
                                          : s.param->value.reshape(Shape{s.numel}).slice(0, p.begin - s.offset, p.end - s.offset);
+          owner.emplace_back(s.param->name, p.begin - s.offset);
           shards.emplace_back(detail::str("zero.bucket", p.bucket, ".shard", r, "[", p.begin, ":", p.end, "]"),
                               std::move(value), grad_shard(p.bucket).slice(0, p.begin - lo, p.end - lo), ParamLayout{});
         }
@@ -439,6 +441,7 @@ class ZeroOptimizer {
     std::vector<Ref> refs;              // every bucket of every set, in order
     Comm comm;
     std::vector<Parameter<T>> shards;   // per piece: this rank's value and grad runs
+    std::vector<std::pair<std::string, std::int64_t>> owner;  // per piece: its parameter's name, first element there
     std::vector<ZeroShardPiece> piece_list;
     bool shard_grads = false;   // ZeRO-2 and 3
     bool shard_params = false;  // ZeRO-3

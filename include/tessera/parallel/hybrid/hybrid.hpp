@@ -254,7 +254,9 @@ class Hybrid {
           for (std::size_t i : bucket.slots) {
             const auto& s = set->slots()[i];
             const std::int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
-            if (a < e) g.pieces.push_back({set->grad_shard(b).slice(0, a - lo, e - lo), counted_.count(s.param) > 0});
+            if (a < e)
+              g.pieces.push_back({set->grad_shard(b).slice(0, a - lo, e - lo), counted_.count(s.param) > 0,
+                                  s.param->name, a - s.offset});
           }
         }
     } else {
