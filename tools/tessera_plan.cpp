@@ -94,16 +94,17 @@ struct LayoutArgs {
   std::string schedule = "auto", recompute = "none";
   void add(CLI::App* app) {
     app->add_option("--dp", layout.dp, "data-parallel replicas")->check(CLI::Range(1, 1 << 30));
-    app->add_option("--tp", layout.tp, "tensor-parallel size");
-    app->add_option("--pp", layout.pp, "pipeline ranks");
-    app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)");
+    app->add_option("--tp", layout.tp, "tensor-parallel size")->check(CLI::Range(1, 1 << 30));
+    app->add_option("--pp", layout.pp, "pipeline ranks")->check(CLI::Range(1, 1 << 30));
+    app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)")->check(CLI::Range(1, 1 << 30));
     app->add_option("--mbs", layout.microbatch_size, "micro-batch size")->check(CLI::Range(1, 1 << 30));
     app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")
         ->required()->check(CLI::Range(1LL, 1LL << 40));
     app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
-    app->add_option("--recompute", recompute, "none, selective or full");
-    app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3");
+    app->add_option("--recompute", recompute, "none, selective or full")
+        ->check(CLI::IsMember({"none", "selective", "full"}));
+    app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3")->check(CLI::Range(0, 3));
     app->add_flag("--overlap-dp", layout.overlap_grad_reduce, "overlap the dp reduction with the last backward");
   }
   tp::Layout get() const {
@@ -394,7 +395,7 @@ int main(int argc, char** argv) {
   rank_cmd->add_flag("--fp32", fp32, "fp32 activations, weights, gradients and AdamW moments (tessera on CPUs)");
   rank_cmd->add_option("--world", sopts.world, "devices")->required();
   rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required();
-  rank_cmd->add_option("--top", top, "how many ranked layouts to print");
+  rank_cmd->add_option("--top", top, "how many ranked layouts to print")->check(CLI::Range(1, 1 << 30));
   rank_cmd->add_flag("--rejected", show_rejected, "print every rejected layout with its reason");
   rank_cmd->add_flag("--overlap-dp", sopts.overlap_grad_reduce, "overlap the dp reduction with the last backward");
 
@@ -420,10 +421,32 @@ int main(int argc, char** argv) {
   cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB");
   cal_cmd->add_option("--devices-per-node", cal.devices_per_node, "ranks a node may hold (the search's largest tp)");
   cal_cmd->add_option("--link-ranks", cal.link_ranks, "the rank count whose all-reduce fit becomes the link");
-  cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel");
+  cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel")->check(CLI::Range(1e-6, 3600.0));
   cal_cmd->add_option("--name", cal.name, "the cluster's name");
   cal_cmd->add_option("--out", cal.out, "write the cluster file here");
 
+  // CLI11 reports a missing subcommand or a missing --cluster before an unknown name: name the
+  // unknown subcommand or flag first (one line, exit code 2).
+  if (argc > 1 && argv[1][0] != '-') {
+    CLI::App* sub = nullptr;
+    for (CLI::App* c : {plan_cmd, time_cmd, rank_cmd, val_cmd, cal_cmd})
+      if (c->get_name() == argv[1]) sub = c;
+    if (sub == nullptr) {
+      std::fprintf(stderr, "tessera-plan: unknown subcommand '%s' (plan, timeline, rank, validate or calibrate; --help "
+                   "lists them)\n", argv[1]);
+      return 2;
+    }
+    for (int i = 2; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg.size() < 2 || arg[0] != '-' || std::isdigit(static_cast<unsigned char>(arg[1])) || arg[1] == '.') continue;
+      const std::string name = arg.substr(0, arg.find('='));
+      if (name != "--help" && name != "-h" && sub->get_option_no_throw(name) == nullptr) {
+        std::fprintf(stderr, "tessera-plan: %s has no flag %s (tessera-plan %s --help lists them)\n", argv[1],
+                     name.c_str(), argv[1]);
+        return 2;
+      }
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -434,6 +457,26 @@ int main(int argc, char** argv) {
     std::replace(what.begin(), what.end(), '\n', ' ');
     std::fprintf(stderr, "tessera-plan: %s (--help lists the subcommands and flags)\n", what.c_str());
     return 2;
+  }
+  // The command line's values that CLI11's ranges cannot see: a usage error (exit code 2), as
+  // train_gpt's. Errors of the files and of the prediction itself: exit code 1.
+  const auto message = [](const std::exception& e) {
+    std::string what = e.what();
+    if (const std::size_t at = what.rfind(" ["); at != std::string::npos && what.back() == ']') what.erase(at);
+    return what.rfind("tessera-plan: ", 0) == 0 ? what.substr(14) : what;
+  };
+  if (*plan_cmd || *time_cmd) {
+    try {
+      const tp::ModelSpec m = model.get();
+      const tp::Layout l = layout.get();
+      // The same refusal as the search's (tessera-plan rank): the heads are split over tp.
+      if (m.heads % l.tp != 0 || m.num_kv_heads() % l.tp != 0 || m.ffn_size() % l.tp != 0)
+        throw tessera::Error(tessera::detail::str("tp ", l.tp, " does not divide the heads ", m.heads,
+                                                  ", key/value heads ", m.num_kv_heads(), " and MLP width ", m.ffn_size()));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
+      return 2;
+    }
   }
   try {
     if (*val_cmd) return validate(rows_path, clusters_dir, max_mean, max_max);
@@ -466,7 +509,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "tessera-plan: %s\n", e.what());
+    std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
     return 1;
   }
   return 0;
