@@ -129,7 +129,10 @@ TEST_CASE("checkpoint input: numbers of the wrong JSON type or out of range name
   CHECK(has(index_error(fx, edit(j, R"("version":1)", R"("version":"1")")), "index.json version is \"1\", not an integer"));
   CHECK(has(index_error(fx, edit(j, R"("step":7)", R"("step":-1e300)")), "index.json step is -1e+300, not an integer"));
   CHECK(has(index_error(fx, edit(j, R"("step":7)", R"("step":18446744073709551615)")),
-            "step is 18446744073709551615, not an integer in [-9223372036854775808, 9223372036854775807]"));
+            "step is 18446744073709551615, not an integer in [0, 9223372036854775807]"));
+  CHECK(has(index_error(fx, edit(j, R"("step":7)", R"("step":-1)")), "index.json step is -1, not an integer in [0, "));
+  CHECK(has(index_error(fx, edit(j, R"("optimizer":\{"step":3\})", R"("optimizer":{"step":-3})")),
+            "optimizer step is -3, not an integer in [0, "));
   CHECK(has(index_error(fx, edit(j, R"("dp":1)", R"("dp":0)")), "layout dp is 0, not an integer in [1, 2147483647]"));
   CHECK(has(index_error(fx, edit(j, R"("tp":2)", R"("tp":4294967298)")), "layout tp is 4294967298, not an integer"));
   CHECK(has(index_error(fx, edit(j, R"("optimizer":\{"step":3\})", R"("optimizer":{"step":[3]})")),

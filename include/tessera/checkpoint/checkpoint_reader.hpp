@@ -243,7 +243,7 @@ class CheckpointReader {
     TESSERA_EXPECTS(info_.version == format_version, where, " has format version ", info_.version,
                     "; this build reads version ", format_version);
     info_.id = detail::string_of(member(j, "id", where), where + " id");
-    info_.step = integer<std::int64_t>(member(j, "step", where), where + " step");
+    info_.step = integer<std::int64_t>(member(j, "step", where), where + " step", 0);
     info_.config = member(j, "config", where);
     info_.extra = j.contains("extra") ? nlohmann::json(j["extra"]) : nlohmann::json::object();
     const Json& l = member(j, "layout", where);
@@ -253,8 +253,10 @@ class CheckpointReader {
                              .tp = integer<int>(member(l, "tp", lw), lw + " tp", 1)};
     if (j.contains("optimizer") && !j["optimizer"].is_null()) {
       info_.has_optimizer = true;
+      // Not compared with "step": the library does not know how a caller counts its steps
+      // (train_gpt checks optimizer.step <= step on --resume).
       info_.optimizer_step = integer<std::int64_t>(member(j["optimizer"], "step", where + " optimizer"),
-                                                   where + " optimizer step");
+                                                   where + " optimizer step", 0);
     }
     const Json& files = member(j, "files", where);
     TESSERA_EXPECTS(files.is_object(), where, ": \"files\" is ", detail::brief(files), ", not a JSON object");
