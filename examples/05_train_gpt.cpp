@@ -107,9 +107,10 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   if (rank0 && a.dp > 1) std::printf("dp communication: %s\n", dp_comm.describe(a).c_str());
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
-                "global batch %d x %d; rank 0 holds %lld parameters%s\n",
+                "global batch %d x %d; rank 0 holds %lld parameters%s%s\n",
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
                 a.accum, a.zero_stage() == ZeroStage::parameters ? ", ZeRO-3" : a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
+                a.zero_stage() == ZeroStage::parameters && a.dp > 1 ? " (ZeRO-3: 1/dp of them stored per rank)" : "",
                 a.sequence_parallel ? "; sequence parallel" : "");
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
@@ -167,6 +168,10 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
                           {"step_seconds", dt}, {"compute_seconds", c}, {"comm_seconds", m}, {"pp_wait_seconds", w}};
       if (pt.val >= 0) j["val_loss"] = pt.val;
       json_log << j.dump() << std::endl;  // a dashboard reads each line as it is written
+      // A failed write (disk full, file gone) stops the run as a Python logger's OSError would:
+      // exit code 1 after this step, one line naming the file (the other ranks stop with it).
+      TESSERA_EXPECTS(json_log.good(), "train_gpt: cannot write --log-json ", a.log_json, " at step ", step,
+                      " (disk full or the file is gone); stopping");
     }
     if (rank0 && !a.quiet && (step % a.log_every == 0 || last)) {
       // Shares of rank 0's step time: compute (forward, backward, optimizer), communication
@@ -219,7 +224,12 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
 
 int main(int argc, char** argv) {
   Args a;
-  CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens)"};
+  CLI::App app{"Train a GPT on a text file with tessera across dp x pp x tp ranks (byte-level tokens). The default "
+               "layout is dp 2 (two thread ranks); --dp 1 trains serially, scripts/main_job.sh runs the main job "
+               "(dp 2 x pp 2 x tp 2)"};
+  // A flag given twice takes its last value (scripts/main_job.sh's options are overridden by the
+  // ones after them, as with argparse), and --help shows every default.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)->always_capture_default();
   add_options(app, a);
   // A number flag given an empty value (--lr '') is an error, not the default kept.
   for (CLI::Option* o : app.get_options())
@@ -283,6 +293,8 @@ int main(int argc, char** argv) {
       note("--sequence-parallel", given.sequence_parallel, a.sequence_parallel);
       if (!overridden.empty() && prints()) {
         overridden.pop_back();
+        if (given.zero == 3 && a.zero != 3)  // search_options (gpt/auto_plan.hpp) says why
+          overridden += " (the planner does not choose ZeRO-3: its memory model lacks tessera's gathered stage)";
         std::printf("plan auto: note: the plan overrides flags given on the command line:%s\n", overridden.c_str());
       }
     }
@@ -302,6 +314,12 @@ int main(int argc, char** argv) {
       if (const char* n = std::getenv(var); n != nullptr && std::atoi(n) > 1 && a.backend != "mpi")
         throw Error(detail::str("train_gpt: started by mpirun as ", n, " processes but --backend is ", a.backend,
                                 ": pass --backend mpi (or run without mpirun: the threads backend needs no launcher)"));
+    if (const char* t = std::getenv("TESSERA_TIMEOUT")) {  // the collectives' timeout (comm/communicator.hpp)
+      char* end = nullptr;
+      const double v = std::strtod(t, &end);
+      TESSERA_EXPECTS(end != t && *end == '\0' && std::isfinite(v) && v > 0, "train_gpt: TESSERA_TIMEOUT='", t,
+                      "' is not a positive number of seconds");
+    }
     TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
                     " must be in [0, --lr ", a.lr, "]");
@@ -330,6 +348,10 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(parsed && step >= 0 && rank >= 0 && rank < a.world(), "train_gpt: --inject-fault '",
                       a.inject_fault, "' is not throw@STEP:RANK with STEP >= 0 and RANK in [0, dp x tp x pp = ",
                       a.world(), ")");
+      TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --inject-fault ", a.inject_fault,
+                      " faults a training step; --generate and --eval-model train none");
+      TESSERA_EXPECTS(step < a.steps, "train_gpt: --inject-fault ", a.inject_fault, ": step ", step,
+                      " is not trained (--steps ", a.steps, " trains steps 0..", a.steps - 1, ")");
       a.fault_step = step;
       a.fault_rank = rank;
     }
@@ -344,6 +366,12 @@ int main(int argc, char** argv) {
       if (a.dp == 1 && a.sync_every > 0)
         notes.push_back(detail::str("--sync-every ", a.sync_every, " at dp 1: there are no replicas to average; the outer "
                                     "Nesterov step acts on the one replica's progress alone"));
+      if (a.sync_every == 0 && app.count("--outer-lr") + app.count("--outer-momentum") > 0)
+        notes.push_back("--outer-lr/--outer-momentum without --sync-every: DiLoCo's outer step is off (synchronous "
+                        "data parallelism has no outer optimizer)");
+      if (const int total = a.schedule_steps > 0 ? a.schedule_steps : a.steps; app.count("--warmup") > 0 && a.warmup > total)
+        notes.push_back(detail::str("--warmup ", a.warmup, " is longer than the ", total,
+                                    "-step learning-rate schedule: warmup is capped at ", total, " steps"));
       if (a.pp == 1 && a.schedule == "zb-h1")
         notes.push_back("--schedule zb-h1 at pp 1: one stage has no pipeline bubble to fill; it trains as 1F1B does");
       if (a.device != "cuda" && prints())
@@ -428,8 +456,16 @@ int main(int argc, char** argv) {
     if (!a.resume.empty()) {
       const checkpoint::CheckpointReader reader(a.resume);
       a.resume_step = reader.info().step;
+      // train_gpt steps the optimizer at most once per training step (fewer when a non-finite
+      // step was skipped): a larger count means index.json was edited or mixed from two runs.
+      TESSERA_EXPECTS(!reader.info().has_optimizer || reader.info().optimizer_step <= a.resume_step, "train_gpt: --resume ",
+                      a.resume, ": index.json's optimizer.step ", reader.info().optimizer_step, " is beyond its step ",
+                      a.resume_step, " (the optimizer steps at most once per training step)");
       TESSERA_EXPECTS(a.steps > a.resume_step, "train_gpt: --steps ", a.steps, " is not beyond the checkpoint's step ",
                       a.resume_step, " (", a.resume, "); --steps counts all steps, the resumed ones included");
+      TESSERA_EXPECTS(a.fault_step < 0 || a.fault_step >= a.resume_step, "train_gpt: --inject-fault ", a.inject_fault,
+                      ": step ", a.fault_step, " is not trained (resuming at step ", a.resume_step, " trains steps ",
+                      a.resume_step, "..", a.steps - 1, ")");
       // The learning-rate schedule continues where it was unless --schedule-steps says otherwise.
       if (a.schedule_steps == 0 && reader.info().extra.contains("schedule_steps"))
         a.schedule_steps = checkpoint::detail::integer<int>(reader.info().extra["schedule_steps"],
@@ -493,7 +529,10 @@ int main(int argc, char** argv) {
                  16.0 * (12.0 * a.d_model * double(a.d_model) * a.layers + (256.0 + a.context) * a.d_model) / 1e9);
     return training_started ? 1 : 2;
   } catch (const std::exception& e) {
-    const std::string what = e.what();
+    std::string what = e.what();
+    // A usage error is the message only; an error of the run keeps tessera::Error's [file:line].
+    if (const std::size_t at = what.rfind(" ["); !training_started && at != std::string::npos && what.back() == ']')
+      what.erase(at);
     std::fprintf(stderr, "%s%s\n", what.rfind("train_gpt:", 0) == 0 ? "" : "train_gpt: ", what.c_str());
     return training_started ? 1 : 2;  // 2: the command line or its files are wrong
   }

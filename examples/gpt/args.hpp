@@ -168,13 +168,14 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_flag("--generate", a.generate, "load --resume and only sample from it at this layout");
   app.add_option("--eval-model", a.eval_model, "evaluate a Hugging Face GPT-2 .safetensors file (needs --eval-tokens)");
   app.add_option("--eval-tokens", a.eval_tokens, "file of whitespace-separated token ids for --eval-model");
-  app.add_option("--loss-csv", a.loss_csv, "write the loss curve as CSV");
+  app.add_option("--loss-csv", a.loss_csv, "write the loss curve as CSV (at the end; a failed write: exit code 1)");
   app.add_option("--loss-svg", a.loss_svg, "write the loss curve as an SVG picture");
   app.add_flag("--verify", a.verify, "also train serially in this process and print the largest loss difference");
   app.add_flag("--quiet", a.quiet, "no per-step lines");
   app.add_option("--on-nonfinite", a.on_nonfinite, "a NaN or Inf in the loss or a gradient: stop (naming the step and "
                  "parameter) or skip the optimizer step")->check(CLI::IsMember({"stop", "skip"}));
-  app.add_option("--log-json", a.log_json, "write one JSON object per step to this file (step, loss, lr, tokens/s, grad norm)");
+  app.add_option("--log-json", a.log_json, "write one JSON object per step to this file (step, loss, lr, tokens/s, grad norm); "
+                 "a failed write stops the run with exit code 1, naming the file and step");
   app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches, recomputation and ZeRO stage for --world ranks")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--world", a.world_size, "ranks for --plan auto (default: dp x tp x pp)")->check(CLI::Range(1, 4096));

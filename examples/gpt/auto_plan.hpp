@@ -26,6 +26,9 @@ inline plan::ModelSpec model_spec(const Args& a) {
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
 // pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0, 1 or 2,
 // recomputation none, selective or full, no sequence parallelism (left to the user), fp32 AdamW.
+// Not ZeRO-3: the planner's ZeRO-3 memory is the paper's 16/N without the whole pipeline stage
+// tessera gathers before each forward and backward (docs/planner.md), so a ZeRO-3 layout would be
+// ranked on memory it does not have; --zero 3 given with --plan auto is replaced with a note.
 inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
   plan::SearchOptions o{.world = world, .global_batch = a.batch};
   o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};

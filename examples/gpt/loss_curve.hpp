@@ -21,6 +21,8 @@ inline void write_curve(const Args& a, const std::vector<Point>& curve) {
     std::ofstream f(a.loss_csv);
     f << "step,train_loss,val_loss\n";
     for (const Point& p : curve) f << p.step << ',' << p.train << ',' << (p.val >= 0 ? std::to_string(p.val) : "") << '\n';
+    f.flush();  // a full disk or a vanished file: one line naming it, exit code 1 (after training)
+    TESSERA_EXPECTS(f.good(), "train_gpt: cannot write --loss-csv ", a.loss_csv, " (disk full or the file is gone)");
   }
   if (!a.loss_svg.empty() && !curve.empty()) {
     const double W = 640, H = 360, L = 50, R = 20, Tm = 30, B = 40;
@@ -51,6 +53,8 @@ inline void write_curve(const Args& a, const std::vector<Point>& curve) {
     for (const Point& p : curve)
       if (p.val >= 0) f << X(p.step) << ',' << Y(p.val) << ' ';
     f << "'/>\n</svg>\n";
+    f.flush();
+    TESSERA_EXPECTS(f.good(), "train_gpt: cannot write --loss-svg ", a.loss_svg, " (disk full or the file is gone)");
   }
 }
 

@@ -10,7 +10,11 @@ stderr naming the flag or value, and must not start training. Also: --inject-fau
 values, --backend mpi without mpirun, and (with TESSERA_PLAN) tessera-plan's usage errors, each
 exit code 2 and one line; and the flags that do nothing at a layout (ZeRO, compression and
 --sync-every at dp 1, --schedule zb-h1 at pp 1, --plan auto overriding a flag given) train with
-a one-line note. Usage: bad_flags.py TRAIN_GPT [TESSERA_PLAN]
+a one-line note (also --outer-lr without --sync-every, --warmup beyond the schedule). Errors name
+what is wrong, once, without a source location. A flag given twice takes its last value; a write
+error on --log-json / --loss-csv (/dev/full) exits 1 with one line; a checkpoint index.json with a
+negative step or an optimizer step beyond its step is refused (exit 2). Usage: bad_flags.py
+TRAIN_GPT [TESSERA_PLAN]
 """
 import concurrent.futures
 import os
@@ -84,6 +88,12 @@ cases.append(("--save", work, {}))  # exists, neither empty nor a checkpoint
 # The fault-injection flag (not in --help): malformed, or a rank outside dp x tp x pp.
 for v in ["throw", "throw@", "throw@1", "throw@1:", "throw@x:0", "throw@-1:0", "throw@1:1", "kill@1:0", "throw@1:0x"]:
     cases.append(("--inject-fault", v, {}))
+# A step this run does not train (--steps 1 trains step 0 only), and --generate (trains none).
+cases.append(("--inject-fault", "throw@1:0", {"want": "step 1 is not trained (--steps 1"}))
+cases.append(("--inject-fault", "throw@0:0", {"--generate": None, "--resume": work, "want": "--generate"}))
+# TESSERA_TIMEOUT (the collectives' timeout) that is not a positive number of seconds.
+for v in ["abc", "-5", "0", "5x"]:
+    cases.append(("env:TESSERA_TIMEOUT", v, {"want": "TESSERA_TIMEOUT='" + v + "'"}))
 # --backend mpi without mpirun (no launcher variables in this environment).
 cases.append(("--backend", "mpi", {}))
 for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):
@@ -92,15 +102,33 @@ for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LO
 # tessera-plan's usage errors: ("tessera-plan", argv).
 plan_cases = []
 if plan:
-    for argv in [[], ["nosuch"], ["plan", "--nosuch"], ["rank", "--world", "abc"], ["rank", "--cluster", "x.json"],
+    for argv in [[], ["plan", "--nosuch"], ["rank", "--world", "abc"], ["rank", "--cluster", "x.json"],
                  ["plan", "--cluster"], ["calibrate", "--ranks", "1"], ["calibrate", "--backend", "nccl"],
                  ["validate"], ["timeline", "--svg"]]:
         cases.append(("tessera-plan", argv, {}))
+    # Each names what is wrong (the unknown name before a missing --cluster; no doubled prefix,
+    # no source location).
+    cluster = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plan", "clusters",
+                           "this_machine_threads.json")
+    one = ["plan", "--cluster", cluster, "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "256", "--seq",
+           "32", "--dp", "1", "--pp", "1", "--mbs", "1", "--batch", "1"]
+    for argv, want in [(["nosuch"], "unknown subcommand 'nosuch'"), (["plan", "--bogus", "1"], "--bogus"),
+                       (one + ["--tp", "7"], "tp 7 does not divide the heads 4"), (one + ["--recompute", "maybe"], "maybe"),
+                       (one + ["--zero", "4"], "--zero"), (one + ["--tp", "0"], "--tp"),
+                       (["rank", "--cluster", cluster, "--world", "2", "--batch", "2", "--top", "-1"], "--top"),
+                       (["calibrate", "--min-time", "-1"], "--min-time")]:
+        cases.append(("tessera-plan", argv, {"want": want}))
 
 
 def check(case):
     """One command line: "" when it is refused as it must be, else what went wrong; and its time."""
     flag, value, extra = case
+    extra = dict(extra)
+    want = extra.pop("want", None)
+    run_env = env
+    if flag.startswith("env:"):  # an environment variable's value, with the base command line
+        run_env = dict(env, **{flag[4:]: value})
+        flag, value = "--steps", base["--steps"]
     if flag == "tessera-plan":
         cmd = [plan] + value
         what = f"tessera-plan {' '.join(value)!r}"
@@ -109,12 +137,12 @@ def check(case):
         args = dict(base)
         args.update(extra)
         args[flag] = value
-        cmd = [train] + [x for kv in args.items() for x in kv]
+        cmd = [train] + [x for kv in args.items() for x in kv if x is not None]
         what = f"{flag} {value!r}" + (f" with {extra}" if extra else "")
         prefix = "train_gpt: "
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=LIMIT, cwd=work)
     except subprocess.TimeoutExpired:
         return f"{what}: still running after {LIMIT} s", LIMIT, what
     dt = time.time() - t0
@@ -123,8 +151,12 @@ def check(case):
         return f"{what}: exit code {r.returncode}, expected 2; stderr: {r.stderr.strip()[:300]!r}", dt, what
     if len(err) != 1:
         return f"{what}: {len(err)} lines on stderr, expected 1: {r.stderr[:300]!r}", dt, what
-    if not err[0].startswith(prefix):
-        return f"{what}: the error does not start with {prefix!r}: {err[0][:200]!r}", dt, what
+    if not err[0].startswith(prefix) or err[0].startswith(prefix + prefix.rstrip()):
+        return f"{what}: the error does not start with {prefix!r} once: {err[0][:200]!r}", dt, what
+    if re.search(r"\[[^\]]*\.[ch]pp:\d+\]", err[0]):
+        return f"{what}: a usage error with a source location: {err[0][:200]!r}", dt, what
+    if want is not None and want not in err[0]:
+        return f"{what}: the error does not name {want!r}: {err[0][:200]!r}", dt, what
     if re.search(r"^step ", r.stdout, re.M):
         return f"{what}: training started before the error", dt, what
     return "", dt, what
@@ -140,6 +172,8 @@ failures = [f for f, _, _ in results if f]
 notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, "note: --zero/--zero1 at dp 1"),
          ({"--compress": "bf16"}, "note: --compress bf16 at dp 1"), ({"--sync-every": "2"}, "note: --sync-every 2 at dp 1"),
          ({"--schedule": "zb-h1"}, "note: --schedule zb-h1 at pp 1"), ({}, None),
+         ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),
+         ({"--warmup": "5"}, "note: --warmup 5 is longer than the 1-step"),
          ({"--plan": "auto", "--world": "1", "--dp": "1", "--zero": "2",
            "--cluster": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plan", "clusters",
                                      "this_machine_threads.json")},
@@ -154,6 +188,43 @@ for extra, want in notes:
     if not ok:
         failures.append(f"{extra}: exit {r.returncode}, notes {got}, expected {want!r}; stderr {r.stderr[:200]!r}")
     cases.append(("note", extra, {}))
+
+# A flag given twice takes its last value (scripts/main_job.sh "$@" after its own flags).
+r = subprocess.run([train] + [x for kv in base.items() for x in kv] + ["--steps", "2"], capture_output=True, text=True,
+                   env=env, timeout=LIMIT, cwd=work)
+if r.returncode != 0 or "trained steps 0..1 " not in r.stdout:
+    failures.append(f"--steps 1 ... --steps 2: exit {r.returncode}, expected steps 0..1; {r.stdout[-200:]!r} {r.stderr[:200]!r}")
+cases.append(("twice", "--steps", {}))
+# Write errors during or after training: --log-json or --loss-csv on a full disk stops the run
+# (exit 1, one line naming the file).
+for flag in ["--log-json", "--loss-csv"]:
+    r = subprocess.run([train] + [x for kv in base.items() for x in kv] + [flag, "/dev/full"], capture_output=True,
+                       text=True, env=env, timeout=LIMIT, cwd=work)
+    err = r.stderr.strip().splitlines()
+    if r.returncode != 1 or len(err) != 1 or f"{flag} /dev/full" not in err[0]:
+        failures.append(f"{flag} /dev/full: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected exit 1, one line")
+    cases.append((flag, "/dev/full", {}))
+# A tampered checkpoint index: a negative step, an optimizer step beyond the step (exit 2, naming it).
+ckpt = os.path.join(work, "ckpt")
+r = subprocess.run([train] + [x for kv in base.items() for x in kv] + ["--save", ckpt], capture_output=True, text=True,
+                   env=env, timeout=LIMIT, cwd=work)
+if r.returncode != 0:
+    failures.append(f"--save {ckpt}: exit {r.returncode}: {r.stderr[:200]!r}")
+else:
+    import json
+    with open(os.path.join(ckpt, "index.json")) as f:
+        index = json.load(f)
+    for field, value, name in [("step", -1, "step is -1"), ("optimizer", {"step": 5}, "optimizer.step 5 is beyond its step 1")]:
+        bad = dict(index, **{field: value})
+        with open(os.path.join(ckpt, "index.json"), "w") as f:
+            json.dump(bad, f)
+        r = subprocess.run([train] + [x for kv in base.items() for x in kv] + ["--resume", ckpt, "--steps", "3"],
+                           capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
+        err = r.stderr.strip().splitlines()
+        if r.returncode != 2 or len(err) != 1 or name not in err[0]:
+            failures.append(f"index.json {field} {value}: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected exit 2 "
+                            f"naming {name!r}")
+        cases.append(("index.json", field, {}))
 slowest = max((dt, what) for _, dt, what in results)
 elapsed = time.time() - start
 for f in failures:
