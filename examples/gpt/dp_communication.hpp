@@ -54,7 +54,9 @@ class DpCommunication {
       std::int64_t n = 0;
       for (const auto& b : set->buckets()) n += b.numel;
       plain_elements_ += n;
+      sets_.push_back(set);
     }
+    zero3_ = a.zero == 3;
     if (a.sync_every > 0) {
       for (GradBuckets<float>* set : model.buckets()) {
         hooks_.push_back(std::make_shared<LocalGradientHook<float>>());
@@ -84,15 +86,23 @@ class DpCommunication {
 
   // Bytes this rank sent over dp per step, on average over the steps since the last call
   // (ring-model volumes, as CommHook::bytes_sent; without a hook: the fp32 all-reduce of
-  // every bucket once per step). 0 before any step.
+  // every bucket once per step; ZeRO-3: its reduce-scatter plus the parameter all-gathers).
+  // 0 before any step.
   double take_bytes_per_step() {
     std::int64_t hooked = 0;
     for (const auto& h : hooks_) hooked += h->bytes_sent();
     if (sync_hook_) hooked += sync_hook_->bytes_sent();
-    total_bytes_ += bytes_ + (hooked - hooks_seen_) + (hooks_.empty() ? steps_ * ring_all_reduce_bytes(plain_elements_) : 0);
-    total_steps_ += steps_;
+    // ZeRO-3: the gradients' reduce-scatter (half an all-reduce) and every parameter
+    // all-gather the buckets issued (before each forward and backward of a unit), each sending
+    // (dp - 1) / dp of the gathered buffer.
+    std::int64_t gathered = 0;
+    for (const GradBuckets<float>* set : sets_) gathered += set->gathered_elements();
     std::int64_t b = bytes_ + (hooked - hooks_seen_);
-    if (hooks_.empty()) b += steps_ * ring_all_reduce_bytes(plain_elements_);
+    if (hooks_.empty()) b += steps_ * ring_all_reduce_bytes(plain_elements_) / (zero3_ ? 2 : 1);
+    if (zero3_) b += ring_all_reduce_bytes(gathered - gathered_seen_) / 2;
+    gathered_seen_ = gathered;
+    total_bytes_ += b;
+    total_steps_ += steps_;
     const double per_step = steps_ > 0 ? static_cast<double>(b) / static_cast<double>(steps_) : 0.0;
     hooks_seen_ = hooked;
     bytes_ = 0;
@@ -280,6 +290,9 @@ class DpCommunication {
   std::optional<LocalSGD<float>> local_;
   std::int64_t plain_elements_ = 0, sync_elements_ = 0, bytes_ = 0, hooks_seen_ = 0, steps_ = 0;
   std::int64_t total_bytes_ = 0, total_steps_ = 0;
+  std::vector<const GradBuckets<float>*> sets_;  // every stage's dp buckets on this rank
+  bool zero3_ = false;
+  std::int64_t gathered_seen_ = 0;  // ZeRO-3: gathered_elements counted so far
 };
 
 }  // namespace train_gpt

@@ -475,6 +475,9 @@ class GradBuckets {
   std::size_t gathered_bytes() const noexcept { return static_cast<std::size_t>(gathered_mem_.bytes()); }
   /// ZeRO-3: the most gathered bytes alive at once (see gathered_bytes).
   std::size_t peak_gathered_bytes() const noexcept { return peak_gathered_; }
+  /// ZeRO-3: the elements all-gathered over dp so far, counting each bucket's whole gathered
+  /// buffer (shard_size x dp) once per gather (none at dp 1): for traffic counts.
+  std::int64_t gathered_elements() const noexcept { return gathered_elements_; }
 
   /// Chooses all-reduce (the default) or reduce-scatter (ZeRO-1) for later reductions. Throws
   /// tessera::Error inside a backward. Local; every rank must choose the same.
@@ -599,6 +602,7 @@ class GradBuckets {
           b.gather_request = comm_.iall_gather(std::span<const T>(full + rank_ * n, static_cast<std::size_t>(n)),
                                                std::span<T>(full, static_cast<std::size_t>(n * world_)));
           b.gathering = true;
+          gathered_elements_ += n * world_;
           if (!prefetch) wait_gather(b);
         } catch (...) {
           if (!gather_error_) gather_error_ = std::current_exception();
@@ -838,6 +842,7 @@ class GradBuckets {
   GradBuckets* previous_unit_ = nullptr;  // and in backward order
   std::size_t prefetched_uses_ = 0;
   std::size_t peak_gathered_ = 0;
+  std::int64_t gathered_elements_ = 0;  // ZeRO-3: see gathered_elements()
   MemoryTracker::Entry gathered_mem_{MemoryCategory::comm_buffers};
   MemoryTracker::Entry params_mem_{MemoryCategory::parameters};
   MemoryTracker::Entry grads_mem_{MemoryCategory::gradients};
