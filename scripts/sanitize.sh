@@ -99,7 +99,7 @@ if $hybrid_run; then
     --save "$work/ck" || hybrid_rc=$?; }
   # The other schedules and dp variants, 3 steps each (4 blocks: room for 2 virtual stages).
   variants=("--schedule interleaved --virtual-stages 2" "--schedule zb-h1" "--schedule gpipe --recompute full"
-            "--sequence-parallel --zero 2 --accum 2" "--compress powersgd:2" "--sync-every 2")
+            "--sequence-parallel --zero 2 --accum 2" "--zero 3 --accum 2" "--compress bf16" "--sync-every 2")
   [ "$level" = ci ] && variants=()
   for v in "${variants[@]}"; do
     [ $hybrid_rc -eq 0 ] || break
