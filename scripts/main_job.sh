@@ -5,7 +5,9 @@
 # sharded checkpoint, draws the loss curve, and prints a sample.
 # It builds only what it runs (examples/train_gpt, a release build when it configures BUILD_DIR
 # itself): the tests and benchmarks are scripts/test.sh's.
-# Usage: bash scripts/main_job.sh [BUILD_DIR] [train_gpt options...]
+# Usage: bash scripts/main_job.sh [BUILD_DIR] [train_gpt options...]: the options go after the
+# script's own, and train_gpt takes a flag's last value, so `bash scripts/main_job.sh build --steps 2`
+# trains 2 steps (tests/harden/train_gpt/bad_flags.py checks a flag given twice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-build}

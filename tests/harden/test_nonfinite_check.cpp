@@ -77,6 +77,7 @@ TEST_CASE("NonfiniteCheck at 1 rank: a NaN in the second parameter stops, naming
   CHECK(m.find("non-finite values at step 17") != std::string::npos);
   CHECK(m.find("the gradient of 'b' holds NaN at element 2") != std::string::npos);
   CHECK(m.find("the loss is 2.5") != std::string::npos);
+  CHECK(m.find("(the first found, on this rank)") != std::string::npos);  // not "on rank 0 of this rank"
 }
 
 TEST_CASE("NonfiniteCheck at 1 rank: the first parameter in order is named when two hold infinities") {
@@ -97,6 +98,7 @@ TEST_CASE("NonfiniteCheck at 1 rank: an infinite loss with finite gradients stop
   INFO(m);
   CHECK(m.find("non-finite values at step 4: the loss is inf") != std::string::npos);
   CHECK(m.find("every gradient element is finite") != std::string::npos);
+  CHECK(m.find("the loss is inf on this rank and") != std::string::npos);
 }
 
 TEST_CASE("NonfiniteCheck at 1 rank: skip returns a step not to take and counts it, then goes on") {

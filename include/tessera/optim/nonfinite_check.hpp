@@ -148,6 +148,8 @@ class NonfiniteCheck {
     }
     double seen_loss = std::bit_cast<double>(rec[0]);
     if (std::isnan(seen_loss)) seen_loss = std::numeric_limits<double>::quiet_NaN();  // "nan", not "-nan"
+    // "rank R of <comm>" over a communicator; alone (serial, dp 1 without tp): "this rank".
+    const std::string where = n > 1 ? tessera::detail::str("rank ", from, " of ", comm_name) : comm_name;
     std::string found;
     if (rec[1] == 2) {
       std::string pname;
@@ -156,11 +158,10 @@ class NonfiniteCheck {
       const double v = std::bit_cast<double>(rec[4]);
       found = tessera::detail::str(
           "the gradient of ", rec[3] < 0 ? "'" + pname + "'" : tessera::detail::str("gradient piece ", rec[3]),
-          " holds ", nonfinite_name_(v), " at element ", rec[2], " (the first found, on rank ", from, " of ",
-          comm_name, "); the loss is ", seen_loss);
+          " holds ", nonfinite_name_(v), " at element ", rec[2], " (the first found, on ", where, "); the loss is ",
+          seen_loss);
     } else if (rec[1] == 1) {
-      found = tessera::detail::str("the loss is ", seen_loss, " on rank ", from, " of ", comm_name,
-                                   " and every gradient element is finite");
+      found = tessera::detail::str("the loss is ", seen_loss, " on ", where, " and every gradient element is finite");
     } else {
       found = "the gradients' sum of squares overflowed (every element is finite)";
     }
