@@ -32,6 +32,7 @@
 #include <limits>
 #include <list>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -48,6 +49,21 @@
 #include "tessera/parallel/ps/parameter_server_layout.hpp"
 
 namespace tessera {
+
+namespace detail {
+/// Keeps `buffers` alive and reachable until the process ends. A ParameterServer that gives up
+/// while an exception unwinds may still have receives posted into them, and no backend can
+/// cancel a posted receive, so freeing them could let a late message write into freed memory.
+/// Only error paths call this (the buffers of one failed run's pending operations); the
+/// registry itself is never destroyed, since a late write may come while the process exits.
+/// Thread-safe. Throws std::bad_alloc.
+inline void keep_until_exit(std::shared_ptr<void> buffers) {
+  static std::mutex mutex;
+  static auto* kept = new std::vector<std::shared_ptr<void>>();
+  const std::lock_guard lock(mutex);
+  kept->push_back(std::move(buffers));
+}
+}  // namespace detail
 
 /// When a worker's pull may be answered.
 enum class ParameterServerMode {
@@ -155,9 +171,9 @@ class ParameterServer {
 
   /// A worker that has not called finish() sends "done" here, so that the servers return
   /// (errors cannot leave a destructor: call finish() to see them). Nothing is sent while an
-  /// exception unwinds the stack; the buffers of receives still posted then are deliberately
-  /// not freed, since no backend can cancel a posted receive and a late reply would otherwise
-  /// be written into freed memory.
+  /// exception unwinds the stack; the buffers of receives still posted then are kept until the
+  /// process exits (detail::keep_until_exit), since no backend can cancel a posted receive and
+  /// a late reply would otherwise be written into freed memory.
   ~ParameterServer() {
     if (!comm_.valid()) return;
     if (is_worker() && !finished_ && std::uncaught_exceptions() == 0) {
@@ -166,7 +182,12 @@ class ParameterServer {
       } catch (...) {  // a destructor must not throw; finish() reports the same error
       }
     }
-    if (!pending_.empty()) static_cast<void>(new std::deque<PendingOp>(std::move(pending_)));
+    if (!pending_.empty()) {
+      try {
+        detail::keep_until_exit(std::make_shared<std::deque<PendingOp>>(std::move(pending_)));
+      } catch (...) {  // out of memory: nothing else can be done from a destructor
+      }
+    }
   }
   ParameterServer(const ParameterServer&) = delete;             ///< one per rank; not copyable
   ParameterServer& operator=(const ParameterServer&) = delete;  ///< not copyable
@@ -557,7 +578,7 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
   };
   const int W = num_workers_;
   // Posted receives write into the peers (and sends in flight read the replies); on an error
-  // they are deliberately not freed (see the destructor's comment).
+  // they are kept until the process exits (detail::keep_until_exit; see the destructor).
   auto owned_peers = std::make_unique<std::vector<Peer>>(static_cast<std::size_t>(W));
   std::vector<Peer>& peers = *owned_peers;
   std::vector<std::vector<T>> pool;  // shard-sized buffers to reuse
@@ -767,8 +788,8 @@ ParameterServerStats ParameterServer<T>::serve(O& optimizer) {
   try {
     loop();
   } catch (...) {
-    static_cast<void>(owned_peers.release());
-    static_cast<void>(owned_replies.release());
+    detail::keep_until_exit(std::shared_ptr<std::vector<Peer>>(std::move(owned_peers)));
+    detail::keep_until_exit(std::shared_ptr<std::list<Reply>>(std::move(owned_replies)));
     throw;
   }
   return stats_;
