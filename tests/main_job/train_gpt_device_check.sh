@@ -23,7 +23,7 @@ expect 2 "--device cuda trains on one GPU: dp x tp x pp is 4" --device cuda --dp
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
 expect 2 "--device: gpu not in" --device gpu --steps 2
 expect 2 "--plan auto plans CPU ranks" --device cuda --plan auto --world 2 --steps 2
-if ! "$exe" --help | grep -q -- "--device"; then echo "FAIL: --help does not list --device"; fails=$((fails + 1)); fi
+if ! grep -q -- "--device" <<<"$("$exe" --help)"; then echo "FAIL: --help does not list --device"; fails=$((fails + 1)); fi
 if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   out=$(timeout 120 "$exe" --device cuda --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 --context 16 \
         --batch 4 --sample-len 0 --val-every 3 --save "$tmp/ck" 2>&1); rc=$?
