@@ -245,6 +245,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "train_gpt: %s (--help lists the flags)\n", what.c_str());
     return 2;
   }
+  // An empty value is an error, not the flag left out (a script's unset variable must not
+  // silently train from scratch, save nothing or log nowhere); --prompt may be empty.
+  for (const CLI::Option* o : app.get_options()) {
+    if (o->count() == 0 || o->get_type_name().empty() || o->check_name("--prompt")) continue;
+    for (const std::string& v : o->results())
+      if (v.empty()) {
+        std::fprintf(stderr, "train_gpt: %s was given an empty value (leave the flag out for its default)\n",
+                     o->get_name().c_str());
+        return 2;
+      }
+  }
   a.heads_given = app.count("--heads") > 0;
   if (a.model == "gpt2-124m") {  // GPT-2 small; byte tokens: a vocabulary of 256, a multiple of 128
     if (app.count("--layers") == 0) a.layers = 12;
@@ -317,8 +328,8 @@ int main(int argc, char** argv) {
     if (const char* t = std::getenv("TESSERA_TIMEOUT")) {  // the collectives' timeout (comm/communicator.hpp)
       char* end = nullptr;
       const double v = std::strtod(t, &end);
-      TESSERA_EXPECTS(end != t && *end == '\0' && std::isfinite(v) && v > 0, "train_gpt: TESSERA_TIMEOUT='", t,
-                      "' is not a positive number of seconds");
+      TESSERA_EXPECTS(end != t && *end == '\0' && std::isfinite(v) && v > 0 && v <= 1e8, "train_gpt: TESSERA_TIMEOUT='", t,
+                      "' is not a positive number of seconds up to 1e8");
     }
     TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
@@ -425,6 +436,16 @@ int main(int argc, char** argv) {
                                      {"--loss-svg", a.loss_svg}, {"--log-json", a.log_json}}) {
       if (path.empty()) continue;
       TESSERA_EXPECTS(!fs::is_directory(path), "train_gpt: ", flag, " ", path, " is a directory, not a file");
+      // An output must not overwrite what the run reads or saves: the data, or a checkpoint.
+      std::error_code ec;
+      TESSERA_EXPECTS(a.data.empty() || !fs::equivalent(path, a.data, ec), "train_gpt: ", flag, " ", path,
+                      " is the --data file: refusing to overwrite it");
+      for (const auto& [dflag, dir] : {std::pair<const char*, std::string>{"--resume", a.resume}, {"--save", a.save}}) {
+        if (dir.empty()) continue;
+        const fs::path rel = fs::weakly_canonical(path, ec).lexically_relative(fs::weakly_canonical(dir, ec));
+        TESSERA_EXPECTS(rel.empty() || *rel.begin() == "..", "train_gpt: ", flag, " ", path, " is inside ", dflag, " ",
+                        dir, ": refusing to overwrite a checkpoint's files");
+      }
       TESSERA_EXPECTS(std::ofstream(path, std::ios::app).good(), "train_gpt: cannot write ", flag, " ", path);
     }
     if (a.verify) {

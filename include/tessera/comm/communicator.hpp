@@ -7,6 +7,7 @@
 /// Semantics follow NCCL and MPI: every collective is *collective* over the communicator, i.e.
 /// every rank calls it, in the same order, with the same element type, count, op and root.
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <concepts>
@@ -366,12 +367,14 @@ concept Communicator = requires(C c, const C cc, std::span<float> f, std::span<c
 
 static_assert(Communicator<Comm>, "Comm must model Communicator.");
 
-/// Reads the default timeout: TESSERA_TIMEOUT (seconds, may be fractional) or 60 s.
+/// Reads the default timeout: TESSERA_TIMEOUT (seconds, may be fractional; at most 1e8) or 60 s.
 inline std::chrono::milliseconds default_timeout() {
   if (const char* s = std::getenv("TESSERA_TIMEOUT")) {
     char* end = nullptr;
     double v = std::strtod(s, &end);
-    if (end != s && v > 0) return std::chrono::milliseconds(static_cast<long long>(v * 1000.0));
+    // At most 1e8 s (about 3 years): a larger count of milliseconds overflows the clock's
+    // nanoseconds when a wait adds it to now().
+    if (end != s && v > 0) return std::chrono::milliseconds(static_cast<long long>(std::min(v, 1e8) * 1000.0));
   }
   return std::chrono::seconds(60);
 }

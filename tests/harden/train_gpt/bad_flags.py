@@ -92,8 +92,13 @@ for v in ["throw", "throw@", "throw@1", "throw@1:", "throw@x:0", "throw@-1:0", "
 cases.append(("--inject-fault", "throw@1:0", {"want": "step 1 is not trained (--steps 1"}))
 cases.append(("--inject-fault", "throw@0:0", {"--generate": None, "--resume": work, "want": "--generate"}))
 # TESSERA_TIMEOUT (the collectives' timeout) that is not a positive number of seconds.
-for v in ["abc", "-5", "0", "5x"]:
+for v in ["abc", "-5", "0", "5x", "1e10"]:  # 1e10 s overflowed the clock's nanoseconds
     cases.append(("env:TESSERA_TIMEOUT", v, {"want": "TESSERA_TIMEOUT='" + v + "'"}))
+# An empty value is refused, not taken as the flag left out (an unset variable in a script).
+for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
+    cases.append((flag, "", {"want": flag + " was given an empty value"}))
+# An output that would overwrite the data file.
+cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
 # --backend mpi without mpirun (no launcher variables in this environment).
 cases.append(("--backend", "mpi", {}))
 for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):

@@ -442,7 +442,8 @@ struct RunOptions {
 ///
 /// If any rank throws, every other rank's pending or next communication throws AbortedError
 /// (no hang), and run rethrows the first rank's original exception after all have joined.
-/// Throws Error if n < 1.
+/// Throws Error if n < 1, and Error naming the rank if a rank's thread cannot be started (the
+/// ranks already started are aborted and joined first).
 template <class F>
 auto run(int n, F&& fn, RunOptions opts = {}) {
   TESSERA_EXPECTS(n >= 1, "threads::run: the number of ranks must be >= 1, got ", n);
@@ -457,7 +458,9 @@ auto run(int n, F&& fn, RunOptions opts = {}) {
   {
     std::vector<std::thread> threads;
     threads.reserve(static_cast<std::size_t>(n));
-    for (int r = 0; r < n; ++r) {
+    std::exception_ptr start_error;  // a rank's thread could not be started (no memory, no threads)
+    for (int r = 0; r < n && !start_error; ++r) {
+      try {
       threads.emplace_back([&, r] {
         try {
           Comm comm(std::make_shared<ThreadCommunicator>(world, group, r, opts.timeout));
@@ -476,8 +479,18 @@ auto run(int n, F&& fn, RunOptions opts = {}) {
         }
         world->finish(r);
       });
+      } catch (const std::exception& e) {
+        // The ranks already started would wait for this one: abort the world (their
+        // communication throws AbortedError), mark the ranks never started as returned, join
+        // the started ones below, and report this.
+        const std::string why = tessera::detail::str("threads::run: could not start rank ", r, " of ", n, ": ", e.what());
+        start_error = std::make_exception_ptr(Error(why));
+        world->abort(r, why);
+        for (int q = r; q < n; ++q) world->finish(q);
+      }
     }
     for (auto& t : threads) t.join();
+    if (start_error) std::rethrow_exception(start_error);
   }
   if (world->aborted()) std::rethrow_exception(errors[static_cast<std::size_t>(world->abort_rank())]);
   if constexpr (!std::is_void_v<R>) {
