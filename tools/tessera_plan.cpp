@@ -98,8 +98,10 @@ struct LayoutArgs {
     app->add_option("--pp", layout.pp, "pipeline ranks")->check(CLI::Range(1, 1 << 30));
     app->add_option("--v", layout.virtual_stages, "model chunks per pipeline rank (interleaved)")->check(CLI::Range(1, 1 << 30));
     app->add_option("--mbs", layout.microbatch_size, "micro-batch size")->check(CLI::Range(1, 1 << 30));
+    // At most 2^17 sequences (published runs use up to a few thousand): the replayed schedule
+    // holds every micro-batch, so its memory grows with the batch.
     app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")
-        ->required()->check(CLI::Range(1LL, 1LL << 40));
+        ->required()->check(CLI::Range(1LL, 1LL << 17));
     app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
     app->add_option("--recompute", recompute, "none, selective or full")
@@ -393,8 +395,8 @@ int main(int argc, char** argv) {
   int top = 10;
   bool show_rejected = false;
   rank_cmd->add_flag("--fp32", fp32, "fp32 activations, weights, gradients and AdamW moments (tessera on CPUs)");
-  rank_cmd->add_option("--world", sopts.world, "devices")->required();
-  rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required();
+  rank_cmd->add_option("--world", sopts.world, "devices")->required()->check(CLI::Range(1, 1 << 20));
+  rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required()->check(CLI::Range(1, 1 << 17));
   rank_cmd->add_option("--top", top, "how many ranked layouts to print")->check(CLI::Range(1, 1 << 30));
   rank_cmd->add_flag("--rejected", show_rejected, "print every rejected layout with its reason");
   rank_cmd->add_flag("--overlap-dp", sopts.overlap_grad_reduce, "overlap the dp reduction with the last backward");

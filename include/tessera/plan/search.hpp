@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <map>
 #include <string>
 #include <utility>
@@ -91,8 +92,9 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
   const std::vector<int> pps = opts.pp_sizes.empty() ? divisors(opts.world) : opts.pp_sizes;
   for (int tp : tps)
     for (int pp : pps) {
-      if (opts.world % (tp * pp) != 0) continue;
-      const int dp = opts.world / (tp * pp);
+      const std::int64_t tp_pp = static_cast<std::int64_t>(tp) * pp;  // tp * pp can pass int's range
+      if (tp_pp > opts.world || opts.world % tp_pp != 0) continue;
+      const int dp = static_cast<int>(opts.world / tp_pp);
       if (!opts.dp_sizes.empty() && std::find(opts.dp_sizes.begin(), opts.dp_sizes.end(), dp) == opts.dp_sizes.end())
         continue;
       Layout base{.dp = dp, .tp = tp, .pp = pp};

@@ -109,7 +109,11 @@ plan_cases = []
 if plan:
     for argv in [[], ["plan", "--nosuch"], ["rank", "--world", "abc"], ["rank", "--cluster", "x.json"],
                  ["plan", "--cluster"], ["calibrate", "--ranks", "1"], ["calibrate", "--backend", "nccl"],
-                 ["validate"], ["timeline", "--svg"]]:
+                 ["validate"], ["timeline", "--svg"],
+                 # sizes past what the planner replays (tp x pp overflowed int: SIGFPE; the batch's
+                 # micro-batches filled the memory)
+                 ["rank", "--cluster", "x.json", "--model", "x.json", "--world", "536870912", "--batch", "1536"],
+                 ["plan", "--cluster", "x.json", "--model", "x.json", "--batch", "2147483647"]]:
         cases.append(("tessera-plan", argv, {}))
     # Each names what is wrong (the unknown name before a missing --cluster; no doubled prefix,
     # no source location).
