@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <fstream>
+#include <iterator>
 #include <regex>
 #include <string>
 #include <vector>
@@ -239,6 +241,21 @@ TEST_CASE("checkpoint input: bad tessera.shards metadata in a rank file names th
     CHECK(has(index_error(fx, edit(fx.index_json(), "\"bytes\":" + std::to_string(fx.bytes1), "\"bytes\":" + std::to_string(bytes))),
               "its file model-rank00001.safetensors belongs to another save (checkpoint id another-save"));
   }
+}
+
+TEST_CASE("checkpoint input: a rank file whose CRC-32 metadata was renamed is refused, not loaded unchecked") {
+  // One edited header byte (tessera.crc32 -> tessera.crc34, the file size unchanged) used to
+  // turn the CRC check off, so corrupted values loaded (a new user's finding).
+  const CheckpointFixture fx;
+  const fs::path file = fx.dir.path / "model-rank00001.safetensors";
+  std::ifstream in(file, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  in.close();
+  const std::size_t at = bytes.find("tessera.crc32");
+  REQUIRE(at != std::string::npos);
+  bytes[at + 12] = '4';
+  write_bytes(file, as_bytes(bytes));
+  CHECK(has(index_error(fx, fx.index_json()), "has no CRC-32 in the file's metadata (tessera.crc32)"));
 }
 
 TEST_CASE("checkpoint input: a Hugging Face weight map with a non-string or escaping file name is refused by name") {

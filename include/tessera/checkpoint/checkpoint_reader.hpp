@@ -182,6 +182,11 @@ class CheckpointReader {
       TESSERA_EXPECTS(g != geoms.end() && g->second == piece.geometry, where, ": tensor '", shard.name, "' in ",
                       piece.file, " describes ", g == geoms.end() ? std::string("no piece") : g->second.to_json().dump(),
                       " but the index describes ", piece.geometry.to_json().dump());
+      // tessera writes a CRC-32 for every tensor: one missing means the header was edited (its
+      // check would be skipped, and corrupted values would load).
+      TESSERA_EXPECTS(f.has_crc32(*info), where, ": tensor '", shard.name, "' in ", piece.file,
+                      " has no CRC-32 in the file's metadata (", crc32_metadata_key, "), which tessera writes for "
+                      "every tensor: the header was edited");
       try {
         f.verify(*info);
       } catch (const Error& err) {
