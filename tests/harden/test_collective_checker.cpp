@@ -188,3 +188,39 @@ TEST_CASE("CollectiveChecker from the environment: TESSERA_DEBUG_COLLECTIVES=det
   const auto msgs = testing::run_ranks(2, [](Comm& tp) { return message_of([&] { return body(tp, diverging); }); });
   for (const std::string& m : msgs) CHECK(m.find("at its collective #3") != std::string::npos);
 }
+
+TEST_CASE("TESSERA_DEBUG_COLLECTIVES: each setting is read as documented, and a value that is not one is refused naming it") {
+  const char* old = std::getenv("TESSERA_DEBUG_COLLECTIVES");
+  const std::string saved = old ? old : "";
+  const auto with = [](const char* v) {
+    if (v) ::setenv("TESSERA_DEBUG_COLLECTIVES", v, 1); else ::unsetenv("TESSERA_DEBUG_COLLECTIVES");
+  };
+  with(nullptr);
+  CHECK(collective_debug_from_environment() == CollectiveDebug::off);
+  with("");
+  CHECK(collective_debug_from_environment() == CollectiveDebug::off);
+  with("0");
+  CHECK(collective_debug_from_environment() == CollectiveDebug::off);
+  CHECK_FALSE(collective_checks_from_environment());
+  with("1");
+  CHECK(collective_debug_from_environment() == CollectiveDebug::signatures);
+  CHECK_FALSE(collective_checks_from_environment());
+  with("detail");
+  CHECK(collective_checks_from_environment());
+  CHECK(threads::RunOptions{}.check_collectives);
+  with("DETAIL");
+  CHECK(collective_checks_from_environment());
+  for (const char* bad : {"detial", "yes", "2", " detail"}) {
+    with(bad);
+    std::string msg;
+    try {
+      static_cast<void>(collective_debug_from_environment());
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    CHECK_MESSAGE(msg.find(std::string("'") + bad + "'") != std::string::npos, msg);
+    CHECK(msg.find("detail") != std::string::npos);
+    CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
+  }
+  with(old ? saved.c_str() : nullptr);
+}

@@ -171,14 +171,10 @@ inline Comm check_collectives(const Comm& comm) {
   return Comm(std::make_shared<CollectiveChecker>(comm.backend_ptr()));
 }
 
-/// Whether TESSERA_DEBUG_COLLECTIVES=detail asks for the CollectiveChecker on the world
-/// (read once per process).
+/// Whether TESSERA_DEBUG_COLLECTIVES=detail asks for the CollectiveChecker on the world.
+/// Throws Error for a value that is not a setting (collective_debug_from_environment).
 inline bool collective_checks_from_environment() {
-  static const bool on = [] {
-    const char* s = std::getenv("TESSERA_DEBUG_COLLECTIVES");
-    return s != nullptr && (std::string_view(s) == "detail" || std::string_view(s) == "DETAIL");
-  }();
-  return on;
+  return collective_debug_from_environment() == CollectiveDebug::detail;
 }
 
 }  // namespace tessera

@@ -367,6 +367,29 @@ concept Communicator = requires(C c, const C cc, std::span<float> f, std::span<c
 
 static_assert(Communicator<Comm>, "Comm must model Communicator.");
 
+/// What TESSERA_DEBUG_COLLECTIVES asks for (read by the backends and `threads::run` /
+/// `mpi::run`).
+enum class CollectiveDebug {
+  off,         ///< unset, "" or "0"
+  signatures,  ///< "1": the MPI backend compares each collective's signature across ranks first
+  detail,      ///< "detail" (or "DETAIL"): as "1", and the world is wrapped in a CollectiveChecker
+};
+
+/// Reads TESSERA_DEBUG_COLLECTIVES. Throws Error naming the value and the accepted ones for any
+/// other value, so a misspelt setting ("detial", "yes") does not leave the checks off without a
+/// word. Local.
+inline CollectiveDebug collective_debug_from_environment() {
+  const char* s = std::getenv("TESSERA_DEBUG_COLLECTIVES");
+  if (s == nullptr) return CollectiveDebug::off;
+  const std::string v(s);
+  if (v.empty() || v == "0") return CollectiveDebug::off;
+  if (v == "1") return CollectiveDebug::signatures;
+  if (v == "detail" || v == "DETAIL") return CollectiveDebug::detail;
+  throw Error("TESSERA_DEBUG_COLLECTIVES='" + v +
+              "' is not a setting: use 0 (off), 1 (compare signatures on MPI) or detail (every collective's "
+              "sequence, signature and call site checked on every backend)");
+}
+
 /// Reads the default timeout: TESSERA_TIMEOUT (seconds, may be fractional; at most 1e8) or 60 s.
 inline std::chrono::milliseconds default_timeout() {
   if (const char* s = std::getenv("TESSERA_TIMEOUT")) {

@@ -160,10 +160,16 @@ inline MpiCommunicator& backend(const Comm& comm) {
 template <class Fn>
   requires std::invocable<Fn&, Comm&>
 int run(int& argc, char**& argv, Fn&& fn) {
-  Environment env(argc, argv);
-  Comm w = world();
-  if (collective_checks_from_environment()) w = check_collectives(w);  // TESSERA_DEBUG_COLLECTIVES=detail
   try {
+    static_cast<void>(collective_debug_from_environment());  // before MPI starts: a bad value ends every rank here
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tessera::mpi::run: %s\n", e.what());
+    return 2;
+  }
+  Environment env(argc, argv);
+  try {
+    Comm w = world();
+    if (collective_checks_from_environment()) w = check_collectives(w);  // TESSERA_DEBUG_COLLECTIVES=detail
     static_cast<void>(fn(w));
   } catch (const std::exception& e) {
     detail::abort_job(detail::type_name(e) + ": " + e.what());

@@ -519,10 +519,7 @@ class MpiCommunicator final : public CommBackend,
     if (!orphans_.empty()) reap_();
   }
 
-  static bool debug_from_environment() {
-    const char* s = std::getenv("TESSERA_DEBUG_COLLECTIVES");
-    return s != nullptr && *s != '\0' && std::string_view(s) != "0";
-  }
+  static bool debug_from_environment() { return collective_debug_from_environment() != CollectiveDebug::off; }
 
   /// Communicators that cannot be freed because MPI still has operations on them; never
   /// destroyed (freeing them would be an error).
