@@ -7,7 +7,11 @@
 #include <cstddef>
 
 #include "../tp/tp_bodies.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/nn/cross_entropy.hpp"
+#include "tessera/optim/adamw.hpp"
 #include "tessera/parallel/data/data_parallel.hpp"
+#include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/plan/cost_model.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
@@ -68,4 +72,63 @@ TEST_CASE("CostModel: the dp reduction moves the block's parameters, ModelSpec::
       CHECK(calls > 1);  // several buckets, the same elements in all
     }
   }
+}
+
+// ZeRO-3: the all-gathers and reduce-scatters the planner counts (CostModel::zero3_traffic,
+// from BucketLayout's packing of the stage's parameters) against an instrumented ZeRO-3 run of
+// the tied GPT (DataParallel over the whole model: one unit, Layout::zero3_unit_layers 0) at dp
+// 2, 3 and 4 with 1 and 2 micro-batches per step; and BucketLayout against the buckets
+// GradBuckets made for the same parameters.
+TEST_CASE("CostModel: ZeRO-3's all-gathers and reduce-scatters per step, from the bucket layout, are what an instrumented ZeRO-3 GPT issues") {
+  const GPTConfig cfg{.vocab_size = 256, .n_positions = 16, .n_layer = 4, .n_head = 4, .d_model = 128};
+  const plan::ModelSpec spec{.name = "GPT", .layers = 4, .hidden = 128, .heads = 4, .kv_heads = 0, .ffn = 0,
+                             .vocab = 256, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
+  struct Seen {
+    std::size_t all_gathers = 0, all_gather_elements = 0, reduce_scatters = 0, reduce_scatter_elements = 0;
+    std::vector<std::int64_t> padded;
+  };
+  for (int dp : {2, 3, 4})
+    for (int m : {1, 2}) {
+      CAPTURE(dp);
+      CAPTURE(m);
+      const auto seen = testing::run_ranks(dp, [&](Comm& world) {
+        auto counters = std::make_shared<testing::CommCounters>();
+        DataParallel model(GPT<float>(cfg, 1), testing::instrument(world, counters));
+        DistributedOptimizer<optim::AdamW<float>> opt(model, optim::AdamWOptions{.lr = 1e-3}, ZeroStage::parameters);
+        nn::CrossEntropy<float> ce({.reduction = nn::Reduction::sum});
+        Seen s;
+        for (std::size_t b = 0; b < model.buckets().buckets().size(); ++b)
+          s.padded.push_back(model.buckets().shard_size(b) * dp);
+        counters->reset();
+        for (int k = 0; k < m; ++k) {
+          Tensor<std::int32_t> x(Shape{2, 16}), y(Shape{2, 16});
+          for (std::int64_t i = 0; i < 32; ++i) {
+            x.data()[i] = static_cast<std::int32_t>((i * 7 + k + world.rank()) % 256);
+            y.data()[i] = static_cast<std::int32_t>((i * 11 + 3) % 256);
+          }
+          auto [logits, ctx] = model.forward(x);
+          auto [loss, lctx] = ce.forward(logits, y);
+          model.backward(ce.backward(1.0f, lctx), ctx);
+        }
+        opt.step();
+        s.all_gathers = counters->calls(testing::CallKind::all_gather);
+        s.all_gather_elements = counters->elements(testing::CallKind::all_gather) * static_cast<std::size_t>(dp);
+        s.reduce_scatters = counters->calls(testing::CallKind::reduce_scatter);
+        s.reduce_scatter_elements = counters->elements(testing::CallKind::reduce_scatter);
+        return s;
+      });
+      const plan::Layout l{.dp = dp, .microbatch_size = 2, .num_microbatches = m, .zero_stage = 3, .zero3_unit_layers = 0};
+      const plan::CostModel cm{.model = spec, .layout = l, .precision = plan::Precision::float32_adamw()};
+      const std::vector<plan::BucketLayout> units = cm.zero3_buckets(0);
+      REQUIRE(units.size() == 1);
+      CHECK(units[0].size() >= 2);  // the 1 MiB first bucket and the rest (and, where dp divides it, the tied embedding alone)
+      const plan::CostModel::Zero3Traffic t = cm.zero3_traffic(0);
+      for (const Seen& s : seen) {
+        CHECK(units[0].padded == s.padded);
+        CHECK(static_cast<long long>(s.all_gathers) == t.all_gathers);
+        CHECK(static_cast<double>(s.all_gather_elements) == t.all_gather_elements);
+        CHECK(static_cast<long long>(s.reduce_scatters) == t.reduce_scatters);
+        CHECK(static_cast<double>(s.reduce_scatter_elements) == t.reduce_scatter_elements);
+      }
+    }
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/plan/bucket_layout.hpp"
 #include "tessera/plan/cluster.hpp"
 #include "tessera/plan/layer_activations.hpp"
 #include "tessera/plan/layout.hpp"
@@ -18,21 +19,27 @@
 
 namespace tessera::plan {
 
-/// Seconds of one piece of work on one device, split into computation and the tensor-parallel
-/// collectives it waits for (Megatron-LM's tp all-reduces are not overlapped).
+/// Seconds of one piece of work on one device, split into computation, the tensor-parallel
+/// collectives it waits for (Megatron-LM's tp all-reduces are not overlapped) and, under
+/// ZeRO-3, the dp collectives inside it (the parameter all-gathers before a forward or a
+/// backward, the gradient reduce-scatter in a backward; charged as not overlapped).
 struct WorkTime {
   double compute = 0;  ///< GEMMs and memory-bound kernels, seconds
   double tp_comm = 0;  ///< tensor-parallel collectives, seconds
-  /// compute + tp_comm.
-  double total() const { return compute + tp_comm; }
+  double dp_comm = 0;  ///< ZeRO-3's dp collectives inside this work, seconds
+  /// compute + tp_comm + dp_comm.
+  double total() const { return compute + tp_comm + dp_comm; }
   /// Adds `o` piecewise.
   WorkTime& operator+=(const WorkTime& o) {
     compute += o.compute;
     tp_comm += o.tp_comm;
+    dp_comm += o.dp_comm;
     return *this;
   }
+  /// This less `o`, piecewise.
+  WorkTime minus(const WorkTime& o) const { return {compute - o.compute, tp_comm - o.tp_comm, dp_comm - o.dp_comm}; }
   /// `k` times this piecewise.
-  WorkTime times(double k) const { return {compute * k, tp_comm * k}; }
+  WorkTime times(double k) const { return {compute * k, tp_comm * k, dp_comm * k}; }
 };
 
 /// One matrix multiplication of a block's forward on one device: `batch` independent GEMMs
@@ -205,10 +212,7 @@ struct CostModel {
   /// stage waits for): layer_backward() less layer_backward_weight() -- the linears' dx GEMMs,
   /// the attention core's backward, the memory-bound work, the tp all-reduces and any
   /// recomputation. I + W = B exactly.
-  WorkTime layer_backward_input() const {
-    const WorkTime b = layer_backward(), w = layer_backward_weight();
-    return {b.compute - w.compute, b.tp_comm - w.tp_comm};
-  }
+  WorkTime layer_backward_input() const { return layer_backward().minus(layer_backward_weight()); }
 
   /// The blocks held by `stage` (of layout.num_stages()): an even share; when the stages do
   /// not divide the blocks, the extra blocks go to the inner stages first, then to the first
@@ -233,7 +237,7 @@ struct CostModel {
   /// vocab-parallel embedding's all-reduce.
   WorkTime embedding_forward() const {
     const double bytes = precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden;
-    return {memory_seconds(bytes), tp_all_reduce_seconds()};
+    return {memory_seconds(bytes), tp_all_reduce_seconds(), 0.0};
   }
 
   /// The LM head's forward on the last stage: the logits GEMM (2 b s h V / tp flops) and the
@@ -241,44 +245,45 @@ struct CostModel {
   WorkTime head_forward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {gemm_seconds(flops) + memory_seconds(2 * 4.0 * tokens * model.vocab / layout.tp), 0.0};
+    return {gemm_seconds(flops) + memory_seconds(2 * 4.0 * tokens * model.vocab / layout.tp), 0.0, 0.0};
   }
 
   /// The LM head's backward: two GEMMs of the forward's shape and the gradient of the logits.
   WorkTime head_backward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), 0.0};
+    return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), 0.0, 0.0};
   }
 
   /// The LM head's weight-gradient GEMM alone (its W pass; nn::LMHead defers it under ZB-H1).
   WorkTime head_backward_weight() const {
     const double tokens = model.seq * layout.microbatch_size;
-    return {gemm_seconds(2 * tokens * model.hidden * model.vocab / layout.tp), 0.0};
+    return {gemm_seconds(2 * tokens * model.hidden * model.vocab / layout.tp), 0.0, 0.0};
   }
 
   /// One forward (F) of `stage` on one micro-batch: its blocks, plus the embedding on stage 0
-  /// and the head on the last stage.
+  /// and the head on the last stage; under ZeRO-3 the all-gather of each of its units first.
   WorkTime stage_forward(int stage) const {
     WorkTime w = layer_forward().times(stage_layers(stage));
     if (stage == 0) w += embedding_forward();
     if (stage == layout.num_stages() - 1) w += head_forward();
+    w.dp_comm += zero3_gather_seconds(stage);
     return w;
   }
 
-  /// One backward (B) of `stage` on one micro-batch, with recomputation.
+  /// One backward (B) of `stage` on one micro-batch, with recomputation; under ZeRO-3 the
+  /// all-gather of each of its units first and their gradients' reduce-scatter (tessera's
+  /// ZeRO-2 and 3 reduce every micro-batch's backward into the shards).
   WorkTime stage_backward(int stage) const {
     WorkTime w = layer_backward().times(stage_layers(stage));
     if (stage == layout.num_stages() - 1) w += head_backward();
+    w.dp_comm += zero3_gather_seconds(stage) + zero3_reduce_scatter_seconds(stage);
     return w;
   }
 
   /// The input-gradient pass (I) of `stage` on one micro-batch: stage_backward() less
   /// stage_backward_weight().
-  WorkTime stage_backward_input(int stage) const {
-    const WorkTime b = stage_backward(stage), w = stage_backward_weight(stage);
-    return {b.compute - w.compute, b.tp_comm - w.tp_comm};
-  }
+  WorkTime stage_backward_input(int stage) const { return stage_backward(stage).minus(stage_backward_weight(stage)); }
 
   /// The weight-gradient pass (W) of `stage` on one micro-batch: its blocks' linears' dW GEMMs,
   /// and the LM head's on the last stage (the embedding's gradient is a scatter, kept in I).
@@ -322,6 +327,112 @@ struct CostModel {
     return p;
   }
 
+  /// The distinct parameters of one block on one device, in nn::Block's parameters() order
+  /// (ln_1, the QKV and output projections, ln_2, the MLP's two linears: weight then bias),
+  /// split over tp as TensorParallel<nn::Block> splits them (column-parallel weights and biases
+  /// / tp; row-parallel weights / tp, their biases and the LayerNorms whole). At tp 1 they add
+  /// up to ModelSpec::layer_parameters().
+  std::vector<BucketLayout::Param> layer_parameter_list() const {
+    const std::int64_t h = model.hidden, t = layout.tp, qkv = h + 2 * model.kv_dim(), f = model.ffn_size();
+    return {{h, false},         {h, false},         {h * qkv / t, false}, {qkv / t, false}, {h / t * h, false},
+            {h, false},         {h, false},         {h, false},           {h * f / t, false}, {f / t, false},
+            {f / t * h, false}, {h, false}};
+  }
+
+  /// ZeRO-3's units of `stage` (Layout::zero3_unit_layers blocks each, or the whole stage), in
+  /// forward order, each as its parameters in list order: the GPT's token embedding (tied
+  /// with the head when ModelSpec::tied, split over tp) and position embedding join the first
+  /// unit of stage 0; the final LayerNorm and an untied head (or, at pp > 1, the last stage's
+  /// copy of a tied embedding) the last unit of the last stage. Throws what stage_layers throws.
+  std::vector<std::vector<BucketLayout::Param>> zero3_units(int stage) const {
+    const int blocks = stage_layers(stage), per = layout.zero3_unit_layers == 0 ? blocks : layout.zero3_unit_layers;
+    std::vector<std::vector<BucketLayout::Param>> units;
+    const std::vector<BucketLayout::Param> layer = layer_parameter_list();
+    for (int b = 0; b < blocks; ++b) {
+      if (b % per == 0) units.emplace_back();
+      units.back().insert(units.back().end(), layer.begin(), layer.end());
+    }
+    const std::int64_t h = model.hidden, t = layout.tp, v = model.vocab;
+    if (stage == 0)
+      units.front().insert(units.front().begin(), {{v * h / t, model.tied}, {static_cast<std::int64_t>(model.seq) * h, false}});
+    if (stage == layout.num_stages() - 1) {
+      units.back().push_back({h, false});
+      units.back().push_back({h, false});
+      if (!model.tied || layout.pp > 1) units.back().push_back({v * h / t, false});
+    }
+    return units;
+  }
+
+  /// The buckets of each of `stage`'s ZeRO-3 units over the dp ranks (BucketLayout: the packing
+  /// GradBuckets does, gradient-sized elements).
+  std::vector<BucketLayout> zero3_buckets(int stage) const {
+    std::vector<BucketLayout> out;
+    for (const auto& unit : zero3_units(stage))
+      out.push_back(BucketLayout::of(unit, layout.dp, std::size_t{25} << 20, std::size_t{1} << 20,
+                                     static_cast<std::size_t>(precision.gradient_bytes)));
+    return out;
+  }
+
+  /// Seconds of a ring all-gather (or reduce-scatter) whose gathered buffer holds `bytes`, over
+  /// `n` devices: (n-1)/n bytes / bandwidth + (n-1) latency; 0 when n = 1.
+  static double all_gather_seconds(double bytes, int n, double bandwidth, double latency) {
+    if (n <= 1) return 0.0;
+    return (n - 1.0) / n * bytes / bandwidth + (n - 1.0) * latency;
+  }
+
+  /// ZeRO-3 (Layout::zero_stage 3, dp > 1): seconds of the parameter all-gathers before one
+  /// forward or one backward of `stage` on one micro-batch -- one per bucket of each unit
+  /// (zero3_buckets), of parameter_bytes per element; prefetch overlap is not credited. 0
+  /// otherwise.
+  double zero3_gather_seconds(int stage) const {
+    if (layout.zero_stage != 3 || layout.dp == 1) return 0.0;
+    double s = 0;
+    for (const BucketLayout& u : zero3_buckets(stage))
+      for (std::int64_t e : u.padded) s += all_gather_seconds(e * precision.parameter_bytes, layout.dp, dp_bandwidth(), dp_latency());
+    return s;
+  }
+
+  /// ZeRO-3: seconds of the gradient reduce-scatters of one backward of `stage` (one per
+  /// bucket of each unit, gradient_bytes per element). 0 otherwise.
+  double zero3_reduce_scatter_seconds(int stage) const {
+    if (layout.zero_stage != 3 || layout.dp == 1) return 0.0;
+    double s = 0;
+    for (const BucketLayout& u : zero3_buckets(stage))
+      for (std::int64_t e : u.padded) s += all_gather_seconds(e * precision.gradient_bytes, layout.dp, dp_bandwidth(), dp_latency());
+    return s;
+  }
+
+  /// The dp collectives one device issues per step under ZeRO-3, from the bucket layout:
+  /// all-gathers (2 per bucket per micro-batch: before each forward and each backward) and
+  /// reduce-scatters (1 per bucket per micro-batch), with the elements of their gathered /
+  /// reduced buffers (padding included), summed over the rank's stages. All 0 at dp 1 or
+  /// another ZeRO stage.
+  struct Zero3Traffic {
+    long long all_gathers = 0;          ///< all-gather calls per step
+    double all_gather_elements = 0;     ///< elements of the gathered buffers, summed over calls
+    long long reduce_scatters = 0;      ///< reduce-scatter calls per step
+    double reduce_scatter_elements = 0; ///< elements of the reduced buffers, summed over calls
+  };
+  /// See Zero3Traffic; `pp_rank`'s stages (all of its model chunks).
+  Zero3Traffic zero3_traffic(int pp_rank) const {
+    Zero3Traffic t;
+    if (layout.zero_stage != 3 || layout.dp == 1) return t;
+    const long long m = layout.num_microbatches;
+    for (int c = 0; c < layout.virtual_stages; ++c)
+      for (const BucketLayout& u : zero3_buckets(c * layout.pp + pp_rank)) {
+        t.all_gathers += 2 * m * static_cast<long long>(u.size());
+        t.all_gather_elements += 2.0 * m * static_cast<double>(u.padded_elements());
+        t.reduce_scatters += m * static_cast<long long>(u.size());
+        t.reduce_scatter_elements += static_cast<double>(m) * static_cast<double>(u.padded_elements());
+      }
+    return t;
+  }
+
+  /// Latency of one step of a dp collective: inside a node when the dp x tp devices fit in one.
+  double dp_latency() const {
+    return layout.dp * layout.tp <= cluster.devices_per_node ? cluster.intra_node_latency : cluster.inter_node_latency;
+  }
+
   /// Bandwidth of one device's dp reduction, bytes/s: NVLink when the dp group fits in a node,
   /// else the node's network shared by the min(tp, devices_per_node) dp groups of the node
   /// (a ring crosses each node boundary once per channel, so a group gets its node's share).
@@ -331,16 +442,14 @@ struct CostModel {
     return std::min(cluster.intra_node_bandwidth, cluster.inter_node_bandwidth / groups);
   }
 
-  /// Seconds of the dp gradient reduction of pp rank `pp_rank`'s parameters:
-  /// an all-reduce (ZeRO 0), a reduce-scatter plus an all-gather (ZeRO 1 and 2; the same
-  /// bytes), or 1.5 times that (ZeRO-3 gathers the weights in forward and in backward;
-  /// Rajbhandari et al. 2020). 0 when dp = 1.
+  /// Seconds of the dp gradient reduction of pp rank `pp_rank`'s parameters after the
+  /// pipeline flush: an all-reduce (ZeRO 0), a reduce-scatter plus an all-gather (ZeRO 1 and 2;
+  /// the same bytes). 0 under ZeRO-3, whose reduce-scatters and all-gathers are charged inside
+  /// each F and B (stage_forward, stage_backward), and when dp = 1.
   double dp_reduce_seconds(int pp_rank) const {
+    if (layout.zero_stage == 3) return 0.0;
     const double bytes = rank_parameters(pp_rank) * precision.gradient_bytes;
-    const bool inside = layout.dp * layout.tp <= cluster.devices_per_node;
-    const double t = all_reduce_seconds(bytes, layout.dp, dp_bandwidth(),
-                                        inside ? cluster.intra_node_latency : cluster.inter_node_latency);
-    return layout.zero_stage == 3 ? 1.5 * t : t;
+    return all_reduce_seconds(bytes, layout.dp, dp_bandwidth(), dp_latency());
   }
 
   /// Seconds of summing the tied embedding's gradient between the first and the last pp rank

@@ -63,6 +63,11 @@ struct Layout {
   Recompute recompute = Recompute::none;  ///< activation recomputation
   int zero_stage = 0;                  ///< ZeRO stage 0-3 over the dp axis
   bool overlap_grad_reduce = false;    ///< dp reduction overlapped with the last backward
+  /// ZeRO-3's unit of gathering (FSDP's wrapped module): the blocks whose parameters are
+  /// all-gathered together before each forward and backward and freed after; 0: a whole
+  /// pipeline stage (tessera's DataParallelStage today). The embedding joins the first unit of
+  /// the first stage, the final LayerNorm and head the last unit of the last stage.
+  int zero3_unit_layers = 1;
 
   /// Devices used, dp * tp * pp.
   int world() const { return dp * tp * pp; }
@@ -79,6 +84,8 @@ struct Layout {
                     "Layout: dp, tp, pp, virtual_stages, microbatch_size, num_microbatches must be >= 1, got ", dp,
                     ", ", tp, ", ", pp, ", ", virtual_stages, ", ", microbatch_size, ", ", num_microbatches);
     TESSERA_EXPECTS(zero_stage >= 0 && zero_stage <= 3, "Layout: zero_stage must be 0, 1, 2 or 3, got ", zero_stage);
+    TESSERA_EXPECTS(zero3_unit_layers >= 0, "Layout: zero3_unit_layers must be >= 0 (0: a whole stage), got ",
+                    zero3_unit_layers);
     TESSERA_EXPECTS(virtual_stages == 1 || schedule == PipelineSchedule::interleaved, "Layout: virtual_stages ",
                     virtual_stages, " needs the interleaved schedule, got ", plan::to_string(schedule));
     TESSERA_EXPECTS(!sequence_parallel || tp > 1, "Layout: sequence parallelism needs tp > 1, got tp ", tp);
@@ -109,6 +116,9 @@ struct Layout {
     if (sequence_parallel) s += ", SP";
     s += tessera::detail::str(", recompute ", plan::to_string(recompute));
     if (zero_stage > 0) s += tessera::detail::str(", ZeRO-", zero_stage);
+    if (zero_stage == 3)
+      s += zero3_unit_layers == 0 ? std::string(" (unit: a stage)")
+                                  : tessera::detail::str(" (unit: ", zero3_unit_layers, zero3_unit_layers == 1 ? " layer)" : " layers)");
     if (overlap_grad_reduce) s += ", overlapped dp";
     return s;
   }

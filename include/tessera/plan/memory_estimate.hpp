@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/plan/bucket_layout.hpp"
 #include "tessera/plan/cost_model.hpp"
 #include "tessera/plan/layer_activations.hpp"
 #include "tessera/schedule/schedule.hpp"
@@ -50,6 +51,26 @@ struct MemoryEstimate {
       m.buffers += params * pr.gradient_bytes;
       const bool holds_tied = cm.model.tied && (pp_rank == 0 || pp_rank == L.pp - 1);
       if (holds_tied) m.buffers += static_cast<double>(cm.model.vocab) * cm.model.hidden / L.tp * pr.gradient_bytes;
+    }
+    if (L.zero_stage == 3 && L.dp > 1) {
+      // ZeRO-3 (tessera's GradBuckets::set_shard_params, FSDP's FULL_SHARD): besides the 16/N
+      // shards above, a unit's parameters are gathered whole while it computes -- with the
+      // neighbour unit's gather prefetched meanwhile when the rank holds two or more units --
+      // and a unit's whole gradient lives in its bucket buffers during its backward (freed
+      // after the reduce-scatter). Both are communication buffers: the largest unit's padded
+      // buckets (CostModel::zero3_buckets).
+      double largest = 0;
+      int units = 0;
+      for (int c = 0; c < L.virtual_stages; ++c)
+        for (const BucketLayout& u : cm.zero3_buckets(c * L.pp + pp_rank)) {
+          largest = std::max(largest, static_cast<double>(u.padded_elements()));
+          ++units;
+        }
+      m.buffers += largest * (units >= 2 ? 2 : 1) * pr.parameter_bytes + largest * pr.gradient_bytes;
+      // tessera's GPT: the tied token embedding is kept whole (its LM-head copy outside the
+      // parameter list views it), besides its shard.
+      if (cm.model.tessera_block && cm.model.tied && pp_rank == 0)
+        m.parameters += static_cast<double>(cm.model.vocab) * cm.model.hidden / L.tp * pr.parameter_bytes;
     }
     const double per_layer = LayerActivations::of(cm.model, L, pr).bytes();
     const double per_layer_w = LayerActivations::weight_pass(cm.model, L, pr).bytes();

@@ -23,7 +23,7 @@ struct TimeEstimate {
   double tp_comm = 0;             ///< tensor-parallel collectives on that rank, seconds
   double pp_p2p = 0;              ///< pipeline hand-offs on the critical path, seconds
   double bubble = 0;              ///< pipeline idle time of the busiest rank, seconds
-  double dp_comm_exposed = 0;     ///< dp reduction (and tied-embedding sum) not hidden, seconds
+  double dp_comm_exposed = 0;     ///< dp reduction (and tied-embedding sum; ZeRO-3's gathers and reduce-scatters) not hidden, seconds
   double dp_comm_overlapped = 0;  ///< dp reduction hidden behind the last backward, seconds
   double optimizer = 0;           ///< optimizer step, seconds
   /// Waiting for a core, seconds: when a node holds more ranks than cluster.cores_per_node, the
@@ -81,12 +81,14 @@ struct TimeEstimate {
     int busiest = 0;
     for (int r = 1; r < L.pp; ++r)
       if (b.busy[static_cast<std::size_t>(r)] > b.busy[static_cast<std::size_t>(busiest)]) busiest = r;
+    double zero3 = 0;  // ZeRO-3's gathers and reduce-scatters inside the busiest rank's F and B
     for (const schedule::Action& a : sched.compute_order(busiest)) {
       const WorkTime& w = work_of(a);
       t.compute += w.compute;
       t.tp_comm += w.tp_comm;
+      zero3 += w.dp_comm;
     }
-    t.bubble = std::max(0.0, free_run.span() - (t.compute + t.tp_comm));
+    t.bubble = std::max(0.0, free_run.span() - (t.compute + t.tp_comm + zero3));
     t.pp_p2p = std::max(0.0, t.timeline.span() - free_run.span());
     for (int r = 0; r < L.pp; ++r)
       for (const schedule::Tick& tick : sched.ticks[static_cast<std::size_t>(r)])
@@ -106,6 +108,7 @@ struct TimeEstimate {
         t.optimizer = cm.optimizer_seconds(r);
       }
     }
+    t.dp_comm_exposed += zero3;
     // Ranks sharing fewer cores (CPU ranks): the node's cores run at most cores_per_node ranks'
     // work at once, so the step lasts at least the node's work / cores (Brent's bound, the
     // replay being the other: max(span, work / cores)). The node's share of the work: every
