@@ -272,6 +272,51 @@ struct CalibrateArgs {
   double min_seconds = 0.005;
 };
 
+// MPI: the share of a core a waiting rank takes from the computing ranks at this world size
+// (Calibration::waiting_share_from_slowdown). The first half of the ranks run `work` while the
+// others either sleep (waking every millisecond to test for rank 0's "done"; no core taken) or
+// wait in a barrier (Open MPI polls; oversubscribed, it yields the core between polls); the
+// slowest worker's time of each, median of `repeats` alternating pairs. Collective; returns it
+// on every rank, with the CPU-time share of measure_waiting_share in `cpu_share` for the record.
+double measure_waiting_displacement(tessera::Comm& world, tp::Calibration::BlockWork& work, double cores, int repeats,
+                                    double& cpu_share) {
+  cpu_share = tessera_plan::measure_waiting_share(world, false);
+  const int n = world.size(), working = std::max(1, n / 2);
+  if (n < 2) return 0.0;
+  const bool worker = world.rank() < working;
+  std::vector<double> sleeping, waiting;
+  for (int r = 0; r < repeats; ++r) {
+    // Waiters asleep.
+    world.barrier();
+    double t = 0;
+    std::vector<float> done(1, 0.0f);
+    if (worker) {
+      t = work.run();
+      if (world.rank() == 0) {
+        for (int k = 1; k < working; ++k) world.recv(done, k);
+        for (int k = working; k < n; ++k) world.send(done, k);
+      } else {
+        world.send(done, 0);
+      }
+    } else {
+      const tessera::P2POp op = tessera::P2POp::recv(std::span<float>(done), 0);
+      tessera::Request req = world.batch_isend_irecv(std::span<const tessera::P2POp>(&op, 1));
+      while (!req.test()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    sleeping.push_back(world.all_reduce_value(t, tessera::ReduceOp::max));
+    // Waiters in a barrier.
+    world.barrier();
+    t = worker ? work.run() : 0.0;
+    world.barrier();
+    waiting.push_back(world.all_reduce_value(t, tessera::ReduceOp::max));
+  }
+  auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + static_cast<long>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  return tp::Calibration::waiting_share_from_slowdown(n, working, cores, median(sleeping), median(waiting));
+}
+
 // Measures this machine (GEMMs and element-wise kernels on rank 0 alone, then the collectives
 // at each rank count) and writes the cluster file. Under MPI every process runs this; rank 0
 // measures the kernels while the others wait, and writes.
@@ -281,6 +326,7 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   tp::Calibration cal{.backend = c.backend, .hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};
   std::vector<double> sizes;
   for (double kib : c.comm_kib) sizes.push_back(kib * 1024);
+  double waiting_cpu_share = -1;  // MPI: a waiting rank's CPU time over wall time (for the record)
   auto kernels = [&] {
     cal.measure_gemms(m, c.mbs, c.tps, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, m.hidden, c.min_seconds);
@@ -333,8 +379,15 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
         cal.cores = tp::Calibration::effective_cores(world.size(), alone, together[3]);
         cal.record_cores(world.size(), cal.cores);
       }
-      const double share = tessera_plan::measure_waiting_share(world, false);
-      if (world.rank() == 0) cal.waiting_core_share = share;
+      // A waiting rank's cost to the others, measured at this world size: its CPU time alone
+      // overstates it when Open MPI, oversubscribed, yields the core between polls.
+      const double cores_here = world.all_reduce_value(world.rank() == 0 ? cal.cores : 0.0, tessera::ReduceOp::max);
+      double cpu_share = 0;
+      const double share = measure_waiting_displacement(world, work, cores_here, 5, cpu_share);
+      if (world.rank() == 0) {
+        cal.waiting_core_share = share;
+        waiting_cpu_share = cpu_share;
+      }
       auto samples = tessera_plan::measure_comm(world, sizes);
       if (world.rank() == 0) cal.comm.insert(cal.comm.end(), samples.begin(), samples.end());
     });
@@ -343,10 +396,14 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   const double ram_gib = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE)) / kGiB;
   const std::string name = c.name.empty() ? "this machine, " + c.backend + " backend" : c.name;
   const int link = std::find(c.ranks.begin(), c.ranks.end(), c.link_ranks) != c.ranks.end() ? c.link_ranks : c.ranks[0];
-  const json j = cal.to_cluster_json(name, c.devices_per_node, ram_gib / c.devices_per_node, link);
+  json j = cal.to_cluster_json(name, c.devices_per_node, ram_gib / c.devices_per_node, link);
+  if (waiting_cpu_share >= 0) j["calibration"]["waiting_cpu_share"] = waiting_cpu_share;
   std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, a waiting rank uses %.2f of a core, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
               std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.waiting_core_share, cal.peak_flops() / 1e9,
               cal.elementwise_bandwidth / 1e9);
+  if (waiting_cpu_share >= 0)
+    std::printf("  a waiting rank's CPU time is %.2f of a core; what it takes from computing ranks: %.2f (used)\n",
+                waiting_cpu_share, cal.waiting_core_share);
   std::printf("  effective cores with N ranks at once (a block's forward + backward each):");
   for (const auto& [r, k] : cal.cores_at_ranks) std::printf(" %d: %.2f", r, k);
   std::printf("\n");

@@ -820,3 +820,86 @@ TEST_CASE("tessera's block: the element-wise work charged is the inputs of nn::B
   CHECK(cg.layer_elementwise_passes().empty());
   CHECK(cg.layer_memory_bytes() == 2 * LayerActivations::of(g, lg, Precision{}).bytes());
 }
+
+TEST_CASE("Calibration: a waiting rank's share of a core, from the computing ranks' slowdown, inverts TimeEstimate's contention bound") {
+  // 4 ranks on 1.8 cores, 2 of them computing work of `alone` seconds each: asleep, the others
+  // leave the cores to them (2 alone / 1.8); waiting with share w they add w x 2 x T to the
+  // node's work: T = 2 alone / (1.8 - 2 w). The measurement recovers w.
+  const double alone = 0.1, cores = 1.8;
+  const double sleeping = 2 * alone / cores;
+  for (double w : {0.0, 0.2, 0.45, 0.8}) {
+    CAPTURE(w);
+    const double waiting = 2 * alone / (cores - 2 * w);
+    CHECK(rel(Calibration::waiting_share_from_slowdown(4, 2, cores, sleeping, waiting) + 1e-3, w + 1e-3) < 1e-9);
+  }
+  // Faster while they wait (noise) is no share; a slowdown beyond a whole core each is one.
+  CHECK(Calibration::waiting_share_from_slowdown(4, 2, cores, sleeping, 0.9 * sleeping) == 0.0);
+  CHECK(Calibration::waiting_share_from_slowdown(4, 2, 4.0, sleeping, 50 * sleeping) == 1.0);
+  CHECK_THROWS_WITH_AS(Calibration::waiting_share_from_slowdown(4, 4, cores, sleeping, sleeping),
+                       doctest::Contains("working 4 of 4 ranks"), Error);
+  // The share sets how much of a pipeline's bubble the waiting ranks take from the others: a
+  // yielding rank (0.2) costs less than a polling one (1) and more than a blocking one (0).
+  const ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
+                    .seq = 128, .tied = true, .dropout = false, .tessera_block = true};
+  Cluster shared = flat_cluster();
+  shared.cores_per_node = 2;
+  const Layout pipe{.pp = 4, .microbatch_size = 8, .num_microbatches = 4};
+  double last = 0;
+  for (double w : {0.0, 0.2, 1.0}) {
+    shared.waiting_core_share = w;
+    const double t = Plan::predict(m, shared, pipe, Precision::float32_adamw()).time.total();
+    CHECK(t > last);
+    last = t;
+  }
+}
+
+TEST_CASE("ZeRO-3 in the planner: 16 Psi / N plus the gathered unit; per step 2 all-gathers and 1 reduce-scatter of every bucket per micro-batch (1.5 x an all-reduce at m = 1)") {
+  const ModelSpec m{.name = "1.3B", .layers = 24, .hidden = 2048, .heads = 16, .kv_heads = 0, .ffn = 0,
+                    .vocab = 50304, .seq = 1024, .tied = true};
+  Cluster c = flat_cluster();
+  c.intra_node_latency = c.inter_node_latency = 0;
+  const int n = 8;
+  const Plan z2 = Plan::predict(m, c, Layout{.dp = n, .microbatch_size = 1, .num_microbatches = 1, .zero_stage = 2});
+  for (int unit : {1, 4, 0}) {
+    CAPTURE(unit);
+    const Layout l{.dp = n, .microbatch_size = 1, .num_microbatches = 1, .zero_stage = 3, .zero3_unit_layers = unit};
+    const CostModel cm{.model = m, .cluster = c, .layout = l};
+    const Plan z3 = Plan::predict(m, c, l);
+    // The units: 24 / unit blocks each (a whole stage for 0), the embedding with the first and
+    // the final LayerNorm with the last; every parameter in exactly one.
+    const auto units = cm.zero3_units(0);
+    CHECK(units.size() == static_cast<std::size_t>(unit == 0 ? 1 : 24 / unit));
+    double params = 0, largest = 0;
+    for (const auto& u : cm.zero3_buckets(0)) largest = std::max(largest, static_cast<double>(u.padded_elements()));
+    for (const auto& u : units)
+      for (const BucketLayout::Param& p : u) params += static_cast<double>(p.numel);
+    CHECK(params == m.parameters());
+    // Memory: the 16 Psi / N of model state, plus the gathered unit (and its prefetched
+    // neighbour when there are two or more) and the unit's gradient buckets.
+    CHECK(rel(z3.memory.parameters + z3.memory.gradients + z3.memory.optimizer_state, 16 * m.parameters() / n) < 1e-12);
+    const double gathered = largest * (units.size() >= 2 ? 2 : 1) * 2 + largest * 2;
+    CHECK(rel(z3.memory.buffers - z2.memory.buffers, gathered) < 1e-12);
+    // Time: per micro-batch each bucket is gathered before the forward and the backward and
+    // reduce-scattered once: (N-1)/N of 3 x 2 bytes per element at the dp bandwidth, 1.5 times
+    // ZeRO-2's all-reduce of the same bytes (Rajbhandari et al. 2020, sec. 7.2.2) up to the
+    // buckets' padding; charged inside F and B, so none after the flush.
+    const CostModel::Zero3Traffic t = cm.zero3_traffic(0);
+    CHECK(t.all_gathers == 2 * t.reduce_scatters);
+    CHECK(t.reduce_scatter_elements >= m.parameters());
+    CHECK(t.reduce_scatter_elements < m.parameters() + n * static_cast<double>(t.reduce_scatters));
+    CHECK(cm.dp_reduce_seconds(0) == 0.0);
+    const double expect = (n - 1.0) / n * (t.all_gather_elements + t.reduce_scatter_elements) * 2 / cm.dp_bandwidth();
+    CHECK(rel(z3.time.dp_comm_exposed, expect) < 1e-9);
+    CHECK(rel(z3.time.dp_comm_exposed, 1.5 * z2.time.dp_comm_exposed) < 1e-4);
+    CHECK(z3.layout.to_string().find(unit == 0 ? "ZeRO-3 (unit: a stage)" : "ZeRO-3 (unit: ") != std::string::npos);
+  }
+  // m micro-batches gather and reduce-scatter m times.
+  const CostModel four{.model = m, .cluster = c,
+                       .layout = Layout{.dp = n, .microbatch_size = 1, .num_microbatches = 4, .zero_stage = 3}};
+  const CostModel one{.model = m, .cluster = c,
+                      .layout = Layout{.dp = n, .microbatch_size = 1, .num_microbatches = 1, .zero_stage = 3}};
+  CHECK(four.zero3_traffic(0).all_gathers == 4 * one.zero3_traffic(0).all_gathers);
+  CHECK(four.zero3_traffic(0).reduce_scatter_elements == 4 * one.zero3_traffic(0).reduce_scatter_elements);
+  CHECK_THROWS_WITH_AS(Layout{.zero3_unit_layers = -1}.validate(), doctest::Contains("zero3_unit_layers must be >= 0"),
+                       Error);
+}

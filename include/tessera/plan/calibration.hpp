@@ -235,6 +235,25 @@ struct Calibration {
     return c;
   }
 
+  /// The share of a core a waiting rank takes from the ranks computing beside it, from a
+  /// slowdown: `working` of `ranks` ranks run the same work while the other ranks either sleep
+  /// (taking no core: the work lasts `t_sleeping` seconds) or wait in a blocking collective
+  /// (`t_waiting` seconds), on `cores` effective cores. In TimeEstimate's terms the node's work
+  /// while they wait is the workers' plus share x (ranks - working) x t_waiting, done at
+  /// `cores`: share = cores (t_waiting - t_sleeping) / ((ranks - working) t_waiting), clamped to
+  /// [0, 1]. A rank that polls on a core nobody else wants costs nothing here (0), one that
+  /// polls in the workers' time slices costs up to a core (1); Open MPI oversubscribed
+  /// (mpi_yield_when_idle) yields its slices, in between. Throws Error unless 1 <= working <
+  /// ranks and the times and cores are positive.
+  static double waiting_share_from_slowdown(int ranks, int working, double cores, double t_sleeping,
+                                            double t_waiting) {
+    TESSERA_EXPECTS(working >= 1 && working < ranks && cores > 0 && t_sleeping > 0 && t_waiting > 0,
+                    "Calibration: waiting share needs 1 <= working < ranks and positive cores and times, got working ",
+                    working, " of ", ranks, " ranks, ", cores, " cores, ", t_sleeping, " s and ", t_waiting, " s");
+    const double share = cores * (t_waiting - t_sleeping) / ((ranks - working) * t_waiting);
+    return std::clamp(share, 0.0, 1.0);
+  }
+
   /// Records `c` effective cores measured with `ranks` ranks at once in cores_at_ranks (kept
   /// sorted by ranks; a repeated count replaces its entry).
   void record_cores(int ranks, double c) {
