@@ -331,6 +331,7 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
     cal.measure_gemms(m, c.mbs, c.tps, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, m.hidden, c.min_seconds);
     cal.measure_elementwise(static_cast<std::int64_t>(m.seq) * 8, 4LL * m.hidden, c.min_seconds);
+    cal.measure_block_overhead(m, 1, 16, std::max(0.05, c.min_seconds));
   };
   if (c.backend == "threads") {
     kernels();
@@ -401,6 +402,11 @@ int calibrate(const CalibrateArgs& c, const tp::ModelSpec& m, int& argc, char**&
   std::printf("calibrated %s in %.1f s: %.2f effective cores of %d, a waiting rank uses %.2f of a core, peak %.1f GFLOP/s per rank, element-wise %.2f GB/s\n", name.c_str(),
               std::chrono::duration<double>(Clock::now() - t0).count(), cal.cores, cal.hardware_threads, cal.waiting_core_share, cal.peak_flops() / 1e9,
               cal.elementwise_bandwidth / 1e9);
+  std::printf("  a block's forward + backward beyond the GEMM and element-wise terms: %.1f us per pass + %.2f ns per token"
+              " (mbs 1: %+.1f%%, mbs 16: %+.1f%% of the modelled time)\n",
+              cal.block_pass_overhead * 1e6, cal.block_token_overhead * 1e9,
+              100 * (cal.block_pass_overhead + cal.block_token_overhead * m.seq) / cal.modelled_block_seconds(m, 1),
+              100 * (cal.block_pass_overhead + cal.block_token_overhead * m.seq * 16) / cal.modelled_block_seconds(m, 16));
   if (waiting_cpu_share >= 0)
     std::printf("  a waiting rank's CPU time is %.2f of a core; what it takes from computing ranks: %.2f (used)\n",
                 waiting_cpu_share, cal.waiting_core_share);

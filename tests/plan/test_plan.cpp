@@ -903,3 +903,54 @@ TEST_CASE("ZeRO-3 in the planner: 16 Psi / N plus the gathered unit; per step 2 
   CHECK_THROWS_WITH_AS(Layout{.zero3_unit_layers = -1}.validate(), doctest::Contains("zero3_unit_layers must be >= 0"),
                        Error);
 }
+
+TEST_CASE("Block overhead: calibrate's fit of a real block's unlisted work, and CostModel charging it per forward (1/3) and backward (2/3) of tessera's block only") {
+  // extra = pass + per_token x tokens through two micro-batch sizes.
+  const auto [pass, token] = Calibration::fit_block_overhead(128, 1, 50e-6 + 128 * 2e-9, 16, 50e-6 + 2048 * 2e-9);
+  CHECK(rel(pass, 50e-6) < 1e-9);
+  CHECK(rel(token, 2e-9) < 1e-9);
+  // A negative intercept (more extra per token at small batches than the line allows) is a
+  // line through the origin; a model slower than the block is no overhead.
+  const auto [p0, t0] = Calibration::fit_block_overhead(128, 1, 1e-6, 16, 1e-3);
+  CHECK(p0 == 0.0);
+  CHECK(t0 > 0);
+  const auto [p1, t1] = Calibration::fit_block_overhead(128, 1, -1e-4, 16, -1e-3);
+  CHECK(p1 == 0.0);
+  CHECK(t1 == 0.0);
+  CHECK_THROWS_WITH_AS(Calibration::fit_block_overhead(128, 4, 0, 4, 0), doctest::Contains("1 <= mbs 4 < mbs 4"), Error);
+  // The cluster file carries it (us per pass, ns per token) and CostModel adds it.
+  Calibration cal{.backend = "threads", .cores = 1.9};
+  cal.gemms.push_back({.name = "a", .m = 100, .n = 100, .k = 100, .seconds = 2e6 / 50e9});
+  cal.elementwise_bandwidth = 6e9;
+  for (double bytes : {1e4, 1e6}) cal.comm.push_back({.collective = "all_reduce", .ranks = 2, .bytes = bytes,
+                                                      .seconds = 2e-6 + bytes / 4e9});
+  cal.block_pass_overhead = 40e-6;
+  cal.block_token_overhead = 3e-9;
+  const Cluster with = Cluster::from_json(cal.to_cluster_json("this machine", 8, 4.0, 2));
+  CHECK(rel(with.block_pass_overhead, 40e-6) < 1e-12);
+  CHECK(rel(with.block_token_overhead, 3e-9) < 1e-12);
+  Cluster without = with;
+  without.block_pass_overhead = without.block_token_overhead = 0;
+  ModelSpec m{.name = "small", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0, .ffn = 0, .vocab = 256,
+              .seq = 128, .tied = true, .dropout = false, .tessera_block = true};
+  const Layout l{.microbatch_size = 4};
+  const CostModel a{.model = m, .cluster = with, .layout = l}, b{.model = m, .cluster = without, .layout = l};
+  const double extra = 40e-6 + 3e-9 * 128 * 4;
+  CHECK(rel(a.layer_forward().compute - b.layer_forward().compute, extra / 3) < 1e-9);
+  CHECK(rel(a.layer_backward().compute - b.layer_backward().compute, 2 * extra / 3) < 1e-9);
+  m.tessera_block = false;
+  const CostModel c{.model = m, .cluster = with, .layout = l}, d{.model = m, .cluster = without, .layout = l};
+  CHECK(c.layer_forward().compute == d.layer_forward().compute);
+  Cluster bad = with;
+  bad.block_token_overhead = -1;
+  CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("block_overhead must be >= 0"), Error);
+  // On a real block of a small model the measurement runs and gives non-negative parts.
+  Calibration real;
+  const ModelSpec tiny{.name = "tiny", .layers = 1, .hidden = 32, .heads = 2, .kv_heads = 0, .ffn = 0, .vocab = 64,
+                       .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
+  real.measure_gemms(tiny, {1, 4}, {1}, 0.001);
+  real.measure_elementwise(64, 32, 0.001);
+  const auto [rp, rt] = real.measure_block_overhead(tiny, 1, 4, 0.002);
+  CHECK(rp >= 0);
+  CHECK(rt >= 0);
+}

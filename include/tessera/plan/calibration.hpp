@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -25,7 +26,9 @@
 #include "tessera/nn/gelu.hpp"
 #include "tessera/nn/layer_norm.hpp"
 #include "tessera/plan/cluster.hpp"
+#include "tessera/plan/cost_model.hpp"
 #include "tessera/plan/model_spec.hpp"
+#include "tessera/plan/precision.hpp"
 
 namespace tessera::plan {
 
@@ -72,6 +75,8 @@ struct Calibration {
   std::vector<GemmSample> gemms{};       ///< GEMM shapes timed
   double elementwise_bandwidth = 0;      ///< bytes/s: the planner's byte count of element-wise work over its measured time
   double waiting_core_share = 0;         ///< share of a core a waiting rank uses (measured by the tool on the backend)
+  double block_pass_overhead = 0;        ///< seconds per block forward + backward not listed by the model (measure_block_overhead)
+  double block_token_overhead = 0;       ///< seconds per token per block forward + backward not listed (measure_block_overhead)
   std::vector<CommSample> comm{};        ///< collectives timed
 
   /// Seconds of `fn()` per call: runs it once to warm up, then in batches of calls lasting at
@@ -171,6 +176,80 @@ struct Calibration {
     const double charged = 6.0 * 4.0 * static_cast<double>(rows * width);
     elementwise_bandwidth = 2 * charged / (t_gelu + t_norm);
     return elementwise_bandwidth;
+  }
+
+  /// The cluster this calibration describes so far, for predictions inside calibrate: peak,
+  /// curve, element-wise rate, no overheads (links and cores left at placeholders).
+  Cluster kernel_cluster() const {
+    Cluster c;
+    c.name = "calibration";
+    c.device_memory = 1;
+    c.peak_flops = peak_flops();
+    c.gemm_efficiency = gemm_efficiency();
+    c.memory_bandwidth = elementwise_bandwidth;
+    c.intra_node_bandwidth = c.inter_node_bandwidth = 1;
+    return c;
+  }
+
+  /// CostModel's seconds for one forward + backward of tessera's block of `model` (fp32, no
+  /// dropout) on `mbs` sequences from this calibration's GEMM and element-wise constants alone.
+  /// Throws Error if no GEMM or element-wise rate was measured.
+  double modelled_block_seconds(const ModelSpec& model, int mbs) const {
+    TESSERA_EXPECTS(elementwise_bandwidth > 0, "Calibration: measure the element-wise rate before the block overhead");
+    ModelSpec m = model;
+    m.tessera_block = true;
+    m.dropout = false;
+    const CostModel cm{.model = m, .cluster = kernel_cluster(), .layout = Layout{.microbatch_size = mbs},
+                       .precision = Precision::float32_adamw()};
+    return cm.layer_forward().compute + cm.layer_backward().compute;
+  }
+
+  /// Fits the work a block does beyond CostModel's terms through two measurements: at `mbs_a`
+  /// and `mbs_b` sequences (mbs_a < mbs_b) the measured forward + backward exceeds the model by
+  /// `extra_a` and `extra_b` seconds; extra = pass + token x tokens, each part clamped to >= 0
+  /// (returned as {pass seconds, seconds per token}). Throws Error unless 1 <= mbs_a < mbs_b
+  /// and seq >= 1.
+  static std::pair<double, double> fit_block_overhead(int seq, int mbs_a, double extra_a, int mbs_b, double extra_b) {
+    TESSERA_EXPECTS(seq >= 1 && mbs_a >= 1 && mbs_a < mbs_b, "Calibration: block overhead needs 1 <= mbs ", mbs_a,
+                    " < mbs ", mbs_b, " and seq ", seq, " >= 1");
+    const double ta = static_cast<double>(seq) * mbs_a, tb = static_cast<double>(seq) * mbs_b;
+    double per_token = std::max(0.0, (extra_b - extra_a) / (tb - ta));
+    double pass = extra_a - per_token * ta;
+    if (pass < 0) {  // a line through the origin: all of it per token, least squares
+      pass = 0;
+      per_token = std::max(0.0, (extra_a * ta + extra_b * tb) / (ta * ta + tb * tb));
+    }
+    return {pass, per_token};
+  }
+
+  /// Measures tessera's nn::Block forward + backward (BlockWork, one pass per call, the fastest
+  /// of 7 batches of at least `min_seconds`) on `mbs_a` and `mbs_b` sequences, takes away
+  /// modelled_block_seconds at each, and sets block_pass_overhead and block_token_overhead by
+  /// fit_block_overhead: the residual adds, bias adds, reshapes, allocations and dispatch the
+  /// planner's GEMM and element-wise terms leave out, measured on the job's own block. Needs
+  /// the GEMMs and the element-wise rate measured first. Returns {pass, per token}.
+  std::pair<double, double> measure_block_overhead(const ModelSpec& model, int mbs_a = 1, int mbs_b = 16,
+                                                   double min_seconds = 0.05) {
+    auto extra = [&](int mbs) {
+      // The fastest of 7 batches: another program's load only ever slows a run, and a block
+      // pass lasts long enough to be hit by it more often than a GEMM's batch is.
+      BlockWork work(model, mbs, 1);
+      (void)work.run();
+      double best = 1e300;
+      for (int b = 0; b < 7; ++b) {
+        int calls = 0;
+        double elapsed = 0;
+        while (elapsed < min_seconds) {
+          elapsed += work.run();
+          ++calls;
+        }
+        best = std::min(best, elapsed / calls);
+      }
+      return best - modelled_block_seconds(model, mbs);
+    };
+    const double ea = extra(mbs_a), eb = extra(mbs_b);
+    std::tie(block_pass_overhead, block_token_overhead) = fit_block_overhead(model.seq, mbs_a, ea, mbs_b, eb);
+    return {block_pass_overhead, block_token_overhead};
   }
 
   /// One rank's unit of work for the effective-core measurement: `calls` forward + backward
@@ -383,6 +462,7 @@ struct Calibration {
             {"cores_per_node", cores},
             {"cores_per_node_at_ranks", cores_at_ranks_json()},
             {"waiting_core_share", waiting_core_share},
+            {"block_overhead", {{"per_pass_us", block_pass_overhead * 1e6}, {"per_token_ns", block_token_overhead * 1e9}}},
             {"device_memory_gib", device_memory_gib},
             {"peak_tflops", peak_flops() / 1e12},
             {"memory_bandwidth_gbps", elementwise_bandwidth / 1e9},

@@ -47,6 +47,15 @@ struct Cluster {
   /// ranks than cores the ranks share the cores by time slices, and their working sets share
   /// the caches, so the count can fall as ranks grow. Empty: cores_per_node at every count.
   std::vector<std::pair<int, double>> cores_at_ranks{};
+  /// Work of tessera's nn::Block that the GEMM and element-wise terms do not list (residual and
+  /// bias adds, the heads' reshapes, allocation of fresh tensors, per-call dispatch), as
+  /// calibrate measures it: a real block's forward + backward at two micro-batch sizes less
+  /// CostModel's prediction from the same constants, fitted through both as a fixed part per
+  /// pass (seconds per forward + backward of one block on one micro-batch) ...
+  double block_pass_overhead = 0;
+  /// ... and a part per token (seconds per token per block forward + backward). 0 on
+  /// accelerators and for models other than tessera's block (ModelSpec::tessera_block).
+  double block_token_overhead = 0;
 
   /// Effective cores when `ranks` ranks of a node compute at once: cores_at_ranks' entry for
   /// that count, linear between the two counts around it, the nearest count's outside them;
@@ -83,6 +92,9 @@ struct Cluster {
                           (i == 0 || cores_at_ranks[i].first > cores_at_ranks[i - 1].first),
                       "Cluster '", name, "': cores_per_node_at_ranks entry ", i, " is (", cores_at_ranks[i].first, ", ",
                       cores_at_ranks[i].second, "); ranks must be >= 1 and ascending, cores > 0");
+    TESSERA_EXPECTS(block_pass_overhead >= 0 && block_token_overhead >= 0, "Cluster '", name,
+                    "': block_overhead must be >= 0, got ", block_pass_overhead, " s per pass and ",
+                    block_token_overhead, " s per token");
     TESSERA_EXPECTS(waiting_core_share >= 0 && waiting_core_share <= 1, "Cluster '", name,
                     "': waiting_core_share must lie in [0, 1], got ", waiting_core_share);
     TESSERA_EXPECTS(intra_node_latency >= 0 && inter_node_latency >= 0, "Cluster '", name,
@@ -95,7 +107,8 @@ struct Cluster {
   ///  "memory_bandwidth_gbps", "intra_node": {"bandwidth_gbps", "latency_us"},
   ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]},
   /// optionally "cores_per_node" and "waiting_core_share" (default 0) and
-  /// "cores_per_node_at_ranks": [[ranks, cores], ...]; other keys (e.g. "calibration") are ignored
+  /// "cores_per_node_at_ranks": [[ranks, cores], ...] and "block_overhead": {"per_pass_us",
+  /// "per_token_ns"} (default 0); other keys (e.g. "calibration") are ignored
   /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
   /// what validate() throws.
   static Cluster from_json(const nlohmann::json& j) {
@@ -114,6 +127,11 @@ struct Cluster {
     c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
     if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
     if (j.contains("waiting_core_share")) c.waiting_core_share = number(j, "waiting_core_share", "the top level");
+    if (j.contains("block_overhead")) {
+      const nlohmann::json& b = j.at("block_overhead");
+      c.block_pass_overhead = number(b, "per_pass_us", "block_overhead") * 1e-6;
+      c.block_token_overhead = number(b, "per_token_ns", "block_overhead") * 1e-9;
+    }
     if (j.contains("cores_per_node_at_ranks")) {
       const nlohmann::json& at = j.at("cores_per_node_at_ranks");
       TESSERA_EXPECTS(at.is_array(), "Cluster JSON: cores_per_node_at_ranks must be an array of [ranks, cores]");

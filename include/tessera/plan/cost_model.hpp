@@ -172,8 +172,18 @@ struct CostModel {
     WorkTime w;
     for (const Gemm& g : layer_gemms()) w.compute += g.batch * gemm_seconds(g.flops);
     w.compute += memory_seconds(layer_memory_bytes());
+    w.compute += block_overhead_seconds() / 3;  // the backward (twice the forward) gets the other 2/3
     w.tp_comm = tp_all_reduces_forward * tp_all_reduce_seconds();
     return w;
+  }
+
+  /// tessera's block only: the measured work the GEMM and element-wise terms do not list, per
+  /// forward + backward of one block on one micro-batch of b s tokens (Cluster::
+  /// block_pass_overhead + block_token_overhead x b s); 0 for other blocks.
+  double block_overhead_seconds() const {
+    if (!model.tessera_block) return 0.0;
+    return cluster.block_pass_overhead +
+           cluster.block_token_overhead * static_cast<double>(model.seq) * layout.microbatch_size;
   }
 
   /// The attention core alone (scores, softmax, dropout, product with V): what selective
