@@ -673,3 +673,177 @@ TEST_CASE("zero_stage refuses a stage that is not 0, 1, 2 or 3, naming it") {
   CHECK(zero_stage(2) == ZeroStage::gradients);
   CHECK(zero_stage(3) == ZeroStage::parameters);
 }
+
+namespace {
+
+// ---- ZeRO-3 per-layer units (HybridOptions::unit_layers) -----------------------------------
+
+struct UnitRun {
+  std::vector<double> losses;                   // per step, the mean over the global batch
+  std::map<std::string, std::vector<float>> params;  // this rank's final values by name
+  std::size_t units = 0;                        // bucket sets (units) on this rank
+  std::size_t peak_gathered = 0;                // the most gathered bytes alive at once on this rank, all units
+  std::size_t largest_unit = 0;                 // bytes of this rank's largest unit, gathered (4 B/param, padded)
+  std::size_t largest_pair = 0;                 // of two units next to each other in forward order
+  std::size_t prefetched = 0;                   // fewest gathers of one unit found started by a prefetch
+  std::size_t peak_total = 0;                   // MemoryTracker::peak_total over the steps
+  bool values_freed = true;                     // after every step no unit holds its values
+  std::int64_t gathered = 0;                    // elements all-gathered by the units over the steps
+  std::int64_t elements = 0;                    // of all units once, gathered (padded)
+};
+
+struct UnitCase {
+  MeshShape shape;
+  int accum = 1;
+  PipelineScheduleKind schedule = PipelineScheduleKind::one_f_one_b;
+  int virtual_stages = 1;
+  nn::Recompute recompute = nn::Recompute::none;
+  int unit_layers = 1;
+  bool prefetch = true;
+  ZeroStage stage = ZeroStage::parameters;
+};
+
+// 4 AdamW steps (clipping at 0.5) of the 6-block tied GPT of hybrid_test::Setup on 24
+// sequences per step at `c`'s layout. Collective over `c`.
+UnitRun unit_run(Comm& c, const UnitCase& u) {
+  hybrid_test::Setup s;
+  s.batch = 24;
+  Mesh mesh(c, u.shape);
+  HybridOptions ho;
+  ho.accumulation_steps = u.accum;
+  ho.num_microbatches = 2;
+  ho.schedule = u.schedule;
+  ho.virtual_stages = u.virtual_stages;
+  ho.recompute = u.recompute;
+  ho.unit_layers = u.unit_layers;
+  HybridGPT<float> model(mesh, s.config, s.seed, ho);
+  DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), u.stage);
+  UnitRun r;
+  r.units = model.buckets().size();
+  std::vector<std::size_t> unit_bytes;
+  for (GradBuckets<float>* b : model.buckets()) {
+    b->set_prefetch(u.prefetch);
+    std::size_t bytes = 0;
+    for (std::size_t k = 0; k < b->buckets().size(); ++k)
+      bytes += static_cast<std::size_t>(b->shard_size(k) * u.shape.dp) * sizeof(float);
+    unit_bytes.push_back(bytes);
+    r.elements += static_cast<std::int64_t>(bytes / sizeof(float));
+    r.largest_unit = std::max(r.largest_unit, bytes);
+  }
+  for (std::size_t k = 0; k + 1 < unit_bytes.size(); ++k)
+    r.largest_pair = std::max(r.largest_pair, unit_bytes[k] + unit_bytes[k + 1]);
+  GradBuckets<float>::reset_rank_peak_gathered_bytes();
+  MemoryTracker::this_rank().reset_peaks();
+  const std::int64_t rows = s.batch / u.shape.dp, r0 = mesh.coord().dp * rows, chunk = rows / u.accum;
+  for (int step = 0; step < 4; ++step) {
+    auto [x, y] = hybrid_test::batch_of(s, step);
+    model.zero_grad();
+    for (int k = 0; k < u.accum; ++k) {
+      const std::int64_t lo = r0 + k * chunk;
+      model.forward_backward(x.slice(0, lo, lo + chunk).contiguous(), y.slice(0, lo, lo + chunk).contiguous());
+    }
+    optim::clip_grad_norm(model.gradients(), s.max_norm);
+    opt.step();
+    for (GradBuckets<float>* b : model.buckets()) r.values_freed = r.values_freed && !b->values_gathered();
+    r.losses.push_back(model.accumulated_loss());
+  }
+  r.peak_gathered = GradBuckets<float>::rank_peak_gathered_bytes();
+  r.peak_total = MemoryTracker::this_rank().peak_total();
+  r.prefetched = model.buckets().front()->prefetched_uses();
+  for (GradBuckets<float>* b : model.buckets()) {
+    r.prefetched = std::min(r.prefetched, b->prefetched_uses());
+    r.gathered += b->gathered_elements();
+  }
+  opt.gather_full_parameters();
+  for (const Parameter<float>& p : model.parameters()) {
+    const Tensor<float> v = p.value.contiguous();
+    r.params[p.name].assign(v.data(), v.data() + v.numel());
+  }
+  opt.release_full_parameters(false);
+  return r;
+}
+
+// The largest |a - b| / max(|b|, 1e-3) over the two runs' losses and parameters.
+double unit_difference(const UnitRun& a, const UnitRun& b) {
+  double worst = 0;
+  for (std::size_t k = 0; k < a.losses.size(); ++k)
+    worst = std::max(worst, std::abs(a.losses[k] - b.losses[k]) / std::max(std::abs(b.losses[k]), 1e-3));
+  for (const auto& [name, v] : b.params) {
+    const std::vector<float>& w = a.params.at(name);
+    for (std::size_t i = 0; i < v.size(); ++i)
+      worst = std::max(worst, std::abs(static_cast<double>(w[i]) - v[i]) / std::max(std::abs(static_cast<double>(v[i])), 1e-3));
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-3 per-layer units (unit_layers 1 and 3) equal one unit per stage and plain DP in every schedule, with tp, pp, accumulation, recompute and the tied GPT") {
+  using K = PipelineScheduleKind;
+  const std::vector<UnitCase> cases{
+      {.shape = {.dp = 2, .pp = 1, .tp = 1}, .accum = 2},
+      {.shape = {.dp = 3, .pp = 1, .tp = 1}},  // wte 50 x 16 = 800 elements: not a multiple of 3
+      {.shape = {.dp = 2, .pp = 1, .tp = 2}, .unit_layers = 3},
+      {.shape = {.dp = 2, .pp = 2, .tp = 1}, .accum = 2, .schedule = K::gpipe},
+      {.shape = {.dp = 2, .pp = 2, .tp = 1}, .schedule = K::interleaved_one_f_one_b, .virtual_stages = 2},
+      {.shape = {.dp = 2, .pp = 2, .tp = 1}, .accum = 2, .schedule = K::zero_bubble_h1},
+      {.shape = {.dp = 2, .pp = 2, .tp = 1}, .recompute = nn::Recompute::full},
+  };
+  for (const UnitCase& u : cases) {
+    CAPTURE(u.shape.dp);
+    CAPTURE(u.shape.pp);
+    CAPTURE(u.shape.tp);
+    CAPTURE(static_cast<int>(u.schedule));
+    CAPTURE(u.unit_layers);
+    const int world = u.shape.dp * u.shape.pp * u.shape.tp;
+    UnitCase stage_unit = u, plain = u;
+    stage_unit.unit_layers = 0;
+    plain.unit_layers = 0;
+    plain.stage = ZeroStage::none;
+    const auto layers = run_ranks(world, [&](Comm& c) { return unit_run(c, u); });
+    const auto stage = run_ranks(world, [&](Comm& c) { return unit_run(c, stage_unit); });
+    const auto dp = run_ranks(world, [&](Comm& c) { return unit_run(c, plain); });
+    for (std::size_t r = 0; r < layers.size(); ++r) {
+      CAPTURE(r);
+      CHECK(layers[r].units > stage[r].units);
+      CHECK(unit_difference(layers[r], stage[r]) < 1e-5);  // round-off: the clipping norm sums per unit
+      CHECK(unit_difference(layers[r], dp[r]) < 1e-5);
+      CHECK(layers[r].values_freed);
+      CHECK(layers[r].prefetched > 0);  // every unit's gather found started by a neighbour's prefetch
+      // Prefetch keeps at most the computing unit and the next one gathered.
+      CHECK(layers[r].peak_gathered <= std::max(layers[r].largest_pair, stage[r].largest_unit));
+      CHECK(layers[r].peak_gathered < stage[r].peak_gathered);
+    }
+  }
+}
+
+TEST_CASE("ZeRO-3 per-layer units: without prefetch the gathered peak is the largest unit exactly; the peak of everything tracked is below ZeRO-0's") {
+  // dp 2, one stage of 8 layers (embedding, 6 blocks, final norm + tied LM head), one unit per layer.
+  const UnitCase per_layer{.shape = {.dp = 2, .pp = 1, .tp = 1}, .prefetch = false};
+  UnitCase stage_unit = per_layer, zero0 = per_layer;
+  stage_unit.unit_layers = 0;
+  zero0.unit_layers = 0;
+  zero0.stage = ZeroStage::none;
+  const auto layers = run_ranks(2, [&](Comm& c) { return unit_run(c, per_layer); });
+  const auto stage = run_ranks(2, [&](Comm& c) { return unit_run(c, stage_unit); });
+  const auto plain = run_ranks(2, [&](Comm& c) { return unit_run(c, zero0); });
+  for (std::size_t r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    CHECK(layers[r].units == 8);
+    CHECK(layers[r].peak_gathered == layers[r].largest_unit);  // exactly one unit at a time
+    CHECK(stage[r].peak_gathered == stage[r].largest_unit);    // the whole stage
+    CHECK(layers[r].largest_unit < stage[r].largest_unit / 3);
+    CHECK(layers[r].prefetched == 0);
+    // Each unit (the tied embedding and LM head once, in the first unit) gathered once per
+    // forward and once per backward: 4 steps x 2 micro-batches x 2 (at pp 1 no output shape
+    // is inferred); so is the stage unit.
+    CHECK(layers[r].gathered == 4 * 2 * 2 * layers[r].elements);
+    CHECK(stage[r].gathered == 4 * 2 * 2 * stage[r].elements);
+    MESSAGE("rank ", r, ": peak total ZeRO-0 ", plain[r].peak_total, " B, ZeRO-3 stage unit ", stage[r].peak_total,
+            " B, ZeRO-3 per layer ", layers[r].peak_total, " B; gathered peak ", layers[r].peak_gathered, " B of ",
+            stage[r].peak_gathered, " B");
+    CHECK(layers[r].peak_total < plain[r].peak_total);
+    CHECK(layers[r].peak_total < stage[r].peak_total);
+    CHECK(stage[r].peak_total - layers[r].peak_total == stage[r].peak_gathered - layers[r].peak_gathered);
+  }
+}

@@ -367,7 +367,7 @@ class GradBuckets {
       }
       gathered_ = false;
       shard_params_ = false;
-      gathered_mem_.set(0);
+      set_gathered(0);
       account_params();
     }
   }
@@ -448,7 +448,7 @@ class GradBuckets {
     }
     for (Bucket& b : buckets_) b.gathered = Tensor<T>();
     gathered_ = false;
-    gathered_mem_.set(0);
+    set_gathered(0);
     account_params();
   }
   /// ZeRO-3: whether the values are gathered now (between gather_values and release_values).
@@ -475,6 +475,15 @@ class GradBuckets {
   std::size_t gathered_bytes() const noexcept { return static_cast<std::size_t>(gathered_mem_.bytes()); }
   /// ZeRO-3: the most gathered bytes alive at once (see gathered_bytes).
   std::size_t peak_gathered_bytes() const noexcept { return peak_gathered_; }
+  /// ZeRO-3: bytes of gathered parameter buffers alive now on the calling rank (thread), over
+  /// every GradBuckets (unit) it built: with per-layer units, what the units gathered at once
+  /// hold (the current unit and a prefetched one). Local.
+  static std::size_t rank_gathered_bytes() noexcept { return rank_gathered().live; }
+  /// ZeRO-3: the most rank_gathered_bytes() alive at once since the rank's first unit was built
+  /// or reset_rank_peak_gathered_bytes(). Local.
+  static std::size_t rank_peak_gathered_bytes() noexcept { return rank_gathered().peak; }
+  /// ZeRO-3: sets rank_peak_gathered_bytes() to the live figure (e.g. after setup). Local.
+  static void reset_rank_peak_gathered_bytes() noexcept { rank_gathered().peak = rank_gathered().live; }
   /// ZeRO-3: the elements all-gathered over dp so far, counting each bucket's whole gathered
   /// buffer (shard_size x dp) once per gather (none at dp 1): for traffic counts.
   std::int64_t gathered_elements() const noexcept { return gathered_elements_; }
@@ -593,7 +602,7 @@ class GradBuckets {
       const std::int64_t n = shard_size(bi);
       b.gathered = Tensor<T>(Shape{n * world_});
       bytes += static_cast<std::size_t>(n * world_) * sizeof(T);
-      gathered_mem_.set(bytes);
+      set_gathered(bytes);
       peak_gathered_ = std::max(peak_gathered_, bytes);
       T* full = b.gathered.data();
       std::copy_n(b.value_shard.data(), n, full + rank_ * n);
@@ -639,6 +648,22 @@ class GradBuckets {
       s.param->value = view;
       for (Parameter<T>* a : s.aliases) a->value = view;
     }
+  }
+
+  // The calling rank's gathered bytes over all its units (per thread, as MemoryTracker).
+  struct RankGathered {
+    std::size_t live = 0, peak = 0;
+  };
+  static RankGathered& rank_gathered() noexcept {
+    thread_local RankGathered g;
+    return g;
+  }
+  // ZeRO-3: this unit's gathered bytes (the tracker, gathered_bytes(), the rank's figure).
+  void set_gathered(std::size_t bytes) noexcept {
+    RankGathered& g = rank_gathered();
+    g.live = g.live + bytes - gathered_mem_.bytes();
+    g.peak = std::max(g.peak, g.live);
+    gathered_mem_.set(bytes);
   }
 
   // The parameters' figure: their values, or under ZeRO-3 the value shards (the gathered

@@ -9,7 +9,9 @@
 
 #include <chrono>
 #include <concepts>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +24,7 @@
 #include "tessera/nn/weight_grad_queue.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
 #include "tessera/parallel/data/grad_buckets.hpp"
+#include "tessera/parallel/pipeline/layer_hooks.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
 
 namespace tessera {
@@ -30,24 +33,70 @@ namespace tessera {
 /// backward, shapes and tied parameters are the wrapped stage's; `finish_grad_sync()` (which
 /// PipelineParallel calls when a window closes, after summing the tied copies) reduces the
 /// stage's gradients over dp: summed by all-reduce, or, once a ZeroOptimizer is built on
-/// buckets(), reduce-scattered into this dp rank's blocks. Construction is collective over dp;
+/// units(), reduce-scattered into this dp rank's blocks. Construction is collective over dp;
 /// the wrapped stage must be the same function on every dp rank.
+///
+/// **Units (ZeRO-3).** The stage's gradients and, under ZeRO-3, its parameter values live in
+/// one GradBuckets per *unit*: the whole stage (unit_layers = 0, the default), or each run of
+/// `unit_layers` consecutive layers (PipelineStage::layer_parameters; PyTorch FSDP2's
+/// `fully_shard` applied to each block, or to groups of blocks). Under ZeRO-3 a per-layer unit
+/// is all-gathered just before its first layer's forward and freed after its last layer's,
+/// gathered again before its last layer's backward (and before a recomputed forward) and freed
+/// after its first layer's backward; once a unit is gathered, the gather of the unit that runs
+/// next (forward: the next unit, then this rank's next stage; backward: the previous) is
+/// started so it travels while this one computes (GradBuckets::prefetch_neighbour, linked by
+/// the ZeroOptimizer over units() in order). Under ZB-H1 the weight-gradient work a unit's
+/// backward_input defers is queued per unit, and the W pass gathers each unit again for its
+/// own work only. The gradients are reduced (reduce-scattered into the shards) when the window
+/// closes, unit by unit.
 template <std::floating_point T, class Input = Tensor<T>>
-class DataParallelStage final : public PipelineStage<T, Input> {
+class DataParallelStage final : public PipelineStage<T, Input>, private LayerHooks {
  public:
-  /// Wraps `stage` over `dp` with buckets of `bucket_size` bytes. Collective over dp: checks
-  /// that every dp rank holds the same parameters (names, shapes, layouts; throws
-  /// tessera::Error on every rank naming the first difference) and takes dp rank 0's values.
-  /// Throws tessera::Error for a null stage.
-  DataParallelStage(std::unique_ptr<PipelineStage<T, Input>> stage, Comm dp, std::size_t bucket_size)
+  /// Wraps `stage` over `dp` with buckets of `bucket_size` bytes, in units of `unit_layers`
+  /// layers (0: the whole stage, one unit; a count at least the stage's layers, or a stage
+  /// without layer_parameters(), gives that too). Collective over dp: checks that every dp rank
+  /// holds the same parameters (names, shapes, layouts; throws tessera::Error on every rank
+  /// naming the first difference) and takes dp rank 0's values. Throws tessera::Error for a
+  /// null stage, a negative unit_layers, and a stage whose layer_parameters() are not its
+  /// parameters() (naming both counts).
+  DataParallelStage(std::unique_ptr<PipelineStage<T, Input>> stage, Comm dp, std::size_t bucket_size,
+                    int unit_layers = 0)
       : stage_(std::move(stage)), dp_(std::move(dp)) {
     TESSERA_EXPECTS(stage_ != nullptr, "DataParallelStage: the stage is null");
+    TESSERA_EXPECTS(unit_layers >= 0, "DataParallelStage: unit_layers ", unit_layers,
+                    " must be >= 0 (0: the whole stage is one unit)");
     const ParameterList<T> params = stage_->parameters();
     expect_same_parameters(dp_, params, "Hybrid stage '" + stage_->name() + "'");
     broadcast_parameters(dp_, params, 0);
-    buckets_ = std::make_unique<GradBuckets<T>>(
-        params, dp_,
-        GradBucketsOptions{.bucket_size = bucket_size, .first_bucket_size = bucket_size, .overlap_grad_reduce = false});
+    const GradBucketsOptions bo{.bucket_size = bucket_size, .first_bucket_size = bucket_size, .overlap_grad_reduce = false};
+    const std::vector<ParameterList<T>> layers = unit_layers > 0 ? stage_->layer_parameters() : std::vector<ParameterList<T>>{};
+    const int n = static_cast<int>(layers.size());
+    if (n > unit_layers && unit_layers > 0) {
+      std::size_t listed = 0;
+      for (const ParameterList<T>& l : layers) listed += l.size();
+      TESSERA_EXPECTS(listed == params.size(), "DataParallelStage: stage '", stage_->name(), "' lists ", listed,
+                      " parameters in its layers but ", params.size(), " in parameters()");
+      for (int a = 0; a < n; a += unit_layers) {
+        const int e = std::min(n, a + unit_layers);
+        ParameterList<T> ps;
+        for (int l = a; l < e; ++l) ps.append(layers[static_cast<std::size_t>(l)]);
+        for (int l = a; l < e; ++l) unit_of_layer_.push_back(static_cast<int>(units_.size()));
+        unit_first_.push_back(a);
+        unit_last_.push_back(e - 1);
+        units_.push_back(std::make_unique<GradBuckets<T>>(ps, dp_, bo));
+      }
+      TESSERA_EXPECTS(stage_->set_layer_hooks(this), "DataParallelStage: stage '", stage_->name(),
+                      "' lists its layers' parameters but does not call layer hooks");
+    } else {
+      units_.push_back(std::make_unique<GradBuckets<T>>(params, dp_, bo));
+    }
+    for (const auto& u : units_) unit_ptrs_.push_back(u.get());
+  }
+  DataParallelStage(const DataParallelStage&) = delete;             ///< not copyable: the hooks point here
+  DataParallelStage& operator=(const DataParallelStage&) = delete;  ///< not copyable
+  /// Removes the layer hooks from the wrapped stage.
+  ~DataParallelStage() override {
+    if (per_layer()) stage_->set_layer_hooks(nullptr);
   }
 
   /// The wrapped stage's forward on the model input. Under ZeRO-3 the stage is one unit of
@@ -65,16 +114,19 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end;
   /// under ZeRO-3 gathers the parameters again for it (collective over dp) and frees them after.
   Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override {
-    buckets_->ensure_buffers();
+    for (GradBuckets<T>* u : unit_ptrs_) u->ensure_buffers();
     return with_values(true, [&] { return stage_->backward(dy, ctx); });
   }
   /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one
   /// (gathered under ZeRO-3 as backward).
   Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) override {
-    buckets_->ensure_buffers();
+    for (GradBuckets<T>* u : unit_ptrs_) u->ensure_buffers();
+    last_w_unit_ = -1;
+    last_w_flag_.reset();
     return with_values(true, [&] { return stage_->backward_input(dy, ctx, weights); });
   }
-  /// The wrapped stage's weight-gradient pass (ZB-H1's W; gathered under ZeRO-3 as backward).
+  /// The wrapped stage's weight-gradient pass (ZB-H1's W; gathered under ZeRO-3 as backward;
+  /// with per-layer units each unit is gathered for its own deferred work only).
   void backward_weight(nn::WeightGradQueue& weights) override {
     with_values(true, [&] {
       stage_->backward_weight(weights);
@@ -84,7 +136,7 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   /// The wrapped stage's output shape (under ZeRO-3 computed with the parameters gathered
   /// once per input shape, then cached: collective over dp the first time).
   Shape output_shape(const Shape& input) override {
-    if (!buckets_->shard_params()) return stage_->output_shape(input);
+    if (!sharded_params()) return stage_->output_shape(input);
     for (const auto& [in, out] : shapes_)
       if (in == input) return out;
     const Shape out = with_values(false, [&] { return stage_->output_shape(input); });
@@ -104,41 +156,131 @@ class DataParallelStage final : public PipelineStage<T, Input> {
   /// window's first backward). Collective over dp (one reduction per bucket).
   void finish_grad_sync() override {
     const auto t0 = std::chrono::steady_clock::now();
-    buckets_->reduce();
-    buckets_->release_buffers();
-    buckets_->release_values();  // ZeRO-3: a prefetch of this stage that no operation used
+    for (std::size_t k = units_.size(); k-- > 0;) {  // backward order: the last unit's gradients were final first
+      units_[k]->reduce();
+      units_[k]->release_buffers();
+    }
+    for (GradBuckets<T>* u : unit_ptrs_) u->release_values();  // ZeRO-3: a prefetch that no operation used
     sync_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
+  /// The parameters of each of the wrapped stage's layers.
+  std::vector<ParameterList<T>> layer_parameters() override { return stage_->layer_parameters(); }
   /// Seconds of the last finish_grad_sync (the dp reduction).
   double last_sync_seconds() const noexcept { return sync_seconds_; }
 
-  /// The gradient buckets (ZeroOptimizer shards them).
-  GradBuckets<T>& buckets() noexcept { return *buckets_; }
+  /// The gradient buckets of the first unit (the whole stage's with one unit).
+  GradBuckets<T>& buckets() noexcept { return *units_.front(); }
+  /// The gradient buckets of every unit, in forward (layer) order: one set for the whole stage,
+  /// or one per run of unit_layers layers (ZeroOptimizer shards them; Hybrid::buckets lists them).
+  const std::vector<GradBuckets<T>*>& units() const noexcept { return unit_ptrs_; }
+  /// Whether the stage is cut into per-layer units (more than one).
+  bool per_layer() const noexcept { return units_.size() > 1; }
   /// The wrapped stage.
   PipelineStage<T, Input>& module() noexcept { return *stage_; }
 
  private:
   std::unique_ptr<PipelineStage<T, Input>> stage_;
   Comm dp_;
-  std::unique_ptr<GradBuckets<T>> buckets_;  // on the heap: the hooks point at it
+  std::vector<std::unique_ptr<GradBuckets<T>>> units_;  // on the heap: the grad hooks point at them
+  std::vector<GradBuckets<T>*> unit_ptrs_;
+  std::vector<int> unit_of_layer_, unit_first_, unit_last_;  // per-layer units: the layers' unit, units' layers
   double sync_seconds_ = 0;
   std::vector<std::pair<Shape, Shape>> shapes_;  // ZeRO-3: output_shape's answers
+  // ZB-H1 with per-layer units: the queue the stage's backward_input defers into, and the
+  // current unit's own queue (its scope open between its before_ and after_backward).
+  nn::WeightGradQueue* outer_queue_ = nullptr;
+  std::shared_ptr<nn::WeightGradQueue> unit_queue_;
+  std::optional<nn::DeferWeightGrads> unit_scope_;
+  int last_w_unit_ = -1;                 // the unit that queued W work last in this backward_input
+  std::shared_ptr<bool> last_w_flag_;    // whether its W work is to prefetch the unit before it
+
+  bool sharded_params() const noexcept { return units_.front()->shard_params(); }
 
   // f() with the stage's parameters gathered under ZeRO-3 (in backward bucket order when
-  // `backward`), freed after, also when f throws; f() alone otherwise.
+  // `backward`), freed after, also when f throws; f() alone otherwise. With per-layer units the
+  // layer hooks gather; f() runs bare and every unit is freed if it throws.
   template <class F>
   auto with_values(bool backward, F&& f) {
-    if (!buckets_->shard_params()) return f();
-    buckets_->gather_values(buckets_->prefetch(), backward);
-    buckets_->prefetch_neighbour(backward);  // this rank's next stage (previous in backward)
+    if (!sharded_params()) return f();
+    if (per_layer()) {
+      try {
+        return f();
+      } catch (...) {
+        unit_scope_.reset();
+        unit_queue_.reset();
+        for (GradBuckets<T>* u : unit_ptrs_) u->release_values();
+        throw;
+      }
+    }
+    GradBuckets<T>& b = *units_.front();
+    b.gather_values(b.prefetch(), backward);
+    b.prefetch_neighbour(backward);  // this rank's next stage (previous in backward)
     try {
       auto out = f();
-      buckets_->release_values();
+      b.release_values();
       return out;
     } catch (...) {
-      buckets_->release_values();
+      b.release_values();
       throw;
     }
+  }
+
+  // ---- LayerHooks: per-layer units under ZeRO-3 ----
+  void before_forward(int layer) override {
+    const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
+    if (!sharded_params() || layer != unit_first_[static_cast<std::size_t>(u)]) return;
+    GradBuckets<T>& b = *units_[static_cast<std::size_t>(u)];
+    b.gather_values(b.prefetch(), false);
+    // The next unit's gather travels while this one computes; not across stages, whose order
+    // is the schedule's (an interleaved schedule may run this chunk again first).
+    if (static_cast<std::size_t>(u) + 1 < units_.size()) b.prefetch_neighbour(false);
+  }
+  void after_forward(int layer) override {
+    const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
+    if (sharded_params() && layer == unit_last_[static_cast<std::size_t>(u)]) units_[static_cast<std::size_t>(u)]->release_values();
+  }
+  void before_backward(int layer) override {
+    const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
+    if (!sharded_params() || layer != unit_last_[static_cast<std::size_t>(u)]) return;
+    GradBuckets<T>& b = *units_[static_cast<std::size_t>(u)];
+    b.gather_values(b.prefetch(), true);
+    if (u > 0) b.prefetch_neighbour(true);  // the previous unit's gather travels while this one computes
+    if ((outer_queue_ = nn::WeightGradQueue::active()) != nullptr) {  // ZB-H1's B: this unit's W work apart
+      unit_queue_ = std::make_shared<nn::WeightGradQueue>();
+      unit_scope_.emplace(*unit_queue_);
+    }
+  }
+  void after_backward(int layer) override {
+    const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
+    if (!sharded_params() || layer != unit_first_[static_cast<std::size_t>(u)]) return;
+    GradBuckets<T>* b = units_[static_cast<std::size_t>(u)].get();
+    if (unit_scope_) {
+      unit_scope_.reset();  // back to the stage's queue
+      std::shared_ptr<nn::WeightGradQueue> q = std::move(unit_queue_);
+      if (!q->empty()) {  // the W pass gathers this unit again for its own work
+        const std::int64_t bytes = q->held_bytes();
+        // The W work of the unit before this one runs next: this work's gather prefetches
+        // that unit's, once it is known to have W work (its backward comes after).
+        auto next_has_work = std::make_shared<bool>(false);
+        if (last_w_unit_ == u + 1 && last_w_flag_) *last_w_flag_ = true;
+        last_w_unit_ = u;
+        last_w_flag_ = next_has_work;
+        outer_queue_->push(
+            [b, q, next_has_work] {
+              b->gather_values(b->prefetch(), true);
+              if (*next_has_work) b->prefetch_neighbour(true);
+              try {
+                q->run();
+              } catch (...) {
+                b->release_values();
+                throw;
+              }
+              b->release_values();
+            },
+            bytes);
+      }
+    }
+    b->release_values();
   }
 };
 

@@ -68,6 +68,12 @@ struct HybridOptions {
   /// Activation recomputation of every stage (PipelineOptions::recompute): none, selective
   /// (attention's softmax recomputed) or full (only each stage's input kept).
   nn::Recompute recompute = nn::Recompute::none;
+  /// Layers per unit of each stage's dp buckets, ZeRO-3's unit of gathering (PyTorch FSDP2's
+  /// `fully_shard` on each block: 1; on groups of k blocks: k). 0: the whole stage is one unit.
+  /// Under ZeRO-3 a unit is all-gathered just before its layers' forward and again before their
+  /// backward, freed after each, the next unit's gather prefetched meanwhile
+  /// (DataParallelStage); under ZeRO 0-2 only the bucket layout follows the units.
+  int unit_layers = 0;
 };
 
 /// Where the last forward_backward's time went on this rank, in seconds.
@@ -124,7 +130,8 @@ class Hybrid {
         pipe_(
             mesh.pp(),
             [&](int s) -> std::unique_ptr<Stage> {
-              return std::make_unique<DataParallelStage<T, Input>>(make_stage(s, tp_), mesh.dp(), options.bucket_size);
+              return std::make_unique<DataParallelStage<T, Input>>(make_stage(s, tp_), mesh.dp(), options.bucket_size,
+                                                                   options.unit_layers);
             },
             loss_,
               PipelineOptions{.schedule = options.schedule,
@@ -137,7 +144,7 @@ class Hybrid {
     for (int st : pipe_.stage_indices()) {
       auto& replicated = static_cast<DataParallelStage<T, Input>&>(pipe_.stage(st));
       stages_.push_back(&replicated);
-      bucket_sets_.push_back(&replicated.buckets());
+      for (GradBuckets<T>* u : replicated.units()) bucket_sets_.push_back(u);
     }
     const ParameterList<T>& params = pipe_.parameters();
     // A later stage's copy of a tied weight (the last stage's wte); the global gradient norm
@@ -297,7 +304,8 @@ class Hybrid {
   double accumulated_loss() const noexcept { return accumulated_loss_; }
   /// The pipeline (this dp replica's pp group).
   PipelineParallel<T, Input, Target>& pipeline() noexcept { return pipe_; }
-  /// The dp gradient buckets of this rank's stages, one set per stage in stage order
+  /// The dp gradient buckets of this rank's stages, one set per unit (per stage, or per
+  /// HybridOptions::unit_layers layers) in stage and layer order
   /// (ZeroOptimizer and DistributedOptimizer work on them).
   const std::vector<GradBuckets<T>*>& buckets() const noexcept { return bucket_sets_; }
   /// This rank's copies of tied weights held for a later pipeline stage (the last stage's own
@@ -319,6 +327,7 @@ class Hybrid {
     TESSERA_EXPECTS(o.num_microbatches >= 1, "Hybrid: num_microbatches ", o.num_microbatches, " must be >= 1");
     TESSERA_EXPECTS(o.accumulation_steps >= 1, "Hybrid: accumulation_steps ", o.accumulation_steps, " must be >= 1");
     TESSERA_EXPECTS(o.virtual_stages >= 1, "Hybrid: virtual_stages ", o.virtual_stages, " must be >= 1");
+    TESSERA_EXPECTS(o.unit_layers >= 0, "Hybrid: unit_layers ", o.unit_layers, " must be >= 0 (0: one unit per stage)");
     return o;
   }
 

@@ -41,6 +41,7 @@
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/parallel/tensor/layouts.hpp"
+#include "tessera/parallel/pipeline/layer_hooks.hpp"
 #include "tessera/parallel/pipeline/pipeline_loss.hpp"
 #include "tessera/parallel/pipeline/pipeline_stage.hpp"
 #include "tessera/parallel/pipeline/stage_partition.hpp"
@@ -165,7 +166,9 @@ class SequentialLayers {
 
   ForwardResult<Tensor<T>, Context> forward_model_input(const ModelInput& x) {
     Context ctx;
+    before_forward(0);
     auto [y, c] = first_->forward(x);
+    after_forward(0);
     ctx.first = std::move(c);
     return run_rest(std::move(y), std::move(ctx));
   }
@@ -199,10 +202,22 @@ class SequentialLayers {
  private:
   Tensor<T> backward_layers(const Tensor<T>& dy, Context& ctx) {
     Tensor<T> d = dy;
-    if (last_) d = last_->backward(d, *ctx.last);
-    for (std::size_t i = blocks_.size(); i-- > 0;) d = blocks_[i].backward(d, ctx.blocks[i]);
+    const int b0 = first_ ? 1 : 0;  // the stage-local index of the first block
+    if (last_) {
+      const int l = b0 + static_cast<int>(blocks_.size());
+      before_backward(l);
+      d = last_->backward(d, *ctx.last);
+      after_backward(l);
+    }
+    for (std::size_t i = blocks_.size(); i-- > 0;) {
+      before_backward(b0 + static_cast<int>(i));
+      d = blocks_[i].backward(d, ctx.blocks[i]);
+      after_backward(b0 + static_cast<int>(i));
+    }
     if (first_) {
+      before_backward(0);
       first_->backward(d, *ctx.first);
+      after_backward(0);
       return Tensor<T>();
     }
     return d;
@@ -231,6 +246,22 @@ class SequentialLayers {
     for (const std::string& name : tied_names_) ps.push_back(all.at(name));
     return ps;
   }
+  // Each layer's parameters (stage-local layer order; the last layer's tied copies left out
+  // where the first layer is here, as in parameters()).
+  std::vector<ParameterList<T>> layer_parameters() {
+    std::vector<ParameterList<T>> out;
+    if (first_) out.push_back(first_->parameters());
+    for (B& b : blocks_) out.push_back(b.parameters());
+    if (last_) {
+      ParameterList<T> ps;
+      for (Parameter<T>& p : last_->parameters())
+        if (!first_ || !is_tied(p.name)) ps.push_back(p);
+      out.push_back(std::move(ps));
+    }
+    return out;
+  }
+  // Called around each layer's forward and backward (null: none).
+  void set_hooks(LayerHooks* hooks) noexcept { hooks_ = hooks; }
   int first_layer() const noexcept { return first_layer_; }
   int end_layer() const noexcept { return end_layer_; }
   F& first() { return *first_; }
@@ -243,15 +274,32 @@ class SequentialLayers {
       if (n == name) return true;
     return false;
   }
+  void before_forward(int l) {
+    if (hooks_) hooks_->before_forward(l);
+  }
+  void after_forward(int l) {
+    if (hooks_) hooks_->after_forward(l);
+  }
+  void before_backward(int l) {
+    if (hooks_) hooks_->before_backward(l);
+  }
+  void after_backward(int l) {
+    if (hooks_) hooks_->after_backward(l);
+  }
   ForwardResult<Tensor<T>, Context> run_rest(Tensor<T> x, Context ctx) {
     ctx.blocks.reserve(blocks_.size());
+    int l = first_ ? 1 : 0;
     for (B& b : blocks_) {
+      before_forward(l);
       auto [y, c] = b.forward(x);
+      after_forward(l++);
       ctx.blocks.push_back(std::move(c));
       x = std::move(y);
     }
     if (last_) {
+      before_forward(l);
       auto [y, c] = last_->forward(x);
+      after_forward(l);
       ctx.last = std::move(c);
       x = std::move(y);
     }
@@ -264,6 +312,7 @@ class SequentialLayers {
   std::vector<B> blocks_;
   std::optional<L> last_;
   std::vector<std::string> tied_names_;
+  LayerHooks* hooks_ = nullptr;
 };
 }  // namespace detail
 
@@ -374,6 +423,14 @@ class SequentialStage final
   ParameterList<T> tied_parameters() override { return layers_.tied_parameters(); }
   /// Whether this stage holds the description's last layer.
   bool holds_last_layer() const override { return layers_.has_last(); }
+  /// Each layer's parameters, in layer order (the last layer's tied copies left out where this
+  /// stage holds the first layer, as in parameters()).
+  std::vector<ParameterList<T>> layer_parameters() override { return layers_.layer_parameters(); }
+  /// Calls `hooks` around each layer's forward and backward (LayerHooks); returns true.
+  bool set_layer_hooks(LayerHooks* hooks) override {
+    layers_.set_hooks(hooks);
+    return true;
+  }
   /// "layers 0-2 (embedding .. h.1), tp rank 0 of 2".
   std::string name() const override {
     const int a = layers_.first_layer(), b = layers_.end_layer() - 1;

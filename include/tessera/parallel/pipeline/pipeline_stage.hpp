@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
+#include <vector>
 
 #include "tessera/core/error.hpp"
 #include "tessera/core/layer.hpp"
@@ -21,6 +22,7 @@
 #include "tessera/core/shape.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/weight_grad_queue.hpp"
+#include "tessera/parallel/pipeline/layer_hooks.hpp"
 
 namespace tessera {
 
@@ -144,6 +146,17 @@ class PipelineStage {
   /// gradients are summed and before they are normalized: a stage replicated over dp
   /// (DataParallelStage) reduces its gradients here. Nothing by default.
   virtual void finish_grad_sync() {}
+  /// The parameters of each of the stage's layers, in layer order (each parameter in one list
+  /// only, the lists together parameters()): what a per-layer policy groups into units (ZeRO-3's
+  /// units of gathering). Empty by default: a stage that cannot tell its layers apart.
+  virtual std::vector<ParameterList<T>> layer_parameters() { return {}; }
+  /// Makes the stage call `hooks` around each layer's forward and backward (see LayerHooks; the
+  /// layer indices those of layer_parameters()); null removes them. Returns whether the stage
+  /// calls them: false by default (a stage without layer_parameters()).
+  virtual bool set_layer_hooks(LayerHooks* hooks) {
+    (void)hooks;
+    return false;
+  }
 };
 
 namespace detail {
