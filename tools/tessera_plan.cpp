@@ -107,6 +107,9 @@ struct LayoutArgs {
     app->add_option("--recompute", recompute, "none, selective or full")
         ->check(CLI::IsMember({"none", "selective", "full"}));
     app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3")->check(CLI::Range(0, 3));
+    app->add_option("--zero3-unit", layout.zero3_unit_layers,
+                    "ZeRO-3: blocks gathered together (default 1; 0: a whole pipeline stage, as train_gpt runs)")
+        ->check(CLI::Range(0, 1 << 20));
     app->add_flag("--overlap-dp", layout.overlap_grad_reduce, "overlap the dp reduction with the last backward");
   }
   tp::Layout get() const {

@@ -4,7 +4,8 @@
 # --d-model 192 --heads 6 --context 128 --batch 32) at every layout of 1, 2, 4 and 8 thread ranks
 # the planner can predict (tp dividing the heads, pp at most the layers; train_gpt's default
 # micro-batches, m = pp) and at the planner's own first choice for each world size
-# (train_gpt --plan auto), and prints the predicted step time (tessera-plan plan --fp32 on a
+# (train_gpt --plan auto), plus from 2 ranks on dp N with --zero 3 and dp N/2 x pp 2 with
+# --schedule zb-h1, and prints the predicted step time (tessera-plan plan --fp32 on a
 # cluster file calibrated just before that world size's runs) beside the measured one (the median of train_gpt's per-step tokens/s
 # after the first step). With --mpi, also 2 and 4 MPI ranks (mpirun) on an MPI calibration.
 # Nothing is fitted here: the constants are what calibrate measured.
@@ -97,7 +98,8 @@ def predict(cluster, l):
     mbs = 32 // (l["dp"] * l["m"])
     cmd = [planner, "plan", "--fp32", "--cluster", cluster] + spec + ["--dp", str(l["dp"]), "--tp", str(l["tp"]),
            "--pp", str(l["pp"]), "--mbs", str(mbs), "--zero", str(l["zero"]), "--v", str(l["v"]),
-           "--recompute", l["recompute"]] + (["--schedule", l["schedule"]] if l["pp"] > 1 else [])
+           "--recompute", l["recompute"]] + (["--schedule", l["schedule"]] if l["pp"] > 1 else []) + \
+          (["--zero3-unit", "0"] if l["zero"] == 3 else [])  # train_gpt gathers a whole stage per unit
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     t = re.search(r"time +([\d.]+) s: (.*)", r.stdout)
     return float(t[1]), t[2], mbs
@@ -117,6 +119,12 @@ def layouts(world):
             if 32 % (dp * pp):
                 continue
             yield ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
+    # ZeRO-3 (a stage gathered before each F and B, reduce-scattered in B) and ZB-H1 (the
+    # weight-gradient passes deferred into the bubble), one layout each from 2 ranks on.
+    if world >= 2:
+        yield ["--dp", str(world), "--zero", "3"]
+        if 32 % (world // 2 * 2) == 0:
+            yield ["--dp", str(world // 2), "--pp", "2", "--schedule", "zb-h1"]
 
 def run(backend, worlds, cluster_of):
     errors, firsts = [], []
