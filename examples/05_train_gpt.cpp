@@ -143,7 +143,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     const double loss = model.accumulated_loss();
     const optim::NonfiniteVerdict v = nonfinite.check(step, loss, model.gradients(), model.parameters());
     if (v.finite) {
-      if (a.clip > 0) optim::scale_by_norm(model.gradients(), a.clip, v.grad_norm);  // the norm just reduced
+      // The norm just reduced; with --sync-every each replica's own (DpCommunication::clip_norm).
+      if (a.clip > 0) optim::scale_by_norm(model.gradients(), a.clip, dp_comm.clip_norm(model, mesh, v.grad_norm));
       opt.set_lr(lr(step));
       opt.step();
       if (opt.zero1()) m += opt.seconds();  // the parameter all-gather

@@ -9,7 +9,9 @@
 #   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,warmup=40,momentum=0.9),
 #   and diloco:H,lr=X,momentum=Y sets the outer optimizer (--outer-lr, --outer-momentum);
 #   diloco:1,lr=1,momentum=0,compress=topk:0.01 compresses each replica's AdamW update instead
-#   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor).
+#   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor);
+#   a trailing ,freeze=N on any policy adds --freeze-variance N (AdamW's second moment frozen
+#   after N steps, 1-bit Adam), e.g. powersgd:4,warmup=20,freeze=20.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-build}
@@ -22,10 +24,13 @@ mkdir -p "$out"
 export OPENBLAS_NUM_THREADS=1
 for p in "${policies[@]}"; do
   name=${p//[:.,=]/_}
-  case $p in
+  extra=()
+  q=$p
+  if [[ $q == *,freeze=* ]]; then extra=(--freeze-variance "${q##*,freeze=}"); q=${q%,freeze=*}; fi
+  case $q in
     none) flags=() ;;
     diloco:*)
-      IFS=, read -ra opt <<< "${p#diloco:}"
+      IFS=, read -ra opt <<< "${q#diloco:}"
       flags=(--sync-every "${opt[0]}")
       for o in "${opt[@]:1}"; do
         case $o in
@@ -35,12 +40,12 @@ for p in "${policies[@]}"; do
           *) echo "convergence.sh: unknown DiLoCo option '$o' in '$p' (lr=X, momentum=Y, compress=C)" >&2; exit 2 ;;
         esac
       done ;;
-    *) flags=(--compress "$p") ;;
+    *) flags=(--compress "$q") ;;
   esac
   echo "== $p" >&2
   start=$(date +%s)
   "$dir/examples/train_gpt" --data data/kjv.txt --dp 4 --layers 6 --d-model 192 --heads 6 --context 128 --batch 32 \
-    --steps 400 --log-every 20 --val-every 50 --sample-len 0 --loss-csv "$out/$name.csv" "${flags[@]}" > "$out/$name.log" 2>&1
+    --steps 400 --log-every 20 --val-every 50 --sample-len 0 --loss-csv "$out/$name.csv" "${flags[@]}" "${extra[@]}" > "$out/$name.log" 2>&1
   echo "$p: $(( $(date +%s) - start )) s" >&2
 done
 # Summary: final validation loss (the last step's), mean dp MB/step over the progress lines.

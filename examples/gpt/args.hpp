@@ -34,6 +34,7 @@ struct Args {
   std::string compress;       // --compress: dp gradient compression ("": the fp32 all-reduce)
   int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
   double outer_lr = 0.7, outer_momentum = 0.9;  // DiLoCo's outer SGD (Nesterov)
+  int freeze_variance = 0;    // --freeze-variance N: AdamW's second moment frozen after N steps (0: never)
   bool sequence_parallel = false;
   std::string backend = "threads";
   int steps = 300;
@@ -86,7 +87,8 @@ struct Args {
   // AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and
   // LayerNorm weights (nanoGPT's and Megatron's split).
   optim::ParamGroupsOf<float, optim::AdamWOptions> adamw_groups(const ParameterList<float>& params) const {
-    return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay});
+    return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay,
+                                                                  .freeze_variance_after = freeze_variance});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   // The ZeRO stage of --zero (or --zero1). Throws tessera::Error when both are given and differ.
@@ -121,12 +123,15 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::Range(0, 3));
   app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
   app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R[,warmup=N] (rank R; N "
-                 "steps uncompressed first) or topk:F (fraction F), with error feedback; with --sync-every, the "
+                 "steps uncompressed first) or topk:F[,warmup=N] (fraction F), with error feedback; with --sync-every, the "
                  "compressor of the pseudo-gradients (docs/compression.md)");
   app.add_option("--sync-every", a.sync_every, "DiLoCo / local SGD: replicas step on their own gradients and average "
                  "every H steps through an outer Nesterov SGD (0: synchronous data parallelism)")->check(CLI::Range(0, 1 << 30));
   app.add_option("--outer-lr", a.outer_lr, "DiLoCo's outer learning rate (1 with --outer-momentum 0: parameter averaging)");
   app.add_option("--outer-momentum", a.outer_momentum, "DiLoCo's outer Nesterov momentum, in [0, 1)");
+  app.add_option("--freeze-variance", a.freeze_variance, "freeze AdamW's second moment after N steps (1-bit Adam's "
+                 "preconditioner, for --compress powersgd/topk: N at most the compressor's warmup=; 0: never)")
+      ->check(CLI::Range(0, 1 << 30));
   app.add_flag("--sequence-parallel", a.sequence_parallel, "split activations along the sequence over tp (--context divisible by --tp)");
   app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
   app.add_option("--steps", a.steps, "optimizer steps (in all, counting resumed ones)")->check(CLI::Range(1, 1 << 30));

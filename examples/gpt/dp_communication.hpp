@@ -50,6 +50,18 @@ class DpCommunication {
     TESSERA_EXPECTS(!error_feedback || (a.tp == 1 && a.pp == 1), "train_gpt: --compress ", a.compress, " at tp ", a.tp,
                     " x pp ", a.pp, ": PowerSGD and top-k need tp 1 and pp 1 (a tp-replicated or pp-tied parameter's "
                     "copies would be compressed differently and drift apart); bf16 and fp16 work at any layout");
+    // --freeze-variance N freezes AdamW's v after N steps so that the optimizer is linear in
+    // the compressed gradient (1-bit Adam); v must come from uncompressed gradients only, so a
+    // compressor on the gradient needs at least N dense warm-up reductions first.
+    if (a.freeze_variance > 0 && error_feedback && a.sync_every == 0) {
+      // Reductions per step: one on the accumulated gradient, one per micro-batch under ZeRO-2/3.
+      const std::int64_t per_step = a.zero >= 2 ? a.accum : 1, need = a.freeze_variance * per_step;
+      const std::int64_t w = make_comm_hook<float>(a.compress)->warmup_steps();
+      TESSERA_EXPECTS(w >= need, "train_gpt: --freeze-variance ", a.freeze_variance, " with --compress ", a.compress,
+                      ": AdamW's second moment would take ", need - w, " compressed reduction(s) before it freezes; "
+                      "give the compressor warmup=", need, " or more (its uncompressed reductions, ", per_step,
+                      " per step here)");
+    }
     for (GradBuckets<float>* set : model.buckets()) {
       std::int64_t n = 0;
       for (const auto& b : set->buckets()) n += b.numel;
@@ -82,6 +94,22 @@ class DpCommunication {
   void after_step() {
     ++steps_;
     if (local_ && local_->step() && !sync_hook_) bytes_ += ring_all_reduce_bytes(sync_elements_);
+  }
+
+  // The gradient norm to clip by: `reduced_norm` (the norm of the reduced gradient, the same
+  // on every replica) for synchronous data parallelism; with --sync-every, this replica's own
+  // gradient's norm (replica_grad_norm: the replicas' gradients differ and their AdamW steps
+  // are local; Hybrid::gradients() counts dp rank 0's pieces only, which scaled every replica
+  // by replica 0's norm). Collective over the world with --sync-every (one all-reduce of dp
+  // doubles), local otherwise.
+  double clip_norm(const Hybrid<float>& model, Mesh& mesh, double reduced_norm) const {
+    if (!local_) return reduced_norm;
+    // Replica 0's counting rule (Hybrid: a later stage's tied copy not counted, a
+    // tp-replicated parameter on tp rank 0 only), applied on every replica.
+    optim::Gradients<float> g{{}, mesh.world()};
+    for (const Parameter<float>& p : model.parameters())
+      g.pieces.push_back({p.grad, !model.tied_copies().count(&p) && (p.layout.is_shard() || mesh.coord().tp == 0)});
+    return replica_grad_norm(g, mesh.coord().dp, dp_size_);
   }
 
   // Bytes this rank sent over dp per step, on average over the steps since the last call

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dp/dp_bodies.hpp"
+#include "tessera/optim/adamw.hpp"
 #include "tessera/parallel/data/compression/local_gradient_hook.hpp"
 #include "tessera/parallel/data/compression/make_comm_hook.hpp"
 #include "tessera/testing/compare.hpp"
@@ -232,8 +233,108 @@ TEST_CASE("PowerSGDHook warm-up: the first N reductions are the plain all-reduce
   CHECK(make_comm_hook<float>("powersgd:4,warmup=0")->name() == "powersgd:4");
   CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,warmup=-1"), doctest::Contains("warmup \"-1\""), Error);
   CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,rank=2"), doctest::Contains("option \"rank=2\" is unknown"), Error);
-  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,warmup=3"), doctest::Contains("only powersgd takes"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("bf16,warmup=3"), doctest::Contains("only powersgd and topk take"), Error);
   CHECK_THROWS_WITH_AS(PowerSGDHook<float>({.rank = 1, .warmup_steps = -3}), doctest::Contains("warmup_steps -3"), Error);
+}
+
+TEST_CASE("TopKHook warm-up: the first N reductions are the plain all-reduce bitwise, then top-k starts with E = 0") {
+  constexpr int world = 3, warmup = 2;
+  const std::size_t n = 300;
+  const std::vector<GradBucketTensor> tensors{{0, Shape{static_cast<std::int64_t>(n)}}};
+  auto ok = run_ranks(world, [&](Comm& c) {
+    TopKHook<float> warm(0.05, warmup), fresh(0.05);
+    AllReduceHook<float> plain;
+    int bad = 0;
+    for (int step = 0; step < warmup + 3; ++step) {
+      std::vector<float> g = grads_of(step, c.rank(), n), ref = g;
+      GradBucketView<float> v{.index = 2, .grad = g, .tensors = tensors}, vr{.index = 2, .grad = ref, .tensors = tensors};
+      warm.reduce(v, c);
+      if (step < warmup) plain.reduce(vr, c);
+      else fresh.reduce(vr, c);  // from the warm-up's end: a hook that starts then, residual included
+      bad += g != ref;
+      bad += step < warmup ? !warm.residual(2).empty() : !std::ranges::equal(warm.residual(2), fresh.residual(2));
+      // The state holds the warm-up count, and a hook restored from it continues identically.
+      const DpRankState<float> st = warm.state();
+      bad += st.counters.at("bucket2.reductions") != std::min(step + 1, warmup);
+      if (step == 0) {
+        TopKHook<float> resumed(0.05, warmup);
+        resumed.load_state(st);
+        std::vector<float> g1 = grads_of(1, c.rank(), n), g2 = g1;
+        GradBucketView<float> v1{.index = 2, .grad = g1, .tensors = tensors}, v2{.index = 2, .grad = g2, .tensors = tensors};
+        resumed.reduce(v1, c);  // warm-up reduction 2 of 2: plain
+        plain.reduce(v2, c);
+        bad += g1 != g2;
+      }
+    }
+    return bad;
+  });
+  for (int bad : ok) CHECK(bad == 0);
+  CHECK(make_comm_hook<float>("topk:0.01,warmup=20")->name() == "topk:0.01,warmup=20");
+  CHECK(make_comm_hook<float>("topk:0.01,warmup=20")->warmup_steps() == 20);
+  CHECK(make_comm_hook<float>("powersgd:4,warmup=7")->warmup_steps() == 7);
+  CHECK(make_comm_hook<float>("topk:0.01")->warmup_steps() == 0);
+  CHECK(make_comm_hook<float>("bf16")->warmup_steps() == 0);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,warmup=x"), doctest::Contains("warmup \"x\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,rank=2"), doctest::Contains("option \"rank=2\" is unknown"), Error);
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, -1), doctest::Contains("warmup_steps -1"), Error);
+  DpRankState<float> bad_state;
+  bad_state.counters["bucket1.reduction"] = 3;
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, 2).load_state(bad_state), doctest::Contains("bucket1.reduction"), Error);
+}
+
+TEST_CASE("AdamW with a frozen second moment (1-bit Adam): Adam up to step F, then momentum SGD preconditioned by v_F") {
+  // Two groups, the second without freezing, against a direct double computation over 7 steps
+  // with F = 3: v and its bias correction stop at step 3 in group 0 only.
+  constexpr int steps = 7;
+  constexpr std::int64_t freeze = 3;
+  const std::size_t n = 5;
+  std::vector<float> w0 = grads_of(100, 0, n), w1 = grads_of(101, 0, n);
+  Parameter<float> a("a", Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(w0)));
+  Parameter<float> b("b", Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(w1)));
+  ParameterList<float> ga, gb;
+  ga.push_back(a);
+  gb.push_back(b);
+  const optim::AdamWOptions oa{.lr = 0.01, .beta1 = 0.8, .beta2 = 0.95, .eps = 1e-6, .weight_decay = 0.1,
+                               .freeze_variance_after = freeze};
+  optim::AdamWOptions ob = oa;
+  ob.freeze_variance_after = 0;
+  optim::AdamW<float> opt(std::vector<optim::ParamGroup<float, optim::AdamWOptions>>{{ga, oa}, {gb, ob}});
+  // Direct computation in double.
+  std::vector<double> x[2] = {{w0.begin(), w0.end()}, {w1.begin(), w1.end()}}, m[2], v[2];
+  for (int q = 0; q < 2; ++q) m[q].assign(n, 0.0), v[q].assign(n, 0.0);
+  std::vector<float> v_at_freeze;
+  for (int t = 1; t <= steps; ++t) {
+    CHECK(opt.variance_frozen(0) == (t - 1 >= freeze));
+    CHECK_FALSE(opt.variance_frozen(1));
+    for (int q = 0; q < 2; ++q) {
+      const std::vector<float> g = grads_of(t, q, n);
+      (q == 0 ? a : b).grad.copy_from(Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(g)));
+      const bool frozen = q == 0 && t > freeze;
+      const double bc1 = 1 - std::pow(0.8, t), bc2 = 1 - std::pow(0.95, frozen ? freeze : t);
+      for (std::size_t i = 0; i < n; ++i) {
+        x[q][i] *= 1 - 0.01 * 0.1;
+        m[q][i] = 0.8 * m[q][i] + 0.2 * g[i];
+        if (!frozen) v[q][i] = 0.95 * v[q][i] + 0.05 * static_cast<double>(g[i]) * g[i];
+        x[q][i] -= 0.01 / bc1 * m[q][i] / (std::sqrt(v[q][i]) / std::sqrt(bc2) + 1e-6);
+      }
+    }
+    opt.step();
+    if (t == freeze) v_at_freeze.assign(opt.exp_avg_sq(0).data(), opt.exp_avg_sq(0).data() + n);
+    for (int q = 0; q < 2; ++q) {
+      const Tensor<float>& val = (q == 0 ? a : b).value;
+      for (std::size_t i = 0; i < n; ++i) {
+        CAPTURE(t);
+        CAPTURE(q);
+        CAPTURE(i);
+        CHECK(std::abs(val.data()[i] - x[q][i]) <= 1e-6 * (1 + std::abs(x[q][i])));
+        CHECK(std::abs(opt.exp_avg_sq(q).data()[i] - v[q][i]) <= 1e-6 * v[q][i] + 1e-12);
+      }
+    }
+  }
+  // v of group 0 is bitwise step F's; group 1's kept moving.
+  CHECK(std::ranges::equal(std::span<const float>(opt.exp_avg_sq(0).data(), n), v_at_freeze));
+  CHECK_THROWS_WITH_AS(optim::AdamW<float>(ga, optim::AdamWOptions{.freeze_variance_after = -2}),
+                       doctest::Contains("freeze_variance_after -2"), Error);
 }
 
 TEST_CASE("TopKHook: the k largest |G + E| of each rank, summed; the rest carried to the next step") {

@@ -232,6 +232,45 @@ TEST_CASE("LocalSGD through a CommHook: AllReduceHook is the plain all-reduce bi
   }
 }
 
+TEST_CASE("replica_grad_norm: each replica's own gradient norm (replica 0's counted pieces scaled every replica before)") {
+  // World 4 = 2 replicas x 2 model-parallel ranks; rank w is replica w / 2, shard w % 2. Each
+  // rank holds a counted piece and a piece counted elsewhere (a copy, as a tp-replicated bias).
+  constexpr int world = 4, replicas = 2;
+  const auto value = [](int rank, int piece, int i) { return static_cast<float>((rank + 1) * (piece + 2)) * 0.25f * (i - 1.5f); };
+  const auto out = run_ranks(world, [&](Comm& c) {
+    const int replica = c.rank() / 2;
+    std::vector<Tensor<float>> t;
+    optim::Gradients<float> g{{}, c};
+    for (int piece = 0; piece < 2; ++piece) {
+      t.emplace_back(Shape{4});
+      for (int i = 0; i < 4; ++i) t.back().data()[i] = value(c.rank(), piece, i);
+      g.pieces.push_back({t.back(), piece == 0});
+    }
+    // The norm synchronous data parallelism took: replica 0's pieces only, over the world.
+    optim::Gradients<float> old = g;
+    if (replica != 0)
+      for (auto& p : old.pieces) p.counted = false;
+    return std::vector<double>{replica_grad_norm(g, replica, replicas), optim::grad_norm(old)};
+  });
+  for (int w = 0; w < world; ++w) {
+    double s = 0;  // direct: the counted pieces of this replica's two ranks
+    for (int r = 2 * (w / 2); r < 2 * (w / 2) + 2; ++r)
+      for (int i = 0; i < 4; ++i) s += static_cast<double>(value(r, 0, i)) * value(r, 0, i);
+    CAPTURE(w);
+    CHECK(out[w][0] == doctest::Approx(std::sqrt(s)).epsilon(1e-12));
+    if (w >= 2) CHECK(out[w][0] > 1.5 * out[w][1]);  // replica 1's norm is not replica 0's
+  }
+  CHECK(out[0][0] == out[1][0]);  // the same on the ranks of a replica
+  CHECK(out[2][0] == out[3][0]);
+  optim::Gradients<float> alone;
+  Tensor<float> x(Shape{2});
+  x.data()[0] = 3;
+  x.data()[1] = 4;
+  alone.pieces.push_back({x, true});
+  CHECK(replica_grad_norm(alone, 0, 1) == 5.0);
+  CHECK_THROWS_WITH_AS(replica_grad_norm(alone, 2, 2), doctest::Contains("replica 2 is not in [0, 2)"), Error);
+}
+
 TEST_CASE("LocalSGD refuses bad options, naming them") {
   run_ranks(1, [](Comm& c) {
     GPT<float> m(tiny_gpt(), model_seed);

@@ -9,6 +9,7 @@
 /// "Local SGD Converges Fast and Communicates Little", ICLR 2019).
 
 #include <algorithm>
+#include <cmath>
 #include <concepts>
 #include <memory>
 #include <cstddef>
@@ -22,6 +23,7 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/parallel/data/compression/comm_hook.hpp"
 #include "tessera/parallel/data/compression/dp_rank_state.hpp"
 #include "tessera/parallel/data/dp_replicas.hpp"
@@ -36,6 +38,30 @@ struct LocalSGDOptions {
   double outer_momentum = 0.9;  ///< outer momentum mu (0: none)
   bool nesterov = true;         ///< Nesterov momentum (PyTorch SGD's form), else heavy ball
 };
+
+/// The L2 norm of each dp replica's own gradient, for gradient clipping under LocalSGD: the
+/// replicas' gradients differ between synchronizations and DiLoCo's inner optimizer is local,
+/// so each replica clips by its own gradient's norm, as a run of that replica alone would
+/// (a norm counting one replica's pieces, as synchronous data parallelism may, scales every
+/// replica by that one's norm). `grads`: this rank's pieces, `counted` as for replica 0 (over
+/// the ranks of one replica, e.g. its tp x pp group, each of its gradient elements counted
+/// once), and `grads.comm` the ranks of every replica together (the world; empty: this rank
+/// alone holds its replica). `replica`: this rank's replica (its dp rank) in [0, replicas).
+/// Returns this replica's norm. Collective over grads.comm: one all-reduce of `replicas`
+/// doubles (slot r summed over the ranks of replica r). Throws tessera::Error naming them
+/// for a replica outside [0, replicas).
+template <std::floating_point T>
+double replica_grad_norm(const optim::Gradients<T>& grads, int replica, int replicas) {
+  TESSERA_EXPECTS(replicas >= 1 && replica >= 0 && replica < replicas, "replica_grad_norm: replica ", replica,
+                  " is not in [0, ", replicas, ")");
+  std::vector<double> s(static_cast<std::size_t>(replicas), 0.0);
+  s[static_cast<std::size_t>(replica)] = optim::local_grad_norm_squared(grads);
+  if (grads.comm.valid() && grads.comm.size() > 1) {
+    Comm comm = grads.comm;  // a handle
+    comm.all_reduce(std::span<double>(s), ReduceOp::sum);
+  }
+  return std::sqrt(s[static_cast<std::size_t>(replica)]);
+}
 
 /// Infrequently synchronized data parallelism over the dp communicator. Each rank holds a whole
 /// replica and its own inner optimizer, built on the same parameters, which it steps on local

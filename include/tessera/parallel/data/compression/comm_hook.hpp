@@ -57,6 +57,10 @@ class CommHook {
   virtual void reduce(GradBucketView<T>& bucket, Comm& comm) = 0;
   /// Short name for logs: "none", "bf16", "powersgd:4", "topk:0.01", ...
   virtual std::string name() const = 0;
+  /// Reductions of each bucket that are the plain fp32 all-reduce before compression starts
+  /// (PowerSGD's and top-k's `warmup=N`; 0 for the others): an optimizer whose state must see
+  /// only uncompressed gradients (AdamW's frozen variance) checks against it.
+  virtual std::int64_t warmup_steps() const noexcept { return 0; }
 
   /// Whether the hook has a point-to-point form (encode / decode): a sender encodes its values,
   /// a receiver decodes and sums them, as a parameter server's push (ParameterServer::

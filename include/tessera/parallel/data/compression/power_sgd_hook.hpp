@@ -182,6 +182,8 @@ class PowerSGDHook final : public CommHook<T> {
   }
   /// The options.
   const PowerSGDOptions& options() const noexcept { return options_; }
+  /// options().warmup_steps: reductions of each bucket that are plain all-reduces first.
+  std::int64_t warmup_steps() const noexcept override { return options_.warmup_steps; }
   /// The compressed matrices of bucket `index` with their Q and residual (empty before the
   /// bucket's first reduction, or when nothing in it is compressed).
   const std::vector<MatrixState>& matrices(std::size_t index) const {

@@ -1,9 +1,10 @@
 #pragma once
 /// @file
 /// TopKHook: top-k sparsification with error feedback (Lin et al., "Deep Gradient Compression",
-/// ICLR 2018, without its momentum correction and warm-up): each rank sends only the k
-/// largest-magnitude entries of its accumulated gradient as (index, value) pairs by all-gather
-/// and keeps the rest as a residual for the next step.
+/// ICLR 2018, without its momentum correction and sparsity warm-up): each rank sends only the
+/// k largest-magnitude entries of its accumulated gradient as (index, value) pairs by
+/// all-gather and keeps the rest as a residual for the next step. An optional dense warm-up
+/// (as PowerSGD's start_powerSGD_iter) all-reduces each bucket's first N reductions.
 
 #include <algorithm>
 #include <cmath>
@@ -33,13 +34,17 @@ namespace tessera {
 /// 5. E = M with the selected entries set to 0.
 /// So (what was applied) + (sum over ranks of E) = the sum over steps and ranks of G, to
 /// round-off. Bytes per rank: (p - 1) k (4 + sizeof(T)) instead of 2 (p - 1) / p n sizeof(T).
+/// With `warmup_steps` = N > 0, each bucket's first N reductions are the plain fp32 all-reduce
+/// (no residual); compression then starts with E = 0.
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
  public:
-  /// A hook sending the fraction `fraction` of each bucket's entries. Throws tessera::Error
-  /// naming it unless 0 < fraction <= 1.
-  explicit TopKHook(double fraction) : fraction_(fraction) {
+  /// A hook sending the fraction `fraction` of each bucket's entries, after `warmup_steps`
+  /// plain all-reduces of each bucket. Throws tessera::Error naming the value unless
+  /// 0 < fraction <= 1 and warmup_steps >= 0.
+  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0) : fraction_(fraction), warmup_(warmup_steps) {
     TESSERA_EXPECTS(fraction > 0 && fraction <= 1, "TopKHook: fraction ", fraction, " must be in (0, 1]");
+    TESSERA_EXPECTS(warmup_steps >= 0, "TopKHook: warmup_steps ", warmup_steps, " must be >= 0");
   }
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
@@ -51,6 +56,13 @@ class TopKHook final : public CommHook<T> {
     if (n == 0) return;
     TESSERA_EXPECTS(n <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()), "TopKHook: bucket ",
                     bucket.index, " has ", n, " elements; int32 indices reach 2^31 - 1");
+    // Warm-up: this bucket's first reductions are plain all-reduces.
+    if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
+      ++done;
+      comm.all_reduce(bucket.grad, ReduceOp::sum);
+      this->count_all_reduce(n, sizeof(T), comm.size());
+      return;
+    }
     const std::size_t k = k_of(n);
     std::vector<T>& e = error_[bucket.index];
     TESSERA_EXPECTS(!loaded_ || e.empty() || e.size() == n, "TopKHook: the loaded residual of bucket ", bucket.index,
@@ -95,16 +107,24 @@ class TopKHook final : public CommHook<T> {
     last_indices_[bucket.index] = std::move(idx);
   }
 
-  /// "bucket<b>.error": each bucket's residual E. Local.
+  /// "bucket<b>.error": each bucket's residual E; with a warm-up, the counter
+  /// "bucket<b>.reductions" (warm-up reductions done). Local.
   DpRankState<T> state() const override {
     DpRankState<T> out;
+    if (warmup_ > 0)
+      for (const auto& [b, done] : reductions_) out.counters["bucket" + std::to_string(b) + ".reductions"] = done;
     for (const auto& [b, e] : error_) out.tensors["bucket" + std::to_string(b) + ".error"] = e;
     return out;
   }
   /// Restores a state(): the residuals (a bucket's size is checked at its next reduction,
   /// which throws tessera::Error naming both sizes). Throws for names it does not know. Local.
   void load_state(const DpRankState<T>& state) override {
-    TESSERA_EXPECTS(state.counters.empty(), "TopKHook: keeps no counters, was given ", state.counters.size());
+    for (const auto& [k, v] : state.counters) {
+      const bool ok = k.rfind("bucket", 0) == 0 && k.size() > 17 && k.compare(k.size() - 11, 11, ".reductions") == 0 &&
+                      k.substr(6, k.size() - 17).find_first_not_of("0123456789") == std::string::npos && v >= 0;
+      TESSERA_EXPECTS(ok, "TopKHook: unknown state counter '", k, "' = ", v);
+      reductions_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 17)))] = v;
+    }
     for (const auto& [k, v] : state.tensors) {
       const bool ok = k.rfind("bucket", 0) == 0 && k.size() > 12 && k.compare(k.size() - 6, 6, ".error") == 0 &&
                       k.substr(6, k.size() - 12).find_first_not_of("0123456789") == std::string::npos;
@@ -114,8 +134,12 @@ class TopKHook final : public CommHook<T> {
     }
   }
 
-  /// "topk:F".
-  std::string name() const override { return "topk:" + format_fraction(); }
+  /// "topk:F", with ",warmup=N" when warmup_steps > 0 (make_comm_hook's syntax).
+  std::string name() const override {
+    return "topk:" + format_fraction() + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string());
+  }
+  /// Reductions of each bucket that are plain all-reduces before compression starts.
+  std::int64_t warmup_steps() const noexcept override { return warmup_; }
   /// The fraction sent.
   double fraction() const noexcept { return fraction_; }
   /// k for a bucket of `n` elements: max(1, ceil(fraction n)), at most n.
@@ -142,6 +166,8 @@ class TopKHook final : public CommHook<T> {
     return s;
   }
   double fraction_;
+  std::int64_t warmup_ = 0;
+  std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
   bool loaded_ = false;  // load_state gave residuals (their sizes are checked)
   std::vector<T> abs_;  // |M|, scratch of the selection
   std::map<std::size_t, std::vector<T>> error_;
