@@ -496,8 +496,15 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
     CHECK(rel(crowded.contention, crowded.total() - alone) < 1e-9);
   }
   // A pipeline of 4 on one core: the bubble is given to the other ranks, so the step is the
-  // sum of the four ranks' busy times, written out here from CostModel's pieces.
+  // sum of the four ranks' busy times, written out here from CostModel's pieces. (Free links:
+  // the processor-sharing replay counts a hand-off during which no rank computes as time,
+  // which the sum of busy times does not have.)
   shared.cores_per_node = 1;
+  shared.intra_node_latency = shared.inter_node_latency = 0;
+  shared.intra_node_bandwidth = shared.inter_node_bandwidth = 1e30;
+  Cluster flat_free = flat_cluster();
+  flat_free.intra_node_latency = flat_free.inter_node_latency = 0;
+  flat_free.intra_node_bandwidth = flat_free.inter_node_bandwidth = 1e30;
   const Layout pipe{.pp = 4, .microbatch_size = 2, .num_microbatches = 8};
   const CostModel cm{.model = m, .cluster = shared, .layout = pipe, .precision = {}};
   double work = 0;
@@ -510,19 +517,27 @@ TEST_CASE("TimeEstimate: with more ranks than cores_per_node the step lasts max(
   // Ranks that poll while they wait (waiting_core_share 1, Open MPI) keep their core through
   // the bubble: the four ranks' work is then 4 whole steps of the replay.
   shared.waiting_core_share = 1;
-  const double replay = Plan::predict(m, flat_cluster(), pipe).time.total();
+  const double replay = Plan::predict(m, flat_free, pipe).time.total();
   CHECK(rel(Plan::predict(m, shared, pipe).time.total(), 4 * replay) < 1e-9);
   shared.waiting_core_share = 0;
   // With 4 cores for the 4 ranks nothing waits: the replay alone, bubble included.
   shared.cores_per_node = 4;
   const TimeEstimate roomy = Plan::predict(m, shared, pipe).time;
   CHECK(roomy.contention == 0);
-  CHECK(rel(roomy.total(), Plan::predict(m, flat_cluster(), pipe).time.total()) < 1e-12);
+  CHECK(rel(roomy.total(), Plan::predict(m, flat_free, pipe).time.total()) < 1e-12);
   CHECK(roomy.bubble > 0);
   // An effective count below the hardware's (another program's load): 2 ranks on 1.5 cores.
   shared.cores_per_node = 1.5;
   const Layout two{.dp = 2, .microbatch_size = 2, .num_microbatches = 8};
-  CHECK(rel(Plan::predict(m, shared, two).time.total(), 2 / 1.5 * Plan::predict(m, flat_cluster(), two).time.total()) < 1e-9);
+  CHECK(rel(Plan::predict(m, shared, two).time.total(), 2 / 1.5 * Plan::predict(m, flat_free, two).time.total()) < 1e-9);
+  // The same pipeline of 4 on 2 cores: Brent's bound is half the work, but while 3 or 4 ranks
+  // compute at once each runs at 2/3 or 1/2 speed on the critical path, so the
+  // processor-sharing replay is longer than both the bound and the uncontended replay.
+  shared.cores_per_node = 2;
+  const TimeEstimate two_cores = Plan::predict(m, shared, pipe).time;
+  CHECK(two_cores.total() > 1.01 * work / 2);
+  CHECK(two_cores.total() > 1.01 * Plan::predict(m, flat_free, pipe).time.total());
+  CHECK(two_cores.total() < work);  // and shorter than one core's
   shared.waiting_core_share = 1.5;
   CHECK_THROWS_WITH_AS(shared.validate(), doctest::Contains("waiting_core_share must lie in [0, 1]"), Error);
   shared.waiting_core_share = 0;

@@ -5,7 +5,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cmath>
 #include <functional>
+#include <limits>
+#include <map>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -119,6 +123,15 @@ struct TimeEstimate {
     const double cores = cm.cluster.cores_for(cm.ranks_per_node());
     if (cm.cluster.cores_per_node > 0 && cm.ranks_per_node() > cores) {
       const double span = t.total();
+      // After the flush every rank reduces and steps at once: the slowest rank's time, or the
+      // node's share of all of it over the cores, whichever is longer.
+      double after = 0;
+      for (int r = 0; r < L.pp; ++r)
+        after += cm.dp_reduce_seconds(r) + (r == 0 || r == L.pp - 1 ? cm.tied_embedding_seconds() : 0.0) +
+                 cm.optimizer_seconds(r);
+      after *= static_cast<double>(L.dp) * L.tp * cm.ranks_per_node() / L.world();
+      const double shared = processor_sharing_span(cm, sched, work_of, transfer, cores) +
+                            std::max(t.dp_comm_exposed - zero3 + t.optimizer, after / cores);
       double work = 0;
       for (int r = 0; r < L.pp; ++r) {
         double busy = 0;
@@ -129,9 +142,124 @@ struct TimeEstimate {
         work += busy * L.dp * L.tp;
       }
       work *= static_cast<double>(cm.ranks_per_node()) / L.world();
-      t.contention = std::max(0.0, work / cores - span);
+      t.contention = std::max(0.0, std::max(shared, work / cores) - span);
     }
     return t;
+  }
+
+  /// The pipeline's span when the node's ranks share `cores` cores by time slices (processor
+  /// sharing), replayed event by event with the engine's semantics (a tick's compute back to
+  /// back, then its transfers, each ending `transfer` seconds after both sides issued it; the
+  /// tick ends with its last): while n of the pp ranks compute, each of them progresses at
+  /// min(1, cores / wanting) seconds of work per second, wanting = their dp x tp copies on the
+  /// node x (n + waiting_core_share x (pp - n)). Brent's bound (the node's work / cores) is what
+  /// this gives when every rank always computes; with a pipeline it also slows the critical
+  /// path while 3 or 4 ranks compute at once. Throws Error if the replay cannot finish (an
+  /// invalid schedule: check() first).
+  template <class WorkOf>
+  static double processor_sharing_span(const CostModel& cm, const schedule::Schedule& sched, const WorkOf& work_of,
+                                       const std::function<double(const schedule::Action&)>& transfer, double cores) {
+    const Layout& L = cm.layout;
+    const int P = L.pp;
+    const double copies = static_cast<double>(L.dp) * L.tp * cm.ranks_per_node() / L.world();
+    const double w = cm.cluster.waiting_core_share;
+    auto key = [](const schedule::Action& a) { return std::tuple{static_cast<int>(a.kind), a.microbatch, a.stage_index}; };
+    std::map<std::tuple<int, int, int>, double> issued_at;
+    enum class Phase { next, compute, blocked, timed, done };
+    struct Rank {
+      std::size_t tick = 0, index = 0;  // position: tick, action within it
+      Phase phase = Phase::next;
+      double remaining = 0;  // compute: seconds of work left
+      double until = 0;      // timed: when the tick's transfers end
+      bool issued = false;   // the tick's transfers are issued
+    };
+    std::vector<Rank> ranks(static_cast<std::size_t>(P));
+    double now = 0;
+    auto ticks_of = [&](int r) -> const std::vector<schedule::Tick>& { return sched.ticks[static_cast<std::size_t>(r)]; };
+    for (;;) {
+      // Move every rank that can move without time passing.
+      for (bool moved = true; moved;) {
+        moved = false;
+        for (int r = 0; r < P; ++r) {
+          Rank& k = ranks[static_cast<std::size_t>(r)];
+          if (k.phase != Phase::next && k.phase != Phase::blocked) continue;
+          const auto& ticks = ticks_of(r);
+          if (k.tick >= ticks.size()) {
+            k.phase = Phase::done;
+            continue;
+          }
+          const schedule::Tick& tick = ticks[k.tick];
+          if (k.index < tick.size() && tick[k.index].is_compute()) {
+            k.remaining = work_of(tick[k.index]).total();
+            k.phase = Phase::compute;
+            moved = true;
+            continue;
+          }
+          if (!k.issued) {
+            for (const schedule::Action& a : tick)
+              if (a.is_transfer()) issued_at[key(a)] = now;
+            k.issued = true;
+            moved = true;
+          }
+          double end = now;
+          bool complete = true;
+          for (const schedule::Action& a : tick) {
+            if (!a.is_transfer()) continue;
+            const auto it = issued_at.find(key(a.counterpart(r)));
+            if (it == issued_at.end()) {
+              complete = false;
+              break;
+            }
+            end = std::max(end, std::max(issued_at[key(a)], it->second) + (transfer ? transfer(a) : 0.0));
+          }
+          if (!complete) {
+            k.phase = Phase::blocked;
+            continue;
+          }
+          if (end > now) {
+            k.phase = Phase::timed;
+            k.until = end;
+            continue;
+          }
+          ++k.tick;
+          k.index = 0;
+          k.issued = false;
+          k.phase = Phase::next;
+          moved = true;
+        }
+      }
+      int running = 0, waiting = 0;
+      for (const Rank& k : ranks) {
+        running += k.phase == Phase::compute ? 1 : 0;
+        waiting += k.phase == Phase::blocked || k.phase == Phase::timed ? 1 : 0;
+      }
+      if (running == 0 && waiting == 0) break;  // every rank done
+      const double wanting = copies * (running + w * (P - running));
+      const double rate = wanting > cores ? cores / wanting : 1.0;
+      double dt = std::numeric_limits<double>::infinity();
+      for (const Rank& k : ranks) {
+        if (k.phase == Phase::compute) dt = std::min(dt, k.remaining / rate);
+        if (k.phase == Phase::timed) dt = std::min(dt, k.until - now);
+      }
+      TESSERA_EXPECTS(std::isfinite(dt), "TimeEstimate: the processor-sharing replay of ", L.to_string(),
+                      " is stuck at ", now, " s (every rank waits for a transfer never issued)");
+      now += dt;
+      for (Rank& k : ranks) {
+        if (k.phase == Phase::compute) {
+          k.remaining -= rate * dt;
+          if (k.remaining <= 1e-12 * std::max(1.0, now)) {
+            ++k.index;
+            k.phase = Phase::next;
+          }
+        } else if (k.phase == Phase::timed && k.until <= now) {
+          ++k.tick;
+          k.index = 0;
+          k.issued = false;
+          k.phase = Phase::next;
+        }
+      }
+    }
+    return now;
   }
 
   /// One line in seconds, e.g. "24.1 s: compute 19.0, tp 2.1, p2p 0.3, bubble 1.6, dp 0.8
