@@ -917,6 +917,15 @@ TEST_CASE("ZeRO-3 in the planner: 16 Psi / N plus the gathered unit; per step 2 
   CHECK(four.zero3_traffic(0).reduce_scatter_elements == 4 * one.zero3_traffic(0).reduce_scatter_elements);
   CHECK_THROWS_WITH_AS(Layout{.zero3_unit_layers = -1}.validate(), doctest::Contains("zero3_unit_layers must be >= 0"),
                        Error);
+  // The search gives every ZeRO-3 layout the unit asked for (train_gpt: 0, a whole stage).
+  const SearchResult r = search(m, c, SearchOptions{.world = 8, .global_batch = 16, .microbatch_sizes = {1, 2},
+                                                    .virtual_stages = {1}, .recompute = {Recompute::full},
+                                                    .zero_stages = {3}, .zero3_unit_layers = 0});
+  REQUIRE(!r.ranked.empty());
+  for (const Plan& p : r.ranked) {
+    CHECK(p.layout.zero_stage == 3);
+    CHECK(p.layout.zero3_unit_layers == 0);
+  }
 }
 
 TEST_CASE("Block overhead: calibrate's fit of a real block's unlisted work, and CostModel charging it per forward (1/3) and backward (2/3) of tessera's block only") {

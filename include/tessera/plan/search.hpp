@@ -29,6 +29,7 @@ struct SearchOptions {
   std::vector<int> virtual_stages{1, 2, 3, 4};         ///< v to try (v > 1: interleaved 1F1B)
   std::vector<Recompute> recompute{Recompute::none, Recompute::selective, Recompute::full};  ///< modes to try
   std::vector<int> zero_stages{0, 1};                  ///< ZeRO stages to try
+  int zero3_unit_layers = 1;  ///< ZeRO-3's gathered unit for every ZeRO-3 layout (Layout::zero3_unit_layers; 0: a stage)
   bool zero_bubble = true;  ///< also try ZB-H1 (schedule::ZeroBubbleH1) for every pipeline with v = 1 and pp > 1
   bool sequence_parallel = true;                       ///< use sequence parallelism whenever tp > 1
   bool overlap_grad_reduce = false;                    ///< whether the dp reduction is overlapped
@@ -150,6 +151,7 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
               l.schedule = sc;
               l.recompute = rc;
               l.zero_stage = z;
+              l.zero3_unit_layers = opts.zero3_unit_layers;
               if (z > 0 && dp == 1) continue;  // ZeRO over one replica is stage 0
               Plan p = Plan::predict(model, cluster, l, precision);
               if (!p.fits()) {
