@@ -13,7 +13,16 @@ names=[('none','fp32 all-reduce'),('bf16','bf16'),('powersgd_4','PowerSGD r=4'),
        ('diloco_1_lr_1_momentum_0_compress_topk_0_01','top-k 1% of the AdamW update (--sync-every 1)'),
        ('diloco_10_lr_1_momentum_0','DiLoCo H=10, outer lr 1, no momentum (averaging)'),
        ('diloco_10_lr_1_momentum_0_5','DiLoCo H=10, outer lr 1, Nesterov 0.5'),
-       ('powersgd_64','PowerSGD r=64 (a check of the code, not a target)')]
+       ('powersgd_64','PowerSGD r=64 (a check of the code, not a target)'),
+       ('powersgd_4_warmup_20_freeze_20','PowerSGD r=4, warmup 20, AdamW v frozen at step 20 (1-bit Adam)'),
+       ('topk_0_01_warmup_20_freeze_20','top-k 1%, warmup 20, AdamW v frozen at step 20 (1-bit Adam)'),
+       ('none_freeze_20','fp32 all-reduce, AdamW v frozen at step 20 (diagnostic)'),
+       ('diloco_10_lr_1_momentum_0_5_own_clip','DiLoCo H=10, outer lr 1, Nesterov 0.5, each replica clipped by its own norm'),
+       ('diloco_10_lr_1_momentum_0_6','DiLoCo H=10, outer lr 1, Nesterov 0.6, own-norm clipping'),
+       ('diloco_10_lr_1_momentum_0_7','DiLoCo H=10, outer lr 1, Nesterov 0.7, own-norm clipping'),
+       ('diloco_10_lr_1_momentum_0_8','DiLoCo H=10, outer lr 1, Nesterov 0.8, own-norm clipping'),
+       ('diloco_1_lr_1_momentum_0_compress_powersgd_4','PowerSGD r=4 of the AdamW update (--sync-every 1), own-norm clipping'),
+       ('diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip','top-k 1% of the AdamW update (--sync-every 1), own-norm clipping')]
 dirs=sys.argv[1:] or ['data/compress']
 steps=[50,100,150,200,250,300,350,399]
 vals={};mb={};whole={}
@@ -31,7 +40,9 @@ for n,_ in names:
 out=['| policy | MB sent / step / rank | '+' | '.join(f'val @{s}' for s in steps)+' | vs fp32 at the last common step |','|---|---:|'+'---:|'*len(steps)+'---:|']
 for n,label in names:
     v=vals.get(n,{})
-    if not v: out.append(f'| {label} | not run | '+' | '.join('' for s in steps)+' | |'); continue
+    if not v:
+        if n in dict(names[:5]): out.append(f'| {label} | not run | '+' | '.join('' for s in steps)+' | |')
+        continue
     m=mb.get(n,[]); avg=whole.get(n, sum(m)/len(m) if m else None)
     cells=[f'{v[s]:.4f}' if s in v else '' for s in steps]
     common=[s for s in steps if s in v and s in vals['none']]

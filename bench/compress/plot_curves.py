@@ -11,13 +11,23 @@ import sys
 COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0_01": "#2ca02c", "diloco_10": "#9467bd",
           "powersgd_4_warmup_20": "#ff7f0e", "diloco_1_lr_1_momentum_0_compress_topk_0_01": "#17becf",
           "diloco_1_lr_1_momentum_0_compress_powersgd_4": "#e377c2", "diloco_10_lr_1_momentum_0": "#8c564b",
-          "diloco_10_lr_1_momentum_0_5": "#bcbd22", "powersgd_64": "#7f7f7f"}
+          "diloco_10_lr_1_momentum_0_5": "#bcbd22", "powersgd_64": "#7f7f7f",
+          "powersgd_4_warmup_20_freeze_20": "#ff9896", "topk_0_01_warmup_20_freeze_20": "#98df8a",
+          "none_freeze_20": "#aaaaaa", "diloco_10_lr_1_momentum_0_5_own_clip": "#dbdb8d",
+          "diloco_10_lr_1_momentum_0_6": "#c5b0d5", "diloco_10_lr_1_momentum_0_7": "#6b3fa0",
+          "diloco_10_lr_1_momentum_0_8": "#393b79",
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5"}
 LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
           "diloco_10": "DiLoCo H=10", "powersgd_4_warmup_20": "PowerSGD r=4, warmup 20",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01": "top-k 1% of the update",
           "diloco_1_lr_1_momentum_0_compress_powersgd_4": "PowerSGD r=4 of the update",
           "diloco_10_lr_1_momentum_0": "DiLoCo H=10 averaging", "diloco_10_lr_1_momentum_0_5": "DiLoCo H=10 lr 1 mom 0.5",
-          "powersgd_64": "PowerSGD r=64 (check)"}
+          "powersgd_64": "PowerSGD r=64 (check)",
+          "powersgd_4_warmup_20_freeze_20": "PowerSGD r=4, v frozen @20", "topk_0_01_warmup_20_freeze_20": "top-k 1%, v frozen @20",
+          "none_freeze_20": "fp32, v frozen @20", "diloco_10_lr_1_momentum_0_5_own_clip": "DiLoCo lr 1 mom 0.5, own clip",
+          "diloco_10_lr_1_momentum_0_6": "DiLoCo lr 1 mom 0.6, own clip", "diloco_10_lr_1_momentum_0_7": "DiLoCo lr 1 mom 0.7, own clip",
+          "diloco_10_lr_1_momentum_0_8": "DiLoCo lr 1 mom 0.8, own clip",
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "top-k of the update, own clip"}
 
 
 def read(path):

@@ -34,17 +34,18 @@ struct AdamWOptions {
 /// v = b2 v + (1 - b2) g^2; p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 ///
 /// Frozen variance (AdamWOptions::freeze_variance_after = F > 0; Tang et al., "1-bit Adam",
-/// ICML 2021, section 4): steps 1..F are the steps above; from step F + 1 on, v is not updated
-/// and its bias correction stays at step F's, so each step is p *= 1 - lr * wd;
-/// m = b1 m + (1 - b1) g; p -= (lr / (1 - b1^t)) * m / (sqrt(v_F) / sqrt(1 - b2^F) + eps):
-/// momentum SGD with a fixed per-element preconditioner, linear in g. That is what error
-/// feedback needs: a compressor's residual returns later, and the sum of what it delivers is
-/// the sum of the gradients, so a linear optimizer applies the same total step; Adam's v,
-/// taken from compressed values (a top-k entry, a low-rank estimate), is not linear and breaks
-/// this. The first moment keeps its bias correction 1 - b1^t (1-bit Adam has none; the
-/// difference is below 1e-4 relative after 100 steps at b1 = 0.9). 1-bit Adam compresses m;
-/// this option only freezes v, whatever the caller compresses. Per group; the step count is
-/// the optimizer's, so a checkpoint that restores steps() and the moments resumes it exactly.
+/// ICML 2021: a dense warm-up, then v frozen): steps 1..F are the steps above; from step
+/// F + 1 on, v is not updated and its bias correction stays at step F's, so each step is
+/// p *= 1 - lr * wd; m = b1 m + (1 - b1) g; p -= (lr / (1 - b1^t)) * m / (sqrt(v_F) /
+/// sqrt(1 - b2^F) + eps): momentum SGD with a fixed per-element preconditioner, linear in g.
+/// That is what error feedback needs: a compressor's residual returns later, and the sum of
+/// what it delivers is the sum of the gradients, so a linear optimizer applies the same total
+/// step; Adam's v, taken from compressed values (a top-k entry, a low-rank estimate), is not
+/// linear and breaks this. The first moment keeps its bias correction 1 - b1^t (chosen so
+/// that F = 0 and t <= F are plain AdamW; it differs from 1 by 0.9^t, below 1e-4 after 90
+/// steps at b1 = 0.9). 1-bit Adam compresses m; this option only freezes v, whatever the
+/// caller compresses. Per group; the step count is the optimizer's, so a checkpoint that
+/// restores steps() and the moments resumes it exactly.
 ///
 /// It updates whatever parameters it is given, in place, through their `value` and `grad`
 /// tensors (which may be strided views), so a sharded (ZeRO-1) optimizer is this one built on
