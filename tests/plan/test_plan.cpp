@@ -880,10 +880,10 @@ TEST_CASE("ZeRO-3 in the planner: 16 Psi / N plus the gathered unit; per step 2 
     const Layout l{.dp = n, .microbatch_size = 1, .num_microbatches = 1, .zero_stage = 3, .zero3_unit_layers = unit};
     const CostModel cm{.model = m, .cluster = c, .layout = l};
     const Plan z3 = Plan::predict(m, c, l);
-    // The units: 24 / unit blocks each (a whole stage for 0), the embedding with the first and
-    // the final LayerNorm with the last; every parameter in exactly one.
+    // The units: runs of `unit` of the stage's 26 layers (the embedding, 24 blocks, the head),
+    // a whole stage for 0; every parameter in exactly one.
     const auto units = cm.zero3_units(0);
-    CHECK(units.size() == static_cast<std::size_t>(unit == 0 ? 1 : 24 / unit));
+    CHECK(units.size() == static_cast<std::size_t>(unit == 0 ? 1 : (26 + unit - 1) / unit));
     double params = 0, largest = 0;
     for (const auto& u : cm.zero3_buckets(0)) largest = std::max(largest, static_cast<double>(u.padded_elements()));
     for (const auto& u : units)

@@ -117,7 +117,9 @@ TEST_CASE("CostModel: ZeRO-3's all-gathers and reduce-scatters per step, from th
         s.reduce_scatter_elements = counters->elements(testing::CallKind::reduce_scatter);
         return s;
       });
-      const plan::Layout l{.dp = dp, .microbatch_size = 2, .num_microbatches = m, .zero_stage = 3, .zero3_unit_layers = 0};
+      // DataParallel's buckets: 25 MiB, the first 1 MiB (Hybrid's stages use 25 MiB for both).
+      const plan::Layout l{.dp = dp, .microbatch_size = 2, .num_microbatches = m, .zero_stage = 3,
+                           .zero3_unit_layers = 0, .dp_first_bucket_bytes = std::size_t{1} << 20};
       const plan::CostModel cm{.model = spec, .layout = l, .precision = plan::Precision::float32_adamw()};
       const std::vector<plan::BucketLayout> units = cm.zero3_buckets(0);
       REQUIRE(units.size() == 1);

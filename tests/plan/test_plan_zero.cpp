@@ -82,7 +82,8 @@ TEST_CASE("MemoryEstimate under ZeRO 0/1/2/3 equals the MemoryTracker's peaks pe
       CAPTURE(z);
       const Peaks got = measure(cfg, dp, zero_stage(z));
       const plan::Layout l{.dp = dp, .tp = 1, .pp = 1, .microbatch_size = 2, .num_microbatches = 1,
-                           .zero_stage = z, .zero3_unit_layers = 0};
+                           .zero_stage = z, .zero3_unit_layers = 0,
+                           .dp_first_bucket_bytes = std::size_t{1} << 20};  // DataParallel's first bucket
       const plan::Plan p = plan::Plan::predict(spec, cluster, l, plan::Precision::float32_adamw());
       const double P = spec.parameters();  // (ZeRO-3 frees the values, so got.params counts the tied embedding only)
       std::printf("dp %d ZeRO-%d: bytes/param measured params %.3f grads %.3f optimizer %.3f comm %.3f; "

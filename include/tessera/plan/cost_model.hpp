@@ -349,36 +349,40 @@ struct CostModel {
             {f / t * h, false}, {h, false}};
   }
 
-  /// ZeRO-3's units of `stage` (Layout::zero3_unit_layers blocks each, or the whole stage), in
-  /// forward order, each as its parameters in list order: the GPT's token embedding (tied
-  /// with the head when ModelSpec::tied, split over tp) and position embedding join the first
-  /// unit of stage 0; the final LayerNorm and an untied head (or, at pp > 1, the last stage's
-  /// copy of a tied embedding) the last unit of the last stage. Throws what stage_layers throws.
+  /// ZeRO-3's units of `stage`, in forward order, each as its parameters in list order: the
+  /// stage's layers as SequentialModel lists them (layer_parameters) -- on stage 0 the
+  /// embedding (the token embedding, tied with the head when ModelSpec::tied, split over tp,
+  /// and the position embedding), then the blocks, then on the last stage the head (the final
+  /// LayerNorm, and an untied head or, at pp > 1, the last stage's copy of a tied embedding) --
+  /// in runs of Layout::zero3_unit_layers layers (DataParallelStage), or one unit for the whole
+  /// stage (0, or no more layers than that). Throws what stage_layers throws.
   std::vector<std::vector<BucketLayout::Param>> zero3_units(int stage) const {
-    const int blocks = stage_layers(stage), per = layout.zero3_unit_layers == 0 ? blocks : layout.zero3_unit_layers;
-    std::vector<std::vector<BucketLayout::Param>> units;
-    const std::vector<BucketLayout::Param> layer = layer_parameter_list();
-    for (int b = 0; b < blocks; ++b) {
-      if (b % per == 0) units.emplace_back();
-      units.back().insert(units.back().end(), layer.begin(), layer.end());
-    }
     const std::int64_t h = model.hidden, t = layout.tp, v = model.vocab;
-    if (stage == 0)
-      units.front().insert(units.front().begin(), {{v * h / t, model.tied}, {static_cast<std::int64_t>(model.seq) * h, false}});
+    std::vector<std::vector<BucketLayout::Param>> layers;
+    if (stage == 0) layers.push_back({{v * h / t, model.tied}, {static_cast<std::int64_t>(model.seq) * h, false}});
+    for (int b = 0; b < stage_layers(stage); ++b) layers.push_back(layer_parameter_list());
     if (stage == layout.num_stages() - 1) {
-      units.back().push_back({h, false});
-      units.back().push_back({h, false});
-      if (!model.tied || layout.pp > 1) units.back().push_back({v * h / t, false});
+      layers.push_back({{h, false}, {h, false}});
+      if (!model.tied || layout.pp > 1) layers.back().push_back({v * h / t, false});
+    }
+    const int n = static_cast<int>(layers.size());
+    const int per = layout.zero3_unit_layers == 0 || layout.zero3_unit_layers >= n ? n : layout.zero3_unit_layers;
+    std::vector<std::vector<BucketLayout::Param>> units;
+    for (int l = 0; l < n; ++l) {
+      if (l % per == 0) units.emplace_back();
+      units.back().insert(units.back().end(), layers[static_cast<std::size_t>(l)].begin(),
+                          layers[static_cast<std::size_t>(l)].end());
     }
     return units;
   }
 
   /// The buckets of each of `stage`'s ZeRO-3 units over the dp ranks (BucketLayout: the packing
-  /// GradBuckets does, gradient-sized elements).
+  /// GradBuckets does, gradient-sized elements, Layout::dp_bucket_bytes and
+  /// dp_first_bucket_bytes).
   std::vector<BucketLayout> zero3_buckets(int stage) const {
     std::vector<BucketLayout> out;
     for (const auto& unit : zero3_units(stage))
-      out.push_back(BucketLayout::of(unit, layout.dp, std::size_t{25} << 20, std::size_t{1} << 20,
+      out.push_back(BucketLayout::of(unit, layout.dp, layout.dp_bucket_bytes, layout.dp_first_bucket_bytes,
                                      static_cast<std::size_t>(precision.gradient_bytes)));
     return out;
   }

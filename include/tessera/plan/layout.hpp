@@ -4,6 +4,7 @@
 /// the pipeline schedule, sequence parallelism, recomputation and ZeRO stage -- and the
 /// tessera schedule object it runs.
 
+#include <cstddef>
 #include <string>
 
 #include "tessera/core/error.hpp"
@@ -63,11 +64,18 @@ struct Layout {
   Recompute recompute = Recompute::none;  ///< activation recomputation
   int zero_stage = 0;                  ///< ZeRO stage 0-3 over the dp axis
   bool overlap_grad_reduce = false;    ///< dp reduction overlapped with the last backward
-  /// ZeRO-3's unit of gathering (FSDP's wrapped module): the blocks whose parameters are
-  /// all-gathered together before each forward and backward and freed after; 0: a whole
-  /// pipeline stage (tessera's DataParallelStage today). The embedding joins the first unit of
-  /// the first stage, the final LayerNorm and head the last unit of the last stage.
+  /// ZeRO-3's unit of gathering (FSDP's wrapped module): runs of this many layers of a stage
+  /// whose parameters are all-gathered together before each forward and backward and freed
+  /// after (Hybrid's HybridOptions::unit_layers); the embedding (first stage) and the head with
+  /// the final LayerNorm (last stage) are layers of their stage, as SequentialModel lists them;
+  /// 0: a whole pipeline stage (train_gpt's default).
   int zero3_unit_layers = 1;
+  /// Bytes of the dp gradient buckets (each unit's buckets; GradBuckets): Hybrid's bucket_size,
+  /// 25 MiB, as train_gpt runs.
+  std::size_t dp_bucket_bytes = std::size_t{25} << 20;
+  /// Bytes of a unit's first bucket: Hybrid's DataParallelStage uses dp_bucket_bytes for it
+  /// too; a plain DataParallel's default is 1 MiB (DDP's first bucket).
+  std::size_t dp_first_bucket_bytes = std::size_t{25} << 20;
 
   /// Devices used, dp * tp * pp.
   int world() const { return dp * tp * pp; }
