@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Resuming compressed and DiLoCo runs of train_gpt from a checkpoint: the dp state each rank
 # keeps (PowerSGD's residuals, warm starts and warm-up count; top-k's residuals; DiLoCo's
-# replica weights, anchor, outer momentum, counters and each replica's AdamW moments) is saved
+# replica weights, anchor, outer momentum, counters and each replica's AdamW moments; top-k's
+# warm-up count with AdamW's frozen second moment) is saved
 # per rank beside the shards, so a run stopped at step 5 and resumed at the same layout
 # continues bitwise as the uninterrupted one: the losses of steps 5..9 (as --log-json prints
 # them, round-trip digits) must be equal as strings. (dp 2 at tp 1 x pp 1: PowerSGD and top-k are
@@ -46,6 +47,8 @@ check powersgd --dp 2 --compress powersgd:2,warmup=3
 check topk --dp 2 --compress topk:0.1
 check diloco --dp 2 --sync-every 3
 check topk-updates --dp 2 --sync-every 1 --outer-lr 1 --outer-momentum 0 --compress topk:0.1
+# top-k's warm-up count and AdamW's frozen second moment (v frozen after step 3, before the stop).
+check topk-warmup-frozen-v --dp 2 --compress topk:0.1,warmup=3 --freeze-variance 3
 
 # Another dp size: the residuals restart, with a note; the run goes on.
 "$train" "${model[@]}" --dp 4 --compress topk:0.1 --steps $steps --resume "$work/topk.ckpt" > "$work/dp4.log" 2>&1 \
@@ -59,3 +62,10 @@ echo "ok: a resume at dp 4 restarts the residuals with a note"
 if "$train" "${model[@]}" --dp 2 --pp 2 --compress topk:0.1 --steps 2 > "$work/pp.log" 2>&1; then fail "topk at pp 2 accepted"; fi
 grep -q "compress topk:0.1 at tp 1 x pp 2: PowerSGD and top-k need tp 1 and pp 1" "$work/pp.log" || { cat "$work/pp.log"; fail "pp 2 message"; }
 echo "ok: top-k at pp 2 is refused"
+
+# --freeze-variance N needs N uncompressed reductions first: v must not see compressed values.
+if "$train" "${model[@]}" --dp 2 --compress topk:0.1,warmup=3 --freeze-variance 5 --steps 2 > "$work/fv.log" 2>&1; then
+  fail "--freeze-variance 5 with warmup=3 accepted"; fi
+grep -q "freeze-variance 5 with --compress topk:0.1,warmup=3: AdamW's second moment would take 2 compressed" "$work/fv.log" \
+  || { cat "$work/fv.log"; fail "--freeze-variance message"; }
+echo "ok: --freeze-variance beyond the compressor's warm-up is refused"
