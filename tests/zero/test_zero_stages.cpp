@@ -687,6 +687,7 @@ struct UnitRun {
   std::size_t largest_pair = 0;                 // of two units next to each other in forward order
   std::size_t prefetched = 0;                   // fewest gathers of one unit found started by a prefetch
   std::size_t peak_total = 0;                   // MemoryTracker::peak_total over the steps
+  std::size_t peak_comm = 0;                    // MemoryTracker::peak(comm_buffers): gathered values + gradient buffers
   bool values_freed = true;                     // after every step no unit holds its values
   std::int64_t gathered = 0;                    // elements all-gathered by the units over the steps
   std::int64_t elements = 0;                    // of all units once, gathered (padded)
@@ -749,6 +750,7 @@ UnitRun unit_run(Comm& c, const UnitCase& u) {
   }
   r.peak_gathered = GradBuckets<float>::rank_peak_gathered_bytes();
   r.peak_total = MemoryTracker::this_rank().peak_total();
+  r.peak_comm = MemoryTracker::this_rank().peak(MemoryCategory::comm_buffers);
   r.prefetched = model.buckets().front()->prefetched_uses();
   for (GradBuckets<float>* b : model.buckets()) {
     r.prefetched = std::min(r.prefetched, b->prefetched_uses());
@@ -763,17 +765,22 @@ UnitRun unit_run(Comm& c, const UnitCase& u) {
   return r;
 }
 
-// The largest |a - b| / max(|b|, 1e-3) over the two runs' losses and parameters.
-double unit_difference(const UnitRun& a, const UnitRun& b) {
-  double worst = 0;
+// The largest relative difference of the two runs' losses (first) and the largest difference
+// of a parameter's elements relative to that parameter's largest |element| (second).
+std::pair<double, double> unit_difference(const UnitRun& a, const UnitRun& b) {
+  double loss = 0, param = 0;
   for (std::size_t k = 0; k < a.losses.size(); ++k)
-    worst = std::max(worst, std::abs(a.losses[k] - b.losses[k]) / std::max(std::abs(b.losses[k]), 1e-3));
+    loss = std::max(loss, std::abs(a.losses[k] - b.losses[k]) / std::abs(b.losses[k]));
   for (const auto& [name, v] : b.params) {
     const std::vector<float>& w = a.params.at(name);
-    for (std::size_t i = 0; i < v.size(); ++i)
-      worst = std::max(worst, std::abs(static_cast<double>(w[i]) - v[i]) / std::max(std::abs(static_cast<double>(v[i])), 1e-3));
+    double diff = 0, scale = 1e-30;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      diff = std::max(diff, std::abs(static_cast<double>(w[i]) - v[i]));
+      scale = std::max(scale, std::abs(static_cast<double>(v[i])));
+    }
+    param = std::max(param, diff / scale);
   }
-  return worst;
+  return {loss, param};
 }
 
 }  // namespace
@@ -806,8 +813,16 @@ TEST_CASE("ZeRO-3 per-layer units (unit_layers 1 and 3) equal one unit per stage
     for (std::size_t r = 0; r < layers.size(); ++r) {
       CAPTURE(r);
       CHECK(layers[r].units > stage[r].units);
-      CHECK(unit_difference(layers[r], stage[r]) < 1e-5);  // round-off: the clipping norm sums per unit
-      CHECK(unit_difference(layers[r], dp[r]) < 1e-5);
+      // Round-off: the clipping norm sums per unit, and a unit reduce-scatters each micro-batch
+      // as its backward ends (the stage unit: the window's sum). AdamW turns the round-off of a
+      // gradient that is zero but for it (the attention key bias: softmax ignores a shift) into
+      // updates of up to lr: 1.6e-7 of 0.012 after 4 steps; the losses agree to 1e-7.
+      const auto [loss_s, param_s] = unit_difference(layers[r], stage[r]);
+      const auto [loss_d, param_d] = unit_difference(layers[r], dp[r]);
+      CHECK(loss_s < 1e-6);
+      CHECK(loss_d < 1e-6);
+      CHECK(param_s < 1e-4);
+      CHECK(param_d < 1e-4);
       CHECK(layers[r].values_freed);
       CHECK(layers[r].prefetched > 0);  // every unit's gather found started by a neighbour's prefetch
       // Prefetch keeps at most the computing unit and the next one gathered.
@@ -842,8 +857,11 @@ TEST_CASE("ZeRO-3 per-layer units: without prefetch the gathered peak is the lar
     MESSAGE("rank ", r, ": peak total ZeRO-0 ", plain[r].peak_total, " B, ZeRO-3 stage unit ", stage[r].peak_total,
             " B, ZeRO-3 per layer ", layers[r].peak_total, " B; gathered peak ", layers[r].peak_gathered, " B of ",
             stage[r].peak_gathered, " B");
+    // The gradient buffers too are per unit (reduce-scattered as each unit's backward ends):
+    // all communication buffers together stay below the stage's gathered values alone.
+    MESSAGE("rank ", r, ": comm_buffers peak per layer ", layers[r].peak_comm, " B, stage unit ", stage[r].peak_comm, " B");
+    CHECK(layers[r].peak_comm < stage[r].peak_gathered);
     CHECK(layers[r].peak_total < plain[r].peak_total);
     CHECK(layers[r].peak_total < stage[r].peak_total);
-    CHECK(stage[r].peak_total - layers[r].peak_total == stage[r].peak_gathered - layers[r].peak_gathered);
   }
 }

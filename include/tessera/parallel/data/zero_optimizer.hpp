@@ -300,6 +300,7 @@ class ZeroOptimizer {
         b->set_mode(GradReduce::reduce_scatter);
         if (shard_grads) b->set_shard_grads(true);
         if (shard_params) b->set_shard_params(true);
+        b->release_buffers();  // ZeRO-2 and 3: no full gradient until a backward allocates it (nothing otherwise)
       }
       // ZeRO-3: the sets are units in forward order (a Hybrid's stages on this rank); each
       // prefetches its neighbour's gather.

@@ -47,8 +47,11 @@ namespace tessera {
 /// started so it travels while this one computes (GradBuckets::prefetch_neighbour, linked by
 /// the ZeroOptimizer over units() in order). Under ZB-H1 the weight-gradient work a unit's
 /// backward_input defers is queued per unit, and the W pass gathers each unit again for its
-/// own work only. The gradients are reduced (reduce-scattered into the shards) when the window
-/// closes, unit by unit.
+/// own work only. Under ZeRO-2 and 3 a per-layer unit's gradient buffers are allocated before
+/// its backward, and where its gradients are then final (no tied parameter in it, no ZB-H1 W
+/// pass, no sequence parallelism) reduce-scattered into the shards as its backward ends (each
+/// micro-batch, as DeepSpeed's ZeRO-2 reduces every micro-batch) and freed; the other units'
+/// (and a whole-stage unit's) are reduced when the window closes.
 template <std::floating_point T, class Input = Tensor<T>>
 class DataParallelStage final : public PipelineStage<T, Input>, private LayerHooks {
  public:
@@ -91,6 +94,14 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
       units_.push_back(std::make_unique<GradBuckets<T>>(params, dp_, bo));
     }
     for (const auto& u : units_) unit_ptrs_.push_back(u.get());
+    // The units holding a copy of a tied weight that the pipeline sums over pp at the window's end.
+    const ParameterList<T> tied = stage_->tied_parameters();
+    for (const auto& u : units_) {
+      bool holds = false;
+      for (const auto& slot : u->slots())
+        for (const Parameter<T>& t : tied) holds = holds || slot.param == &t;
+      holds_tied_.push_back(holds);
+    }
   }
   DataParallelStage(const DataParallelStage&) = delete;             ///< not copyable: the hooks point here
   DataParallelStage& operator=(const DataParallelStage&) = delete;  ///< not copyable
@@ -114,13 +125,13 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end;
   /// under ZeRO-3 gathers the parameters again for it (collective over dp) and frees them after.
   Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override {
-    for (GradBuckets<T>* u : unit_ptrs_) u->ensure_buffers();
+    if (!per_layer()) units_.front()->ensure_buffers();  // per-layer units: before each unit's backward
     return with_values(true, [&] { return stage_->backward(dy, ctx); });
   }
   /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one
   /// (gathered under ZeRO-3 as backward).
   Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) override {
-    for (GradBuckets<T>* u : unit_ptrs_) u->ensure_buffers();
+    if (!per_layer()) units_.front()->ensure_buffers();
     last_w_unit_ = -1;
     last_w_flag_.reset();
     return with_values(true, [&] { return stage_->backward_input(dy, ctx, weights); });
@@ -157,9 +168,12 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   void finish_grad_sync() override {
     const auto t0 = std::chrono::steady_clock::now();
     for (std::size_t k = units_.size(); k-- > 0;) {  // backward order: the last unit's gradients were final first
+      if (reduced_in_backward_.size() > k && reduced_in_backward_[k]) continue;  // reduce-scattered as its backward ended
+      units_[k]->ensure_buffers();
       units_[k]->reduce();
       units_[k]->release_buffers();
     }
+    reduced_in_backward_.assign(units_.size(), false);
     for (GradBuckets<T>* u : unit_ptrs_) u->release_values();  // ZeRO-3: a prefetch that no operation used
     sync_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
@@ -191,6 +205,8 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   nn::WeightGradQueue* outer_queue_ = nullptr;
   std::shared_ptr<nn::WeightGradQueue> unit_queue_;
   std::optional<nn::DeferWeightGrads> unit_scope_;
+  std::vector<bool> holds_tied_;           // per unit: holds one of the stage's tied_parameters()
+  std::vector<bool> reduced_in_backward_;  // per unit: reduce-scattered at its backward's end in this window
   int last_w_unit_ = -1;                 // the unit that queued W work last in this backward_input
   std::shared_ptr<bool> last_w_flag_;    // whether its W work is to prefetch the unit before it
 
@@ -239,10 +255,25 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
     if (sharded_params() && layer == unit_last_[static_cast<std::size_t>(u)]) units_[static_cast<std::size_t>(u)]->release_values();
   }
+  // Whether unit u's gradients are reduce-scattered into the shards as its backward ends (each
+  // micro-batch; ZeRO-2 and 3): not under ZB-H1 (its W pass adds them later), not for a unit
+  // holding a tied parameter (the other end's backward, or the pipeline's sum of the copies
+  // over pp at the window's end, adds to it later), not where the stage changes gradients
+  // after its layers' backward (sequence parallelism's sum over tp).
+  bool reduce_in_backward(std::size_t u) const {
+    const GradBuckets<T>& b = *units_[u];
+    if (!b.shard_grads() || nn::WeightGradQueue::active() != nullptr || !stage_->layer_grads_final()) return false;
+    if (holds_tied_[u]) return false;
+    for (const auto& slot : b.slots())
+      if (slot.copy || slot.param->tie_count() > 1) return false;
+    return true;
+  }
   void before_backward(int layer) override {
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
-    if (!sharded_params() || layer != unit_last_[static_cast<std::size_t>(u)]) return;
+    if (layer != unit_last_[static_cast<std::size_t>(u)]) return;
     GradBuckets<T>& b = *units_[static_cast<std::size_t>(u)];
+    b.ensure_buffers();  // ZeRO-2 and 3: this unit's gradient buffers, released after its last reduction
+    if (!sharded_params()) return;
     b.gather_values(b.prefetch(), true);
     if (u > 0) b.prefetch_neighbour(true);  // the previous unit's gather travels while this one computes
     if ((outer_queue_ = nn::WeightGradQueue::active()) != nullptr) {  // ZB-H1's B: this unit's W work apart
@@ -252,8 +283,15 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   }
   void after_backward(int layer) override {
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
-    if (!sharded_params() || layer != unit_first_[static_cast<std::size_t>(u)]) return;
+    if (layer != unit_first_[static_cast<std::size_t>(u)]) return;
     GradBuckets<T>* b = units_[static_cast<std::size_t>(u)].get();
+    if (reduce_in_backward(static_cast<std::size_t>(u))) {  // its gradients are final: to the shards, buffers freed
+      b->reduce();
+      b->release_buffers();
+      reduced_in_backward_.resize(units_.size(), false);
+      reduced_in_backward_[static_cast<std::size_t>(u)] = true;
+    }
+    if (!sharded_params()) return;
     if (unit_scope_) {
       unit_scope_.reset();  // back to the stage's queue
       std::shared_ptr<nn::WeightGradQueue> q = std::move(unit_queue_);

@@ -185,7 +185,18 @@ class Hybrid {
   /// loss over the other replicas' valid targets, the same on every rank. Collective over the
   /// world (with the other replicas' forward_backward). Use any_rank_has_data or
   /// agree_num_steps to decide when (DataParallel's uneven-data helpers; CASES C1).
+  ///
+  /// Throws tessera::Error under ZeRO-3, and under ZeRO-2 with per-layer units
+  /// (HybridOptions::unit_layers > 0): there the other replicas' forward and backward gather
+  /// the parameters or reduce-scatter each unit's gradients as its backward ends; every replica
+  /// must then run the same number of steps (agree_num_steps).
   double skip_forward_backward() {
+    for (DataParallelStage<T, Input>* st : stages_)
+      TESSERA_EXPECTS(!st->buckets().shard_params() && !(st->per_layer() && st->buckets().shard_grads()),
+                      "Hybrid::skip_forward_backward on dp rank ", mesh_->coord().dp, ": under ZeRO-3, or ZeRO-2 with "
+                      "unit_layers ", options_.unit_layers, ", a replica cannot join without data (the others gather "
+                      "parameters or reduce-scatter gradients inside their backward); agree on the number of steps "
+                      "with agree_num_steps");
     const auto t0 = std::chrono::steady_clock::now();
     const double tp0 = tp_timer_->seconds;
     stats_ = HybridStepStats{};

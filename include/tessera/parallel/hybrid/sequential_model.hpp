@@ -431,6 +431,9 @@ class SequentialStage final
     layers_.set_hooks(hooks);
     return true;
   }
+  /// True except under sequence parallelism, whose replicated parameters' gradients are summed
+  /// over tp after every layer's backward.
+  bool layer_grads_final() const override { return !detail::sequence_parallel_form<Form>; }
   /// "layers 0-2 (embedding .. h.1), tp rank 0 of 2".
   std::string name() const override {
     const int a = layers_.first_layer(), b = layers_.end_layer() - 1;

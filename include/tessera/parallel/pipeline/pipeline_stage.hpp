@@ -157,6 +157,11 @@ class PipelineStage {
     (void)hooks;
     return false;
   }
+  /// Whether a layer's parameter gradients are final (for this micro-batch) when its
+  /// LayerHooks::after_backward runs, so a per-layer policy may reduce them then: false by
+  /// default, and for a stage that changes them after its layers' backward (sequence
+  /// parallelism's sum over tp).
+  virtual bool layer_grads_final() const { return false; }
 };
 
 namespace detail {
