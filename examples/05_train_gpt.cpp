@@ -104,6 +104,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   opt.gather_full_parameters();  // --zero 3: the values are freed between uses
   for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
   opt.release_full_parameters(false);
+  MemoryTracker::this_rank().reset_peaks();  // --memory-report: not the whole model gathered just above
+  GradBuckets<float>::reset_rank_peak_gathered_bytes();
   if (rank0 && a.dp > 1) std::printf("dp communication: %s\n", dp_comm.describe(a).c_str());
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
@@ -208,17 +210,22 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   }
   if (a.memory_report) print_memory_report(world, world.rank() == 0 && print);
   if (a.memory_report && a.zero_stage() == ZeroStage::parameters) {
-    // ZeRO-3's gathered units (part of comm_buffers above) on a line of their own: the largest
-    // bytes of gathered stage values alive at once on a rank, over the ranks.
-    double gathered[2] = {0, 0};  // peak, live
+    // ZeRO-3's gathered units (part of comm_buffers above) on a line of their own: the most
+    // bytes of gathered values alive at once on a rank, all its units together, over the ranks,
+    // and the largest unit (4 B per parameter of it, padded).
+    double gathered[3] = {static_cast<double>(GradBuckets<float>::rank_peak_gathered_bytes()),
+                          static_cast<double>(GradBuckets<float>::rank_gathered_bytes()), 0};  // peak, live, unit
     for (GradBuckets<float>* b : model.buckets()) {
-      gathered[0] += static_cast<double>(b->peak_gathered_bytes());
-      gathered[1] += static_cast<double>(b->gathered_bytes());
+      double unit = 0;
+      for (std::size_t k = 0; k < b->buckets().size(); ++k) unit += static_cast<double>(b->shard_size(k) * a.dp) * sizeof(float);
+      gathered[2] = std::max(gathered[2], unit);
     }
-    world.all_reduce(std::span<double>(gathered, 2), ReduceOp::max);
+    world.all_reduce(std::span<double>(gathered, 3), ReduceOp::max);
     if (world.rank() == 0 && print)
-      std::printf("ZeRO-3 gathered units (in comm_buffers), MiB, largest rank: %.3f peak / %.3f live\n",
-                  gathered[0] / (1024.0 * 1024.0), gathered[1] / (1024.0 * 1024.0));
+      std::printf("ZeRO-3 gathered units (in comm_buffers), MiB, largest rank: %.3f peak / %.3f live; largest unit %.3f "
+                  "(%zu units on rank 0, --zero3-unit %s)\n",
+                  gathered[0] / (1024.0 * 1024.0), gathered[1] / (1024.0 * 1024.0), gathered[2] / (1024.0 * 1024.0),
+                  model.buckets().size(), a.zero3_unit.c_str());
   }
   return curve;
 }

@@ -30,6 +30,7 @@ struct Args {
   int accum = 1;
   bool zero1 = false;
   int zero = -1;              // --zero 0|1|2|3: ZeRO stage (-1: --zero1 decides)
+  std::string zero3_unit = "layer";  // --zero3-unit layer|stage|N: ZeRO-3's unit of gathering
   bool memory_report = false; // --memory-report: each rank's MemoryTracker table at the end
   std::string compress;       // --compress: dp gradient compression ("": the fp32 all-reduce)
   int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
@@ -82,7 +83,7 @@ struct Args {
                                       : schedule == "zb-h1"       ? PipelineScheduleKind::zero_bubble_h1
                                                                   : PipelineScheduleKind::one_f_one_b;
     return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
-            .accumulation_steps = accum, .recompute = nn::parse_recompute(recompute)};
+            .accumulation_steps = accum, .recompute = nn::parse_recompute(recompute), .unit_layers = unit_layers()};
   }
   // AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and
   // LayerNorm weights (nanoGPT's and Megatron's split).
@@ -91,6 +92,12 @@ struct Args {
                                                                   .freeze_variance_after = freeze_variance});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
+  // Layers per ZeRO-3 unit (HybridOptions::unit_layers) from --zero3-unit: layer 1, stage 0
+  // (the whole pipeline stage), N: N layers; 0 without --zero 3.
+  int unit_layers() const {
+    if (zero != 3 || zero3_unit == "stage") return 0;
+    return zero3_unit == "layer" ? 1 : std::stoi(zero3_unit);
+  }
   // The ZeRO stage of --zero (or --zero1). Throws tessera::Error when both are given and differ.
   ZeroStage zero_stage() const {
     TESSERA_EXPECTS(zero < 0 || !zero1 || zero == 1, "train_gpt: --zero1 and --zero ", zero, " disagree");
@@ -119,8 +126,12 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1; the same as --zero 1)");
   app.add_option("--zero", a.zero, "ZeRO stage: 0 none, 1 optimizer state, 2 gradients too, 3 parameters too "
-                 "(sharded over dp; 3 gathers each pipeline stage before its forward and backward)")
+                 "(sharded over dp; 3 gathers each unit, --zero3-unit, before its forward and backward)")
       ->check(CLI::Range(0, 3));
+  app.add_option("--zero3-unit", a.zero3_unit, "ZeRO-3's unit of gathering (FSDP2's fully_shard granularity): layer "
+                 "(each layer gathered before its forward and backward, the next prefetched), stage (the whole "
+                 "pipeline stage) or N (groups of N layers)")
+      ->check(CLI::IsMember({"layer", "stage"}) | CLI::Range(1, 1 << 20));
   app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
   app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R[,warmup=N] (rank R; N "
                  "steps uncompressed first) or topk:F[,warmup=N] (fraction F), with error feedback; with --sync-every, the "
