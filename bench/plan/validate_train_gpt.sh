@@ -52,6 +52,10 @@ if not os.path.exists(data):
 model = ["--layers", "6", "--d-model", "192", "--heads", "6", "--context", "128", "--batch", "32"]
 spec = ["--layers", "6", "--hidden", "192", "--heads", "6", "--vocab", "256", "--seq", "128", "--batch", "32", "--tessera-block"]
 tokens_per_step = 32 * 128
+# ZeRO-3 is run and predicted with a whole stage per gathered unit (--zero3-unit 0 in the
+# planner); a train_gpt that has --zero3-unit (per-layer units) is asked for the same.
+help_text = subprocess.run([train, "--help"], capture_output=True, text=True).stdout
+zero3_stage = ["--zero3-unit", "stage"] if "--zero3-unit" in help_text else []
 lines = []
 def say(s=""):
     print(s, flush=True)
@@ -122,7 +126,7 @@ def layouts(world):
     # ZeRO-3 (a stage gathered before each F and B, reduce-scattered in B) and ZB-H1 (the
     # weight-gradient passes deferred into the bubble), one layout each from 2 ranks on.
     if world >= 2:
-        yield ["--dp", str(world), "--zero", "3"]
+        yield ["--dp", str(world), "--zero", "3"] + zero3_stage
         if 32 % (world // 2 * 2) == 0:
             yield ["--dp", str(world // 2), "--pp", "2", "--schedule", "zb-h1"]
 
