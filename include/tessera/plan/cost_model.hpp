@@ -351,15 +351,19 @@ struct CostModel {
 
   /// ZeRO-3's units of `stage`, in forward order, each as its parameters in list order: the
   /// stage's layers as SequentialModel lists them (layer_parameters) -- on stage 0 the
-  /// embedding (the token embedding, tied with the head when ModelSpec::tied, split over tp,
-  /// and the position embedding), then the blocks, then on the last stage the head (the final
+  /// embedding (the token embedding, split over tp and, at one stage, tied with the head, and
+  /// the position embedding), then the blocks, then on the last stage the head (the final
   /// LayerNorm, and an untied head or, at pp > 1, the last stage's copy of a tied embedding) --
   /// in runs of Layout::zero3_unit_layers layers (DataParallelStage), or one unit for the whole
   /// stage (0, or no more layers than that). Throws what stage_layers throws.
   std::vector<std::vector<BucketLayout::Param>> zero3_units(int stage) const {
     const std::int64_t h = model.hidden, t = layout.tp, v = model.vocab;
     std::vector<std::vector<BucketLayout::Param>> layers;
-    if (stage == 0) layers.push_back({{v * h / t, model.tied}, {static_cast<std::int64_t>(model.seq) * h, false}});
+    // The token embedding counts as tied (a bucket of its own when dp divides it) only when the
+    // head shares its stage's parameter list: at one stage. Across stages each holds its own
+    // copy (Hybrid sums their gradients over the embedding group).
+    const bool tied_here = model.tied && layout.num_stages() == 1;
+    if (stage == 0) layers.push_back({{v * h / t, tied_here}, {static_cast<std::int64_t>(model.seq) * h, false}});
     for (int b = 0; b < stage_layers(stage); ++b) layers.push_back(layer_parameter_list());
     if (stage == layout.num_stages() - 1) {
       layers.push_back({{h, false}, {h, false}});
