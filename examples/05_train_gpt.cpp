@@ -312,8 +312,6 @@ int main(int argc, char** argv) {
       note("--sequence-parallel", given.sequence_parallel, a.sequence_parallel);
       if (!overridden.empty() && prints()) {
         overridden.pop_back();
-        if (given.zero == 3 && a.zero != 3)  // search_options (gpt/auto_plan.hpp) says why
-          overridden += " (the planner does not choose ZeRO-3: its memory model lacks tessera's gathered stage)";
         std::printf("plan auto: note: the plan overrides flags given on the command line:%s\n", overridden.c_str());
       }
     }

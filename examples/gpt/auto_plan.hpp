@@ -24,16 +24,16 @@ inline plan::ModelSpec model_spec(const Args& a) {
 }
 
 // The layouts train_gpt can run, for `world` ranks: any tp dividing the heads (up to a node),
-// pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0, 1 or 2,
-// recomputation none, selective or full, no sequence parallelism (left to the user), fp32 AdamW.
-// Not ZeRO-3: the planner's ZeRO-3 memory is the paper's 16/N without the whole pipeline stage
-// tessera gathers before each forward and backward (docs/planner.md), so a ZeRO-3 layout would be
-// ranked on memory it does not have; --zero 3 given with --plan auto is replaced with a note.
+// pp dividing the layers, 1F1B, ZB-H1 or interleaved 1F1B (v 1-4), micro-batch sizes 1-64, ZeRO 0-3
+// (ZeRO-3 with --zero3-unit's unit of gathering, default one layer: the planner counts the gathered
+// units and their gradient buckets as Hybrid's per-layer units hold them), recomputation none,
+// selective or full, no sequence parallelism (left to the user), fp32 AdamW.
 inline plan::SearchOptions search_options(const Args& a, int world, const plan::Cluster& cluster) {
   plan::SearchOptions o{.world = world, .global_batch = a.batch};
   o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};
   o.recompute = {plan::Recompute::none, plan::Recompute::selective, plan::Recompute::full};
-  o.zero_stages = {0, 1, 2};
+  o.zero_stages = {0, 1, 2, 3};
+  o.zero3_unit_layers = a.zero3_unit == "stage" ? 0 : a.zero3_unit == "layer" ? 1 : std::stoi(a.zero3_unit);
   o.sequence_parallel = false;
   for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
     if (a.heads % t == 0) o.tp_sizes.push_back(t);

@@ -35,14 +35,14 @@ check_choice() {
 import re, subprocess, sys
 log, world, planner, cluster = open(sys.argv[1]).read(), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 ranked = re.findall(r"^plan auto: (\d)\. dp (\d+) x tp (\d+) x pp (\d+), (1F1B|interleaved|ZB-H1)(?: v (\d+))?, mbs (\d+) x (\d+), "
-                    r"recompute (\w+)(?:, ZeRO-([12]))? +predicted ([\d.]+) s/step", log, re.M)
+                    r"recompute (\w+)(?:, ZeRO-([123]))?(?: \(unit: [^)]*\))? +predicted ([\d.]+) s/step", log, re.M)
 if not ranked: sys.exit("FAIL: no ranking printed")
 times = [float(r[10]) for r in ranked]
 if times != sorted(times): sys.exit(f"FAIL: the ranking is not sorted by predicted time: {times}")
 _, dp, tp, pp, sched, v, mbs, m, recompute, zero, t = ranked[0]
 dp, tp, pp, m = int(dp), int(tp), int(pp), int(m)
 if dp * tp * pp != world: sys.exit(f"FAIL: chosen dp {dp} x tp {tp} x pp {pp} is not {world} ranks")
-g = re.search(r"^GPT .*; dp=(\d+) pp=(\d+) tp=(\d+) \(([\w-]+), (\d+) micro-batches, accum 1(?:, ZeRO-([12]))?\)", log, re.M)
+g = re.search(r"^GPT .*; dp=(\d+) pp=(\d+) tp=(\d+) \(([\w-]+), (\d+) micro-batches, accum 1(?:, ZeRO-([123]))?[^)]*\)", log, re.M)
 if not g: sys.exit("FAIL: no 'GPT ...' line: did it train?")
 trained = (int(g[1]), int(g[3]), int(g[2]), g[4], int(g[5]), int(g[6] or 0))
 schedule = {"interleaved": "interleaved", "ZB-H1": "zb-h1"}.get(sched, "1f1b")

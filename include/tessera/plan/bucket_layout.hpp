@@ -2,14 +2,15 @@
 /// @file
 /// BucketLayout: how a data-parallel unit's parameters are packed into flat gradient buckets
 /// (and, under ZeRO-3, parameter buckets), for counting the messages and bytes of the dp
-/// collectives without building the model: GradBuckets' packing rule (tessera/parallel/data/
-/// grad_buckets.hpp), restated on parameter sizes.
+/// collectives without building the model: GradBuckets' own packing code
+/// (tessera/parallel/data/bucket_packing.hpp), run on parameter sizes.
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/parallel/data/bucket_packing.hpp"
 
 namespace tessera::plan {
 
@@ -33,37 +34,20 @@ struct BucketLayout {
   /// Packs `params` (list order) for `world` ranks with buckets of `bucket_bytes` (the first
   /// `first_bucket_bytes`) of `element_bytes`-byte gradients. GradBucketsOptions' defaults:
   /// 25 MiB and 1 MiB. Throws Error when world < 1, element_bytes < 1 or a parameter has no
-  /// elements.
+  /// elements (pack_buckets).
   static BucketLayout of(const std::vector<Param>& params, int world, std::size_t bucket_bytes = std::size_t{25} << 20,
                          std::size_t first_bucket_bytes = std::size_t{1} << 20, std::size_t element_bytes = 4) {
-    TESSERA_EXPECTS(world >= 1 && element_bytes >= 1, "BucketLayout: world ", world, " and element_bytes ",
-                    element_bytes, " must be >= 1");
-    BucketLayout out;
-    std::vector<bool> alias;
-    std::size_t cap = first_bucket_bytes, packed = 0;
-    std::int64_t filled = 0;
-    bool open = false;
-    for (std::size_t k = params.size(); k-- > 0;) {
-      const Param& p = params[k];
-      TESSERA_EXPECTS(p.numel >= 1, "BucketLayout: parameter ", k, " has ", p.numel, " elements; each needs >= 1");
-      if (p.tied && p.numel % world == 0) {  // its own gradient tensor is the bucket
-        out.numel.push_back(p.numel);
-        alias.push_back(true);
-        open = false;
-        continue;
-      }
-      if (!open || static_cast<std::size_t>(filled) * element_bytes >= cap) {
-        if (packed++ > 0) cap = bucket_bytes;
-        out.numel.push_back(0);
-        alias.push_back(false);
-        filled = 0;
-        open = true;
-      }
-      filled += p.numel;
-      out.numel.back() = filled;
+    std::vector<std::int64_t> sizes;
+    std::vector<bool> own;
+    for (const Param& p : params) {
+      sizes.push_back(p.numel);
+      own.push_back(p.tied);
     }
-    for (std::size_t b = 0; b < out.numel.size(); ++b)
-      out.padded.push_back(alias[b] ? out.numel[b] : (out.numel[b] + world - 1) / world * world);
+    BucketLayout out;
+    for (const PackedBucket& b : pack_buckets(sizes, own, world, bucket_bytes, first_bucket_bytes, element_bytes)) {
+      out.padded.push_back(b.padded);
+      out.numel.push_back(b.numel);
+    }
     return out;
   }
 
