@@ -391,6 +391,18 @@ int main(int argc, char** argv) {
                                     "-step learning-rate schedule: warmup is capped at ", total, " steps"));
       if (a.pp == 1 && a.schedule == "zb-h1")
         notes.push_back("--schedule zb-h1 at pp 1: one stage has no pipeline bubble to fill; it trains as 1F1B does");
+      if (app.count("--zero3-unit") > 0 && a.zero_stage() != ZeroStage::parameters)
+        notes.push_back(detail::str("--zero3-unit ", a.zero3_unit, " without --zero 3: only ZeRO-3 gathers parameters "
+                                    "by units"));
+      if (a.zero_stage() == ZeroStage::parameters && a.unit_layers() >= a.layers + 2)
+        notes.push_back(detail::str("--zero3-unit ", a.zero3_unit, " is at least the model's ", a.layers + 2,
+                                    " layers (embedding, ", a.layers, " blocks, head): each stage is one unit, as "
+                                    "--zero3-unit stage"));
+      if (a.zero_stage() == ZeroStage::parameters && a.unit_layers() > 0 && a.dp > 1 &&
+          (a.compress.rfind("powersgd", 0) == 0 || a.compress.rfind("topk", 0) == 0))
+        notes.push_back(detail::str("--compress ", a.compress, " with ZeRO-3 per-layer units: each unit's buckets are "
+                                    "compressed on their own, so the losses differ from --zero 0/1/2's (same "
+                                    "compressor, other bucket boundaries); --zero3-unit stage keeps --zero 2's buckets"));
       if (a.device != "cuda" && prints())
         for (const std::string& n : notes) std::printf("train_gpt: note: %s\n", n.c_str());
     }
@@ -419,6 +431,17 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(a.batch / (a.dp * a.accum) >= a.num_microbatches(), "train_gpt: each forward/backward gets ",
                     a.batch / (a.dp * a.accum), " sequences (batch ", a.batch, " / dp ", a.dp, " / accum ", a.accum,
                     "), fewer than the ", a.num_microbatches(), " micro-batches");
+    if (a.pp > 1 && a.schedule == "interleaved") {  // the schedule's own check, before the ranks start
+      try {
+        schedule::InterleavedOneFOneB{.num_microbatches = a.num_microbatches(), .virtual_stages = a.virtual_stages}
+            .validate(a.pp);
+      } catch (const Error& e) {
+        std::string why = e.what();
+        if (const std::size_t at = why.rfind(" ["); at != std::string::npos) why.erase(at);  // the schedule's file:line
+        throw Error(detail::str("train_gpt: --schedule interleaved --pp ", a.pp, " --microbatches ", a.num_microbatches(),
+                                ": ", why));
+      }
+    }
     // What cannot fit is refused before a rank allocates it: an allocation beyond the machine's
     // memory is not always a std::bad_alloc (the kernel may kill the process instead). A lower
     // bound, in bytes: the parameters and their gradients of every dp replica in this process

@@ -99,6 +99,10 @@ for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
     cases.append((flag, "", {"want": flag + " was given an empty value"}))
 # An output that would overwrite the data file.
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
+# An interleaved schedule whose micro-batches the schedule cannot group (was refused only inside
+# the ranks, exit 1, after the banner).
+cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",
+                                      "--batch": "6", "want": "num_microbatches % group = 3 % 2 = 1"}))
 # --backend mpi without mpirun (no launcher variables in this environment).
 cases.append(("--backend", "mpi", {}))
 for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):
@@ -183,6 +187,9 @@ notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, 
          ({"--schedule": "zb-h1"}, "note: --schedule zb-h1 at pp 1"), ({}, None),
          ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),
          ({"--warmup": "5"}, "note: --warmup 5 is longer than the 1-step"),
+         ({"--zero3-unit": "2"}, "note: --zero3-unit 2 without --zero 3"),
+         ({"--dp": "2", "--zero": "3", "--zero3-unit": "9"}, "note: --zero3-unit 9 is at least the model's 4 layers"),
+         ({"--dp": "2", "--zero": "3", "--compress": "topk:0.1"}, "note: --compress topk:0.1 with ZeRO-3 per-layer units"),
          ({"--plan": "auto", "--world": "1", "--dp": "1", "--zero": "2",
            "--cluster": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plan", "clusters",
                                      "this_machine_threads.json")},
