@@ -56,15 +56,17 @@ struct DpRun {
   bool no_full_param = true;        // ZeRO-3: after every forward, backward and step no value held
   std::size_t shard_elements = 0;   // sum of grad_shard sizes
   std::size_t peak_gathered = 0;    // ZeRO-3: the most gathered bytes at once
+  std::size_t params_peak = 0;      // MemoryTracker: peak of the parameters category over the steps
+  std::size_t params_live = 0;      // and its live bytes after the last step
+  std::size_t value_shard_bytes = 0;  // ZeRO-3: bytes of this rank's value shards (GradBuckets::value_shard)
 };
 
-// ZeRO-3: whether no parameter holds a value now, except the tied embedding, whose LM head
-// copy is not in the GPT's parameter list (GradBuckets keeps it whole: see set_shard_params).
+// ZeRO-3: whether no parameter holds a value now, the LM head's tied copy of the embedding
+// (not in the GPT's parameter list; GradBuckets::set_tied_copies) included.
 bool values_freed(DataParallel<GPT<float>>& dp) {
   bool freed = !dp.buckets().values_gathered();
-  for (const Parameter<float>& p : dp.parameters())
-    freed = freed && (p.tie_count() > 1 ? p.value.numel() == 13 * 8 : p.value.numel() == 0);
-  return freed;
+  for (const Parameter<float>& p : dp.parameters()) freed = freed && p.value.numel() == 0;
+  return freed && dp.module().lm_head().weight().value.numel() == 0;
 }
 
 // `steps` steps of the small GPT under DataParallel over `c` at ZeRO stage `stage`, AdamW,
@@ -77,6 +79,7 @@ DpRun dp_run(Comm& c, ZeroStage stage, int accum, int steps, DataParallelOptions
   DistributedOptimizer<optim::AdamW<float>> opt(
       dp, optim::weight_decay_groups(dp.parameters(), optim::AdamWOptions{.lr = 1e-2, .weight_decay = 0.1}), stage);
   dp.buckets().set_prefetch(prefetch);
+  MemoryTracker::this_rank().reset_peaks();  // the values before sharding are the optimizer's setup
   const bool zero3 = stage == ZeroStage::parameters;
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::sum});
   const std::int64_t rows = 1 + c.rank() % 2;
@@ -113,6 +116,10 @@ DpRun dp_run(Comm& c, ZeroStage stage, int accum, int steps, DataParallelOptions
   for (std::size_t b = 0; b < dp.buckets().buckets().size(); ++b)
     r.shard_elements += static_cast<std::size_t>(dp.buckets().grad_shard(b).numel());
   r.peak_gathered = dp.buckets().peak_gathered_bytes();
+  r.params_peak = MemoryTracker::this_rank().peak(MemoryCategory::parameters);
+  r.params_live = MemoryTracker::this_rank().live(MemoryCategory::parameters);
+  for (std::size_t b = 0; b < dp.buckets().buckets().size(); ++b)
+    r.value_shard_bytes += static_cast<std::size_t>(dp.buckets().value_shard(b).numel()) * sizeof(float);
   opt.gather_full_parameters();  // ZeRO-3 (nothing otherwise)
   for (const Parameter<float>& p : dp.parameters()) {
     const Tensor<float> v = p.value.contiguous();
@@ -181,6 +188,11 @@ TEST_CASE("ZeRO-3: 20 AdamW steps of the tied-embedding GPT at dp 2, 3, 4 equal 
         CHECK(testing::norm_rel_error(std::span<const float>(z3.params), std::span<const float>(plain.params)) < 1e-5);
         CHECK(z3.no_full_grad);
         CHECK(z3.no_full_param);
+        // The tied embedding is sharded like the rest (the LM head's copy points at the
+        // gathered view): the parameters category is this rank's value shards exactly.
+        CHECK(z3.value_shard_bytes > 0);
+        CHECK(z3.params_peak == z3.value_shard_bytes);
+        CHECK(z3.params_live == z3.value_shard_bytes);
         CHECK(z3.params == res[0].second.params);
         // The gathered buffers hold the whole (padded) model at most: the one unit.
         CHECK(z3.peak_gathered > 0);
@@ -387,15 +399,17 @@ struct HybridOutcome {
 
 // Steps [begin, end) of the serial reference's run of hybrid_test::Setup at `shape` with ZeRO
 // stage `stage` and `accum` accumulation steps: first loads the checkpoint `load` (unless
-// empty), at the end saves into `save` (unless empty). Collective over `c`.
+// empty), at the end saves into `save` (unless empty); `unit_layers`: ZeRO-3's units
+// (HybridOptions::unit_layers; 0 = one per stage). Collective over `c`.
 HybridOutcome hybrid_segment(Comm& c, const hybrid_test::Setup& s, const hybrid_test::Reference& ref, MeshShape shape,
                              int accum, ZeroStage stage, int begin, int end, const std::string& load = "",
-                             const std::string& save = "", int virtual_stages = 1) {
+                             const std::string& save = "", int virtual_stages = 1, int unit_layers = 0) {
   using namespace hybrid_test;
   Mesh mesh(c, shape);
   HybridOptions ho;
   ho.accumulation_steps = accum;
   ho.num_microbatches = 2;
+  ho.unit_layers = unit_layers;
   if (virtual_stages > 1) {
     ho.schedule = PipelineScheduleKind::interleaved_one_f_one_b;
     ho.virtual_stages = virtual_stages;
@@ -550,6 +564,35 @@ TEST_CASE("A ZeRO-3 checkpoint (dp 2 x pp 2) resumes at dp 1 x tp 2 without ZeRO
     }
 }
 
+TEST_CASE("A per-layer ZeRO-3 checkpoint (dp 2, unit_layers 1, the tie in one stage) resumes at dp 1 x tp 2 without ZeRO and at dp 4 with one ZeRO-3 unit per stage") {
+  const hybrid_test::Setup s;
+  const hybrid_test::Reference ref = hybrid_test::serial_reference(s);
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("tessera_zero3_layer_ckpt_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  const auto saved = run_ranks(2, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 2, .pp = 1, .tp = 1}, 2, ZeroStage::parameters, 0, 10, "", dir.string(), 1, 1);
+  });
+  const auto plain = run_ranks(2, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 1, .pp = 1, .tp = 2}, 1, ZeroStage::none, 10, s.steps, dir.string());
+  });
+  const auto stage_unit = run_ranks(4, [&](Comm& c) {
+    return hybrid_segment(c, s, ref, {.dp = 4, .pp = 1, .tp = 1}, 1, ZeroStage::parameters, 10, s.steps, dir.string());
+  });
+  std::filesystem::remove_all(dir);
+  for (const HybridOutcome& o : saved) {  // the saving run's own steps, per layer
+    CHECK(o.loss < 1e-5);
+    CHECK(o.norm < 1e-4);
+    CHECK(o.values_freed);
+  }
+  for (const auto* runs : {&plain, &stage_unit})
+    for (const HybridOutcome& o : *runs) {
+      CHECK(o.loss < 1e-5);
+      CHECK(o.norm < 1e-4);
+      CHECK(o.param < 1e-4);
+    }
+}
+
 TEST_CASE("A ZeRO-2 checkpoint (dp 2 x pp 2) resumes at dp 1 x tp 2 without ZeRO and at dp 4 with ZeRO-2 and ZeRO-3") {
   const hybrid_test::Setup s;
   const hybrid_test::Reference ref = hybrid_test::serial_reference(s);
@@ -691,6 +734,7 @@ struct UnitRun {
   bool values_freed = true;                     // after every step no unit holds its values
   std::int64_t gathered = 0;                    // elements all-gathered by the units over the steps
   std::int64_t elements = 0;                    // of all units once, gathered (padded)
+  std::size_t first_unit = 0;                   // bytes of the first unit, gathered (at pp 1 it holds the tie)
 };
 
 struct UnitCase {
@@ -731,6 +775,7 @@ UnitRun unit_run(Comm& c, const UnitCase& u) {
     r.elements += static_cast<std::int64_t>(bytes / sizeof(float));
     r.largest_unit = std::max(r.largest_unit, bytes);
   }
+  r.first_unit = unit_bytes.front();
   for (std::size_t k = 0; k + 1 < unit_bytes.size(); ++k)
     r.largest_pair = std::max(r.largest_pair, unit_bytes[k] + unit_bytes[k + 1]);
   GradBuckets<float>::reset_rank_peak_gathered_bytes();
@@ -825,9 +870,14 @@ TEST_CASE("ZeRO-3 per-layer units (unit_layers 1 and 3) equal one unit per stage
       CHECK(param_d < 1e-4);
       CHECK(layers[r].values_freed);
       CHECK(layers[r].prefetched > 0);  // every unit's gather found started by a neighbour's prefetch
-      // Prefetch keeps at most the computing unit and the next one gathered.
-      CHECK(layers[r].peak_gathered <= std::max(layers[r].largest_pair, stage[r].largest_unit));
-      CHECK(layers[r].peak_gathered < stage[r].peak_gathered);
+      // Prefetch keeps at most the computing unit and the next one gathered, and at pp 1 the
+      // first unit (the tied embedding) around the LM head's use of it.
+      const std::size_t tie = u.shape.pp == 1 ? layers[r].first_unit : 0;
+      CHECK(layers[r].peak_gathered <= std::max(layers[r].largest_pair + tie, stage[r].largest_unit));
+      if (u.shape.pp == 1 && layers[r].units <= 3)  // the head's unit, its neighbour and the tie's: the stage
+        CHECK(layers[r].peak_gathered <= stage[r].peak_gathered);
+      else
+        CHECK(layers[r].peak_gathered < stage[r].peak_gathered);
     }
   }
 }
@@ -849,10 +899,10 @@ TEST_CASE("ZeRO-3 per-layer units: without prefetch the gathered peak is the lar
     CHECK(stage[r].peak_gathered == stage[r].largest_unit);    // the whole stage
     CHECK(layers[r].largest_unit < stage[r].largest_unit / 3);
     CHECK(layers[r].prefetched == 0);
-    // Each unit (the tied embedding and LM head once, in the first unit) gathered once per
-    // forward and once per backward: 4 steps x 2 micro-batches x 2 (at pp 1 no output shape
-    // is inferred); so is the stage unit.
-    CHECK(layers[r].gathered == 4 * 2 * 2 * layers[r].elements);
+    // Each unit gathered once per forward and once per backward: 4 steps x 2 micro-batches x 2
+    // (at pp 1 no output shape is inferred); so is the stage unit. The first unit (the tied
+    // embedding) is gathered again for the LM head's forward and backward: the tie once per use.
+    CHECK(layers[r].gathered == 4 * 2 * 2 * (layers[r].elements + static_cast<std::int64_t>(layers[r].first_unit / sizeof(float))));
     CHECK(stage[r].gathered == 4 * 2 * 2 * stage[r].elements);
     MESSAGE("rank ", r, ": peak total ZeRO-0 ", plain[r].peak_total, " B, ZeRO-3 stage unit ", stage[r].peak_total,
             " B, ZeRO-3 per layer ", layers[r].peak_total, " B; gathered peak ", layers[r].peak_gathered, " B of ",

@@ -67,10 +67,6 @@ struct MemoryEstimate {
           ++units;
         }
       m.buffers += largest * (units >= 2 ? 2 : 1) * pr.parameter_bytes + largest * pr.gradient_bytes;
-      // tessera's GPT: the tied token embedding is kept whole (its LM-head copy outside the
-      // parameter list views it), besides its shard.
-      if (cm.model.tessera_block && cm.model.tied && pp_rank == 0)
-        m.parameters += static_cast<double>(cm.model.vocab) * cm.model.hidden / L.tp * pr.parameter_bytes;
     }
     const double per_layer = LayerActivations::of(cm.model, L, pr).bytes();
     const double per_layer_w = LayerActivations::weight_pass(cm.model, L, pr).bytes();

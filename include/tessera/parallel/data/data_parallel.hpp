@@ -117,6 +117,7 @@ class DataParallel {
         GradBucketsOptions{.bucket_size = options.bucket_size,
                            .first_bucket_size = options.first_bucket_size,
                            .overlap_grad_reduce = options.overlap_grad_reduce});
+    register_tied_copies();
   }
   /// Takes over `other`'s replica (the hooks move along with the buckets). Not during a
   /// backward.
@@ -126,7 +127,10 @@ class DataParallel {
         options_(other.options_),
         require_sync_(other.require_sync_),
         buckets_(std::move(other.buckets_)) {
-    if (buckets_) buckets_->rebind(parameters());
+    if (buckets_) {
+      buckets_->rebind(parameters());
+      register_tied_copies();
+    }
   }
   DataParallel(const DataParallel&) = delete;             ///< not copyable
   DataParallel& operator=(const DataParallel&) = delete;  ///< not copyable
@@ -259,6 +263,11 @@ class DataParallel {
   GradBuckets<Scalar>& buckets() noexcept { return *buckets_; }
 
  private:
+  // A model that holds both ends of a tie and leaves one copy out of parameters()
+  // (SequentialModel: the GPT's LM head) names the copies, so ZeRO-3 shards the tie too.
+  void register_tied_copies() {
+    if constexpr (requires(L& m) { m.tied_copies(); }) buckets_->set_tied_copies(model_.tied_copies());
+  }
   // One value all-reduced over dp. Non-blocking + wait: it completes in issue order behind
   // reductions still queued on the communicator, on every backend.
   template <CommScalar S>

@@ -97,6 +97,7 @@ class GradBuckets {
     Shape shape;                    ///< the value's shape (also while ZeRO-3 has freed it)
     bool pinned = false;            ///< ZeRO-3: keeps its own value tensor (a tied copy outside the list views it)
     std::vector<Parameter<T>*> aliases;  ///< other Parameter objects in the list viewing the same value
+    std::vector<Parameter<T>*> outside;  ///< ZeRO-3: tied copies outside the list (set_tied_copies) pointed at its view
   };
   /// One flat bucket.
   struct Bucket {
@@ -318,10 +319,11 @@ class GradBuckets {
   /// (an empty tensor) until gather_values() points it at a gathered buffer. The buckets are
   /// then one unit of gathering (FSDP2's `fully_shard` on one module): a DataParallel or a
   /// DataParallelStage gathers its unit before each forward and backward and frees it after.
-  /// A tied parameter with a Parameter::tied copy that is not in the list (the GPT lists
-  /// wte.weight, not its LM head's copy) keeps its own full value tensor, which gathering
-  /// writes into: still gathered once per use and its gradient reduced once, but its memory
-  /// is not saved. Local; every rank must choose the same.
+  /// A tied parameter with a Parameter::tied copy that is neither in the list nor registered
+  /// with set_tied_copies (DataParallel and DataParallelStage register the GPT's LM-head copy)
+  /// is *pinned*: it keeps its own full value tensor, which gathering writes into (gathered
+  /// once per use, its gradient reduced once, its memory not saved). Local; every rank must
+  /// choose the same.
   ///
   /// Off: gathers the values back into tensors of the parameters' own and drops the shards.
   /// Collective over the dp communicator (one all-gather per bucket).
@@ -335,7 +337,7 @@ class GradBuckets {
                       ": ZeRO-3 needs ZeRO-2's gradient shards (set_shard_grads(true)) first");
       // A tied parameter with a copy outside the list (the GPT lists its embedding, not the
       // LM head's tied copy) keeps its own value tensor: the copy outside still views it.
-      for (Slot& s : slots_) s.pinned = s.param->tie_count() > 1 + static_cast<long>(s.aliases.size());
+      for (Slot& s : slots_) s.pinned = pinned(s);
       for (std::size_t bi = 0; bi < buckets_.size(); ++bi) {
         Bucket& b = buckets_[bi];
         const std::int64_t n = shard_size(bi), lo = rank_ * n, hi = lo + n;
@@ -360,6 +362,7 @@ class GradBuckets {
         Tensor<T> own = s.param->value.contiguous().clone();
         s.param->value = own;
         for (Parameter<T>* a : s.aliases) a->value = own;
+        for (Parameter<T>* a : s.outside) a->value = own;
       }
       for (Bucket& b : buckets_) {
         b.gathered = Tensor<T>();
@@ -445,6 +448,7 @@ class GradBuckets {
       if (s.pinned) continue;
       s.param->value = Tensor<T>();
       for (Parameter<T>* a : s.aliases) a->value = Tensor<T>();
+      for (Parameter<T>* a : s.outside) a->value = Tensor<T>();
     }
     for (Bucket& b : buckets_) b.gathered = Tensor<T>();
     gathered_ = false;
@@ -496,6 +500,38 @@ class GradBuckets {
   }
   /// The reduction in use.
   GradReduce mode() const noexcept { return mode_; }
+
+  /// ZeRO-3: registers `copies`, Parameter::tied copies of listed parameters that the list
+  /// leaves out (the GPT lists wte.weight, not its LM head's copy; SequentialModel::tied_copies),
+  /// matched by name to a listed parameter with tie_count() > 1. Gathering then points their
+  /// `value` at the gathered view too and releasing frees it, so the tie is not *pinned* (see
+  /// set_shard_params): sharded like the rest, gathered once per use, its gradient (the shared
+  /// grad tensor) reduced once. Replaces the copies registered before (call again after the
+  /// model moved). Local. Throws tessera::Error inside a backward, for a copy that matches no
+  /// listed tied parameter (naming it), and under ZeRO-3 when it would change which slots are
+  /// pinned (register the copies before set_shard_params(true)).
+  void set_tied_copies(const ParameterList<T>& copies) {
+    TESSERA_EXPECTS(!in_backward_, "GradBuckets::set_tied_copies inside backward");
+    std::vector<std::vector<Parameter<T>*>> outside(slots_.size());
+    for (Parameter<T>& c : copies) {
+      std::size_t found = slots_.size();
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        if (slots_[i].param != &c && slots_[i].param->name == c.name && slots_[i].param->tie_count() > 1) found = i;
+      TESSERA_EXPECTS(found < slots_.size(), "GradBuckets::set_tied_copies on ", comm_.name(), ": \"", c.name,
+                      "\" is not a tied parameter of the list (", slots_.size(), " parameters)");
+      outside[found].push_back(&c);
+    }
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      std::swap(s.outside, outside[i]);
+      if (!shard_params_) continue;
+      TESSERA_EXPECTS(pinned(s) == s.pinned, "GradBuckets::set_tied_copies on ", comm_.name(), ": \"", s.param->name,
+                      "\" is already sharded with ", outside[i].size(), " copies outside the list, now ",
+                      s.outside.size(), " (register them before set_shard_params(true))");
+      if (!s.pinned)
+        for (Parameter<T>* a : s.outside) a->value = s.param->value;
+    }
+  }
 
   /// Points the slots at `params`, the same parameter list after the model moved (DataParallel's
   /// move constructor). Throws tessera::Error when the list has another number of distinct
@@ -556,6 +592,12 @@ class GradBuckets {
     if (b.alias) return b.numel;
     const std::int64_t w = world_;
     return (b.numel + w - 1) / w * w;
+  }
+
+  // ZeRO-3: whether slot s keeps its own value tensor: a tied copy of it neither in the list
+  // nor registered by set_tied_copies still views that tensor.
+  static bool pinned(const Slot& s) {
+    return s.param->tie_count() > 1 + static_cast<long>(s.aliases.size() + s.outside.size());
   }
 
   // The distinct parameters of `params` (a tensor listed twice counts once) with whether each
@@ -647,6 +689,7 @@ class GradBuckets {
       }
       s.param->value = view;
       for (Parameter<T>* a : s.aliases) a->value = view;
+      for (Parameter<T>* a : s.outside) a->value = view;
     }
   }
 

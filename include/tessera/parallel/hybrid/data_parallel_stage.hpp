@@ -94,6 +94,13 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
       units_.push_back(std::make_unique<GradBuckets<T>>(params, dp_, bo));
     }
     for (const auto& u : units_) unit_ptrs_.push_back(u.get());
+    // A stage holding both ends of a tie (pp 1: the embedding and the LM head's copy of it):
+    // the first unit shards the tie with the copy pointed at its views; with per-layer units it
+    // is gathered again around the last layer's forward, backward and W work.
+    if (const ParameterList<T> copies = stage_->tied_copies(); copies.size() > 0) {
+      units_.front()->set_tied_copies(copies);
+      if (per_layer()) tie_user_layer_ = n - 1;
+    }
     // The units holding a copy of a tied weight that the pipeline sums over pp at the window's end.
     const ParameterList<T> tied = stage_->tied_parameters();
     for (const auto& u : units_) {
@@ -208,6 +215,7 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   std::vector<bool> holds_tied_;           // per unit: holds one of the stage's tied_parameters()
   std::vector<bool> reduced_in_backward_;  // per unit: reduce-scattered at its backward's end in this window
   int last_w_unit_ = -1;                 // the unit that queued W work last in this backward_input
+  int tie_user_layer_ = -1;              // per-layer units: the layer using the first unit's tie (the LM head)
   std::shared_ptr<bool> last_w_flag_;    // whether its W work is to prefetch the unit before it
 
   bool sharded_params() const noexcept { return units_.front()->shard_params(); }
@@ -244,14 +252,18 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   // ---- LayerHooks: per-layer units under ZeRO-3 ----
   void before_forward(int layer) override {
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
-    if (!sharded_params() || layer != unit_first_[static_cast<std::size_t>(u)]) return;
-    GradBuckets<T>& b = *units_[static_cast<std::size_t>(u)];
-    b.gather_values(b.prefetch(), false);
-    // The next unit's gather travels while this one computes; not across stages, whose order
-    // is the schedule's (an interleaved schedule may run this chunk again first).
-    if (static_cast<std::size_t>(u) + 1 < units_.size()) b.prefetch_neighbour(false);
+    if (!sharded_params()) return;
+    if (layer == unit_first_[static_cast<std::size_t>(u)]) {
+      GradBuckets<T>& b = *units_[static_cast<std::size_t>(u)];
+      b.gather_values(b.prefetch(), false);
+      // The next unit's gather travels while this one computes; not across stages, whose order
+      // is the schedule's (an interleaved schedule may run this chunk again first).
+      if (static_cast<std::size_t>(u) + 1 < units_.size()) b.prefetch_neighbour(false);
+    }
+    if (layer == tie_user_layer_) units_.front()->gather_values(units_.front()->prefetch(), false);  // the tie's use
   }
   void after_forward(int layer) override {
+    if (sharded_params() && layer == tie_user_layer_) units_.front()->release_values();
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
     if (sharded_params() && layer == unit_last_[static_cast<std::size_t>(u)]) units_[static_cast<std::size_t>(u)]->release_values();
   }
@@ -276,15 +288,20 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
     if (!sharded_params()) return;
     b.gather_values(b.prefetch(), true);
     if (u > 0) b.prefetch_neighbour(true);  // the previous unit's gather travels while this one computes
+    if (layer == tie_user_layer_) units_.front()->gather_values(units_.front()->prefetch(), true);  // the tie's use
     if ((outer_queue_ = nn::WeightGradQueue::active()) != nullptr) {  // ZB-H1's B: this unit's W work apart
       unit_queue_ = std::make_shared<nn::WeightGradQueue>();
       unit_scope_.emplace(*unit_queue_);
     }
   }
   void after_backward(int layer) override {
+    if (sharded_params() && layer == tie_user_layer_) units_.front()->release_values();
     const int u = unit_of_layer_.at(static_cast<std::size_t>(layer));
     if (layer != unit_first_[static_cast<std::size_t>(u)]) return;
     GradBuckets<T>* b = units_[static_cast<std::size_t>(u)].get();
+    // The unit of the layer using the tie has W work on it (the LM head's weight gradient).
+    GradBuckets<T>* tie =
+        tie_user_layer_ >= 0 && u == unit_of_layer_.at(static_cast<std::size_t>(tie_user_layer_)) ? units_.front().get() : nullptr;
     if (reduce_in_backward(static_cast<std::size_t>(u))) {  // its gradients are final: to the shards, buffers freed
       b->reduce();
       b->release_buffers();
@@ -304,15 +321,18 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
         last_w_unit_ = u;
         last_w_flag_ = next_has_work;
         outer_queue_->push(
-            [b, q, next_has_work] {
+            [b, q, next_has_work, tie] {
               b->gather_values(b->prefetch(), true);
               if (*next_has_work) b->prefetch_neighbour(true);
+              if (tie != nullptr) tie->gather_values(tie->prefetch(), true);
               try {
                 q->run();
               } catch (...) {
+                if (tie != nullptr) tie->release_values();
                 b->release_values();
                 throw;
               }
+              if (tie != nullptr) tie->release_values();
               b->release_values();
             },
             bytes);

@@ -246,6 +246,15 @@ class SequentialLayers {
     for (const std::string& name : tied_names_) ps.push_back(all.at(name));
     return ps;
   }
+  // The last layer's tied copies where this run also holds the first layer (the GPT's LM-head
+  // copy of wte): Parameter objects that parameters() leaves out; empty otherwise.
+  ParameterList<T> tied_copies() {
+    ParameterList<T> ps;
+    if (!first_ || !last_) return ps;
+    const ParameterList<T> lp = last_->parameters();
+    for (const std::string& name : tied_names_) ps.push_back(lp.at(name));
+    return ps;
+  }
   // Each layer's parameters (stage-local layer order; the last layer's tied copies left out
   // where the first layer is here, as in parameters()).
   std::vector<ParameterList<T>> layer_parameters() {
@@ -342,6 +351,10 @@ class SequentialModel {
   }
   /// Every parameter once (a tied one under the first layer's name), in layer order.
   ParameterList<Scalar> parameters() { return layers_.parameters(); }
+  /// The last layer's copies of the tied parameters (the LM head's Parameter::tied copy of
+  /// wte), which parameters() leaves out: ZeRO-3 (DataParallel) points their values at the
+  /// gathered views too, so the tie is sharded like the rest. Local.
+  ParameterList<Scalar> tied_copies() { return layers_.tied_copies(); }
   /// The first layer.
   typename D::First& first() { return layers_.first(); }
   /// The blocks.
@@ -421,6 +434,9 @@ class SequentialStage final
   ParameterList<T> parameters() override { return layers_.parameters(); }
   /// The tied parameters this stage holds without their other end (see the class comment).
   ParameterList<T> tied_parameters() override { return layers_.tied_parameters(); }
+  /// The last layer's copies of the tied parameters where this stage holds both ends (see
+  /// PipelineStage::tied_copies).
+  ParameterList<T> tied_copies() override { return layers_.tied_copies(); }
   /// Whether this stage holds the description's last layer.
   bool holds_last_layer() const override { return layers_.has_last(); }
   /// Each layer's parameters, in layer order (the last layer's tied copies left out where this

@@ -137,6 +137,10 @@ class PipelineStage {
   /// Parameters that are copies of parameters of the stage at the other end of the model (see
   /// the class comment); empty by default.
   virtual ParameterList<T> tied_parameters() { return {}; }
+  /// Where the stage holds both ends of a tie (the first and the last layer at pp 1): the
+  /// Parameter::tied copies that parameters() leaves out (the LM head's copy of wte), so that
+  /// ZeRO-3 points their values at the gathered views as well. Empty by default. Local.
+  virtual ParameterList<T> tied_copies() { return {}; }
   /// A name for messages, e.g. "layers 0-3".
   virtual std::string name() const { return "stage"; }
   /// Whether this stage holds the model's last layer (what the loss takes): the pipeline checks
