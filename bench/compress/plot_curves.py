@@ -15,6 +15,7 @@ COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0
           "powersgd_4_warmup_20_freeze_20": "#ff9896", "topk_0_01_warmup_20_freeze_20": "#98df8a",
           "none_freeze_20": "#aaaaaa", "diloco_10_lr_1_momentum_0_5_own_clip": "#dbdb8d",
           "diloco_10_lr_1_momentum_0_6": "#c5b0d5", "diloco_10_lr_1_momentum_0_7": "#6b3fa0",
+          "diloco_10_lr_1_momentum_0_4": "#e7cb94",
           "diloco_10_lr_1_momentum_0_8": "#393b79",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5"}
 LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
@@ -26,6 +27,7 @@ LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4
           "powersgd_4_warmup_20_freeze_20": "PowerSGD r=4, v frozen @20", "topk_0_01_warmup_20_freeze_20": "top-k 1%, v frozen @20",
           "none_freeze_20": "fp32, v frozen @20", "diloco_10_lr_1_momentum_0_5_own_clip": "DiLoCo lr 1 mom 0.5, own clip",
           "diloco_10_lr_1_momentum_0_6": "DiLoCo lr 1 mom 0.6, own clip", "diloco_10_lr_1_momentum_0_7": "DiLoCo lr 1 mom 0.7, own clip",
+          "diloco_10_lr_1_momentum_0_4": "DiLoCo lr 1 mom 0.4, own clip",
           "diloco_10_lr_1_momentum_0_8": "DiLoCo lr 1 mom 0.8, own clip",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "top-k of the update, own clip"}
 
