@@ -39,6 +39,9 @@ struct BucketLayout {
                          std::size_t first_bucket_bytes = std::size_t{1} << 20, std::size_t element_bytes = 4) {
     std::vector<std::int64_t> sizes;
     std::vector<bool> own;
+    for (std::size_t k = 0; k < params.size(); ++k)
+      TESSERA_EXPECTS(params[k].numel >= 1, "BucketLayout: parameter ", k, " has ", params[k].numel,
+                      " elements; each needs >= 1");
     for (const Param& p : params) {
       sizes.push_back(p.numel);
       own.push_back(p.tied);

@@ -36,8 +36,8 @@ struct PackedBucket {
 /// contiguous) whose elements are a multiple of `world` is a bucket of its own (aliased: its
 /// gradient tensor is the buffer) and closes the open bucket. Every other bucket's buffer is
 /// padded to a multiple of `world` elements (the reduce-scatter's equal blocks).
-/// Throws Error when world < 1, element_bytes < 1, the lists differ in length or a parameter
-/// has fewer than 1 element. Local.
+/// A parameter of 0 elements takes an offset and adds nothing. Throws Error when world < 1,
+/// element_bytes < 1, the lists differ in length or a size is negative. Local.
 inline std::vector<PackedBucket> pack_buckets(const std::vector<std::int64_t>& numel,
                                               const std::vector<bool>& own_bucket, int world,
                                               std::size_t bucket_bytes, std::size_t first_bucket_bytes,
@@ -51,7 +51,7 @@ inline std::vector<PackedBucket> pack_buckets(const std::vector<std::int64_t>& n
   bool open = false;       // a bucket of views is open
   std::size_t packed = 0;  // buckets of views made so far
   for (std::size_t k = numel.size(); k-- > 0;) {
-    TESSERA_EXPECTS(numel[k] >= 1, "pack_buckets: parameter ", k, " has ", numel[k], " elements; each needs >= 1");
+    TESSERA_EXPECTS(numel[k] >= 0, "pack_buckets: parameter ", k, " has ", numel[k], " elements");
     if (own_bucket[k] && numel[k] % world == 0) {
       PackedBucket b;
       b.params.push_back(k);

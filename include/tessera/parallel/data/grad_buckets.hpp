@@ -22,6 +22,7 @@
 #include "tessera/core/memory_tracker.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/parallel/data/bucket_packing.hpp"
 #include "tessera/parallel/data/compression/comm_hook.hpp"  // issue 16: the bucket reduction hook
 
 namespace tessera {
@@ -128,50 +129,39 @@ class GradBuckets {
     for (const auto& [p, copy] : list)
       TESSERA_EXPECTS(!p->has_grad_ready_hook(), "DataParallel on ", comm_.name(), ": parameter \"", p->name,
                       "\" already has a grad-ready hook: it belongs to another DataParallel (wrap a model once)");
-    // Reverse order of parameters(): the last layers' gradients are final first.
-    std::size_t cap = options_.first_bucket_size;
-    std::int64_t filled = 0;
-    bool open = false;         // a bucket of views is open
-    std::size_t packed = 0;    // buckets of views made so far
-    for (std::size_t k = list.size(); k-- > 0;) {
-      Parameter<T>& p = *list[k].first;
-      expect_same_shape("GradBuckets: value and grad", p.value, p.grad);
-      Slot s;
-      s.param = &p;
-      s.numel = p.value.numel();
-      s.shape = p.value.shape();
-      s.aliases = aliases[k];
-      s.copy = list[k].second;
-      if (s.copy && p.grad.is_contiguous() && s.numel % world_ == 0) {
-        // A tied parameter keeps its grad tensor; where no padding is needed, its own bucket's
-        // buffer is that tensor, so nothing is copied.
-        Bucket b;
-        b.alias = true;
-        b.buffer = p.grad.reshape(Shape{s.numel});
-        b.numel = s.numel;
-        b.slots.push_back(slots_.size());
-        s.bucket = buckets_.size();
-        buckets_.push_back(std::move(b));
-        slots_.push_back(std::move(s));
-        open = false;
-        continue;
-      }
-      if (!open || static_cast<std::size_t>(filled) * sizeof(T) >= cap) {
-        if (packed++ > 0) cap = options_.bucket_size;
-        buckets_.emplace_back();
-        filled = 0;
-        open = true;
-      }
-      s.bucket = buckets_.size() - 1;
-      s.offset = filled;
-      filled += s.numel;
-      buckets_.back().numel = filled;
-      buckets_.back().slots.push_back(slots_.size());
-      slots_.push_back(std::move(s));
+    // The packing (pack_buckets, shared with the planner's BucketLayout): reverse order of
+    // parameters(), since the last layers' gradients are final first; a tied parameter with a
+    // contiguous gradient and no padding needed is a bucket of its own whose buffer is that
+    // gradient tensor (nothing copied).
+    std::vector<std::int64_t> sizes;
+    std::vector<bool> own;
+    for (const auto& [p, copy] : list) {
+      expect_same_shape("GradBuckets: value and grad", p->value, p->grad);
+      sizes.push_back(p->value.numel());
+      own.push_back(copy && p->grad.is_contiguous());
     }
-    for (Bucket& b : buckets_) {
-      const std::int64_t w = world_;
-      if (!b.alias) b.buffer = Tensor<T>(Shape{(b.numel + w - 1) / w * w});
+    for (const PackedBucket& packed : pack_buckets(sizes, own, world_, options_.bucket_size,
+                                                   options_.first_bucket_size, sizeof(T))) {
+      Bucket b;
+      b.alias = packed.alias;
+      b.numel = packed.numel;
+      for (std::size_t j = 0; j < packed.params.size(); ++j) {
+        const std::size_t k = packed.params[j];
+        Parameter<T>& p = *list[k].first;
+        Slot s;
+        s.param = &p;
+        s.numel = sizes[k];
+        s.shape = p.value.shape();
+        s.aliases = aliases[k];
+        s.copy = list[k].second;
+        s.bucket = buckets_.size();
+        s.offset = packed.offsets[j];
+        b.slots.push_back(slots_.size());
+        slots_.push_back(std::move(s));
+      }
+      b.buffer = packed.alias ? list[packed.params.front()].first->grad.reshape(Shape{packed.numel})
+                              : Tensor<T>(Shape{packed.padded});
+      buckets_.push_back(std::move(b));
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];

@@ -150,6 +150,10 @@ class ZeroOptimizer {
   template <class L, std::floating_point T, class Options>
   ZeroOptimizer(ZeroStage stage, DataParallel<L>& dp, const std::vector<optim::ParamGroup<T, Options>>& groups)
       : ZeroOptimizer(stage, std::vector<GradBuckets<T>*>{&dp.buckets()}, groups) {}
+  /// ZeRO stage `stage` on one replica's buckets, with parameter groups.
+  template <std::floating_point T, class Options>
+  ZeroOptimizer(ZeroStage stage, GradBuckets<T>& buckets, const std::vector<optim::ParamGroup<T, Options>>& groups)
+      : ZeroOptimizer(stage, std::vector<GradBuckets<T>*>{&buckets}, groups) {}
   /// ZeRO stage `stage` on bucket sets with one set of options for every parameter.
   template <std::floating_point T, class... Args>
     requires std::constructible_from<Opt, ParameterList<T>, Args...>
