@@ -746,6 +746,7 @@ struct UnitCase {
   int unit_layers = 1;
   bool prefetch = true;
   ZeroStage stage = ZeroStage::parameters;
+  bool sequence_parallel = false;  // HybridGPTOptions::sequence_parallel: activations (b, T / tp, d)
 };
 
 // 4 AdamW steps (clipping at 0.5) of the 6-block tied GPT of hybrid_test::Setup on 24
@@ -761,7 +762,7 @@ UnitRun unit_run(Comm& c, const UnitCase& u) {
   ho.virtual_stages = u.virtual_stages;
   ho.recompute = u.recompute;
   ho.unit_layers = u.unit_layers;
-  HybridGPT<float> model(mesh, s.config, s.seed, ho);
+  HybridGPT<float> model(mesh, s.config, s.seed, ho, std::nullopt, {.sequence_parallel = u.sequence_parallel});
   DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), u.stage);
   UnitRun r;
   r.units = model.buckets().size();
@@ -913,6 +914,52 @@ TEST_CASE("ZeRO-3 per-layer units: without prefetch the gathered peak is the lar
     CHECK(layers[r].peak_comm < stage[r].peak_gathered);
     CHECK(layers[r].peak_total < plain[r].peak_total);
     CHECK(layers[r].peak_total < stage[r].peak_total);
+  }
+}
+
+TEST_CASE("ZeRO-2 and 3 per-layer units with sequence parallelism (dp 2 x tp 2, and x pp 2) equal one unit per stage and plain DP") {
+  // Sequence parallelism sums the replicated parameters' gradients (LayerNorms, wpe) over tp
+  // around the stage's backward (set aside and zeroed before the first layer, summed after the
+  // last): the per-layer units' gradient buffers, released between windows, must exist before
+  // it (it crashed in the first backward: Tensor::copy_from shapes (8, 16) and (0)). Then each
+  // unit reduce-scatters over dp at the window's end, once.
+  const std::vector<UnitCase> cases{
+      {.shape = {.dp = 2, .pp = 1, .tp = 2}, .accum = 2, .sequence_parallel = true},
+      {.shape = {.dp = 2, .pp = 2, .tp = 2}, .sequence_parallel = true},
+      {.shape = {.dp = 2, .pp = 1, .tp = 2}, .stage = ZeroStage::gradients, .sequence_parallel = true},
+  };
+  for (const UnitCase& u : cases) {
+    CAPTURE(u.shape.pp);
+    CAPTURE(static_cast<int>(u.stage));
+    const int world = u.shape.dp * u.shape.pp * u.shape.tp;
+    UnitCase stage_unit = u, plain = u;
+    stage_unit.unit_layers = 0;
+    plain.unit_layers = 0;
+    plain.stage = ZeroStage::none;
+    UnitCase no_sp = plain;  // the same tp layout without sequence parallelism: the tp sums are there
+    no_sp.sequence_parallel = false;
+    const auto layers = run_ranks(world, [&](Comm& c) { return unit_run(c, u); });
+    const auto stage = run_ranks(world, [&](Comm& c) { return unit_run(c, stage_unit); });
+    const auto dp = run_ranks(world, [&](Comm& c) { return unit_run(c, plain); });
+    const auto tp_only = run_ranks(world, [&](Comm& c) { return unit_run(c, no_sp); });
+    for (std::size_t r = 0; r < layers.size(); ++r) {
+      CAPTURE(r);
+      CHECK(layers[r].units > stage[r].units);
+      const auto [loss_s, param_s] = unit_difference(layers[r], stage[r]);
+      const auto [loss_d, param_d] = unit_difference(layers[r], dp[r]);
+      const auto [loss_t, param_t] = unit_difference(layers[r], tp_only[r]);
+      CHECK(loss_s < 1e-6);
+      CHECK(loss_d < 1e-6);
+      CHECK(loss_t < 1e-6);
+      CHECK(param_s < 1e-4);
+      CHECK(param_d < 1e-4);
+      CHECK(param_t < 1e-4);
+      CHECK(layers[r].values_freed);
+      if (u.stage == ZeroStage::parameters) {
+        CHECK(layers[r].prefetched > 0);
+        CHECK(layers[r].peak_gathered < stage[r].peak_gathered);
+      }
+    }
   }
 }
 

@@ -51,7 +51,9 @@ namespace tessera {
 /// its backward, and where its gradients are then final (no tied parameter in it, no ZB-H1 W
 /// pass, no sequence parallelism) reduce-scattered into the shards as its backward ends (each
 /// micro-batch, as DeepSpeed's ZeRO-2 reduces every micro-batch) and freed; the other units'
-/// (and a whole-stage unit's) are reduced when the window closes.
+/// (and a whole-stage unit's) are reduced when the window closes. Under sequence parallelism
+/// every unit's gradient buffers are allocated before the stage's backward (its sum over tp
+/// sets the replicated parameters' gradients aside before the first layer's backward).
 template <std::floating_point T, class Input = Tensor<T>>
 class DataParallelStage final : public PipelineStage<T, Input>, private LayerHooks {
  public:
@@ -132,13 +134,13 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   /// Under ZeRO-2, first allocates the gradient buffers released at the last window's end;
   /// under ZeRO-3 gathers the parameters again for it (collective over dp) and frees them after.
   Tensor<T> backward(const Tensor<T>& dy, StageContext& ctx) override {
-    if (!per_layer()) units_.front()->ensure_buffers();  // per-layer units: before each unit's backward
+    ensure_buffers_before_backward();
     return with_values(true, [&] { return stage_->backward(dy, ctx); });
   }
   /// The wrapped stage's input-gradient pass (ZB-H1's I), its own split where it has one
   /// (gathered under ZeRO-3 as backward).
   Tensor<T> backward_input(const Tensor<T>& dy, StageContext& ctx, nn::WeightGradQueue& weights) override {
-    if (!per_layer()) units_.front()->ensure_buffers();
+    ensure_buffers_before_backward();
     last_w_unit_ = -1;
     last_w_flag_.reset();
     return with_values(true, [&] { return stage_->backward_input(dy, ctx, weights); });
@@ -219,6 +221,20 @@ class DataParallelStage final : public PipelineStage<T, Input>, private LayerHoo
   std::shared_ptr<bool> last_w_flag_;    // whether its W work is to prefetch the unit before it
 
   bool sharded_params() const noexcept { return units_.front()->shard_params(); }
+
+  // ZeRO-2 and 3 release the gradient buffers between windows; a backward needs them before it
+  // writes a gradient. A whole-stage unit: allocated here. Per-layer units: each unit's own
+  // before its backward (before_backward), except where the stage touches gradients outside
+  // its layers' backward (!layer_grads_final()): sequence parallelism sets the replicated
+  // parameters' gradients aside and zeroes them before the first layer's backward, and adds
+  // their sum over tp after the last (tp::ReplicatedGradSum), so every unit's buffers are
+  // allocated first (those gradients are reduced at the window's end anyway). Without this the
+  // set-aside copies of the released (empty) gradients failed to add back to the buffers'
+  // views (Tensor::copy_from: shapes (T, d) and (0)).
+  void ensure_buffers_before_backward() {
+    if (per_layer() && stage_->layer_grads_final()) return;
+    for (const auto& u : units_) u->ensure_buffers();
+  }
 
   // f() with the stage's parameters gathered under ZeRO-3 (in backward bucket order when
   // `backward`), freed after, also when f throws; f() alone otherwise. With per-layer units the
