@@ -413,10 +413,6 @@ int main(int argc, char** argv) {
     }
     TESSERA_EXPECTS(a.d_model % a.heads == 0, "train_gpt: d_model ", a.d_model, " is not divisible by heads ", a.heads);
     TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", a.heads, " heads");
-    // Per-layer ZeRO-3 units do not yet reduce sequence parallelism's replicated-parameter
-    // gradients (LayerNorm) over tp (docs/memory.md, Limits): refused, not crashed.
-    TESSERA_EXPECTS(!a.sequence_parallel || a.unit_layers() == 0, "train_gpt: --sequence-parallel with --zero 3 --zero3-unit ",
-                    a.zero3_unit, " is not supported yet (per-layer units); use --zero3-unit stage or --zero 2");
     TESSERA_EXPECTS(!a.sequence_parallel || a.context % a.tp == 0, "train_gpt: --sequence-parallel needs tp ", a.tp,
                     " to divide --context ", a.context);
     TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",

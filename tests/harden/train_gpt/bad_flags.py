@@ -103,9 +103,6 @@ cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",
                                       "--batch": "6", "want": "num_microbatches % group = 3 % 2 = 1"}))
-# Sequence parallelism under ZeRO-3 per-layer units (crashed in the first backward).
-cases.append(("--zero3-unit", "layer", {"--dp": "2", "--tp": "2", "--zero": "3", "--sequence-parallel": None,
-                                        "want": "--sequence-parallel with --zero 3 --zero3-unit layer"}))
 # --backend mpi without mpirun (no launcher variables in this environment).
 cases.append(("--backend", "mpi", {}))
 for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):
