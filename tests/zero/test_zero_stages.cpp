@@ -1000,3 +1000,37 @@ TEST_CASE("docs/memory.md's constructor forms: ZeroOptimizer(stage, one replica'
     CHECK(got[0][0] != std::vector<float>{});
   }
 }
+
+TEST_CASE("Hybrid::skip_forward_backward names the rule that keeps a replica without data out: ZeRO-3, or ZeRO-2 with per-layer units") {
+  // A new user read "under ZeRO-3, or ZeRO-2 with unit_layers 0" for a ZeRO-3 run with unit_layers
+  // 0: ZeRO-2 with whole-stage units can join. Each case names its own rule.
+  struct Case {
+    ZeroStage stage;
+    int unit_layers;
+    const char* want;
+  };
+  for (const Case& k : {Case{ZeroStage::parameters, 0, "under ZeRO-3 a replica cannot join"},
+                        Case{ZeroStage::parameters, 1, "under ZeRO-3 a replica cannot join"},
+                        Case{ZeroStage::gradients, 1, "under ZeRO-2 with per-layer units (unit_layers 1) a replica"}}) {
+    CAPTURE(k.unit_layers);
+    const auto msgs = run_ranks(2, [&](Comm& c) {
+      hybrid_test::Setup s;
+      Mesh mesh(c, {.dp = 2, .pp = 1, .tp = 1});
+      HybridOptions ho;
+      ho.unit_layers = k.unit_layers;
+      HybridGPT<float> model(mesh, s.config, s.seed, ho);
+      DistributedOptimizer<optim::AdamW<float>> opt(model, s.groups(model.parameters()), k.stage);
+      std::string msg;
+      try {
+        (void)model.skip_forward_backward();
+      } catch (const Error& e) {
+        msg = e.what();
+      }
+      return msg;
+    });
+    for (const std::string& m : msgs) {
+      CHECK_MESSAGE(m.find(k.want) != std::string::npos, m);
+      CHECK(m.find("agree_num_steps") != std::string::npos);
+    }
+  }
+}

@@ -193,10 +193,12 @@ class Hybrid {
   double skip_forward_backward() {
     for (DataParallelStage<T, Input>* st : stages_)
       TESSERA_EXPECTS(!st->buckets().shard_params() && !(st->per_layer() && st->buckets().shard_grads()),
-                      "Hybrid::skip_forward_backward on dp rank ", mesh_->coord().dp, ": under ZeRO-3, or ZeRO-2 with "
-                      "unit_layers ", options_.unit_layers, ", a replica cannot join without data (the others gather "
-                      "parameters or reduce-scatter gradients inside their backward); agree on the number of steps "
-                      "with agree_num_steps");
+                      "Hybrid::skip_forward_backward on dp rank ", mesh_->coord().dp, ": under ",
+                      st->buckets().shard_params() ? std::string("ZeRO-3")
+                                                   : detail::str("ZeRO-2 with per-layer units (unit_layers ",
+                                                                 options_.unit_layers, ")"),
+                      " a replica cannot join without data (the others gather parameters or reduce-scatter "
+                      "gradients inside their backward); agree on the number of steps with agree_num_steps");
     const auto t0 = std::chrono::steady_clock::now();
     const double tp0 = tp_timer_->seconds;
     stats_ = HybridStepStats{};
