@@ -94,10 +94,9 @@ struct Args {
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   // Layers per ZeRO-3 unit (HybridOptions::unit_layers) from --zero3-unit: layer 1, stage 0
   // (the whole pipeline stage), N: N layers; 0 without --zero 3.
-  int unit_layers() const {
-    if (zero != 3 || zero3_unit == "stage") return 0;
-    return zero3_unit == "layer" ? 1 : std::stoi(zero3_unit);
-  }
+  int unit_layers() const { return zero == 3 ? zero3_unit_layers() : 0; }
+  // Layers per ZeRO-3 unit that --zero3-unit names, whatever --zero is (--plan auto's ZeRO-3 layouts).
+  int zero3_unit_layers() const { return zero3_unit == "stage" ? 0 : zero3_unit == "layer" ? 1 : std::stoi(zero3_unit); }
   // The ZeRO stage of --zero (or --zero1). Throws tessera::Error when both are given and differ.
   ZeroStage zero_stage() const {
     TESSERA_EXPECTS(zero < 0 || !zero1 || zero == 1, "train_gpt: --zero1 and --zero ", zero, " disagree");

@@ -33,7 +33,7 @@ inline plan::SearchOptions search_options(const Args& a, int world, const plan::
   o.microbatch_sizes = {1, 2, 4, 8, 16, 32, 64};
   o.recompute = {plan::Recompute::none, plan::Recompute::selective, plan::Recompute::full};
   o.zero_stages = {0, 1, 2, 3};
-  o.zero3_unit_layers = a.zero3_unit == "stage" ? 0 : a.zero3_unit == "layer" ? 1 : std::stoi(a.zero3_unit);
+  o.zero3_unit_layers = a.zero3_unit_layers();
   o.sequence_parallel = false;
   for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
     if (a.heads % t == 0) o.tp_sizes.push_back(t);

@@ -402,21 +402,19 @@ struct CostModel {
   /// forward or one backward of `stage` on one micro-batch -- one per bucket of each unit
   /// (zero3_buckets), of parameter_bytes per element; prefetch overlap is not credited. 0
   /// otherwise.
-  double zero3_gather_seconds(int stage) const {
-    if (layout.zero_stage != 3 || layout.dp == 1) return 0.0;
-    double s = 0;
-    for (const BucketLayout& u : zero3_buckets(stage))
-      for (std::int64_t e : u.padded) s += all_gather_seconds(e * precision.parameter_bytes, layout.dp, dp_bandwidth(), dp_latency());
-    return s;
-  }
+  double zero3_gather_seconds(int stage) const { return zero3_bucket_seconds(stage, precision.parameter_bytes); }
 
   /// ZeRO-3: seconds of the gradient reduce-scatters of one backward of `stage` (one per
   /// bucket of each unit, gradient_bytes per element). 0 otherwise.
-  double zero3_reduce_scatter_seconds(int stage) const {
+  double zero3_reduce_scatter_seconds(int stage) const { return zero3_bucket_seconds(stage, precision.gradient_bytes); }
+
+  /// ZeRO-3: seconds of one ring all-gather or reduce-scatter (the same cost in the ring model)
+  /// per bucket of each of `stage`'s units, `element_bytes` per element. 0 otherwise.
+  double zero3_bucket_seconds(int stage, double element_bytes) const {
     if (layout.zero_stage != 3 || layout.dp == 1) return 0.0;
     double s = 0;
     for (const BucketLayout& u : zero3_buckets(stage))
-      for (std::int64_t e : u.padded) s += all_gather_seconds(e * precision.gradient_bytes, layout.dp, dp_bandwidth(), dp_latency());
+      for (std::int64_t e : u.padded) s += all_gather_seconds(e * element_bytes, layout.dp, dp_bandwidth(), dp_latency());
     return s;
   }
 
