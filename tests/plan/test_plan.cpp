@@ -962,6 +962,18 @@ TEST_CASE("Block overhead: calibrate's fit of a real block's unlisted work, and 
   const double extra = 40e-6 + 3e-9 * 128 * 4;
   CHECK(rel(a.layer_forward().compute - b.layer_forward().compute, extra / 3) < 1e-9);
   CHECK(rel(a.layer_backward().compute - b.layer_backward().compute, 2 * extra / 3) < 1e-9);
+  // Under tp a rank does its share of the per-token part: 6 h of replicated widths and
+  // h + 2 kv + h + 2 ffn split (h 192, kv 192, ffn 768: (1152 + 2304 / 2) / 3456 = 2/3 at tp 2);
+  // with sequence parallelism everything is split (1/2); the per-pass part stays whole.
+  CHECK(a.block_token_overhead_share() == 1.0);
+  for (const auto& [tp, sp, share] : {std::tuple{2, false, 2.0 / 3}, std::tuple{2, true, 0.5}, std::tuple{3, false, 5.0 / 9}}) {
+    Layout lt = l;
+    lt.tp = tp;
+    lt.sequence_parallel = sp;
+    const CostModel at{.model = m, .cluster = with, .layout = lt}, bt{.model = m, .cluster = without, .layout = lt};
+    CHECK(rel(at.block_token_overhead_share(), share) < 1e-12);
+    CHECK(rel(at.layer_forward().compute - bt.layer_forward().compute, (40e-6 + 3e-9 * 128 * 4 * share) / 3) < 1e-9);
+  }
   m.tessera_block = false;
   const CostModel c{.model = m, .cluster = with, .layout = l}, d{.model = m, .cluster = without, .layout = l};
   CHECK(c.layer_forward().compute == d.layer_forward().compute);

@@ -178,12 +178,28 @@ struct CostModel {
   }
 
   /// tessera's block only: the measured work the GEMM and element-wise terms do not list, per
-  /// forward + backward of one block on one micro-batch of b s tokens (Cluster::
-  /// block_pass_overhead + block_token_overhead x b s); 0 for other blocks.
+  /// forward + backward of one block on one micro-batch of b s tokens on one device
+  /// (Cluster::block_pass_overhead + block_token_overhead x b s x block_token_overhead_share());
+  /// 0 for other blocks.
   double block_overhead_seconds() const {
     if (!model.tessera_block) return 0.0;
-    return cluster.block_pass_overhead +
-           cluster.block_token_overhead * static_cast<double>(model.seq) * layout.microbatch_size;
+    return cluster.block_pass_overhead + cluster.block_token_overhead * static_cast<double>(model.seq) *
+                                             layout.microbatch_size * block_token_overhead_share();
+  }
+
+  /// The share of a whole block's per-token overhead that one tensor-parallel rank does (1 at
+  /// tp 1). calibrate measures it on a whole block; the overhead (bias and residual adds, the
+  /// heads' reshapes, fresh tensors) is charged in proportion to the widths of the per-token
+  /// tensors it touches: 6 h replicated on every rank (the two LayerNorm outputs, the attention
+  /// and MLP outputs after their all-reduce, the two residual sums; divided by tp too with
+  /// sequence parallelism) and h + 2 kv + h + 2 ffn split by tp (the QKV projection's output,
+  /// the attention output, the MLP's hidden before and after the GELU). E.g. h 192, ffn 768:
+  /// 2/3 at tp 2.
+  double block_token_overhead_share() const {
+    const double h = model.hidden, kv = static_cast<double>(model.kv_dim()), f = static_cast<double>(model.ffn_size());
+    const double t = layout.tp, replicated = 6 * h, split = 2 * h + 2 * kv + 2 * f;
+    const double replicated_here = layout.sequence_parallel ? replicated / t : replicated;
+    return (replicated_here + split / t) / (replicated + split);
   }
 
   /// The attention core alone (scores, softmax, dropout, product with V): what selective
