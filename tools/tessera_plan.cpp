@@ -48,26 +48,31 @@ struct ModelArgs {
   tp::ModelSpec spec{.name = "model"};
   bool untied = false, no_dropout = false, tessera_block = false;
   void add(CLI::App* app) {
-    app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied}");
-    app->add_option("--layers", spec.layers, "transformer blocks");
-    app->add_option("--hidden", spec.hidden, "hidden size");
-    app->add_option("--heads", spec.heads, "attention heads");
-    app->add_option("--kv-heads", spec.kv_heads, "key/value heads (0: = heads)");
-    app->add_option("--ffn", spec.ffn, "MLP width (0: 4 x hidden)");
-    app->add_option("--vocab", spec.vocab, "vocabulary size");
-    app->add_option("--seq", spec.seq, "sequence length");
-    app->add_flag("--untied", untied, "LM head not tied to the embedding");
-    app->add_flag("--no-dropout", no_dropout, "blocks without dropout (tessera's nn::Block, train_gpt)");
-    app->add_flag("--tessera-block", tessera_block,
-                  "tessera's nn::Block (train_gpt): its contexts as nn::block_activation_bytes counts them, full "
-                  "recomputation per stage; implies --no-dropout");
+    CLI::Option* from_file =
+        app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied, "
+                                         "tessera_block, dropout}; excludes the model flags below");
+    // The file describes the whole model: a model flag beside it is refused (exit code 2)
+    // rather than silently ignored.
+    for (CLI::Option* o : {app->add_option("--layers", spec.layers, "transformer blocks"),
+                           app->add_option("--hidden", spec.hidden, "hidden size"),
+                           app->add_option("--heads", spec.heads, "attention heads"),
+                           app->add_option("--kv-heads", spec.kv_heads, "key/value heads (0: = heads)"),
+                           app->add_option("--ffn", spec.ffn, "MLP width (0: 4 x hidden)"),
+                           app->add_option("--vocab", spec.vocab, "vocabulary size"),
+                           app->add_option("--seq", spec.seq, "sequence length"),
+                           app->add_flag("--untied", untied, "LM head not tied to the embedding"),
+                           app->add_flag("--no-dropout", no_dropout, "blocks without dropout (tessera's nn::Block, train_gpt)"),
+                           app->add_flag("--tessera-block", tessera_block,
+                                         "tessera's nn::Block (train_gpt): its contexts as nn::block_activation_bytes "
+                                         "counts them, full recomputation per stage; implies --no-dropout")})
+      from_file->excludes(o);
   }
   tp::ModelSpec get() const {
     tp::ModelSpec m = spec;
     m.tied = !untied;
     m.dropout = !no_dropout && !tessera_block;
     m.tessera_block = tessera_block;
-    if (!file.empty()) {
+    if (!file.empty()) try {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
       const json j = json::parse(in);
@@ -82,6 +87,8 @@ struct ModelArgs {
       m.tied = j.value("tied", true);
       m.tessera_block = j.value("tessera_block", false);
       m.dropout = j.value("dropout", !m.tessera_block);
+    } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
+      throw tessera::Error("tessera-plan: model file '" + file + "': " + e.what());
     }
     m.validate();
     return m;
@@ -198,10 +205,21 @@ RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
   return out;
 }
 
+int validate_rows(const std::string& rows_path, const json& doc, const std::string& clusters_dir, double max_mean,
+                  double max_max);
+
 int validate(const std::string& rows_path, const std::string& clusters_dir, double max_mean, double max_max) {
   std::ifstream in(rows_path);
   if (!in) throw tessera::Error("tessera-plan validate: cannot open '" + rows_path + "'");
-  const json doc = json::parse(in);
+  try {
+    return validate_rows(rows_path, json::parse(in), clusters_dir, max_mean, max_max);
+  } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
+    throw tessera::Error("tessera-plan validate: '" + rows_path + "': " + e.what());
+  }
+}
+
+int validate_rows(const std::string& rows_path, const json& doc, const std::string& clusters_dir, double max_mean,
+                  double max_max) {
   const std::filesystem::path clusters =
       clusters_dir.empty() ? std::filesystem::path(rows_path).parent_path() / ".." / "clusters" : std::filesystem::path(clusters_dir);
   std::printf("Rows: %s\nSource: %s\n\n", rows_path.c_str(), doc.value("source", std::string("?")).c_str());
@@ -255,9 +273,11 @@ int validate(const std::string& rows_path, const std::string& clusters_dir, doub
       std::printf("  %-48s %8.2f s  %6.1f GiB%s\n", p.layout.to_string().c_str(), p.time.total(), p.memory.total() / kGiB,
                   p.fits() ? "" : "  OOM (does not fit 80 GiB)");
   }
-  if (max_mean > 0 && (mean > max_mean || worst > max_max)) {
-    std::printf("FAILED: the calibration error is above the limits given (mean %.2f%%, max %.2f%%)\n", 100 * max_mean,
-                100 * max_max);
+  // A limit below 0 was not given (the flags' ranges refuse negative values).
+  if ((max_mean >= 0 && mean > max_mean) || (max_max >= 0 && worst > max_max)) {
+    const auto limit = [](double x) { return x >= 0 ? tessera::detail::str(100 * x, "%") : std::string("none"); };
+    std::printf("FAILED: the calibration error (mean %.2f%%, max %.2f%%) is above the limits given (mean %s, max %s)\n",
+                100 * mean, 100 * worst, limit(max_mean).c_str(), limit(max_max).c_str());
     return 2;
   }
   return 0;
@@ -469,11 +489,13 @@ int main(int argc, char** argv) {
 
   CLI::App* val_cmd = app.add_subcommand("validate", "predict the published runs of a rows file and report the error");
   std::string rows_path, clusters_dir;
-  double max_mean = 0, max_max = 0;
+  double max_mean = -1, max_max = -1;  // -1: not given
   val_cmd->add_option("rows", rows_path, "rows JSON (plan/validation/published_rows.json)")->required();
   val_cmd->add_option("--clusters", clusters_dir, "folder of the cluster files (default: ../clusters beside the rows)");
-  val_cmd->add_option("--max-mean-error", max_mean, "exit 2 when the C rows' mean |error| is above this fraction");
-  val_cmd->add_option("--max-error", max_max, "exit 2 when a C row's |error| is above this fraction");
+  val_cmd->add_option("--max-mean-error", max_mean, "exit 2 when the C rows' mean |error| is above this fraction")
+      ->check(CLI::Range(0.0, 1e9));
+  val_cmd->add_option("--max-error", max_max, "exit 2 when a C row's |error| is above this fraction")
+      ->check(CLI::Range(0.0, 1e9));
 
   CLI::App* cal_cmd = app.add_subcommand("calibrate", "measure this machine and write a cluster file");
   CalibrateArgs cal;
@@ -531,7 +553,9 @@ int main(int argc, char** argv) {
   const auto message = [](const std::exception& e) {
     std::string what = e.what();
     if (const std::size_t at = what.rfind(" ["); at != std::string::npos && what.back() == ']') what.erase(at);
-    return what.rfind("tessera-plan: ", 0) == 0 ? what.substr(14) : what;
+    // One "tessera-plan: " prefix: "tessera-plan validate: x" becomes "validate: x".
+    if (what.rfind("tessera-plan: ", 0) == 0) return what.substr(14);
+    return what.rfind("tessera-plan ", 0) == 0 ? what.substr(13) : what;
   };
   if (*plan_cmd || *time_cmd) {
     try {

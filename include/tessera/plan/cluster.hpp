@@ -176,6 +176,8 @@ struct Cluster {
       return from_json(j);
     } catch (const Error& e) {
       throw Error(tessera::detail::str("Cluster::load: '", path, "': ", e.what()));
+    } catch (const nlohmann::json::exception& e) {  // a key of the wrong type
+      throw Error(tessera::detail::str("Cluster::load: '", path, "': ", e.what()));
     }
   }
 };

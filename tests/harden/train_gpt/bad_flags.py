@@ -17,6 +17,7 @@ negative step or an optimizer step beyond its step is refused (exit 2). Usage: b
 TRAIN_GPT [TESSERA_PLAN]
 """
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -129,7 +130,11 @@ if plan:
                        (one + ["--tp", "7"], "tp 7 does not divide the heads 4"), (one + ["--recompute", "maybe"], "maybe"),
                        (one + ["--zero", "4"], "--zero"), (one + ["--tp", "0"], "--tp"),
                        (["rank", "--cluster", cluster, "--world", "2", "--batch", "2", "--top", "-1"], "--top"),
-                       (["calibrate", "--min-time", "-1"], "--min-time")]:
+                       (["calibrate", "--min-time", "-1"], "--min-time"),
+                       # a model file with model flags beside it (the flags were ignored)
+                       (["plan", "--cluster", cluster, "--model", "m.json", "--layers", "4", "--batch", "1"], "excludes"),
+                       (["validate", "rows.json", "--max-error", "-1"], "--max-error"),
+                       (["validate", "rows.json", "--max-mean-error", "-0.5"], "--max-mean-error")]:
         cases.append(("tessera-plan", argv, {"want": want}))
 
 
@@ -241,6 +246,26 @@ else:
             failures.append(f"index.json {field} {value}: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected exit 2 "
                             f"naming {name!r}")
         cases.append(("index.json", field, {}))
+# tessera-plan's file errors (one line): each names its file -- a model file that is not JSON or
+# lacks a key (exit 2, as the model's flags), a rows file that is not JSON, a cluster file with a
+# key of the wrong type (exit 1).
+if plan:
+    files = {"model_bad.json": "{\"layers\": 2,", "model_short.json": "{\"layers\": 2, \"hidden\": 64}",
+             "rows_bad.json": "rows", "cluster_bad.json": json.dumps(dict(json.load(open(cluster)), peak_tflops="fast"))}
+    for name, text in files.items():
+        with open(os.path.join(work, name), "w") as f:
+            f.write(text)
+    layout = ["--dp", "1", "--tp", "1", "--pp", "1", "--mbs", "1", "--batch", "1"]
+    for argv, name, code in [(["plan", "--cluster", cluster, "--model", "model_bad.json"] + layout, "model_bad.json", 2),
+                             (["plan", "--cluster", cluster, "--model", "model_short.json"] + layout, "model_short.json", 2),
+                             (["validate", "rows_bad.json"], "rows_bad.json", 1),
+                             (one[:1] + ["--cluster", "cluster_bad.json"] + one[3:], "cluster_bad.json", 1)]:
+        r = subprocess.run([plan] + argv, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
+        err = r.stderr.strip().splitlines()
+        if r.returncode != code or len(err) != 1 or name not in err[0] or err[0].count("tessera-plan") != 1:
+            failures.append(f"tessera-plan {' '.join(argv)!r}: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected "
+                            f"exit {code} and one line naming {name!r}")
+        cases.append(("tessera-plan file", name, {}))
 slowest = max((dt, what) for _, dt, what in results)
 elapsed = time.time() - start
 for f in failures:
