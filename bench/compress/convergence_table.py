@@ -22,6 +22,7 @@ names=[('none','fp32 all-reduce'),('bf16','bf16'),('powersgd_4','PowerSGD r=4'),
        ('diloco_10_lr_1_momentum_0_6','DiLoCo H=10, outer lr 1, Nesterov 0.6, own-norm clipping'),
        ('diloco_10_lr_1_momentum_0_7','DiLoCo H=10, outer lr 1, Nesterov 0.7, own-norm clipping'),
        ('diloco_10_lr_1_momentum_0_8','DiLoCo H=10, outer lr 1, Nesterov 0.8, own-norm clipping'),
+       ('diloco_10_lr_1_25_momentum_0_5','DiLoCo H=10, outer lr 1.25, Nesterov 0.5, own-norm clipping'),
        ('diloco_1_lr_1_momentum_0_compress_powersgd_4','PowerSGD r=4 of the AdamW update (--sync-every 1), own-norm clipping'),
        ('diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip','top-k 1% of the AdamW update (--sync-every 1), own-norm clipping')]
 dirs=sys.argv[1:] or ['data/compress']
