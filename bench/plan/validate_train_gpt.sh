@@ -15,7 +15,8 @@
 # their own reruns). So with --repeat R (default 2) each world size is calibrated R times and its
 # layouts (and --plan auto) measured in R passes, one after the other; a layout's measured time
 # is the fastest of its R medians (each pass's is printed) and the prediction uses the
-# calibration with the highest GEMM peak, both estimating the machine without the others' load.
+# calibration that predicts the fastest dp N step (see quietest), both estimating the machine
+# without the others' load.
 #
 # Usage: bench/plan/validate_train_gpt.sh [BUILD_DIR (build-plan)] [--steps N (6)] [--repeat R (2)] [--worlds 1,2,4,8]
 #                                         [--mpi] [--out FILE.md]
@@ -72,13 +73,22 @@ def calibrate(backend, n=None, tag=""):
     say(f"    {r.stdout.splitlines()[0]}  (load average {load()})")
     return path, float(re.search(r"peak ([\d.]+) GFLOP/s", r.stdout)[1])
 
-def quietest(backend, n=None):
-    # The calibration with the highest GEMM peak of `repeat` (the least disturbed by other load).
-    cals = [calibrate(backend, n, f"_{i}") for i in range(repeat)]
-    best = max(cals, key=lambda c: c[1])
+def quietest(backend, n):
+    # Of `repeat` calibrations, the least disturbed by other load: the one predicting the fastest
+    # step of dp n (other load only ever slows a measurement: it lowers the GEMM peak, the
+    # element-wise rate and the effective cores, and raises the block overhead, and each of them
+    # lengthens that prediction). The GEMM peak alone (before session 8) could pick a calibration
+    # whose effective-core count was disturbed (12:29: 1.62 cores of 2 at the highest peak).
+    # Only the calibrations' constants are compared: no measured train_gpt step enters the choice.
+    mpi = backend == "mpi"  # (files this_machine_mpi4_0.json, this_machine_threads8_0.json, ...)
+    cals = [calibrate(backend, n if mpi else None, f"{'' if mpi else n}_{i}") for i in range(repeat)]
+    dp_n = dict(dp=n, tp=1, pp=1, m=1, zero=0, v=1, recompute="none", schedule="1f1b")
+    timed = [(predict(path, dp_n)[0], path, peak) for path, peak in cals]
+    best = min(timed)
     if repeat > 1:
-        say(f"    (using the calibration with peak {best[1]:.1f} GFLOP/s)")
-    return best[0]
+        say(f"    (using the calibration with peak {best[2]:.1f} GFLOP/s: its dp {n} step, {best[0]:.3f} s, is the "
+            f"fastest predicted of {', '.join(f'{t:.3f}' for t, _, _ in timed)})")
+    return best[1]
 
 def measure(args, backend="threads", n=1):
     cmd = [train] + model + args + ["--steps", str(steps), "--log-every", "1", "--val-every", "0", "--sample-len", "0"]
@@ -167,7 +177,7 @@ say(f"load average at start {load()}; {os.cpu_count()} hardware threads")
 say("calibration:")
 # The machine's load changes within minutes (other people's builds): calibrate again before
 # each world size, so the constants are those of the minute the layouts run in.
-errors, firsts = run("threads", thread_worlds, lambda n: quietest("threads"))
+errors, firsts = run("threads", thread_worlds, lambda n: quietest("threads", n))
 if use_mpi:
     cals = {n: quietest("mpi", n) for n in (2, 4)}
     e2, f2 = run("mpi", [2, 4], lambda n: cals[n])
