@@ -346,6 +346,7 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
+    DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
                     " needs whole optimizer state on every replica: drop --zero1 / --zero");
     TESSERA_EXPECTS(std::isfinite(a.outer_lr) && a.outer_lr > 0, "train_gpt: --outer-lr ", a.outer_lr, " must be positive");

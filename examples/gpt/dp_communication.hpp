@@ -41,7 +41,9 @@ class DpCommunication {
  public:
   // Installs the hooks on `model`'s dp buckets and, with --sync-every, the LocalSGD over
   // `dp` (collective over dp: LocalSGD broadcasts dp rank 0's values).
-  DpCommunication(Hybrid<float>& model, Comm dp, const Args& a) : dp_size_(dp.size()) {
+  // The flag combinations refused here, as usage errors: train_gpt checks them before any rank
+  // starts (exit 2, one line), and the constructor again for a layout --plan auto chose.
+  static void check_flags(const Args& a) {
     // PowerSGD and top-k compress each rank's bucket as a whole, so a parameter held on several
     // tp ranks (replicated) or pp stages (the tied embedding) would be compressed differently
     // on each and its copies would drift apart (found by tests/compress/train_gpt's resume
@@ -62,6 +64,10 @@ class DpCommunication {
                       "give the compressor warmup=", need, " or more (its uncompressed reductions, ", per_step,
                       " per step here)");
     }
+  }
+
+  DpCommunication(Hybrid<float>& model, Comm dp, const Args& a) : dp_size_(dp.size()) {
+    check_flags(a);
     for (GradBuckets<float>* set : model.buckets()) {
       std::int64_t n = 0;
       for (const auto& b : set->buckets()) n += b.numel;
@@ -237,7 +243,7 @@ class DpCommunication {
     }
     if (local_) local_->restart(step);
     if (print)
-      std::printf("note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
+      std::printf("train_gpt: note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
                   local_ ? "the outer momentum; the anchor is the loaded weights" : "error-feedback residuals",
                   why.empty() ? "another rank's state is missing or differs" : why.c_str(),
                   missing > 1 ? detail::str("; ", missing, " ranks").c_str() : "");

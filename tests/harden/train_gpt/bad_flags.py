@@ -100,6 +100,9 @@ for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
     cases.append((flag, "", {"want": flag + " was given an empty value"}))
 # An output that would overwrite the data file.
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
+# Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
+cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
+cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
 # An interleaved schedule whose micro-batches the schedule cannot group (was refused only inside
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",
