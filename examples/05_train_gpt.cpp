@@ -317,6 +317,8 @@ int main(int argc, char** argv) {
     }
     TESSERA_EXPECTS(a.world_size == 0 || a.world() == a.world_size, "train_gpt: --world ", a.world_size,
                     " is not dp x tp x pp = ", a.world(), " (--world is for --plan auto)");
+    TESSERA_EXPECTS(a.cluster.empty() || a.plan == "auto", "train_gpt: --cluster ", a.cluster,
+                    " is read only by --plan auto, which is not given");
     // --backend mpi started without a launcher: MPI_Init would start a singleton, then abort on
     // the layout. One line instead (the variables Open MPI, MPICH/Hydra, PMIx and Slurm set).
     if (a.backend == "mpi") {

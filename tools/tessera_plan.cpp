@@ -47,6 +47,8 @@ struct ModelArgs {
   std::string file;
   tp::ModelSpec spec{.name = "model"};
   bool untied = false, no_dropout = false, tessera_block = false;
+  bool has_defaults = false;  // calibrate: the main job's model unless flags say otherwise
+  std::vector<CLI::Option*> sizes{};  // --layers --hidden --heads --vocab --seq of every subcommand
   void add(CLI::App* app) {
     CLI::Option* from_file =
         app->add_option("--model", file, "model JSON: {name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied, "
@@ -66,29 +68,53 @@ struct ModelArgs {
                                          "tessera's nn::Block (train_gpt): its contexts as nn::block_activation_bytes "
                                          "counts them, full recomputation per stage; implies --no-dropout")})
       from_file->excludes(o);
+    for (const char* name : {"--layers", "--hidden", "--heads", "--vocab", "--seq"}) sizes.push_back(app->get_option(name));
   }
   tp::ModelSpec get() const {
     tp::ModelSpec m = spec;
     m.tied = !untied;
     m.dropout = !no_dropout && !tessera_block;
     m.tessera_block = tessera_block;
+    if (file.empty() && !has_defaults) {  // the sizes have no defaults a prediction could use
+      std::string missing;
+      for (const char* name : {"--layers", "--hidden", "--heads", "--vocab", "--seq"}) {
+        bool given = false;
+        for (const CLI::Option* o : sizes) given = given || (o->get_name() == name && o->count() > 0);
+        if (!given) missing += std::string(missing.empty() ? "" : ", ") + name;
+      }
+      if (!missing.empty())
+        throw tessera::Error("tessera-plan: the model needs " + missing + " (or --model FILE)");
+    }
     if (!file.empty()) try {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
       const json j = json::parse(in);
+      // Sizes are whole numbers: 2.5 layers or 1e12 (beyond int) is refused, not truncated.
+      auto whole = [&](const char* key, int fallback, bool required) {
+        if (!required && !j.contains(key)) return fallback;
+        const json& v = j.at(key);
+        if (!v.is_number_integer() || v.get<long long>() < 0 || v.get<long long>() > 2147483647LL)
+          throw tessera::Error(tessera::detail::str("tessera-plan: model file '", file, "': ", key,
+                                                    " must be a whole number in [0, 2^31), got ", v.dump()));
+        return v.get<int>();
+      };
       m.name = j.value("name", file);
-      m.layers = j.at("layers");
-      m.hidden = j.at("hidden");
-      m.heads = j.at("heads");
-      m.kv_heads = j.value("kv_heads", 0);
-      m.ffn = j.value("ffn", 0);
-      m.vocab = j.at("vocab");
-      m.seq = j.at("seq");
+      m.layers = whole("layers", 0, true);
+      m.hidden = whole("hidden", 0, true);
+      m.heads = whole("heads", 0, true);
+      m.kv_heads = whole("kv_heads", 0, false);
+      m.ffn = whole("ffn", 0, false);
+      m.vocab = whole("vocab", 0, true);
+      m.seq = whole("seq", 0, true);
       m.tied = j.value("tied", true);
       m.tessera_block = j.value("tessera_block", false);
       m.dropout = j.value("dropout", !m.tessera_block);
     } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
       throw tessera::Error("tessera-plan: model file '" + file + "': " + e.what());
+    } catch (const tessera::Error&) {
+      throw;
+    } catch (const std::exception& e) {  // e.g. a directory: the read fails
+      throw tessera::Error("tessera-plan: cannot read model file '" + file + "': " + e.what());
     }
     m.validate();
     return m;
@@ -503,14 +529,18 @@ int main(int argc, char** argv) {
   cal_model.spec = tp::ModelSpec{.name = "train_gpt main job", .layers = 6, .hidden = 192, .heads = 6, .kv_heads = 0,
                                  .ffn = 0, .vocab = 256, .seq = 128, .tied = true};
   cal_model.add(cal_cmd);
+  cal_model.has_defaults = true;
   cal_cmd->add_option("--backend", cal.backend, "threads, or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));
   cal_cmd->add_option("--ranks", cal.ranks, "communicator sizes to time (threads: each; mpi: the -np count)")
       ->check(CLI::Range(2, 4096));
-  cal_cmd->add_option("--mbs", cal.mbs, "micro-batch sizes whose GEMM shapes are timed");
-  cal_cmd->add_option("--tp", cal.tps, "tensor-parallel sizes whose GEMM shapes are timed");
-  cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB");
-  cal_cmd->add_option("--devices-per-node", cal.devices_per_node, "ranks a node may hold (the search's largest tp)");
-  cal_cmd->add_option("--link-ranks", cal.link_ranks, "the rank count whose all-reduce fit becomes the link");
+  cal_cmd->add_option("--mbs", cal.mbs, "micro-batch sizes whose GEMM shapes are timed")->check(CLI::Range(1, 1 << 16));
+  cal_cmd->add_option("--tp", cal.tps, "tensor-parallel sizes whose GEMM shapes are timed (each dividing the heads)")
+      ->check(CLI::Range(1, 1 << 16));
+  cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB")->check(CLI::Range(0.001, 1e7));
+  cal_cmd->add_option("--devices-per-node", cal.devices_per_node, "ranks a node may hold (the search's largest tp)")
+      ->check(CLI::Range(1, 1 << 20));
+  cal_cmd->add_option("--link-ranks", cal.link_ranks,
+                      "the rank count whose all-reduce fit becomes the link (one of --ranks)")->check(CLI::Range(2, 4096));
   cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel")->check(CLI::Range(1e-6, 3600.0));
   cal_cmd->add_option("--name", cal.name, "the cluster's name");
   cal_cmd->add_option("--out", cal.out, "write the cluster file here");
@@ -557,6 +587,30 @@ int main(int argc, char** argv) {
     if (what.rfind("tessera-plan: ", 0) == 0) return what.substr(14);
     return what.rfind("tessera-plan ", 0) == 0 ? what.substr(13) : what;
   };
+  if (*cal_cmd) {  // before minutes of measuring: what would make the file useless or unwritable
+    try {
+      const tp::ModelSpec m = cal_model.get();
+      for (int t : cal.tps)
+        if (m.heads % t != 0)
+          throw tessera::Error(tessera::detail::str("calibrate: --tp ", t, " does not divide the heads ", m.heads));
+      if (cal.backend == "threads" && std::find(cal.ranks.begin(), cal.ranks.end(), cal.link_ranks) == cal.ranks.end())
+        throw tessera::Error(tessera::detail::str("calibrate: --link-ranks ", cal.link_ranks,
+                                                  " is not one of the rank counts measured (--ranks)"));
+      if (!cal.out.empty() && !std::ofstream(cal.out, std::ios::app))
+        throw tessera::Error("calibrate: cannot write --out '" + cal.out + "'");
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
+      return 2;
+    }
+  }
+  if (*rank_cmd) {
+    try {
+      (void)model.get();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
+      return 2;
+    }
+  }
   if (*plan_cmd || *time_cmd) {
     try {
       const tp::ModelSpec m = model.get();
@@ -565,6 +619,9 @@ int main(int argc, char** argv) {
       if (m.heads % l.tp != 0 || m.num_kv_heads() % l.tp != 0 || m.ffn_size() % l.tp != 0)
         throw tessera::Error(tessera::detail::str("tp ", l.tp, " does not divide the heads ", m.heads,
                                                   ", key/value heads ", m.num_kv_heads(), " and MLP width ", m.ffn_size()));
+      if (const long long stages = static_cast<long long>(l.pp) * l.virtual_stages; stages > m.layers)
+        throw tessera::Error(tessera::detail::str(m.layers, " layers cannot fill ", stages, " pipeline stages (pp ", l.pp,
+                                                  " x virtual_stages ", l.virtual_stages, ")"));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
       return 2;

@@ -58,7 +58,7 @@ inline void apply_auto_plan(Args& a) {
   const plan::ModelSpec model = model_spec(a);
   const plan::SearchResult r =
       plan::search(model, cluster, search_options(a, world, cluster), plan::Precision::float32_adamw());
-  TESSERA_EXPECTS(!r.ranked.empty(), "train_gpt --plan auto: none of the ", r.rejected.size(), " layouts of ", world,
+  TESSERA_EXPECTS(!r.ranked.empty(), "train_gpt: --plan auto: none of the ", r.rejected.size(), " layouts of ", world,
                   " ranks for batch ", a.batch, " fits ", path, (r.rejected.empty() ? "" : "; e.g. "),
                   (r.rejected.empty() ? "" : r.rejected.front().reason));
   const plan::Plan& best = r.ranked.front();

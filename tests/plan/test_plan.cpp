@@ -374,6 +374,12 @@ TEST_CASE("Plan::predict: bad layouts fail with errors that name the numbers") {
                     .seq = 32, .tied = true};
   CHECK_THROWS_WITH_AS(Plan::predict(m, c, Layout{.pp = 8, .microbatch_size = 1, .num_microbatches = 8}),
                        doctest::Contains("4 layers cannot fill 8 pipeline stages (pp 8 x virtual_stages 1)"), Error);
+  // A pipeline of 10^6 stages is refused before its schedule is built (it was allocated:
+  // std::bad_alloc), and a tp that does not divide the heads as the search refuses it.
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, Layout{.pp = 1000000, .microbatch_size = 1, .num_microbatches = 1}),
+                       doctest::Contains("4 layers cannot fill 1000000 pipeline stages"), Error);
+  CHECK_THROWS_WITH_AS(Plan::predict(m, c, Layout{.tp = 3, .microbatch_size = 1, .num_microbatches = 1}),
+                       doctest::Contains("tp 3 does not divide the heads"), Error);
   Layout il{.pp = 2, .virtual_stages = 2, .microbatch_size = 1, .num_microbatches = 3};
   il.schedule = PipelineSchedule::interleaved;
   CHECK_THROWS_WITH_AS(Plan::predict(m, c, il), doctest::Contains("num_microbatches % group = 3 % 2 = 1"), Error);

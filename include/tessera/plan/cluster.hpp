@@ -4,6 +4,7 @@
 /// bandwidths and latencies, and a GEMM-efficiency curve -- read from a JSON file
 /// (plan/clusters/*.json).
 
+#include <exception>
 #include <fstream>
 #include <string>
 #include <utility>
@@ -124,7 +125,12 @@ struct Cluster {
     Cluster c;
     c.name = j.value("name", std::string{});
     c.source = j.value("source", std::string{});
-    c.devices_per_node = static_cast<int>(number(j, "devices_per_node", "the top level"));
+    {
+      const nlohmann::json& v = need(j, "devices_per_node", "the top level");
+      TESSERA_EXPECTS(v.is_number_integer() && v.get<long long>() >= 1 && v.get<long long>() <= (1 << 20),
+                      "Cluster JSON: devices_per_node must be a whole number in [1, 2^20], got ", v.dump());
+      c.devices_per_node = v.get<int>();
+    }
     if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
     if (j.contains("waiting_core_share")) c.waiting_core_share = number(j, "waiting_core_share", "the top level");
     if (j.contains("block_overhead")) {
@@ -171,6 +177,8 @@ struct Cluster {
       in >> j;
     } catch (const nlohmann::json::exception& e) {
       throw Error(tessera::detail::str("Cluster::load: '", path, "' is not valid JSON: ", e.what()));
+    } catch (const std::exception& e) {  // e.g. a directory: the read fails
+      throw Error(tessera::detail::str("Cluster::load: cannot read '", path, "': ", e.what()));
     }
     try {
       return from_json(j);

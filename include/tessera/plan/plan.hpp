@@ -41,14 +41,24 @@ struct Plan {
   /// Predicts `layout` for `model` on `cluster`: builds the layout's tessera schedule, checks
   /// it (schedule::check), replays it with CostModel's times (TimeEstimate::of) and walks it
   /// for the activation peak (MemoryEstimate::of). Throws Error naming the numbers when the
-  /// model, the cluster or the layout is invalid, or the schedule cannot be built (e.g.
+  /// model, the cluster or the layout is invalid, tp does not divide the heads, the key/value
+  /// heads and the MLP width (the search's rule), or the schedule cannot be built (e.g.
   /// interleaving with num_microbatches not a multiple of pp) or fill the stages.
   static Plan predict(const ModelSpec& model, const Cluster& cluster, const Layout& layout,
                       const Precision& precision = {}) {
     model.validate();
     cluster.validate();
     layout.validate();
+    TESSERA_EXPECTS(model.heads % layout.tp == 0 && model.num_kv_heads() % layout.tp == 0 &&
+                        model.ffn_size() % layout.tp == 0,
+                    "Plan: tp ", layout.tp, " does not divide the heads ", model.heads, ", key/value heads ",
+                    model.num_kv_heads(), " and MLP width ", model.ffn_size());
     const CostModel cm{.model = model, .cluster = cluster, .layout = layout, .precision = precision};
+    // Before the schedule is built: a pipeline of more stages than layers (e.g. pp 10^6) is
+    // refused here rather than allocated.
+    const long long stages = static_cast<long long>(layout.pp) * layout.virtual_stages;
+    TESSERA_EXPECTS(stages <= model.layers, "Plan: ", model.layers, " layers cannot fill ", stages,
+                    " pipeline stages (pp ", layout.pp, " x virtual_stages ", layout.virtual_stages, ")");
     const schedule::Schedule sched = layout.build_schedule();
     schedule::check(sched);
     cm.stage_layers(0);  // throws when the layers cannot fill the stages

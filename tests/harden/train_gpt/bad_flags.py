@@ -100,6 +100,8 @@ for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
     cases.append((flag, "", {"want": flag + " was given an empty value"}))
 # An output that would overwrite the data file.
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
+# --cluster without --plan auto was ignored silently.
+cases.append(("--cluster", "c.json", {"want": "--cluster c.json is read only by --plan auto"}))
 # Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
 cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
 cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
@@ -137,6 +139,17 @@ if plan:
                        # a model file with model flags beside it (the flags were ignored)
                        (["plan", "--cluster", cluster, "--model", "m.json", "--layers", "4", "--batch", "1"], "excludes"),
                        (["validate", "rows.json", "--max-error", "-1"], "--max-error"),
+                       # no model: the sizes were planned as 1 (a 0 s, 0 GiB answer)
+                       (["plan", "--cluster", cluster, "--layers", "24", "--batch", "8"], "--hidden, --heads, --vocab, --seq"),
+                       (["rank", "--cluster", cluster, "--world", "2", "--batch", "8"], "--layers, --hidden"),
+                       # a pipeline of 10^6 stages was allocated before the layers were checked
+                       (one[:-6] + ["--pp", "1000000", "--mbs", "1", "--batch", "1"], "2 layers cannot fill 1000000 pipeline stages"),
+                       (["calibrate", "--devices-per-node", "0"], "--devices-per-node"),
+                       (["calibrate", "--comm-kib", "-1"], "--comm-kib"),
+                       (["calibrate", "--mbs", "0"], "--mbs"),
+                       (["calibrate", "--tp", "4"], "--tp 4 does not divide the heads 6"),
+                       (["calibrate", "--link-ranks", "3"], "--link-ranks 3 is not one of"),
+                       (["calibrate", "--out", "/nonexistent/dir/x.json"], "cannot write --out '/nonexistent/dir/x.json'"),
                        (["validate", "rows.json", "--max-mean-error", "-0.5"], "--max-mean-error")]:
         cases.append(("tessera-plan", argv, {"want": want}))
 
@@ -254,6 +267,8 @@ else:
 # key of the wrong type (exit 1).
 if plan:
     files = {"model_bad.json": "{\"layers\": 2,", "model_short.json": "{\"layers\": 2, \"hidden\": 64}",
+             "model_half.json": json.dumps({"layers": 2.5, "hidden": 64, "heads": 4, "vocab": 256, "seq": 32}),
+             "cluster_half.json": json.dumps(dict(json.load(open(cluster)), devices_per_node=2.5)),
              "rows_bad.json": "rows", "cluster_bad.json": json.dumps(dict(json.load(open(cluster)), peak_tflops="fast"))}
     for name, text in files.items():
         with open(os.path.join(work, name), "w") as f:
@@ -261,6 +276,10 @@ if plan:
     layout = ["--dp", "1", "--tp", "1", "--pp", "1", "--mbs", "1", "--batch", "1"]
     for argv, name, code in [(["plan", "--cluster", cluster, "--model", "model_bad.json"] + layout, "model_bad.json", 2),
                              (["plan", "--cluster", cluster, "--model", "model_short.json"] + layout, "model_short.json", 2),
+                             (["plan", "--cluster", cluster, "--model", "model_half.json"] + layout, "layers must be a whole number", 2),
+                             (["plan", "--cluster", cluster, "--model", work] + layout, "cannot read model file", 2),
+                             (one[:1] + ["--cluster", work] + one[3:], "cannot read '" + work, 1),
+                             (one[:1] + ["--cluster", "cluster_half.json"] + one[3:], "devices_per_node must be a whole number", 1),
                              (["validate", "rows_bad.json"], "rows_bad.json", 1),
                              (one[:1] + ["--cluster", "cluster_bad.json"] + one[3:], "cluster_bad.json", 1)]:
         r = subprocess.run([plan] + argv, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
