@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,13 @@ struct ModelArgs {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
       const json j = json::parse(in);
+      // A misspelt key ("kv_head") would leave its default in place: refused.
+      for (const auto& [key, value] : j.items())
+        if (!std::set<std::string>{"name", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "tied",
+                                   "tessera_block", "dropout"}
+                 .contains(key))
+          throw tessera::Error("tessera-plan: model file '" + file + "': unknown key '" + key +
+                               "' (name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied, tessera_block, dropout)");
       // Sizes are whole numbers: 2.5 layers or 1e12 (beyond int) is refused, not truncated.
       auto whole = [&](const char* key, int fallback, bool required) {
         if (!required && !j.contains(key)) return fallback;
@@ -109,6 +117,9 @@ struct ModelArgs {
       m.tied = j.value("tied", true);
       m.tessera_block = j.value("tessera_block", false);
       m.dropout = j.value("dropout", !m.tessera_block);
+      if (m.tessera_block && m.dropout)
+        throw tessera::Error("tessera-plan: model file '" + file + "': tessera_block has no dropout (tessera's nn::Block); "
+                             "drop \"dropout\": true");
     } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
       throw tessera::Error("tessera-plan: model file '" + file + "': " + e.what());
     } catch (const tessera::Error&) {
@@ -159,6 +170,7 @@ struct LayoutArgs {
     else if (schedule == "zb-h1") l.schedule = tp::PipelineSchedule::zero_bubble_h1;
     else throw tessera::Error("tessera-plan: --schedule must be auto, 1f1b, interleaved, gpipe or zb-h1, got '" + schedule + "'");
     l.recompute = parse_recompute(recompute);
+    l.validate();  // contradicting flags (--v 2 with --schedule 1f1b, --sp at tp 1): a usage error
     return l;
   }
   static tp::Recompute parse_recompute(const std::string& s) {

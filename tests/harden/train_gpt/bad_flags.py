@@ -144,6 +144,9 @@ if plan:
                        (["rank", "--cluster", cluster, "--world", "2", "--batch", "8"], "--layers, --hidden"),
                        # a pipeline of 10^6 stages was allocated before the layers were checked
                        (one[:-6] + ["--pp", "1000000", "--mbs", "1", "--batch", "1"], "2 layers cannot fill 1000000 pipeline stages"),
+                       (one[:-6] + ["--pp", "2", "--v", "2", "--schedule", "1f1b", "--mbs", "1", "--batch", "2"],
+                        "virtual_stages 2 needs the interleaved schedule"),
+                       (one + ["--sp"], "sequence parallelism needs tp > 1"),
                        (["calibrate", "--devices-per-node", "0"], "--devices-per-node"),
                        (["calibrate", "--comm-kib", "-1"], "--comm-kib"),
                        (["calibrate", "--mbs", "0"], "--mbs"),
@@ -269,6 +272,9 @@ if plan:
     files = {"model_bad.json": "{\"layers\": 2,", "model_short.json": "{\"layers\": 2, \"hidden\": 64}",
              "model_half.json": json.dumps({"layers": 2.5, "hidden": 64, "heads": 4, "vocab": 256, "seq": 32}),
              "cluster_half.json": json.dumps(dict(json.load(open(cluster)), devices_per_node=2.5)),
+             "model_typo.json": json.dumps({"layers": 2, "hidden": 64, "heads": 4, "vocab": 256, "seq": 32, "kv_head": 2}),
+             "model_drop.json": json.dumps({"layers": 2, "hidden": 64, "heads": 4, "vocab": 256, "seq": 32,
+                                            "tessera_block": True, "dropout": True}),
              "rows_bad.json": "rows", "cluster_bad.json": json.dumps(dict(json.load(open(cluster)), peak_tflops="fast"))}
     for name, text in files.items():
         with open(os.path.join(work, name), "w") as f:
@@ -278,6 +284,8 @@ if plan:
                              (["plan", "--cluster", cluster, "--model", "model_short.json"] + layout, "model_short.json", 2),
                              (["plan", "--cluster", cluster, "--model", "model_half.json"] + layout, "layers must be a whole number", 2),
                              (["plan", "--cluster", cluster, "--model", work] + layout, "cannot read model file", 2),
+                             (["plan", "--cluster", cluster, "--model", "model_typo.json"] + layout, "unknown key 'kv_head'", 2),
+                             (["plan", "--cluster", cluster, "--model", "model_drop.json"] + layout, "tessera_block has no dropout", 2),
                              (one[:1] + ["--cluster", work] + one[3:], "cannot read '" + work, 1),
                              (one[:1] + ["--cluster", "cluster_half.json"] + one[3:], "devices_per_node must be a whole number", 1),
                              (["validate", "rows_bad.json"], "rows_bad.json", 1),
