@@ -19,7 +19,6 @@
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -43,6 +42,12 @@ using nlohmann::json;
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// The model sizes without a default a prediction could use (ModelArgs::get refuses a model
+// given by flags without them), and the keys a model file may hold.
+constexpr const char* kSizeFlags[] = {"--layers", "--hidden", "--heads", "--vocab", "--seq"};
+constexpr const char* kModelFileKeys[] = {"name", "layers", "hidden", "heads", "kv_heads", "ffn",
+                                          "vocab", "seq", "tied", "tessera_block", "dropout"};
 
 struct ModelArgs {
   std::string file;
@@ -69,7 +74,7 @@ struct ModelArgs {
                                          "tessera's nn::Block (train_gpt): its contexts as nn::block_activation_bytes "
                                          "counts them, full recomputation per stage; implies --no-dropout")})
       from_file->excludes(o);
-    for (const char* name : {"--layers", "--hidden", "--heads", "--vocab", "--seq"}) sizes.push_back(app->get_option(name));
+    for (const char* name : kSizeFlags) sizes.push_back(app->get_option(name));
   }
   tp::ModelSpec get() const {
     tp::ModelSpec m = spec;
@@ -78,7 +83,7 @@ struct ModelArgs {
     m.tessera_block = tessera_block;
     if (file.empty() && !has_defaults) {  // the sizes have no defaults a prediction could use
       std::string missing;
-      for (const char* name : {"--layers", "--hidden", "--heads", "--vocab", "--seq"}) {
+      for (const char* name : kSizeFlags) {
         bool given = false;
         for (const CLI::Option* o : sizes) given = given || (o->get_name() == name && o->count() > 0);
         if (!given) missing += std::string(missing.empty() ? "" : ", ") + name;
@@ -92,11 +97,11 @@ struct ModelArgs {
       const json j = json::parse(in);
       // A misspelt key ("kv_head") would leave its default in place: refused.
       for (const auto& [key, value] : j.items())
-        if (!std::set<std::string>{"name", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "tied",
-                                   "tessera_block", "dropout"}
-                 .contains(key))
-          throw tessera::Error("tessera-plan: model file '" + file + "': unknown key '" + key +
-                               "' (name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied, tessera_block, dropout)");
+        if (std::ranges::find(kModelFileKeys, key) == std::ranges::end(kModelFileKeys)) {
+          std::string known;
+          for (const char* k : kModelFileKeys) known += std::string(known.empty() ? "" : ", ") + k;
+          throw tessera::Error("tessera-plan: model file '" + file + "': unknown key '" + key + "' (" + known + ")");
+        }
       // Sizes are whole numbers: 2.5 layers or 1e12 (beyond int) is refused, not truncated.
       auto whole = [&](const char* key, int fallback, bool required) {
         if (!required && !j.contains(key)) return fallback;
@@ -244,19 +249,6 @@ RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
 }
 
 int validate_rows(const std::string& rows_path, const json& doc, const std::string& clusters_dir, double max_mean,
-                  double max_max);
-
-int validate(const std::string& rows_path, const std::string& clusters_dir, double max_mean, double max_max) {
-  std::ifstream in(rows_path);
-  if (!in) throw tessera::Error("tessera-plan validate: cannot open '" + rows_path + "'");
-  try {
-    return validate_rows(rows_path, json::parse(in), clusters_dir, max_mean, max_max);
-  } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
-    throw tessera::Error("tessera-plan validate: '" + rows_path + "': " + e.what());
-  }
-}
-
-int validate_rows(const std::string& rows_path, const json& doc, const std::string& clusters_dir, double max_mean,
                   double max_max) {
   const std::filesystem::path clusters =
       clusters_dir.empty() ? std::filesystem::path(rows_path).parent_path() / ".." / "clusters" : std::filesystem::path(clusters_dir);
@@ -319,6 +311,16 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
     return 2;
   }
   return 0;
+}
+
+int validate(const std::string& rows_path, const std::string& clusters_dir, double max_mean, double max_max) {
+  std::ifstream in(rows_path);
+  if (!in) throw tessera::Error("tessera-plan validate: cannot open '" + rows_path + "'");
+  try {
+    return validate_rows(rows_path, json::parse(in), clusters_dir, max_mean, max_max);
+  } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
+    throw tessera::Error("tessera-plan validate: '" + rows_path + "': " + e.what());
+  }
 }
 
 // ---- calibrate --------------------------------------------------------------------------------
