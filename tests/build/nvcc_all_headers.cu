@@ -8,6 +8,7 @@
 #include "tessera/cuda/blas_lt.hpp"
 #include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
+#include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
@@ -22,6 +23,7 @@
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/stream.hpp"
+#include "tessera/cuda/thread_device_comm.cuh"
 
 // Instantiate the device model in both precisions, so its templates are compiled, not only parsed.
 template class tessera::cuda::DeviceGPT<float>;

@@ -4,7 +4,9 @@
 // the errors where no device exists. Built with the C++ compiler (no nvcc).
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <random>
 #include <string>
@@ -18,6 +20,8 @@
 #include "tessera/cuda/element_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
+#include "tessera/cuda/reduce_op_math.hpp"
+#include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/core/batch_position.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
@@ -384,4 +388,39 @@ TEST_CASE("element math: the device's dropout masks are the CPU Dropout's, eleme
   CHECK(kept < 110);
   // Another step draws another mask.
   CHECK(drop.mask_key(BatchPosition{.step = 8, .first_row = 4}) != key);
+}
+
+TEST_CASE("device collectives' element arithmetic (math::reduce_ranks) equals the threads backend's reduce_range bitwise") {
+  // The kernel of ThreadDeviceComm reduces element i as reduce_ranks over the ranks' values;
+  // the host threads backend as reduce_range. Same order, same operations: equal bits for
+  // every op, with values whose sum depends on the order, signed zeros and NaN.
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> mant(-1.f, 1.f);
+  std::uniform_int_distribution<int> e(-6, 6);
+  for (int n : {1, 2, 3, 5, 8}) {
+    CAPTURE(n);
+    const std::size_t count = 4099;  // above reduce_range's chunk of 2048
+    std::vector<std::vector<float>> ranks(static_cast<std::size_t>(n), std::vector<float>(count));
+    for (auto& r : ranks)
+      for (float& x : r) x = mant(rng) * std::ldexp(1.f, 4 * e(rng));
+    ranks[0][1] = -0.f;
+    ranks[static_cast<std::size_t>(n - 1)][2] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<const float*> src;
+    for (const auto& r : ranks) src.push_back(r.data());
+    for (tessera::ReduceOp op : {tessera::ReduceOp::sum, tessera::ReduceOp::avg, tessera::ReduceOp::max, tessera::ReduceOp::min}) {
+      CAPTURE(static_cast<int>(op));
+      std::vector<float> host(count), device(count);
+      float* dst = host.data();
+      tessera::threads::detail::reduce_range<float>(src.data(), n, 0, count, op, &dst, 1);
+      for (std::size_t i = 0; i < count; ++i) {
+        struct At {
+          const std::vector<const float*>& s;
+          std::size_t i;
+          float operator[](int q) const { return s[static_cast<std::size_t>(q)][i]; }
+        };
+        device[i] = tessera::cuda::math::reduce_ranks(At{src, i}, n, op);
+      }
+      CHECK(std::memcmp(host.data(), device.data(), count * sizeof(float)) == 0);
+    }
+  }
 }

@@ -18,6 +18,10 @@
 #include <vector>
 
 #include "self_comm.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/nccl/nccl_device_comm.hpp"
+#include "tessera/cuda/stream.hpp"
 
 namespace nccl = tessera::nccl;
 using tessera::Comm;
@@ -305,3 +309,35 @@ TEST_CASE("2+ GPUs: a rank that skips an all_reduce makes the others throw Timeo
 }
 
 }  // TEST_SUITE
+
+// NcclDeviceComm (tessera/cuda/nccl/nccl_device_comm.hpp) at world 1: each call is ordered after the
+// rank's stream and before its later work, without the host waiting: the results equal the
+// input (a sum over one rank) once the rank's stream is synchronized.
+TEST_CASE("NcclDeviceComm: stream-ordered collectives at world 1 return the input on the rank's stream") {
+  namespace tc = tessera::cuda;
+  Comm comm = one_gpu();
+  const tc::Stream stream;
+  tc::NcclDeviceComm dc(comm, stream);
+  tessera::Tensor<float> x(tessera::Shape{1000});
+  for (std::int64_t i = 0; i < x.numel(); ++i) x.data()[i] = 0.25f * static_cast<float>(i) - 100.f;
+  for (ReduceOp op : {ReduceOp::sum, ReduceOp::avg, ReduceOp::max, ReduceOp::min}) {
+    tc::DeviceTensor<float> d = tc::to_device<float>(x, stream);
+    dc.all_reduce(d, op);
+    const tessera::Tensor<float> back = tc::to_host(d, stream);
+    CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  }
+  tc::DeviceTensor<float> d = tc::to_device<float>(x, stream);
+  auto out = tc::DeviceTensor<float>::empty(tessera::Shape{1000}, stream);
+  dc.all_gather(d, out);
+  tessera::Tensor<float> back = tc::to_host(out, stream);
+  CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  out.fill_zero(stream);
+  dc.reduce_scatter(d, out, ReduceOp::sum);
+  back = tc::to_host(out, stream);
+  CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  dc.broadcast(d, 0);
+  dc.wait_all();
+  // Not an NCCL communicator: refused by name.
+  CHECK_THROWS_WITH_AS(tc::NcclDeviceComm(tessera::testing_nccl::self_comm(), stream),
+                       doctest::Contains("is not an NCCL communicator"), tessera::Error);
+}

@@ -1,0 +1,56 @@
+#pragma once
+/// @file
+/// DeviceComm: collectives over device memory, stream-ordered, the interface the policies use
+/// on GPUs (issue "GPU execution, part 2"). Host code (no nvcc): the implementations live
+/// beside it (ThreadDeviceComm in thread_device_comm.cuh: ranks that are threads of one process
+/// sharing a GPU).
+///
+/// Stream-ordered means: a call reads its input after the work already queued on the rank's
+/// stream (stream()) and the rank's later work on that stream sees its result; the host does
+/// not wait for the GPU (it may wait for the other ranks to arrive, as a host collective does).
+/// So `layer.backward(..., stream); comm.all_reduce(grad); optimizer.step(..., stream);` needs
+/// no synchronization. Work on other streams is ordered by the caller with an Event. This is
+/// the contract of NCCL's calls on a stream (NCCL user guide, "CUDA stream semantics") and of
+/// PyTorch's ProcessGroupNCCL.
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "tessera/comm/communicator.hpp"
+#include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/stream.hpp"
+
+namespace tessera::cuda {
+
+/// Collectives over fp32 device memory, stream-ordered on this rank's stream() (file comment).
+/// Every method named collective must be called by every rank in the same order with the same
+/// counts; a mismatch throws tessera::Error on every rank naming the counts. Errors of the
+/// host rendezvous are the host communicator's (TimeoutError naming the missing ranks on the
+/// threads backend, AbortedError when another rank threw).
+class DeviceComm {
+ public:
+  virtual ~DeviceComm() = default;
+  /// This rank's index in [0, size()).
+  virtual int rank() const = 0;
+  /// Number of ranks.
+  virtual int size() const = 0;
+  /// The stream every call is ordered on (this rank's compute stream; not owned).
+  virtual const Stream& stream() const = 0;
+  /// x <- op over ranks of x, on every rank (sum, avg, max or min). Collective. In place.
+  virtual void all_reduce(DeviceView<float> x, ReduceOp op) = 0;
+  /// out (size() x in.numel() elements) <- every rank's `in`, in rank order. Collective.
+  virtual void all_gather(DeviceView<const float> in, DeviceView<float> out) = 0;
+  /// out (in.numel() / size() elements) <- op over ranks of this rank's block of `in`
+  /// (block r = elements [r n, (r + 1) n), n = out.numel()). Collective.
+  virtual void reduce_scatter(DeviceView<const float> in, DeviceView<float> out, ReduceOp op) = 0;
+  /// x <- rank root's x, on every rank. Collective.
+  virtual void broadcast(DeviceView<float> x, int root) = 0;
+  /// Sends x to `peer` (which calls recv with as many elements). Eager: returns without
+  /// waiting for the peer; x may be overwritten by later work on stream() at once.
+  virtual void send(DeviceView<const float> x, int peer) = 0;
+  /// Receives into x what `peer` sent (in send order); later work on stream() sees it.
+  virtual void recv(DeviceView<float> x, int peer) = 0;
+};
+
+}  // namespace tessera::cuda
