@@ -9,6 +9,8 @@
 #include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
 #include "tessera/cuda/device_comm.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
+#include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"

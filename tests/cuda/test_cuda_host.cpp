@@ -17,6 +17,7 @@
 #include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
 #include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/element_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
@@ -423,4 +424,50 @@ TEST_CASE("device collectives' element arithmetic (math::reduce_ranks) equals th
       CHECK(std::memcmp(host.data(), device.data(), count * sizeof(float)) == 0);
     }
   }
+}
+
+TEST_CASE("device_grad_buckets: units joined in backward's order up to the cap; the GPT's ready offsets cover its flat buffer once") {
+  namespace tc = tessera::cuda;
+  const std::vector<std::int64_t> ready{900, 700, 400, 100, 0};
+  auto b = tc::device_grad_buckets(1000, ready, 350);
+  REQUIRE(b.size() == 4);  // [900, 1000) + [700, 900) = 300 <= 350; every later join would pass 350
+  CHECK((b[0].lo == 700 && b[0].hi == 1000));
+  CHECK((b[1].lo == 400 && b[1].hi == 700));
+  CHECK((b[2].lo == 100 && b[2].hi == 400));
+  CHECK((b[3].lo == 0 && b[3].hi == 100));
+  b = tc::device_grad_buckets(1000, ready, 1000);
+  REQUIRE(b.size() == 1);
+  CHECK((b[0].lo == 0 && b[0].hi == 1000));
+  b = tc::device_grad_buckets(1000, ready, 1);  // every unit alone
+  CHECK(b.size() == ready.size());
+  CHECK_THROWS_WITH_AS(tc::device_grad_buckets(1000, std::vector<std::int64_t>{900, 950, 0}, 10),
+                       doctest::Contains("ready offset 1 is 950; each must lie below the one before (900"), tessera::Error);
+  CHECK_THROWS_WITH_AS(tc::device_grad_buckets(1000, std::vector<std::int64_t>{900, 5}, 10),
+                       doctest::Contains("must end at 0 (got 5 last)"), tessera::Error);
+  CHECK_THROWS_WITH_AS(tc::device_grad_buckets(1000, ready, 0), doctest::Contains("at least 1 element, got 0"), tessera::Error);
+  // The GPT: ln_f first, then the blocks from the last down, then the embeddings; the buckets
+  // tile [0, numel) from the top, and each holds whole parameters.
+  const tessera::GPTConfig cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 3, .n_head = 4, .d_model = 32};
+  tessera::GPT<float> gpt(cfg, 1);
+  const auto layout = tc::flat_gpt_layout(cfg, gpt.parameters());
+  const auto offsets = tc::gpt_ready_offsets(layout, cfg.n_layer);
+  REQUIRE(offsets.size() == 5);
+  CHECK(offsets[0] == layout[layout.size() - 2].offset);
+  for (int l = 2; l >= 0; --l) CHECK(offsets[static_cast<std::size_t>(3 - l)] == layout[static_cast<std::size_t>(2 + 12 * l)].offset);
+  CHECK(offsets.back() == 0);
+  const std::int64_t numel = layout.back().offset + 128;  // ln_f.bias (32) rounded up to the alignment
+  for (std::int64_t cap : {1LL, 5000LL, 1LL << 40}) {
+    CAPTURE(cap);
+    std::int64_t top = numel;
+    for (const tc::DeviceGradBucket& k : tc::device_grad_buckets(numel, offsets, cap)) {
+      CHECK(k.hi == top);
+      bool starts_a_parameter = false;
+      for (const tc::FlatParameter& f : layout) starts_a_parameter = starts_a_parameter || f.offset == k.lo;
+      CHECK(starts_a_parameter);
+      top = k.lo;
+    }
+    CHECK(top == 0);
+  }
+  CHECK_THROWS_WITH_AS(tc::gpt_ready_offsets(layout, 2), doctest::Contains("40 parameters, a GPT of 2 layers has 28"),
+                       tessera::Error);
 }

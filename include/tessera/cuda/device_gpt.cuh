@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -172,6 +173,20 @@ class DeviceGPT {
     else
       ops::adamw_step<float>(stream_, master_, grad_, m_, v_, chunks_, s, grad_scale);
   }
+
+  /// Where backward finishes the gradients, in the order it does: gradients at flat offsets
+  /// >= ready_offsets()[k] are final (for the micro-batch) once the k-th point is passed --
+  /// ln_f's first element after the head, then each block's first element from the last block
+  /// down, then 0 after the embeddings (the tied wte also takes the head's gradient, so it is
+  /// final only at the end). Descending, ending with 0; the input of device_grad_buckets.
+  std::vector<std::int64_t> ready_offsets() const { return gpt_ready_offsets(flat_, config_.n_layer); }
+  /// Called on the host by every backward at each of ready_offsets(), in order, with the offset,
+  /// after the work finishing those gradients is queued on the stream (so an event recorded by
+  /// the hook follows it): DeviceDataParallel::gradients_final_from starts their reduction
+  /// while backward goes on. Empty: none.
+  void set_backward_hook(std::function<void(std::int64_t)> hook) { hook_ = std::move(hook); }
+  /// The flat gradients as a mutable view (numel() elements), for a data-parallel reduction.
+  DeviceView<float> gradient_view() const noexcept { return grad_.view(); }
 
   /// Optimizer steps taken (AdamW's t).
   std::int64_t steps() const noexcept { return steps_; }
@@ -383,6 +398,7 @@ class DeviceGPT {
     gemm_grad({.trans_a = true, .m = V, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
     ops::layer_norm_backward<C>(stream_, dln_, last.x_in, wv(lnf_w), last.mean1, last.rstd1, dres_, gv(lnf_w),
                                 gv(lnf_b), ws_, false);
+    if (hook_) hook_(flat_[lnf_w].offset);
     for (std::int64_t l = config_.n_layer - 1; l >= 0; --l) {
       LayerActs& a = acts_[static_cast<std::size_t>(l)];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
@@ -407,10 +423,12 @@ class DeviceGPT {
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * D}), gv(p.qkv_b), ws_);
       ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
                                   gv(p.ln1_b), ws_, true);
+      if (hook_) hook_(flat_[p.ln1_w].offset);
     }
     ops::dropout_apply<C>(stream_, dres_, mask_);  // the same mask on the gradient
     ops::embedding_backward<C>(stream_, tokens, dres_, gv(0));
     ops::embedding_backward<C>(stream_, positions_, dres_, gv(1));
+    if (hook_) hook_(0);
   }
 
   GPTConfig config_;
@@ -432,6 +450,7 @@ class DeviceGPT {
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;
   ops::DropoutMask mask_;
+  std::function<void(std::int64_t)> hook_;
 };
 
 }  // namespace tessera::cuda

@@ -68,4 +68,19 @@ inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const
   return flat;
 }
 
+/// Where the GPT's backward finishes the gradients of a flat `layout` (flat_gpt_layout's) of
+/// `n_layer` blocks, in the order it does (DeviceGPT::ready_offsets): ln_f's first element (after
+/// the head and ln_f), then each block's first element from the last block down, then 0 (after
+/// the embeddings; the tied wte takes the head's gradient too, so it is final only then).
+/// Descending, ending with 0. Throws tessera::Error when the layout does not hold the
+/// 2 + 12 n_layer + 2 parameters of such a GPT.
+inline std::vector<std::int64_t> gpt_ready_offsets(const std::vector<FlatParameter>& layout, std::int64_t n_layer) {
+  TESSERA_EXPECTS(n_layer >= 0 && layout.size() == static_cast<std::size_t>(4 + 12 * n_layer), "gpt_ready_offsets: ",
+                  layout.size(), " parameters, a GPT of ", n_layer, " layers has ", 4 + 12 * n_layer);
+  std::vector<std::int64_t> out{layout[layout.size() - 2].offset};
+  for (std::int64_t l = n_layer - 1; l >= 0; --l) out.push_back(layout[static_cast<std::size_t>(2 + 12 * l)].offset);
+  out.push_back(0);
+  return out;
+}
+
 }  // namespace tessera::cuda
