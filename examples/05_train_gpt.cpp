@@ -272,21 +272,24 @@ int main(int argc, char** argv) {
     if (app.count("--context") == 0) a.context = 1024;
     a.heads_given = true;
   }
-  const bool layout_given = app.count("--dp") + app.count("--tp") + app.count("--pp") > 0;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they are printed, even through a pipe
   try {
     namespace fs = std::filesystem;
     if (a.device == "cuda") {
-      // One GPU for now: the policies move onto device memory in "GPU execution, part 2".
-      TESSERA_EXPECTS(!layout_given || a.world() == 1, "train_gpt: --device cuda trains on one GPU: dp x tp x pp is ",
-                      a.world(), "; drop --dp/--tp/--pp (the policies on GPUs are not built yet)");
+      // One GPU: dp ranks as threads sharing it (ThreadDeviceComm); tp and pp on device memory,
+      // and NCCL across processes, are the rest of "GPU execution, part 2".
+      TESSERA_EXPECTS(a.tp == 1 && a.pp == 1, "train_gpt: --device cuda trains at --dp N on one GPU (threads sharing "
+                      "it): tp x pp is ", a.tp * a.pp, "; tensor and pipeline parallelism on GPUs are not built yet "
+                      "(drop --tp/--pp)");
+      TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its dp ranks as threads sharing GPU 0; "
+                      "--backend mpi (NCCL across processes) is not wired into train_gpt yet");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() == ZeroStage::none,
-                      "train_gpt: --compress, --sync-every and --zero/--zero1 need dp > 1, which --device cuda does not "
-                      "have yet");
+                      "train_gpt: --compress, --sync-every and --zero/--zero1 are not built on the device yet; drop "
+                      "them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
-      a.dp = a.tp = a.pp = 1;
+      a.tp = a.pp = 1;
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }
@@ -528,7 +531,10 @@ int main(int argc, char** argv) {
     if (a.device == "cuda") {
       TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "
                       "cuBLASLt was not found when Meson configured); install the CUDA toolkit, configure with -Dcuda=enabled");
-      launch("threads", 1, argc, argv, [&](Comm& world) { curve = train_on_device(world, a, meta_of, training_started); });
+      launch("threads", a.dp, argc, argv, [&](Comm& world) {
+        auto c = train_on_device(world, a, meta_of, training_started);
+        if (world.rank() == 0) curve = std::move(c);
+      });
     } else {
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) {
         try {

@@ -3,9 +3,15 @@
 
 #include <cuda_runtime_api.h>
 
+#include <memory>
+#include <optional>
+
 #include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_gpt.cuh"
+#include "tessera/cuda/device_grad_buckets.hpp"
+#include "tessera/cuda/thread_device_comm.cuh"
 
 namespace train_gpt {
 namespace {
@@ -42,10 +48,28 @@ class CudaModel final : public DeviceModel {
     if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";
     return p.name;
   }
+  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements) override {
+    comm_stream_.emplace();
+    comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
+    ddp_ = std::make_unique<tessera::cuda::DeviceDataParallel>(
+        *comm_, stream_, model_.gradient_view(),
+        tessera::cuda::device_grad_buckets(model_.numel(), model_.ready_offsets(), bucket_elements));
+    model_.set_backward_hook([this](std::int64_t offset) { ddp_->gradients_final_from(offset); });
+  }
+  void set_sync(bool sync) override {
+    if (ddp_) ddp_->set_sync(sync);
+  }
+  void finish_gradients() override {
+    if (ddp_) ddp_->finish();
+  }
 
  private:
   tessera::cuda::Stream stream_;
   tessera::cuda::DeviceGPT<C> model_;
+  // Data parallelism (attach_data_parallel): destroyed before the model, the reduction first.
+  std::optional<tessera::cuda::Stream> comm_stream_;
+  std::unique_ptr<tessera::cuda::ThreadDeviceComm> comm_;
+  std::unique_ptr<tessera::cuda::DeviceDataParallel> ddp_;
 };
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "tessera/comm/communicator.hpp"
 #include "tessera/core/batch_position.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
@@ -34,6 +35,15 @@ class DeviceModel {
   virtual std::size_t activation_bytes() const = 0;
   virtual std::size_t peak_device_bytes() const = 0;  // the caching allocator's peak
   virtual std::string device_name() const = 0;
+  // Data parallelism with the other ranks of `dp` (threads of this process on the same GPU):
+  // each forward_backward with sync on reduces its gradients in buckets of at most
+  // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel). Collective over dp.
+  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements) = 0;
+  // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
+  virtual void set_sync(bool sync) = 0;
+  // After a step's last forward_backward, before grad_norm and step: the reductions ordered
+  // before them. Collective over dp. Nothing without attach_data_parallel.
+  virtual void finish_gradients() = 0;
 };
 
 // Whether this train_gpt was built with the CUDA device layers (nvcc found at configure time).

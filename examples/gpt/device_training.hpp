@@ -1,6 +1,8 @@
 #pragma once
-// --device cuda: train_gpt's loop on one CUDA device (dp = tp = pp = 1). The model trains on the
-// device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
+// --device cuda: train_gpt's loop on one CUDA device, at dp N as threads sharing it (tp = pp = 1):
+// each rank's DeviceGPT trains on its rows of the batch and its gradients are all-reduced on a
+// communication stream while backward runs (DeviceDataParallel over ThreadDeviceComm). The model
+// trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same
 // safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
 // loads into it and uploads.
@@ -28,11 +30,13 @@
 
 namespace train_gpt {
 
-// Trains on CUDA device 0 as rank 0 of a 1-rank `world` and returns the loss curve.
+// Trains on CUDA device 0 as a rank of `world` (a.dp threads, each a dp rank) and returns the
+// loss curve (every rank the same).
 inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                                           checkpoint::CheckpointMeta (*meta)(const Args&, int), std::atomic<bool>& started) {
   using Clock = std::chrono::steady_clock;
-  Mesh mesh(world, MeshShape{.dp = 1, .pp = 1, .tp = 1});
+  Mesh mesh(world, MeshShape{.dp = world.size(), .pp = 1, .tp = 1});
+  const bool lead = world.rank() == 0;
   const data::TextDataset ds(a.data, a.context);
   HybridGPT<float> host(mesh, a.config(), a.seed, a.hybrid());
   DistributedOptimizer<optim::AdamW<float>> opt(host, a.adamw_groups(host.parameters()), ZeroStage::none);
@@ -40,24 +44,29 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   if (!a.resume.empty()) {
     const auto info = checkpoint::load_hybrid_checkpoint(a.resume, host, opt, checkpoint::gpt2_config_json(a.config()));
     start = static_cast<int>(info.step);
-    std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
-                info.layout.dp, info.layout.pp, info.layout.tp);
+    if (lead)
+      std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
+                  info.layout.dp, info.layout.pp, info.layout.tp);
   }
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16");
   if (start > 0) dev->upload_optimizer(opt.replicated());
+  const int dp = world.size(), rows = a.batch / dp, r0 = world.rank() * rows;
+  // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them.
+  if (dp > 1) dev->attach_data_parallel(mesh.dp(), (25LL << 20) / 4);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
-  std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s; global batch %d x %d, accum %d; "
-              "%lld parameters\n",
-              a.layers, a.d_model, a.heads, a.context, dev->device_name().c_str(),
-              a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", a.batch, a.context,
-              a.accum, static_cast<long long>(n_params));
+  if (lead)
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s, dp %d (threads sharing it); "
+                "global batch %d x %d, accum %d; %lld parameters\n",
+                a.layers, a.d_model, a.heads, a.context, dev->device_name().c_str(),
+                a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", dp, a.batch,
+                a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
   const double tokens_per_step = static_cast<double>(a.batch) * a.context;
-  const int chunk = a.batch / a.accum;
+  const int chunk = rows / a.accum;
   std::ofstream json_log;
-  if (!a.log_json.empty()) json_log.open(a.log_json, std::ios::trunc);
+  if (!a.log_json.empty() && lead) json_log.open(a.log_json, std::ios::trunc);
   std::vector<Point> curve;
   std::int64_t skipped = 0;
   started = true;
@@ -65,17 +74,20 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   double tokens = 0, elapsed = 0;
   for (int step = start; step < a.steps; ++step) {
     const auto t0 = Clock::now();
-    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, 0, a.batch);
+    const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, r0, r0 + rows);
     dev->zero_grad();
     for (int k = 0; k < a.accum; ++k) {
       const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
-      // The rows' place in the global batch: dropout draws the masks of the CPU run.
+      // The rows' place in the global batch: dropout draws the masks of the CPU run. The last
+      // micro-batch's backward reduces the gradients over dp (the others only accumulate).
+      dev->set_sync(k == a.accum - 1);
       dev->forward_backward(x, y, static_cast<float>(1.0 / tokens_per_step),
-                            BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = k * chunk});
+                            BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = r0 + k * chunk});
     }
-    const double loss = dev->take_loss_sum() / tokens_per_step;
-    const double norm = dev->grad_norm();
+    dev->finish_gradients();
+    const double loss = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / tokens_per_step;
+    const double norm = dev->grad_norm();  // of the summed gradients: the same on every rank
     const bool finite = std::isfinite(loss) && std::isfinite(norm);
     if (finite) {
       const float scale = a.clip > 0 && norm > a.clip ? static_cast<float>(a.clip / (norm + 1e-6)) : 1.f;
@@ -84,8 +96,9 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       TESSERA_EXPECTS(a.on_nonfinite == "skip", "train_gpt: step ", step, ": the loss (", loss,
                       ") or the gradient norm (", norm, ") is not finite on the device; --on-nonfinite skip skips such steps");
       ++skipped;
-      std::printf("step %4d  skipped (%lld so far): loss %g, gradient norm %g\n", step, static_cast<long long>(skipped),
-                  loss, norm);
+      if (lead)
+        std::printf("step %4d  skipped (%lld so far): loss %g, gradient norm %g\n", step,
+                    static_cast<long long>(skipped), loss, norm);
     }
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     tokens += tokens_per_step;
@@ -94,10 +107,10 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     const bool last = step == a.steps - 1;
     if (a.val_every > 0 && (step % a.val_every == 0 || last)) {
       for (int i = 0; i < a.val_batches; ++i) {
-        const data::Batch v = ds.batch(data::Split::val, a.seed, i, a.batch, 0, a.batch);
+        const data::Batch v = ds.batch(data::Split::val, a.seed, i, a.batch, r0, r0 + rows);
         dev->evaluate(v.inputs, v.targets);
       }
-      pt.val = dev->take_loss_sum() / (tokens_per_step * a.val_batches);
+      pt.val = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / (tokens_per_step * a.val_batches);
     }
     if (finite) curve.push_back(pt);
     if (json_log.is_open()) {
@@ -108,26 +121,27 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       json_log << j.dump() << std::endl;
     }
     if (!a.quiet && (step % a.log_every == 0 || last)) {
-      std::printf("step %4d  loss %.4f  lr %.2e  %8.0f tokens/s  device cuda %s\n", step, loss, lr(step),
-                  tokens / elapsed, a.dtype.c_str());
+      if (lead)
+        std::printf("step %4d  loss %.4f  lr %.2e  %8.0f tokens/s  device cuda %s\n", step, loss, lr(step),
+                    tokens / elapsed, a.dtype.c_str());
       tokens = elapsed = 0;
     }
-    if (pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if (pt.val >= 0 && lead) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
       dev->download(host.parameters());
       dev->download_optimizer(opt.replicated());
       checkpoint::save_hybrid_checkpoint(a.save, host, opt, meta(a, step + 1));
-      if (!a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
+      if (!a.quiet && lead) std::printf("step %4d  saved %s\n", step, a.save.c_str());
     }
   }
-  if (a.steps > start)
+  if (a.steps > start && lead)
     std::printf("trained steps %d..%d in %.1f s on the device (activations %.3g MB, device memory peak %.3g MB)\n",
                 start, a.steps - 1, std::chrono::duration<double>(Clock::now() - t_start).count(),
                 static_cast<double>(dev->activation_bytes()) / 1e6, static_cast<double>(dev->peak_device_bytes()) / 1e6);
   if (a.sample_len > 0) {
     dev->download(host.parameters());
     const std::string text = sample(host, a);
-    std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
+    if (lead) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
   }
   return curve;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
 # runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
-# their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU.
+# their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
+# dp 2 on the GPU (threads sharing it) equals the serial CPU run (--verify).
 # Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
 set -uo pipefail
 exe=$1 data=$2
@@ -19,7 +20,9 @@ expect() {  # exit code, message fragment, args...
     echo "ok: train_gpt $* -> exit $rc: $(echo "$out" | head -n 1)"
   fi
 }
-expect 2 "--device cuda trains on one GPU: dp x tp x pp is 4" --device cuda --dp 2 --tp 2 --steps 2
+expect 2 "--device cuda trains at --dp N on one GPU (threads sharing it): tp x pp is 2" --device cuda --dp 2 --tp 2 --steps 2
+expect 2 "--backend mpi (NCCL across processes) is not wired" --device cuda --dp 2 --backend mpi --steps 2
+expect 2 "--zero/--zero1 are not built on the device yet" --device cuda --dp 2 --zero 1 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
 expect 2 "--device: gpu not in" --device gpu --steps 2
 expect 2 "--plan auto plans CPU ranks" --device cuda --plan auto --world 2 --steps 2
@@ -31,9 +34,15 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   [[ $rc == 0 && -f "$tmp/ck/index.json" ]] || { echo "FAIL: a GPU run (exit $rc)"; fails=$((fails + 1)); }
   timeout 120 "$exe" --data "$data" --resume "$tmp/ck" --steps 8 --layers 2 --d-model 32 --heads 2 --context 16 \
     --batch 4 --sample-len 0 --val-every 0 --dp 2 || { echo "FAIL: the GPU checkpoint resumed on the CPU"; fails=$((fails + 1)); }
+  # dp 2 on the one GPU (threads, DeviceDataParallel) against the serial CPU run (--verify).
+  out=$(timeout 180 "$exe" --device cuda --dp 2 --accum 2 --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
+        --context 16 --batch 8 --sample-len 0 --val-every 3 --verify 2>&1); rc=$?
+  echo "$out" | tail -n 3
+  [[ $rc == 0 ]] || { echo "FAIL: --device cuda --dp 2 --verify (exit $rc)"; fails=$((fails + 1)); }
 else
   # No GPU: the device run is refused with the runtime's reason, exit 2 (nothing started).
   expect 2 "no CUDA device" --device cuda --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
+  expect 2 "no CUDA device" --device cuda --dp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
 fi
 [[ $fails == 0 ]] && echo "train_gpt --device checks: all passed" || echo "train_gpt --device checks: $fails failed"
 exit $((fails > 0))
