@@ -52,7 +52,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   if (start > 0) dev->upload_optimizer(opt.replicated());
   const int dp = world.size(), rows = a.batch / dp, r0 = world.rank() * rows;
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them.
-  if (dp > 1) dev->attach_data_parallel(mesh.dp(), (25LL << 20) / 4);
+  // The device collectives' rendezvous get a host communicator of their own.
+  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
