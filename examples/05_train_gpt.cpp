@@ -284,9 +284,10 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its dp ranks as threads sharing GPU 0; "
                       "--backend mpi (NCCL across processes) is not wired into train_gpt yet");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
-      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() == ZeroStage::none,
-                      "train_gpt: --compress, --sync-every and --zero/--zero1 are not built on the device yet; drop "
-                      "them with --device cuda");
+      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
+                          (a.zero_stage() == ZeroStage::none || a.zero_stage() == ZeroStage::optimizer),
+                      "train_gpt: --compress, --sync-every and --zero 2/3 are not built on the device yet (--zero 1 "
+                      "is); drop them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
       a.tp = a.pp = 1;

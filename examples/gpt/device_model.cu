@@ -19,8 +19,9 @@ namespace {
 template <class C>
 class CudaModel final : public DeviceModel {
  public:
-  CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed)
-      : stream_(), model_(config, params, stream_, seed) {}
+  CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
+            int shards)
+      : stream_(), model_(config, params, stream_, seed, shards) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
                         float dloss, const tessera::BatchPosition& at) override {
@@ -35,10 +36,24 @@ class CudaModel final : public DeviceModel {
   double grad_norm() override { return model_.grad_norm(); }
   void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) override {
     model_.step(options, lr, grad_scale);
+    if (model_.sharded()) {  // ZeRO-1: every rank updated its shard; gather them all
+      const tessera::Shape shard{model_.shard_end() - model_.shard_begin()};
+      ddp_->gather(tessera::cuda::DeviceView<const float>(model_.master_view().data + model_.shard_begin(), shard),
+                   model_.master_view());
+      model_.refresh_compute_copy();
+    }
   }
   void download(const tessera::ParameterList<float>& params) const override { model_.download(params); }
   void upload_optimizer(const tessera::optim::AdamW<float>& opt) override { model_.upload_optimizer(opt); }
-  void download_optimizer(tessera::optim::AdamW<float>& opt) const override { model_.download_optimizer(opt); }
+  void download_optimizer(tessera::optim::AdamW<float>& opt) const override {
+    if (!model_.sharded()) return model_.download_optimizer(opt);
+    // ZeRO-1: the moments' shards gathered into whole buffers first (collective).
+    const tessera::Shape flat{model_.numel()};
+    auto m = tessera::cuda::DeviceTensor<float>::empty(flat, stream_), v = tessera::cuda::DeviceTensor<float>::empty(flat, stream_);
+    ddp_->gather(model_.exp_avg_view(), m);
+    ddp_->gather(model_.exp_avg_sq_view(), v);
+    model_.download_optimizer(opt, m, v);
+  }
   std::size_t activation_bytes() const override { return model_.activation_bytes(); }
   std::size_t peak_device_bytes() const override {
     return tessera::cuda::default_allocator().stats().peak_allocated_bytes;
@@ -48,7 +63,8 @@ class CudaModel final : public DeviceModel {
     if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";
     return p.name;
   }
-  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements) override {
+  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer) override {
+    if (shard_optimizer) model_.shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
     comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
     ddp_ = std::make_unique<tessera::cuda::DeviceDataParallel>(
@@ -78,10 +94,10 @@ bool built_with_cuda() { return true; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16) {
+                                               bool bf16, int shards) {
   tessera::cuda::set_device(0);
-  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed);
-  return std::make_unique<CudaModel<float>>(config, params, seed);
+  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards);
+  return std::make_unique<CudaModel<float>>(config, params, seed, shards);
 }
 
 }  // namespace train_gpt

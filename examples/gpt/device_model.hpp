@@ -37,8 +37,11 @@ class DeviceModel {
   virtual std::string device_name() const = 0;
   // Data parallelism with the other ranks of `dp` (threads of this process on the same GPU):
   // each forward_backward with sync on reduces its gradients in buckets of at most
-  // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel). Collective over dp.
-  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements) = 0;
+  // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with
+  // `shard_optimizer` (ZeRO-1) each rank keeps AdamW's moments of its 1/dp of the flat buffers,
+  // steps those weights and gathers the others' (the model made with shards = dp). Collective
+  // over dp.
+  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
   virtual void set_sync(bool sync) = 0;
   // After a step's last forward_backward, before grad_norm and step: the reductions ordered
@@ -50,10 +53,10 @@ class DeviceModel {
 bool built_with_cuda();
 
 // A model on CUDA device 0 holding `params` (the CPU GPT's, in its order, made from `seed`),
-// bf16 mixed precision or fp32. Throws tessera::Error naming the reason where there is no
-// device or no CUDA build.
+// bf16 mixed precision or fp32, its flat buffers padded for `shards` ZeRO-1 shards. Throws
+// tessera::Error naming the reason where there is no device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16);
+                                               bool bf16, int shards = 1);
 
 }  // namespace train_gpt

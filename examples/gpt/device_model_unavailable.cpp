@@ -9,7 +9,7 @@ namespace train_gpt {
 bool built_with_cuda() { return false; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
-                                               std::uint64_t, bool) {
+                                               std::uint64_t, bool, int) {
   throw tessera::Error(
       "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
       "configured); install the CUDA toolkit and configure with -Dcuda=enabled");

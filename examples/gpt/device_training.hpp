@@ -48,20 +48,23 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
                   info.layout.dp, info.layout.pp, info.layout.tp);
   }
-  std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16");
-  if (start > 0) dev->upload_optimizer(opt.replicated());
   const int dp = world.size(), rows = a.batch / dp, r0 = world.rank() * rows;
-  // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them.
-  // The device collectives' rendezvous get a host communicator of their own.
-  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4);
+  const bool zero1 = a.zero_stage() == ZeroStage::optimizer && dp > 1;
+  std::unique_ptr<DeviceModel> dev =
+      make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16", zero1 ? dp : 1);
+  if (start > 0) dev->upload_optimizer(opt.replicated());
+  // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
+  // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
+  // communicator of their own.
+  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4, zero1);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
-    std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s, dp %d (threads sharing it); "
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s, dp %d (threads sharing it)%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
                 a.layers, a.d_model, a.heads, a.context, dev->device_name().c_str(),
-                a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", dp, a.batch,
-                a.context, a.accum, static_cast<long long>(n_params));
+                a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", dp,
+                zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
   const double tokens_per_step = static_cast<double>(a.batch) * a.context;

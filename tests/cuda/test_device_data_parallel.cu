@@ -2,7 +2,8 @@
 // communication stream, buckets reduced while backward runs) train as one DeviceGPT on the
 // whole batch: losses within 1e-5 relative at every step, parameters within 1e-5 (norm-wise)
 // after 6 AdamW steps with clipping; with 2 micro-batches per rank (accumulation, the first
-// without reduction) too. Needs a GPU (gpu_main.cpp skips without one).
+// without reduction) too; and ZeRO-1 (AdamW's moments sharded over dp, the weights' shards
+// gathered) equal to plain dp bitwise. Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -63,6 +64,7 @@ struct Run {
   std::vector<double> losses;
   std::vector<float> params;
   std::size_t buckets = 0;  // DeviceDataParallel's (dp runs)
+  std::int64_t moment_elements = 0;  // AdamW's first moment on this rank (ZeRO-1 runs)
 };
 
 std::vector<float> flat_params(tc::DeviceGPT<float>& m) {
@@ -94,14 +96,17 @@ Run single(const Data& d) {
   return r;
 }
 
-// dp ranks as threads on one GPU, each with `micro` micro-batches per step.
-std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* reductions_per_step) {
+// dp ranks as threads on one GPU, each with `micro` micro-batches per step; with `zero1` AdamW's
+// moments sharded over dp (DeviceGPT::shard_optimizer) and the weights' shards gathered after
+// each step.
+std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* reductions_per_step, bool zero1 = false) {
   return threads::run(dp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
     tc::ThreadDeviceComm comm(world.split(0, world.rank()), comm_stream);
     GPT<float> init(dp_cfg, 5);
-    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute);
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute, 0, zero1 ? dp : 1);
+    if (zero1) m.shard_optimizer(world.rank(), dp);
     const auto ready = m.ready_offsets();
     tc::DeviceDataParallel ddp(comm, compute, m.gradient_view(),
                                tc::device_grad_buckets(m.numel(), ready, 6000));  // several buckets
@@ -119,6 +124,12 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
       }
       ddp.finish();
       m.step(dp_opts, dp_opts.lr, clip_scale(m.grad_norm()));
+      if (zero1) {
+        const Shape shard{m.shard_end() - m.shard_begin()};
+        ddp.gather(tc::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard), m.master_view());
+        m.refresh_compute_copy();
+        r.moment_elements = m.exp_avg_view().numel();
+      }
       const double local = m.take_loss_sum();
       r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / static_cast<double>(kRows * kT));
     }
@@ -169,4 +180,23 @@ TEST_CASE("DeviceDataParallel: dp 2 and 3 on one GPU (threads) train as one Devi
       CHECK(reductions == static_cast<std::int64_t>(
                               tc::device_grad_buckets(numel, tc::gpt_ready_offsets(layout, dp_cfg.n_layer), 6000).size()));
     }
+}
+
+TEST_CASE("DeviceGPT ZeRO-1 on one GPU (threads): each rank keeps 1/dp of AdamW's moments, and the weights equal plain dp bitwise") {
+  const Data d = make_data();
+  for (int dp : {2, 3}) {
+    CAPTURE(dp);
+    const std::vector<Run> plain = data_parallel(d, dp, 1, nullptr);
+    const std::vector<Run> zero = data_parallel(d, dp, 1, nullptr, true);
+    GPT<float> probe(dp_cfg, 5);
+    const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
+    const std::int64_t pad = tc::flat_alignment * dp;
+    const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+    for (std::size_t r = 0; r < zero.size(); ++r) {
+      CAPTURE(r);
+      CHECK(zero[r].params == plain[r].params);  // the same AdamW per element, the same sums
+      CHECK(zero[r].losses == plain[r].losses);
+      CHECK(zero[r].moment_elements == numel / dp);
+    }
+  }
 }

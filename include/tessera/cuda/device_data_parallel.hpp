@@ -65,6 +65,17 @@ class DeviceDataParallel {
     done_.record(comm_.stream());
     done_.wait_on(compute_);
   }
+  /// ZeRO-1's gather: out (size() x in.numel() elements) <- every rank's `in` in rank order,
+  /// ordered after the compute stream's work and before its later work, e.g. each rank's shard
+  /// of the master weights after its optimizer step into the whole buffer (`in` may be `out`'s
+  /// rank-th block: in place). Collective.
+  void gather(DeviceView<const float> in, DeviceView<float> out) {
+    ready_.record(compute_);
+    ready_.wait_on(comm_.stream());
+    comm_.all_gather(in, out);
+    done_.record(comm_.stream());
+    done_.wait_on(compute_);
+  }
   /// All-reduces issued since construction (one per bucket per synchronized step).
   std::int64_t reductions() const noexcept { return reductions_; }
   /// The buckets, in reduction order.

@@ -30,6 +30,7 @@
 #include "tessera/cuda/ops/adamw.cuh"
 #include "tessera/cuda/ops/attention.cuh"
 #include "tessera/cuda/ops/bias_grad.cuh"
+#include "tessera/cuda/ops/convert.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/dropout.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
@@ -54,13 +55,19 @@ class DeviceGPT {
   /// A model of `config` on the current device, its parameters uploaded from `params` (the CPU
   /// GPT's parameters(), in its order), work on `stream`; `seed` is the CPU model's (it keys the
   /// dropout masks). Throws tessera::Error naming the parameter when a name or shape is not the
-  /// GPT's; CudaError where there is no device.
-  DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0)
+  /// GPT's; CudaError where there is no device. `shards` (>= 1): the flat buffers are padded
+  /// to a multiple of shards x flat_alignment elements, so shard_optimizer(r, shards) can split
+  /// them evenly (ZeRO-1 over that many dp ranks).
+  DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0,
+            int shards = 1)
       : config_(validated(config)),
         stream_(stream),
         blas_(stream),
         drop_(config_.embd_pdrop, nn::LayerInit{.prefix = "", .seed = seed}.child("drop")) {
+    TESSERA_EXPECTS(shards >= 1, "DeviceGPT: shards must be >= 1, got ", shards);
     layout(params);
+    const std::int64_t pad = flat_alignment * shards;
+    numel_ = (numel_ + pad - 1) / pad * pad;
     const Shape flat{numel_};
     master_ = DeviceTensor<float>::empty(flat, stream_);
     grad_ = DeviceTensor<float>::zeros(flat, stream_);
@@ -106,15 +113,25 @@ class DeviceGPT {
   void upload_optimizer(const optim::AdamW<float>& opt) {
     Tensor<float> m(Shape{numel_}), v(Shape{numel_});
     copy_moments_to_flat(opt, m, v);
-    m_ = to_device<float>(m, stream_);
-    v_ = to_device<float>(v, stream_);
+    // Under shard_optimizer only this rank's shard of the moments is kept.
+    m_ = to_device<float>(m.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
+    v_ = to_device<float>(v.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
     steps_ = opt.steps();
   }
   /// Writes the device's AdamW moments and step count into a CPU optimizer over the CPU
   /// model's parameters (for a checkpoint); its parameters may be in any order (groups), each is
   /// found by name. Throws tessera::Error naming a parameter the model does not have.
   void download_optimizer(optim::AdamW<float>& opt) const {
-    const Tensor<float> m = to_host(m_, stream_), v = to_host(v_, stream_);
+    TESSERA_EXPECTS(!sharded(), "DeviceGPT::download_optimizer: the moments are sharded (shard_optimizer); gather them "
+                    "and call download_optimizer(opt, m, v)");
+    download_optimizer(opt, m_, v_);
+  }
+  /// As download_optimizer(opt), from full flat moments `m` and `v` (numel() elements each on the
+  /// device, e.g. every rank's shard gathered). Throws tessera::Error naming the sizes.
+  void download_optimizer(optim::AdamW<float>& opt, DeviceView<const float> m_full, DeviceView<const float> v_full) const {
+    TESSERA_EXPECTS(m_full.numel() == numel_ && v_full.numel() == numel_, "DeviceGPT::download_optimizer: moments of ",
+                    m_full.numel(), " and ", v_full.numel(), " elements, the model's flat buffers hold ", numel_);
+    const Tensor<float> m = to_host(m_full, stream_), v = to_host(v_full, stream_);
     std::size_t i = 0;
     for (Parameter<float>& p : opt.parameters()) {
       const FlatParameter& f = find(p.name, p.value.shape());
@@ -163,15 +180,62 @@ class DeviceGPT {
 
   /// One AdamW step of every parameter in one launch, with `options` (lr as given; weight decay
   /// on the rank >= 2 group only) and the gradients scaled by `grad_scale` (a clipping factor).
+  /// Under shard_optimizer, only this rank's shard of the master weights is updated (and of the
+  /// bf16 copy): gather the shards (every rank's master_shard() into master_view()) and call
+  /// refresh_compute_copy() before the next forward.
   void step(const optim::AdamWOptions& options, double lr, float grad_scale = 1.f) {
     ++steps_;
     ops::AdamWGroupScalars s{};
     s.group[0] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, options.weight_decay, steps_);
     s.group[1] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
+    const Shape shard{shard_hi() - shard_lo_};
+    const DeviceView<float> param(master_.data() + shard_lo_, shard);
+    const DeviceView<const float> grad(grad_.data() + shard_lo_, shard);
     if constexpr (std::is_same_v<C, bf16>)
-      ops::adamw_step<bf16>(stream_, master_, grad_, m_, v_, chunks_, s, grad_scale, low_);
+      ops::adamw_step<bf16>(stream_, param, grad, m_, v_, chunks_, s, grad_scale,
+                            DeviceView<bf16>(low_.data() + shard_lo_, shard));
     else
-      ops::adamw_step<float>(stream_, master_, grad_, m_, v_, chunks_, s, grad_scale);
+      ops::adamw_step<float>(stream_, param, grad, m_, v_, chunks_, s, grad_scale);
+  }
+
+  /// ZeRO-1: this rank (of `shards`, the constructor's count) keeps AdamW's moments of the flat
+  /// elements [numel() / shards x rank, numel() / shards x (rank + 1)) only and step() updates
+  /// only those weights (Rajbhandari et al. 2020, P_os). The moments held so far are cut to the
+  /// shard. Throws tessera::Error naming the numbers when numel() is not a multiple of `shards`
+  /// (construct with that many shards) or the rank is out of range.
+  void shard_optimizer(int rank, int shards) {
+    TESSERA_EXPECTS(shards >= 1 && rank >= 0 && rank < shards && numel_ % shards == 0, "DeviceGPT::shard_optimizer: rank ",
+                    rank, " of ", shards, " shards of ", numel_, " elements (construct the model with shards = ", shards,
+                    ")");
+    TESSERA_EXPECTS(shard_size_ < 0, "DeviceGPT::shard_optimizer: already sharded");
+    const Tensor<float> m = to_host(m_, stream_), v = to_host(v_, stream_);
+    shard_size_ = numel_ / shards;
+    shard_lo_ = shard_size_ * rank;
+    m_ = to_device<float>(m.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
+    v_ = to_device<float>(v.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
+    std::vector<ops::FlatSegment> segments;  // the parameters' parts inside the shard, from its start
+    for (const FlatParameter& p : flat_) {
+      const std::int64_t b = std::max(p.offset, shard_lo_), e = std::min(p.offset + p.shape.numel(), shard_hi());
+      if (b < e) segments.push_back({b - shard_lo_, e - b, p.decay ? 0 : 1});
+    }
+    chunks_ = ops::adamw_chunks(stream_, segments);
+  }
+  /// True after shard_optimizer.
+  bool sharded() const noexcept { return shard_size_ >= 0 && shard_size_ != numel_; }
+  /// This rank's shard of the flat buffers, [shard_begin(), shard_end()) (all of them unsharded).
+  std::int64_t shard_begin() const noexcept { return shard_lo_; }
+  /// One past the shard's last element.
+  std::int64_t shard_end() const noexcept { return shard_hi(); }
+  /// The fp32 master weights, flat (numel() elements), for gathering the shards.
+  DeviceView<float> master_view() const noexcept { return master_.view(); }
+  /// AdamW's first and second moments of the shard (shard_end() - shard_begin() elements each).
+  DeviceView<float> exp_avg_view() const noexcept { return m_.view(); }
+  /// (See exp_avg_view.)
+  DeviceView<float> exp_avg_sq_view() const noexcept { return v_.view(); }
+  /// Rewrites the compute copy of the weights from the master weights on the stream (bf16: a
+  /// conversion kernel; nothing for fp32), e.g. after the shards were gathered.
+  void refresh_compute_copy() {
+    if constexpr (std::is_same_v<C, bf16>) ops::convert_from_f32<bf16>(stream_, master_, low_);
   }
 
   /// Where backward finishes the gradients, in the order it does: gradients at flat offsets
@@ -437,6 +501,8 @@ class DeviceGPT {
   std::vector<FlatParameter> flat_;
   std::vector<BlockParams> blocks_;
   std::int64_t numel_ = 0;
+  std::int64_t shard_lo_ = 0, shard_size_ = -1;  // ZeRO-1's shard (shard_optimizer); -1: unsharded
+  std::int64_t shard_hi() const noexcept { return shard_size_ < 0 ? numel_ : shard_lo_ + shard_size_; }
   DeviceTensor<float> master_, grad_, m_, v_;
   DeviceTensor<bf16> low_;
   ops::AdamWChunks chunks_;
