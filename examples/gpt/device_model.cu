@@ -12,6 +12,10 @@
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
+#if defined(TESSERA_HAVE_NCCL)
+#include "tessera/comm/nccl/nccl_communicator.hpp"
+#include "tessera/cuda/nccl/nccl_device_comm.hpp"
+#endif
 
 namespace train_gpt {
 namespace {
@@ -63,10 +67,21 @@ class CudaModel final : public DeviceModel {
     if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";
     return p.name;
   }
-  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer) override {
+  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
+                            bool nccl) override {
     if (shard_optimizer) model_.shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
-    comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
+    if (nccl) {
+#if defined(TESSERA_HAVE_NCCL)
+      // One GPU per rank: an NCCL communicator over the same ranks (bootstrapped through dp).
+      comm_ = std::make_unique<tessera::cuda::NcclDeviceComm>(
+          tessera::nccl::make_communicator(dp, tessera::cuda::current_device(), {.name = "nccl:dp"}), *comm_stream_);
+#else
+      throw tessera::Error("train_gpt: this build has no NCCL: dp ranks cannot drive GPUs of their own");
+#endif
+    } else {
+      comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
+    }
     ddp_ = std::make_unique<tessera::cuda::DeviceDataParallel>(
         *comm_, stream_, model_.gradient_view(),
         tessera::cuda::device_grad_buckets(model_.numel(), model_.ready_offsets(), bucket_elements));
@@ -84,18 +99,26 @@ class CudaModel final : public DeviceModel {
   tessera::cuda::DeviceGPT<C> model_;
   // Data parallelism (attach_data_parallel): destroyed before the model, the reduction first.
   std::optional<tessera::cuda::Stream> comm_stream_;
-  std::unique_ptr<tessera::cuda::ThreadDeviceComm> comm_;
+  std::unique_ptr<tessera::cuda::DeviceComm> comm_;
   std::unique_ptr<tessera::cuda::DeviceDataParallel> ddp_;
 };
 
 }  // namespace
 
 bool built_with_cuda() { return true; }
+bool built_with_nccl() {
+#if defined(TESSERA_HAVE_NCCL)
+  return true;
+#else
+  return false;
+#endif
+}
+int visible_gpus() { return tessera::cuda::device_count(); }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16, int shards) {
-  tessera::cuda::set_device(0);
+                                               bool bf16, int shards, int device) {
+  tessera::cuda::set_device(device);
   if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards);
   return std::make_unique<CudaModel<float>>(config, params, seed, shards);
 }

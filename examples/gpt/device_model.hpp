@@ -40,8 +40,10 @@ class DeviceModel {
   // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with
   // `shard_optimizer` (ZeRO-1) each rank keeps AdamW's moments of its 1/dp of the flat buffers,
   // steps those weights and gathers the others' (the model made with shards = dp). Collective
-  // over dp.
-  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer) = 0;
+  // over dp. With `nccl` the ranks each drive a GPU of their own and reduce through NCCL (the
+  // model made on device dp.rank()); otherwise they share this GPU (threads of one process).
+  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
+                                    bool nccl) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
   virtual void set_sync(bool sync) = 0;
   // After a step's last forward_backward, before grad_norm and step: the reductions ordered
@@ -51,12 +53,17 @@ class DeviceModel {
 
 // Whether this train_gpt was built with the CUDA device layers (nvcc found at configure time).
 bool built_with_cuda();
+// Whether it was built with NCCL too (dp ranks on GPUs of their own).
+bool built_with_nccl();
+// CUDA devices this process sees (0 without a device or a CUDA build; never throws).
+int visible_gpus();
 
-// A model on CUDA device 0 holding `params` (the CPU GPT's, in its order, made from `seed`),
-// bf16 mixed precision or fp32, its flat buffers padded for `shards` ZeRO-1 shards. Throws
-// tessera::Error naming the reason where there is no device or no CUDA build.
+// A model on CUDA device `device` (made current on the calling thread) holding `params` (the
+// CPU GPT's, in its order, made from `seed`), bf16 mixed precision or fp32, its flat buffers
+// padded for `shards` ZeRO-1 shards. Throws tessera::Error naming the reason where there is no
+// such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16, int shards = 1);
+                                               bool bf16, int shards = 1, int device = 0);
 
 }  // namespace train_gpt

@@ -7,9 +7,11 @@
 namespace train_gpt {
 
 bool built_with_cuda() { return false; }
+bool built_with_nccl() { return false; }
+int visible_gpus() { return 0; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
-                                               std::uint64_t, bool, int) {
+                                               std::uint64_t, bool, int, int) {
   throw tessera::Error(
       "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
       "configured); install the CUDA toolkit and configure with -Dcuda=enabled");

@@ -50,20 +50,24 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   }
   const int dp = world.size(), rows = a.batch / dp, r0 = world.rank() * rows;
   const bool zero1 = a.zero_stage() == ZeroStage::optimizer && dp > 1;
-  std::unique_ptr<DeviceModel> dev =
-      make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16", zero1 ? dp : 1);
+  // A GPU per rank where there are enough and NCCL is built (reduced through NCCL); otherwise
+  // every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
+  const bool own_gpus = dp > 1 && built_with_nccl() && visible_gpus() >= dp;
+  std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
+                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0);
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
   // communicator of their own.
-  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4, zero1);
+  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4, zero1, own_gpus);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
-    std::printf("GPT %d layers, d_model %d, %d heads, context %d; one device (%s), %s, dp %d (threads sharing it)%s; "
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d%s%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
-                a.layers, a.d_model, a.heads, a.context, dev->device_name().c_str(),
-                a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)", dp,
+                a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
+                dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
+                dp, dp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
