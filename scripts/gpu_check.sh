@@ -21,6 +21,8 @@
 #     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #        run's resumed on the GPU;
 #     5. NCCL all_reduce on 1 GPU;
+#     (2b) DeviceDataParallel at dp 2 on the GPU: the reduction overlapped with backward, after it,
+#        and none (bench/cuda/device_dp_bench.cu);
 #   and ends with a table of every figure. Exit status 0 when every check passed.
 #
 # Environment: PYTHON (default /opt/torch/.venv/bin/python3, else python3), GPU_CHECK_QUICK=1
@@ -38,12 +40,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
     meson setup "$BUILD" --buildtype=release -Dcuda=enabled -Dnccl=enabled -Dmpi=disabled -Dtest_level=core \
       -Dbench=true -Dexamples=true > /tmp/gpu_check_setup.log 2>&1 || { tail -20 /tmp/gpu_check_setup.log; exit 1; }
   fi
-  targets=(cuda_host_test cuda_gpu_test nccl_test nccl_bench gpt_device_bench train_gpt)
+  targets=(cuda_host_test cuda_gpu_test nccl_test nccl_bench gpt_device_bench device_dp_bench train_gpt)
   say "build ${targets[*]}"
   nice meson compile -C "$BUILD" "${targets[@]}" || exit 1
   rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib .gpu/stage/data
   cp "$BUILD/tests/cuda/cuda_host_test" "$BUILD/tests/cuda/cuda_gpu_test" "$BUILD/tests/nccl/nccl_test" \
-     "$BUILD/bench/nccl/nccl_bench" "$BUILD/bench/cuda/gpt_device_bench" "$BUILD/examples/train_gpt" .gpu/stage/bin/
+     "$BUILD/bench/nccl/nccl_bench" "$BUILD/bench/cuda/gpt_device_bench" "$BUILD/bench/cuda/device_dp_bench" \
+     "$BUILD/examples/train_gpt" .gpu/stage/bin/
   strip .gpu/stage/bin/* 2>/dev/null
   # The GPU machine lacks OpenBLAS and the Fortran runtime it links (ENVIRONMENT.md).
   for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
@@ -116,6 +119,13 @@ main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
 bench main-job fp32 "${main_model[@]}"
 bench main-job bf16 "${main_model[@]}"
 bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
+
+say "2b. data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"
+d=$(timeout 180 "$BIN/device_dp_bench" --dp 2 2>&1); rc=$?
+echo "$d"
+row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
+row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
+[[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
 
 say "3. train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
 curve() {  # dtype -> json log path
