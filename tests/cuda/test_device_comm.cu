@@ -1,6 +1,6 @@
 // ThreadDeviceComm (the threads backend over device memory) against the threads backend's host
 // collectives on the same values: bitwise equal for all_reduce (sum, avg, max, min),
-// reduce_scatter, all_gather, broadcast and a ring of send/recv, at 1, 2, 3, 4 and 8 ranks
+// reduce_scatter, all_gather, broadcast and rings of send/recv and send_recv, at 1, 2, 3, 4 and 8 ranks
 // sharing one GPU; counts that differ between ranks throw on every rank. Needs a GPU
 // (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -100,6 +100,9 @@ TEST_CASE("ThreadDeviceComm: every collective equals the threads backend's host 
         if (!bitwise_equal(tc::to_host(ra, stream), values(500, (r + n - 1) % n, 14)) ||
             !bitwise_equal(tc::to_host(rb, stream), values(500, (r + n - 1) % n, 15)))
           bad.push_back("send/recv ring");
+        // The other way round as one exchange (the form that does not deadlock under NCCL).
+        dc.send_recv(da, (r + n - 1) % n, ra, (r + 1) % n);
+        if (!bitwise_equal(tc::to_host(ra, stream), values(500, (r + 1) % n, 14))) bad.push_back("send_recv ring");
       }
       stream.synchronize();
       return bad;

@@ -310,6 +310,8 @@ TEST_CASE("2+ GPUs: a rank that skips an all_reduce makes the others throw Timeo
 
 }  // TEST_SUITE
 
+TEST_SUITE("nccl-gpu") {
+
 // NcclDeviceComm (tessera/cuda/nccl/nccl_device_comm.hpp) at world 1: each call is ordered after the
 // rank's stream and before its later work, without the host waiting: the results equal the
 // input (a sum over one rank) once the rank's stream is synchronized.
@@ -341,3 +343,5 @@ TEST_CASE("NcclDeviceComm: stream-ordered collectives at world 1 return the inpu
   CHECK_THROWS_WITH_AS(tc::NcclDeviceComm(tessera::testing_nccl::self_comm(), stream),
                        doctest::Contains("is not an NCCL communicator"), tessera::Error);
 }
+
+}  // TEST_SUITE

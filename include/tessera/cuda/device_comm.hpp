@@ -46,11 +46,17 @@ class DeviceComm {
   virtual void reduce_scatter(DeviceView<const float> in, DeviceView<float> out, ReduceOp op) = 0;
   /// x <- rank root's x, on every rank. Collective.
   virtual void broadcast(DeviceView<float> x, int root) = 0;
-  /// Sends x to `peer` (which calls recv with as many elements). Eager: returns without
-  /// waiting for the peer; x may be overwritten by later work on stream() at once.
+  /// Sends x to `peer` (which calls recv with as many elements); x may be overwritten by later
+  /// work on stream() at once. Whether the GPU work completes before the peer's recv is the
+  /// backend's: ThreadDeviceComm's send is eager (a staging copy), NCCL's completes only with
+  /// the matching receive, so under NCCL two ranks that each send before they receive wait for
+  /// each other forever: exchange with send_recv.
   virtual void send(DeviceView<const float> x, int peer) = 0;
   /// Receives into x what `peer` sent (in send order); later work on stream() sees it.
   virtual void recv(DeviceView<float> x, int peer) = 0;
+  /// Sends `out` to `to` and receives `in` from `from` as one exchange (NCCL: one group), the
+  /// form a ring or a pipeline's hand-off in both directions needs on every backend.
+  virtual void send_recv(DeviceView<const float> out, int to, DeviceView<float> in, int from) = 0;
 };
 
 }  // namespace tessera::cuda

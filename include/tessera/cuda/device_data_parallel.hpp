@@ -52,8 +52,12 @@ class DeviceDataParallel {
   /// Backward has queued every gradient at flat offsets >= `offset` (DeviceGPT's hook): starts
   /// the reduction of each bucket not yet reduced whose lo >= offset, in bucket order.
   /// Collective (the DeviceComm's all-reduces): every rank's backward calls it alike.
+  /// Throws tessera::Error when a second synchronized backward arrives before finish() (its
+  /// gradients would be added after the sums and never reduced).
   void gradients_final_from(std::int64_t offset) {
     if (!sync_) return;
+    TESSERA_EXPECTS(next_ < buckets_.size(), "DeviceDataParallel: a second synchronized backward before finish(): "
+                    "set_sync(false) for every micro-batch of a step but the last, and call finish() once per step");
     while (next_ < buckets_.size() && buckets_[next_].lo >= offset) reduce_next();
   }
   /// Reduces the buckets not yet reduced (a backward without hooks reduces all here) and makes

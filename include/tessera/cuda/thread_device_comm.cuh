@@ -9,11 +9,11 @@
 /// The reductions are the host threads backend's, bitwise: all_reduce has each rank reduce its
 /// own slice of the buffer, reading that slice from every rank's buffer in rank order
 /// (math::reduce_ranks) and writing the result into every rank's buffer, as threads'
-/// reduce_range does on the host. Each collective is two host rendezvous: the first exchanges
+/// reduce_range does on the host. Each collective is three host rendezvous: the first exchanges
 /// pointers and events (every rank's stream then waits for every other rank's input to be
 /// ready), the second, after each rank recorded that its part is done, lets every rank's
 /// stream wait for all parts before its later work (so no rank overwrites a buffer another
-/// still reads).
+/// still reads), the third ends every use of another rank's events (so each may be destroyed).
 
 #include <cuda_runtime.h>
 #include <unistd.h>
@@ -103,9 +103,10 @@ class ThreadDeviceComm final : public DeviceComm {
   void all_reduce(DeviceView<float> x, ReduceOp op) override {
     const int n = size(), me = rank();
     const std::int64_t count = x.numel();
-    const auto all = rendezvous_in("all_reduce", x.data, count, count, static_cast<std::int64_t>(op));
+    const auto all = exchange(x.data, count, count, static_cast<std::int64_t>(op));
     check_same("all_reduce", all, kCount, "elements");
     check_same("all_reduce", all, kOp, "as the op (0 sum, 1 avg, 2 max, 3 min)");
+    wait_ready("all_reduce", all);
     const std::int64_t lo = count * me / n, hi = count * (me + 1) / n;
     kernels::RankPointers p{};
     for (int q = 0; q < n; ++q) {
@@ -123,12 +124,13 @@ class ThreadDeviceComm final : public DeviceComm {
   void all_gather(DeviceView<const float> in, DeviceView<float> out) override {
     const int n = size();
     const std::int64_t count = in.numel();
-    const auto all = rendezvous_in("all_gather", in.data, count, out.numel(), 0);
+    const auto all = exchange(in.data, count, out.numel(), 0);
     check_same("all_gather", all, kCount, "input elements");
     for (int q = 0; q < n; ++q)
       TESSERA_EXPECTS(all[static_cast<std::size_t>(q)][kOther] == n * count, "ThreadDeviceComm::all_gather on ",
                       name(), ": rank ", q, "'s output has ", all[static_cast<std::size_t>(q)][kOther],
                       " elements, ", n, " ranks x ", count, " = ", n * count, " expected");
+    wait_ready("all_gather", all);
     for (int q = 0; q < n; ++q)
       copy(out.data + q * count, reinterpret_cast<const float*>(all[static_cast<std::size_t>(q)][kPtr]), count,
            "all_gather");
@@ -141,7 +143,7 @@ class ThreadDeviceComm final : public DeviceComm {
   void reduce_scatter(DeviceView<const float> in, DeviceView<float> out, ReduceOp op) override {
     const int n = size(), me = rank();
     const std::int64_t count = out.numel();
-    const auto all = rendezvous_in("reduce_scatter", in.data, count, in.numel(), static_cast<std::int64_t>(op));
+    const auto all = exchange(in.data, count, in.numel(), static_cast<std::int64_t>(op));
     check_same("reduce_scatter", all, kCount, "output elements");
     for (int q = 0; q < n; ++q) {
       const std::int64_t in_count = all[static_cast<std::size_t>(q)][kOther];
@@ -149,6 +151,7 @@ class ThreadDeviceComm final : public DeviceComm {
                       "'s input has ", in_count, " elements, ", n, " ranks x ", count, " = ", n * count, " expected");
     }
     check_same("reduce_scatter", all, kOp, "as the op (0 sum, 1 avg, 2 max, 3 min)");
+    wait_ready("reduce_scatter", all);
     kernels::RankPointers p{};
     for (int q = 0; q < n; ++q) p.src[q] = reinterpret_cast<const float*>(all[static_cast<std::size_t>(q)][kPtr]) + me * count;
     p.dst[0] = out.data;
@@ -160,11 +163,12 @@ class ThreadDeviceComm final : public DeviceComm {
   /// counts or roots differ or the root is not a rank.
   void broadcast(DeviceView<float> x, int root) override {
     const std::int64_t count = x.numel();
-    const auto all = rendezvous_in("broadcast", x.data, count, count, root);
+    const auto all = exchange(x.data, count, count, root);
     check_same("broadcast", all, kCount, "elements");
     check_same("broadcast", all, kOp, "as the root");
     TESSERA_EXPECTS(root >= 0 && root < size(), "ThreadDeviceComm::broadcast on ", name(), ": root ", root,
                     " is not a rank of ", size());
+    wait_ready("broadcast", all);
     if (rank() != root)
       copy(x.data, reinterpret_cast<const float*>(all[static_cast<std::size_t>(root)][kPtr]), count, "broadcast");
     rendezvous_out("broadcast", all);
@@ -191,6 +195,12 @@ class ThreadDeviceComm final : public DeviceComm {
     const std::array<std::int64_t, 3> msg{reinterpret_cast<std::intptr_t>(staging), reinterpret_cast<std::intptr_t>(e),
                                           count};
     host_.send(std::span<const std::int64_t>(msg), peer, kTag);
+  }
+
+  /// send(out, to), then recv(in, from) (the send is eager, so this cannot deadlock).
+  void send_recv(DeviceView<const float> out, int to, DeviceView<float> in, int from) override {
+    send(out, to);
+    recv(in, from);
   }
 
   /// Receives into x what `peer` sent (DeviceComm::recv). Throws tessera::Error naming both
@@ -221,10 +231,10 @@ class ThreadDeviceComm final : public DeviceComm {
   static constexpr int kTag = 0x7d3;
   using Record = std::array<std::int64_t, 6>;
 
-  // Records "ready" on the stream, exchanges every rank's Record and makes the stream wait for
-  // every other rank's ready. Collective over host_.
-  std::vector<Record> rendezvous_in(const char* call, const void* ptr, std::int64_t count, std::int64_t other,
-                                    std::int64_t op) {
+  // Records "ready" on the stream and exchanges every rank's Record (the callers check the
+  // records, identical on every rank, before wait_ready touches another rank's event: a
+  // mismatch throws on every rank with no event of another rank used). Collective over host_.
+  std::vector<Record> exchange(const void* ptr, std::int64_t count, std::int64_t other, std::int64_t op) {
     ready_.record(*stream_);
     const Record mine{reinterpret_cast<std::intptr_t>(ptr), reinterpret_cast<std::intptr_t>(ready_.get()),
                       reinterpret_cast<std::intptr_t>(done_.get()), count, other, op};
@@ -235,15 +245,21 @@ class ThreadDeviceComm final : public DeviceComm {
     for (int q = 0; q < n; ++q)
       std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(q * mine.size()), mine.size(),
                   all[static_cast<std::size_t>(q)].begin());
-    for (int q = 0; q < n; ++q)
-      if (q != rank())
-        detail::check(cudaStreamWaitEvent(stream_->get(), reinterpret_cast<cudaEvent_t>(all[static_cast<std::size_t>(q)][kReady]), 0),
-                      "cudaStreamWaitEvent", "ThreadDeviceComm::", call, " on ", name());
     return all;
   }
 
-  // Records "done", waits (host) for every rank to have recorded its own, and makes the stream
-  // wait for all of them. Collective over host_.
+  // Makes the stream wait for every other rank's ready (its input). Local.
+  void wait_ready(const char* call, const std::vector<Record>& all) {
+    for (int q = 0; q < size(); ++q)
+      if (q != rank())
+        detail::check(cudaStreamWaitEvent(stream_->get(), reinterpret_cast<cudaEvent_t>(all[static_cast<std::size_t>(q)][kReady]), 0),
+                      "cudaStreamWaitEvent", "ThreadDeviceComm::", call, " on ", name());
+  }
+
+  // Records "done", waits (host) for every rank to have recorded its own, makes the stream wait
+  // for all of them, and waits (host) once more for every rank to have done so: after it no
+  // rank uses another's events for this call, so a rank may destroy its own (the object, at
+  // the end of a run) without a peer still about to wait on them. Collective over host_.
   void rendezvous_out(const char* call, const std::vector<Record>& all) {
     done_.record(*stream_);
     host_.barrier();
@@ -251,6 +267,7 @@ class ThreadDeviceComm final : public DeviceComm {
       if (q != rank())
         detail::check(cudaStreamWaitEvent(stream_->get(), reinterpret_cast<cudaEvent_t>(all[static_cast<std::size_t>(q)][kDone]), 0),
                       "cudaStreamWaitEvent", "ThreadDeviceComm::", call, " on ", name());
+    host_.barrier();
   }
 
   // Throws on every rank (each sees every record) when field `f` differs between ranks.

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstddef>
 #include <deque>
 #include <memory>
@@ -70,8 +71,8 @@ class NcclDeviceComm final : public DeviceComm {
     comm_.broadcast(std::span<float>(x.data, static_cast<std::size_t>(x.numel())), root);
     order_out("broadcast");
   }
-  /// ncclSend, stream-ordered (the peer's ncclRecv must be issued too: NCCL's sends complete
-  /// only with their receives).
+  /// ncclSend, stream-ordered. It completes only with the peer's ncclRecv: ranks that each send
+  /// before they receive deadlock (use send_recv).
   void send(DeviceView<const float> x, int peer) override {
     order_in("send");
     keep(comm_.isend(std::span<const float>(x.data, static_cast<std::size_t>(x.numel())), peer));
@@ -82,6 +83,16 @@ class NcclDeviceComm final : public DeviceComm {
     order_in("recv");
     keep(comm_.irecv(std::span<float>(x.data, static_cast<std::size_t>(x.numel())), peer));
     order_out("recv");
+  }
+
+  /// ncclSend of `out` to `to` and ncclRecv of `in` from `from` in one group (batch_isend_irecv),
+  /// stream-ordered: a ring of these does not deadlock.
+  void send_recv(DeviceView<const float> out, int to, DeviceView<float> in, int from) override {
+    order_in("send_recv");
+    const std::array<P2POp, 2> ops{P2POp::send(std::span<const float>(out.data, static_cast<std::size_t>(out.numel())), to),
+                                   P2POp::recv(std::span<float>(in.data, static_cast<std::size_t>(in.numel())), from)};
+    keep(comm_.batch_isend_irecv(std::span<const P2POp>(ops)));
+    order_out("send_recv");
   }
 
   /// Blocks until every call issued so far is done on the GPU; throws the NCCL backend's
