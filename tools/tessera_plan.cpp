@@ -141,6 +141,7 @@ struct LayoutArgs {
   tp::Layout layout{};
   long long batch = 0;
   std::string schedule = "auto", recompute = "none";
+  mutable bool noted_ = false;  // the note on a schedule at pp 1, printed once
   void add(CLI::App* app) {
     app->add_option("--dp", layout.dp, "data-parallel replicas")->check(CLI::Range(1, 1 << 30));
     app->add_option("--tp", layout.tp, "tensor-parallel size")->check(CLI::Range(1, 1 << 30));
@@ -176,6 +177,10 @@ struct LayoutArgs {
     else throw tessera::Error("tessera-plan: --schedule must be auto, 1f1b, interleaved, gpipe or zb-h1, got '" + schedule + "'");
     l.recompute = parse_recompute(recompute);
     l.validate();  // contradicting flags (--v 2 with --schedule 1f1b, --sp at tp 1): a usage error
+    if (l.pp == 1 && schedule != "auto" && schedule != "1f1b" && !noted_)
+      std::fprintf(stderr, "tessera-plan: note: --schedule %s at pp 1: one stage has no pipeline to schedule; it plans "
+                   "as 1F1B does\n", schedule.c_str());
+    noted_ = true;
     return l;
   }
   static tp::Recompute parse_recompute(const std::string& s) {
@@ -185,6 +190,21 @@ struct LayoutArgs {
     throw tessera::Error("tessera-plan: --recompute must be none, selective or full, got '" + s + "'");
   }
 };
+
+// A file given on the command line that cannot be read or is not what it should be: a usage
+// error, exit 2 as in train_gpt and for model files (a failure while planning exits 1).
+struct InputError : tessera::Error {
+  using tessera::Error::Error;
+};
+
+// Cluster::load, its errors as InputError.
+tp::Cluster load_cluster(const std::string& path) {
+  try {
+    return tp::Cluster::load(path);
+  } catch (const tessera::Error& e) {
+    throw InputError(e.what());
+  }
+}
 
 void print_plan(const tp::Plan& p, const tp::Cluster& c) {
   std::printf("%s\n", p.to_string().c_str());
@@ -211,7 +231,7 @@ RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
   tp::ModelSpec m{.name = r.at("id").get<std::string>(), .layers = r.at("layers"), .hidden = r.at("hidden"),
                   .heads = r.at("heads"), .kv_heads = 0, .ffn = 0, .vocab = r.at("vocab"), .seq = r.at("seq"),
                   .tied = true};
-  const tp::Cluster c = tp::Cluster::load((clusters / r.at("cluster").get<std::string>()).string());
+  const tp::Cluster c = load_cluster((clusters / r.at("cluster").get<std::string>()).string());
   std::vector<int> mbss = r.at("mbs").is_null() ? std::vector<int>{1, 2, 4} : std::vector<int>{r.at("mbs").get<int>()};
   std::vector<int> vs = r.at("v").is_null() ? std::vector<int>{1, 2, 3} : std::vector<int>{r.at("v").get<int>()};
   std::vector<tp::Recompute> rcs = r.at("recompute").is_null()
@@ -286,7 +306,7 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
               100 * mean, 100 * worst);
   if (doc.contains("bloom_sweep")) {
     const json& s = doc.at("bloom_sweep");
-    const tp::Cluster c = tp::Cluster::load((clusters / s.at("cluster").get<std::string>()).string());
+    const tp::Cluster c = load_cluster((clusters / s.at("cluster").get<std::string>()).string());
     const tp::ModelSpec m{.name = "BLOOM sweep 181B", .layers = s.at("layers"), .hidden = s.at("hidden"), .heads = s.at("heads"),
                           .kv_heads = 0, .ffn = 0, .vocab = s.at("vocab"), .seq = s.at("seq"), .tied = true};
     std::printf("\nBLOOM layout sweep (%s), ranked by predicted step time:\n", c.name.c_str());
@@ -315,11 +335,13 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
 
 int validate(const std::string& rows_path, const std::string& clusters_dir, double max_mean, double max_max) {
   std::ifstream in(rows_path);
-  if (!in) throw tessera::Error("tessera-plan validate: cannot open '" + rows_path + "'");
+  if (!in) throw InputError("tessera-plan validate: cannot open '" + rows_path + "'");
   try {
     return validate_rows(rows_path, json::parse(in), clusters_dir, max_mean, max_max);
   } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
-    throw tessera::Error("tessera-plan validate: '" + rows_path + "': " + e.what());
+    throw InputError("tessera-plan validate: '" + rows_path + "': " + e.what());
+  } catch (const std::ios_base::failure& e) {  // e.g. a directory: the read fails
+    throw InputError("tessera-plan validate: cannot read '" + rows_path + "': " + e.what());
   }
 }
 
@@ -514,7 +536,7 @@ int main(int argc, char** argv) {
   time_cmd->add_option("--svg", svg_path, "write the predicted timeline as SVG here");
   time_cmd->add_option("--trace", trace_path, "write it as a Chrome trace (JSON) here");
 
-  CLI::App* rank_cmd = app.add_subcommand("rank", "search every layout of a world size and batch");
+  CLI::App* rank_cmd = app.add_subcommand("rank", "search every layout of a world size and batch (exit 1 when none fits)");
   rank_cmd->add_option("--cluster", cluster_path, "cluster JSON")->required();
   model.add(rank_cmd);
   tp::SearchOptions sopts;
@@ -644,7 +666,7 @@ int main(int argc, char** argv) {
   try {
     if (*val_cmd) return validate(rows_path, clusters_dir, max_mean, max_max);
     if (*cal_cmd) return calibrate(cal, cal_model.get(), argc, argv);
-    const tp::Cluster cluster = tp::Cluster::load(cluster_path);
+    const tp::Cluster cluster = load_cluster(cluster_path);
     const tp::ModelSpec m = model.get();
     const tp::Precision precision = fp32 ? tp::Precision::float32_adamw() : tp::Precision{};
     if (*rank_cmd) {
@@ -671,6 +693,9 @@ int main(int argc, char** argv) {
         std::printf("wrote %s\n", trace_path.c_str());
       }
     }
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
     return 1;

@@ -996,3 +996,22 @@ TEST_CASE("Block overhead: calibrate's fit of a real block's unlisted work, and 
   CHECK(rp >= 0);
   CHECK(rt >= 0);
 }
+
+TEST_CASE("Plan figures: a step below 0.1 s prints 2 significant digits (not 0.000), memory below 1 GiB in MiB") {
+  TimeEstimate t;
+  t.compute = 0.004;
+  t.bubble = 0.001;
+  t.optimizer = 0.00012;
+  // 0.00512 s: ceil(-log10) + 2 = 5 decimals, every component at the same precision.
+  CHECK(t.to_string().rfind("0.00512 s: compute 0.00400, tp 0.00000, p2p 0.00000, bubble 0.00100, dp 0.00000 "
+                            "(+0.00000 hidden), optimizer 0.00012", 0) == 0);
+  t.compute = 24.1;  // from 0.1 s up: 3 decimals, as before
+  CHECK(t.to_string().rfind("24.10112 s", 0) != 0);
+  CHECK(t.to_string().rfind("24.101 s: compute 24.100, ", 0) == 0);
+  MemoryEstimate m;
+  m.parameters = 3.0 * 1024 * 1024;
+  m.activations = 1.5 * 1024 * 1024;
+  CHECK(m.to_string().rfind("4.5 MiB on pp rank 0: parameters 3.0, gradients 0.0, optimizer 0.0, activations 1.5", 0) == 0);
+  m.activations = 2.0 * 1024 * 1024 * 1024;
+  CHECK(m.to_string().rfind("2.0 GiB on pp rank 0: parameters 0.0,", 0) == 0);
+}

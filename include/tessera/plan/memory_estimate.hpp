@@ -119,16 +119,18 @@ struct MemoryEstimate {
     return worst;
   }
 
-  /// One line in GiB, e.g. "71.3 GiB on pp rank 0: parameters 7.1, gradients 7.1, optimizer
-  /// 5.3, activations 48.0, buffers 3.8".
+  /// One line, e.g. "71.3 GiB on pp rank 0: parameters 7.1, gradients 7.1, optimizer 5.3,
+  /// activations 48.0, buffers 3.8": in GiB from 1 GiB up, in MiB below it.
   std::string to_string() const {
-    const double g = 1024.0 * 1024.0 * 1024.0;
+    // GiB from 1 GiB up, MiB below it (a small model's memory does not print as 0.0 GiB).
+    const bool gib = total() >= 1024.0 * 1024.0 * 1024.0;
+    const double g = gib ? 1024.0 * 1024.0 * 1024.0 : 1024.0 * 1024.0;
     char buf[256];
     std::snprintf(buf, sizeof buf,
-                  "%.1f GiB on pp rank %d: parameters %.1f, gradients %.1f, optimizer %.1f, activations %.1f, "
+                  "%.1f %s on pp rank %d: parameters %.1f, gradients %.1f, optimizer %.1f, activations %.1f, "
                   "buffers %.1f",
-                  total() / g, pp_rank, parameters / g, gradients / g, optimizer_state / g, activations / g,
-                  buffers / g);
+                  total() / g, gib ? "GiB" : "MiB", pp_rank, parameters / g, gradients / g, optimizer_state / g,
+                  activations / g, buffers / g);
     return buf;
   }
 };

@@ -262,15 +262,20 @@ struct TimeEstimate {
     return now;
   }
 
-  /// One line in seconds, e.g. "24.1 s: compute 19.0, tp 2.1, p2p 0.3, bubble 1.6, dp 0.8
-  /// (+0.0 hidden), optimizer 0.05" (and ", waiting for a core X" when contention > 0).
+  /// One line in seconds, e.g. "24.100 s: compute 19.000, tp 2.100, p2p 0.300, bubble 1.600,
+  /// dp 0.800 (+0.000 hidden), optimizer 0.050" (and ", waiting for a core X" when contention >
+  /// 0): 3 decimals from a 0.1 s step up, and 2 significant digits of the step below it
+  /// (0.00512 s: 5 decimals), so a small model's figures do not print as 0.000.
   std::string to_string() const {
+    const double t = total();
+    const int d = t >= 0.1 || !(t > 0) ? 3 : std::min(12, static_cast<int>(std::ceil(-std::log10(t))) + 2);
     char extra[64] = "";
-    if (contention > 0) std::snprintf(extra, sizeof extra, ", waiting for a core %.3f", contention);
-    char buf[320];
+    if (contention > 0) std::snprintf(extra, sizeof extra, ", waiting for a core %.*f", d, contention);
+    char buf[480];
     std::snprintf(buf, sizeof buf,
-                  "%.3f s: compute %.3f, tp %.3f, p2p %.3f, bubble %.3f, dp %.3f (+%.3f hidden), optimizer %.3f%s",
-                  total(), compute, tp_comm, pp_p2p, bubble, dp_comm_exposed, dp_comm_overlapped, optimizer, extra);
+                  "%.*f s: compute %.*f, tp %.*f, p2p %.*f, bubble %.*f, dp %.*f (+%.*f hidden), optimizer %.*f%s", d, t,
+                  d, compute, d, tp_comm, d, pp_p2p, d, bubble, d, dp_comm_exposed, d, dp_comm_overlapped, d, optimizer,
+                  extra);
     return buf;
   }
 };

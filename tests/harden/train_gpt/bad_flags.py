@@ -265,9 +265,9 @@ else:
             failures.append(f"index.json {field} {value}: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected exit 2 "
                             f"naming {name!r}")
         cases.append(("index.json", field, {}))
-# tessera-plan's file errors (one line): each names its file -- a model file that is not JSON or
-# lacks a key (exit 2, as the model's flags), a rows file that is not JSON, a cluster file with a
-# key of the wrong type (exit 1).
+# tessera-plan's file errors (one line, exit 2 as train_gpt's): each names its file -- a model
+# file that is not JSON or lacks a key, a rows file that is not JSON, a cluster file with a key
+# of the wrong type (exit 1 before session 9).
 if plan:
     files = {"model_bad.json": "{\"layers\": 2,", "model_short.json": "{\"layers\": 2, \"hidden\": 64}",
              "model_half.json": json.dumps({"layers": 2.5, "hidden": 64, "heads": 4, "vocab": 256, "seq": 32}),
@@ -286,16 +286,27 @@ if plan:
                              (["plan", "--cluster", cluster, "--model", work] + layout, "cannot read model file", 2),
                              (["plan", "--cluster", cluster, "--model", "model_typo.json"] + layout, "unknown key 'kv_head'", 2),
                              (["plan", "--cluster", cluster, "--model", "model_drop.json"] + layout, "tessera_block has no dropout", 2),
-                             (one[:1] + ["--cluster", work] + one[3:], "cannot read '" + work, 1),
-                             (one[:1] + ["--cluster", "cluster_half.json"] + one[3:], "devices_per_node must be a whole number", 1),
-                             (["validate", "rows_bad.json"], "rows_bad.json", 1),
-                             (one[:1] + ["--cluster", "cluster_bad.json"] + one[3:], "cluster_bad.json", 1)]:
+                             (one[:1] + ["--cluster", work] + one[3:], "cannot read '" + work, 2),
+                             (one[:1] + ["--cluster", "cluster_half.json"] + one[3:], "devices_per_node must be a whole number", 2),
+                             (["validate", "rows_bad.json"], "rows_bad.json", 2),
+                             (["validate", work], "cannot read '" + work, 2),
+                             (["rank", "--cluster", "cluster_bad.json", "--layers", "2", "--hidden", "64", "--heads", "4",
+                               "--vocab", "256", "--seq", "32", "--world", "2", "--batch", "8"], "cluster_bad.json", 2),
+                             (one[:1] + ["--cluster", "cluster_bad.json"] + one[3:], "cluster_bad.json", 2)]:
         r = subprocess.run([plan] + argv, capture_output=True, text=True, env=env, timeout=LIMIT, cwd=work)
         err = r.stderr.strip().splitlines()
         if r.returncode != code or len(err) != 1 or name not in err[0] or err[0].count("tessera-plan") != 1:
             failures.append(f"tessera-plan {' '.join(argv)!r}: exit {r.returncode}, stderr {r.stderr[:300]!r}; expected "
                             f"exit {code} and one line naming {name!r}")
         cases.append(("tessera-plan file", name, {}))
+    # A schedule at pp 1 plans as 1F1B: said once on stderr, and the plan is printed (exit 0).
+    r = subprocess.run([plan, "plan", "--cluster", cluster, "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab",
+                        "256", "--seq", "32", "--schedule", "zb-h1"] + layout, capture_output=True, text=True, env=env,
+                       timeout=LIMIT, cwd=work)
+    if r.returncode != 0 or r.stderr.count("note: --schedule zb-h1 at pp 1") != 1 or "time" not in r.stdout:
+        failures.append(f"tessera-plan plan --schedule zb-h1 --pp 1: exit {r.returncode}, stderr {r.stderr[:300]!r}; "
+                        f"expected exit 0 and one note")
+    cases.append(("tessera-plan note", "--schedule zb-h1 at pp 1", {}))
 slowest = max((dt, what) for _, dt, what in results)
 elapsed = time.time() - start
 for f in failures:
