@@ -7,7 +7,9 @@
 #include <cstddef>
 
 #include "../tp/tp_bodies.hpp"
+#include "tessera/mesh/mesh.hpp"
 #include "tessera/models/gpt.hpp"
+#include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/parallel/data/data_parallel.hpp"
@@ -133,4 +135,58 @@ TEST_CASE("CostModel: ZeRO-3's all-gathers and reduce-scatters per step, from th
         CHECK(static_cast<double>(s.reduce_scatter_elements) == t.reduce_scatter_elements);
       }
     }
+}
+
+// A whole HybridGPT step against the planner: the elements of the all-reduces one rank issues
+// per micro-batch are CostModel::tp_elements_per_microbatch of its stage -- the blocks' g and f
+// (and full recomputation's second forward, the embedding's included), the vocab-parallel
+// embedding, the head's input gradient and the vocab-parallel cross-entropy's three -- at tp 2
+// and 4, pp 1 and 2, with and without full recomputation. The step's other all-reduces (the
+// loss over dp, the tied embedding's gradient over the first and last stage) do not depend on
+// the tokens, so the difference between a step of 2 and of 4 sequences per micro-batch is the
+// per-token part alone, and that is compared exactly. The second step is counted: in the first,
+// every stage but the last also runs one forward on zeros to learn its output shape
+// (PipelineStage::output_shape, cached per input shape), which the planner rightly leaves out.
+TEST_CASE("CostModel: the tensor-parallel elements of a whole HybridGPT step per micro-batch, per stage, are the planner's") {
+  const GPTConfig cfg{.vocab_size = 64, .n_positions = 16, .n_layer = 4, .n_head = 4, .d_model = 32};
+  for (int tp : {2, 4})
+    for (int pp : {1, 2})
+      for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::full}) {
+        CAPTURE(tp);
+        CAPTURE(pp);
+        CAPTURE(static_cast<int>(rc));
+        auto elements_at = [&](std::int64_t rows) {
+          return testing::run_ranks(tp * pp, [&](Comm& world) {
+            auto counters = std::make_shared<testing::CommCounters>();
+            Mesh mesh(testing::instrument(world, counters), MeshShape{.dp = 1, .pp = pp, .tp = tp});
+            HybridOptions options;
+            options.num_microbatches = 2;
+            options.recompute = rc;
+            HybridGPT<float> model(mesh, cfg, 1, options);
+            Tensor<std::int32_t> x(Shape{2 * rows, 16}), y(Shape{2 * rows, 16});
+            for (std::int64_t i = 0; i < x.numel(); ++i) {
+              x.data()[i] = static_cast<std::int32_t>(i % 64);
+              y.data()[i] = static_cast<std::int32_t>((i * 3 + 1) % 64);
+            }
+            model.forward_backward(x, y);  // the first step, with the output-shape forwards
+            counters->reset();
+            model.forward_backward(x, y);
+            return std::pair{mesh.coord().pp, static_cast<double>(counters->elements(testing::CallKind::all_reduce))};
+          });
+        };
+        const auto two = elements_at(2), four = elements_at(4);
+        for (std::size_t r = 0; r < two.size(); ++r) {
+          CAPTURE(r);
+          const int stage = two[r].first;
+          const plan::ModelSpec m{.name = "GPT", .layers = 4, .hidden = 32, .heads = 4, .kv_heads = 0, .ffn = 0,
+                                  .vocab = 64, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
+          auto per_microbatch = [&](int mbs) {
+            plan::Layout l{.tp = tp, .pp = pp, .microbatch_size = mbs, .num_microbatches = 2};
+            l.recompute = rc == nn::Recompute::full ? plan::Recompute::full : plan::Recompute::none;
+            return plan::CostModel{.model = m, .layout = l}.tp_elements_per_microbatch(stage);
+          };
+          // Two micro-batches per step; 4 rows of 16 tokens against 2.
+          CHECK(four[r].second - two[r].second == 2 * (per_microbatch(4) - per_microbatch(2)));
+        }
+      }
 }

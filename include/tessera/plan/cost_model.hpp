@@ -124,6 +124,37 @@ struct CostModel {
                               inside ? cluster.intra_node_latency : cluster.inter_node_latency);
   }
 
+  /// Seconds of one tensor-parallel all-reduce of `bytes` (inside a node when tp fits in one).
+  double tp_all_reduce_seconds(double bytes) const {
+    const bool inside = layout.tp <= cluster.devices_per_node;
+    return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
+                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
+  }
+
+  /// The vocabulary-parallel cross-entropy's all-reduces per micro-batch (tessera's
+  /// VocabParallelCrossEntropy, Megatron-LM's): the row maximum and the target's logit (b s
+  /// activations each) and the sums of exponentials (b s doubles): 3 of b s elements.
+  static constexpr int tp_cross_entropy_all_reduces = 3;
+
+  /// Elements the tensor-parallel collectives of one micro-batch's F and B of `stage` move on one
+  /// device (the all-reduces' buffers; with sequence parallelism each all-reduce is a
+  /// reduce-scatter plus an all-gather of the same tensor): per block tp_all_reduces_forward +
+  /// tp_all_reduces_backward (+ forward's again under full recomputation) of b s h; on the first
+  /// stage the vocab-parallel embedding's b s h (twice under full recomputation: the stage's
+  /// forward is rerun from its input tokens); on the last the head's input gradient (b s h)
+  /// and the cross-entropy's tp_cross_entropy_all_reduces of b s. tests/plan checks it against
+  /// the collectives of an instrumented HybridGPT step.
+  double tp_elements_per_microbatch(int stage) const {
+    if (layout.tp <= 1) return 0.0;
+    const double bsh = tp_all_reduce_elements(), bs = static_cast<double>(model.seq) * layout.microbatch_size;
+    const int per_block = tp_all_reduces_forward + tp_all_reduces_backward +
+                          (layout.recompute == Recompute::full ? tp_all_reduces_forward : 0);
+    double e = per_block * bsh * stage_layers(stage);
+    if (stage == 0) e += bsh * (layout.recompute == Recompute::full ? 2 : 1);  // recomputed with the stage
+    if (stage == layout.num_stages() - 1) e += bsh + tp_cross_entropy_all_reduces * bs;
+    return e;
+  }
+
   /// One element-wise kernel of a block's forward and the elements it runs over on one device
   /// for one micro-batch.
   struct ElementwisePass {
@@ -267,18 +298,22 @@ struct CostModel {
   }
 
   /// The LM head's forward on the last stage: the logits GEMM (2 b s h V / tp flops) and the
-  /// cross-entropy's fp32 pass over the logits.
+  /// cross-entropy's fp32 pass over the logits; with tp, the vocab-parallel cross-entropy's
+  /// tp_cross_entropy_all_reduces small all-reduces.
   WorkTime head_forward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {gemm_seconds(flops) + memory_seconds(2 * 4.0 * tokens * model.vocab / layout.tp), 0.0, 0.0};
+    const double ce = 2 * tp_all_reduce_seconds(precision.activation_bytes * tokens) + tp_all_reduce_seconds(8.0 * tokens);
+    return {gemm_seconds(flops) + memory_seconds(2 * 4.0 * tokens * model.vocab / layout.tp), ce, 0.0};
   }
 
-  /// The LM head's backward: two GEMMs of the forward's shape and the gradient of the logits.
+  /// The LM head's backward: two GEMMs of the forward's shape and the gradient of the logits;
+  /// with tp, the all-reduce of the head's input gradient (the column-parallel head's f).
   WorkTime head_backward() const {
     const double tokens = model.seq * layout.microbatch_size;
     const double flops = 2 * tokens * model.hidden * model.vocab / layout.tp;
-    return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), 0.0, 0.0};
+    return {2 * gemm_seconds(flops) + memory_seconds(4.0 * tokens * model.vocab / layout.tp), tp_all_reduce_seconds(),
+            0.0};
   }
 
   /// The LM head's weight-gradient GEMM alone (its W pass; nn::LMHead defers it under ZB-H1).
@@ -302,6 +337,7 @@ struct CostModel {
   /// ZeRO-2 and 3 reduce every micro-batch's backward into the shards).
   WorkTime stage_backward(int stage) const {
     WorkTime w = layer_backward().times(stage_layers(stage));
+    if (stage == 0 && layout.recompute == Recompute::full) w += embedding_forward();  // rerun with the stage
     if (stage == layout.num_stages() - 1) w += head_backward();
     w.dp_comm += zero3_gather_seconds(stage) + zero3_reduce_scatter_seconds(stage);
     return w;
