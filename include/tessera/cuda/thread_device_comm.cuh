@@ -73,12 +73,12 @@ class ThreadDeviceComm final : public DeviceComm {
   /// pointers pass only between threads: use NCCL across processes), uses another CUDA device,
   /// or there are more than 64 ranks; CudaError without a device.
   ThreadDeviceComm(Comm host, const Stream& stream)
-      : host_(std::move(host)), stream_(&stream), device_(current_device()) {
+      : host_(std::move(host)), stream_(&stream) {
     TESSERA_EXPECTS(host_.valid(), "ThreadDeviceComm: the host communicator is empty");
     const int n = host_.size();
     TESSERA_EXPECTS(n <= kernels::kMaxDeviceRanks, "ThreadDeviceComm over ", host_.name(), ": ", n,
                     " ranks, at most ", kernels::kMaxDeviceRanks);
-    const std::array<std::int64_t, 2> mine{static_cast<std::int64_t>(getpid()), device_};
+    const std::array<std::int64_t, 2> mine{static_cast<std::int64_t>(getpid()), current_device()};
     std::vector<std::int64_t> all(2 * static_cast<std::size_t>(n));
     host_.all_gather(std::span<const std::int64_t>(mine), all);
     for (int q = 0; q < n; ++q) {
@@ -300,7 +300,6 @@ class ThreadDeviceComm final : public DeviceComm {
 
   Comm host_;
   const Stream* stream_;
-  int device_ = 0;
   Event ready_{}, done_{};
 };
 
