@@ -117,12 +117,7 @@ struct CostModel {
 
   /// Seconds of one tensor-parallel all-reduce of tp_all_reduce_elements() activations, inside
   /// a node when tp fits in one, else across nodes.
-  double tp_all_reduce_seconds() const {
-    const double bytes = precision.activation_bytes * tp_all_reduce_elements();
-    const bool inside = layout.tp <= cluster.devices_per_node;
-    return all_reduce_seconds(bytes, layout.tp, inside ? cluster.intra_node_bandwidth : cluster.inter_node_bandwidth_per_device(),
-                              inside ? cluster.intra_node_latency : cluster.inter_node_latency);
-  }
+  double tp_all_reduce_seconds() const { return tp_all_reduce_seconds(precision.activation_bytes * tp_all_reduce_elements()); }
 
   /// Seconds of one tensor-parallel all-reduce of `bytes` (inside a node when tp fits in one).
   double tp_all_reduce_seconds(double bytes) const {
