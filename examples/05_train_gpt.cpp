@@ -323,6 +323,8 @@ int main(int argc, char** argv) {
                     " is not dp x tp x pp = ", a.world(), " (--world is for --plan auto)");
     TESSERA_EXPECTS(a.cluster.empty() || a.plan == "auto", "train_gpt: --cluster ", a.cluster,
                     " is read only by --plan auto, which is not given");
+    TESSERA_EXPECTS(!a.plan_tolerance_given || a.plan == "auto", "train_gpt: --plan-tolerance ", a.plan_tolerance,
+                    " is read only by --plan auto, which is not given");
     // --backend mpi started without a launcher: MPI_Init would start a singleton, then abort on
     // the layout. One line instead (the variables Open MPI, MPICH/Hydra, PMIx and Slurm set).
     if (a.backend == "mpi") {

@@ -9,7 +9,7 @@
 //
 // <model>: --layers --hidden --heads [--kv-heads] [--ffn] --vocab --seq [--untied], or
 // --model file.json with the same keys. <layout>: --dp --tp --pp [--v] --mbs --batch
-// [--schedule] [--sp] [--recompute] [--zero] [--overlap-dp].
+// [--schedule] [--sp] [--p2p-scatter-gather] [--recompute] [--zero] [--overlap-dp].
 #include <algorithm>
 #include <cctype>
 #include <chrono>
@@ -154,6 +154,8 @@ struct LayoutArgs {
         ->required()->check(CLI::Range(1LL, 1LL << 17));
     app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
+    app->add_flag("--p2p-scatter-gather", layout.p2p_scatter_gather,
+                  "pipeline hand-offs split over tp (Megatron-LM's scatter-gather; tessera sends them whole)");
     app->add_option("--recompute", recompute, "none, selective or full")
         ->check(CLI::IsMember({"none", "selective", "full"}));
     app->add_option("--zero", layout.zero_stage, "ZeRO stage 0-3")->check(CLI::Range(0, 3));
@@ -249,6 +251,7 @@ RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
         if (v > 1 && (l.pp == 1 || l.num_microbatches % l.pp != 0 || m.layers % (l.pp * v) != 0)) continue;
         l.schedule = v > 1 ? tp::PipelineSchedule::interleaved : tp::PipelineSchedule::one_f_one_b;
         l.sequence_parallel = r.at("sp").get<bool>() && l.tp > 1;
+        l.p2p_scatter_gather = true;  // Megatron-LM's default in the published runs
         l.recompute = rc;
         l.zero_stage = r.at("zero");
         tp::Plan p = tp::Plan::predict(m, c, l);
@@ -316,6 +319,7 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
       x.num_microbatches = static_cast<int>(l.at("global_batch").get<long long>() / (1LL * x.dp * x.microbatch_size));
       x.recompute = LayoutArgs::parse_recompute(s.at("recompute"));
       x.zero_stage = s.at("zero");
+      x.p2p_scatter_gather = true;  // as the rows above (Megatron-DeepSpeed, Megatron-LM's p2p code)
       plans.push_back(tp::Plan::predict(m, c, x));
     }
     std::stable_sort(plans.begin(), plans.end(), [](const tp::Plan& a, const tp::Plan& b) { return a.time.total() < b.time.total(); });
@@ -542,12 +546,19 @@ int main(int argc, char** argv) {
   tp::SearchOptions sopts;
   int top = 10;
   bool show_rejected = false;
+  double tolerance = 0.03;
   rank_cmd->add_flag("--fp32", fp32, "fp32 activations, weights, gradients and AdamW moments (tessera on CPUs)");
   rank_cmd->add_option("--world", sopts.world, "devices")->required()->check(CLI::Range(1, 1 << 20));
   rank_cmd->add_option("--batch", sopts.global_batch, "global batch in sequences")->required()->check(CLI::Range(1, 1 << 17));
   rank_cmd->add_option("--top", top, "how many ranked layouts to print")->check(CLI::Range(1, 1 << 30));
   rank_cmd->add_flag("--rejected", show_rejected, "print every rejected layout with its reason");
   rank_cmd->add_flag("--overlap-dp", sopts.overlap_grad_reduce, "overlap the dp reduction with the last backward");
+  rank_cmd->add_option("--tolerance", tolerance,
+                       "the choice: within this fraction of the fastest, the layout with the fewest optional mechanisms "
+                       "and synchronizations (plan::choose; train_gpt --plan-tolerance; default 0.03)")
+      ->check(CLI::Range(0.0, 1.0));
+  rank_cmd->add_flag("--p2p-scatter-gather", sopts.p2p_scatter_gather,
+                     "pipeline hand-offs split over tp (Megatron-LM's scatter-gather; tessera sends them whole)");
 
   CLI::App* val_cmd = app.add_subcommand("validate", "predict the published runs of a rows file and report the error");
   std::string rows_path, clusters_dir;
@@ -679,7 +690,11 @@ int main(int argc, char** argv) {
         for (const tp::Rejected& r : res.rejected)
           std::printf("rejected: %s: %s\n", r.layout.to_string().c_str(), r.reason.c_str());
       for (const auto& [k, n] : res.rejections_by_kind()) std::printf("  %4d rejected: %s\n", n, k.c_str());
-      return res.ranked.empty() ? 1 : 0;
+      if (res.ranked.empty()) return 1;
+      const tp::Choice c = tp::choose(res, tolerance);
+      std::printf("choice at --tolerance %g: %zu. %s: %s\n", tolerance, c.index + 1,
+                  res.ranked[c.index].layout.to_string().c_str(), c.reason.c_str());
+      return 0;
     }
     const tp::Plan p = tp::Plan::predict(m, cluster, layout.get(), precision);
     print_plan(p, cluster);

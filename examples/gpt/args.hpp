@@ -65,6 +65,8 @@ struct Args {
   std::string plan;          // "auto": the planner picks the layout (gpt/auto_plan.hpp)
   int world_size = 0;        // ranks for --plan auto (0: dp x tp x pp)
   std::string cluster;       // cluster file for --plan auto ("": plan/clusters/this_machine_<backend>.json)
+  double plan_tolerance = 0.03;  // --plan auto: within this fraction of the fastest, the plainer layout (plan::choose)
+  bool plan_tolerance_given = false;
   std::string device = "cpu";  // --device cuda: train on one CUDA device (gpt/device_training.hpp)
   std::string dtype = "fp32";  // --dtype bf16: mixed precision on the device (fp32 master weights)
   std::string model;           // --model gpt2-124m: 12 layers, d 768, 12 heads, context 1024 (flags given win)
@@ -199,6 +201,10 @@ inline void add_options(CLI::App& app, Args& a) {
                  "forward (the other ranks wait in its collectives)")->group("");
   app.add_option("--cluster", a.cluster, "cluster file for --plan auto (default: plan/clusters/this_machine_<backend>.json, "
                  "written by tessera-plan calibrate)");
+  app.add_option("--plan-tolerance", a.plan_tolerance, "--plan auto: among layouts predicted within this fraction of the "
+                 "fastest, take the one with the fewest optional mechanisms and synchronizations (default 0.03; 0: the fastest)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->each([&a](const std::string&) { a.plan_tolerance_given = true; });
 }
 
 }  // namespace train_gpt

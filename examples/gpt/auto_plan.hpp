@@ -49,8 +49,8 @@ inline bool prints() {
 
 // Searches every layout of the world size (--world, else --dp x --tp x --pp) on the cluster
 // file (--cluster, else plan/clusters/this_machine_<backend>.json), prints the ranking's top 3
-// with their predicted step times and the rejections by kind, and sets a's layout to the
-// first. Throws tessera::Error naming the numbers when no layout fits.
+// with their predicted step times (and the chosen one, if lower) and the rejections by kind,
+// and sets a's layout to plan::choose's pick at --plan-tolerance. Throws tessera::Error naming the numbers when no layout fits.
 inline void apply_auto_plan(Args& a) {
   const int world = a.world_size > 0 ? a.world_size : a.world();
   const std::string path = a.cluster.empty() ? "plan/clusters/this_machine_" + a.backend + ".json" : a.cluster;
@@ -61,19 +61,24 @@ inline void apply_auto_plan(Args& a) {
   TESSERA_EXPECTS(!r.ranked.empty(), "train_gpt: --plan auto: none of the ", r.rejected.size(), " layouts of ", world,
                   " ranks for batch ", a.batch, " fits ", path, (r.rejected.empty() ? "" : "; e.g. "),
                   (r.rejected.empty() ? "" : r.rejected.front().reason));
-  const plan::Plan& best = r.ranked.front();
+  const plan::Choice choice = plan::choose(r, a.plan_tolerance);
+  const plan::Plan& best = r.ranked[choice.index];
   const plan::Layout& l = best.layout;
   if (prints()) {
-    std::printf("plan auto: %d ranks on %s (%s): %zu layouts fit, %zu rejected; the fastest predicted is chosen\n", world,
-                cluster.name.c_str(), path.c_str(), r.ranked.size(), r.rejected.size());
-    for (std::size_t i = 0; i < r.ranked.size() && i < 3; ++i) {
+    std::printf("plan auto: %d ranks on %s (%s): %zu layouts fit, %zu rejected; within %.1f%% of the fastest predicted, "
+                "the one with the fewest optional mechanisms and synchronizations is chosen (--plan-tolerance)\n",
+                world, cluster.name.c_str(), path.c_str(), r.ranked.size(), r.rejected.size(), 100 * a.plan_tolerance);
+    auto show = [&](std::size_t i) {
       const plan::Plan& p = r.ranked[i];
       std::printf("plan auto: %zu. %-50s predicted %.3f s/step (%.0f tokens/s)%s\n", i + 1, p.layout.to_string().c_str(),
                   p.time.total(), static_cast<double>(a.batch) * a.context / p.time.total(),
-                  i == 0 ? "  <- chosen" : "");
+                  i == choice.index ? "  <- chosen" : "");
       std::printf("plan auto:    %s\n", p.time.to_string().c_str());
-    }
-    if (r.ranked.size() > 1)
+    };
+    for (std::size_t i = 0; i < r.ranked.size() && i < 3; ++i) show(i);
+    if (choice.index >= 3) show(choice.index);
+    std::printf("plan auto: chosen: %s\n", choice.reason.c_str());
+    if (r.ranked.size() > 1 && choice.index == 0)
       std::printf("plan auto: the second is predicted %.1f%% slower\n",
                   100 * (r.ranked[1].time.total() / best.time.total() - 1));
     for (const auto& [kind, n] : r.rejections_by_kind()) std::printf("plan auto: %4d rejected: %s\n", n, kind.c_str());

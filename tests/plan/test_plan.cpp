@@ -1019,3 +1019,44 @@ TEST_CASE("Plan figures: a step below 0.1 s prints 2 significant digits (not 0.0
   m.activations = 2.0 * 1024 * 1024 * 1024;
   CHECK(m.to_string().rfind("2.0 GiB on pp rank 0: parameters 0.0,", 0) == 0);
 }
+
+TEST_CASE("plan::choose: within the tolerance the layout with the fewest mechanisms, then synchronizations, else the fastest") {
+  const ModelSpec m{.name = "tiny", .layers = 8, .hidden = 64, .heads = 4, .kv_heads = 0, .ffn = 0, .vocab = 16,
+                    .seq = 8, .tied = true};
+  auto plan_of = [&](Layout l, double seconds, long long p2p_messages) {
+    Plan p;
+    p.model = m;
+    p.layout = l;
+    p.time.compute = seconds;
+    p.time.p2p_messages = p2p_messages;
+    return p;
+  };
+  Layout zb{.dp = 4, .pp = 2, .microbatch_size = 8, .num_microbatches = 1};
+  zb.schedule = PipelineSchedule::zero_bubble_h1;
+  zb.zero_stage = 1;
+  const Layout pipe{.dp = 4, .pp = 2, .microbatch_size = 4, .num_microbatches = 2};
+  const Layout flat{.dp = 8, .microbatch_size = 4, .num_microbatches = 1};
+  const Layout slow{.dp = 8, .microbatch_size = 2, .num_microbatches = 2};
+  SearchResult r;
+  r.ranked = {plan_of(zb, 0.400, 2), plan_of(pipe, 0.410, 4), plan_of(flat, 0.415, 0), plan_of(slow, 0.500, 0)};
+  CHECK(mechanisms(zb) == 2);
+  CHECK(mechanisms(pipe) == 0);
+  CHECK(synchronizations(r.ranked[1]) == doctest::Approx(4.0));  // 4 sends and 4 receives over 2 pp ranks
+  CHECK(choose(r, 0.0).index == 0);
+  CHECK(choose(r, 0.0).reason == "the fastest predicted");
+  CHECK(choose(r, 0.02).index == 0);   // only zb within 0.408
+  CHECK(choose(r, 0.03).index == 1);   // pipe (0.410): no mechanisms against zb's two
+  CHECK(choose(r, 0.04).index == 2);   // flat (0.415): no mechanisms and no synchronizations
+  CHECK(choose(r, 0.5).index == 2);    // slow ties flat in both; the faster stays
+  const std::string why = choose(r, 0.03).reason;
+  CHECK(why.find("2.5% slower than the fastest (dp 4 x tp 1 x pp 2, ZB-H1") != std::string::npos);
+  CHECK(why.find("within the 3.0% tolerance, with 0 optional mechanisms against 2") != std::string::npos);
+  // tp collectives: 4 per block and micro-batch (6 under full recomputation), 8 layers over pp 2.
+  Layout tpl{.tp = 2, .pp = 2, .microbatch_size = 1, .num_microbatches = 4};
+  CHECK(synchronizations(plan_of(tpl, 1.0, 12)) == doctest::Approx(12.0 + 4 * 4 * 4));
+  tpl.recompute = Recompute::full;
+  CHECK(synchronizations(plan_of(tpl, 1.0, 12)) == doctest::Approx(12.0 + 6 * 4 * 4));
+  CHECK(mechanisms(tpl) == 1);
+  CHECK_THROWS_WITH_AS((void)choose(SearchResult{}, 0.03), doctest::Contains("the ranking is empty"), Error);
+  CHECK_THROWS_WITH_AS((void)choose(r, -0.01), doctest::Contains("the tolerance must be >= 0, got -0.01"), Error);
+}

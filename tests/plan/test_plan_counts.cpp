@@ -1,7 +1,9 @@
 // The planner's collectives against instrumented runs of tessera's own policies on the GPT's
 // block (nn::Block): the tensor-parallel all-reduces CostModel charges per block are what
 // TensorParallel<nn::Block> sends, and the gradient elements its dp reduction moves (the
-// block's parameters, ModelSpec::layer_parameters) are what DataParallel<nn::Block> reduces.
+// block's parameters, ModelSpec::layer_parameters) are what DataParallel<nn::Block> reduces;
+// ZeRO-3's collectives against a ZeRO-3 GPT; and whole HybridGPT steps: their tp all-reduces,
+// pipeline sends and ZeRO-1 reduce-scatters per rank.
 #include <doctest/doctest.h>
 
 #include <cstddef>
@@ -15,9 +17,24 @@
 #include "tessera/parallel/data/data_parallel.hpp"
 #include "tessera/parallel/data/distributed_optimizer.hpp"
 #include "tessera/plan/cost_model.hpp"
+#include "tessera/plan/plan.hpp"
 #include "tessera/testing/run_ranks.hpp"
 
 using namespace tessera;
+
+namespace {
+// A cluster for predictions whose times the tests below do not read.
+plan::Cluster test_cluster() {
+  return plan::Cluster::from_json({{"name", "test"},
+                                   {"devices_per_node", 8},
+                                   {"device_memory_gib", 80},
+                                   {"peak_tflops", 312},
+                                   {"memory_bandwidth_gbps", 2039},
+                                   {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
+                                   {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
+                                   {"gemm_efficiency", {{1.0, 0.5}}}});
+}
+}  // namespace
 
 TEST_CASE("CostModel: the tp all-reduces it charges per block are the ones TensorParallel<nn::Block> issues, with and without SP") {
   using tp_bodies::kB;
@@ -189,4 +206,79 @@ TEST_CASE("CostModel: the tensor-parallel elements of a whole HybridGPT step per
           CHECK(four[r].second - two[r].second == 2 * (per_microbatch(4) - per_microbatch(2)));
         }
       }
+}
+
+// A whole HybridGPT step against the planner's pipeline and dp traffic: per pipeline (one dp
+// and tp coordinate), the SENDs of every pp rank are TimeEstimate::p2p_messages, each of
+// TimeEstimate::p2p_bytes (b s h fp32 elements, / tp under sequence parallelism, whose
+// activations between stages are split along the sequence; tessera's pipeline sends a tp rank's
+// whole activation otherwise); and under ZeRO-1 each rank's dp reduce-scatters move its stage's
+// parameters (CostModel::rank_parameters) in the padded buckets the planner packs
+// (CostModel::zero3_buckets). The second step is counted (the first runs each stage's
+// output-shape forward). dp 2 at tp 1 and 2, pp 2 and 4, with and without sequence parallelism.
+TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp reduce-scatters are the planner's") {
+  const GPTConfig cfg{.vocab_size = 64, .n_positions = 16, .n_layer = 4, .n_head = 4, .d_model = 32};
+  const plan::ModelSpec m{.name = "GPT", .layers = 4, .hidden = 32, .heads = 4, .kv_heads = 0, .ffn = 0,
+                          .vocab = 64, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
+  struct Case {
+    int tp, pp;
+    bool sp;
+  };
+  for (const Case k : {Case{1, 2, false}, Case{2, 2, false}, Case{2, 2, true}, Case{1, 4, false}}) {
+    CAPTURE(k.tp);
+    CAPTURE(k.pp);
+    CAPTURE(k.sp);
+    const int dp = 2, mbs = 2, mbcount = 2;
+    struct Seen {
+      MeshCoord at;
+      std::size_t sends = 0, send_elements = 0, reduce_scatter_elements = 0;
+    };
+    const auto seen = testing::run_ranks(dp * k.tp * k.pp, [&](Comm& world) {
+      auto counters = std::make_shared<testing::CommCounters>();
+      Mesh mesh(testing::instrument(world, counters), MeshShape{.dp = dp, .pp = k.pp, .tp = k.tp});
+      HybridOptions options;
+      options.num_microbatches = mbcount;
+      HybridGPT<float> model(mesh, cfg, 1, options, std::nullopt, HybridGPTOptions{.sequence_parallel = k.sp});
+      DistributedOptimizer<optim::AdamW<float>> opt(model, optim::AdamWOptions{.lr = 1e-3}, ZeroStage::optimizer);
+      Tensor<std::int32_t> x(Shape{mbs * mbcount, 16}), y(Shape{mbs * mbcount, 16});
+      for (std::int64_t i = 0; i < x.numel(); ++i) {
+        x.data()[i] = static_cast<std::int32_t>((i + mesh.coord().dp) % 64);
+        y.data()[i] = static_cast<std::int32_t>((i * 3 + 1) % 64);
+      }
+      model.forward_backward(x, y);
+      opt.step();
+      model.zero_grad();
+      counters->reset();
+      model.forward_backward(x, y);
+      return Seen{mesh.coord(), counters->calls(testing::CallKind::send), counters->elements(testing::CallKind::send),
+                  counters->elements(testing::CallKind::reduce_scatter)};
+    });
+    plan::Layout l{.dp = dp, .tp = k.tp, .pp = k.pp, .microbatch_size = mbs, .num_microbatches = mbcount};
+    l.sequence_parallel = k.sp;
+    l.zero_stage = 1;
+    l.zero3_unit_layers = 0;  // HybridOptions::unit_layers' default: one unit per stage
+    const plan::Plan p = plan::Plan::predict(m, test_cluster(), l, plan::Precision::float32_adamw());
+    const plan::CostModel cm{.model = m, .layout = l, .precision = plan::Precision::float32_adamw()};
+    for (int d = 0; d < dp; ++d)
+      for (int t = 0; t < k.tp; ++t) {
+        std::size_t sends = 0, elements = 0;
+        for (const Seen& s : seen)
+          if (s.at.dp == d && s.at.tp == t) {
+            sends += s.sends;
+            elements += s.send_elements;
+          }
+        CHECK(static_cast<long long>(sends) == p.time.p2p_messages);
+        CHECK(static_cast<double>(elements) * sizeof(float) == p.time.p2p_messages * p.time.p2p_bytes);
+      }
+    if (k.sp) continue;  // sequence parallelism's own reduce-scatters are tp's
+    for (const Seen& s : seen) {
+      CAPTURE(s.at.pp);
+      double padded = 0;
+      for (const plan::BucketLayout& b : cm.zero3_buckets(s.at.pp))
+        for (std::int64_t e : b.padded) padded += static_cast<double>(e);
+      CHECK(static_cast<double>(s.reduce_scatter_elements) == padded);
+      CHECK(padded - cm.rank_parameters(s.at.pp) >= 0);
+      CHECK(padded - cm.rank_parameters(s.at.pp) < dp);  // one bucket per stage here: at most dp - 1 padding
+    }
+  }
 }

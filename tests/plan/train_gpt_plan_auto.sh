@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # train_gpt --plan auto on a tiny model (seconds): for world sizes 1, 3 and 4 (and 4 from
-# --dp 2 --tp 2) the planner's first choice is the layout train_gpt then trains (its own
+# --dp 2 --tp 2) the layout marked chosen (plan::choose: within --plan-tolerance of the first,
+# the plainer; at --plan-tolerance 0 the first) is the layout train_gpt then trains (its own
 # "GPT ..." line), it has exactly that many ranks, the printed ranking is sorted, and its
 # predicted time equals what `tessera-plan plan --fp32` predicts for that layout on the same
 # cluster file (so train_gpt plans the model it trains); bad input fails naming the numbers.
@@ -34,12 +35,20 @@ check_choice() {
   python3 - "$log" "$world" "$planner" "${CLUSTER:-$work/cluster.json}" <<'PY'
 import re, subprocess, sys
 log, world, planner, cluster = open(sys.argv[1]).read(), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ranked = re.findall(r"^plan auto: (\d)\. dp (\d+) x tp (\d+) x pp (\d+), (1F1B|interleaved|ZB-H1)(?: v (\d+))?, mbs (\d+) x (\d+), "
-                    r"recompute (\w+)(?:, ZeRO-([123]))?(?: \(unit: [^)]*\))? +predicted ([\d.]+) s/step", log, re.M)
+ranked = re.findall(r"^plan auto: (\d+)\. dp (\d+) x tp (\d+) x pp (\d+), (1F1B|interleaved|ZB-H1)(?: v (\d+))?, mbs (\d+) x (\d+), "
+                    r"recompute (\w+)(?:, ZeRO-([123]))?(?: \(unit: [^)]*\))? +predicted ([\d.]+) s/step[^\n]*?( <- chosen)?$", log, re.M)
 if not ranked: sys.exit("FAIL: no ranking printed")
 times = [float(r[10]) for r in ranked]
 if times != sorted(times): sys.exit(f"FAIL: the ranking is not sorted by predicted time: {times}")
-_, dp, tp, pp, sched, v, mbs, m, recompute, zero, t = ranked[0]
+chosen = [r for r in ranked if r[11]]
+if len(chosen) != 1: sys.exit(f"FAIL: {len(chosen)} layouts marked chosen")
+tolerance = float(re.search(r"within ([\d.]+)% of the fastest predicted", log)[1]) / 100
+# plan::choose: the first unless another is within the tolerance (tests/plan test_plan checks its order).
+if float(chosen[0][10]) > times[0] * (1 + tolerance) + 5e-4:
+    sys.exit(f"FAIL: the chosen layout's {chosen[0][10]} s is not within {tolerance} of the fastest {times[0]} s")
+if (chosen[0][0] == "1") != ("plan auto: chosen: the fastest predicted" in log):
+    sys.exit("FAIL: the reason printed does not match the choice")
+_, dp, tp, pp, sched, v, mbs, m, recompute, zero, t, _ = chosen[0]
 dp, tp, pp, m = int(dp), int(tp), int(pp), int(m)
 if dp * tp * pp != world: sys.exit(f"FAIL: chosen dp {dp} x tp {tp} x pp {pp} is not {world} ranks")
 g = re.search(r"^GPT .*; dp=(\d+) pp=(\d+) tp=(\d+) \(([\w-]+), (\d+) micro-batches, accum 1(?:, ZeRO-([123]))?[^)]*\)", log, re.M)
@@ -70,8 +79,12 @@ for w in 2 4; do
   "$train" --plan auto --world "$w" "${model[@]/$work\/cluster.json/$work/slow.json}" > "$work/slow$w.log" 2>&1 ||
     { cat "$work/slow$w.log"; fail "--world $w (slow links)"; }
   CLUSTER="$work/slow.json" check_choice "$work/slow$w.log" "$w"
-  grep -q "^plan auto: 1\. dp $w x tp 1 x pp 1" "$work/slow$w.log" && fail "slow links, $w ranks: plain dp chosen"
+  grep -q "^plan auto: [0-9]*\. dp $w x tp 1 x pp 1, .*<- chosen" "$work/slow$w.log" && fail "slow links, $w ranks: plain dp chosen"
 done
+# --plan-tolerance 0: the fastest predicted, whatever its mechanisms.
+"$train" --plan auto --world 4 --plan-tolerance 0 "${model[@]}" > "$work/t0.log" 2>&1 || { cat "$work/t0.log"; fail "--plan-tolerance 0"; }
+check_choice "$work/t0.log" 4
+grep -q "^plan auto: 1\. .*<- chosen" "$work/t0.log" || { cat "$work/t0.log"; fail "--plan-tolerance 0 did not choose the first"; }
 # Without --world: dp x tp x pp = 4 ranks, re-laid out by the planner.
 "$train" --plan auto --dp 2 --tp 2 "${model[@]}" > "$work/dptp.log" 2>&1 || { cat "$work/dptp.log"; fail "--dp 2 --tp 2"; }
 check_choice "$work/dptp.log" 4

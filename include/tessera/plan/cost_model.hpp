@@ -350,11 +350,14 @@ struct CostModel {
     return w;
   }
 
-  /// Bytes of one pipeline hand-off (an activation or its gradient) on one device:
-  /// b s h elements, split over tp (Megatron-LM's scatter-gather of p2p tensors, or sequence
-  /// parallelism's own split).
+  /// Bytes of one pipeline hand-off (an activation or its gradient) on one device: b s h
+  /// elements, split over tp under sequence parallelism (the activations between stages are
+  /// split along the sequence) or Layout::p2p_scatter_gather (Megatron-LM's scatter-gather of
+  /// p2p tensors); otherwise every tp rank sends the whole tensor, as tessera's Hybrid does
+  /// (tests/plan plan_counts).
   double p2p_bytes() const {
-    return precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden / layout.tp;
+    const int split = layout.sequence_parallel || layout.p2p_scatter_gather ? layout.tp : 1;
+    return precision.activation_bytes * model.seq * layout.microbatch_size * model.hidden / split;
   }
 
   /// The node of the device holding (pp index, dp index 0, tp index 0): rank order tp, dp, pp.
@@ -369,18 +372,18 @@ struct CostModel {
                   : cluster.inter_node_latency + p2p_bytes() / cluster.inter_node_bandwidth_per_device();
   }
 
-  /// Parameters held by one device of `stage`'s pipeline rank, before ZeRO sharding: the
-  /// blocks of all its model chunks / tp, plus the embedding on pp rank 0 and the head (and a
-  /// tied copy of the embedding when pp > 1) on the last pp rank.
+  /// Parameters held by one device of pipeline rank `pp_rank`, before ZeRO sharding: the
+  /// parameter lists of all its model chunks (zero3_units: the blocks split over tp as
+  /// TensorParallel<nn::Block> splits them, LayerNorms and row-parallel biases whole; the token
+  /// embedding / tp and the position embedding whole on stage 0; the final LayerNorm, and an
+  /// untied head / tp or at pp > 1 the last stage's copy of a tied embedding, on the last).
+  /// Exactly the elements a ZeRO-1 Hybrid rank reduce-scatters over dp, less padding (tests/plan
+  /// plan_counts); at tp 1 the stages' ModelSpec::layer_parameters and embeddings.
   double rank_parameters(int pp_rank) const {
     double p = 0;
     for (int c = 0; c < layout.virtual_stages; ++c)
-      p += stage_layers(c * layout.pp + pp_rank) * model.layer_parameters() / layout.tp;
-    if (pp_rank == 0) p += model.embedding_parameters() / layout.tp;
-    if (pp_rank == layout.pp - 1) {
-      p += model.head_parameters() / layout.tp;
-      if (model.tied && layout.pp > 1) p += static_cast<double>(model.vocab) * model.hidden / layout.tp;
-    }
+      for (const auto& unit : zero3_units(c * layout.pp + pp_rank))
+        for (const BucketLayout::Param& q : unit) p += static_cast<double>(q.numel);
     return p;
   }
 

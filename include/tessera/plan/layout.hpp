@@ -61,6 +61,11 @@ struct Layout {
   int num_microbatches = 1;    ///< micro-batches per step per replica (m)
   PipelineSchedule schedule = PipelineSchedule::one_f_one_b;  ///< pipeline schedule
   bool sequence_parallel = false;      ///< activations outside the tp regions split along the sequence
+  /// Pipeline hand-offs split over tp without sequence parallelism: each tp rank sends 1/tp of
+  /// the activation and the receiver all-gathers it (Megatron-LM's
+  /// scatter_gather_tensors_in_pipeline, on in the published runs of plan/validation). tessera's
+  /// Hybrid sends each tp rank's whole activation: false.
+  bool p2p_scatter_gather = false;
   Recompute recompute = Recompute::none;  ///< activation recomputation
   int zero_stage = 0;                  ///< ZeRO stage 0-3 over the dp axis
   bool overlap_grad_reduce = false;    ///< dp reduction overlapped with the last backward

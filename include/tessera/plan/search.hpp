@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <utility>
@@ -32,6 +33,7 @@ struct SearchOptions {
   int zero3_unit_layers = 1;  ///< ZeRO-3's gathered unit for every ZeRO-3 layout (Layout::zero3_unit_layers; 0: a stage)
   bool zero_bubble = true;  ///< also try ZB-H1 (schedule::ZeroBubbleH1) for every pipeline with v = 1 and pp > 1
   bool sequence_parallel = true;                       ///< use sequence parallelism whenever tp > 1
+  bool p2p_scatter_gather = false;  ///< Layout::p2p_scatter_gather for every layout (Megatron-LM: true)
   bool overlap_grad_reduce = false;                    ///< whether the dp reduction is overlapped
   std::vector<int> tp_sizes{};                         ///< tp sizes to try; empty: powers of 2 up to a node
   std::vector<int> pp_sizes{};                         ///< pp sizes to try; empty: every divisor
@@ -100,6 +102,7 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
         continue;
       Layout base{.dp = dp, .tp = tp, .pp = pp};
       base.sequence_parallel = opts.sequence_parallel && tp > 1;
+      base.p2p_scatter_gather = opts.p2p_scatter_gather;
       base.overlap_grad_reduce = opts.overlap_grad_reduce;
       auto reject = [&](const Layout& l, std::string why) { out.rejected.push_back({l, std::move(why)}); };
       if (tp > cluster.devices_per_node) {
@@ -172,6 +175,66 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
     return a.memory.total() < b.memory.total();
   });
   return out;
+}
+
+/// The optional mechanisms a layout uses, counted: a ZeRO stage, a pipeline schedule other than
+/// 1F1B (interleaved, ZB-H1, GPipe; at pp > 1), recomputation, sequence parallelism.
+inline int mechanisms(const Layout& l) {
+  return (l.zero_stage > 0 ? 1 : 0) + (l.pp > 1 && l.schedule != PipelineSchedule::one_f_one_b ? 1 : 0) +
+         (l.recompute != Recompute::none ? 1 : 0) + (l.sequence_parallel ? 1 : 0);
+}
+
+/// Blocking synchronizations one device takes part in per step, on average over the pipeline
+/// ranks: its pipeline hand-offs (each SEND of `p` and its RECV, TimeEstimate::p2p_messages
+/// spread over pp) and its tensor-parallel collectives (CostModel::tp_all_reduces_forward and
+/// _backward per block and micro-batch, a recomputed forward's again). The dp reduction's few
+/// buckets per step are left out.
+inline double synchronizations(const Plan& p) {
+  const Layout& l = p.layout;
+  double syncs = 2.0 * static_cast<double>(p.time.p2p_messages) / l.pp;
+  if (l.tp > 1) {
+    const int per_block = CostModel::tp_all_reduces_forward * (l.recompute == Recompute::full ? 2 : 1) +
+                          CostModel::tp_all_reduces_backward;
+    syncs += static_cast<double>(per_block) * p.model.layers / l.pp * l.num_microbatches;
+  }
+  return syncs;
+}
+
+/// Which ranked layout plan::choose picked, and why, in one sentence.
+struct Choice {
+  std::size_t index = 0;  ///< into SearchResult::ranked
+  std::string reason{};   ///< e.g. "the fastest predicted" or what it was preferred for
+};
+
+/// The layout to run from a search's ranking (which must not be empty): among the layouts
+/// predicted within `tolerance` (a fraction, >= 0) of the fastest, the one with the fewest
+/// optional mechanisms (plan::mechanisms), then the fewest synchronizations per step
+/// (plan::synchronizations), then the fastest. A predicted difference smaller than the
+/// planner's own error is not evidence, and what the model leaves out costs layouts with more
+/// mechanisms and synchronizations more (a hand-off that waits for a core when ranks outnumber
+/// them, ZeRO's gathers as copies on the ranks' own cores: docs/planner.md); so within the
+/// tolerance the plainer layout is the safer bet. tolerance 0: the fastest (ties: as ranked).
+/// Throws Error on an empty ranking or a negative tolerance.
+inline Choice choose(const SearchResult& r, double tolerance) {
+  TESSERA_EXPECTS(!r.ranked.empty(), "plan::choose: the ranking is empty (no layout fits)");
+  TESSERA_EXPECTS(tolerance >= 0, "plan::choose: the tolerance must be >= 0, got ", tolerance);
+  const double limit = r.ranked.front().time.total() * (1 + tolerance);
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < r.ranked.size() && r.ranked[i].time.total() <= limit; ++i) {
+    const Plan &a = r.ranked[i], &b = r.ranked[best];
+    const int ma = mechanisms(a.layout), mb = mechanisms(b.layout);
+    const double sa = synchronizations(a), sb = synchronizations(b);
+    if (ma < mb || (ma == mb && sa < sb)) best = i;  // equal in both: the faster (earlier) stays
+  }
+  if (best == 0) return {0, "the fastest predicted"};
+  const Plan &c = r.ranked[best], &f = r.ranked.front();
+  char why[512];
+  std::snprintf(why, sizeof why,
+                "predicted %.1f%% slower than the fastest (%s), within the %.1f%% tolerance, with %d optional "
+                "mechanisms against %d and %.0f synchronizations per step against %.0f",
+                100 * (c.time.total() / f.time.total() - 1), f.layout.to_string().c_str(), 100 * tolerance,
+                mechanisms(c.layout), mechanisms(f.layout), synchronizations(c), synchronizations(f));
+  return {best, why};
 }
 
 }  // namespace tessera::plan

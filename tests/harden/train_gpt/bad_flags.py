@@ -102,6 +102,8 @@ for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
 # --cluster without --plan auto was ignored silently.
 cases.append(("--cluster", "c.json", {"want": "--cluster c.json is read only by --plan auto"}))
+cases.append(("--plan-tolerance", "0.05", {"want": "--plan-tolerance 0.05 is read only by --plan auto"}))
+cases.append(("--plan-tolerance", "-0.1", {"--plan": "auto", "--world": "2", "want": "--plan-tolerance"}))
 # Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
 cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
 cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
