@@ -10,7 +10,10 @@
 //                 every call sees: adds tessera's event record and polling per call).
 // algbw = bytes / time and busbw = algbw * 2(n-1)/n (nccl-tests, doc/PERFORMANCE.md), which is 0
 // at one rank: there NCCL's in-place all_reduce moves no data, so the times are the per-call
-// overhead of NCCL plus tessera. The last line times a device-to-device cudaMemcpyAsync of the
+// overhead of NCCL plus tessera. Beside them, the same buffer through raw ncclAllReduce calls
+// (a communicator of its own, no tessera in between), back to back and blocking, and tessera's
+// time over raw NCCL's per size; the summary line gives the largest ratio above 1 MiB (issue
+// 13's target: <= 1.02). The last line times a device-to-device cudaMemcpyAsync of the
 // largest size as the memory-bandwidth scale of this GPU.
 #include <CLI/CLI.hpp>
 
@@ -19,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/nccl.hpp"
@@ -57,17 +61,44 @@ Timing timing(double seconds, int iters, std::size_t bytes, int ranks) {
   return t;
 }
 
+// Seconds of `iters` raw ncclAllReduce calls in place on `data` (no tessera in between):
+// back to back (all enqueued, then one stream synchronize) and blocking (each followed by a
+// stream synchronize), on the raw communicator's own stream.
 template <tessera::CommScalar T>
-int run(tessera::Comm& gpu, std::size_t min_bytes, std::size_t max_bytes, double factor, int iters,
-        int warmup) {
+std::pair<double, double> raw_nccl_seconds(ncclComm_t raw, cudaStream_t stream, T* data, std::size_t count,
+                                           int iters, int warmup) {
+  using tessera::nccl::detail::check_cuda;
+  const ncclDataType_t type = tessera::nccl::to_nccl(tessera::dtype_of<T>);
+  auto call = [&] {
+    const ncclResult_t r = ncclAllReduce(data, data, count, type, ncclSum, raw, stream);
+    if (r != ncclSuccess) throw tessera::Error(std::string("nccl_bench: raw ncclAllReduce: ") + ncclGetErrorString(r));
+  };
+  for (int i = 0; i < warmup; ++i) call();
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize", "raw NCCL");
+  auto t0 = Clock::now();
+  for (int i = 0; i < iters; ++i) call();
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize", "raw NCCL");
+  const double back_to_back = std::chrono::duration<double>(Clock::now() - t0).count();
+  t0 = Clock::now();
+  for (int i = 0; i < iters; ++i) {
+    call();
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize", "raw NCCL");
+  }
+  return {back_to_back, std::chrono::duration<double>(Clock::now() - t0).count()};
+}
+
+template <tessera::CommScalar T>
+int run(tessera::Comm& gpu, ncclComm_t raw, cudaStream_t raw_stream, std::size_t min_bytes, std::size_t max_bytes,
+        double factor, int iters, int warmup) {
   const char* type = tessera::name_of(tessera::dtype_of<T>).data();
-  std::printf("#%75s%27s\n", "back to back", "blocking");
-  std::printf("# %12s %12s %8s %6s %9s %8s %8s %9s %8s %8s %7s\n", "size", "count", "type", "redop",
-              "time", "algbw", "busbw", "time", "algbw", "busbw", "#wrong");
-  std::printf("# %12s %12s %8s %6s %9s %8s %8s %9s %8s %8s %7s\n", "(B)", "(elements)", "", "",
-              "(us)", "(GB/s)", "(GB/s)", "(us)", "(GB/s)", "(GB/s)", "");
+  std::printf("#%75s%27s%35s\n", "back to back", "blocking", "raw NCCL: b2b, blocking");
+  std::printf("# %12s %12s %8s %6s %9s %8s %8s %9s %8s %8s %7s %9s %9s %7s %7s\n", "size", "count", "type", "redop",
+              "time", "algbw", "busbw", "time", "algbw", "busbw", "#wrong", "time", "time", "ratio", "ratio");
+  std::printf("# %12s %12s %8s %6s %9s %8s %8s %9s %8s %8s %7s %9s %9s %7s %7s\n", "(B)", "(elements)", "", "",
+              "(us)", "(GB/s)", "(GB/s)", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(us)", "b2b", "block");
   double busbw_sum = 0;
   int rows = 0, wrong_total = 0;
+  double worst_b2b = 0, worst_blocking = 0;  // tessera / raw above 1 MiB
   for (std::size_t bytes = min_bytes; bytes <= max_bytes;
        bytes = std::max(bytes + sizeof(T), static_cast<std::size_t>(static_cast<double>(bytes) * factor))) {
     const std::size_t count = bytes / sizeof(T);
@@ -95,8 +126,16 @@ int run(tessera::Comm& gpu, std::size_t min_bytes, std::size_t max_bytes, double
 
     const Timing a = timing(async_s, iters, count * sizeof(T), gpu.size());
     const Timing b = timing(blocking_s, iters, count * sizeof(T), gpu.size());
-    std::printf("  %12zu %12zu %8s %6s %9.2f %8.2f %8.2f %9.2f %8.2f %8.2f %7d\n", count * sizeof(T),
-                count, type, "sum", a.us, a.algbw, a.busbw, b.us, b.algbw, b.busbw, wrong);
+    // The same buffer through raw NCCL, right after (nccl-tests' own call, no tessera).
+    const auto [raw_b2b_s, raw_blocking_s] = raw_nccl_seconds(raw, raw_stream, buf.data(), count, iters, warmup);
+    const double ratio_b2b = async_s / raw_b2b_s, ratio_blocking = blocking_s / raw_blocking_s;
+    if (count * sizeof(T) > (std::size_t{1} << 20)) {
+      worst_b2b = std::max(worst_b2b, ratio_b2b);
+      worst_blocking = std::max(worst_blocking, ratio_blocking);
+    }
+    std::printf("  %12zu %12zu %8s %6s %9.2f %8.2f %8.2f %9.2f %8.2f %8.2f %7d %9.2f %9.2f %7.3f %7.3f\n",
+                count * sizeof(T), count, type, "sum", a.us, a.algbw, a.busbw, b.us, b.algbw, b.busbw, wrong,
+                raw_b2b_s * 1e6 / iters, raw_blocking_s * 1e6 / iters, ratio_b2b, ratio_blocking);
     std::fflush(stdout);
     busbw_sum += a.busbw;
     ++rows;
@@ -104,6 +143,9 @@ int run(tessera::Comm& gpu, std::size_t min_bytes, std::size_t max_bytes, double
   std::printf("# Out of bounds values : %d %s\n", wrong_total, wrong_total == 0 ? "OK" : "FAILED");
   std::printf("# Avg bus bandwidth    : %g (back to back; 0 by definition at 1 rank)\n",
               rows > 0 ? busbw_sum / rows : 0.0);
+  if (worst_b2b > 0)
+    std::printf("# tessera / raw NCCL above 1 MiB: at most %.3f back to back, %.3f blocking (issue 13's target: "
+                "<= 1.02)\n", worst_b2b, worst_blocking);
   return wrong_total == 0 ? 0 : 1;
 }
 
@@ -160,11 +202,23 @@ int main(int argc, char** argv) {
               nccl_version, NCCL_VERSION_CODE, runtime, driver, iters, warmup);
   std::printf("#\n");
 
+  // Raw NCCL on the same GPU, one rank, its own stream: the reference tessera's calls are
+  // divided by.
+  ncclComm_t raw = nullptr;
+  if (const ncclResult_t r = ncclCommInitAll(&raw, 1, &device); r != ncclSuccess) {
+    std::printf("nccl_bench: ncclCommInitAll for the raw reference failed: %s\n", ncclGetErrorString(r));
+    return 1;
+  }
+  cudaStream_t raw_stream = nullptr;
+  tessera::nccl::detail::check_cuda(cudaStreamCreateWithFlags(&raw_stream, cudaStreamNonBlocking), "cudaStreamCreate",
+                                    "nccl_bench");
   int rc = 0;
-  if (type == "float") rc = run<float>(gpu, min_bytes, max_bytes, factor, iters, warmup);
-  if (type == "double") rc = run<double>(gpu, min_bytes, max_bytes, factor, iters, warmup);
-  if (type == "int32") rc = run<std::int32_t>(gpu, min_bytes, max_bytes, factor, iters, warmup);
-  if (type == "int64") rc = run<std::int64_t>(gpu, min_bytes, max_bytes, factor, iters, warmup);
+  if (type == "float") rc = run<float>(gpu, raw, raw_stream, min_bytes, max_bytes, factor, iters, warmup);
+  if (type == "double") rc = run<double>(gpu, raw, raw_stream, min_bytes, max_bytes, factor, iters, warmup);
+  if (type == "int32") rc = run<std::int32_t>(gpu, raw, raw_stream, min_bytes, max_bytes, factor, iters, warmup);
+  if (type == "int64") rc = run<std::int64_t>(gpu, raw, raw_stream, min_bytes, max_bytes, factor, iters, warmup);
+  static_cast<void>(cudaStreamDestroy(raw_stream));
+  static_cast<void>(ncclCommDestroy(raw));
   memcpy_reference(max_bytes, tessera::nccl::stream_of(gpu), iters);
   return rc;
 }

@@ -182,8 +182,8 @@ if ck --dp 2 --steps 10 --save "$RUN/ck_cpu" && ck --device cuda --resume "$RUN/
   row "CPU checkpoint (dp 2) resumed on the GPU" "ok"
 else fail "CPU checkpoint resumed on the GPU"; fi
 
-say "5. NCCL all_reduce on 1 GPU"
-timeout 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 8 || fail "nccl_bench"
+say "5. NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"
+timeout 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10 || fail "nccl_bench"
 
 say "figures"
 printf '%s\n' "${table[@]}"
