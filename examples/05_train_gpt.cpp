@@ -294,6 +294,8 @@ int main(int argc, char** argv) {
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }
+    TESSERA_EXPECTS(a.plan_tolerance >= 0 && a.plan_tolerance <= 1, "train_gpt: --plan-tolerance must be a fraction in "
+                    "[0, 1], got ", a.plan_tolerance);  // NaN passes CLI11's range
     if (a.plan == "auto") {
       // The plan sets dp, tp, pp, schedule, micro-batches, accumulation, recomputation, ZeRO and
       // sequence parallelism: say which flags given on the command line it overrides.

@@ -653,6 +653,8 @@ int main(int argc, char** argv) {
   if (*rank_cmd) {
     try {
       (void)model.get();
+      if (!(tolerance >= 0 && tolerance <= 1))  // NaN passes CLI11's range
+        throw tessera::Error(tessera::detail::str("rank: --tolerance must be a fraction in [0, 1], got ", tolerance));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
       return 2;
@@ -692,7 +694,7 @@ int main(int argc, char** argv) {
       for (const auto& [k, n] : res.rejections_by_kind()) std::printf("  %4d rejected: %s\n", n, k.c_str());
       if (res.ranked.empty()) return 1;
       const tp::Choice c = tp::choose(res, tolerance);
-      std::printf("choice at --tolerance %g: %zu. %s: %s\n", tolerance, c.index + 1,
+      std::printf("choice at --tolerance %g: %zu. %s: %s\n", tolerance + 0.0, c.index + 1,
                   res.ranked[c.index].layout.to_string().c_str(), c.reason.c_str());
       return 0;
     }

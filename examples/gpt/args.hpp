@@ -202,7 +202,7 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--cluster", a.cluster, "cluster file for --plan auto (default: plan/clusters/this_machine_<backend>.json, "
                  "written by tessera-plan calibrate)");
   app.add_option("--plan-tolerance", a.plan_tolerance, "--plan auto: among layouts predicted within this fraction of the "
-                 "fastest, take the one with the fewest optional mechanisms and synchronizations (default 0.03; 0: the fastest)")
+                 "fastest, take the one with the fewest optional mechanisms, then synchronizations (0: the fastest)")
       ->check(CLI::Range(0.0, 1.0))
       ->each([&a](const std::string&) { a.plan_tolerance_given = true; });
 }

@@ -5,6 +5,7 @@
 // start.
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "gpt/args.hpp"
@@ -54,6 +55,10 @@ inline bool prints() {
 inline void apply_auto_plan(Args& a) {
   const int world = a.world_size > 0 ? a.world_size : a.world();
   const std::string path = a.cluster.empty() ? "plan/clusters/this_machine_" + a.backend + ".json" : a.cluster;
+  // The default path is relative to the working directory (the repository root).
+  TESSERA_EXPECTS(!a.cluster.empty() || std::filesystem::exists(path), "train_gpt: --plan auto: cannot open '", path,
+                  "' (the default cluster file, relative to the working directory: run from the repository root, or "
+                  "give --cluster FILE, written by tessera-plan calibrate)");
   const plan::Cluster cluster = plan::Cluster::load(path);
   const plan::ModelSpec model = model_spec(a);
   const plan::SearchResult r =
@@ -65,13 +70,15 @@ inline void apply_auto_plan(Args& a) {
   const plan::Plan& best = r.ranked[choice.index];
   const plan::Layout& l = best.layout;
   if (prints()) {
-    std::printf("plan auto: %d ranks on %s (%s): %zu layouts fit, %zu rejected; within %.1f%% of the fastest predicted, "
-                "the one with the fewest optional mechanisms and synchronizations is chosen (--plan-tolerance)\n",
-                world, cluster.name.c_str(), path.c_str(), r.ranked.size(), r.rejected.size(), 100 * a.plan_tolerance);
+    std::printf("plan auto: %d ranks on %s (%s): %zu layouts fit, %zu rejected; within %g%% of the fastest predicted, "
+                "the one with the fewest optional mechanisms, then synchronizations, is chosen (--plan-tolerance)\n",
+                world, cluster.name.c_str(), path.c_str(), r.ranked.size(), r.rejected.size(), 100 * a.plan_tolerance + 0.0);
+    // Digits enough to tell the times of a small model apart (as TimeEstimate::to_string).
+    const int digits = best.time.total() >= 0.1 ? 3 : best.time.total() >= 0.001 ? 5 : 7;
     auto show = [&](std::size_t i) {
       const plan::Plan& p = r.ranked[i];
-      std::printf("plan auto: %zu. %-50s predicted %.3f s/step (%.0f tokens/s)%s\n", i + 1, p.layout.to_string().c_str(),
-                  p.time.total(), static_cast<double>(a.batch) * a.context / p.time.total(),
+      std::printf("plan auto: %zu. %-50s predicted %.*f s/step (%.0f tokens/s)%s\n", i + 1, p.layout.to_string().c_str(),
+                  digits, p.time.total(), static_cast<double>(a.batch) * a.context / p.time.total(),
                   i == choice.index ? "  <- chosen" : "");
       std::printf("plan auto:    %s\n", p.time.to_string().c_str());
     };

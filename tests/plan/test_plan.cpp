@@ -1050,7 +1050,9 @@ TEST_CASE("plan::choose: within the tolerance the layout with the fewest mechani
   CHECK(choose(r, 0.5).index == 2);    // slow ties flat in both; the faster stays
   const std::string why = choose(r, 0.03).reason;
   CHECK(why.find("2.5% slower than the fastest (dp 4 x tp 1 x pp 2, ZB-H1") != std::string::npos);
-  CHECK(why.find("within the 3.0% tolerance, with 0 optional mechanisms against 2") != std::string::npos);
+  CHECK(why.find("within the 3% tolerance, with 0 optional mechanisms against 2, then 4 synchronizations per step "
+                 "against 2") != std::string::npos);
+  CHECK(choose(r, 0.04).reason.find("with 0 optional mechanisms against 2") != std::string::npos);
   // tp collectives: 4 per block and micro-batch (6 under full recomputation), 8 layers over pp 2.
   Layout tpl{.tp = 2, .pp = 2, .microbatch_size = 1, .num_microbatches = 4};
   CHECK(synchronizations(plan_of(tpl, 1.0, 12)) == doctest::Approx(12.0 + 4 * 4 * 4));
@@ -1058,5 +1060,14 @@ TEST_CASE("plan::choose: within the tolerance the layout with the fewest mechani
   CHECK(synchronizations(plan_of(tpl, 1.0, 12)) == doctest::Approx(12.0 + 6 * 4 * 4));
   CHECK(mechanisms(tpl) == 1);
   CHECK_THROWS_WITH_AS((void)choose(SearchResult{}, 0.03), doctest::Contains("the ranking is empty"), Error);
-  CHECK_THROWS_WITH_AS((void)choose(r, -0.01), doctest::Contains("the tolerance must be >= 0, got -0.01"), Error);
+  CHECK_THROWS_WITH_AS((void)choose(r, -0.01), doctest::Contains("the tolerance must be in [0, 1], got -0.01"), Error);
+  CHECK_THROWS_WITH_AS((void)choose(r, std::nan("")), doctest::Contains("the tolerance must be in [0, 1], got nan"), Error);
+  CHECK_THROWS_WITH_AS((void)choose(r, 1.5), doctest::Contains("got 1.5"), Error);
+  // Mechanisms: ZeRO, a schedule other than 1F1B at pp > 1, recomputation; not SP.
+  Layout sp{.tp = 2, .microbatch_size = 1, .num_microbatches = 1};
+  sp.sequence_parallel = true;
+  CHECK(mechanisms(sp) == 0);
+  Layout gp{.pp = 1, .microbatch_size = 1, .num_microbatches = 1};
+  gp.schedule = PipelineSchedule::gpipe;  // no pipeline at pp 1: not a mechanism
+  CHECK(mechanisms(gp) == 0);
 }

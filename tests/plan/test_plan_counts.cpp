@@ -231,7 +231,7 @@ TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp redu
     const int dp = 2, mbs = 2, mbcount = 2;
     struct Seen {
       MeshCoord at;
-      std::size_t sends = 0, send_elements = 0, reduce_scatter_elements = 0;
+      std::size_t sends = 0, send_elements = 0, reduce_scatter_elements = 0, reduce_scatters = 0;
     };
     const auto seen = testing::run_ranks(dp * k.tp * k.pp, [&](Comm& world) {
       auto counters = std::make_shared<testing::CommCounters>();
@@ -251,7 +251,7 @@ TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp redu
       counters->reset();
       model.forward_backward(x, y);
       return Seen{mesh.coord(), counters->calls(testing::CallKind::send), counters->elements(testing::CallKind::send),
-                  counters->elements(testing::CallKind::reduce_scatter)};
+                  counters->elements(testing::CallKind::reduce_scatter), counters->calls(testing::CallKind::reduce_scatter)};
     });
     plan::Layout l{.dp = dp, .tp = k.tp, .pp = k.pp, .microbatch_size = mbs, .num_microbatches = mbcount};
     l.sequence_parallel = k.sp;
@@ -271,6 +271,11 @@ TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp redu
         CHECK(static_cast<double>(elements) * sizeof(float) == p.time.p2p_messages * p.time.p2p_bytes);
       }
     if (k.sp) continue;  // sequence parallelism's own reduce-scatters are tp's
+    // TimeEstimate::dp_collectives: per device, averaged over the pp ranks, a reduce-scatter per
+    // bucket here and the optimizer step's all-gather of it.
+    double reduce_scatters = 0;
+    for (const Seen& s : seen) reduce_scatters += static_cast<double>(s.reduce_scatters);
+    CHECK(2 * reduce_scatters / static_cast<double>(seen.size()) == doctest::Approx(p.time.dp_collectives));
     for (const Seen& s : seen) {
       CAPTURE(s.at.pp);
       double padded = 0;

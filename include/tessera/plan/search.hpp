@@ -178,20 +178,22 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
 }
 
 /// The optional mechanisms a layout uses, counted: a ZeRO stage, a pipeline schedule other than
-/// 1F1B (interleaved, ZB-H1, GPipe; at pp > 1), recomputation, sequence parallelism.
+/// 1F1B (interleaved, ZB-H1, GPipe; at pp > 1), recomputation. (Sequence parallelism is not
+/// counted: it only splits what tp already synchronizes, and the search turns it on with tp.)
 inline int mechanisms(const Layout& l) {
   return (l.zero_stage > 0 ? 1 : 0) + (l.pp > 1 && l.schedule != PipelineSchedule::one_f_one_b ? 1 : 0) +
-         (l.recompute != Recompute::none ? 1 : 0) + (l.sequence_parallel ? 1 : 0);
+         (l.recompute != Recompute::none ? 1 : 0);
 }
 
 /// Blocking synchronizations one device takes part in per step, on average over the pipeline
 /// ranks: its pipeline hand-offs (each SEND of `p` and its RECV, TimeEstimate::p2p_messages
-/// spread over pp) and its tensor-parallel collectives (CostModel::tp_all_reduces_forward and
-/// _backward per block and micro-batch, a recomputed forward's again). The dp reduction's few
-/// buckets per step are left out.
+/// spread over pp), its tensor-parallel collectives (CostModel::tp_all_reduces_forward and
+/// _backward per block and micro-batch, a recomputed forward's again) and its dp collectives
+/// (TimeEstimate::dp_collectives: a call per gradient bucket, two under ZeRO-1/2, ZeRO-3's
+/// per-unit gathers and reduce-scatters).
 inline double synchronizations(const Plan& p) {
   const Layout& l = p.layout;
-  double syncs = 2.0 * static_cast<double>(p.time.p2p_messages) / l.pp;
+  double syncs = 2.0 * static_cast<double>(p.time.p2p_messages) / l.pp + p.time.dp_collectives;
   if (l.tp > 1) {
     const int per_block = CostModel::tp_all_reduces_forward * (l.recompute == Recompute::full ? 2 : 1) +
                           CostModel::tp_all_reduces_backward;
@@ -207,17 +209,18 @@ struct Choice {
 };
 
 /// The layout to run from a search's ranking (which must not be empty): among the layouts
-/// predicted within `tolerance` (a fraction, >= 0) of the fastest, the one with the fewest
-/// optional mechanisms (plan::mechanisms), then the fewest synchronizations per step
-/// (plan::synchronizations), then the fastest. A predicted difference smaller than the
-/// planner's own error is not evidence, and what the model leaves out costs layouts with more
-/// mechanisms and synchronizations more (a hand-off that waits for a core when ranks outnumber
-/// them, ZeRO's gathers as copies on the ranks' own cores: docs/planner.md); so within the
-/// tolerance the plainer layout is the safer bet. tolerance 0: the fastest (ties: as ranked).
-/// Throws Error on an empty ranking or a negative tolerance.
+/// predicted within `tolerance` (a fraction in [0, 1]) of the fastest, the one with the fewest
+/// optional mechanisms (plan::mechanisms); among those, the fewest synchronizations per step
+/// (plan::synchronizations); then the fastest. A predicted difference smaller than the planner's
+/// own error is not evidence, and what the model leaves out costs layouts with more mechanisms
+/// and synchronizations more (a hand-off that waits for a core when ranks outnumber them, ZeRO's
+/// gathers as copies on the ranks' own cores: docs/planner.md); so within the tolerance the
+/// plainer layout is the safer bet. tolerance 0: the fastest, and among layouts predicted
+/// exactly as fast the plainest. Throws Error on an empty ranking or a tolerance outside
+/// [0, 1] (NaN included).
 inline Choice choose(const SearchResult& r, double tolerance) {
   TESSERA_EXPECTS(!r.ranked.empty(), "plan::choose: the ranking is empty (no layout fits)");
-  TESSERA_EXPECTS(tolerance >= 0, "plan::choose: the tolerance must be >= 0, got ", tolerance);
+  TESSERA_EXPECTS(tolerance >= 0 && tolerance <= 1, "plan::choose: the tolerance must be in [0, 1], got ", tolerance);
   const double limit = r.ranked.front().time.total() * (1 + tolerance);
   std::size_t best = 0;
   for (std::size_t i = 1; i < r.ranked.size() && r.ranked[i].time.total() <= limit; ++i) {
@@ -230,10 +233,11 @@ inline Choice choose(const SearchResult& r, double tolerance) {
   const Plan &c = r.ranked[best], &f = r.ranked.front();
   char why[512];
   std::snprintf(why, sizeof why,
-                "predicted %.1f%% slower than the fastest (%s), within the %.1f%% tolerance, with %d optional "
-                "mechanisms against %d and %.0f synchronizations per step against %.0f",
-                100 * (c.time.total() / f.time.total() - 1), f.layout.to_string().c_str(), 100 * tolerance,
-                mechanisms(c.layout), mechanisms(f.layout), synchronizations(c), synchronizations(f));
+                "predicted %.1f%% slower than the fastest (%s), within the %g%% tolerance, with %d optional "
+                "mechanism%s against %d, then %.0f synchronizations per step against %.0f",
+                100 * (c.time.total() / f.time.total() - 1), f.layout.to_string().c_str(), 100 * tolerance + 0.0,
+                mechanisms(c.layout), mechanisms(c.layout) == 1 ? "" : "s", mechanisms(f.layout), synchronizations(c),
+                synchronizations(f));
   return {best, why};
 }
 

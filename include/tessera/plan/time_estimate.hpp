@@ -39,6 +39,10 @@ struct TimeEstimate {
   double bubble_ratio = 0;        ///< Megatron's bubble ratio of the replay with free transfers
   long long p2p_messages = 0;     ///< point-to-point sends per step in one pipeline (the schedule's SEND actions)
   double p2p_bytes = 0;           ///< bytes each of those sends carries on one device
+  /// dp collective calls one device issues per step, averaged over the pp ranks: one all-reduce
+  /// per gradient bucket of each whole stage (ZeRO 1-2: a reduce-scatter and an all-gather), or
+  /// ZeRO-3's per-unit gathers and reduce-scatters (CostModel::zero3_traffic); 0 at dp 1.
+  double dp_collectives = 0;
   schedule::Timeline timeline{};  ///< the replayed pipeline step (F, B and transfers), seconds
 
   /// The step time: compute + tp_comm + pp_p2p + bubble + dp_comm_exposed + optimizer + contention.
@@ -98,6 +102,23 @@ struct TimeEstimate {
       for (const schedule::Tick& tick : sched.ticks[static_cast<std::size_t>(r)])
         for (const schedule::Action& a : tick) t.p2p_messages += a.is_send() ? 1 : 0;
     t.p2p_bytes = cm.p2p_bytes();
+    if (L.dp > 1) {
+      for (int r = 0; r < L.pp; ++r) {
+        if (L.zero_stage == 3) {
+          const CostModel::Zero3Traffic z = cm.zero3_traffic(r);
+          t.dp_collectives += static_cast<double>(z.all_gathers + z.reduce_scatters);
+          continue;
+        }
+        // ZeRO 0-2: DDP's buckets over the whole stage (train_gpt's Hybrid uses per-layer units
+        // for ZeRO-3 only).
+        CostModel whole = cm;
+        whole.layout.zero3_unit_layers = 0;
+        for (int c = 0; c < L.virtual_stages; ++c)
+          for (const BucketLayout& u : whole.zero3_buckets(c * L.pp + r))
+            t.dp_collectives += static_cast<double>(u.padded.size()) * (L.zero_stage >= 1 ? 2 : 1);
+      }
+      t.dp_collectives /= L.pp;
+    }
     // After the flush: each pp rank reduces its gradients over dp (the last backward of its
     // first chunk can hide it when overlapped), the embedding group sums the tied gradient,
     // then the optimizer steps; the slowest rank sets the time.

@@ -104,6 +104,8 @@ cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
 cases.append(("--cluster", "c.json", {"want": "--cluster c.json is read only by --plan auto"}))
 cases.append(("--plan-tolerance", "0.05", {"want": "--plan-tolerance 0.05 is read only by --plan auto"}))
 cases.append(("--plan-tolerance", "-0.1", {"--plan": "auto", "--world": "2", "want": "--plan-tolerance"}))
+cases.append(("--plan-tolerance", "nan", {"--plan": "auto", "--world": "2",
+                                          "want": "--plan-tolerance must be a fraction in [0, 1], got nan"}))
 # Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
 cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
 cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
@@ -137,6 +139,10 @@ if plan:
                        (one + ["--tp", "7"], "tp 7 does not divide the heads 4"), (one + ["--recompute", "maybe"], "maybe"),
                        (one + ["--zero", "4"], "--zero"), (one + ["--tp", "0"], "--tp"),
                        (["rank", "--cluster", cluster, "--world", "2", "--batch", "2", "--top", "-1"], "--top"),
+                       # NaN passed CLI11's range and failed after the search with exit 1.
+                       (["rank", "--cluster", cluster, "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab",
+                         "256", "--seq", "32", "--world", "2", "--batch", "2", "--tolerance", "nan"],
+                        "--tolerance must be a fraction in [0, 1], got nan"),
                        (["calibrate", "--min-time", "-1"], "--min-time"),
                        # a model file with model flags beside it (the flags were ignored)
                        (["plan", "--cluster", cluster, "--model", "m.json", "--layers", "4", "--batch", "1"], "excludes"),
