@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flat_cluster.hpp"
 #include "tessera/nn/block.hpp"
 #include "tessera/nn/recompute.hpp"
 #include "tessera/plan/calibration.hpp"
@@ -37,19 +38,7 @@ ModelSpec gpt175() {
                    .vocab = 51200, .seq = 2048, .tied = true};
 }
 
-// A cluster written out in the test (numbers of an A100 node; a flat efficiency curve so times
-// are easy to reason about).
-Cluster flat_cluster(double efficiency = 0.5) {
-  const nlohmann::json j = {{"name", "test"},
-                            {"devices_per_node", 8},
-                            {"device_memory_gib", 80},
-                            {"peak_tflops", 312},
-                            {"memory_bandwidth_gbps", 2039},
-                            {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
-                            {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
-                            {"gemm_efficiency", {{1.0, efficiency}}}};
-  return Cluster::from_json(j);
-}
+using plan_test::flat_cluster;
 
 double rel(double a, double b) { return testing::rel_error(a, b); }
 

@@ -9,6 +9,7 @@
 #include <cstddef>
 
 #include "../tp/tp_bodies.hpp"
+#include "flat_cluster.hpp"
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/models/gpt.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
@@ -22,19 +23,6 @@
 
 using namespace tessera;
 
-namespace {
-// A cluster for predictions whose times the tests below do not read.
-plan::Cluster test_cluster() {
-  return plan::Cluster::from_json({{"name", "test"},
-                                   {"devices_per_node", 8},
-                                   {"device_memory_gib", 80},
-                                   {"peak_tflops", 312},
-                                   {"memory_bandwidth_gbps", 2039},
-                                   {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
-                                   {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
-                                   {"gemm_efficiency", {{1.0, 0.5}}}});
-}
-}  // namespace
 
 TEST_CASE("CostModel: the tp all-reduces it charges per block are the ones TensorParallel<nn::Block> issues, with and without SP") {
   using tp_bodies::kB;
@@ -164,48 +152,90 @@ TEST_CASE("CostModel: ZeRO-3's all-gathers and reduce-scatters per step, from th
 // per-token part alone, and that is compared exactly. The second step is counted: in the first,
 // every stage but the last also runs one forward on zeros to learn its output shape
 // (PipelineStage::output_shape, cached per input shape), which the planner rightly leaves out.
-TEST_CASE("CostModel: the tensor-parallel elements of a whole HybridGPT step per micro-batch, per stage, are the planner's") {
+// Sequence parallelism: the same whole-step count, each of the planner's all-reduces being a
+// reduce-scatter (its whole input counted) plus an all-gather (its block counted, times tp)
+// of the same tensor, or an all-reduce where SP keeps one (the cross-entropy's three). The
+// embedding's output is reduce-scattered in its forward and its input gradient all-gathered in
+// the backward; the head's input is all-gathered in its forward and its gradient
+// reduce-scattered in the backward: over a step each balances, so the planner's all-reduce
+// equivalents are exact; full recomputation reruns the first stage's embedding (its
+// reduce-scatter again) and the last stage's head (its all-gather again): one more b s h per
+// micro-batch of one kind on each, which the planner charges as the all-reduce it counts.
+namespace {
+// One rank's stage and the elements of its tensor-parallel collectives in a HybridGPT step.
+struct TpElements {
+  int stage = 0;
+  double all_reduce = 0, reduce_scatter = 0, all_gather = 0;  // all-gather: this rank's block x tp
+};
+
+// Runs two HybridGPT steps of 2 micro-batches of `rows` sequences (16 tokens) over tp x pp
+// thread ranks on an instrumented communicator and returns each rank's count of the second
+// (the first also runs each stage's output-shape forward).
+std::vector<TpElements> hybrid_tp_elements(int tp, int pp, nn::Recompute rc, bool sp, std::int64_t rows) {
   const GPTConfig cfg{.vocab_size = 64, .n_positions = 16, .n_layer = 4, .n_head = 4, .d_model = 32};
-  for (int tp : {2, 4})
-    for (int pp : {1, 2})
-      for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::full}) {
-        CAPTURE(tp);
-        CAPTURE(pp);
-        CAPTURE(static_cast<int>(rc));
-        auto elements_at = [&](std::int64_t rows) {
-          return testing::run_ranks(tp * pp, [&](Comm& world) {
-            auto counters = std::make_shared<testing::CommCounters>();
-            Mesh mesh(testing::instrument(world, counters), MeshShape{.dp = 1, .pp = pp, .tp = tp});
-            HybridOptions options;
-            options.num_microbatches = 2;
-            options.recompute = rc;
-            HybridGPT<float> model(mesh, cfg, 1, options);
-            Tensor<std::int32_t> x(Shape{2 * rows, 16}), y(Shape{2 * rows, 16});
-            for (std::int64_t i = 0; i < x.numel(); ++i) {
-              x.data()[i] = static_cast<std::int32_t>(i % 64);
-              y.data()[i] = static_cast<std::int32_t>((i * 3 + 1) % 64);
+  return testing::run_ranks(tp * pp, [&](Comm& world) {
+    auto counters = std::make_shared<testing::CommCounters>();
+    Mesh mesh(testing::instrument(world, counters), MeshShape{.dp = 1, .pp = pp, .tp = tp});
+    HybridOptions options;
+    options.num_microbatches = 2;
+    options.recompute = rc;
+    HybridGPT<float> model(mesh, cfg, 1, options, std::nullopt, HybridGPTOptions{.sequence_parallel = sp});
+    Tensor<std::int32_t> x(Shape{2 * rows, 16}), y(Shape{2 * rows, 16});
+    for (std::int64_t i = 0; i < x.numel(); ++i) {
+      x.data()[i] = static_cast<std::int32_t>(i % 64);
+      y.data()[i] = static_cast<std::int32_t>((i * 3 + 1) % 64);
+    }
+    model.forward_backward(x, y);  // the first step, with the output-shape forwards
+    counters->reset();
+    model.forward_backward(x, y);
+    return TpElements{mesh.coord().pp, static_cast<double>(counters->elements(testing::CallKind::all_reduce)),
+                      static_cast<double>(counters->elements(testing::CallKind::reduce_scatter)),
+                      static_cast<double>(counters->elements(testing::CallKind::all_gather)) * tp};
+  });
+}
+}  // namespace
+
+TEST_CASE("CostModel: the tensor-parallel elements of a whole HybridGPT step per micro-batch, per stage, are the planner's, with and without SP") {
+  const plan::ModelSpec m{.name = "GPT", .layers = 4, .hidden = 32, .heads = 4, .kv_heads = 0, .ffn = 0,
+                          .vocab = 64, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
+  for (bool sp : {false, true})
+    for (int tp : {2, 4})
+      for (int pp : {1, 2})
+        for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::full}) {
+          CAPTURE(sp);
+          CAPTURE(tp);
+          CAPTURE(pp);
+          CAPTURE(static_cast<int>(rc));
+          const auto two = hybrid_tp_elements(tp, pp, rc, sp, 2), four = hybrid_tp_elements(tp, pp, rc, sp, 4);
+          for (std::size_t r = 0; r < two.size(); ++r) {
+            CAPTURE(r);
+            const int stage = two[r].stage;
+            auto per_microbatch = [&](int mbs) {
+              plan::Layout l{.tp = tp, .pp = pp, .microbatch_size = mbs, .num_microbatches = 2};
+              l.sequence_parallel = sp;
+              l.recompute = rc == nn::Recompute::full ? plan::Recompute::full : plan::Recompute::none;
+              return plan::CostModel{.model = m, .layout = l}.tp_elements_per_microbatch(stage);
+            };
+            // Two micro-batches per step; 4 rows of 16 tokens against 2.
+            const double want = 2 * (per_microbatch(4) - per_microbatch(2));
+            const double ar = four[r].all_reduce - two[r].all_reduce,
+                         rs = four[r].reduce_scatter - two[r].reduce_scatter,
+                         ag = four[r].all_gather - two[r].all_gather;
+            if (!sp) {
+              CHECK(ar == want);
+              CHECK(rs == 0);
+              CHECK(ag == 0);
+              continue;
             }
-            model.forward_backward(x, y);  // the first step, with the output-shape forwards
-            counters->reset();
-            model.forward_backward(x, y);
-            return std::pair{mesh.coord().pp, static_cast<double>(counters->elements(testing::CallKind::all_reduce))};
-          });
-        };
-        const auto two = elements_at(2), four = elements_at(4);
-        for (std::size_t r = 0; r < two.size(); ++r) {
-          CAPTURE(r);
-          const int stage = two[r].first;
-          const plan::ModelSpec m{.name = "GPT", .layers = 4, .hidden = 32, .heads = 4, .kv_heads = 0, .ffn = 0,
-                                  .vocab = 64, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
-          auto per_microbatch = [&](int mbs) {
-            plan::Layout l{.tp = tp, .pp = pp, .microbatch_size = mbs, .num_microbatches = 2};
-            l.recompute = rc == nn::Recompute::full ? plan::Recompute::full : plan::Recompute::none;
-            return plan::CostModel{.model = m, .layout = l}.tp_elements_per_microbatch(stage);
-          };
-          // Two micro-batches per step; 4 rows of 16 tokens against 2.
-          CHECK(four[r].second - two[r].second == 2 * (per_microbatch(4) - per_microbatch(2)));
+            CHECK(ar + rs == want);  // every all-reduce the planner charges: an all-reduce or a reduce-scatter
+            // ... and as many all-gathered elements, but for the embedding's reduce-scatter and the
+            // head's all-gather rerun by full recomputation, which land on the first and the last
+            // stage (one b s h per micro-batch each; they cancel at one stage).
+            const double rerun = rc == nn::Recompute::full ? 2.0 * 2 * 16 * 32 : 0.0;  // 2 micro-batches x 2 more rows
+            const double skew = (stage == pp - 1 ? rerun : 0.0) - (stage == 0 ? rerun : 0.0);
+            CHECK(ag == rs + skew);
+          }
         }
-      }
 }
 
 // A whole HybridGPT step against the planner's pipeline and dp traffic: per pipeline (one dp
@@ -257,7 +287,7 @@ TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp redu
     l.sequence_parallel = k.sp;
     l.zero_stage = 1;
     l.zero3_unit_layers = 0;  // HybridOptions::unit_layers' default: one unit per stage
-    const plan::Plan p = plan::Plan::predict(m, test_cluster(), l, plan::Precision::float32_adamw());
+    const plan::Plan p = plan::Plan::predict(m, plan_test::flat_cluster(), l, plan::Precision::float32_adamw());
     const plan::CostModel cm{.model = m, .layout = l, .precision = plan::Precision::float32_adamw()};
     for (int d = 0; d < dp; ++d)
       for (int t = 0; t < k.tp; ++t) {
@@ -288,70 +318,3 @@ TEST_CASE("CostModel: a whole HybridGPT step's pipeline sends and ZeRO-1 dp redu
   }
 }
 
-// Sequence parallelism: the same whole-step count, each of the planner's all-reduces being a
-// reduce-scatter (its whole input counted) plus an all-gather (its block counted, times tp)
-// of the same tensor, or an all-reduce where SP keeps one (the cross-entropy's three). The
-// embedding's output is reduce-scattered in its forward and its input gradient all-gathered in
-// the backward; the head's input is all-gathered in its forward and its gradient
-// reduce-scattered in the backward: over a step each balances, so the planner's all-reduce
-// equivalents are exact; full recomputation reruns the first stage's embedding (its
-// reduce-scatter again) and the last stage's head (its all-gather again): one more b s h per
-// micro-batch of one kind on each, which the planner charges as the all-reduce it counts.
-TEST_CASE("CostModel: the tensor-parallel elements of a whole HybridGPT step under sequence parallelism are the planner's") {
-  const GPTConfig cfg{.vocab_size = 64, .n_positions = 16, .n_layer = 4, .n_head = 4, .d_model = 32};
-  for (int tp : {2, 4})
-    for (int pp : {1, 2})
-      for (nn::Recompute rc : {nn::Recompute::none, nn::Recompute::full}) {
-        CAPTURE(tp);
-        CAPTURE(pp);
-        CAPTURE(static_cast<int>(rc));
-        struct Seen {
-          int stage = 0;
-          double all_reduce = 0, reduce_scatter = 0, all_gather = 0;
-        };
-        auto elements_at = [&](std::int64_t rows) {
-          return testing::run_ranks(tp * pp, [&](Comm& world) {
-            auto counters = std::make_shared<testing::CommCounters>();
-            Mesh mesh(testing::instrument(world, counters), MeshShape{.dp = 1, .pp = pp, .tp = tp});
-            HybridOptions options;
-            options.num_microbatches = 2;
-            options.recompute = rc;
-            HybridGPT<float> model(mesh, cfg, 1, options, std::nullopt, HybridGPTOptions{.sequence_parallel = true});
-            Tensor<std::int32_t> x(Shape{2 * rows, 16}), y(Shape{2 * rows, 16});
-            for (std::int64_t i = 0; i < x.numel(); ++i) {
-              x.data()[i] = static_cast<std::int32_t>(i % 64);
-              y.data()[i] = static_cast<std::int32_t>((i * 3 + 1) % 64);
-            }
-            model.forward_backward(x, y);
-            counters->reset();
-            model.forward_backward(x, y);
-            return Seen{mesh.coord().pp, static_cast<double>(counters->elements(testing::CallKind::all_reduce)),
-                        static_cast<double>(counters->elements(testing::CallKind::reduce_scatter)),
-                        static_cast<double>(counters->elements(testing::CallKind::all_gather)) * tp};
-          });
-        };
-        const auto two = elements_at(2), four = elements_at(4);
-        for (std::size_t r = 0; r < two.size(); ++r) {
-          CAPTURE(r);
-          const int stage = two[r].stage;
-          const plan::ModelSpec m{.name = "GPT", .layers = 4, .hidden = 32, .heads = 4, .kv_heads = 0, .ffn = 0,
-                                  .vocab = 64, .seq = 16, .tied = true, .dropout = false, .tessera_block = true};
-          auto per_microbatch = [&](int mbs) {
-            plan::Layout l{.tp = tp, .pp = pp, .microbatch_size = mbs, .num_microbatches = 2};
-            l.sequence_parallel = true;
-            l.recompute = rc == nn::Recompute::full ? plan::Recompute::full : plan::Recompute::none;
-            return plan::CostModel{.model = m, .layout = l}.tp_elements_per_microbatch(stage);
-          };
-          const double want = 2 * (per_microbatch(4) - per_microbatch(2));
-          const double ar = four[r].all_reduce - two[r].all_reduce, rs = four[r].reduce_scatter - two[r].reduce_scatter,
-                       ag = four[r].all_gather - two[r].all_gather;
-          CHECK(ar + rs == want);  // every all-reduce the planner charges: an all-reduce or a reduce-scatter
-          // ... and as many all-gathered elements, but for the embedding's reduce-scatter and the
-          // head's all-gather rerun by full recomputation, which land on the first and the last
-          // stage (one b s h per micro-batch each; they cancel at one stage).
-          const double rerun = rc == nn::Recompute::full ? 2.0 * 2 * 16 * 32 : 0.0;  // 2 micro-batches x 2 more rows
-          const double skew = (stage == pp - 1 ? rerun : 0.0) - (stage == 0 ? rerun : 0.0);
-          CHECK(ag == rs + skew);
-        }
-      }
-}
