@@ -103,16 +103,16 @@ struct TimeEstimate {
         for (const schedule::Action& a : tick) t.p2p_messages += a.is_send() ? 1 : 0;
     t.p2p_bytes = cm.p2p_bytes();
     if (L.dp > 1) {
+      // ZeRO 0-2: DDP's buckets over the whole stage (train_gpt's Hybrid uses per-layer units
+      // for ZeRO-3 only).
+      CostModel whole = cm;
+      whole.layout.zero3_unit_layers = 0;
       for (int r = 0; r < L.pp; ++r) {
         if (L.zero_stage == 3) {
           const CostModel::Zero3Traffic z = cm.zero3_traffic(r);
           t.dp_collectives += static_cast<double>(z.all_gathers + z.reduce_scatters);
           continue;
         }
-        // ZeRO 0-2: DDP's buckets over the whole stage (train_gpt's Hybrid uses per-layer units
-        // for ZeRO-3 only).
-        CostModel whole = cm;
-        whole.layout.zero3_unit_layers = 0;
         for (int c = 0; c < L.virtual_stages; ++c)
           for (const BucketLayout& u : whole.zero3_buckets(c * L.pp + r))
             t.dp_collectives += static_cast<double>(u.padded.size()) * (L.zero_stage >= 1 ? 2 : 1);
