@@ -276,11 +276,12 @@ int main(int argc, char** argv) {
   try {
     namespace fs = std::filesystem;
     if (a.device == "cuda") {
-      // One GPU: dp ranks as threads sharing it (ThreadDeviceComm); tp and pp on device memory,
+      // One GPU: dp x tp ranks as threads sharing it (ThreadDeviceComm); pp on device memory,
       // and NCCL across processes, are the rest of "GPU execution, part 2".
-      TESSERA_EXPECTS(a.tp == 1 && a.pp == 1, "train_gpt: --device cuda trains at --dp N on one GPU (threads sharing "
-                      "it): tp x pp is ", a.tp * a.pp, "; tensor and pipeline parallelism on GPUs are not built yet "
-                      "(drop --tp/--pp)");
+      TESSERA_EXPECTS(a.pp == 1, "train_gpt: --device cuda trains at --dp N --tp M on one GPU (threads sharing "
+                      "it): --pp ", a.pp, "; pipeline parallelism on GPUs is not built yet (drop --pp)");
+      TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
+                      " (each tp rank computes heads / tp of the attention heads)");
       TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its dp ranks as threads sharing GPU 0; "
                       "--backend mpi (NCCL across processes) is not wired into train_gpt yet");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
@@ -290,7 +291,7 @@ int main(int argc, char** argv) {
                       "is); drop them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
-      a.tp = a.pp = 1;
+      a.pp = 1;
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }
@@ -536,7 +537,7 @@ int main(int argc, char** argv) {
     if (a.device == "cuda") {
       TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "
                       "cuBLASLt was not found when Meson configured); install the CUDA toolkit, configure with -Dcuda=enabled");
-      launch("threads", a.dp, argc, argv, [&](Comm& world) {
+      launch("threads", a.dp * a.tp, argc, argv, [&](Comm& world) {
         auto c = train_on_device(world, a, meta_of, training_started);
         if (world.rank() == 0) curve = std::move(c);
       });

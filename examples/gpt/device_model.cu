@@ -24,8 +24,10 @@ template <class C>
 class CudaModel final : public DeviceModel {
  public:
   CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
-            int shards)
-      : stream_(), model_(config, params, stream_, seed, shards) {}
+            int shards, std::optional<tessera::Comm> tp)
+      : stream_(),
+        tp_comm_(tp ? std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(*tp), stream_) : nullptr),
+        model_(config, params, stream_, seed, shards, tp_comm_.get()) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
                         float dloss, const tessera::BatchPosition& at) override {
@@ -96,6 +98,8 @@ class CudaModel final : public DeviceModel {
 
  private:
   tessera::cuda::Stream stream_;
+  // Tensor parallelism: the tp group's collectives on the compute stream (before the model, which uses it).
+  std::unique_ptr<tessera::cuda::DeviceComm> tp_comm_;
   tessera::cuda::DeviceGPT<C> model_;
   // Data parallelism (attach_data_parallel): destroyed before the model, the reduction first.
   std::optional<tessera::cuda::Stream> comm_stream_;
@@ -117,10 +121,10 @@ int visible_gpus() { return tessera::cuda::device_count(); }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16, int shards, int device) {
+                                               bool bf16, int shards, int device, std::optional<tessera::Comm> tp) {
   tessera::cuda::set_device(device);
-  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards);
-  return std::make_unique<CudaModel<float>>(config, params, seed, shards);
+  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp));
+  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp));
 }
 
 }  // namespace train_gpt

@@ -4,6 +4,7 @@
 // build has the CUDA device layers; device_model_unavailable.cpp otherwise).
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "tessera/comm/communicator.hpp"
@@ -60,10 +61,14 @@ int visible_gpus();
 
 // A model on CUDA device `device` (made current on the calling thread) holding `params` (the
 // CPU GPT's, in its order, made from `seed`), bf16 mixed precision or fp32, its flat buffers
-// padded for `shards` ZeRO-1 shards. Throws tessera::Error naming the reason where there is no
-// such device or no CUDA build.
+// padded for `shards` ZeRO-1 shards. With `tp` (threads of this process sharing the device, a
+// host communicator of their own): tensor-parallel over them, this rank holding its shard of
+// every block (tessera::cuda::DeviceGPT); forward, backward, grad_norm, download and
+// download_optimizer are then collective over tp. Collective over tp. Throws tessera::Error
+// naming the reason where there is no such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16, int shards = 1, int device = 0);
+                                               bool bf16, int shards = 1, int device = 0,
+                                               std::optional<tessera::Comm> tp = std::nullopt);
 
 }  // namespace train_gpt

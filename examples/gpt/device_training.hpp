@@ -1,7 +1,8 @@
 #pragma once
-// --device cuda: train_gpt's loop on one CUDA device, at dp N as threads sharing it (tp = pp = 1):
-// each rank's DeviceGPT trains on its rows of the batch and its gradients are all-reduced on a
-// communication stream while backward runs (DeviceDataParallel over ThreadDeviceComm). The model
+// --device cuda: train_gpt's loop on one CUDA device, at dp N x tp M as threads sharing it (pp = 1):
+// each dp rank's DeviceGPTs train on its rows of the batch and their gradients are all-reduced on
+// a communication stream while backward runs (DeviceDataParallel over ThreadDeviceComm); the tp
+// ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism). The model
 // trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same
 // safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
@@ -30,8 +31,9 @@
 
 namespace train_gpt {
 
-// Trains on CUDA device 0 as a rank of `world` (a.dp threads, each a dp rank) and returns the
-// loss curve (every rank the same).
+// Trains on CUDA device 0 as a rank of `world` (a.dp x a.tp threads: world rank = dp rank x tp +
+// tp rank) and returns the loss curve (every rank the same). The host model (the checkpoint
+// format and the sampler) is the whole GPT on every rank.
 inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                                           checkpoint::CheckpointMeta (*meta)(const Args&, int), std::atomic<bool>& started) {
   using Clock = std::chrono::steady_clock;
@@ -48,26 +50,30 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
                   info.layout.dp, info.layout.pp, info.layout.tp);
   }
-  const int dp = world.size(), rows = a.batch / dp, r0 = world.rank() * rows;
+  const int tp = a.tp, dp = world.size() / tp, dp_rank = world.rank() / tp, tp_rank = world.rank() % tp;
+  const int rows = a.batch / dp, r0 = dp_rank * rows;
   const bool zero1 = a.zero_stage() == ZeroStage::optimizer && dp > 1;
-  // A GPU per rank where there are enough and NCCL is built (reduced through NCCL); otherwise
-  // every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
-  const bool own_gpus = dp > 1 && built_with_nccl() && visible_gpus() >= dp;
+  // A GPU per rank where there are enough and NCCL is built (reduced through NCCL; tp 1 only);
+  // otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
+  const bool own_gpus = dp > 1 && tp == 1 && built_with_nccl() && visible_gpus() >= dp;
+  // Each group's device collectives get a host communicator of their own (collective over the world).
+  std::optional<Comm> tp_group;
+  if (tp > 1) tp_group.emplace(world.split(dp_rank, tp_rank));
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
-                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0);
+                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group));
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
   // communicator of their own.
-  if (dp > 1) dev->attach_data_parallel(mesh.dp().split(0, mesh.dp().rank()), (25LL << 20) / 4, zero1, own_gpus);
+  if (dp > 1) dev->attach_data_parallel(world.split(tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
-    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d%s%s; "
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d%s%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
                 a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
                 dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
-                dp, dp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
+                dp, tp, dp * tp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
@@ -94,8 +100,9 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                             BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = r0 + k * chunk});
     }
     dev->finish_gradients();
-    const double loss = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / tokens_per_step;
-    const double norm = dev->grad_norm();  // of the summed gradients: the same on every rank
+    // Every tp rank holds its dp rank's loss: summed over the world, each counted once.
+    const double loss = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / tp / tokens_per_step;
+    const double norm = dev->grad_norm();  // of the summed gradients: the same on every rank (collective over tp)
     const bool finite = std::isfinite(loss) && std::isfinite(norm);
     if (finite) {
       const float scale = a.clip > 0 && norm > a.clip ? static_cast<float>(a.clip / (norm + 1e-6)) : 1.f;
@@ -118,7 +125,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
         const data::Batch v = ds.batch(data::Split::val, a.seed, i, a.batch, r0, r0 + rows);
         dev->evaluate(v.inputs, v.targets);
       }
-      pt.val = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / (tokens_per_step * a.val_batches);
+      pt.val = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / tp / (tokens_per_step * a.val_batches);
     }
     if (finite) curve.push_back(pt);
     if (json_log.is_open()) {

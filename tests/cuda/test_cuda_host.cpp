@@ -4,6 +4,7 @@
 // the errors where no device exists. Built with the C++ compiler (no nvcc).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -24,6 +25,9 @@
 #include "tessera/cuda/reduce_op_math.hpp"
 #include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/core/batch_position.hpp"
+#include "tessera/mesh/mesh.hpp"
+#include "tessera/models/hybrid_gpt.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/optim/adamw.hpp"
@@ -366,6 +370,48 @@ TEST_CASE("flat GPT layout: the CPU GPT's parameters end to end, decay on matric
   const GPTConfig deeper{.vocab_size = 67, .n_positions = 16, .n_layer = 3, .n_head = 4, .d_model = 32};
   CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(deeper, ps), doctest::Contains("has 28 parameters, a GPT of 3 layers has 40"),
                        Error);
+}
+
+TEST_CASE("flat GPT layout under tp: each block parameter's split and shard equal the CPU TensorParallel GPT's (HybridGPT at tp 2 and 4)") {
+  const GPTConfig cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+  GPT<float> gpt(cfg, 3);
+  ParameterList<float> full = gpt.parameters();
+  for (int tp : {2, 4}) {
+    CAPTURE(tp);
+    const std::vector<tc::FlatParameter> flat = tc::flat_gpt_layout(cfg, full, tp);
+    REQUIRE(flat.size() == full.size());
+    std::int64_t off = 0, local = 0;
+    for (const tc::FlatParameter& f : flat) {
+      CHECK(f.offset == off);
+      off += (f.shape.numel() + 127) / 128 * 128;
+      local += f.shape.numel();
+    }
+    // Per block: c_attn and c_fc (weights and biases) and both c_proj weights split over tp, the
+    // rest whole: 12 d^2 / tp + 7 d / tp + 6 d per block, plus the embeddings and ln_f.
+    CHECK(local == 67 * 32 + 16 * 32 + 2 * (12 * 32 * 32 / tp + 7 * 32 / tp + 6 * 32) + 2 * 32);
+    const std::vector<std::vector<std::string>> seen = threads::run(tp, [&](Comm& world) {
+      Mesh mesh(world, MeshShape{.dp = 1, .pp = 1, .tp = tp});
+      HybridGPT<float> cpu(mesh, cfg, 3);
+      std::vector<std::string> checked;
+      for (Parameter<float>& p : cpu.parameters()) {
+        if (!p.name.starts_with("h.")) continue;  // blocks only: the device keeps the vocabulary whole
+        const auto it = std::find_if(flat.begin(), flat.end(), [&](const tc::FlatParameter& f) { return f.name == p.name; });
+        REQUIRE(it != flat.end());
+        CHECK(tc::gpt_tensor_parallel_layout(p.name) == p.layout);
+        CHECK(it->tp_layout == p.layout);
+        CHECK(it->shape == p.value.shape());
+        const std::size_t i = static_cast<std::size_t>(it - flat.begin());
+        Parameter<float>& whole = full[i];
+        const Tensor<float> mine = shard_of(whole.value, it->tp_layout, world.rank(), tp).contiguous();
+        const Tensor<float> cpu_value = p.value.contiguous();
+        CHECK(std::equal(mine.data(), mine.data() + mine.numel(), cpu_value.data()));
+        checked.push_back(p.name);
+      }
+      return checked;
+    });
+    CHECK(seen[0].size() == 2 * 12);  // every block parameter compared
+  }
+  CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(cfg, full, 3), doctest::Contains("tp 3 does not divide n_head 4"), Error);
 }
 
 TEST_CASE("element math: the device's dropout masks are the CPU Dropout's, element by element") {

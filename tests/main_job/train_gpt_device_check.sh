@@ -2,7 +2,7 @@
 # train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
 # runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
 # their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
-# dp 2 on the GPU (threads sharing it) equals the serial CPU run (--verify).
+# dp 2, tp 2 and dp 2 x tp 2 on the GPU (threads sharing it) equal the serial CPU run (--verify).
 # Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
 set -uo pipefail
 exe=$1 data=$2
@@ -20,7 +20,8 @@ expect() {  # exit code, message fragment, args...
     echo "ok: train_gpt $* -> exit $rc: $(echo "$out" | head -n 1)"
   fi
 }
-expect 2 "--device cuda trains at --dp N on one GPU (threads sharing it): tp x pp is 2" --device cuda --dp 2 --tp 2 --steps 2
+expect 2 "--device cuda trains at --dp N --tp M on one GPU (threads sharing it): --pp 2" --device cuda --dp 2 --pp 2 --steps 2
+expect 2 "--tp 3 does not divide --heads 4" --device cuda --tp 3 --heads 4 --steps 2
 expect 2 "--backend mpi (NCCL across processes) is not wired" --device cuda --dp 2 --backend mpi --steps 2
 expect 2 "--zero 2/3 are not built on the device yet (--zero 1 is)" --device cuda --dp 2 --zero 2 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
@@ -41,6 +42,17 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
     echo "$out" | tail -n 3
     [[ $rc == 0 ]] || { echo "FAIL: --device cuda --dp 2 --zero $zero --verify (exit $rc)"; fails=$((fails + 1)); }
   done
+  # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
+  # checkpoint holds the whole model and resumes on the CPU at dp 2.
+  for layout in "--tp 2" "--dp 2 --tp 2"; do
+    out=$(timeout 180 "$exe" --device cuda $layout --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
+          --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/tp" 2>&1); rc=$?
+    echo "$out" | tail -n 3
+    [[ $rc == 0 ]] || { echo "FAIL: --device cuda $layout --verify (exit $rc)"; fails=$((fails + 1)); }
+    timeout 120 "$exe" --data "$data" --resume "$tmp/tp" --steps 8 --layers 2 --d-model 32 --heads 2 --context 16 \
+      --batch 8 --sample-len 0 --val-every 0 --dp 2 >/dev/null || \
+      { echo "FAIL: the --device cuda $layout checkpoint resumed on the CPU"; fails=$((fails + 1)); }
+  done
   # ZeRO-1 changes where AdamW's state lives, not the arithmetic: the weights and AdamW's state
   # saved equal those of plain dp 2 byte for byte.
   for f in "$tmp"/dp2z0/*.safetensors; do
@@ -51,6 +63,7 @@ else
   # No GPU: the device run is refused with the runtime's reason, exit 2 (nothing started).
   expect 2 "no CUDA device" --device cuda --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
   expect 2 "no CUDA device" --device cuda --dp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
+  expect 2 "no CUDA device" --device cuda --tp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
 fi
 [[ $fails == 0 ]] && echo "train_gpt --device checks: all passed" || echo "train_gpt --device checks: $fails failed"
 exit $((fails > 0))

@@ -8,7 +8,15 @@
 /// the same goes for AdamW's moments. Every product is a cuBLASLt GEMM (bias and GELU fused as
 /// epilogues); the other operations are tessera/cuda/ops kernels, each checked against its CPU
 /// layer. Embedding dropout (embd_pdrop) draws the CPU Dropout's masks (keyed by the step and the
-/// global batch row), so a device run with dropout equals the CPU run. CUDA code: compile with nvcc.
+/// global batch row), so a device run with dropout equals the CPU run.
+///
+/// Tensor parallelism (Shoeybi et al. 2019, Megatron-LM): given a DeviceComm over the tp ranks
+/// (on the compute stream), each rank holds its shard of every block (gpt_tensor_parallel_layout:
+/// c_attn and c_fc column-parallel, its n_head / tp heads; attn.c_proj and mlp.c_proj
+/// row-parallel), and the block's two f/g pairs become one all-reduce each way: the row-parallel
+/// products' partial sums (fp32) forward, the column-parallel inputs' gradients backward. The
+/// embeddings, LayerNorms and the tied head are replicated (each tp rank computes the same
+/// logits and loss; the vocabulary is not split on the device). CUDA code: compile with nvcc.
 
 #include <cuda_runtime.h>
 
@@ -24,6 +32,7 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/cuda/blas_lt.hpp"
+#include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/element_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
@@ -37,9 +46,11 @@
 #include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
+#include "tessera/cuda/ops/residual_add.cuh"
 #include "tessera/cuda/stream.hpp"
 #include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera::cuda {
 
@@ -57,14 +68,26 @@ class DeviceGPT {
   /// dropout masks). Throws tessera::Error naming the parameter when a name or shape is not the
   /// GPT's; CudaError where there is no device. `shards` (>= 1): the flat buffers are padded
   /// to a multiple of shards x flat_alignment elements, so shard_optimizer(r, shards) can split
-  /// them evenly (ZeRO-1 over that many dp ranks).
+  /// them evenly (ZeRO-1 over that many dp ranks). `tp` (not owned; nullptr: tp 1): the tensor-
+  /// parallel group, its stream() this model's `stream`; this rank keeps its shard of `params`
+  /// (still the whole model's), and every forward and backward is collective over it. Throws
+  /// tessera::Error naming the numbers when tp does not divide n_head or runs on another stream.
   DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0,
-            int shards = 1)
+            int shards = 1, DeviceComm* tp = nullptr)
       : config_(validated(config)),
         stream_(stream),
         blas_(stream),
-        drop_(config_.embd_pdrop, nn::LayerInit{.prefix = "", .seed = seed}.child("drop")) {
+        drop_(config_.embd_pdrop, nn::LayerInit{.prefix = "", .seed = seed}.child("drop")),
+        tp_(tp) {
     TESSERA_EXPECTS(shards >= 1, "DeviceGPT: shards must be >= 1, got ", shards);
+    if (tp_ != nullptr) {
+      TESSERA_EXPECTS(tp_->stream().get() == stream.get(), "DeviceGPT: the tp communicator must run on the model's "
+                      "compute stream (its all-reduces sit between the products of forward and backward)");
+      tp_size_ = tp_->size();
+      tp_rank_ = tp_->rank();
+      TESSERA_EXPECTS(config_.n_head % tp_size_ == 0, "DeviceGPT: tp ", tp_size_, " does not divide n_head ",
+                      config_.n_head);
+    }
     layout(params);
     const std::int64_t pad = flat_alignment * shards;
     numel_ = (numel_ + pad - 1) / pad * pad;
@@ -77,6 +100,11 @@ class DeviceGPT {
     std::vector<ops::FlatSegment> segments;
     for (const FlatParameter& p : flat_) segments.push_back({p.offset, p.shape.numel(), p.decay ? 0 : 1});
     chunks_ = ops::adamw_chunks(stream_, segments);
+    if (tp_size_ > 1) {  // the norm's weights: 1 for this rank's shards, 1 / tp for replicated parameters
+      std::vector<ops::FlatSegment> owned;
+      for (const FlatParameter& p : flat_) owned.push_back({p.offset, p.shape.numel(), p.tp_layout.is_shard() ? 0 : 1});
+      norm_chunks_ = ops::adamw_chunks(stream_, owned);
+    }
     norm_out_ = DeviceTensor<float>::empty(Shape{1}, stream_);
     norm_ws_ = DeviceTensor<float>::empty(Shape{ops::norm_blocks}, stream_);
     upload(params);
@@ -88,7 +116,8 @@ class DeviceGPT {
   const std::vector<FlatParameter>& flat_parameters() const noexcept { return flat_; }
   /// Elements of the flat buffers: the parameters and the alignment gaps between them.
   std::int64_t numel() const noexcept { return numel_; }
-  /// Number of parameters (elements), the N of 6N FLOPs per token.
+  /// Number of parameters (elements) this rank holds (the whole model's at tp 1: the N of 6N
+  /// FLOPs per token).
   std::int64_t parameter_count() const noexcept {
     std::int64_t n = 0;
     for (const FlatParameter& p : flat_) n += p.shape.numel();
@@ -96,7 +125,8 @@ class DeviceGPT {
   }
 
   /// Copies the CPU model's parameter values to the device (master weights and, for bf16, the
-  /// compute copy). Throws tessera::Error naming a parameter whose name or shape differs.
+  /// compute copy); under tp, this rank's shard of each. Throws tessera::Error naming a
+  /// parameter whose name or shape differs.
   void upload(const ParameterList<float>& params) {
     Tensor<float> flat(Shape{numel_});  // zeros: the alignment gaps stay 0
     gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
@@ -104,9 +134,10 @@ class DeviceGPT {
     refresh_low();
   }
   /// Copies the device's master weights into the CPU model's parameters (e.g. to save a
-  /// checkpoint or to sample on the host). Throws as upload().
+  /// checkpoint or to sample on the host); under tp the whole parameters, every rank's shards
+  /// gathered (collective over tp). Throws as upload().
   void download(const ParameterList<float>& params) const {
-    scatter(params, to_host(master_, stream_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
+    scatter(params, gathered_on_host(master_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
   }
   /// Copies AdamW's moments and step count from a CPU optimizer over the same parameters (a
   /// resumed checkpoint's state) to the device.
@@ -127,16 +158,17 @@ class DeviceGPT {
     download_optimizer(opt, m_, v_);
   }
   /// As download_optimizer(opt), from full flat moments `m` and `v` (numel() elements each on the
-  /// device, e.g. every rank's shard gathered). Throws tessera::Error naming the sizes.
+  /// device, e.g. every dp rank's shard gathered); collective over tp (every tp rank's moments
+  /// gathered). Throws tessera::Error naming the sizes.
   void download_optimizer(optim::AdamW<float>& opt, DeviceView<const float> m_full, DeviceView<const float> v_full) const {
     TESSERA_EXPECTS(m_full.numel() == numel_ && v_full.numel() == numel_, "DeviceGPT::download_optimizer: moments of ",
                     m_full.numel(), " and ", v_full.numel(), " elements, the model's flat buffers hold ", numel_);
-    const Tensor<float> m = to_host(m_full, stream_), v = to_host(v_full, stream_);
+    const Tensor<float> m = gathered_on_host(m_full), v = gathered_on_host(v_full);
     std::size_t i = 0;
     for (Parameter<float>& p : opt.parameters()) {
       const FlatParameter& f = find(p.name, p.value.shape());
-      opt.exp_avg(i).copy_from(flat_slice(m, f));
-      opt.exp_avg_sq(i).copy_from(flat_slice(v, f));
+      opt.exp_avg(i).copy_from(whole(m, f));
+      opt.exp_avg_sq(i).copy_from(whole(v, f));
       ++i;
     }
     opt.set_steps(steps_);
@@ -172,9 +204,17 @@ class DeviceGPT {
     return s;
   }
 
-  /// The global L2 norm of the gradients (blocks until computed).
+  /// The global L2 norm of the gradients (blocks until computed); under tp the whole model's
+  /// (each shard once, each replicated parameter once), the same on every tp rank: collective
+  /// over tp.
   double grad_norm() {
-    ops::global_sum_of_squares(stream_, grad_, norm_out_, norm_ws_);
+    if (tp_size_ > 1) {
+      ops::weighted_sum_of_squares(stream_, grad_, norm_chunks_, 1.f, 1.f / static_cast<float>(tp_size_), norm_out_,
+                                   norm_ws_);
+      tp_->all_reduce(norm_out_.view(), ReduceOp::sum);
+    } else {
+      ops::global_sum_of_squares(stream_, grad_, norm_out_, norm_ws_);
+    }
     return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
   }
 
@@ -252,6 +292,10 @@ class DeviceGPT {
   /// The flat gradients as a mutable view (numel() elements), for a data-parallel reduction.
   DeviceView<float> gradient_view() const noexcept { return grad_.view(); }
 
+  /// The tensor-parallel group's size (1 without one) and this rank's place in it.
+  int tp_size() const noexcept { return tp_size_; }
+  /// (See tp_size.)
+  int tp_rank() const noexcept { return tp_rank_; }
   /// Optimizer steps taken (AdamW's t).
   std::int64_t steps() const noexcept { return steps_; }
   /// The gradients, flat, in flat_parameters() order (fp32), e.g. for tests.
@@ -272,7 +316,7 @@ class DeviceGPT {
   };
 
   void layout(const ParameterList<float>& params) {
-    flat_ = flat_gpt_layout(config_, params);
+    flat_ = flat_gpt_layout(config_, params, tp_size_);
     const FlatParameter& last = flat_.back();
     const std::int64_t off = last.offset + (last.shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     numel_ = off;
@@ -290,18 +334,20 @@ class DeviceGPT {
     std::size_t i = 0;
     for (Parameter<float>& p : params) {
       const FlatParameter& f = flat_[i++];
-      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.shape, "DeviceGPT: parameter ", p.name, " of shape ",
-                      p.value.shape(), " is not ", f.name, " of shape ", f.shape);
+      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.full, "DeviceGPT: parameter ", p.name, " of shape ",
+                      p.value.shape(), " is not ", f.name, " of shape ", f.full);
       fn(p, f);
     }
   }
   template <class Get>
   void gather(const ParameterList<float>& params, Tensor<float>& flat, Get get) const {
-    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { flat_slice(flat, f).copy_from(get(p)); });
+    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) {
+      flat_slice(flat, f).copy_from(local_of(get(p), f));
+    });
   }
   template <class Get>
   void scatter(const ParameterList<float>& params, const Tensor<float>& flat, Get get) const {
-    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { get(p).copy_from(flat_slice(flat, f)); });
+    for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { get(p).copy_from(whole(flat, f)); });
   }
   void copy_moments_to_flat(const optim::AdamW<float>& opt, Tensor<float>& m, Tensor<float>& v) const {
     TESSERA_EXPECTS(opt.parameters().size() == flat_.size(), "DeviceGPT: the optimizer has ", opt.parameters().size(),
@@ -311,22 +357,46 @@ class DeviceGPT {
     std::size_t i = 0;
     for (Parameter<float>& p : opt.parameters()) {
       const FlatParameter& f = find(p.name, p.value.shape());
-      flat_slice(m, f).copy_from(opt.exp_avg(i));
-      flat_slice(v, f).copy_from(opt.exp_avg_sq(i));
+      flat_slice(m, f).copy_from(local_of(opt.exp_avg(i), f));
+      flat_slice(v, f).copy_from(local_of(opt.exp_avg_sq(i), f));
       ++i;
     }
   }
   const FlatParameter& find(const std::string& name, const Shape& shape) const {
     for (const FlatParameter& f : flat_)
       if (f.name == name) {
-        TESSERA_EXPECTS(f.shape == shape, "DeviceGPT: optimizer parameter ", name, " has shape ", shape,
-                        ", the model's ", f.shape);
+        TESSERA_EXPECTS(f.full == shape, "DeviceGPT: optimizer parameter ", name, " has shape ", shape,
+                        ", the model's ", f.full);
         return f;
       }
     throw Error(tessera::detail::str("DeviceGPT: the optimizer holds parameter ", name, ", which the model does not have"));
   }
   static Tensor<float> flat_slice(const Tensor<float>& flat, const FlatParameter& f) {
     return flat.slice(0, f.offset, f.offset + f.shape.numel()).reshape(f.shape);
+  }
+  // This rank's part of the whole parameter `full` (itself at tp 1 or when replicated).
+  Tensor<float> local_of(const Tensor<float>& full, const FlatParameter& f) const {
+    if (tp_size_ == 1 || !f.tp_layout.is_shard()) return full;
+    return shard_of(full, f.tp_layout, tp_rank_, tp_size_);
+  }
+  // A flat device buffer (numel() elements) on the host; under tp every tp rank's, in rank
+  // order (tp x numel(): an all-gather over tp, collective).
+  Tensor<float> gathered_on_host(DeviceView<const float> local) const {
+    if (tp_size_ == 1) return to_host(local, stream_);
+    auto all = DeviceTensor<float>::empty(Shape{tp_size_ * numel_}, stream_);
+    tp_->all_gather(local, all);
+    return to_host(all, stream_);
+  }
+  // The whole parameter f from gathered_on_host's buffer: at tp 1 or replicated, its slice (of
+  // rank 0's block); a shard, every rank's piece put in place (sharding.hpp's geometry).
+  Tensor<float> whole(const Tensor<float>& flat, const FlatParameter& f) const {
+    if (tp_size_ == 1 || !f.tp_layout.is_shard()) return flat_slice(flat, f);
+    Tensor<float> out = Tensor<float>::empty(f.full);
+    const tessera::detail::tp::SplitGeometry geo = tessera::detail::tp::split_geometry(
+        f.full, f.tp_layout.dim, f.tp_layout.blocks, tp_size_, "DeviceGPT download");
+    for (int r = 0; r < tp_size_; ++r)
+      tessera::detail::tp::scatter_pieces(flat.data() + r * numel_ + f.offset, out.data(), geo, r);
+    return out;
   }
 
   void refresh_low() {
@@ -346,7 +416,8 @@ class DeviceGPT {
 
   void ensure_activations(std::int64_t B, std::int64_t T) {
     if (B == B_ && T == T_) return;
-    const std::int64_t D = config_.d_model, H = config_.n_head, N = B * T, V = config_.vocab_size;
+    const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     B_ = B;
     T_ = T;
     acts_.clear();
@@ -361,13 +432,13 @@ class DeviceGPT {
       make(a.x_in, Shape{N, D});
       if (l < config_.n_layer) {
         make(a.ln1, Shape{N, D});
-        make(a.qkvp, Shape{3 * B * H * T * (D / H)});
+        make(a.qkvp, Shape{3 * N * Dl});
         make(a.probs, Shape{B, H, T, T});
-        make(a.atty, Shape{N, D});
+        make(a.atty, Shape{N, Dl});
         make(a.x_mid, Shape{N, D});
         make(a.ln2, Shape{N, D});
-        make(a.pre, Shape{N, 4 * D});
-        make(a.h, Shape{N, 4 * D});
+        make(a.pre, Shape{N, 4 * Dl});
+        make(a.h, Shape{N, 4 * Dl});
       }
       make(a.mean1, Shape{N});
       make(a.rstd1, Shape{N});
@@ -380,13 +451,14 @@ class DeviceGPT {
     make(losses_, Shape{N});
     make(dres_, Shape{N, D});
     make(dln_, Shape{N, D});
-    make(datt_, Shape{N, D});
-    make(dqkv_, Shape{B, T, 3 * D});
-    make(qkv_, Shape{B, T, 3 * D});
-    make(heads_, Shape{B * T * D});
-    make(dqkvp_, Shape{3 * B * T * D});
-    make(dpre_, Shape{N, 4 * D});
+    make(datt_, Shape{N, Dl});
+    make(dqkv_, Shape{B, T, 3 * Dl});
+    make(qkv_, Shape{B, T, 3 * Dl});
+    make(heads_, Shape{N * Dl});
+    make(dqkvp_, Shape{3 * N * Dl});
+    make(dpre_, Shape{N, 4 * Dl});
     make(dprobs_, Shape{B, H, T, T});
+    if (tp_size_ > 1) make(partial_, Shape{N, D});
     const std::int64_t ws = std::max<std::int64_t>(2 * 4 * D * ops::layer_norm_chunks(N), 4 * D * ops::bias_grad_chunks(N));
     make(ws_, Shape{ws});
     Tensor<std::int32_t> pos(Shape{B, T});
@@ -400,6 +472,37 @@ class DeviceGPT {
     ops::gemm_epilogue<C>(stream_, blas_, s, a, b, out, 1.f, beta, ep);
   }
   void gemm_grad(const GemmShape& s, const C* a, const C* b, float* out) { blas_.gemm(stream_, s, a, b, out, 1.f, 1.f); }
+  // The end of a row-parallel product: out (N, D) = residual + (in (N, k) W (k, D) summed over
+  // tp) + bias, the sum an all-reduce of the fp32 partial products (Megatron's g). At tp 1 one
+  // GEMM with the residual as beta = 1 and the bias as epilogue.
+  void row_parallel(const DeviceTensor<C>& in, std::int64_t k, std::size_t weight, std::size_t bias,
+                    const DeviceTensor<C>& residual, const DeviceTensor<C>& out) {
+    const std::int64_t N = B_ * T_, D = config_.d_model;
+    if (tp_size_ == 1) {
+      copy(residual, out);
+      gemm({.m = N, .n = D, .k = k}, in.data(), w(weight), out.data(), 1.f, {Epilogue::bias, w(bias), nullptr});
+      return;
+    }
+    blas_.gemm(stream_, GemmShape{.m = N, .n = D, .k = k}, static_cast<const C*>(in.data()), static_cast<const C*>(w(weight)),
+               partial_.data(), 1.f, 0.f);
+    tp_->all_reduce(partial_.view(), ReduceOp::sum);
+    ops::residual_add<C>(stream_, residual, partial_, wv(bias), out);
+  }
+  // The input gradient of a column-parallel product into dln_: (dy (N, k) W^T, W (D, k)) summed
+  // over tp (Megatron's f backward: an all-reduce, of fp32 partial sums under bf16).
+  void column_input_grad(const DeviceTensor<C>& dy, std::int64_t k, std::size_t weight) {
+    const std::int64_t N = B_ * T_, D = config_.d_model;
+    const GemmShape s{.trans_b = true, .m = N, .n = D, .k = k};
+    if constexpr (std::is_same_v<C, float>) {
+      gemm(s, dy.data(), w(weight), dln_.data());
+      if (tp_size_ > 1) tp_->all_reduce(dln_.view(), ReduceOp::sum);
+    } else {
+      if (tp_size_ == 1) return gemm(s, dy.data(), w(weight), dln_.data());
+      blas_.gemm(stream_, s, static_cast<const C*>(dy.data()), static_cast<const C*>(w(weight)), partial_.data(), 1.f, 0.f);
+      tp_->all_reduce(partial_.view(), ReduceOp::sum);
+      ops::convert_from_f32<C>(stream_, partial_, dln_);
+    }
+  }
   void copy(const DeviceTensor<C>& from, const DeviceTensor<C>& to) {
     detail::check(cudaMemcpyAsync(to.data(), from.data(), from.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
                   "cudaMemcpyAsync", "DeviceGPT residual copy of ", from.numel(), " elements");
@@ -414,6 +517,7 @@ class DeviceGPT {
                     config_.n_positions);
     ensure_activations(B, T);
     const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     // Embedding: wte[tokens] + wpe[t].
     ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
     ops::embedding_forward<C>(stream_, positions_, wv(1), acts_[0].x_in, true);
@@ -429,19 +533,14 @@ class DeviceGPT {
       LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
       ops::layer_norm_forward<C>(stream_, a.x_in, wv(p.ln1_w), wv(p.ln1_b), a.ln1, a.mean1, a.rstd1);
-      gemm({.m = N, .n = 3 * D, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
+      gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
            {Epilogue::bias, w(p.qkv_b), nullptr});
-      ops::attention_forward<C>(stream_, blas_, qkv_, config_.n_head, a.qkvp, a.probs, heads_,
-                                a.atty.reshape(Shape{B, T, D}));
-      copy(a.x_in, a.x_mid);
-      gemm({.m = N, .n = D, .k = D}, a.atty.data(), w(p.proj_w), a.x_mid.data(), 1.f,
-           {Epilogue::bias, w(p.proj_b), nullptr});
+      ops::attention_forward<C>(stream_, blas_, qkv_, H, a.qkvp, a.probs, heads_, a.atty.reshape(Shape{B, T, Dl}));
+      row_parallel(a.atty, Dl, p.proj_w, p.proj_b, a.x_in, a.x_mid);
       ops::layer_norm_forward<C>(stream_, a.x_mid, wv(p.ln2_w), wv(p.ln2_b), a.ln2, a.mean2, a.rstd2);
-      gemm({.m = N, .n = 4 * D, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
+      gemm({.m = N, .n = 4 * Dl, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
            {Epilogue::gelu_bias, w(p.fc_b), a.pre.data()});
-      copy(a.x_mid, next.x_in);
-      gemm({.m = N, .n = D, .k = 4 * D}, a.h.data(), w(p.fcproj_w), next.x_in.data(), 1.f,
-           {Epilogue::bias, w(p.fcproj_b), nullptr});
+      row_parallel(a.h, 4 * Dl, p.fcproj_w, p.fcproj_b, a.x_mid, next.x_in);
     }
     LayerActs& last = acts_.back();
     const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
@@ -455,6 +554,7 @@ class DeviceGPT {
 
   void backward(DeviceView<const std::int32_t> tokens) {
     const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
     LayerActs& last = acts_.back();
     // Head: dlnf = dlogits wte; dwte += dlogits^T lnf; ln_f backward into the residual gradient.
@@ -467,24 +567,24 @@ class DeviceGPT {
       LayerActs& a = acts_[static_cast<std::size_t>(l)];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
       // MLP: dpre = (dres Wfcproj^T) * gelu'(pre); weight and bias gradients.
-      gemm({.trans_b = true, .m = N, .n = 4 * D, .k = D}, dres_.data(), w(p.fcproj_w), dpre_.data(), 0.f,
+      gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_.data(), w(p.fcproj_w), dpre_.data(), 0.f,
            {Epilogue::dgelu, nullptr, a.pre.data()});
-      gemm_grad({.trans_a = true, .m = 4 * D, .n = D, .k = N}, a.h.data(), dres_.data(), g(p.fcproj_w));
+      gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_.data(), g(p.fcproj_w));
       ops::bias_grad<C>(stream_, dres_, gv(p.fcproj_b), ws_);
-      gemm({.trans_b = true, .m = N, .n = D, .k = 4 * D}, dpre_.data(), w(p.fc_w), dln_.data());
-      gemm_grad({.trans_a = true, .m = D, .n = 4 * D, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
-      ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * D}), gv(p.fc_b), ws_);
+      column_input_grad(dpre_, 4 * Dl, p.fc_w);
+      gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
+      ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * Dl}), gv(p.fc_b), ws_);
       ops::layer_norm_backward<C>(stream_, dln_, a.x_mid, wv(p.ln2_w), a.mean2, a.rstd2, dres_, gv(p.ln2_w),
                                   gv(p.ln2_b), ws_, true);
       // Attention: datt = dres Wproj^T; weight and bias gradients; core attention; c_attn.
-      gemm({.trans_b = true, .m = N, .n = D, .k = D}, dres_.data(), w(p.proj_w), datt_.data());
-      gemm_grad({.trans_a = true, .m = D, .n = D, .k = N}, a.atty.data(), dres_.data(), g(p.proj_w));
+      gemm({.trans_b = true, .m = N, .n = Dl, .k = D}, dres_.data(), w(p.proj_w), datt_.data());
+      gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_.data(), g(p.proj_w));
       ops::bias_grad<C>(stream_, dres_, gv(p.proj_b), ws_);
-      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, D}), a.qkvp, config_.n_head, a.probs,
-                                 heads_, dprobs_, dqkvp_, dqkv_);
-      gemm({.trans_b = true, .m = N, .n = D, .k = 3 * D}, dqkv_.data(), w(p.qkv_w), dln_.data());
-      gemm_grad({.trans_a = true, .m = D, .n = 3 * D, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
-      ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * D}), gv(p.qkv_b), ws_);
+      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
+                                 dqkvp_, dqkv_);
+      column_input_grad(dqkv_, 3 * Dl, p.qkv_w);
+      gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
+      ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
       ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
                                   gv(p.ln1_b), ws_, true);
       if (hook_) hook_(flat_[p.ln1_w].offset);
@@ -506,17 +606,21 @@ class DeviceGPT {
   DeviceTensor<float> master_, grad_, m_, v_;
   DeviceTensor<bf16> low_;
   ops::AdamWChunks chunks_;
+  ops::AdamWChunks norm_chunks_;  // tp > 1: the gradient norm's weights (group 0 shards, 1 replicated)
   DeviceTensor<float> norm_out_, norm_ws_, loss_sum_;
   std::int64_t steps_ = 0;
   std::int64_t B_ = -1, T_ = -1;
   std::vector<LayerActs> acts_;
   DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_, qkv_, heads_, dqkvp_;
   DeviceTensor<float> losses_, ws_;
+  DeviceTensor<float> partial_;  // tp > 1: a row-parallel product's partial sums, or a column input gradient's
   DeviceTensor<std::int32_t> positions_;
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;
   ops::DropoutMask mask_;
   std::function<void(std::int64_t)> hook_;
+  DeviceComm* tp_ = nullptr;  // the tensor-parallel group (nullptr: tp 1)
+  int tp_size_ = 1, tp_rank_ = 0;
 };
 
 }  // namespace tessera::cuda

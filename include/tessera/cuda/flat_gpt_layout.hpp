@@ -2,7 +2,9 @@
 /// @file
 /// FlatParameter and flat_gpt_layout: where each of the GPT's parameters lives in one flat
 /// buffer (DeviceGPT's master weights, gradients and moments), in the CPU GPT's parameter order,
-/// checked name by name and shape by shape. Host code (no CUDA needed).
+/// checked name by name and shape by shape; under tensor parallelism, each tp rank's shard of
+/// it (gpt_tensor_parallel_layout: Megatron's column- and row-parallel blocks). Host code (no
+/// CUDA needed).
 
 #include <cstdint>
 #include <string>
@@ -23,17 +25,46 @@ inline constexpr std::int64_t flat_alignment = 128;
 /// One parameter's place in a flat buffer.
 struct FlatParameter {
   std::string name;         ///< the CPU model's name, e.g. "h.0.attn.c_attn.weight"
-  Shape shape;              ///< its shape
+  Shape shape;              ///< its shape (this tp rank's shard's under tensor parallelism)
   std::int64_t offset = 0;  ///< first element in the flat buffer
   bool decay = false;       ///< in the weight-decay group (rank >= 2, as optim::weight_decay_groups)
+  /// How the full parameter is split over tp (Replicate, or Shard(dim, blocks)); `shape` is
+  /// the shard's. Replicate at tp 1.
+  ParamLayout tp_layout{};
+  Shape full{};  ///< the whole parameter's shape (the CPU model's; `shape` at tp 1)
 };
+
+/// The tp split of the GPT parameter `name` on a device (Megatron-LM's, and the CPU
+/// TensorParallel plan's for a GPT block, tests/cuda checks the two agree): attn.c_attn
+/// column-parallel with each rank's heads' q, k and v (weight Shard(1, blocks=3), bias
+/// Shard(0, blocks=3)); mlp.c_fc column-parallel (Shard(1), bias Shard(0)); attn.c_proj and
+/// mlp.c_proj row-parallel (weight Shard(0), bias replicated, added once after the sum); the
+/// LayerNorms, the embeddings and the tied head replicated (the device does not split the
+/// vocabulary, where the CPU's VocabParallelEmbedding does).
+inline ParamLayout gpt_tensor_parallel_layout(const std::string& name) {
+  auto ends = [&](const char* suffix) { return name.ends_with(suffix); };
+  if (ends(".attn.c_attn.weight")) return ParamLayout::shard(1, 3);
+  if (ends(".attn.c_attn.bias")) return ParamLayout::shard(0, 3);
+  if (ends(".mlp.c_fc.weight")) return ParamLayout::shard(1);
+  if (ends(".mlp.c_fc.bias")) return ParamLayout::shard(0);
+  if (ends(".attn.c_proj.weight") || ends(".mlp.c_proj.weight")) return ParamLayout::shard(0);
+  return ParamLayout::replicate();
+}
 
 /// The GPT's parameters in order ("wte.weight" (V, d), "wpe.weight" (P, d), then per block
 /// ln_1, attn.c_attn (d, 3d), attn.c_proj, ln_2, mlp.c_fc (d, 4d), mlp.c_proj (4d, d), weights
 /// before biases, then ln_f), laid end to end, each at a multiple of flat_alignment elements
 /// (the gaps hold zeros and are never updated). Throws tessera::Error naming the first parameter
 /// of `params` whose name or shape is not the GPT's of `config`, or the counts when they differ.
-inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const ParameterList<float>& params) {
+///
+/// With `tp_size` > 1 each entry is one tp rank's shard (gpt_tensor_parallel_layout: its
+/// tp_layout and the shard's shape; the same on every rank), `params` still the full model's.
+/// Throws tessera::Error naming the numbers unless tp_size divides n_head (and so d_model).
+inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const ParameterList<float>& params,
+                                                  int tp_size = 1) {
+  TESSERA_EXPECTS(tp_size >= 1 && config.n_head % tp_size == 0 && config.d_model % config.n_head == 0,
+                  "flat GPT layout: tp ", tp_size, " does not divide n_head ", config.n_head, " (d_model ",
+                  config.d_model, ")");
   const std::int64_t V = config.vocab_size, P = config.n_positions, D = config.d_model;
   std::vector<std::pair<std::string, Shape>> expect = {{"wte.weight", Shape{V, D}}, {"wpe.weight", Shape{P, D}}};
   for (std::int64_t l = 0; l < config.n_layer; ++l) {
@@ -61,8 +92,10 @@ inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const
     TESSERA_EXPECTS(p.name == expect[i].first && p.value.shape() == expect[i].second, "flat GPT layout: parameter ", i,
                     " is ", p.name, " of shape ", p.value.shape(), ", expected ", expect[i].first, " of shape ",
                     expect[i].second);
-    flat.push_back({p.name, p.value.shape(), off, p.value.rank() >= 2});
-    off += (p.value.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
+    const ParamLayout tl = tp_size > 1 ? gpt_tensor_parallel_layout(p.name) : ParamLayout::replicate();
+    const Shape shape = tl.is_shard() ? p.value.shape().with(tl.dim, p.value.size(tl.dim) / tp_size) : p.value.shape();
+    flat.push_back({p.name, shape, off, p.value.rank() >= 2, tl, p.value.shape()});
+    off += (shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     ++i;
   }
   return flat;
