@@ -25,6 +25,7 @@
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/ops/residual_add.cuh"
+#include "tessera/cuda/ops/vocab_parallel_cross_entropy.cuh"
 #include "tessera/cuda/stream.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
 

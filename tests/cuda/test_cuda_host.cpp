@@ -372,7 +372,7 @@ TEST_CASE("flat GPT layout: the CPU GPT's parameters end to end, decay on matric
                        Error);
 }
 
-TEST_CASE("flat GPT layout under tp: each block parameter's split and shard equal the CPU TensorParallel GPT's (HybridGPT at tp 2 and 4)") {
+TEST_CASE("flat GPT layout under tp: each parameter's split and shard equal the CPU TensorParallel GPT's (HybridGPT at tp 2 and 4), and gpt_tp_whole inverts gpt_tp_shard") {
   const GPTConfig cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
   GPT<float> gpt(cfg, 3);
   ParameterList<float> full = gpt.parameters();
@@ -387,29 +387,49 @@ TEST_CASE("flat GPT layout under tp: each block parameter's split and shard equa
       local += f.shape.numel();
     }
     // Per block: c_attn and c_fc (weights and biases) and both c_proj weights split over tp, the
-    // rest whole: 12 d^2 / tp + 7 d / tp + 6 d per block, plus the embeddings and ln_f.
-    CHECK(local == 67 * 32 + 16 * 32 + 2 * (12 * 32 * 32 / tp + 7 * 32 / tp + 6 * 32) + 2 * 32);
+    // rest whole: 12 d^2 / tp + 7 d / tp + 6 d per block; wte's 67 rows padded to a multiple of
+    // tp and split; wpe and ln_f whole.
+    const std::int64_t vocab_rows = (67 + tp - 1) / tp;
+    CHECK(flat[0].shape == Shape{vocab_rows, 32});
+    CHECK(flat[0].tp_layout == ParamLayout::padded_shard(0, 67));
+    CHECK(local == vocab_rows * 32 + 16 * 32 + 2 * (12 * 32 * 32 / tp + 7 * 32 / tp + 6 * 32) + 2 * 32);
+    // gpt_tp_whole(every rank's flat buffer) is the whole model again: each shard in place, the
+    // padding dropped.
+    const std::int64_t stride = off;
+    std::vector<float> ranks(static_cast<std::size_t>(stride * tp), -1.f);
+    for (int r = 0; r < tp; ++r)
+      for (std::size_t i = 0; i < flat.size(); ++i) {
+        const Tensor<float> piece = tc::gpt_tp_shard(full[i].value, flat[i], r, tp).contiguous();
+        REQUIRE(piece.shape() == flat[i].shape);
+        std::copy_n(piece.data(), piece.numel(), ranks.data() + r * stride + flat[i].offset);
+      }
+    for (std::size_t i = 0; i < flat.size(); ++i) {
+      const Tensor<float> back = tc::gpt_tp_whole(ranks.data(), stride, flat[i], tp);
+      const Tensor<float> want = full[i].value.contiguous();
+      CAPTURE(flat[i].name);
+      CHECK(back.shape() == want.shape());
+      CHECK(std::equal(want.data(), want.data() + want.numel(), back.data()));
+    }
     const std::vector<std::vector<std::string>> seen = threads::run(tp, [&](Comm& world) {
       Mesh mesh(world, MeshShape{.dp = 1, .pp = 1, .tp = tp});
       HybridGPT<float> cpu(mesh, cfg, 3);
       std::vector<std::string> checked;
       for (Parameter<float>& p : cpu.parameters()) {
-        if (!p.name.starts_with("h.")) continue;  // blocks only: the device keeps the vocabulary whole
         const auto it = std::find_if(flat.begin(), flat.end(), [&](const tc::FlatParameter& f) { return f.name == p.name; });
         REQUIRE(it != flat.end());
-        CHECK(tc::gpt_tensor_parallel_layout(p.name) == p.layout);
+        CHECK(tc::gpt_tensor_parallel_layout(p.name, cfg.vocab_size, tp) == p.layout);
         CHECK(it->tp_layout == p.layout);
         CHECK(it->shape == p.value.shape());
         const std::size_t i = static_cast<std::size_t>(it - flat.begin());
         Parameter<float>& whole = full[i];
-        const Tensor<float> mine = shard_of(whole.value, it->tp_layout, world.rank(), tp).contiguous();
+        const Tensor<float> mine = tc::gpt_tp_shard(whole.value, *it, world.rank(), tp).contiguous();
         const Tensor<float> cpu_value = p.value.contiguous();
         CHECK(std::equal(mine.data(), mine.data() + mine.numel(), cpu_value.data()));
         checked.push_back(p.name);
       }
       return checked;
     });
-    CHECK(seen[0].size() == 2 * 12);  // every block parameter compared
+    CHECK(seen[0].size() == full.size());  // every parameter compared
   }
   CHECK_THROWS_WITH_AS(tc::flat_gpt_layout(cfg, full, 3), doctest::Contains("tp 3 does not divide n_head 4"), Error);
 }

@@ -1,12 +1,15 @@
-// DeviceGPT tensor parallelism: tp 2 and 4 DeviceGPTs as threads sharing one GPU (ThreadDeviceComm
-// on each rank's compute stream) train as one DeviceGPT: fp32 losses within 1e-5 relative at every
-// step, the gradient norm within 1e-5 at the first, and the whole parameters and AdamW moments
-// (every rank's shards gathered by download) within 1e-5 norm-wise after 6 AdamW steps with
-// clipping; dp 2 x tp 2 (DeviceDataParallel on a communication stream beside the tp all-reduces)
-// the same; bf16 mixed precision at tp 2 within bf16 round-off of the single-rank bf16 run.
-// Needs a GPU (gpu_main.cpp skips without one).
+// DeviceGPT tensor parallelism: the vocab-parallel pieces against their single-device ops (the
+// loss and its gradient columns, the embedding's lookups and gradient rows, at 1-3 ranks with the
+// vocabulary padded); tp 2 and 4 DeviceGPTs as threads sharing one GPU (ThreadDeviceComm on each
+// rank's compute stream) train as one DeviceGPT: fp32 losses within 1e-5 relative at every step,
+// the gradient norm within 1e-5 at the first, and the whole parameters and AdamW moments (every
+// rank's shards gathered by download) within 1e-5 norm-wise after 6 AdamW steps with clipping;
+// dp 2 x tp 2 (DeviceDataParallel on a communication stream beside the tp all-reduces) the same;
+// bf16 mixed precision at tp 2 within bf16 round-off of the single-rank bf16 run. Needs a GPU
+// (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -17,6 +20,9 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_gpt.cuh"
+#include "tessera/cuda/ops/cross_entropy.cuh"
+#include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/vocab_parallel_cross_entropy.cuh"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/models/gpt.hpp"
@@ -179,6 +185,96 @@ void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {
 }
 
 }  // namespace
+
+TEST_CASE("ops::vocab_parallel_cross_entropy over 1-3 ranks equals softmax_cross_entropy: losses, gradient columns, padding, an ignored row") {
+  constexpr std::int64_t rows = 5, V = 67;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  Tensor<float> logits(Shape{rows, V});
+  for (std::int64_t i = 0; i < logits.numel(); ++i) logits.data()[i] = nd(rng);
+  Tensor<std::int32_t> targets(Shape{rows});
+  for (std::int64_t r = 0; r < rows; ++r) targets(r) = static_cast<std::int32_t>(rng() % V);
+  targets(1) = 66;    // the last rank's last real column
+  targets(2) = -100;  // ignored: no loss, no gradient
+  const float dloss = 0.25f;
+  tc::set_device(0);
+  const tc::Stream s;
+  auto ref_logits = tc::to_device<float>(logits, s);
+  auto tgt = tc::to_device<std::int32_t>(targets, s);
+  auto ref_losses = tc::DeviceTensor<float>::empty(Shape{rows}, s);
+  tc::ops::softmax_cross_entropy<float>(s, ref_logits, V, tgt, ref_losses, &dloss);
+  const Tensor<float> want_loss = tc::to_host(ref_losses, s), want_grad = tc::to_host(ref_logits, s);
+  CHECK(want_loss(2) == 0.f);
+  for (int tp : {1, 2, 3}) {
+    CAPTURE(tp);
+    threads::run(tp, [&](Comm& world) {
+      tc::set_device(0);
+      const tc::Stream st;
+      tc::ThreadDeviceComm comm(world.split(0, world.rank()), st);
+      const std::int64_t width = (V + tp - 1) / tp, lo = world.rank() * width,
+                         valid = std::clamp<std::int64_t>(V - lo, 0, width);
+      Tensor<float> mine(Shape{rows, width});
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < width; ++j) mine(r, j) = j < valid ? logits(r, lo + j) : 7.f;  // padding: not counted
+      auto dev = tc::to_device<float>(mine, st);
+      auto t = tc::to_device<std::int32_t>(targets, st);
+      auto losses = tc::DeviceTensor<float>::empty(Shape{rows}, st);
+      auto stats = tc::DeviceTensor<float>::empty(Shape{3 * rows}, st);
+      tc::ops::vocab_parallel_cross_entropy<float>(st, comm, dev, lo, valid, t, losses, stats, &dloss);
+      const Tensor<float> got_loss = tc::to_host(losses, st), got_grad = tc::to_host(dev, st);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        CHECK(std::abs(got_loss(r) - want_loss(r)) <= 1e-6f * std::max(1.f, std::abs(want_loss(r))));
+        for (std::int64_t j = 0; j < width; ++j)
+          CHECK(got_grad(r, j) == doctest::Approx(j < valid ? want_grad(r, lo + j) : 0.f).epsilon(1e-5));
+      }
+      return 0;
+    });
+  }
+}
+
+TEST_CASE("vocab-parallel embedding on the device: each rank's lookups summed equal the whole table's, and each rank's gradient rows equal the whole gradient's") {
+  constexpr std::int64_t V = 67, C = 24, n = 40;
+  std::mt19937 rng(8);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Tensor<float> table(Shape{V, C}), dy(Shape{n, C});
+  for (std::int64_t i = 0; i < table.numel(); ++i) table.data()[i] = nd(rng);
+  for (std::int64_t i = 0; i < dy.numel(); ++i) dy.data()[i] = nd(rng);
+  Tensor<std::int32_t> ids(Shape{n});
+  for (std::int64_t i = 0; i < n; ++i) ids(i) = static_cast<std::int32_t>(rng() % V);
+  ids(0) = 66;
+  ids(1) = 0;
+  tc::set_device(0);
+  const tc::Stream s;
+  auto d_ids = tc::to_device<std::int32_t>(ids, s);
+  auto out = tc::DeviceTensor<float>::empty(Shape{n, C}, s);
+  tc::ops::embedding_forward<float>(s, d_ids, tc::to_device<float>(table, s), out);
+  auto grad = tc::DeviceTensor<float>::zeros(Shape{V, C}, s);
+  tc::ops::embedding_backward<float>(s, d_ids, tc::to_device<float>(dy, s), grad);
+  const Tensor<float> want_out = tc::to_host(out, s), want_grad = tc::to_host(grad, s);
+  for (int tp : {2, 3}) {
+    CAPTURE(tp);
+    threads::run(tp, [&](Comm& world) {
+      tc::set_device(0);
+      const tc::Stream st;
+      tc::ThreadDeviceComm comm(world.split(0, world.rank()), st);
+      const std::int64_t rows = (V + tp - 1) / tp, lo = world.rank() * rows, valid = std::clamp<std::int64_t>(V - lo, 0, rows);
+      Tensor<float> mine(Shape{rows, C});  // zero padding rows
+      if (valid > 0) mine.slice(0, 0, valid).copy_from(table.slice(0, lo, lo + valid));
+      auto local = tc::DeviceTensor<std::int32_t>::empty(Shape{n}, st);
+      tc::ops::vocab_local_ids(st, tc::to_device<std::int32_t>(ids, st), local, lo, valid, rows);
+      auto x = tc::DeviceTensor<float>::empty(Shape{n, C}, st);
+      tc::ops::embedding_forward<float>(st, local, tc::to_device<float>(mine, st), x);
+      comm.all_reduce(x, ReduceOp::sum);
+      auto g = tc::DeviceTensor<float>::zeros(Shape{rows, C}, st);
+      tc::ops::embedding_backward<float>(st, local, tc::to_device<float>(dy, st), g);
+      const Tensor<float> got = tc::to_host(x, st), got_grad = tc::to_host(g, st);
+      CHECK(std::equal(want_out.data(), want_out.data() + want_out.numel(), got.data()));  // one rank holds each row: exact
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < C; ++c) CHECK(got_grad(r, c) == (r < valid ? want_grad(lo + r, c) : 0.f));
+      return 0;
+    });
+  }
+}
 
 TEST_CASE("DeviceGPT tensor parallel: tp 2 and 4 on one GPU (threads) train as one DeviceGPT, fp32 within 1e-5") {
   const Data d = make_data();

@@ -15,8 +15,11 @@
 /// c_attn and c_fc column-parallel, its n_head / tp heads; attn.c_proj and mlp.c_proj
 /// row-parallel), and the block's two f/g pairs become one all-reduce each way: the row-parallel
 /// products' partial sums (fp32) forward, the column-parallel inputs' gradients backward. The
-/// embeddings, LayerNorms and the tied head are replicated (each tp rank computes the same
-/// logits and loss; the vocabulary is not split on the device). CUDA code: compile with nvcc.
+/// token embedding, tied to the head, is split by vocabulary rows as the CPU's
+/// VocabParallelEmbedding (each rank looks up its own tokens, zero rows for the others', and one
+/// all-reduce sums them), its logits are this rank's vocabulary columns, and the loss is
+/// vocab-parallel (ops::vocab_parallel_cross_entropy: three all-reduces of one float per token);
+/// the LayerNorms and the position embedding are replicated. CUDA code: compile with nvcc.
 
 #include <cuda_runtime.h>
 
@@ -47,10 +50,10 @@
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/ops/residual_add.cuh"
+#include "tessera/cuda/ops/vocab_parallel_cross_entropy.cuh"
 #include "tessera/cuda/stream.hpp"
 #include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
-#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera::cuda {
 
@@ -317,6 +320,9 @@ class DeviceGPT {
 
   void layout(const ParameterList<float>& params) {
     flat_ = flat_gpt_layout(config_, params, tp_size_);
+    vocab_rows_ = flat_[0].shape[0];  // this rank's rows of the (padded) vocabulary
+    vocab_lo_ = tp_rank_ * vocab_rows_;
+    vocab_valid_ = std::clamp<std::int64_t>(config_.vocab_size - vocab_lo_, 0, vocab_rows_);
     const FlatParameter& last = flat_.back();
     const std::int64_t off = last.offset + (last.shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     numel_ = off;
@@ -376,8 +382,7 @@ class DeviceGPT {
   }
   // This rank's part of the whole parameter `full` (itself at tp 1 or when replicated).
   Tensor<float> local_of(const Tensor<float>& full, const FlatParameter& f) const {
-    if (tp_size_ == 1 || !f.tp_layout.is_shard()) return full;
-    return shard_of(full, f.tp_layout, tp_rank_, tp_size_);
+    return gpt_tp_shard(full, f, tp_rank_, tp_size_);
   }
   // A flat device buffer (numel() elements) on the host; under tp every tp rank's, in rank
   // order (tp x numel(): an all-gather over tp, collective).
@@ -387,16 +392,10 @@ class DeviceGPT {
     tp_->all_gather(local, all);
     return to_host(all, stream_);
   }
-  // The whole parameter f from gathered_on_host's buffer: at tp 1 or replicated, its slice (of
-  // rank 0's block); a shard, every rank's piece put in place (sharding.hpp's geometry).
+  // The whole parameter f from gathered_on_host's buffer (gpt_tp_whole; at tp 1 its slice).
   Tensor<float> whole(const Tensor<float>& flat, const FlatParameter& f) const {
-    if (tp_size_ == 1 || !f.tp_layout.is_shard()) return flat_slice(flat, f);
-    Tensor<float> out = Tensor<float>::empty(f.full);
-    const tessera::detail::tp::SplitGeometry geo = tessera::detail::tp::split_geometry(
-        f.full, f.tp_layout.dim, f.tp_layout.blocks, tp_size_, "DeviceGPT download");
-    for (int r = 0; r < tp_size_; ++r)
-      tessera::detail::tp::scatter_pieces(flat.data() + r * numel_ + f.offset, out.data(), geo, r);
-    return out;
+    if (tp_size_ == 1) return flat_slice(flat, f);
+    return gpt_tp_whole(flat.data(), numel_, f, tp_size_);
   }
 
   void refresh_low() {
@@ -416,7 +415,7 @@ class DeviceGPT {
 
   void ensure_activations(std::int64_t B, std::int64_t T) {
     if (B == B_ && T == T_) return;
-    const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::int64_t D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     B_ = B;
     T_ = T;
@@ -447,7 +446,7 @@ class DeviceGPT {
       acts_.push_back(std::move(a));
     }
     make(lnf_, Shape{N, D});
-    make(logits_, Shape{N, V});
+    make(logits_, Shape{N, vocab_rows_});  // V at tp 1
     make(losses_, Shape{N});
     make(dres_, Shape{N, D});
     make(dln_, Shape{N, D});
@@ -458,7 +457,11 @@ class DeviceGPT {
     make(dqkvp_, Shape{3 * N * Dl});
     make(dpre_, Shape{N, 4 * Dl});
     make(dprobs_, Shape{B, H, T, T});
-    if (tp_size_ > 1) make(partial_, Shape{N, D});
+    if (tp_size_ > 1) {
+      make(partial_, Shape{N, D});
+      make(local_ids_, Shape{N});
+      make(stats_, Shape{3 * N});
+    }
     const std::int64_t ws = std::max<std::int64_t>(2 * 4 * D * ops::layer_norm_chunks(N), 4 * D * ops::bias_grad_chunks(N));
     make(ws_, Shape{ws});
     Tensor<std::int32_t> pos(Shape{B, T});
@@ -488,19 +491,29 @@ class DeviceGPT {
     tp_->all_reduce(partial_.view(), ReduceOp::sum);
     ops::residual_add<C>(stream_, residual, partial_, wv(bias), out);
   }
-  // The input gradient of a column-parallel product into dln_: (dy (N, k) W^T, W (D, k)) summed
-  // over tp (Megatron's f backward: an all-reduce, of fp32 partial sums under bf16).
-  void column_input_grad(const DeviceTensor<C>& dy, std::int64_t k, std::size_t weight) {
-    const std::int64_t N = B_ * T_, D = config_.d_model;
-    const GemmShape s{.trans_b = true, .m = N, .n = D, .k = k};
+  // The input gradient of a column-parallel product into dln_ (N, D): the product `s` of dy and
+  // the weight's shard, summed over tp (Megatron's f backward: an all-reduce, of fp32 partial
+  // sums under bf16).
+  void column_input_grad(const GemmShape& s, const C* dy, std::size_t weight) {
     if constexpr (std::is_same_v<C, float>) {
-      gemm(s, dy.data(), w(weight), dln_.data());
+      gemm(s, dy, w(weight), dln_.data());
       if (tp_size_ > 1) tp_->all_reduce(dln_.view(), ReduceOp::sum);
     } else {
-      if (tp_size_ == 1) return gemm(s, dy.data(), w(weight), dln_.data());
-      blas_.gemm(stream_, s, static_cast<const C*>(dy.data()), static_cast<const C*>(w(weight)), partial_.data(), 1.f, 0.f);
+      if (tp_size_ == 1) return gemm(s, dy, w(weight), dln_.data());
+      blas_.gemm(stream_, s, dy, static_cast<const C*>(w(weight)), partial_.data(), 1.f, 0.f);
       tp_->all_reduce(partial_.view(), ReduceOp::sum);
       ops::convert_from_f32<C>(stream_, partial_, dln_);
+    }
+  }
+  // x (N, D) <- its sum over tp (the vocab-parallel embedding's lookups: one rank holds each
+  // row, the others zeros, so the sum is exact in either precision).
+  void sum_over_tp(const DeviceTensor<C>& x) {
+    if constexpr (std::is_same_v<C, float>) {
+      tp_->all_reduce(x.view(), ReduceOp::sum);
+    } else {
+      ops::convert_to_f32<C>(stream_, x, partial_);
+      tp_->all_reduce(partial_.view(), ReduceOp::sum);
+      ops::convert_from_f32<C>(stream_, partial_, x);
     }
   }
   void copy(const DeviceTensor<C>& from, const DeviceTensor<C>& to) {
@@ -518,8 +531,15 @@ class DeviceGPT {
     ensure_activations(B, T);
     const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
-    // Embedding: wte[tokens] + wpe[t].
-    ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
+    // Embedding: wte[tokens] + wpe[t]; under tp each rank looks up the tokens of its vocabulary
+    // rows (zeros for the others') and the lookups are summed.
+    if (tp_size_ > 1) {
+      ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
+      ops::embedding_forward<C>(stream_, local_ids_, wv(0), acts_[0].x_in, false);
+      sum_over_tp(acts_[0].x_in);
+    } else {
+      ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
+    }
     ops::embedding_forward<C>(stream_, positions_, wv(1), acts_[0].x_in, true);
     // Embedding dropout with the CPU layer's masks (identity in evaluation or at p = 0).
     mask_ = ops::DropoutMask{};
@@ -545,21 +565,28 @@ class DeviceGPT {
     LayerActs& last = acts_.back();
     const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
     ops::layer_norm_forward<C>(stream_, last.x_in, wv(lnf_w), wv(lnf_b), lnf_, last.mean1, last.rstd1);
-    // Logits = lnf wte^T (the tied head), then the loss and, with dloss, dlogits in place.
-    gemm({.trans_b = true, .m = N, .n = V, .k = D}, lnf_.data(), w(0), logits_.data());
-    ops::softmax_cross_entropy<C>(stream_, logits_, V, DeviceView<const std::int32_t>(targets.data, Shape{N}), losses_, dloss);
+    // Logits = lnf wte^T (the tied head; under tp this rank's vocabulary columns), then the loss
+    // and, with dloss, dlogits in place.
+    gemm({.trans_b = true, .m = N, .n = vocab_rows_, .k = D}, lnf_.data(), w(0), logits_.data());
+    const DeviceView<const std::int32_t> flat_targets(targets.data, Shape{N});
+    if (tp_size_ > 1)
+      ops::vocab_parallel_cross_entropy<C>(stream_, *tp_, logits_, vocab_lo_, vocab_valid_, flat_targets, losses_, stats_,
+                                           dloss);
+    else
+      ops::softmax_cross_entropy<C>(stream_, logits_, V, flat_targets, losses_, dloss);
     ops::bias_grad<float>(stream_, DeviceView<const float>(losses_.data(), Shape{N, 1}),
                           DeviceView<float>(loss_sum_.data(), Shape{1}), ws_);
   }
 
   void backward(DeviceView<const std::int32_t> tokens) {
-    const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T, V = config_.vocab_size;
+    const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
     LayerActs& last = acts_.back();
-    // Head: dlnf = dlogits wte; dwte += dlogits^T lnf; ln_f backward into the residual gradient.
-    gemm({.m = N, .n = D, .k = V}, logits_.data(), w(0), dln_.data());
-    gemm_grad({.trans_a = true, .m = V, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
+    // Head: dlnf = dlogits wte (summed over tp); dwte += dlogits^T lnf; ln_f backward into the
+    // residual gradient.
+    column_input_grad({.m = N, .n = D, .k = vocab_rows_}, logits_.data(), 0);
+    gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
     ops::layer_norm_backward<C>(stream_, dln_, last.x_in, wv(lnf_w), last.mean1, last.rstd1, dres_, gv(lnf_w),
                                 gv(lnf_b), ws_, false);
     if (hook_) hook_(flat_[lnf_w].offset);
@@ -571,7 +598,7 @@ class DeviceGPT {
            {Epilogue::dgelu, nullptr, a.pre.data()});
       gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_.data(), g(p.fcproj_w));
       ops::bias_grad<C>(stream_, dres_, gv(p.fcproj_b), ws_);
-      column_input_grad(dpre_, 4 * Dl, p.fc_w);
+      column_input_grad({.trans_b = true, .m = N, .n = D, .k = 4 * Dl}, dpre_.data(), p.fc_w);
       gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
       ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * Dl}), gv(p.fc_b), ws_);
       ops::layer_norm_backward<C>(stream_, dln_, a.x_mid, wv(p.ln2_w), a.mean2, a.rstd2, dres_, gv(p.ln2_w),
@@ -582,7 +609,7 @@ class DeviceGPT {
       ops::bias_grad<C>(stream_, dres_, gv(p.proj_b), ws_);
       ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
                                  dqkvp_, dqkv_);
-      column_input_grad(dqkv_, 3 * Dl, p.qkv_w);
+      column_input_grad({.trans_b = true, .m = N, .n = D, .k = 3 * Dl}, dqkv_.data(), p.qkv_w);
       gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
       ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
@@ -590,7 +617,8 @@ class DeviceGPT {
       if (hook_) hook_(flat_[p.ln1_w].offset);
     }
     ops::dropout_apply<C>(stream_, dres_, mask_);  // the same mask on the gradient
-    ops::embedding_backward<C>(stream_, tokens, dres_, gv(0));
+    // Under tp, this rank's vocabulary rows only (the others' tokens carry the id "not here").
+    ops::embedding_backward<C>(stream_, tp_size_ > 1 ? DeviceView<const std::int32_t>(local_ids_) : tokens, dres_, gv(0));
     ops::embedding_backward<C>(stream_, positions_, dres_, gv(1));
     if (hook_) hook_(0);
   }
@@ -614,6 +642,9 @@ class DeviceGPT {
   DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_, qkv_, heads_, dqkvp_;
   DeviceTensor<float> losses_, ws_;
   DeviceTensor<float> partial_;  // tp > 1: a row-parallel product's partial sums, or a column input gradient's
+  DeviceTensor<float> stats_;    // tp > 1: the vocab-parallel loss's row maxima, sums and target logits
+  DeviceTensor<std::int32_t> local_ids_;  // tp > 1: the tokens as this rank's vocabulary rows (vocab_local_ids)
+  std::int64_t vocab_rows_ = 0, vocab_lo_ = 0, vocab_valid_ = 0;  // this rank's (padded) rows, first id, real rows
   DeviceTensor<std::int32_t> positions_;
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;

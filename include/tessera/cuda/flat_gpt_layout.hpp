@@ -6,6 +6,7 @@
 /// it (gpt_tensor_parallel_layout: Megatron's column- and row-parallel blocks). Host code (no
 /// CUDA needed).
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/shape.hpp"
 #include "tessera/models/gpt.hpp"
+#include "tessera/parallel/tensor/sharding.hpp"
 
 namespace tessera::cuda {
 
@@ -39,9 +41,14 @@ struct FlatParameter {
 /// column-parallel with each rank's heads' q, k and v (weight Shard(1, blocks=3), bias
 /// Shard(0, blocks=3)); mlp.c_fc column-parallel (Shard(1), bias Shard(0)); attn.c_proj and
 /// mlp.c_proj row-parallel (weight Shard(0), bias replicated, added once after the sum); the
-/// LayerNorms, the embeddings and the tied head replicated (the device does not split the
-/// vocabulary, where the CPU's VocabParallelEmbedding does).
-inline ParamLayout gpt_tensor_parallel_layout(const std::string& name) {
+/// token embedding, tied to the LM head, split by vocabulary rows (Shard(0), padded to a multiple
+/// of tp when tp does not divide `vocab_size`: padded_shard(0, vocab_size), as the CPU's
+/// VocabParallelEmbedding); the LayerNorms and the position embedding replicated. At tp 1 every
+/// parameter is replicated.
+inline ParamLayout gpt_tensor_parallel_layout(const std::string& name, std::int64_t vocab_size, int tp_size) {
+  if (tp_size <= 1) return ParamLayout::replicate();
+  if (name == "wte.weight")
+    return vocab_size % tp_size == 0 ? ParamLayout::shard(0) : ParamLayout::padded_shard(0, vocab_size);
   auto ends = [&](const char* suffix) { return name.ends_with(suffix); };
   if (ends(".attn.c_attn.weight")) return ParamLayout::shard(1, 3);
   if (ends(".attn.c_attn.bias")) return ParamLayout::shard(0, 3);
@@ -92,13 +99,52 @@ inline std::vector<FlatParameter> flat_gpt_layout(const GPTConfig& config, const
     TESSERA_EXPECTS(p.name == expect[i].first && p.value.shape() == expect[i].second, "flat GPT layout: parameter ", i,
                     " is ", p.name, " of shape ", p.value.shape(), ", expected ", expect[i].first, " of shape ",
                     expect[i].second);
-    const ParamLayout tl = tp_size > 1 ? gpt_tensor_parallel_layout(p.name) : ParamLayout::replicate();
-    const Shape shape = tl.is_shard() ? p.value.shape().with(tl.dim, p.value.size(tl.dim) / tp_size) : p.value.shape();
+    const ParamLayout tl = gpt_tensor_parallel_layout(p.name, config.vocab_size, tp_size);
+    const std::int64_t extent = tl.extent != 0 ? tl.extent : p.value.size(tl.dim);
+    const Shape shape = tl.is_shard() ? p.value.shape().with(tl.dim, (extent + tp_size - 1) / tp_size) : p.value.shape();
     flat.push_back({p.name, shape, off, p.value.rank() >= 2, tl, p.value.shape()});
     off += (shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     ++i;
   }
   return flat;
+}
+
+/// Rank `rank`'s shard (of `size` tp ranks) of the whole parameter `full` placed as `f` says
+/// (f.tp_layout; a padded shard's rows past the extent are zero), contiguous, f.shape; `full`
+/// itself when replicated. Throws tessera::Error naming the shapes when `full` is not f.full.
+inline Tensor<float> gpt_tp_shard(const Tensor<float>& full, const FlatParameter& f, int rank, int size) {
+  TESSERA_EXPECTS(full.shape() == f.full, "gpt_tp_shard: ", f.name, " of shape ", full.shape(), ", expected ", f.full);
+  if (!f.tp_layout.is_shard() || size == 1) return full;
+  if (f.tp_layout.extent == 0)
+    return tessera::detail::tp::split_dim(full, f.tp_layout.dim, f.tp_layout.blocks, rank, size, "gpt_tp_shard");
+  const std::int64_t rows = f.shape[0], lo = std::min(rank * rows, f.tp_layout.extent),
+                     hi = std::min(lo + rows, f.tp_layout.extent);
+  Tensor<float> out(f.shape);  // zeros: the padding
+  if (hi > lo) out.slice(0, 0, hi - lo).copy_from(full.slice(0, lo, hi));
+  return out;
+}
+
+/// The whole parameter `f` from every tp rank's flat buffer: `ranks` holds `size` buffers of
+/// `stride` elements each, in rank order (an all-gather of the flat buffers), each with its
+/// shard of `f` at f.offset; the inverse of gpt_tp_shard (padding dropped). Replicated: rank 0's.
+inline Tensor<float> gpt_tp_whole(const float* ranks, std::int64_t stride, const FlatParameter& f, int size) {
+  Tensor<float> out = Tensor<float>::empty(f.full);
+  if (!f.tp_layout.is_shard() || size == 1) {
+    std::copy_n(ranks + f.offset, f.full.numel(), out.data());
+    return out;
+  }
+  if (f.tp_layout.extent == 0) {
+    const tessera::detail::tp::SplitGeometry geo =
+        tessera::detail::tp::split_geometry(f.full, f.tp_layout.dim, f.tp_layout.blocks, size, "gpt_tp_whole");
+    for (int r = 0; r < size; ++r) tessera::detail::tp::scatter_pieces(ranks + r * stride + f.offset, out.data(), geo, r);
+    return out;
+  }
+  const std::int64_t rows = f.shape[0], width = f.shape.numel() / rows;
+  for (int r = 0; r < size; ++r) {
+    const std::int64_t lo = std::min(r * rows, f.tp_layout.extent), hi = std::min(lo + rows, f.tp_layout.extent);
+    std::copy_n(ranks + r * stride + f.offset, (hi - lo) * width, out.data() + lo * width);
+  }
+  return out;
 }
 
 /// Where the GPT's backward finishes the gradients of a flat `layout` (flat_gpt_layout's) of
