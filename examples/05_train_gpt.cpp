@@ -292,6 +292,8 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
       a.pp = 1;
+      // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).
+      if (app.count("--dp") == 0) a.dp = 1;
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }

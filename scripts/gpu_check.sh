@@ -16,8 +16,8 @@
 #        layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
 #        TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     3. train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
-#        dp 2 and 4, tp 2 and 4, and dp 2 x tp 2 as threads sharing the GPU (--verify against the
-#        serial CPU run);
+#        dp 2 and 4, tp 2 and 4 (and tp 2 with sequence parallelism), and dp 2 x tp 2 as threads
+#        sharing the GPU (--verify against the serial CPU run);
 #        and --verify: 20 fp32 steps against the serial CPU run (1e-4);
 #     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #        run's resumed on the GPU;
@@ -173,8 +173,8 @@ for n in 2 4; do
   [[ $rc == 0 ]] || fail "train_gpt --device cuda --dp $n --verify (exit $rc)"
 done
 
-say "3d. train_gpt --device cuda --tp 2, --tp 4 and --dp 2 --tp 2 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 20 steps"
-for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2"; do
+say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 20 steps"
+for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2" "--tp 2 --sequence-parallel"; do
   v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 $layout --verify --data "$RUN/data/kjv.txt" --steps 20 \
       --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
   echo "$v" | tail -n 3

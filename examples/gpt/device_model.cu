@@ -24,10 +24,10 @@ template <class C>
 class CudaModel final : public DeviceModel {
  public:
   CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
-            int shards, std::optional<tessera::Comm> tp)
+            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel)
       : stream_(),
         tp_comm_(tp ? std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(*tp), stream_) : nullptr),
-        model_(config, params, stream_, seed, shards, tp_comm_.get()) {}
+        model_(config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
                         float dloss, const tessera::BatchPosition& at) override {
@@ -121,10 +121,12 @@ int visible_gpus() { return tessera::cuda::device_count(); }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
-                                               bool bf16, int shards, int device, std::optional<tessera::Comm> tp) {
+                                               bool bf16, int shards, int device, std::optional<tessera::Comm> tp,
+                                               bool sequence_parallel) {
   tessera::cuda::set_device(device);
-  if (bf16) return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp));
-  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp));
+  if (bf16)
+    return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp), sequence_parallel);
+  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel);
 }
 
 }  // namespace train_gpt

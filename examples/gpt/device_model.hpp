@@ -64,11 +64,13 @@ int visible_gpus();
 // padded for `shards` ZeRO-1 shards. With `tp` (threads of this process sharing the device, a
 // host communicator of their own): tensor-parallel over them, this rank holding its shard of
 // every block (tessera::cuda::DeviceGPT); forward, backward, grad_norm, download and
-// download_optimizer are then collective over tp. Collective over tp. Throws tessera::Error
+// download_optimizer are then collective over tp; with `sequence_parallel` the rows are split
+// over tp between the blocks' products. Collective over tp. Throws tessera::Error
 // naming the reason where there is no such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards = 1, int device = 0,
-                                               std::optional<tessera::Comm> tp = std::nullopt);
+                                               std::optional<tessera::Comm> tp = std::nullopt,
+                                               bool sequence_parallel = false);
 
 }  // namespace train_gpt

@@ -11,7 +11,8 @@ bool built_with_nccl() { return false; }
 int visible_gpus() { return 0; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
-                                               std::uint64_t, bool, int, int, std::optional<tessera::Comm>) {
+                                               std::uint64_t, bool, int, int, std::optional<tessera::Comm>,
+                                               bool) {
   throw tessera::Error(
       "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
       "configured); install the CUDA toolkit and configure with -Dcuda=enabled");

@@ -60,7 +60,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   std::optional<Comm> tp_group;
   if (tp > 1) tp_group.emplace(world.split(dp_rank, tp_rank));
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
-                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group));
+                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group),
+                                                       a.sequence_parallel && tp > 1);
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
@@ -69,11 +70,12 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
-    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d%s%s; "
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d%s%s%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
                 a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
                 dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
-                dp, tp, dp * tp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
+                dp, tp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
+                dp * tp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};

@@ -5,8 +5,9 @@
 // the gradient norm within 1e-5 at the first, and the whole parameters and AdamW moments (every
 // rank's shards gathered by download) within 1e-5 norm-wise after 6 AdamW steps with clipping;
 // dp 2 x tp 2 (DeviceDataParallel on a communication stream beside the tp all-reduces) the same;
-// bf16 mixed precision at tp 2 within bf16 round-off of the single-rank bf16 run. Needs a GPU
-// (gpu_main.cpp skips without one).
+// sequence parallelism at tp 2 and 4 and dp 2 x tp 2, with embedding dropout (the masks of this
+// rank's rows), the same; bf16 mixed precision at tp 2 (with and without sequence parallelism)
+// within bf16 round-off of the single-rank bf16 run. Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -35,6 +36,8 @@ namespace {
 
 // 4 heads of 8: tp 2 and 4 divide them; T 13 is not a multiple of any tile.
 const GPTConfig tp_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+// The same with embedding dropout: a rank's mask must be its rows' part of the whole batch's.
+const GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32, .embd_pdrop = 0.2};
 constexpr std::int64_t kRows = 8, kT = 13;
 constexpr int kSteps = 6;
 const optim::AdamWOptions tp_opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
@@ -64,12 +67,15 @@ Tensor<std::int32_t> rows_of(const Tensor<std::int32_t>& t, std::int64_t lo, std
   return t.slice(0, lo, hi).contiguous();
 }
 
-float clip_scale(double norm) { return norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.f; }
+// Clipping at 0.1: below any of these models' gradient norms (checked), so every step clips.
+constexpr double kClip = 0.1;
+float clip_scale(double norm) { return norm > kClip ? static_cast<float>(kClip / (norm + 1e-6)) : 1.f; }
 
 struct Run {
   std::vector<double> losses;
   double first_norm = 0;
-  std::vector<float> params, moments;  // the whole model's, flat in the CPU order
+  std::vector<float> params, moments, second_moments;  // the whole model's, flat in the CPU order
+  std::vector<float> replicated;  // this rank's own copies of the parameters every tp rank holds (its flat buffer)
 };
 
 std::vector<float> flatten(const ParameterList<float>& ps) {
@@ -83,53 +89,61 @@ std::vector<float> flatten(const ParameterList<float>& ps) {
 
 // The whole parameters and first moments (download and download_optimizer: collective over tp).
 template <class C>
-void fill_whole(tc::DeviceGPT<C>& m, Run& r) {
-  GPT<float> back(tp_cfg, 99);
+void fill_whole(tc::DeviceGPT<C>& m, Run& r, const GPTConfig& cfg) {
+  GPT<float> back(cfg, 99);
   ParameterList<float> ps = back.parameters();
   m.download(ps);
   r.params = flatten(ps);
   optim::AdamW<float> opt(ps, tp_opts);  // one group, the model's order
   m.download_optimizer(opt);
   for (std::size_t i = 0; i < ps.size(); ++i) {
-    const Tensor<float> e = opt.exp_avg(i).contiguous();
+    const Tensor<float> e = opt.exp_avg(i).contiguous(), v = opt.exp_avg_sq(i).contiguous();
     r.moments.insert(r.moments.end(), e.data(), e.data() + e.numel());
+    r.second_moments.insert(r.second_moments.end(), v.data(), v.data() + v.numel());
   }
+  // download reads rank 0's copy of a replicated parameter: every rank's must be the same.
+  const Tensor<float> mine = tc::to_host(tc::DeviceView<const float>(m.master_view()), m.stream());
+  for (const tc::FlatParameter& f : m.flat_parameters())
+    if (!f.tp_layout.is_shard())
+      r.replicated.insert(r.replicated.end(), mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
 }
 
 template <class C>
-Run single(const Data& d) {
+Run single(const Data& d, const GPTConfig& cfg = tp_cfg) {
   tc::set_device(0);
   const tc::Stream stream;
-  GPT<float> init(tp_cfg, 5);
-  tc::DeviceGPT<C> m(tp_cfg, init.parameters(), stream);
+  GPT<float> init(cfg, 5);
+  tc::DeviceGPT<C> m(cfg, init.parameters(), stream);
   Run r;
   for (int s = 0; s < kSteps; ++s) {
     m.zero_grad();
     auto x = tc::to_device<std::int32_t>(d.x[static_cast<std::size_t>(s)], stream);
     auto y = tc::to_device<std::int32_t>(d.y[static_cast<std::size_t>(s)], stream);
-    m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT));
+    m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT), BatchPosition{.step = static_cast<std::uint64_t>(s)});
     const double norm = m.grad_norm();
     if (s == 0) r.first_norm = norm;
     m.step(tp_opts, tp_opts.lr, clip_scale(norm));
     r.losses.push_back(m.take_loss_sum() / static_cast<double>(kRows * kT));
   }
-  fill_whole(m, r);
+  fill_whole(m, r, cfg);
   return r;
 }
 
 // dp x tp ranks as threads on one GPU: world rank = dp rank x tp + tp rank; the tp group's
-// ThreadDeviceComm on the compute stream, the dp group's on a communication stream.
+// ThreadDeviceComm on the compute stream, the dp group's on a communication stream; `sp`:
+// sequence parallelism.
 template <class C>
-std::vector<Run> parallel(const Data& d, int dp, int tp) {
+std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const GPTConfig& cfg = tp_cfg) {
   return threads::run(dp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
     const int dp_rank = world.rank() / tp, tp_rank = world.rank() % tp;
     tc::ThreadDeviceComm tp_comm(world.split(dp_rank, tp_rank), compute);
-    GPT<float> init(tp_cfg, 5);
-    tc::DeviceGPT<C> m(tp_cfg, init.parameters(), compute, 0, 1, &tp_comm);
+    GPT<float> init(cfg, 5);
+    tc::DeviceGPT<C> m(cfg, init.parameters(), compute, 0, 1, &tp_comm, sp);
     CHECK(m.tp_size() == tp);
     CHECK(m.tp_rank() == tp_rank);
+    CHECK(m.sequence_parallel() == sp);
     std::optional<tc::ThreadDeviceComm> dp_comm;
     std::optional<tc::DeviceDataParallel> ddp;
     if (dp > 1) {
@@ -143,7 +157,8 @@ std::vector<Run> parallel(const Data& d, int dp, int tp) {
       m.zero_grad();
       auto x = tc::to_device<std::int32_t>(rows_of(d.x[static_cast<std::size_t>(s)], lo, lo + rows), compute);
       auto y = tc::to_device<std::int32_t>(rows_of(d.y[static_cast<std::size_t>(s)], lo, lo + rows), compute);
-      m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT));
+      m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT),
+                         BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = lo});
       if (ddp) ddp->finish();
       const double norm = m.grad_norm();
       if (s == 0) r.first_norm = norm;
@@ -152,7 +167,7 @@ std::vector<Run> parallel(const Data& d, int dp, int tp) {
       const double local = m.take_loss_sum();
       r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / tp / static_cast<double>(kRows * kT));
     }
-    fill_whole(m, r);
+    fill_whole(m, r, cfg);
     return r;
   });
 }
@@ -180,8 +195,11 @@ void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {
     CHECK(std::abs(runs[r].first_norm - ref.first_norm) <= tol * ref.first_norm);
     CHECK(rel_diff(runs[r].params, ref.params) < tol);
     CHECK(rel_diff(runs[r].moments, ref.moments) < tol);
+    CHECK(rel_diff(runs[r].second_moments, ref.second_moments) < 10 * tol);  // squares: twice the relative error, and more
     CHECK(runs[r].params == runs[0].params);  // every rank gathered the same whole model
+    CHECK(runs[r].replicated == runs[0].replicated);  // the replicated parameters never drift apart, bitwise
   }
+  CHECK(ref.first_norm > kClip);  // the steps clipped
 }
 
 }  // namespace
@@ -290,19 +308,34 @@ TEST_CASE("DeviceGPT dp 2 x tp 2 on one GPU: buckets reduced over dp beside the 
   check_equal(parallel<float>(d, 2, 2), single<float>(d), 1e-5);
 }
 
-TEST_CASE("DeviceGPT tensor parallel bf16: tp 2 within bf16 round-off of the single-rank bf16 run") {
+TEST_CASE("DeviceGPT sequence parallel: tp 2 and 4, and dp 2 x tp 2, with embedding dropout, train as one DeviceGPT, fp32 within 1e-5") {
+  const Data d = make_data();
+  const Run ref = single<float>(d, drop_cfg);
+  const Run no_dropout = single<float>(d);
+  CHECK(ref.losses != no_dropout.losses);  // the dropout is on
+  for (int tp : {2, 4}) {
+    CAPTURE(tp);
+    check_equal(parallel<float>(d, 1, tp, true, drop_cfg), ref, 1e-5);
+  }
+  check_equal(parallel<float>(d, 2, 2, true, drop_cfg), ref, 1e-5);
+}
+
+TEST_CASE("DeviceGPT tensor parallel bf16: tp 2, with and without sequence parallelism, within bf16 round-off of the single-rank bf16 run") {
   const Data d = make_data();
   const Run ref = single<tc::bf16>(d);
-  const std::vector<Run> runs = parallel<tc::bf16>(d, 1, 2);
   // The sums of the row-parallel products are rounded to bf16 once, after the fp32 all-reduce,
   // as the single-rank GEMM's epilogue rounds once, but the products' order differs: a few bf16
   // ulps (2^-8 relative) per layer, not more.
-  check_equal(runs, ref, 2e-2);
-  const Run f32 = single<float>(d);
-  CHECK(runs[0].params != f32.params);  // it did run in bf16
+  for (bool sp : {false, true}) {
+    CAPTURE(sp);
+    const std::vector<Run> runs = parallel<tc::bf16>(d, 1, 2, sp);
+    check_equal(runs, ref, 2e-2);
+    const Run f32 = single<float>(d);
+    CHECK(runs[0].params != f32.params);  // it did run in bf16
+  }
 }
 
-TEST_CASE("DeviceGPT tensor parallel: tp that does not divide n_head, or a tp group on another stream, is refused") {
+TEST_CASE("DeviceGPT tensor parallel: tp that does not divide n_head, a tp group on another stream, or sequence parallelism over rows tp does not divide, is refused") {
   threads::run(2, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, other;
@@ -319,6 +352,19 @@ TEST_CASE("DeviceGPT tensor parallel: tp that does not divide n_head, or a tp gr
     tc::ThreadDeviceComm tp3(world.split(0, world.rank()), compute);
     CHECK_THROWS_WITH_AS(tc::DeviceGPT<float>(tp_cfg, init.parameters(), compute, 0, 1, &tp3),
                          doctest::Contains("tp 3 does not divide n_head 4"), Error);
+    return 0;
+  });
+  threads::run(2, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute;
+    GPT<float> init(tp_cfg, 5);
+    tc::ThreadDeviceComm tp2(world.split(0, world.rank()), compute);
+    tc::DeviceGPT<float> m(tp_cfg, init.parameters(), compute, 0, 1, &tp2, true);
+    Tensor<std::int32_t> odd(Shape{1, 13});  // 13 rows over tp 2
+    for (std::int64_t t = 0; t < 13; ++t) odd(0, t) = static_cast<std::int32_t>(t);
+    auto x = tc::to_device<std::int32_t>(odd, compute);
+    CHECK_THROWS_WITH_AS(m.forward_backward(x, x, 1.f), doctest::Contains("splits the 1 x 13 = 13 rows of a micro-batch over tp 2"),
+                         Error);
     return 0;
   });
 }

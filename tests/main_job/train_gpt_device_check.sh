@@ -2,7 +2,8 @@
 # train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
 # runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
 # their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
-# dp 2, tp 2 and dp 2 x tp 2 on the GPU (threads sharing it) equal the serial CPU run (--verify).
+# dp 2, tp 2 (with and without sequence parallelism) and dp 2 x tp 2 on the GPU (threads sharing it)
+# equal the serial CPU run (--verify).
 # Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
 set -uo pipefail
 exe=$1 data=$2
@@ -44,7 +45,7 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   done
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
-  for layout in "--tp 2" "--dp 2 --tp 2"; do
+  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel"; do
     out=$(timeout 180 "$exe" --device cuda $layout --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
           --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/tp" 2>&1); rc=$?
     echo "$out" | tail -n 3

@@ -19,7 +19,12 @@
 /// VocabParallelEmbedding (each rank looks up its own tokens, zero rows for the others', and one
 /// all-reduce sums them), its logits are this rank's vocabulary columns, and the loss is
 /// vocab-parallel (ops::vocab_parallel_cross_entropy: three all-reduces of one float per token);
-/// the LayerNorms and the position embedding are replicated. CUDA code: compile with nvcc.
+/// the LayerNorms and the position embedding are replicated. With sequence parallelism
+/// (Korthikanti et al. 2022) each tp rank keeps the residual stream, the LayerNorms, dropout and
+/// their statistics for its 1/tp of the rows only: an all-gather before each column-parallel
+/// product and a reduce-scatter after each row-parallel one replace the all-reduces, and the
+/// LayerNorms' weight gradients (partial over the rows) are all-reduced over tp. CUDA code:
+/// compile with nvcc.
 
 #include <cuda_runtime.h>
 
@@ -73,10 +78,12 @@ class DeviceGPT {
   /// to a multiple of shards x flat_alignment elements, so shard_optimizer(r, shards) can split
   /// them evenly (ZeRO-1 over that many dp ranks). `tp` (not owned; nullptr: tp 1): the tensor-
   /// parallel group, its stream() this model's `stream`; this rank keeps its shard of `params`
-  /// (still the whole model's), and every forward and backward is collective over it. Throws
-  /// tessera::Error naming the numbers when tp does not divide n_head or runs on another stream.
+  /// (still the whole model's), and every forward and backward is collective over it; with
+  /// `sequence_parallel` (tp > 1) the rows (B x T of a micro-batch, which tp must divide) are
+  /// split over tp between the blocks' products (file comment). Throws tessera::Error naming the
+  /// numbers when tp does not divide n_head or runs on another stream.
   DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0,
-            int shards = 1, DeviceComm* tp = nullptr)
+            int shards = 1, DeviceComm* tp = nullptr, bool sequence_parallel = false)
       : config_(validated(config)),
         stream_(stream),
         blas_(stream),
@@ -91,6 +98,7 @@ class DeviceGPT {
       TESSERA_EXPECTS(config_.n_head % tp_size_ == 0, "DeviceGPT: tp ", tp_size_, " does not divide n_head ",
                       config_.n_head);
     }
+    sp_ = sequence_parallel && tp_size_ > 1;
     layout(params);
     const std::int64_t pad = flat_alignment * shards;
     numel_ = (numel_ + pad - 1) / pad * pad;
@@ -115,6 +123,8 @@ class DeviceGPT {
 
   /// The sizes.
   const GPTConfig& config() const noexcept { return config_; }
+  /// The stream every call's device work is ordered on.
+  const Stream& stream() const noexcept { return stream_; }
   /// Where each parameter lives, in the CPU model's order.
   const std::vector<FlatParameter>& flat_parameters() const noexcept { return flat_; }
   /// Elements of the flat buffers: the parameters and the alignment gaps between them.
@@ -299,6 +309,8 @@ class DeviceGPT {
   int tp_size() const noexcept { return tp_size_; }
   /// (See tp_size.)
   int tp_rank() const noexcept { return tp_rank_; }
+  /// Whether the rows are split over tp between the products (sequence parallelism, tp > 1).
+  bool sequence_parallel() const noexcept { return sp_; }
   /// Optimizer steps taken (AdamW's t).
   std::int64_t steps() const noexcept { return steps_; }
   /// The gradients, flat, in flat_parameters() order (fp32), e.g. for tests.
@@ -417,6 +429,9 @@ class DeviceGPT {
     if (B == B_ && T == T_) return;
     const std::int64_t D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
+    TESSERA_EXPECTS(!sp_ || N % tp_size_ == 0, "DeviceGPT: sequence parallelism splits the ", B, " x ", T, " = ", N,
+                    " rows of a micro-batch over tp ", tp_size_, ", which does not divide them");
+    const std::int64_t Nl = sp_ ? N / tp_size_ : N;  // the rows of the residual stream on this rank
     B_ = B;
     T_ = T;
     acts_.clear();
@@ -428,28 +443,28 @@ class DeviceGPT {
     };
     for (std::int64_t l = 0; l <= config_.n_layer; ++l) {
       LayerActs a;
-      make(a.x_in, Shape{N, D});
+      make(a.x_in, Shape{Nl, D});
       if (l < config_.n_layer) {
         make(a.ln1, Shape{N, D});
         make(a.qkvp, Shape{3 * N * Dl});
         make(a.probs, Shape{B, H, T, T});
         make(a.atty, Shape{N, Dl});
-        make(a.x_mid, Shape{N, D});
+        make(a.x_mid, Shape{Nl, D});
         make(a.ln2, Shape{N, D});
         make(a.pre, Shape{N, 4 * Dl});
         make(a.h, Shape{N, 4 * Dl});
       }
-      make(a.mean1, Shape{N});
-      make(a.rstd1, Shape{N});
-      make(a.mean2, Shape{N});
-      make(a.rstd2, Shape{N});
+      make(a.mean1, Shape{Nl});
+      make(a.rstd1, Shape{Nl});
+      make(a.mean2, Shape{Nl});
+      make(a.rstd2, Shape{Nl});
       acts_.push_back(std::move(a));
     }
     make(lnf_, Shape{N, D});
     make(logits_, Shape{N, vocab_rows_});  // V at tp 1
     make(losses_, Shape{N});
-    make(dres_, Shape{N, D});
-    make(dln_, Shape{N, D});
+    make(dres_, Shape{Nl, D});
+    make(dln_, Shape{Nl, D});
     make(datt_, Shape{N, Dl});
     make(dqkv_, Shape{B, T, 3 * Dl});
     make(qkv_, Shape{B, T, 3 * Dl});
@@ -462,12 +477,22 @@ class DeviceGPT {
       make(local_ids_, Shape{N});
       make(stats_, Shape{3 * N});
     }
+    if (sp_) {
+      make(dres_full_, Shape{N, D});
+      make(ln_local_, Shape{Nl, D});
+      make(local_f_, Shape{Nl, D});
+      make(sp_grad_, Shape{2 * D});
+    }
     const std::int64_t ws = std::max<std::int64_t>(2 * 4 * D * ops::layer_norm_chunks(N), 4 * D * ops::bias_grad_chunks(N));
     make(ws_, Shape{ws});
     Tensor<std::int32_t> pos(Shape{B, T});
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t t = 0; t < T; ++t) pos(b, t) = static_cast<std::int32_t>(t);
     positions_ = to_device<std::int32_t>(pos, stream_);
+    // This rank's rows of the residual stream: [tp_rank Nl, (tp_rank + 1) Nl) of the B x T.
+    positions_local_ = sp_ ? to_device<std::int32_t>(pos.reshape(Shape{N}).slice(0, tp_rank_ * Nl, (tp_rank_ + 1) * Nl).contiguous(),
+                                                     stream_)
+                           : positions_;
     if (loss_sum_.numel() == 0) loss_sum_ = DeviceTensor<float>::zeros(Shape{1}, stream_);
   }
 
@@ -488,13 +513,57 @@ class DeviceGPT {
     }
     blas_.gemm(stream_, GemmShape{.m = N, .n = D, .k = k}, static_cast<const C*>(in.data()), static_cast<const C*>(w(weight)),
                partial_.data(), 1.f, 0.f);
+    if (sp_) {  // this rank's rows of the sum (Megatron's reduce-scatter)
+      tp_->reduce_scatter(partial_, local_f_, ReduceOp::sum);
+      ops::residual_add<C>(stream_, residual, local_f_, wv(bias), out);
+      return;
+    }
     tp_->all_reduce(partial_.view(), ReduceOp::sum);
     ops::residual_add<C>(stream_, residual, partial_, wv(bias), out);
+  }
+  // full (N, D) <- every tp rank's rows `local` (N / tp, D), in rank order (sequence
+  // parallelism's all-gather; exact in either precision).
+  void gather_rows(const DeviceTensor<C>& local, const DeviceTensor<C>& full) {
+    if constexpr (std::is_same_v<C, float>) {
+      tp_->all_gather(local, full);
+    } else {
+      ops::convert_to_f32<C>(stream_, local, local_f_);
+      tp_->all_gather(local_f_, partial_);
+      ops::convert_from_f32<C>(stream_, partial_, full);
+    }
+  }
+  // LayerNorm backward of this rank's rows: dres (+)= dx; the weight and bias gradients added
+  // to the model's, summed over tp first under sequence parallelism (each rank's are partial:
+  // its rows only), through a zeroed scratch so that accumulation over micro-batches adds each
+  // micro-batch's sum once.
+  void ln_backward(const DeviceTensor<C>& x, std::size_t weight, std::size_t bias, const DeviceTensor<float>& mean,
+                   const DeviceTensor<float>& rstd, bool accumulate) {
+    if (!sp_) {
+      ops::layer_norm_backward<C>(stream_, dln_, x, wv(weight), mean, rstd, dres_, gv(weight), gv(bias), ws_, accumulate);
+      return;
+    }
+    const std::int64_t D = config_.d_model;
+    sp_grad_.fill_zero(stream_);
+    const DeviceView<float> dw(sp_grad_.data(), Shape{D}), db(sp_grad_.data() + D, Shape{D});
+    ops::layer_norm_backward<C>(stream_, dln_, x, wv(weight), mean, rstd, dres_, dw, db, ws_, accumulate);
+    tp_->all_reduce(sp_grad_.view(), ReduceOp::sum);
+    ops::add_into(stream_, dw, gv(weight));
+    ops::add_into(stream_, db, gv(bias));
   }
   // The input gradient of a column-parallel product into dln_ (N, D): the product `s` of dy and
   // the weight's shard, summed over tp (Megatron's f backward: an all-reduce, of fp32 partial
   // sums under bf16).
   void column_input_grad(const GemmShape& s, const C* dy, std::size_t weight) {
+    if (sp_) {  // this rank's rows of the sum (the backward of sequence parallelism's all-gather)
+      blas_.gemm(stream_, s, dy, static_cast<const C*>(w(weight)), partial_.data(), 1.f, 0.f);
+      if constexpr (std::is_same_v<C, float>) {
+        tp_->reduce_scatter(partial_, dln_, ReduceOp::sum);
+      } else {
+        tp_->reduce_scatter(partial_, local_f_, ReduceOp::sum);
+        ops::convert_from_f32<C>(stream_, local_f_, dln_);
+      }
+      return;
+    }
     if constexpr (std::is_same_v<C, float>) {
       gemm(s, dy, w(weight), dln_.data());
       if (tp_size_ > 1) tp_->all_reduce(dln_.view(), ReduceOp::sum);
@@ -516,6 +585,14 @@ class DeviceGPT {
       ops::convert_from_f32<C>(stream_, partial_, x);
     }
   }
+  // LayerNorm forward of this rank's rows into `full` (N, D): under sequence parallelism the
+  // rows normalized here, then every rank's gathered; otherwise all of them here.
+  void layer_norm_gathered(const DeviceTensor<C>& x, std::size_t weight, std::size_t bias, const DeviceTensor<C>& full,
+                           const DeviceTensor<float>& mean, const DeviceTensor<float>& rstd) {
+    if (!sp_) return ops::layer_norm_forward<C>(stream_, x, wv(weight), wv(bias), full, mean, rstd);
+    ops::layer_norm_forward<C>(stream_, x, wv(weight), wv(bias), ln_local_, mean, rstd);
+    gather_rows(ln_local_, full);
+  }
   void copy(const DeviceTensor<C>& from, const DeviceTensor<C>& to) {
     detail::check(cudaMemcpyAsync(to.data(), from.data(), from.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
                   "cudaMemcpyAsync", "DeviceGPT residual copy of ", from.numel(), " elements");
@@ -533,38 +610,51 @@ class DeviceGPT {
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     // Embedding: wte[tokens] + wpe[t]; under tp each rank looks up the tokens of its vocabulary
     // rows (zeros for the others') and the lookups are summed.
-    if (tp_size_ > 1) {
+    // Under sequence parallelism the sum is reduce-scattered: this rank keeps its rows.
+    if (sp_) {
+      ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
+      ops::embedding_forward<C>(stream_, local_ids_, wv(0), dres_full_, false);
+      if constexpr (std::is_same_v<C, float>) {
+        tp_->reduce_scatter(dres_full_, acts_[0].x_in, ReduceOp::sum);
+      } else {
+        ops::convert_to_f32<C>(stream_, dres_full_, partial_);
+        tp_->reduce_scatter(partial_, local_f_, ReduceOp::sum);
+        ops::convert_from_f32<C>(stream_, local_f_, acts_[0].x_in);
+      }
+    } else if (tp_size_ > 1) {
       ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
       ops::embedding_forward<C>(stream_, local_ids_, wv(0), acts_[0].x_in, false);
       sum_over_tp(acts_[0].x_in);
     } else {
       ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
     }
-    ops::embedding_forward<C>(stream_, positions_, wv(1), acts_[0].x_in, true);
+    ops::embedding_forward<C>(stream_, positions_local_, wv(1), acts_[0].x_in, true);
     // Embedding dropout with the CPU layer's masks (identity in evaluation or at p = 0).
     mask_ = ops::DropoutMask{};
     if (at.training && drop_.p() > 0) {
+      // The mask's element index is global: this rank's rows start tp_rank x N / tp rows in.
+      const std::int64_t first_local = sp_ ? tp_rank_ * (N / tp_size_) : 0;
       mask_ = ops::DropoutMask{drop_.mask_key(at), drop_.keep_threshold(), static_cast<float>(1.0 / (1.0 - drop_.p())),
-                               static_cast<std::uint64_t>(at.first_row * T * D)};
+                               static_cast<std::uint64_t>((at.first_row * T + first_local) * D)};
       ops::dropout_apply<C>(stream_, acts_[0].x_in, mask_);
     }
     for (std::int64_t l = 0; l < config_.n_layer; ++l) {
       LayerActs& a = acts_[static_cast<std::size_t>(l)];
       LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
-      ops::layer_norm_forward<C>(stream_, a.x_in, wv(p.ln1_w), wv(p.ln1_b), a.ln1, a.mean1, a.rstd1);
+      layer_norm_gathered(a.x_in, p.ln1_w, p.ln1_b, a.ln1, a.mean1, a.rstd1);
       gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
            {Epilogue::bias, w(p.qkv_b), nullptr});
       ops::attention_forward<C>(stream_, blas_, qkv_, H, a.qkvp, a.probs, heads_, a.atty.reshape(Shape{B, T, Dl}));
       row_parallel(a.atty, Dl, p.proj_w, p.proj_b, a.x_in, a.x_mid);
-      ops::layer_norm_forward<C>(stream_, a.x_mid, wv(p.ln2_w), wv(p.ln2_b), a.ln2, a.mean2, a.rstd2);
+      layer_norm_gathered(a.x_mid, p.ln2_w, p.ln2_b, a.ln2, a.mean2, a.rstd2);
       gemm({.m = N, .n = 4 * Dl, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
            {Epilogue::gelu_bias, w(p.fc_b), a.pre.data()});
       row_parallel(a.h, 4 * Dl, p.fcproj_w, p.fcproj_b, a.x_mid, next.x_in);
     }
     LayerActs& last = acts_.back();
     const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
-    ops::layer_norm_forward<C>(stream_, last.x_in, wv(lnf_w), wv(lnf_b), lnf_, last.mean1, last.rstd1);
+    layer_norm_gathered(last.x_in, lnf_w, lnf_b, lnf_, last.mean1, last.rstd1);
     // Logits = lnf wte^T (the tied head; under tp this rank's vocabulary columns), then the loss
     // and, with dloss, dlogits in place.
     gemm({.trans_b = true, .m = N, .n = vocab_rows_, .k = D}, lnf_.data(), w(0), logits_.data());
@@ -587,39 +677,44 @@ class DeviceGPT {
     // residual gradient.
     column_input_grad({.m = N, .n = D, .k = vocab_rows_}, logits_.data(), 0);
     gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
-    ops::layer_norm_backward<C>(stream_, dln_, last.x_in, wv(lnf_w), last.mean1, last.rstd1, dres_, gv(lnf_w),
-                                gv(lnf_b), ws_, false);
+    ln_backward(last.x_in, lnf_w, lnf_b, last.mean1, last.rstd1, false);
     if (hook_) hook_(flat_[lnf_w].offset);
+    // The residual stream's gradient over every row, for the row-parallel products' backward:
+    // dres itself, or under sequence parallelism every rank's rows of it gathered.
+    const DeviceTensor<C>& dres_all = sp_ ? dres_full_ : dres_;
     for (std::int64_t l = config_.n_layer - 1; l >= 0; --l) {
       LayerActs& a = acts_[static_cast<std::size_t>(l)];
       const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
       // MLP: dpre = (dres Wfcproj^T) * gelu'(pre); weight and bias gradients.
-      gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_.data(), w(p.fcproj_w), dpre_.data(), 0.f,
+      if (sp_) gather_rows(dres_, dres_full_);
+      gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_all.data(), w(p.fcproj_w), dpre_.data(), 0.f,
            {Epilogue::dgelu, nullptr, a.pre.data()});
-      gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_.data(), g(p.fcproj_w));
-      ops::bias_grad<C>(stream_, dres_, gv(p.fcproj_b), ws_);
+      gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_all.data(), g(p.fcproj_w));
+      ops::bias_grad<C>(stream_, dres_all, gv(p.fcproj_b), ws_);
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 4 * Dl}, dpre_.data(), p.fc_w);
       gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
       ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * Dl}), gv(p.fc_b), ws_);
-      ops::layer_norm_backward<C>(stream_, dln_, a.x_mid, wv(p.ln2_w), a.mean2, a.rstd2, dres_, gv(p.ln2_w),
-                                  gv(p.ln2_b), ws_, true);
+      ln_backward(a.x_mid, p.ln2_w, p.ln2_b, a.mean2, a.rstd2, true);
       // Attention: datt = dres Wproj^T; weight and bias gradients; core attention; c_attn.
-      gemm({.trans_b = true, .m = N, .n = Dl, .k = D}, dres_.data(), w(p.proj_w), datt_.data());
-      gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_.data(), g(p.proj_w));
-      ops::bias_grad<C>(stream_, dres_, gv(p.proj_b), ws_);
+      if (sp_) gather_rows(dres_, dres_full_);
+      gemm({.trans_b = true, .m = N, .n = Dl, .k = D}, dres_all.data(), w(p.proj_w), datt_.data());
+      gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_all.data(), g(p.proj_w));
+      ops::bias_grad<C>(stream_, dres_all, gv(p.proj_b), ws_);
       ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
                                  dqkvp_, dqkv_);
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 3 * Dl}, dqkv_.data(), p.qkv_w);
       gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
-      ops::layer_norm_backward<C>(stream_, dln_, a.x_in, wv(p.ln1_w), a.mean1, a.rstd1, dres_, gv(p.ln1_w),
-                                  gv(p.ln1_b), ws_, true);
+      ln_backward(a.x_in, p.ln1_w, p.ln1_b, a.mean1, a.rstd1, true);
       if (hook_) hook_(flat_[p.ln1_w].offset);
     }
     ops::dropout_apply<C>(stream_, dres_, mask_);  // the same mask on the gradient
-    // Under tp, this rank's vocabulary rows only (the others' tokens carry the id "not here").
-    ops::embedding_backward<C>(stream_, tp_size_ > 1 ? DeviceView<const std::int32_t>(local_ids_) : tokens, dres_, gv(0));
-    ops::embedding_backward<C>(stream_, positions_, dres_, gv(1));
+    // Under sequence parallelism every row's gradient is needed (this rank's vocabulary rows take
+    // every position's tokens): gathered. Under tp, this rank's vocabulary rows only (the others'
+    // tokens carry the id "not here").
+    if (sp_) gather_rows(dres_, dres_full_);
+    ops::embedding_backward<C>(stream_, tp_size_ > 1 ? DeviceView<const std::int32_t>(local_ids_) : tokens, dres_all, gv(0));
+    ops::embedding_backward<C>(stream_, positions_, dres_all, gv(1));
     if (hook_) hook_(0);
   }
 
@@ -645,7 +740,10 @@ class DeviceGPT {
   DeviceTensor<float> stats_;    // tp > 1: the vocab-parallel loss's row maxima, sums and target logits
   DeviceTensor<std::int32_t> local_ids_;  // tp > 1: the tokens as this rank's vocabulary rows (vocab_local_ids)
   std::int64_t vocab_rows_ = 0, vocab_lo_ = 0, vocab_valid_ = 0;  // this rank's (padded) rows, first id, real rows
-  DeviceTensor<std::int32_t> positions_;
+  DeviceTensor<std::int32_t> positions_, positions_local_;  // every row's position; this rank's rows' (sp)
+  bool sp_ = false;                        // sequence parallelism (tp > 1)
+  DeviceTensor<C> dres_full_, ln_local_;   // sp: every row's residual gradient (gathered); a LayerNorm's rows here
+  DeviceTensor<float> local_f_, sp_grad_;  // sp: this rank's rows in fp32; a LayerNorm's weight and bias gradients
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;
   ops::DropoutMask mask_;
