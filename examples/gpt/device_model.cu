@@ -24,9 +24,9 @@ template <class C>
 class CudaModel final : public DeviceModel {
  public:
   CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
-            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel)
+            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel, bool nccl_tp)
       : stream_(),
-        tp_comm_(tp ? std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(*tp), stream_) : nullptr),
+        tp_comm_(tp ? make_tp_comm(std::move(*tp), stream_, nccl_tp) : nullptr),
         model_(config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
@@ -97,6 +97,20 @@ class CudaModel final : public DeviceModel {
   }
 
  private:
+  // The tp group's collectives on the compute stream: NCCL when each rank has a GPU of its own
+  // (bootstrapped through `host`), else threads sharing this GPU.
+  static std::unique_ptr<tessera::cuda::DeviceComm> make_tp_comm(tessera::Comm host, const tessera::cuda::Stream& stream,
+                                                                 bool nccl) {
+    if (nccl) {
+#if defined(TESSERA_HAVE_NCCL)
+      return std::make_unique<tessera::cuda::NcclDeviceComm>(
+          tessera::nccl::make_communicator(host, tessera::cuda::current_device(), {.name = "nccl:tp"}), stream);
+#else
+      throw tessera::Error("train_gpt: this build has no NCCL: tp ranks cannot drive GPUs of their own");
+#endif
+    }
+    return std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(host), stream);
+  }
   tessera::cuda::Stream stream_;
   // Tensor parallelism: the tp group's collectives on the compute stream (before the model, which uses it).
   std::unique_ptr<tessera::cuda::DeviceComm> tp_comm_;
@@ -122,11 +136,12 @@ int visible_gpus() { return tessera::cuda::device_count(); }
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards, int device, std::optional<tessera::Comm> tp,
-                                               bool sequence_parallel) {
+                                               bool sequence_parallel, bool nccl_tp) {
   tessera::cuda::set_device(device);
   if (bf16)
-    return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp), sequence_parallel);
-  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel);
+    return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp), sequence_parallel,
+                                                            nccl_tp);
+  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel, nccl_tp);
 }
 
 }  // namespace train_gpt

@@ -65,12 +65,13 @@ int visible_gpus();
 // host communicator of their own): tensor-parallel over them, this rank holding its shard of
 // every block (tessera::cuda::DeviceGPT); forward, backward, grad_norm, download and
 // download_optimizer are then collective over tp; with `sequence_parallel` the rows are split
-// over tp between the blocks' products. Collective over tp. Throws tessera::Error
+// over tp between the blocks' products; with `nccl_tp` the tp ranks each drive a GPU of their own
+// (`device`) and their collectives go through NCCL. Collective over tp. Throws tessera::Error
 // naming the reason where there is no such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards = 1, int device = 0,
                                                std::optional<tessera::Comm> tp = std::nullopt,
-                                               bool sequence_parallel = false);
+                                               bool sequence_parallel = false, bool nccl_tp = false);
 
 }  // namespace train_gpt

@@ -12,7 +12,7 @@ int visible_gpus() { return 0; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
                                                std::uint64_t, bool, int, int, std::optional<tessera::Comm>,
-                                               bool) {
+                                               bool, bool) {
   throw tessera::Error(
       "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
       "configured); install the CUDA toolkit and configure with -Dcuda=enabled");

@@ -53,15 +53,15 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   const int tp = a.tp, dp = world.size() / tp, dp_rank = world.rank() / tp, tp_rank = world.rank() % tp;
   const int rows = a.batch / dp, r0 = dp_rank * rows;
   const bool zero1 = a.zero_stage() == ZeroStage::optimizer && dp > 1;
-  // A GPU per rank where there are enough and NCCL is built (reduced through NCCL; tp 1 only);
-  // otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
-  const bool own_gpus = dp > 1 && tp == 1 && built_with_nccl() && visible_gpus() >= dp;
+  // A GPU per rank where there are enough and NCCL is built (the dp and tp collectives through
+  // NCCL); otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
+  const bool own_gpus = dp * tp > 1 && built_with_nccl() && visible_gpus() >= dp * tp;
   // Each group's device collectives get a host communicator of their own (collective over the world).
   std::optional<Comm> tp_group;
   if (tp > 1) tp_group.emplace(world.split(dp_rank, tp_rank));
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
                                                        zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group),
-                                                       a.sequence_parallel && tp > 1);
+                                                       a.sequence_parallel && tp > 1, own_gpus);
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
