@@ -7,7 +7,9 @@
 // dp 2 x tp 2 (DeviceDataParallel on a communication stream beside the tp all-reduces) the same;
 // sequence parallelism at tp 2 and 4 and dp 2 x tp 2, with embedding dropout (the masks of this
 // rank's rows), the same; bf16 mixed precision at tp 2 (with and without sequence parallelism)
-// within bf16 round-off of the single-rank bf16 run. Needs a GPU (gpu_main.cpp skips without one).
+// within bf16 round-off of the single-rank bf16 run; and the sweep of every dp x tp layout of 2, 4
+// and 8 ranks (with and without sequence parallelism) against the single-rank run. Needs a GPU
+// (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -318,6 +320,28 @@ TEST_CASE("DeviceGPT sequence parallel: tp 2 and 4, and dp 2 x tp 2, with embedd
     check_equal(parallel<float>(d, 1, tp, true, drop_cfg), ref, 1e-5);
   }
   check_equal(parallel<float>(d, 2, 2, true, drop_cfg), ref, 1e-5);
+}
+
+TEST_CASE("DeviceGPT layout sweep on one GPU: every dp x tp of 1, 2, 4 and 8 ranks, with and without sequence parallelism, equals the single-rank run (fp32, 1e-5)") {
+  // 8 heads of 4, so that tp 8 divides them; 8 rows of 13: every dp divides the rows, and every
+  // dp x tp here divides (8 / dp) x 13 rows by tp for sequence parallelism.
+  const GPTConfig wide{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 8, .d_model = 32, .embd_pdrop = 0.1};
+  const Data d = make_data();
+  const Run ref = single<float>(d, wide);
+  int layouts = 0;
+  for (int world : {2, 4, 8})
+    for (int tp = 1; tp <= world; tp *= 2) {
+      const int dp = world / tp;
+      for (bool sp : {false, true}) {
+        if (sp && tp == 1) continue;
+        CAPTURE(dp);
+        CAPTURE(tp);
+        CAPTURE(sp);
+        check_equal(parallel<float>(d, dp, tp, sp, wide), ref, 1e-5);
+        ++layouts;
+      }
+    }
+  CHECK(layouts == 3 + 2 * (1 + 2 + 3));  // dp-only at 2, 4, 8; tp > 1 with and without sp: 1 + 2 + 3
 }
 
 TEST_CASE("DeviceGPT tensor parallel bf16: tp 2, with and without sequence parallelism, within bf16 round-off of the single-rank bf16 run") {
