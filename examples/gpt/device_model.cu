@@ -70,7 +70,7 @@ class CudaModel final : public DeviceModel {
     return p.name;
   }
   void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
-                            bool nccl) override {
+                            bool nccl, bool overlap) override {
     if (shard_optimizer) model_.shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
     if (nccl) {
@@ -87,7 +87,7 @@ class CudaModel final : public DeviceModel {
     ddp_ = std::make_unique<tessera::cuda::DeviceDataParallel>(
         *comm_, stream_, model_.gradient_view(),
         tessera::cuda::device_grad_buckets(model_.numel(), model_.ready_offsets(), bucket_elements));
-    model_.set_backward_hook([this](std::int64_t offset) { ddp_->gradients_final_from(offset); });
+    if (overlap) model_.set_backward_hook([this](std::int64_t offset) { ddp_->gradients_final_from(offset); });
   }
   void set_sync(bool sync) override {
     if (ddp_) ddp_->set_sync(sync);

@@ -43,8 +43,9 @@ class DeviceModel {
   // steps those weights and gathers the others' (the model made with shards = dp). Collective
   // over dp. With `nccl` the ranks each drive a GPU of their own and reduce through NCCL (the
   // model made on device dp.rank()); otherwise they share this GPU (threads of one process).
+  // Without `overlap` the buckets are reduced after backward (finish_gradients), not during it.
   virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
-                                    bool nccl) = 0;
+                                    bool nccl, bool overlap = true) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
   virtual void set_sync(bool sync) = 0;
   // After a step's last forward_backward, before grad_norm and step: the reductions ordered

@@ -1,8 +1,10 @@
 #pragma once
-// --device cuda: train_gpt's loop on one CUDA device, at dp N x tp M as threads sharing it (pp = 1):
-// each dp rank's DeviceGPTs train on its rows of the batch and their gradients are all-reduced on
-// a communication stream while backward runs (DeviceDataParallel over ThreadDeviceComm); the tp
-// ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism). The model
+// --device cuda: train_gpt's loop on CUDA devices, at dp N x tp M (pp = 1) as threads: each on a GPU
+// of its own through NCCL where the process sees N x M GPUs, else all sharing GPU 0
+// (ThreadDeviceComm). Each dp rank's DeviceGPTs train on its rows of the batch and their gradients
+// are all-reduced on a communication stream while backward runs (DeviceDataParallel; after backward
+// when both dp and tp go through NCCL, so that two NCCL communicators never run at once on a GPU);
+// the tp ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism). The model
 // trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same
 // safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
@@ -66,7 +68,12 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
   // communicator of their own.
-  if (dp > 1) dev->attach_data_parallel(world.split(tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus);
+  // With tp through NCCL too, the dp reduction waits for the end of backward: NCCL kernels of two
+  // communicators running at once on a GPU can deadlock (NCCL's user guide, "Using multiple NCCL
+  // communicators concurrently"), as the tp collectives inside backward would with dp buckets.
+  if (dp > 1)
+    dev->attach_data_parallel(world.split(tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus,
+                              /*overlap=*/!(own_gpus && tp > 1));
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)

@@ -48,16 +48,16 @@ struct Data {
   std::vector<Tensor<std::int32_t>> x, y;
 };
 
-Data make_data() {
+Data make_data(std::int64_t vocab = tp_cfg.vocab_size) {
   std::mt19937 rng(33);
   Data d;
   for (int s = 0; s < kSteps; ++s) {
     Tensor<std::int32_t> x(Shape{kRows, kT}), y(Shape{kRows, kT});
     for (std::int64_t i = 0; i < kRows; ++i)
       for (std::int64_t t = 0; t < kT; ++t) {
-        const auto cur = static_cast<std::int32_t>(rng() % tp_cfg.vocab_size);
+        const auto cur = static_cast<std::int32_t>(rng() % vocab);
         x(i, t) = cur;
-        y(i, t) = static_cast<std::int32_t>((cur * 7 + 3) % tp_cfg.vocab_size);
+        y(i, t) = static_cast<std::int32_t>((cur * 7 + 3) % vocab);
       }
     d.x.push_back(x);
     d.y.push_back(y);
@@ -133,9 +133,10 @@ Run single(const Data& d, const GPTConfig& cfg = tp_cfg) {
 
 // dp x tp ranks as threads on one GPU: world rank = dp rank x tp + tp rank; the tp group's
 // ThreadDeviceComm on the compute stream, the dp group's on a communication stream; `sp`:
-// sequence parallelism.
+// sequence parallelism; `micro` micro-batches per step (gradients accumulated, reduced over dp
+// with the last).
 template <class C>
-std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const GPTConfig& cfg = tp_cfg) {
+std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const GPTConfig& cfg = tp_cfg, int micro = 1) {
   return threads::run(dp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
@@ -153,14 +154,18 @@ std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const 
       ddp.emplace(*dp_comm, compute, m.gradient_view(), tc::device_grad_buckets(m.numel(), m.ready_offsets(), 4000));
       m.set_backward_hook([&](std::int64_t offset) { ddp->gradients_final_from(offset); });
     }
-    const std::int64_t rows = kRows / dp, lo = dp_rank * rows;
+    const std::int64_t rows = kRows / dp / micro;
     Run r;
     for (int s = 0; s < kSteps; ++s) {
       m.zero_grad();
-      auto x = tc::to_device<std::int32_t>(rows_of(d.x[static_cast<std::size_t>(s)], lo, lo + rows), compute);
-      auto y = tc::to_device<std::int32_t>(rows_of(d.y[static_cast<std::size_t>(s)], lo, lo + rows), compute);
-      m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT),
-                         BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = lo});
+      for (int k = 0; k < micro; ++k) {
+        const std::int64_t lo = (dp_rank * micro + k) * rows;
+        auto x = tc::to_device<std::int32_t>(rows_of(d.x[static_cast<std::size_t>(s)], lo, lo + rows), compute);
+        auto y = tc::to_device<std::int32_t>(rows_of(d.y[static_cast<std::size_t>(s)], lo, lo + rows), compute);
+        if (ddp) ddp->set_sync(k == micro - 1);
+        m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT),
+                           BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = lo});
+      }
       if (ddp) ddp->finish();
       const double norm = m.grad_norm();
       if (s == 0) r.first_norm = norm;
@@ -206,15 +211,21 @@ void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {
 
 }  // namespace
 
-TEST_CASE("ops::vocab_parallel_cross_entropy over 1-3 ranks equals softmax_cross_entropy: losses, gradient columns, padding, an ignored row") {
-  constexpr std::int64_t rows = 5, V = 67;
+TEST_CASE("ops::vocab_parallel_cross_entropy over 1-4 ranks equals softmax_cross_entropy: losses, gradient columns, padding, an ignored row, a rank with no real columns") {
+  // (V, tp): 67 over 1, 2, 3 (padded); 5 over 4 (2 columns a rank: the last holds none).
+  for (const auto& case_ : std::vector<std::pair<std::int64_t, int>>{{67, 1}, {67, 2}, {67, 3}, {5, 4}}) {
+  const std::int64_t V = case_.first;
+  const int tp = case_.second;
+  CAPTURE(V);
+  CAPTURE(tp);
+  constexpr std::int64_t rows = 5;
   std::mt19937 rng(4);
   std::normal_distribution<float> nd(0.f, 3.f);
   Tensor<float> logits(Shape{rows, V});
   for (std::int64_t i = 0; i < logits.numel(); ++i) logits.data()[i] = nd(rng);
   Tensor<std::int32_t> targets(Shape{rows});
   for (std::int64_t r = 0; r < rows; ++r) targets(r) = static_cast<std::int32_t>(rng() % V);
-  targets(1) = 66;    // the last rank's last real column
+  targets(1) = static_cast<std::int32_t>(V - 1);  // the last real column
   targets(2) = -100;  // ignored: no loss, no gradient
   const float dloss = 0.25f;
   tc::set_device(0);
@@ -225,8 +236,7 @@ TEST_CASE("ops::vocab_parallel_cross_entropy over 1-3 ranks equals softmax_cross
   tc::ops::softmax_cross_entropy<float>(s, ref_logits, V, tgt, ref_losses, &dloss);
   const Tensor<float> want_loss = tc::to_host(ref_losses, s), want_grad = tc::to_host(ref_logits, s);
   CHECK(want_loss(2) == 0.f);
-  for (int tp : {1, 2, 3}) {
-    CAPTURE(tp);
+  {
     threads::run(tp, [&](Comm& world) {
       tc::set_device(0);
       const tc::Stream st;
@@ -249,6 +259,7 @@ TEST_CASE("ops::vocab_parallel_cross_entropy over 1-3 ranks equals softmax_cross
       }
       return 0;
     });
+  }
   }
 }
 
@@ -322,11 +333,20 @@ TEST_CASE("DeviceGPT sequence parallel: tp 2 and 4, and dp 2 x tp 2, with embedd
   check_equal(parallel<float>(d, 2, 2, true, drop_cfg), ref, 1e-5);
 }
 
+TEST_CASE("DeviceGPT sequence parallel with 2 micro-batches per step (accumulation): each micro-batch's LayerNorm gradients summed over tp once, fp32 within 1e-5") {
+  const Data d = make_data();
+  const Run ref = single<float>(d, drop_cfg);
+  check_equal(parallel<float>(d, 1, 2, true, drop_cfg, 2), ref, 1e-5);
+  check_equal(parallel<float>(d, 2, 2, true, drop_cfg, 2), ref, 1e-5);
+  check_equal(parallel<float>(d, 1, 4, false, drop_cfg, 2), ref, 1e-5);
+}
+
 TEST_CASE("DeviceGPT layout sweep on one GPU: every dp x tp of 1, 2, 4 and 8 ranks, with and without sequence parallelism, equals the single-rank run (fp32, 1e-5)") {
   // 8 heads of 4, so that tp 8 divides them; 8 rows of 13: every dp divides the rows, and every
-  // dp x tp here divides (8 / dp) x 13 rows by tp for sequence parallelism.
-  const GPTConfig wide{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 8, .d_model = 32, .embd_pdrop = 0.1};
-  const Data d = make_data();
+  // dp x tp here divides (8 / dp) x 13 rows by tp for sequence parallelism. A vocabulary of 64:
+  // every tp divides it (the unpadded split; the other cases pad 67).
+  const GPTConfig wide{.vocab_size = 64, .n_positions = 16, .n_layer = 2, .n_head = 8, .d_model = 32, .embd_pdrop = 0.1};
+  const Data d = make_data(wide.vocab_size);
   const Run ref = single<float>(d, wide);
   int layouts = 0;
   for (int world : {2, 4, 8})

@@ -18,7 +18,7 @@
 /// token embedding, tied to the head, is split by vocabulary rows as the CPU's
 /// VocabParallelEmbedding (each rank looks up its own tokens, zero rows for the others', and one
 /// all-reduce sums them), its logits are this rank's vocabulary columns, and the loss is
-/// vocab-parallel (ops::vocab_parallel_cross_entropy: three all-reduces of one float per token);
+/// vocab-parallel (ops::vocab_parallel_cross_entropy: two all-reduces, of one and two floats per token);
 /// the LayerNorms and the position embedding are replicated. With sequence parallelism
 /// (Korthikanti et al. 2022) each tp rank keeps the residual stream, the LayerNorms, dropout and
 /// their statistics for its 1/tp of the rows only: an all-gather before each column-parallel

@@ -6,8 +6,8 @@
 /// rows [lo, lo + valid) (rows x ld, the columns past `valid` padding); the row maxima are
 /// all-reduced (max), then the sums of exp(logit - max) and the target's logit (held by one
 /// rank, 0 on the others) are all-reduced (sum), so every rank has each row's loss, logsumexp -
-/// logit[target], and overwrites its logits with its columns of (softmax - onehot) * dloss. Three
-/// small all-reduces of rows floats each instead of gathering rows x V logits. fp32 arithmetic
+/// logit[target], and overwrites its logits with its columns of (softmax - onehot) * dloss. Two
+/// small all-reduces (rows floats, then 2 x rows) instead of gathering rows x V logits. fp32 arithmetic
 /// over float or bf16 logits. CUDA code.
 
 #include <cuda_runtime.h>
@@ -79,7 +79,7 @@ __global__ void vocab_loss_grad(T* logits, const std::int32_t* targets, int lo, 
 /// global ids in [0, V) or ignore_index, checked on the host by the caller): losses[r] (the same
 /// on every rank; 0 for ignore_index) and, with `dloss` given (the loss's gradient per row), the
 /// logits overwritten by this rank's columns of the gradient. `stats`: 3 x rows floats of
-/// scratch. Collective over `tp` (three all-reduces, stream-ordered on tp.stream(), which must
+/// scratch. Collective over `tp` (two all-reduces, stream-ordered on tp.stream(), which must
 /// be `s`). Throws tessera::Error naming the shapes when they disagree.
 template <class T>
 void vocab_parallel_cross_entropy(const Stream& s, DeviceComm& tp, DeviceView<T> logits, std::int64_t lo,
