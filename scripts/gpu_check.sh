@@ -174,7 +174,7 @@ for n in 2 4; do
 done
 
 say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 20 steps"
-for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2" "--tp 2 --sequence-parallel"; do
+for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --sequence-parallel"; do
   v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 $layout --verify --data "$RUN/data/kjv.txt" --steps 20 \
       --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
   echo "$v" | tail -n 3

@@ -45,7 +45,7 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   done
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
-  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel"; do
+  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2"; do
     out=$(timeout 180 "$exe" --device cuda $layout --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
           --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/tp" 2>&1); rc=$?
     echo "$out" | tail -n 3
