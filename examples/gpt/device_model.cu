@@ -40,6 +40,10 @@ class CudaModel final : public DeviceModel {
   }
   double take_loss_sum() override { return model_.take_loss_sum(); }
   double grad_norm() override { return model_.grad_norm(); }
+  std::string nonfinite_gradient() const override {
+    const auto bad = model_.first_nonfinite_gradient();
+    return bad ? bad->first + " (element " + std::to_string(bad->second) + ")" : std::string();
+  }
   void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) override {
     model_.step(options, lr, grad_scale);
     if (model_.sharded()) {  // ZeRO-1: every rank updated its shard; gather them all

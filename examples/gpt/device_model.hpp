@@ -29,6 +29,9 @@ class DeviceModel {
   virtual void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) = 0;
   virtual double take_loss_sum() = 0;  // summed token losses since the last call
   virtual double grad_norm() = 0;
+  // "" when every gradient is finite; else the first parameter whose gradient is not, as
+  // "NAME (element K)" (blocks; for error messages).
+  virtual std::string nonfinite_gradient() const = 0;
   virtual void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) = 0;
   virtual void download(const tessera::ParameterList<float>& params) const = 0;
   virtual void upload_optimizer(const tessera::optim::AdamW<float>& opt) = 0;

@@ -117,8 +117,16 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       const float scale = a.clip > 0 && norm > a.clip ? static_cast<float>(a.clip / (norm + 1e-6)) : 1.f;
       dev->step(adamw, lr(step), scale);
     } else {
-      TESSERA_EXPECTS(a.on_nonfinite == "skip", "train_gpt: step ", step, ": the loss (", loss,
-                      ") or the gradient norm (", norm, ") is not finite on the device; --on-nonfinite skip skips such steps");
+      if (a.on_nonfinite != "skip") {
+        const std::string bad = dev->nonfinite_gradient();
+        throw Error(detail::str("train_gpt: step ", step, ": the loss (", loss, ") or the gradient norm (", norm,
+                                ") is not finite on the device; ",
+                                bad.empty() ? std::string("every gradient of world rank ") + std::to_string(world.rank()) +
+                                                  " is finite"
+                                            : "the first non-finite gradient of world rank " +
+                                                  std::to_string(world.rank()) + ": " + bad,
+                                "; --on-nonfinite skip skips such steps"));
+      }
       ++skipped;
       if (lead)
         std::printf("step %4d  skipped (%lld so far): loss %g, gradient norm %g\n", step,

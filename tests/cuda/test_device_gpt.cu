@@ -6,6 +6,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -193,4 +195,32 @@ TEST_CASE("DeviceGPT with embedding dropout 0.2 draws the CPU GPT's masks: 20 st
     INFO("step " << s << ": cpu " << ref << ", device " << got);
     CHECK(std::abs(got - ref) <= 1e-4 * std::abs(ref));
   }
+}
+
+TEST_CASE("DeviceGPT names the first parameter whose gradient is not finite, and the element") {
+  static tc::Stream stream;
+  GPT<float> gpt(cfg, 5);
+  tc::DeviceGPT<float> dev(cfg, gpt.parameters(), stream);
+  const std::vector<Batch> data = batches(1, B, T, cfg.vocab_size);
+  auto x = tc::to_device<std::int32_t>(data[0].x, stream), y = tc::to_device<std::int32_t>(data[0].y, stream);
+  dev.forward_backward(x, y, 1.f / static_cast<float>(B * T));
+  CHECK(!dev.first_nonfinite_gradient().has_value());
+  // A NaN in element 5 of h.1.mlp.c_fc.bias and an infinity later (ln_f.weight): the first is named.
+  const auto& flat = dev.flat_parameters();
+  auto at = [&](const std::string& name) {
+    for (const tc::FlatParameter& f : flat)
+      if (f.name == name) return f.offset;
+    FAIL("no parameter " << name);
+    return std::int64_t{0};
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  tc::detail::check(cudaMemcpy(dev.gradient_view().data + at("h.1.mlp.c_fc.bias") + 5, &nan, sizeof(float),
+                               cudaMemcpyHostToDevice), "cudaMemcpy", "test");
+  tc::detail::check(cudaMemcpy(dev.gradient_view().data + at("ln_f.weight"), &inf, sizeof(float), cudaMemcpyHostToDevice),
+                    "cudaMemcpy", "test");
+  const auto bad = dev.first_nonfinite_gradient();
+  REQUIRE(bad.has_value());
+  CHECK(bad->first == "h.1.mlp.c_fc.bias");
+  CHECK(bad->second == 5);
+  CHECK(!std::isfinite(dev.grad_norm()));
 }

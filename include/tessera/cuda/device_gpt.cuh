@@ -32,7 +32,9 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -229,6 +231,18 @@ class DeviceGPT {
       ops::global_sum_of_squares(stream_, grad_, norm_out_, norm_ws_);
     }
     return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
+  }
+
+  /// The first parameter (in flat_parameters() order) whose gradient holds a NaN or an infinity,
+  /// and that element's index in it (in this rank's shard under tp); nullopt when every gradient
+  /// is finite. Copies the gradients to the host (blocks until the stream is done): for the
+  /// error that names it when a step's norm is not finite.
+  std::optional<std::pair<std::string, std::int64_t>> first_nonfinite_gradient() const {
+    const Tensor<float> host = to_host(grad_, stream_);
+    for (const FlatParameter& f : flat_)
+      for (std::int64_t i = 0; i < f.shape.numel(); ++i)
+        if (!std::isfinite(host.data()[f.offset + i])) return std::pair{f.name, i};
+    return std::nullopt;
   }
 
   /// One AdamW step of every parameter in one launch, with `options` (lr as given; weight decay
