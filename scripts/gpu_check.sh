@@ -90,10 +90,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 say "1. tests: CUDA device layers (host checks, kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT)"
 timeout 60 "$BIN/cuda_host_test" --no-colors | tail -n 3 || fail "cuda_host_test"
-out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors 2>&1); rc=$?
+out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors --test-suite-exclude="device tensor parallel" 2>&1); rc=$?
 echo "$out" | grep -vE '^\s*$' | tail -n 40
 if [[ $rc == 77 ]]; then fail "cuda_gpu_test skipped: CUDA sees no device"; elif [[ $rc != 0 ]]; then fail "cuda_gpu_test (exit $rc)"; fi
 row "cuda_gpu_test" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
+say "1a. tests: DeviceGPT tensor parallelism on one GPU (threads): vocab-parallel ops, tp, SP, dp x tp sweep"
+out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device tensor parallel" 2>&1); rc=$?
+echo "$out" | grep -vE '^\s*$' | tail -n 40
+[[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device tensor parallel' (exit $rc)"
+row "cuda_gpu_test, device tensor parallel" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
 say "1b. tests: NCCL"
 timeout 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
 timeout 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
@@ -173,13 +178,14 @@ for n in 2 4; do
   [[ $rc == 0 ]] || fail "train_gpt --device cuda --dp $n --verify (exit $rc)"
 done
 
-say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 20 steps"
+say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
 for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --sequence-parallel"; do
-  v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 $layout --verify --data "$RUN/data/kjv.txt" --steps 20 \
-      --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
+  # 10 steps under 90 s each: a hang here must not use up the device time of the sections after it.
+  v=$(timeout 90 "$BIN/train_gpt" --device cuda --dtype fp32 $layout --verify --data "$RUN/data/kjv.txt" --steps 10 \
+      --sample-len 0 --val-every 0 --log-every 5 2>&1); rc=$?
   echo "$v" | tail -n 3
   tokn=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
-  row "train_gpt --device cuda $layout --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
+  row "train_gpt --device cuda $layout --verify (fp32, 10 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
   row "step time ($layout) / dp 1 on one GPU" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
   [[ $rc == 0 ]] || fail "train_gpt --device cuda $layout --verify (exit $rc)"
 done

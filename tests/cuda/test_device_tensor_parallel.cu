@@ -34,6 +34,10 @@
 using namespace tessera;
 namespace tc = tessera::cuda;
 
+// A suite of its own, so that scripts/gpu_check.sh can run these (new, first run on a GPU) after
+// the rest, each group under its own timeout.
+TEST_SUITE_BEGIN("device tensor parallel");
+
 namespace {
 
 // 4 heads of 8: tp 2 and 4 divide them; T 13 is not a multiple of any tile.
@@ -412,3 +416,5 @@ TEST_CASE("DeviceGPT tensor parallel: tp that does not divide n_head, a tp group
     return 0;
   });
 }
+
+TEST_SUITE_END();
