@@ -278,11 +278,16 @@ int main(int argc, char** argv) {
     if (a.device == "cuda") {
       // One GPU: dp x tp ranks as threads sharing it (ThreadDeviceComm); pp on device memory,
       // and NCCL across processes, are the rest of "GPU execution, part 2".
-      TESSERA_EXPECTS(a.pp == 1, "train_gpt: --device cuda trains at --dp N --tp M on one GPU (threads sharing "
-                      "it): --pp ", a.pp, "; pipeline parallelism on GPUs is not built yet (drop --pp)");
+      TESSERA_EXPECTS(a.pp == 1, "train_gpt: --device cuda trains at --dp N --tp M (threads, one GPU each or "
+                      "sharing GPU 0): --pp ", a.pp, "; pipeline parallelism on GPUs is not built yet (drop --pp)");
+      for (const char* flag : {"--schedule", "--recompute", "--virtual-stages", "--microbatches", "--zero3-unit",
+                               "--memory-report", "--outer-lr", "--outer-momentum", "--freeze-variance", "--inject-fault"})
+        TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not used on the device (--device cuda trains "
+                        "without pipeline schedules, recomputation, ZeRO-3, memory reports, DiLoCo or fault "
+                        "injection); drop it");
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");
-      TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its dp ranks as threads sharing GPU 0; "
+      TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its ranks as threads of one process; "
                       "--backend mpi (NCCL across processes) is not wired into train_gpt yet");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
@@ -294,6 +299,14 @@ int main(int argc, char** argv) {
       a.pp = 1;
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).
       if (app.count("--dp") == 0) a.dp = 1;
+      // ThreadDeviceComm joins at most 64 ranks; and no thread starts (nor loads the data) where
+      // there is no device.
+      TESSERA_EXPECTS(a.dp * a.tp <= 64, "train_gpt: --device cuda runs dp x tp = ", a.dp, " x ", a.tp, " = ",
+                      a.dp * a.tp, " ranks as threads; at most 64");
+      if (built_with_cuda()) {
+        const std::string why = no_device_reason();
+        TESSERA_EXPECTS(why.empty(), "train_gpt: no CUDA device: ", why);
+      }
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }

@@ -114,7 +114,7 @@ struct Args {
 // The command line, with each flag's range.
 inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--data", a.data, "text file to train on");
-  app.add_option("--dp", a.dp, "data-parallel ranks")->check(CLI::Range(1, 64));
+  app.add_option("--dp", a.dp, "data-parallel ranks (with --device cuda: default 1)")->check(CLI::Range(1, 64));
   app.add_option("--tp", a.tp, "tensor-parallel ranks (divides --heads)")->check(CLI::Range(1, 64));
   app.add_option("--pp", a.pp, "pipeline stages (ranks)")->check(CLI::Range(1, 64));
   app.add_option("--schedule", a.schedule, "pipeline schedule (zb-h1: zero-bubble H1, backward split into input and weight gradients)")
@@ -158,7 +158,7 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
   app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
   app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay (not on biases and LayerNorm weights)");
-  app.add_option("--device", a.device, "cpu (the ranks as threads or processes) or cuda (one GPU: one rank, or with --dp N --tp M, N x M ranks as threads sharing it; pp = 1)")
+  app.add_option("--device", a.device, "cpu (the ranks as threads or processes) or cuda (one rank on GPU 0; --dp N --tp M: N x M ranks as threads, a GPU each through NCCL where there are enough, else sharing GPU 0; pp = 1)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--dtype", a.dtype, "with --device cuda: fp32 (TF32 off) or bf16 (mixed precision, fp32 master weights)")
       ->check(CLI::IsMember({"fp32", "bf16"}));

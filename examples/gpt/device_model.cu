@@ -136,6 +136,7 @@ bool built_with_nccl() {
 #endif
 }
 int visible_gpus() { return tessera::cuda::device_count(); }
+std::string no_device_reason() { return visible_gpus() > 0 ? std::string() : tessera::cuda::no_device_reason(); }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,

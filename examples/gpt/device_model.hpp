@@ -62,6 +62,8 @@ bool built_with_cuda();
 bool built_with_nccl();
 // CUDA devices this process sees (0 without a device or a CUDA build; never throws).
 int visible_gpus();
+// Why this process sees no CUDA device (the runtime's words), or "" when it sees one.
+std::string no_device_reason();
 
 // A model on CUDA device `device` (made current on the calling thread) holding `params` (the
 // CPU GPT's, in its order, made from `seed`), bf16 mixed precision or fp32, its flat buffers

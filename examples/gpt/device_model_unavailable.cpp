@@ -9,6 +9,7 @@ namespace train_gpt {
 bool built_with_cuda() { return false; }
 bool built_with_nccl() { return false; }
 int visible_gpus() { return 0; }
+std::string no_device_reason() { return "this build has no CUDA device layers"; }
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
                                                std::uint64_t, bool, int, int, std::optional<tessera::Comm>,

@@ -21,8 +21,11 @@ expect() {  # exit code, message fragment, args...
     echo "ok: train_gpt $* -> exit $rc: $(echo "$out" | head -n 1)"
   fi
 }
-expect 2 "--device cuda trains at --dp N --tp M on one GPU (threads sharing it): --pp 2" --device cuda --dp 2 --pp 2 --steps 2
+expect 2 "--device cuda trains at --dp N --tp M (threads, one GPU each or sharing GPU 0): --pp 2" --device cuda --dp 2 --pp 2 --steps 2
 expect 2 "--tp 3 does not divide --heads 4" --device cuda --tp 3 --heads 4 --steps 2
+expect 2 "dp x tp = 16 x 8 = 128 ranks as threads; at most 64" --device cuda --dp 16 --tp 8 --heads 8 --batch 64 --steps 2
+expect 2 "--recompute is not used on the device" --device cuda --recompute full --steps 2
+expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
 expect 2 "--backend mpi (NCCL across processes) is not wired" --device cuda --dp 2 --backend mpi --steps 2
 expect 2 "--zero 2/3 are not built on the device yet (--zero 1 is)" --device cuda --dp 2 --zero 2 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
