@@ -167,28 +167,31 @@ row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o '
 [[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
 tok1=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
 
-say "3c. train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps"
-for n in 2 4; do
-  v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 --dp "$n" --verify --data "$RUN/data/kjv.txt" --steps 20 \
-      --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
+# A layout's --verify run against the serial CPU run, and its step time over 3b's dp 1:
+# verify_layout STEPS TIMEOUT TARGET LAYOUT-FLAGS... (a hang must not use up the device time of
+# the sections after it: each run has its own timeout).
+verify_layout() {
+  local steps=$1 limit=$2 target=$3; shift 3
+  local v rc tokn
+  v=$(timeout "$limit" "$BIN/train_gpt" --device cuda --dtype fp32 "$@" --verify --data "$RUN/data/kjv.txt" \
+      --steps "$steps" --sample-len 0 --val-every 0 --log-every 5 2>&1); rc=$?
   echo "$v" | tail -n 3
   tokn=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
-  row "train_gpt --device cuda --dp $n --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
-  row "step time dp $n / dp 1 on one GPU (target dp 2 <= 1.15)" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
-  [[ $rc == 0 ]] || fail "train_gpt --device cuda --dp $n --verify (exit $rc)"
-done
+  row "train_gpt --device cuda $* --verify (fp32, $steps steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
+  row "step time ($*) / dp 1 on one GPU$target" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
+  [[ $rc == 0 ]] || fail "train_gpt --device cuda $* --verify (exit $rc)"
+}
+
+say "3c. train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps"
+verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
+verify_layout 20 240 "" --dp 4
 
 say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
-for layout in "--tp 2" "--tp 4" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --sequence-parallel"; do
-  # 10 steps under 90 s each: a hang here must not use up the device time of the sections after it.
-  v=$(timeout 90 "$BIN/train_gpt" --device cuda --dtype fp32 $layout --verify --data "$RUN/data/kjv.txt" --steps 10 \
-      --sample-len 0 --val-every 0 --log-every 5 2>&1); rc=$?
-  echo "$v" | tail -n 3
-  tokn=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
-  row "train_gpt --device cuda $layout --verify (fp32, 10 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
-  row "step time ($layout) / dp 1 on one GPU" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
-  [[ $rc == 0 ]] || fail "train_gpt --device cuda $layout --verify (exit $rc)"
-done
+verify_layout 10 90 "" --tp 2
+verify_layout 10 90 "" --tp 4
+verify_layout 10 90 "" --dp 2 --tp 2
+verify_layout 10 90 "" --tp 2 --sequence-parallel
+verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
 
 say "4. checkpoints across devices"
 ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }

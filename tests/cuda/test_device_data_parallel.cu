@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "tessera/comm/thread/thread_communicator.hpp"
@@ -18,6 +19,7 @@
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/models/gpt.hpp"
+#include "tessera/testing/compare.hpp"
 
 using namespace tessera;
 namespace tc = tessera::cuda;
@@ -140,14 +142,10 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
   });
 }
 
+// Norm-wise relative difference (testing::norm_rel_error: +infinity on a NaN, which fails every
+// comparison below).
 double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double d = 0, n = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    d += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    n += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(d / n);  // NaN fails every comparison below
+  return testing::norm_rel_error(std::span<const float>(a), std::span<const float>(b));
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "tessera/comm/thread/thread_communicator.hpp"
@@ -29,6 +30,7 @@
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/models/gpt.hpp"
+#include "tessera/testing/compare.hpp"
 #include "tessera/optim/adamw.hpp"
 
 using namespace tessera;
@@ -183,14 +185,10 @@ std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const 
   });
 }
 
+// Norm-wise relative difference (testing::norm_rel_error: +infinity on a NaN, which fails every
+// comparison below).
 double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double d = 0, n = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    d += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    n += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(d / n);  // NaN fails every comparison below
+  return testing::norm_rel_error(std::span<const float>(a), std::span<const float>(b));
 }
 
 void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {
