@@ -276,15 +276,26 @@ int main(int argc, char** argv) {
   try {
     namespace fs = std::filesystem;
     if (a.device == "cuda") {
-      // One GPU: dp x tp ranks as threads sharing it (ThreadDeviceComm); pp on device memory,
-      // and NCCL across processes, are the rest of "GPU execution, part 2".
-      TESSERA_EXPECTS(a.pp == 1, "train_gpt: --device cuda trains at --dp N --tp M (threads, one GPU each or "
-                      "sharing GPU 0): --pp ", a.pp, "; pipeline parallelism on GPUs is not built yet (drop --pp)");
-      for (const char* flag : {"--schedule", "--recompute", "--virtual-stages", "--microbatches", "--zero3-unit",
-                               "--memory-report", "--outer-lr", "--outer-momentum", "--freeze-variance", "--inject-fault"})
+      // dp x tp x pp ranks as threads, one GPU each (NCCL) or sharing GPU 0 (ThreadDeviceComm);
+      // NCCL across processes is the rest of "GPU execution, part 2".
+      for (const char* flag : {"--recompute", "--zero3-unit", "--memory-report", "--outer-lr", "--outer-momentum",
+                               "--freeze-variance", "--inject-fault"})
         TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not used on the device (--device cuda trains "
-                        "without pipeline schedules, recomputation, ZeRO-3, memory reports, DiLoCo or fault "
-                        "injection); drop it");
+                        "without recomputation, ZeRO-3, memory reports, DiLoCo or fault injection); drop it");
+      TESSERA_EXPECTS(a.pp > 1 || (app.count("--schedule") == 0 && app.count("--microbatches") == 0 &&
+                                   app.count("--virtual-stages") == 0),
+                      "train_gpt: --schedule, --microbatches and --virtual-stages are for a pipeline (--pp 2 or more)");
+      TESSERA_EXPECTS(a.virtual_stages == 1 && (a.schedule == "1f1b" || a.schedule == "gpipe"),
+                      "train_gpt: --device cuda pipelines with --schedule 1f1b or gpipe, one stage per rank (got --schedule ",
+                      a.schedule, " --virtual-stages ", a.virtual_stages,
+                      "); interleaved and zero-bubble schedules run on the CPU");
+      if (a.pp > 1) {
+        TESSERA_EXPECTS(a.accum == 1, "train_gpt: --device cuda --pp ", a.pp, " accumulates over the pipeline's "
+                        "micro-batches; give --microbatches ", a.accum * a.num_microbatches(), " instead of --accum ",
+                        a.accum);
+        TESSERA_EXPECTS(a.pp <= a.layers + 2, "train_gpt: --pp ", a.pp, " stages, but a GPT of ", a.layers,
+                        " layers has ", a.layers + 2, " pipeline layers (embedding, blocks, head)");
+      }
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");
       TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its ranks as threads of one process; "
@@ -296,13 +307,15 @@ int main(int argc, char** argv) {
                       "is); drop them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
-      a.pp = 1;
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).
       if (app.count("--dp") == 0) a.dp = 1;
       // ThreadDeviceComm joins at most 64 ranks; and no thread starts (nor loads the data) where
       // there is no device.
-      TESSERA_EXPECTS(a.dp * a.tp <= 64, "train_gpt: --device cuda runs dp x tp = ", a.dp, " x ", a.tp, " = ",
-                      a.dp * a.tp, " ranks as threads; at most 64");
+      TESSERA_EXPECTS(a.dp * a.tp * a.pp <= 64, "train_gpt: --device cuda runs dp x tp x pp = ", a.dp, " x ", a.tp,
+                      " x ", a.pp, " = ", a.dp * a.tp * a.pp, " ranks as threads; at most 64");
+      TESSERA_EXPECTS(a.pp == 1 || a.batch % (a.dp * a.num_microbatches()) == 0, "train_gpt: --batch ", a.batch,
+                      " does not split into --dp ", a.dp, " x ", a.num_microbatches(),
+                      " micro-batches of equal size (the device pipeline's stages keep one shape)");
       if (built_with_cuda()) {
         const std::string why = no_device_reason();
         TESSERA_EXPECTS(why.empty(), "train_gpt: no CUDA device: ", why);
@@ -552,7 +565,7 @@ int main(int argc, char** argv) {
     if (a.device == "cuda") {
       TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "
                       "cuBLASLt was not found when Meson configured); install the CUDA toolkit, configure with -Dcuda=enabled");
-      launch("threads", a.dp * a.tp, argc, argv, [&](Comm& world) {
+      launch("threads", a.dp * a.tp * a.pp, argc, argv, [&](Comm& world) {
         auto c = train_on_device(world, a, meta_of, training_started);
         if (world.rank() == 0) curve = std::move(c);
       });

@@ -16,8 +16,8 @@
 #        layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
 #        TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     3. train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
-#        dp 2 and 4, tp 2 and 4 (and tp 2 with sequence parallelism), and dp 2 x tp 2 as threads
-#        sharing the GPU (--verify against the serial CPU run);
+#        dp 2 and 4, tp 2 and 4 (and tp 2 with sequence parallelism), dp 2 x tp 2, pp 2 (1F1B,
+#        GPipe) and dp 2 x pp 2 x tp 2 as threads sharing the GPU (--verify against the serial CPU run);
 #        and --verify: 20 fp32 steps against the serial CPU run (1e-4);
 #     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #        run's resumed on the GPU;
@@ -90,7 +90,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 say "1. tests: CUDA device layers (host checks, kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT)"
 timeout 60 "$BIN/cuda_host_test" --no-colors | tail -n 3 || fail "cuda_host_test"
-out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors --test-suite-exclude="device tensor parallel" 2>&1); rc=$?
+out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors --test-suite-exclude="device tensor parallel,device pipeline" 2>&1); rc=$?
 echo "$out" | grep -vE '^\s*$' | tail -n 40
 if [[ $rc == 77 ]]; then fail "cuda_gpu_test skipped: CUDA sees no device"; elif [[ $rc != 0 ]]; then fail "cuda_gpu_test (exit $rc)"; fi
 row "cuda_gpu_test" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
@@ -99,6 +99,11 @@ out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device tensor p
 echo "$out" | grep -vE '^\s*$' | tail -n 40
 [[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device tensor parallel' (exit $rc)"
 row "cuda_gpu_test, device tensor parallel" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
+say "1c. tests: DevicePipeline on one GPU (threads): GPipe and 1F1B at pp 2 and 4, dropout, dp x tp x pp sweep, bf16"
+out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device pipeline" 2>&1); rc=$?
+echo "$out" | grep -vE '^\s*$' | tail -n 40
+[[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device pipeline' (exit $rc)"
+row "cuda_gpu_test, device pipeline" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
 say "1b. tests: NCCL"
 timeout 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
 timeout 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
@@ -192,6 +197,11 @@ verify_layout 10 90 "" --tp 4
 verify_layout 10 90 "" --dp 2 --tp 2
 verify_layout 10 90 "" --tp 2 --sequence-parallel
 verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
+
+say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
+verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
+verify_layout 10 90 "" --pp 2 --schedule gpipe --microbatches 4
+verify_layout 10 90 "" --dp 2 --pp 2 --tp 2 --sequence-parallel
 
 say "4. checkpoints across devices"
 ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }

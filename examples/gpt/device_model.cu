@@ -11,7 +11,10 @@
 #include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_grad_buckets.hpp"
+#include "tessera/cuda/device_pipeline.cuh"
 #include "tessera/cuda/thread_device_comm.cuh"
+#include "tessera/schedule/gpipe.hpp"
+#include "tessera/schedule/one_f_one_b.hpp"
 #if defined(TESSERA_HAVE_NCCL)
 #include "tessera/comm/nccl/nccl_communicator.hpp"
 #include "tessera/cuda/nccl/nccl_device_comm.hpp"
@@ -24,10 +27,12 @@ template <class C>
 class CudaModel final : public DeviceModel {
  public:
   CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
-            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel, bool nccl_tp)
+            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel, bool nccl_tp, int pp, int pp_rank)
       : stream_(),
-        tp_comm_(tp ? make_tp_comm(std::move(*tp), stream_, nccl_tp) : nullptr),
-        model_(config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel) {}
+        tp_comm_(tp ? make_tp_comm(std::move(*tp), stream_, nccl_tp, "nccl:tp") : nullptr),
+        partition_(tessera::gpt_balanced_partition(config, pp)),
+        model_(config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel,
+               tessera::cuda::device_stage(partition_, pp_rank)) {}
   void zero_grad() override { model_.zero_grad(); }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
                         float dloss, const tessera::BatchPosition& at) override {
@@ -36,10 +41,12 @@ class CudaModel final : public DeviceModel {
   }
   void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) override {
     auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
-    model_.evaluate(xd, yd);
+    if (!pipe_) return model_.evaluate(xd, yd);
+    const tessera::cuda::DeviceMicroBatch mb{xd, yd, {}};
+    pipe_->evaluate(std::span<const tessera::cuda::DeviceMicroBatch>(&mb, 1));
   }
   double take_loss_sum() override { return model_.take_loss_sum(); }
-  double grad_norm() override { return model_.grad_norm(); }
+  double grad_norm() override { return pipe_ ? pipe_->grad_norm() : model_.grad_norm(); }
   std::string nonfinite_gradient() const override {
     const auto bad = model_.first_nonfinite_gradient();
     return bad ? bad->first + " (element " + std::to_string(bad->second) + ")" : std::string();
@@ -53,16 +60,23 @@ class CudaModel final : public DeviceModel {
       model_.refresh_compute_copy();
     }
   }
-  void download(const tessera::ParameterList<float>& params) const override { model_.download(params); }
+  void download(const tessera::ParameterList<float>& params) const override {
+    model_.download(params);
+    if (pipe_) pipe_->broadcast_stages(params);  // every stage's parameters on every rank
+  }
   void upload_optimizer(const tessera::optim::AdamW<float>& opt) override { model_.upload_optimizer(opt); }
   void download_optimizer(tessera::optim::AdamW<float>& opt) const override {
-    if (!model_.sharded()) return model_.download_optimizer(opt);
-    // ZeRO-1: the moments' shards gathered into whole buffers first (collective).
-    const tessera::Shape flat{model_.numel()};
-    auto m = tessera::cuda::DeviceTensor<float>::empty(flat, stream_), v = tessera::cuda::DeviceTensor<float>::empty(flat, stream_);
-    ddp_->gather(model_.exp_avg_view(), m);
-    ddp_->gather(model_.exp_avg_sq_view(), v);
-    model_.download_optimizer(opt, m, v);
+    if (!model_.sharded()) {
+      model_.download_optimizer(opt);
+    } else {
+      // ZeRO-1: the moments' shards gathered into whole buffers first (collective).
+      const tessera::Shape flat{model_.numel()};
+      auto m = tessera::cuda::DeviceTensor<float>::empty(flat, stream_), v = tessera::cuda::DeviceTensor<float>::empty(flat, stream_);
+      ddp_->gather(model_.exp_avg_view(), m);
+      ddp_->gather(model_.exp_avg_sq_view(), v);
+      model_.download_optimizer(opt, m, v);
+    }
+    if (pipe_) pipe_->broadcast_stages(opt);
   }
   std::size_t activation_bytes() const override { return model_.activation_bytes(); }
   std::size_t peak_device_bytes() const override {
@@ -98,19 +112,42 @@ class CudaModel final : public DeviceModel {
   }
   void finish_gradients() override {
     if (ddp_) ddp_->finish();
+    if (pipe_) pipe_->reduce_tied_embedding();
+  }
+  void attach_pipeline(tessera::Comm pp, std::optional<tessera::Comm> embedding, const std::string& schedule,
+                       int microbatches, bool nccl) override {
+    pp_comm_ = make_tp_comm(std::move(pp), stream_, nccl, "nccl:pp");
+    if (embedding) emb_comm_ = make_tp_comm(std::move(*embedding), stream_, nccl, "nccl:embedding");
+    const int p = pp_comm_->size();
+    tessera::schedule::Schedule s = schedule == "gpipe" ? tessera::schedule::GPipe{microbatches}.build(p)
+                                                        : tessera::schedule::OneFOneB{microbatches}.build(p);
+    pipe_ = std::make_unique<tessera::cuda::DevicePipeline<C>>(model_, *pp_comm_, emb_comm_.get(), partition_, std::move(s));
+  }
+  void forward_backward_pipeline(const std::vector<tessera::Tensor<std::int32_t>>& xs,
+                                 const std::vector<tessera::Tensor<std::int32_t>>& ys, float dloss,
+                                 const std::vector<tessera::BatchPosition>& at) override {
+    TESSERA_EXPECTS(pipe_ != nullptr, "train_gpt: forward_backward_pipeline before attach_pipeline");
+    std::vector<tessera::cuda::DeviceTensor<std::int32_t>> xd, yd;
+    std::vector<tessera::cuda::DeviceMicroBatch> micro;
+    for (std::size_t k = 0; k < xs.size(); ++k) {
+      xd.push_back(tessera::cuda::to_device<std::int32_t>(xs[k], stream_));
+      yd.push_back(tessera::cuda::to_device<std::int32_t>(ys[k], stream_));
+    }
+    for (std::size_t k = 0; k < xs.size(); ++k) micro.push_back({xd[k], yd[k], at[k]});
+    pipe_->forward_backward(micro, dloss);
   }
 
  private:
   // The tp group's collectives on the compute stream: NCCL when each rank has a GPU of its own
   // (bootstrapped through `host`), else threads sharing this GPU.
   static std::unique_ptr<tessera::cuda::DeviceComm> make_tp_comm(tessera::Comm host, const tessera::cuda::Stream& stream,
-                                                                 bool nccl) {
+                                                                 bool nccl, const char* name) {
     if (nccl) {
 #if defined(TESSERA_HAVE_NCCL)
       return std::make_unique<tessera::cuda::NcclDeviceComm>(
-          tessera::nccl::make_communicator(host, tessera::cuda::current_device(), {.name = "nccl:tp"}), stream);
+          tessera::nccl::make_communicator(host, tessera::cuda::current_device(), {.name = name}), stream);
 #else
-      throw tessera::Error("train_gpt: this build has no NCCL: tp ranks cannot drive GPUs of their own");
+      throw tessera::Error(std::string("train_gpt: this build has no NCCL: ") + name + " ranks cannot drive GPUs of their own");
 #endif
     }
     return std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(host), stream);
@@ -118,7 +155,11 @@ class CudaModel final : public DeviceModel {
   tessera::cuda::Stream stream_;
   // Tensor parallelism: the tp group's collectives on the compute stream (before the model, which uses it).
   std::unique_ptr<tessera::cuda::DeviceComm> tp_comm_;
+  tessera::StagePartition partition_;  // the pipeline's cut (one stage at pp 1)
   tessera::cuda::DeviceGPT<C> model_;
+  // Pipeline parallelism (attach_pipeline): the stages' group, the embedding group, the executor.
+  std::unique_ptr<tessera::cuda::DeviceComm> pp_comm_, emb_comm_;
+  std::unique_ptr<tessera::cuda::DevicePipeline<C>> pipe_;
   // Data parallelism (attach_data_parallel): destroyed before the model, the reduction first.
   std::optional<tessera::cuda::Stream> comm_stream_;
   std::unique_ptr<tessera::cuda::DeviceComm> comm_;
@@ -141,12 +182,13 @@ std::string no_device_reason() { return visible_gpus() > 0 ? std::string() : tes
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards, int device, std::optional<tessera::Comm> tp,
-                                               bool sequence_parallel, bool nccl_tp) {
+                                               bool sequence_parallel, bool nccl_tp, int pp, int pp_rank) {
   tessera::cuda::set_device(device);
   if (bf16)
     return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp), sequence_parallel,
-                                                            nccl_tp);
-  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel, nccl_tp);
+                                                            nccl_tp, pp, pp_rank);
+  return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel, nccl_tp, pp,
+                                            pp_rank);
 }
 
 }  // namespace train_gpt

@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/core/batch_position.hpp"
@@ -52,8 +53,22 @@ class DeviceModel {
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
   virtual void set_sync(bool sync) = 0;
   // After a step's last forward_backward, before grad_norm and step: the reductions ordered
-  // before them. Collective over dp. Nothing without attach_data_parallel.
+  // before them, and under a pipeline the tied wte's two gradients summed. Collective over dp
+  // (and the first and last stage). Nothing without attach_data_parallel or attach_pipeline.
   virtual void finish_gradients() = 0;
+  // Pipeline parallelism (the model made with pp > 1): `pp` the ranks of every stage with this
+  // rank's dp and tp coordinates (pp rank = stage), `embedding` the first and last stage's
+  // (nullopt on the other stages), the schedule ("gpipe" or "1f1b") over `microbatches`
+  // micro-batches (tessera::cuda::DevicePipeline). Then forward_backward_pipeline runs a step,
+  // evaluate goes down the pipeline, grad_norm sums the stages, download and download_optimizer
+  // gather them (collective over pp). With `nccl` through NCCL (a GPU per rank).
+  virtual void attach_pipeline(tessera::Comm pp, std::optional<tessera::Comm> embedding, const std::string& schedule,
+                               int microbatches, bool nccl) = 0;
+  // One step's forward and backward of the micro-batches xs[k], ys[k] (each (B, T), all the same
+  // shape) at places at[k], in the schedule's order. Collective over pp (and tp).
+  virtual void forward_backward_pipeline(const std::vector<tessera::Tensor<std::int32_t>>& xs,
+                                         const std::vector<tessera::Tensor<std::int32_t>>& ys, float dloss,
+                                         const std::vector<tessera::BatchPosition>& at) = 0;
 };
 
 // Whether this train_gpt was built with the CUDA device layers (nvcc found at configure time).
@@ -72,12 +87,15 @@ std::string no_device_reason();
 // every block (tessera::cuda::DeviceGPT); forward, backward, grad_norm, download and
 // download_optimizer are then collective over tp; with `sequence_parallel` the rows are split
 // over tp between the blocks' products; with `nccl_tp` the tp ranks each drive a GPU of their own
-// (`device`) and their collectives go through NCCL. Collective over tp. Throws tessera::Error
-// naming the reason where there is no such device or no CUDA build.
+// (`device`) and their collectives go through NCCL. With `pp` > 1 the model is stage `pp_rank`
+// of the GPT cut into pp stages by tessera::gpt_balanced_partition (the CPU pipeline's cut);
+// attach_pipeline joins the stages. Collective over tp. Throws tessera::Error naming the reason
+// where there is no such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards = 1, int device = 0,
                                                std::optional<tessera::Comm> tp = std::nullopt,
-                                               bool sequence_parallel = false, bool nccl_tp = false);
+                                               bool sequence_parallel = false, bool nccl_tp = false, int pp = 1,
+                                               int pp_rank = 0);
 
 }  // namespace train_gpt

@@ -1,10 +1,12 @@
 #pragma once
-// --device cuda: train_gpt's loop on CUDA devices, at dp N x tp M (pp = 1) as threads: each on a GPU
-// of its own through NCCL where the process sees N x M GPUs, else all sharing GPU 0
+// --device cuda: train_gpt's loop on CUDA devices, at dp N x tp M x pp P as threads: each on a GPU
+// of its own through NCCL where the process sees N x M x P GPUs, else all sharing GPU 0
 // (ThreadDeviceComm). Each dp rank's DeviceGPTs train on its rows of the batch and their gradients
 // are all-reduced on a communication stream while backward runs (DeviceDataParallel; after backward
 // when both dp and tp go through NCCL, so that two NCCL communicators never run at once on a GPU);
-// the tp ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism). The model
+// the tp ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism);
+// under pp each rank holds one stage of the CPU pipeline's cut and the step walks a GPipe or 1F1B
+// schedule over --microbatches micro-batches (DevicePipeline; the dp reduction then after backward). The model
 // trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same
 // safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
@@ -33,8 +35,8 @@
 
 namespace train_gpt {
 
-// Trains on CUDA device 0 as a rank of `world` (a.dp x a.tp threads: world rank = dp rank x tp +
-// tp rank) and returns the loss curve (every rank the same). The host model (the checkpoint
+// Trains on CUDA device 0 as a rank of `world` (a.dp x a.tp x a.pp threads: world rank = (pp rank x
+// dp + dp rank) x tp + tp rank) and returns the loss curve (every rank the same). The host model (the checkpoint
 // format and the sampler) is the whole GPT on every rank.
 inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                                           checkpoint::CheckpointMeta (*meta)(const Args&, int), std::atomic<bool>& started) {
@@ -52,18 +54,30 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now on the device\n", a.resume.c_str(), start,
                   info.layout.dp, info.layout.pp, info.layout.tp);
   }
-  const int tp = a.tp, dp = world.size() / tp, dp_rank = world.rank() / tp, tp_rank = world.rank() % tp;
+  const int tp = a.tp, pp = a.pp, dp = world.size() / (tp * pp);
+  const int tp_rank = world.rank() % tp, dp_rank = world.rank() / tp % dp, pp_rank = world.rank() / (tp * dp);
   const int rows = a.batch / dp, r0 = dp_rank * rows;
   const bool zero1 = a.zero_stage() == ZeroStage::optimizer && dp > 1;
-  // A GPU per rank where there are enough and NCCL is built (the dp and tp collectives through
+  // A GPU per rank where there are enough and NCCL is built (the dp, tp and pp collectives through
   // NCCL); otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
-  const bool own_gpus = dp * tp > 1 && built_with_nccl() && visible_gpus() >= dp * tp;
-  // Each group's device collectives get a host communicator of their own (collective over the world).
-  std::optional<Comm> tp_group;
-  if (tp > 1) tp_group.emplace(world.split(dp_rank, tp_rank));
+  const int ranks = dp * tp * pp;
+  const bool own_gpus = ranks > 1 && built_with_nccl() && visible_gpus() >= ranks;
+  // Each group's device collectives get a host communicator of their own (collective over the
+  // world, every rank splitting alike).
+  std::optional<Comm> tp_group, pp_group, emb_group;
+  if (tp > 1) tp_group.emplace(world.split(pp_rank * dp + dp_rank, tp_rank));
+  if (pp > 1) {
+    pp_group.emplace(world.split(dp_rank * tp + tp_rank, pp_rank));
+    // The tied wte's embedding group: the first and the last stage of each pipeline.
+    const bool ends = pp_rank == 0 || pp_rank == pp - 1;
+    Comm e = world.split(ends ? dp_rank * tp + tp_rank : dp * tp + world.rank(), pp_rank);
+    if (ends) emb_group.emplace(std::move(e));
+  }
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
                                                        zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group),
-                                                       a.sequence_parallel && tp > 1, own_gpus);
+                                                       a.sequence_parallel && tp > 1, own_gpus, pp, pp_rank);
+  const int micro = pp > 1 ? a.num_microbatches() : 1;  // the pipeline's micro-batches per step
+  if (pp > 1) dev->attach_pipeline(std::move(*pp_group), std::move(emb_group), a.schedule, micro, own_gpus);
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
   // ZeRO-1 shards AdamW's moments over dp. The device collectives' rendezvous get a host
@@ -71,18 +85,21 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // With tp through NCCL too, the dp reduction waits for the end of backward: NCCL kernels of two
   // communicators running at once on a GPU can deadlock (NCCL's user guide, "Using multiple NCCL
   // communicators concurrently"), as the tp collectives inside backward would with dp buckets.
+  // Under a pipeline too: each micro-batch's backward would fire the hooks, and the schedule
+  // decides which backward is a rank's last.
   if (dp > 1)
-    dev->attach_data_parallel(world.split(tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus,
-                              /*overlap=*/!(own_gpus && tp > 1));
+    dev->attach_data_parallel(world.split(pp_rank * tp + tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus,
+                              /*overlap=*/!(own_gpus && tp > 1) && pp == 1);
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)
-    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d%s%s%s; "
+    std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d x pp %d%s%s%s%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
                 a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
                 dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
-                dp, tp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
-                dp * tp == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
+                dp, tp, pp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
+                pp > 1 ? detail::str(" (", a.schedule, ", ", micro, " micro-batches)").c_str() : "",
+                ranks == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
@@ -99,7 +116,18 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     const auto t0 = Clock::now();
     const data::Batch b = ds.batch(data::Split::train, a.seed, step, a.batch, r0, r0 + rows);
     dev->zero_grad();
-    for (int k = 0; k < a.accum; ++k) {
+    if (pp > 1) {  // one pipelined step over the micro-batches (accum is 1: checked before training)
+      const int mrows = rows / micro;
+      std::vector<Tensor<std::int32_t>> xs, ys;
+      std::vector<BatchPosition> at;
+      for (int k = 0; k < micro; ++k) {
+        xs.push_back(b.inputs.slice(0, k * mrows, (k + 1) * mrows).contiguous());
+        ys.push_back(b.targets.slice(0, k * mrows, (k + 1) * mrows).contiguous());
+        at.push_back(BatchPosition{.step = static_cast<std::uint64_t>(step), .first_row = r0 + k * mrows});
+      }
+      dev->forward_backward_pipeline(xs, ys, static_cast<float>(1.0 / tokens_per_step), at);
+    }
+    for (int k = 0; k < (pp > 1 ? 0 : a.accum); ++k) {
       const Tensor<std::int32_t> x = b.inputs.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       const Tensor<std::int32_t> y = b.targets.slice(0, k * chunk, (k + 1) * chunk).contiguous();
       // The rows' place in the global batch: dropout draws the masks of the CPU run. The last
@@ -140,7 +168,11 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     if (a.val_every > 0 && (step % a.val_every == 0 || last)) {
       for (int i = 0; i < a.val_batches; ++i) {
         const data::Batch v = ds.batch(data::Split::val, a.seed, i, a.batch, r0, r0 + rows);
-        dev->evaluate(v.inputs, v.targets);
+        // Under a pipeline in micro-batches of the training's shape (the stages' activations).
+        const int mrows = rows / micro;
+        for (int k = 0; k < micro; ++k)
+          dev->evaluate(v.inputs.slice(0, k * mrows, (k + 1) * mrows).contiguous(),
+                        v.targets.slice(0, k * mrows, (k + 1) * mrows).contiguous());
       }
       pt.val = world.all_reduce_value(dev->take_loss_sum(), ReduceOp::sum) / tp / (tokens_per_step * a.val_batches);
     }

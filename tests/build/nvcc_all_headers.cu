@@ -12,6 +12,7 @@
 #include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/device_gpt.cuh"
+#include "tessera/cuda/device_pipeline.cuh"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/ops/adamw.cuh"

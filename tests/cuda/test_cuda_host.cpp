@@ -492,6 +492,63 @@ TEST_CASE("device collectives' element arithmetic (math::reduce_ranks) equals th
   }
 }
 
+TEST_CASE("flat GPT stage layout: each pipeline stage holds the CPU HybridGPT stage's parameters (pp 2 and 4, tp 1 and 2), the last stage a copy of the tied wte; its ready offsets") {
+  const GPTConfig cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+  GPT<float> gpt(cfg, 3);
+  ParameterList<float> full = gpt.parameters();
+  for (int pp : {2, 4})
+    for (int tp : {1, 2}) {
+      CAPTURE(pp);
+      CAPTURE(tp);
+      const StagePartition part = gpt_balanced_partition(cfg, pp);
+      threads::run(pp * tp, [&](Comm& world) {
+        Mesh mesh(world, MeshShape{.dp = 1, .pp = pp, .tp = tp});
+        HybridGPT<float> cpu(mesh, cfg, 3);
+        const int stage = mesh.pp().rank();
+        const std::vector<tc::FlatParameter> flat =
+            tc::flat_gpt_stage_layout(cfg, full, tp, tc::DeviceStage{part.begin(stage), part.end(stage)});
+        std::vector<std::string> cpu_names, dev_names;
+        std::vector<Shape> cpu_shapes, dev_shapes;
+        for (Parameter<float>& p : cpu.parameters()) {
+          cpu_names.push_back(p.name);
+          cpu_shapes.push_back(p.value.shape());
+        }
+        std::int64_t off = 0;
+        for (const tc::FlatParameter& f : flat) {
+          dev_names.push_back(f.name);
+          dev_shapes.push_back(f.shape);
+          CHECK(f.offset == off);  // laid out again from 0
+          off += (f.shape.numel() + 127) / 128 * 128;
+        }
+        CHECK(dev_names == cpu_names);
+        CHECK(dev_shapes == cpu_shapes);
+        const bool first = stage == 0, last = stage == pp - 1;
+        CHECK((std::count(dev_names.begin(), dev_names.end(), "wte.weight") == (first || last ? 1 : 0)));
+        if (last) CHECK(dev_names.back() == "wte.weight");  // the copy, after ln_f
+        // Ready offsets: descending, ending at 0, ln_f's first when the stage holds the head.
+        const std::vector<std::int64_t> ready = tc::gpt_stage_ready_offsets(flat);
+        CHECK(ready.back() == 0);
+        for (std::size_t i = 1; i < ready.size(); ++i) CHECK(ready[i] < ready[i - 1]);
+        if (last) {
+          const auto lnf = std::find_if(flat.begin(), flat.end(), [](const tc::FlatParameter& f) { return f.name == "ln_f.weight"; });
+          REQUIRE(lnf != flat.end());
+          CHECK(ready.front() == lnf->offset);
+        }
+        return 0;
+      });
+    }
+  // The whole model as one stage is flat_gpt_layout, and its ready offsets gpt_ready_offsets'.
+  const auto whole = tc::flat_gpt_stage_layout(cfg, full, 1, tc::DeviceStage{});
+  const auto plain = tc::flat_gpt_layout(cfg, full, 1);
+  REQUIRE(whole.size() == plain.size());
+  for (std::size_t i = 0; i < whole.size(); ++i) CHECK((whole[i].name == plain[i].name && whole[i].offset == plain[i].offset));
+  CHECK(tc::gpt_stage_ready_offsets(whole) == tc::gpt_ready_offsets(plain, cfg.n_layer));
+  CHECK_THROWS_WITH_AS(tc::flat_gpt_stage_layout(cfg, full, 1, tc::DeviceStage{3, 3}),
+                       doctest::Contains("pipeline layers [3, 3) of a GPT with 4"), Error);
+  CHECK_THROWS_WITH_AS(tc::flat_gpt_stage_layout(cfg, full, 1, tc::DeviceStage{0, 5}),
+                       doctest::Contains("pipeline layers [0, 5) of a GPT with 4"), Error);
+}
+
 TEST_CASE("device_grad_buckets: units joined in backward's order up to the cap; the GPT's ready offsets cover its flat buffer once") {
   namespace tc = tessera::cuda;
   const std::vector<std::int64_t> ready{900, 700, 400, 100, 0};

@@ -2,8 +2,8 @@
 # train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
 # runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
 # their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
-# dp 2, tp 2 (with and without sequence parallelism) and dp 2 x tp 2 on the GPU (threads sharing it)
-# equal the serial CPU run (--verify).
+# dp 2, tp 2 (with and without sequence parallelism), dp 2 x tp 2, pp 2 (1F1B, GPipe) and
+# dp 2 x pp 2 x tp 2 on the GPU (threads sharing it) equal the serial CPU run (--verify).
 # Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
 set -uo pipefail
 exe=$1 data=$2
@@ -21,9 +21,16 @@ expect() {  # exit code, message fragment, args...
     echo "ok: train_gpt $* -> exit $rc: $(echo "$out" | head -n 1)"
   fi
 }
-expect 2 "--device cuda trains at --dp N --tp M (threads, one GPU each or sharing GPU 0): --pp 2" --device cuda --dp 2 --pp 2 --steps 2
+expect 2 "pipelines with --schedule 1f1b or gpipe, one stage per rank (got --schedule interleaved" --device cuda --pp 2 --schedule interleaved --steps 2
+expect 2 "(got --schedule 1f1b --virtual-stages 2)" --device cuda --pp 2 --virtual-stages 2 --steps 2
+expect 2 "(got --schedule zb-h1" --device cuda --pp 2 --schedule zb-h1 --steps 2
+expect 2 "give --microbatches 4 instead of --accum 2" --device cuda --pp 2 --accum 2 --steps 2
+expect 2 "--schedule, --microbatches and --virtual-stages are for a pipeline" --device cuda --schedule gpipe --steps 2
+expect 2 "--pp 5 stages, but a GPT of 2 layers has 4 pipeline layers" --device cuda --pp 5 --layers 2 --steps 2
+expect 2 "--batch 6 does not split into --dp 1 x 4 micro-batches" --device cuda --pp 2 --microbatches 4 --batch 6 --steps 2
+expect 2 "dp x tp x pp = 8 x 4 x 4 = 128 ranks as threads" --device cuda --dp 8 --tp 4 --pp 4 --heads 8 --batch 64 --steps 2
 expect 2 "--tp 3 does not divide --heads 4" --device cuda --tp 3 --heads 4 --steps 2
-expect 2 "dp x tp = 16 x 8 = 128 ranks as threads; at most 64" --device cuda --dp 16 --tp 8 --heads 8 --batch 64 --steps 2
+expect 2 "dp x tp x pp = 16 x 8 x 1 = 128 ranks as threads; at most 64" --device cuda --dp 16 --tp 8 --heads 8 --batch 64 --steps 2
 expect 2 "--recompute is not used on the device" --device cuda --recompute full --steps 2
 expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
 expect 2 "--backend mpi (NCCL across processes) is not wired" --device cuda --dp 2 --backend mpi --steps 2
@@ -48,7 +55,9 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   done
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
-  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2"; do
+  # pp 2 (1F1B and GPipe) and dp 2 x pp 2 x tp 2: each rank one stage, the tied wte's copies summed.
+  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--pp 2" \
+                "--pp 2 --schedule gpipe --microbatches 4" "--dp 2 --pp 2 --tp 2 --sequence-parallel --zero 1"; do
     out=$(timeout 180 "$exe" --device cuda $layout --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
           --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/tp" 2>&1); rc=$?
     echo "$out" | tail -n 3
@@ -68,6 +77,7 @@ else
   expect 2 "no CUDA device" --device cuda --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
   expect 2 "no CUDA device" --device cuda --dp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
   expect 2 "no CUDA device" --device cuda --tp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
+  expect 2 "no CUDA device" --device cuda --pp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
 fi
 [[ $fails == 0 ]] && echo "train_gpt --device checks: all passed" || echo "train_gpt --device checks: $fails failed"
 exit $((fails > 0))

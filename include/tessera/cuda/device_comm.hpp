@@ -16,12 +16,29 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <span>
 
 #include "tessera/comm/communicator.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/stream.hpp"
 
 namespace tessera::cuda {
+
+/// One transfer of DeviceComm::batch_send_recv: a send of `count` floats at `data` to `peer`, or a
+/// receive of as many from it.
+struct DeviceP2P {
+  bool is_send = true;     ///< send (data is read) or receive (data is written)
+  float* data = nullptr;   ///< device memory
+  std::int64_t count = 0;  ///< elements
+  int peer = -1;           ///< the other rank
+  /// A send of x to `peer`.
+  static DeviceP2P send(DeviceView<const float> x, int peer) {
+    return {true, const_cast<float*>(x.data), x.numel(), peer};
+  }
+  /// A receive into x from `peer`.
+  static DeviceP2P recv(DeviceView<float> x, int peer) { return {false, x.data, x.numel(), peer}; }
+};
 
 /// Collectives over fp32 device memory, stream-ordered on this rank's stream() (file comment).
 /// Every method named collective must be called by every rank in the same order with the same
@@ -57,6 +74,16 @@ class DeviceComm {
   /// Sends `out` to `to` and receives `in` from `from` as one exchange (NCCL: one group), the
   /// form a ring or a pipeline's hand-off in both directions needs on every backend.
   virtual void send_recv(DeviceView<const float> out, int to, DeviceView<float> in, int from) = 0;
+  /// Every transfer of `ops` as one exchange (a pipeline schedule's tick: Comm::batch_isend_irecv,
+  /// an NCCL group), matched with each peer's in listed order. The default issues the sends, then
+  /// the receives, in listed order: right for a backend whose send is eager (ThreadDeviceComm);
+  /// NcclDeviceComm groups them.
+  virtual void batch_send_recv(std::span<const DeviceP2P> ops) {
+    for (const DeviceP2P& op : ops)
+      if (op.is_send) send(DeviceView<const float>(op.data, Shape{op.count}), op.peer);
+    for (const DeviceP2P& op : ops)
+      if (!op.is_send) recv(DeviceView<float>(op.data, Shape{op.count}), op.peer);
+  }
 };
 
 }  // namespace tessera::cuda

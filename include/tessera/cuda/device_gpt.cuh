@@ -23,8 +23,15 @@
 /// (Korthikanti et al. 2022) each tp rank keeps the residual stream, the LayerNorms, dropout and
 /// their statistics for its 1/tp of the rows only: an all-gather before each column-parallel
 /// product and a reduce-scatter after each row-parallel one replace the all-reduces, and the
-/// LayerNorms' weight gradients (partial over the rows) are all-reduced over tp. CUDA code:
-/// compile with nvcc.
+/// LayerNorms' weight gradients (partial over the rows) are all-reduced over tp.
+///
+/// Pipeline parallelism: given a DeviceStage (pipeline layers [first, end) as StagePartition
+/// cuts them: 0 the embedding, 1..n_layer the blocks, n_layer + 1 the head), the model holds that
+/// stage's parameters only (flat_gpt_stage_layout: a last stage without the embedding holds its
+/// own copy of the tied wte, whose gradient the caller sums with the first stage's,
+/// tied_embedding_gradient()); stage_forward and stage_backward run one micro-batch from and to
+/// fp32 boundary activations, each micro-batch in flight in its own activation slot
+/// (set_slots); DevicePipeline walks a schedule over them. CUDA code: compile with nvcc.
 
 #include <cuda_runtime.h>
 
@@ -82,11 +89,14 @@ class DeviceGPT {
   /// parallel group, its stream() this model's `stream`; this rank keeps its shard of `params`
   /// (still the whole model's), and every forward and backward is collective over it; with
   /// `sequence_parallel` (tp > 1) the rows (B x T of a micro-batch, which tp must divide) are
-  /// split over tp between the blocks' products (file comment). Throws tessera::Error naming the
-  /// numbers when tp does not divide n_head or runs on another stream.
+  /// split over tp between the blocks' products (file comment). `stage`: the pipeline layers
+  /// this model holds (default: all; flat_gpt_stage_layout). Throws tessera::Error naming the
+  /// numbers when tp does not divide n_head, runs on another stream, or the stage is not a range
+  /// of the n_layer + 2 pipeline layers.
   DeviceGPT(const GPTConfig& config, const ParameterList<float>& params, const Stream& stream, std::uint64_t seed = 0,
-            int shards = 1, DeviceComm* tp = nullptr, bool sequence_parallel = false)
+            int shards = 1, DeviceComm* tp = nullptr, bool sequence_parallel = false, DeviceStage stage = {})
       : config_(validated(config)),
+        stage_(stage),
         stream_(stream),
         blas_(stream),
         drop_(config_.embd_pdrop, nn::LayerInit{.prefix = "", .seed = seed}.child("drop")),
@@ -102,6 +112,7 @@ class DeviceGPT {
     }
     sp_ = sequence_parallel && tp_size_ > 1;
     layout(params);
+    for (Parameter<float>& p : params) gpt_names_.push_back(p.name);
     const std::int64_t pad = flat_alignment * shards;
     numel_ = (numel_ + pad - 1) / pad * pad;
     const Shape flat{numel_};
@@ -113,9 +124,11 @@ class DeviceGPT {
     std::vector<ops::FlatSegment> segments;
     for (const FlatParameter& p : flat_) segments.push_back({p.offset, p.shape.numel(), p.decay ? 0 : 1});
     chunks_ = ops::adamw_chunks(stream_, segments);
-    if (tp_size_ > 1) {  // the norm's weights: 1 for this rank's shards, 1 / tp for replicated parameters
+    if (tp_size_ > 1 || copy_ != npos) {  // the norm's weights: 1 for this rank's shards, 1 / tp for
+      // replicated parameters; the last stage's copy of the tied wte left out (the first stage counts it)
       std::vector<ops::FlatSegment> owned;
-      for (const FlatParameter& p : flat_) owned.push_back({p.offset, p.shape.numel(), p.tp_layout.is_shard() ? 0 : 1});
+      for (std::size_t i = 0; i < flat_.size(); ++i)
+        if (i != copy_) owned.push_back({flat_[i].offset, flat_[i].shape.numel(), flat_[i].tp_layout.is_shard() ? 0 : 1});
       norm_chunks_ = ops::adamw_chunks(stream_, owned);
     }
     norm_out_ = DeviceTensor<float>::empty(Shape{1}, stream_);
@@ -140,8 +153,9 @@ class DeviceGPT {
   }
 
   /// Copies the CPU model's parameter values to the device (master weights and, for bf16, the
-  /// compute copy); under tp, this rank's shard of each. Throws tessera::Error naming a
-  /// parameter whose name or shape differs.
+  /// compute copy); under tp, this rank's shard of each; of a pipeline stage, its parameters
+  /// (`params` is still the whole model's). Throws tessera::Error naming a parameter whose name
+  /// or shape differs.
   void upload(const ParameterList<float>& params) {
     Tensor<float> flat(Shape{numel_});  // zeros: the alignment gaps stay 0
     gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
@@ -150,7 +164,8 @@ class DeviceGPT {
   }
   /// Copies the device's master weights into the CPU model's parameters (e.g. to save a
   /// checkpoint or to sample on the host); under tp the whole parameters, every rank's shards
-  /// gathered (collective over tp). Throws as upload().
+  /// gathered (collective over tp). A pipeline stage writes its own parameters only (the others
+  /// are left as they are: DevicePipeline::broadcast_stages gathers the stages). Throws as upload().
   void download(const ParameterList<float>& params) const {
     scatter(params, gathered_on_host(master_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
   }
@@ -181,9 +196,10 @@ class DeviceGPT {
     const Tensor<float> m = gathered_on_host(m_full), v = gathered_on_host(v_full);
     std::size_t i = 0;
     for (Parameter<float>& p : opt.parameters()) {
-      const FlatParameter& f = find(p.name, p.value.shape());
-      opt.exp_avg(i).copy_from(whole(m, f));
-      opt.exp_avg_sq(i).copy_from(whole(v, f));
+      if (const FlatParameter* f = find(p.name, p.value.shape())) {
+        opt.exp_avg(i).copy_from(whole(m, *f));
+        opt.exp_avg_sq(i).copy_from(whole(v, *f));
+      }
       ++i;
     }
     opt.set_steps(steps_);
@@ -221,16 +237,24 @@ class DeviceGPT {
 
   /// The global L2 norm of the gradients (blocks until computed); under tp the whole model's
   /// (each shard once, each replicated parameter once), the same on every tp rank: collective
-  /// over tp.
-  double grad_norm() {
-    if (tp_size_ > 1) {
+  /// over tp. `stages` (a pipeline: the group of every stage's rank with this tp rank) sums
+  /// the stages' parts too (the tied wte counted once), collective over it.
+  double grad_norm(DeviceComm* stages = nullptr) {
+    grad_sum_of_squares();
+    if (tp_size_ > 1) tp_->all_reduce(norm_out_.view(), ReduceOp::sum);
+    if (stages != nullptr && stages->size() > 1) stages->all_reduce(norm_out_.view(), ReduceOp::sum);
+    return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
+  }
+  /// This rank's part of the squared gradient norm into a one-element device buffer, on the
+  /// stream (no communication): its shards, replicated parameters weighted 1 / tp, a last
+  /// stage's copy of the tied wte left out. The sum over tp and the stages is the squared norm.
+  DeviceView<float> grad_sum_of_squares() {
+    if (tp_size_ > 1 || copy_ != npos)
       ops::weighted_sum_of_squares(stream_, grad_, norm_chunks_, 1.f, 1.f / static_cast<float>(tp_size_), norm_out_,
                                    norm_ws_);
-      tp_->all_reduce(norm_out_.view(), ReduceOp::sum);
-    } else {
+    else
       ops::global_sum_of_squares(stream_, grad_, norm_out_, norm_ws_);
-    }
-    return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
+    return norm_out_.view();
   }
 
   /// The first parameter (in flat_parameters() order) whose gradient holds a NaN or an infinity,
@@ -310,7 +334,7 @@ class DeviceGPT {
   /// ln_f's first element after the head, then each block's first element from the last block
   /// down, then 0 after the embeddings (the tied wte also takes the head's gradient, so it is
   /// final only at the end). Descending, ending with 0; the input of device_grad_buckets.
-  std::vector<std::int64_t> ready_offsets() const { return gpt_ready_offsets(flat_, config_.n_layer); }
+  std::vector<std::int64_t> ready_offsets() const { return gpt_stage_ready_offsets(flat_); }
   /// Called on the host by every backward at each of ready_offsets(), in order, with the offset,
   /// after the work finishing those gradients is queued on the stream (so an event recorded by
   /// the hook follows it): DeviceDataParallel::gradients_final_from starts their reduction
@@ -331,10 +355,67 @@ class DeviceGPT {
   const DeviceTensor<float>& gradients() const noexcept { return grad_; }
   /// The cuBLASLt handle (its plans() count shows the products planned).
   BlasLt& blas() noexcept { return blas_; }
-  /// Bytes of device memory the activations of the last micro-batch shape hold.
+  /// Bytes of device memory the activations of the last micro-batch shape hold (every slot's).
   std::size_t activation_bytes() const noexcept { return act_bytes_; }
 
+  /// The pipeline layers this model holds, [first, end) (end resolved: n_layer + 2 for all).
+  DeviceStage stage() const noexcept { return {stage_.first, stage_end()}; }
+  /// Whether this stage holds the embedding (takes tokens) and the head (computes the loss).
+  bool has_embedding() const noexcept { return stage_.first == 0; }
+  /// (See has_embedding.)
+  bool has_head() const noexcept { return stage_end() == config_.n_layer + 2; }
+  /// Activation slots: micro-batches whose forward is done and backward not yet (a pipeline
+  /// keeps up to pp of them under 1F1B, every one under GPipe); 1 by default. Reallocates the
+  /// activations at the next forward. Throws tessera::Error unless n >= 1.
+  void set_slots(int n) {
+    TESSERA_EXPECTS(n >= 1, "DeviceGPT::set_slots: ", n, " activation slots; at least 1");
+    if (n != slots_count_) {
+      slots_count_ = n;
+      B_ = T_ = -1;  // reallocate at the next forward
+    }
+  }
+  /// Activation slots (set_slots).
+  int slots() const noexcept { return slots_count_; }
+  /// The shape of a boundary activation (and its gradient) of a (B, T) micro-batch between
+  /// stages: (rows, d_model) fp32, rows = B x T, or B x T / tp under sequence parallelism (each
+  /// tp rank sends its own rows, as Megatron-LM's scatter-gather split).
+  Shape boundary_shape(std::int64_t B, std::int64_t T) const {
+    return Shape{sp_ ? B * T / tp_size_ : B * T, config_.d_model};
+  }
+  /// Forward of one (B, T) micro-batch through this stage into activation slot `slot`: from
+  /// `tokens` (B, T) int32 on the first stage, otherwise from `input` (boundary_shape, fp32,
+  /// the previous stage's output); on the last stage the loss against `targets` (B, T), with
+  /// `dloss` per token as forward_backward (nullptr: evaluation, no gradient), added to
+  /// take_loss_sum()'s accumulator; otherwise the output into `output` (boundary_shape,
+  /// fp32). `at` as forward_backward. Collective over tp. Throws tessera::Error naming the
+  /// shapes when a view does not match or the slot is out of range.
+  void stage_forward(int slot, std::int64_t B, std::int64_t T, DeviceView<const std::int32_t> tokens,
+                     DeviceView<const float> input, DeviceView<const std::int32_t> targets, const float* dloss,
+                     DeviceView<float> output, const BatchPosition& at = {}) {
+    forward_impl(slot, B, T, tokens, input, targets, dloss, output, at);
+  }
+  /// Backward of the micro-batch in `slot` (its stage_forward had a dloss): on the last stage
+  /// from its loss, otherwise from `grad_output` (boundary_shape, fp32, the next stage's input
+  /// gradient); gradients accumulated (+=); on the first stage through the embeddings (`tokens`
+  /// (B, T), the forward's), otherwise the input's gradient into `grad_input` (boundary_shape,
+  /// fp32). Frees the slot for the next forward. Collective over tp. Throws tessera::Error naming
+  /// the shapes when a view does not match.
+  void stage_backward(int slot, DeviceView<const std::int32_t> tokens, DeviceView<const float> grad_output,
+                      DeviceView<float> grad_input) {
+    backward_impl(slot, tokens, grad_output, grad_input);
+  }
+  /// The gradient of this stage's tied wte (the embedding's on the first stage, the LM head's
+  /// copy on a last stage without the embedding), for the caller to sum over the embedding group
+  /// (the first and last stage of a pipeline) before the step; empty on other stages and on a
+  /// stage holding both (pp 1: one wte takes both gradients).
+  DeviceView<float> tied_embedding_gradient() const noexcept {
+    if (has_embedding() == has_head()) return {};
+    return gv(has_embedding() ? 0 : copy_);
+  }
+
  private:
+  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+  int stage_end() const noexcept { return stage_.end < 0 ? static_cast<int>(config_.n_layer) + 2 : stage_.end; }
   // Offsets of one block's parameters (indices into flat_).
   struct BlockParams {
     std::size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
@@ -343,32 +424,58 @@ class DeviceGPT {
     DeviceTensor<C> x_in, ln1, qkvp, probs, atty, x_mid, ln2, pre, h;  // qkvp: heads split out (3, B, H, T, hd)
     DeviceTensor<float> mean1, rstd1, mean2, rstd2;
   };
+  // What one micro-batch in flight keeps from its forward for its backward: each local block's
+  // activations (acts[0].x_in the stage's input, acts[blocks].x_in its output or ln_f's input),
+  // and on the head stage ln_f's output and the logits (their gradient after the loss).
+  struct Slot {
+    std::vector<LayerActs> acts;
+    DeviceTensor<C> lnf, logits;
+    ops::DropoutMask mask;  // the embedding dropout's (first stage)
+    bool busy = false;
+  };
 
   void layout(const ParameterList<float>& params) {
-    flat_ = flat_gpt_layout(config_, params, tp_size_);
-    vocab_rows_ = flat_[0].shape[0];  // this rank's rows of the (padded) vocabulary
+    flat_ = flat_gpt_stage_layout(config_, params, tp_size_, stage_);
+    // The tied wte this stage uses: the embedding's (index 0), or on a last stage without it
+    // the copy at the end; ln_f's two parameters before it.
+    if (has_head()) {
+      copy_ = has_embedding() ? npos : flat_.size() - 1;
+      head_ = has_embedding() ? 0 : copy_;
+      lnf_w_ = flat_.size() - (has_embedding() ? 2 : 3);
+      lnf_b_ = lnf_w_ + 1;
+    }
+    const std::size_t wte = has_embedding() ? 0 : has_head() ? head_ : npos;
+    vocab_rows_ = wte == npos ? 0 : flat_[wte].shape[0];  // this rank's rows of the (padded) vocabulary
     vocab_lo_ = tp_rank_ * vocab_rows_;
     vocab_valid_ = std::clamp<std::int64_t>(config_.vocab_size - vocab_lo_, 0, vocab_rows_);
     const FlatParameter& last = flat_.back();
     const std::int64_t off = last.offset + (last.shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
     numel_ = off;
-    for (std::int64_t l = 0; l < config_.n_layer; ++l) {
-      const std::size_t b = 2 + static_cast<std::size_t>(l) * 12;
+    const std::size_t first = has_embedding() ? 2 : 0;  // the stage's first block parameter
+    const int blocks = std::min<int>(stage_end(), static_cast<int>(config_.n_layer) + 1) - std::max(stage_.first, 1);
+    for (int l = 0; l < blocks; ++l) {
+      const std::size_t b = first + static_cast<std::size_t>(l) * 12;
       blocks_.push_back({b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9, b + 10, b + 11});
     }
   }
 
   // Calls fn(parameter, its place) for every parameter of `params`, checked against the layout.
+  // (`params` is the whole GPT's, in its order; a stage takes its own by name.)
   template <class Fn>
   void for_each_flat(const ParameterList<float>& params, Fn fn) const {
-    TESSERA_EXPECTS(params.size() == flat_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
-                    flat_.size());
+    TESSERA_EXPECTS(params.size() == gpt_names_.size(), "DeviceGPT: ", params.size(), " parameters given, the model has ",
+                    gpt_names_.size());
     std::size_t i = 0;
     for (Parameter<float>& p : params) {
-      const FlatParameter& f = flat_[i++];
-      TESSERA_EXPECTS(p.name == f.name && p.value.shape() == f.full, "DeviceGPT: parameter ", p.name, " of shape ",
-                      p.value.shape(), " is not ", f.name, " of shape ", f.full);
-      fn(p, f);
+      TESSERA_EXPECTS(p.name == gpt_names_[i], "DeviceGPT: parameter ", i, " is ", p.name, ", the model's is ",
+                      gpt_names_[i]);
+      ++i;
+      for (const FlatParameter& f : flat_)
+        if (f.name == p.name) {
+          TESSERA_EXPECTS(p.value.shape() == f.full, "DeviceGPT: parameter ", p.name, " of shape ", p.value.shape(),
+                          " is not of shape ", f.full);
+          fn(p, f);
+        }
     }
   }
   template <class Get>
@@ -382,26 +489,30 @@ class DeviceGPT {
     for_each_flat(params, [&](Parameter<float>& p, const FlatParameter& f) { get(p).copy_from(whole(flat, f)); });
   }
   void copy_moments_to_flat(const optim::AdamW<float>& opt, Tensor<float>& m, Tensor<float>& v) const {
-    TESSERA_EXPECTS(opt.parameters().size() == flat_.size(), "DeviceGPT: the optimizer has ", opt.parameters().size(),
-                    " parameters, the model ", flat_.size());
+    TESSERA_EXPECTS(opt.parameters().size() == gpt_names_.size(), "DeviceGPT: the optimizer has ",
+                    opt.parameters().size(), " parameters, the model ", gpt_names_.size());
     m.fill(0.f);
     v.fill(0.f);
     std::size_t i = 0;
     for (Parameter<float>& p : opt.parameters()) {
-      const FlatParameter& f = find(p.name, p.value.shape());
-      flat_slice(m, f).copy_from(local_of(opt.exp_avg(i), f));
-      flat_slice(v, f).copy_from(local_of(opt.exp_avg_sq(i), f));
+      if (const FlatParameter* f = find(p.name, p.value.shape())) {
+        flat_slice(m, *f).copy_from(local_of(opt.exp_avg(i), *f));
+        flat_slice(v, *f).copy_from(local_of(opt.exp_avg_sq(i), *f));
+      }
       ++i;
     }
   }
-  const FlatParameter& find(const std::string& name, const Shape& shape) const {
+  // The parameter `name` of this stage; nullptr for a GPT parameter another stage holds.
+  const FlatParameter* find(const std::string& name, const Shape& shape) const {
     for (const FlatParameter& f : flat_)
       if (f.name == name) {
         TESSERA_EXPECTS(f.full == shape, "DeviceGPT: optimizer parameter ", name, " has shape ", shape,
                         ", the model's ", f.full);
-        return f;
+        return &f;
       }
-    throw Error(tessera::detail::str("DeviceGPT: the optimizer holds parameter ", name, ", which the model does not have"));
+    TESSERA_EXPECTS(std::find(gpt_names_.begin(), gpt_names_.end(), name) != gpt_names_.end(),
+                    "DeviceGPT: the optimizer holds parameter ", name, ", which the model does not have");
+    return nullptr;
   }
   static Tensor<float> flat_slice(const Tensor<float>& flat, const FlatParameter& f) {
     return flat.slice(0, f.offset, f.offset + f.shape.numel()).reshape(f.shape);
@@ -441,6 +552,9 @@ class DeviceGPT {
 
   void ensure_activations(std::int64_t B, std::int64_t T) {
     if (B == B_ && T == T_) return;
+    for (const Slot& s : slots_)
+      TESSERA_EXPECTS(!s.busy, "DeviceGPT: a micro-batch of ", B, " x ", T, " while one of ", B_, " x ", T_,
+                      " awaits its backward (every micro-batch in flight has the same shape)");
     const std::int64_t D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     TESSERA_EXPECTS(!sp_ || N % tp_size_ == 0, "DeviceGPT: sequence parallelism splits the ", B, " x ", T, " = ", N,
@@ -448,17 +562,20 @@ class DeviceGPT {
     const std::int64_t Nl = sp_ ? N / tp_size_ : N;  // the rows of the residual stream on this rank
     B_ = B;
     T_ = T;
-    acts_.clear();
+    slots_.clear();
     act_bytes_ = 0;
     auto make = [&](auto& t, const Shape& s) {
       using Tn = typename std::decay_t<decltype(t)>::Scalar;
       t = DeviceTensor<Tn>::empty(s, stream_);
       act_bytes_ += t.bytes();
     };
-    for (std::int64_t l = 0; l <= config_.n_layer; ++l) {
+    const std::size_t blocks = blocks_.size();
+    for (int k = 0; k < slots_count_; ++k) {
+    Slot slot;
+    for (std::size_t l = 0; l <= blocks; ++l) {
       LayerActs a;
       make(a.x_in, Shape{Nl, D});
-      if (l < config_.n_layer) {
+      if (l < blocks) {
         make(a.ln1, Shape{N, D});
         make(a.qkvp, Shape{3 * N * Dl});
         make(a.probs, Shape{B, H, T, T});
@@ -472,10 +589,14 @@ class DeviceGPT {
       make(a.rstd1, Shape{Nl});
       make(a.mean2, Shape{Nl});
       make(a.rstd2, Shape{Nl});
-      acts_.push_back(std::move(a));
+      slot.acts.push_back(std::move(a));
     }
-    make(lnf_, Shape{N, D});
-    make(logits_, Shape{N, vocab_rows_});  // V at tp 1
+    if (has_head()) {
+      make(slot.lnf, Shape{N, D});
+      make(slot.logits, Shape{N, vocab_rows_});  // V at tp 1
+    }
+    slots_.push_back(std::move(slot));
+    }
     make(losses_, Shape{N});
     make(dres_, Shape{Nl, D});
     make(dln_, Shape{Nl, D});
@@ -612,50 +733,81 @@ class DeviceGPT {
                   "cudaMemcpyAsync", "DeviceGPT residual copy of ", from.numel(), " elements");
   }
 
+  // The whole model's forward (stage_forward's, slot 0).
   void forward(DeviceView<const std::int32_t> tokens, DeviceView<const std::int32_t> targets, const float* dloss,
                const BatchPosition& at) {
     TESSERA_EXPECTS(tokens.shape.rank() == 2 && targets.shape == tokens.shape, "DeviceGPT: tokens ", tokens.shape,
                     " and targets ", targets.shape, " must both be (B, T)");
-    const std::int64_t B = tokens.size(0), T = tokens.size(1);
+    TESSERA_EXPECTS(has_embedding() && has_head(), "DeviceGPT: forward_backward and evaluate run the whole model; this "
+                    "model is pipeline layers [", stage_.first, ", ", stage_end(), "): use stage_forward");
+    if (slots_.size() > 0) slots_[0].busy = false;  // forward_backward's slot is reused every call
+    forward_impl(0, tokens.size(0), tokens.size(1), tokens, {}, targets, dloss, {}, at);
+  }
+  void backward(DeviceView<const std::int32_t> tokens) { backward_impl(0, tokens, {}, {}); }
+
+  void forward_impl(int slot_index, std::int64_t B, std::int64_t T, DeviceView<const std::int32_t> tokens,
+                    DeviceView<const float> input, DeviceView<const std::int32_t> targets, const float* dloss,
+                    DeviceView<float> output, const BatchPosition& at) {
+    TESSERA_EXPECTS(B >= 1 && T >= 1, "DeviceGPT: a micro-batch of ", B, " x ", T, " tokens");
     TESSERA_EXPECTS(T <= config_.n_positions, "GPT: sequence length ", T, " exceeds the position table n_positions=",
                     config_.n_positions);
+    TESSERA_EXPECTS(slot_index >= 0 && slot_index < slots_count_, "DeviceGPT: activation slot ", slot_index, " of ",
+                    slots_count_, " (set_slots)");
+    const Shape bt{B, T};
+    if (has_embedding())
+      TESSERA_EXPECTS(tokens.shape == bt, "DeviceGPT: tokens ", tokens.shape, ", expected (", B, ", ", T, ")");
+    if (has_head() && (dloss != nullptr || targets.data != nullptr))
+      TESSERA_EXPECTS(targets.shape == bt, "DeviceGPT: targets ", targets.shape, ", expected (", B, ", ", T, ")");
     ensure_activations(B, T);
+    const Shape edge = boundary_shape(B, T);
+    if (!has_embedding())
+      TESSERA_EXPECTS(input.shape == edge, "DeviceGPT: stage input ", input.shape, ", expected ", edge);
+    if (!has_head())
+      TESSERA_EXPECTS(output.shape == edge, "DeviceGPT: stage output ", output.shape, ", expected ", edge);
+    Slot& S = slots_[static_cast<std::size_t>(slot_index)];
+    TESSERA_EXPECTS(!S.busy, "DeviceGPT: activation slot ", slot_index, " holds a micro-batch whose backward has not run");
+    S.busy = dloss != nullptr;
+    std::vector<LayerActs>& acts = S.acts;
     const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
-    // Embedding: wte[tokens] + wpe[t]; under tp each rank looks up the tokens of its vocabulary
-    // rows (zeros for the others') and the lookups are summed.
-    // Under sequence parallelism the sum is reduce-scattered: this rank keeps its rows.
-    if (sp_) {
-      ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
-      ops::embedding_forward<C>(stream_, local_ids_, wv(0), dres_full_, false);
-      if constexpr (std::is_same_v<C, float>) {
-        tp_->reduce_scatter(dres_full_, acts_[0].x_in, ReduceOp::sum);
+    S.mask = ops::DropoutMask{};
+    if (has_embedding()) {
+      // Embedding: wte[tokens] + wpe[t]; under tp each rank looks up the tokens of its vocabulary
+      // rows (zeros for the others') and the lookups are summed.
+      // Under sequence parallelism the sum is reduce-scattered: this rank keeps its rows.
+      if (sp_) {
+        ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
+        ops::embedding_forward<C>(stream_, local_ids_, wv(0), dres_full_, false);
+        if constexpr (std::is_same_v<C, float>) {
+          tp_->reduce_scatter(dres_full_, acts[0].x_in, ReduceOp::sum);
+        } else {
+          ops::convert_to_f32<C>(stream_, dres_full_, partial_);
+          tp_->reduce_scatter(partial_, local_f_, ReduceOp::sum);
+          ops::convert_from_f32<C>(stream_, local_f_, acts[0].x_in);
+        }
+      } else if (tp_size_ > 1) {
+        ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
+        ops::embedding_forward<C>(stream_, local_ids_, wv(0), acts[0].x_in, false);
+        sum_over_tp(acts[0].x_in);
       } else {
-        ops::convert_to_f32<C>(stream_, dres_full_, partial_);
-        tp_->reduce_scatter(partial_, local_f_, ReduceOp::sum);
-        ops::convert_from_f32<C>(stream_, local_f_, acts_[0].x_in);
+        ops::embedding_forward<C>(stream_, tokens, wv(0), acts[0].x_in, false);
       }
-    } else if (tp_size_ > 1) {
-      ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
-      ops::embedding_forward<C>(stream_, local_ids_, wv(0), acts_[0].x_in, false);
-      sum_over_tp(acts_[0].x_in);
+      ops::embedding_forward<C>(stream_, positions_local_, wv(1), acts[0].x_in, true);
+      // Embedding dropout with the CPU layer's masks (identity in evaluation or at p = 0).
+      if (at.training && drop_.p() > 0) {
+        // The mask's element index is global: this rank's rows start tp_rank x N / tp rows in.
+        const std::int64_t first_local = sp_ ? tp_rank_ * (N / tp_size_) : 0;
+        S.mask = ops::DropoutMask{drop_.mask_key(at), drop_.keep_threshold(), static_cast<float>(1.0 / (1.0 - drop_.p())),
+                                  static_cast<std::uint64_t>((at.first_row * T + first_local) * D)};
+        ops::dropout_apply<C>(stream_, acts[0].x_in, S.mask);
+      }
     } else {
-      ops::embedding_forward<C>(stream_, tokens, wv(0), acts_[0].x_in, false);
+      from_boundary(input, acts[0].x_in);
     }
-    ops::embedding_forward<C>(stream_, positions_local_, wv(1), acts_[0].x_in, true);
-    // Embedding dropout with the CPU layer's masks (identity in evaluation or at p = 0).
-    mask_ = ops::DropoutMask{};
-    if (at.training && drop_.p() > 0) {
-      // The mask's element index is global: this rank's rows start tp_rank x N / tp rows in.
-      const std::int64_t first_local = sp_ ? tp_rank_ * (N / tp_size_) : 0;
-      mask_ = ops::DropoutMask{drop_.mask_key(at), drop_.keep_threshold(), static_cast<float>(1.0 / (1.0 - drop_.p())),
-                               static_cast<std::uint64_t>((at.first_row * T + first_local) * D)};
-      ops::dropout_apply<C>(stream_, acts_[0].x_in, mask_);
-    }
-    for (std::int64_t l = 0; l < config_.n_layer; ++l) {
-      LayerActs& a = acts_[static_cast<std::size_t>(l)];
-      LayerActs& next = acts_[static_cast<std::size_t>(l) + 1];
-      const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
+    for (std::size_t l = 0; l < blocks_.size(); ++l) {
+      LayerActs& a = acts[l];
+      LayerActs& next = acts[l + 1];
+      const BlockParams& p = blocks_[l];
       layer_norm_gathered(a.x_in, p.ln1_w, p.ln1_b, a.ln1, a.mean1, a.rstd1);
       gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
            {Epilogue::bias, w(p.qkv_b), nullptr});
@@ -666,39 +818,62 @@ class DeviceGPT {
            {Epilogue::gelu_bias, w(p.fc_b), a.pre.data()});
       row_parallel(a.h, 4 * Dl, p.fcproj_w, p.fcproj_b, a.x_mid, next.x_in);
     }
-    LayerActs& last = acts_.back();
-    const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
-    layer_norm_gathered(last.x_in, lnf_w, lnf_b, lnf_, last.mean1, last.rstd1);
+    LayerActs& last = acts.back();
+    if (!has_head()) {
+      to_boundary(last.x_in, output);
+      return;
+    }
+    layer_norm_gathered(last.x_in, lnf_w_, lnf_b_, S.lnf, last.mean1, last.rstd1);
     // Logits = lnf wte^T (the tied head; under tp this rank's vocabulary columns), then the loss
     // and, with dloss, dlogits in place.
-    gemm({.trans_b = true, .m = N, .n = vocab_rows_, .k = D}, lnf_.data(), w(0), logits_.data());
+    gemm({.trans_b = true, .m = N, .n = vocab_rows_, .k = D}, S.lnf.data(), w(head_), S.logits.data());
     const DeviceView<const std::int32_t> flat_targets(targets.data, Shape{N});
     if (tp_size_ > 1)
-      ops::vocab_parallel_cross_entropy<C>(stream_, *tp_, logits_, vocab_lo_, vocab_valid_, flat_targets, losses_, stats_,
-                                           dloss);
+      ops::vocab_parallel_cross_entropy<C>(stream_, *tp_, S.logits, vocab_lo_, vocab_valid_, flat_targets, losses_,
+                                           stats_, dloss);
     else
-      ops::softmax_cross_entropy<C>(stream_, logits_, V, flat_targets, losses_, dloss);
+      ops::softmax_cross_entropy<C>(stream_, S.logits, V, flat_targets, losses_, dloss);
     ops::bias_grad<float>(stream_, DeviceView<const float>(losses_.data(), Shape{N, 1}),
                           DeviceView<float>(loss_sum_.data(), Shape{1}), ws_);
   }
 
-  void backward(DeviceView<const std::int32_t> tokens) {
+  void backward_impl(int slot_index, DeviceView<const std::int32_t> tokens, DeviceView<const float> grad_output,
+                     DeviceView<float> grad_input) {
+    TESSERA_EXPECTS(slot_index >= 0 && slot_index < static_cast<int>(slots_.size()) &&
+                        slots_[static_cast<std::size_t>(slot_index)].busy,
+                    "DeviceGPT: backward of activation slot ", slot_index, ", which holds no forward with a gradient");
+    Slot& S = slots_[static_cast<std::size_t>(slot_index)];
+    S.busy = false;
+    std::vector<LayerActs>& acts = S.acts;
     const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
-    const std::size_t lnf_w = flat_.size() - 2, lnf_b = flat_.size() - 1;
-    LayerActs& last = acts_.back();
-    // Head: dlnf = dlogits wte (summed over tp); dwte += dlogits^T lnf; ln_f backward into the
-    // residual gradient.
-    column_input_grad({.m = N, .n = D, .k = vocab_rows_}, logits_.data(), 0);
-    gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, logits_.data(), lnf_.data(), g(0));
-    ln_backward(last.x_in, lnf_w, lnf_b, last.mean1, last.rstd1, false);
-    if (hook_) hook_(flat_[lnf_w].offset);
+    const Shape edge = boundary_shape(B, T);
+    if (has_embedding())
+      TESSERA_EXPECTS(tokens.shape == (Shape{B, T}), "DeviceGPT: backward tokens ", tokens.shape, ", expected (", B, ", ",
+                      T, ")");
+    if (!has_head())
+      TESSERA_EXPECTS(grad_output.shape == edge, "DeviceGPT: stage output gradient ", grad_output.shape, ", expected ",
+                      edge);
+    if (!has_embedding())
+      TESSERA_EXPECTS(grad_input.shape == edge, "DeviceGPT: stage input gradient ", grad_input.shape, ", expected ",
+                      edge);
+    LayerActs& last = acts.back();
+    if (has_head()) {
+      // Head: dlnf = dlogits wte (summed over tp); dwte += dlogits^T lnf; ln_f backward into the
+      // residual gradient.
+      column_input_grad({.m = N, .n = D, .k = vocab_rows_}, S.logits.data(), head_);
+      gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
+      ln_backward(last.x_in, lnf_w_, lnf_b_, last.mean1, last.rstd1, false);
+      if (hook_) hook_(flat_[lnf_w_].offset);
+    } else {
+      from_boundary(grad_output, dres_);
+    }
     // The residual stream's gradient over every row, for the row-parallel products' backward:
     // dres itself, or under sequence parallelism every rank's rows of it gathered.
     const DeviceTensor<C>& dres_all = sp_ ? dres_full_ : dres_;
-    for (std::int64_t l = config_.n_layer - 1; l >= 0; --l) {
-      LayerActs& a = acts_[static_cast<std::size_t>(l)];
-      const BlockParams& p = blocks_[static_cast<std::size_t>(l)];
+    for (std::size_t l = blocks_.size(); l-- > 0;) {
+      LayerActs& a = acts[l];
+      const BlockParams& p = blocks_[l];
       // MLP: dpre = (dres Wfcproj^T) * gelu'(pre); weight and bias gradients.
       if (sp_) gather_rows(dres_, dres_full_);
       gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_all.data(), w(p.fcproj_w), dpre_.data(), 0.f,
@@ -722,17 +897,42 @@ class DeviceGPT {
       ln_backward(a.x_in, p.ln1_w, p.ln1_b, a.mean1, a.rstd1, true);
       if (hook_) hook_(flat_[p.ln1_w].offset);
     }
-    ops::dropout_apply<C>(stream_, dres_, mask_);  // the same mask on the gradient
+    if (!has_embedding()) {
+      to_boundary(dres_, grad_input);
+      return;
+    }
+    ops::dropout_apply<C>(stream_, dres_, S.mask);  // the same mask on the gradient
     // Under sequence parallelism every row's gradient is needed (this rank's vocabulary rows take
     // every position's tokens): gathered. Under tp, this rank's vocabulary rows only (the others'
-    // tokens carry the id "not here").
+    // tokens carry the id "not here"; computed again here: another micro-batch's forward may
+    // have run since this one's).
     if (sp_) gather_rows(dres_, dres_full_);
+    if (tp_size_ > 1) ops::vocab_local_ids(stream_, tokens, local_ids_, vocab_lo_, vocab_valid_, vocab_rows_);
     ops::embedding_backward<C>(stream_, tp_size_ > 1 ? DeviceView<const std::int32_t>(local_ids_) : tokens, dres_all, gv(0));
     ops::embedding_backward<C>(stream_, positions_, dres_all, gv(1));
     if (hook_) hook_(0);
   }
+  // A boundary activation (fp32) into this stage's compute type, and back: exact both ways
+  // (bf16 -> fp32 -> bf16 is the identity), so a pipeline changes no value.
+  void from_boundary(DeviceView<const float> in, const DeviceTensor<C>& out) {
+    if constexpr (std::is_same_v<C, float>)
+      detail::check(cudaMemcpyAsync(out.data(), in.data, out.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
+                    "cudaMemcpyAsync", "DeviceGPT stage boundary of ", out.numel(), " elements");
+    else
+      ops::convert_from_f32<C>(stream_, in, out);
+  }
+  void to_boundary(const DeviceTensor<C>& in, DeviceView<float> out) {
+    if constexpr (std::is_same_v<C, float>)
+      detail::check(cudaMemcpyAsync(out.data, in.data(), in.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
+                    "cudaMemcpyAsync", "DeviceGPT stage boundary of ", in.numel(), " elements");
+    else
+      ops::convert_to_f32<C>(stream_, in, out);
+  }
 
   GPTConfig config_;
+  DeviceStage stage_;
+  std::vector<std::string> gpt_names_;  // the whole GPT's parameter names, in its order
+  std::size_t copy_ = npos, head_ = 0, lnf_w_ = 0, lnf_b_ = 0;  // the last stage's wte copy; the head's wte; ln_f
   const Stream& stream_;
   BlasLt blas_;
   std::vector<FlatParameter> flat_;
@@ -747,8 +947,9 @@ class DeviceGPT {
   DeviceTensor<float> norm_out_, norm_ws_, loss_sum_;
   std::int64_t steps_ = 0;
   std::int64_t B_ = -1, T_ = -1;
-  std::vector<LayerActs> acts_;
-  DeviceTensor<C> lnf_, logits_, dres_, dln_, datt_, dqkv_, dpre_, dprobs_, qkv_, heads_, dqkvp_;
+  std::vector<Slot> slots_;
+  int slots_count_ = 1;
+  DeviceTensor<C> dres_, dln_, datt_, dqkv_, dpre_, dprobs_, qkv_, heads_, dqkvp_;
   DeviceTensor<float> losses_, ws_;
   DeviceTensor<float> partial_;  // tp > 1: a row-parallel product's partial sums, or a column input gradient's
   DeviceTensor<float> stats_;    // tp > 1: the vocab-parallel loss's row maxima, sums and target logits
@@ -760,7 +961,6 @@ class DeviceGPT {
   DeviceTensor<float> local_f_, sp_grad_;  // sp: this rank's rows in fp32; a LayerNorm's weight and bias gradients
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;
-  ops::DropoutMask mask_;
   std::function<void(std::int64_t)> hook_;
   DeviceComm* tp_ = nullptr;  // the tensor-parallel group (nullptr: tp 1)
   int tp_size_ = 1, tp_rank_ = 0;

@@ -147,6 +147,59 @@ inline Tensor<float> gpt_tp_whole(const float* ranks, std::int64_t stride, const
   return out;
 }
 
+/// A pipeline stage of the GPT: its pipeline layers [first, end) of gpt_pipeline_num_layers
+/// (0 the embedding, 1..n_layer the blocks, n_layer + 1 the head: ln_f and the tied LM head), as
+/// StagePartition cuts them (the CPU pipeline's stages). The default, end = -1, is every layer.
+struct DeviceStage {
+  int first = 0;  ///< first pipeline layer
+  int end = -1;   ///< one past the last (-1: n_layer + 2, the whole model)
+};
+
+/// A pipeline stage's flat layout: flat_gpt_layout's entries of the stage's layers, laid out
+/// again from offset 0 in the same order (wte and wpe on the first stage, the blocks', ln_f on
+/// the last), and on a last stage without the embedding a copy of the tied "wte.weight" at the
+/// end (its LM head's weight, as the CPU's PipelineParallel gives the last stage its own copy;
+/// Megatron-LM's embedding group sums the two copies' gradients). Throws tessera::Error naming
+/// the numbers when the range is empty or outside [0, n_layer + 2), and as flat_gpt_layout.
+inline std::vector<FlatParameter> flat_gpt_stage_layout(const GPTConfig& config, const ParameterList<float>& params,
+                                                         int tp_size, DeviceStage stage) {
+  const int layers = static_cast<int>(config.n_layer) + 2;
+  const int end = stage.end < 0 ? layers : stage.end;
+  TESSERA_EXPECTS(stage.first >= 0 && stage.first < end && end <= layers, "flat GPT stage layout: pipeline layers [",
+                  stage.first, ", ", end, ") of a GPT with ", layers, " (embedding, ", config.n_layer, " blocks, head)");
+  const std::vector<FlatParameter> whole = flat_gpt_layout(config, params, tp_size);
+  std::vector<FlatParameter> out;
+  std::int64_t off = 0;
+  auto take = [&](const FlatParameter& f) {
+    FlatParameter g = f;
+    g.offset = off;
+    off += (f.shape.numel() + flat_alignment - 1) / flat_alignment * flat_alignment;
+    out.push_back(std::move(g));
+  };
+  for (std::size_t i = 0; i < whole.size(); ++i) {
+    const int layer = i < 2 ? 0 : i + 2 >= whole.size() ? layers - 1 : 1 + static_cast<int>((i - 2) / 12);
+    if (layer >= stage.first && layer < end) take(whole[i]);
+  }
+  if (end == layers && stage.first > 0) take(whole[0]);  // the last stage's copy of the tied wte
+  return out;
+}
+
+/// Where a stage's backward finishes its gradients (DeviceGPT::ready_offsets), descending,
+/// ending with 0: ln_f's first element when the stage holds the head (with the copy of the tied
+/// wte after it: final after the head too), each block's ln_1.weight from the last block down,
+/// then 0 (the embeddings, or the stage's first block, which starts at 0). Throws tessera::Error
+/// when `layout` (flat_gpt_stage_layout's) is empty.
+inline std::vector<std::int64_t> gpt_stage_ready_offsets(const std::vector<FlatParameter>& layout) {
+  TESSERA_EXPECTS(!layout.empty(), "gpt_stage_ready_offsets: an empty layout");
+  std::vector<std::int64_t> out;
+  for (const FlatParameter& f : layout)
+    if (f.name == "ln_f.weight") out.push_back(f.offset);
+  for (auto it = layout.rbegin(); it != layout.rend(); ++it)
+    if (it->name.ends_with(".ln_1.weight") && it->name.starts_with("h.") && it->offset > 0) out.push_back(it->offset);
+  if (out.empty() || out.back() != 0) out.push_back(0);  // (a head-only stage's ln_f starts at 0)
+  return out;
+}
+
 /// Where the GPT's backward finishes the gradients of a flat `layout` (flat_gpt_layout's) of
 /// `n_layer` blocks, in the order it does (DeviceGPT::ready_offsets): ln_f's first element (after
 /// the head and ln_f), then each block's first element from the last block down, then 0 (after

@@ -15,6 +15,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "tessera/comm/nccl/nccl_communicator.hpp"
 #include "tessera/core/error.hpp"
@@ -93,6 +94,21 @@ class NcclDeviceComm final : public DeviceComm {
                                    P2POp::recv(std::span<float>(in.data, static_cast<std::size_t>(in.numel())), from)};
     keep(comm_.batch_isend_irecv(std::span<const P2POp>(ops)));
     order_out("send_recv");
+  }
+
+  /// Every transfer of `ops` in one NCCL group (batch_isend_irecv), stream-ordered: a pipeline
+  /// tick's sends and receives in both directions do not deadlock.
+  void batch_send_recv(std::span<const DeviceP2P> ops) override {
+    if (ops.empty()) return;
+    order_in("batch_send_recv");
+    std::vector<P2POp> group;
+    for (const DeviceP2P& op : ops) {
+      const auto n = static_cast<std::size_t>(op.count);
+      group.push_back(op.is_send ? P2POp::send(std::span<const float>(op.data, n), op.peer)
+                                 : P2POp::recv(std::span<float>(op.data, n), op.peer));
+    }
+    keep(comm_.batch_isend_irecv(std::span<const P2POp>(group)));
+    order_out("batch_send_recv");
   }
 
   /// Blocks until every call issued so far is done on the GPU; throws the NCCL backend's

@@ -1,0 +1,319 @@
+// DevicePipeline: pipeline parallelism of DeviceGPT stages on one GPU (threads sharing it,
+// ThreadDeviceComm on each rank's compute stream). Each layout trains as one DeviceGPT over 6
+// clipped AdamW steps (fp32: losses within 1e-5 relative at every step, the first gradient norm,
+// the whole parameters and both AdamW moments gathered from the stages within 1e-5 norm-wise;
+// the replicated parameters of one stage and the two copies of the tied wte bitwise equal on
+// every rank): GPipe and 1F1B at pp 2 and 4 (pp 4 cuts an embedding-only and a head-only stage),
+// with embedding dropout (each micro-batch's mask in its own slot), every dp x tp x pp layout of 2,
+// 4 and 8 ranks with pp > 1 (with and without sequence parallelism), bf16 at pp 2 within bf16
+// round-off; the stage layouts' host-side checks are in test_cuda_host.cpp; and the refusals.
+// Needs a GPU (gpu_main.cpp skips without one).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "tessera/comm/thread/thread_communicator.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
+#include "tessera/cuda/device_gpt.cuh"
+#include "tessera/cuda/device_grad_buckets.hpp"
+#include "tessera/cuda/device_pipeline.cuh"
+#include "tessera/cuda/thread_device_comm.cuh"
+#include "tessera/models/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/schedule/gpipe.hpp"
+#include "tessera/schedule/interleaved_one_f_one_b.hpp"
+#include "tessera/schedule/one_f_one_b.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"
+#include "tessera/testing/compare.hpp"
+
+using namespace tessera;
+namespace tc = tessera::cuda;
+
+// A suite of its own (first run on a GPU): scripts/gpu_check.sh runs it under its own timeout.
+TEST_SUITE_BEGIN("device pipeline");
+
+namespace {
+
+// 2 blocks: 4 pipeline layers, so pp 4 puts the embedding alone on stage 0 and the head alone on
+// stage 3. 4 heads of 8: tp 2 and 4 divide them; T 13 is not a multiple of any tile.
+const GPTConfig pp_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+const GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32, .embd_pdrop = 0.2};
+constexpr std::int64_t kRows = 8, kT = 13;
+constexpr int kSteps = 6;
+const optim::AdamWOptions opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
+constexpr double kClip = 0.1;  // below these models' gradient norms (checked): every step clips
+float clip_scale(double norm) { return norm > kClip ? static_cast<float>(kClip / (norm + 1e-6)) : 1.f; }
+
+struct Data {
+  std::vector<Tensor<std::int32_t>> x, y;
+};
+
+Data make_data(std::int64_t vocab) {
+  std::mt19937 rng(41);
+  Data d;
+  for (int s = 0; s < kSteps; ++s) {
+    Tensor<std::int32_t> x(Shape{kRows, kT}), y(Shape{kRows, kT});
+    for (std::int64_t i = 0; i < kRows; ++i)
+      for (std::int64_t t = 0; t < kT; ++t) {
+        const auto cur = static_cast<std::int32_t>(rng() % vocab);
+        x(i, t) = cur;
+        y(i, t) = static_cast<std::int32_t>((cur * 5 + 1) % vocab);
+      }
+    d.x.push_back(x);
+    d.y.push_back(y);
+  }
+  return d;
+}
+
+struct Run {
+  std::vector<double> losses;
+  double first_norm = 0;
+  std::vector<float> params, moments, second_moments;  // the whole model's, flat in the CPU order
+  int pp_rank = 0, tp_rank = 0;
+  std::vector<float> replicated;  // this rank's copies of the parameters every tp rank of its stage holds
+  std::vector<float> tied;        // this rank's wte (first stage) or its copy (last stage); empty elsewhere
+};
+
+std::vector<float> flatten(const ParameterList<float>& ps) {
+  std::vector<float> out;
+  for (Parameter<float>& p : ps) {
+    const Tensor<float> v = p.value.contiguous();
+    out.insert(out.end(), v.data(), v.data() + v.numel());
+  }
+  return out;
+}
+
+template <class C>
+void fill_whole(tc::DeviceGPT<C>& m, tc::DevicePipeline<C>* pipe, Run& r, const GPTConfig& cfg) {
+  GPT<float> back(cfg, 99);
+  ParameterList<float> ps = back.parameters();
+  m.download(ps);
+  if (pipe != nullptr) pipe->broadcast_stages(ps);
+  r.params = flatten(ps);
+  optim::AdamW<float> opt(ps, opts);
+  m.download_optimizer(opt);
+  if (pipe != nullptr) pipe->broadcast_stages(opt);
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    const Tensor<float> e = opt.exp_avg(i).contiguous(), v = opt.exp_avg_sq(i).contiguous();
+    r.moments.insert(r.moments.end(), e.data(), e.data() + e.numel());
+    r.second_moments.insert(r.second_moments.end(), v.data(), v.data() + v.numel());
+  }
+  const Tensor<float> mine = tc::to_host(tc::DeviceView<const float>(m.master_view()), m.stream());
+  for (const tc::FlatParameter& f : m.flat_parameters()) {
+    if (!f.tp_layout.is_shard())
+      r.replicated.insert(r.replicated.end(), mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
+    if (f.name == "wte.weight" && m.has_embedding() != m.has_head())
+      r.tied.assign(mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
+  }
+}
+
+template <class C>
+Run single(const Data& d, const GPTConfig& cfg) {
+  tc::set_device(0);
+  const tc::Stream stream;
+  GPT<float> init(cfg, 5);
+  tc::DeviceGPT<C> m(cfg, init.parameters(), stream);
+  Run r;
+  for (int s = 0; s < kSteps; ++s) {
+    m.zero_grad();
+    auto x = tc::to_device<std::int32_t>(d.x[static_cast<std::size_t>(s)], stream);
+    auto y = tc::to_device<std::int32_t>(d.y[static_cast<std::size_t>(s)], stream);
+    m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT), BatchPosition{.step = static_cast<std::uint64_t>(s)});
+    const double norm = m.grad_norm();
+    if (s == 0) r.first_norm = norm;
+    m.step(opts, opts.lr, clip_scale(norm));
+    r.losses.push_back(m.take_loss_sum() / static_cast<double>(kRows * kT));
+  }
+  fill_whole<C>(m, nullptr, r, cfg);
+  return r;
+}
+
+enum class Kind { gpipe, one_f_one_b };
+
+schedule::Schedule make_schedule(Kind k, int pp, int m) {
+  if (k == Kind::gpipe) return schedule::GPipe{m}.build(pp);
+  return schedule::OneFOneB{m}.build(pp);
+}
+
+// dp x pp x tp ranks as threads on one GPU: world rank = (pp rank x dp + dp rank) x tp + tp rank;
+// `m` micro-batches of each dp rank's kRows / dp rows per step.
+template <class C>
+std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg) {
+  return threads::run(dp * pp * tp, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute, comm_stream;
+    const int tp_rank = world.rank() % tp, dp_rank = world.rank() / tp % dp, pp_rank = world.rank() / (tp * dp);
+    Comm tp_host = world.split(pp_rank * dp + dp_rank, tp_rank);
+    Comm pp_host = world.split(dp_rank * tp + tp_rank, pp_rank);
+    Comm dp_host = world.split(pp_rank * tp + tp_rank, dp_rank);
+    const bool end_stage = pp_rank == 0 || pp_rank == pp - 1;
+    Comm emb_host = world.split(end_stage ? dp_rank * tp + tp_rank : dp * tp + world.rank(), pp_rank);
+    std::optional<tc::ThreadDeviceComm> tp_comm, dp_comm, emb_comm;
+    if (tp > 1) tp_comm.emplace(tp_host, compute);
+    tc::ThreadDeviceComm pp_comm(pp_host, compute);
+    if (end_stage && pp > 1) emb_comm.emplace(emb_host, compute);
+    GPT<float> init(cfg, 5);
+    const StagePartition part = gpt_balanced_partition(cfg, pp);
+    tc::DeviceGPT<C> model(cfg, init.parameters(), compute, 0, 1, tp_comm ? &*tp_comm : nullptr, sp,
+                           tc::device_stage(part, pp_rank));
+    tc::DevicePipeline<C> pipe(model, pp_comm, emb_comm ? &*emb_comm : nullptr, part, make_schedule(kind, pp, m));
+    std::optional<tc::DeviceDataParallel> ddp;
+    if (dp > 1) {  // no backward hook: finish() reduces every bucket after the step's backward passes
+      dp_comm.emplace(dp_host, comm_stream);
+      ddp.emplace(*dp_comm, compute, model.gradient_view(), tc::device_grad_buckets(model.numel(), model.ready_offsets(), 4000));
+    }
+    const std::int64_t rows = kRows / dp / m;
+    Run r;
+    r.pp_rank = pp_rank;
+    r.tp_rank = tp_rank;
+    for (int s = 0; s < kSteps; ++s) {
+      model.zero_grad();
+      std::vector<tc::DeviceTensor<std::int32_t>> xs, ys;
+      std::vector<tc::DeviceMicroBatch> micro;
+      for (int k = 0; k < m; ++k) {
+        const std::int64_t lo = (dp_rank * m + k) * rows;
+        xs.push_back(tc::to_device<std::int32_t>(d.x[static_cast<std::size_t>(s)].slice(0, lo, lo + rows).contiguous(), compute));
+        ys.push_back(tc::to_device<std::int32_t>(d.y[static_cast<std::size_t>(s)].slice(0, lo, lo + rows).contiguous(), compute));
+      }
+      for (int k = 0; k < m; ++k)
+        micro.push_back({xs[static_cast<std::size_t>(k)], ys[static_cast<std::size_t>(k)],
+                         BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = (dp_rank * m + k) * rows}});
+      pipe.forward_backward(micro, 1.f / static_cast<float>(kRows * kT));
+      if (ddp) ddp->finish();
+      pipe.reduce_tied_embedding();
+      const double norm = pipe.grad_norm();
+      if (s == 0) r.first_norm = norm;
+      model.step(opts, opts.lr, clip_scale(norm));
+      // The last stage's tp ranks each hold their dp rank's loss: sum over the world, each once.
+      const double local = model.take_loss_sum();
+      r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / tp / static_cast<double>(kRows * kT));
+    }
+    fill_whole<C>(model, &pipe, r, cfg);
+    return r;
+  });
+}
+
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  return testing::norm_rel_error(std::span<const float>(a), std::span<const float>(b));
+}
+
+void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {
+  CHECK(ref.losses.back() < ref.losses.front());  // it trained
+  CHECK(ref.first_norm > kClip);                  // the steps clipped
+  for (std::size_t r = 0; r < runs.size(); ++r) {
+    CAPTURE(r);
+    for (int s = 0; s < kSteps; ++s) {
+      const double got = runs[r].losses[static_cast<std::size_t>(s)], want = ref.losses[static_cast<std::size_t>(s)];
+      INFO("step " << s << ": pipelined " << got << ", single " << want);
+      CHECK(std::abs(got - want) <= tol * std::abs(want));
+    }
+    INFO("gradient norm at step 0: pipelined " << runs[r].first_norm << ", single " << ref.first_norm);
+    CHECK(std::abs(runs[r].first_norm - ref.first_norm) <= tol * ref.first_norm);
+    CHECK(rel_diff(runs[r].params, ref.params) < tol);
+    CHECK(rel_diff(runs[r].moments, ref.moments) < tol);
+    CHECK(rel_diff(runs[r].second_moments, ref.second_moments) < 10 * tol);
+    CHECK(runs[r].params == runs[0].params);  // every rank gathered the same whole model
+    for (std::size_t q = 0; q < r; ++q) {
+      // One stage's replicated parameters never drift apart, nor do the tied wte's two copies.
+      if (runs[q].pp_rank == runs[r].pp_rank) CHECK(runs[q].replicated == runs[r].replicated);
+      if (runs[q].tp_rank == runs[r].tp_rank && !runs[q].tied.empty() && !runs[r].tied.empty())
+        CHECK(runs[q].tied == runs[r].tied);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("DevicePipeline GPipe and 1F1B at pp 2 and 4 (an embedding-only and a head-only stage at pp 4) train as one DeviceGPT, fp32 within 1e-5") {
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<float>(d, pp_cfg);
+  for (Kind kind : {Kind::gpipe, Kind::one_f_one_b})
+    for (int pp : {2, 4}) {
+      CAPTURE(pp);
+      CAPTURE(static_cast<int>(kind));
+      const std::vector<Run> runs = pipelined<float>(d, 1, pp, 1, 4, kind, false, pp_cfg);
+      check_equal(runs, ref, 1e-5);
+      CHECK(!runs.front().tied.empty());  // the first and last stage each hold a copy
+      CHECK(runs.front().tied == runs.back().tied);
+    }
+}
+
+TEST_CASE("DevicePipeline with embedding dropout: each micro-batch in flight keeps its own mask, fp32 within 1e-5") {
+  const Data d = make_data(drop_cfg.vocab_size);
+  const Run ref = single<float>(d, drop_cfg);
+  CHECK(ref.losses != single<float>(d, pp_cfg).losses);  // the dropout is on
+  check_equal(pipelined<float>(d, 1, 2, 1, 4, Kind::gpipe, false, drop_cfg), ref, 1e-5);
+  check_equal(pipelined<float>(d, 1, 4, 1, 4, Kind::one_f_one_b, false, drop_cfg), ref, 1e-5);
+}
+
+TEST_CASE("DevicePipeline layout sweep: every dp x tp x pp of 2, 4 and 8 ranks with pp > 1, with and without sequence parallelism, equals the single-rank run (fp32, 1e-5)") {
+  const Data d = make_data(drop_cfg.vocab_size);
+  const Run ref = single<float>(d, drop_cfg);
+  int layouts = 0;
+  for (int world : {2, 4, 8})
+    for (int pp : {2, 4})
+      for (int tp = 1; pp * tp <= world; tp *= 2) {
+        const int dp = world / (pp * tp);
+        if (dp * pp * tp != world || tp > 4) continue;
+        for (bool sp : {false, true}) {
+          if (sp && tp == 1) continue;
+          // The most micro-batches (4, 2 or 1) that split the dp rank's rows, each micro-batch's
+          // rows x 13 splitting over tp under sequence parallelism (13 is odd: the rows must).
+          int m = 4;
+          while (m > 1 && (kRows / dp % m != 0 || (sp && kRows / dp / m % tp != 0))) m /= 2;
+          REQUIRE((kRows / dp % m == 0 && (!sp || kRows / dp / m % tp == 0)));
+          CAPTURE(m);
+          CAPTURE(dp);
+          CAPTURE(pp);
+          CAPTURE(tp);
+          CAPTURE(sp);
+          check_equal(pipelined<float>(d, dp, pp, tp, m, Kind::one_f_one_b, sp, drop_cfg), ref, 1e-5);
+          ++layouts;
+        }
+      }
+  // pp 2: dp 1; dp 2, tp 2 (+sp); dp 4, dp 2 x tp 2 (+sp), tp 4 (+sp); pp 4: dp 1; dp 2, tp 2 (+sp).
+  CHECK(layouts == 1 + (1 + 2) + (1 + 2 + 2) + 1 + (1 + 2));
+}
+
+TEST_CASE("DevicePipeline bf16 at pp 2 (and pp 2 x tp 2): within bf16 round-off of the single-rank bf16 run") {
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<tc::bf16>(d, pp_cfg);
+  // The boundary activations go through fp32 unchanged (bf16 -> fp32 -> bf16 is exact); only the
+  // tied wte's two gradients are summed in another order.
+  check_equal(pipelined<tc::bf16>(d, 1, 2, 1, 4, Kind::one_f_one_b, false, pp_cfg), ref, 2e-2);
+  check_equal(pipelined<tc::bf16>(d, 1, 2, 2, 2, Kind::one_f_one_b, true, pp_cfg), ref, 2e-2);
+}
+
+TEST_CASE("DevicePipeline refuses interleaved and zero-bubble schedules, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {
+  threads::run(2, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute;
+    tc::ThreadDeviceComm pp_comm(world.split(0, world.rank()), compute);
+    tc::ThreadDeviceComm emb(world.split(0, world.rank()), compute);
+    GPT<float> init(pp_cfg, 5);
+    const StagePartition part = gpt_balanced_partition(pp_cfg, 2);
+    tc::DeviceGPT<float> m(pp_cfg, init.parameters(), compute, 0, 1, nullptr, false, tc::device_stage(part, world.rank()));
+    CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::InterleavedOneFOneB{4, 2}.build(2)),
+                         doctest::Contains("model chunks per rank"), Error);
+    CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::ZeroBubbleH1{4}.build(2)),
+                         doctest::Contains("splits backward into I and W"), Error);
+    CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, nullptr, part, schedule::OneFOneB{4}.build(2)),
+                         doctest::Contains("needs the embedding group"), Error);
+    const StagePartition other = StagePartition::from_cuts(4, {1});
+    REQUIRE(other.begin(1) != part.begin(1));  // balanced: [embedding, h.0], [h.1, head]
+    CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, other, schedule::OneFOneB{4}.build(2)),
+                         doctest::Contains("the partition gives it"), Error);
+    Tensor<std::int32_t> t(Shape{1, 5});
+    auto x = tc::to_device<std::int32_t>(t, compute);
+    CHECK_THROWS_WITH_AS(m.forward_backward(x, x, 1.f), doctest::Contains("use stage_forward"), Error);
+    return 0;
+  });
+}
+
+TEST_SUITE_END();
