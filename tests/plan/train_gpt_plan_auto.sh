@@ -4,7 +4,8 @@
 # the plainer; at --plan-tolerance 0 the first) is the layout train_gpt then trains (its own
 # "GPT ..." line), it has exactly that many ranks, the printed ranking is sorted, and its
 # predicted time equals what `tessera-plan plan --fp32` predicts for that layout on the same
-# cluster file (so train_gpt plans the model it trains); bad input fails naming the numbers.
+# cluster file (so train_gpt plans the model it trains); layout flags the plan overrides are named
+# in a note; bad input fails naming the numbers.
 # The cluster file is written here (a flat GEMM curve, 2 cores for 8 ranks), not the calibrated
 # one, so the test does not depend on this machine's load.
 # Usage: train_gpt_plan_auto.sh TRAIN_GPT TESSERA_PLAN
@@ -88,6 +89,43 @@ grep -q "^plan auto: 1\. .*<- chosen" "$work/t0.log" || { cat "$work/t0.log"; fa
 # Without --world: dp x tp x pp = 4 ranks, re-laid out by the planner.
 "$train" --plan auto --dp 2 --tp 2 "${model[@]}" > "$work/dptp.log" 2>&1 || { cat "$work/dptp.log"; fail "--dp 2 --tp 2"; }
 check_choice "$work/dptp.log" 4
+
+# Layout flags beside --plan auto are overridden by the plan, with a note (not an error): every
+# flag whose value the plan changes is named "FLAG GIVEN -> PLANNED", and no other flag is.
+check_note() {
+  local log=$1; shift
+  python3 - "$log" "$@" <<'PY'
+import re, sys
+log, given = open(sys.argv[1]).read(), sys.argv[2:]
+t = re.search(r"^plan auto: training with --dp (\d+) --tp (\d+) --pp (\d+) --schedule (\S+) --virtual-stages (\d+) "
+              r"--microbatches (\d+) --recompute (\w+) --zero (\d)$", log, re.M)
+if not t: sys.exit("FAIL: no 'plan auto: training with' line")
+planned = {"--dp": t[1], "--tp": t[2], "--pp": t[3], "--schedule": t[4], "--virtual-stages": t[5], "--microbatches": t[6],
+           "--accum": "1", "--recompute": t[7], "--zero": t[8], "--zero1": "1" if t[8] == "1" else "0",
+           "--sequence-parallel": "0"}
+note = re.search(r"^plan auto: note: the plan overrides flags given on the command line:(.*)$", log, re.M)
+items = [s.strip() for s in note[1].split(";")] if note else []
+want, i = [], 0
+while i < len(given):
+    flag = given[i]
+    value = "1" if flag in ("--zero1", "--sequence-parallel") else given[i + 1]
+    i += 1 if flag in ("--zero1", "--sequence-parallel") else 2
+    if value != planned[flag]: want.append(f"{flag} {value} -> {planned[flag]}")
+if sorted(items) != sorted(want): sys.exit(f"FAIL: the note lists {items}, expected {want}")
+if not want: sys.exit("FAIL: the plan changed none of the flags given; the check checks nothing")
+print("ok: the note names " + "; ".join(items))
+PY
+}
+contra=(--dp 1 --tp 2 --pp 2 --schedule gpipe --virtual-stages 2 --microbatches 3 --accum 2 --recompute full --zero 2
+        --sequence-parallel)
+"$train" --plan auto --world 2 "${model[@]}" "${contra[@]}" > "$work/contra.log" 2>&1 || { cat "$work/contra.log"; fail "contradicting flags"; }
+check_note "$work/contra.log" "${contra[@]}"
+"$train" --plan auto --world 4 "${model[@]}" --dp 3 --zero1 > "$work/contra2.log" 2>&1 || { cat "$work/contra2.log"; fail "--world 4 --dp 3"; }
+check_note "$work/contra2.log" --dp 3 --zero1
+# The issue's case: a GPipe, ZeRO-2, fully recomputed layout asked for at 2 ranks.
+contra=(--zero 2 --recompute full --schedule gpipe --microbatches 5)
+"$train" --plan auto --world 2 "${model[@]}" "${contra[@]}" > "$work/contra3.log" 2>&1 || { cat "$work/contra3.log"; fail "--zero 2 ..."; }
+check_note "$work/contra3.log" "${contra[@]}"
 
 # expect_error ARGS... -- PATTERN: train_gpt fails and stderr holds PATTERN.
 expect_error() {
