@@ -5,13 +5,15 @@
 // the replicated parameters of one stage and the two copies of the tied wte bitwise equal on
 // every rank): GPipe and 1F1B at pp 2 and 4 (pp 4 cuts an embedding-only and a head-only stage),
 // with embedding dropout (each micro-batch's mask in its own slot), every dp x tp x pp layout of 2,
-// 4 and 8 ranks with pp > 1 (with and without sequence parallelism), bf16 at pp 2 within bf16
+// 4 and 8 ranks with pp > 1 (with and without sequence parallelism), interleaved 1F1B with 2
+// model chunks per rank (pp 2 and 4, and dp 2 x pp 2 x tp 2), bf16 at pp 2 within bf16
 // round-off; the stage layouts' host-side checks are in test_cuda_host.cpp; and the refusals.
 // Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <random>
 #include <span>
@@ -89,27 +91,36 @@ std::vector<float> flatten(const ParameterList<float>& ps) {
   return out;
 }
 
+// The whole parameters and moments (a pipeline's download: every chunk's, broadcast over the
+// stages), and this rank's replicated parameters and tied wte copy as its chunks hold them.
 template <class C>
 void fill_whole(tc::DeviceGPT<C>& m, tc::DevicePipeline<C>* pipe, Run& r, const GPTConfig& cfg) {
   GPT<float> back(cfg, 99);
   ParameterList<float> ps = back.parameters();
-  m.download(ps);
-  if (pipe != nullptr) pipe->broadcast_stages(ps);
-  r.params = flatten(ps);
   optim::AdamW<float> opt(ps, opts);
-  m.download_optimizer(opt);
-  if (pipe != nullptr) pipe->broadcast_stages(opt);
+  if (pipe != nullptr) {
+    pipe->download(ps);
+    pipe->download_optimizer(opt);
+  } else {
+    m.download(ps);
+    m.download_optimizer(opt);
+  }
+  r.params = flatten(ps);
   for (std::size_t i = 0; i < ps.size(); ++i) {
     const Tensor<float> e = opt.exp_avg(i).contiguous(), v = opt.exp_avg_sq(i).contiguous();
     r.moments.insert(r.moments.end(), e.data(), e.data() + e.numel());
     r.second_moments.insert(r.second_moments.end(), v.data(), v.data() + v.numel());
   }
-  const Tensor<float> mine = tc::to_host(tc::DeviceView<const float>(m.master_view()), m.stream());
-  for (const tc::FlatParameter& f : m.flat_parameters()) {
-    if (!f.tp_layout.is_shard())
-      r.replicated.insert(r.replicated.end(), mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
-    if (f.name == "wte.weight" && m.has_embedding() != m.has_head())
-      r.tied.assign(mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
+  std::vector<tc::DeviceGPT<C>*> chunks{&m};
+  if (pipe != nullptr) chunks = pipe->chunks();
+  for (tc::DeviceGPT<C>* c : chunks) {
+    const Tensor<float> mine = tc::to_host(tc::DeviceView<const float>(c->master_view()), c->stream());
+    for (const tc::FlatParameter& f : c->flat_parameters()) {
+      if (!f.tp_layout.is_shard())
+        r.replicated.insert(r.replicated.end(), mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
+      if (f.name == "wte.weight" && c->has_embedding() != c->has_head())
+        r.tied.assign(mine.data() + f.offset, mine.data() + f.offset + f.shape.numel());
+    }
   }
 }
 
@@ -134,17 +145,21 @@ Run single(const Data& d, const GPTConfig& cfg) {
   return r;
 }
 
-enum class Kind { gpipe, one_f_one_b };
+enum class Kind { gpipe, one_f_one_b, interleaved };
 
-schedule::Schedule make_schedule(Kind k, int pp, int m) {
+// `v` model chunks per rank: interleaved 1F1B only.
+schedule::Schedule make_schedule(Kind k, int pp, int m, int v = 1) {
   if (k == Kind::gpipe) return schedule::GPipe{m}.build(pp);
+  if (k == Kind::interleaved) return schedule::InterleavedOneFOneB{m, v}.build(pp);
   return schedule::OneFOneB{m}.build(pp);
 }
 
 // dp x pp x tp ranks as threads on one GPU: world rank = (pp rank x dp + dp rank) x tp + tp rank;
-// `m` micro-batches of each dp rank's kRows / dp rows per step.
+// `m` micro-batches of each dp rank's kRows / dp rows per step; `v` model chunks per rank
+// (interleaved: each chunk a DeviceGPT stage, each with its own dp reduction).
 template <class C>
-std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg) {
+std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg,
+                           int v = 1) {
   return threads::run(dp * pp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
@@ -159,21 +174,30 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
     tc::ThreadDeviceComm pp_comm(pp_host, compute);
     if (end_stage && pp > 1) emb_comm.emplace(emb_host, compute);
     GPT<float> init(cfg, 5);
-    const StagePartition part = gpt_balanced_partition(cfg, pp);
-    tc::DeviceGPT<C> model(cfg, init.parameters(), compute, 0, 1, tp_comm ? &*tp_comm : nullptr, sp,
-                           tc::device_stage(part, pp_rank));
-    tc::DevicePipeline<C> pipe(model, pp_comm, emb_comm ? &*emb_comm : nullptr, part, make_schedule(kind, pp, m));
-    std::optional<tc::DeviceDataParallel> ddp;
+    const StagePartition part = gpt_balanced_partition(cfg, pp * v);
+    const schedule::Schedule sched = make_schedule(kind, pp, m, v);
+    std::vector<std::unique_ptr<tc::DeviceGPT<C>>> owned;
+    std::vector<tc::DeviceGPT<C>*> chunks;
+    for (int s : sched.stages_of(pp_rank)) {
+      owned.push_back(std::make_unique<tc::DeviceGPT<C>>(cfg, init.parameters(), compute, 0, 1,
+                                                         tp_comm ? &*tp_comm : nullptr, sp, tc::device_stage(part, s)));
+      chunks.push_back(owned.back().get());
+    }
+    tc::DevicePipeline<C> pipe(chunks, pp_comm, emb_comm ? &*emb_comm : nullptr, part, sched);
+    tc::DeviceGPT<C>& model = *chunks.front();
+    std::vector<std::unique_ptr<tc::DeviceDataParallel>> ddp;
     if (dp > 1) {  // no backward hook: finish() reduces every bucket after the step's backward passes
       dp_comm.emplace(dp_host, comm_stream);
-      ddp.emplace(*dp_comm, compute, model.gradient_view(), tc::device_grad_buckets(model.numel(), model.ready_offsets(), 4000));
+      for (tc::DeviceGPT<C>* c : chunks)
+        ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(),
+                                                               tc::device_grad_buckets(c->numel(), c->ready_offsets(), 4000)));
     }
     const std::int64_t rows = kRows / dp / m;
     Run r;
     r.pp_rank = pp_rank;
     r.tp_rank = tp_rank;
     for (int s = 0; s < kSteps; ++s) {
-      model.zero_grad();
+      for (tc::DeviceGPT<C>* c : chunks) c->zero_grad();
       std::vector<tc::DeviceTensor<std::int32_t>> xs, ys;
       std::vector<tc::DeviceMicroBatch> micro;
       for (int k = 0; k < m; ++k) {
@@ -185,13 +209,16 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
         micro.push_back({xs[static_cast<std::size_t>(k)], ys[static_cast<std::size_t>(k)],
                          BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = (dp_rank * m + k) * rows}});
       pipe.forward_backward(micro, 1.f / static_cast<float>(kRows * kT));
-      if (ddp) ddp->finish();
+      for (auto& x : ddp) x->finish();
       pipe.reduce_tied_embedding();
       const double norm = pipe.grad_norm();
       if (s == 0) r.first_norm = norm;
-      model.step(opts, opts.lr, clip_scale(norm));
+      double local = 0;
+      for (tc::DeviceGPT<C>* c : chunks) {
+        c->step(opts, opts.lr, clip_scale(norm));
+        local += c->take_loss_sum();
+      }
       // The last stage's tp ranks each hold their dp rank's loss: sum over the world, each once.
-      const double local = model.take_loss_sum();
       r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / tp / static_cast<double>(kRows * kT));
     }
     fill_whole<C>(model, &pipe, r, cfg);
@@ -290,7 +317,22 @@ TEST_CASE("DevicePipeline bf16 at pp 2 (and pp 2 x tp 2): within bf16 round-off 
   check_equal(pipelined<tc::bf16>(d, 1, 2, 2, 2, Kind::one_f_one_b, true, pp_cfg), ref, 2e-2);
 }
 
-TEST_CASE("DevicePipeline refuses interleaved and zero-bubble schedules, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {
+TEST_CASE("DevicePipeline interleaved 1F1B: pp 2 x 2 chunks (one layer per stage), pp 4 x 2 chunks, and with dp 2 and tp 2 (SP), fp32 within 1e-5") {
+  // pp 2 x v 2 over pp_cfg's 4 pipeline layers: rank 0 holds the embedding and h.1, rank 1 h.0
+  // and the head. pp 4 x v 2 needs 8: 6 blocks.
+  const GPTConfig six{.vocab_size = 67, .n_positions = 16, .n_layer = 6, .n_head = 4, .d_model = 32, .embd_pdrop = 0.1};
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<float>(d, pp_cfg);
+  std::vector<Run> runs = pipelined<float>(d, 1, 2, 1, 4, Kind::interleaved, false, pp_cfg, 2);
+  check_equal(runs, ref, 1e-5);
+  CHECK(!runs[0].tied.empty());
+  CHECK(runs[0].tied == runs[1].tied);
+  check_equal(pipelined<float>(d, 2, 2, 2, 2, Kind::interleaved, true, pp_cfg, 2), ref, 1e-5);
+  const Run ref6 = single<float>(d, six);
+  check_equal(pipelined<float>(d, 1, 4, 1, 4, Kind::interleaved, false, six, 2), ref6, 1e-5);
+}
+
+TEST_CASE("DevicePipeline refuses a schedule for another chunk count, zero-bubble schedules, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {
   threads::run(2, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute;
@@ -300,7 +342,7 @@ TEST_CASE("DevicePipeline refuses interleaved and zero-bubble schedules, a parti
     const StagePartition part = gpt_balanced_partition(pp_cfg, 2);
     tc::DeviceGPT<float> m(pp_cfg, init.parameters(), compute, 0, 1, nullptr, false, tc::device_stage(part, world.rank()));
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::InterleavedOneFOneB{4, 2}.build(2)),
-                         doctest::Contains("model chunks per rank"), Error);
+                         doctest::Contains("has 2 model chunks per rank, this rank gave 1"), Error);
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::ZeroBubbleH1{4}.build(2)),
                          doctest::Contains("splits backward into I and W"), Error);
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, nullptr, part, schedule::OneFOneB{4}.build(2)),

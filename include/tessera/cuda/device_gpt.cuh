@@ -239,11 +239,15 @@ class DeviceGPT {
   /// (each shard once, each replicated parameter once), the same on every tp rank: collective
   /// over tp. `stages` (a pipeline: the group of every stage's rank with this tp rank) sums
   /// the stages' parts too (the tied wte counted once), collective over it.
-  double grad_norm(DeviceComm* stages = nullptr) {
-    grad_sum_of_squares();
-    if (tp_size_ > 1) tp_->all_reduce(norm_out_.view(), ReduceOp::sum);
-    if (stages != nullptr && stages->size() > 1) stages->all_reduce(norm_out_.view(), ReduceOp::sum);
-    return std::sqrt(static_cast<double>(to_host(norm_out_, stream_)(0)));
+  double grad_norm(DeviceComm* stages = nullptr) { return reduce_grad_norm(grad_sum_of_squares(), stages); }
+  /// The square root of `sum` (one float on the device: squared-norm parts, e.g. several model
+  /// chunks' grad_sum_of_squares added) summed over tp and `stages` in place (blocks until
+  /// computed). Collective over tp and `stages`.
+  double reduce_grad_norm(DeviceView<float> sum, DeviceComm* stages = nullptr) {
+    TESSERA_EXPECTS(sum.numel() == 1, "DeviceGPT::reduce_grad_norm: a sum of ", sum.numel(), " elements, expected 1");
+    if (tp_size_ > 1) tp_->all_reduce(sum, ReduceOp::sum);
+    if (stages != nullptr && stages->size() > 1) stages->all_reduce(sum, ReduceOp::sum);
+    return std::sqrt(static_cast<double>(to_host(DeviceView<const float>(sum), stream_)(0)));
   }
   /// This rank's part of the squared gradient norm into a one-element device buffer, on the
   /// stream (no communication): its shards, replicated parameters weighted 1 / tp, a last
