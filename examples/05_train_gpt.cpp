@@ -277,7 +277,7 @@ int main(int argc, char** argv) {
     namespace fs = std::filesystem;
     if (a.device == "cuda") {
       // dp x tp x pp ranks as threads, one GPU each (NCCL) or sharing GPU 0 (ThreadDeviceComm);
-      // NCCL across processes is the rest of "GPU execution, part 2".
+      // or, with --backend mpi, as processes, one GPU each (NCCL; the process's local rank on its node).
       for (const char* flag : {"--recompute", "--zero3-unit", "--memory-report", "--outer-lr", "--outer-momentum",
                                "--freeze-variance", "--inject-fault"})
         TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not used on the device (--device cuda trains "
@@ -298,8 +298,10 @@ int main(int argc, char** argv) {
       }
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");
-      TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --device cuda runs its ranks as threads of one process; "
-                      "--backend mpi (NCCL across processes) is not wired into train_gpt yet");
+      TESSERA_EXPECTS(a.backend != "mpi" || built_with_nccl() || a.dp * a.tp * a.pp == 1,
+                      "train_gpt: --device cuda --backend mpi joins the processes' GPUs through NCCL, which this build "
+                      "lacks (configure with -Dnccl=enabled); threads of one process share GPU 0 without it (drop "
+                      "--backend mpi)");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
                           (a.zero_stage() == ZeroStage::none || a.zero_stage() == ZeroStage::optimizer),
@@ -565,7 +567,7 @@ int main(int argc, char** argv) {
     if (a.device == "cuda") {
       TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "
                       "cuBLASLt was not found when Meson configured); install the CUDA toolkit, configure with -Dcuda=enabled");
-      launch("threads", a.dp * a.tp * a.pp, argc, argv, [&](Comm& world) {
+      launch(a.backend, a.dp * a.tp * a.pp, argc, argv, [&](Comm& world) {
         auto c = train_on_device(world, a, meta_of, training_started);
         if (world.rank() == 0) curve = std::move(c);
       });

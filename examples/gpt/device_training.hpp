@@ -1,6 +1,8 @@
 #pragma once
 // --device cuda: train_gpt's loop on CUDA devices, at dp N x tp M x pp P as threads: each on a GPU
-// of its own through NCCL where the process sees N x M x P GPUs, else all sharing GPU 0
+// of its own through NCCL where the process sees N x M x P GPUs, else all sharing GPU 0; or, with
+// --backend mpi, as processes under mpirun, each on the GPU of its local rank on its node, every
+// group's collectives through NCCL
 // (ThreadDeviceComm). Each dp rank's DeviceGPTs train on its rows of the batch and their gradients
 // are all-reduced on a communication stream while backward runs (DeviceDataParallel; after backward
 // when both dp and tp go through NCCL, so that two NCCL communicators never run at once on a GPU);
@@ -14,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <vector>
@@ -34,6 +37,15 @@
 #include "tessera/parallel/data/distributed_optimizer.hpp"
 
 namespace train_gpt {
+
+// This process's rank among those of the MPI job on its node: the launcher's variable (Open MPI's
+// OMPI_COMM_WORLD_LOCAL_RANK, MPICH's MPI_LOCALRANKID, Slurm's SLURM_LOCALID), else the world
+// rank (one node).
+inline int local_rank(const Comm& world) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(name); v != nullptr && *v != '\0') return std::atoi(v);
+  return world.rank();
+}
 
 // Trains on CUDA device 0 as a rank of `world` (a.dp x a.tp x a.pp threads: world rank = (pp rank x
 // dp + dp rank) x tp + tp rank) and returns the loss curve (every rank the same). The host model (the checkpoint
@@ -61,7 +73,18 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // A GPU per rank where there are enough and NCCL is built (the dp, tp and pp collectives through
   // NCCL); otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
   const int ranks = dp * tp * pp;
-  const bool own_gpus = ranks > 1 && built_with_nccl() && visible_gpus() >= ranks;
+  // Processes (--backend mpi) each drive the GPU of their local rank on their node, through NCCL.
+  const bool processes = a.backend == "mpi";
+  const bool own_gpus = processes || (ranks > 1 && built_with_nccl() && visible_gpus() >= ranks);
+  const int local = processes ? local_rank(world) : world.rank();
+  {  // every rank learns whether one lacks its GPU (NCCL refuses two ranks on one device)
+    const bool fits = !processes || local < visible_gpus();
+    const double all = world.all_reduce_value(fits ? 1.0 : 0.0, ReduceOp::min);
+    TESSERA_EXPECTS(all > 0, "train_gpt: --device cuda --backend mpi runs one process per GPU; ",
+                    fits ? std::string("another rank's") : detail::str("rank ", world.rank(), "'s local rank ", local),
+                    " is past its node's GPUs (this node sees ", visible_gpus(), "): start at most as many processes "
+                    "per node as it has GPUs (nccl#418: two ranks on one GPU)");
+  }
   // Each group's device collectives get a host communicator of their own (collective over the
   // world, every rank splitting alike).
   std::optional<Comm> tp_group, pp_group, emb_group;
@@ -74,7 +97,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     if (ends) emb_group.emplace(std::move(e));
   }
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
-                                                       zero1 ? dp : 1, own_gpus ? world.rank() : 0, std::move(tp_group),
+                                                       zero1 ? dp : 1, own_gpus ? local : 0, std::move(tp_group),
                                                        a.sequence_parallel && tp > 1, own_gpus, pp, pp_rank);
   const int micro = pp > 1 ? a.num_microbatches() : 1;  // the pipeline's micro-batches per step
   if (pp > 1) dev->attach_pipeline(std::move(*pp_group), std::move(emb_group), a.schedule, micro, own_gpus);
@@ -99,7 +122,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                 dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
                 dp, tp, pp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
                 pp > 1 ? detail::str(" (", a.schedule, ", ", micro, " micro-batches)").c_str() : "",
-                ranks == 1 ? "" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
+                ranks == 1 ? "" : processes ? " (processes, one GPU each, NCCL)" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};

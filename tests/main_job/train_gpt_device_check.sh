@@ -33,7 +33,6 @@ expect 2 "--tp 3 does not divide --heads 4" --device cuda --tp 3 --heads 4 --ste
 expect 2 "dp x tp x pp = 16 x 8 x 1 = 128 ranks as threads; at most 64" --device cuda --dp 16 --tp 8 --heads 8 --batch 64 --steps 2
 expect 2 "--recompute is not used on the device" --device cuda --recompute full --steps 2
 expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
-expect 2 "--backend mpi (NCCL across processes) is not wired" --device cuda --dp 2 --backend mpi --steps 2
 expect 2 "--zero 2/3 are not built on the device yet (--zero 1 is)" --device cuda --dp 2 --zero 2 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
 expect 2 "--device: gpu not in" --device gpu --steps 2
@@ -66,6 +65,13 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
       --batch 8 --sample-len 0 --val-every 0 --dp 2 >/dev/null || \
       { echo "FAIL: the --device cuda $layout checkpoint resumed on the CPU"; fails=$((fails + 1)); }
   done
+  # Processes under mpirun, one GPU each through NCCL: at world 1 on a one-GPU machine.
+  if command -v mpirun >/dev/null; then
+    out=$(timeout 180 mpirun --allow-run-as-root -np 1 "$exe" --device cuda --backend mpi --data "$data" --steps 6 \
+          --layers 2 --d-model 32 --heads 2 --context 16 --batch 8 --sample-len 0 --val-every 3 --verify 2>&1); rc=$?
+    echo "$out" | tail -n 3
+    [[ $rc == 0 ]] || { echo "FAIL: mpirun -np 1 --device cuda --backend mpi --verify (exit $rc)"; fails=$((fails + 1)); }
+  fi
   # ZeRO-1 changes where AdamW's state lives, not the arithmetic: the weights and AdamW's state
   # saved equal those of plain dp 2 byte for byte.
   for f in "$tmp"/dp2z0/*.safetensors; do
@@ -78,6 +84,7 @@ else
   expect 2 "no CUDA device" --device cuda --dp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
   expect 2 "no CUDA device" --device cuda --tp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
   expect 2 "no CUDA device" --device cuda --pp 2 --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
+  expect 2 "no CUDA device" --device cuda --dp 2 --backend mpi --steps 2 --layers 1 --d-model 16 --heads 2 --context 8 --batch 2
 fi
 [[ $fails == 0 ]] && echo "train_gpt --device checks: all passed" || echo "train_gpt --device checks: $fails failed"
 exit $((fails > 0))
