@@ -43,6 +43,7 @@
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/parallel/data/distributed_optimizer.hpp"
+#include "tessera/schedule/interleaved_one_f_one_b.hpp"
 #include "tessera/optim/nonfinite_check.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/testing/compare.hpp"
@@ -285,16 +286,20 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.pp > 1 || (app.count("--schedule") == 0 && app.count("--microbatches") == 0 &&
                                    app.count("--virtual-stages") == 0),
                       "train_gpt: --schedule, --microbatches and --virtual-stages are for a pipeline (--pp 2 or more)");
-      TESSERA_EXPECTS(a.virtual_stages == 1 && (a.schedule == "1f1b" || a.schedule == "gpipe"),
-                      "train_gpt: --device cuda pipelines with --schedule 1f1b or gpipe, one stage per rank (got --schedule ",
-                      a.schedule, " --virtual-stages ", a.virtual_stages,
-                      "); interleaved and zero-bubble schedules run on the CPU");
+      TESSERA_EXPECTS(a.schedule == "1f1b" || a.schedule == "gpipe" || a.schedule == "interleaved",
+                      "train_gpt: --device cuda pipelines with --schedule 1f1b, gpipe or interleaved (got --schedule ",
+                      a.schedule, "); zero-bubble's split backward runs on the CPU");
+      TESSERA_EXPECTS(a.virtual_stages == 1 || a.schedule == "interleaved", "train_gpt: --virtual-stages ",
+                      a.virtual_stages, " is for --schedule interleaved (got --schedule ", a.schedule, ")");
       if (a.pp > 1) {
         TESSERA_EXPECTS(a.accum == 1, "train_gpt: --device cuda --pp ", a.pp, " accumulates over the pipeline's "
                         "micro-batches; give --microbatches ", a.accum * a.num_microbatches(), " instead of --accum ",
                         a.accum);
-        TESSERA_EXPECTS(a.pp <= a.layers + 2, "train_gpt: --pp ", a.pp, " stages, but a GPT of ", a.layers,
+        TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: --pp ", a.pp, " x --virtual-stages ",
+                        a.virtual_stages, " = ", a.pp * a.virtual_stages, " stages, but a GPT of ", a.layers,
                         " layers has ", a.layers + 2, " pipeline layers (embedding, blocks, head)");
+        if (a.schedule == "interleaved")  // its micro-batch count rules, checked before any rank starts
+          (void)schedule::InterleavedOneFOneB{a.num_microbatches(), a.virtual_stages}.build(a.pp);
       }
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");

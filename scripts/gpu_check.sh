@@ -198,10 +198,11 @@ verify_layout 10 90 "" --dp 2 --tp 2
 verify_layout 10 90 "" --tp 2 --sequence-parallel
 verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
 
-say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
+say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
 verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
 verify_layout 10 90 "" --pp 2 --schedule gpipe --microbatches 4
 verify_layout 10 90 "" --dp 2 --pp 2 --tp 2 --sequence-parallel
+verify_layout 10 90 "" --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4
 
 say "4. checkpoints across devices"
 ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }

@@ -5,6 +5,8 @@
 
 #include <memory>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
@@ -14,6 +16,7 @@
 #include "tessera/cuda/device_pipeline.cuh"
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/schedule/gpipe.hpp"
+#include "tessera/schedule/interleaved_one_f_one_b.hpp"
 #include "tessera/schedule/one_f_one_b.hpp"
 #if defined(TESSERA_HAVE_NCCL)
 #include "tessera/comm/nccl/nccl_communicator.hpp"
@@ -23,62 +26,87 @@
 namespace train_gpt {
 namespace {
 
+// One rank's model: one DeviceGPT, or under a pipeline its stages (one, or v model chunks under
+// interleaving: stages c x pp + pp_rank, loop placement).
 template <class C>
 class CudaModel final : public DeviceModel {
  public:
   CudaModel(const tessera::GPTConfig& config, const tessera::ParameterList<float>& params, std::uint64_t seed,
-            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel, bool nccl_tp, int pp, int pp_rank)
+            int shards, std::optional<tessera::Comm> tp, bool sequence_parallel, bool nccl_tp, int pp, int pp_rank,
+            int virtual_stages)
       : stream_(),
         tp_comm_(tp ? make_tp_comm(std::move(*tp), stream_, nccl_tp, "nccl:tp") : nullptr),
-        partition_(tessera::gpt_balanced_partition(config, pp)),
-        model_(config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel,
-               tessera::cuda::device_stage(partition_, pp_rank)) {}
-  void zero_grad() override { model_.zero_grad(); }
+        partition_(tessera::gpt_balanced_partition(config, pp * virtual_stages)) {
+    for (int c = 0; c < virtual_stages; ++c)
+      chunks_.push_back(std::make_unique<tessera::cuda::DeviceGPT<C>>(
+          config, params, stream_, seed, shards, tp_comm_.get(), sequence_parallel,
+          tessera::cuda::device_stage(partition_, c * pp + pp_rank)));
+  }
+  void zero_grad() override {
+    for (auto& c : chunks_) c->zero_grad();
+  }
   void forward_backward(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y,
                         float dloss, const tessera::BatchPosition& at) override {
     auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
-    model_.forward_backward(xd, yd, dloss, at);
+    model().forward_backward(xd, yd, dloss, at);
   }
   void evaluate(const tessera::Tensor<std::int32_t>& x, const tessera::Tensor<std::int32_t>& y) override {
     auto xd = tessera::cuda::to_device<std::int32_t>(x, stream_), yd = tessera::cuda::to_device<std::int32_t>(y, stream_);
-    if (!pipe_) return model_.evaluate(xd, yd);
+    if (!pipe_) return model().evaluate(xd, yd);
     const tessera::cuda::DeviceMicroBatch mb{xd, yd, {}};
     pipe_->evaluate(std::span<const tessera::cuda::DeviceMicroBatch>(&mb, 1));
   }
-  double take_loss_sum() override { return model_.take_loss_sum(); }
-  double grad_norm() override { return pipe_ ? pipe_->grad_norm() : model_.grad_norm(); }
+  double take_loss_sum() override {
+    double sum = 0;
+    for (auto& c : chunks_) sum += c->take_loss_sum();
+    return sum;
+  }
+  double grad_norm() override { return pipe_ ? pipe_->grad_norm() : model().grad_norm(); }
   std::string nonfinite_gradient() const override {
-    const auto bad = model_.first_nonfinite_gradient();
-    return bad ? bad->first + " (element " + std::to_string(bad->second) + ")" : std::string();
+    for (const auto& c : chunks_)
+      if (const auto bad = c->first_nonfinite_gradient()) return bad->first + " (element " + std::to_string(bad->second) + ")";
+    return std::string();
   }
   void step(const tessera::optim::AdamWOptions& options, double lr, float grad_scale) override {
-    model_.step(options, lr, grad_scale);
-    if (model_.sharded()) {  // ZeRO-1: every rank updated its shard; gather them all
-      const tessera::Shape shard{model_.shard_end() - model_.shard_begin()};
-      ddp_->gather(tessera::cuda::DeviceView<const float>(model_.master_view().data + model_.shard_begin(), shard),
-                   model_.master_view());
-      model_.refresh_compute_copy();
+    for (std::size_t i = 0; i < chunks_.size(); ++i) {
+      tessera::cuda::DeviceGPT<C>& m = *chunks_[i];
+      m.step(options, lr, grad_scale);
+      if (m.sharded()) {  // ZeRO-1: every rank updated its shard; gather them all
+        const tessera::Shape shard{m.shard_end() - m.shard_begin()};
+        ddp_[i]->gather(tessera::cuda::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard),
+                        m.master_view());
+        m.refresh_compute_copy();
+      }
     }
   }
   void download(const tessera::ParameterList<float>& params) const override {
-    model_.download(params);
+    for (const auto& c : chunks_) c->download(params);
     if (pipe_) pipe_->broadcast_stages(params);  // every stage's parameters on every rank
   }
-  void upload_optimizer(const tessera::optim::AdamW<float>& opt) override { model_.upload_optimizer(opt); }
+  void upload_optimizer(const tessera::optim::AdamW<float>& opt) override {
+    for (auto& c : chunks_) c->upload_optimizer(opt);
+  }
   void download_optimizer(tessera::optim::AdamW<float>& opt) const override {
-    if (!model_.sharded()) {
-      model_.download_optimizer(opt);
-    } else {
+    for (std::size_t i = 0; i < chunks_.size(); ++i) {
+      const tessera::cuda::DeviceGPT<C>& m = *chunks_[i];
+      if (!m.sharded()) {
+        m.download_optimizer(opt);
+        continue;
+      }
       // ZeRO-1: the moments' shards gathered into whole buffers first (collective).
-      const tessera::Shape flat{model_.numel()};
-      auto m = tessera::cuda::DeviceTensor<float>::empty(flat, stream_), v = tessera::cuda::DeviceTensor<float>::empty(flat, stream_);
-      ddp_->gather(model_.exp_avg_view(), m);
-      ddp_->gather(model_.exp_avg_sq_view(), v);
-      model_.download_optimizer(opt, m, v);
+      const tessera::Shape flat{m.numel()};
+      auto mm = tessera::cuda::DeviceTensor<float>::empty(flat, stream_), vv = tessera::cuda::DeviceTensor<float>::empty(flat, stream_);
+      ddp_[i]->gather(m.exp_avg_view(), mm);
+      ddp_[i]->gather(m.exp_avg_sq_view(), vv);
+      m.download_optimizer(opt, mm, vv);
     }
     if (pipe_) pipe_->broadcast_stages(opt);
   }
-  std::size_t activation_bytes() const override { return model_.activation_bytes(); }
+  std::size_t activation_bytes() const override {
+    std::size_t n = 0;
+    for (const auto& c : chunks_) n += c->activation_bytes();
+    return n;
+  }
   std::size_t peak_device_bytes() const override {
     return tessera::cuda::default_allocator().stats().peak_allocated_bytes;
   }
@@ -89,7 +117,8 @@ class CudaModel final : public DeviceModel {
   }
   void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
                             bool nccl, bool overlap) override {
-    if (shard_optimizer) model_.shard_optimizer(dp.rank(), dp.size());
+    if (shard_optimizer)
+      for (auto& c : chunks_) c->shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
     if (nccl) {
 #if defined(TESSERA_HAVE_NCCL)
@@ -102,26 +131,32 @@ class CudaModel final : public DeviceModel {
     } else {
       comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
     }
-    ddp_ = std::make_unique<tessera::cuda::DeviceDataParallel>(
-        *comm_, stream_, model_.gradient_view(),
-        tessera::cuda::device_grad_buckets(model_.numel(), model_.ready_offsets(), bucket_elements));
-    if (overlap) model_.set_backward_hook([this](std::int64_t offset) { ddp_->gradients_final_from(offset); });
+    // One reduction per model chunk, over the same communicator, in chunk order on every rank.
+    for (auto& c : chunks_)
+      ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(
+          *comm_, stream_, c->gradient_view(), tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements)));
+    if (overlap && chunks_.size() == 1)
+      model().set_backward_hook([this](std::int64_t offset) { ddp_.front()->gradients_final_from(offset); });
   }
   void set_sync(bool sync) override {
-    if (ddp_) ddp_->set_sync(sync);
+    for (auto& d : ddp_) d->set_sync(sync);
   }
   void finish_gradients() override {
-    if (ddp_) ddp_->finish();
+    for (auto& d : ddp_) d->finish();
     if (pipe_) pipe_->reduce_tied_embedding();
   }
   void attach_pipeline(tessera::Comm pp, std::optional<tessera::Comm> embedding, const std::string& schedule,
                        int microbatches, bool nccl) override {
     pp_comm_ = make_tp_comm(std::move(pp), stream_, nccl, "nccl:pp");
     if (embedding) emb_comm_ = make_tp_comm(std::move(*embedding), stream_, nccl, "nccl:embedding");
-    const int p = pp_comm_->size();
-    tessera::schedule::Schedule s = schedule == "gpipe" ? tessera::schedule::GPipe{microbatches}.build(p)
-                                                        : tessera::schedule::OneFOneB{microbatches}.build(p);
-    pipe_ = std::make_unique<tessera::cuda::DevicePipeline<C>>(model_, *pp_comm_, emb_comm_.get(), partition_, std::move(s));
+    const int p = pp_comm_->size(), v = static_cast<int>(chunks_.size());
+    tessera::schedule::Schedule s = schedule == "gpipe"         ? tessera::schedule::GPipe{microbatches}.build(p)
+                                    : schedule == "interleaved" ? tessera::schedule::InterleavedOneFOneB{microbatches, v}.build(p)
+                                                                : tessera::schedule::OneFOneB{microbatches}.build(p);
+    std::vector<tessera::cuda::DeviceGPT<C>*> chunks;
+    for (auto& c : chunks_) chunks.push_back(c.get());
+    pipe_ = std::make_unique<tessera::cuda::DevicePipeline<C>>(std::move(chunks), *pp_comm_, emb_comm_.get(), partition_,
+                                                               std::move(s));
   }
   void forward_backward_pipeline(const std::vector<tessera::Tensor<std::int32_t>>& xs,
                                  const std::vector<tessera::Tensor<std::int32_t>>& ys, float dloss,
@@ -138,6 +173,7 @@ class CudaModel final : public DeviceModel {
   }
 
  private:
+  tessera::cuda::DeviceGPT<C>& model() { return *chunks_.front(); }
   // The tp group's collectives on the compute stream: NCCL when each rank has a GPU of its own
   // (bootstrapped through `host`), else threads sharing this GPU.
   static std::unique_ptr<tessera::cuda::DeviceComm> make_tp_comm(tessera::Comm host, const tessera::cuda::Stream& stream,
@@ -156,14 +192,14 @@ class CudaModel final : public DeviceModel {
   // Tensor parallelism: the tp group's collectives on the compute stream (before the model, which uses it).
   std::unique_ptr<tessera::cuda::DeviceComm> tp_comm_;
   tessera::StagePartition partition_;  // the pipeline's cut (one stage at pp 1)
-  tessera::cuda::DeviceGPT<C> model_;
+  std::vector<std::unique_ptr<tessera::cuda::DeviceGPT<C>>> chunks_;  // this rank's stages (the whole model at pp 1)
   // Pipeline parallelism (attach_pipeline): the stages' group, the embedding group, the executor.
   std::unique_ptr<tessera::cuda::DeviceComm> pp_comm_, emb_comm_;
   std::unique_ptr<tessera::cuda::DevicePipeline<C>> pipe_;
   // Data parallelism (attach_data_parallel): destroyed before the model, the reduction first.
   std::optional<tessera::cuda::Stream> comm_stream_;
   std::unique_ptr<tessera::cuda::DeviceComm> comm_;
-  std::unique_ptr<tessera::cuda::DeviceDataParallel> ddp_;
+  std::vector<std::unique_ptr<tessera::cuda::DeviceDataParallel>> ddp_;  // one per chunk
 };
 
 }  // namespace
@@ -182,13 +218,14 @@ std::string no_device_reason() { return visible_gpus() > 0 ? std::string() : tes
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards, int device, std::optional<tessera::Comm> tp,
-                                               bool sequence_parallel, bool nccl_tp, int pp, int pp_rank) {
+                                               bool sequence_parallel, bool nccl_tp, int pp, int pp_rank,
+                                               int virtual_stages) {
   tessera::cuda::set_device(device);
   if (bf16)
     return std::make_unique<CudaModel<tessera::cuda::bf16>>(config, params, seed, shards, std::move(tp), sequence_parallel,
-                                                            nccl_tp, pp, pp_rank);
+                                                            nccl_tp, pp, pp_rank, virtual_stages);
   return std::make_unique<CudaModel<float>>(config, params, seed, shards, std::move(tp), sequence_parallel, nccl_tp, pp,
-                                            pp_rank);
+                                            pp_rank, virtual_stages);
 }
 
 }  // namespace train_gpt

@@ -58,7 +58,8 @@ class DeviceModel {
   virtual void finish_gradients() = 0;
   // Pipeline parallelism (the model made with pp > 1): `pp` the ranks of every stage with this
   // rank's dp and tp coordinates (pp rank = stage), `embedding` the first and last stage's
-  // (nullopt on the other stages), the schedule ("gpipe" or "1f1b") over `microbatches`
+  // (nullopt on the other stages), the schedule ("gpipe", "1f1b", or "interleaved" over the
+  // model's chunks) over `microbatches`
   // micro-batches (tessera::cuda::DevicePipeline). Then forward_backward_pipeline runs a step,
   // evaluate goes down the pipeline, grad_norm sums the stages, download and download_optimizer
   // gather them (collective over pp). With `nccl` through NCCL (a GPU per rank).
@@ -89,13 +90,14 @@ std::string no_device_reason();
 // over tp between the blocks' products; with `nccl_tp` the tp ranks each drive a GPU of their own
 // (`device`) and their collectives go through NCCL. With `pp` > 1 the model is stage `pp_rank`
 // of the GPT cut into pp stages by tessera::gpt_balanced_partition (the CPU pipeline's cut);
-// attach_pipeline joins the stages. Collective over tp. Throws tessera::Error naming the reason
+// with `virtual_stages` v > 1 it holds v model chunks, stages c x pp + pp_rank of pp x v (the
+// interleaved schedule's loop placement); attach_pipeline joins the stages. Collective over tp. Throws tessera::Error naming the reason
 // where there is no such device or no CUDA build.
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig& config,
                                                const tessera::ParameterList<float>& params, std::uint64_t seed,
                                                bool bf16, int shards = 1, int device = 0,
                                                std::optional<tessera::Comm> tp = std::nullopt,
                                                bool sequence_parallel = false, bool nccl_tp = false, int pp = 1,
-                                               int pp_rank = 0);
+                                               int pp_rank = 0, int virtual_stages = 1);
 
 }  // namespace train_gpt

@@ -13,7 +13,7 @@ std::string no_device_reason() { return "this build has no CUDA device layers"; 
 
 std::unique_ptr<DeviceModel> make_device_model(const tessera::GPTConfig&, const tessera::ParameterList<float>&,
                                                std::uint64_t, bool, int, int, std::optional<tessera::Comm>,
-                                               bool, bool, int, int) {
+                                               bool, bool, int, int, int) {
   throw tessera::Error(
       "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or cuBLASLt was not found when Meson "
       "configured); install the CUDA toolkit and configure with -Dcuda=enabled");

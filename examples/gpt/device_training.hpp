@@ -7,8 +7,9 @@
 // are all-reduced on a communication stream while backward runs (DeviceDataParallel; after backward
 // when both dp and tp go through NCCL, so that two NCCL communicators never run at once on a GPU);
 // the tp ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism);
-// under pp each rank holds one stage of the CPU pipeline's cut and the step walks a GPipe or 1F1B
-// schedule over --microbatches micro-batches (DevicePipeline; the dp reduction then after backward). The model
+// under pp each rank holds one stage of the CPU pipeline's cut (v model chunks under interleaving)
+// and the step walks a GPipe, 1F1B or interleaved 1F1B schedule over --microbatches micro-batches
+// (DevicePipeline; the dp reduction then after backward). The model
 // trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same
 // safetensors checkpoint as a CPU run (so either resumes the other, at any layout), a resume
@@ -98,7 +99,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   }
   std::unique_ptr<DeviceModel> dev = make_device_model(a.config(), host.parameters(), a.seed, a.dtype == "bf16",
                                                        zero1 ? dp : 1, own_gpus ? local : 0, std::move(tp_group),
-                                                       a.sequence_parallel && tp > 1, own_gpus, pp, pp_rank);
+                                                       a.sequence_parallel && tp > 1, own_gpus, pp, pp_rank,
+                                                       pp > 1 ? a.virtual_stages : 1);
   const int micro = pp > 1 ? a.num_microbatches() : 1;  // the pipeline's micro-batches per step
   if (pp > 1) dev->attach_pipeline(std::move(*pp_group), std::move(emb_group), a.schedule, micro, own_gpus);
   if (start > 0) dev->upload_optimizer(opt.replicated());
@@ -121,7 +123,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                 a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
                 dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
                 dp, tp, pp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
-                pp > 1 ? detail::str(" (", a.schedule, ", ", micro, " micro-batches)").c_str() : "",
+                pp > 1 ? detail::str(" (", a.schedule, a.virtual_stages > 1 ? detail::str(", ", a.virtual_stages, " chunks per rank") : "",
+                                     ", ", micro, " micro-batches)").c_str() : "",
                 ranks == 1 ? "" : processes ? " (processes, one GPU each, NCCL)" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
                 zero1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
