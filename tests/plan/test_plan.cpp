@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <span>
@@ -311,6 +312,33 @@ TEST_CASE("The cluster files in plan/clusters load, and their numbers are the da
   CHECK(h.peak_flops == 989e12);
 }
 
+TEST_CASE("The committed calibrations plan/clusters/this_machine_*.json hold every field calibrate writes") {
+  // A file written before a measurement was added (block_overhead, cores_per_node_at_ranks)
+  // loads with that term at 0, and predicts small models several times too fast: refused here.
+  const std::filesystem::path dir = std::filesystem::path(TESSERA_SOURCE_ROOT) / "plan" / "clusters";
+  int files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("this_machine_", 0) != 0 || entry.path().extension() != ".json") continue;
+    CAPTURE(name);
+    ++files;
+    std::ifstream in(entry.path());
+    const nlohmann::json j = nlohmann::json::parse(in);
+    for (const char* key : {"name", "source", "devices_per_node", "cores_per_node", "cores_per_node_at_ranks",
+                            "device_memory_gib", "peak_tflops", "memory_bandwidth_gbps", "intra_node", "inter_node",
+                            "gemm_efficiency", "waiting_core_share", "block_overhead", "calibration"}) {
+      CAPTURE(key);
+      CHECK(j.contains(key));
+    }
+    REQUIRE(j.contains("block_overhead"));
+    CHECK(j.at("block_overhead").contains("per_pass_us"));
+    CHECK(j.at("block_overhead").contains("per_token_ns"));
+    const Cluster c = Cluster::load(entry.path().string());
+    CHECK(c.block_pass_overhead + c.block_token_overhead > 0);  // measured, not the default 0
+  }
+  CHECK(files == 2);  // threads and mpi
+}
+
 TEST_CASE("BLOOM sweep (rows.md): the layout whose model state alone exceeds 80 GiB is flagged, the other 14 are not") {
   // The sweep as published_rows.json copies it from rows.md (cluster J, 181B, full
   // recomputation, ZeRO-1). rows.md gives no measured memory per layout, so the check is: the
@@ -386,6 +414,109 @@ TEST_CASE("Plan::predict: bad layouts fail with errors that name the numbers") {
   ModelSpec bad = m;
   bad.heads = 5;
   CHECK_THROWS_WITH_AS(Plan::predict(bad, c, Layout{}), doctest::Contains("heads 5 must divide hidden 64"), Error);
+}
+
+TEST_CASE("Cluster JSON: errors name the key and the value as written; unknown keys are refused") {
+  const auto base = [] {
+    return nlohmann::json{{"name", "test"},
+                          {"devices_per_node", 8},
+                          {"device_memory_gib", 80},
+                          {"peak_tflops", 312},
+                          {"memory_bandwidth_gbps", 2039},
+                          {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
+                          {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
+                          {"gemm_efficiency", {{1.0, 0.5}}}};
+  };
+  CHECK_NOTHROW(Cluster::from_json(base()));
+  nlohmann::json j = base();
+  j["device_memory_gib"] = -80;  // was "device_memory must be > 0, got -8.58993e+10"
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: device_memory_gib must be > 0, got -80"), Error);
+  j = base();
+  j["peak_tflops"] = 0;
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: peak_tflops must be > 0, got 0"), Error);
+  j = base();
+  j["peak_tflops"] = "312";  // was "the top level.peak_tflops"
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: peak_tflops must be a number, got \"312\""), Error);
+  j = base();
+  j["intra_node"]["bandwidth_gbps"] = -1;
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: intra_node.bandwidth_gbps must be > 0, got -1"), Error);
+  j = base();
+  j["inter_node"]["latency_us"] = -2;
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: inter_node.latency_us must be >= 0, got -2"), Error);
+  j = base();
+  j["inter_node"].erase("latency_us");
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: no key 'inter_node.latency_us'"), Error);
+  j = base();
+  j["waiting_core_share"] = 1.5;
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: waiting_core_share must be <= 1, got 1.5"), Error);
+  j = base();
+  j["peak_tflop"] = 312;  // misspelt: refused, naming it (the model file refuses unknown keys too)
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j), doctest::Contains("Cluster JSON: unknown key 'peak_tflop' (the top level holds name, "),
+                       Error);
+  j = base();
+  j["intra_node"]["bandwidth_gb"] = 1;
+  CHECK_THROWS_WITH_AS(Cluster::from_json(j),
+                       doctest::Contains("Cluster JSON: unknown key 'intra_node.bandwidth_gb' (intra_node holds bandwidth_gbps, latency_us)"), Error);
+  j = base();
+  j["calibration"] = {{"anything", 1}};  // calibrate's raw measurements: kept, not read
+  CHECK_NOTHROW(Cluster::from_json(j));
+}
+
+TEST_CASE("ModelSpec and Layout: limits far above any real model keep the counts in range") {
+  const Cluster c = flat_cluster();
+  const ModelSpec ok{.name = "m", .layers = 4, .hidden = 64, .heads = 4, .kv_heads = 0, .ffn = 0, .vocab = 100,
+                     .seq = 32, .tied = true};
+  ModelSpec m = ok;
+  m.layers = 2147483647;  // ran for minutes
+  CHECK_THROWS_WITH_AS(m.validate(), doctest::Contains("layers 2147483647 is above the planner's limit 4096"), Error);
+  m = ok;
+  m.hidden = 2147483520;  // 24 heads: printed a negative parameter count
+  m.heads = 24;
+  CHECK_THROWS_WITH_AS(m.validate(), doctest::Contains("hidden 2147483520 is above the planner's limit 262144"), Error);
+  m = ok;
+  m.ffn = 2000000000;  // printed 0.0 TFLOP/s
+  CHECK_THROWS_WITH_AS(m.validate(), doctest::Contains("ffn 2000000000 is above the planner's limit 1048576"), Error);
+  m = ok;
+  m.vocab = (1 << 24) + 1;
+  CHECK_THROWS_WITH_AS(m.validate(), doctest::Contains("vocab 16777217 is above the planner's limit 16777216"), Error);
+  m = ok;
+  m.seq = (1 << 24) + 1;
+  CHECK_THROWS_WITH_AS(m.validate(), doctest::Contains("seq 16777217 is above the planner's limit 16777216"), Error);
+  // At the limits every figure is finite and positive (no overflow).
+  const ModelSpec big{.name = "at the limits", .layers = ModelSpec::max_layers, .hidden = ModelSpec::max_hidden,
+                      .heads = 128, .kv_heads = 0, .ffn = 0, .vocab = ModelSpec::max_vocab, .seq = 8192, .tied = true};
+  const Plan p = Plan::predict(big, c, Layout{.tp = 8, .pp = 64, .microbatch_size = 1, .num_microbatches = 128,
+                                              .recompute = Recompute::full});
+  CHECK(big.parameters() > 3e15);
+  CHECK(std::isfinite(p.time.total()));
+  CHECK(p.time.total() > 0);
+  CHECK(p.model_flops_per_device() > 0);
+  CHECK(p.memory.total() > 0);
+  // A GPT-4-scale guess passes: 120 layers, hidden 18432 (PaLM's), 128k vocabulary, seq 8192.
+  const ModelSpec gpt4{.name = "GPT-4 scale", .layers = 120, .hidden = 18432, .heads = 96, .kv_heads = 8, .ffn = 73728,
+                       .vocab = 128000, .seq = 8192, .tied = false};
+  CHECK_NOTHROW(gpt4.validate());
+  // The replay: pp x v x micro-batches above 2^20 is refused before any schedule is built.
+  const ModelSpec deep{.name = "deep", .layers = 128, .hidden = 64, .heads = 4, .kv_heads = 0, .ffn = 0, .vocab = 100,
+                       .seq = 32, .tied = true};
+  CHECK_THROWS_WITH_AS(Plan::predict(deep, c, Layout{.pp = 64, .microbatch_size = 1, .num_microbatches = 131072}),
+                       doctest::Contains("pp 64 x virtual_stages 1 x 131072 micro-batches = 8388608 schedule units to "
+                                         "replay, above the planner's limit 1048576"),
+                       Error);
+  CHECK_NOTHROW(Plan::predict(deep, c, Layout{.pp = 64, .microbatch_size = 1, .num_microbatches = 16384}));  // 2^20
+  // The search rejects such layouts with the reason, and calls on_predicted for the others.
+  std::size_t calls = 0, last = 0;
+  SearchOptions o{.world = 64, .global_batch = 32768, .microbatch_sizes = {1, 8}, .virtual_stages = {1},
+                  .recompute = {Recompute::full}, .zero_stages = {0}, .zero_bubble = false, .pp_sizes = {64},
+                  .on_predicted = [&](const Layout&, std::size_t n) { ++calls; last = n; }};
+  const SearchResult r = search(deep, c, o);
+  bool refused = false;
+  for (const Rejected& x : r.rejected)
+    refused = refused || x.reason == "pp 64 x v 1 x 32768 micro-batches = 2097152 schedule units, above the planner's "
+                                     "limit 1048576";
+  CHECK(refused);
+  CHECK(calls == 1);  // mbs 8: 4096 micro-batches
+  CHECK(last == 1);
 }
 
 TEST_CASE("search: odd world sizes 3 and 7 give only layouts of that many devices, the rest rejected with reasons") {

@@ -6,6 +6,7 @@
 
 #include <exception>
 #include <fstream>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -109,54 +110,99 @@ struct Cluster {
   ///  "inter_node": {"bandwidth_gbps", "latency_us"}, "gemm_efficiency": [[gflop, fraction], ...]},
   /// optionally "cores_per_node" and "waiting_core_share" (default 0) and
   /// "cores_per_node_at_ranks": [[ranks, cores], ...] and "block_overhead": {"per_pass_us",
-  /// "per_token_ns"} (default 0); other keys (e.g. "calibration") are ignored
-  /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing or mistyped key, or
-  /// what validate() throws.
+  /// "per_token_ns"} (default 0), and "calibration" (calibrate's raw measurements, not read)
+  /// (GB/s = 1e9 bytes/s; GiB = 2^30 bytes). Throws Error naming a missing, mistyped or unknown
+  /// key, or a value out of range as the JSON writes it (e.g. "device_memory_gib must be > 0,
+  /// got -80"), or what validate() throws.
   static Cluster from_json(const nlohmann::json& j) {
+    TESSERA_EXPECTS(j.is_object(), "Cluster JSON: the top level must be an object {...}, got ", j.type_name());
+    // The key as a path: "peak_tflops", "intra_node.bandwidth_gbps".
+    auto path = [](const char* where, const char* key) {
+      return where == nullptr ? std::string(key) : tessera::detail::str(where, ".", key);
+    };
+    auto only = [&](const nlohmann::json& obj, std::initializer_list<const char*> keys, const char* where) {
+      for (const auto& [key, value] : obj.items()) {
+        bool known = false;
+        std::string list;
+        for (const char* k : keys) {
+          known = known || key == k;
+          list += std::string(list.empty() ? "" : ", ") + k;
+        }
+        TESSERA_EXPECTS(known, "Cluster JSON: unknown key '", where == nullptr ? key : path(where, key.c_str()),
+                        "' (", where == nullptr ? "the top level" : where, " holds ", list, ")");
+      }
+    };
     auto need = [&](const nlohmann::json& obj, const char* key, const char* where) -> const nlohmann::json& {
-      TESSERA_EXPECTS(obj.is_object() && obj.contains(key), "Cluster JSON: ", where, " has no key '", key, "'");
+      TESSERA_EXPECTS(obj.is_object(), "Cluster JSON: ", where == nullptr ? "the top level" : where,
+                      " must be an object {...}, got ", obj.dump());
+      TESSERA_EXPECTS(obj.contains(key), "Cluster JSON: no key '", path(where, key), "'");
       return obj.at(key);
     };
-    auto number = [&](const nlohmann::json& obj, const char* key, const char* where) {
+    // A number as written; `low` is its bound: > low when `strict`, else >= low.
+    auto number = [&](const nlohmann::json& obj, const char* key, const char* where, double low = 0,
+                      bool strict = true) {
       const nlohmann::json& v = need(obj, key, where);
-      TESSERA_EXPECTS(v.is_number(), "Cluster JSON: ", where, ".", key, " must be a number, got ", v.dump());
-      return v.get<double>();
+      TESSERA_EXPECTS(v.is_number(), "Cluster JSON: ", path(where, key), " must be a number, got ", v.dump());
+      const double x = v.get<double>();
+      TESSERA_EXPECTS(strict ? x > low : x >= low, "Cluster JSON: ", path(where, key), " must be ",
+                      strict ? "> " : ">= ", low, ", got ", v.dump());
+      return x;
     };
+    {  // A misspelt key ("peak_tflop") would leave a required key missing or an optional one at its
+       // default without a word: refused, naming it. "calibration": calibrate's raw measurements.
+      std::initializer_list<const char*> keys = {"name", "source", "devices_per_node", "cores_per_node",
+                                                 "cores_per_node_at_ranks", "waiting_core_share", "block_overhead",
+                                                 "device_memory_gib", "peak_tflops", "memory_bandwidth_gbps",
+                                                 "intra_node", "inter_node", "gemm_efficiency", "calibration"};
+      only(j, keys, nullptr);
+    }
+    for (const char* key : {"name", "source"})
+      TESSERA_EXPECTS(!j.contains(key) || j.at(key).is_string(), "Cluster JSON: ", key, " must be a string, got ",
+                      j.at(key).dump());
     Cluster c;
     c.name = j.value("name", std::string{});
     c.source = j.value("source", std::string{});
     {
-      const nlohmann::json& v = need(j, "devices_per_node", "the top level");
+      const nlohmann::json& v = need(j, "devices_per_node", nullptr);
       TESSERA_EXPECTS(v.is_number_integer() && v.get<long long>() >= 1 && v.get<long long>() <= (1 << 20),
                       "Cluster JSON: devices_per_node must be a whole number in [1, 2^20], got ", v.dump());
       c.devices_per_node = v.get<int>();
     }
-    if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", "the top level");
-    if (j.contains("waiting_core_share")) c.waiting_core_share = number(j, "waiting_core_share", "the top level");
+    if (j.contains("cores_per_node")) c.cores_per_node = number(j, "cores_per_node", nullptr, 0, false);
+    if (j.contains("waiting_core_share")) {
+      c.waiting_core_share = number(j, "waiting_core_share", nullptr, 0, false);
+      TESSERA_EXPECTS(c.waiting_core_share <= 1, "Cluster JSON: waiting_core_share must be <= 1, got ",
+                      j.at("waiting_core_share").dump());
+    }
     if (j.contains("block_overhead")) {
       const nlohmann::json& b = j.at("block_overhead");
-      c.block_pass_overhead = number(b, "per_pass_us", "block_overhead") * 1e-6;
-      c.block_token_overhead = number(b, "per_token_ns", "block_overhead") * 1e-9;
+      c.block_pass_overhead = number(b, "per_pass_us", "block_overhead", 0, false) * 1e-6;
+      c.block_token_overhead = number(b, "per_token_ns", "block_overhead", 0, false) * 1e-9;
+      only(b, {"per_pass_us", "per_token_ns"}, "block_overhead");
     }
     if (j.contains("cores_per_node_at_ranks")) {
       const nlohmann::json& at = j.at("cores_per_node_at_ranks");
       TESSERA_EXPECTS(at.is_array(), "Cluster JSON: cores_per_node_at_ranks must be an array of [ranks, cores]");
       for (const nlohmann::json& p : at) {
-        TESSERA_EXPECTS(p.is_array() && p.size() == 2 && p[0].is_number_integer() && p[1].is_number(),
-                        "Cluster JSON: each cores_per_node_at_ranks entry must be [ranks, cores], got ", p.dump());
+        TESSERA_EXPECTS(p.is_array() && p.size() == 2 && p[0].is_number_integer() && p[1].is_number() &&
+                            p[0].get<long long>() >= 1 && p[0].get<long long>() <= (1 << 20),
+                        "Cluster JSON: each cores_per_node_at_ranks entry must be [ranks, cores] with ranks a whole "
+                        "number in [1, 2^20], got ", p.dump());
         c.cores_at_ranks.emplace_back(p[0].get<int>(), p[1].get<double>());
       }
     }
-    c.device_memory = number(j, "device_memory_gib", "the top level") * 1024.0 * 1024.0 * 1024.0;
-    c.peak_flops = number(j, "peak_tflops", "the top level") * 1e12;
-    c.memory_bandwidth = number(j, "memory_bandwidth_gbps", "the top level") * 1e9;
-    const nlohmann::json& intra = need(j, "intra_node", "the top level");
+    c.device_memory = number(j, "device_memory_gib", nullptr) * 1024.0 * 1024.0 * 1024.0;
+    c.peak_flops = number(j, "peak_tflops", nullptr) * 1e12;
+    c.memory_bandwidth = number(j, "memory_bandwidth_gbps", nullptr) * 1e9;
+    const nlohmann::json& intra = need(j, "intra_node", nullptr);
     c.intra_node_bandwidth = number(intra, "bandwidth_gbps", "intra_node") * 1e9;
-    c.intra_node_latency = number(intra, "latency_us", "intra_node") * 1e-6;
-    const nlohmann::json& inter = need(j, "inter_node", "the top level");
+    c.intra_node_latency = number(intra, "latency_us", "intra_node", 0, false) * 1e-6;
+    only(intra, {"bandwidth_gbps", "latency_us"}, "intra_node");
+    const nlohmann::json& inter = need(j, "inter_node", nullptr);
     c.inter_node_bandwidth = number(inter, "bandwidth_gbps", "inter_node") * 1e9;
-    c.inter_node_latency = number(inter, "latency_us", "inter_node") * 1e-6;
-    const nlohmann::json& curve = need(j, "gemm_efficiency", "the top level");
+    c.inter_node_latency = number(inter, "latency_us", "inter_node", 0, false) * 1e-6;
+    only(inter, {"bandwidth_gbps", "latency_us"}, "inter_node");
+    const nlohmann::json& curve = need(j, "gemm_efficiency", nullptr);
     TESSERA_EXPECTS(curve.is_array(), "Cluster JSON: gemm_efficiency must be an array of [gflop, fraction]");
     for (const nlohmann::json& p : curve) {
       TESSERA_EXPECTS(p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number(),

@@ -89,8 +89,15 @@ struct Layout {
   /// Pipeline stages, pp * virtual_stages.
   int num_stages() const { return pp * virtual_stages; }
 
+  /// The most (pipeline rank, model chunk, micro-batch) triples, pp x virtual_stages x
+  /// num_microbatches, a prediction replays: each is a forward and a backward the replay
+  /// simulates and keeps (about 3 us and 1 KB each; 2^20 take ~3 s and ~1 GB). Published runs
+  /// stay far below (a 1T model at pp 64, v 2 and 512 micro-batches: 65536).
+  static constexpr long long max_schedule_units = 1LL << 20;
+
   /// Throws Error naming the numbers when a size is < 1, the ZeRO stage is outside 0-3,
-  /// virtual_stages > 1 without the interleaved schedule, or sequence parallelism without tp.
+  /// virtual_stages > 1 without the interleaved schedule, sequence parallelism without tp, or
+  /// pp x virtual_stages x num_microbatches is above max_schedule_units.
   void validate() const {
     TESSERA_EXPECTS(dp >= 1 && tp >= 1 && pp >= 1 && virtual_stages >= 1 && microbatch_size >= 1 &&
                         num_microbatches >= 1,
@@ -102,7 +109,14 @@ struct Layout {
     TESSERA_EXPECTS(virtual_stages == 1 || schedule == PipelineSchedule::interleaved, "Layout: virtual_stages ",
                     virtual_stages, " needs the interleaved schedule, got ", plan::to_string(schedule));
     TESSERA_EXPECTS(!sequence_parallel || tp > 1, "Layout: sequence parallelism needs tp > 1, got tp ", tp);
+    TESSERA_EXPECTS(schedule_units() <= max_schedule_units, "Layout: pp ", pp, " x virtual_stages ", virtual_stages,
+                    " x ", num_microbatches, " micro-batches = ", schedule_units(),
+                    " schedule units to replay, above the planner's limit ", max_schedule_units,
+                    " (Layout::max_schedule_units); use fewer, larger micro-batches");
   }
+
+  /// pp x virtual_stages x num_microbatches: the forward/backward pairs a prediction replays.
+  long long schedule_units() const { return 1LL * pp * virtual_stages * num_microbatches; }
 
   /// The tessera schedule this layout runs on its pp ranks: OneFOneB, InterleavedOneFOneB,
   /// GPipe or ZeroBubbleH1 with num_microbatches (and virtual_stages). Throws what validate() and the

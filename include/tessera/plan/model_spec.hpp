@@ -34,6 +34,17 @@ struct ModelSpec {
   /// as Korthikanti et al. 2022 do.
   bool tessera_block = false;
 
+  /// Limits validate() enforces, far above any published model (GPT-3 175B: 96 layers, hidden
+  /// 12288, seq 2048; PaLM 540B: 118 layers, hidden 18432, ffn 73728, vocab 256k; GPT-4-scale
+  /// guesses: ~120 layers, hidden ~20k-25k). They keep every count the planner forms -- one
+  /// weight's elements (hidden x ffn <= 2^38), parameters, FLOPs, bytes -- inside 64-bit
+  /// integers and doubles, and a prediction to seconds.
+  static constexpr int max_layers = 4096;         ///< at most 4096 blocks
+  static constexpr int max_hidden = 1 << 18;      ///< hidden size at most 262144
+  static constexpr int max_ffn = 1 << 20;         ///< MLP width at most 1048576 (4 x max_hidden)
+  static constexpr int max_vocab = 1 << 24;       ///< vocabulary at most 16777216 tokens
+  static constexpr int max_seq = 1 << 24;         ///< sequence length at most 16777216 tokens
+
   /// Key/value heads actually used: kv_heads, or heads when kv_heads is 0.
   int num_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }
   /// MLP width actually used: ffn, or 4 * hidden when ffn is 0.
@@ -60,12 +71,22 @@ struct ModelSpec {
   /// All parameters: layers * layer_parameters() + embedding and head.
   double parameters() const { return layers * layer_parameters() + embedding_parameters() + head_parameters(); }
 
-  /// Throws Error naming the numbers when a size is < 1, kv_heads does not divide heads, or
-  /// heads does not divide hidden.
+  /// Throws Error naming the numbers when a size is < 1 or above its limit (max_layers,
+  /// max_hidden, max_ffn -- also the default 4 x hidden --, max_vocab, max_seq), kv_heads does not
+  /// divide heads, or heads does not divide hidden.
   void validate() const {
     TESSERA_EXPECTS(layers >= 1 && hidden >= 1 && heads >= 1 && vocab >= 1 && seq >= 1, "ModelSpec '", name,
                     "': layers, hidden, heads, vocab and seq must be >= 1, got ", layers, ", ", hidden, ", ", heads,
                     ", ", vocab, ", ", seq);
+    const auto at_most = [&](const char* what, long long value, long long limit) {
+      TESSERA_EXPECTS(value <= limit, "ModelSpec '", name, "': ", what, " ", value, " is above the planner's limit ",
+                      limit, " (far above any published model; ModelSpec::max_*)");
+    };
+    at_most("layers", layers, max_layers);
+    at_most("hidden", hidden, max_hidden);
+    at_most("ffn", ffn_size(), max_ffn);
+    at_most("vocab", vocab, max_vocab);
+    at_most("seq", seq, max_seq);
     TESSERA_EXPECTS(hidden % heads == 0, "ModelSpec '", name, "': heads ", heads, " must divide hidden ", hidden);
     TESSERA_EXPECTS(kv_heads >= 0 && ffn >= 0, "ModelSpec '", name, "': kv_heads ", kv_heads, " and ffn ", ffn,
                     " must be >= 0 (0 = the default)");

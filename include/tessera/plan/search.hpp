@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -38,6 +39,9 @@ struct SearchOptions {
   std::vector<int> tp_sizes{};                         ///< tp sizes to try; empty: powers of 2 up to a node
   std::vector<int> pp_sizes{};                         ///< pp sizes to try; empty: every divisor
   std::vector<int> dp_sizes{};                         ///< dp sizes to try; empty: every divisor
+  /// Called after each layout is predicted, with it and the count predicted so far (e.g. a
+  /// progress line: a 1T model at world 512 predicts thousands of layouts); empty: none.
+  std::function<void(const Layout&, std::size_t)> on_predicted{};
 };
 
 /// A layout the search did not rank, and why.
@@ -83,6 +87,7 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
   using tessera::detail::str;
   const double gib = 1024.0 * 1024.0 * 1024.0;
   SearchResult out;
+  std::size_t predicted = 0;  // layouts predicted so far (SearchOptions::on_predicted)
   auto divisors = [](int n) {
     std::vector<int> d;
     for (int i = 1; i <= n; ++i)
@@ -145,6 +150,11 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
                            pp));
             continue;
           }
+          if (lv.schedule_units() > Layout::max_schedule_units) {
+            reject(lv, str("pp ", pp, " x v ", v, " x ", lv.num_microbatches, " micro-batches = ", lv.schedule_units(),
+                           " schedule units, above the planner's limit ", Layout::max_schedule_units));
+            continue;
+          }
           std::vector<PipelineSchedule> scheds{lv.schedule};
           if (v == 1 && pp > 1 && opts.zero_bubble) scheds.push_back(PipelineSchedule::zero_bubble_h1);
           for (PipelineSchedule sc : scheds)
@@ -157,6 +167,7 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
               l.zero3_unit_layers = opts.zero3_unit_layers;
               if (z > 0 && dp == 1) continue;  // ZeRO over one replica is stage 0
               Plan p = Plan::predict(model, cluster, l, precision);
+              if (opts.on_predicted) opts.on_predicted(l, ++predicted);
               if (!p.fits()) {
                 const MemoryEstimate& m = p.memory;
                 reject(l, str("needs ", m.total() / gib, " GiB on pp rank ", m.pp_rank, ", the device has ",
