@@ -61,13 +61,13 @@ struct ModelArgs {
                                          "tessera_block, dropout}; excludes the model flags below");
     // The file describes the whole model: a model flag beside it is refused (exit code 2)
     // rather than silently ignored.
-    for (CLI::Option* o : {app->add_option("--layers", spec.layers, "transformer blocks"),
-                           app->add_option("--hidden", spec.hidden, "hidden size"),
+    for (CLI::Option* o : {app->add_option("--layers", spec.layers, "transformer blocks (at most 4096)"),
+                           app->add_option("--hidden", spec.hidden, "hidden size (at most 262144)"),
                            app->add_option("--heads", spec.heads, "attention heads"),
                            app->add_option("--kv-heads", spec.kv_heads, "key/value heads (0: = heads)"),
-                           app->add_option("--ffn", spec.ffn, "MLP width (0: 4 x hidden)"),
-                           app->add_option("--vocab", spec.vocab, "vocabulary size"),
-                           app->add_option("--seq", spec.seq, "sequence length"),
+                           app->add_option("--ffn", spec.ffn, "MLP width (0: 4 x hidden; at most 1048576)"),
+                           app->add_option("--vocab", spec.vocab, "vocabulary size (at most 16777216)"),
+                           app->add_option("--seq", spec.seq, "sequence length (at most 16777216)"),
                            app->add_flag("--untied", untied, "LM head not tied to the embedding"),
                            app->add_flag("--no-dropout", no_dropout, "blocks without dropout (tessera's nn::Block, train_gpt)"),
                            app->add_flag("--tessera-block", tessera_block,
@@ -95,6 +95,9 @@ struct ModelArgs {
       std::ifstream in(file);
       if (!in) throw tessera::Error("tessera-plan: cannot open model file '" + file + "'");
       const json j = json::parse(in);
+      if (!j.is_object())
+        throw tessera::Error(tessera::detail::str("tessera-plan: model file '", file, "' must hold a JSON object {...}, got ",
+                                                  j.type_name()));
       // A misspelt key ("kv_head") would leave its default in place: refused.
       for (const auto& [key, value] : j.items())
         if (std::ranges::find(kModelFileKeys, key) == std::ranges::end(kModelFileKeys)) {
@@ -111,6 +114,16 @@ struct ModelArgs {
                                                     " must be a whole number in [0, 2^31), got ", v.dump()));
         return v.get<int>();
       };
+      // true/false keys and the name: a wrong type names the key ("tied": "yes").
+      auto flag = [&](const char* key, bool fallback) {
+        if (!j.contains(key)) return fallback;
+        if (!j.at(key).is_boolean())
+          throw tessera::Error(tessera::detail::str("tessera-plan: model file '", file, "': ", key,
+                                                    " must be true or false, got ", j.at(key).dump()));
+        return j.at(key).get<bool>();
+      };
+      if (j.contains("name") && !j.at("name").is_string())
+        throw tessera::Error("tessera-plan: model file '" + file + "': name must be a string, got " + j.at("name").dump());
       m.name = j.value("name", file);
       m.layers = whole("layers", 0, true);
       m.hidden = whole("hidden", 0, true);
@@ -119,9 +132,9 @@ struct ModelArgs {
       m.ffn = whole("ffn", 0, false);
       m.vocab = whole("vocab", 0, true);
       m.seq = whole("seq", 0, true);
-      m.tied = j.value("tied", true);
-      m.tessera_block = j.value("tessera_block", false);
-      m.dropout = j.value("dropout", !m.tessera_block);
+      m.tied = flag("tied", true);
+      m.tessera_block = flag("tessera_block", false);
+      m.dropout = flag("dropout", !m.tessera_block);
       if (m.tessera_block && m.dropout)
         throw tessera::Error("tessera-plan: model file '" + file + "': tessera_block has no dropout (tessera's nn::Block); "
                              "drop \"dropout\": true");
@@ -150,7 +163,8 @@ struct LayoutArgs {
     app->add_option("--mbs", layout.microbatch_size, "micro-batch size")->check(CLI::Range(1, 1 << 30));
     // At most 2^17 sequences (published runs use up to a few thousand): the replayed schedule
     // holds every micro-batch, so its memory grows with the batch.
-    app->add_option("--batch", batch, "global batch in sequences (sets the micro-batch count)")
+    app->add_option("--batch", batch, "global batch in sequences, at most 131072 (sets the micro-batch count m; pp x v x m at most "
+                                        "1048576, the schedule units a prediction replays)")
         ->required()->check(CLI::Range(1LL, 1LL << 17));
     app->add_option("--schedule", schedule, "auto, 1f1b, interleaved, gpipe or zb-h1");
     app->add_flag("--sp", layout.sequence_parallel, "sequence parallelism");
@@ -226,6 +240,16 @@ struct RowResult {
   bool fits = true;
 };
 
+// A row's cluster file, in `clusters`; when it cannot be opened, says which option sets the folder.
+tp::Cluster load_row_cluster(const std::filesystem::path& clusters, const std::string& name) {
+  const std::filesystem::path path = clusters / name;
+  if (!std::filesystem::exists(path))
+    throw InputError("tessera-plan validate: cannot open the cluster file '" + path.string() +
+                     "' (a row's \"cluster\", read from --clusters DIR, default ../clusters beside the rows file: give "
+                     "--clusters plan/clusters when the rows file was copied elsewhere)");
+  return load_cluster(path.string());
+}
+
 // Predicts a published row; unknown mbs / v / recompute are chosen as the fastest candidate that fits
 // (mbs in {1, 2, 4}, v in {1, 2, 3}, recompute in {selective, full}); the spread is over every
 // candidate that can be built.
@@ -233,7 +257,19 @@ RowResult predict_row(const json& r, const std::filesystem::path& clusters) {
   tp::ModelSpec m{.name = r.at("id").get<std::string>(), .layers = r.at("layers"), .hidden = r.at("hidden"),
                   .heads = r.at("heads"), .kv_heads = 0, .ffn = 0, .vocab = r.at("vocab"), .seq = r.at("seq"),
                   .tied = true};
-  const tp::Cluster c = load_cluster((clusters / r.at("cluster").get<std::string>()).string());
+  const tp::Cluster c = load_row_cluster(clusters, r.at("cluster").get<std::string>());
+  // A row that contradicts itself is refused, naming it, rather than predicted.
+  if (r.contains("gpus") && !r.at("gpus").is_null()) {
+    const long long gpus = r.at("gpus").get<long long>(),
+                    product = r.at("tp").get<long long>() * r.at("pp").get<long long>() * r.at("dp").get<long long>();
+    if (gpus != product)
+      throw InputError(tessera::detail::str("tessera-plan validate: row ", m.name, ": gpus ", gpus, " is not tp x pp x dp = ",
+                                            r.at("tp").get<long long>(), " x ", r.at("pp").get<long long>(), " x ",
+                                            r.at("dp").get<long long>(), " = ", product));
+  }
+  if (!r.at("iteration_s").is_null() && !(r.at("iteration_s").get<double>() > 0))
+    throw InputError(tessera::detail::str("tessera-plan validate: row ", m.name, ": iteration_s must be > 0 seconds (or null: "
+                                          "no published time), got ", r.at("iteration_s").dump()));
   std::vector<int> mbss = r.at("mbs").is_null() ? std::vector<int>{1, 2, 4} : std::vector<int>{r.at("mbs").get<int>()};
   std::vector<int> vs = r.at("v").is_null() ? std::vector<int>{1, 2, 3} : std::vector<int>{r.at("v").get<int>()};
   std::vector<tp::Recompute> rcs = r.at("recompute").is_null()
@@ -279,6 +315,9 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
   std::printf("%-4s %-10s %-10s %-8s %-19s %s\n", "row", "predicted", "published", "error", "spread (unknowns)", "chosen layout / breakdown");
   double sum = 0, worst = 0;
   int n = 0;
+  if (!doc.is_object() || !doc.contains("rows") || !doc.at("rows").is_array() || doc.at("rows").empty())
+    throw InputError("tessera-plan validate: '" + rows_path + "' has no rows (\"rows\": [...] is missing or empty; "
+                     "plan/validation/published_rows.json shows the format)");
   for (const json& r : doc.at("rows")) {
     const RowResult x = predict_row(r, clusters);
     const double t = x.plan.time.total();
@@ -304,12 +343,15 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
                 err.c_str(), spread, x.plan.layout.to_string().c_str(), x.fits ? "" : "  [predicted not to fit]");
     std::printf("     time   %s\n     memory %s\n", x.plan.time.to_string().c_str(), x.plan.memory.to_string().c_str());
   }
-  const double mean = n ? sum / n : 0;
+  if (n == 0)  // no figure to report: "mean 0.00%" would read as a perfect calibration
+    throw InputError("tessera-plan validate: '" + rows_path + "' has no calibration row (id C...) with a published "
+                     "iteration_s; the error is measured on those");
+  const double mean = sum / n;
   std::printf("\nCalibration rows C1-C6: mean |error| %.2f%%, max |error| %.2f%% (targets: mean <= 5%%, max <= 10%%)\n",
               100 * mean, 100 * worst);
   if (doc.contains("bloom_sweep")) {
     const json& s = doc.at("bloom_sweep");
-    const tp::Cluster c = load_cluster((clusters / s.at("cluster").get<std::string>()).string());
+    const tp::Cluster c = load_row_cluster(clusters, s.at("cluster").get<std::string>());
     const tp::ModelSpec m{.name = "BLOOM sweep 181B", .layers = s.at("layers"), .hidden = s.at("hidden"), .heads = s.at("heads"),
                           .kv_heads = 0, .ffn = 0, .vocab = s.at("vocab"), .seq = s.at("seq"), .tied = true};
     std::printf("\nBLOOM layout sweep (%s), ranked by predicted step time:\n", c.name.c_str());
@@ -342,7 +384,10 @@ int validate(const std::string& rows_path, const std::string& clusters_dir, doub
   if (!in) throw InputError("tessera-plan validate: cannot open '" + rows_path + "'");
   try {
     return validate_rows(rows_path, json::parse(in), clusters_dir, max_mean, max_max);
-  } catch (const json::exception& e) {  // not JSON, a key missing or of the wrong type
+  } catch (const json::parse_error& e) {  // not JSON, e.g. a Markdown table
+    throw InputError("tessera-plan validate: '" + rows_path + "' is not JSON (" + e.what() +
+                     "); validate reads a rows JSON file like plan/validation/published_rows.json");
+  } catch (const json::exception& e) {  // a key missing or of the wrong type
     throw InputError("tessera-plan validate: '" + rows_path + "': " + e.what());
   } catch (const std::ios_base::failure& e) {  // e.g. a directory: the read fails
     throw InputError("tessera-plan validate: cannot read '" + rows_path + "': " + e.what());
@@ -583,12 +628,15 @@ int main(int argc, char** argv) {
   cal_cmd->add_option("--mbs", cal.mbs, "micro-batch sizes whose GEMM shapes are timed")->check(CLI::Range(1, 1 << 16));
   cal_cmd->add_option("--tp", cal.tps, "tensor-parallel sizes whose GEMM shapes are timed (each dividing the heads)")
       ->check(CLI::Range(1, 1 << 16));
-  cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB")->check(CLI::Range(0.001, 1e7));
+  // At most 256 MiB a message: every rank holds a few buffers of it (8 thread ranks: ~4 GiB).
+  cal_cmd->add_option("--comm-kib", cal.comm_kib, "message sizes of the collectives, KiB (0.001 to 262144, i.e. 256 MiB)")
+      ->check(CLI::Range(0.001, 262144.0));
   cal_cmd->add_option("--devices-per-node", cal.devices_per_node, "ranks a node may hold (the search's largest tp)")
       ->check(CLI::Range(1, 1 << 20));
   cal_cmd->add_option("--link-ranks", cal.link_ranks,
                       "the rank count whose all-reduce fit becomes the link (one of --ranks)")->check(CLI::Range(2, 4096));
-  cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel")->check(CLI::Range(1e-6, 3600.0));
+  cal_cmd->add_option("--min-time", cal.min_seconds, "seconds per timed batch of a kernel (1e-6 to 3600)")
+      ->check(CLI::Range(1e-6, 3600.0));
   cal_cmd->add_option("--name", cal.name, "the cluster's name");
   cal_cmd->add_option("--out", cal.out, "write the cluster file here");
 
@@ -636,6 +684,13 @@ int main(int argc, char** argv) {
   };
   if (*cal_cmd) {  // before minutes of measuring: what would make the file useless or unwritable
     try {
+      // NaN passes CLI11's ranges.
+      if (!(cal.min_seconds >= 1e-6 && cal.min_seconds <= 3600.0))
+        throw tessera::Error(tessera::detail::str("calibrate: --min-time must be a number of seconds in [1e-6, 3600], got ",
+                                                  cal.min_seconds));
+      for (double kib : cal.comm_kib)
+        if (!(kib >= 0.001 && kib <= 262144.0))
+          throw tessera::Error(tessera::detail::str("calibrate: --comm-kib must be in [0.001, 262144] KiB, got ", kib));
       const tp::ModelSpec m = cal_model.get();
       for (int t : cal.tps)
         if (m.heads % t != 0)
@@ -671,6 +726,19 @@ int main(int argc, char** argv) {
       if (const long long stages = static_cast<long long>(l.pp) * l.virtual_stages; stages > m.layers)
         throw tessera::Error(tessera::detail::str(m.layers, " layers cannot fill ", stages, " pipeline stages (pp ", l.pp,
                                                   " x virtual_stages ", l.virtual_stages, ")"));
+      // The same refusal as the search's: the interleaved schedule runs the micro-batches in groups of pp.
+      if (l.schedule == tp::PipelineSchedule::interleaved && l.num_microbatches % l.pp != 0)
+        throw tessera::Error(tessera::detail::str("interleaving (--v ", l.virtual_stages, ") needs the micro-batch count ",
+                                                  l.num_microbatches, " (--batch / (dp x mbs)) to be a multiple of --pp ",
+                                                  l.pp));
+      // Accepted, but not what was probably meant: a note.
+      if (l.zero_stage > 0 && l.dp == 1)
+        std::fprintf(stderr, "tessera-plan: note: --zero %d at dp 1: one replica has nothing to shard over (rank "
+                     "skips such layouts)\n", l.zero_stage);
+      if (l.zero_stage == 3 && l.zero3_unit_layers > 0 && l.zero3_unit_layers > m.layers / (l.pp * l.virtual_stages))
+        std::fprintf(stderr, "tessera-plan: note: --zero3-unit %d is more than the %d layers of a pipeline stage; a "
+                     "unit is at most a stage (as --zero3-unit 0)\n", l.zero3_unit_layers,
+                     m.layers / (l.pp * l.virtual_stages));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
       return 2;
@@ -683,6 +751,17 @@ int main(int argc, char** argv) {
     const tp::ModelSpec m = model.get();
     const tp::Precision precision = fp32 ? tp::Precision::float32_adamw() : tp::Precision{};
     if (*rank_cmd) {
+      // A large search (a 1T model at world 512: thousands of layouts, minutes) says how far it is,
+      // on stderr, every 5 s.
+      const auto started = std::chrono::steady_clock::now();
+      auto last = started;
+      sopts.on_predicted = [&](const tp::Layout& l, std::size_t n) {
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last < std::chrono::seconds(5)) return;
+        last = now;
+        std::fprintf(stderr, "tessera-plan rank: %zu layouts predicted in %.0f s (now %s)\n", n,
+                     std::chrono::duration<double>(now - started).count(), l.to_string().c_str());
+      };
       const tp::SearchResult res = tp::search(m, cluster, sopts, precision);
       std::printf("%s on %s: %zu layouts fit, %zu rejected\n", m.name.c_str(), cluster.name.c_str(), res.ranked.size(),
                   res.rejected.size());
