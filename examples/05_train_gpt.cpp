@@ -286,9 +286,6 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.pp > 1 || (app.count("--schedule") == 0 && app.count("--microbatches") == 0 &&
                                    app.count("--virtual-stages") == 0),
                       "train_gpt: --schedule, --microbatches and --virtual-stages are for a pipeline (--pp 2 or more)");
-      TESSERA_EXPECTS(a.schedule == "1f1b" || a.schedule == "gpipe" || a.schedule == "interleaved",
-                      "train_gpt: --device cuda pipelines with --schedule 1f1b, gpipe or interleaved (got --schedule ",
-                      a.schedule, "); zero-bubble's split backward runs on the CPU");
       TESSERA_EXPECTS(a.virtual_stages == 1 || a.schedule == "interleaved", "train_gpt: --virtual-stages ",
                       a.virtual_stages, " is for --schedule interleaved (got --schedule ", a.schedule, ")");
       if (a.pp > 1) {

@@ -17,7 +17,8 @@
 #        TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     3. train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
 #        dp 2 and 4, tp 2 and 4 (and tp 2 with sequence parallelism), dp 2 x tp 2, pp 2 (1F1B,
-#        GPipe) and dp 2 x pp 2 x tp 2 as threads sharing the GPU (--verify against the serial CPU run);
+#        GPipe, interleaved, ZB-H1) and dp 2 x pp 2 x tp 2 as threads sharing the GPU (--verify
+#        against the serial CPU run);
 #        and --verify: 20 fp32 steps against the serial CPU run (1e-4);
 #     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #        run's resumed on the GPU;
@@ -198,11 +199,12 @@ verify_layout 10 90 "" --dp 2 --tp 2
 verify_layout 10 90 "" --tp 2 --sequence-parallel
 verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
 
-say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
+say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
 verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
 verify_layout 10 90 "" --pp 2 --schedule gpipe --microbatches 4
 verify_layout 10 90 "" --dp 2 --pp 2 --tp 2 --sequence-parallel
 verify_layout 10 90 "" --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4
+verify_layout 10 90 "" --pp 2 --schedule zb-h1 --microbatches 4
 
 say "4. checkpoints across devices"
 ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }

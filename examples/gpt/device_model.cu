@@ -18,6 +18,7 @@
 #include "tessera/schedule/gpipe.hpp"
 #include "tessera/schedule/interleaved_one_f_one_b.hpp"
 #include "tessera/schedule/one_f_one_b.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"
 #if defined(TESSERA_HAVE_NCCL)
 #include "tessera/comm/nccl/nccl_communicator.hpp"
 #include "tessera/cuda/nccl/nccl_device_comm.hpp"
@@ -152,6 +153,7 @@ class CudaModel final : public DeviceModel {
     const int p = pp_comm_->size(), v = static_cast<int>(chunks_.size());
     tessera::schedule::Schedule s = schedule == "gpipe"         ? tessera::schedule::GPipe{microbatches}.build(p)
                                     : schedule == "interleaved" ? tessera::schedule::InterleavedOneFOneB{microbatches, v}.build(p)
+                                    : schedule == "zb-h1"       ? tessera::schedule::ZeroBubbleH1{microbatches}.build(p)
                                                                 : tessera::schedule::OneFOneB{microbatches}.build(p);
     std::vector<tessera::cuda::DeviceGPT<C>*> chunks;
     for (auto& c : chunks_) chunks.push_back(c.get());

@@ -58,8 +58,8 @@ class DeviceModel {
   virtual void finish_gradients() = 0;
   // Pipeline parallelism (the model made with pp > 1): `pp` the ranks of every stage with this
   // rank's dp and tp coordinates (pp rank = stage), `embedding` the first and last stage's
-  // (nullopt on the other stages), the schedule ("gpipe", "1f1b", or "interleaved" over the
-  // model's chunks) over `microbatches`
+  // (nullopt on the other stages), the schedule ("gpipe", "1f1b", "zb-h1", or "interleaved" over
+  // the model's chunks) over `microbatches`
   // micro-batches (tessera::cuda::DevicePipeline). Then forward_backward_pipeline runs a step,
   // evaluate goes down the pipeline, grad_norm sums the stages, download and download_optimizer
   // gather them (collective over pp). With `nccl` through NCCL (a GPU per rank).

@@ -8,7 +8,7 @@
 // when both dp and tp go through NCCL, so that two NCCL communicators never run at once on a GPU);
 // the tp ranks of a dp rank each hold their shard of every block (DeviceGPT's tensor parallelism);
 // under pp each rank holds one stage of the CPU pipeline's cut (v model chunks under interleaving)
-// and the step walks a GPipe, 1F1B or interleaved 1F1B schedule over --microbatches micro-batches
+// and the step walks a GPipe, 1F1B, interleaved 1F1B or ZB-H1 schedule over --microbatches micro-batches
 // (DevicePipeline; the dp reduction then after backward). The model
 // trains on the device (gpt/device_model.hpp); a host HybridGPT of the same layout is the checkpoint format and
 // the sampler: a save downloads the weights and AdamW's state into it and writes the same

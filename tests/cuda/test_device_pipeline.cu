@@ -6,7 +6,8 @@
 // every rank): GPipe and 1F1B at pp 2 and 4 (pp 4 cuts an embedding-only and a head-only stage),
 // with embedding dropout (each micro-batch's mask in its own slot), every dp x tp x pp layout of 2,
 // 4 and 8 ranks with pp > 1 (with and without sequence parallelism), interleaved 1F1B with 2
-// model chunks per rank (pp 2 and 4, and dp 2 x pp 2 x tp 2), bf16 at pp 2 within bf16
+// model chunks per rank (pp 2 and 4, and dp 2 x pp 2 x tp 2), ZB-H1's split backward (pp 2 and
+// 4, dp 2 x pp 2 x tp 2, bf16), bf16 at pp 2 within bf16
 // round-off; the stage layouts' host-side checks are in test_cuda_host.cpp; and the refusals.
 // Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -145,12 +146,13 @@ Run single(const Data& d, const GPTConfig& cfg) {
   return r;
 }
 
-enum class Kind { gpipe, one_f_one_b, interleaved };
+enum class Kind { gpipe, one_f_one_b, interleaved, zb_h1 };
 
 // `v` model chunks per rank: interleaved 1F1B only.
 schedule::Schedule make_schedule(Kind k, int pp, int m, int v = 1) {
   if (k == Kind::gpipe) return schedule::GPipe{m}.build(pp);
   if (k == Kind::interleaved) return schedule::InterleavedOneFOneB{m, v}.build(pp);
+  if (k == Kind::zb_h1) return schedule::ZeroBubbleH1{m}.build(pp);
   return schedule::OneFOneB{m}.build(pp);
 }
 
@@ -332,7 +334,20 @@ TEST_CASE("DevicePipeline interleaved 1F1B: pp 2 x 2 chunks (one layer per stage
   check_equal(pipelined<float>(d, 1, 4, 1, 4, Kind::interleaved, false, six, 2), ref6, 1e-5);
 }
 
-TEST_CASE("DevicePipeline refuses a schedule for another chunk count, zero-bubble schedules, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {
+TEST_CASE("DevicePipeline ZB-H1 (split backward: I passes, deferred W passes) at pp 2 and 4, with dropout, and dp 2 x pp 2 x tp 2 with SP, fp32 within 1e-5") {
+  const Data d = make_data(drop_cfg.vocab_size);
+  const Run ref = single<float>(d, drop_cfg);
+  for (int pp : {2, 4}) {
+    CAPTURE(pp);
+    check_equal(pipelined<float>(d, 1, pp, 1, 4, Kind::zb_h1, false, drop_cfg), ref, 1e-5);
+  }
+  check_equal(pipelined<float>(d, 2, 2, 2, 2, Kind::zb_h1, true, drop_cfg), ref, 1e-5);
+  // bf16: the deferred products read the same bf16 operands the fused backward reads.
+  const Run ref16 = single<tc::bf16>(d, pp_cfg);
+  check_equal(pipelined<tc::bf16>(d, 1, 2, 1, 4, Kind::zb_h1, false, pp_cfg), ref16, 2e-2);
+}
+
+TEST_CASE("DevicePipeline refuses a schedule for another chunk count, a zero-bubble schedule beside a backward hook, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {
   threads::run(2, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute;
@@ -343,8 +358,10 @@ TEST_CASE("DevicePipeline refuses a schedule for another chunk count, zero-bubbl
     tc::DeviceGPT<float> m(pp_cfg, init.parameters(), compute, 0, 1, nullptr, false, tc::device_stage(part, world.rank()));
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::InterleavedOneFOneB{4, 2}.build(2)),
                          doctest::Contains("has 2 model chunks per rank, this rank gave 1"), Error);
+    m.set_backward_hook([](std::int64_t) {});
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, &emb, part, schedule::ZeroBubbleH1{4}.build(2)),
-                         doctest::Contains("splits backward into I and W"), Error);
+                         doctest::Contains("a backward hook is set"), Error);
+    m.set_backward_hook({});
     CHECK_THROWS_WITH_AS(tc::DevicePipeline<float>(m, pp_comm, nullptr, part, schedule::OneFOneB{4}.build(2)),
                          doctest::Contains("needs the embedding group"), Error);
     const StagePartition other = StagePartition::from_cuts(4, {1});

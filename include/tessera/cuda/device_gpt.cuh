@@ -343,7 +343,11 @@ class DeviceGPT {
   /// after the work finishing those gradients is queued on the stream (so an event recorded by
   /// the hook follows it): DeviceDataParallel::gradients_final_from starts their reduction
   /// while backward goes on. Empty: none.
-  void set_backward_hook(std::function<void(std::int64_t)> hook) { hook_ = std::move(hook); }
+  void set_backward_hook(std::function<void(std::int64_t)> hook) {
+    TESSERA_EXPECTS(!hook || !split_, "DeviceGPT::set_backward_hook: backward is split (set_split_backward): the weight "
+                    "gradients are finished in stage_backward_weight, after the hook's points");
+    hook_ = std::move(hook);
+  }
   /// The flat gradients as a mutable view (numel() elements), for a data-parallel reduction.
   DeviceView<float> gradient_view() const noexcept { return grad_.view(); }
 
@@ -380,6 +384,18 @@ class DeviceGPT {
   }
   /// Activation slots (set_slots).
   int slots() const noexcept { return slots_count_; }
+  /// Whether backward may be split into stage_backward_input and stage_backward_weight
+  /// (zero-bubble schedules, Qi et al. 2024): each slot then also keeps, per block, the output
+  /// gradients the four weight-gradient products need (reallocated at the next forward). Throws
+  /// tessera::Error when a backward hook is set (a split backward finishes the weights later).
+  void set_split_backward(bool on) {
+    TESSERA_EXPECTS(!on || !hook_, "DeviceGPT::set_split_backward: a backward hook is set; a split backward finishes "
+                    "the weight gradients in stage_backward_weight, after the hook's points");
+    if (on != split_) {
+      split_ = on;
+      B_ = T_ = -1;
+    }
+  }
   /// The shape of a boundary activation (and its gradient) of a (B, T) micro-batch between
   /// stages: (rows, d_model) fp32, rows = B x T, or B x T / tp under sequence parallelism (each
   /// tp rank sends its own rows, as Megatron-LM's scatter-gather split).
@@ -406,7 +422,39 @@ class DeviceGPT {
   /// the shapes when a view does not match.
   void stage_backward(int slot, DeviceView<const std::int32_t> tokens, DeviceView<const float> grad_output,
                       DeviceView<float> grad_input) {
-    backward_impl(slot, tokens, grad_output, grad_input);
+    backward_impl(slot, tokens, grad_output, grad_input, false);
+  }
+  /// Zero-bubble's I pass (set_split_backward(true)): stage_backward without the weight-
+  /// gradient products (each block's four and the head's), whose output gradients the slot
+  /// keeps; the biases, LayerNorms and embeddings take their gradients here. The slot stays
+  /// held until stage_backward_weight. Collective over tp. Throws as stage_backward, and when
+  /// backward is not split.
+  void stage_backward_input(int slot, DeviceView<const std::int32_t> tokens, DeviceView<const float> grad_output,
+                            DeviceView<float> grad_input) {
+    TESSERA_EXPECTS(split_, "DeviceGPT::stage_backward_input: backward is not split (set_split_backward(true))");
+    backward_impl(slot, tokens, grad_output, grad_input, true);
+  }
+  /// Zero-bubble's W pass: the weight-gradient products deferred by stage_backward_input of
+  /// `slot` (gradients accumulated, +=); frees the slot. No communication. Throws tessera::Error
+  /// when the slot holds no deferred pass.
+  void stage_backward_weight(int slot) {
+    TESSERA_EXPECTS(slot >= 0 && slot < static_cast<int>(slots_.size()) && slots_[static_cast<std::size_t>(slot)].deferred,
+                    "DeviceGPT::stage_backward_weight: activation slot ", slot, " holds no deferred weight pass");
+    Slot& S = slots_[static_cast<std::size_t>(slot)];
+    const std::int64_t D = config_.d_model, N = B_ * T_, Dl = D / tp_size_;
+    for (std::size_t l = blocks_.size(); l-- > 0;) {
+      const LayerActs& a = S.acts[l];
+      const DeferredGrads& d = S.wgrad[l];
+      const BlockParams& p = blocks_[l];
+      gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), d.fcproj.data(), g(p.fcproj_w));
+      gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), d.fc.data(), g(p.fc_w));
+      gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), d.proj.data(), g(p.proj_w));
+      gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), d.qkv.data(), g(p.qkv_w));
+    }
+    if (has_head())
+      gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
+    S.deferred = false;
+    S.busy = false;
   }
   /// The gradient of this stage's tied wte (the embedding's on the first stage, the LM head's
   /// copy on a last stage without the embedding), for the caller to sum over the embedding group
@@ -431,11 +479,18 @@ class DeviceGPT {
   // What one micro-batch in flight keeps from its forward for its backward: each local block's
   // activations (acts[0].x_in the stage's input, acts[blocks].x_in its output or ln_f's input),
   // and on the head stage ln_f's output and the logits (their gradient after the loss).
+  // A block's output gradients kept for a deferred weight pass (split backward): of mlp.c_proj
+  // (the residual gradient, every row), mlp.c_fc (before GELU), attn.c_proj, attn.c_attn.
+  struct DeferredGrads {
+    DeviceTensor<C> fcproj, fc, proj, qkv;
+  };
   struct Slot {
     std::vector<LayerActs> acts;
     DeviceTensor<C> lnf, logits;
     ops::DropoutMask mask;  // the embedding dropout's (first stage)
+    std::vector<DeferredGrads> wgrad;  // split backward: per block
     bool busy = false;
+    bool deferred = false;  // its I pass ran, its W pass not yet
   };
 
   void layout(const ParameterList<float>& params) {
@@ -599,6 +654,15 @@ class DeviceGPT {
       make(slot.lnf, Shape{N, D});
       make(slot.logits, Shape{N, vocab_rows_});  // V at tp 1
     }
+    if (split_)
+      for (std::size_t l = 0; l < blocks; ++l) {
+        DeferredGrads d;
+        make(d.fcproj, Shape{N, D});
+        make(d.fc, Shape{N, 4 * Dl});
+        make(d.proj, Shape{N, D});
+        make(d.qkv, Shape{B, T, 3 * Dl});
+        slot.wgrad.push_back(std::move(d));
+      }
     slots_.push_back(std::move(slot));
     }
     make(losses_, Shape{N});
@@ -747,7 +811,7 @@ class DeviceGPT {
     if (slots_.size() > 0) slots_[0].busy = false;  // forward_backward's slot is reused every call
     forward_impl(0, tokens.size(0), tokens.size(1), tokens, {}, targets, dloss, {}, at);
   }
-  void backward(DeviceView<const std::int32_t> tokens) { backward_impl(0, tokens, {}, {}); }
+  void backward(DeviceView<const std::int32_t> tokens) { backward_impl(0, tokens, {}, {}, false); }
 
   void forward_impl(int slot_index, std::int64_t B, std::int64_t T, DeviceView<const std::int32_t> tokens,
                     DeviceView<const float> input, DeviceView<const std::int32_t> targets, const float* dloss,
@@ -841,13 +905,16 @@ class DeviceGPT {
                           DeviceView<float>(loss_sum_.data(), Shape{1}), ws_);
   }
 
+  // `input_only`: the I pass of a split backward (the weight-gradient products deferred).
   void backward_impl(int slot_index, DeviceView<const std::int32_t> tokens, DeviceView<const float> grad_output,
-                     DeviceView<float> grad_input) {
+                     DeviceView<float> grad_input, bool input_only) {
     TESSERA_EXPECTS(slot_index >= 0 && slot_index < static_cast<int>(slots_.size()) &&
-                        slots_[static_cast<std::size_t>(slot_index)].busy,
+                        slots_[static_cast<std::size_t>(slot_index)].busy &&
+                        !slots_[static_cast<std::size_t>(slot_index)].deferred,
                     "DeviceGPT: backward of activation slot ", slot_index, ", which holds no forward with a gradient");
     Slot& S = slots_[static_cast<std::size_t>(slot_index)];
-    S.busy = false;
+    S.busy = input_only;  // an I pass holds the slot until its W pass
+    S.deferred = input_only;
     std::vector<LayerActs>& acts = S.acts;
     const std::int64_t B = B_, T = T_, D = config_.d_model, N = B * T;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
@@ -866,7 +933,8 @@ class DeviceGPT {
       // Head: dlnf = dlogits wte (summed over tp); dwte += dlogits^T lnf; ln_f backward into the
       // residual gradient.
       column_input_grad({.m = N, .n = D, .k = vocab_rows_}, S.logits.data(), head_);
-      gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
+      if (!input_only)  // (an I pass leaves dwte to its W pass: dlogits and lnf stay in the slot)
+        gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
       ln_backward(last.x_in, lnf_w_, lnf_b_, last.mean1, last.rstd1, false);
       if (hook_) hook_(flat_[lnf_w_].offset);
     } else {
@@ -882,21 +950,33 @@ class DeviceGPT {
       if (sp_) gather_rows(dres_, dres_full_);
       gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_all.data(), w(p.fcproj_w), dpre_.data(), 0.f,
            {Epilogue::dgelu, nullptr, a.pre.data()});
-      gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_all.data(), g(p.fcproj_w));
+      if (input_only)
+        copy(dres_all, S.wgrad[l].fcproj);
+      else
+        gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_all.data(), g(p.fcproj_w));
       ops::bias_grad<C>(stream_, dres_all, gv(p.fcproj_b), ws_);
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 4 * Dl}, dpre_.data(), p.fc_w);
-      gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
+      if (input_only)
+        copy(dpre_, S.wgrad[l].fc);
+      else
+        gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
       ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * Dl}), gv(p.fc_b), ws_);
       ln_backward(a.x_mid, p.ln2_w, p.ln2_b, a.mean2, a.rstd2, true);
       // Attention: datt = dres Wproj^T; weight and bias gradients; core attention; c_attn.
       if (sp_) gather_rows(dres_, dres_full_);
       gemm({.trans_b = true, .m = N, .n = Dl, .k = D}, dres_all.data(), w(p.proj_w), datt_.data());
-      gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_all.data(), g(p.proj_w));
+      if (input_only)
+        copy(dres_all, S.wgrad[l].proj);
+      else
+        gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_all.data(), g(p.proj_w));
       ops::bias_grad<C>(stream_, dres_all, gv(p.proj_b), ws_);
       ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
                                  dqkvp_, dqkv_);
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 3 * Dl}, dqkv_.data(), p.qkv_w);
-      gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
+      if (input_only)
+        copy(dqkv_, S.wgrad[l].qkv);
+      else
+        gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
       ln_backward(a.x_in, p.ln1_w, p.ln1_b, a.mean1, a.rstd1, true);
       if (hook_) hook_(flat_[p.ln1_w].offset);
@@ -961,6 +1041,7 @@ class DeviceGPT {
   std::int64_t vocab_rows_ = 0, vocab_lo_ = 0, vocab_valid_ = 0;  // this rank's (padded) rows, first id, real rows
   DeviceTensor<std::int32_t> positions_, positions_local_;  // every row's position; this rank's rows' (sp)
   bool sp_ = false;                        // sequence parallelism (tp > 1)
+  bool split_ = false;                     // backward may be split into I and W passes (set_split_backward)
   DeviceTensor<C> dres_full_, ln_local_;   // sp: every row's residual gradient (gathered); a LayerNorm's rows here
   DeviceTensor<float> local_f_, sp_grad_;  // sp: this rank's rows in fp32; a LayerNorm's weight and bias gradients
   std::size_t act_bytes_ = 0;

@@ -4,7 +4,7 @@
 /// execution, part 2"). Each pipeline rank holds its model chunks (one stage each: a DeviceGPT
 /// built with the DeviceStage of its StagePartition entry, the CPU pipeline's cut; v chunks
 /// under interleaving, placed as the schedule says) and walks its actions of a checked
-/// tessera::schedule (GPipe, 1F1B, interleaved 1F1B: the CPU executor's schedules as data): F and
+/// tessera::schedule (GPipe, 1F1B, interleaved 1F1B, ZB-H1: the CPU executor's schedules as data): F and
 /// B run stage_forward / stage_backward in each chunk's activation slots, and each tick's
 /// transfers (SEND_F, RECV_F, SEND_B, RECV_B) of fp32 boundary activations go out as one
 /// DeviceComm::batch_send_recv (an NCCL group; eager sends on ThreadDeviceComm), as the tick
@@ -13,8 +13,9 @@
 /// gradient norm is summed over the chunks and the stages with the copy counted once. CUDA code:
 /// compile with nvcc.
 ///
-/// Not yet: zero-bubble's split backward (I and W actions) is refused by the constructor,
-/// naming the schedule.
+/// Zero-bubble schedules (ZB-H1, Qi et al. 2024) run their split backward: I passes
+/// (DeviceGPT::stage_backward_input: the input gradient, sent at once) and W passes
+/// (stage_backward_weight: the deferred weight-gradient products, filling the bubble).
 
 #include <algorithm>
 #include <cstdint>
@@ -63,11 +64,12 @@ class DevicePipeline {
   /// coordinates; pp rank = the schedule's rank; on the chunks' stream), `embedding` (the ranks of
   /// the first and the last stage, in that order, on the same stream; nullptr where this rank
   /// holds neither, or both), the cut `partition` (pp x v stages) and the schedule to run
-  /// (checked here: GPipe, 1F1B or interleaved 1F1B). Sets each chunk's activation slots to the
-  /// most micro-batches the schedule keeps in flight on that stage. Throws tessera::Error naming
-  /// the numbers when the schedule is for another pp size or chunk count or splits backward
-  /// passes (I and W); a chunk is not the partition's entry for its stage or runs on another
-  /// stream; or the embedding group is missing or not 2 ranks.
+  /// (checked here: GPipe, 1F1B, interleaved 1F1B or ZB-H1). Sets each chunk's activation slots
+  /// to the most micro-batches the schedule keeps in flight on that stage (to its W pass under a
+  /// split backward, which it turns on: set_split_backward). Throws tessera::Error naming the
+  /// numbers when the schedule is for another pp size or chunk count; a chunk is not the
+  /// partition's entry for its stage, runs on another stream, or has a backward hook under a
+  /// split backward; or the embedding group is missing or not 2 ranks.
   DevicePipeline(std::vector<DeviceGPT<C>*> chunks, DeviceComm& pp, DeviceComm* embedding, StagePartition partition,
                  schedule::Schedule sched)
       : chunks_(std::move(chunks)), pp_(pp), embedding_(embedding), partition_(std::move(partition)),
@@ -98,16 +100,21 @@ class DevicePipeline {
     }
     TESSERA_EXPECTS(pp_.stream().get() == lead.stream().get(), "DevicePipeline: the pipeline group must run on the "
                     "stages' compute stream");
+    // Each chunk's slots: the most (stage, micro-batch) pairs between their F and their B (or
+    // their W: a split backward's I keeps the activations for the deferred weight pass).
     std::vector<int> in_flight(chunks_.size(), 0), most(chunks_.size(), 1);
+    std::vector<bool> split(chunks_.size(), false);
     for (const schedule::Action& a : sched_.compute_order(r)) {
-      TESSERA_EXPECTS(a.kind == schedule::ActionKind::forward || a.kind == schedule::ActionKind::backward,
-                      "DevicePipeline: ", sched_.description(), " splits backward into I and W passes (zero bubble); "
-                      "the device pipeline runs fused backward passes (GPipe, 1F1B, interleaved 1F1B) for now");
       const auto c = static_cast<std::size_t>(sched_.chunk_of(a.stage_index));
-      in_flight[c] += a.kind == schedule::ActionKind::forward ? 1 : -1;
+      if (a.kind == schedule::ActionKind::forward) ++in_flight[c];
+      if (a.kind == schedule::ActionKind::backward || a.kind == schedule::ActionKind::backward_weight) --in_flight[c];
+      if (a.kind == schedule::ActionKind::backward_input) split[c] = true;
       most[c] = std::max(most[c], in_flight[c]);
     }
-    for (std::size_t c = 0; c < chunks_.size(); ++c) chunks_[c]->set_slots(most[c]);
+    for (std::size_t c = 0; c < chunks_.size(); ++c) {
+      chunks_[c]->set_slots(most[c]);
+      chunks_[c]->set_split_backward(split[c]);
+    }
     const int last_rank = sched_.rank_of(sched_.num_stages() - 1);
     const bool ends = (r == 0) != (r == last_rank);  // holds one end of the tied wte, not both
     if (ends) {
@@ -191,7 +198,8 @@ class DevicePipeline {
             if (s > 0 && sched_.rank_of(s - 1) == r) out_f.erase({s - 1, mb});
             break;
           }
-          case schedule::ActionKind::backward: {
+          case schedule::ActionKind::backward:
+          case schedule::ActionKind::backward_input: {
             DeviceView<const float> grad_output{};
             if (s < stages - 1) {
               const bool local = sched_.rank_of(s + 1) == r;
@@ -200,11 +208,23 @@ class DevicePipeline {
             }
             if (s > 0) out_b[key] = DeviceTensor<float>::empty(edge, st);
             const int slot = slot_of.at(key);
-            model.stage_backward(slot, m.tokens, grad_output, s > 0 ? out_b[key].view() : DeviceView<float>{});
-            busy[c][static_cast<std::size_t>(slot)] = false;
-            slot_of.erase(key);
+            const DeviceView<float> grad_input = s > 0 ? out_b[key].view() : DeviceView<float>{};
+            if (a.kind == schedule::ActionKind::backward) {
+              model.stage_backward(slot, m.tokens, grad_output, grad_input);
+              busy[c][static_cast<std::size_t>(slot)] = false;
+              slot_of.erase(key);
+            } else {  // I: the slot stays held until this (stage, micro-batch)'s W
+              model.stage_backward_input(slot, m.tokens, grad_output, grad_input);
+            }
             in_b.erase(key);
             if (s < stages - 1 && sched_.rank_of(s + 1) == r) out_b.erase({s + 1, mb});
+            break;
+          }
+          case schedule::ActionKind::backward_weight: {
+            const int slot = slot_of.at(key);
+            model.stage_backward_weight(slot);
+            busy[c][static_cast<std::size_t>(slot)] = false;
+            slot_of.erase(key);
             break;
           }
           case schedule::ActionKind::send_forward:
