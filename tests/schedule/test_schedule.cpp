@@ -842,3 +842,123 @@ TEST_CASE("ZeroBubbleH1: drawn (class I and W boxes, a W legend) and traced (cat
   CHECK(inputs == 32);
   CHECK(weights == 32);
 }
+
+// ---- walk_step: the device pipeline's bookkeeping, over every schedule ----------------------
+
+namespace {
+
+// A boundary buffer's content in the walk test: which stage and micro-batch wrote it, and
+// whether it is an activation (F) or an input gradient (B).
+struct Tag {
+  int stage = -1, mb = -1;
+  char kind = '?';
+  bool operator==(const Tag&) const = default;
+};
+
+// Checks the data flow of walk_step on one rank: every compute reads the buffer its neighbour
+// stage wrote (received or local), every send sends the buffer its stage wrote, every slot holds
+// its forward's (stage, micro-batch) until the backward (or the W after an I).
+struct TagExecutor {
+  const Schedule& s;
+  int rank;
+  std::vector<std::vector<std::pair<int, int>>> slot_holds;  // [chunk][slot] -> (stage, mb), (-1, -1) free
+  std::map<std::pair<int, int>, bool> input_done;            // (stage, mb) -> its I ran (split backward)
+  int forwards = 0, backwards = 0, weights = 0;
+  TagExecutor(const Schedule& sch, int r) : s(sch), rank(r) {
+    for (int n : slots_needed(s, r)) slot_holds.emplace_back(static_cast<std::size_t>(n), std::pair{-1, -1});
+  }
+  Tag make(const Action&) { return Tag{}; }
+  int slots(int c) const { return static_cast<int>(slot_holds[static_cast<std::size_t>(c)].size()); }
+  std::pair<int, int>& hold(const Action& a, int slot) {
+    return slot_holds[static_cast<std::size_t>(s.chunk_of(a.stage_index))][static_cast<std::size_t>(slot)];
+  }
+  void forward(const Action& a, int slot, const Tag* input, Tag* output) {
+    ++forwards;
+    CHECK(s.rank_of(a.stage_index) == rank);
+    CHECK(hold(a, slot) == std::pair{-1, -1});
+    hold(a, slot) = {a.stage_index, a.microbatch};
+    if (a.stage_index == 0) {
+      CHECK(input == nullptr);
+    } else {
+      REQUIRE(input != nullptr);
+      CHECK(*input == Tag{a.stage_index - 1, a.microbatch, 'F'});
+    }
+    CHECK((output == nullptr) == (a.stage_index == s.num_stages() - 1));
+    if (output != nullptr) *output = Tag{a.stage_index, a.microbatch, 'F'};
+  }
+  void backward(const Action& a, int slot, const Tag* grad_output, Tag* grad_input) {
+    ++backwards;
+    CHECK(hold(a, slot) == std::pair{a.stage_index, a.microbatch});
+    if (a.stage_index == s.num_stages() - 1) {
+      CHECK(grad_output == nullptr);
+    } else {
+      REQUIRE(grad_output != nullptr);
+      CHECK(*grad_output == Tag{a.stage_index + 1, a.microbatch, 'B'});
+    }
+    CHECK((grad_input == nullptr) == (a.stage_index == 0));
+    if (grad_input != nullptr) *grad_input = Tag{a.stage_index, a.microbatch, 'B'};
+    if (a.kind == ActionKind::backward)
+      hold(a, slot) = {-1, -1};
+    else
+      input_done[{a.stage_index, a.microbatch}] = true;
+  }
+  void backward_weight(const Action& a, int slot) {
+    ++weights;
+    CHECK(hold(a, slot) == std::pair{a.stage_index, a.microbatch});
+    CHECK(input_done[{a.stage_index, a.microbatch}]);
+    hold(a, slot) = {-1, -1};
+  }
+  void exchange(std::vector<WalkTransfer<Tag>>& group) {
+    for (WalkTransfer<Tag>& t : group) {
+      const Action& a = t.action;
+      CHECK(t.peer == a.peer);
+      if (t.is_send) {  // the stage's own output or input gradient
+        CHECK(*t.buffer == Tag{a.stage_index, a.microbatch, a.kind == ActionKind::send_forward ? 'F' : 'B'});
+      } else {  // what the matching send carries
+        *t.buffer = a.kind == ActionKind::recv_forward ? Tag{a.stage_index - 1, a.microbatch, 'F'}
+                                                       : Tag{a.stage_index + 1, a.microbatch, 'B'};
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("walk_step (the device pipeline's bookkeeping): every rank of GPipe, 1F1B, interleaved 1F1B and ZB-H1 at pp 1-4 reads each buffer its neighbour wrote, sends its own, holds each slot to its backward (or W), and ends with nothing left") {
+  int walked = 0;
+  for (int pp = 1; pp <= 4; ++pp)
+    for (int m = 1; m <= 8; ++m) {
+      std::vector<Schedule> all{GPipe{m}.build(pp), OneFOneB{m}.build(pp), ZeroBubbleH1{m}.build(pp)};
+      for (int v : {2, 3})
+        if (m % pp == 0 && m >= pp) all.push_back(InterleavedOneFOneB{m, v}.build(pp));
+      for (const Schedule& s : all) {
+        CAPTURE(s.description());
+        (void)check(s);
+        for (int r = 0; r < pp; ++r) {
+          CAPTURE(r);
+          TagExecutor ex(s, r);
+          walk_step<Tag>(s, r, ex);
+          const int per_rank = m * s.virtual_stages;
+          CHECK(ex.forwards == per_rank);
+          CHECK(ex.backwards == per_rank);
+          CHECK(ex.weights == (splits_backward(s, r, 0) ? per_rank : 0));
+          for (const auto& chunk : ex.slot_holds)
+            for (const auto& h : chunk) CHECK(h == std::pair{-1, -1});
+          ++walked;
+        }
+      }
+    }
+  CHECK(walked > 200);
+  // 1F1B keeps at most pp - rank micro-batches in flight (Megatron's warm-up count + 1), GPipe all.
+  CHECK(slots_needed(OneFOneB{8}.build(4), 0) == std::vector<int>{4});
+  CHECK(slots_needed(OneFOneB{8}.build(4), 3) == std::vector<int>{1});
+  CHECK(slots_needed(GPipe{8}.build(4), 2) == std::vector<int>{8});
+  // A schedule whose compute reads a buffer never received is refused, naming it.
+  Schedule broken = OneFOneB{2}.build(2);
+  auto& ticks = broken.ticks[1];
+  for (auto& tick : ticks)
+    std::erase_if(tick, [](const Action& a) { return a.kind == ActionKind::recv_forward && a.microbatch == 1; });
+  TagExecutor ex(broken, 1);
+  CHECK_THROWS_WITH_AS(walk_step<Tag>(broken, 1, ex),
+                       doctest::Contains("F of stage 1, micro-batch 1 before its buffer was computed or received"), Error);
+}

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
 #include <span>
 #include <string>
 #include <utility>
@@ -35,6 +34,7 @@
 #include "tessera/parallel/pipeline/stage_partition.hpp"
 #include "tessera/schedule/checker.hpp"
 #include "tessera/schedule/schedule.hpp"
+#include "tessera/schedule/step_walker.hpp"
 
 namespace tessera::cuda {
 
@@ -102,18 +102,10 @@ class DevicePipeline {
                     "stages' compute stream");
     // Each chunk's slots: the most (stage, micro-batch) pairs between their F and their B (or
     // their W: a split backward's I keeps the activations for the deferred weight pass).
-    std::vector<int> in_flight(chunks_.size(), 0), most(chunks_.size(), 1);
-    std::vector<bool> split(chunks_.size(), false);
-    for (const schedule::Action& a : sched_.compute_order(r)) {
-      const auto c = static_cast<std::size_t>(sched_.chunk_of(a.stage_index));
-      if (a.kind == schedule::ActionKind::forward) ++in_flight[c];
-      if (a.kind == schedule::ActionKind::backward || a.kind == schedule::ActionKind::backward_weight) --in_flight[c];
-      if (a.kind == schedule::ActionKind::backward_input) split[c] = true;
-      most[c] = std::max(most[c], in_flight[c]);
-    }
+    const std::vector<int> most = schedule::slots_needed(sched_, r);
     for (std::size_t c = 0; c < chunks_.size(); ++c) {
       chunks_[c]->set_slots(most[c]);
-      chunks_[c]->set_split_backward(split[c]);
+      chunks_[c]->set_split_backward(schedule::splits_backward(sched_, r, static_cast<int>(c)));
     }
     const int last_rank = sched_.rank_of(sched_.num_stages() - 1);
     const bool ends = (r == 0) != (r == last_rank);  // holds one end of the tied wte, not both
@@ -157,103 +149,47 @@ class DevicePipeline {
       TESSERA_EXPECTS(m.tokens.shape == micro[0].tokens.shape, "DevicePipeline: micro-batches of shapes ",
                       micro[0].tokens.shape, " and ", m.tokens.shape, "; every micro-batch of a step has the same");
     }
-    const int r = pp_.rank(), stages = sched_.num_stages();
     const Stream& st = stage().stream();
     const std::int64_t B = micro[0].tokens.size(0), T = micro[0].tokens.size(1);
     const Shape edge = stage().boundary_shape(B, T);
-    using Key = std::pair<int, int>;  // (stage, micro-batch)
-    // Boundary buffers while in flight: a stage's output and its input's gradient (to send or to
-    // hand to this rank's neighbouring stage), and what was received for a stage.
-    std::map<Key, DeviceTensor<float>> in_f, out_f, in_b, out_b;
-    std::map<Key, int> slot_of;
-    std::vector<std::vector<bool>> busy;
-    for (DeviceGPT<C>* c : chunks_) busy.emplace_back(static_cast<std::size_t>(c->slots()), false);
-    for (const schedule::Tick& tick : sched_.ticks[static_cast<std::size_t>(r)]) {
-      std::vector<DeviceP2P> transfers;
-      std::vector<Key> sent_f, sent_b;
-      for (const schedule::Action& a : tick) {
-        const int mb = a.microbatch, s = a.stage_index;
-        const Key key{s, mb};
-        const DeviceMicroBatch& m = micro[static_cast<std::size_t>(mb)];
-        const auto c = static_cast<std::size_t>(sched_.chunk_of(s));
-        DeviceGPT<C>& model = *chunks_[c];
-        switch (a.kind) {
-          case schedule::ActionKind::forward: {
-            const auto free = std::find(busy[c].begin(), busy[c].end(), false);
-            TESSERA_EXPECTS(free != busy[c].end(), "DevicePipeline: no free activation slot for stage ", s,
-                            ", micro-batch ", mb);
-            *free = true;
-            const int slot = static_cast<int>(free - busy[c].begin());
-            slot_of[key] = slot;
-            DeviceView<const float> input{};
-            if (s > 0) {  // from the previous stage: received, or this rank's own
-              const bool local = sched_.rank_of(s - 1) == r;
-              input = local ? DeviceView<const float>(found(out_f, {s - 1, mb}, "F"))
-                            : DeviceView<const float>(found(in_f, key, "F"));
-            }
-            if (s < stages - 1) out_f[key] = DeviceTensor<float>::empty(edge, st);
-            model.stage_forward(slot, B, T, m.tokens, input, m.targets, &dloss,
-                                s < stages - 1 ? out_f[key].view() : DeviceView<float>{}, m.at);
-            in_f.erase(key);
-            if (s > 0 && sched_.rank_of(s - 1) == r) out_f.erase({s - 1, mb});
-            break;
-          }
-          case schedule::ActionKind::backward:
-          case schedule::ActionKind::backward_input: {
-            DeviceView<const float> grad_output{};
-            if (s < stages - 1) {
-              const bool local = sched_.rank_of(s + 1) == r;
-              grad_output = local ? DeviceView<const float>(found(out_b, {s + 1, mb}, "B"))
-                                  : DeviceView<const float>(found(in_b, key, "B"));
-            }
-            if (s > 0) out_b[key] = DeviceTensor<float>::empty(edge, st);
-            const int slot = slot_of.at(key);
-            const DeviceView<float> grad_input = s > 0 ? out_b[key].view() : DeviceView<float>{};
-            if (a.kind == schedule::ActionKind::backward) {
-              model.stage_backward(slot, m.tokens, grad_output, grad_input);
-              busy[c][static_cast<std::size_t>(slot)] = false;
-              slot_of.erase(key);
-            } else {  // I: the slot stays held until this (stage, micro-batch)'s W
-              model.stage_backward_input(slot, m.tokens, grad_output, grad_input);
-            }
-            in_b.erase(key);
-            if (s < stages - 1 && sched_.rank_of(s + 1) == r) out_b.erase({s + 1, mb});
-            break;
-          }
-          case schedule::ActionKind::backward_weight: {
-            const int slot = slot_of.at(key);
-            model.stage_backward_weight(slot);
-            busy[c][static_cast<std::size_t>(slot)] = false;
-            slot_of.erase(key);
-            break;
-          }
-          case schedule::ActionKind::send_forward:
-            transfers.push_back(DeviceP2P::send(found(out_f, key, "SEND_F"), a.peer));
-            sent_f.push_back(key);
-            break;
-          case schedule::ActionKind::recv_forward:
-            in_f[key] = DeviceTensor<float>::empty(edge, st);
-            transfers.push_back(DeviceP2P::recv(in_f[key], a.peer));
-            break;
-          case schedule::ActionKind::send_backward:
-            transfers.push_back(DeviceP2P::send(found(out_b, key, "SEND_B"), a.peer));
-            sent_b.push_back(key);
-            break;
-          case schedule::ActionKind::recv_backward:
-            in_b[key] = DeviceTensor<float>::empty(edge, st);
-            transfers.push_back(DeviceP2P::recv(in_b[key], a.peer));
-            break;
-          default:
-            throw Error(tessera::detail::str("DevicePipeline: action ", schedule::kind_name(a.kind),
-                                             " is not run on the device"));
-        }
+    // The walk (schedule::walk_step, tested on the host over every schedule) keeps the boundary
+    // buffers and slots; this runs the chunks' passes and the tick's transfers on the device.
+    struct Executor {
+      DevicePipeline& self;
+      std::span<const DeviceMicroBatch> micro;
+      float dloss;
+      std::int64_t B, T;
+      Shape edge;
+      const Stream& st;
+      DeviceTensor<float> make(const schedule::Action&) { return DeviceTensor<float>::empty(edge, st); }
+      DeviceGPT<C>& chunk(const schedule::Action& a) {
+        return *self.chunks_[static_cast<std::size_t>(self.sched_.chunk_of(a.stage_index))];
       }
-      if (!transfers.empty()) pp_.batch_send_recv(transfers);
-      // Sent buffers go back to the stream-ordered pool: later work on the stream (which waits for
-      // the transfer) may reuse them.
-      for (const Key& k : sent_f) out_f.erase(k);
-      for (const Key& k : sent_b) out_b.erase(k);
-    }
+      void forward(const schedule::Action& a, int slot, const DeviceTensor<float>* input, DeviceTensor<float>* output) {
+        const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
+        chunk(a).stage_forward(slot, B, T, m.tokens, input ? DeviceView<const float>(*input) : DeviceView<const float>{},
+                               m.targets, &dloss, output ? output->view() : DeviceView<float>{}, m.at);
+      }
+      void backward(const schedule::Action& a, int slot, const DeviceTensor<float>* grad_output,
+                    DeviceTensor<float>* grad_input) {
+        const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
+        const DeviceView<const float> dy = grad_output ? DeviceView<const float>(*grad_output) : DeviceView<const float>{};
+        const DeviceView<float> dx = grad_input ? grad_input->view() : DeviceView<float>{};
+        if (a.kind == schedule::ActionKind::backward_input)
+          chunk(a).stage_backward_input(slot, m.tokens, dy, dx);
+        else
+          chunk(a).stage_backward(slot, m.tokens, dy, dx);
+      }
+      void backward_weight(const schedule::Action& a, int slot) { chunk(a).stage_backward_weight(slot); }
+      void exchange(std::vector<schedule::WalkTransfer<DeviceTensor<float>>>& group) {
+        std::vector<DeviceP2P> ops;
+        for (const auto& t : group)
+          ops.push_back(t.is_send ? DeviceP2P::send(*t.buffer, t.peer) : DeviceP2P::recv(*t.buffer, t.peer));
+        self.pp_.batch_send_recv(ops);
+      }
+      int slots(int c) const { return self.chunks_[static_cast<std::size_t>(c)]->slots(); }
+    } ex{*this, micro, dloss, B, T, edge, st};
+    schedule::walk_step<DeviceTensor<float>>(sched_, pp_.rank(), ex);
   }
 
   /// Forward passes without gradients (evaluation) of `micro`, each micro-batch down the
@@ -362,15 +298,6 @@ class DevicePipeline {
   }
 
  private:
-  // A boundary buffer of (stage, micro-batch) that must exist: a schedule that computes before
-  // it receives, or sends before it computes, is refused.
-  static const DeviceTensor<float>& found(const std::map<std::pair<int, int>, DeviceTensor<float>>& in,
-                                          std::pair<int, int> key, const char* what) {
-    const auto it = in.find(key);
-    TESSERA_EXPECTS(it != in.end(), "DevicePipeline: ", what, " of stage ", key.first, ", micro-batch ", key.second,
-                    " before its buffer was computed or received");
-    return it->second;
-  }
   void share(const Tensor<float>& t, int root) {
     if (pp_.size() == 1) return;
     DeviceTensor<float> d = to_device<float>(t.contiguous(), stage().stream());

@@ -14,6 +14,7 @@
 #include "tessera/schedule/recorder.hpp"
 #include "tessera/schedule/schedule.hpp"
 #include "tessera/schedule/simulate.hpp"
+#include "tessera/schedule/step_walker.hpp"
 #include "tessera/schedule/svg.hpp"
 #include "tessera/schedule/timeline.hpp"
 #include "tessera/schedule/zero_bubble_h1.hpp"
