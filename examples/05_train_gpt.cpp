@@ -300,10 +300,6 @@ int main(int argc, char** argv) {
       }
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");
-      TESSERA_EXPECTS(a.backend != "mpi" || built_with_nccl() || a.dp * a.tp * a.pp == 1,
-                      "train_gpt: --device cuda --backend mpi joins the processes' GPUs through NCCL, which this build "
-                      "lacks (configure with -Dnccl=enabled); threads of one process share GPU 0 without it (drop "
-                      "--backend mpi)");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
                           (a.zero_stage() == ZeroStage::none || a.zero_stage() == ZeroStage::optimizer),
@@ -324,6 +320,11 @@ int main(int argc, char** argv) {
         const std::string why = no_device_reason();
         TESSERA_EXPECTS(why.empty(), "train_gpt: no CUDA device: ", why);
       }
+      // (After --dp's device default and the device check: a build without CUDA says so first.)
+      TESSERA_EXPECTS(a.backend != "mpi" || !built_with_cuda() || built_with_nccl() || a.dp * a.tp * a.pp == 1,
+                      "train_gpt: --device cuda --backend mpi joins the processes' GPUs through NCCL, which this build "
+                      "lacks (configure with -Dnccl=enabled); threads of one process share GPU 0 without it (drop "
+                      "--backend mpi)");
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
     }

@@ -77,8 +77,11 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // Processes (--backend mpi) each drive the GPU of their local rank on their node, through NCCL.
   const bool processes = a.backend == "mpi";
   const bool own_gpus = processes || (ranks > 1 && built_with_nccl() && visible_gpus() >= ranks);
-  const int local = processes ? local_rank(world) : world.rank();
-  {  // every rank learns whether one lacks its GPU (NCCL refuses two ranks on one device)
+  // A process that sees one GPU drives it (a launcher that binds one GPU per task, e.g. Slurm's
+  // --gpus-per-task=1 or CUDA_VISIBLE_DEVICES set per rank); one that sees several takes its local
+  // rank's. (Two processes on one GPU are NCCL's "duplicate GPU" error at communicator creation.)
+  const int local = processes ? (visible_gpus() == 1 ? 0 : local_rank(world)) : world.rank();
+  {  // every rank learns whether one lacks its GPU
     const bool fits = !processes || local < visible_gpus();
     const double all = world.all_reduce_value(fits ? 1.0 : 0.0, ReduceOp::min);
     TESSERA_EXPECTS(all > 0, "train_gpt: --device cuda --backend mpi runs one process per GPU; ",

@@ -319,7 +319,7 @@ TEST_CASE("DevicePipeline bf16 at pp 2 (and pp 2 x tp 2): within bf16 round-off 
   check_equal(pipelined<tc::bf16>(d, 1, 2, 2, 2, Kind::one_f_one_b, true, pp_cfg), ref, 2e-2);
 }
 
-TEST_CASE("DevicePipeline interleaved 1F1B: pp 2 x 2 chunks (one layer per stage), pp 4 x 2 chunks, and with dp 2 and tp 2 (SP), fp32 within 1e-5") {
+TEST_CASE("DevicePipeline interleaved 1F1B: pp 2 x 2 chunks (one layer per stage), pp 1 x 2 chunks (hand-offs on the rank), pp 4 x 2 chunks, and with dp 2 and tp 2 (SP), fp32 within 1e-5") {
   // pp 2 x v 2 over pp_cfg's 4 pipeline layers: rank 0 holds the embedding and h.1, rank 1 h.0
   // and the head. pp 4 x v 2 needs 8: 6 blocks.
   const GPTConfig six{.vocab_size = 67, .n_positions = 16, .n_layer = 6, .n_head = 4, .d_model = 32, .embd_pdrop = 0.1};
@@ -330,6 +330,8 @@ TEST_CASE("DevicePipeline interleaved 1F1B: pp 2 x 2 chunks (one layer per stage
   CHECK(!runs[0].tied.empty());
   CHECK(runs[0].tied == runs[1].tied);
   check_equal(pipelined<float>(d, 2, 2, 2, 2, Kind::interleaved, true, pp_cfg, 2), ref, 1e-5);
+  // pp 1 with 2 chunks: every hand-off stays on the rank, and the two wte copies are summed there.
+  check_equal(pipelined<float>(d, 1, 1, 1, 4, Kind::interleaved, false, pp_cfg, 2), ref, 1e-5);
   const Run ref6 = single<float>(d, six);
   check_equal(pipelined<float>(d, 1, 4, 1, 4, Kind::interleaved, false, six, 2), ref6, 1e-5);
 }

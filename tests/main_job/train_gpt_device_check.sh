@@ -4,9 +4,10 @@
 # their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
 # dp 2, tp 2 (with and without sequence parallelism), dp 2 x tp 2, pp 2 (1F1B, GPipe) and
 # dp 2 x pp 2 x tp 2 on the GPU (threads sharing it) equal the serial CPU run (--verify).
-# Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE
+# Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE [MPIRUN (Open MPI's mpirun; given where
+#        train_gpt has the MPI backend)]
 set -uo pipefail
-exe=$1 data=$2
+exe=$1 data=$2 mpirun=${3:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fails=0
@@ -66,9 +67,10 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
       --batch 8 --sample-len 0 --val-every 0 --dp 2 >/dev/null || \
       { echo "FAIL: the --device cuda $layout checkpoint resumed on the CPU"; fails=$((fails + 1)); }
   done
-  # Processes under mpirun, one GPU each through NCCL: at world 1 on a one-GPU machine.
-  if command -v mpirun >/dev/null; then
-    out=$(timeout 180 mpirun --allow-run-as-root -np 1 "$exe" --device cuda --backend mpi --data "$data" --steps 6 \
+  # Processes under mpirun, one GPU each through NCCL: at world 1 on a one-GPU machine (MPIRUN:
+  # meson passes it where train_gpt has the MPI backend).
+  if [[ -n "$mpirun" ]]; then
+    out=$(timeout 180 "$mpirun" --allow-run-as-root -np 1 "$exe" --device cuda --backend mpi --data "$data" --steps 6 \
           --layers 2 --d-model 32 --heads 2 --context 16 --batch 8 --sample-len 0 --val-every 3 --verify 2>&1); rc=$?
     echo "$out" | tail -n 3
     [[ $rc == 0 ]] || { echo "FAIL: mpirun -np 1 --device cuda --backend mpi --verify (exit $rc)"; fails=$((fails + 1)); }
