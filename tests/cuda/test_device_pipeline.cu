@@ -16,8 +16,6 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <random>
-#include <span>
 #include <vector>
 
 #include "tessera/comm/thread/thread_communicator.hpp"
@@ -33,7 +31,8 @@
 #include "tessera/schedule/interleaved_one_f_one_b.hpp"
 #include "tessera/schedule/one_f_one_b.hpp"
 #include "tessera/schedule/zero_bubble_h1.hpp"
-#include "tessera/testing/compare.hpp"
+
+#include "device_training_support.hpp"
 
 using namespace tessera;
 namespace tc = tessera::cuda;
@@ -50,29 +49,13 @@ const GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_h
 constexpr std::int64_t kRows = 8, kT = 13;
 constexpr int kSteps = 6;
 const optim::AdamWOptions opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
-constexpr double kClip = 0.1;  // below these models' gradient norms (checked): every step clips
-float clip_scale(double norm) { return norm > kClip ? static_cast<float>(kClip / (norm + 1e-6)) : 1.f; }
+using device_test::clip_scale;
+using device_test::Data;
+using device_test::flatten;
+using device_test::kClip;
+using device_test::rel_diff;
 
-struct Data {
-  std::vector<Tensor<std::int32_t>> x, y;
-};
-
-Data make_data(std::int64_t vocab) {
-  std::mt19937 rng(41);
-  Data d;
-  for (int s = 0; s < kSteps; ++s) {
-    Tensor<std::int32_t> x(Shape{kRows, kT}), y(Shape{kRows, kT});
-    for (std::int64_t i = 0; i < kRows; ++i)
-      for (std::int64_t t = 0; t < kT; ++t) {
-        const auto cur = static_cast<std::int32_t>(rng() % vocab);
-        x(i, t) = cur;
-        y(i, t) = static_cast<std::int32_t>((cur * 5 + 1) % vocab);
-      }
-    d.x.push_back(x);
-    d.y.push_back(y);
-  }
-  return d;
-}
+Data make_data(std::int64_t vocab) { return device_test::make_data(vocab, 41, kSteps, kRows, kT, 5, 1); }
 
 struct Run {
   std::vector<double> losses;
@@ -82,15 +65,6 @@ struct Run {
   std::vector<float> replicated;  // this rank's copies of the parameters every tp rank of its stage holds
   std::vector<float> tied;        // this rank's wte (first stage) or its copy (last stage); empty elsewhere
 };
-
-std::vector<float> flatten(const ParameterList<float>& ps) {
-  std::vector<float> out;
-  for (Parameter<float>& p : ps) {
-    const Tensor<float> v = p.value.contiguous();
-    out.insert(out.end(), v.data(), v.data() + v.numel());
-  }
-  return out;
-}
 
 // The whole parameters and moments (a pipeline's download: every chunk's, broadcast over the
 // stages), and this rank's replicated parameters and tied wte copy as its chunks hold them.
@@ -226,10 +200,6 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
     fill_whole<C>(model, &pipe, r, cfg);
     return r;
   });
-}
-
-double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  return testing::norm_rel_error(std::span<const float>(a), std::span<const float>(b));
 }
 
 void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {

@@ -30,8 +30,9 @@
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/models/gpt.hpp"
-#include "tessera/testing/compare.hpp"
 #include "tessera/optim/adamw.hpp"
+
+#include "device_training_support.hpp"
 
 using namespace tessera;
 namespace tc = tessera::cuda;
@@ -50,34 +51,18 @@ constexpr std::int64_t kRows = 8, kT = 13;
 constexpr int kSteps = 6;
 const optim::AdamWOptions tp_opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
 
-struct Data {
-  std::vector<Tensor<std::int32_t>> x, y;
-};
+using device_test::clip_scale;
+using device_test::Data;
+using device_test::flatten;
+using device_test::kClip;
+using device_test::rel_diff;
 
-Data make_data(std::int64_t vocab = tp_cfg.vocab_size) {
-  std::mt19937 rng(33);
-  Data d;
-  for (int s = 0; s < kSteps; ++s) {
-    Tensor<std::int32_t> x(Shape{kRows, kT}), y(Shape{kRows, kT});
-    for (std::int64_t i = 0; i < kRows; ++i)
-      for (std::int64_t t = 0; t < kT; ++t) {
-        const auto cur = static_cast<std::int32_t>(rng() % vocab);
-        x(i, t) = cur;
-        y(i, t) = static_cast<std::int32_t>((cur * 7 + 3) % vocab);
-      }
-    d.x.push_back(x);
-    d.y.push_back(y);
-  }
-  return d;
-}
+Data make_data(std::int64_t vocab = tp_cfg.vocab_size) { return device_test::make_data(vocab, 33, kSteps, kRows, kT, 7, 3); }
 
 Tensor<std::int32_t> rows_of(const Tensor<std::int32_t>& t, std::int64_t lo, std::int64_t hi) {
   return t.slice(0, lo, hi).contiguous();
 }
 
-// Clipping at 0.1: below any of these models' gradient norms (checked), so every step clips.
-constexpr double kClip = 0.1;
-float clip_scale(double norm) { return norm > kClip ? static_cast<float>(kClip / (norm + 1e-6)) : 1.f; }
 
 struct Run {
   std::vector<double> losses;
@@ -85,15 +70,6 @@ struct Run {
   std::vector<float> params, moments, second_moments;  // the whole model's, flat in the CPU order
   std::vector<float> replicated;  // this rank's own copies of the parameters every tp rank holds (its flat buffer)
 };
-
-std::vector<float> flatten(const ParameterList<float>& ps) {
-  std::vector<float> out;
-  for (Parameter<float>& p : ps) {
-    const Tensor<float> v = p.value.contiguous();
-    out.insert(out.end(), v.data(), v.data() + v.numel());
-  }
-  return out;
-}
 
 // The whole parameters and first moments (download and download_optimizer: collective over tp).
 template <class C>
@@ -183,12 +159,6 @@ std::vector<Run> parallel(const Data& d, int dp, int tp, bool sp = false, const 
     fill_whole(m, r, cfg);
     return r;
   });
-}
-
-// Norm-wise relative difference (testing::norm_rel_error: +infinity on a NaN, which fails every
-// comparison below).
-double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  return testing::norm_rel_error(std::span<const float>(a), std::span<const float>(b));
 }
 
 void check_equal(const std::vector<Run>& runs, const Run& ref, double tol) {

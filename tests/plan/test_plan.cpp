@@ -417,16 +417,7 @@ TEST_CASE("Plan::predict: bad layouts fail with errors that name the numbers") {
 }
 
 TEST_CASE("Cluster JSON: errors name the key and the value as written; unknown keys are refused") {
-  const auto base = [] {
-    return nlohmann::json{{"name", "test"},
-                          {"devices_per_node", 8},
-                          {"device_memory_gib", 80},
-                          {"peak_tflops", 312},
-                          {"memory_bandwidth_gbps", 2039},
-                          {"intra_node", {{"bandwidth_gbps", 300}, {"latency_us", 5}}},
-                          {"inter_node", {{"bandwidth_gbps", 200}, {"latency_us", 10}}},
-                          {"gemm_efficiency", {{1.0, 0.5}}}};
-  };
+  const auto base = [] { return plan_test::flat_cluster_json(0.5); };
   CHECK_NOTHROW(Cluster::from_json(base()));
   nlohmann::json j = base();
   j["device_memory_gib"] = -80;  // was "device_memory must be > 0, got -8.58993e+10"

@@ -630,40 +630,40 @@ class DeviceGPT {
     };
     const std::size_t blocks = blocks_.size();
     for (int k = 0; k < slots_count_; ++k) {
-    Slot slot;
-    for (std::size_t l = 0; l <= blocks; ++l) {
-      LayerActs a;
-      make(a.x_in, Shape{Nl, D});
-      if (l < blocks) {
-        make(a.ln1, Shape{N, D});
-        make(a.qkvp, Shape{3 * N * Dl});
-        make(a.probs, Shape{B, H, T, T});
-        make(a.atty, Shape{N, Dl});
-        make(a.x_mid, Shape{Nl, D});
-        make(a.ln2, Shape{N, D});
-        make(a.pre, Shape{N, 4 * Dl});
-        make(a.h, Shape{N, 4 * Dl});
+      Slot slot;
+      for (std::size_t l = 0; l <= blocks; ++l) {
+        LayerActs a;
+        make(a.x_in, Shape{Nl, D});
+        if (l < blocks) {
+          make(a.ln1, Shape{N, D});
+          make(a.qkvp, Shape{3 * N * Dl});
+          make(a.probs, Shape{B, H, T, T});
+          make(a.atty, Shape{N, Dl});
+          make(a.x_mid, Shape{Nl, D});
+          make(a.ln2, Shape{N, D});
+          make(a.pre, Shape{N, 4 * Dl});
+          make(a.h, Shape{N, 4 * Dl});
+        }
+        make(a.mean1, Shape{Nl});
+        make(a.rstd1, Shape{Nl});
+        make(a.mean2, Shape{Nl});
+        make(a.rstd2, Shape{Nl});
+        slot.acts.push_back(std::move(a));
       }
-      make(a.mean1, Shape{Nl});
-      make(a.rstd1, Shape{Nl});
-      make(a.mean2, Shape{Nl});
-      make(a.rstd2, Shape{Nl});
-      slot.acts.push_back(std::move(a));
-    }
-    if (has_head()) {
-      make(slot.lnf, Shape{N, D});
-      make(slot.logits, Shape{N, vocab_rows_});  // V at tp 1
-    }
-    if (split_)
-      for (std::size_t l = 0; l < blocks; ++l) {
-        DeferredGrads d;
-        make(d.fcproj, Shape{N, D});
-        make(d.fc, Shape{N, 4 * Dl});
-        make(d.proj, Shape{N, D});
-        make(d.qkv, Shape{B, T, 3 * Dl});
-        slot.wgrad.push_back(std::move(d));
+      if (has_head()) {
+        make(slot.lnf, Shape{N, D});
+        make(slot.logits, Shape{N, vocab_rows_});  // V at tp 1
       }
-    slots_.push_back(std::move(slot));
+      if (split_)
+        for (std::size_t l = 0; l < blocks; ++l) {
+          DeferredGrads d;
+          make(d.fcproj, Shape{N, D});
+          make(d.fc, Shape{N, 4 * Dl});
+          make(d.proj, Shape{N, D});
+          make(d.qkv, Shape{B, T, 3 * Dl});
+          slot.wgrad.push_back(std::move(d));
+        }
+      slots_.push_back(std::move(slot));
     }
     make(losses_, Shape{N});
     make(dres_, Shape{Nl, D});
