@@ -1,7 +1,7 @@
 #pragma once
 // What the device training tests share (test_device_tensor_parallel.cu, test_device_pipeline.cu):
-// a step's token batches, the clipping they train with, a parameter list flattened, and the
-// norm-wise difference their checks use. Host code.
+// the model and optimizer settings, a step's token batches, the clipping they train with, a
+// parameter list flattened, and the norm-wise difference their checks use. Host code.
 #include <cstdint>
 #include <random>
 #include <span>
@@ -9,9 +9,22 @@
 
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
+#include "tessera/models/gpt.hpp"
+#include "tessera/optim/adamw.hpp"
 #include "tessera/testing/compare.hpp"
 
 namespace device_test {
+
+// The small GPT both tests train: 2 blocks (4 pipeline layers: pp 4 puts the embedding alone on
+// stage 0 and the head alone on stage 3), 4 heads of 8 (tp 2 and 4 divide them), and T 13, not a
+// multiple of any tile; the same with embedding dropout (a rank's mask must be its rows' part of
+// the whole batch's). kSteps batches of kRows x kT tokens; AdamW with weight decay.
+inline const tessera::GPTConfig small_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
+inline const tessera::GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32,
+                                         .embd_pdrop = 0.2};
+inline constexpr std::int64_t kRows = 8, kT = 13;
+inline constexpr int kSteps = 6;
+inline const tessera::optim::AdamWOptions adamw_opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
 
 // Every step's tokens and targets, (rows, T) int32 each.
 struct Data {

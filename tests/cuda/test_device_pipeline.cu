@@ -42,13 +42,13 @@ TEST_SUITE_BEGIN("device pipeline");
 
 namespace {
 
-// 2 blocks: 4 pipeline layers, so pp 4 puts the embedding alone on stage 0 and the head alone on
-// stage 3. 4 heads of 8: tp 2 and 4 divide them; T 13 is not a multiple of any tile.
-const GPTConfig pp_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
-const GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32, .embd_pdrop = 0.2};
-constexpr std::int64_t kRows = 8, kT = 13;
-constexpr int kSteps = 6;
-const optim::AdamWOptions opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
+// device_test's small GPT (pp 4 puts the embedding alone on stage 0 and the head on stage 3).
+const GPTConfig& pp_cfg = device_test::small_cfg;
+using device_test::drop_cfg;
+using device_test::kRows;
+using device_test::kSteps;
+using device_test::kT;
+const optim::AdamWOptions& opts = device_test::adamw_opts;
 using device_test::clip_scale;
 using device_test::Data;
 using device_test::flatten;

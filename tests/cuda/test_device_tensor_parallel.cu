@@ -43,13 +43,13 @@ TEST_SUITE_BEGIN("device tensor parallel");
 
 namespace {
 
-// 4 heads of 8: tp 2 and 4 divide them; T 13 is not a multiple of any tile.
-const GPTConfig tp_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32};
-// The same with embedding dropout: a rank's mask must be its rows' part of the whole batch's.
-const GPTConfig drop_cfg{.vocab_size = 67, .n_positions = 16, .n_layer = 2, .n_head = 4, .d_model = 32, .embd_pdrop = 0.2};
-constexpr std::int64_t kRows = 8, kT = 13;
-constexpr int kSteps = 6;
-const optim::AdamWOptions tp_opts{3e-3, 0.9, 0.95, 1e-8, 0.1};
+// device_test's small GPT (4 heads of 8: tp 2 and 4 divide them) and its dropout form.
+const GPTConfig& tp_cfg = device_test::small_cfg;
+using device_test::drop_cfg;
+using device_test::kRows;
+using device_test::kSteps;
+using device_test::kT;
+const optim::AdamWOptions& tp_opts = device_test::adamw_opts;
 
 using device_test::clip_scale;
 using device_test::Data;
