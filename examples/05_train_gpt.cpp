@@ -280,7 +280,7 @@ int main(int argc, char** argv) {
       // dp x tp x pp ranks as threads, one GPU each (NCCL) or sharing GPU 0 (ThreadDeviceComm);
       // or, with --backend mpi, as processes, one GPU each (NCCL; the process's local rank on its node).
       for (const char* flag : {"--recompute", "--zero3-unit", "--memory-report", "--outer-lr", "--outer-momentum",
-                               "--freeze-variance", "--refresh-variance", "--inject-fault"})
+                               "--freeze-variance", "--inject-fault"})
         TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not used on the device (--device cuda trains "
                         "without recomputation, ZeRO-3, memory reports, DiLoCo or fault injection); drop it");
       TESSERA_EXPECTS(a.pp > 1 || (app.count("--schedule") == 0 && app.count("--microbatches") == 0 &&

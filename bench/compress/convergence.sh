@@ -11,9 +11,7 @@
 #   diloco:1,lr=1,momentum=0,compress=topk:0.01 compresses each replica's AdamW update instead
 #   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor);
 #   a trailing ,freeze=N on any policy adds --freeze-variance N (AdamW's second moment frozen
-#   after N steps, 1-bit Adam), e.g. powersgd:4,warmup=20,freeze=20; and ,freeze=N,refresh=K adds
-#   --refresh-variance K too (v refreshed at every K-th step after N, from the compressor's dense
-#   reductions), e.g. powersgd:4,warmup=8,dense_every=25,freeze=8,refresh=25.
+#   after N steps, 1-bit Adam), e.g. powersgd:4,warmup=20,freeze=20.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-build}
@@ -28,8 +26,7 @@ for p in "${policies[@]}"; do
   name=${p//[:.,=]/_}
   extra=()
   q=$p
-  if [[ $q == *,refresh=* ]]; then extra=(--refresh-variance "${q##*,refresh=}"); q=${q%,refresh=*}; fi
-  if [[ $q == *,freeze=* ]]; then extra+=(--freeze-variance "${q##*,freeze=}"); q=${q%,freeze=*}; fi
+  if [[ $q == *,freeze=* ]]; then extra=(--freeze-variance "${q##*,freeze=}"); q=${q%,freeze=*}; fi
   case $q in
     none) flags=() ;;
     diloco:*)

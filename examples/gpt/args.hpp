@@ -36,7 +36,6 @@ struct Args {
   int sync_every = 0;         // --sync-every H: DiLoCo, replicas meet every H steps (0: every step)
   double outer_lr = 0.7, outer_momentum = 0.9;  // DiLoCo's outer SGD (Nesterov)
   int freeze_variance = 0;    // --freeze-variance N: AdamW's second moment frozen after N steps (0: never)
-  int refresh_variance = 0;   // --refresh-variance K: ... and refreshed at every K-th step after (0: never)
   bool sequence_parallel = false;
   std::string backend = "threads";
   int steps = 300;
@@ -92,8 +91,7 @@ struct Args {
   // LayerNorm weights (nanoGPT's and Megatron's split).
   optim::ParamGroupsOf<float, optim::AdamWOptions> adamw_groups(const ParameterList<float>& params) const {
     return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay,
-                                                                  .freeze_variance_after = freeze_variance,
-                                                                  .refresh_variance_every = refresh_variance});
+                                                                  .freeze_variance_after = freeze_variance});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   // Layers per ZeRO-3 unit (HybridOptions::unit_layers) from --zero3-unit: layer 1, stage 0
@@ -145,11 +143,6 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--outer-momentum", a.outer_momentum, "DiLoCo's outer Nesterov momentum, in [0, 1)");
   app.add_option("--freeze-variance", a.freeze_variance, "freeze AdamW's second moment after N steps (1-bit Adam's "
                  "preconditioner, for --compress powersgd/topk: N at most the compressor's warmup=; 0: never)")
-      ->check(CLI::Range(0, 1 << 30));
-  app.add_option("--refresh-variance", a.refresh_variance, "with --freeze-variance N: refresh AdamW's second moment "
-                 "at every K-th step after N (steps t with (t - 1) % K == 0; 0/1 Adam's variance updates), as if each "
-                 "step since the last had that step's gradient; with --compress powersgd/topk give the compressor "
-                 "dense_every=K; 0: never")
       ->check(CLI::Range(0, 1 << 30));
   app.add_flag("--sequence-parallel", a.sequence_parallel, "split activations along the sequence over tp (--context divisible by --tp)");
   app.add_option("--backend", a.backend, "threads (no launcher) or mpi (under mpirun)")->check(CLI::IsMember({"threads", "mpi"}));

@@ -55,24 +55,14 @@ class DpCommunication {
     // --freeze-variance N freezes AdamW's v after N steps so that the optimizer is linear in
     // the compressed gradient (1-bit Adam); v must come from uncompressed gradients only, so a
     // compressor on the gradient needs at least N dense warm-up reductions first.
-    TESSERA_EXPECTS(a.refresh_variance == 0 || a.freeze_variance > 0, "train_gpt: --refresh-variance ",
-                    a.refresh_variance, " refreshes a frozen second moment; give --freeze-variance N too");
     if (a.freeze_variance > 0 && error_feedback && a.sync_every == 0) {
       // Reductions per step: one on the accumulated gradient, one per micro-batch under ZeRO-2/3.
       const std::int64_t per_step = a.zero >= 2 ? a.accum : 1, need = a.freeze_variance * per_step;
-      const auto hook = make_comm_hook<float>(a.compress);
-      const std::int64_t w = hook->warmup_steps();
+      const std::int64_t w = make_comm_hook<float>(a.compress)->warmup_steps();
       TESSERA_EXPECTS(w >= need, "train_gpt: --freeze-variance ", a.freeze_variance, " with --compress ", a.compress,
                       ": AdamW's second moment would take ", need - w, " compressed reduction(s) before it freezes; "
                       "give the compressor warmup=", need, " or more (its uncompressed reductions, ", per_step,
                       " per step here)");
-      // --refresh-variance K updates v at steps t with (t - 1) % K == 0: the compressor's
-      // reductions t - 1 (one per step) must be dense there, which dense_every=K makes them.
-      TESSERA_EXPECTS(a.refresh_variance == 0 || (per_step == 1 && hook->dense_every() == a.refresh_variance),
-                      "train_gpt: --refresh-variance ", a.refresh_variance, " with --compress ", a.compress,
-                      ": AdamW's second moment would be refreshed from compressed gradients; give the compressor "
-                      "dense_every=", a.refresh_variance,
-                      per_step == 1 ? std::string() : " and one reduction per step (not --zero 2/3 with --accum > 1)");
     }
   }
 

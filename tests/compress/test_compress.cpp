@@ -255,7 +255,7 @@ TEST_CASE("TopKHook warm-up: the first N reductions are the plain all-reduce bit
       bad += step < warmup ? !warm.residual(2).empty() : !std::ranges::equal(warm.residual(2), fresh.residual(2));
       // The state holds the warm-up count, and a hook restored from it continues identically.
       const DpRankState<float> st = warm.state();
-      bad += st.counters.at("bucket2.reductions") != step + 1;
+      bad += st.counters.at("bucket2.reductions") != std::min(step + 1, warmup);
       if (step == 0) {
         TopKHook<float> resumed(0.05, warmup);
         resumed.load_state(st);
@@ -337,126 +337,6 @@ TEST_CASE("AdamW with a frozen second moment (1-bit Adam): Adam up to step F, th
                        doctest::Contains("freeze_variance_after -2"), Error);
 }
 
-TEST_CASE("AdamW with a refreshed second moment (0/1 Adam's variance updates): v updated at steps (t - 1) % K == 0 after F, decayed over the gap") {
-  // F = 2, K = 3 over 11 steps against a direct double computation: v is updated at t = 1, 2
-  // (plain Adam), then at t = 4, 7, 10 only, with v = b2^(t - s) v + (1 - b2^(t - s)) g^2 (s:
-  // its last update) and bias correction 1 - b2^(last update); between them, frozen.
-  constexpr int steps = 11;
-  constexpr std::int64_t freeze = 2, every = 3;
-  const std::size_t n = 6;
-  std::vector<float> w0 = grads_of(200, 0, n);
-  Parameter<float> a("a", Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(w0)));
-  ParameterList<float> ga;
-  ga.push_back(a);
-  const optim::AdamWOptions o{.lr = 0.01, .beta1 = 0.8, .beta2 = 0.9, .eps = 1e-6, .weight_decay = 0.1,
-                              .freeze_variance_after = freeze, .refresh_variance_every = every};
-  optim::AdamW<float> opt(ga, o);
-  std::vector<double> x(w0.begin(), w0.end()), m(n, 0.0), v(n, 0.0);
-  std::int64_t last = 0;  // the step of v's last update
-  std::vector<int> updated;
-  for (int t = 1; t <= steps; ++t) {
-    const bool update = t <= freeze || (t - 1) % every == 0;
-    CAPTURE(t);
-    CHECK(opt.variance_frozen() == !update);
-    CHECK(optim::AdamW<float>::variance_step(o, t) == (update ? t : last));
-    const std::vector<float> g = grads_of(t, 7, n);
-    a.grad.copy_from(Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(g)));
-    const double decay = std::pow(0.9, static_cast<double>(t - last));
-    if (update) {
-      updated.push_back(t);
-      last = t;
-    }
-    const double bc1 = 1 - std::pow(0.8, t), bc2 = 1 - std::pow(0.9, static_cast<double>(last));
-    for (std::size_t i = 0; i < n; ++i) {
-      x[i] *= 1 - 0.01 * 0.1;
-      m[i] = 0.8 * m[i] + 0.2 * g[i];
-      if (update) v[i] = decay * v[i] + (1 - decay) * static_cast<double>(g[i]) * g[i];
-      x[i] -= 0.01 / bc1 * m[i] / (std::sqrt(v[i]) / std::sqrt(bc2) + 1e-6);
-    }
-    opt.step();
-    for (std::size_t i = 0; i < n; ++i) {
-      CAPTURE(i);
-      CHECK(std::abs(a.value.data()[i] - x[i]) <= 1e-6 * (1 + std::abs(x[i])));
-      CHECK(std::abs(opt.exp_avg_sq(0).data()[i] - v[i]) <= 1e-6 * v[i] + 1e-12);
-    }
-  }
-  CHECK(updated == std::vector<int>{1, 2, 4, 7, 10});
-  // K = 1 refreshes at every step: plain AdamW, bitwise.
-  std::vector<float> plain_out, every_out;
-  for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}}) {
-    Parameter<float> p("p", Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(w0)));
-    ParameterList<float> gp;
-    gp.push_back(p);
-    optim::AdamW<float> q(gp, {.lr = 0.01, .freeze_variance_after = k, .refresh_variance_every = k});
-    for (int t = 1; t <= 6; ++t) {
-      const std::vector<float> g = grads_of(t, 8, n);
-      p.grad.copy_from(Tensor<float>::from(Shape{static_cast<std::int64_t>(n)}, std::span<const float>(g)));
-      q.step();
-    }
-    (k == 0 ? plain_out : every_out).assign(p.value.data(), p.value.data() + n);
-  }
-  CHECK(plain_out == every_out);
-  CHECK_THROWS_WITH_AS(optim::AdamW<float>(ga, optim::AdamWOptions{.refresh_variance_every = 5}),
-                       doctest::Contains("refresh_variance_every 5"), Error);
-  CHECK_THROWS_WITH_AS(optim::AdamW<float>(ga, optim::AdamWOptions{.freeze_variance_after = 3, .refresh_variance_every = -1}),
-                       doctest::Contains("refresh_variance_every -1"), Error);
-}
-
-TEST_CASE("dense_every=K: reductions 0, K, 2K, ... are the plain all-reduce of G, and the residual waits") {
-  // PowerSGD and top-k at 3 ranks over 7 reductions with warm-up 1 and K = 3: reductions 0
-  // (warm-up), 3 and 6 (dense) equal the plain all-reduce of the gradient alone, bitwise, and
-  // leave the residual as it was (nonzero after reduction 1); the others are compressed (the
-  // residual changes).
-  constexpr int world = 3, steps = 7;
-  constexpr std::int64_t rows = 10, cols = 8;
-  const std::size_t total = rows * cols + 4;
-  const std::vector<GradBucketTensor> tensors{{0, Shape{rows, cols}}, {rows * cols, Shape{4}}};
-  for (const std::string spec : {"powersgd:2,warmup=1,dense_every=3", "topk:0.1,warmup=1,dense_every=3"}) {
-    CAPTURE(spec);
-    auto ok = run_ranks(world, [&](Comm& c) {
-      auto hook = make_comm_hook<float>(spec);
-      AllReduceHook<float> plain;
-      int bad = 0;
-      // This rank's residual over the bucket (0 where none is kept).
-      const auto residual = [&]() {
-        std::vector<float> e(total, 0.0f);
-        if (auto* p = dynamic_cast<PowerSGDHook<float>*>(hook.get()))
-          for (const auto& s : p->matrices(0)) std::ranges::copy(s.error, e.begin() + s.offset);
-        if (auto* t = dynamic_cast<TopKHook<float>*>(hook.get()))
-          if (!t->residual(0).empty()) std::ranges::copy(t->residual(0), e.begin());
-        return e;
-      };
-      for (int step = 0; step < steps; ++step) {
-        const std::vector<float> e = residual();
-        std::vector<float> g = grads_of(step, c.rank(), total), ref = g;
-        GradBucketView<float> v{.index = 0, .grad = g, .tensors = tensors}, vr{.index = 0, .grad = ref, .tensors = tensors};
-        hook->reduce(v, c);
-        const std::vector<float> after = residual();
-        const bool empty = std::ranges::all_of(after, [](float x) { return x == 0.0f; });
-        if (step % 3 == 0) {
-          plain.reduce(vr, c);
-          bad += g != ref;
-          bad += after != e;              // the residual waits for the next compressed reduction
-          bad += step > 0 && empty;       // and there is one to wait (the check is not empty)
-        } else {
-          bad += empty || after == e;     // compressed: a new residual
-        }
-      }
-      bad += hook->dense_every() != 3 || hook->warmup_steps() != 1;
-      bad += hook->state().counters.at("bucket0.reductions") != steps;
-      return bad;
-    });
-    for (int bad : ok) CHECK(bad == 0);
-    CHECK(make_comm_hook<float>(spec)->name() == spec);
-  }
-  CHECK(make_comm_hook<float>("powersgd:4")->dense_every() == 0);
-  CHECK(make_comm_hook<float>("topk:0.01,dense_every=25,warmup=8")->name() == "topk:0.01,warmup=8,dense_every=25");
-  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,dense_every=x"), doctest::Contains("dense_every \"x\""), Error);
-  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.1,dense_every=-2"), doctest::Contains("dense_every \"-2\""), Error);
-  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, 0, -1), doctest::Contains("dense_every -1"), Error);
-  CHECK_THROWS_WITH_AS(PowerSGDHook<float>({.rank = 1, .dense_every = -4}), doctest::Contains("dense_every -4"), Error);
-}
-
 TEST_CASE("TopKHook: the k largest |G + E| of each rank, summed; the rest carried to the next step") {
   constexpr int world = 3;
   constexpr std::size_t n = 40;
@@ -519,8 +399,7 @@ TEST_CASE("Error feedback keeps the sum: applied + residuals == sum of the uncom
   // sum_t applied_t + sum_w E_w == sum_t sum_w G_{w,t}, to fp32 round-off.
   constexpr int world = 3, steps = 8;
   constexpr std::size_t n = 130;
-  for (const std::string spec : {"powersgd:1", "powersgd:2", "topk:0.05", "topk:0.3", "powersgd:2,dense_every=3",
-                                 "topk:0.05,warmup=2,dense_every=3"}) {
+  for (const std::string spec : {"powersgd:1", "powersgd:2", "topk:0.05", "topk:0.3"}) {
     CAPTURE(spec);
     struct Out {
       std::vector<double> applied, residual;

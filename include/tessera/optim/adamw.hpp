@@ -3,7 +3,6 @@
 /// AdamW: Adam with bias correction and decoupled weight decay (Loshchilov and Hutter,
 /// "Decoupled weight decay regularization", ICLR 2019), as PyTorch's torch.optim.AdamW.
 
-#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -29,10 +28,6 @@ struct AdamWOptions {
   /// preconditioner (Tang et al., "1-bit Adam: communication efficient large-scale training
   /// with Adam's convergence speed", ICML 2021) for gradients compressed with error feedback.
   std::int64_t freeze_variance_after = 0;
-  /// With freeze_variance_after = F > 0: after step F, v is refreshed at every K-th step
-  /// (steps t with (t - 1) % K == 0; 0: never, v stays frozen) and frozen between (AdamW::step).
-  /// The refresh steps must see uncompressed gradients: a compressor's `dense_every=K`.
-  std::int64_t refresh_variance_every = 0;
 };
 
 /// AdamW. At step t (from 1), for each element: p *= 1 - lr * wd; m = b1 m + (1 - b1) g;
@@ -51,19 +46,6 @@ struct AdamWOptions {
 /// steps at b1 = 0.9). 1-bit Adam compresses m; this option only freezes v, whatever the
 /// caller compresses. Per group; the step count is the optimizer's, so a checkpoint that
 /// restores steps() and the moments resumes it exactly.
-///
-/// Refreshed variance (AdamWOptions::refresh_variance_every = K > 0, with F > 0; after 0/1
-/// Adam's variance freezing with updates at chosen steps, Lu et al., "Maximizing communication
-/// efficiency for large-scale training via 0/1 Adam", ICLR 2023, here at a fixed interval): v
-/// is also updated at the steps t > F with (t - 1) % K == 0, and only there, as if each of the
-/// t - s steps since its last update s had seen this step's g^2: v = b2^(t - s) v +
-/// (1 - b2^(t - s)) g^2 (at K = 1: plain AdamW). Its bias correction is 1 - b2^s' with s' the
-/// last update step (t itself on an update step), which is exactly the sum of the weights v
-/// holds. Between updates the step is the frozen one above, linear in g; so the compressor
-/// sends those steps compressed and the update steps dense (`dense_every=K`), and v follows
-/// the gradients' size through training, where a v frozen at step F keeps the early, larger
-/// gradients' (train_gpt's --freeze-variance 20 alone lost 25% of validation loss at 400
-/// steps; docs/compression.md).
 ///
 /// It updates whatever parameters it is given, in place, through their `value` and `grad`
 /// tensors (which may be strided views), so a sharded (ZeRO-1) optimizer is this one built on
@@ -92,9 +74,6 @@ class AdamW {
                       o.beta1, ", ", o.beta2, ") must lie in [0, 1)");
       TESSERA_EXPECTS(o.freeze_variance_after >= 0, "AdamW: group ", g, ": freeze_variance_after ",
                       o.freeze_variance_after, " must be >= 0 (0: never)");
-      TESSERA_EXPECTS(o.refresh_variance_every >= 0 && (o.refresh_variance_every == 0 || o.freeze_variance_after > 0),
-                      "AdamW: group ", g, ": refresh_variance_every ", o.refresh_variance_every,
-                      " must be >= 0, and needs freeze_variance_after > 0 (it is ", o.freeze_variance_after, ")");
       options_.push_back(o);
       for (Parameter<T>& p : groups[g].params) {
         params_.push_back(p);
@@ -110,18 +89,14 @@ class AdamW {
     ++steps_;
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const AdamWOptions& o = options_[group_[i]];
-      // Frozen or refreshed variance (class comment): v updated at step t only when
-      // variance_step(o, t) == t, with the decay of the steps since its last update.
-      const std::int64_t last = variance_step(o, steps_);
-      const bool frozen = last != steps_;
+      // Frozen variance: v keeps step F's value and bias correction (class comment).
+      const bool frozen = o.freeze_variance_after > 0 && steps_ > o.freeze_variance_after;
       const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(steps_));
-      const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(last));
+      const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(frozen ? o.freeze_variance_after : steps_));
       const T decay = static_cast<T>(1 - o.lr * o.weight_decay);
       const T step_size = static_cast<T>(o.lr / bc1);
       const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
-      const T b1 = static_cast<T>(o.beta1);
-      // v's decay over the steps since its last update (b2 at every step of plain AdamW).
-      const T b2 = static_cast<T>(std::pow(o.beta2, static_cast<double>(steps_ - variance_step(o, steps_ - 1))));
+      const T b1 = static_cast<T>(o.beta1), b2 = static_cast<T>(o.beta2);
       const T eps = static_cast<T>(o.eps);
       Parameter<T>& p = params_[i];
       if (frozen)
@@ -145,17 +120,6 @@ class AdamW {
             p.value, p.grad, m_[i], v_[i]);
     }
   }
-  /// The last step <= t (steps from 1; 0: none) at which options `o` update the second moment:
-  /// t itself for plain AdamW and for t <= freeze_variance_after; afterwards the freeze step,
-  /// or with refresh_variance_every = K the last step s <= t with (s - 1) % K == 0 (class
-  /// comment). Local, pure.
-  static std::int64_t variance_step(const AdamWOptions& o, std::int64_t t) {
-    const std::int64_t f = o.freeze_variance_after, k = o.refresh_variance_every;
-    if (f == 0 || t <= f) return t;
-    if (k == 0) return f;
-    const std::int64_t s = (t - 1) / k * k + 1;  // the last s <= t with (s - 1) % k == 0
-    return std::max(s, f);
-  }
   /// Sets every gradient to zero.
   void zero_grad() { params_.zero_grad(); }
   /// The learning rate (of group 0; set_lr sets every group's).
@@ -170,12 +134,11 @@ class AdamW {
   const AdamWOptions& group_options(std::size_t g) const { return options_.at(g); }
   /// The group of parameter i.
   std::size_t group_of(std::size_t i) const { return group_.at(i); }
-  /// Whether group `g`'s second moment is frozen for the next step (it is not updated there:
-  /// steps() >= freeze_variance_after > 0 and, with refresh_variance_every, the next step is
-  /// not a refresh step).
+  /// Whether group `g`'s second moment is frozen for the next step (steps() >=
+  /// freeze_variance_after > 0).
   bool variance_frozen(std::size_t g = 0) const {
     const AdamWOptions& o = options_.at(g);
-    return variance_step(o, steps_ + 1) != steps_ + 1;
+    return o.freeze_variance_after > 0 && steps_ >= o.freeze_variance_after;
   }
   /// Steps taken so far (t of the bias correction).
   std::int64_t steps() const noexcept { return steps_; }

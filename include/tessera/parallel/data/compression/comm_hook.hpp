@@ -61,11 +61,6 @@ class CommHook {
   /// (PowerSGD's and top-k's `warmup=N`; 0 for the others): an optimizer whose state must see
   /// only uncompressed gradients (AdamW's frozen variance) checks against it.
   virtual std::int64_t warmup_steps() const noexcept { return 0; }
-  /// K when every K-th reduction of each bucket (reductions 0, K, 2K, ..., counted from 0, warm-up
-  /// included) is the plain fp32 all-reduce of the gradient alone, the residual kept for later
-  /// (PowerSGD's and top-k's `dense_every=K`; 0: none): the steps at which AdamW refreshes its
-  /// second moment (AdamWOptions::refresh_variance_every) must be such steps.
-  virtual std::int64_t dense_every() const noexcept { return 0; }
 
   /// Whether the hook has a point-to-point form (encode / decode): a sender encodes its values,
   /// a receiver decodes and sums them, as a parameter server's push (ParameterServer::

@@ -24,14 +24,12 @@ namespace tessera {
 /// "powersgd:R" (PowerSGDHook of rank R >= 1), "topk:F" (TopKHook sending the fraction
 /// 0 < F <= 1). PowerSGD and top-k take an option after a comma: "powersgd:4,warmup=40"
 /// all-reduces each bucket uncompressed for its first 40 reductions (PowerSGDOptions::
-/// warmup_steps, PyTorch's start_powerSGD_iter; TopKHook's warmup_steps the same), and
-/// ",dense_every=K" makes every K-th reduction dense (PowerSGDOptions::dense_every). Throws
-/// tessera::Error naming the spec and the accepted forms otherwise. Local.
+/// warmup_steps, PyTorch's start_powerSGD_iter; TopKHook's warmup_steps the same). Throws tessera::Error naming the spec and the accepted forms
+/// otherwise. Local.
 template <std::floating_point T>
 std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   const std::string forms =
-      "expected none, bf16, fp16, powersgd:R[,warmup=N][,dense_every=K] (R an integer >= 1, N >= 0, K >= 0) or "
-      "topk:F[,warmup=N][,dense_every=K] (0 < F <= 1)";
+      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or topk:F[,warmup=N] (0 < F <= 1)";
   const std::size_t comma = spec.find(',');
   const std::string head = spec.substr(0, comma);
   const std::string options = comma == std::string::npos ? "" : spec.substr(comma + 1);
@@ -47,21 +45,21 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   };
   TESSERA_EXPECTS(options.empty() || head.rfind("powersgd:", 0) == 0 || head.rfind("topk:", 0) == 0, "compression \"",
                   spec, "\": only powersgd and topk take options after a comma; ", forms);
-  // The options warmup=N and dense_every=K; 0 when absent.
-  std::int64_t warmup = 0, dense_every = 0;
-  for (std::size_t at = 0; at < options.size();) {
-    const std::size_t end = std::min(options.find(',', at), options.size());
-    const std::string item = options.substr(at, end - at);
-    at = end + 1;
-    const std::size_t eq = item.find('=');
-    const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
-    TESSERA_EXPECTS(key == "warmup" || key == "dense_every", "compression \"", spec, "\": option \"", item,
-                    "\" is unknown; ", forms);
+  // The warm-up option (warmup=N), the only one; its value, 0 when absent.
+  const auto warmup = [&]() {
     long w = 0;
-    TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": ", key, " \"", value,
-                    "\" is not an integer >= 0; ", forms);
-    (key == "warmup" ? warmup : dense_every) = static_cast<std::int64_t>(w);
-  }
+    for (std::size_t at = 0; at < options.size();) {
+      const std::size_t end = std::min(options.find(',', at), options.size());
+      const std::string item = options.substr(at, end - at);
+      at = end + 1;
+      const std::size_t eq = item.find('=');
+      const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+      TESSERA_EXPECTS(key == "warmup", "compression \"", spec, "\": option \"", item, "\" is unknown; ", forms);
+      TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
+                      "\" is not an integer >= 0; ", forms);
+    }
+    return static_cast<std::int64_t>(w);
+  };
   if (head == "none") return std::make_shared<AllReduceHook<T>>();
   if (head == "bf16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::bf16);
   if (head == "fp16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::fp16);
@@ -71,7 +69,7 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
     long r = 0;
     TESSERA_EXPECTS(integer(arg, r) && r >= 1 && r <= 1 << 20, "compression \"", spec, "\": rank \"", arg,
                     "\" is not an integer >= 1; ", forms);
-    return std::make_shared<PowerSGDHook<T>>(PowerSGDOptions{.rank = static_cast<int>(r), .warmup_steps = warmup, .dense_every = dense_every});
+    return std::make_shared<PowerSGDHook<T>>(PowerSGDOptions{.rank = static_cast<int>(r), .warmup_steps = warmup()});
   }
   if (kind == "topk" && !arg.empty()) {
     double f = 0;
@@ -83,7 +81,7 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
     }
     TESSERA_EXPECTS(used == arg.size() && f > 0 && f <= 1, "compression \"", spec, "\": fraction \"", arg,
                     "\" is not in (0, 1]; ", forms);
-    return std::make_shared<TopKHook<T>>(f, warmup, dense_every);
+    return std::make_shared<TopKHook<T>>(f, warmup());
   }
   throw Error(detail::str("compression \"", spec, "\" is unknown; ", forms));
 }

@@ -33,12 +33,6 @@ struct PowerSGDOptions {
   /// change fast and low-rank estimates of them slow training down). No error feedback
   /// during them; Q is drawn and E starts at 0 at the first compressed reduction. >= 0.
   std::int64_t warmup_steps = 0;
-  /// K > 0: each bucket's reductions 0, K, 2K, ... (counted from 0, warm-up included) are the
-  /// plain fp32 all-reduce of G alone; E and Q are kept for the next compressed reduction (the
-  /// sum is kept: G is delivered whole, E later). These are the dense steps at which AdamW
-  /// refreshes its second moment (AdamWOptions::refresh_variance_every), which must see G, not
-  /// G + E (a residual of many steps would inflate v). 0: none. >= 0.
-  std::int64_t dense_every = 0;
 };
 
 /// PowerSGD with error feedback. Within a bucket, each parameter gradient of rank >= 2 is seen
@@ -57,9 +51,7 @@ struct PowerSGDOptions {
 ///    warm start for the next step is Q / p.
 /// So over any number of steps, (what was applied) + (sum over ranks of E) = the sum over steps
 /// and ranks of G, to round-off. Bytes per rank per step: 2 (p - 1) / p * 4 r'(n + m) per
-/// matrix instead of 2 (p - 1) / p * 4 n m. With `dense_every` = K, each bucket's reductions
-/// 0, K, 2K, ... are instead the plain all-reduce of G, leaving E and Q as they were (the sum
-/// above still holds).
+/// matrix instead of 2 (p - 1) / p * 4 n m.
 template <std::floating_point T>
 class PowerSGDHook final : public CommHook<T> {
  public:
@@ -77,18 +69,15 @@ class PowerSGDHook final : public CommHook<T> {
   explicit PowerSGDHook(const PowerSGDOptions& options = {}) : options_(options) {
     TESSERA_EXPECTS(options.rank >= 1, "PowerSGDHook: rank ", options.rank, " must be at least 1");
     TESSERA_EXPECTS(options.warmup_steps >= 0, "PowerSGDHook: warmup_steps ", options.warmup_steps, " must be >= 0");
-    TESSERA_EXPECTS(options.dense_every >= 0, "PowerSGDHook: dense_every ", options.dense_every, " must be >= 0");
   }
 
   /// Replaces `bucket.grad` with the PowerSGD estimate of the sum over ranks (class comment).
   /// Collective over `comm`: up to three all-reduces per bucket (uncompressed part, P, Q).
   /// Throws tessera::Error when the bucket's tensor list differs from the one first seen.
   void reduce(GradBucketView<T>& bucket, Comm& comm) override {
-    // Warm-up (options.warmup_steps): this bucket's first reductions are plain all-reduces; so
-    // is every dense_every-th, of G alone (E, Q kept for the next compressed reduction).
-    const std::int64_t done = reductions_[bucket.index]++;
-    const std::int64_t k = options_.dense_every;
-    if (done < options_.warmup_steps || (k > 0 && done % k == 0)) {
+    // Warm-up (options.warmup_steps): this bucket's first reductions are plain all-reduces.
+    if (std::int64_t& done = reductions_[bucket.index]; done < options_.warmup_steps) {
+      ++done;
       comm.all_reduce(bucket.grad, ReduceOp::sum);
       this->count_all_reduce(bucket.grad.size(), sizeof(T), comm.size());
       return;
@@ -153,7 +142,7 @@ class PowerSGDHook final : public CommHook<T> {
     }
   }
 
-  /// Per bucket b: "bucket<b>.reductions" (its reductions so far) and, per compressed matrix i,
+  /// Per bucket b: "bucket<b>.reductions" (the warm-up count) and, per compressed matrix i,
   /// "bucket<b>.m<i>.q" (the warm start) and "bucket<b>.m<i>.error" (the residual). Local.
   DpRankState<T> state() const override {
     DpRankState<T> out;
@@ -186,19 +175,15 @@ class PowerSGDHook final : public CommHook<T> {
     }
   }
 
-  /// "powersgd:R", with ",warmup=N" when warmup_steps > 0 and ",dense_every=K" when
-  /// dense_every > 0 (make_comm_hook's syntax).
+  /// "powersgd:R", with ",warmup=N" when warmup_steps > 0 (make_comm_hook's syntax).
   std::string name() const override {
     return "powersgd:" + std::to_string(options_.rank) +
-           (options_.warmup_steps > 0 ? ",warmup=" + std::to_string(options_.warmup_steps) : std::string()) +
-           (options_.dense_every > 0 ? ",dense_every=" + std::to_string(options_.dense_every) : std::string());
+           (options_.warmup_steps > 0 ? ",warmup=" + std::to_string(options_.warmup_steps) : std::string());
   }
   /// The options.
   const PowerSGDOptions& options() const noexcept { return options_; }
   /// options().warmup_steps: reductions of each bucket that are plain all-reduces first.
   std::int64_t warmup_steps() const noexcept override { return options_.warmup_steps; }
-  /// options().dense_every: every K-th reduction of each bucket is a plain all-reduce of G (E kept).
-  std::int64_t dense_every() const noexcept override { return options_.dense_every; }
   /// The compressed matrices of bucket `index` with their Q and residual (empty before the
   /// bucket's first reduction, or when nothing in it is compressed).
   const std::vector<MatrixState>& matrices(std::size_t index) const {
@@ -292,7 +277,7 @@ class PowerSGDHook final : public CommHook<T> {
   std::map<std::size_t, std::vector<MatrixState>> mats_;                                    // per bucket
   std::map<std::size_t, std::vector<std::pair<std::int64_t, std::int64_t>>> plain_;        // (offset, numel)
   std::map<std::size_t, std::size_t> seen_;                                                 // tensors per bucket
-  std::map<std::size_t, std::int64_t> reductions_;  // reductions done, per bucket
+  std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
   std::vector<T> flat_, pbuf_, qbuf_;
 };
 

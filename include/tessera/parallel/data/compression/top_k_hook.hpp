@@ -35,23 +35,16 @@ namespace tessera {
 /// So (what was applied) + (sum over ranks of E) = the sum over steps and ranks of G, to
 /// round-off. Bytes per rank: (p - 1) k (4 + sizeof(T)) instead of 2 (p - 1) / p n sizeof(T).
 /// With `warmup_steps` = N > 0, each bucket's first N reductions are the plain fp32 all-reduce
-/// (no residual); compression then starts with E = 0. With `dense_every` = K > 0, reductions
-/// 0, K, 2K, ... (counted from 0, warm-up included) are the plain all-reduce of G alone, E kept
-/// for the next compressed reduction (the sum above still holds): the dense steps at which
-/// AdamW refreshes its second moment (AdamWOptions::refresh_variance_every), which must see G,
-/// not G + E.
+/// (no residual); compression then starts with E = 0.
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
  public:
   /// A hook sending the fraction `fraction` of each bucket's entries, after `warmup_steps`
-  /// plain all-reduces of each bucket, with every `dense_every`-th reduction dense (class
-  /// comment; 0: none). Throws tessera::Error naming the value unless 0 < fraction <= 1,
-  /// warmup_steps >= 0 and dense_every >= 0.
-  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0, std::int64_t dense_every = 0)
-      : fraction_(fraction), warmup_(warmup_steps), dense_every_(dense_every) {
+  /// plain all-reduces of each bucket. Throws tessera::Error naming the value unless
+  /// 0 < fraction <= 1 and warmup_steps >= 0.
+  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0) : fraction_(fraction), warmup_(warmup_steps) {
     TESSERA_EXPECTS(fraction > 0 && fraction <= 1, "TopKHook: fraction ", fraction, " must be in (0, 1]");
     TESSERA_EXPECTS(warmup_steps >= 0, "TopKHook: warmup_steps ", warmup_steps, " must be >= 0");
-    TESSERA_EXPECTS(dense_every >= 0, "TopKHook: dense_every ", dense_every, " must be >= 0");
   }
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
@@ -63,10 +56,9 @@ class TopKHook final : public CommHook<T> {
     if (n == 0) return;
     TESSERA_EXPECTS(n <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()), "TopKHook: bucket ",
                     bucket.index, " has ", n, " elements; int32 indices reach 2^31 - 1");
-    // Warm-up: this bucket's first reductions are plain all-reduces; so is every
-    // dense_every-th, of G alone (E kept).
-    const std::int64_t done = reductions_[bucket.index]++;
-    if (done < warmup_ || (dense_every_ > 0 && done % dense_every_ == 0)) {
+    // Warm-up: this bucket's first reductions are plain all-reduces.
+    if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
+      ++done;
       comm.all_reduce(bucket.grad, ReduceOp::sum);
       this->count_all_reduce(n, sizeof(T), comm.size());
       return;
@@ -115,11 +107,11 @@ class TopKHook final : public CommHook<T> {
     last_indices_[bucket.index] = std::move(idx);
   }
 
-  /// "bucket<b>.error": each bucket's residual E; with a warm-up or dense_every, the counter
-  /// "bucket<b>.reductions" (its reductions so far). Local.
+  /// "bucket<b>.error": each bucket's residual E; with a warm-up, the counter
+  /// "bucket<b>.reductions" (warm-up reductions done). Local.
   DpRankState<T> state() const override {
     DpRankState<T> out;
-    if (warmup_ > 0 || dense_every_ > 0)
+    if (warmup_ > 0)
       for (const auto& [b, done] : reductions_) out.counters["bucket" + std::to_string(b) + ".reductions"] = done;
     for (const auto& [b, e] : error_) out.tensors["bucket" + std::to_string(b) + ".error"] = e;
     return out;
@@ -142,16 +134,12 @@ class TopKHook final : public CommHook<T> {
     }
   }
 
-  /// "topk:F", with ",warmup=N" when warmup_steps > 0 and ",dense_every=K" when dense_every > 0
-  /// (make_comm_hook's syntax).
+  /// "topk:F", with ",warmup=N" when warmup_steps > 0 (make_comm_hook's syntax).
   std::string name() const override {
-    return "topk:" + format_fraction() + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string()) +
-           (dense_every_ > 0 ? ",dense_every=" + std::to_string(dense_every_) : std::string());
+    return "topk:" + format_fraction() + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string());
   }
   /// Reductions of each bucket that are plain all-reduces before compression starts.
   std::int64_t warmup_steps() const noexcept override { return warmup_; }
-  /// K: every K-th reduction of each bucket is a plain all-reduce of G, E kept (0: none).
-  std::int64_t dense_every() const noexcept override { return dense_every_; }
   /// The fraction sent.
   double fraction() const noexcept { return fraction_; }
   /// k for a bucket of `n` elements: max(1, ceil(fraction n)), at most n.
@@ -179,8 +167,7 @@ class TopKHook final : public CommHook<T> {
   }
   double fraction_;
   std::int64_t warmup_ = 0;
-  std::int64_t dense_every_ = 0;
-  std::map<std::size_t, std::int64_t> reductions_;  // reductions done, per bucket
+  std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
   bool loaded_ = false;  // load_state gave residuals (their sizes are checked)
   std::vector<T> abs_;  // |M|, scratch of the selection
   std::map<std::size_t, std::vector<T>> error_;
