@@ -1,0 +1,342 @@
+// The Llama example's own device kernels (examples/llama/device/llama_kernels.cuh) against its CPU
+// layers (examples/llama/llama_layers.hpp), fp32 within 1e-5 relative (norm-wise), bf16 within its
+// rounding: RMSNorm forward and backward (and its weight gradient bitwise the same on a second
+// run), SwiGLU forward and backward, and causal grouped-query attention with rotary embeddings
+// built as the device Llama builds it, rope_expand -> tessera's attention -> rope_reduce, against
+// RotaryAttentionCore forward and backward; and the whole decoder layer on the device
+// (DeviceDecoderLayer) against llama::DecoderLayer, and the whole model trained on the device
+// (DeviceLlama, 4 AdamW steps) against the CPU Llama, and at dp 2 (threads sharing the GPU,
+// DeviceDataParallel) against one rank on the whole batch. Needs a GPU (gpu_main.cpp skips without one).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <utility>
+#include <vector>
+
+#include "llama/device/device_decoder_layer.cuh"
+#include "llama/device/device_llama.cuh"
+#include "llama/device/llama_kernels.cuh"
+#include "llama/llama_layers.hpp"
+#include "llama/llama_model.hpp"
+#include "tessera/nn/cross_entropy.hpp"
+#include "tessera/optim/adamw.hpp"
+#include "tessera/optim/param_group.hpp"
+#include "tessera/comm/thread/thread_communicator.hpp"
+#include "tessera/cuda/blas_lt.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
+#include "tessera/cuda/device_grad_buckets.hpp"
+#include "tessera/cuda/thread_device_comm.cuh"
+#include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/ops/attention.cuh"
+
+using namespace tessera;
+namespace tc = tessera::cuda;
+namespace ld = llama::device;
+
+namespace {
+
+Tensor<float> randn_l(const Shape& s, unsigned seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.f, scale);
+  Tensor<float> t(s);
+  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = n(rng);
+  return t;
+}
+
+// ||a - b|| / ||b||, NaN when either holds a NaN (so a NaN never passes).
+double rel_l(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.numel() == b.numel());
+  double d = 0, n = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.data()[i], y = b.data()[i];
+    if (std::isnan(x) || std::isnan(y)) return NAN;
+    d += (x - y) * (x - y);
+    n += y * y;
+  }
+  return std::sqrt(d / (n > 0 ? n : 1));
+}
+
+tc::Stream& llama_stream() {
+  static tc::Stream s;
+  return s;
+}
+tc::BlasLt& llama_blas() {
+  static tc::BlasLt b(llama_stream());
+  return b;
+}
+
+template <class T = float>
+tc::DeviceTensor<T> up(const Tensor<float>& h) {
+  return tc::to_device<T>(h, llama_stream());
+}
+template <class T>
+Tensor<float> down(const tc::DeviceTensor<T>& d) {
+  return tc::to_host(d, llama_stream());
+}
+
+}  // namespace
+
+TEST_CASE("llama kernels: RMSNorm forward and backward equal llama::RMSNorm (fp32; bf16 within its rounding)") {
+  const std::int64_t B = 3, Tn = 97, C = 80;  // 291 rows: three weight-gradient chunks, the last partial
+  const Tensor<float> x = randn_l(Shape{B, Tn, C}, 31), dy = randn_l(Shape{B, Tn, C}, 32), w = randn_l(Shape{C}, 33);
+  llama::RMSNorm<float> norm(C, {}, 1e-6f);
+  norm.weight().value.copy_from(w);
+  auto [y_ref, ctx] = norm.forward(x);
+  const Tensor<float> dx_ref = norm.backward(dy, ctx);
+  auto xd = up(x), dyd = up(dy), wd = up(w);
+  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
+  auto rstd = tc::DeviceTensor<float>::empty(Shape{B * Tn}, llama_stream());
+  auto partial = tc::DeviceTensor<float>::empty(Shape{ld::rms_norm_partial_size(B * Tn, C)}, llama_stream());
+  auto dw1 = up(Tensor<float>(Shape{C})), dw2 = up(Tensor<float>(Shape{C}));
+  ld::rms_norm_forward<float>(llama_stream(), xd, wd, y, rstd, 1e-6f);
+  ld::rms_norm_backward<float>(llama_stream(), dyd, xd, wd, rstd, dx, dw1, partial);
+  ld::rms_norm_backward<float>(llama_stream(), dyd, xd, wd, rstd, dx, dw2, partial);
+  CHECK(rel_l(down(y), y_ref) < 1e-5);
+  CHECK(rel_l(down(rstd), ctx.rstd) < 1e-5);
+  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
+  CHECK(rel_l(down(dw1), norm.weight().grad) < 1e-5);
+  const Tensor<float> g1 = down(dw1), g2 = down(dw2);
+  for (std::int64_t j = 0; j < C; ++j) CHECK(g1.data()[j] == g2.data()[j]);  // deterministic
+  // bf16 storage: within bf16 rounding of the fp32 layer.
+  auto xb = up<tc::bf16>(x), wb = up<tc::bf16>(w);
+  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, C}, llama_stream());
+  ld::rms_norm_forward<tc::bf16>(llama_stream(), xb, wb, yb, rstd, 1e-6f);
+  CHECK(rel_l(down(yb), y_ref) < 1e-2);
+  // Shapes that disagree are refused, naming them.
+  auto bad = tc::DeviceTensor<float>::empty(Shape{C + 1}, llama_stream());
+  CHECK_THROWS_WITH_AS(ld::rms_norm_forward<float>(llama_stream(), xd, bad, y, rstd), doctest::Contains("weight (81)"),
+                       Error);
+}
+
+TEST_CASE("llama kernels: SwiGLU forward and backward equal llama::SwiGLU") {
+  const std::int64_t rows = 131, F = 57;
+  const Tensor<float> x = randn_l(Shape{rows, 2 * F}, 34), dy = randn_l(Shape{rows, F}, 35);
+  llama::SwiGLU<float> act;
+  auto [y_ref, ctx] = act.forward(x);
+  const Tensor<float> dx_ref = act.backward(dy, ctx);
+  auto xd = up(x), dyd = up(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{rows, F}, llama_stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{rows, 2 * F}, llama_stream());
+  ld::swiglu_forward<float>(llama_stream(), xd, y);
+  ld::swiglu_backward<float>(llama_stream(), xd, dyd, dx);
+  CHECK(rel_l(down(y), y_ref) < 1e-5);
+  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
+  CHECK_THROWS_WITH_AS(ld::swiglu_forward<float>(llama_stream(), dyd, y), doctest::Contains("[gate | up]"), Error);
+}
+
+TEST_CASE("llama kernels: rope_expand -> tessera's attention -> rope_reduce equals RotaryAttentionCore (GQA, MQA, MHA)") {
+  for (const auto& [H, G] : {std::pair<std::int64_t, std::int64_t>{4, 2}, {4, 1}, {3, 3}}) {
+    CAPTURE(H);
+    CAPTURE(G);
+    const std::int64_t B = 2, Tn = 13, hd = 8, C = H * hd;
+    const llama::device_math::RopeShape s{.seq = Tn, .heads = H, .kv_heads = G, .head_dim = hd};
+    const Tensor<float> qkv = randn_l(Shape{B, Tn, s.gqa_cols()}, 36), dy = randn_l(Shape{B, Tn, C}, 37);
+    llama::RotaryAttentionCore<float> core(H, G, hd, 10000.0);
+    auto [y_ref, ctx] = core.forward(qkv);
+    const Tensor<float> dqkv_ref = core.backward(dy, ctx);
+    tc::BlasLt& blas = llama_blas();
+    const ld::RopeTable table = ld::make_rope_table(llama_stream(), Tn, hd, 10000.0);
+    auto qkv_d = up(qkv), dy_d = up(dy);
+    auto expd = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, llama_stream());
+    auto dexp = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, llama_stream());
+    auto dqkv = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.gqa_cols()}, llama_stream());
+    auto probs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, llama_stream());
+    auto dprobs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, llama_stream());
+    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
+    auto qkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, llama_stream());
+    auto dqkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, llama_stream());
+    auto heads = tc::DeviceTensor<float>::empty(Shape{B * H * Tn * hd}, llama_stream());
+    ld::rope_expand<float>(llama_stream(), qkv_d, table, s, expd);
+    tc::ops::attention_forward<float>(llama_stream(), blas, expd, H, qkvp, probs, heads, y);
+    CHECK(rel_l(down(y), y_ref) < 1e-5);
+    tc::ops::attention_backward<float>(llama_stream(), blas, dy_d, qkvp, H, probs, heads, dprobs, dqkvp, dexp);
+    ld::rope_reduce<float>(llama_stream(), dexp, table, s, dqkv);
+    CHECK(rel_l(down(dqkv), dqkv_ref) < 1e-5);
+  }
+  const llama::device_math::RopeShape s{.seq = 4, .heads = 4, .kv_heads = 3, .head_dim = 8};
+  const ld::RopeTable table = ld::make_rope_table(llama_stream(), 4, 8, 10000.0);
+  auto a = tc::DeviceTensor<float>::empty(Shape{1, 4, 80}, llama_stream());
+  auto b = tc::DeviceTensor<float>::empty(Shape{1, 4, 96}, llama_stream());
+  CHECK_THROWS_WITH_AS(ld::rope_expand<float>(llama_stream(), a, table, s, b), doctest::Contains("kv_heads 3"), Error);
+}
+
+TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gradient equal llama::DecoderLayer (fp32; bf16 forward within its rounding)") {
+  const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 48,
+                                  .ffn_hidden = 40};
+  const std::int64_t B = 2, Tn = 11, d = config.d_model;
+  llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
+  unsigned seed = 50;  // every parameter its own values (the norms' weights too, not 1)
+  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
+  const Tensor<float> x = randn_l(Shape{B, Tn, d}, 41), dy = randn_l(Shape{B, Tn, d}, 42);
+  auto [y_ref, ctx] = cpu.forward(x);
+  const Tensor<float> dx_ref = cpu.backward(dy, ctx);
+  tc::BlasLt& blas = llama_blas();
+  ld::DeviceDecoderLayer<float> layer(config, B, Tn, llama_stream(), blas);
+  const ld::FlatLayerLayout& l = layer.layout();
+  const std::vector<float> w_host = ld::pack_layer(cpu, l), g_ref = ld::pack_layer(cpu, l, /*grads=*/true);
+  auto w = up(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
+  auto g = up(Tensor<float>(Shape{l.total}));
+  auto xd = up(x), dyd = up(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, llama_stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, llama_stream());
+  layer.forward(xd, w.data(), y);
+  layer.backward(dyd, w.data(), g.data(), dx);
+  CHECK(rel_l(down(y), y_ref) < 1e-5);
+  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
+  const Tensor<float> gd = down(g);
+  for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
+    CAPTURE(t);
+    const auto tt = static_cast<ld::LayerTensor>(t);
+    Tensor<float> a(Shape{l.size(tt)}), b(Shape{l.size(tt)});
+    for (std::int64_t i = 0; i < l.size(tt); ++i) {
+      a.data()[i] = gd.data()[l.at(tt) + i];
+      b.data()[i] = g_ref[static_cast<std::size_t>(l.at(tt) + i)];
+    }
+    CHECK(rel_l(a, b) < 1e-5);
+  }
+  // bf16 storage (fp32 gradients): the forward within bf16's rounding of the fp32 layer.
+  ld::DeviceDecoderLayer<tc::bf16> lb(config, B, Tn, llama_stream(), blas);
+  auto wb = up<tc::bf16>(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
+  auto xb = up<tc::bf16>(x);
+  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, llama_stream());
+  lb.forward(xb, wb.data(), yb);
+  CHECK(rel_l(down(yb), y_ref) < 3e-2);
+  auto dyb = up<tc::bf16>(dy);
+  auto dxb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, llama_stream());
+  auto gb = up(Tensor<float>(Shape{l.total}));
+  lb.backward(dyb, wb.data(), gb.data(), dxb);
+  CHECK(rel_l(down(dxb), dx_ref) < 5e-2);
+  CHECK(rel_l(down(gb), Tensor<float>::from(Shape{l.total}, std::span<const float>(g_ref))) < 5e-2);
+  CHECK_THROWS_WITH_AS(layer.forward(dyd, w.data(), tc::DeviceTensor<float>::empty(Shape{B, Tn + 1, d}, llama_stream())),
+                       doctest::Contains("must both be"), Error);
+}
+
+TEST_CASE("llama DeviceLlama: 4 AdamW steps on one GPU equal the CPU Llama's (losses, gradients, weights; fp32, and bf16 within its rounding)") {
+  const llama::LlamaConfig config{.vocab_size = 50, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 32,
+                                  .ffn_hidden = 24};
+  const std::int64_t B = 2, Tn = 9, N = B * Tn;
+  const optim::AdamWOptions opts{.lr = 3e-3, .weight_decay = 0.1};
+  llama::Llama<float> cpu(config, 3);
+  ParameterList<float> ps = cpu.parameters();
+  optim::AdamW<float> opt(optim::weight_decay_groups(ps, opts));
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  const ld::FlatModelLayout m = ld::flat_model_layout(config);
+  const std::vector<float> w0 = ld::pack_model(cpu, m);
+  tc::BlasLt& blas = llama_blas();
+  ld::DeviceLlama<float> dev(config, B, Tn, w0, llama_stream(), blas);
+  ld::DeviceLlama<tc::bf16> dev_bf16(config, B, Tn, w0, llama_stream(), blas);
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int> tok(0, static_cast<int>(config.vocab_size) - 1);
+  double worst_loss = 0, worst_bf16 = 0;
+  for (int step = 0; step < 4; ++step) {
+    CAPTURE(step);
+    std::vector<std::int32_t> x(static_cast<std::size_t>(N)), y(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = tok(rng), y[i] = tok(rng);
+    ps.zero_grad();
+    auto [logits, ctx] = cpu.forward(Tensor<std::int32_t>::from(Shape{B, Tn}, std::span<const std::int32_t>(x)));
+    auto [loss, lctx] = ce.forward(logits, Tensor<std::int32_t>::from(Shape{B, Tn}, std::span<const std::int32_t>(y)));
+    cpu.backward(ce.backward(1.0f, lctx), ctx);
+    const double l = dev.forward_backward(x, y), lb = dev_bf16.forward_backward(x, y);
+    worst_loss = std::max(worst_loss, std::abs(l - loss) / std::abs(static_cast<double>(loss)));
+    worst_bf16 = std::max(worst_bf16, std::abs(lb - loss) / std::abs(static_cast<double>(loss)));
+    if (step == 0) {  // every gradient, before the first step (bf16: within its rounding)
+      const std::vector<float> g_ref = ld::pack_model(cpu, m, /*grads=*/true), g = dev.download_grads(),
+                               gb = dev_bf16.download_grads();
+      const Tensor<float> want = Tensor<float>::from(Shape{m.total}, std::span<const float>(g_ref));
+      CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(g)), want) < 1e-5);
+      CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(gb)), want) < 5e-2);
+    }
+    opt.step();
+    dev.step(opts);
+    dev_bf16.step(opts);
+  }
+  CHECK(worst_loss < 1e-5);
+  CHECK(worst_bf16 < 2e-2);
+  const std::vector<float> w_ref = ld::pack_model(cpu, m), w = dev.download(), wb = dev_bf16.download();
+  CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(w)),
+              Tensor<float>::from(Shape{m.total}, std::span<const float>(w_ref))) < 1e-5);
+  // bf16: what the 4 steps moved, against what the CPU's moved (a frozen model would be 1 away,
+  // a wrong sign 2; bf16's rounding of the gradients flips only near-zero elements' steps).
+  Tensor<float> moved(Shape{m.total}), moved_ref(Shape{m.total});
+  for (std::int64_t i = 0; i < m.total; ++i) {
+    moved.data()[i] = wb[static_cast<std::size_t>(i)] - w0[static_cast<std::size_t>(i)];
+    moved_ref.data()[i] = w_ref[static_cast<std::size_t>(i)] - w0[static_cast<std::size_t>(i)];
+  }
+  CHECK(rel_l(moved, moved_ref) < 0.3);
+  // Bad input is refused before any work, naming it.
+  std::vector<std::int32_t> bad(static_cast<std::size_t>(N), 1);
+  bad[5] = static_cast<std::int32_t>(config.vocab_size);
+  CHECK_THROWS_WITH_AS(dev.forward_backward(bad, bad), doctest::Contains("outside the vocabulary [0, 50)"), Error);
+  CHECK_THROWS_WITH_AS(ld::DeviceLlama<float>(config, B, Tn, std::vector<float>(7), llama_stream(), blas),
+                       doctest::Contains("7 weights"), Error);
+}
+
+TEST_CASE("llama DeviceLlama under DeviceDataParallel: dp 2 on one GPU (threads) trains as one DeviceLlama on the whole batch") {
+  const llama::LlamaConfig config{.vocab_size = 50, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 32,
+                                  .ffn_hidden = 24};
+  const std::int64_t rows = 4, Tn = 9;
+  const int steps = 4, dp = 2;
+  const optim::AdamWOptions opts{.lr = 3e-3, .weight_decay = 0.1};
+  llama::Llama<float> init(config, 3);
+  const ld::FlatModelLayout m = ld::flat_model_layout(config);
+  const std::vector<float> w0 = ld::pack_model(init, m);
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> tok(0, static_cast<int>(config.vocab_size) - 1);
+  std::vector<std::vector<std::int32_t>> xs, ys;
+  for (int s = 0; s < steps; ++s) {
+    xs.emplace_back(static_cast<std::size_t>(rows * Tn));
+    ys.emplace_back(static_cast<std::size_t>(rows * Tn));
+    for (std::size_t i = 0; i < xs.back().size(); ++i) xs.back()[i] = tok(rng), ys.back()[i] = (xs.back()[i] * 3 + 1) % 50;
+  }
+  // The single rank on the whole batch.
+  tc::BlasLt& blas = llama_blas();
+  ld::DeviceLlama<float> one(config, rows, Tn, w0, llama_stream(), blas);
+  std::vector<double> ref_losses;
+  for (int s = 0; s < steps; ++s) {
+    ref_losses.push_back(one.forward_backward(xs[static_cast<std::size_t>(s)], ys[static_cast<std::size_t>(s)]));
+    one.step(opts);
+  }
+  CHECK(ref_losses.back() < ref_losses.front());
+  const std::vector<float> ref = one.download();
+  // dp 2: each rank its half of the rows, the gradients summed by DeviceDataParallel while backward runs.
+  struct Out {
+    std::vector<double> losses;
+    std::vector<float> params;
+  };
+  const std::vector<Out> outs = threads::run(dp, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute, comm_stream;
+    tc::BlasLt b(compute);
+    tc::ThreadDeviceComm comm(world.split(0, world.rank()), comm_stream);
+    ld::DeviceLlama<float> model(config, rows / dp, Tn, w0, compute, b);
+    tc::DeviceDataParallel ddp(comm, compute, model.gradient_view(),
+                               tc::device_grad_buckets(model.numel(), model.ready_offsets(), 3000));
+    model.set_backward_hook([&](std::int64_t offset) { ddp.gradients_final_from(offset); });
+    Out o;
+    const std::size_t half = static_cast<std::size_t>(rows / dp * Tn), lo = half * static_cast<std::size_t>(world.rank());
+    for (int s = 0; s < steps; ++s) {
+      const auto& x = xs[static_cast<std::size_t>(s)];
+      const auto& y = ys[static_cast<std::size_t>(s)];
+      const double local = model.forward_backward(std::span<const std::int32_t>(x).subspan(lo, half),
+                                                  std::span<const std::int32_t>(y).subspan(lo, half),
+                                                  1.0 / static_cast<double>(rows * Tn));
+      ddp.finish();
+      model.step(opts);
+      o.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / dp);
+    }
+    o.params = model.download();
+    return o;
+  });
+  for (const Out& o : outs) {
+    for (int s = 0; s < steps; ++s)
+      CHECK(std::abs(o.losses[static_cast<std::size_t>(s)] - ref_losses[static_cast<std::size_t>(s)]) <=
+            1e-5 * std::abs(ref_losses[static_cast<std::size_t>(s)]));
+    CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(o.params)),
+                Tensor<float>::from(Shape{m.total}, std::span<const float>(ref))) < 1e-5);
+    CHECK(o.params == outs[0].params);  // every replica holds the same weights
+  }
+}
