@@ -10,7 +10,9 @@
 #                                         # into .gpu/ (ignored by git; name .gpu in the run's carry)
 #   bash scripts/gpu_check.sh             # GPU machine: unpack .gpu, then
 #     1. the CUDA device layers' tests (host checks; every kernel and cuBLASLt product against the
-#        CPU layers; DeviceGPT against the CPU GPT over 20 AdamW steps), and the NCCL tests;
+#        CPU layers; DeviceGPT against the CPU GPT over 20 AdamW steps; the Llama example's device
+#        kernels, layer and model against its CPU layers), example 06 (the Llama trained on the
+#        GPU against the CPU run), and the NCCL tests;
 #     2. training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
 #        job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
 #        layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
@@ -42,13 +44,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
     meson setup "$BUILD" --buildtype=release -Dcuda=enabled -Dnccl=enabled -Dmpi=disabled -Dtest_level=core \
       -Dbench=true -Dexamples=true > /tmp/gpu_check_setup.log 2>&1 || { tail -20 /tmp/gpu_check_setup.log; exit 1; }
   fi
-  targets=(cuda_host_test cuda_gpu_test nccl_test nccl_bench gpt_device_bench device_dp_bench train_gpt)
+  targets=(cuda_host_test cuda_gpu_test nccl_test nccl_bench gpt_device_bench device_dp_bench train_gpt 06_llama_on_gpu)
   say "build ${targets[*]}"
   nice meson compile -C "$BUILD" "${targets[@]}" || exit 1
   rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib .gpu/stage/data
   cp "$BUILD/tests/cuda/cuda_host_test" "$BUILD/tests/cuda/cuda_gpu_test" "$BUILD/tests/nccl/nccl_test" \
      "$BUILD/bench/nccl/nccl_bench" "$BUILD/bench/cuda/gpt_device_bench" "$BUILD/bench/cuda/device_dp_bench" \
-     "$BUILD/examples/train_gpt" .gpu/stage/bin/
+     "$BUILD/examples/train_gpt" "$BUILD/examples/06_llama_on_gpu" .gpu/stage/bin/
   strip .gpu/stage/bin/* 2>/dev/null
   # The GPU machine lacks OpenBLAS and the Fortran runtime it links (ENVIRONMENT.md).
   for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
@@ -105,6 +107,12 @@ out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device pipeline
 echo "$out" | grep -vE '^\s*$' | tail -n 40
 [[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device pipeline' (exit $rc)"
 row "cuda_gpu_test, device pipeline" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
+say "1d. example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time"
+out=$(timeout 120 "$BIN/06_llama_on_gpu" 2>&1); rc=$?
+echo "$out" | tail -n 8
+[[ $rc == 0 ]] || fail "06_llama_on_gpu (exit $rc)"
+row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*')"
+row "Llama on one GPU: step time" "$(echo "$out" | grep -o 'fp32 .* ms, bf16 .* ms')"
 say "1b. tests: NCCL"
 timeout 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
 timeout 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
