@@ -1,7 +1,7 @@
 // 06: example 04's Llama-style model (a user's model: examples/llama) trained on one GPU with
 // DeviceLlama (examples/llama/device: tessera's device building blocks plus the model's own
 // RMSNorm, rotary-embedding and SwiGLU kernels), on example 04's synthetic task (global batch
-// 32 x 16, AdamW at 3e-3, no clipping). It checks what tessera promises: the first 10 fp32 steps'
+// 32 x 16, AdamW at 3e-3, gradients clipped to norm 1). It checks what tessera promises: the first 10 fp32 steps'
 // losses equal the serial CPU Llama's (within 1e-4 relative), and the model learns (the loss
 // after 60 steps below half the first); then prints the GPU's step time in fp32 and bf16. Exits 77
 // (a skip) where CUDA sees no device, saying why.
@@ -23,6 +23,7 @@
 #include "tessera/cuda/device.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/optim/param_group.hpp"
 
 using namespace tessera;
@@ -74,12 +75,13 @@ int main() {
     for (int step = 0; step < steps; ++step) {
       batch(step, config.vocab_size, x, y);
       const double loss = gpu.forward_backward(x, y);
-      gpu.step(opts);
+      gpu.step(opts, llama::device::DeviceLlama<float>::clip_scale(gpu.grad_norm(), 1.0));
       if (step < checked) {
         ps.zero_grad();
         auto [logits, ctx] = cpu.forward(Tensor<std::int32_t>::from(Shape{kRows, kT}, std::span<const std::int32_t>(x)));
         auto [ref, lctx] = ce.forward(logits, Tensor<std::int32_t>::from(Shape{kRows, kT}, std::span<const std::int32_t>(y)));
         cpu.backward(ce.backward(1.0f, lctx), ctx);
+        optim::clip_grad_norm(ps, 1.0);
         opt.step();
         worst = std::max(worst, std::abs(loss - ref) / std::abs(static_cast<double>(ref)));
       }
@@ -92,10 +94,14 @@ int main() {
 
     // Step time, fp32 and bf16 (mixed precision), after a warm-up.
     const auto time_steps = [&](auto& model) {
-      for (int i = 0; i < 3; ++i) model.forward_backward(x, y), model.step(opts);
+      const auto one = [&] {
+        model.forward_backward(x, y);
+        model.step(opts, model.clip_scale(model.grad_norm(), 1.0));
+      };
+      for (int i = 0; i < 3; ++i) one();
       stream.synchronize();
       const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < 20; ++i) model.forward_backward(x, y), model.step(opts);
+      for (int i = 0; i < 20; ++i) one();
       stream.synchronize();
       return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 20;
     };

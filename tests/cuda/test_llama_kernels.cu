@@ -23,6 +23,7 @@
 #include "llama/llama_model.hpp"
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
+#include "tessera/optim/clip_grad_norm.hpp"
 #include "tessera/optim/param_group.hpp"
 #include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/cuda/blas_lt.hpp"
@@ -58,6 +59,8 @@ double rel_l(const Tensor<float>& a, const Tensor<float>& b) {
   }
   return std::sqrt(d / (n > 0 ? n : 1));
 }
+
+constexpr double kClipL = 0.05;  // below these models' gradient norms: every step clips
 
 tc::Stream& llama_stream() {
   static tc::Stream s;
@@ -215,7 +218,7 @@ TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gr
                        doctest::Contains("must both be"), Error);
 }
 
-TEST_CASE("llama DeviceLlama: 4 AdamW steps on one GPU equal the CPU Llama's (losses, gradients, weights; fp32, and bf16 within its rounding)") {
+TEST_CASE("llama DeviceLlama: 4 clipped AdamW steps on one GPU equal the CPU Llama's (losses, gradient norms, gradients, weights; fp32, and bf16 within its rounding)") {
   const llama::LlamaConfig config{.vocab_size = 50, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 32,
                                   .ffn_hidden = 24};
   const std::int64_t B = 2, Tn = 9, N = B * Tn;
@@ -241,6 +244,7 @@ TEST_CASE("llama DeviceLlama: 4 AdamW steps on one GPU equal the CPU Llama's (lo
     auto [loss, lctx] = ce.forward(logits, Tensor<std::int32_t>::from(Shape{B, Tn}, std::span<const std::int32_t>(y)));
     cpu.backward(ce.backward(1.0f, lctx), ctx);
     const double l = dev.forward_backward(x, y), lb = dev_bf16.forward_backward(x, y);
+    const double norm = dev.grad_norm(), norm_bf16 = dev_bf16.grad_norm();
     worst_loss = std::max(worst_loss, std::abs(l - loss) / std::abs(static_cast<double>(loss)));
     worst_bf16 = std::max(worst_bf16, std::abs(lb - loss) / std::abs(static_cast<double>(loss)));
     if (step == 0) {  // every gradient, before the first step (bf16: within its rounding)
@@ -250,9 +254,13 @@ TEST_CASE("llama DeviceLlama: 4 AdamW steps on one GPU equal the CPU Llama's (lo
       CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(g)), want) < 1e-5);
       CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(gb)), want) < 5e-2);
     }
+    const double norm_ref = optim::clip_grad_norm(ps, kClipL);
+    CHECK(norm_ref > kClipL);  // every step clips (the check below is not empty)
+    CHECK(std::abs(norm - norm_ref) <= 1e-5 * norm_ref);
+    CHECK(std::abs(norm_bf16 - norm_ref) <= 5e-2 * norm_ref);
     opt.step();
-    dev.step(opts);
-    dev_bf16.step(opts);
+    dev.step(opts, ld::DeviceLlama<float>::clip_scale(norm, kClipL));
+    dev_bf16.step(opts, ld::DeviceLlama<tc::bf16>::clip_scale(norm_bf16, kClipL));
   }
   CHECK(worst_loss < 1e-5);
   CHECK(worst_bf16 < 2e-2);

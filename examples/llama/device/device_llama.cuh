@@ -10,6 +10,7 @@
 /// the CPU model). One GPU; data and tensor parallelism over this model are not built yet.
 /// CUDA code: compile with nvcc.
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -29,6 +30,7 @@
 #include "tessera/cuda/ops/convert.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/stream.hpp"
 #include "tessera/optim/adamw.hpp"
 
@@ -149,17 +151,35 @@ class DeviceLlama {
   /// Elements of the flat buffers.
   std::int64_t numel() const noexcept { return layout_.total; }
 
+  /// The L2 norm of every gradient (one fp32 sum of squares on the device; blocks until it is
+  /// computed), e.g. for clipping as optim::clip_grad_norm: step(options, clip_scale).
+  double grad_norm() {
+    if (norm_.numel() == 0) {
+      norm_ = tc::DeviceTensor<float>::empty({1}, stream_);
+      norm_ws_ = tc::DeviceTensor<float>::empty({tc::ops::norm_blocks}, stream_);
+    }
+    tc::ops::global_sum_of_squares(stream_, grads_, norm_, norm_ws_);
+    return std::sqrt(static_cast<double>(tc::to_host(tc::DeviceView<const float>(norm_), stream_).data()[0]));
+  }
+  /// The factor optim::clip_grad_norm(params, max_norm) multiplies the gradients by for the
+  /// gradient norm `norm`: min(1, max_norm / (norm + 1e-6)).
+  static float clip_scale(double norm, double max_norm) {
+    const double coef = max_norm / (norm + 1e-6);
+    return coef < 1 ? static_cast<float>(coef) : 1.f;
+  }
+
   /// One AdamW step (optim::AdamW's arithmetic; `options.weight_decay` on group 0 only) of the
-  /// master weights from the flat gradients, then the gradients zeroed (and the bf16 copy refreshed).
-  void step(const tessera::optim::AdamWOptions& options) {
+  /// master weights from the flat gradients times `grad_scale` (1, or clip_scale's factor), then
+  /// the gradients zeroed (and the bf16 copy refreshed).
+  void step(const tessera::optim::AdamWOptions& options, float grad_scale = 1.f) {
     ++steps_;
     tc::ops::AdamWGroupScalars s{};
     s.group[0] = tc::math::adamw_scalars(options.lr, options.beta1, options.beta2, options.eps, options.weight_decay, steps_);
     s.group[1] = tc::math::adamw_scalars(options.lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
     if constexpr (std::is_same_v<C, float>)
-      tc::ops::adamw_step<float>(stream_, master_, grads_, m_, v_, chunks_, s);
+      tc::ops::adamw_step<float>(stream_, master_, grads_, m_, v_, chunks_, s, grad_scale);
     else
-      tc::ops::adamw_step<C>(stream_, master_, grads_, m_, v_, chunks_, s, 1.f, weights_);
+      tc::ops::adamw_step<C>(stream_, master_, grads_, m_, v_, chunks_, s, grad_scale, weights_);
     grads_.fill_zero(stream_);
   }
 
@@ -198,7 +218,7 @@ class DeviceLlama {
   std::vector<std::unique_ptr<DeviceDecoderLayer<C>>> layers_;
   std::vector<tc::DeviceTensor<C>> acts_;  // the input of layer i at i, the last layer's output at n_layer
   tc::DeviceTensor<C> hn_, dh_, dx_, logits_;
-  tc::DeviceTensor<float> losses_, rstd_, partial_;
+  tc::DeviceTensor<float> losses_, rstd_, partial_, norm_, norm_ws_;
   tc::DeviceTensor<std::int32_t> ids_, tgt_;
   tc::ops::AdamWChunks chunks_;
   long long steps_ = 0;
