@@ -132,7 +132,8 @@ TEST_CASE("llama kernels: SwiGLU forward and backward equal llama::SwiGLU") {
 }
 
 TEST_CASE("llama kernels: rope_expand -> tessera's attention -> rope_reduce equals RotaryAttentionCore (GQA, MQA, MHA)") {
-  for (const auto& [H, G] : {std::pair<std::int64_t, std::int64_t>{4, 2}, {4, 1}, {3, 3}}) {
+  for (const auto& hg : {std::pair<std::int64_t, std::int64_t>{4, 2}, {4, 1}, {3, 3}}) {
+    const std::int64_t H = hg.first, G = hg.second;  // query heads, KV heads
     CAPTURE(H);
     CAPTURE(G);
     const std::int64_t B = 2, Tn = 13, hd = 8, C = H * hd;

@@ -122,7 +122,8 @@ TEST_CASE("llama device math: SwiGLU element by element (swiglu_columns, swiglu,
 
 TEST_CASE("llama device math: RoPE + GQA expansion equals RotaryAttentionCore's rotated q, k and v; its reduction is the exact adjoint") {
   // B = 2, T = 5, 4 query heads on 2 KV heads of width 6, and multi-query (1 KV head), and MHA.
-  for (const auto& [H, G] : {std::pair<std::int64_t, std::int64_t>{4, 2}, {4, 1}, {3, 3}}) {
+  for (const auto& hg : {std::pair<std::int64_t, std::int64_t>{4, 2}, {4, 1}, {3, 3}}) {
+    const std::int64_t H = hg.first, G = hg.second;  // query heads, KV heads
     CAPTURE(H);
     CAPTURE(G);
     const std::int64_t B = 2, Tn = 5, hd = 6;
