@@ -3,7 +3,8 @@
 // RMSNorm, rotary-embedding and SwiGLU kernels), on example 04's synthetic task (global batch
 // 32 x 16, AdamW at 3e-3, gradients clipped to norm 1). It checks what tessera promises: the first 10 fp32 steps'
 // losses equal the serial CPU Llama's (within 1e-4 relative), and the model learns (the loss
-// after 60 steps below half the first); then prints the GPU's step time in fp32 and bf16. Exits 77
+// after 60 steps below a tenth of the first; the CPU run reaches 0.04); then prints the GPU's step
+// time in fp32 and bf16 (whose loss must halve over its 23 timed steps). Exits 77
 // (a skip) where CUDA sees no device, saying why.
 //
 //   ./build/examples/06_llama_on_gpu
@@ -83,7 +84,8 @@ int main() {
         cpu.backward(ce.backward(1.0f, lctx), ctx);
         optim::clip_grad_norm(ps, 1.0);
         opt.step();
-        worst = std::max(worst, std::abs(loss - ref) / std::abs(static_cast<double>(ref)));
+        const double d = std::abs(loss - ref) / std::abs(static_cast<double>(ref));
+        if (!(d <= worst)) worst = d;  // a NaN loss makes it NaN, and the check below fails
       }
       if (step == 0) first = loss;
       last = loss;
@@ -92,11 +94,15 @@ int main() {
     std::printf("first %d steps against the serial CPU Llama: max relative loss difference %.2e\n", checked, worst);
     std::printf("final loss / first loss = %.3f\n", last / first);
 
-    // Step time, fp32 and bf16 (mixed precision), after a warm-up.
-    const auto time_steps = [&](auto& model) {
+    // Step time, fp32 and bf16 (mixed precision), after a warm-up, on the last batch; bf16 from
+    // the initial weights, so its loss must fall over those 23 steps.
+    double bf16_first = 0, bf16_last = 0;
+    const auto time_steps = [&](auto& model, bool bf16) {
+      int n = 0;
       const auto one = [&] {
-        model.forward_backward(x, y);
+        const double l = model.forward_backward(x, y);
         model.step(opts, model.clip_scale(model.grad_norm(), 1.0));
+        if (bf16) (n++ == 0 ? bf16_first : bf16_last) = l;
       };
       for (int i = 0; i < 3; ++i) one();
       stream.synchronize();
@@ -106,12 +112,13 @@ int main() {
       return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 20;
     };
     llama::device::DeviceLlama<tc::bf16> gpu_bf16(config, kRows, kT, w0, stream, blas);
-    const double ms32 = time_steps(gpu), ms16 = time_steps(gpu_bf16);
+    const double ms32 = time_steps(gpu, false), ms16 = time_steps(gpu_bf16, true);
+    std::printf("bf16 from the initial weights, 23 steps on one batch: loss %.4f -> %.4f\n", bf16_first, bf16_last);
     cudaDeviceProp prop{};
     const char* name = cudaGetDeviceProperties(&prop, 0) == cudaSuccess ? prop.name : "CUDA device";
     std::printf("step time on %s: fp32 %.2f ms, bf16 %.2f ms (batch %lld x %lld tokens)\n", name, ms32, ms16,
                 static_cast<long long>(kRows), static_cast<long long>(kT));
-    const bool ok = worst < 1e-4 && last / first < 0.5;
+    const bool ok = worst < 1e-4 && last / first < 0.1 && bf16_last < 0.5 * bf16_first;
     std::printf("%s\n", ok ? "ok" : "FAIL: the GPU run differs from the CPU's or did not learn");
     return ok ? 0 : 1;
   } catch (const std::exception& e) {

@@ -91,7 +91,7 @@ say "machine"
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
-say "1. tests: CUDA device layers (host checks, kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT)"
+say "1. tests: CUDA device layers (host checks, kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT, the Llama example's device layers)"
 timeout 60 "$BIN/cuda_host_test" --no-colors | tail -n 3 || fail "cuda_host_test"
 out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors --test-suite-exclude="device tensor parallel,device pipeline" 2>&1); rc=$?
 echo "$out" | grep -vE '^\s*$' | tail -n 40

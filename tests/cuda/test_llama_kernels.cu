@@ -246,8 +246,10 @@ TEST_CASE("llama DeviceLlama: 4 clipped AdamW steps on one GPU equal the CPU Lla
     cpu.backward(ce.backward(1.0f, lctx), ctx);
     const double l = dev.forward_backward(x, y), lb = dev_bf16.forward_backward(x, y);
     const double norm = dev.grad_norm(), norm_bf16 = dev_bf16.grad_norm();
-    worst_loss = std::max(worst_loss, std::abs(l - loss) / std::abs(static_cast<double>(loss)));
-    worst_bf16 = std::max(worst_bf16, std::abs(lb - loss) / std::abs(static_cast<double>(loss)));
+    const double d = std::abs(l - loss) / std::abs(static_cast<double>(loss)),
+                 db = std::abs(lb - loss) / std::abs(static_cast<double>(loss));
+    if (!(d <= worst_loss)) worst_loss = d;  // a NaN sticks (std::max would drop it)
+    if (!(db <= worst_bf16)) worst_bf16 = db;
     if (step == 0) {  // every gradient, before the first step (bf16: within its rounding)
       const std::vector<float> g_ref = ld::pack_model(cpu, m, /*grads=*/true), g = dev.download_grads(),
                                gb = dev_bf16.download_grads();

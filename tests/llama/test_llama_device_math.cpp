@@ -74,7 +74,7 @@ std::vector<float> reduce(std::span<const float> dexp, const dm::RopeShape& s, c
 
 }  // namespace
 
-TEST_CASE("llama device math: RMSNorm row by row (rms_rstd, rms_norm_dx) equals llama::RMSNorm forward and backward") {
+TEST_CASE("llama device math: RMSNorm row by row (rms_rstd, rms_norm_y, rms_norm_dx, rms_norm_dw_term) equals llama::RMSNorm forward and backward") {
   const std::int64_t rows = 7, C = 45;
   const Tensor<float> x = randn(Shape{rows, C}, 1), dy = randn(Shape{rows, C}, 2), w = randn(Shape{C}, 3);
   llama::RMSNorm<float> norm(C, {}, 1e-6f);
@@ -90,9 +90,9 @@ TEST_CASE("llama device math: RMSNorm row by row (rms_rstd, rms_norm_dx) equals 
     const float rs = dm::rms_rstd(ss, C, 1e-6f);
     float s = 0.f;
     for (std::int64_t j = 0; j < C; ++j) {
-      y[static_cast<std::size_t>(r * C + j)] = xr[j] * rs * w.data()[j];
+      y[static_cast<std::size_t>(r * C + j)] = dm::rms_norm_y(xr[j], rs, w.data()[j]);
       s += gr[j] * w.data()[j] * xr[j] * rs;
-      dw[static_cast<std::size_t>(j)] += gr[j] * xr[j] * rs;
+      dw[static_cast<std::size_t>(j)] += dm::rms_norm_dw_term(gr[j], xr[j], rs);
     }
     for (std::int64_t j = 0; j < C; ++j)
       dx[static_cast<std::size_t>(r * C + j)] = dm::rms_norm_dx(gr[j], w.data()[j], xr[j] * rs, s / static_cast<float>(C), rs);

@@ -55,11 +55,17 @@ struct DecoderScratch {
     dqkv = make({B, T, gqa});
     partial = tc::DeviceTensor<float>::empty({rms_norm_partial_size(N, d)}, stream);
     table = make_rope_table(stream, T, hd, c.rope_theta);
+    seq = T;
+    rope_theta = c.rope_theta;
   }
-  tc::DeviceTensor<C> qkv, e, heads;                                    ///< forward: projection, expanded, head outputs
+  /// The projection, the expanded heads (forward only), and the head outputs (forward's, then
+  /// backward's scratch for the output gradient split by heads).
+  tc::DeviceTensor<C> qkv, e, heads;
   tc::DeviceTensor<C> ds, dgu, dh, dx1, da, dprobs, dqkvp, de, dqkv;  ///< backward's intermediates
   tc::DeviceTensor<float> partial;                                     ///< RMSNorm's weight-gradient partial sums
   RopeTable table;                                                     ///< cos and sin of T positions
+  std::int64_t seq = 0;                                                ///< T, the table's positions
+  double rope_theta = 0;                                               ///< the table's base
 };
 
 /// One Llama decoder layer on the device for batches of (B, T) (see the file comment).
@@ -78,8 +84,12 @@ class DeviceDecoderLayer {
         rope_{.seq = T, .heads = config.n_head, .kv_heads = config.n_kv_head, .head_dim = config.head_dim()} {
     TESSERA_EXPECTS(B > 0 && T > 0, "DeviceDecoderLayer: batch ", B, " x sequence ", T, " must be positive");
     sc_ = scratch ? std::move(scratch) : std::make_shared<DecoderScratch<C>>(config, B, T, stream);
-    TESSERA_EXPECTS(sc_->qkv.numel() == B * T * rope_.gqa_cols() && sc_->ds.numel() == B * T * c_.ffn_hidden,
-                    "DeviceDecoderLayer: the shared scratch was made for other sizes than batch ", B, " x ", T);
+    TESSERA_EXPECTS(sc_->qkv.shape() == tessera::Shape({B, T, rope_.gqa_cols()}) &&
+                        sc_->ds.shape() == tessera::Shape({B, T, c_.ffn_hidden}) && sc_->seq == T &&
+                        sc_->rope_theta == c_.rope_theta,
+                    "DeviceDecoderLayer: the shared scratch was made for a batch of shape ", sc_->qkv.shape(),
+                    " and rope_theta ", sc_->rope_theta, ", not for batch ", B, " x ", T, " of this config (rope_theta ",
+                    c_.rope_theta, ")");
     const std::int64_t N = B * T, d = c_.d_model, H = c_.n_head, hd = c_.head_dim(), F = c_.ffn_hidden;
     const auto make = [&](tessera::Shape s) { return tc::DeviceTensor<C>::empty(s, stream); };
     h1_ = make({B, T, d});

@@ -7,7 +7,9 @@
 /// matrices and the embedding, none on the norms, as optim::weight_decay_groups). Storage C: float,
 /// or bf16 with fp32 master weights, gradients and moments (mixed precision, as the GPT's device
 /// path). The flat buffer is flat_model_layout's (pack_model / unpack_model convert to and from
-/// the CPU model). One GPU; data and tensor parallelism over this model are not built yet.
+/// the CPU model). One GPU per instance; data parallelism through DeviceDataParallel
+/// (ready_offsets, set_backward_hook, gradient_view); tensor and pipeline parallelism over this
+/// model are not built yet.
 /// CUDA code: compile with nvcc.
 
 #include <cmath>

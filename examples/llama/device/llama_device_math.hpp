@@ -67,6 +67,12 @@ TESSERA_HD inline float rms_rstd(float sum_sq, std::int64_t d, float eps) {
   return 1.f / tessera::cuda::math::sqrt_f(sum_sq / static_cast<float>(d) + eps);
 }
 
+/// RMSNorm's output of one element: x rstd w (llama::RMSNorm::forward: xhat = x rstd, y = xhat w).
+TESSERA_HD inline float rms_norm_y(float x, float rstd, float w) { return x * rstd * w; }
+
+/// One row's term of RMSNorm's weight gradient for one element: dy xhat = dy x rstd.
+TESSERA_HD inline float rms_norm_dw_term(float dy, float x, float rstd) { return dy * x * rstd; }
+
 /// RMSNorm's input gradient of one element: rstd (g w - xhat mean(g w xhat)), xhat = x rstd
 /// (llama::RMSNorm::backward).
 TESSERA_HD inline float rms_norm_dx(float dy, float w, float xhat, float mean_gwh, float rstd) {

@@ -50,7 +50,7 @@ __global__ void rms_norm_forward(const T* x, const T* w, T* y, float* rstd, std:
   }
   const float rs = dm::rms_rstd(warp_sum(ss), C, eps);
   T* yr = y + row * C;
-  for (int j = lane; j < C; j += warp_size) store_from_f32(yr + j, load_f32(xr[j]) * rs * load_f32(w[j]));
+  for (int j = lane; j < C; j += warp_size) store_from_f32(yr + j, dm::rms_norm_y(load_f32(xr[j]), rs, load_f32(w[j])));
   if (lane == 0) rstd[row] = rs;
 }
 
@@ -83,7 +83,7 @@ __global__ void rms_norm_backward_partial(const T* dy, const T* x, const float* 
   const std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * rows_per_chunk;
   const std::int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
   float sw = 0.f;
-  for (std::int64_t r = r0; r < r1; ++r) sw += load_f32(dy[r * C + j]) * load_f32(x[r * C + j]) * rstd[r];
+  for (std::int64_t r = r0; r < r1; ++r) sw += dm::rms_norm_dw_term(load_f32(dy[r * C + j]), load_f32(x[r * C + j]), rstd[r]);
   partial[static_cast<std::int64_t>(blockIdx.y) * C + j] = sw;
 }
 
