@@ -6,7 +6,8 @@
 // RotaryAttentionCore forward and backward; and the whole decoder layer on the device
 // (DeviceDecoderLayer) against llama::DecoderLayer, and the whole model trained on the device
 // (DeviceLlama, 4 AdamW steps) against the CPU Llama, and at dp 2 (threads sharing the GPU,
-// DeviceDataParallel) against one rank on the whole batch. Needs a GPU (gpu_main.cpp skips without one).
+// DeviceDataParallel) against one rank on the whole batch; the layer at tp 2 (threads sharing the
+// GPU) against the whole layer. Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -350,4 +351,48 @@ TEST_CASE("llama DeviceLlama under DeviceDataParallel: dp 2 on one GPU (threads)
                 Tensor<float>::from(Shape{m.total}, std::span<const float>(ref))) < 1e-5);
     CHECK(o.params == outs[0].params);  // every replica holds the same weights
   }
+}
+
+TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal the whole layer's, each rank's gradients its shard of the whole layer's") {
+  const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 48,
+                                  .ffn_hidden = 40};
+  const std::int64_t B = 2, Tn = 11, d = config.d_model;
+  const int tp = 2;
+  llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
+  unsigned seed = 70;
+  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
+  const Tensor<float> x = randn_l(Shape{B, Tn, d}, 71), dy = randn_l(Shape{B, Tn, d}, 72);
+  auto [y_ref, ctx] = cpu.forward(x);
+  const Tensor<float> dx_ref = cpu.backward(dy, ctx);
+  const ld::FlatLayerLayout l = ld::flat_layer_layout(config, tp);
+  struct Out {
+    Tensor<float> y, dx;
+    std::vector<float> g, g_ref;
+  };
+  const std::vector<Out> outs = threads::run(tp, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute;
+    tc::BlasLt b(compute);
+    tc::ThreadDeviceComm comm(world.split(0, world.rank()), compute);
+    ld::DeviceDecoderLayer<float> layer(config, B, Tn, compute, b, nullptr, &comm);
+    const std::vector<float> w_host = ld::pack_layer(cpu, l, false, world.rank());
+    auto w = tc::to_device<float>(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)), compute);
+    auto g = tc::to_device<float>(Tensor<float>(Shape{l.total}), compute);
+    auto xd = tc::to_device<float>(x, compute), dyd = tc::to_device<float>(dy, compute);
+    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, compute);
+    auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, compute);
+    layer.forward(xd, w.data(), y);
+    layer.backward(dyd, w.data(), g.data(), dx);
+    const Tensor<float> gh = tc::to_host(g, compute);
+    return Out{tc::to_host(y, compute), tc::to_host(dx, compute), std::vector<float>(gh.data(), gh.data() + gh.numel()),
+               ld::pack_layer(cpu, l, /*grads=*/true, world.rank())};
+  });
+  for (std::size_t r = 0; r < outs.size(); ++r) {
+    CAPTURE(r);
+    CHECK(rel_l(outs[r].y, y_ref) < 1e-5);
+    CHECK(rel_l(outs[r].dx, dx_ref) < 1e-5);
+    CHECK(rel_l(Tensor<float>::from(Shape{l.total}, std::span<const float>(outs[r].g)),
+                Tensor<float>::from(Shape{l.total}, std::span<const float>(outs[r].g_ref))) < 1e-5);
+  }
+  CHECK(rel_l(outs[1].y, outs[0].y) == 0);  // both ranks hold the same output (the sums are identical)
 }

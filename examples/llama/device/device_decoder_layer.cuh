@@ -25,7 +25,10 @@
 #include "tessera/cuda/blas_lt.hpp"
 #include "tessera/cuda/cuda_error.hpp"
 #include "tessera/cuda/device_tensor.hpp"
+#include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/ops/attention.cuh"
+#include "tessera/cuda/ops/convert.cuh"
+#include "tessera/cuda/ops/residual_add.cuh"
 #include "tessera/cuda/stream.hpp"
 
 namespace llama::device {
@@ -35,11 +38,13 @@ namespace llama::device {
 /// `config`'s sizes at (B, T) (so their memory does not grow with the layer count).
 template <class C>
 struct DecoderScratch {
-  /// The buffers for layers of `config` at batch B x T, on `stream`.
-  DecoderScratch(const LlamaConfig& config, std::int64_t B, std::int64_t T, const tc::Stream& stream) {
+  /// The buffers for layers of `config` at batch B x T, on `stream`, as one of `tp`
+  /// tensor-parallel ranks (its H / tp heads, G / tp KV heads and F / tp columns).
+  DecoderScratch(const LlamaConfig& config, std::int64_t B, std::int64_t T, const tc::Stream& stream, int tp = 1) {
     const LlamaConfig c = validated(config);
-    const std::int64_t N = B * T, d = c.d_model, H = c.n_head, hd = c.head_dim(), F = c.ffn_hidden;
-    const std::int64_t gqa = (H + 2 * c.n_kv_head) * hd, mha = 3 * H * hd;
+    (void)flat_layer_layout(c, tp);  // tp divides the heads, the KV heads and F (throws naming them)
+    const std::int64_t N = B * T, d = c.d_model, H = c.n_head / tp, hd = c.head_dim(), F = c.ffn_hidden / tp;
+    const std::int64_t gqa = (H + 2 * c.n_kv_head / tp) * hd, mha = 3 * H * hd;
     const auto make = [&](tessera::Shape s) { return tc::DeviceTensor<C>::empty(s, stream); };
     qkv = make({B, T, gqa});
     e = make({B, T, mha});
@@ -57,6 +62,11 @@ struct DecoderScratch {
     table = make_rope_table(stream, T, hd, c.rope_theta);
     seq = T;
     rope_theta = c.rope_theta;
+    tp_size = tp;
+    if (tp > 1) {
+      sum = tc::DeviceTensor<float>::empty({N, d}, stream);
+      zero_bias = tc::DeviceTensor<C>::zeros({d}, stream);
+    }
   }
   /// The projection, the expanded heads (forward only), and the head outputs (forward's, then
   /// backward's scratch for the output gradient split by heads).
@@ -66,6 +76,9 @@ struct DecoderScratch {
   RopeTable table;                                                     ///< cos and sin of T positions
   std::int64_t seq = 0;                                                ///< T, the table's positions
   double rope_theta = 0;                                               ///< the table's base
+  int tp_size = 1;                                                     ///< tensor-parallel ranks
+  tc::DeviceTensor<float> sum;    ///< tp > 1: (N, d) fp32 partial products, summed over tp in place
+  tc::DeviceTensor<C> zero_bias;  ///< tp > 1: (d) zeros (residual_add's bias: the layer has none)
 };
 
 /// One Llama decoder layer on the device for batches of (B, T) (see the file comment).
@@ -76,21 +89,33 @@ class DeviceDecoderLayer {
  public:
   /// A layer of `config`'s sizes for inputs (B, T, d), the activations it keeps from forward to
   /// backward allocated on `stream`, the rest in `scratch` (shared by a model's layers; made
-  /// here when null); `blas` runs its products. Throws tessera::Error as llama::validated for a
-  /// bad config, naming B and T unless both are positive.
+  /// here when null); `blas` runs its products. With `tp` (a DeviceComm of the tensor-parallel
+  /// ranks whose collectives run on `stream`; every rank builds its layer alike), this rank's
+  /// shard (flat_layer_layout(config, tp size)): Megatron-LM's attention and MLP, the
+  /// row-parallel products' fp32 partial sums all-reduced before the residual is added, the
+  /// column-parallel products' input gradients all-reduced before the norms' backward (one
+  /// all-reduce each, forward and backward, per sub-layer). Throws tessera::Error as
+  /// llama::validated for a bad config, naming B and T unless both are positive, and naming the
+  /// numbers when tp does not divide the heads, the KV heads or F.
   DeviceDecoderLayer(const LlamaConfig& config, std::int64_t B, std::int64_t T, const tc::Stream& stream,
-                     tc::BlasLt& blas, std::shared_ptr<DecoderScratch<C>> scratch = nullptr)
-      : c_(validated(config)), layout_(flat_layer_layout(config)), B_(B), T_(T), stream_(stream), blas_(blas),
-        rope_{.seq = T, .heads = config.n_head, .kv_heads = config.n_kv_head, .head_dim = config.head_dim()} {
+                     tc::BlasLt& blas, std::shared_ptr<DecoderScratch<C>> scratch = nullptr,
+                     tc::DeviceComm* tp = nullptr)
+      : c_(validated(config)), tp_(tp != nullptr && tp->size() > 1 ? tp : nullptr),
+        tp_size_(tp_ ? tp_->size() : 1), layout_(flat_layer_layout(config, tp_size_)), B_(B), T_(T), stream_(stream),
+        blas_(blas),
+        rope_{.seq = T, .heads = config.n_head / tp_size_, .kv_heads = config.n_kv_head / tp_size_,
+              .head_dim = config.head_dim()} {
     TESSERA_EXPECTS(B > 0 && T > 0, "DeviceDecoderLayer: batch ", B, " x sequence ", T, " must be positive");
-    sc_ = scratch ? std::move(scratch) : std::make_shared<DecoderScratch<C>>(config, B, T, stream);
+    sc_ = scratch ? std::move(scratch) : std::make_shared<DecoderScratch<C>>(config, B, T, stream, tp_size_);
+    TESSERA_EXPECTS(sc_->tp_size == tp_size_, "DeviceDecoderLayer: the shared scratch was made for tp ", sc_->tp_size,
+                    ", this layer is one of ", tp_size_);
     TESSERA_EXPECTS(sc_->qkv.shape() == tessera::Shape({B, T, rope_.gqa_cols()}) &&
-                        sc_->ds.shape() == tessera::Shape({B, T, c_.ffn_hidden}) && sc_->seq == T &&
+                        sc_->ds.shape() == tessera::Shape({B, T, c_.ffn_hidden / tp_size_}) && sc_->seq == T &&
                         sc_->rope_theta == c_.rope_theta,
                     "DeviceDecoderLayer: the shared scratch was made for a batch of shape ", sc_->qkv.shape(),
                     " and rope_theta ", sc_->rope_theta, ", not for batch ", B, " x ", T, " of this config (rope_theta ",
                     c_.rope_theta, ")");
-    const std::int64_t N = B * T, d = c_.d_model, H = c_.n_head, hd = c_.head_dim(), F = c_.ffn_hidden;
+    const std::int64_t N = B * T, d = c_.d_model, H = rope_.heads, hd = c_.head_dim(), F = c_.ffn_hidden / tp_size_;
     const auto make = [&](tessera::Shape s) { return tc::DeviceTensor<C>::empty(s, stream); };
     h1_ = make({B, T, d});
     qkvp_ = make({rope_.mha_cols() * N});
@@ -112,20 +137,18 @@ class DeviceDecoderLayer {
   /// it). Throws tessera::Error naming the shapes.
   void forward(tc::DeviceView<const C> x, const C* w, tc::DeviceView<C> y) {
     check_io(x, y, "forward");
-    const std::int64_t N = B_ * T_, d = c_.d_model, H = c_.n_head, hd = c_.head_dim(), F = c_.ffn_hidden;
+    const std::int64_t N = B_ * T_, d = c_.d_model, H = rope_.heads, hd = c_.head_dim(), F = c_.ffn_hidden / tp_size_;
     x_ = x;
     rms_norm_forward<C>(stream_, x, tv(w, LayerTensor::input_norm), h1_, rstd1_, norm_eps());
     DecoderScratch<C>& sc = *sc_;
     gemm({.m = N, .n = rope_.gqa_cols(), .k = d}, h1_.data(), at(w, LayerTensor::qkv), sc.qkv.data(), 0.f);
     rope_expand<C>(stream_, sc.qkv, sc.table, rope_, sc.e);
     tc::ops::attention_forward<C>(stream_, blas_, sc.e, H, qkvp_, probs_, sc.heads, a_);
-    copy(x, x1_);
-    gemm({.m = N, .n = d, .k = H * hd}, a_.data(), at(w, LayerTensor::o_proj), x1_.data(), 1.f);
+    row_parallel({.m = N, .n = d, .k = H * hd}, a_.data(), at(w, LayerTensor::o_proj), x, x1_);  // x1 = x + a W_o
     rms_norm_forward<C>(stream_, x1_, tv(w, LayerTensor::post_norm), h2_, rstd2_, norm_eps());
     gemm({.m = N, .n = 2 * F, .k = d}, h2_.data(), at(w, LayerTensor::gate_up), gu_.data(), 0.f);
     swiglu_forward<C>(stream_, gu_, s_);
-    copy(x1_, y);
-    gemm({.m = N, .n = d, .k = F}, s_.data(), at(w, LayerTensor::down_proj), y.data, 1.f);
+    row_parallel({.m = N, .n = d, .k = F}, s_.data(), at(w, LayerTensor::down_proj), x1_, y);  // y = x1 + s W_down
   }
 
   /// dx (B, T, d) from dy (B, T, d) after forward, with the same weights `w`; every weight
@@ -134,7 +157,7 @@ class DeviceDecoderLayer {
   void backward(tc::DeviceView<const C> dy, const C* w, float* g, tc::DeviceView<C> dx) {
     check_io(dy, dx, "backward");
     TESSERA_EXPECTS(x_.data != nullptr, "DeviceDecoderLayer: backward before forward");
-    const std::int64_t N = B_ * T_, d = c_.d_model, H = c_.n_head, hd = c_.head_dim(), F = c_.ffn_hidden;
+    const std::int64_t N = B_ * T_, d = c_.d_model, H = rope_.heads, hd = c_.head_dim(), F = c_.ffn_hidden / tp_size_;
     DecoderScratch<C>& sc = *sc_;
     // MLP: dW_down += s^T dy; ds = dy W_down^T; dgu = swiglu'(gu) ds.
     grad({.trans_a = true, .m = F, .n = d, .k = N}, s_.data(), dy.data, at(g, LayerTensor::down_proj));
@@ -142,7 +165,7 @@ class DeviceDecoderLayer {
     swiglu_backward<C>(stream_, gu_, sc.ds, sc.dgu);
     // dW_gu += h2^T dgu; dh2 = dgu W_gu^T; dx1 = dy + rmsnorm'(dh2).
     grad({.trans_a = true, .m = d, .n = 2 * F, .k = N}, h2_.data(), sc.dgu.data(), at(g, LayerTensor::gate_up));
-    gemm({.trans_b = true, .m = N, .n = d, .k = 2 * F}, sc.dgu.data(), at(w, LayerTensor::gate_up), sc.dh.data(), 0.f);
+    column_input_grad({.trans_b = true, .m = N, .n = d, .k = 2 * F}, sc.dgu.data(), at(w, LayerTensor::gate_up));
     copy(dy, sc.dx1);
     rms_norm_backward<C>(stream_, sc.dh, x1_, tv(w, LayerTensor::post_norm), rstd2_, sc.dx1,
                          gv(g, LayerTensor::post_norm), sc.partial, /*accumulate=*/true);
@@ -153,8 +176,7 @@ class DeviceDecoderLayer {
     rope_reduce<C>(stream_, sc.de, sc.table, rope_, sc.dqkv);
     // dW_qkv += h1^T dqkv; dh1 = dqkv W_qkv^T; dx = dx1 + rmsnorm'(dh1).
     grad({.trans_a = true, .m = d, .n = rope_.gqa_cols(), .k = N}, h1_.data(), sc.dqkv.data(), at(g, LayerTensor::qkv));
-    gemm({.trans_b = true, .m = N, .n = d, .k = rope_.gqa_cols()}, sc.dqkv.data(), at(w, LayerTensor::qkv), sc.dh.data(),
-         0.f);
+    column_input_grad({.trans_b = true, .m = N, .n = d, .k = rope_.gqa_cols()}, sc.dqkv.data(), at(w, LayerTensor::qkv));
     copy(sc.dx1, dx);
     rms_norm_backward<C>(stream_, sc.dh, x_, tv(w, LayerTensor::input_norm), rstd1_, dx, gv(g, LayerTensor::input_norm),
                          sc.partial, /*accumulate=*/true);
@@ -171,6 +193,35 @@ class DeviceDecoderLayer {
   // out = a b (+ beta out), C storage, fp32 arithmetic.
   void gemm(const tc::GemmShape& s, const C* a, const C* b, C* out, float beta) {
     blas_.gemm(stream_, s, a, b, out, 1.f, beta);
+  }
+  // out = residual + a W, the end of a row-parallel product: at tp 1 one GEMM with beta = 1 onto
+  // a copy of the residual; under tp the fp32 partial products summed over tp first, the
+  // residual added once (ops::residual_add, one rounding to C).
+  template <class Residual, class Out>
+  void row_parallel(const tc::GemmShape& s, const C* a, const C* w, const Residual& residual, const Out& out) {
+    if (tp_ == nullptr) {
+      copy(residual, out);
+      const tc::DeviceView<C> o = out;
+      gemm(s, a, w, o.data, 1.f);
+      return;
+    }
+    DecoderScratch<C>& sc = *sc_;
+    blas_.gemm(stream_, s, a, w, sc.sum.data(), 1.f, 0.f);
+    tp_->all_reduce(sc.sum.view(), tessera::ReduceOp::sum);
+    const tc::DeviceView<const C> r = residual;
+    const tc::DeviceView<C> o = out;
+    const tessera::Shape nd{s.m, s.n};
+    tc::ops::residual_add<C>(stream_, tc::DeviceView<const C>(r.data, nd), sc.sum, sc.zero_bias,
+                             tc::DeviceView<C>(o.data, nd));
+  }
+  // sc.dh (N, d) = the input gradient of a column-parallel product, summed over tp (in fp32,
+  // then rounded to C once).
+  void column_input_grad(const tc::GemmShape& s, const C* dy, const C* w) {
+    DecoderScratch<C>& sc = *sc_;
+    if (tp_ == nullptr) return gemm(s, dy, w, sc.dh.data(), 0.f);
+    blas_.gemm(stream_, s, dy, w, sc.sum.data(), 1.f, 0.f);
+    tp_->all_reduce(sc.sum.view(), tessera::ReduceOp::sum);
+    tc::ops::convert_from_f32<C>(stream_, sc.sum, sc.dh);
   }
   // out (fp32) += a b: a weight gradient.
   void grad(const tc::GemmShape& s, const C* a, const C* b, float* out) { blas_.gemm(stream_, s, a, b, out, 1.f, 1.f); }
@@ -192,6 +243,8 @@ class DeviceDecoderLayer {
                     " and output ", out.shape, " must both be ", want);
   }
   LlamaConfig c_;
+  tc::DeviceComm* tp_;  // null at tp 1
+  int tp_size_;
   FlatLayerLayout layout_;
   std::int64_t B_, T_;
   const tc::Stream& stream_;

@@ -34,6 +34,7 @@ struct FlatLayerLayout {
   std::array<std::int64_t, 6> rows{};    ///< rows (1 for the norms)
   std::array<std::int64_t, 6> cols{};    ///< columns
   std::int64_t total = 0;                ///< elements in all
+  int tp = 1;                            ///< tensor-parallel ranks the layout is one shard of
 
   /// Offset of tensor `t`.
   std::int64_t at(LayerTensor t) const { return offset[static_cast<std::size_t>(t)]; }
@@ -41,14 +42,23 @@ struct FlatLayerLayout {
   std::int64_t size(LayerTensor t) const { return rows[static_cast<std::size_t>(t)] * cols[static_cast<std::size_t>(t)]; }
 };
 
-/// The layout of a layer of `c` (validated: throws tessera::Error as llama::validated).
-inline FlatLayerLayout flat_layer_layout(const LlamaConfig& config) {
+/// The layout of a layer of `c` (validated: throws tessera::Error as llama::validated), or of
+/// one tensor-parallel rank's shard of it at `tp` > 1 (Megatron-LM's layout, as the layer's
+/// tp_plan): the rank's H / tp query heads and G / tp KV heads of q|k|v and its F / tp columns
+/// of gate|up (column-parallel), the matching rows of o_proj and down_proj (row-parallel), the
+/// norms whole (replicated). Throws tessera::Error naming the numbers when tp does not divide
+/// the heads, the KV heads or F.
+inline FlatLayerLayout flat_layer_layout(const LlamaConfig& config, int tp = 1) {
   const LlamaConfig c = validated(config);
-  const std::int64_t d = c.d_model, hd = c.head_dim(), F = c.ffn_hidden;
+  TESSERA_EXPECTS(tp >= 1 && c.n_head % tp == 0 && c.n_kv_head % tp == 0 && c.ffn_hidden % tp == 0,
+                  "llama flat_layer_layout: tp ", tp, " must divide n_head ", c.n_head, ", n_kv_head ", c.n_kv_head,
+                  " and ffn_hidden ", c.ffn_hidden);
+  const std::int64_t d = c.d_model, hd = c.head_dim(), F = c.ffn_hidden / tp, H = c.n_head / tp, G = c.n_kv_head / tp;
   FlatLayerLayout l;
+  l.tp = tp;
   const std::array<std::array<std::int64_t, 2>, 6> shapes{{{1, d},
-                                                            {d, (c.n_head + 2 * c.n_kv_head) * hd},
-                                                            {c.n_head * hd, d},
+                                                            {d, (H + 2 * G) * hd},
+                                                            {H * hd, d},
                                                             {1, d},
                                                             {d, 2 * F},
                                                             {F, d}}};
@@ -86,23 +96,37 @@ std::vector<GetT*> parts(Layer& layer, LayerTensor t) {
 }  // namespace detail
 
 /// The flat buffer of `layer` (values when `grads` is false, gradients when true): each row of a
-/// fused matrix is [row of q | row of k | row of v] ([gate | up]). Throws tessera::Error naming
-/// the tensor when a parameter's shape is not the layout's.
-inline std::vector<float> pack_layer(DecoderLayer<float>& layer, const FlatLayerLayout& l, bool grads = false) {
+/// fused matrix is [row of q | row of k | row of v] ([gate | up]). With a layout of tp > 1, tp
+/// rank `rank`'s shard (flat_layer_layout's comment): of each of q, k, v, gate and up its
+/// columns [rank c / tp, (rank + 1) c / tp), of o_proj and down_proj its rows. Throws
+/// tessera::Error naming the tensor when a parameter's shape is not the layout's.
+inline std::vector<float> pack_layer(DecoderLayer<float>& layer, const FlatLayerLayout& l, bool grads = false,
+                                     int rank = 0) {
+  TESSERA_EXPECTS(rank >= 0 && rank < l.tp, "llama pack_layer: rank ", rank, " of a layout of tp ", l.tp);
   std::vector<float> flat(static_cast<std::size_t>(l.total));
   for (int t = 0; t < 6; ++t) {
-    const auto parts = detail::parts<tessera::Parameter<float>>(layer, static_cast<LayerTensor>(t));
+    const auto tt = static_cast<LayerTensor>(t);
+    const auto parts = detail::parts<tessera::Parameter<float>>(layer, tt);
     const std::int64_t rows = l.rows[static_cast<std::size_t>(t)], cols = l.cols[static_cast<std::size_t>(t)];
+    const std::int64_t off = l.offset[static_cast<std::size_t>(t)];
+    if (tt == LayerTensor::o_proj || tt == LayerTensor::down_proj) {  // row-parallel: this rank's rows
+      const tessera::Tensor<float>& v = grads ? parts[0]->grad : parts[0]->value;
+      TESSERA_EXPECTS(v.numel() == rows * l.tp * cols, "llama pack_layer: ", parts[0]->name, " of shape ", v.shape(),
+                      " is not ", rows * l.tp, " x ", cols);
+      std::copy(v.data() + rank * rows * cols, v.data() + (rank + 1) * rows * cols, flat.begin() + off);
+      continue;
+    }
     std::int64_t col0 = 0;
     for (tessera::Parameter<float>* p : parts) {
       const tessera::Tensor<float>& v = grads ? p->grad : p->value;
-      const std::int64_t pc = v.numel() / rows;
-      TESSERA_EXPECTS(v.numel() == rows * pc && col0 + pc <= cols, "llama pack_layer: ", p->name, " of shape ",
-                      v.shape(), " does not fit the flat layout's ", rows, " x ", cols);
+      const std::int64_t full = v.numel() / rows;                       // the parameter's columns
+      const std::int64_t pc = t == 0 || t == 3 ? full : full / l.tp;   // this rank's (norms whole)
+      const std::int64_t c0 = t == 0 || t == 3 ? 0 : rank * pc;
+      TESSERA_EXPECTS(v.numel() == rows * full && col0 + pc <= cols, "llama pack_layer: ", p->name, " of shape ",
+                      v.shape(), " does not fit the flat layout's ", rows, " x ", cols, " (tp ", l.tp, ")");
       for (std::int64_t r = 0; r < rows; ++r)
         for (std::int64_t c = 0; c < pc; ++c)
-          flat[static_cast<std::size_t>(l.offset[static_cast<std::size_t>(t)] + r * cols + col0 + c)] =
-              v.data()[r * pc + c];
+          flat[static_cast<std::size_t>(off + r * cols + col0 + c)] = v.data()[r * full + c0 + c];
       col0 += pc;
     }
     TESSERA_EXPECTS(col0 == cols, "llama pack_layer: tensor ", t, " has ", col0, " columns, the layout ", cols);
@@ -110,10 +134,11 @@ inline std::vector<float> pack_layer(DecoderLayer<float>& layer, const FlatLayer
   return flat;
 }
 
-/// The inverse of pack_layer: writes `flat` into the layer's values (or gradients). Throws
+/// The inverse of pack_layer (at tp 1): writes `flat` into the layer's values (or gradients). Throws
 /// tessera::Error naming the sizes when `flat` is not the layout's size.
 inline void unpack_layer(const std::vector<float>& flat, DecoderLayer<float>& layer, const FlatLayerLayout& l,
                          bool grads = false) {
+  TESSERA_EXPECTS(l.tp == 1, "llama unpack_layer: a layout of tp ", l.tp, " holds one rank's shard, not the layer");
   TESSERA_EXPECTS(static_cast<std::int64_t>(flat.size()) == l.total, "llama unpack_layer: ", flat.size(),
                   " values for a layout of ", l.total);
   for (int t = 0; t < 6; ++t) {
