@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -353,46 +354,76 @@ TEST_CASE("llama DeviceLlama under DeviceDataParallel: dp 2 on one GPU (threads)
   }
 }
 
-TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal the whole layer's, each rank's gradients its shard of the whole layer's") {
-  const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 48,
-                                  .ffn_hidden = 40};
-  const std::int64_t B = 2, Tn = 11, d = config.d_model;
-  const int tp = 2;
-  llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
-  unsigned seed = 70;
-  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
-  const Tensor<float> x = randn_l(Shape{B, Tn, d}, 71), dy = randn_l(Shape{B, Tn, d}, 72);
-  auto [y_ref, ctx] = cpu.forward(x);
-  const Tensor<float> dx_ref = cpu.backward(dy, ctx);
-  const ld::FlatLayerLayout l = ld::flat_layer_layout(config, tp);
-  struct Out {
-    Tensor<float> y, dx;
-    std::vector<float> g, g_ref;
-  };
-  const std::vector<Out> outs = threads::run(tp, [&](Comm& world) {
-    tc::set_device(0);
-    const tc::Stream compute;
-    tc::BlasLt b(compute);
-    tc::ThreadDeviceComm comm(world.split(0, world.rank()), compute);
-    ld::DeviceDecoderLayer<float> layer(config, B, Tn, compute, b, nullptr, &comm);
-    const std::vector<float> w_host = ld::pack_layer(cpu, l, false, world.rank());
-    auto w = tc::to_device<float>(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)), compute);
-    auto g = tc::to_device<float>(Tensor<float>(Shape{l.total}), compute);
-    auto xd = tc::to_device<float>(x, compute), dyd = tc::to_device<float>(dy, compute);
-    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, compute);
-    auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, compute);
-    layer.forward(xd, w.data(), y);
-    layer.backward(dyd, w.data(), g.data(), dx);
-    const Tensor<float> gh = tc::to_host(g, compute);
-    return Out{tc::to_host(y, compute), tc::to_host(dx, compute), std::vector<float>(gh.data(), gh.data() + gh.numel()),
-               ld::pack_layer(cpu, l, /*grads=*/true, world.rank())};
-  });
-  for (std::size_t r = 0; r < outs.size(); ++r) {
-    CAPTURE(r);
-    CHECK(rel_l(outs[r].y, y_ref) < 1e-5);
-    CHECK(rel_l(outs[r].dx, dx_ref) < 1e-5);
-    CHECK(rel_l(Tensor<float>::from(Shape{l.total}, std::span<const float>(outs[r].g)),
-                Tensor<float>::from(Shape{l.total}, std::span<const float>(outs[r].g_ref))) < 1e-5);
+TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal the whole layer's, each rank's gradients its shard of the whole layer's (fp32; bf16 within its rounding)") {
+  // 4 query heads on 2 KV heads (one KV head per rank) and 8 on 4 (two per rank, so the group
+  // mapping inside a rank's shard is exercised).
+  for (const auto& hg : {std::pair<std::int64_t, std::int64_t>{4, 2}, {8, 4}}) {
+    const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = hg.first, .n_kv_head = hg.second,
+                                    .d_model = 64, .ffn_hidden = 40};
+    CAPTURE(config.n_head);
+    const std::int64_t B = 2, Tn = 11, d = config.d_model;
+    const int tp = 2;
+    llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
+    unsigned seed = 70;
+    for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
+    const Tensor<float> x = randn_l(Shape{B, Tn, d}, 71), dy = randn_l(Shape{B, Tn, d}, 72);
+    auto [y_ref, ctx] = cpu.forward(x);
+    const Tensor<float> dx_ref = cpu.backward(dy, ctx);
+    const ld::FlatLayerLayout l = ld::flat_layer_layout(config, tp);
+    struct Out {
+      Tensor<float> y, dx, y16, dx16;
+      std::vector<float> g, g16, g_ref;
+    };
+    const std::vector<Out> outs = threads::run(tp, [&](Comm& world) {
+      tc::set_device(0);
+      const tc::Stream compute;
+      tc::BlasLt b(compute);
+      tc::ThreadDeviceComm comm(world.split(0, world.rank()), compute);
+      const std::vector<float> w_host = ld::pack_layer(cpu, l, false, world.rank());
+      const Tensor<float> w_t = Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host));
+      const auto run = [&](auto zero) {  // fp32 or bf16 storage, by the type of `zero`
+        using C = decltype(zero);
+        ld::DeviceDecoderLayer<C> layer(config, B, Tn, compute, b, nullptr, &comm);
+        auto w = tc::to_device<C>(w_t, compute);
+        auto g = tc::to_device<float>(Tensor<float>(Shape{l.total}), compute);
+        auto xd = tc::to_device<C>(x, compute), dyd = tc::to_device<C>(dy, compute);
+        auto y = tc::DeviceTensor<C>::empty(Shape{B, Tn, d}, compute);
+        auto dx = tc::DeviceTensor<C>::empty(Shape{B, Tn, d}, compute);
+        layer.forward(xd, w.data(), y);
+        layer.backward(dyd, w.data(), g.data(), dx);
+        const Tensor<float> gh = tc::to_host(g, compute);
+        return std::tuple{tc::to_host(y, compute), tc::to_host(dx, compute),
+                          std::vector<float>(gh.data(), gh.data() + gh.numel())};
+      };
+      auto [y, dx, g] = run(0.f);
+      auto [y16, dx16, g16] = run(tc::bf16{});
+      return Out{y, dx, y16, dx16, g, g16, ld::pack_layer(cpu, l, /*grads=*/true, world.rank())};
+    });
+    for (std::size_t r = 0; r < outs.size(); ++r) {
+      CAPTURE(r);
+      CHECK(rel_l(outs[r].y, y_ref) < 1e-5);
+      CHECK(rel_l(outs[r].dx, dx_ref) < 1e-5);
+      CHECK(rel_l(outs[r].y16, y_ref) < 3e-2);
+      CHECK(rel_l(outs[r].dx16, dx_ref) < 5e-2);
+      for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
+        CAPTURE(t);
+        const auto tt = static_cast<ld::LayerTensor>(t);
+        Tensor<float> a(Shape{l.size(tt)}), a16(Shape{l.size(tt)}), want(Shape{l.size(tt)});
+        for (std::int64_t i = 0; i < l.size(tt); ++i) {
+          const auto k = static_cast<std::size_t>(l.at(tt) + i);
+          a.data()[i] = outs[r].g[k];
+          a16.data()[i] = outs[r].g16[k];
+          want.data()[i] = outs[r].g_ref[k];
+        }
+        CHECK(rel_l(a, want) < 1e-5);
+        CHECK(rel_l(a16, want) < 5e-2);
+      }
+    }
+    // Every rank holds the same y, dx and norm gradients, bitwise (the sums are one value written
+    // to every rank; the norms need no all-reduce because their inputs are replicated).
+    CHECK(rel_l(outs[1].y, outs[0].y) == 0);
+    CHECK(rel_l(outs[1].dx, outs[0].dx) == 0);
+    for (ld::LayerTensor t : {ld::LayerTensor::input_norm, ld::LayerTensor::post_norm})
+      CHECK(std::equal(outs[1].g.begin() + l.at(t), outs[1].g.begin() + l.at(t) + l.size(t), outs[0].g.begin() + l.at(t)));
   }
-  CHECK(rel_l(outs[1].y, outs[0].y) == 0);  // both ranks hold the same output (the sums are identical)
 }

@@ -244,46 +244,59 @@ TEST_CASE("llama device layout: the whole model's flat buffer (embedding, layers
 }
 
 TEST_CASE("llama device layout under tp: each rank's shard holds its heads' q|k|v and gate|up columns and o_proj/down rows, the norms whole; the shards cover the layer once") {
-  const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 1, .n_head = 4, .n_kv_head = 2, .d_model = 24,
-                                  .ffn_hidden = 20};
-  llama::DecoderLayer<float> layer = llama::decoder_layer<float>(config, 0, 11);
-  using llama::device::LayerTensor;
-  const llama::device::FlatLayerLayout full = llama::device::flat_layer_layout(config);
-  const std::vector<float> whole = llama::device::pack_layer(layer, full);
-  for (int tp : {2}) {
+  // 4 query heads on 2 KV heads (one KV head per rank at tp 2), and 8 on 4 (two per rank: the
+  // KV heads are split in contiguous blocks, as each linear's columns).
+  for (const auto& hg : {std::pair<std::int64_t, std::int64_t>{4, 2}, {8, 4}}) {
+    const std::int64_t H = hg.first, G = hg.second, d = 48, hd = d / H, F = 20;
+    CAPTURE(H);
+    const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 1, .n_head = H, .n_kv_head = G, .d_model = d,
+                                    .ffn_hidden = F};
+    llama::DecoderLayer<float> layer = llama::decoder_layer<float>(config, 0, 11);
+    using llama::device::LayerTensor;
+    const llama::device::FlatLayerLayout full = llama::device::flat_layer_layout(config);
+    const std::vector<float> whole = llama::device::pack_layer(layer, full);
+    const int tp = 2;
+    const std::int64_t Hl = H / tp * hd, Gl = G / tp * hd, Fl = F / tp;  // a rank's columns of q, of k (v), of gate (up)
     const llama::device::FlatLayerLayout l = llama::device::flat_layer_layout(config, tp);
-    CHECK(l.cols[1] == (2 + 2 * 1) * 6);  // 2 query heads, 1 KV head of width 6 per rank
-    CHECK(l.rows[2] == 2 * 6);
-    CHECK(l.cols[4] == 2 * 10);
-    CHECK(l.rows[5] == 10);
-    std::int64_t sharded = 0;
+    CHECK(l.cols[1] == Hl + 2 * Gl);
+    CHECK(l.rows[2] == Hl);
+    CHECK(l.cols[4] == 2 * Fl);
+    CHECK(l.rows[5] == Fl);
+    std::vector<int> seen_q(static_cast<std::size_t>(H * hd), 0);  // which rank holds each column of q
     for (int r = 0; r < tp; ++r) {
       CAPTURE(r);
       const std::vector<float> shard = llama::device::pack_layer(layer, l, false, r);
       auto& lin = layer.self_attn().qkv().linears();
-      // Row 3 of the shard's q|k|v: q columns [12 r, 12 r + 12), then k's [6 r, 6 r + 6), then v's.
+      // Every element of row 3 of the shard's q|k|v: q columns [Hl r, Hl (r + 1)), then k's
+      // [Gl r, Gl (r + 1)), then v's.
       const std::int64_t row = l.at(LayerTensor::qkv) + 3 * l.cols[1];
-      CHECK(shard[static_cast<std::size_t>(row + 5)] == lin[0].weight().value.data()[3 * 24 + 12 * r + 5]);
-      CHECK(shard[static_cast<std::size_t>(row + 12 + 4)] == lin[1].weight().value.data()[3 * 12 + 6 * r + 4]);
-      CHECK(shard[static_cast<std::size_t>(row + 18 + 1)] == lin[2].weight().value.data()[3 * 12 + 6 * r + 1]);
-      // gate | up: the rank's 10 columns of each.
+      for (std::int64_t c = 0; c < Hl; ++c) {
+        CHECK(shard[static_cast<std::size_t>(row + c)] == lin[0].weight().value.data()[3 * H * hd + Hl * r + c]);
+        ++seen_q[static_cast<std::size_t>(Hl * r + c)];
+      }
+      for (std::int64_t c = 0; c < Gl; ++c) {
+        CHECK(shard[static_cast<std::size_t>(row + Hl + c)] == lin[1].weight().value.data()[3 * G * hd + Gl * r + c]);
+        CHECK(shard[static_cast<std::size_t>(row + Hl + Gl + c)] == lin[2].weight().value.data()[3 * G * hd + Gl * r + c]);
+      }
+      // gate | up: the rank's Fl columns of each.
       auto& gu = layer.mlp().gate_up().linears();
       const std::int64_t grow = l.at(LayerTensor::gate_up) + 7 * l.cols[4];
-      CHECK(shard[static_cast<std::size_t>(grow + 2)] == gu[0].weight().value.data()[7 * 20 + 10 * r + 2]);
-      CHECK(shard[static_cast<std::size_t>(grow + 10 + 9)] == gu[1].weight().value.data()[7 * 20 + 10 * r + 9]);
+      CHECK(shard[static_cast<std::size_t>(grow + 2)] == gu[0].weight().value.data()[7 * F + Fl * r + 2]);
+      CHECK(shard[static_cast<std::size_t>(grow + Fl + 9)] == gu[1].weight().value.data()[7 * F + Fl * r + 9]);
       // o_proj and down_proj: the rank's rows, whole.
-      CHECK(shard[static_cast<std::size_t>(l.at(LayerTensor::o_proj) + 5 * 24 + 3)] ==
-            layer.self_attn().o_proj().weight().value.data()[(12 * r + 5) * 24 + 3]);
-      CHECK(shard[static_cast<std::size_t>(l.at(LayerTensor::down_proj) + 9 * 24)] ==
-            layer.mlp().down_proj().weight().value.data()[(10 * r + 9) * 24]);
+      CHECK(shard[static_cast<std::size_t>(l.at(LayerTensor::o_proj) + 5 * d + 3)] ==
+            layer.self_attn().o_proj().weight().value.data()[(Hl * r + 5) * d + 3]);
+      CHECK(shard[static_cast<std::size_t>(l.at(LayerTensor::down_proj) + 9 * d)] ==
+            layer.mlp().down_proj().weight().value.data()[(Fl * r + 9) * d]);
       // The norms whole, equal to the unsharded layout's.
       for (LayerTensor t : {LayerTensor::input_norm, LayerTensor::post_norm})
         CHECK(std::equal(shard.begin() + l.at(t), shard.begin() + l.at(t) + l.size(t), whole.begin() + full.at(t)));
-      sharded += l.total - l.size(LayerTensor::input_norm) - l.size(LayerTensor::post_norm);
     }
-    CHECK(sharded == full.total - full.size(LayerTensor::input_norm) - full.size(LayerTensor::post_norm));
+    CHECK(std::ranges::all_of(seen_q, [](int n) { return n == 1; }));  // every column of q on exactly one rank
+    CHECK(2 * l.total - l.size(LayerTensor::input_norm) - l.size(LayerTensor::post_norm) == full.total);
+    CHECK_THROWS_WITH_AS(llama::device::flat_layer_layout(config, 3), doctest::Contains("tp 3 must divide"),
+                         tessera::Error);
+    CHECK_THROWS_WITH_AS(llama::device::pack_layer(layer, full, false, 1), doctest::Contains("rank 1 of a layout of tp 1"),
+                         tessera::Error);
   }
-  CHECK_THROWS_WITH_AS(llama::device::flat_layer_layout(config, 4), doctest::Contains("tp 4 must divide"), tessera::Error);
-  CHECK_THROWS_WITH_AS(llama::device::pack_layer(layer, full, false, 1), doctest::Contains("rank 1 of a layout of tp 1"),
-                       tessera::Error);
 }

@@ -1,13 +1,12 @@
 #pragma once
 /// @file
-/// DeviceDecoderLayer: the Llama example's decoder layer (llama::DecoderLayer) on one GPU,
-/// forward and backward, built from tessera's device building blocks (cuBLASLt products through
+/// DeviceDecoderLayer: the Llama example's decoder layer (llama::DecoderLayer) on a GPU, whole or
+/// one tensor-parallel rank's shard of it, forward and backward, built from tessera's device building blocks (cuBLASLt products through
 /// cuda::BlasLt, the causal attention of cuda/ops/attention.cuh) and the example's own kernels
 /// (llama_kernels.cuh: RMSNorm, the rotary embedding with GQA's expansion, SwiGLU). Storage C
 /// (float, or bf16 with fp32 gradients); the parameters and gradients are flat buffers in
-/// flat_layer_layout's order, owned by the caller (a model holds every layer's end to end). One
-/// tensor-parallel rank's shard and pipeline stages are the model's business, not this layer's.
-/// CUDA code: compile with nvcc.
+/// flat_layer_layout's order, owned by the caller (a model holds every layer's end to end).
+/// Pipeline stages are the model's business, not this layer's. CUDA code: compile with nvcc.
 ///
 /// Forward, N = B T rows of d (x kept, not copied: it must live until backward):
 ///   h1 = rmsnorm(x) w_in; qkv = h1 W_qkv; e = rope_expand(qkv); a = attention(e);
@@ -106,6 +105,9 @@ class DeviceDecoderLayer {
         rope_{.seq = T, .heads = config.n_head / tp_size_, .kv_heads = config.n_kv_head / tp_size_,
               .head_dim = config.head_dim()} {
     TESSERA_EXPECTS(B > 0 && T > 0, "DeviceDecoderLayer: batch ", B, " x sequence ", T, " must be positive");
+    TESSERA_EXPECTS(tp_ == nullptr || tp_->stream().get() == stream.get(),
+                    "DeviceDecoderLayer: the tensor-parallel DeviceComm must run its collectives on the layer's "
+                    "stream (its partial sums are in the layer's scratch, ordered by that stream)");
     sc_ = scratch ? std::move(scratch) : std::make_shared<DecoderScratch<C>>(config, B, T, stream, tp_size_);
     TESSERA_EXPECTS(sc_->tp_size == tp_size_, "DeviceDecoderLayer: the shared scratch was made for tp ", sc_->tp_size,
                     ", this layer is one of ", tp_size_);
