@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "device_op_support.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/cuda/blas_lt.hpp"
@@ -34,43 +35,9 @@ using namespace tessera;
 namespace tc = tessera::cuda;
 namespace ops = tessera::cuda::ops;
 
+using namespace device_op_test;
+
 namespace {
-
-Tensor<float> randn(const Shape& s, unsigned seed, float scale = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.f, scale);
-  Tensor<float> t(s);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = n(rng);
-  return t;
-}
-
-// ||a - b|| / ||b||, NaN when either holds a NaN (so a NaN never passes).
-double rel(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.numel() == b.numel());
-  double d = 0, n = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double x = a.data()[i], y = b.data()[i];
-    if (std::isnan(x) || std::isnan(y)) return NAN;
-    d += (x - y) * (x - y);
-    n += y * y;
-  }
-  return std::sqrt(d / (n > 0 ? n : 1));
-}
-
-tc::Stream& stream() {
-  static tc::Stream s;
-  return s;
-}
-tc::BlasLt& blas() {
-  static tc::BlasLt b(stream());
-  return b;
-}
-
-template <class T = float>
-tc::DeviceTensor<T> dev(const Tensor<float>& h) {
-  return tc::to_device<T>(h, stream());
-}
-Tensor<float> host(const tc::DeviceTensor<float>& d) { return tc::to_host(d, stream()); }
 
 constexpr double fp32_tol = 1e-5;
 

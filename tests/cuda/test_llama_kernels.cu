@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "device_op_support.hpp"
 #include "llama/device/device_decoder_layer.cuh"
 #include "llama/device/device_llama.cuh"
 #include "llama/device/llama_kernels.cuh"
@@ -36,101 +37,63 @@
 #include "tessera/cuda/ops/attention.cuh"
 
 using namespace tessera;
+using namespace device_op_test;
 namespace tc = tessera::cuda;
 namespace ld = llama::device;
 
 namespace {
 
-Tensor<float> randn_l(const Shape& s, unsigned seed, float scale = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.f, scale);
-  Tensor<float> t(s);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = n(rng);
-  return t;
-}
-
-// ||a - b|| / ||b||, NaN when either holds a NaN (so a NaN never passes).
-double rel_l(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.numel() == b.numel());
-  double d = 0, n = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double x = a.data()[i], y = b.data()[i];
-    if (std::isnan(x) || std::isnan(y)) return NAN;
-    d += (x - y) * (x - y);
-    n += y * y;
-  }
-  return std::sqrt(d / (n > 0 ? n : 1));
-}
-
 constexpr double kClipL = 0.05;  // below these models' gradient norms: every step clips
-
-tc::Stream& llama_stream() {
-  static tc::Stream s;
-  return s;
-}
-tc::BlasLt& llama_blas() {
-  static tc::BlasLt b(llama_stream());
-  return b;
-}
-
-template <class T = float>
-tc::DeviceTensor<T> up(const Tensor<float>& h) {
-  return tc::to_device<T>(h, llama_stream());
-}
-template <class T>
-Tensor<float> down(const tc::DeviceTensor<T>& d) {
-  return tc::to_host(d, llama_stream());
-}
 
 }  // namespace
 
 TEST_CASE("llama kernels: RMSNorm forward and backward equal llama::RMSNorm (fp32; bf16 within its rounding)") {
   const std::int64_t B = 3, Tn = 97, C = 80;  // 291 rows: three weight-gradient chunks, the last partial
-  const Tensor<float> x = randn_l(Shape{B, Tn, C}, 31), dy = randn_l(Shape{B, Tn, C}, 32), w = randn_l(Shape{C}, 33);
+  const Tensor<float> x = randn(Shape{B, Tn, C}, 31), dy = randn(Shape{B, Tn, C}, 32), w = randn(Shape{C}, 33);
   llama::RMSNorm<float> norm(C, {}, 1e-6f);
   norm.weight().value.copy_from(w);
   auto [y_ref, ctx] = norm.forward(x);
   const Tensor<float> dx_ref = norm.backward(dy, ctx);
-  auto xd = up(x), dyd = up(dy), wd = up(w);
-  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
-  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
-  auto rstd = tc::DeviceTensor<float>::empty(Shape{B * Tn}, llama_stream());
-  auto partial = tc::DeviceTensor<float>::empty(Shape{ld::rms_norm_partial_size(B * Tn, C)}, llama_stream());
-  auto dw1 = up(Tensor<float>(Shape{C})), dw2 = up(Tensor<float>(Shape{C}));
-  ld::rms_norm_forward<float>(llama_stream(), xd, wd, y, rstd, 1e-6f);
-  ld::rms_norm_backward<float>(llama_stream(), dyd, xd, wd, rstd, dx, dw1, partial);
-  ld::rms_norm_backward<float>(llama_stream(), dyd, xd, wd, rstd, dx, dw2, partial);
-  CHECK(rel_l(down(y), y_ref) < 1e-5);
-  CHECK(rel_l(down(rstd), ctx.rstd) < 1e-5);
-  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
-  CHECK(rel_l(down(dw1), norm.weight().grad) < 1e-5);
-  const Tensor<float> g1 = down(dw1), g2 = down(dw2);
+  auto xd = dev(x), dyd = dev(dy), wd = dev(w);
+  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
+  auto rstd = tc::DeviceTensor<float>::empty(Shape{B * Tn}, stream());
+  auto partial = tc::DeviceTensor<float>::empty(Shape{ld::rms_norm_partial_size(B * Tn, C)}, stream());
+  auto dw1 = dev(Tensor<float>(Shape{C})), dw2 = dev(Tensor<float>(Shape{C}));
+  ld::rms_norm_forward<float>(stream(), xd, wd, y, rstd, 1e-6f);
+  ld::rms_norm_backward<float>(stream(), dyd, xd, wd, rstd, dx, dw1, partial);
+  ld::rms_norm_backward<float>(stream(), dyd, xd, wd, rstd, dx, dw2, partial);
+  CHECK(rel(host(y), y_ref) < 1e-5);
+  CHECK(rel(host(rstd), ctx.rstd) < 1e-5);
+  CHECK(rel(host(dx), dx_ref) < 1e-5);
+  CHECK(rel(host(dw1), norm.weight().grad) < 1e-5);
+  const Tensor<float> g1 = host(dw1), g2 = host(dw2);
   for (std::int64_t j = 0; j < C; ++j) CHECK(g1.data()[j] == g2.data()[j]);  // deterministic
   // bf16 storage: within bf16 rounding of the fp32 layer.
-  auto xb = up<tc::bf16>(x), wb = up<tc::bf16>(w);
-  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, C}, llama_stream());
-  ld::rms_norm_forward<tc::bf16>(llama_stream(), xb, wb, yb, rstd, 1e-6f);
-  CHECK(rel_l(down(yb), y_ref) < 1e-2);
+  auto xb = dev<tc::bf16>(x), wb = dev<tc::bf16>(w);
+  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, C}, stream());
+  ld::rms_norm_forward<tc::bf16>(stream(), xb, wb, yb, rstd, 1e-6f);
+  CHECK(rel(host(yb), y_ref) < 1e-2);
   // Shapes that disagree are refused, naming them.
-  auto bad = tc::DeviceTensor<float>::empty(Shape{C + 1}, llama_stream());
-  CHECK_THROWS_WITH_AS(ld::rms_norm_forward<float>(llama_stream(), xd, bad, y, rstd), doctest::Contains("weight (81)"),
+  auto bad = tc::DeviceTensor<float>::empty(Shape{C + 1}, stream());
+  CHECK_THROWS_WITH_AS(ld::rms_norm_forward<float>(stream(), xd, bad, y, rstd), doctest::Contains("weight (81)"),
                        Error);
 }
 
 TEST_CASE("llama kernels: SwiGLU forward and backward equal llama::SwiGLU") {
   const std::int64_t rows = 131, F = 57;
-  const Tensor<float> x = randn_l(Shape{rows, 2 * F}, 34), dy = randn_l(Shape{rows, F}, 35);
+  const Tensor<float> x = randn(Shape{rows, 2 * F}, 34), dy = randn(Shape{rows, F}, 35);
   llama::SwiGLU<float> act;
   auto [y_ref, ctx] = act.forward(x);
   const Tensor<float> dx_ref = act.backward(dy, ctx);
-  auto xd = up(x), dyd = up(dy);
-  auto y = tc::DeviceTensor<float>::empty(Shape{rows, F}, llama_stream());
-  auto dx = tc::DeviceTensor<float>::empty(Shape{rows, 2 * F}, llama_stream());
-  ld::swiglu_forward<float>(llama_stream(), xd, y);
-  ld::swiglu_backward<float>(llama_stream(), xd, dyd, dx);
-  CHECK(rel_l(down(y), y_ref) < 1e-5);
-  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
-  CHECK_THROWS_WITH_AS(ld::swiglu_forward<float>(llama_stream(), dyd, y), doctest::Contains("[gate | up]"), Error);
+  auto xd = dev(x), dyd = dev(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{rows, F}, stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{rows, 2 * F}, stream());
+  ld::swiglu_forward<float>(stream(), xd, y);
+  ld::swiglu_backward<float>(stream(), xd, dyd, dx);
+  CHECK(rel(host(y), y_ref) < 1e-5);
+  CHECK(rel(host(dx), dx_ref) < 1e-5);
+  CHECK_THROWS_WITH_AS(ld::swiglu_forward<float>(stream(), dyd, y), doctest::Contains("[gate | up]"), Error);
 }
 
 TEST_CASE("llama kernels: rope_expand -> tessera's attention -> rope_reduce equals RotaryAttentionCore (GQA, MQA, MHA)") {
@@ -140,34 +103,33 @@ TEST_CASE("llama kernels: rope_expand -> tessera's attention -> rope_reduce equa
     CAPTURE(G);
     const std::int64_t B = 2, Tn = 13, hd = 8, C = H * hd;
     const llama::device_math::RopeShape s{.seq = Tn, .heads = H, .kv_heads = G, .head_dim = hd};
-    const Tensor<float> qkv = randn_l(Shape{B, Tn, s.gqa_cols()}, 36), dy = randn_l(Shape{B, Tn, C}, 37);
+    const Tensor<float> qkv = randn(Shape{B, Tn, s.gqa_cols()}, 36), dy = randn(Shape{B, Tn, C}, 37);
     llama::RotaryAttentionCore<float> core(H, G, hd, 10000.0);
     auto [y_ref, ctx] = core.forward(qkv);
     const Tensor<float> dqkv_ref = core.backward(dy, ctx);
-    tc::BlasLt& blas = llama_blas();
-    const ld::RopeTable table = ld::make_rope_table(llama_stream(), Tn, hd, 10000.0);
-    auto qkv_d = up(qkv), dy_d = up(dy);
-    auto expd = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, llama_stream());
-    auto dexp = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, llama_stream());
-    auto dqkv = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.gqa_cols()}, llama_stream());
-    auto probs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, llama_stream());
-    auto dprobs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, llama_stream());
-    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, llama_stream());
-    auto qkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, llama_stream());
-    auto dqkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, llama_stream());
-    auto heads = tc::DeviceTensor<float>::empty(Shape{B * H * Tn * hd}, llama_stream());
-    ld::rope_expand<float>(llama_stream(), qkv_d, table, s, expd);
-    tc::ops::attention_forward<float>(llama_stream(), blas, expd, H, qkvp, probs, heads, y);
-    CHECK(rel_l(down(y), y_ref) < 1e-5);
-    tc::ops::attention_backward<float>(llama_stream(), blas, dy_d, qkvp, H, probs, heads, dprobs, dqkvp, dexp);
-    ld::rope_reduce<float>(llama_stream(), dexp, table, s, dqkv);
-    CHECK(rel_l(down(dqkv), dqkv_ref) < 1e-5);
+    const ld::RopeTable table = ld::make_rope_table(stream(), Tn, hd, 10000.0);
+    auto qkv_d = dev(qkv), dy_d = dev(dy);
+    auto expd = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, stream());
+    auto dexp = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.mha_cols()}, stream());
+    auto dqkv = tc::DeviceTensor<float>::empty(Shape{B, Tn, s.gqa_cols()}, stream());
+    auto probs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, stream());
+    auto dprobs = tc::DeviceTensor<float>::empty(Shape{B, H, Tn, Tn}, stream());
+    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
+    auto qkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, stream());
+    auto dqkvp = tc::DeviceTensor<float>::empty(Shape{3 * B * H * Tn * hd}, stream());
+    auto heads = tc::DeviceTensor<float>::empty(Shape{B * H * Tn * hd}, stream());
+    ld::rope_expand<float>(stream(), qkv_d, table, s, expd);
+    tc::ops::attention_forward<float>(stream(), blas(), expd, H, qkvp, probs, heads, y);
+    CHECK(rel(host(y), y_ref) < 1e-5);
+    tc::ops::attention_backward<float>(stream(), blas(), dy_d, qkvp, H, probs, heads, dprobs, dqkvp, dexp);
+    ld::rope_reduce<float>(stream(), dexp, table, s, dqkv);
+    CHECK(rel(host(dqkv), dqkv_ref) < 1e-5);
   }
   const llama::device_math::RopeShape s{.seq = 4, .heads = 4, .kv_heads = 3, .head_dim = 8};
-  const ld::RopeTable table = ld::make_rope_table(llama_stream(), 4, 8, 10000.0);
-  auto a = tc::DeviceTensor<float>::empty(Shape{1, 4, 80}, llama_stream());
-  auto b = tc::DeviceTensor<float>::empty(Shape{1, 4, 96}, llama_stream());
-  CHECK_THROWS_WITH_AS(ld::rope_expand<float>(llama_stream(), a, table, s, b), doctest::Contains("kv_heads 3"), Error);
+  const ld::RopeTable table = ld::make_rope_table(stream(), 4, 8, 10000.0);
+  auto a = tc::DeviceTensor<float>::empty(Shape{1, 4, 80}, stream());
+  auto b = tc::DeviceTensor<float>::empty(Shape{1, 4, 96}, stream());
+  CHECK_THROWS_WITH_AS(ld::rope_expand<float>(stream(), a, table, s, b), doctest::Contains("kv_heads 3"), Error);
 }
 
 TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gradient equal llama::DecoderLayer (fp32; bf16 forward within its rounding)") {
@@ -176,24 +138,23 @@ TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gr
   const std::int64_t B = 2, Tn = 11, d = config.d_model;
   llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
   unsigned seed = 50;  // every parameter its own values (the norms' weights too, not 1)
-  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
-  const Tensor<float> x = randn_l(Shape{B, Tn, d}, 41), dy = randn_l(Shape{B, Tn, d}, 42);
+  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn(p.value.shape(), seed++, 0.2f));
+  const Tensor<float> x = randn(Shape{B, Tn, d}, 41), dy = randn(Shape{B, Tn, d}, 42);
   auto [y_ref, ctx] = cpu.forward(x);
   const Tensor<float> dx_ref = cpu.backward(dy, ctx);
-  tc::BlasLt& blas = llama_blas();
-  ld::DeviceDecoderLayer<float> layer(config, B, Tn, llama_stream(), blas);
+  ld::DeviceDecoderLayer<float> layer(config, B, Tn, stream(), blas());
   const ld::FlatLayerLayout& l = layer.layout();
   const std::vector<float> w_host = ld::pack_layer(cpu, l), g_ref = ld::pack_layer(cpu, l, /*grads=*/true);
-  auto w = up(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
-  auto g = up(Tensor<float>(Shape{l.total}));
-  auto xd = up(x), dyd = up(dy);
-  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, llama_stream());
-  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, llama_stream());
+  auto w = dev(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
+  auto g = dev(Tensor<float>(Shape{l.total}));
+  auto xd = dev(x), dyd = dev(dy);
+  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
+  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
   layer.forward(xd, w.data(), y);
   layer.backward(dyd, w.data(), g.data(), dx);
-  CHECK(rel_l(down(y), y_ref) < 1e-5);
-  CHECK(rel_l(down(dx), dx_ref) < 1e-5);
-  const Tensor<float> gd = down(g);
+  CHECK(rel(host(y), y_ref) < 1e-5);
+  CHECK(rel(host(dx), dx_ref) < 1e-5);
+  const Tensor<float> gd = host(g);
   for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
     CAPTURE(t);
     const auto tt = static_cast<ld::LayerTensor>(t);
@@ -202,22 +163,22 @@ TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gr
       a.data()[i] = gd.data()[l.at(tt) + i];
       b.data()[i] = g_ref[static_cast<std::size_t>(l.at(tt) + i)];
     }
-    CHECK(rel_l(a, b) < 1e-5);
+    CHECK(rel(a, b) < 1e-5);
   }
   // bf16 storage (fp32 gradients): the forward within bf16's rounding of the fp32 layer.
-  ld::DeviceDecoderLayer<tc::bf16> lb(config, B, Tn, llama_stream(), blas);
-  auto wb = up<tc::bf16>(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
-  auto xb = up<tc::bf16>(x);
-  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, llama_stream());
+  ld::DeviceDecoderLayer<tc::bf16> lb(config, B, Tn, stream(), blas());
+  auto wb = dev<tc::bf16>(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
+  auto xb = dev<tc::bf16>(x);
+  auto yb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, stream());
   lb.forward(xb, wb.data(), yb);
-  CHECK(rel_l(down(yb), y_ref) < 3e-2);
-  auto dyb = up<tc::bf16>(dy);
-  auto dxb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, llama_stream());
-  auto gb = up(Tensor<float>(Shape{l.total}));
+  CHECK(rel(host(yb), y_ref) < 3e-2);
+  auto dyb = dev<tc::bf16>(dy);
+  auto dxb = tc::DeviceTensor<tc::bf16>::empty(Shape{B, Tn, d}, stream());
+  auto gb = dev(Tensor<float>(Shape{l.total}));
   lb.backward(dyb, wb.data(), gb.data(), dxb);
-  CHECK(rel_l(down(dxb), dx_ref) < 5e-2);
-  CHECK(rel_l(down(gb), Tensor<float>::from(Shape{l.total}, std::span<const float>(g_ref))) < 5e-2);
-  CHECK_THROWS_WITH_AS(layer.forward(dyd, w.data(), tc::DeviceTensor<float>::empty(Shape{B, Tn + 1, d}, llama_stream())),
+  CHECK(rel(host(dxb), dx_ref) < 5e-2);
+  CHECK(rel(host(gb), Tensor<float>::from(Shape{l.total}, std::span<const float>(g_ref))) < 5e-2);
+  CHECK_THROWS_WITH_AS(layer.forward(dyd, w.data(), tc::DeviceTensor<float>::empty(Shape{B, Tn + 1, d}, stream())),
                        doctest::Contains("must both be"), Error);
 }
 
@@ -232,9 +193,8 @@ TEST_CASE("llama DeviceLlama: 4 clipped AdamW steps on one GPU equal the CPU Lla
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   const ld::FlatModelLayout m = ld::flat_model_layout(config);
   const std::vector<float> w0 = ld::pack_model(cpu, m);
-  tc::BlasLt& blas = llama_blas();
-  ld::DeviceLlama<float> dev(config, B, Tn, w0, llama_stream(), blas);
-  ld::DeviceLlama<tc::bf16> dev_bf16(config, B, Tn, w0, llama_stream(), blas);
+  ld::DeviceLlama<float> gpu(config, B, Tn, w0, stream(), blas());
+  ld::DeviceLlama<tc::bf16> gpu_bf16(config, B, Tn, w0, stream(), blas());
   std::mt19937 rng(9);
   std::uniform_int_distribution<int> tok(0, static_cast<int>(config.vocab_size) - 1);
   double worst_loss = 0, worst_bf16 = 0;
@@ -246,31 +206,31 @@ TEST_CASE("llama DeviceLlama: 4 clipped AdamW steps on one GPU equal the CPU Lla
     auto [logits, ctx] = cpu.forward(Tensor<std::int32_t>::from(Shape{B, Tn}, std::span<const std::int32_t>(x)));
     auto [loss, lctx] = ce.forward(logits, Tensor<std::int32_t>::from(Shape{B, Tn}, std::span<const std::int32_t>(y)));
     cpu.backward(ce.backward(1.0f, lctx), ctx);
-    const double l = dev.forward_backward(x, y), lb = dev_bf16.forward_backward(x, y);
-    const double norm = dev.grad_norm(), norm_bf16 = dev_bf16.grad_norm();
+    const double l = gpu.forward_backward(x, y), lb = gpu_bf16.forward_backward(x, y);
+    const double norm = gpu.grad_norm(), norm_bf16 = gpu_bf16.grad_norm();
     const double d = std::abs(l - loss) / std::abs(static_cast<double>(loss)),
                  db = std::abs(lb - loss) / std::abs(static_cast<double>(loss));
     if (!(d <= worst_loss)) worst_loss = d;  // a NaN sticks (std::max would drop it)
     if (!(db <= worst_bf16)) worst_bf16 = db;
     if (step == 0) {  // every gradient, before the first step (bf16: within its rounding)
-      const std::vector<float> g_ref = ld::pack_model(cpu, m, /*grads=*/true), g = dev.download_grads(),
-                               gb = dev_bf16.download_grads();
+      const std::vector<float> g_ref = ld::pack_model(cpu, m, /*grads=*/true), g = gpu.download_grads(),
+                               gb = gpu_bf16.download_grads();
       const Tensor<float> want = Tensor<float>::from(Shape{m.total}, std::span<const float>(g_ref));
-      CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(g)), want) < 1e-5);
-      CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(gb)), want) < 5e-2);
+      CHECK(rel(Tensor<float>::from(Shape{m.total}, std::span<const float>(g)), want) < 1e-5);
+      CHECK(rel(Tensor<float>::from(Shape{m.total}, std::span<const float>(gb)), want) < 5e-2);
     }
     const double norm_ref = optim::clip_grad_norm(ps, kClipL);
     CHECK(norm_ref > kClipL);  // every step clips (the check below is not empty)
     CHECK(std::abs(norm - norm_ref) <= 1e-5 * norm_ref);
     CHECK(std::abs(norm_bf16 - norm_ref) <= 5e-2 * norm_ref);
     opt.step();
-    dev.step(opts, ld::DeviceLlama<float>::clip_scale(norm, kClipL));
-    dev_bf16.step(opts, ld::DeviceLlama<tc::bf16>::clip_scale(norm_bf16, kClipL));
+    gpu.step(opts, ld::DeviceLlama<float>::clip_scale(norm, kClipL));
+    gpu_bf16.step(opts, ld::DeviceLlama<tc::bf16>::clip_scale(norm_bf16, kClipL));
   }
   CHECK(worst_loss < 1e-5);
   CHECK(worst_bf16 < 2e-2);
-  const std::vector<float> w_ref = ld::pack_model(cpu, m), w = dev.download(), wb = dev_bf16.download();
-  CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(w)),
+  const std::vector<float> w_ref = ld::pack_model(cpu, m), w = gpu.download(), wb = gpu_bf16.download();
+  CHECK(rel(Tensor<float>::from(Shape{m.total}, std::span<const float>(w)),
               Tensor<float>::from(Shape{m.total}, std::span<const float>(w_ref))) < 1e-5);
   // bf16: what the 4 steps moved, against what the CPU's moved (a frozen model would be 1 away,
   // a wrong sign 2; bf16's rounding of the gradients flips only near-zero elements' steps).
@@ -279,12 +239,12 @@ TEST_CASE("llama DeviceLlama: 4 clipped AdamW steps on one GPU equal the CPU Lla
     moved.data()[i] = wb[static_cast<std::size_t>(i)] - w0[static_cast<std::size_t>(i)];
     moved_ref.data()[i] = w_ref[static_cast<std::size_t>(i)] - w0[static_cast<std::size_t>(i)];
   }
-  CHECK(rel_l(moved, moved_ref) < 0.3);
+  CHECK(rel(moved, moved_ref) < 0.3);
   // Bad input is refused before any work, naming it.
   std::vector<std::int32_t> bad(static_cast<std::size_t>(N), 1);
   bad[5] = static_cast<std::int32_t>(config.vocab_size);
-  CHECK_THROWS_WITH_AS(dev.forward_backward(bad, bad), doctest::Contains("outside the vocabulary [0, 50)"), Error);
-  CHECK_THROWS_WITH_AS(ld::DeviceLlama<float>(config, B, Tn, std::vector<float>(7), llama_stream(), blas),
+  CHECK_THROWS_WITH_AS(gpu.forward_backward(bad, bad), doctest::Contains("outside the vocabulary [0, 50)"), Error);
+  CHECK_THROWS_WITH_AS(ld::DeviceLlama<float>(config, B, Tn, std::vector<float>(7), stream(), blas()),
                        doctest::Contains("7 weights"), Error);
 }
 
@@ -306,8 +266,7 @@ TEST_CASE("llama DeviceLlama under DeviceDataParallel: dp 2 on one GPU (threads)
     for (std::size_t i = 0; i < xs.back().size(); ++i) xs.back()[i] = tok(rng), ys.back()[i] = (xs.back()[i] * 3 + 1) % 50;
   }
   // The single rank on the whole batch.
-  tc::BlasLt& blas = llama_blas();
-  ld::DeviceLlama<float> one(config, rows, Tn, w0, llama_stream(), blas);
+  ld::DeviceLlama<float> one(config, rows, Tn, w0, stream(), blas());
   std::vector<double> ref_losses;
   for (int s = 0; s < steps; ++s) {
     ref_losses.push_back(one.forward_backward(xs[static_cast<std::size_t>(s)], ys[static_cast<std::size_t>(s)]));
@@ -348,7 +307,7 @@ TEST_CASE("llama DeviceLlama under DeviceDataParallel: dp 2 on one GPU (threads)
     for (int s = 0; s < steps; ++s)
       CHECK(std::abs(o.losses[static_cast<std::size_t>(s)] - ref_losses[static_cast<std::size_t>(s)]) <=
             1e-5 * std::abs(ref_losses[static_cast<std::size_t>(s)]));
-    CHECK(rel_l(Tensor<float>::from(Shape{m.total}, std::span<const float>(o.params)),
+    CHECK(rel(Tensor<float>::from(Shape{m.total}, std::span<const float>(o.params)),
                 Tensor<float>::from(Shape{m.total}, std::span<const float>(ref))) < 1e-5);
     CHECK(o.params == outs[0].params);  // every replica holds the same weights
   }
@@ -365,8 +324,8 @@ TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal
     const int tp = 2;
     llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
     unsigned seed = 70;
-    for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn_l(p.value.shape(), seed++, 0.2f));
-    const Tensor<float> x = randn_l(Shape{B, Tn, d}, 71), dy = randn_l(Shape{B, Tn, d}, 72);
+    for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn(p.value.shape(), seed++, 0.2f));
+    const Tensor<float> x = randn(Shape{B, Tn, d}, 71), dy = randn(Shape{B, Tn, d}, 72);
     auto [y_ref, ctx] = cpu.forward(x);
     const Tensor<float> dx_ref = cpu.backward(dy, ctx);
     const ld::FlatLayerLayout l = ld::flat_layer_layout(config, tp);
@@ -401,10 +360,10 @@ TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal
     });
     for (std::size_t r = 0; r < outs.size(); ++r) {
       CAPTURE(r);
-      CHECK(rel_l(outs[r].y, y_ref) < 1e-5);
-      CHECK(rel_l(outs[r].dx, dx_ref) < 1e-5);
-      CHECK(rel_l(outs[r].y16, y_ref) < 3e-2);
-      CHECK(rel_l(outs[r].dx16, dx_ref) < 5e-2);
+      CHECK(rel(outs[r].y, y_ref) < 1e-5);
+      CHECK(rel(outs[r].dx, dx_ref) < 1e-5);
+      CHECK(rel(outs[r].y16, y_ref) < 3e-2);
+      CHECK(rel(outs[r].dx16, dx_ref) < 5e-2);
       for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
         CAPTURE(t);
         const auto tt = static_cast<ld::LayerTensor>(t);
@@ -415,14 +374,14 @@ TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal
           a16.data()[i] = outs[r].g16[k];
           want.data()[i] = outs[r].g_ref[k];
         }
-        CHECK(rel_l(a, want) < 1e-5);
-        CHECK(rel_l(a16, want) < 5e-2);
+        CHECK(rel(a, want) < 1e-5);
+        CHECK(rel(a16, want) < 5e-2);
       }
     }
     // Every rank holds the same y, dx and norm gradients, bitwise (the sums are one value written
     // to every rank; the norms need no all-reduce because their inputs are replicated).
-    CHECK(rel_l(outs[1].y, outs[0].y) == 0);
-    CHECK(rel_l(outs[1].dx, outs[0].dx) == 0);
+    CHECK(rel(outs[1].y, outs[0].y) == 0);
+    CHECK(rel(outs[1].dx, outs[0].dx) == 0);
     for (ld::LayerTensor t : {ld::LayerTensor::input_norm, ld::LayerTensor::post_norm})
       CHECK(std::equal(outs[1].g.begin() + l.at(t), outs[1].g.begin() + l.at(t) + l.size(t), outs[0].g.begin() + l.at(t)));
   }
