@@ -2,35 +2,42 @@
 # gpu_check.sh: every GPU check and benchmark of tessera, prepared on the build machine (which has
 # nvcc, the CUDA 13 libraries, NCCL, OpenBLAS and the header-only libraries, but no GPU) and run on
 # the GPU machine (which has the driver, cuBLASLt, cuDNN, NCCL and PyTorch, but no OpenBLAS or
-# build dependencies). Designed to finish in under 6 minutes of device time.
+# build dependencies). Designed to finish in under 6 minutes of device time;
+# GPU_CHECK_BUDGET bounds it.
 #
 #   bash scripts/gpu_check.sh --prepare   # build machine: Meson release build (-Dcuda=enabled
 #                                         # -Dnccl=enabled) of the GPU programs, packed with the
 #                                         # shared libraries the GPU machine lacks and the KJV text
 #                                         # into .gpu/ (ignored by git; name .gpu in the run's carry)
-#   bash scripts/gpu_check.sh             # GPU machine: unpack .gpu, then
-#     1. the CUDA device layers' tests (host checks; every kernel and cuBLASLt product against the
-#        CPU layers; DeviceGPT against the CPU GPT over 20 AdamW steps; the Llama example's device
-#        kernels, layer and model against its CPU layers), example 06 (the Llama trained on the
-#        GPU against the CPU run), and the NCCL tests;
-#     2. training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
-#        job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
-#        layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
-#        TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
-#     3. train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
-#        dp 2 and 4, tp 2 and 4 (and tp 2 with sequence parallelism), dp 2 x tp 2, pp 2 (1F1B,
-#        GPipe, interleaved, ZB-H1) and dp 2 x pp 2 x tp 2 as threads sharing the GPU (--verify
-#        against the serial CPU run);
-#        and --verify: 20 fp32 steps against the serial CPU run (1e-4);
-#     4. checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
-#        run's resumed on the GPU;
-#     5. NCCL all_reduce on 1 GPU;
-#     (2b) DeviceDataParallel at dp 2 on the GPU: the reduction overlapped with backward, after it,
-#        and none (bench/cuda/device_dp_bench.cu);
+#   bash scripts/gpu_check.sh             # GPU machine: unpack .gpu, then run these sections, in
+#                                         # this order (issue 12's one-GPU checks first):
+#     1   every CUDA device test case in its own process (a CUDA error ends the process's context,
+#         so one case's failure cannot hide the others): every kernel and cuBLASLt product against
+#         the CPU layers; DeviceGPT against the CPU GPT over 20 AdamW steps; data, tensor and
+#         pipeline parallelism as threads sharing the GPU; the Llama example's device kernels,
+#         layer and model against its CPU layers;
+#     3b  train_gpt --device cuda --verify: 20 fp32 steps against the serial CPU run (1e-4);
+#     3   train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
+#     4   checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
+#         run's resumed on the GPU;
+#     2   training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
+#         job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
+#         layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
+#         TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
+#     1d  example 06: the Llama (examples/llama) trained on the GPU against the CPU run;
+#     3c-3e  --verify at dp 2 and 4, tp 2 and 4 (and with sequence parallelism), dp 2 x tp 2, ZeRO-1,
+#         pp 2 (1F1B, GPipe, interleaved, ZB-H1) and dp 2 x pp 2 x tp 2, as threads sharing the GPU;
+#     2b  DeviceDataParallel at dp 2 on the GPU: the reduction overlapped with backward, after it,
+#         and none (bench/cuda/device_dp_bench.cu);
+#     1b  the NCCL tests; 5  NCCL all_reduce on 1 GPU, through tessera and raw;
 #   and ends with a table of every figure. Exit status 0 when every check passed.
 #
 # Environment: PYTHON (default /opt/torch/.venv/bin/python3, else python3), GPU_CHECK_QUICK=1
-# (fewer timed steps).
+# (fewer timed steps), GPU_CHECK_ONLY="1 3b 4" (run only these sections), GPU_CHECK_ORDER
+# (another order), GPU_CHECK_SANITIZE=1 (the first test case failing with a CUDA error runs again
+# under compute-sanitizer), GPU_CHECK_MAX_TIMEOUT=S (no command runs longer than S seconds), GPU_CHECK_BUDGET=S (no
+# command runs past S seconds from the start, and a section that would start after it is skipped
+# and counts as failed, so that the figures table still comes back inside the device run's limit).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -86,76 +93,110 @@ status=0
 declare -a table=()
 row() { table+=("$(printf '%-58s %s' "$1" "$2")"); }
 fail() { echo "FAIL: $*"; status=1; row "FAIL" "$*"; }
+# tmo SECONDS command...: timeout, capped by GPU_CHECK_MAX_TIMEOUT.
+tmo() {
+  local limit=$1; shift
+  [[ -n "${GPU_CHECK_MAX_TIMEOUT:-}" ]] && (( limit > GPU_CHECK_MAX_TIMEOUT )) && limit=$GPU_CHECK_MAX_TIMEOUT
+  if [[ -n "${GPU_CHECK_BUDGET:-}" ]]; then
+    local left=$((GPU_CHECK_BUDGET - (SECONDS - T0)))
+    (( left < 1 )) && { echo "skipped (the budget of ${GPU_CHECK_BUDGET} s is spent): $*"; return 124; }
+    (( limit > left )) && limit=$left
+  fi
+  timeout "$limit" "$@"
+}
+# begin SECTION TITLE: announce a section; false when GPU_CHECK_ONLY leaves it out or the budget is spent.
+begin() {
+  local id=$1; shift
+  if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $id "* ]]; then return 1; fi
+  say "$id. $*"
+  if [[ -n "${GPU_CHECK_BUDGET:-}" ]] && (( SECONDS - T0 > GPU_CHECK_BUDGET )); then
+    fail "section $id skipped: the budget of ${GPU_CHECK_BUDGET} s is spent"; return 1
+  fi
+  return 0
+}
 
 say "machine"
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
-say "1. tests: CUDA device layers (host checks, kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT, the Llama example's device layers)"
-timeout 60 "$BIN/cuda_host_test" --no-colors | tail -n 3 || fail "cuda_host_test"
-out=$(timeout 300 "$BIN/cuda_gpu_test" --no-colors --test-suite-exclude="device tensor parallel,device pipeline" 2>&1); rc=$?
-echo "$out" | grep -vE '^\s*$' | tail -n 40
-if [[ $rc == 77 ]]; then fail "cuda_gpu_test skipped: CUDA sees no device"; elif [[ $rc != 0 ]]; then fail "cuda_gpu_test (exit $rc)"; fi
-row "cuda_gpu_test" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
-say "1a. tests: DeviceGPT tensor parallelism on one GPU (threads): vocab-parallel ops, tp, SP, dp x tp sweep"
-out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device tensor parallel" 2>&1); rc=$?
-echo "$out" | grep -vE '^\s*$' | tail -n 40
-[[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device tensor parallel' (exit $rc)"
-row "cuda_gpu_test, device tensor parallel" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
-say "1c. tests: DevicePipeline on one GPU (threads): GPipe and 1F1B at pp 2 and 4, dropout, dp x tp x pp sweep, bf16"
-out=$(timeout 180 "$BIN/cuda_gpu_test" --no-colors --test-suite="device pipeline" 2>&1); rc=$?
-echo "$out" | grep -vE '^\s*$' | tail -n 40
-[[ $rc == 0 ]] || fail "cuda_gpu_test --test-suite='device pipeline' (exit $rc)"
-row "cuda_gpu_test, device pipeline" "$(echo "$out" | grep -E 'test cases:' | tr -s ' ')"
-say "1d. example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time"
-out=$(timeout 120 "$BIN/06_llama_on_gpu" 2>&1); rc=$?
-echo "$out" | tail -n 8
-[[ $rc == 0 ]] || fail "06_llama_on_gpu (exit $rc)"
-row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*')"
-row "Llama on one GPU: step time" "$(echo "$out" | grep -o 'fp32 .* ms, bf16 .* ms')"
-say "1b. tests: NCCL"
-timeout 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
-timeout 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
-
-say "2. speed: tessera (DeviceGPT) and PyTorch on the same models"
-bench() {  # name, dtype, args...
-  local name=$1 dtype=$2; shift 2
-  local t p
-  t=$(timeout 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
-  echo "$t"
-  if [[ -n "$PYTHON" ]]; then
-    p=$(timeout 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
-    echo "$p"
-  else
-    p="pytorch: no python"
+sec_1() {
+  tmo 60 "$BIN/cuda_host_test" --no-colors | tail -n 3; [[ ${PIPESTATUS[0]} == 0 ]] || fail "cuda_host_test"
+  mapfile -t cases < <(tmo 30 "$BIN/cuda_gpu_test" --list-test-cases --no-colors 2>&1 | awk '/^=+$/ {n++; next} n == 1')
+  if (( ${#cases[@]} == 0 )); then
+    fail "cuda_gpu_test lists no test cases: $(tmo 30 "$BIN/cuda_gpu_test" --no-colors 2>&1 | tail -n 2)"
   fi
-  local tt pt
-  tt=$(echo "$t" | awk '$1 == "tessera" {print $5}'); pt=$(echo "$p" | awk '$1 == "pytorch" {print $5}')
-  [[ -z "$tt" ]] && fail "gpt_device_bench $name $dtype: $t"
-  row "$name $dtype tokens/s: tessera / pytorch" "${tt:-?} / ${pt:-?}  (ratio $(awk -v a="${tt:-0}" -v b="${pt:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}'))"
-  row "$name $dtype MFU: tessera / pytorch" "$(echo "$t" | awk '$1 == "tessera" {print $9}') / $(echo "$p" | awk '$1 == "pytorch" {print $9}')"
+  passed=0; failed=0
+  for c in "${cases[@]}"; do
+    t1=$SECONDS
+    out=$(tmo 120 "$BIN/cuda_gpu_test" --no-colors -tc="${c//,/?}" 2>&1); rc=$?
+    if [[ $rc == 0 ]] && grep -qE 'test cases: *1 \| *1 passed' <<< "$out"; then
+      passed=$((passed + 1)); echo "PASS ($((SECONDS - t1)) s) $c"
+    else
+      failed=$((failed + 1)); echo "FAIL (exit $rc, $((SECONDS - t1)) s) $c"
+      grep -vE '^\s*$' <<< "$out" | tail -n 40
+      fail "cuda_gpu_test: ${c:0:70}"
+      # The first case that fails with a CUDA error or a signal runs again under compute-sanitizer.
+      if [[ -n "${GPU_CHECK_SANITIZE:-}" && -z "${sanitized:-}" ]] && command -v compute-sanitizer >/dev/null &&
+         { (( rc > 128 )) || grep -qiE 'cuda|illegal|misaligned|cublas|cudnn' <<< "$out"; }; then
+        sanitized=1
+        echo "--- compute-sanitizer (memcheck) on this case:"
+        tmo 90 compute-sanitizer --tool memcheck --print-limit 10 "$BIN/cuda_gpu_test" --no-colors -tc="${c//,/?}" 2>&1 |
+          grep -vE '^\s*$' | head -n 60
+      fi
+    fi
+  done
+  row "cuda_gpu_test: test cases passed / run" "$passed / ${#cases[@]}"
 }
-main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
-bench main-job fp32 "${main_model[@]}"
-bench main-job bf16 "${main_model[@]}"
-bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
-
-say "2b. data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"
-d=$(timeout 180 "$BIN/device_dp_bench" --dp 2 2>&1); rc=$?
-echo "$d"
-row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
-row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
-[[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
-
-say "3. train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
-curve() {  # dtype -> json log path
-  timeout 240 "$BIN/train_gpt" --device cuda --dtype "$1" --data "$RUN/data/kjv.txt" "${main_model[@]}" --steps 200 \
-    --lr 1e-3 --warmup 20 --val-every 50 --log-every 50 --sample-len 0 --log-json "$RUN/curve_$1.jsonl"
+sec_1d() {
+  out=$(tmo 120 "$BIN/06_llama_on_gpu" 2>&1); rc=$?
+  echo "$out" | tail -n 8
+  [[ $rc == 0 ]] || fail "06_llama_on_gpu (exit $rc)"
+  row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*')"
+  row "Llama on one GPU: step time" "$(echo "$out" | grep -o 'fp32 .* ms, bf16 .* ms')"
 }
-curve fp32 || fail "train_gpt --device cuda --dtype fp32"
-curve bf16 || fail "train_gpt --device cuda --dtype bf16"
-if [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_bf16.jsonl" ]]; then
-  cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_bf16.jsonl" <<'PY'
+sec_1b() {
+  tmo 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
+  tmo 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
+}
+sec_2() {
+  bench() {  # name, dtype, args...
+    local name=$1 dtype=$2; shift 2
+    local t p
+    t=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
+    echo "$t"
+    if [[ -n "$PYTHON" ]]; then
+      p=$(tmo 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
+      echo "$p"
+    else
+      p="pytorch: no python"
+    fi
+    local tt pt
+    tt=$(echo "$t" | awk '$1 == "tessera" {print $5}'); pt=$(echo "$p" | awk '$1 == "pytorch" {print $5}')
+    [[ -z "$tt" ]] && fail "gpt_device_bench $name $dtype: $t"
+    row "$name $dtype tokens/s: tessera / pytorch" "${tt:-?} / ${pt:-?}  (ratio $(awk -v a="${tt:-0}" -v b="${pt:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}'))"
+    row "$name $dtype MFU: tessera / pytorch" "$(echo "$t" | awk '$1 == "tessera" {print $9}') / $(echo "$p" | awk '$1 == "pytorch" {print $9}')"
+  }
+  main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
+  bench main-job fp32 "${main_model[@]}"
+  bench main-job bf16 "${main_model[@]}"
+  bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
+}
+sec_2b() {
+  d=$(tmo 180 "$BIN/device_dp_bench" --dp 2 2>&1); rc=$?
+  echo "$d"
+  row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
+  row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
+  [[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
+}
+sec_3() {
+  curve() {  # dtype -> json log path
+    tmo 240 "$BIN/train_gpt" --device cuda --dtype "$1" --data "$RUN/data/kjv.txt" "${main_model[@]}" --steps 200 \
+      --lr 1e-3 --warmup 20 --val-every 50 --log-every 50 --sample-len 0 --log-json "$RUN/curve_$1.jsonl"
+  }
+  curve fp32 || fail "train_gpt --device cuda --dtype fp32"
+  curve bf16 || fail "train_gpt --device cuda --dtype bf16"
+  if [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_bf16.jsonl" ]]; then
+    cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_bf16.jsonl" <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
@@ -165,29 +206,21 @@ va = [r["val_loss"] for r in a if "val_loss" in r][-1]; vb = [r["val_loss"] for 
 tps = lambda rs: sum(r["tokens_per_s"] for r in rs[20:]) / max(1, len(rs[20:]))
 print(f"{worst:.4f} {va:.4f} {vb:.4f} {tps(a):.0f} {tps(b):.0f}")
 PY
-)
-  read -r worst va vb ta tb <<< "$cmp"
-  row "KJV 200 steps: largest |bf16 - fp32| / fp32 loss (steps 10+)" "$worst (target <= 0.02)"
-  row "KJV 200 steps: final validation loss fp32 / bf16" "$va / $vb"
-  row "train_gpt --device cuda tokens/s fp32 / bf16" "$ta / $tb"
-  awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "bf16 loss curve differs from fp32 by $worst (> 2%)"
-fi
-
-say "3b. train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
-v=$(timeout 240 "$BIN/train_gpt" --device cuda --dtype fp32 --verify --data "$RUN/data/kjv.txt" --steps 20 \
-    --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
-echo "$v" | tail -n 3
-row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
-[[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
-tok1=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
-
+  )
+    read -r worst va vb ta tb <<< "$cmp"
+    row "KJV 200 steps: largest |bf16 - fp32| / fp32 loss (steps 10+)" "$worst (target <= 0.02)"
+    row "KJV 200 steps: final validation loss fp32 / bf16" "$va / $vb"
+    row "train_gpt --device cuda tokens/s fp32 / bf16" "$ta / $tb"
+    awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "bf16 loss curve differs from fp32 by $worst (> 2%)"
+  fi
+}
 # A layout's --verify run against the serial CPU run, and its step time over 3b's dp 1:
 # verify_layout STEPS TIMEOUT TARGET LAYOUT-FLAGS... (a hang must not use up the device time of
 # the sections after it: each run has its own timeout).
 verify_layout() {
   local steps=$1 limit=$2 target=$3; shift 3
   local v rc tokn
-  v=$(timeout "$limit" "$BIN/train_gpt" --device cuda --dtype fp32 "$@" --verify --data "$RUN/data/kjv.txt" \
+  v=$(tmo "$limit" "$BIN/train_gpt" --device cuda --dtype fp32 "$@" --verify --data "$RUN/data/kjv.txt" \
       --steps "$steps" --sample-len 0 --val-every 0 --log-every 5 2>&1); rc=$?
   echo "$v" | tail -n 3
   tokn=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
@@ -195,37 +228,66 @@ verify_layout() {
   row "step time ($*) / dp 1 on one GPU$target" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
   [[ $rc == 0 ]] || fail "train_gpt --device cuda $* --verify (exit $rc)"
 }
+sec_3b() {
+  v=$(tmo 240 "$BIN/train_gpt" --device cuda --dtype fp32 --verify --data "$RUN/data/kjv.txt" --steps 20 \
+      --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
+  echo "$v" | tail -n 3
+  row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
+  [[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
+  tok1=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
 
-say "3c. train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps"
-verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
-verify_layout 20 240 "" --dp 4
-
-say "3d. train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
-verify_layout 10 90 "" --tp 2
-verify_layout 10 90 "" --tp 4
-verify_layout 10 90 "" --dp 2 --tp 2
-verify_layout 10 90 "" --tp 2 --sequence-parallel
-verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
-
-say "3e. train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
-verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
-verify_layout 10 90 "" --pp 2 --schedule gpipe --microbatches 4
-verify_layout 10 90 "" --dp 2 --pp 2 --tp 2 --sequence-parallel
-verify_layout 10 90 "" --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4
-verify_layout 10 90 "" --pp 2 --schedule zb-h1 --microbatches 4
-
-say "4. checkpoints across devices"
-ck() { timeout 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }
-rm -rf "$RUN/ck_gpu" "$RUN/ck_cpu"
-if ck --device cuda --steps 10 --save "$RUN/ck_gpu" && ck --dp 2 --resume "$RUN/ck_gpu" --steps 14; then
-  row "GPU checkpoint resumed on the CPU at dp 2" "ok"
-else fail "GPU checkpoint resumed on the CPU"; fi
-if ck --dp 2 --steps 10 --save "$RUN/ck_cpu" && ck --device cuda --resume "$RUN/ck_cpu" --steps 14; then
-  row "CPU checkpoint (dp 2) resumed on the GPU" "ok"
-else fail "CPU checkpoint resumed on the GPU"; fi
-
-say "5. NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"
-timeout 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10 || fail "nccl_bench"
+}
+sec_3c() {
+  verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
+  verify_layout 20 240 "" --dp 4
+}
+sec_3d() {
+  verify_layout 10 90 "" --tp 2
+  verify_layout 10 90 "" --tp 4
+  verify_layout 10 90 "" --dp 2 --tp 2
+  verify_layout 10 90 "" --tp 2 --sequence-parallel
+  verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
+}
+sec_3e() {
+  verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
+  verify_layout 10 90 "" --pp 2 --schedule gpipe --microbatches 4
+  verify_layout 10 90 "" --dp 2 --pp 2 --tp 2 --sequence-parallel
+  verify_layout 10 90 "" --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4
+  verify_layout 10 90 "" --pp 2 --schedule zb-h1 --microbatches 4
+}
+sec_4() {
+  ck() { tmo 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }
+  rm -rf "$RUN/ck_gpu" "$RUN/ck_cpu"
+  if ck --device cuda --steps 10 --save "$RUN/ck_gpu" && ck --dp 2 --resume "$RUN/ck_gpu" --steps 14; then
+    row "GPU checkpoint resumed on the CPU at dp 2" "ok"
+  else fail "GPU checkpoint resumed on the CPU"; fi
+  if ck --dp 2 --steps 10 --save "$RUN/ck_cpu" && ck --device cuda --resume "$RUN/ck_cpu" --steps 14; then
+    row "CPU checkpoint (dp 2) resumed on the GPU" "ok"
+  else fail "CPU checkpoint resumed on the GPU"; fi
+}
+sec_5() {
+  tmo 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10 || fail "nccl_bench"
+}
+declare -A title=(
+  [1]="tests: every CUDA device test case in its own process (a CUDA error ends the context, so one case's failure cannot hide the others): kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT, tensor parallelism, pipelines, the Llama example's device layers"
+  [1d]="example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time"
+  [1b]="tests: NCCL"
+  [2]="speed: tessera (DeviceGPT) and PyTorch on the same models"
+  [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"
+  [3]="train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
+  [3b]="train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
+  [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps"
+  [3d]="train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
+  [3e]="train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
+  [4]="checkpoints across devices"
+  [5]="NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"
+)
+# Issue 12's checks (one GPU) first, then the policies on the device (issue 13): a budget cut
+# leaves out the last.
+for id in ${GPU_CHECK_ORDER:-1 3b 3 4 2 1d 3c 3d 3e 2b 1b 5}; do
+  [[ -n "${title[$id]:-}" ]] || { fail "no section $id"; continue; }
+  begin "$id" "${title[$id]}" && "sec_$id"
+done
 
 say "figures"
 printf '%s\n' "${table[@]}"
