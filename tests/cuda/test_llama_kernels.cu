@@ -7,12 +7,14 @@
 // (DeviceDecoderLayer) against llama::DecoderLayer, and the whole model trained on the device
 // (DeviceLlama, 4 AdamW steps) against the CPU Llama, and at dp 2 (threads sharing the GPU,
 // DeviceDataParallel) against one rank on the whole batch; the layer at tp 2 (threads sharing the
-// GPU) against the whole layer. Needs a GPU (gpu_main.cpp skips without one).
+// GPU) against the whole layer, and the whole model at tp 2 and dp 2 x tp 2 against the CPU
+// Llama. Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <tuple>
 #include <utility>
@@ -384,5 +386,119 @@ TEST_CASE("llama DeviceDecoderLayer at tp 2 on one GPU (threads): y and dx equal
     CHECK(rel(outs[1].dx, outs[0].dx) == 0);
     for (ld::LayerTensor t : {ld::LayerTensor::input_norm, ld::LayerTensor::post_norm})
       CHECK(std::equal(outs[1].g.begin() + l.at(t), outs[1].g.begin() + l.at(t) + l.size(t), outs[0].g.begin() + l.at(t)));
+  }
+}
+
+TEST_CASE("llama DeviceLlama at tp 2 and dp 2 x tp 2 on one GPU (threads): losses, clipped gradient norms, each rank's gradients and weights its shard of the CPU Llama's over 3 AdamW steps (fp32; bf16 within its rounding)") {
+  const llama::LlamaConfig config{.vocab_size = 50, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 32,
+                                  .ffn_hidden = 24};
+  const std::int64_t B = 2, Tn = 9, N = B * Tn;
+  const int tp = 2, steps = 3;
+  const optim::AdamWOptions opts{.lr = 3e-3, .weight_decay = 0.1};
+  const ld::FlatModelLayout m = ld::flat_model_layout(config, tp);
+  std::mt19937 rng(13);
+  std::uniform_int_distribution<int> tok(0, static_cast<int>(config.vocab_size) - 1);
+  std::vector<std::vector<std::int32_t>> xs, ys;
+  for (int s = 0; s < steps; ++s) {
+    xs.emplace_back(static_cast<std::size_t>(N));
+    ys.emplace_back(static_cast<std::size_t>(N));
+    for (std::size_t i = 0; i < xs.back().size(); ++i) xs.back()[i] = tok(rng), ys.back()[i] = tok(rng);
+  }
+  // The CPU Llama on the whole batch: its losses, clipped norms, each tp rank's shard of its
+  // first gradients and of its final weights.
+  llama::Llama<float> cpu(config, 3);
+  ParameterList<float> ps = cpu.parameters();
+  optim::AdamW<float> opt(optim::weight_decay_groups(ps, opts));
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  std::vector<std::vector<float>> w0, g_ref, w_ref;
+  for (int r = 0; r < tp; ++r) w0.push_back(ld::pack_model(cpu, m, false, r));
+  std::vector<double> ref_losses, ref_norms;
+  for (int s = 0; s < steps; ++s) {
+    ps.zero_grad();
+    const Shape bt{B, Tn};
+    auto [logits, ctx] = cpu.forward(Tensor<std::int32_t>::from(bt, std::span<const std::int32_t>(xs[static_cast<std::size_t>(s)])));
+    auto [loss, lctx] = ce.forward(logits, Tensor<std::int32_t>::from(bt, std::span<const std::int32_t>(ys[static_cast<std::size_t>(s)])));
+    cpu.backward(ce.backward(1.0f, lctx), ctx);
+    ref_losses.push_back(loss);
+    if (s == 0)
+      for (int r = 0; r < tp; ++r) g_ref.push_back(ld::pack_model(cpu, m, /*grads=*/true, r));
+    ref_norms.push_back(optim::clip_grad_norm(ps, kClipL));
+    CHECK(ref_norms.back() > kClipL);  // every step clips
+    opt.step();
+  }
+  for (int r = 0; r < tp; ++r) w_ref.push_back(ld::pack_model(cpu, m, false, r));
+  const auto flat = [](const std::vector<float>& v) {
+    return Tensor<float>::from(Shape{static_cast<std::int64_t>(v.size())}, std::span<const float>(v));
+  };
+  struct Out {
+    std::vector<double> losses, norms, losses16, norms16;
+    std::vector<float> g, w;
+    int tp_rank = 0;
+  };
+  for (const int world_size : {tp, 2 * tp}) {  // tp 2, then dp 2 x tp 2
+    CAPTURE(world_size);
+    const int dp = world_size / tp;
+    const std::vector<Out> outs = threads::run(world_size, [&](Comm& world) {
+      tc::set_device(0);
+      const tc::Stream compute, comm_stream;
+      tc::BlasLt b(compute);
+      const int tp_rank = world.rank() % tp, dp_rank = world.rank() / tp;
+      tc::ThreadDeviceComm tpc(world.split(dp_rank, tp_rank), compute);
+      tc::ThreadDeviceComm dpc(world.split(100 + tp_rank, dp_rank), comm_stream);
+      const std::size_t rows = static_cast<std::size_t>(N / dp), lo = rows * static_cast<std::size_t>(dp_rank);
+      Out o;
+      o.tp_rank = tp_rank;
+      const auto train = [&](auto zero, std::vector<double>& losses, std::vector<double>& norms, bool keep) {
+        using C = decltype(zero);
+        ld::DeviceLlama<C> model(config, B / dp, Tn, w0[static_cast<std::size_t>(tp_rank)], compute, b, &tpc);
+        CHECK(model.tp_size() == tp);
+        std::unique_ptr<tc::DeviceDataParallel> ddp;
+        if (dp > 1) {
+          ddp = std::make_unique<tc::DeviceDataParallel>(dpc, compute, model.gradient_view(),
+                                                         tc::device_grad_buckets(model.numel(), model.ready_offsets(), 3000));
+          model.set_backward_hook([&](std::int64_t offset) { ddp->gradients_final_from(offset); });
+        }
+        for (int s = 0; s < steps; ++s) {
+          const auto& x = xs[static_cast<std::size_t>(s)];
+          const auto& y = ys[static_cast<std::size_t>(s)];
+          const double local = model.forward_backward(std::span<const std::int32_t>(x).subspan(lo, rows),
+                                                      std::span<const std::int32_t>(y).subspan(lo, rows),
+                                                      1.0 / static_cast<double>(N));
+          if (ddp) ddp->finish();
+          // Every tp rank has its dp rank's losses: the mean over the world is the batch's.
+          losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / world_size);
+          const double norm = model.grad_norm();
+          norms.push_back(norm);
+          if (keep && s == 0) o.g = model.download_grads();
+          model.step(opts, ld::DeviceLlama<C>::clip_scale(norm, kClipL));
+        }
+        if (keep) o.w = model.download();
+      };
+      train(0.f, o.losses, o.norms, true);
+      if (dp == 1) train(tc::bf16{}, o.losses16, o.norms16, false);
+      return o;
+    });
+    for (std::size_t r = 0; r < outs.size(); ++r) {
+      CAPTURE(r);
+      const Out& o = outs[r];
+      const auto k = static_cast<std::size_t>(o.tp_rank);
+      REQUIRE(o.losses.size() == static_cast<std::size_t>(steps));
+      for (int s = 0; s < steps; ++s) {
+        CAPTURE(s);
+        const auto i = static_cast<std::size_t>(s);
+        CHECK(std::abs(o.losses[i] - ref_losses[i]) <= 1e-5 * std::abs(ref_losses[i]));
+        CHECK(std::abs(o.norms[i] - ref_norms[i]) <= 1e-5 * ref_norms[i]);
+        if (dp == 1) {
+          CHECK(std::abs(o.losses16[i] - ref_losses[i]) <= 2e-2 * std::abs(ref_losses[i]));
+          CHECK(std::abs(o.norms16[i] - ref_norms[i]) <= 5e-2 * ref_norms[i]);
+        }
+      }
+      CHECK(rel(flat(o.g), flat(g_ref[k])) < 1e-5);
+      CHECK(rel(flat(o.w), flat(w_ref[k])) < 1e-5);
+    }
+    // The replicated weights (the norms) stay the same on every rank of a tp group, bitwise.
+    for (const ld::FlatGroup& g : ld::adamw_segments(m))
+      if (g.group == 1)
+        CHECK(std::equal(outs[1].w.begin() + g.offset, outs[1].w.begin() + g.offset + g.numel, outs[0].w.begin() + g.offset));
   }
 }

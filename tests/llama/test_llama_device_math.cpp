@@ -300,3 +300,72 @@ TEST_CASE("llama device layout under tp: each rank's shard holds its heads' q|k|
                          tessera::Error);
   }
 }
+
+TEST_CASE("llama device layout of the whole model under tp: each rank's shard holds its vocabulary rows of embed_tokens and columns of lm_head, its layers' shards, the norm whole") {
+  const llama::LlamaConfig config{.vocab_size = 40, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 16,
+                                  .ffn_hidden = 12};
+  const int tp = 2;
+  const std::int64_t V = 40, Vl = 20, d = 16;
+  llama::Llama<float> model(config, 3);
+  tessera::ParameterList<float> ps = model.parameters();
+  for (tessera::Parameter<float>& p : ps) {  // gradients: twice the values
+    REQUIRE(p.grad.numel() == p.value.numel());
+    for (std::int64_t i = 0; i < p.value.numel(); ++i) p.grad.data()[i] = 2 * p.value.data()[i];
+  }
+  const llama::device::FlatModelLayout m = llama::device::flat_model_layout(config, tp);
+  const llama::device::FlatLayerLayout l = llama::device::flat_layer_layout(config, tp);
+  CHECK(m.tp == tp);
+  CHECK(m.vocab_rows == Vl);
+  CHECK(m.layer.total == l.total);
+  CHECK(m.first_layer == Vl * d);
+  CHECK(m.norm == m.layer_at(2));
+  CHECK(m.head == m.norm + d);
+  CHECK(m.total == m.head + d * Vl);
+  const tessera::Tensor<float>& embed = model.first().weight().value;     // [V, d]
+  const tessera::Tensor<float>& head = model.last().lm_head.weight().value;  // [d, V]
+  const tessera::Tensor<float>& norm = model.last().norm.weight().value;
+  std::int64_t sharded = 0, replicated = 0;
+  for (int r = 0; r < tp; ++r) {
+    CAPTURE(r);
+    const std::vector<float> shard = llama::device::pack_model(model, m, false, r),
+                             grads = llama::device::pack_model(model, m, true, r);
+    REQUIRE(static_cast<std::int64_t>(shard.size()) == m.total);
+    int wrong = 0;
+    for (std::int64_t i = 0; i < Vl; ++i)
+      for (std::int64_t j = 0; j < d; ++j)
+        wrong += shard[static_cast<std::size_t>(m.embed + i * d + j)] != embed.data()[(r * Vl + i) * d + j];
+    for (std::int64_t i = 0; i < d; ++i)
+      for (std::int64_t j = 0; j < Vl; ++j)
+        wrong += shard[static_cast<std::size_t>(m.head + i * Vl + j)] != head.data()[i * V + r * Vl + j];
+    for (std::int64_t j = 0; j < d; ++j) wrong += shard[static_cast<std::size_t>(m.norm + j)] != norm.data()[j];
+    for (std::int64_t k = 0; k < 2; ++k) {
+      const std::vector<float> layer = llama::device::pack_layer(model.layers()[static_cast<std::size_t>(k)], l, false, r);
+      wrong += !std::equal(layer.begin(), layer.end(), shard.begin() + m.layer_at(k));
+    }
+    CHECK(wrong == 0);
+    for (std::size_t i = 0; i < shard.size(); ++i) wrong += grads[i] != 2 * shard[i];
+    CHECK(wrong == 0);
+    for (const llama::device::FlatGroup& g : llama::device::adamw_segments(m)) (g.group == 0 ? sharded : replicated) += g.numel;
+  }
+  // Over the ranks the sharded groups cover the whole model once; the norms are on every rank.
+  const llama::device::FlatModelLayout whole = llama::device::flat_model_layout(config);
+  std::int64_t whole_sharded = 0, whole_replicated = 0;
+  for (const llama::device::FlatGroup& g : llama::device::adamw_segments(whole))
+    (g.group == 0 ? whole_sharded : whole_replicated) += g.numel;
+  CHECK(sharded == whole_sharded);
+  CHECK(replicated == tp * whole_replicated);
+  CHECK(whole_replicated == (2 * 2 + 1) * d);
+  // Bad input, named.
+  llama::LlamaConfig odd = config;
+  odd.vocab_size = 41;
+  CHECK_THROWS_WITH_AS(llama::device::flat_model_layout(odd, tp), doctest::Contains("tp 2 must divide vocab_size 41"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(llama::device::pack_model(model, m, false, 2), doctest::Contains("rank 2 of a layout of tp 2"),
+                       tessera::Error);
+  const std::vector<float> shard = llama::device::pack_model(model, m, false, 0);
+  CHECK_THROWS_WITH_AS(llama::device::unpack_model(shard, model, m), doctest::Contains("holds one rank's shard"),
+                       tessera::Error);
+  llama::Llama<float> other_vocab(odd, 3);
+  CHECK_THROWS_WITH_AS(llama::device::pack_model(other_vocab, whole), doctest::Contains("a model of vocabulary 41"),
+                       tessera::Error);
+}

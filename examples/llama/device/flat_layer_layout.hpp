@@ -165,28 +165,40 @@ namespace llama::device {
 
 /// The device Llama's flat buffer: embed_tokens [V, d], then each decoder layer's
 /// flat_layer_layout end to end, then model.norm [d] and lm_head [d, V] (the CPU Llama's
-/// parameter order, each layer's q|k|v and gate|up fused).
+/// parameter order, each layer's q|k|v and gate|up fused). At tp > 1 one tensor-parallel rank's
+/// shard (Megatron-LM's vocab-parallel embedding and head): embed_tokens' rows and lm_head's
+/// columns of its vocabulary [rank V / tp, (rank + 1) V / tp), each layer's shard
+/// (flat_layer_layout), model.norm whole.
 struct FlatModelLayout {
   FlatLayerLayout layer;        ///< one layer's layout (every layer's is the same)
   std::int64_t embed = 0;       ///< offset of embed_tokens (0)
-  std::int64_t first_layer = 0; ///< offset of layer 0 (V d)
+  std::int64_t first_layer = 0; ///< offset of layer 0 (vocab_rows d)
   std::int64_t norm = 0;        ///< offset of model.norm
   std::int64_t head = 0;        ///< offset of lm_head
   std::int64_t total = 0;       ///< elements in all
   std::int64_t n_layer = 0;     ///< layers
+  std::int64_t vocab_rows = 0;  ///< vocabulary entries of this layout (V / tp)
+  int tp = 1;                   ///< tensor-parallel ranks the layout is one shard of
   /// Offset of layer i.
   std::int64_t layer_at(std::int64_t i) const { return first_layer + i * layer.total; }
 };
 
-/// The layout of a Llama of `config` (validated: throws tessera::Error as llama::validated).
-inline FlatModelLayout flat_model_layout(const LlamaConfig& config) {
+/// The layout of a Llama of `config` (validated: throws tessera::Error as llama::validated), or
+/// of one of `tp` tensor-parallel ranks' shards of it (FlatModelLayout's comment). Throws
+/// tessera::Error naming the numbers when tp does not divide the vocabulary, the heads, the KV
+/// heads or F.
+inline FlatModelLayout flat_model_layout(const LlamaConfig& config, int tp = 1) {
   FlatModelLayout m;
-  m.layer = flat_layer_layout(config);
+  m.layer = flat_layer_layout(config, tp);
+  TESSERA_EXPECTS(config.vocab_size % tp == 0, "llama flat_model_layout: tp ", tp, " must divide vocab_size ",
+                  config.vocab_size, " (each rank holds V / tp rows of embed_tokens and columns of lm_head)");
+  m.tp = tp;
+  m.vocab_rows = config.vocab_size / tp;
   m.n_layer = config.n_layer;
-  m.first_layer = config.vocab_size * config.d_model;
+  m.first_layer = m.vocab_rows * config.d_model;
   m.norm = m.first_layer + config.n_layer * m.layer.total;
   m.head = m.norm + config.d_model;
-  m.total = m.head + config.d_model * config.vocab_size;
+  m.total = m.head + config.d_model * m.vocab_rows;
   return m;
 }
 
@@ -194,29 +206,39 @@ inline FlatModelLayout flat_model_layout(const LlamaConfig& config) {
 /// weight (none), as optim::weight_decay_groups splits the CPU Llama's parameters.
 inline bool decays(LayerTensor t) { return t != LayerTensor::input_norm && t != LayerTensor::post_norm; }
 
-/// The flat buffer of the whole `model` (values, or gradients with `grads`). Throws
-/// tessera::Error naming a parameter whose shape is not the layout's.
-inline std::vector<float> pack_model(Llama<float>& model, const FlatModelLayout& m, bool grads = false) {
+/// The flat buffer of the whole `model` (values, or gradients with `grads`); with a layout of
+/// tp > 1, tp rank `rank`'s shard (FlatModelLayout's comment). Throws tessera::Error naming a
+/// parameter whose shape is not the layout's, or the rank.
+inline std::vector<float> pack_model(Llama<float>& model, const FlatModelLayout& m, bool grads = false, int rank = 0) {
+  TESSERA_EXPECTS(rank >= 0 && rank < m.tp, "llama pack_model: rank ", rank, " of a layout of tp ", m.tp);
   std::vector<float> flat(static_cast<std::size_t>(m.total));
-  const auto put = [&](tessera::Parameter<float>& p, std::int64_t offset, std::int64_t n) {
+  const LlamaConfig& c = model.config();
+  const std::int64_t V = c.vocab_size, d = c.d_model, Vl = m.vocab_rows, lo = rank * Vl;
+  const auto value = [&](tessera::Parameter<float>& p, std::int64_t n) -> const tessera::Tensor<float>& {
     const tessera::Tensor<float>& v = grads ? p.grad : p.value;
     TESSERA_EXPECTS(v.numel() == n, "llama pack_model: ", p.name, " of shape ", v.shape(), " is not ", n, " elements");
-    std::copy(v.data(), v.data() + n, flat.begin() + offset);
+    return v;
   };
-  const LlamaConfig& c = model.config();
-  put(model.first().weight(), m.embed, c.vocab_size * c.d_model);
+  TESSERA_EXPECTS(V == Vl * m.tp && c.n_layer == m.n_layer, "llama pack_model: a model of vocabulary ", V, " and ",
+                  c.n_layer, " layers, the layout ", Vl * m.tp, " and ", m.n_layer);
+  const tessera::Tensor<float>& embed = value(model.first().weight(), V * d);  // [V, d]: rows [lo, lo + Vl)
+  std::copy(embed.data() + lo * d, embed.data() + (lo + Vl) * d, flat.begin() + m.embed);
   for (std::int64_t i = 0; i < m.n_layer; ++i) {
-    const std::vector<float> l = pack_layer(model.layers()[static_cast<std::size_t>(i)], m.layer, grads);
+    const std::vector<float> l = pack_layer(model.layers()[static_cast<std::size_t>(i)], m.layer, grads, rank);
     std::copy(l.begin(), l.end(), flat.begin() + m.layer_at(i));
   }
-  put(model.last().norm.weight(), m.norm, c.d_model);
-  put(model.last().lm_head.weight(), m.head, c.d_model * c.vocab_size);
+  const tessera::Tensor<float>& norm = value(model.last().norm.weight(), d);
+  std::copy(norm.data(), norm.data() + d, flat.begin() + m.norm);
+  const tessera::Tensor<float>& head = value(model.last().lm_head.weight(), d * V);  // [d, V]: columns [lo, lo + Vl)
+  for (std::int64_t r = 0; r < d; ++r)
+    std::copy(head.data() + r * V + lo, head.data() + r * V + lo + Vl, flat.begin() + m.head + r * Vl);
   return flat;
 }
 
-/// The inverse of pack_model: writes `flat` into the model's values (or gradients). Throws
+/// The inverse of pack_model (at tp 1): writes `flat` into the model's values (or gradients). Throws
 /// tessera::Error naming the sizes when `flat` is not the layout's size.
 inline void unpack_model(const std::vector<float>& flat, Llama<float>& model, const FlatModelLayout& m, bool grads = false) {
+  TESSERA_EXPECTS(m.tp == 1, "llama unpack_model: a layout of tp ", m.tp, " holds one rank's shard, not the model");
   TESSERA_EXPECTS(static_cast<std::int64_t>(flat.size()) == m.total, "llama unpack_model: ", flat.size(),
                   " values for a layout of ", m.total);
   const auto get = [&](tessera::Parameter<float>& p, std::int64_t offset, std::int64_t n) {
@@ -236,7 +258,9 @@ inline void unpack_model(const std::vector<float>& flat, Llama<float>& model, co
 }
 
 /// A range of the flat buffer and its AdamW group: 0 decays (the embedding, every matrix,
-/// lm_head), 1 does not (the norms), as optim::weight_decay_groups splits the CPU model.
+/// lm_head), 1 does not (the norms), as optim::weight_decay_groups splits the CPU model. Under
+/// tensor parallelism the groups are also the split of the gradient norm: group 0 is sharded
+/// over the tp ranks, group 1 (the norms) replicated on each.
 struct FlatGroup {
   std::int64_t offset = 0;  ///< first element
   std::int64_t numel = 0;   ///< elements
