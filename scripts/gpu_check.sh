@@ -24,7 +24,8 @@
 #         job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
 #         layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
 #         TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
-#     1d  example 06: the Llama (examples/llama) trained on the GPU against the CPU run;
+#     1d  example 06: the Llama (examples/llama) trained on the GPU against the CPU run, alone and
+#         at dp 2 x tp 2 x pp 2 (threads sharing the GPU);
 #     3c-3e  --verify at dp 2 and 4, tp 2 and 4 (and with sequence parallelism), dp 2 x tp 2, ZeRO-1,
 #         pp 2 (1F1B, GPipe, interleaved, ZB-H1) and dp 2 x pp 2 x tp 2, as threads sharing the GPU;
 #     2b  DeviceDataParallel at dp 2 on the GPU: the reduction overlapped with backward, after it,
@@ -151,8 +152,13 @@ sec_1d() {
   out=$(tmo 120 "$BIN/06_llama_on_gpu" 2>&1); rc=$?
   echo "$out" | tail -n 8
   [[ $rc == 0 ]] || fail "06_llama_on_gpu (exit $rc)"
-  row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*')"
+  row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*' | head -n 1)"
   row "Llama on one GPU: step time" "$(echo "$out" | grep -o 'fp32 .* ms, bf16 .* ms')"
+  # The same model composed: dp 2 x tp 2 x pp 2 (1F1B) as 8 threads sharing the GPU.
+  out=$(tmo 180 "$BIN/06_llama_on_gpu" --dp 2 --tp 2 --pp 2 2>&1); rc=$?
+  echo "$out" | tail -n 3
+  [[ $rc == 0 ]] || fail "06_llama_on_gpu --dp 2 --tp 2 --pp 2 (exit $rc)"
+  row "Llama dp 2 x tp 2 x pp 2 on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'dp 2 x tp 2 x pp 2.*')"
 }
 sec_1b() {
   tmo 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
@@ -270,7 +276,7 @@ sec_5() {
 }
 declare -A title=(
   [1]="tests: every CUDA device test case in its own process (a CUDA error ends the context, so one case's failure cannot hide the others): kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT, tensor parallelism, pipelines, the Llama example's device layers"
-  [1d]="example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time"
+  [1d]="example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time; then at dp 2 x tp 2 x pp 2 as threads sharing the GPU"
   [1b]="tests: NCCL"
   [2]="speed: tessera (DeviceGPT) and PyTorch on the same models"
   [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"

@@ -8,7 +8,8 @@
 // (DeviceLlama, 4 AdamW steps) against the CPU Llama, and at dp 2 (threads sharing the GPU,
 // DeviceDataParallel) against one rank on the whole batch; the layer at tp 2 (threads sharing the
 // GPU) against the whole layer, and the whole model at tp 2 and dp 2 x tp 2 against the CPU
-// Llama. Needs a GPU (gpu_main.cpp skips without one).
+// Llama; the model's pipeline stages under 1F1B, GPipe and interleaved 1F1B at pp 2, pp 2 x tp 2
+// and dp 2 x pp 2 against the CPU Llama. Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "llama/device/device_decoder_layer.cuh"
 #include "llama/device/device_llama.cuh"
 #include "llama/device/llama_kernels.cuh"
+#include "llama/device/llama_pipeline.cuh"
 #include "llama/llama_layers.hpp"
 #include "llama/llama_model.hpp"
 #include "tessera/nn/cross_entropy.hpp"
@@ -37,6 +39,11 @@
 #include "tessera/cuda/thread_device_comm.cuh"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/ops/attention.cuh"
+#include "tessera/parallel/pipeline/stage_partition.hpp"
+#include "tessera/schedule/gpipe.hpp"
+#include "tessera/schedule/interleaved_one_f_one_b.hpp"
+#include "tessera/schedule/one_f_one_b.hpp"
+#include "tessera/schedule/zero_bubble_h1.hpp"
 
 using namespace tessera;
 using namespace device_op_test;
@@ -476,6 +483,14 @@ TEST_CASE("llama DeviceLlama at tp 2 and dp 2 x tp 2 on one GPU (threads): losse
       };
       train(0.f, o.losses, o.norms, true);
       if (dp == 1) train(tc::bf16{}, o.losses16, o.norms16, false);
+      if (world.rank() == 0) {  // refusals (no collective before them): the whole model's weights
+        // given to a tp rank, a tp group on another stream
+        CHECK_THROWS_WITH_AS(ld::DeviceLlama<float>(config, B, Tn, std::vector<float>(static_cast<std::size_t>(
+                                                        ld::flat_model_layout(config).total)), compute, b, &tpc),
+                             doctest::Contains("(one rank's shard at tp 2)"), Error);
+        CHECK_THROWS_WITH_AS(ld::DeviceLlama<float>(config, B, Tn, w0[0], comm_stream, b, &tpc),
+                             doctest::Contains("must run its collectives on the model's stream"), Error);
+      }
       return o;
     });
     for (std::size_t r = 0; r < outs.size(); ++r) {
@@ -496,9 +511,187 @@ TEST_CASE("llama DeviceLlama at tp 2 and dp 2 x tp 2 on one GPU (threads): losse
       CHECK(rel(flat(o.g), flat(g_ref[k])) < 1e-5);
       CHECK(rel(flat(o.w), flat(w_ref[k])) < 1e-5);
     }
-    // The replicated weights (the norms) stay the same on every rank of a tp group, bitwise.
-    for (const ld::FlatGroup& g : ld::adamw_segments(m))
-      if (g.group == 1)
-        CHECK(std::equal(outs[1].w.begin() + g.offset, outs[1].w.begin() + g.offset + g.numel, outs[0].w.begin() + g.offset));
+    // The replicated weights (the norms) stay the same on every rank, bitwise, and the dp
+    // replicas of a tp rank hold the same shard, bitwise.
+    for (std::size_t r = 1; r < outs.size(); ++r) {
+      CAPTURE(r);
+      for (const ld::FlatGroup& g : ld::adamw_segments(m))
+        if (g.group == 1)
+          CHECK(std::equal(outs[r].w.begin() + g.offset, outs[r].w.begin() + g.offset + g.numel, outs[0].w.begin() + g.offset));
+      if (r >= static_cast<std::size_t>(tp)) CHECK(outs[r].w == outs[r - static_cast<std::size_t>(tp)].w);
+    }
+  }
+}
+
+TEST_CASE("llama LlamaDevicePipeline: 1F1B, GPipe and interleaved 1F1B at pp 2 (an embedding-only and a head-only stage), pp 2 x tp 2 and dp 2 x pp 2 on one GPU (threads) train as the CPU Llama: losses, clipped norms, first gradients and weights of each rank's stages (fp32; bf16 within its rounding)") {
+  const llama::LlamaConfig config{.vocab_size = 50, .n_layer = 4, .n_head = 4, .n_kv_head = 2, .d_model = 32,
+                                  .ffn_hidden = 24};
+  const std::int64_t B = 4, Tn = 9, N = B * Tn;
+  const int steps = 3, micro_batches = 4;  // per step, over the dp ranks (one row each)
+  const optim::AdamWOptions opts{.lr = 3e-3, .weight_decay = 0.1};
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int> tok(0, static_cast<int>(config.vocab_size) - 1);
+  std::vector<Tensor<std::int32_t>> xs, ys;
+  for (int s = 0; s < steps; ++s) {
+    xs.emplace_back(Shape{B, Tn});
+    ys.emplace_back(Shape{B, Tn});
+    for (std::int64_t i = 0; i < N; ++i) xs.back().data()[i] = tok(rng), ys.back().data()[i] = tok(rng);
+  }
+  // The CPU Llama on the whole batch: its losses, clipped norms, and per tp size (1, 2) and tp
+  // rank the flat shards of its initial weights, first gradients (before clipping) and final weights.
+  llama::Llama<float> cpu(config, 3);
+  ParameterList<float> ps = cpu.parameters();
+  optim::AdamW<float> opt(optim::weight_decay_groups(ps, opts));
+  nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
+  const std::vector<int> tps{1, 2};
+  std::vector<std::vector<std::vector<float>>> w0_tp(3), g_ref_tp(3), w_ref_tp(3);  // [tp][tp rank]
+  const auto shards = [&](std::vector<std::vector<std::vector<float>>>& out, bool grads) {
+    for (int tp : tps)
+      for (int r = 0; r < tp; ++r) out[static_cast<std::size_t>(tp)].push_back(ld::pack_model(cpu, ld::flat_model_layout(config, tp), grads, r));
+  };
+  shards(w0_tp, false);
+  std::vector<double> ref_losses, ref_norms;
+  for (int s = 0; s < steps; ++s) {
+    ps.zero_grad();
+    auto [logits, ctx] = cpu.forward(xs[static_cast<std::size_t>(s)]);
+    auto [loss, lctx] = ce.forward(logits, ys[static_cast<std::size_t>(s)]);
+    cpu.backward(ce.backward(1.0f, lctx), ctx);
+    ref_losses.push_back(loss);
+    if (s == 0) shards(g_ref_tp, true);
+    ref_norms.push_back(optim::clip_grad_norm(ps, kClipL));
+    CHECK(ref_norms.back() > kClipL);  // every step clips
+    opt.step();
+  }
+  shards(w_ref_tp, false);
+  enum class Kind { one_f_one_b, gpipe, interleaved };
+  struct Layout {
+    const char* name;
+    Kind kind;
+    int dp, pp, tp, v;
+    std::vector<int> cuts;  // of the 6 pipeline layers into pp x v stages (empty: StagePartition::even)
+    bool bf16 = false;
+  };
+  const std::vector<Layout> layouts{
+      {"1F1B pp 2", Kind::one_f_one_b, 1, 2, 1, 1, {}},
+      {"GPipe pp 2", Kind::gpipe, 1, 2, 1, 1, {}},
+      {"interleaved 1F1B pp 2 x 2 chunks (a head-only stage)", Kind::interleaved, 1, 2, 1, 2, {}},
+      {"interleaved 1F1B pp 2 x 2 chunks, cut 1|2|2|1 (an embedding-only stage)", Kind::interleaved, 1, 2, 1, 2, {1, 3, 5}},
+      {"1F1B pp 2 x tp 2", Kind::one_f_one_b, 1, 2, 2, 1, {}},
+      {"1F1B dp 2 x pp 2", Kind::one_f_one_b, 2, 2, 1, 1, {}},
+      {"1F1B pp 2 bf16", Kind::one_f_one_b, 1, 2, 1, 1, {}, true}};
+  struct Out {
+    std::vector<double> losses, norms;
+    std::vector<float> g, g_want, w, w_want;  // this rank's stages' first gradients and final weights, and the CPU's
+  };
+  for (const Layout& lay : layouts) {
+    CAPTURE(lay.name);
+    const int world_size = lay.dp * lay.pp * lay.tp, tp = lay.tp, dp = lay.dp, pp = lay.pp;
+    const int m = micro_batches / dp;     // micro-batches per dp rank
+    const std::int64_t rows = B / dp / m;  // rows per micro-batch
+    const ld::FlatModelLayout layout = ld::flat_model_layout(config, tp);
+    const int layers = static_cast<int>(ld::pipeline_num_layers(config));
+    const StagePartition part = lay.cuts.empty() ? StagePartition::even(layers, pp * lay.v)
+                                                 : StagePartition::from_cuts(layers, lay.cuts);
+    const std::vector<Out> outs = threads::run(world_size, [&](Comm& world) {
+      tc::set_device(0);
+      const tc::Stream compute, comm_stream;
+      tc::BlasLt b(compute);
+      const int tp_rank = world.rank() % tp, dp_rank = world.rank() / tp % dp, pp_rank = world.rank() / (tp * dp);
+      tc::ThreadDeviceComm tpc(world.split(pp_rank * dp + dp_rank, tp_rank), compute);
+      tc::ThreadDeviceComm ppc(world.split(dp_rank * tp + tp_rank, pp_rank), compute);
+      tc::ThreadDeviceComm dpc(world.split(pp_rank * tp + tp_rank, dp_rank), comm_stream);
+      const schedule::Schedule sched = lay.kind == Kind::gpipe        ? schedule::GPipe{m}.build(pp)
+                                       : lay.kind == Kind::interleaved ? schedule::InterleavedOneFOneB{m, lay.v}.build(pp)
+                                                                       : schedule::OneFOneB{m}.build(pp);
+      const auto k = static_cast<std::size_t>(tp);
+      const auto kr = static_cast<std::size_t>(tp_rank);
+      const auto run = [&](auto zero) {  // fp32 or bf16 storage, by the type of `zero`
+        using C = decltype(zero);
+        std::vector<std::unique_ptr<ld::DeviceLlama<C>>> owned;
+        std::vector<ld::DeviceLlama<C>*> chunks;
+        Out o;
+        const auto range = [](const std::vector<float>& v, ld::FlatRange r) {
+          return std::vector<float>(v.begin() + r.lo, v.begin() + r.hi);
+        };
+        for (int st : sched.stages_of(pp_rank)) {
+          const ld::FlatRange r = ld::stage_range(layout, part.begin(st), part.end(st));
+          owned.push_back(std::make_unique<ld::DeviceLlama<C>>(config, rows, Tn, range(w0_tp[k][kr], r), compute, b,
+                                                               &tpc, ld::llama_device_stage(part, st)));
+          chunks.push_back(owned.back().get());
+          for (const auto& [from, to] : {std::pair{&g_ref_tp, &o.g_want}, std::pair{&w_ref_tp, &o.w_want}}) {
+            const std::vector<float> part_of = range((*from)[k][kr], r);
+            to->insert(to->end(), part_of.begin(), part_of.end());
+          }
+        }
+        ld::LlamaDevicePipeline<C> pipe(chunks, ppc, part, sched);
+        std::vector<std::unique_ptr<tc::DeviceDataParallel>> ddp;
+        if (dp > 1)  // no backward hook: finish() reduces every bucket after the step's backward passes
+          for (ld::DeviceLlama<C>* c : chunks)
+            ddp.push_back(std::make_unique<tc::DeviceDataParallel>(dpc, compute, c->gradient_view(),
+                                                                   tc::device_grad_buckets(c->numel(), c->ready_offsets(), 3000)));
+        for (int s = 0; s < steps; ++s) {
+          std::vector<tc::DeviceTensor<std::int32_t>> xd, yd;
+          std::vector<tc::DeviceMicroBatch> micro;
+          for (int q = 0; q < m; ++q) {
+            const std::int64_t lo = (dp_rank * m + q) * rows;
+            xd.push_back(tc::to_device<std::int32_t>(xs[static_cast<std::size_t>(s)].slice(0, lo, lo + rows).contiguous(), compute));
+            yd.push_back(tc::to_device<std::int32_t>(ys[static_cast<std::size_t>(s)].slice(0, lo, lo + rows).contiguous(), compute));
+          }
+          for (int q = 0; q < m; ++q) micro.push_back({xd[static_cast<std::size_t>(q)], yd[static_cast<std::size_t>(q)], {}});
+          pipe.forward_backward(micro, 1.f / static_cast<float>(N));
+          for (auto& x : ddp) x->finish();
+          if (s == 0)
+            for (ld::DeviceLlama<C>* c : chunks) {
+              const std::vector<float> g = c->download_grads();
+              o.g.insert(o.g.end(), g.begin(), g.end());
+            }
+          const double norm = pipe.grad_norm();
+          o.norms.push_back(norm);
+          for (ld::DeviceLlama<C>* c : chunks) c->step(opts, ld::DeviceLlama<C>::clip_scale(norm, kClipL));
+          // The last stage's tp ranks each hold their dp rank's loss sum: over the world, each once.
+          o.losses.push_back(world.all_reduce_value(pipe.take_loss_sum(), ReduceOp::sum) / tp / static_cast<double>(N));
+        }
+        for (ld::DeviceLlama<C>* c : chunks) {
+          const std::vector<float> w = c->download();
+          o.w.insert(o.w.end(), w.begin(), w.end());
+        }
+        if (world.rank() == 0 && lay.v == 1 && tp == 1) {  // refusals, with no collective before them
+          CHECK_THROWS_WITH_AS(ld::LlamaDevicePipeline<C>(chunks, ppc, part, schedule::ZeroBubbleH1{m}.build(pp)),
+                               doctest::Contains("splits backward"), Error);
+          CHECK_THROWS_WITH_AS(ld::LlamaDevicePipeline<C>(chunks, ppc, StagePartition::from_cuts(6, {2}), sched),
+                               doctest::Contains("holds pipeline layers [0, 3), the partition gives it [0, 2)"), Error);
+          CHECK_THROWS_WITH_AS(ld::DeviceLlama<C>(config, rows, Tn, std::vector<float>(), compute, b, nullptr,
+                                                  tc::DeviceStage{3, 2}),
+                               doctest::Contains("pipeline layers [3, 2) of a model of 6"), Error);
+          const std::vector<std::int32_t> ids(static_cast<std::size_t>(rows * Tn), 1);
+          CHECK_THROWS_WITH_AS(chunks.front()->forward_backward(ids, ids),
+                               doctest::Contains("is the pipeline stage of layers [0, 3)"), Error);
+          const auto zeros = tc::to_device<std::int32_t>(Tensor<std::int32_t>(Shape{rows, Tn}), compute);
+          CHECK_THROWS_WITH_AS(chunks.front()->stage_backward(0, zeros, {}, {}),
+                               doctest::Contains("holds no forward with a gradient"), Error);
+        }
+        return o;
+      };
+      return lay.bf16 ? run(tc::bf16{}) : run(0.f);
+    });
+    const double tol = lay.bf16 ? 2e-2 : 1e-5, tol_norm = lay.bf16 ? 5e-2 : 1e-5, tol_g = lay.bf16 ? 5e-2 : 1e-5;
+    const auto flat = [](const std::vector<float>& v) {
+      return Tensor<float>::from(Shape{static_cast<std::int64_t>(v.size())}, std::span<const float>(v));
+    };
+    for (std::size_t r = 0; r < outs.size(); ++r) {
+      CAPTURE(r);
+      const Out& o = outs[r];
+      REQUIRE(o.losses.size() == static_cast<std::size_t>(steps));
+      for (int s = 0; s < steps; ++s) {
+        CAPTURE(s);
+        const auto i = static_cast<std::size_t>(s);
+        CHECK(std::abs(o.losses[i] - ref_losses[i]) <= tol * std::abs(ref_losses[i]));
+        CHECK(std::abs(o.norms[i] - ref_norms[i]) <= tol_norm * ref_norms[i]);
+      }
+      REQUIRE(o.g.size() == o.g_want.size());
+      REQUIRE(o.w.size() == o.w_want.size());
+      CHECK(rel(flat(o.g), flat(o.g_want)) < tol_g);
+      if (!lay.bf16) CHECK(rel(flat(o.w), flat(o.w_want)) < 1e-5);
+    }
   }
 }

@@ -369,3 +369,49 @@ TEST_CASE("llama device layout of the whole model under tp: each rank's shard ho
   CHECK_THROWS_WITH_AS(llama::device::pack_model(other_vocab, whole), doctest::Contains("a model of vocabulary 41"),
                        tessera::Error);
 }
+
+TEST_CASE("llama device layout of pipeline stages: a stage's weights are one range of the flat buffer, and its AdamW segments are the whole model's inside it") {
+  const llama::LlamaConfig config{.vocab_size = 40, .n_layer = 4, .n_head = 4, .n_kv_head = 2, .d_model = 16,
+                                  .ffn_hidden = 12};
+  for (const int tp : {1, 2}) {
+    CAPTURE(tp);
+    const llama::device::FlatModelLayout m = llama::device::flat_model_layout(config, tp);
+    CHECK(llama::device::pipeline_num_layers(config) == 6);
+    CHECK(llama::device::pipeline_layer_offset(m, 0) == 0);
+    CHECK(llama::device::pipeline_layer_offset(m, 1) == m.first_layer);
+    CHECK(llama::device::pipeline_layer_offset(m, 3) == m.layer_at(2));
+    CHECK(llama::device::pipeline_layer_offset(m, 5) == m.norm);
+    CHECK(llama::device::pipeline_layer_offset(m, 6) == m.total);
+    // The stages of a cut cover the buffer once, in order; their segments are the whole's.
+    const std::vector<llama::device::FlatGroup> whole = llama::device::adamw_segments(m);
+    for (const std::vector<int>& bounds : {std::vector<int>{0, 3, 6}, {0, 2, 4, 5, 6}, {0, 1, 5, 6}}) {
+      std::int64_t at = 0;
+      std::size_t seg = 0;
+      for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
+        const llama::device::FlatRange r = llama::device::stage_range(m, bounds[s], bounds[s + 1]);
+        CHECK(r.lo == at);
+        at = r.hi;
+        std::int64_t covered = 0;
+        for (const llama::device::FlatGroup& g : llama::device::stage_segments(m, bounds[s], bounds[s + 1])) {
+          REQUIRE(seg < whole.size());
+          CHECK(g.offset + r.lo == whole[seg].offset);
+          CHECK(g.numel == whole[seg].numel);
+          CHECK(g.group == whole[seg].group);
+          CHECK(g.offset == covered);
+          covered += g.numel;
+          ++seg;
+        }
+        CHECK(covered == r.hi - r.lo);
+      }
+      CHECK(at == m.total);
+      CHECK(seg == whole.size());
+    }
+  }
+  const llama::device::FlatModelLayout m = llama::device::flat_model_layout(config);
+  CHECK_THROWS_WITH_AS(llama::device::stage_range(m, 3, 3), doctest::Contains("pipeline layers [3, 3) of a model of 6"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(llama::device::stage_range(m, 2, 7), doctest::Contains("pipeline layers [2, 7) of a model of 6"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(llama::device::pipeline_layer_offset(m, -1), doctest::Contains("pipeline layer -1 of a model of 6"),
+                       tessera::Error);
+}

@@ -281,3 +281,50 @@ inline std::vector<FlatGroup> adamw_segments(const FlatModelLayout& m) {
 }
 
 }  // namespace llama::device
+
+namespace llama::device {
+
+/// The pipeline layers of a Llama of `config` (the unit of a pipeline stage's cut, as the CPU
+/// Llama's SequentialModel): 0 the embedding, 1..n_layer the decoder layers, n_layer + 1 the
+/// final norm with lm_head.
+inline std::int64_t pipeline_num_layers(const LlamaConfig& config) { return config.n_layer + 2; }
+
+/// Offset in `m` of pipeline layer `p` (0: embed_tokens, 1..n_layer: decoder layer p - 1,
+/// n_layer + 1: model.norm), and m.total for p = n_layer + 2: the flat buffer is in pipeline
+/// order, so a stage's weights are one contiguous range. Throws tessera::Error naming p
+/// outside [0, n_layer + 2].
+inline std::int64_t pipeline_layer_offset(const FlatModelLayout& m, std::int64_t p) {
+  TESSERA_EXPECTS(p >= 0 && p <= m.n_layer + 2, "llama pipeline_layer_offset: pipeline layer ", p, " of a model of ",
+                  m.n_layer + 2);
+  if (p == 0) return m.embed;
+  if (p <= m.n_layer) return m.layer_at(p - 1);
+  return p == m.n_layer + 1 ? m.norm : m.total;
+}
+
+/// A range [lo, hi) of a flat buffer.
+struct FlatRange {
+  std::int64_t lo = 0;  ///< first element
+  std::int64_t hi = 0;  ///< one past the last
+};
+/// The flat range of `m` that a pipeline stage of layers [first, end) holds. Throws
+/// tessera::Error naming the numbers when the range is empty or outside [0, n_layer + 2).
+inline FlatRange stage_range(const FlatModelLayout& m, std::int64_t first, std::int64_t end) {
+  TESSERA_EXPECTS(first >= 0 && first < end && end <= m.n_layer + 2, "llama stage_range: pipeline layers [", first,
+                  ", ", end, ") of a model of ", m.n_layer + 2);
+  return {pipeline_layer_offset(m, first), pipeline_layer_offset(m, end)};
+}
+
+/// adamw_segments' entries inside stage_range(m, first, end), their offsets from its lo (a
+/// stage's AdamW chunks and gradient-norm groups).
+inline std::vector<FlatGroup> stage_segments(const FlatModelLayout& m, std::int64_t first, std::int64_t end) {
+  const FlatRange r = stage_range(m, first, end);
+  std::vector<FlatGroup> out;
+  for (FlatGroup g : adamw_segments(m))
+    if (g.offset >= r.lo && g.offset + g.numel <= r.hi) {
+      g.offset -= r.lo;
+      out.push_back(g);
+    }
+  return out;
+}
+
+}  // namespace llama::device

@@ -54,6 +54,70 @@ inline DeviceStage device_stage(const StagePartition& partition, int stage) {
   return DeviceStage{partition.begin(stage), partition.end(stage)};
 }
 
+/// Runs this rank's actions of one step of the checked schedule `sched` over its model chunks
+/// (`chunks[c]` is stage sched.stages_of(pp.rank())[c]; all on one stream), the pipeline group
+/// `pp` on that stream: F and B (or a split backward's I and W) in the chunks' activation slots,
+/// each tick's transfers of fp32 boundary activations as one DeviceComm::batch_send_recv, a
+/// hand-off between two stages of this rank on the device (schedule::walk_step, tested on the
+/// host over every schedule). `Stage` is any model chunk with DeviceGPT's stage interface:
+/// stream(), boundary_shape(B, T), slots(), stage_forward, stage_backward, stage_backward_input,
+/// stage_backward_weight (DeviceGPT; the Llama example's DeviceLlama). `dloss`: the loss's
+/// gradient per token. Collective over the pipeline group (and the chunks' tp). Throws
+/// tessera::Error naming the counts when the micro-batches are not the schedule's number or
+/// differ in shape.
+template <class Stage>
+void run_pipeline_step(const std::vector<Stage*>& chunks, DeviceComm& pp, const schedule::Schedule& sched,
+                       std::span<const DeviceMicroBatch> micro, float dloss) {
+  TESSERA_EXPECTS(!chunks.empty(), "pipeline step: no model chunk given");
+  TESSERA_EXPECTS(static_cast<int>(micro.size()) == sched.num_microbatches, "pipeline step: ", micro.size(),
+                  " micro-batches given, ", sched.description(), " runs ", sched.num_microbatches);
+  for (const DeviceMicroBatch& m : micro) {  // the activation slots hold one shape
+    TESSERA_EXPECTS(m.tokens.shape.rank() == 2, "pipeline step: tokens of shape ", m.tokens.shape, ", not (B, T)");
+    TESSERA_EXPECTS(m.tokens.shape == micro[0].tokens.shape, "pipeline step: micro-batches of shapes ",
+                    micro[0].tokens.shape, " and ", m.tokens.shape, "; every micro-batch of a step has the same");
+  }
+  Stage& lead = *chunks.front();
+  const Stream& st = lead.stream();
+  const std::int64_t B = micro[0].tokens.size(0), T = micro[0].tokens.size(1);
+  const Shape edge = lead.boundary_shape(B, T);
+  struct Executor {
+    const std::vector<Stage*>& chunks;
+    DeviceComm& pp;
+    const schedule::Schedule& sched;
+    std::span<const DeviceMicroBatch> micro;
+    float dloss;
+    std::int64_t B, T;
+    Shape edge;
+    const Stream& st;
+    DeviceTensor<float> make(const schedule::Action&) { return DeviceTensor<float>::empty(edge, st); }
+    Stage& chunk(const schedule::Action& a) { return *chunks[static_cast<std::size_t>(sched.chunk_of(a.stage_index))]; }
+    void forward(const schedule::Action& a, int slot, const DeviceTensor<float>* input, DeviceTensor<float>* output) {
+      const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
+      chunk(a).stage_forward(slot, B, T, m.tokens, input ? DeviceView<const float>(*input) : DeviceView<const float>{},
+                             m.targets, &dloss, output ? output->view() : DeviceView<float>{}, m.at);
+    }
+    void backward(const schedule::Action& a, int slot, const DeviceTensor<float>* grad_output,
+                  DeviceTensor<float>* grad_input) {
+      const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
+      const DeviceView<const float> dy = grad_output ? DeviceView<const float>(*grad_output) : DeviceView<const float>{};
+      const DeviceView<float> dx = grad_input ? grad_input->view() : DeviceView<float>{};
+      if (a.kind == schedule::ActionKind::backward_input)
+        chunk(a).stage_backward_input(slot, m.tokens, dy, dx);
+      else
+        chunk(a).stage_backward(slot, m.tokens, dy, dx);
+    }
+    void backward_weight(const schedule::Action& a, int slot) { chunk(a).stage_backward_weight(slot); }
+    void exchange(std::vector<schedule::WalkTransfer<DeviceTensor<float>>>& group) {
+      std::vector<DeviceP2P> ops;
+      for (const auto& t : group)
+        ops.push_back(t.is_send ? DeviceP2P::send(*t.buffer, t.peer) : DeviceP2P::recv(*t.buffer, t.peer));
+      pp.batch_send_recv(ops);
+    }
+    int slots(int c) const { return chunks[static_cast<std::size_t>(c)]->slots(); }
+  } ex{chunks, pp, sched, micro, dloss, B, T, edge, st};
+  schedule::walk_step<DeviceTensor<float>>(sched, pp.rank(), ex);
+}
+
 /// Pipeline parallelism over DeviceGPT stages; see the file comment.
 template <class C>
 class DevicePipeline {
@@ -142,54 +206,7 @@ class DevicePipeline {
   /// the pipeline group (and tp). Throws tessera::Error naming the counts when the micro-batches
   /// are not the schedule's number or differ in shape.
   void forward_backward(std::span<const DeviceMicroBatch> micro, float dloss) {
-    TESSERA_EXPECTS(static_cast<int>(micro.size()) == sched_.num_microbatches, "DevicePipeline: ", micro.size(),
-                    " micro-batches given, ", sched_.description(), " runs ", sched_.num_microbatches);
-    for (const DeviceMicroBatch& m : micro) {  // the activation slots hold one shape
-      TESSERA_EXPECTS(m.tokens.shape.rank() == 2, "DevicePipeline: tokens of shape ", m.tokens.shape, ", not (B, T)");
-      TESSERA_EXPECTS(m.tokens.shape == micro[0].tokens.shape, "DevicePipeline: micro-batches of shapes ",
-                      micro[0].tokens.shape, " and ", m.tokens.shape, "; every micro-batch of a step has the same");
-    }
-    const Stream& st = stage().stream();
-    const std::int64_t B = micro[0].tokens.size(0), T = micro[0].tokens.size(1);
-    const Shape edge = stage().boundary_shape(B, T);
-    // The walk (schedule::walk_step, tested on the host over every schedule) keeps the boundary
-    // buffers and slots; this runs the chunks' passes and the tick's transfers on the device.
-    struct Executor {
-      DevicePipeline& self;
-      std::span<const DeviceMicroBatch> micro;
-      float dloss;
-      std::int64_t B, T;
-      Shape edge;
-      const Stream& st;
-      DeviceTensor<float> make(const schedule::Action&) { return DeviceTensor<float>::empty(edge, st); }
-      DeviceGPT<C>& chunk(const schedule::Action& a) {
-        return *self.chunks_[static_cast<std::size_t>(self.sched_.chunk_of(a.stage_index))];
-      }
-      void forward(const schedule::Action& a, int slot, const DeviceTensor<float>* input, DeviceTensor<float>* output) {
-        const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
-        chunk(a).stage_forward(slot, B, T, m.tokens, input ? DeviceView<const float>(*input) : DeviceView<const float>{},
-                               m.targets, &dloss, output ? output->view() : DeviceView<float>{}, m.at);
-      }
-      void backward(const schedule::Action& a, int slot, const DeviceTensor<float>* grad_output,
-                    DeviceTensor<float>* grad_input) {
-        const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
-        const DeviceView<const float> dy = grad_output ? DeviceView<const float>(*grad_output) : DeviceView<const float>{};
-        const DeviceView<float> dx = grad_input ? grad_input->view() : DeviceView<float>{};
-        if (a.kind == schedule::ActionKind::backward_input)
-          chunk(a).stage_backward_input(slot, m.tokens, dy, dx);
-        else
-          chunk(a).stage_backward(slot, m.tokens, dy, dx);
-      }
-      void backward_weight(const schedule::Action& a, int slot) { chunk(a).stage_backward_weight(slot); }
-      void exchange(std::vector<schedule::WalkTransfer<DeviceTensor<float>>>& group) {
-        std::vector<DeviceP2P> ops;
-        for (const auto& t : group)
-          ops.push_back(t.is_send ? DeviceP2P::send(*t.buffer, t.peer) : DeviceP2P::recv(*t.buffer, t.peer));
-        self.pp_.batch_send_recv(ops);
-      }
-      int slots(int c) const { return self.chunks_[static_cast<std::size_t>(c)]->slots(); }
-    } ex{*this, micro, dloss, B, T, edge, st};
-    schedule::walk_step<DeviceTensor<float>>(sched_, pp_.rank(), ex);
+    run_pipeline_step(chunks_, pp_, sched_, micro, dloss);
   }
 
   /// Forward passes without gradients (evaluation) of `micro`, each micro-batch down the
