@@ -300,6 +300,9 @@ int main(int argc, char** argv) {
       }
       TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: --tp ", a.tp, " does not divide --heads ", a.heads,
                       " (each tp rank computes heads / tp of the attention heads)");
+      TESSERA_EXPECTS(a.attention != "flash" || a.d_model / a.heads <= 128, "train_gpt: --attention flash takes a "
+                      "head dimension (--d-model / --heads = ", a.d_model, " / ", a.heads, " = ", a.d_model / a.heads,
+                      ") of at most 128");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
                           (a.zero_stage() == ZeroStage::none || a.zero_stage() == ZeroStage::optimizer),
@@ -327,6 +330,8 @@ int main(int argc, char** argv) {
                       "--backend mpi)");
     } else {
       TESSERA_EXPECTS(a.dtype == "fp32", "train_gpt: --dtype ", a.dtype, " is for --device cuda; the CPU trains in fp32");
+      TESSERA_EXPECTS(a.attention == "unfused", "train_gpt: --attention ", a.attention, " is for --device cuda (the "
+                      "device's fused attention kernels)");
     }
     TESSERA_EXPECTS(a.plan_tolerance >= 0 && a.plan_tolerance <= 1, "train_gpt: --plan-tolerance must be a fraction in "
                     "[0, 1], got ", a.plan_tolerance);  // NaN passes CLI11's range

@@ -16,13 +16,15 @@
 #         the CPU layers; DeviceGPT against the CPU GPT over 20 AdamW steps; data, tensor and
 #         pipeline parallelism as threads sharing the GPU; the Llama example's device kernels,
 #         layer and model against its CPU layers;
-#     3b  train_gpt --device cuda --verify: 20 fp32 steps against the serial CPU run (1e-4);
+#     3b  train_gpt --device cuda --verify: 20 fp32 steps against the serial CPU run (1e-4), with the
+#         unfused attention and with the fused kernels (--attention flash);
 #     3   train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
 #     4   checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #         run's resumed on the GPU;
 #     2   training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
 #         job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
-#         layers, d 768, context 1024, batch 16) in bf16; tokens/s, step time, MFU against 989
+#         layers, d 768, context 1024, batch 16) in bf16, unfused and fused (--attention flash)
+#         attention; tokens/s, step time, MFU against 989
 #         TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     1d  example 06: the Llama (examples/llama) trained on the GPU against the CPU run, alone and
 #         at dp 2 x tp 2 x pp 2 (threads sharing the GPU);
@@ -170,9 +172,13 @@ sec_2() {
     local t p
     t=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
     echo "$t"
-    if [[ -n "$PYTHON" ]]; then
+    if [[ "$name" == *-flash ]]; then  # the same model as the row before: PyTorch's figure again
+      p=${last_pytorch:-"pytorch: no figure"}
+      echo "pytorch: the row above's figure"
+    elif [[ -n "$PYTHON" ]]; then
       p=$(tmo 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
       echo "$p"
+      last_pytorch=$p
     else
       p="pytorch: no python"
     fi
@@ -186,6 +192,7 @@ sec_2() {
   bench main-job fp32 "${main_model[@]}"
   bench main-job bf16 "${main_model[@]}"
   bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
+  bench gpt2-124m-flash bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304 --attention flash
 }
 sec_2b() {
   d=$(tmo 180 "$BIN/device_dp_bench" --dp 2 2>&1); rc=$?
@@ -241,7 +248,8 @@ sec_3b() {
   row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
   [[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
   tok1=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
-
+  # The fused attention kernels in the same trainer (FlashAttention-2's algorithm).
+  verify_layout 20 240 " (fused attention)" --attention flash
 }
 sec_3c() {
   verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2

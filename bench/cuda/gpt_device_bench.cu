@@ -6,6 +6,7 @@
 // loss is not finite (a wrong result is not a speed), 77 where no GPU exists.
 //
 //   gpt_device_bench --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --dtype bf16
+//                    [--attention flash|unfused]   (the fused kernels, or the unfused reference: default)
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,7 +27,7 @@ namespace {
 struct Options {
   std::int64_t layers = 6, d_model = 192, heads = 6, context = 128, batch = 32, vocab = 256;
   int steps = 20, warmup = 3;
-  std::string dtype = "fp32", name = "gpt";
+  std::string dtype = "fp32", name = "gpt", attention = "unfused";
   double peak_tflops = 989.0;  // H100/H200 SXM dense bf16 (the issue's reference)
 };
 
@@ -37,6 +38,7 @@ int run(const Options& o) {
   GPT<float> host(cfg, 1);
   tc::Stream stream;
   tc::DeviceGPT<C> model(cfg, host.parameters(), stream);
+  model.set_fused_attention(o.attention == "flash");
   std::mt19937 rng(1);
   Tensor<std::int32_t> x(Shape{o.batch, o.context}), y(Shape{o.batch, o.context});
   for (std::int64_t i = 0; i < x.numel(); ++i) {
@@ -90,11 +92,16 @@ int main(int argc, char** argv) {
     else if (k == "--warmup") o.warmup = std::atoi(v.c_str());
     else if (k == "--dtype") o.dtype = v;
     else if (k == "--name") o.name = v;
+    else if (k == "--attention") o.attention = v;
     else if (k == "--peak-tflops") o.peak_tflops = std::atof(v.c_str());
     else {
       std::fprintf(stderr, "gpt_device_bench: unknown flag %s\n", k.c_str());
       return 2;
     }
+  }
+  if (o.attention != "flash" && o.attention != "unfused") {
+    std::fprintf(stderr, "gpt_device_bench: --attention %s is not flash or unfused\n", o.attention.c_str());
+    return 2;
   }
   if (tc::device_count() == 0) {
     std::printf("SKIP: no CUDA device (%s)\n", tc::no_device_reason().c_str());

@@ -69,6 +69,7 @@ struct Args {
   bool plan_tolerance_given = false;
   std::string device = "cpu";  // --device cuda: train on one CUDA device (gpt/device_training.hpp)
   std::string dtype = "fp32";  // --dtype bf16: mixed precision on the device (fp32 master weights)
+  std::string attention = "unfused";  // --attention flash: the device's fused attention kernels
   std::string model;           // --model gpt2-124m: 12 layers, d 768, 12 heads, context 1024 (flags given win)
   std::string inject_fault;    // --inject-fault throw@STEP:RANK: a fault for tests (docs/reliability.md)
   int fault_step = -1, fault_rank = -1;  // --inject-fault parsed (-1: none)
@@ -162,6 +163,10 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--dtype", a.dtype, "with --device cuda: fp32 (TF32 off) or bf16 (mixed precision, fp32 master weights)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--attention", a.attention, "with --device cuda: unfused (batched cuBLASLt products and a softmax "
+                 "kernel, keeping the (B, H, T, T) probabilities; the reference) or flash (fused kernels, "
+                 "FlashAttention-2's algorithm: one log-sum-exp per row and head)")
+      ->check(CLI::IsMember({"unfused", "flash"}));
   app.add_option("--model", a.model, "a preset: gpt2-124m = --layers 12 --d-model 768 --heads 12 --context 1024 "
                  "(flags given explicitly win)")->check(CLI::IsMember({"gpt2-124m"}));
   app.add_option("--dropout", a.dropout, "dropout probability on the embeddings (GPT-2's embd_pdrop), in [0, 1)");

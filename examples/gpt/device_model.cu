@@ -111,6 +111,9 @@ class CudaModel final : public DeviceModel {
   std::size_t peak_device_bytes() const override {
     return tessera::cuda::default_allocator().stats().peak_allocated_bytes;
   }
+  void set_fused_attention(bool on) override {
+    for (auto& c : chunks_) c->set_fused_attention(on);
+  }
   std::string device_name() const override {
     cudaDeviceProp p{};
     if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";

@@ -40,6 +40,9 @@ class DeviceModel {
   virtual std::size_t activation_bytes() const = 0;
   virtual std::size_t peak_device_bytes() const = 0;  // the caching allocator's peak
   virtual std::string device_name() const = 0;
+  // The blocks' attention: the fused kernels (FlashAttention-2's algorithm) or the unfused
+  // reference (DeviceGPT::set_fused_attention), on every model chunk.
+  virtual void set_fused_attention(bool on) = 0;
   // Data parallelism with the other ranks of `dp` (threads of this process on the same GPU):
   // each forward_backward with sync on reduces its gradients in buckets of at most
   // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with

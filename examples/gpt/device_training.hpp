@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <fstream>
+#include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -104,6 +105,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                                                        zero1 ? dp : 1, own_gpus ? local : 0, std::move(tp_group),
                                                        a.sequence_parallel && tp > 1, own_gpus, pp, pp_rank,
                                                        pp > 1 ? a.virtual_stages : 1);
+  dev->set_fused_attention(a.attention == "flash");
   const int micro = pp > 1 ? a.num_microbatches() : 1;  // the pipeline's micro-batches per step
   if (pp > 1) dev->attach_pipeline(std::move(*pp_group), std::move(emb_group), a.schedule, micro, own_gpus);
   if (start > 0) dev->upload_optimizer(opt.replicated());
@@ -124,7 +126,9 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; %s (%s), %s, dp %d x tp %d x pp %d%s%s%s%s; "
                 "global batch %d x %d, accum %d; %lld parameters\n",
                 a.layers, a.d_model, a.heads, a.context, own_gpus ? "a GPU per rank" : "one device",
-                dev->device_name().c_str(), a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)",
+                dev->device_name().c_str(),
+                (std::string(a.dtype == "bf16" ? "bf16 mixed precision (fp32 master weights)" : "fp32 (TF32 off)") +
+                 (a.attention == "flash" ? ", fused attention" : "")).c_str(),
                 dp, tp, pp, a.sequence_parallel && tp > 1 ? " with sequence parallelism" : "",
                 pp > 1 ? detail::str(" (", a.schedule, a.virtual_stages > 1 ? detail::str(", ", a.virtual_stages, " chunks per rank") : "",
                                      ", ", micro, " micro-batches)").c_str() : "",

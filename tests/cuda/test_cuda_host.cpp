@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -20,6 +21,7 @@
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/element_math.hpp"
+#include "tessera/cuda/flash_attention_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
 #include "tessera/cuda/reduce_op_math.hpp"
@@ -28,6 +30,7 @@
 #include "tessera/mesh/mesh.hpp"
 #include "tessera/models/hybrid_gpt.hpp"
 #include "tessera/parallel/tensor/sharding.hpp"
+#include "tessera/nn/core_attention.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
 #include "tessera/optim/adamw.hpp"
@@ -593,4 +596,145 @@ TEST_CASE("device_grad_buckets: units joined in backward's order up to the cap; 
   }
   CHECK_THROWS_WITH_AS(tc::gpt_ready_offsets(layout, 2), doctest::Contains("40 parameters, a GPT of 2 layers has 28"),
                        tessera::Error);
+}
+
+namespace {
+
+// The fused attention kernels' loops (ops/flash_attention.cuh) on the host, over one head's q, k,
+// v, y, dy as contiguous (T, hd) rows (the kernels' shared-memory tiles have the same row
+// stride): a thread's work per row, the tiles in the kernels' order (the forward and dQ over key
+// tiles from 0 to the row's block's last row; dK and dV over query tiles from the key's block).
+constexpr int kHD = 64;                                 // the kernels' compile-time bound for these head sizes
+constexpr int kRows = tessera::cuda::math::flash_block_rows;  // query (key) rows per kernel block
+
+struct FlashHead {
+  int T, hd;
+  std::vector<float> q, k, v, y, dy, lse, D, dq, dk, dv;
+};
+
+void flash_host_forward(FlashHead& f, float scale) {
+  f.y.assign(static_cast<std::size_t>(f.T * f.hd), 0.f);
+  f.lse.assign(static_cast<std::size_t>(f.T), 0.f);
+  std::vector<float> acc(static_cast<std::size_t>(f.hd));
+  for (int t = 0; t < f.T; ++t) {
+    float m = -INFINITY, l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    const int last = std::min((t / kRows + 1) * kRows, f.T) - 1;  // the kernel block's last row
+    for (int j0 = 0; j0 <= last; j0 += tc::math::flash_tile)
+      tc::math::flash_forward_tile<kHD>(&f.q[static_cast<std::size_t>(t * f.hd)], &f.k[static_cast<std::size_t>(j0 * f.hd)],
+                                   &f.v[static_cast<std::size_t>(j0 * f.hd)], f.hd,
+                                   tc::math::flash_keys_seen(t, j0, f.T), f.hd, scale, m, l, acc.data());
+    f.lse[static_cast<std::size_t>(t)] = tc::math::flash_forward_finish<kHD>(acc.data(), m, l, f.hd, &f.y[static_cast<std::size_t>(t * f.hd)]);
+  }
+}
+
+void flash_host_backward(FlashHead& f, float scale) {
+  const auto at = [&](int row) { return static_cast<std::size_t>(row * f.hd); };
+  f.D.resize(static_cast<std::size_t>(f.T));
+  for (int t = 0; t < f.T; ++t) f.D[static_cast<std::size_t>(t)] = tc::math::flash_row_dot(&f.dy[at(t)], &f.y[at(t)], f.hd);
+  f.dq.assign(f.q.size(), 0.f);
+  f.dk.assign(f.q.size(), 0.f);
+  f.dv.assign(f.q.size(), 0.f);
+  for (int j = 0; j < f.T; ++j)
+    for (int i0 = j / kRows * kRows; i0 < f.T; i0 += tc::math::flash_tile) {
+      int first = 0, end = 0;
+      tc::math::flash_queries_seeing(j, i0, f.T, first, end);
+      tc::math::flash_dkv_tile<kHD>(&f.k[at(j)], &f.v[at(j)], &f.q[at(i0 + first)], &f.dy[at(i0 + first)],
+                               &f.lse[static_cast<std::size_t>(i0 + first)], &f.D[static_cast<std::size_t>(i0 + first)],
+                               f.hd, end - first, f.hd, scale, &f.dk[at(j)], &f.dv[at(j)]);
+    }
+  for (int t = 0; t < f.T; ++t) {
+    const int last = std::min((t / kRows + 1) * kRows, f.T) - 1;
+    for (int j0 = 0; j0 <= last; j0 += tc::math::flash_tile)
+      tc::math::flash_dq_tile<kHD>(&f.q[at(t)], &f.dy[at(t)], f.lse[static_cast<std::size_t>(t)], f.D[static_cast<std::size_t>(t)],
+                              &f.k[at(j0)], &f.v[at(j0)], f.hd, tc::math::flash_keys_seen(t, j0, f.T), f.hd, scale,
+                              &f.dq[at(t)]);
+  }
+}
+
+double norm_rel(const Tensor<float>& a, const Tensor<float>& b) {
+  double num = 0, den = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const double d = static_cast<double>(a.data()[i]) - b.data()[i];
+    num += d * d;
+    den += static_cast<double>(b.data()[i]) * b.data()[i];
+  }
+  const double r = std::sqrt(num / den);
+  return r == r ? r : 1e30;  // NaN fails every bound
+}
+
+}  // namespace
+
+TEST_CASE("fused attention math: the flash kernels' tiled online softmax and recomputed backward equal nn::CoreAttention (T not a multiple of the tiles, several heads)") {
+  for (const std::array<int, 4>& size : {std::array<int, 4>{2, 37, 3, 8}, {1, 70, 2, 20}, {1, 129, 1, 64}, {2, 1, 2, 4}}) {
+    const int B = size[0], T = size[1], H = size[2], hd = size[3];
+    CAPTURE(T);
+    CAPTURE(hd);
+    const int C = H * hd;
+    std::mt19937 rng(static_cast<unsigned>(T * 31 + hd));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    Tensor<float> qkv(Shape{B, T, 3 * C}), dy(Shape{B, T, C});
+    for (std::int64_t i = 0; i < qkv.numel(); ++i) qkv.data()[i] = nd(rng);
+    for (std::int64_t i = 0; i < dy.numel(); ++i) dy.data()[i] = nd(rng);
+    nn::CoreAttention<float> core(H);
+    auto [y_ref, ctx] = core.forward(qkv);
+    const Tensor<float> dqkv_ref = core.backward(dy, ctx);
+    Tensor<float> y(Shape{B, T, C}), dqkv(Shape{B, T, 3 * C});
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        FlashHead f{T, hd, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+        for (auto* part : {&f.q, &f.k, &f.v}) part->resize(static_cast<std::size_t>(T * hd));
+        f.dy.resize(static_cast<std::size_t>(T * hd));
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < hd; ++e) {
+            const std::size_t i = static_cast<std::size_t>(t * hd + e);
+            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
+            f.q[i] = qkv.data()[row];
+            f.k[i] = qkv.data()[row + C];
+            f.v[i] = qkv.data()[row + 2 * C];
+            f.dy[i] = dy.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e];
+          }
+        flash_host_forward(f, scale);
+        flash_host_backward(f, scale);
+        for (int t = 0; t < T; ++t) {
+          // Each row's log-sum-exp against a direct computation (double).
+          double mx = -1e300, sum = 0;
+          for (int j = 0; j <= t; ++j) {
+            double s2 = 0;
+            for (int e = 0; e < hd; ++e) s2 += static_cast<double>(f.q[static_cast<std::size_t>(t * hd + e)]) * f.k[static_cast<std::size_t>(j * hd + e)];
+            mx = std::max(mx, s2 * scale);
+          }
+          for (int j = 0; j <= t; ++j) {
+            double s2 = 0;
+            for (int e = 0; e < hd; ++e) s2 += static_cast<double>(f.q[static_cast<std::size_t>(t * hd + e)]) * f.k[static_cast<std::size_t>(j * hd + e)];
+            sum += std::exp(s2 * scale - mx);
+          }
+          CHECK(std::abs(f.lse[static_cast<std::size_t>(t)] - (mx + std::log(sum))) < 1e-4 * (1 + std::abs(mx)));
+          for (int e = 0; e < hd; ++e) {
+            const std::size_t i = static_cast<std::size_t>(t * hd + e);
+            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
+            y.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e] = f.y[i];
+            dqkv.data()[row] = f.dq[i];
+            dqkv.data()[row + C] = f.dk[i];
+            dqkv.data()[row + 2 * C] = f.dv[i];
+          }
+        }
+      }
+    CHECK(norm_rel(y, y_ref) < 1e-5);
+    CHECK(norm_rel(dqkv, dqkv_ref) < 1e-5);
+  }
+  // The tile bounds: a row sees keys j <= t only, a key is seen by rows i >= j only.
+  CHECK(tc::math::flash_keys_seen(5, 0, 100) == 6);
+  CHECK(tc::math::flash_keys_seen(40, 32, 100) == 9);
+  CHECK(tc::math::flash_keys_seen(99, 64, 100) == 32);
+  CHECK(tc::math::flash_keys_seen(99, 96, 100) == 4);
+  CHECK(tc::math::flash_keys_seen(10, 32, 100) == 0);
+  int first = -1, end = -1;
+  tc::math::flash_queries_seeing(40, 32, 100, first, end);
+  CHECK((first == 8 && end == 32));
+  tc::math::flash_queries_seeing(70, 32, 100, first, end);
+  CHECK(first == end);  // no row of the tile attends to key 70
+  tc::math::flash_queries_seeing(10, 96, 100, first, end);
+  CHECK((first == 0 && end == 4));
 }

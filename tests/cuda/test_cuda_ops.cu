@@ -4,9 +4,11 @@
 // without one).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "device_op_support.hpp"
@@ -19,6 +21,7 @@
 #include "tessera/cuda/ops/attention.cuh"
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/flash_attention.cuh"
 #include "tessera/cuda/ops/gelu.cuh"
 #include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
@@ -218,6 +221,72 @@ TEST_CASE("attention: causal forward and backward equal nn::CoreAttention (T = 1
   CHECK(qh.data()[((1 * B + 1) * H + 2) * Tn * hd + 5 * hd + 3] == qkv(1, 5, C + 2 * hd + 3));
   ops::attention_backward<float>(stream(), blas(), dy_d, qkvp, H, probs, heads, dprobs, dqkvp, dqkv);
   CHECK(rel(host(dqkv), dqkv_ref) < fp32_tol);
+}
+
+TEST_CASE("fused attention: the flash kernels' forward (y and each row's log-sum-exp) and backward equal nn::CoreAttention (T not a multiple of the tiles, head_dim 8 to 128; fp32, bf16 within its rounding), bitwise the same twice") {
+  struct Size {
+    std::int64_t B, Tn, H, hd;
+  };
+  for (const Size z : {Size{2, 13, 3, 8}, Size{1, 70, 2, 20}, Size{2, 129, 2, 64}, Size{1, 100, 1, 128}}) {
+    CAPTURE(z.Tn);
+    CAPTURE(z.hd);
+    const std::int64_t B = z.B, Tn = z.Tn, H = z.H, hd = z.hd, C = H * hd;
+    const Tensor<float> qkv = randn(Shape{B, Tn, 3 * C}, 40 + static_cast<unsigned>(hd)), dy = randn(Shape{B, Tn, C}, 41);
+    nn::CoreAttention<float> attn(H);
+    auto [y_ref, ctx] = attn.forward(qkv);
+    const Tensor<float> dqkv_ref = attn.backward(dy, ctx);
+    // Each row's log-sum-exp, directly (double).
+    Tensor<float> lse_ref(Shape{B, H, Tn});
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t t = 0; t < Tn; ++t) {
+          std::vector<double> s(static_cast<std::size_t>(t + 1));
+          double mx = -1e300, sum = 0;
+          for (std::int64_t j = 0; j <= t; ++j) {
+            double d = 0;
+            for (std::int64_t e = 0; e < hd; ++e) d += static_cast<double>(qkv(b, t, h * hd + e)) * qkv(b, j, C + h * hd + e);
+            s[static_cast<std::size_t>(j)] = d * scale;
+            mx = std::max(mx, d * scale);
+          }
+          for (double v : s) sum += std::exp(v - mx);
+          lse_ref(b, h, t) = static_cast<float>(mx + std::log(sum));
+        }
+    const auto run = [&](auto zero) {  // fp32 or bf16 storage, by the type of `zero`
+      using T = decltype(zero);
+      auto qkv_d = dev<T>(qkv), dy_d = dev<T>(dy);
+      auto y = tc::DeviceTensor<T>::empty(Shape{B, Tn, C}, stream());
+      auto dqkv = tc::DeviceTensor<T>::empty(Shape{B, Tn, 3 * C}, stream());
+      auto lse = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+      auto D = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+      // NaN in every output first: an element a kernel does not write fails the checks.
+      for (const auto& [p, bytes] : {std::pair{static_cast<void*>(y.data()), y.bytes()},
+                                     std::pair{static_cast<void*>(dqkv.data()), dqkv.bytes()},
+                                     std::pair{static_cast<void*>(lse.data()), lse.bytes()}})
+        REQUIRE(cudaMemsetAsync(p, 0xFF, bytes, stream().get()) == cudaSuccess);
+      ops::flash_attention_forward<T>(stream(), qkv_d, H, y, lse);
+      ops::flash_attention_backward<T>(stream(), dy_d, qkv_d, y, lse, H, D, dqkv);
+      return std::tuple{host(y), host(lse), host(dqkv)};
+    };
+    const auto [y, lse, dqkv] = run(0.f);
+    CHECK(rel(y, y_ref) < fp32_tol);
+    CHECK(rel(lse, lse_ref) < fp32_tol);
+    CHECK(rel(dqkv, dqkv_ref) < fp32_tol);
+    const auto [y2, lse2, dqkv2] = run(0.f);  // no atomics: the same bits on a second run
+    CHECK(rel(y2, y) == 0);
+    CHECK(rel(dqkv2, dqkv) == 0);
+    const auto [y16, lse16, dqkv16] = run(tc::bf16{});
+    CHECK(rel(y16, y_ref) < 2e-2);
+    CHECK(rel(dqkv16, dqkv_ref) < 5e-2);
+    CHECK(rel(lse16, lse_ref) < 2e-2);
+    CHECK(rel(lse2, lse) == 0);
+  }
+  // Sizes that do not fit are refused, naming them.
+  auto qkv = tc::DeviceTensor<float>::empty(Shape{1, 4, 3 * 256}, stream());
+  auto y = tc::DeviceTensor<float>::empty(Shape{1, 4, 256}, stream());
+  auto lse = tc::DeviceTensor<float>::empty(Shape{1, 1, 4}, stream());
+  CHECK_THROWS_WITH_AS(ops::flash_attention_forward<float>(stream(), qkv, 1, y, lse),
+                       doctest::Contains("head_dim 256 exceeds 128"), Error);
 }
 
 TEST_CASE("adamw: one launch over a flat buffer of two parameters in two groups equals optim::AdamW") {

@@ -36,6 +36,9 @@ expect 2 "--recompute is not used on the device" --device cuda --recompute full 
 expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
 expect 2 "--zero 2/3 are not built on the device yet (--zero 1 is)" --device cuda --dp 2 --zero 2 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
+expect 2 "--attention flash is for --device cuda" --attention flash --steps 2
+expect 2 "--attention: fused not in" --device cuda --attention fused --steps 2
+expect 2 "--attention flash takes a head dimension (--d-model / --heads = 512 / 2 = 256) of at most 128" --device cuda --attention flash --d-model 512 --heads 2 --steps 2
 expect 2 "--device: gpu not in" --device gpu --steps 2
 expect 2 "--plan auto plans CPU ranks" --device cuda --plan auto --world 2 --steps 2
 if ! grep -q -- "--device" <<<"$("$exe" --help)"; then echo "FAIL: --help does not list --device"; fails=$((fails + 1)); fi
@@ -58,7 +61,9 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   # pp 2 (1F1B and GPipe) and dp 2 x pp 2 x tp 2: each rank one stage, the tied wte's copies summed.
   for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--pp 2" \
                 "--pp 2 --schedule gpipe --microbatches 4" "--dp 2 --pp 2 --tp 2 --sequence-parallel --zero 1" \
-                "--pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4" "--pp 2 --schedule zb-h1 --microbatches 4"; do
+                "--pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4" "--pp 2 --schedule zb-h1 --microbatches 4" \
+                "--attention flash" "--dp 2 --tp 2 --sequence-parallel --attention flash" \
+                "--pp 2 --schedule zb-h1 --microbatches 4 --attention flash"; do
     out=$(timeout 180 "$exe" --device cuda $layout --data "$data" --steps 6 --layers 2 --d-model 32 --heads 2 \
           --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/tp" 2>&1); rc=$?
     echo "$out" | tail -n 3

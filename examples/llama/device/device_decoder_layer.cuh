@@ -26,6 +26,7 @@
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/ops/attention.cuh"
+#include "tessera/cuda/ops/flash_attention.cuh"
 #include "tessera/cuda/ops/convert.cuh"
 #include "tessera/cuda/ops/residual_add.cuh"
 #include "tessera/cuda/stream.hpp"
@@ -38,23 +39,32 @@ namespace llama::device {
 template <class C>
 struct DecoderScratch {
   /// The buffers for layers of `config` at batch B x T, on `stream`, as one of `tp`
-  /// tensor-parallel ranks (its H / tp heads, G / tp KV heads and F / tp columns).
-  DecoderScratch(const LlamaConfig& config, std::int64_t B, std::int64_t T, const tc::Stream& stream, int tp = 1) {
+  /// tensor-parallel ranks (its H / tp heads, G / tp KV heads and F / tp columns). With
+  /// `fused_attention` the layers built on it run tessera's fused attention kernels
+  /// (ops/flash_attention.cuh: one log-sum-exp per row and head kept, not the probabilities);
+  /// otherwise the unfused reference (ops/attention.cuh).
+  DecoderScratch(const LlamaConfig& config, std::int64_t B, std::int64_t T, const tc::Stream& stream, int tp = 1,
+                 bool fused_attention = false) {
     const LlamaConfig c = validated(config);
     (void)flat_layer_layout(c, tp);  // tp divides the heads, the KV heads and F (throws naming them)
     const std::int64_t N = B * T, d = c.d_model, H = c.n_head / tp, hd = c.head_dim(), F = c.ffn_hidden / tp;
     const std::int64_t gqa = (H + 2 * c.n_kv_head / tp) * hd, mha = 3 * H * hd;
     const auto make = [&](tessera::Shape s) { return tc::DeviceTensor<C>::empty(s, stream); };
     qkv = make({B, T, gqa});
-    e = make({B, T, mha});
-    heads = make({N * H * hd});
+    fused = fused_attention;
+    if (fused) {
+      flash_d = tc::DeviceTensor<float>::empty({B, H, T}, stream);
+    } else {
+      e = make({B, T, mha});
+      heads = make({N * H * hd});
+      dprobs = make({B, H, T, T});
+      dqkvp = make({mha * N});
+    }
     ds = make({B, T, F});
     dgu = make({B, T, 2 * F});
     dh = make({B, T, d});
     dx1 = make({B, T, d});
     da = make({B, T, H * hd});
-    dprobs = make({B, H, T, T});
-    dqkvp = make({mha * N});
     de = make({B, T, mha});
     dqkv = make({B, T, gqa});
     partial = tc::DeviceTensor<float>::empty({rms_norm_partial_size(N, d)}, stream);
@@ -78,6 +88,8 @@ struct DecoderScratch {
   int tp_size = 1;                                                     ///< tensor-parallel ranks
   tc::DeviceTensor<float> sum;    ///< tp > 1: (N, d) fp32 partial products, summed over tp in place
   tc::DeviceTensor<C> zero_bias;  ///< tp > 1: (d) zeros (residual_add's bias: the layer has none)
+  bool fused = false;             ///< the layers run the fused attention kernels
+  tc::DeviceTensor<float> flash_d;  ///< fused: the attention backward's dy . y per row and head
 };
 
 /// One Llama decoder layer on the device for batches of (B, T) (see the file comment).
@@ -120,8 +132,15 @@ class DeviceDecoderLayer {
     const std::int64_t N = B * T, d = c_.d_model, H = rope_.heads, hd = c_.head_dim(), F = c_.ffn_hidden / tp_size_;
     const auto make = [&](tessera::Shape s) { return tc::DeviceTensor<C>::empty(s, stream); };
     h1_ = make({B, T, d});
-    qkvp_ = make({rope_.mha_cols() * N});
-    probs_ = make({B, H, T, T});
+    if (sc_->fused) {  // the expanded q|k|v as they are, and a log-sum-exp per row and head
+      TESSERA_EXPECTS(hd <= tc::ops::flash_max_head_dim, "DeviceDecoderLayer: fused attention takes a head_dim of at "
+                      "most ", tc::ops::flash_max_head_dim, ", not ", hd);
+      qkvp_ = make({B, T, rope_.mha_cols()});
+      lse_ = tc::DeviceTensor<float>::empty({B, H, T}, stream);
+    } else {
+      qkvp_ = make({rope_.mha_cols() * N});
+      probs_ = make({B, H, T, T});
+    }
     a_ = make({B, T, H * hd});
     x1_ = make({B, T, d});
     h2_ = make({B, T, d});
@@ -144,8 +163,13 @@ class DeviceDecoderLayer {
     rms_norm_forward<C>(stream_, x, tv(w, LayerTensor::input_norm), h1_, rstd1_, norm_eps());
     DecoderScratch<C>& sc = *sc_;
     gemm({.m = N, .n = rope_.gqa_cols(), .k = d}, h1_.data(), at(w, LayerTensor::qkv), sc.qkv.data(), 0.f);
-    rope_expand<C>(stream_, sc.qkv, sc.table, rope_, sc.e);
-    tc::ops::attention_forward<C>(stream_, blas_, sc.e, H, qkvp_, probs_, sc.heads, a_);
+    if (sc.fused) {
+      rope_expand<C>(stream_, sc.qkv, sc.table, rope_, qkvp_);
+      tc::ops::flash_attention_forward<C>(stream_, qkvp_, H, a_, lse_);
+    } else {
+      rope_expand<C>(stream_, sc.qkv, sc.table, rope_, sc.e);
+      tc::ops::attention_forward<C>(stream_, blas_, sc.e, H, qkvp_, probs_, sc.heads, a_);
+    }
     row_parallel({.m = N, .n = d, .k = H * hd}, a_.data(), at(w, LayerTensor::o_proj), x, x1_);  // x1 = x + a W_o
     rms_norm_forward<C>(stream_, x1_, tv(w, LayerTensor::post_norm), h2_, rstd2_, norm_eps());
     gemm({.m = N, .n = 2 * F, .k = d}, h2_.data(), at(w, LayerTensor::gate_up), gu_.data(), 0.f);
@@ -174,7 +198,10 @@ class DeviceDecoderLayer {
     // Attention: dW_o += a^T dx1; da = dx1 W_o^T; through the attention and the rotary expansion.
     grad({.trans_a = true, .m = H * hd, .n = d, .k = N}, a_.data(), sc.dx1.data(), at(g, LayerTensor::o_proj));
     gemm({.trans_b = true, .m = N, .n = H * hd, .k = d}, sc.dx1.data(), at(w, LayerTensor::o_proj), sc.da.data(), 0.f);
-    tc::ops::attention_backward<C>(stream_, blas_, sc.da, qkvp_, H, probs_, sc.heads, sc.dprobs, sc.dqkvp, sc.de);
+    if (sc.fused)
+      tc::ops::flash_attention_backward<C>(stream_, sc.da, qkvp_, a_, lse_, H, sc.flash_d, sc.de);
+    else
+      tc::ops::attention_backward<C>(stream_, blas_, sc.da, qkvp_, H, probs_, sc.heads, sc.dprobs, sc.dqkvp, sc.de);
     rope_reduce<C>(stream_, sc.de, sc.table, rope_, sc.dqkv);
     // dW_qkv += h1^T dqkv; dh1 = dqkv W_qkv^T; dx = dx1 + rmsnorm'(dh1).
     grad({.trans_a = true, .m = d, .n = rope_.gqa_cols(), .k = N}, h1_.data(), sc.dqkv.data(), at(g, LayerTensor::qkv));
@@ -256,6 +283,7 @@ class DeviceDecoderLayer {
   tc::DeviceView<const C> x_;              // the forward's input (the caller keeps it)
   tc::DeviceTensor<C> h1_, qkvp_, probs_, a_, x1_, h2_, gu_, s_;  // kept from forward to backward
   tc::DeviceTensor<float> rstd1_, rstd2_;
+  tc::DeviceTensor<float> lse_;  // fused attention: each row's log-sum-exp per head
 };
 
 }  // namespace llama::device

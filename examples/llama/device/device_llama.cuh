@@ -183,6 +183,22 @@ class DeviceLlama {
   }
   /// The activation slots (set_slots).
   int slots() const noexcept { return static_cast<int>(slots_.size()); }
+  /// The decoder layers' attention: tessera's fused kernels (`true`: ops::flash_attention, a
+  /// log-sum-exp per row and head kept instead of the (B, H, T, T) probabilities) or the unfused
+  /// reference (`false`, the default). Rebuilds the layers' scratch and activations. Throws
+  /// tessera::Error while a micro-batch awaits its backward, or for a head_dim over
+  /// ops::flash_max_head_dim.
+  void set_fused_attention(bool on) {
+    if (on == scratch_->fused) return;
+    for (const Slot& S : slots_)
+      TESSERA_EXPECTS(!S.busy, "DeviceLlama::set_fused_attention: a micro-batch awaits its backward");
+    const int n = slots();
+    slots_.clear();
+    scratch_ = std::make_shared<DecoderScratch<C>>(c_, B_, T_, stream_, tp_size_, on);
+    set_slots(n);
+  }
+  /// (See set_fused_attention.)
+  bool fused_attention() const noexcept { return scratch_->fused; }
   /// A split backward (zero-bubble schedules) is not built for this model: throws
   /// tessera::Error for `on`.
   void set_split_backward(bool on) {

@@ -60,6 +60,7 @@
 #include "tessera/cuda/ops/cross_entropy.cuh"
 #include "tessera/cuda/ops/dropout.cuh"
 #include "tessera/cuda/ops/embedding.cuh"
+#include "tessera/cuda/ops/flash_attention.cuh"
 #include "tessera/cuda/ops/gemm_epilogue.cuh"
 #include "tessera/cuda/ops/global_norm.cuh"
 #include "tessera/cuda/ops/layer_norm.cuh"
@@ -378,12 +379,33 @@ class DeviceGPT {
   void set_slots(int n) {
     TESSERA_EXPECTS(n >= 1, "DeviceGPT::set_slots: ", n, " activation slots; at least 1");
     if (n != slots_count_) {
+      for (const Slot& sl : slots_)
+        TESSERA_EXPECTS(!sl.busy, "DeviceGPT::set_slots: a micro-batch awaits its backward");
       slots_count_ = n;
       B_ = T_ = -1;  // reallocate at the next forward
     }
   }
   /// Activation slots (set_slots).
   int slots() const noexcept { return slots_count_; }
+  /// The attention of the blocks: fused (`true`: ops::flash_attention, FlashAttention-2's
+  /// algorithm; each block keeps its q|k|v and one log-sum-exp per row and head, not the
+  /// (B, H, T, T) probabilities) or the unfused reference (`false`, the default: batched
+  /// cuBLASLt products and a softmax kernel, ops::attention). Both equal nn::CoreAttention
+  /// within fp32 round-off. Reallocates the activations at the next forward. Throws
+  /// tessera::Error for a head_dim over ops::flash_max_head_dim.
+  void set_fused_attention(bool on) {
+    TESSERA_EXPECTS(!on || config_.d_model / config_.n_head <= ops::flash_max_head_dim,
+                    "DeviceGPT::set_fused_attention: head_dim ", config_.d_model / config_.n_head, " exceeds the fused "
+                    "kernels' ", ops::flash_max_head_dim);
+    if (on != flash_) {
+      for (const Slot& sl : slots_)
+        TESSERA_EXPECTS(!sl.busy, "DeviceGPT::set_fused_attention: a micro-batch awaits its backward");
+      flash_ = on;
+      B_ = T_ = -1;
+    }
+  }
+  /// (See set_fused_attention.)
+  bool fused_attention() const noexcept { return flash_; }
   /// Whether backward may be split into stage_backward_input and stage_backward_weight
   /// (zero-bubble schedules, Qi et al. 2024): each slot then also keeps, per block, the output
   /// gradients the four weight-gradient products need (reallocated at the next forward). Throws
@@ -473,8 +495,10 @@ class DeviceGPT {
     std::size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
   };
   struct LayerActs {
-    DeviceTensor<C> x_in, ln1, qkvp, probs, atty, x_mid, ln2, pre, h;  // qkvp: heads split out (3, B, H, T, hd)
-    DeviceTensor<float> mean1, rstd1, mean2, rstd2;
+    // qkvp: the heads split out (3, B, H, T, hd), or under fused attention q|k|v as (B, T, 3 Dl);
+    // probs (B, H, T, T) unfused, lse (B, H, T) fused.
+    DeviceTensor<C> x_in, ln1, qkvp, probs, atty, x_mid, ln2, pre, h;
+    DeviceTensor<float> mean1, rstd1, mean2, rstd2, lse;
   };
   // What one micro-batch in flight keeps from its forward for its backward: each local block's
   // activations (acts[0].x_in the stage's input, acts[blocks].x_in its output or ln_f's input),
@@ -637,7 +661,10 @@ class DeviceGPT {
         if (l < blocks) {
           make(a.ln1, Shape{N, D});
           make(a.qkvp, Shape{3 * N * Dl});
-          make(a.probs, Shape{B, H, T, T});
+          if (flash_)
+            make(a.lse, Shape{B, H, T});
+          else
+            make(a.probs, Shape{B, H, T, T});
           make(a.atty, Shape{N, Dl});
           make(a.x_mid, Shape{Nl, D});
           make(a.ln2, Shape{N, D});
@@ -670,11 +697,17 @@ class DeviceGPT {
     make(dln_, Shape{Nl, D});
     make(datt_, Shape{N, Dl});
     make(dqkv_, Shape{B, T, 3 * Dl});
-    make(qkv_, Shape{B, T, 3 * Dl});
-    make(heads_, Shape{N * Dl});
-    make(dqkvp_, Shape{3 * N * Dl});
+    if (!flash_) make(qkv_, Shape{B, T, 3 * Dl});
     make(dpre_, Shape{N, 4 * Dl});
-    make(dprobs_, Shape{B, H, T, T});
+    if (flash_) {  // the other path's scratch freed (a switch after a forward)
+      qkv_ = heads_ = dqkvp_ = dprobs_ = DeviceTensor<C>{};
+      make(flash_d_, Shape{B, H, T});
+    } else {
+      flash_d_ = DeviceTensor<float>{};
+      make(heads_, Shape{N * Dl});
+      make(dqkvp_, Shape{3 * N * Dl});
+      make(dprobs_, Shape{B, H, T, T});
+    }
     if (tp_size_ > 1) {
       make(partial_, Shape{N, D});
       make(local_ids_, Shape{N});
@@ -877,9 +910,16 @@ class DeviceGPT {
       LayerActs& next = acts[l + 1];
       const BlockParams& p = blocks_[l];
       layer_norm_gathered(a.x_in, p.ln1_w, p.ln1_b, a.ln1, a.mean1, a.rstd1);
-      gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
-           {Epilogue::bias, w(p.qkv_b), nullptr});
-      ops::attention_forward<C>(stream_, blas_, qkv_, H, a.qkvp, a.probs, heads_, a.atty.reshape(Shape{B, T, Dl}));
+      if (flash_) {  // q|k|v kept as they are; the fused kernel keeps each row's log-sum-exp
+        gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkvp.data(), 0.f,
+             {Epilogue::bias, w(p.qkv_b), nullptr});
+        ops::flash_attention_forward<C>(stream_, a.qkvp.reshape(Shape{B, T, 3 * Dl}), H,
+                                        a.atty.reshape(Shape{B, T, Dl}), a.lse);
+      } else {
+        gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
+             {Epilogue::bias, w(p.qkv_b), nullptr});
+        ops::attention_forward<C>(stream_, blas_, qkv_, H, a.qkvp, a.probs, heads_, a.atty.reshape(Shape{B, T, Dl}));
+      }
       row_parallel(a.atty, Dl, p.proj_w, p.proj_b, a.x_in, a.x_mid);
       layer_norm_gathered(a.x_mid, p.ln2_w, p.ln2_b, a.ln2, a.mean2, a.rstd2);
       gemm({.m = N, .n = 4 * Dl, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
@@ -970,8 +1010,12 @@ class DeviceGPT {
       else
         gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_all.data(), g(p.proj_w));
       ops::bias_grad<C>(stream_, dres_all, gv(p.proj_b), ws_);
-      ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
-                                 dqkvp_, dqkv_);
+      if (flash_)
+        ops::flash_attention_backward<C>(stream_, datt_.reshape(Shape{B, T, Dl}), a.qkvp.reshape(Shape{B, T, 3 * Dl}),
+                                         a.atty.reshape(Shape{B, T, Dl}), a.lse, H, flash_d_, dqkv_);
+      else
+        ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
+                                   dqkvp_, dqkv_);
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 3 * Dl}, dqkv_.data(), p.qkv_w);
       if (input_only)
         copy(dqkv_, S.wgrad[l].qkv);
@@ -1042,6 +1086,8 @@ class DeviceGPT {
   DeviceTensor<std::int32_t> positions_, positions_local_;  // every row's position; this rank's rows' (sp)
   bool sp_ = false;                        // sequence parallelism (tp > 1)
   bool split_ = false;                     // backward may be split into I and W passes (set_split_backward)
+  bool flash_ = false;                     // fused attention (set_fused_attention)
+  DeviceTensor<float> flash_d_;            // fused attention's dy . y per row and head (backward scratch)
   DeviceTensor<C> dres_full_, ln_local_;   // sp: every row's residual gradient (gathered); a LayerNorm's rows here
   DeviceTensor<float> local_f_, sp_grad_;  // sp: this rank's rows in fp32; a LayerNorm's weight and bias gradients
   std::size_t act_bytes_ = 0;

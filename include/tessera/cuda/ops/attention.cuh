@@ -4,7 +4,7 @@
 /// path, as llm.c's): the heads of the fused (B, T, 3C) projection split out to (3, B, H, T, hd),
 /// scores = q k^T / sqrt(hd) by one strided-batched cuBLASLt call over all B x H heads, a causal
 /// softmax kernel that keeps the probabilities (B, H, T, T) for backward, y = p v, the heads
-/// merged back to (B, T, C). The fused (flash) path is future work; this one is what it will be
+/// merged back to (B, T, C). The fused path is ops/flash_attention.cuh; this one is what it is
 /// checked against. CUDA code.
 
 #include <cuda_runtime.h>
