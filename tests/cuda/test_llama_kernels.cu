@@ -141,7 +141,7 @@ TEST_CASE("llama kernels: rope_expand -> tessera's attention -> rope_reduce equa
   CHECK_THROWS_WITH_AS(ld::rope_expand<float>(stream(), a, table, s, b), doctest::Contains("kv_heads 3"), Error);
 }
 
-TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gradient equal llama::DecoderLayer (fp32; bf16 forward within its rounding)") {
+TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gradient equal llama::DecoderLayer, with the unfused attention and with the fused kernels (fp32; bf16 forward within its rounding)") {
   const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 48,
                                   .ffn_hidden = 40};
   const std::int64_t B = 2, Tn = 11, d = config.d_model;
@@ -155,24 +155,30 @@ TEST_CASE("llama DeviceDecoderLayer: forward, input gradient and every weight gr
   const ld::FlatLayerLayout& l = layer.layout();
   const std::vector<float> w_host = ld::pack_layer(cpu, l), g_ref = ld::pack_layer(cpu, l, /*grads=*/true);
   auto w = dev(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
-  auto g = dev(Tensor<float>(Shape{l.total}));
   auto xd = dev(x), dyd = dev(dy);
-  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
-  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
-  layer.forward(xd, w.data(), y);
-  layer.backward(dyd, w.data(), g.data(), dx);
-  CHECK(rel(host(y), y_ref) < 1e-5);
-  CHECK(rel(host(dx), dx_ref) < 1e-5);
-  const Tensor<float> gd = host(g);
-  for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
-    CAPTURE(t);
-    const auto tt = static_cast<ld::LayerTensor>(t);
-    Tensor<float> a(Shape{l.size(tt)}), b(Shape{l.size(tt)});
-    for (std::int64_t i = 0; i < l.size(tt); ++i) {
-      a.data()[i] = gd.data()[l.at(tt) + i];
-      b.data()[i] = g_ref[static_cast<std::size_t>(l.at(tt) + i)];
+  // The unfused attention (this layer's), then the fused kernels (a layer on a fused scratch).
+  auto fused_scratch = std::make_shared<ld::DecoderScratch<float>>(config, B, Tn, stream(), 1, /*fused_attention=*/true);
+  ld::DeviceDecoderLayer<float> fused_layer(config, B, Tn, stream(), blas(), fused_scratch);
+  for (ld::DeviceDecoderLayer<float>* run : {&layer, &fused_layer}) {
+    CAPTURE(run == &fused_layer);
+    auto g = dev(Tensor<float>(Shape{l.total}));
+    auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
+    auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
+    run->forward(xd, w.data(), y);
+    run->backward(dyd, w.data(), g.data(), dx);
+    CHECK(rel(host(y), y_ref) < 1e-5);
+    CHECK(rel(host(dx), dx_ref) < 1e-5);
+    const Tensor<float> gd = host(g);
+    for (int t = 0; t < 6; ++t) {  // each tensor on its own, so one wrong gradient is named
+      CAPTURE(t);
+      const auto tt = static_cast<ld::LayerTensor>(t);
+      Tensor<float> a(Shape{l.size(tt)}), b(Shape{l.size(tt)});
+      for (std::int64_t i = 0; i < l.size(tt); ++i) {
+        a.data()[i] = gd.data()[l.at(tt) + i];
+        b.data()[i] = g_ref[static_cast<std::size_t>(l.at(tt) + i)];
+      }
+      CHECK(rel(a, b) < 1e-5);
     }
-    CHECK(rel(a, b) < 1e-5);
   }
   // bf16 storage (fp32 gradients): the forward within bf16's rounding of the fp32 layer.
   ld::DeviceDecoderLayer<tc::bf16> lb(config, B, Tn, stream(), blas());
@@ -696,30 +702,8 @@ TEST_CASE("llama LlamaDevicePipeline: 1F1B, GPipe and interleaved 1F1B at pp 2 (
   }
 }
 
-TEST_CASE("llama fused attention: DeviceDecoderLayer on the fused kernels equals llama::DecoderLayer (fp32 1e-5), and DeviceLlama on them trains as the unfused DeviceLlama (4 clipped AdamW steps, fp32 and bf16)") {
-  const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 48,
-                                  .ffn_hidden = 40};
-  const std::int64_t B = 2, Tn = 11, d = config.d_model;
-  llama::DecoderLayer<float> cpu = llama::decoder_layer<float>(config, 1, 5);
-  unsigned seed = 80;
-  for (Parameter<float>& p : cpu.parameters()) p.value.copy_from(randn(p.value.shape(), seed++, 0.2f));
-  const Tensor<float> x = randn(Shape{B, Tn, d}, 81), dy = randn(Shape{B, Tn, d}, 82);
-  auto [y_ref, ctx] = cpu.forward(x);
-  const Tensor<float> dx_ref = cpu.backward(dy, ctx);
-  auto scratch = std::make_shared<ld::DecoderScratch<float>>(config, B, Tn, stream(), 1, /*fused_attention=*/true);
-  ld::DeviceDecoderLayer<float> layer(config, B, Tn, stream(), blas(), scratch);
-  const ld::FlatLayerLayout& l = layer.layout();
-  const std::vector<float> w_host = ld::pack_layer(cpu, l), g_ref = ld::pack_layer(cpu, l, /*grads=*/true);
-  auto w = dev(Tensor<float>::from(Shape{l.total}, std::span<const float>(w_host)));
-  auto g = dev(Tensor<float>(Shape{l.total}));
-  auto xd = dev(x), dyd = dev(dy);
-  auto y = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
-  auto dx = tc::DeviceTensor<float>::empty(Shape{B, Tn, d}, stream());
-  layer.forward(xd, w.data(), y);
-  layer.backward(dyd, w.data(), g.data(), dx);
-  CHECK(rel(host(y), y_ref) < 1e-5);
-  CHECK(rel(host(dx), dx_ref) < 1e-5);
-  CHECK(rel(host(g), Tensor<float>::from(Shape{l.total}, std::span<const float>(g_ref))) < 1e-5);
+TEST_CASE("llama fused attention: DeviceLlama on the fused kernels trains as the unfused DeviceLlama (4 clipped AdamW steps: losses, norms and weights within 1e-5; bf16 within 5e-2)") {
+  const std::int64_t B = 2, Tn = 11;
   // The whole model: fused against unfused, from the same weights and batches.
   const llama::LlamaConfig mc{.vocab_size = 50, .n_layer = 2, .n_head = 4, .n_kv_head = 2, .d_model = 32,
                               .ffn_hidden = 24};

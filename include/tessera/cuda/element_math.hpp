@@ -24,6 +24,15 @@ TESSERA_HD inline float exp_f(float x) {
 #endif
 }
 
+/// log(x) in fp32 (logf on the device, std::log on the host).
+TESSERA_HD inline float log_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
 /// sqrt(x) in fp32.
 TESSERA_HD inline float sqrt_f(float x) {
 #if defined(__CUDA_ARCH__)

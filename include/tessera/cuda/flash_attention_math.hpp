@@ -20,14 +20,6 @@
 
 namespace tessera::cuda::math {
 
-/// log(x) in fp32 (logf on the device, std::log on the host).
-TESSERA_HD inline float log_f(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
 
 /// Keys (forward, dQ) or queries (dK and dV) per tile.
 inline constexpr int flash_tile = 32;

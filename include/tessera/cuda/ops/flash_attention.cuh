@@ -40,6 +40,19 @@ __device__ __forceinline__ std::int64_t qkv_at(std::int64_t b, std::int64_t t, i
   return (b * Tn + t) * 3 * C + part * C + h * hd;
 }
 
+// The block's threads stage the key tile [j0, j0 + flash_tile) of head h (rows past T left out)
+// into shared memory as fp32, k into ks and v into vs (hd floats per row).
+template <class T>
+__device__ __forceinline__ void stage_kv_tile(const T* qkv, float* ks, float* vs, int b, int h, int j0, int Tn, int C,
+                                              int hd) {
+  const int rows = min(math::flash_tile, Tn - j0);
+  for (int i = static_cast<int>(threadIdx.x); i < rows * hd; i += flash_rows) {
+    const int r = i / hd, e = i % hd;
+    ks[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 1, h, Tn, C, hd) + e]);
+    vs[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 2, h, Tn, C, hd) + e]);
+  }
+}
+
 // Forward: block (query tile, b * H + h), a thread per query row.
 template <class T, int HD>
 __global__ void __launch_bounds__(flash_rows) flash_attention_forward(const T* qkv, T* y, float* lse, int H, int Tn,
@@ -58,12 +71,7 @@ __global__ void __launch_bounds__(flash_rows) flash_attention_forward(const T* q
   const int last = min(row0 + flash_rows, Tn) - 1;  // the block's last query row
   for (int j0 = 0; j0 <= last; j0 += math::flash_tile) {
     __syncthreads();
-    const int rows = min(math::flash_tile, Tn - j0);
-    for (int i = static_cast<int>(threadIdx.x); i < rows * hd; i += flash_rows) {
-      const int r = i / hd, e = i % hd;
-      ks[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 1, h, Tn, C, hd) + e]);
-      vs[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 2, h, Tn, C, hd) + e]);
-    }
+    stage_kv_tile(qkv, ks, vs, b, h, j0, Tn, C, hd);
     __syncthreads();
     if (t < Tn) math::flash_forward_tile<HD>(q, ks, vs, hd, math::flash_keys_seen(t, j0, Tn), hd, scale, m, l, acc);
   }
@@ -163,12 +171,7 @@ __global__ void __launch_bounds__(flash_rows) flash_attention_backward_q(const T
   const int last = min(row0 + flash_rows, Tn) - 1;
   for (int j0 = 0; j0 <= last; j0 += math::flash_tile) {
     __syncthreads();
-    const int rows = min(math::flash_tile, Tn - j0);
-    for (int i = static_cast<int>(threadIdx.x); i < rows * hd; i += flash_rows) {
-      const int r = i / hd, e = i % hd;
-      ks[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 1, h, Tn, C, hd) + e]);
-      vs[r * hd + e] = load_f32(qkv[qkv_at(b, j0 + r, 2, h, Tn, C, hd) + e]);
-    }
+    stage_kv_tile(qkv, ks, vs, b, h, j0, Tn, C, hd);
     __syncthreads();
     if (t < Tn) math::flash_dq_tile<HD>(q, g, row_lse, row_d, ks, vs, hd, math::flash_keys_seen(t, j0, Tn), hd, scale, dq);
   }
