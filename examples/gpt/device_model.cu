@@ -139,8 +139,13 @@ class CudaModel final : public DeviceModel {
     for (auto& c : chunks_)
       ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(
           *comm_, stream_, c->gradient_view(), tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements)));
-    if (overlap && chunks_.size() == 1)
+    if (overlap && pipe_ && !pipe_->splits_backward()) {  // each chunk's last backward of a step reduces
+      std::vector<tessera::cuda::DeviceDataParallel*> ddp;
+      for (auto& d : ddp_) ddp.push_back(d.get());
+      pipe_->overlap_data_parallel(std::move(ddp));
+    } else if (overlap && !pipe_ && chunks_.size() == 1) {
       model().set_backward_hook([this](std::int64_t offset) { ddp_.front()->gradients_final_from(offset); });
+    }
   }
   void set_sync(bool sync) override {
     for (auto& d : ddp_) d->set_sync(sync);

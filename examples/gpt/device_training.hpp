@@ -115,11 +115,12 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // With tp through NCCL too, the dp reduction waits for the end of backward: NCCL kernels of two
   // communicators running at once on a GPU can deadlock (NCCL's user guide, "Using multiple NCCL
   // communicators concurrently"), as the tp collectives inside backward would with dp buckets.
-  // Under a pipeline too: each micro-batch's backward would fire the hooks, and the schedule
-  // decides which backward is a rank's last.
+  // Likewise the pipeline's transfers through NCCL. Threads sharing a GPU overlap under a pipeline
+  // too: each chunk's last backward of the step reduces its buckets (DevicePipeline's
+  // overlap_data_parallel; after the step under ZB-H1, whose weight gradients finish in W passes).
   if (dp > 1)
     dev->attach_data_parallel(world.split(pp_rank * tp + tp_rank, dp_rank), (25LL << 20) / 4, zero1, own_gpus,
-                              /*overlap=*/!(own_gpus && tp > 1) && pp == 1);
+                              /*overlap=*/!(own_gpus && (tp > 1 || pp > 1)));
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();
   if (lead)

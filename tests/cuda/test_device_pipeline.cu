@@ -135,7 +135,7 @@ schedule::Schedule make_schedule(Kind k, int pp, int m, int v = 1) {
 // (interleaved: each chunk a DeviceGPT stage, each with its own dp reduction).
 template <class C>
 std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg,
-                           int v = 1) {
+                           int v = 1, bool overlap = false) {
   return threads::run(dp * pp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
@@ -167,6 +167,11 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
       for (tc::DeviceGPT<C>* c : chunks)
         ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(),
                                                                tc::device_grad_buckets(c->numel(), c->ready_offsets(), 4000)));
+      if (overlap) {  // each chunk's last backward of the step reduces its buckets as it finishes them
+        std::vector<tc::DeviceDataParallel*> raw;
+        for (auto& x : ddp) raw.push_back(x.get());
+        pipe.overlap_data_parallel(raw);
+      }
     }
     const std::int64_t rows = kRows / dp / m;
     Run r;
@@ -317,6 +322,44 @@ TEST_CASE("DevicePipeline ZB-H1 (split backward: I passes, deferred W passes) at
   // bf16: the deferred products read the same bf16 operands the fused backward reads.
   const Run ref16 = single<tc::bf16>(d, pp_cfg);
   check_equal(pipelined<tc::bf16>(d, 1, 2, 1, 4, Kind::zb_h1, false, pp_cfg), ref16, 2e-2);
+}
+
+TEST_CASE("DevicePipeline with the dp reduction overlapped with the step's backward passes (each chunk's last backward reduces its buckets): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, and dp 2 x pp 2 x tp 2 with SP, bitwise the run that reduces after the step; ZB-H1 refused") {
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<float>(d, pp_cfg);
+  struct Case {
+    Kind kind;
+    int tp, m, v;
+    bool sp;
+  };
+  for (const Case c : {Case{Kind::one_f_one_b, 1, 2, 1, false}, Case{Kind::gpipe, 1, 2, 1, false},
+                       Case{Kind::interleaved, 1, 2, 2, false}, Case{Kind::one_f_one_b, 2, 2, 1, true}}) {
+    CAPTURE(static_cast<int>(c.kind));
+    CAPTURE(c.tp);
+    const std::vector<Run> after = pipelined<float>(d, 2, 2, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v);
+    const std::vector<Run> overlapped = pipelined<float>(d, 2, 2, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, true);
+    check_equal(overlapped, ref, 1e-5);
+    REQUIRE(after.size() == overlapped.size());
+    for (std::size_t r = 0; r < after.size(); ++r) {
+      CAPTURE(r);
+      CHECK(overlapped[r].params == after[r].params);  // the same sums, in the same order
+      CHECK(overlapped[r].losses == after[r].losses);
+    }
+  }
+  threads::run(2, [&](Comm& world) {  // a split backward finishes its weight gradients in the W passes
+    tc::set_device(0);
+    const tc::Stream compute;
+    tc::ThreadDeviceComm pp_comm(world.split(0, world.rank()), compute);
+    tc::ThreadDeviceComm emb(world.split(0, world.rank()), compute);
+    GPT<float> init(pp_cfg, 5);
+    const StagePartition part = gpt_balanced_partition(pp_cfg, 2);
+    tc::DeviceGPT<float> m(pp_cfg, init.parameters(), compute, 0, 1, nullptr, false, tc::device_stage(part, world.rank()));
+    tc::DevicePipeline<float> pipe(m, pp_comm, &emb, part, schedule::ZeroBubbleH1{4}.build(2));
+    CHECK(pipe.splits_backward());
+    CHECK_THROWS_WITH_AS(pipe.overlap_data_parallel({nullptr}), doctest::Contains("splits backward"), Error);
+    CHECK_THROWS_WITH_AS(pipe.overlap_data_parallel({}), doctest::Contains("0 data-parallel reductions for 1 model chunks"),
+                         Error);
+  });
 }
 
 TEST_CASE("DevicePipeline refuses a schedule for another chunk count, a zero-bubble schedule beside a backward hook, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {

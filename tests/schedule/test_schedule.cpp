@@ -953,6 +953,36 @@ TEST_CASE("walk_step (the device pipeline's bookkeeping): every rank of GPipe, 1
   CHECK(slots_needed(OneFOneB{8}.build(4), 0) == std::vector<int>{4});
   CHECK(slots_needed(OneFOneB{8}.build(4), 3) == std::vector<int>{1});
   CHECK(slots_needed(GPipe{8}.build(4), 2) == std::vector<int>{8});
+  // The last backward of each chunk (where overlapped data parallelism starts reducing it): the
+  // step's last micro-batch under 1F1B, GPipe and interleaving; none under a split backward. It
+  // is each chunk's final B: no B of that chunk follows it, and the chunk runs all m of them.
+  for (const Schedule& sch : {OneFOneB{8}.build(4), GPipe{4}.build(2), InterleavedOneFOneB{4, 2}.build(2),
+                              ZeroBubbleH1{4}.build(2)}) {
+    CAPTURE(sch.description());
+    for (int r = 0; r < sch.pp_size; ++r) {
+      const std::vector<int> last = last_backward_microbatch(sch, r);
+      REQUIRE(static_cast<int>(last.size()) == sch.virtual_stages);
+      for (int c = 0; c < sch.virtual_stages; ++c) {
+        CAPTURE(r);
+        CAPTURE(c);
+        if (splits_backward(sch, r, c)) {  // ZB-H1
+          CHECK(last[static_cast<std::size_t>(c)] == -1);
+          continue;
+        }
+        CHECK(last[static_cast<std::size_t>(c)] == sch.num_microbatches - 1);
+        int backwards = 0, after = 0;
+        bool seen = false;
+        for (const Action& a : sch.compute_order(r))
+          if (a.kind == ActionKind::backward && sch.chunk_of(a.stage_index) == c) {
+            ++backwards;
+            if (seen) ++after;
+            if (a.microbatch == last[static_cast<std::size_t>(c)]) seen = true;
+          }
+        CHECK(backwards == sch.num_microbatches);
+        CHECK(after == 0);
+      }
+    }
+  }
   // A schedule whose compute reads a buffer never received is refused, naming it.
   Schedule broken = OneFOneB{2}.build(2);
   auto& ticks = broken.ticks[1];

@@ -16,9 +16,13 @@
 /// Zero-bubble schedules (ZB-H1, Qi et al. 2024) run their split backward: I passes
 /// (DeviceGPT::stage_backward_input: the input gradient, sent at once) and W passes
 /// (stage_backward_weight: the deferred weight-gradient products, filling the bubble).
+///
+/// Data parallelism over the chunks either reduces after the step (DeviceDataParallel::finish)
+/// or, with overlap_data_parallel, during each chunk's last backward of the step.
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <utility>
@@ -27,6 +31,7 @@
 #include "tessera/core/batch_position.hpp"
 #include "tessera/core/error.hpp"
 #include "tessera/cuda/device_comm.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/ops/residual_add.cuh"
@@ -62,12 +67,14 @@ inline DeviceStage device_stage(const StagePartition& partition, int stage) {
 /// host over every schedule). `Stage` is any model chunk with DeviceGPT's stage interface:
 /// stream(), boundary_shape(B, T), slots(), stage_forward, stage_backward, stage_backward_input,
 /// stage_backward_weight (DeviceGPT; the Llama example's DeviceLlama). `dloss`: the loss's
-/// gradient per token. Collective over the pipeline group (and the chunks' tp). Throws
-/// tessera::Error naming the counts when the micro-batches are not the schedule's number or
-/// differ in shape.
+/// gradient per token. `before_backward` (optional): called with (chunk, micro-batch) before
+/// each full backward pass (B), e.g. to say which one ends the step's gradients. Collective over
+/// the pipeline group (and the chunks' tp). Throws tessera::Error naming the counts when the
+/// micro-batches are not the schedule's number or differ in shape.
 template <class Stage>
 void run_pipeline_step(const std::vector<Stage*>& chunks, DeviceComm& pp, const schedule::Schedule& sched,
-                       std::span<const DeviceMicroBatch> micro, float dloss) {
+                       std::span<const DeviceMicroBatch> micro, float dloss,
+                       const std::function<void(int, int)>* before_backward = nullptr) {
   TESSERA_EXPECTS(!chunks.empty(), "pipeline step: no model chunk given");
   TESSERA_EXPECTS(static_cast<int>(micro.size()) == sched.num_microbatches, "pipeline step: ", micro.size(),
                   " micro-batches given, ", sched.description(), " runs ", sched.num_microbatches);
@@ -89,6 +96,7 @@ void run_pipeline_step(const std::vector<Stage*>& chunks, DeviceComm& pp, const 
     std::int64_t B, T;
     Shape edge;
     const Stream& st;
+    const std::function<void(int, int)>* before_backward;
     DeviceTensor<float> make(const schedule::Action&) { return DeviceTensor<float>::empty(edge, st); }
     Stage& chunk(const schedule::Action& a) { return *chunks[static_cast<std::size_t>(sched.chunk_of(a.stage_index))]; }
     void forward(const schedule::Action& a, int slot, const DeviceTensor<float>* input, DeviceTensor<float>* output) {
@@ -101,10 +109,12 @@ void run_pipeline_step(const std::vector<Stage*>& chunks, DeviceComm& pp, const 
       const DeviceMicroBatch& m = micro[static_cast<std::size_t>(a.microbatch)];
       const DeviceView<const float> dy = grad_output ? DeviceView<const float>(*grad_output) : DeviceView<const float>{};
       const DeviceView<float> dx = grad_input ? grad_input->view() : DeviceView<float>{};
-      if (a.kind == schedule::ActionKind::backward_input)
+      if (a.kind == schedule::ActionKind::backward_input) {
         chunk(a).stage_backward_input(slot, m.tokens, dy, dx);
-      else
+      } else {
+        if (before_backward != nullptr) (*before_backward)(sched.chunk_of(a.stage_index), a.microbatch);
         chunk(a).stage_backward(slot, m.tokens, dy, dx);
+      }
     }
     void backward_weight(const schedule::Action& a, int slot) { chunk(a).stage_backward_weight(slot); }
     void exchange(std::vector<schedule::WalkTransfer<DeviceTensor<float>>>& group) {
@@ -114,7 +124,7 @@ void run_pipeline_step(const std::vector<Stage*>& chunks, DeviceComm& pp, const 
       pp.batch_send_recv(ops);
     }
     int slots(int c) const { return chunks[static_cast<std::size_t>(c)]->slots(); }
-  } ex{chunks, pp, sched, micro, dloss, B, T, edge, st};
+  } ex{chunks, pp, sched, micro, dloss, B, T, edge, st, before_backward};
   schedule::walk_step<DeviceTensor<float>>(sched, pp.rank(), ex);
 }
 
@@ -206,7 +216,43 @@ class DevicePipeline {
   /// the pipeline group (and tp). Throws tessera::Error naming the counts when the micro-batches
   /// are not the schedule's number or differ in shape.
   void forward_backward(std::span<const DeviceMicroBatch> micro, float dloss) {
-    run_pipeline_step(chunks_, pp_, sched_, micro, dloss);
+    if (ddp_.empty()) return run_pipeline_step(chunks_, pp_, sched_, micro, dloss);
+    // Overlapped data parallelism: only each chunk's last backward of the step reduces.
+    const std::function<void(int, int)> sync = [this](int c, int microbatch) {
+      ddp_[static_cast<std::size_t>(c)]->set_sync(microbatch == last_[static_cast<std::size_t>(c)]);
+    };
+    run_pipeline_step(chunks_, pp_, sched_, micro, dloss, &sync);
+  }
+
+  /// Whether any of this rank's chunks runs a split backward (zero-bubble I and W passes).
+  bool splits_backward() const {
+    for (std::size_t c = 0; c < chunks_.size(); ++c)
+      if (schedule::splits_backward(sched_, pp_.rank(), static_cast<int>(c))) return true;
+    return false;
+  }
+  /// Data parallelism overlapped with the step's backward passes (as DDP's buckets, Li et al.
+  /// 2020, and Megatron-LM's overlap_grad_reduce under a pipeline): `ddp[c]` (a
+  /// DeviceDataParallel over chunk c's gradient_view, its buckets in the chunk's ready_offsets)
+  /// reduces the chunk's buckets as the chunk's last backward of the step
+  /// (schedule::last_backward_microbatch) finishes them, while the rest of the step runs; the
+  /// earlier micro-batches only accumulate. Sets each chunk's backward hook. Call each ddp's
+  /// finish() after forward_backward, as without overlap. Threads sharing a device only: with
+  /// NCCL the pipeline's transfers and the reductions would run on two communicators at once
+  /// (NCCL's user guide: they may deadlock). Throws tessera::Error naming the counts when ddp
+  /// is not one per chunk, or when a chunk splits its backward (ZB-H1: its weight gradients
+  /// finish in the W passes).
+  void overlap_data_parallel(std::vector<DeviceDataParallel*> ddp) {
+    TESSERA_EXPECTS(ddp.size() == chunks_.size(), "DevicePipeline::overlap_data_parallel: ", ddp.size(),
+                    " data-parallel reductions for ", chunks_.size(), " model chunks");
+    TESSERA_EXPECTS(!splits_backward(), "DevicePipeline::overlap_data_parallel: ", sched_.description(),
+                    " splits backward (its weight gradients finish in the W passes); reduce after the step");
+    last_ = schedule::last_backward_microbatch(sched_, pp_.rank());
+    for (std::size_t c = 0; c < chunks_.size(); ++c) {
+      TESSERA_EXPECTS(ddp[c] != nullptr, "DevicePipeline::overlap_data_parallel: chunk ", c, " has a null reduction");
+      DeviceDataParallel* d = ddp[c];
+      chunks_[c]->set_backward_hook([d](std::int64_t offset) { d->gradients_final_from(offset); });
+    }
+    ddp_ = std::move(ddp);
   }
 
   /// Forward passes without gradients (evaluation) of `micro`, each micro-batch down the
@@ -323,6 +369,8 @@ class DevicePipeline {
   }
 
   std::vector<DeviceGPT<C>*> chunks_;
+  std::vector<DeviceDataParallel*> ddp_;  // overlap_data_parallel's, one per chunk (empty: none)
+  std::vector<int> last_;                 // each chunk's last backward micro-batch of a step
   DeviceComm& pp_;
   DeviceComm* embedding_;
   StagePartition partition_;

@@ -53,6 +53,20 @@ inline bool splits_backward(const Schedule& s, int rank, int chunk) {
   return false;
 }
 
+/// Per model chunk of `rank`, the micro-batch of its last backward pass (B) in the rank's
+/// compute order: the pass after which the chunk's gradients of the step are final, so data
+/// parallelism can reduce them while the rest of the step runs (cuda::DevicePipeline's
+/// overlap_data_parallel). -1 for a chunk that splits its backward (I and W passes: its weight
+/// gradients finish in the W passes) or has no backward. Throws what Schedule::compute_order throws.
+inline std::vector<int> last_backward_microbatch(const Schedule& s, int rank) {
+  std::vector<int> last(static_cast<std::size_t>(s.virtual_stages), -1);
+  for (const Action& a : s.compute_order(rank))
+    if (a.kind == ActionKind::backward) last[static_cast<std::size_t>(s.chunk_of(a.stage_index))] = a.microbatch;
+  for (int c = 0; c < s.virtual_stages; ++c)
+    if (splits_backward(s, rank, c)) last[static_cast<std::size_t>(c)] = -1;
+  return last;
+}
+
 /// Walks `rank`'s ticks of `s` for one step, calling on `ex`:
 /// - `Buffer ex.make(const Action&)`: a new boundary buffer (a stage's output or input gradient,
 ///   or a receive's);
