@@ -12,6 +12,8 @@
 #   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor);
 #   a trailing ,freeze=N on any policy adds --freeze-variance N (AdamW's second moment frozen
 #   after N steps, 1-bit Adam), e.g. powersgd:4,warmup=20,freeze=20.
+# TRAIN_GPT_ARGS="--lr 1.5e-3 --clip 0" adds train_gpt flags to every run (the log's first
+#   line names them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-build}
@@ -44,8 +46,10 @@ for p in "${policies[@]}"; do
   esac
   echo "== $p" >&2
   start=$(date +%s)
+  read -ra more <<< "${TRAIN_GPT_ARGS:-}"
+  echo "convergence.sh: $p, TRAIN_GPT_ARGS='${TRAIN_GPT_ARGS:-}'" > "$out/$name.log"
   "$dir/examples/train_gpt" --data data/kjv.txt --dp 4 --layers 6 --d-model 192 --heads 6 --context 128 --batch 32 \
-    --steps 400 --log-every 20 --val-every 50 --sample-len 0 --loss-csv "$out/$name.csv" "${flags[@]}" "${extra[@]}" > "$out/$name.log" 2>&1
+    --steps 400 --log-every 20 --val-every 50 --sample-len 0 --loss-csv "$out/$name.csv" "${flags[@]}" "${extra[@]}" "${more[@]}" >> "$out/$name.log" 2>&1
   echo "$p: $(( $(date +%s) - start )) s" >&2
 done
 # Summary: final validation loss (the last step's), mean dp MB/step over the progress lines.
