@@ -304,10 +304,12 @@ int main(int argc, char** argv) {
                       "head dimension (--d-model / --heads = ", a.d_model, " / ", a.heads, " = ", a.d_model / a.heads,
                       ") of at most 128");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
-      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 &&
-                          (a.zero_stage() == ZeroStage::none || a.zero_stage() == ZeroStage::optimizer),
-                      "train_gpt: --compress, --sync-every and --zero 2/3 are not built on the device yet (--zero 1 "
-                      "is); drop them with --device cuda");
+      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() != ZeroStage::parameters,
+                      "train_gpt: --compress, --sync-every and --zero 3 are not built on the device yet (--zero 1 and "
+                      "2 are); drop them with --device cuda");
+      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1, "train_gpt: --device cuda --zero 2 takes "
+                      "--pp 1 (got --pp ", a.pp, "): a stage's tied wte is summed over the first and last stage after "
+                      "the dp reduction; use --zero 1 under a pipeline");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).

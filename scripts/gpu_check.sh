@@ -254,6 +254,7 @@ sec_3b() {
 sec_3c() {
   verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
   verify_layout 20 240 "" --dp 4
+  verify_layout 10 120 " (ZeRO-2: per-bucket gradient buffers)" --dp 2 --zero 2 --accum 2
 }
 sec_3d() {
   verify_layout 10 90 "" --tp 2
@@ -261,6 +262,7 @@ sec_3d() {
   verify_layout 10 90 "" --dp 2 --tp 2
   verify_layout 10 90 "" --tp 2 --sequence-parallel
   verify_layout 10 90 "" --dp 2 --tp 2 --zero 1 --sequence-parallel
+  verify_layout 10 90 "" --dp 2 --tp 2 --zero 2 --sequence-parallel
 }
 sec_3e() {
   verify_layout 10 90 " (the issue's pp 2 figure)" --pp 2
@@ -290,8 +292,8 @@ declare -A title=(
   [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"
   [3]="train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
   [3b]="train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
-  [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps"
-  [3d]="train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
+  [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps; --dp 2 --zero 2 --accum 2: 10 steps"
+  [3d]="train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 and ZeRO-2 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
   [3e]="train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
   [4]="checkpoints across devices"
   [5]="NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"

@@ -62,7 +62,14 @@ class CudaModel final : public DeviceModel {
     for (auto& c : chunks_) sum += c->take_loss_sum();
     return sum;
   }
-  double grad_norm() override { return pipe_ ? pipe_->grad_norm() : model().grad_norm(); }
+  double grad_norm() override {
+    if (!ddp_.empty() && ddp_.front()->sharded_gradients()) {  // ZeRO-2: each rank's shard's part, summed over dp
+      const tessera::cuda::DeviceView<float> sum = model().grad_sum_of_squares();
+      ddp_.front()->all_reduce(sum);
+      return model().reduce_grad_norm(sum);
+    }
+    return pipe_ ? pipe_->grad_norm() : model().grad_norm();
+  }
   std::string nonfinite_gradient() const override {
     for (const auto& c : chunks_)
       if (const auto bad = c->first_nonfinite_gradient()) return bad->first + " (element " + std::to_string(bad->second) + ")";
@@ -119,9 +126,12 @@ class CudaModel final : public DeviceModel {
     if (cudaGetDeviceProperties(&p, tessera::cuda::current_device()) != cudaSuccess) return "CUDA device";
     return p.name;
   }
-  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
-                            bool nccl, bool overlap) override {
-    if (shard_optimizer)
+  void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
+                            bool overlap) override {
+    TESSERA_EXPECTS(zero >= 0 && zero <= 2, "train_gpt: ZeRO stage ", zero, " on the device; 0, 1 or 2");
+    TESSERA_EXPECTS(zero < 2 || !pipe_, "train_gpt: ZeRO-2 on the device takes pp 1 (a stage's tied wte is summed "
+                    "over the embedding group after the dp reduction)");
+    if (zero >= 1)
       for (auto& c : chunks_) c->shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
     if (nccl) {
@@ -136,9 +146,16 @@ class CudaModel final : public DeviceModel {
       comm_ = std::make_unique<tessera::cuda::ThreadDeviceComm>(std::move(dp), *comm_stream_);
     }
     // One reduction per model chunk, over the same communicator, in chunk order on every rank.
-    for (auto& c : chunks_)
-      ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(
-          *comm_, stream_, c->gradient_view(), tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements)));
+    for (auto& c : chunks_) {
+      auto buckets = tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements);
+      if (zero == 2) {  // ZeRO-2: per-bucket gradient buffers, each reduced onto its elements' owners
+        c->shard_gradients(std::move(buckets));
+        ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, *c->bucket_gradients()));
+      } else {
+        ddp_.push_back(
+            std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, c->gradient_view(), std::move(buckets)));
+      }
+    }
     if (overlap && pipe_ && !pipe_->splits_backward()) {  // each chunk's last backward of a step reduces
       std::vector<tessera::cuda::DeviceDataParallel*> ddp;
       for (auto& d : ddp_) ddp.push_back(d.get());

@@ -45,14 +45,18 @@ class DeviceModel {
   virtual void set_fused_attention(bool on) = 0;
   // Data parallelism with the other ranks of `dp` (threads of this process on the same GPU):
   // each forward_backward with sync on reduces its gradients in buckets of at most
-  // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with
-  // `shard_optimizer` (ZeRO-1) each rank keeps AdamW's moments of its 1/dp of the flat buffers,
-  // steps those weights and gathers the others' (the model made with shards = dp). Collective
-  // over dp. With `nccl` the ranks each drive a GPU of their own and reduce through NCCL (the
-  // model made on device dp.rank()); otherwise they share this GPU (threads of one process).
-  // Without `overlap` the buckets are reduced after backward (finish_gradients), not during it.
-  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, bool shard_optimizer,
-                                    bool nccl, bool overlap = true) = 0;
+  // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with `zero` 1
+  // (ZeRO-1) each rank keeps AdamW's moments of its 1/dp of the flat buffers, steps those
+  // weights and gathers the others' (the model made with shards = dp); with `zero` 2 (ZeRO-2,
+  // pp 1) it also keeps only its 1/dp of the reduced gradients: with `overlap` every backward
+  // reduces each bucket onto the owners of its elements (DeviceGPT::shard_gradients), whatever
+  // set_sync says; without it the buckets are held over the step and reduced once.
+  // Collective over dp. With `nccl` the ranks each drive a GPU of their own and reduce through
+  // NCCL (the model made on device dp.rank()); otherwise they share this GPU (threads of one
+  // process). Without `overlap` the buckets are reduced after backward (finish_gradients), not
+  // during it. Throws tessera::Error for `zero` outside 0..2, or 2 under a pipeline.
+  virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
+                                    bool overlap = true) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).
   virtual void set_sync(bool sync) = 0;
   // After a step's last forward_backward, before grad_norm and step: the reductions ordered

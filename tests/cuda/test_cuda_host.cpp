@@ -598,6 +598,51 @@ TEST_CASE("device_grad_buckets: units joined in backward's order up to the cap; 
                        tessera::Error);
 }
 
+TEST_CASE("zero2_piece_counts: a bucket cut at the dp shards' borders, each piece its owner's, against an element-by-element count") {
+  namespace tc = tessera::cuda;
+  // 3 ranks x 150 elements: [250, 420) is [250, 300) on rank 1 and [300, 420) on rank 2.
+  auto c = tc::zero2_piece_counts(tc::DeviceGradBucket{250, 420}, 150, 3);
+  CHECK(c == std::vector<std::int64_t>{0, 50, 120});
+  c = tc::zero2_piece_counts(tc::DeviceGradBucket{0, 450}, 150, 3);
+  CHECK(c == std::vector<std::int64_t>{150, 150, 150});
+  c = tc::zero2_piece_counts(tc::DeviceGradBucket{10, 20}, 150, 3);  // inside one shard
+  CHECK(c == std::vector<std::int64_t>{10, 0, 0});
+  c = tc::zero2_piece_counts(tc::DeviceGradBucket{149, 301}, 150, 3);  // one element each side of a whole shard
+  CHECK(c == std::vector<std::int64_t>{1, 150, 1});
+  for (int ranks : {1, 2, 3, 5, 8})
+    for (std::int64_t shard : {1LL, 7LL, 64LL}) {
+      const std::int64_t n = shard * ranks;
+      for (std::int64_t lo = 0; lo < n; lo += 3)
+        for (std::int64_t hi = lo + 1; hi <= n; hi += 5) {
+          std::vector<std::int64_t> want(static_cast<std::size_t>(ranks), 0);
+          for (std::int64_t i = lo; i < hi; ++i) ++want[static_cast<std::size_t>(i / shard)];
+          if (tc::zero2_piece_counts(tc::DeviceGradBucket{lo, hi}, shard, ranks) != want) {
+            FAIL_CHECK("ranks ", ranks, " shard ", shard, " bucket [", lo, ", ", hi, ")");
+            return;
+          }
+        }
+    }
+  // Each rank's piece: where it starts (an empty one where it would) and its length; every
+  // non-empty piece inside its owner's shard.
+  for (int rank = 0; rank < 3; ++rank) {
+    CAPTURE(rank);
+    const tc::ZeroPiece p = tc::zero2_piece(tc::DeviceGradBucket{250, 420}, 150, 3, rank);
+    CHECK(p.lo == (rank == 0 ? 250 : rank == 1 ? 250 : 300));
+    CHECK(p.count == (rank == 0 ? 0 : rank == 1 ? 50 : 120));
+    if (p.count > 0) CHECK((p.lo >= 150 * rank && p.lo + p.count <= 150 * (rank + 1)));
+  }
+  CHECK(tc::zero2_piece(tc::DeviceGradBucket{10, 20}, 150, 3, 2).lo == 20);  // past a bucket below its shard
+  CHECK(tc::zero2_piece(tc::DeviceGradBucket{10, 20}, 150, 3, 2).count == 0);
+  CHECK_THROWS_WITH_AS(tc::zero2_piece(tc::DeviceGradBucket{10, 20}, 150, 3, 3), doctest::Contains("rank 3 of 3"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(tc::zero2_piece_counts(tc::DeviceGradBucket{300, 460}, 150, 3),
+                       doctest::Contains("bucket [300, 460) is not a non-empty range of the 3 x 150 = 450"), tessera::Error);
+  CHECK_THROWS_WITH_AS(tc::zero2_piece_counts(tc::DeviceGradBucket{5, 5}, 150, 3), doctest::Contains("bucket [5, 5)"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(tc::zero2_piece_counts(tc::DeviceGradBucket{0, 5}, 0, 3),
+                       doctest::Contains("shard 0 elements over 3 ranks"), tessera::Error);
+}
+
 namespace {
 
 // The fused attention kernels' loops (ops/flash_attention.cuh) on the host, over one head's q, k,

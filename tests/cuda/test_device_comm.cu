@@ -1,6 +1,6 @@
 // ThreadDeviceComm (the threads backend over device memory) against the threads backend's host
 // collectives on the same values: bitwise equal for all_reduce (sum, avg, max, min),
-// reduce_scatter, all_gather, broadcast and rings of send/recv and send_recv, at 1, 2, 3, 4 and 8 ranks
+// reduce_scatter, reduce_scatter_v (against the all-reduce's elements of each rank's piece), all_gather, broadcast and rings of send/recv and send_recv, at 1, 2, 3, 4 and 8 ranks
 // sharing one GPU; counts that differ between ranks throw on every rank. Needs a GPU
 // (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -71,6 +71,36 @@ TEST_CASE("ThreadDeviceComm: every collective equals the threads backend's host 
         dc.reduce_scatter(d, out, ReduceOp::sum);
         if (!bitwise_equal(tc::to_host(out, stream), Tensor<float>::from(Shape{m}, expect))) bad.push_back("reduce_scatter");
       }
+      {  // reduce_scatter_v: unequal pieces, rank 1's (and 4's) empty; each rank's piece reduced onto
+         // it alone, bitwise the host all_reduce's elements there; out of place, then in place.
+        std::vector<std::int64_t> counts;
+        std::int64_t total = 0, off = 0;
+        for (int q = 0; q < n; ++q) {
+          counts.push_back(q % 3 == 1 ? 0 : 50 + 13 * q);
+          if (q < r) off += counts.back();
+          total += counts.back();
+        }
+        const std::int64_t mine = counts[static_cast<std::size_t>(r)];
+        const Tensor<float> x = values(total, r, 16);
+        std::vector<float> sum = as_vector(x);
+        world.all_reduce(sum, ReduceOp::sum);
+        const Tensor<float> expect =
+            Tensor<float>::from(Shape{mine}, std::vector<float>(sum.begin() + off, sum.begin() + off + mine));
+        tc::DeviceTensor<float> d = tc::to_device<float>(x, stream);
+        auto out = tc::DeviceTensor<float>::empty(Shape{mine}, stream);
+        dc.reduce_scatter_v(d, counts, out, ReduceOp::sum);
+        if (!bitwise_equal(tc::to_host(out, stream), expect)) bad.push_back("reduce_scatter_v");
+        dc.reduce_scatter_v(d, counts, tc::DeviceView<float>(d.data() + off, Shape{mine}), ReduceOp::sum);
+        const Tensor<float> back = tc::to_host(d, stream);
+        const Tensor<float> piece =
+            Tensor<float>::from(Shape{mine}, std::vector<float>(back.data() + off, back.data() + off + mine));
+        if (!bitwise_equal(piece, expect)) bad.push_back("reduce_scatter_v in place");
+        for (std::int64_t i = 0; i < total; ++i)  // the other pieces of this rank's input are untouched
+          if ((i < off || i >= off + mine) && back.data()[i] != x.data()[i]) {
+            bad.push_back("reduce_scatter_v wrote outside this rank's piece");
+            break;
+          }
+      }
       {  // all_gather
         const std::int64_t m = 77;
         const Tensor<float> x = values(m, r, 12);
@@ -128,4 +158,37 @@ TEST_CASE("ThreadDeviceComm: counts that differ between ranks throw on every ran
     return std::string("no error");
   });
   for (const std::string& m : messages) CHECK(m.find("rank 0 gave 8 and rank 2 gave 9 elements") != std::string::npos);
+}
+
+TEST_CASE("ThreadDeviceComm::reduce_scatter_v: counts that differ between ranks, or an output not its rank's count, throw on every rank") {
+  const auto messages = threads::run(3, [](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream stream;
+    tc::ThreadDeviceComm dc(world, stream);
+    std::vector<std::string> got;
+    auto d = tc::DeviceTensor<float>::zeros(Shape{12}, stream);
+    auto out = tc::DeviceTensor<float>::zeros(Shape{4}, stream);
+    // Rank 2 cuts the 12 elements 4 + 3 + 5, the others 4 + 4 + 4.
+    const std::vector<std::int64_t> even{4, 4, 4}, odd{4, 3, 5};
+    auto out2 = tc::DeviceTensor<float>::zeros(Shape{5}, stream);
+    try {
+      dc.reduce_scatter_v(d, world.rank() == 2 ? odd : even, world.rank() == 2 ? out2 : out, ReduceOp::sum);
+      got.push_back("no error");
+    } catch (const Error& e) {
+      got.push_back(e.what());
+    }
+    // Equal counts, but rank 1's output holds 5 elements, not its 4.
+    try {
+      dc.reduce_scatter_v(d, even, world.rank() == 1 ? out2 : out, ReduceOp::sum);
+      got.push_back("no error");
+    } catch (const Error& e) {
+      got.push_back(e.what());
+    }
+    return got;
+  });
+  for (const std::vector<std::string>& m : messages) {
+    REQUIRE(m.size() == 2);
+    CHECK(m[0].find("the counts differ") != std::string::npos);
+    CHECK(m[1].find("rank 1's count is 4 and its output has 5 elements") != std::string::npos);
+  }
 }

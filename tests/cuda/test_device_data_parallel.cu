@@ -3,12 +3,17 @@
 // whole batch: losses within 1e-5 relative at every step, parameters within 1e-5 (norm-wise)
 // after 6 AdamW steps with clipping; with 2 micro-batches per rank (accumulation, the first
 // without reduction) too; and ZeRO-1 (AdamW's moments sharded over dp, the weights' shards
-// gathered) equal to plain dp bitwise. Needs a GPU (gpu_main.cpp skips without one).
+// gathered) equal to plain dp bitwise; and ZeRO-2 (the gradients in per-bucket buffers, each
+// reduced onto the owners of its elements: each rank keeps its shard's) equal to ZeRO-1's
+// gradient shard bitwise without accumulation, training as the single run with and without it.
+// Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <random>
+#include <string>
 #include <span>
 #include <vector>
 
@@ -66,7 +71,10 @@ struct Run {
   std::vector<double> losses;
   std::vector<float> params;
   std::size_t buckets = 0;  // DeviceDataParallel's (dp runs)
-  std::int64_t moment_elements = 0;  // AdamW's first moment on this rank (ZeRO-1 runs)
+  std::int64_t moment_elements = 0;  // AdamW's first moment on this rank (ZeRO-1 and 2 runs)
+  std::vector<float> first_grad_shard;  // this rank's shard of the reduced gradients of step 0
+  std::int64_t grad_elements = -1;      // the whole-model gradient buffer (0 under ZeRO-2)
+  std::int64_t peak_held = 0, peak_live = 0;  // ZeRO-2's bucket buffers (DeviceBucketGradients)
 };
 
 std::vector<float> flat_params(tc::DeviceGPT<float>& m) {
@@ -98,21 +106,27 @@ Run single(const Data& d) {
   return r;
 }
 
-// dp ranks as threads on one GPU, each with `micro` micro-batches per step; with `zero1` AdamW's
+// dp ranks as threads on one GPU, each with `micro` micro-batches per step; with `zero` 1 AdamW's
 // moments sharded over dp (DeviceGPT::shard_optimizer) and the weights' shards gathered after
-// each step.
-std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* reductions_per_step, bool zero1 = false) {
+// each step; with `zero` 2 the gradients too (DeviceGPT::shard_gradients, DeviceDataParallel's
+// ZeRO-2 constructor; the norm: each shard's squares summed over dp).
+std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* reductions_per_step, int zero = 0) {
   return threads::run(dp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
     tc::ThreadDeviceComm comm(world.split(0, world.rank()), comm_stream);
     GPT<float> init(dp_cfg, 5);
-    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute, 0, zero1 ? dp : 1);
-    if (zero1) m.shard_optimizer(world.rank(), dp);
-    const auto ready = m.ready_offsets();
-    tc::DeviceDataParallel ddp(comm, compute, m.gradient_view(),
-                               tc::device_grad_buckets(m.numel(), ready, 6000));  // several buckets
-    m.set_backward_hook([&](std::int64_t offset) { ddp.gradients_final_from(offset); });
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute, 0, zero > 0 ? dp : 1);
+    if (zero > 0) m.shard_optimizer(world.rank(), dp);
+    const auto buckets = tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000);  // several buckets
+    std::optional<tc::DeviceDataParallel> ddp;
+    if (zero == 2) {
+      m.shard_gradients(buckets);
+      ddp.emplace(comm, compute, *m.bucket_gradients());
+    } else {
+      ddp.emplace(comm, compute, m.gradient_view(), buckets);
+    }
+    m.set_backward_hook([&](std::int64_t offset) { ddp->gradients_final_from(offset); });
     const std::int64_t per_rank = kRows / dp, per_micro = per_rank / micro;
     Run r;
     for (int s = 0; s < kSteps; ++s) {
@@ -121,23 +135,40 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
         const std::int64_t lo = world.rank() * per_rank + k * per_micro;
         auto x = tc::to_device<std::int32_t>(rows_of(d.x[static_cast<std::size_t>(s)], lo, lo + per_micro), compute);
         auto y = tc::to_device<std::int32_t>(rows_of(d.y[static_cast<std::size_t>(s)], lo, lo + per_micro), compute);
-        ddp.set_sync(k == micro - 1);
+        ddp->set_sync(k == micro - 1);
         m.forward_backward(x, y, 1.f / static_cast<float>(kRows * kT));
       }
-      ddp.finish();
-      m.step(dp_opts, dp_opts.lr, clip_scale(m.grad_norm()));
-      if (zero1) {
+      ddp->finish();
+      if (s == 0) {
+        const Tensor<float> g = tc::to_host(tc::DeviceView<const float>(m.gradient_shard()), compute);
+        r.first_grad_shard.assign(g.data(), g.data() + g.numel());
+      }
+      double norm = 0;
+      if (zero == 2) {  // each rank's shard's part, summed over dp
+        const tc::DeviceView<float> sum = m.grad_sum_of_squares();
+        ddp->all_reduce(sum);
+        norm = m.reduce_grad_norm(sum);
+      } else {
+        norm = m.grad_norm();
+      }
+      m.step(dp_opts, dp_opts.lr, clip_scale(norm));
+      if (zero > 0) {
         const Shape shard{m.shard_end() - m.shard_begin()};
-        ddp.gather(tc::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard), m.master_view());
+        ddp->gather(tc::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard), m.master_view());
         m.refresh_compute_copy();
         r.moment_elements = m.exp_avg_view().numel();
       }
       const double local = m.take_loss_sum();
       r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / static_cast<double>(kRows * kT));
     }
-    if (world.rank() == 0 && reductions_per_step) *reductions_per_step = ddp.reductions() / kSteps;
+    if (world.rank() == 0 && reductions_per_step) *reductions_per_step = ddp->reductions() / kSteps;
     r.params = flat_params(m);
-    r.buckets = ddp.buckets().size();
+    r.buckets = ddp->buckets().size();
+    r.grad_elements = m.gradients().numel();
+    if (zero == 2) {
+      r.peak_held = m.bucket_gradients()->peak_held_elements();
+      r.peak_live = m.bucket_gradients()->peak_elements();
+    }
     return r;
   });
 }
@@ -185,7 +216,7 @@ TEST_CASE("DeviceGPT ZeRO-1 on one GPU (threads): each rank keeps 1/dp of AdamW'
   for (int dp : {2, 3}) {
     CAPTURE(dp);
     const std::vector<Run> plain = data_parallel(d, dp, 1, nullptr);
-    const std::vector<Run> zero = data_parallel(d, dp, 1, nullptr, true);
+    const std::vector<Run> zero = data_parallel(d, dp, 1, nullptr, 1);
     GPT<float> probe(dp_cfg, 5);
     const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
     const std::int64_t pad = tc::flat_alignment * dp;
@@ -197,4 +228,101 @@ TEST_CASE("DeviceGPT ZeRO-1 on one GPU (threads): each rank keeps 1/dp of AdamW'
       CHECK(zero[r].moment_elements == numel / dp);
     }
   }
+}
+
+TEST_CASE("DeviceGPT ZeRO-2 on one GPU (threads): each rank keeps 1/dp of the gradients, reduced bucket by bucket onto their owners; bitwise ZeRO-1's gradient shard, training as one DeviceGPT") {
+  const Data d = make_data();
+  const Run ref = single(d);
+  GPT<float> probe(dp_cfg, 5);
+  const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
+  for (int dp : {2, 3})
+    for (int micro : {1, 2}) {
+      CAPTURE(dp);
+      CAPTURE(micro);
+      const std::int64_t pad = tc::flat_alignment * dp;
+      const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+      const auto buckets = tc::device_grad_buckets(numel, tc::gpt_ready_offsets(layout, dp_cfg.n_layer), 6000);
+      REQUIRE(buckets.size() >= 3);
+      // Held at once under the hooks: the tied wte's bucket (the last: written first by the head and
+      // last by the embedding) and one other.
+      std::int64_t largest_other = 0;
+      for (std::size_t b = 0; b + 1 < buckets.size(); ++b) largest_other = std::max(largest_other, buckets[b].hi - buckets[b].lo);
+      const std::int64_t held_bound = buckets.back().hi - buckets.back().lo + largest_other;
+      std::int64_t reductions = 0;
+      const std::vector<Run> zero2 = data_parallel(d, dp, micro, &reductions, 2);
+      const std::vector<Run> zero1 = data_parallel(d, dp, micro, nullptr, 1);
+      CHECK(reductions == micro * static_cast<std::int64_t>(buckets.size()));  // every backward reduces
+      for (std::size_t r = 0; r < zero2.size(); ++r) {
+        CAPTURE(r);
+        for (int s = 0; s < kSteps; ++s) {
+          const double got = zero2[r].losses[static_cast<std::size_t>(s)], want = ref.losses[static_cast<std::size_t>(s)];
+          INFO("step " << s << ": ZeRO-2 " << got << ", single " << want);
+          CHECK(std::abs(got - want) <= 1e-5 * std::abs(want));
+        }
+        CHECK(rel_diff(zero2[r].params, ref.params) < 1e-5);
+        CHECK(zero2[r].params == zero2[0].params);  // the shards gathered: every replica the same weights
+        REQUIRE(zero2[r].first_grad_shard.size() == static_cast<std::size_t>(numel / dp));
+        if (micro == 1)  // the same sums in the same order: the reduction onto owners is the all-reduce's
+          CHECK(zero2[r].first_grad_shard == zero1[r].first_grad_shard);
+        else             // each micro-batch reduced on its own, then added: round-off only
+          CHECK(rel_diff(zero2[r].first_grad_shard, zero1[r].first_grad_shard) < 1e-6);
+        CHECK(zero2[r].moment_elements == numel / dp);
+        CHECK(zero2[r].grad_elements == 0);  // no whole-model gradient buffer
+        CHECK(zero2[r].peak_held > 0);
+        CHECK(zero2[r].peak_held <= held_bound);
+        CHECK(zero2[r].peak_held < numel);
+        CHECK(zero2[r].peak_live >= zero2[r].peak_held);  // (how many await their reduction is the GPU's pace)
+      }
+    }
+}
+
+TEST_CASE("DeviceGPT ZeRO-2 refusals: without ZeRO-1 first, twice, a split backward, a pipeline stage, grad_norm, a shard that is not the communicator's") {
+  tc::set_device(0);
+  const tc::Stream stream;
+  GPT<float> init(dp_cfg, 5);
+  {
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), stream, 0, 2);
+    const auto buckets = tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000);
+    CHECK_THROWS_WITH_AS(m.shard_gradients(buckets), doctest::Contains("shard the optimizer first"), Error);
+    m.shard_optimizer(1, 2);
+    // Buckets that cover the buffer but cut a parameter (wte, [0, 67 x 32)) in two.
+    const std::vector<tc::DeviceGradBucket> cut{{100, m.numel()}, {0, 100}};
+    CHECK_THROWS_WITH_AS(m.shard_gradients(cut),
+                         doctest::Contains("wte.weight (flat elements [0, 2144)) is not inside one bucket"), Error);
+    m.shard_gradients(buckets);
+    CHECK(m.gradients().numel() == 0);
+    CHECK(m.bucket_gradients() != nullptr);
+    CHECK_THROWS_WITH_AS(m.shard_gradients(buckets), doctest::Contains("already sharded"), Error);
+    CHECK_THROWS_WITH_AS(m.grad_norm(), doctest::Contains("sharded over dp"), Error);
+    CHECK_THROWS_WITH_AS(m.set_split_backward(true), doctest::Contains("the gradients are sharded"), Error);
+  }
+  {
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), stream, 0, 2);
+    m.shard_optimizer(0, 2);
+    m.set_split_backward(true);
+    CHECK_THROWS_WITH_AS(m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000)),
+                         doctest::Contains("backward is split"), Error);
+  }
+  {
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), stream, 0, 2, nullptr, false, tc::DeviceStage{0, 2});
+    m.shard_optimizer(0, 2);
+    CHECK_THROWS_WITH_AS(m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000)),
+                         doctest::Contains("pipeline stage [0, 2)"), Error);
+  }
+  // A model sharded for 2 ranks under a communicator of 3: every rank refuses, naming the shard.
+  const auto messages = threads::run(3, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute, comm_stream;
+    tc::ThreadDeviceComm comm(world, comm_stream);
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute, 0, 2);
+    m.shard_optimizer(world.rank() % 2, 2);
+    m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000));
+    try {
+      tc::DeviceDataParallel ddp(comm, compute, *m.bucket_gradients());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  });
+  for (const std::string& m : messages) CHECK(m.find("(a model built with shards = 3)") != std::string::npos);
 }

@@ -337,6 +337,21 @@ TEST_CASE("NcclDeviceComm: stream-ordered collectives at world 1 return the inpu
   dc.reduce_scatter(d, out, ReduceOp::sum);
   back = tc::to_host(out, stream);
   CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  // reduce_scatter_v at world 1: the one piece is the whole input (out of place, then in place);
+  // counts that are not one per rank, or do not sum to the input, are refused.
+  out.fill_zero(stream);
+  const std::vector<std::int64_t> counts{1000};
+  dc.reduce_scatter_v(d, counts, out, ReduceOp::sum);
+  back = tc::to_host(out, stream);
+  CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  dc.reduce_scatter_v(d, counts, d, ReduceOp::sum);
+  back = tc::to_host(d, stream);
+  CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  const std::vector<std::int64_t> two{500, 500}, short_counts{999};
+  CHECK_THROWS_WITH_AS(dc.reduce_scatter_v(d, two, out, ReduceOp::sum), doctest::Contains("2 counts for 1 ranks"),
+                       tessera::Error);
+  CHECK_THROWS_WITH_AS(dc.reduce_scatter_v(d, short_counts, out, ReduceOp::sum),
+                       doctest::Contains("summing to 999, an input of 1000 elements"), tessera::Error);
   dc.broadcast(d, 0);
   dc.wait_all();
   // Not an NCCL communicator: refused by name.

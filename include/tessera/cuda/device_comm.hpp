@@ -61,6 +61,15 @@ class DeviceComm {
   /// out (in.numel() / size() elements) <- op over ranks of this rank's block of `in`
   /// (block r = elements [r n, (r + 1) n), n = out.numel()). Collective.
   virtual void reduce_scatter(DeviceView<const float> in, DeviceView<float> out, ReduceOp op) = 0;
+  /// Rank r's piece of `in` -- the counts[r] elements after counts[0] + ... + counts[r - 1] --
+  /// reduced over the ranks (op), into rank r's `out` (counts[rank()] elements) only: MPI's
+  /// Reduce_scatter with unequal blocks (an empty piece is allowed). `out` may be this rank's
+  /// own piece of `in` (in place). The reduction of a gradient bucket onto the owners of its
+  /// elements under ZeRO-2 (zero2_piece_counts; DeepSpeed's stage 2 issues one reduce per
+  /// owner). Collective: `in` of the same length (the counts' sum) and the same counts on every
+  /// rank; a mismatch throws tessera::Error naming the counts.
+  virtual void reduce_scatter_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out,
+                                ReduceOp op) = 0;
   /// x <- rank root's x, on every rank. Collective.
   virtual void broadcast(DeviceView<float> x, int root) = 0;
   /// Sends x to `peer` (which calls recv with as many elements); x may be overwritten by later

@@ -4,12 +4,15 @@
 /// (device_grad_buckets) is all-reduced on a communication stream as soon as backward has
 /// queued its last gradient, so the reduction overlaps the rest of backward, as PyTorch DDP and
 /// llm.c's multi-GPU path do; finish() orders the compute stream after the last reduction.
-/// Host code: the device work is DeviceComm's.
+/// Under ZeRO-2 each bucket is instead reduced onto the owners of its elements (each rank keeps
+/// its shard's gradients only: DeviceBucketGradients). Host code: the device work is
+/// DeviceComm's.
 
 #include <cstdint>
 #include <vector>
 
 #include "tessera/core/error.hpp"
+#include "tessera/cuda/device_bucket_gradients.hpp"
 #include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/device_tensor.hpp"
@@ -45,30 +48,77 @@ class DeviceDataParallel {
     }
     TESSERA_EXPECTS(expect == 0, "DeviceDataParallel: the buckets end at ", expect, ", not 0");
   }
+  /// ZeRO-2 (Rajbhandari et al. 2020, P_os+g): over `comm` as above, reducing the bucket
+  /// buffers of `grads` (not owned; DeviceGPT::shard_gradients), each bucket onto the owners of
+  /// its elements (DeviceComm::reduce_scatter_v over zero2_piece_counts: rank r owns the flat
+  /// elements [r x n / p, (r + 1) x n / p)), added into the owner's shard of `grads` and its
+  /// buffer handed back. Every backward that calls gradients_final_from (DeviceGPT's hook)
+  /// reduces, whatever set_sync says (a micro-batch's buckets are not kept for the next). With
+  /// no hook the buckets accumulate over the step's micro-batches, all held at once (as much
+  /// memory as a whole-model gradient buffer), and finish() reduces them once. Throws tessera::Error when comm's stream
+  /// is the compute stream, or `grads`' shard is not this rank's 1 / size() of its buckets'
+  /// elements, naming the numbers.
+  DeviceDataParallel(DeviceComm& comm, const Stream& compute, DeviceBucketGradients& grads)
+      : comm_(comm), compute_(compute), buckets_(grads.buckets()), zero2_(&grads) {
+    TESSERA_EXPECTS(comm.stream().get() != compute.get(),
+                    "DeviceDataParallel: the communicator must run on its own stream, not the compute stream");
+    const std::int64_t numel = buckets_.empty() ? 0 : buckets_.front().hi;
+    shard_ = numel / comm.size();
+    TESSERA_EXPECTS(numel > 0 && numel % comm.size() == 0 && grads.shard_begin() == shard_ * comm.rank() &&
+                        grads.shard_end() == shard_ * (comm.rank() + 1),
+                    "DeviceDataParallel (ZeRO-2): rank ", comm.rank(), " of ", comm.size(), " holds the shard [",
+                    grads.shard_begin(), ", ", grads.shard_end(), ") of ", numel, " flat elements; expected [",
+                    shard_ * comm.rank(), ", ", shard_ * (comm.rank() + 1), ") (a model built with shards = ",
+                    comm.size(), ")");
+  }
 
   /// Whether the next micro-batch's backward reduces (true: the last of an accumulation; the
   /// others only accumulate, as DDP's no_sync). Default true.
   void set_sync(bool sync) { sync_ = sync; }
   /// Backward has queued every gradient at flat offsets >= `offset` (DeviceGPT's hook): starts
-  /// the reduction of each bucket not yet reduced whose lo >= offset, in bucket order.
+  /// the reduction of each bucket not yet reduced whose lo >= offset, in bucket order (under
+  /// ZeRO-2 in every backward; after the last bucket the next backward starts over).
   /// Collective (the DeviceComm's all-reduces): every rank's backward calls it alike.
-  /// Throws tessera::Error when a second synchronized backward arrives before finish() (its
-  /// gradients would be added after the sums and never reduced).
+  /// Without ZeRO-2, throws tessera::Error when a second synchronized backward arrives before
+  /// finish() (its gradients would be added after the sums and never reduced).
   void gradients_final_from(std::int64_t offset) {
+    if (zero2_ != nullptr) {
+      while (next_ < buckets_.size() && buckets_[next_].lo >= offset) reduce_next();
+      if (next_ == buckets_.size()) next_ = 0;
+      return;
+    }
     if (!sync_) return;
     TESSERA_EXPECTS(next_ < buckets_.size(), "DeviceDataParallel: a second synchronized backward before finish(): "
                     "set_sync(false) for every micro-batch of a step but the last, and call finish() once per step");
     while (next_ < buckets_.size() && buckets_[next_].lo >= offset) reduce_next();
   }
-  /// Reduces the buckets not yet reduced (a backward without hooks reduces all here) and makes
-  /// the compute stream wait for the reductions. Call it after the step's last backward and
-  /// before reading the gradients. Collective.
+  /// Reduces the buckets not yet reduced (a backward without hooks reduces all here; under
+  /// ZeRO-2, nothing when the hooks reduced every bucket written) and makes the compute stream
+  /// wait for the reductions. Call it after the step's last backward and before reading the
+  /// gradients. Collective.
   void finish() {
-    while (next_ < buckets_.size()) reduce_next();
+    // Under ZeRO-2 the hooks' backwards reduced everything already unless a bucket was written
+    // since (the same on every rank: the same backwards).
+    bool left = zero2_ == nullptr || next_ > 0;
+    for (std::size_t k = 0; !left && k < buckets_.size(); ++k) left = zero2_->holds(k);
+    if (left)
+      while (next_ < buckets_.size()) reduce_next();
     next_ = 0;
     done_.record(comm_.stream());
     done_.wait_on(compute_);
+    if (zero2_ != nullptr) zero2_->release_all();  // the compute stream now waits for their reductions
   }
+  /// x <- the sum over the ranks of x, ordered after the compute stream's work and before its
+  /// later work (e.g. ZeRO-2's squared gradient norm, each rank's shard's part). Collective.
+  void all_reduce(DeviceView<float> x) {
+    ready_.record(compute_);
+    ready_.wait_on(comm_.stream());
+    comm_.all_reduce(x, ReduceOp::sum);
+    done_.record(comm_.stream());
+    done_.wait_on(compute_);
+  }
+  /// Whether this reduces ZeRO-2's bucket buffers (the second constructor).
+  bool sharded_gradients() const noexcept { return zero2_ != nullptr; }
   /// ZeRO-1's gather: out (size() x in.numel() elements) <- every rank's `in` in rank order,
   /// ordered after the compute stream's work and before its later work, e.g. each rank's shard
   /// of the master weights after its optimizer step into the whole buffer (`in` may be `out`'s
@@ -80,14 +130,29 @@ class DeviceDataParallel {
     done_.record(comm_.stream());
     done_.wait_on(compute_);
   }
-  /// All-reduces issued since construction (one per bucket per synchronized step).
+  /// Reductions issued since construction (one per bucket per synchronized step; under ZeRO-2
+  /// per backward that calls gradients_final_from).
   std::int64_t reductions() const noexcept { return reductions_; }
   /// The buckets, in reduction order.
   const std::vector<DeviceGradBucket>& buckets() const noexcept { return buckets_; }
 
  private:
   void reduce_next() {
-    const DeviceGradBucket& b = buckets_[next_++];
+    const std::size_t k = next_++;
+    const DeviceGradBucket& b = buckets_[k];
+    if (zero2_ != nullptr) {
+      const DeviceView<float> buf = zero2_->bucket(k);  // taken (and zeroed) before the event if unwritten
+      ready_.record(compute_);
+      ready_.wait_on(comm_.stream());
+      const std::vector<std::int64_t> counts = zero2_piece_counts(b, shard_, comm_.size());
+      const ZeroPiece piece = zero2_piece(b, shard_, comm_.size(), comm_.rank());
+      const DeviceView<float> mine(buf.data + (piece.lo - b.lo), Shape{piece.count});
+      comm_.reduce_scatter_v(buf, counts, mine, ReduceOp::sum);
+      if (piece.count > 0) zero2_->accumulate(comm_.stream(), mine, piece.lo);  // a rank may own none of it
+      zero2_->release(k, comm_.stream());
+      ++reductions_;
+      return;
+    }
     ready_.record(compute_);
     ready_.wait_on(comm_.stream());
     comm_.all_reduce(DeviceView<float>(grad_.data + b.lo, Shape{b.hi - b.lo}), ReduceOp::sum);
@@ -98,6 +163,8 @@ class DeviceDataParallel {
   const Stream& compute_;
   DeviceView<float> grad_;
   std::vector<DeviceGradBucket> buckets_;
+  DeviceBucketGradients* zero2_ = nullptr;  // ZeRO-2: the bucket buffers and the shard (not owned)
+  std::int64_t shard_ = 0;                  // ZeRO-2: elements per rank
   std::size_t next_ = 0;
   bool sync_ = true;
   std::int64_t reductions_ = 0;

@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -49,7 +50,9 @@
 #include "tessera/core/error.hpp"
 #include "tessera/core/parameter.hpp"
 #include "tessera/cuda/blas_lt.hpp"
+#include "tessera/cuda/device_bucket_gradients.hpp"
 #include "tessera/cuda/device_comm.hpp"
+#include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/element_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
@@ -206,8 +209,14 @@ class DeviceGPT {
     opt.set_steps(steps_);
   }
 
-  /// Sets every gradient to zero.
-  void zero_grad() { grad_.fill_zero(stream_); }
+  /// Sets every gradient to zero (under shard_gradients, this rank's shard of them, and drops the
+  /// bucket buffers of a backward never reduced).
+  void zero_grad() {
+    if (zero2_)
+      zero2_->zero_shard();
+    else
+      grad_.fill_zero(stream_);
+  }
 
   /// Forward and backward of one micro-batch: tokens and targets (B, T) int32 on the device
   /// (ids already checked in [0, vocab)), gradients accumulated (+=) with the loss's gradient
@@ -240,7 +249,13 @@ class DeviceGPT {
   /// (each shard once, each replicated parameter once), the same on every tp rank: collective
   /// over tp. `stages` (a pipeline: the group of every stage's rank with this tp rank) sums
   /// the stages' parts too (the tied wte counted once), collective over it.
-  double grad_norm(DeviceComm* stages = nullptr) { return reduce_grad_norm(grad_sum_of_squares(), stages); }
+  /// Throws tessera::Error under shard_gradients (each rank holds its shard's gradients: sum
+  /// grad_sum_of_squares() over dp, e.g. DeviceDataParallel::all_reduce, then reduce_grad_norm).
+  double grad_norm(DeviceComm* stages = nullptr) {
+    TESSERA_EXPECTS(!zero2_, "DeviceGPT::grad_norm: the gradients are sharded over dp (shard_gradients): sum "
+                    "grad_sum_of_squares() over dp (DeviceDataParallel::all_reduce), then call reduce_grad_norm");
+    return reduce_grad_norm(grad_sum_of_squares(), stages);
+  }
   /// The square root of `sum` (one float on the device: squared-norm parts, e.g. several model
   /// chunks' grad_sum_of_squares added) summed over tp and `stages` in place (blocks until
   /// computed). Collective over tp and `stages`.
@@ -253,7 +268,16 @@ class DeviceGPT {
   /// This rank's part of the squared gradient norm into a one-element device buffer, on the
   /// stream (no communication): its shards, replicated parameters weighted 1 / tp, a last
   /// stage's copy of the tied wte left out. The sum over tp and the stages is the squared norm.
+  /// Under shard_gradients, of this rank's shard of the reduced gradients (the sum over dp too).
   DeviceView<float> grad_sum_of_squares() {
+    if (zero2_) {
+      if (tp_size_ > 1)
+        ops::weighted_sum_of_squares(stream_, zero2_->shard(), shard_norm_chunks_, 1.f,
+                                     1.f / static_cast<float>(tp_size_), norm_out_, norm_ws_);
+      else
+        ops::global_sum_of_squares(stream_, zero2_->shard(), norm_out_, norm_ws_);
+      return norm_out_.view();
+    }
     if (tp_size_ > 1 || copy_ != npos)
       ops::weighted_sum_of_squares(stream_, grad_, norm_chunks_, 1.f, 1.f / static_cast<float>(tp_size_), norm_out_,
                                    norm_ws_);
@@ -267,10 +291,12 @@ class DeviceGPT {
   /// is finite. Copies the gradients to the host (blocks until the stream is done): for the
   /// error that names it when a step's norm is not finite.
   std::optional<std::pair<std::string, std::int64_t>> first_nonfinite_gradient() const {
-    const Tensor<float> host = to_host(grad_, stream_);
+    // Under shard_gradients this rank's shard only: the elements [shard_lo_, shard_hi()).
+    const std::int64_t lo = zero2_ ? shard_lo_ : 0, hi = zero2_ ? shard_hi() : numel_;
+    const Tensor<float> host = zero2_ ? to_host(DeviceView<const float>(zero2_->shard()), stream_) : to_host(grad_, stream_);
     for (const FlatParameter& f : flat_)
-      for (std::int64_t i = 0; i < f.shape.numel(); ++i)
-        if (!std::isfinite(host.data()[f.offset + i])) return std::pair{f.name, i};
+      for (std::int64_t i = std::max<std::int64_t>(0, lo - f.offset); i < f.shape.numel() && f.offset + i < hi; ++i)
+        if (!std::isfinite(host.data()[f.offset + i - lo])) return std::pair{f.name, i};
     return std::nullopt;
   }
 
@@ -286,7 +312,7 @@ class DeviceGPT {
     s.group[1] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
     const Shape shard{shard_hi() - shard_lo_};
     const DeviceView<float> param(master_.data() + shard_lo_, shard);
-    const DeviceView<const float> grad(grad_.data() + shard_lo_, shard);
+    const DeviceView<const float> grad = gradient_shard();
     if constexpr (std::is_same_v<C, bf16>)
       ops::adamw_step<bf16>(stream_, param, grad, m_, v_, chunks_, s, grad_scale,
                             DeviceView<bf16>(low_.data() + shard_lo_, shard));
@@ -315,6 +341,55 @@ class DeviceGPT {
       if (b < e) segments.push_back({b - shard_lo_, e - b, p.decay ? 0 : 1});
     }
     chunks_ = ops::adamw_chunks(stream_, segments);
+  }
+  /// ZeRO-2 (Rajbhandari et al. 2020, P_os+g), after shard_optimizer: the gradients no longer
+  /// live in one flat buffer. Backward writes each of `buckets` (device_grad_buckets over
+  /// ready_offsets(), the reduction's) into a buffer of its own, and this rank keeps the reduced
+  /// gradients of its shard only (bucket_gradients(); DeviceDataParallel's ZeRO-2 constructor
+  /// reduces each bucket onto the owners of its elements). zero_grad, step and
+  /// grad_sum_of_squares then work on the shard; gradient_view() and gradients() are empty, and
+  /// grad_norm() throws (the shards' squared norms are summed over dp by the caller). The whole
+  /// model only (a pipeline stage's tied wte is summed over its embedding group after the dp
+  /// reduction). Throws tessera::Error, naming why, when the optimizer is not sharded, the
+  /// gradients already are, backward is split (set_split_backward), a micro-batch awaits its
+  /// backward, this is a pipeline stage, a parameter is not inside one bucket, or the buckets
+  /// do not cover numel() once.
+  void shard_gradients(std::vector<DeviceGradBucket> buckets) {
+    TESSERA_EXPECTS(sharded(), "DeviceGPT::shard_gradients: shard the optimizer first (shard_optimizer): ZeRO-2 keeps "
+                    "the gradients of the optimizer's shard");
+    TESSERA_EXPECTS(!zero2_, "DeviceGPT::shard_gradients: already sharded");
+    TESSERA_EXPECTS(!split_, "DeviceGPT::shard_gradients: backward is split (set_split_backward): its W passes write "
+                    "weight gradients after the buckets' reduction points");
+    TESSERA_EXPECTS(has_embedding() && has_head(), "DeviceGPT::shard_gradients: this is pipeline stage [", stage_.first,
+                    ", ", stage_end(), "); ZeRO-2 on the device takes the whole model (pp 1)");
+    for (const Slot& sl : slots_)
+      TESSERA_EXPECTS(!sl.busy, "DeviceGPT::shard_gradients: a micro-batch awaits its backward");
+    for (const FlatParameter& f : flat_) {  // g() hands out one pointer per parameter: whole inside a bucket
+      bool inside = false;
+      for (const DeviceGradBucket& b : buckets) inside = inside || (b.lo <= f.offset && f.offset + f.shape.numel() <= b.hi);
+      TESSERA_EXPECTS(inside, "DeviceGPT::shard_gradients: parameter ", f.name, " (flat elements [", f.offset, ", ",
+                      f.offset + f.shape.numel(), ")) is not inside one bucket; cut the buckets at ready_offsets()");
+    }
+    zero2_ = std::make_unique<DeviceBucketGradients>(stream_, std::move(buckets), numel_, shard_lo_, shard_hi(),
+                                                     &ops::add_into);
+    grad_ = DeviceTensor<float>();  // no whole-model gradient buffer from here on
+    if (tp_size_ > 1) {             // the norm's weights inside the shard, from its start
+      std::vector<ops::FlatSegment> owned;
+      for (const FlatParameter& f : flat_) {
+        const std::int64_t b = std::max(f.offset, shard_lo_), e = std::min(f.offset + f.shape.numel(), shard_hi());
+        if (b < e) owned.push_back({b - shard_lo_, e - b, f.tp_layout.is_shard() ? 0 : 1});
+      }
+      shard_norm_chunks_ = ops::adamw_chunks(stream_, owned);
+    }
+  }
+  /// ZeRO-2's gradients (shard_gradients), for DeviceDataParallel; nullptr otherwise.
+  DeviceBucketGradients* bucket_gradients() noexcept { return zero2_.get(); }
+  /// This rank's shard of the reduced gradients, [shard_begin(), shard_end()) (read after the
+  /// reduction's finish()): under shard_gradients the only ones it keeps, otherwise a view into
+  /// the whole buffer (all of it unsharded).
+  DeviceView<float> gradient_shard() const noexcept {
+    if (zero2_) return zero2_->shard();
+    return DeviceView<float>(grad_.data() + shard_lo_, Shape{shard_hi() - shard_lo_});
   }
   /// True after shard_optimizer.
   bool sharded() const noexcept { return shard_size_ >= 0 && shard_size_ != numel_; }
@@ -349,7 +424,8 @@ class DeviceGPT {
                     "gradients are finished in stage_backward_weight, after the hook's points");
     hook_ = std::move(hook);
   }
-  /// The flat gradients as a mutable view (numel() elements), for a data-parallel reduction.
+  /// The flat gradients as a mutable view (numel() elements), for a data-parallel reduction
+  /// (empty under shard_gradients).
   DeviceView<float> gradient_view() const noexcept { return grad_.view(); }
 
   /// The tensor-parallel group's size (1 without one) and this rank's place in it.
@@ -360,7 +436,8 @@ class DeviceGPT {
   bool sequence_parallel() const noexcept { return sp_; }
   /// Optimizer steps taken (AdamW's t).
   std::int64_t steps() const noexcept { return steps_; }
-  /// The gradients, flat, in flat_parameters() order (fp32), e.g. for tests.
+  /// The gradients, flat, in flat_parameters() order (fp32), e.g. for tests (empty under
+  /// shard_gradients: gradient_shard()).
   const DeviceTensor<float>& gradients() const noexcept { return grad_; }
   /// The cuBLASLt handle (its plans() count shows the products planned).
   BlasLt& blas() noexcept { return blas_; }
@@ -409,11 +486,16 @@ class DeviceGPT {
   /// Whether backward may be split into stage_backward_input and stage_backward_weight
   /// (zero-bubble schedules, Qi et al. 2024): each slot then also keeps, per block, the output
   /// gradients the four weight-gradient products need (reallocated at the next forward). Throws
-  /// tessera::Error when a backward hook is set (a split backward finishes the weights later).
+  /// tessera::Error when a backward hook is set or the gradients are sharded (a split backward
+  /// finishes the weights later), or, for a change, while a micro-batch awaits its backward.
   void set_split_backward(bool on) {
     TESSERA_EXPECTS(!on || !hook_, "DeviceGPT::set_split_backward: a backward hook is set; a split backward finishes "
                     "the weight gradients in stage_backward_weight, after the hook's points");
+    TESSERA_EXPECTS(!on || !zero2_, "DeviceGPT::set_split_backward: the gradients are sharded (shard_gradients); a "
+                    "split backward writes weight gradients after the buckets' reduction points");
     if (on != split_) {
+      for (const Slot& sl : slots_)
+        TESSERA_EXPECTS(!sl.busy, "DeviceGPT::set_split_backward: a micro-batch awaits its backward");
       split_ = on;
       B_ = T_ = -1;
     }
@@ -629,7 +711,9 @@ class DeviceGPT {
     else
       return master_.data() + flat_[i].offset;
   }
-  float* g(std::size_t i) const { return grad_.data() + flat_[i].offset; }
+  // Parameter i's gradient: in the flat buffer, or under ZeRO-2 in its bucket's buffer (taken at
+  // the first write of the backward).
+  float* g(std::size_t i) const { return zero2_ ? zero2_->at(flat_[i].offset) : grad_.data() + flat_[i].offset; }
   DeviceView<const C> wv(std::size_t i) const { return {w(i), flat_[i].shape}; }
   DeviceView<float> gv(std::size_t i) const { return {g(i), flat_[i].shape}; }
 
@@ -1072,6 +1156,8 @@ class DeviceGPT {
   DeviceTensor<bf16> low_;
   ops::AdamWChunks chunks_;
   ops::AdamWChunks norm_chunks_;  // tp > 1: the gradient norm's weights (group 0 shards, 1 replicated)
+  ops::AdamWChunks shard_norm_chunks_;  // ZeRO-2 at tp > 1: those weights inside this rank's shard
+  std::unique_ptr<DeviceBucketGradients> zero2_;  // ZeRO-2 (shard_gradients): bucket buffers and the shard
   DeviceTensor<float> norm_out_, norm_ws_, loss_sum_;
   std::int64_t steps_ = 0;
   std::int64_t B_ = -1, T_ = -1;

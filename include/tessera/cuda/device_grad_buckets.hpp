@@ -5,6 +5,7 @@
 /// the order backward finishes them, each closed before it would exceed a size cap, so the
 /// first bucket's reduction starts while backward computes the rest. Host code (no CUDA needed).
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -42,6 +43,44 @@ inline std::vector<DeviceGradBucket> device_grad_buckets(std::int64_t numel, std
     prev = ready[k];
   }
   return out;
+}
+
+/// ZeRO-2's reduction of one bucket to the owners of its elements: rank r owns the flat
+/// elements [r x shard, (r + 1) x shard) (the optimizer's shard, DeviceGPT::shard_optimizer), so
+/// the bucket [lo, hi) is cut into `ranks` consecutive pieces, piece r its part inside rank r's
+/// shard (possibly empty), and each piece is reduced onto its owner alone, as DeepSpeed's
+/// stage 2 reduces a bucket's partitions (DeviceComm::reduce_scatter_v's counts). Returns the
+/// pieces' element counts, in rank order (they sum to hi - lo). Throws tessera::Error naming
+/// the numbers when the bucket is empty or leaves [0, ranks x shard), or shard or ranks is below 1.
+inline std::vector<std::int64_t> zero2_piece_counts(const DeviceGradBucket& bucket, std::int64_t shard, int ranks) {
+  TESSERA_EXPECTS(shard >= 1 && ranks >= 1, "zero2_piece_counts: shard ", shard, " elements over ", ranks,
+                  " ranks; both must be at least 1");
+  TESSERA_EXPECTS(bucket.lo >= 0 && bucket.lo < bucket.hi && bucket.hi <= shard * ranks, "zero2_piece_counts: bucket [",
+                  bucket.lo, ", ", bucket.hi, ") is not a non-empty range of the ", ranks, " x ", shard, " = ",
+                  shard * ranks, " sharded elements");
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(ranks), 0);
+  for (int r = 0; r < ranks; ++r) {
+    const std::int64_t b = std::max(bucket.lo, shard * r), e = std::min(bucket.hi, shard * (r + 1));
+    if (b < e) counts[static_cast<std::size_t>(r)] = e - b;
+  }
+  return counts;
+}
+
+/// Rank `rank`'s piece of a bucket under ZeRO-2: its first flat element (counts[0] + ... +
+/// counts[rank - 1] past the bucket's lo, so for an empty piece where it would start) and its
+/// length, with `counts` = zero2_piece_counts(bucket, shard, ranks). Throws tessera::Error as
+/// zero2_piece_counts, and for a rank out of range.
+struct ZeroPiece {
+  std::int64_t lo = 0;     ///< first flat element
+  std::int64_t count = 0;  ///< elements (0: this rank owns none of the bucket)
+};
+/// (See ZeroPiece.)
+inline ZeroPiece zero2_piece(const DeviceGradBucket& bucket, std::int64_t shard, int ranks, int rank) {
+  TESSERA_EXPECTS(rank >= 0 && rank < ranks, "zero2_piece: rank ", rank, " of ", ranks);
+  const std::vector<std::int64_t> counts = zero2_piece_counts(bucket, shard, ranks);
+  ZeroPiece p{bucket.lo, counts[static_cast<std::size_t>(rank)]};
+  for (int r = 0; r < rank; ++r) p.lo += counts[static_cast<std::size_t>(r)];
+  return p;
 }
 
 }  // namespace tessera::cuda

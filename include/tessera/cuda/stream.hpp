@@ -84,6 +84,17 @@ class Event {
   void wait_on(const Stream& s) const {
     detail::check(cudaStreamWaitEvent(s.get(), e_, 0), "cudaStreamWaitEvent", "cuda::Event");
   }
+  /// Whether the work before the last record() is done (cudaEventQuery; never blocks). True for
+  /// an event never recorded. Throws CudaError for an error other than "not ready".
+  bool done() const {
+    const cudaError_t e = cudaEventQuery(e_);
+    if (e == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // "not ready" is no error: clear it, as PyTorch's CUDAEvent::query does
+      return false;
+    }
+    detail::check(e, "cudaEventQuery", "cuda::Event");
+    return true;
+  }
   /// Blocks the host until the recorded work is done.
   void synchronize() const { detail::check(cudaEventSynchronize(e_), "cudaEventSynchronize", "cuda::Event"); }
   /// The raw handle.

@@ -159,6 +159,42 @@ class ThreadDeviceComm final : public DeviceComm {
     rendezvous_out("reduce_scatter", all);
   }
 
+  /// Rank r's piece of `in` reduced into rank r's `out` (DeviceComm::reduce_scatter_v): each
+  /// rank reduces its own piece, reading it from every rank's input in rank order; bitwise the
+  /// same elements of all_reduce. Collective; throws tessera::Error on every rank when the ranks'
+  /// counts, input lengths or ops differ, the counts do not sum to the input's length, or an
+  /// output is not its rank's count.
+  void reduce_scatter_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out,
+                        ReduceOp op) override {
+    const int n = size(), me = rank();
+    std::uint64_t hash = 1469598103934665603ull ^ counts.size();  // FNV-1a over the counts
+    for (const std::int64_t c : counts) hash = (hash ^ static_cast<std::uint64_t>(c)) * 1099511628211ull;
+    const auto all = exchange(in.data, out.numel(), in.numel(), static_cast<std::int64_t>(op), static_cast<std::int64_t>(hash));
+    check_same("reduce_scatter_v", all, kExtra, "as the hash of the counts (the counts differ)");
+    check_same("reduce_scatter_v", all, kOther, "input elements");
+    check_same("reduce_scatter_v", all, kOp, "as the op (0 sum, 1 avg, 2 max, 3 min)");
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(n), "ThreadDeviceComm::reduce_scatter_v on ", name(), ": ",
+                    counts.size(), " counts for ", n, " ranks");
+    std::int64_t total = 0, offset = 0;
+    for (int q = 0; q < n; ++q) {
+      const std::int64_t c = counts[static_cast<std::size_t>(q)];
+      TESSERA_EXPECTS(c >= 0 && all[static_cast<std::size_t>(q)][kCount] == c, "ThreadDeviceComm::reduce_scatter_v on ",
+                      name(), ": rank ", q, "'s count is ", c, " and its output has ",
+                      all[static_cast<std::size_t>(q)][kCount], " elements");
+      if (q < me) offset += c;
+      total += c;
+    }
+    TESSERA_EXPECTS(total == all[0][kOther], "ThreadDeviceComm::reduce_scatter_v on ", name(), ": the counts sum to ",
+                    total, ", the input has ", all[0][kOther], " elements");
+    wait_ready("reduce_scatter_v", all);
+    kernels::RankPointers p{};
+    for (int q = 0; q < n; ++q)
+      p.src[q] = reinterpret_cast<const float*>(all[static_cast<std::size_t>(q)][kPtr]) + offset;
+    p.dst[0] = out.data;
+    launch_reduce(p, n, 1, counts[static_cast<std::size_t>(me)], op, "reduce_scatter_v");
+    rendezvous_out("reduce_scatter_v", all);
+  }
+
   /// x <- rank root's x on every rank. Collective; throws tessera::Error on every rank when the
   /// counts or roots differ or the root is not a rank.
   void broadcast(DeviceView<float> x, int root) override {
@@ -226,18 +262,20 @@ class ThreadDeviceComm final : public DeviceComm {
 
  private:
   // Fields of a rank's rendezvous record.
-  // pointer, ready event, done event, count, the other buffer's count, op (or root).
-  static constexpr std::size_t kPtr = 0, kReady = 1, kDone = 2, kCount = 3, kOther = 4, kOp = 5;
+  // pointer, ready event, done event, count, the other buffer's count, op (or root), a call's
+  // extra field (reduce_scatter_v: its counts' hash).
+  static constexpr std::size_t kPtr = 0, kReady = 1, kDone = 2, kCount = 3, kOther = 4, kOp = 5, kExtra = 6;
   static constexpr int kTag = 0x7d3;
-  using Record = std::array<std::int64_t, 6>;
+  using Record = std::array<std::int64_t, 7>;
 
   // Records "ready" on the stream and exchanges every rank's Record (the callers check the
   // records, identical on every rank, before wait_ready touches another rank's event: a
   // mismatch throws on every rank with no event of another rank used). Collective over host_.
-  std::vector<Record> exchange(const void* ptr, std::int64_t count, std::int64_t other, std::int64_t op) {
+  std::vector<Record> exchange(const void* ptr, std::int64_t count, std::int64_t other, std::int64_t op,
+                               std::int64_t extra = 0) {
     ready_.record(*stream_);
     const Record mine{reinterpret_cast<std::intptr_t>(ptr), reinterpret_cast<std::intptr_t>(ready_.get()),
-                      reinterpret_cast<std::intptr_t>(done_.get()), count, other, op};
+                      reinterpret_cast<std::intptr_t>(done_.get()), count, other, op, extra};
     const int n = size();
     std::vector<std::int64_t> flat(mine.size() * static_cast<std::size_t>(n));
     host_.all_gather(std::span<const std::int64_t>(mine), flat);

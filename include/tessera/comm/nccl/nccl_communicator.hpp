@@ -479,6 +479,40 @@ class NcclCommunicator final : public CommBackend {
     });
   }
 
+  /// Reduce_scatter with unequal blocks: rank r's piece of `in` (counts[r] elements after the
+  /// pieces of ranks 0..r-1) reduced into rank r's `out` only, as one ncclReduce per non-empty
+  /// piece (root r) inside one ncclGroupStart / ncclGroupEnd (DeepSpeed's stage 2 reduces a
+  /// bucket's partitions so). `out` may be this rank's piece of `in`. NCCL-only (not part of
+  /// CommBackend): tessera::cuda::NcclDeviceComm::reduce_scatter_v calls it. Collective: the
+  /// same counts on every rank (NCCL does not check; a mismatch hangs until the timeout).
+  /// Throws Error when counts has not size() entries, CommError when NCCL fails.
+  Request reduce_scatter_v(const float* in, float* out, std::span<const std::int64_t> counts, ReduceOp op) {
+    constexpr const char* call = "reduce_scatter_v";
+    detail::NcclState& s = *state_;
+    s.ensure_usable(call);
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()), "NcclCommunicator::reduce_scatter_v on ",
+                    s.where(), ": ", counts.size(), " counts for ", size(), " ranks");
+    if (std::none_of(counts.begin(), counts.end(), [](std::int64_t c) { return c > 0; })) return Request{};
+    const detail::DeviceGuard guard(s.device, call);
+    detail::check_nccl(ncclGroupStart(), "ncclGroupStart", call, " on ", s.where());
+    ncclResult_t first_error = ncclSuccess;
+    std::size_t offset = 0;
+    for (int r = 0; r < size(); ++r) {
+      const auto c = static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+      if (c > 0) {
+        // recvbuff is only written on the root; the others pass their own piece (unused).
+        float* recv = r == rank() ? out : const_cast<float*>(in + offset);
+        const ncclResult_t e = ncclReduce(in + offset, recv, c, ncclFloat32, to_nccl(op), r, s.comm, s.stream);
+        if (detail::is_error(e) && first_error == ncclSuccess) first_error = e;
+      }
+      offset += c;
+    }
+    const ncclResult_t end = ncclGroupEnd();  // always closed: after an error NCCL discards the group
+    detail::check_nccl(first_error, "ncclReduce", call, " on ", s.where());
+    s.finish_enqueue(call, "ncclGroupEnd", end);
+    return Request(std::make_shared<detail::NcclRequest>(state_, call));
+  }
+
   /// ncclBroadcast in place from `root`. Collective; blocks until complete.
   void broadcast(void* data, std::size_t count, DType t, int root) override {
     detail::NcclState& s = *state_;

@@ -66,6 +66,23 @@ class NcclDeviceComm final : public DeviceComm {
                                std::span<float>(out.data, static_cast<std::size_t>(out.numel())), op));
     order_out("reduce_scatter");
   }
+  /// One ncclReduce per non-empty piece (root: its rank) in one group, stream-ordered
+  /// (NcclCommunicator::reduce_scatter_v). Collective. Throws tessera::Error on this rank when
+  /// the counts are not one per rank, do not sum to the input's length, or this rank's output
+  /// is not its count (NCCL checks nothing across ranks: equal counts are the caller's).
+  void reduce_scatter_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out,
+                        ReduceOp op) override {
+    std::int64_t total = 0;
+    for (const std::int64_t c : counts) total += c;
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()) && total == in.numel() &&
+                        out.numel() == counts[static_cast<std::size_t>(rank())],
+                    "NcclDeviceComm::reduce_scatter_v on ", comm_.name(), ": ", counts.size(), " counts for ", size(),
+                    " ranks summing to ", total, ", an input of ", in.numel(), " elements, an output of ", out.numel(),
+                    " on rank ", rank());
+    order_in("reduce_scatter_v");
+    keep(backend_->reduce_scatter_v(in.data, out.data, counts, op));
+    order_out("reduce_scatter_v");
+  }
   /// ncclBroadcast; returns when it is done on the GPU. Collective.
   void broadcast(DeviceView<float> x, int root) override {
     order_in("broadcast");
