@@ -307,9 +307,9 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() != ZeroStage::parameters,
                       "train_gpt: --compress, --sync-every and --zero 3 are not built on the device yet (--zero 1 and "
                       "2 are); drop them with --device cuda");
-      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1, "train_gpt: --device cuda --zero 2 takes "
-                      "--pp 1 (got --pp ", a.pp, "): a stage's tied wte is summed over the first and last stage after "
-                      "the dp reduction; use --zero 1 under a pipeline");
+      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1 || a.schedule != "zb-h1",
+                      "train_gpt: --device cuda --zero 2 with --schedule zb-h1: its W passes write weight gradients "
+                      "after the buckets' reduction; use --zero 1 or another schedule");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).

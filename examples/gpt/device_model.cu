@@ -64,8 +64,10 @@ class CudaModel final : public DeviceModel {
   }
   double grad_norm() override {
     if (!ddp_.empty() && ddp_.front()->sharded_gradients()) {  // ZeRO-2: each rank's shard's part, summed over dp
+      tessera::cuda::DeviceDataParallel& dp = *ddp_.front();
+      if (pipe_) return pipe_->grad_norm([&dp](tessera::cuda::DeviceView<float> sum) { dp.all_reduce(sum); });
       const tessera::cuda::DeviceView<float> sum = model().grad_sum_of_squares();
-      ddp_.front()->all_reduce(sum);
+      dp.all_reduce(sum);
       return model().reduce_grad_norm(sum);
     }
     return pipe_ ? pipe_->grad_norm() : model().grad_norm();
@@ -129,8 +131,6 @@ class CudaModel final : public DeviceModel {
   void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                             bool overlap) override {
     TESSERA_EXPECTS(zero >= 0 && zero <= 2, "train_gpt: ZeRO stage ", zero, " on the device; 0, 1 or 2");
-    TESSERA_EXPECTS(zero < 2 || !pipe_, "train_gpt: ZeRO-2 on the device takes pp 1 (a stage's tied wte is summed "
-                    "over the embedding group after the dp reduction)");
     if (zero >= 1)
       for (auto& c : chunks_) c->shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
@@ -151,6 +151,8 @@ class CudaModel final : public DeviceModel {
       if (zero == 2) {  // ZeRO-2: per-bucket gradient buffers, each reduced onto its elements' owners
         c->shard_gradients(std::move(buckets));
         ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, *c->bucket_gradients()));
+        // A stage's tied wte is summed over the embedding group before its bucket is reduced.
+        if (const auto tied = c->tied_embedding_offset()) ddp_.back()->defer_bucket(*tied);
       } else {
         ddp_.push_back(
             std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, c->gradient_view(), std::move(buckets)));
@@ -168,6 +170,11 @@ class CudaModel final : public DeviceModel {
     for (auto& d : ddp_) d->set_sync(sync);
   }
   void finish_gradients() override {
+    if (!ddp_.empty() && ddp_.front()->sharded_gradients()) {  // ZeRO-2: the tied wte's sum before its reduction
+      if (pipe_) pipe_->reduce_tied_embedding();
+      for (auto& d : ddp_) d->finish();
+      return;
+    }
     for (auto& d : ddp_) d->finish();
     if (pipe_) pipe_->reduce_tied_embedding();
   }

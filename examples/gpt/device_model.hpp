@@ -47,14 +47,15 @@ class DeviceModel {
   // each forward_backward with sync on reduces its gradients in buckets of at most
   // `bucket_elements` while backward runs (tessera::cuda::DeviceDataParallel); with `zero` 1
   // (ZeRO-1) each rank keeps AdamW's moments of its 1/dp of the flat buffers, steps those
-  // weights and gathers the others' (the model made with shards = dp); with `zero` 2 (ZeRO-2,
-  // pp 1) it also keeps only its 1/dp of the reduced gradients: with `overlap` every backward
+  // weights and gathers the others' (the model made with shards = dp); with `zero` 2 (ZeRO-2;
+  // not under ZB-H1) it also keeps only its 1/dp of the reduced gradients: with `overlap` every backward
   // reduces each bucket onto the owners of its elements (DeviceGPT::shard_gradients), whatever
   // set_sync says; without it the buckets are held over the step and reduced once.
   // Collective over dp. With `nccl` the ranks each drive a GPU of their own and reduce through
   // NCCL (the model made on device dp.rank()); otherwise they share this GPU (threads of one
   // process). Without `overlap` the buckets are reduced after backward (finish_gradients), not
-  // during it. Throws tessera::Error for `zero` outside 0..2, or 2 under a pipeline.
+  // during it (a pipeline stage's tied wte bucket is always reduced in finish_gradients, after
+  // the embedding group's sum). Throws tessera::Error for `zero` outside 0..2, or 2 under ZB-H1.
   virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                                     bool overlap = true) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).

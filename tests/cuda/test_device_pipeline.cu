@@ -7,7 +7,8 @@
 // with embedding dropout (each micro-batch's mask in its own slot), every dp x tp x pp layout of 2,
 // 4 and 8 ranks with pp > 1 (with and without sequence parallelism), interleaved 1F1B with 2
 // model chunks per rank (pp 2 and 4, and dp 2 x pp 2 x tp 2), ZB-H1's split backward (pp 2 and
-// 4, dp 2 x pp 2 x tp 2, bf16), bf16 at pp 2 within bf16
+// 4, dp 2 x pp 2 x tp 2, bf16), ZeRO-2 at dp 2 x pp 2 (the tied wte's bucket reduced after the
+// embedding group's sum), bf16 at pp 2 within bf16
 // round-off; the stage layouts' host-side checks are in test_cuda_host.cpp; and the refusals.
 // Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -68,12 +69,26 @@ struct Run {
 
 // The whole parameters and moments (a pipeline's download: every chunk's, broadcast over the
 // stages), and this rank's replicated parameters and tied wte copy as its chunks hold them.
+// `zero_ddp` (ZeRO runs, one per chunk): the moments' shards are gathered over dp first.
 template <class C>
-void fill_whole(tc::DeviceGPT<C>& m, tc::DevicePipeline<C>* pipe, Run& r, const GPTConfig& cfg) {
+void fill_whole(tc::DeviceGPT<C>& m, tc::DevicePipeline<C>* pipe, Run& r, const GPTConfig& cfg,
+                const std::vector<tc::DeviceDataParallel*>& zero_ddp = {}) {
   GPT<float> back(cfg, 99);
   ParameterList<float> ps = back.parameters();
   optim::AdamW<float> opt(ps, opts);
-  if (pipe != nullptr) {
+  if (pipe != nullptr && !zero_ddp.empty()) {
+    pipe->download(ps);
+    std::size_t i = 0;
+    for (tc::DeviceGPT<C>* c : pipe->chunks()) {
+      const Shape flat{c->numel()};
+      auto mm = tc::DeviceTensor<float>::empty(flat, c->stream()), vv = tc::DeviceTensor<float>::empty(flat, c->stream());
+      zero_ddp[i]->gather(c->exp_avg_view(), mm);
+      zero_ddp[i]->gather(c->exp_avg_sq_view(), vv);
+      c->download_optimizer(opt, mm, vv);
+      ++i;
+    }
+    pipe->broadcast_stages(opt);
+  } else if (pipe != nullptr) {
     pipe->download(ps);
     pipe->download_optimizer(opt);
   } else {
@@ -135,7 +150,7 @@ schedule::Schedule make_schedule(Kind k, int pp, int m, int v = 1) {
 // (interleaved: each chunk a DeviceGPT stage, each with its own dp reduction).
 template <class C>
 std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg,
-                           int v = 1, bool overlap = false) {
+                           int v = 1, bool overlap = false, bool zero2 = false) {
   return threads::run(dp * pp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
@@ -155,18 +170,26 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
     std::vector<std::unique_ptr<tc::DeviceGPT<C>>> owned;
     std::vector<tc::DeviceGPT<C>*> chunks;
     for (int s : sched.stages_of(pp_rank)) {
-      owned.push_back(std::make_unique<tc::DeviceGPT<C>>(cfg, init.parameters(), compute, 0, 1,
+      owned.push_back(std::make_unique<tc::DeviceGPT<C>>(cfg, init.parameters(), compute, 0, zero2 ? dp : 1,
                                                          tp_comm ? &*tp_comm : nullptr, sp, tc::device_stage(part, s)));
       chunks.push_back(owned.back().get());
+      if (zero2) owned.back()->shard_optimizer(dp_rank, dp);
     }
     tc::DevicePipeline<C> pipe(chunks, pp_comm, emb_comm ? &*emb_comm : nullptr, part, sched);
     tc::DeviceGPT<C>& model = *chunks.front();
     std::vector<std::unique_ptr<tc::DeviceDataParallel>> ddp;
     if (dp > 1) {  // no backward hook: finish() reduces every bucket after the step's backward passes
       dp_comm.emplace(dp_host, comm_stream);
-      for (tc::DeviceGPT<C>* c : chunks)
-        ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(),
-                                                               tc::device_grad_buckets(c->numel(), c->ready_offsets(), 4000)));
+      for (tc::DeviceGPT<C>* c : chunks) {
+        auto buckets = tc::device_grad_buckets(c->numel(), c->ready_offsets(), 4000);
+        if (zero2) {  // ZeRO-2: the stage's tied wte bucket waits for the embedding group's sum
+          c->shard_gradients(std::move(buckets));
+          ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, *c->bucket_gradients()));
+          if (const auto tied = c->tied_embedding_offset()) ddp.back()->defer_bucket(*tied);
+        } else {
+          ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(), std::move(buckets)));
+        }
+      }
       if (overlap) {  // each chunk's last backward of the step reduces its buckets as it finishes them
         std::vector<tc::DeviceDataParallel*> raw;
         for (auto& x : ddp) raw.push_back(x.get());
@@ -190,19 +213,35 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
         micro.push_back({xs[static_cast<std::size_t>(k)], ys[static_cast<std::size_t>(k)],
                          BatchPosition{.step = static_cast<std::uint64_t>(s), .first_row = (dp_rank * m + k) * rows}});
       pipe.forward_backward(micro, 1.f / static_cast<float>(kRows * kT));
-      for (auto& x : ddp) x->finish();
-      pipe.reduce_tied_embedding();
-      const double norm = pipe.grad_norm();
+      double norm = 0;
+      if (zero2) {  // the tied wte summed before its (deferred) reduction; the norm's squares summed over dp
+        pipe.reduce_tied_embedding();
+        for (auto& x : ddp) x->finish();
+        norm = pipe.grad_norm([&](tc::DeviceView<float> sum) { ddp.front()->all_reduce(sum); });
+      } else {
+        for (auto& x : ddp) x->finish();
+        pipe.reduce_tied_embedding();
+        norm = pipe.grad_norm();
+      }
       if (s == 0) r.first_norm = norm;
       double local = 0;
-      for (tc::DeviceGPT<C>* c : chunks) {
+      for (std::size_t i = 0; i < chunks.size(); ++i) {
+        tc::DeviceGPT<C>* c = chunks[i];
         c->step(opts, opts.lr, clip_scale(norm));
+        if (zero2) {  // every rank updated its shard: gather them all
+          const Shape shard{c->shard_end() - c->shard_begin()};
+          ddp[i]->gather(tc::DeviceView<const float>(c->master_view().data + c->shard_begin(), shard), c->master_view());
+          c->refresh_compute_copy();
+        }
         local += c->take_loss_sum();
       }
       // The last stage's tp ranks each hold their dp rank's loss: sum over the world, each once.
       r.losses.push_back(world.all_reduce_value(local, ReduceOp::sum) / tp / static_cast<double>(kRows * kT));
     }
-    fill_whole<C>(model, &pipe, r, cfg);
+    std::vector<tc::DeviceDataParallel*> zero_ddp;
+    if (zero2)
+      for (auto& x : ddp) zero_ddp.push_back(x.get());
+    fill_whole<C>(model, &pipe, r, cfg, zero_ddp);
     return r;
   });
 }
@@ -360,6 +399,24 @@ TEST_CASE("DevicePipeline with the dp reduction overlapped with the step's backw
     CHECK_THROWS_WITH_AS(pipe.overlap_data_parallel({}), doctest::Contains("0 data-parallel reductions for 1 model chunks"),
                          Error);
   });
+}
+
+TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gradients; the tied wte's bucket reduced after the embedding group's sum): dp 2 x pp 2 under 1F1B and GPipe (overlapped and after the step), interleaved 1F1B, and dp 2 x pp 2 x tp 2 with SP, fp32 within 1e-5") {
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<float>(d, pp_cfg);
+  struct Case {
+    Kind kind;
+    int tp, m, v;
+    bool sp, overlap;
+  };
+  for (const Case c : {Case{Kind::one_f_one_b, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 1, 2, 1, false, false},
+                       Case{Kind::gpipe, 1, 4, 1, false, true}, Case{Kind::interleaved, 1, 2, 2, false, true},
+                       Case{Kind::one_f_one_b, 2, 2, 1, true, true}}) {
+    CAPTURE(static_cast<int>(c.kind));
+    CAPTURE(c.tp);
+    CAPTURE(c.overlap);
+    check_equal(pipelined<float>(d, 2, 2, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, true), ref, 1e-5);
+  }
 }
 
 TEST_CASE("DevicePipeline refuses a schedule for another chunk count, a zero-bubble schedule beside a backward hook, a partition entry that is not the stage, a missing embedding group, and whole-model calls on a stage") {

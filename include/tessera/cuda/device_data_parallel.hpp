@@ -83,7 +83,12 @@ class DeviceDataParallel {
   /// finish() (its gradients would be added after the sums and never reduced).
   void gradients_final_from(std::int64_t offset) {
     if (zero2_ != nullptr) {
-      while (next_ < buckets_.size() && buckets_[next_].lo >= offset) reduce_next();
+      while (next_ < buckets_.size() && buckets_[next_].lo >= offset) {
+        if (is_deferred(next_))
+          ++next_;  // held over the step: finish() reduces it
+        else
+          reduce_next();
+      }
       if (next_ == buckets_.size()) next_ = 0;
       return;
     }
@@ -97,12 +102,17 @@ class DeviceDataParallel {
   /// wait for the reductions. Call it after the step's last backward and before reading the
   /// gradients. Collective.
   void finish() {
-    // Under ZeRO-2 the hooks' backwards reduced everything already unless a bucket was written
-    // since (the same on every rank: the same backwards).
-    bool left = zero2_ == nullptr || next_ > 0;
-    for (std::size_t k = 0; !left && k < buckets_.size(); ++k) left = zero2_->holds(k);
-    if (left)
+    if (zero2_ == nullptr) {
       while (next_ < buckets_.size()) reduce_next();
+    } else {
+      // The hooks' backwards reduced every bucket but the deferred ones, unless one was written
+      // since (the same on every rank: the same backwards); the deferred ones reduce here.
+      bool left = next_ > 0;
+      for (std::size_t k = 0; !left && k < buckets_.size(); ++k) left = !is_deferred(k) && zero2_->holds(k);
+      for (std::size_t k = left ? next_ : buckets_.size(); k < buckets_.size(); ++k)
+        if (!is_deferred(k)) reduce_bucket(k);
+      for (const std::size_t k : deferred_) reduce_bucket(k);
+    }
     next_ = 0;
     done_.record(comm_.stream());
     done_.wait_on(compute_);
@@ -119,6 +129,16 @@ class DeviceDataParallel {
   }
   /// Whether this reduces ZeRO-2's bucket buffers (the second constructor).
   bool sharded_gradients() const noexcept { return zero2_ != nullptr; }
+  /// ZeRO-2: the bucket holding flat element `offset` is not reduced by the backward hooks but
+  /// held over the step and reduced by finish(), after the caller changed it: a pipeline
+  /// stage's tied wte, summed over the embedding group first (DevicePipeline::
+  /// reduce_tied_embedding). Every rank defers alike. Throws tessera::Error without ZeRO-2 or
+  /// for an offset in no bucket.
+  void defer_bucket(std::int64_t offset) {
+    TESSERA_EXPECTS(zero2_ != nullptr, "DeviceDataParallel::defer_bucket: only ZeRO-2's reduction defers buckets");
+    const std::size_t k = zero2_->bucket_of(offset);
+    if (!is_deferred(k)) deferred_.push_back(k);
+  }
   /// ZeRO-1's gather: out (size() x in.numel() elements) <- every rank's `in` in rank order,
   /// ordered after the compute stream's work and before its later work, e.g. each rank's shard
   /// of the master weights after its optimizer step into the whole buffer (`in` may be `out`'s
@@ -137,8 +157,13 @@ class DeviceDataParallel {
   const std::vector<DeviceGradBucket>& buckets() const noexcept { return buckets_; }
 
  private:
-  void reduce_next() {
-    const std::size_t k = next_++;
+  bool is_deferred(std::size_t k) const {
+    for (const std::size_t d : deferred_)
+      if (d == k) return true;
+    return false;
+  }
+  void reduce_next() { reduce_bucket(next_++); }
+  void reduce_bucket(std::size_t k) {
     const DeviceGradBucket& b = buckets_[k];
     if (zero2_ != nullptr) {
       const DeviceView<float> buf = zero2_->bucket(k);  // taken (and zeroed) before the event if unwritten
@@ -164,6 +189,7 @@ class DeviceDataParallel {
   DeviceView<float> grad_;
   std::vector<DeviceGradBucket> buckets_;
   DeviceBucketGradients* zero2_ = nullptr;  // ZeRO-2: the bucket buffers and the shard (not owned)
+  std::vector<std::size_t> deferred_;       // ZeRO-2: buckets reduced by finish() only (defer_bucket)
   std::int64_t shard_ = 0;                  // ZeRO-2: elements per rank
   std::size_t next_ = 0;
   bool sync_ = true;

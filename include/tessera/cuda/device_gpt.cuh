@@ -271,7 +271,7 @@ class DeviceGPT {
   /// Under shard_gradients, of this rank's shard of the reduced gradients (the sum over dp too).
   DeviceView<float> grad_sum_of_squares() {
     if (zero2_) {
-      if (tp_size_ > 1)
+      if (tp_size_ > 1 || copy_ != npos)
         ops::weighted_sum_of_squares(stream_, zero2_->shard(), shard_norm_chunks_, 1.f,
                                      1.f / static_cast<float>(tp_size_), norm_out_, norm_ws_);
       else
@@ -348,20 +348,19 @@ class DeviceGPT {
   /// gradients of its shard only (bucket_gradients(); DeviceDataParallel's ZeRO-2 constructor
   /// reduces each bucket onto the owners of its elements). zero_grad, step and
   /// grad_sum_of_squares then work on the shard; gradient_view() and gradients() are empty, and
-  /// grad_norm() throws (the shards' squared norms are summed over dp by the caller). The whole
-  /// model only (a pipeline stage's tied wte is summed over its embedding group after the dp
-  /// reduction). Throws tessera::Error, naming why, when the optimizer is not sharded, the
-  /// gradients already are, backward is split (set_split_backward), a micro-batch awaits its
-  /// backward, this is a pipeline stage, a parameter is not inside one bucket, or the buckets
-  /// do not cover numel() once.
+  /// grad_norm() throws (the shards' squared norms are summed over dp by the caller). A pipeline
+  /// stage holding a copy of the tied wte (tied_embedding_offset()) sums its gradient over the
+  /// embedding group before its bucket is reduced: the reduction defers that bucket to its
+  /// finish() (DeviceDataParallel::defer_bucket). Throws tessera::Error, naming why, when the
+  /// optimizer is not sharded, the gradients already are, backward is split
+  /// (set_split_backward), a micro-batch awaits its backward, a parameter is not inside one
+  /// bucket, or the buckets do not cover numel() once.
   void shard_gradients(std::vector<DeviceGradBucket> buckets) {
     TESSERA_EXPECTS(sharded(), "DeviceGPT::shard_gradients: shard the optimizer first (shard_optimizer): ZeRO-2 keeps "
                     "the gradients of the optimizer's shard");
     TESSERA_EXPECTS(!zero2_, "DeviceGPT::shard_gradients: already sharded");
     TESSERA_EXPECTS(!split_, "DeviceGPT::shard_gradients: backward is split (set_split_backward): its W passes write "
                     "weight gradients after the buckets' reduction points");
-    TESSERA_EXPECTS(has_embedding() && has_head(), "DeviceGPT::shard_gradients: this is pipeline stage [", stage_.first,
-                    ", ", stage_end(), "); ZeRO-2 on the device takes the whole model (pp 1)");
     for (const Slot& sl : slots_)
       TESSERA_EXPECTS(!sl.busy, "DeviceGPT::shard_gradients: a micro-batch awaits its backward");
     for (const FlatParameter& f : flat_) {  // g() hands out one pointer per parameter: whole inside a bucket
@@ -373,11 +372,12 @@ class DeviceGPT {
     zero2_ = std::make_unique<DeviceBucketGradients>(stream_, std::move(buckets), numel_, shard_lo_, shard_hi(),
                                                      &ops::add_into);
     grad_ = DeviceTensor<float>();  // no whole-model gradient buffer from here on
-    if (tp_size_ > 1) {             // the norm's weights inside the shard, from its start
+    if (tp_size_ > 1 || copy_ != npos) {  // the norm's weights inside the shard, from its start
       std::vector<ops::FlatSegment> owned;
-      for (const FlatParameter& f : flat_) {
+      for (std::size_t i = 0; i < flat_.size(); ++i) {
+        const FlatParameter& f = flat_[i];
         const std::int64_t b = std::max(f.offset, shard_lo_), e = std::min(f.offset + f.shape.numel(), shard_hi());
-        if (b < e) owned.push_back({b - shard_lo_, e - b, f.tp_layout.is_shard() ? 0 : 1});
+        if (b < e && i != copy_) owned.push_back({b - shard_lo_, e - b, f.tp_layout.is_shard() ? 0 : 1});
       }
       shard_norm_chunks_ = ops::adamw_chunks(stream_, owned);
     }
@@ -564,9 +564,17 @@ class DeviceGPT {
   /// copy on a last stage without the embedding), for the caller to sum over the embedding group
   /// (the first and last stage of a pipeline) before the step; empty on other stages and on a
   /// stage holding both (pp 1: one wte takes both gradients).
-  DeviceView<float> tied_embedding_gradient() const noexcept {
+  /// Under shard_gradients it lives in its bucket's buffer (taken if the bucket has none), which
+  /// the reduction must leave for after that sum (DeviceDataParallel::defer_bucket).
+  DeviceView<float> tied_embedding_gradient() const {
     if (has_embedding() == has_head()) return {};
     return gv(has_embedding() ? 0 : copy_);
+  }
+  /// The first flat element of the tied wte whose gradient tied_embedding_gradient() gives;
+  /// nullopt where that is empty.
+  std::optional<std::int64_t> tied_embedding_offset() const noexcept {
+    if (has_embedding() == has_head()) return std::nullopt;
+    return flat_[has_embedding() ? 0 : copy_].offset;
   }
 
  private:

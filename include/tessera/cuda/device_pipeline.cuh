@@ -311,11 +311,15 @@ class DevicePipeline {
   }
   /// The whole model's gradient norm (every stage's, tp's shards, the tied wte once), the same
   /// on every rank; call after reduce_tied_embedding. Collective over tp and the pipeline group.
-  double grad_norm() {
+  /// `over_dp` (ZeRO-2, DeviceGPT::shard_gradients: each dp rank holds its shard's gradients):
+  /// sums the chunks' squared norm (one float on the device) over dp in place before the tp and
+  /// pipeline sums, e.g. DeviceDataParallel::all_reduce (collective over dp then).
+  double grad_norm(const std::function<void(DeviceView<float>)>& over_dp = {}) {
     DeviceGPT<C>& lead = stage();
-    if (chunks_.size() == 1) return lead.grad_norm(&pp_);
+    if (chunks_.size() == 1 && !over_dp) return lead.grad_norm(&pp_);
     const DeviceView<float> sum = lead.grad_sum_of_squares();
     for (std::size_t c = 1; c < chunks_.size(); ++c) ops::add_into(lead.stream(), chunks_[c]->grad_sum_of_squares(), sum);
+    if (over_dp) over_dp(sum);
     return lead.reduce_grad_norm(sum, &pp_);
   }
 
