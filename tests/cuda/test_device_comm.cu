@@ -1,6 +1,7 @@
 // ThreadDeviceComm (the threads backend over device memory) against the threads backend's host
 // collectives on the same values: bitwise equal for all_reduce (sum, avg, max, min),
-// reduce_scatter, reduce_scatter_v (against the all-reduce's elements of each rank's piece), all_gather, broadcast and rings of send/recv and send_recv, at 1, 2, 3, 4 and 8 ranks
+// reduce_scatter, reduce_scatter_v (against the all-reduce's elements of each rank's piece),
+// all_gather_v (unequal and empty pieces, in and out of place), all_gather, broadcast and rings of send/recv and send_recv, at 1, 2, 3, 4 and 8 ranks
 // sharing one GPU; counts that differ between ranks throw on every rank. Needs a GPU
 // (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -101,6 +102,33 @@ TEST_CASE("ThreadDeviceComm: every collective equals the threads backend's host 
             break;
           }
       }
+      {  // all_gather_v: the same unequal pieces gathered back, each rank's values in its place;
+         // out of place, then in place (each rank's piece already in its output).
+        std::vector<std::int64_t> counts;
+        std::int64_t total = 0, off = 0;
+        for (int q = 0; q < n; ++q) {
+          counts.push_back(q % 3 == 1 ? 0 : 40 + 7 * q);
+          if (q < r) off += counts.back();
+          total += counts.back();
+        }
+        std::vector<float> expect;
+        for (int q = 0; q < n; ++q) {
+          const Tensor<float> v = values(counts[static_cast<std::size_t>(q)], q, 17);
+          expect.insert(expect.end(), v.data(), v.data() + v.numel());
+        }
+        const Tensor<float> want = Tensor<float>::from(Shape{total}, expect);
+        const Tensor<float> mine = values(counts[static_cast<std::size_t>(r)], r, 17);
+        tc::DeviceTensor<float> d = tc::to_device<float>(mine, stream);
+        auto out = tc::DeviceTensor<float>::zeros(Shape{total}, stream);
+        dc.all_gather_v(d, counts, out);
+        if (!bitwise_equal(tc::to_host(out, stream), want)) bad.push_back("all_gather_v");
+        auto inplace = tc::DeviceTensor<float>::zeros(Shape{total}, stream);
+        if (mine.numel() > 0)
+          tc::detail::check(cudaMemcpyAsync(inplace.data() + off, d.data(), d.bytes(), cudaMemcpyDeviceToDevice, stream.get()),
+                            "cudaMemcpyAsync", "test");
+        dc.all_gather_v(tc::DeviceView<const float>(inplace.data() + off, Shape{mine.numel()}), counts, inplace);
+        if (!bitwise_equal(tc::to_host(inplace, stream), want)) bad.push_back("all_gather_v in place");
+      }
       {  // all_gather
         const std::int64_t m = 77;
         const Tensor<float> x = values(m, r, 12);
@@ -160,7 +188,7 @@ TEST_CASE("ThreadDeviceComm: counts that differ between ranks throw on every ran
   for (const std::string& m : messages) CHECK(m.find("rank 0 gave 8 and rank 2 gave 9 elements") != std::string::npos);
 }
 
-TEST_CASE("ThreadDeviceComm::reduce_scatter_v: counts that differ between ranks, or an output not its rank's count, throw on every rank") {
+TEST_CASE("ThreadDeviceComm::reduce_scatter_v and all_gather_v: counts that differ between ranks, or a piece not its rank's count, throw on every rank") {
   const auto messages = threads::run(3, [](Comm& world) {
     tc::set_device(0);
     const tc::Stream stream;
@@ -184,11 +212,26 @@ TEST_CASE("ThreadDeviceComm::reduce_scatter_v: counts that differ between ranks,
     } catch (const Error& e) {
       got.push_back(e.what());
     }
+    // all_gather_v alike: differing counts, then rank 1's input of 5 elements, not its 4.
+    try {
+      dc.all_gather_v(world.rank() == 2 ? out2 : out, world.rank() == 2 ? odd : even, d);
+      got.push_back("no error");
+    } catch (const Error& e) {
+      got.push_back(e.what());
+    }
+    try {
+      dc.all_gather_v(world.rank() == 1 ? out2 : out, even, d);
+      got.push_back("no error");
+    } catch (const Error& e) {
+      got.push_back(e.what());
+    }
     return got;
   });
   for (const std::vector<std::string>& m : messages) {
-    REQUIRE(m.size() == 2);
+    REQUIRE(m.size() == 4);
     CHECK(m[0].find("the counts differ") != std::string::npos);
     CHECK(m[1].find("rank 1's count is 4 and its output has 5 elements") != std::string::npos);
+    CHECK(m[2].find("the counts differ") != std::string::npos);
+    CHECK(m[3].find("rank 1's count is 4 and its input has 5 elements") != std::string::npos);
   }
 }

@@ -352,6 +352,12 @@ TEST_CASE("NcclDeviceComm: stream-ordered collectives at world 1 return the inpu
                        tessera::Error);
   CHECK_THROWS_WITH_AS(dc.reduce_scatter_v(d, short_counts, out, ReduceOp::sum),
                        doctest::Contains("summing to 999, an input of 1000 elements"), tessera::Error);
+  // all_gather_v at world 1: the one piece is the whole output; a wrong input length is refused.
+  auto gathered = tc::DeviceTensor<float>::zeros(tessera::Shape{1000}, stream);
+  dc.all_gather_v(d, counts, gathered);
+  back = tc::to_host(gathered, stream);
+  CHECK(std::equal(back.data(), back.data() + back.numel(), x.data()));
+  CHECK_THROWS_WITH_AS(dc.all_gather_v(d, short_counts, gathered), doctest::Contains("summing to 999"), tessera::Error);
   dc.broadcast(d, 0);
   dc.wait_all();
   // Not an NCCL communicator: refused by name.

@@ -70,6 +70,12 @@ class DeviceComm {
   /// rank; a mismatch throws tessera::Error naming the counts.
   virtual void reduce_scatter_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out,
                                 ReduceOp op) = 0;
+  /// out (the counts' sum) <- every rank's `in` (counts[rank] elements) in rank order: MPI's
+  /// Allgatherv, the inverse of reduce_scatter_v (an empty piece is allowed); `in` may be this
+  /// rank's own piece of `out` (in place). E.g. a bucket of weights whose elements lie in
+  /// different ranks' ZeRO shards (zero2_piece_counts). Collective: the same counts on every
+  /// rank; a mismatch throws tessera::Error naming the counts.
+  virtual void all_gather_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out) = 0;
   /// x <- rank root's x, on every rank. Collective.
   virtual void broadcast(DeviceView<float> x, int root) = 0;
   /// Sends x to `peer` (which calls recv with as many elements); x may be overwritten by later

@@ -167,9 +167,7 @@ class ThreadDeviceComm final : public DeviceComm {
   void reduce_scatter_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out,
                         ReduceOp op) override {
     const int n = size(), me = rank();
-    std::uint64_t hash = 1469598103934665603ull ^ counts.size();  // FNV-1a over the counts
-    for (const std::int64_t c : counts) hash = (hash ^ static_cast<std::uint64_t>(c)) * 1099511628211ull;
-    const auto all = exchange(in.data, out.numel(), in.numel(), static_cast<std::int64_t>(op), static_cast<std::int64_t>(hash));
+    const auto all = exchange(in.data, out.numel(), in.numel(), static_cast<std::int64_t>(op), counts_hash(counts));
     check_same("reduce_scatter_v", all, kExtra, "as the hash of the counts (the counts differ)");
     check_same("reduce_scatter_v", all, kOther, "input elements");
     check_same("reduce_scatter_v", all, kOp, "as the op (0 sum, 1 avg, 2 max, 3 min)");
@@ -193,6 +191,37 @@ class ThreadDeviceComm final : public DeviceComm {
     p.dst[0] = out.data;
     launch_reduce(p, n, 1, counts[static_cast<std::size_t>(me)], op, "reduce_scatter_v");
     rendezvous_out("reduce_scatter_v", all);
+  }
+
+  /// out <- every rank's `in` in rank order (DeviceComm::all_gather_v): each rank copies every
+  /// rank's piece into its own output. Collective; throws tessera::Error on every rank when the
+  /// ranks' counts or output lengths differ, the counts do not sum to the output's length, or an
+  /// input is not its rank's count.
+  void all_gather_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out) override {
+    const int n = size();
+    const auto all = exchange(in.data, in.numel(), out.numel(), 0, counts_hash(counts));
+    check_same("all_gather_v", all, kExtra, "as the hash of the counts (the counts differ)");
+    check_same("all_gather_v", all, kOther, "output elements");
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(n), "ThreadDeviceComm::all_gather_v on ", name(), ": ",
+                    counts.size(), " counts for ", n, " ranks");
+    std::int64_t total = 0;
+    for (int q = 0; q < n; ++q) {
+      const std::int64_t c = counts[static_cast<std::size_t>(q)];
+      TESSERA_EXPECTS(c >= 0 && all[static_cast<std::size_t>(q)][kCount] == c, "ThreadDeviceComm::all_gather_v on ",
+                      name(), ": rank ", q, "'s count is ", c, " and its input has ",
+                      all[static_cast<std::size_t>(q)][kCount], " elements");
+      total += c;
+    }
+    TESSERA_EXPECTS(total == all[0][kOther], "ThreadDeviceComm::all_gather_v on ", name(), ": the counts sum to ", total,
+                    ", the output has ", all[0][kOther], " elements");
+    wait_ready("all_gather_v", all);
+    std::int64_t offset = 0;
+    for (int q = 0; q < n; ++q) {
+      const std::int64_t c = counts[static_cast<std::size_t>(q)];
+      copy(out.data + offset, reinterpret_cast<const float*>(all[static_cast<std::size_t>(q)][kPtr]), c, "all_gather_v");
+      offset += c;
+    }
+    rendezvous_out("all_gather_v", all);
   }
 
   /// x <- rank root's x on every rank. Collective; throws tessera::Error on every rank when the
@@ -284,6 +313,14 @@ class ThreadDeviceComm final : public DeviceComm {
       std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(q * mine.size()), mine.size(),
                   all[static_cast<std::size_t>(q)].begin());
     return all;
+  }
+
+  // FNV-1a over a call's counts (and their number), exchanged so that differing counts throw on
+  // every rank.
+  static std::int64_t counts_hash(std::span<const std::int64_t> counts) {
+    std::uint64_t hash = 1469598103934665603ull ^ counts.size();
+    for (const std::int64_t c : counts) hash = (hash ^ static_cast<std::uint64_t>(c)) * 1099511628211ull;
+    return static_cast<std::int64_t>(hash);
   }
 
   // Makes the stream wait for every other rank's ready (its input). Local.

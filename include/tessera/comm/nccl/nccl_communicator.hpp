@@ -513,6 +513,39 @@ class NcclCommunicator final : public CommBackend {
     return Request(std::make_shared<detail::NcclRequest>(state_, call));
   }
 
+  /// Allgather with unequal blocks: `out` (the counts' sum) <- every rank's `in` (counts[rank]
+  /// elements) in rank order, as one ncclBroadcast per non-empty piece (root: its rank, into its
+  /// place in `out`) inside one ncclGroupStart / ncclGroupEnd (NCCL has no allgatherv). `in`
+  /// may be this rank's piece of `out`. NCCL-only (tessera::cuda::NcclDeviceComm::all_gather_v
+  /// calls it). Collective: the same counts on every rank (NCCL does not check; a mismatch hangs
+  /// until the timeout). Throws Error when counts has not size() entries, CommError when NCCL fails.
+  Request all_gather_v(const float* in, float* out, std::span<const std::int64_t> counts) {
+    constexpr const char* call = "all_gather_v";
+    detail::NcclState& s = *state_;
+    s.ensure_usable(call);
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()), "NcclCommunicator::all_gather_v on ",
+                    s.where(), ": ", counts.size(), " counts for ", size(), " ranks");
+    if (std::none_of(counts.begin(), counts.end(), [](std::int64_t c) { return c > 0; })) return Request{};
+    const detail::DeviceGuard guard(s.device, call);
+    detail::check_nccl(ncclGroupStart(), "ncclGroupStart", call, " on ", s.where());
+    ncclResult_t first_error = ncclSuccess;
+    std::size_t offset = 0;
+    for (int r = 0; r < size(); ++r) {
+      const auto c = static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+      if (c > 0) {
+        // sendbuff is only read on the root.
+        const float* send = r == rank() ? in : out + offset;
+        const ncclResult_t e = ncclBroadcast(send, out + offset, c, ncclFloat32, r, s.comm, s.stream);
+        if (detail::is_error(e) && first_error == ncclSuccess) first_error = e;
+      }
+      offset += c;
+    }
+    const ncclResult_t end = ncclGroupEnd();  // always closed: after an error NCCL discards the group
+    detail::check_nccl(first_error, "ncclBroadcast", call, " on ", s.where());
+    s.finish_enqueue(call, "ncclGroupEnd", end);
+    return Request(std::make_shared<detail::NcclRequest>(state_, call));
+  }
+
   /// ncclBroadcast in place from `root`. Collective; blocks until complete.
   void broadcast(void* data, std::size_t count, DType t, int root) override {
     detail::NcclState& s = *state_;

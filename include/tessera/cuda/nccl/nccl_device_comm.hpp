@@ -83,6 +83,22 @@ class NcclDeviceComm final : public DeviceComm {
     keep(backend_->reduce_scatter_v(in.data, out.data, counts, op));
     order_out("reduce_scatter_v");
   }
+  /// One ncclBroadcast per non-empty piece (root: its rank) in one group, stream-ordered
+  /// (NcclCommunicator::all_gather_v). Collective. Throws tessera::Error on this rank when the
+  /// counts are not one per rank, do not sum to the output's length, or this rank's input is
+  /// not its count (NCCL checks nothing across ranks: equal counts are the caller's).
+  void all_gather_v(DeviceView<const float> in, std::span<const std::int64_t> counts, DeviceView<float> out) override {
+    std::int64_t total = 0;
+    for (const std::int64_t c : counts) total += c;
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()) && total == out.numel() &&
+                        in.numel() == counts[static_cast<std::size_t>(rank())],
+                    "NcclDeviceComm::all_gather_v on ", comm_.name(), ": ", counts.size(), " counts for ", size(),
+                    " ranks summing to ", total, ", an output of ", out.numel(), " elements, an input of ", in.numel(),
+                    " on rank ", rank());
+    order_in("all_gather_v");
+    keep(backend_->all_gather_v(in.data, out.data, counts));
+    order_out("all_gather_v");
+  }
   /// ncclBroadcast; returns when it is done on the GPU. Collective.
   void broadcast(DeviceView<float> x, int root) override {
     order_in("broadcast");
