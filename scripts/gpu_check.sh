@@ -199,6 +199,8 @@ sec_2b() {
   echo "$d"
   row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
   row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
+  row "dp 2 step ms: plain / ZeRO-1 / ZeRO-2 (overlapped)" "$(echo "$d" | awk '/^zero_step_ms/ {print $3 " / " $5 " / " $7}')"
+  row "dp 2 device peak MB (both ranks): plain / ZeRO-1 / ZeRO-2" "$(echo "$d" | awk '/^zero_step_ms/ {print $9 " / " $11 " / " $13}')"
   [[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
 }
 sec_3() {
@@ -290,7 +292,7 @@ declare -A title=(
   [1d]="example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time; then at dp 2 x tp 2 x pp 2 as threads sharing the GPU"
   [1b]="tests: NCCL"
   [2]="speed: tessera (DeviceGPT) and PyTorch on the same models"
-  [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none"
+  [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none; ZeRO-1 and ZeRO-2 step time and device peak"
   [3]="train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
   [3b]="train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
   [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps; --dp 2 --zero 2 --accum 2: 10 steps"

@@ -6,8 +6,12 @@
 //   - overlap: each bucket reduced as soon as backward queued its last gradient (the hook),
 // and the exposed communication per step (mode - none) and overlap's share hidden
 // ((end - overlap) / (end - none)). The issue's benchmark "Overlap: DataParallel's backward with
-// reduction on vs reduction off, and the exposed communication time per step". Exit 77 without
-// a GPU, 2 when a loss is not finite.
+// reduction on vs reduction off, and the exposed communication time per step". Then ZeRO-1
+// (AdamW's moments sharded, the weights' shards all-gathered after the step) and ZeRO-2 (the
+// gradients too: per-bucket buffers reduced onto their owners), both overlapped, with the
+// device's peak allocated bytes of the whole run (every rank, the caching allocator's) for
+// plain overlap, ZeRO-1 and ZeRO-2 side by side. Exit 77 without a GPU, 2 when a loss is not
+// finite.
 //
 //   device_dp_bench [--dp 2] [--layers 6 --d-model 192 --heads 6 --context 128 --batch 32] [--bucket-mib 1]
 #include <algorithm>
@@ -16,11 +20,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "tessera/comm/thread/thread_communicator.hpp"
+#include "tessera/cuda/caching_allocator.hpp"
 #include "tessera/cuda/device.hpp"
 #include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_gpt.cuh"
@@ -40,7 +46,8 @@ struct Options {
   int steps = 20, warmup = 3;
 };
 
-// Median step seconds of `mode` (0 none, 1 end, 2 overlap) on every rank; NaN loss -> exit 2.
+// Median step seconds of `mode` (0 none, 1 end, 2 overlap, 3 ZeRO-1 overlapped, 4 ZeRO-2
+// overlapped) on every rank; NaN loss -> exit 2.
 double run(const Options& o, int mode) {
   const GPTConfig cfg{.vocab_size = o.vocab, .n_positions = o.context, .n_layer = o.layers, .n_head = o.heads,
                       .d_model = o.d_model};
@@ -49,11 +56,19 @@ double run(const Options& o, int mode) {
     const tc::Stream compute, comm_stream;
     tc::ThreadDeviceComm comm(world.split(0, world.rank()), comm_stream);
     GPT<float> host(cfg, 1);
-    tc::DeviceGPT<float> model(cfg, host.parameters(), compute);
-    tc::DeviceDataParallel ddp(comm, compute, model.gradient_view(),
-                               tc::device_grad_buckets(model.numel(), model.ready_offsets(),
-                                                       static_cast<std::int64_t>(o.bucket_mib * (1 << 20) / 4)));
-    if (mode == 2) model.set_backward_hook([&](std::int64_t offset) { ddp.gradients_final_from(offset); });
+    const int zero = mode >= 3 ? mode - 2 : 0;
+    tc::DeviceGPT<float> model(cfg, host.parameters(), compute, 0, zero > 0 ? o.dp : 1);
+    if (zero > 0) model.shard_optimizer(world.rank(), o.dp);
+    auto buckets = tc::device_grad_buckets(model.numel(), model.ready_offsets(),
+                                           static_cast<std::int64_t>(o.bucket_mib * (1 << 20) / 4));
+    std::optional<tc::DeviceDataParallel> ddp;
+    if (zero == 2) {
+      model.shard_gradients(std::move(buckets));
+      ddp.emplace(comm, compute, *model.bucket_gradients());
+    } else {
+      ddp.emplace(comm, compute, model.gradient_view(), std::move(buckets));
+    }
+    if (mode >= 2) model.set_backward_hook([&](std::int64_t offset) { ddp->gradients_final_from(offset); });
     const std::int64_t rows = o.batch / o.dp;
     std::mt19937 rng(1 + static_cast<unsigned>(world.rank()));
     Tensor<std::int32_t> x(Shape{rows, o.context}), y(Shape{rows, o.context});
@@ -70,9 +85,20 @@ double run(const Options& o, int mode) {
       const auto t0 = std::chrono::steady_clock::now();
       model.zero_grad();
       model.forward_backward(xd, yd, static_cast<float>(1.0 / tokens));
-      if (mode != 0) ddp.finish();
-      const double norm = model.grad_norm();  // a host sync, as the trainer's clipping does
+      if (mode != 0) ddp->finish();
+      double norm = 0;  // a host sync, as the trainer's clipping does
+      if (zero == 2) {  // each rank's shard's squares, summed over dp
+        const tc::DeviceView<float> sum = model.grad_sum_of_squares();
+        ddp->all_reduce(sum);
+        norm = model.reduce_grad_norm(sum);
+      } else {
+        norm = model.grad_norm();
+      }
       model.step(adamw, 1e-4, norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.f);
+      if (zero > 0) {  // every rank updated its shard: gather them all
+        const Shape shard{model.shard_end() - model.shard_begin()};
+        ddp->gather(tc::DeviceView<const float>(model.master_view().data + model.shard_begin(), shard), model.master_view());
+      }
       compute.synchronize();
       const double dt = world.all_reduce_value(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                                                ReduceOp::max);
@@ -114,13 +140,26 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    const double none = run(o, 0), end = run(o, 1), overlap = run(o, 2);
+    const double none = run(o, 0), end = run(o, 1);
+    tc::set_device(0);
+    auto& mem = tc::default_allocator();
+    mem.reset_peak();
+    const double overlap = run(o, 2);
+    const double peak_plain = static_cast<double>(mem.stats().peak_allocated_bytes);
+    mem.reset_peak();
+    const double zero1 = run(o, 3);
+    const double peak_zero1 = static_cast<double>(mem.stats().peak_allocated_bytes);
+    mem.reset_peak();
+    const double zero2 = run(o, 4);
+    const double peak_zero2 = static_cast<double>(mem.stats().peak_allocated_bytes);
     std::printf("device_dp_bench dp %d (threads on one GPU), %lld layers d %lld, batch %lld x %lld, buckets %.3g MiB\n",
                 o.dp, static_cast<long long>(o.layers), static_cast<long long>(o.d_model),
                 static_cast<long long>(o.batch), static_cast<long long>(o.context), o.bucket_mib);
     std::printf("step_ms none %.3f end %.3f overlap %.3f exposed_ms end %.3f overlap %.3f hidden %.2f\n", 1e3 * none,
                 1e3 * end, 1e3 * overlap, 1e3 * (end - none), 1e3 * (overlap - none),
                 end > none ? (end - overlap) / (end - none) : 0.0);
+    std::printf("zero_step_ms plain %.3f zero1 %.3f zero2 %.3f peak_MB plain %.1f zero1 %.1f zero2 %.1f\n", 1e3 * overlap,
+                1e3 * zero1, 1e3 * zero2, peak_plain / 1e6, peak_zero1 / 1e6, peak_zero2 / 1e6);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "device_dp_bench: %s\n", e.what());
     return 2;
