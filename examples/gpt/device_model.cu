@@ -150,9 +150,8 @@ class CudaModel final : public DeviceModel {
       auto buckets = tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements);
       if (zero == 2) {  // ZeRO-2: per-bucket gradient buffers, each reduced onto its elements' owners
         c->shard_gradients(std::move(buckets));
+        // (A stage's tied wte bucket is held for finish_gradients, after the embedding group's sum.)
         ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, *c->bucket_gradients()));
-        // A stage's tied wte is summed over the embedding group before its bucket is reduced.
-        if (const auto tied = c->tied_embedding_offset()) ddp_.back()->defer_bucket(*tied);
       } else {
         ddp_.push_back(
             std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, c->gradient_view(), std::move(buckets)));

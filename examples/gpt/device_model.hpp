@@ -55,7 +55,9 @@ class DeviceModel {
   // NCCL (the model made on device dp.rank()); otherwise they share this GPU (threads of one
   // process). Without `overlap` the buckets are reduced after backward (finish_gradients), not
   // during it (a pipeline stage's tied wte bucket is always reduced in finish_gradients, after
-  // the embedding group's sum). Throws tessera::Error for `zero` outside 0..2, or 2 under ZB-H1.
+  // the embedding group's sum). ZeRO-2's costs: with overlap, each micro-batch's backward
+  // reduces (m micro-batches: m times the bytes); without it (NCCL under tp or pp) every
+  // bucket is held over the step, as much gradient memory as without ZeRO-2, plus the shard. Throws tessera::Error for `zero` outside 0..2, or 2 under ZB-H1.
   virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                                     bool overlap = true) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).

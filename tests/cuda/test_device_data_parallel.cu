@@ -276,7 +276,7 @@ TEST_CASE("DeviceGPT ZeRO-2 on one GPU (threads): each rank keeps 1/dp of the gr
     }
 }
 
-TEST_CASE("DeviceGPT ZeRO-2 refusals: without ZeRO-1 first, twice, a split backward, a pipeline stage, grad_norm, a shard that is not the communicator's") {
+TEST_CASE("DeviceGPT ZeRO-2 refusals: without ZeRO-1 first, twice, a split backward, buckets cutting a parameter, grad_norm, a stage's tied wte gradient before backward, deferring without ZeRO-2, a shard that is not the communicator's") {
   tc::set_device(0);
   const tc::Stream stream;
   GPT<float> init(dp_cfg, 5);
@@ -303,12 +303,23 @@ TEST_CASE("DeviceGPT ZeRO-2 refusals: without ZeRO-1 first, twice, a split backw
     CHECK_THROWS_WITH_AS(m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000)),
                          doctest::Contains("backward is split"), Error);
   }
-  {
+  {  // A pipeline stage holding the tied wte: its bucket is named for the reduction to hold over the
+     // step, and its gradient is refused before a backward wrote it (or after it was reduced).
     tc::DeviceGPT<float> m(dp_cfg, init.parameters(), stream, 0, 2, nullptr, false, tc::DeviceStage{0, 2});
     m.shard_optimizer(0, 2);
-    CHECK_THROWS_WITH_AS(m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000)),
-                         doctest::Contains("pipeline stage [0, 2)"), Error);
+    m.shard_gradients(tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000));
+    REQUIRE(m.tied_embedding_offset().has_value());
+    CHECK(m.bucket_gradients()->deferred_offset() == m.tied_embedding_offset());
+    CHECK_THROWS_WITH_AS((void)m.tied_embedding_gradient(), doctest::Contains("the tied wte's bucket holds none"), Error);
   }
+  threads::run(1, [&](Comm& world) {  // only ZeRO-2's reduction defers buckets
+    tc::set_device(0);
+    const tc::Stream compute, comm_stream;
+    tc::ThreadDeviceComm comm(world, comm_stream);
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute);
+    tc::DeviceDataParallel ddp(comm, compute, m.gradient_view(), tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000));
+    CHECK_THROWS_WITH_AS(ddp.defer_bucket(0), doctest::Contains("only ZeRO-2's reduction defers buckets"), Error);
+  });
   // A model sharded for 2 ranks under a communicator of 3: every rank refuses, naming the shard.
   const auto messages = threads::run(3, [&](Comm& world) {
     tc::set_device(0);

@@ -185,12 +185,11 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
         if (zero2) {  // ZeRO-2: the stage's tied wte bucket waits for the embedding group's sum
           c->shard_gradients(std::move(buckets));
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, *c->bucket_gradients()));
-          if (const auto tied = c->tied_embedding_offset()) ddp.back()->defer_bucket(*tied);
         } else {
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(), std::move(buckets)));
         }
       }
-      if (overlap) {  // each chunk's last backward of the step reduces its buckets as it finishes them
+      if (overlap) {  // each chunk's last backward of the step (ZeRO-2: every backward) reduces its buckets
         std::vector<tc::DeviceDataParallel*> raw;
         for (auto& x : ddp) raw.push_back(x.get());
         pipe.overlap_data_parallel(raw);
@@ -401,21 +400,24 @@ TEST_CASE("DevicePipeline with the dp reduction overlapped with the step's backw
   });
 }
 
-TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gradients; the tied wte's bucket reduced after the embedding group's sum): dp 2 x pp 2 under 1F1B and GPipe (overlapped and after the step), interleaved 1F1B, and dp 2 x pp 2 x tp 2 with SP, fp32 within 1e-5") {
+TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gradients; the tied wte's bucket reduced after the embedding group's sum): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP (overlapped and after the step), and dp 2 x pp 4, fp32 within 1e-5") {
   const Data d = make_data(pp_cfg.vocab_size);
   const Run ref = single<float>(d, pp_cfg);
   struct Case {
     Kind kind;
-    int tp, m, v;
+    int pp, tp, m, v;
     bool sp, overlap;
   };
-  for (const Case c : {Case{Kind::one_f_one_b, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 1, 2, 1, false, false},
-                       Case{Kind::gpipe, 1, 4, 1, false, true}, Case{Kind::interleaved, 1, 2, 2, false, true},
-                       Case{Kind::one_f_one_b, 2, 2, 1, true, true}}) {
+  // pp 4 cuts an embedding-only stage, two middle stages without the tied wte and a head-only one.
+  for (const Case c : {Case{Kind::one_f_one_b, 2, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 2, 1, 2, 1, false, false},
+                       Case{Kind::gpipe, 2, 1, 4, 1, false, true}, Case{Kind::interleaved, 2, 1, 2, 2, false, true},
+                       Case{Kind::interleaved, 2, 1, 2, 2, false, false}, Case{Kind::one_f_one_b, 2, 2, 2, 1, true, true},
+                       Case{Kind::one_f_one_b, 2, 2, 2, 1, true, false}, Case{Kind::one_f_one_b, 4, 1, 4, 1, false, true}}) {
     CAPTURE(static_cast<int>(c.kind));
+    CAPTURE(c.pp);
     CAPTURE(c.tp);
     CAPTURE(c.overlap);
-    check_equal(pipelined<float>(d, 2, 2, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, true), ref, 1e-5);
+    check_equal(pipelined<float>(d, 2, c.pp, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, true), ref, 1e-5);
   }
 }
 

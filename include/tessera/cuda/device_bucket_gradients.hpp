@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -149,6 +150,16 @@ class DeviceBucketGradients {
   std::int64_t shard_end() const noexcept { return shard_end_; }
   /// The buckets, in backward's (reduction) order.
   const std::vector<DeviceGradBucket>& buckets() const noexcept { return buckets_; }
+  /// A flat element whose bucket the reduction holds over the step and reduces only in its
+  /// finish() (a pipeline stage's tied wte, summed over the embedding group first:
+  /// DeviceDataParallel's ZeRO-2 constructor defers it); nullopt: none. Set by
+  /// DeviceGPT::shard_gradients. Throws tessera::Error for an element in no bucket.
+  void set_deferred_offset(std::optional<std::int64_t> offset) {
+    if (offset) (void)bucket_of(*offset);
+    deferred_offset_ = offset;
+  }
+  /// (See set_deferred_offset.)
+  std::optional<std::int64_t> deferred_offset() const noexcept { return deferred_offset_; }
   /// Elements of the bucket buffers held or awaiting their reduction now, and the most at once
   /// since construction (the shard not counted): the memory ZeRO-2 keeps of the gradients
   /// beside its shard.
@@ -184,6 +195,7 @@ class DeviceBucketGradients {
   std::int64_t shard_begin_, shard_end_;
   Accumulate add_;
   std::int64_t live_ = 0, peak_ = 0, held_now_ = 0, peak_held_ = 0;
+  std::optional<std::int64_t> deferred_offset_;
 };
 
 }  // namespace tessera::cuda

@@ -53,9 +53,13 @@ class DeviceDataParallel {
   /// its elements (DeviceComm::reduce_scatter_v over zero2_piece_counts: rank r owns the flat
   /// elements [r x n / p, (r + 1) x n / p)), added into the owner's shard of `grads` and its
   /// buffer handed back. Every backward that calls gradients_final_from (DeviceGPT's hook)
-  /// reduces, whatever set_sync says (a micro-batch's buckets are not kept for the next). With
-  /// no hook the buckets accumulate over the step's micro-batches, all held at once (as much
-  /// memory as a whole-model gradient buffer), and finish() reduces them once. Throws tessera::Error when comm's stream
+  /// reduces, whatever set_sync says (a micro-batch's buckets are not kept for the next: with m
+  /// micro-batches m times the bytes of a reduction after the step, as DeepSpeed's stage 2
+  /// reduces every micro-step), except the deferred buckets (defer_bucket; the one
+  /// `grads.deferred_offset()` names, a pipeline stage's tied wte, is deferred here), held over
+  /// the step and reduced by finish(). With no hook the buckets accumulate over the step's
+  /// micro-batches, all held at once (as much memory as a whole-model gradient buffer), and
+  /// finish() reduces them once. Throws tessera::Error when comm's stream
   /// is the compute stream, or `grads`' shard is not this rank's 1 / size() of its buckets'
   /// elements, naming the numbers.
   DeviceDataParallel(DeviceComm& comm, const Stream& compute, DeviceBucketGradients& grads)
@@ -70,6 +74,7 @@ class DeviceDataParallel {
                     grads.shard_begin(), ", ", grads.shard_end(), ") of ", numel, " flat elements; expected [",
                     shard_ * comm.rank(), ", ", shard_ * (comm.rank() + 1), ") (a model built with shards = ",
                     comm.size(), ")");
+    if (const auto tied = grads.deferred_offset()) defer_bucket(*tied);  // a stage's tied wte
   }
 
   /// Whether the next micro-batch's backward reduces (true: the last of an accumulation; the
@@ -83,6 +88,7 @@ class DeviceDataParallel {
   /// finish() (its gradients would be added after the sums and never reduced).
   void gradients_final_from(std::int64_t offset) {
     if (zero2_ != nullptr) {
+      hooked_ = true;
       while (next_ < buckets_.size() && buckets_[next_].lo >= offset) {
         if (is_deferred(next_))
           ++next_;  // held over the step: finish() reduces it
@@ -105,13 +111,14 @@ class DeviceDataParallel {
     if (zero2_ == nullptr) {
       while (next_ < buckets_.size()) reduce_next();
     } else {
-      // The hooks' backwards reduced every bucket but the deferred ones, unless one was written
-      // since (the same on every rank: the same backwards); the deferred ones reduce here.
-      bool left = next_ > 0;
-      for (std::size_t k = 0; !left && k < buckets_.size(); ++k) left = !is_deferred(k) && zero2_->holds(k);
-      for (std::size_t k = left ? next_ : buckets_.size(); k < buckets_.size(); ++k)
+      // Decided from the host's calls alone (the same on every rank): without hook calls this
+      // step every bucket reduces here; with them the hooks reduced all but the deferred ones,
+      // and a backward the hooks left midway (next_ > 0) has the rest reduced here.
+      const std::size_t from = !hooked_ ? 0 : next_ > 0 ? next_ : buckets_.size();
+      for (std::size_t k = from; k < buckets_.size(); ++k)
         if (!is_deferred(k)) reduce_bucket(k);
       for (const std::size_t k : deferred_) reduce_bucket(k);
+      hooked_ = false;
     }
     next_ = 0;
     done_.record(comm_.stream());
@@ -130,10 +137,10 @@ class DeviceDataParallel {
   /// Whether this reduces ZeRO-2's bucket buffers (the second constructor).
   bool sharded_gradients() const noexcept { return zero2_ != nullptr; }
   /// ZeRO-2: the bucket holding flat element `offset` is not reduced by the backward hooks but
-  /// held over the step and reduced by finish(), after the caller changed it: a pipeline
-  /// stage's tied wte, summed over the embedding group first (DevicePipeline::
-  /// reduce_tied_embedding). Every rank defers alike. Throws tessera::Error without ZeRO-2 or
-  /// for an offset in no bucket.
+  /// held over the step and reduced by finish(), after the caller changed it (the constructor
+  /// defers a pipeline stage's tied wte so, summed over the embedding group first:
+  /// DevicePipeline::reduce_tied_embedding). Every rank defers alike. Throws tessera::Error
+  /// without ZeRO-2 or for an offset in no bucket.
   void defer_bucket(std::int64_t offset) {
     TESSERA_EXPECTS(zero2_ != nullptr, "DeviceDataParallel::defer_bucket: only ZeRO-2's reduction defers buckets");
     const std::size_t k = zero2_->bucket_of(offset);
@@ -190,6 +197,7 @@ class DeviceDataParallel {
   std::vector<DeviceGradBucket> buckets_;
   DeviceBucketGradients* zero2_ = nullptr;  // ZeRO-2: the bucket buffers and the shard (not owned)
   std::vector<std::size_t> deferred_;       // ZeRO-2: buckets reduced by finish() only (defer_bucket)
+  bool hooked_ = false;                     // ZeRO-2: gradients_final_from called since the last finish()
   std::int64_t shard_ = 0;                  // ZeRO-2: elements per rank
   std::size_t next_ = 0;
   bool sync_ = true;

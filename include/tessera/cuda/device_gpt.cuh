@@ -350,8 +350,9 @@ class DeviceGPT {
   /// grad_sum_of_squares then work on the shard; gradient_view() and gradients() are empty, and
   /// grad_norm() throws (the shards' squared norms are summed over dp by the caller). A pipeline
   /// stage holding a copy of the tied wte (tied_embedding_offset()) sums its gradient over the
-  /// embedding group before its bucket is reduced: the reduction defers that bucket to its
-  /// finish() (DeviceDataParallel::defer_bucket). Throws tessera::Error, naming why, when the
+  /// embedding group before its bucket is reduced: bucket_gradients() names that bucket
+  /// (deferred_offset()) and DeviceDataParallel's ZeRO-2 constructor holds it over the step for
+  /// its finish(), so DevicePipeline::reduce_tied_embedding runs before finish(). Throws tessera::Error, naming why, when the
   /// optimizer is not sharded, the gradients already are, backward is split
   /// (set_split_backward), a micro-batch awaits its backward, a parameter is not inside one
   /// bucket, or the buckets do not cover numel() once.
@@ -371,6 +372,7 @@ class DeviceGPT {
     }
     zero2_ = std::make_unique<DeviceBucketGradients>(stream_, std::move(buckets), numel_, shard_lo_, shard_hi(),
                                                      &ops::add_into);
+    zero2_->set_deferred_offset(tied_embedding_offset());  // its bucket waits for the embedding group's sum
     grad_ = DeviceTensor<float>();  // no whole-model gradient buffer from here on
     if (tp_size_ > 1 || copy_ != npos) {  // the norm's weights inside the shard, from its start
       std::vector<ops::FlatSegment> owned;
@@ -564,11 +566,17 @@ class DeviceGPT {
   /// copy on a last stage without the embedding), for the caller to sum over the embedding group
   /// (the first and last stage of a pipeline) before the step; empty on other stages and on a
   /// stage holding both (pp 1: one wte takes both gradients).
-  /// Under shard_gradients it lives in its bucket's buffer (taken if the bucket has none), which
-  /// the reduction must leave for after that sum (DeviceDataParallel::defer_bucket).
+  /// Under shard_gradients it lives in its bucket's buffer, held over the step by the reduction
+  /// until its finish(): throws tessera::Error when the bucket holds no gradient (reduced
+  /// already: call this before the reduction's finish()).
   DeviceView<float> tied_embedding_gradient() const {
     if (has_embedding() == has_head()) return {};
-    return gv(has_embedding() ? 0 : copy_);
+    const std::size_t i = has_embedding() ? 0 : copy_;
+    TESSERA_EXPECTS(!zero2_ || zero2_->holds(zero2_->bucket_of(flat_[i].offset)), "DeviceGPT::tied_embedding_gradient: "
+                    "the gradients are sharded (shard_gradients) and the tied wte's bucket holds none: it was reduced "
+                    "already, or no backward ran; sum it (DevicePipeline::reduce_tied_embedding) before the "
+                    "reduction's finish()");
+    return gv(i);
   }
   /// The first flat element of the tied wte whose gradient tied_embedding_gradient() gives;
   /// nullopt where that is empty.

@@ -18,7 +18,8 @@
 /// (stage_backward_weight: the deferred weight-gradient products, filling the bubble).
 ///
 /// Data parallelism over the chunks either reduces after the step (DeviceDataParallel::finish)
-/// or, with overlap_data_parallel, during each chunk's last backward of the step.
+/// or, with overlap_data_parallel, during each chunk's last backward of the step (under ZeRO-2,
+/// during every backward: DeviceDataParallel's ZeRO-2 mode).
 
 #include <algorithm>
 #include <cstdint>
@@ -235,7 +236,8 @@ class DevicePipeline {
   /// DeviceDataParallel over chunk c's gradient_view, its buckets in the chunk's ready_offsets)
   /// reduces the chunk's buckets as the chunk's last backward of the step
   /// (schedule::last_backward_microbatch) finishes them, while the rest of the step runs; the
-  /// earlier micro-batches only accumulate. Sets each chunk's backward hook. Call each ddp's
+  /// earlier micro-batches only accumulate (under ZeRO-2, whose reduction ignores set_sync,
+  /// every backward reduces its buckets but the tied wte's). Sets each chunk's backward hook. Call each ddp's
   /// finish() after forward_backward, as without overlap. Threads sharing a device only: with
   /// NCCL the pipeline's transfers and the reductions would run on two communicators at once
   /// (NCCL's user guide: they may deadlock). Throws tessera::Error naming the counts when ddp
@@ -291,8 +293,9 @@ class DevicePipeline {
 
   /// Sums the tied wte's gradient over the embedding group (the first stage's embedding and the
   /// last stage's LM head copy): both then hold the whole model's wte gradient and take the same
-  /// step. Call after the step's backward passes (and after the dp reduction, which is linear:
-  /// the order does not matter) and before the gradient norm. Collective over the embedding
+  /// step. Call after the step's backward passes and before the gradient norm; after the dp
+  /// reduction or before it (it is linear), except under ZeRO-2 (DeviceGPT::shard_gradients):
+  /// before its finish(), which reduces the tied wte's held bucket. Collective over the embedding
   /// group; on a rank holding both ends (interleaving at pp 1) the two are summed here.
   void reduce_tied_embedding() {
     DeviceGPT<C>& first = *chunks_.front();
