@@ -282,7 +282,8 @@ int main(int argc, char** argv) {
       for (const char* flag : {"--recompute", "--zero3-unit", "--memory-report", "--outer-lr", "--outer-momentum",
                                "--freeze-variance", "--inject-fault"})
         TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not used on the device (--device cuda trains "
-                        "without recomputation, ZeRO-3, memory reports, DiLoCo or fault injection); drop it");
+                        "without recomputation, the CPU's ZeRO-3 units, memory reports, DiLoCo or fault injection); "
+                        "drop it");
       TESSERA_EXPECTS(a.pp > 1 || (app.count("--schedule") == 0 && app.count("--microbatches") == 0 &&
                                    app.count("--virtual-stages") == 0),
                       "train_gpt: --schedule, --microbatches and --virtual-stages are for a pipeline (--pp 2 or more)");
@@ -304,16 +305,19 @@ int main(int argc, char** argv) {
                       "head dimension (--d-model / --heads = ", a.d_model, " / ", a.heads, " = ", a.d_model / a.heads,
                       ") of at most 128");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
-      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0 && a.zero_stage() != ZeroStage::parameters,
-                      "train_gpt: --compress, --sync-every and --zero 3 are not built on the device yet (--zero 1 and "
-                      "2 are); drop them with --device cuda");
-      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1 || a.schedule != "zb-h1",
-                      "train_gpt: --device cuda --zero 2 with --schedule zb-h1: its W passes write weight gradients "
-                      "after the buckets' reduction; use --zero 1 or another schedule");
+      TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0, "train_gpt: --compress and --sync-every are not "
+                      "built on the device yet; drop them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
                       "--eval-model run on the CPU; drop --device cuda for them");
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).
       if (app.count("--dp") == 0) a.dp = 1;
+      // (At dp 1 ZeRO is off: nothing to refuse.)
+      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::parameters || a.pp == 1 || a.dp == 1,
+                      "train_gpt: --device cuda --zero 3 takes --pp 1 (got --pp ", a.pp,
+                      "); --zero 2 shards the gradients under a pipeline");
+      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1 || a.dp == 1 || a.schedule != "zb-h1",
+                      "train_gpt: --device cuda --zero 2 with --schedule zb-h1: its W passes write weight gradients "
+                      "after the buckets' reduction; use --zero 1 or another schedule");
       // ThreadDeviceComm joins at most 64 ranks; and no thread starts (nor loads the data) where
       // there is no device.
       TESSERA_EXPECTS(a.dp * a.tp * a.pp <= 64, "train_gpt: --device cuda runs dp x tp x pp = ", a.dp, " x ", a.tp,

@@ -199,8 +199,8 @@ sec_2b() {
   echo "$d"
   row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
   row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
-  row "dp 2 step ms: plain / ZeRO-1 / ZeRO-2 (overlapped)" "$(echo "$d" | awk '/^zero_step_ms/ {print $3 " / " $5 " / " $7}')"
-  row "dp 2 device peak MB (both ranks): plain / ZeRO-1 / ZeRO-2" "$(echo "$d" | awk '/^zero_step_ms/ {print $9 " / " $11 " / " $13}')"
+  row "dp 2 step ms: plain / ZeRO-1 / ZeRO-2 / ZeRO-3 (overlapped)" "$(echo "$d" | awk '/^zero_step_ms/ {print $3 " / " $5 " / " $7 " / " $9}')"
+  row "dp 2 device peak MB (both ranks): plain / ZeRO-1 / ZeRO-2 / ZeRO-3" "$(echo "$d" | awk '/^zero_step_ms/ {print $11 " / " $13 " / " $15 " / " $17}')"
   [[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
 }
 sec_3() {
@@ -257,6 +257,7 @@ sec_3c() {
   verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
   verify_layout 20 240 "" --dp 4
   verify_layout 10 120 " (ZeRO-2: per-bucket gradient buffers)" --dp 2 --zero 2 --accum 2
+  verify_layout 10 120 " (ZeRO-3: the weights gathered bucket by bucket)" --dp 2 --zero 3
 }
 sec_3d() {
   verify_layout 10 90 "" --tp 2
@@ -292,10 +293,10 @@ declare -A title=(
   [1d]="example 06: the Llama (examples/llama) on one GPU, against the serial CPU Llama, fp32 and bf16 step time; then at dp 2 x tp 2 x pp 2 as threads sharing the GPU"
   [1b]="tests: NCCL"
   [2]="speed: tessera (DeviceGPT) and PyTorch on the same models"
-  [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none; ZeRO-1 and ZeRO-2 step time and device peak"
+  [2b]="data parallelism on one GPU (threads): reduction overlapped with backward vs after it vs none; ZeRO-1, 2 and 3 step time and device peak"
   [3]="train_gpt --device cuda, 200 steps on the KJV: fp32 and bf16"
   [3b]="train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
-  [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps; --dp 2 --zero 2 --accum 2: 10 steps"
+  [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps; --dp 2 --zero 2 --accum 2, --dp 2 --zero 3: 10 steps"
   [3d]="train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 and ZeRO-2 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
   [3e]="train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2, --dp 2 --pp 2 --zero 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
   [4]="checkpoints across devices"

@@ -7,10 +7,10 @@
 // and the exposed communication per step (mode - none) and overlap's share hidden
 // ((end - overlap) / (end - none)). The issue's benchmark "Overlap: DataParallel's backward with
 // reduction on vs reduction off, and the exposed communication time per step". Then ZeRO-1
-// (AdamW's moments sharded, the weights' shards all-gathered after the step) and ZeRO-2 (the
-// gradients too: per-bucket buffers reduced onto their owners), both overlapped, with the
-// device's peak allocated bytes of the whole run (every rank, the caching allocator's) for
-// plain overlap, ZeRO-1 and ZeRO-2 side by side. Exit 77 without a GPU, 2 when a loss is not
+// (AdamW's moments sharded, the weights' shards all-gathered after the step), ZeRO-2 (the
+// gradients too: per-bucket buffers reduced onto their owners) and ZeRO-3 (the weights too:
+// each bucket's gathered when a product needs it), all overlapped, with the device's peak
+// allocated bytes of the whole run (every rank, the caching allocator's) side by side. Exit 77 without a GPU, 2 when a loss is not
 // finite.
 //
 //   device_dp_bench [--dp 2] [--layers 6 --d-model 192 --heads 6 --context 128 --batch 32] [--bucket-mib 1]
@@ -47,7 +47,7 @@ struct Options {
 };
 
 // Median step seconds of `mode` (0 none, 1 end, 2 overlap, 3 ZeRO-1 overlapped, 4 ZeRO-2
-// overlapped) on every rank; NaN loss -> exit 2.
+// overlapped, 5 ZeRO-3 overlapped) on every rank; NaN loss -> exit 2.
 double run(const Options& o, int mode) {
   const GPTConfig cfg{.vocab_size = o.vocab, .n_positions = o.context, .n_layer = o.layers, .n_head = o.heads,
                       .d_model = o.d_model};
@@ -62,9 +62,10 @@ double run(const Options& o, int mode) {
     auto buckets = tc::device_grad_buckets(model.numel(), model.ready_offsets(),
                                            static_cast<std::int64_t>(o.bucket_mib * (1 << 20) / 4));
     std::optional<tc::DeviceDataParallel> ddp;
-    if (zero == 2) {
+    if (zero >= 2) {
       model.shard_gradients(std::move(buckets));
       ddp.emplace(comm, compute, *model.bucket_gradients());
+      if (zero == 3) model.shard_parameters(*ddp);
     } else {
       ddp.emplace(comm, compute, model.gradient_view(), std::move(buckets));
     }
@@ -87,7 +88,7 @@ double run(const Options& o, int mode) {
       model.forward_backward(xd, yd, static_cast<float>(1.0 / tokens));
       if (mode != 0) ddp->finish();
       double norm = 0;  // a host sync, as the trainer's clipping does
-      if (zero == 2) {  // each rank's shard's squares, summed over dp
+      if (zero >= 2) {  // each rank's shard's squares, summed over dp
         const tc::DeviceView<float> sum = model.grad_sum_of_squares();
         ddp->all_reduce(sum);
         norm = model.reduce_grad_norm(sum);
@@ -95,7 +96,7 @@ double run(const Options& o, int mode) {
         norm = model.grad_norm();
       }
       model.step(adamw, 1e-4, norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.f);
-      if (zero > 0) {  // every rank updated its shard: gather them all
+      if (zero == 1 || zero == 2) {  // every rank updated its shard: gather them all (ZeRO-3 keeps it)
         const Shape shard{model.shard_end() - model.shard_begin()};
         ddp->gather(tc::DeviceView<const float>(model.master_view().data + model.shard_begin(), shard), model.master_view());
       }
@@ -152,14 +153,18 @@ int main(int argc, char** argv) {
     mem.reset_peak();
     const double zero2 = run(o, 4);
     const double peak_zero2 = static_cast<double>(mem.stats().peak_allocated_bytes);
+    mem.reset_peak();
+    const double zero3 = run(o, 5);
+    const double peak_zero3 = static_cast<double>(mem.stats().peak_allocated_bytes);
     std::printf("device_dp_bench dp %d (threads on one GPU), %lld layers d %lld, batch %lld x %lld, buckets %.3g MiB\n",
                 o.dp, static_cast<long long>(o.layers), static_cast<long long>(o.d_model),
                 static_cast<long long>(o.batch), static_cast<long long>(o.context), o.bucket_mib);
     std::printf("step_ms none %.3f end %.3f overlap %.3f exposed_ms end %.3f overlap %.3f hidden %.2f\n", 1e3 * none,
                 1e3 * end, 1e3 * overlap, 1e3 * (end - none), 1e3 * (overlap - none),
                 end > none ? (end - overlap) / (end - none) : 0.0);
-    std::printf("zero_step_ms plain %.3f zero1 %.3f zero2 %.3f peak_MB plain %.1f zero1 %.1f zero2 %.1f\n", 1e3 * overlap,
-                1e3 * zero1, 1e3 * zero2, peak_plain / 1e6, peak_zero1 / 1e6, peak_zero2 / 1e6);
+    std::printf("zero_step_ms plain %.3f zero1 %.3f zero2 %.3f zero3 %.3f peak_MB plain %.1f zero1 %.1f zero2 %.1f zero3 %.1f\n",
+                1e3 * overlap, 1e3 * zero1, 1e3 * zero2, 1e3 * zero3, peak_plain / 1e6, peak_zero1 / 1e6,
+                peak_zero2 / 1e6, peak_zero3 / 1e6);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "device_dp_bench: %s\n", e.what());
     return 2;

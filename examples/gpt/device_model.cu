@@ -81,7 +81,7 @@ class CudaModel final : public DeviceModel {
     for (std::size_t i = 0; i < chunks_.size(); ++i) {
       tessera::cuda::DeviceGPT<C>& m = *chunks_[i];
       m.step(options, lr, grad_scale);
-      if (m.sharded()) {  // ZeRO-1: every rank updated its shard; gather them all
+      if (m.sharded() && !m.sharded_parameters()) {  // ZeRO-1/2: every rank updated its shard; gather them all
         const tessera::Shape shard{m.shard_end() - m.shard_begin()};
         ddp_[i]->gather(tessera::cuda::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard),
                         m.master_view());
@@ -130,7 +130,8 @@ class CudaModel final : public DeviceModel {
   }
   void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                             bool overlap) override {
-    TESSERA_EXPECTS(zero >= 0 && zero <= 2, "train_gpt: ZeRO stage ", zero, " on the device; 0, 1 or 2");
+    TESSERA_EXPECTS(zero >= 0 && zero <= 3, "train_gpt: ZeRO stage ", zero, " on the device; 0 to 3");
+    TESSERA_EXPECTS(zero < 3 || !pipe_, "train_gpt: ZeRO-3 on the device takes pp 1");
     if (zero >= 1)
       for (auto& c : chunks_) c->shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();
@@ -148,10 +149,11 @@ class CudaModel final : public DeviceModel {
     // One reduction per model chunk, over the same communicator, in chunk order on every rank.
     for (auto& c : chunks_) {
       auto buckets = tessera::cuda::device_grad_buckets(c->numel(), c->ready_offsets(), bucket_elements);
-      if (zero == 2) {  // ZeRO-2: per-bucket gradient buffers, each reduced onto its elements' owners
+      if (zero >= 2) {  // ZeRO-2: per-bucket gradient buffers, each reduced onto its elements' owners
         c->shard_gradients(std::move(buckets));
         // (A stage's tied wte bucket is held for finish_gradients, after the embedding group's sum.)
         ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, *c->bucket_gradients()));
+        if (zero == 3) c->shard_parameters(*ddp_.back());  // ZeRO-3: the weights gathered bucket by bucket
       } else {
         ddp_.push_back(
             std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, c->gradient_view(), std::move(buckets)));

@@ -50,7 +50,9 @@ class DeviceModel {
   // weights and gathers the others' (the model made with shards = dp); with `zero` 2 (ZeRO-2;
   // not under ZB-H1) it also keeps only its 1/dp of the reduced gradients: with `overlap` every backward
   // reduces each bucket onto the owners of its elements (DeviceGPT::shard_gradients), whatever
-  // set_sync says; without it the buckets are held over the step and reduced once.
+  // set_sync says; without it the buckets are held over the step and reduced once; with `zero`
+  // 3 (ZeRO-3, pp 1) each rank keeps only its 1/dp of the fp32 weights too, and forward and
+  // backward gather each bucket's weights when they need them (DeviceGPT::shard_parameters).
   // Collective over dp. With `nccl` the ranks each drive a GPU of their own and reduce through
   // NCCL (the model made on device dp.rank()); otherwise they share this GPU (threads of one
   // process). Without `overlap` the buckets are reduced after backward (finish_gradients), not

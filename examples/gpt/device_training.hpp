@@ -71,8 +71,13 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   const int tp = a.tp, pp = a.pp, dp = world.size() / (tp * pp);
   const int tp_rank = world.rank() % tp, dp_rank = world.rank() / tp % dp, pp_rank = world.rank() / (tp * dp);
   const int rows = a.batch / dp, r0 = dp_rank * rows;
-  // ZeRO-1 / ZeRO-2 over dp (1 / dp of AdamW's moments, and under ZeRO-2 of the gradients, per rank).
-  const int zero = dp == 1 ? 0 : a.zero_stage() == ZeroStage::optimizer ? 1 : a.zero_stage() == ZeroStage::gradients ? 2 : 0;
+  // ZeRO-1/2/3 over dp (1 / dp of AdamW's moments, under ZeRO-2 of the gradients, under ZeRO-3 of
+  // the weights too, per rank).
+  const int zero = dp == 1                                       ? 0
+                   : a.zero_stage() == ZeroStage::optimizer  ? 1
+                   : a.zero_stage() == ZeroStage::gradients  ? 2
+                   : a.zero_stage() == ZeroStage::parameters ? 3
+                                                             : 0;
   // A GPU per rank where there are enough and NCCL is built (the dp, tp and pp collectives through
   // NCCL); otherwise every rank on GPU 0 (threads sharing it, ThreadDeviceComm).
   const int ranks = dp * tp * pp;
@@ -111,8 +116,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   if (pp > 1) dev->attach_pipeline(std::move(*pp_group), std::move(emb_group), a.schedule, micro, own_gpus);
   if (start > 0) dev->upload_optimizer(opt.replicated());
   // Buckets as DDP's default (25 MiB of fp32 gradients), reduced as backward finishes them;
-  // ZeRO-1 shards AdamW's moments over dp, ZeRO-2 the gradients too. The device collectives'
-  // rendezvous get a host communicator of their own.
+  // ZeRO-1 shards AdamW's moments over dp, ZeRO-2 the gradients too, ZeRO-3 the weights too. The
+  // device collectives' rendezvous get a host communicator of their own.
   // With tp through NCCL too, the dp reduction waits for the end of backward: NCCL kernels of two
   // communicators running at once on a GPU can deadlock (NCCL's user guide, "Using multiple NCCL
   // communicators concurrently"), as the tp collectives inside backward would with dp buckets.
@@ -135,7 +140,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                 pp > 1 ? detail::str(" (", a.schedule, a.virtual_stages > 1 ? detail::str(", ", a.virtual_stages, " chunks per rank") : "",
                                      ", ", micro, " micro-batches)").c_str() : "",
                 ranks == 1 ? "" : processes ? " (processes, one GPU each, NCCL)" : own_gpus ? " (threads, one GPU each, NCCL)" : " (threads sharing it)",
-                zero == 2 ? ", ZeRO-2" : zero == 1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
+                zero == 3 ? ", ZeRO-3" : zero == 2 ? ", ZeRO-2" : zero == 1 ? ", ZeRO-1" : "", a.batch, a.context, a.accum, static_cast<long long>(n_params));
   const optim::WarmupCosine lr = a.lr_schedule();
   const optim::AdamWOptions adamw{.lr = a.lr, .weight_decay = a.weight_decay};
   const double tokens_per_step = static_cast<double>(a.batch) * a.context;

@@ -5,10 +5,12 @@
 // without reduction) too; and ZeRO-1 (AdamW's moments sharded over dp, the weights' shards
 // gathered) equal to plain dp bitwise; and ZeRO-2 (the gradients in per-bucket buffers, each
 // reduced onto the owners of its elements: each rank keeps its shard's) equal to ZeRO-1's
-// gradient shard bitwise without accumulation, training as the single run with and without it.
+// gradient shard bitwise without accumulation, training as the single run with and without it;
+// and ZeRO-3 (the fp32 weights sharded too, each bucket's gathered when needed) bitwise ZeRO-2.
 // Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -75,6 +77,8 @@ struct Run {
   std::vector<float> first_grad_shard;  // this rank's shard of the reduced gradients of step 0
   std::int64_t grad_elements = -1;      // the whole-model gradient buffer (0 under ZeRO-2)
   std::int64_t peak_held = 0, peak_live = 0;  // ZeRO-2's bucket buffers (DeviceBucketGradients)
+  std::int64_t master_elements = -1, master_shard_elements = -1;  // the fp32 weights kept (ZeRO-3: the shard)
+  std::int64_t gathered_after_backward = -1, gathered_after_step = -1;  // ZeRO-3's gathered weights, step 0
 };
 
 std::vector<float> flat_params(tc::DeviceGPT<float>& m) {
@@ -109,7 +113,8 @@ Run single(const Data& d) {
 // dp ranks as threads on one GPU, each with `micro` micro-batches per step; with `zero` 1 AdamW's
 // moments sharded over dp (DeviceGPT::shard_optimizer) and the weights' shards gathered after
 // each step; with `zero` 2 the gradients too (DeviceGPT::shard_gradients, DeviceDataParallel's
-// ZeRO-2 constructor; the norm: each shard's squares summed over dp).
+// ZeRO-2 constructor; the norm: each shard's squares summed over dp); with `zero` 3 the weights
+// too (DeviceGPT::shard_parameters: each bucket's gathered when a product needs it).
 std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* reductions_per_step, int zero = 0) {
   return threads::run(dp, [&](Comm& world) {
     tc::set_device(0);
@@ -120,9 +125,10 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
     if (zero > 0) m.shard_optimizer(world.rank(), dp);
     const auto buckets = tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000);  // several buckets
     std::optional<tc::DeviceDataParallel> ddp;
-    if (zero == 2) {
+    if (zero >= 2) {
       m.shard_gradients(buckets);
       ddp.emplace(comm, compute, *m.bucket_gradients());
+      if (zero == 3) m.shard_parameters(*ddp);
     } else {
       ddp.emplace(comm, compute, m.gradient_view(), buckets);
     }
@@ -142,9 +148,10 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
       if (s == 0) {
         const Tensor<float> g = tc::to_host(tc::DeviceView<const float>(m.gradient_shard()), compute);
         r.first_grad_shard.assign(g.data(), g.data() + g.numel());
+        if (zero == 3) r.gathered_after_backward = m.gathered_weight_elements();
       }
       double norm = 0;
-      if (zero == 2) {  // each rank's shard's part, summed over dp
+      if (zero >= 2) {  // each rank's shard's part, summed over dp
         const tc::DeviceView<float> sum = m.grad_sum_of_squares();
         ddp->all_reduce(sum);
         norm = m.reduce_grad_norm(sum);
@@ -152,7 +159,8 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
         norm = m.grad_norm();
       }
       m.step(dp_opts, dp_opts.lr, clip_scale(norm));
-      if (zero > 0) {
+      if (zero == 3 && s == 0) r.gathered_after_step = m.gathered_weight_elements();
+      if (zero == 1 || zero == 2) {  // (ZeRO-3 keeps the shard only: the next forward gathers)
         const Shape shard{m.shard_end() - m.shard_begin()};
         ddp->gather(tc::DeviceView<const float>(m.master_view().data + m.shard_begin(), shard), m.master_view());
         m.refresh_compute_copy();
@@ -165,10 +173,12 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
     r.params = flat_params(m);
     r.buckets = ddp->buckets().size();
     r.grad_elements = m.gradients().numel();
-    if (zero == 2) {
+    if (zero >= 2) {
       r.peak_held = m.bucket_gradients()->peak_held_elements();
       r.peak_live = m.bucket_gradients()->peak_elements();
     }
+    r.master_elements = m.master_view().numel();
+    r.master_shard_elements = m.master_shard().numel();
     return r;
   });
 }
@@ -336,4 +346,66 @@ TEST_CASE("DeviceGPT ZeRO-2 refusals: without ZeRO-1 first, twice, a split backw
     return std::string("no error");
   });
   for (const std::string& m : messages) CHECK(m.find("(a model built with shards = 3)") != std::string::npos);
+}
+
+TEST_CASE("DeviceGPT ZeRO-3 on one GPU (threads): each rank keeps 1/dp of the fp32 weights, each bucket's gathered when a product needs it; bitwise ZeRO-2, with and without accumulation") {
+  const Data d = make_data();
+  GPT<float> probe(dp_cfg, 5);
+  const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
+  for (int dp : {2, 3})
+    for (int micro : {1, 2}) {
+      CAPTURE(dp);
+      CAPTURE(micro);
+      const std::int64_t pad = tc::flat_alignment * dp;
+      const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+      const std::vector<Run> zero3 = data_parallel(d, dp, micro, nullptr, 3);
+      const std::vector<Run> zero2 = data_parallel(d, dp, micro, nullptr, 2);
+      // At most three buckets' weights gathered at once (the block in use, the next, the head's pair).
+      const auto buckets = tc::device_grad_buckets(numel, tc::gpt_ready_offsets(layout, dp_cfg.n_layer), 6000);
+      std::vector<std::int64_t> sizes;
+      for (const tc::DeviceGradBucket& b : buckets) sizes.push_back(b.hi - b.lo);
+      std::sort(sizes.rbegin(), sizes.rend());
+      REQUIRE(sizes.size() >= 4);
+      const std::int64_t three = sizes[0] + sizes[1] + sizes[2];
+      for (std::size_t r = 0; r < zero3.size(); ++r) {
+        CAPTURE(r);
+        CHECK(zero3[r].losses == zero2[r].losses);  // the same weights gathered, the same sums
+        CHECK(zero3[r].params == zero2[r].params);
+        CHECK(zero3[r].first_grad_shard == zero2[r].first_grad_shard);
+        CHECK(zero3[r].master_elements == 0);  // no whole-model weights
+        CHECK(zero3[r].gathered_after_backward > 0);
+        CHECK(zero3[r].gathered_after_backward <= three);
+        CHECK(zero3[r].gathered_after_backward < numel);
+        CHECK(zero3[r].gathered_after_step == 0);  // the step changed the weights: none kept
+        CHECK(zero3[r].master_shard_elements == numel / dp);
+        CHECK(zero2[r].master_elements == numel);
+      }
+    }
+}
+
+TEST_CASE("DeviceGPT ZeRO-3 refusals: without ZeRO-2 first, twice, another model's reduction, a pipeline stage") {
+  GPT<float> init(dp_cfg, 5);
+  threads::run(2, [&](Comm& world) {
+    tc::set_device(0);
+    const tc::Stream compute, comm_stream;
+    tc::ThreadDeviceComm comm(world, comm_stream);
+    tc::DeviceGPT<float> m(dp_cfg, init.parameters(), compute, 0, 2), other(dp_cfg, init.parameters(), compute, 0, 2);
+    m.shard_optimizer(world.rank(), 2);
+    other.shard_optimizer(world.rank(), 2);
+    const auto buckets = tc::device_grad_buckets(m.numel(), m.ready_offsets(), 6000);
+    m.shard_gradients(buckets);
+    other.shard_gradients(buckets);
+    tc::DeviceDataParallel ddp(comm, compute, *m.bucket_gradients()), other_ddp(comm, compute, *other.bucket_gradients());
+    tc::DeviceGPT<float> plain(dp_cfg, init.parameters(), compute);
+    CHECK_THROWS_WITH_AS(plain.shard_parameters(ddp), doctest::Contains("shard the gradients first"), Error);
+    CHECK_THROWS_WITH_AS(m.shard_parameters(other_ddp), doctest::Contains("not over this model's buckets"), Error);
+    m.shard_parameters(ddp);
+    CHECK(m.sharded_parameters());
+    CHECK_THROWS_WITH_AS(m.shard_parameters(ddp), doctest::Contains("already sharded"), Error);
+    tc::DeviceGPT<float> stage(dp_cfg, init.parameters(), compute, 0, 2, nullptr, false, tc::DeviceStage{0, 2});
+    stage.shard_optimizer(world.rank(), 2);
+    stage.shard_gradients(tc::device_grad_buckets(stage.numel(), stage.ready_offsets(), 6000));
+    tc::DeviceDataParallel stage_ddp(comm, compute, *stage.bucket_gradients());
+    CHECK_THROWS_WITH_AS(stage.shard_parameters(stage_ddp), doctest::Contains("pipeline stage [0, 2)"), Error);
+  });
 }

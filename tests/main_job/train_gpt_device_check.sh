@@ -2,8 +2,8 @@
 # train_gpt --device cuda: where CUDA sees no device, every device run is refused with the
 # runtime's reason and exit code 2 (no hang, nothing trained); the layout and flag refusals name
 # their values on any machine; where a GPU exists, 6 steps train, save, and resume on the CPU, and
-# dp 2 (ZeRO 0, 1 and 2), tp 2 (with and without sequence parallelism), dp 2 x tp 2 (ZeRO-1 and
-# ZeRO-2 with accumulation), dp 2 x pp 2 with ZeRO-2, pp 2 (1F1B, GPipe) and
+# dp 2 (ZeRO 0 to 3), tp 2 (with and without sequence parallelism), dp 2 x tp 2 (ZeRO-1 and
+# ZeRO-2 with accumulation; ZeRO-3), dp 2 x pp 2 with ZeRO-2, pp 2 (1F1B, GPipe) and
 # dp 2 x pp 2 x tp 2 on the GPU (threads sharing it) equal the serial CPU run (--verify).
 # Usage: train_gpt_device_check.sh TRAIN_GPT DATA_FILE [MPIRUN (Open MPI's mpirun; given where
 #        train_gpt has the MPI backend)]
@@ -35,7 +35,8 @@ expect 2 "--tp 3 does not divide --heads 4" --device cuda --tp 3 --heads 4 --ste
 expect 2 "dp x tp x pp = 16 x 8 x 1 = 128 ranks as threads; at most 64" --device cuda --dp 16 --tp 8 --heads 8 --batch 64 --steps 2
 expect 2 "--recompute is not used on the device" --device cuda --recompute full --steps 2
 expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
-expect 2 "--zero 3 are not built on the device yet (--zero 1 and 2 are)" --device cuda --dp 2 --zero 3 --steps 2
+expect 2 "--compress and --sync-every are not built on the device yet" --device cuda --dp 2 --compress bf16 --steps 2
+expect 2 "--device cuda --zero 3 takes --pp 1 (got --pp 2)" --device cuda --dp 2 --pp 2 --zero 3 --steps 2
 expect 2 "--device cuda --zero 2 with --schedule zb-h1" --device cuda --dp 2 --pp 2 --zero 2 --schedule zb-h1 --microbatches 4 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
 expect 2 "--attention flash is for --device cuda" --attention flash --steps 2
@@ -52,7 +53,7 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   timeout 120 "$exe" --data "$data" --resume "$tmp/ck" --steps 8 --layers 2 --d-model 32 --heads 2 --context 16 \
     --batch 4 --sample-len 0 --val-every 0 --dp 2 || { echo "FAIL: the GPU checkpoint resumed on the CPU"; fails=$((fails + 1)); }
   # dp 2 on the one GPU (threads, DeviceDataParallel) against the serial CPU run (--verify).
-  for zero in 0 1 2; do
+  for zero in 0 1 2 3; do
     out=$(timeout 180 "$exe" --device cuda --dp 2 --accum 2 --zero $zero --data "$data" --steps 6 --layers 2 --d-model 32 \
           --heads 2 --context 16 --batch 8 --sample-len 0 --val-every 3 --verify --save "$tmp/dp2z$zero" 2>&1); rc=$?
     echo "$out" | tail -n 3
@@ -61,7 +62,7 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
   # pp 2 (1F1B and GPipe) and dp 2 x pp 2 x tp 2: each rank one stage, the tied wte's copies summed.
-  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--pp 2" \
+  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--dp 2 --tp 2 --zero 3" "--pp 2" \
                 "--pp 2 --schedule gpipe --microbatches 4" "--dp 2 --pp 2 --tp 2 --sequence-parallel --zero 1" \
                 "--pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4" "--pp 2 --schedule zb-h1 --microbatches 4" \
                 "--attention flash" "--dp 2 --tp 2 --sequence-parallel --attention flash" \

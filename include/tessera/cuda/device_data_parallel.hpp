@@ -136,6 +136,36 @@ class DeviceDataParallel {
   }
   /// Whether this reduces ZeRO-2's bucket buffers (the second constructor).
   bool sharded_gradients() const noexcept { return zero2_ != nullptr; }
+  /// ZeRO-2's gradients this reduces (the second constructor); nullptr otherwise.
+  const DeviceBucketGradients* bucket_gradients() const noexcept { return zero2_; }
+  /// ZeRO-3 (the second constructor): out (bucket `k`'s hi - lo elements) <- its flat elements
+  /// gathered from every rank's shard of the weights (`shard`: this rank's elements
+  /// [r x n / p, (r + 1) x n / p), fp32), each rank giving its piece (DeviceComm::all_gather_v
+  /// over zero2_piece_counts), ordered after the compute stream's work; on the communication
+  /// stream, after the reductions queued there. Without `done`, the compute stream's later work
+  /// waits for it; with `done`, the event is recorded after it instead and the caller makes the
+  /// compute stream wait when it needs `out` (a prefetch). Collective. Throws tessera::Error
+  /// without ZeRO-2's buckets, for a bucket out of range, or a shard or output of another length.
+  void gather_bucket(std::size_t k, DeviceView<const float> shard, DeviceView<float> out, Event* done = nullptr) {
+    TESSERA_EXPECTS(zero2_ != nullptr && k < buckets_.size() && shard.numel() == shard_,
+                    "DeviceDataParallel::gather_bucket: bucket ", k, " of ", buckets_.size(), ", a shard of ",
+                    shard.numel(), " elements (", shard_, " expected; ZeRO-2's constructor)");
+    const DeviceGradBucket& b = buckets_[k];
+    TESSERA_EXPECTS(out.numel() == b.hi - b.lo, "DeviceDataParallel::gather_bucket: an output of ", out.numel(),
+                    " elements for bucket [", b.lo, ", ", b.hi, ")");
+    const std::vector<std::int64_t> counts = zero2_piece_counts(b, shard_, comm_.size());
+    const ZeroPiece piece = zero2_piece(b, shard_, comm_.size(), comm_.rank());
+    ready_.record(compute_);
+    ready_.wait_on(comm_.stream());
+    comm_.all_gather_v(DeviceView<const float>(shard.data + (piece.lo - shard_ * comm_.rank()), Shape{piece.count}),
+                       counts, out);
+    if (done != nullptr) {
+      done->record(comm_.stream());
+      return;
+    }
+    done_.record(comm_.stream());
+    done_.wait_on(compute_);
+  }
   /// ZeRO-2: the bucket holding flat element `offset` is not reduced by the backward hooks but
   /// held over the step and reduced by finish(), after the caller changed it (the constructor
   /// defers a pipeline stage's tied wte so, summed over the embedding group first:

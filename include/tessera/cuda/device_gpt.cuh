@@ -52,6 +52,7 @@
 #include "tessera/cuda/blas_lt.hpp"
 #include "tessera/cuda/device_bucket_gradients.hpp"
 #include "tessera/cuda/device_comm.hpp"
+#include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_grad_buckets.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/element_math.hpp"
@@ -163,14 +164,27 @@ class DeviceGPT {
   void upload(const ParameterList<float>& params) {
     Tensor<float> flat(Shape{numel_});  // zeros: the alignment gaps stay 0
     gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
+    if (zero3_ != nullptr) {  // ZeRO-3: this rank's shard only
+      master_shard_ = to_device<float>(flat.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
+      drop_units();
+      return;
+    }
     master_ = to_device<float>(flat, stream_);
     refresh_low();
   }
   /// Copies the device's master weights into the CPU model's parameters (e.g. to save a
   /// checkpoint or to sample on the host); under tp the whole parameters, every rank's shards
   /// gathered (collective over tp). A pipeline stage writes its own parameters only (the others
-  /// are left as they are: DevicePipeline::broadcast_stages gathers the stages). Throws as upload().
+  /// are left as they are: DevicePipeline::broadcast_stages gathers the stages). Under
+  /// shard_parameters (ZeRO-3) the dp ranks' shards are gathered first: collective over dp too,
+  /// and it holds the whole model's fp32 weights on the device while it runs. Throws as upload().
   void download(const ParameterList<float>& params) const {
+    if (zero3_ != nullptr) {  // ZeRO-3: every dp rank's shard gathered first (collective over dp)
+      auto full = DeviceTensor<float>::empty(Shape{numel_}, stream_);
+      zero3_->gather(master_shard_, full);
+      scatter(params, gathered_on_host(full), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
+      return;
+    }
     scatter(params, gathered_on_host(master_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
   }
   /// Copies AdamW's moments and step count from a CPU optimizer over the same parameters (a
@@ -304,15 +318,21 @@ class DeviceGPT {
   /// on the rank >= 2 group only) and the gradients scaled by `grad_scale` (a clipping factor).
   /// Under shard_optimizer, only this rank's shard of the master weights is updated (and of the
   /// bf16 copy): gather the shards (every rank's master_shard() into master_view()) and call
-  /// refresh_compute_copy() before the next forward.
+  /// refresh_compute_copy() before the next forward; under shard_parameters (ZeRO-3) only the
+  /// shard exists, and the next forward gathers the weights anew.
   void step(const optim::AdamWOptions& options, double lr, float grad_scale = 1.f) {
     ++steps_;
     ops::AdamWGroupScalars s{};
     s.group[0] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, options.weight_decay, steps_);
     s.group[1] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
     const Shape shard{shard_hi() - shard_lo_};
-    const DeviceView<float> param(master_.data() + shard_lo_, shard);
     const DeviceView<const float> grad = gradient_shard();
+    if (zero3_ != nullptr) {  // ZeRO-3: the fp32 shard; the next forward gathers (and converts) anew
+      ops::adamw_step<float>(stream_, master_shard_, grad, m_, v_, chunks_, s, grad_scale);
+      drop_units();
+      return;
+    }
+    const DeviceView<float> param(master_.data() + shard_lo_, shard);
     if constexpr (std::is_same_v<C, bf16>)
       ops::adamw_step<bf16>(stream_, param, grad, m_, v_, chunks_, s, grad_scale,
                             DeviceView<bf16>(low_.data() + shard_lo_, shard));
@@ -399,8 +419,60 @@ class DeviceGPT {
   std::int64_t shard_begin() const noexcept { return shard_lo_; }
   /// One past the shard's last element.
   std::int64_t shard_end() const noexcept { return shard_hi(); }
-  /// The fp32 master weights, flat (numel() elements), for gathering the shards.
+  /// The fp32 master weights, flat (numel() elements), for gathering the shards (empty under
+  /// shard_parameters: master_shard()).
   DeviceView<float> master_view() const noexcept { return master_.view(); }
+  /// ZeRO-3 (Rajbhandari et al. 2020, P_os+g+p), after shard_gradients, with `dp` the ZeRO-2
+  /// reduction of this model's buckets (not owned; it must outlive this model's use): this rank
+  /// keeps the fp32 master weights of its shard only (no whole-model weights, fp32 or bf16).
+  /// Forward and backward gather each bucket's weights when a product first needs them
+  /// (DeviceDataParallel::gather_bucket: every rank's piece of the bucket, collective over dp,
+  /// in the same order on every rank since the passes run alike; bf16: converted after the
+  /// gather), keeping at most three buckets gathered (the block in use, the next one, whose
+  /// gather forward and backward queue as a block starts or ends, and the head's ln_f and tied
+  /// wte; the least recently used goes); the compute stream waits for a gather at the bucket's
+  /// first use. step() updates the shard and drops them, and download() gathers the shards
+  /// (collective over dp). The whole model only (pp 1) in this version. The gathers share the
+  /// communication stream with the bucket reductions, so a gather waits for those queued before
+  /// it (backward queues the next block's gather before the finished block's reduction). Throws tessera::Error when the gradients are not sharded, `dp`
+  /// reduces another model's buckets, it is called twice, or a micro-batch awaits its backward.
+  void shard_parameters(DeviceDataParallel& dp) {
+    TESSERA_EXPECTS(zero2_ != nullptr, "DeviceGPT::shard_parameters: shard the gradients first (shard_gradients): "
+                    "ZeRO-3 gathers the weights bucket by bucket");
+    TESSERA_EXPECTS(zero3_ == nullptr, "DeviceGPT::shard_parameters: already sharded");
+    TESSERA_EXPECTS(dp.bucket_gradients() == zero2_.get(), "DeviceGPT::shard_parameters: the reduction is not over this "
+                    "model's buckets (DeviceDataParallel(comm, compute, *bucket_gradients()))");
+    TESSERA_EXPECTS(has_embedding() && has_head(), "DeviceGPT::shard_parameters: this is pipeline stage [", stage_.first,
+                    ", ", stage_end(), "); ZeRO-3 on the device takes the whole model (pp 1)");
+    for (const Slot& sl : slots_)
+      TESSERA_EXPECTS(!sl.busy, "DeviceGPT::shard_parameters: a micro-batch awaits its backward");
+    master_shard_ = DeviceTensor<float>::empty(Shape{shard_hi() - shard_lo_}, stream_);
+    detail::check(cudaMemcpyAsync(master_shard_.data(), master_.data() + shard_lo_, master_shard_.bytes(),
+                                  cudaMemcpyDeviceToDevice, stream_.get()),
+                  "cudaMemcpyAsync", "DeviceGPT::shard_parameters");
+    master_ = DeviceTensor<float>();
+    low_ = DeviceTensor<bf16>();
+    const std::size_t n = zero2_->buckets().size();
+    units_.assign(n, DeviceTensor<C>());
+    gathered_f32_.assign(n, DeviceTensor<float>());
+    pending_.assign(n, 0);
+    unit_ready_.clear();
+    for (std::size_t b = 0; b < n; ++b) unit_ready_.push_back(std::make_unique<Event>());
+    zero3_ = &dp;
+  }
+  /// True after shard_parameters.
+  bool sharded_parameters() const noexcept { return zero3_ != nullptr; }
+  /// ZeRO-3: this rank's fp32 master weights, the flat elements [shard_begin(), shard_end())
+  /// (empty otherwise).
+  DeviceView<float> master_shard() const noexcept { return master_shard_.view(); }
+  /// ZeRO-3: elements of the buckets' weights gathered or being gathered now (at most three
+  /// buckets' worth; 0 after step()).
+  std::int64_t gathered_weight_elements() const noexcept {
+    std::int64_t n = 0;
+    for (const DeviceTensor<C>& u : units_) n += u.numel();
+    for (const DeviceTensor<float>& f : gathered_f32_) n += f.numel();
+    return n;
+  }
   /// AdamW's first and second moments of the shard (shard_end() - shard_begin() elements each).
   DeviceView<float> exp_avg_view() const noexcept { return m_.view(); }
   /// (See exp_avg_view.)
@@ -408,6 +480,7 @@ class DeviceGPT {
   /// Rewrites the compute copy of the weights from the master weights on the stream (bf16: a
   /// conversion kernel; nothing for fp32), e.g. after the shards were gathered.
   void refresh_compute_copy() {
+    if (zero3_ != nullptr) return;  // ZeRO-3: the next forward gathers and converts
     if constexpr (std::is_same_v<C, bf16>) ops::convert_from_f32<bf16>(stream_, master_, low_);
   }
 
@@ -722,10 +795,70 @@ class DeviceGPT {
 
   // The compute-type weights of parameter i, and its fp32 gradient.
   C* w(std::size_t i) const {
+    if (zero3_ != nullptr) return unit_weights(flat_[i].offset);
     if constexpr (std::is_same_v<C, bf16>)
       return low_.data() + flat_[i].offset;
     else
       return master_.data() + flat_[i].offset;
+  }
+  // ZeRO-3: at most this many buckets' weights gathered at once (the block in use, the next one
+  // prefetched, and the head's second: ln_f's and the tied wte's).
+  static constexpr std::size_t kGatheredBuckets = 3;
+  // ZeRO-3: queues the gather of bucket b's weights (a collective over dp) unless they are
+  // gathered or queued, without making the compute stream wait (unit_weights does, at the first
+  // use); the least recently used bucket beyond kGatheredBuckets is dropped. Every rank calls it
+  // at the same points of its passes.
+  void prefetch_unit(std::size_t b) const {
+    const auto at = std::find(lru_.begin(), lru_.end(), b);
+    if (at != lru_.end()) {  // gathered or queued: now the most recently used
+      lru_.erase(at);
+      lru_.push_back(b);
+      return;
+    }
+    while (lru_.size() >= kGatheredBuckets) drop_unit(lru_.front());
+    const DeviceGradBucket& k = zero2_->buckets()[b];
+    DeviceTensor<float> f = DeviceTensor<float>::empty(Shape{k.hi - k.lo}, stream_);
+    zero3_->gather_bucket(b, master_shard_, f, unit_ready_[b].get());  // (throws before any state changes)
+    gathered_f32_[b] = std::move(f);
+    pending_[b] = 1;
+    lru_.push_back(b);
+  }
+  // ZeRO-3: prefetch_unit of parameter i's bucket.
+  void prefetch(std::size_t i) const {
+    if (zero3_ != nullptr) prefetch_unit(zero2_->bucket_of(flat_[i].offset));
+  }
+  // ZeRO-3: flat element `offset`'s weight in its bucket's gathered weights: the gather queued
+  // now if it is not, and the compute stream made to wait for it (and bf16 converted) at the
+  // bucket's first use.
+  C* unit_weights(std::int64_t offset) const {
+    const std::size_t b = zero2_->bucket_of(offset);
+    prefetch_unit(b);
+    if (pending_[b]) {
+      unit_ready_[b]->wait_on(stream_);
+      if constexpr (std::is_same_v<C, float>) {
+        units_[b] = std::move(gathered_f32_[b]);
+      } else {
+        units_[b] = DeviceTensor<C>::empty(gathered_f32_[b].shape(), stream_);
+        ops::convert_from_f32<C>(stream_, gathered_f32_[b], units_[b]);
+      }
+      gathered_f32_[b] = DeviceTensor<float>();
+      pending_[b] = 0;
+    }
+    return units_[b].data() + (offset - zero2_->buckets()[b].lo);
+  }
+  // ZeRO-3: drops bucket b's gathered weights, back to the compute stream's cache (only later work
+  // on it reuses the memory; a gather still queued is waited for first, so none writes a block
+  // handed out again).
+  void drop_unit(std::size_t b) const {
+    if (pending_[b]) unit_ready_[b]->wait_on(stream_);
+    units_[b] = DeviceTensor<C>();
+    gathered_f32_[b] = DeviceTensor<float>();
+    pending_[b] = 0;
+    lru_.erase(std::find(lru_.begin(), lru_.end(), b));
+  }
+  // ZeRO-3: forgets every gathered bucket (the weights changed).
+  void drop_units() const {
+    while (!lru_.empty()) drop_unit(lru_.front());
   }
   // Parameter i's gradient: in the flat buffer, or under ZeRO-2 in its bucket's buffer (taken at
   // the first write of the backward).
@@ -1005,10 +1138,16 @@ class DeviceGPT {
     } else {
       from_boundary(input, acts[0].x_in);
     }
+    if (!blocks_.empty()) prefetch(blocks_[0].ln1_w);  // ZeRO-3: the first block's weights' gather queued
     for (std::size_t l = 0; l < blocks_.size(); ++l) {
       LayerActs& a = acts[l];
       LayerActs& next = acts[l + 1];
       const BlockParams& p = blocks_[l];
+      // ZeRO-3: the next block's (or the head's) gather queued while this block computes.
+      if (l + 1 < blocks_.size())
+        prefetch(blocks_[l + 1].ln1_w);
+      else if (has_head())
+        prefetch(lnf_w_);
       layer_norm_gathered(a.x_in, p.ln1_w, p.ln1_b, a.ln1, a.mean1, a.rstd1);
       if (flash_) {  // q|k|v kept as they are; the fused kernel keeps each row's log-sum-exp
         gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkvp.data(), 0.f,
@@ -1076,6 +1215,7 @@ class DeviceGPT {
       if (!input_only)  // (an I pass leaves dwte to its W pass: dlogits and lnf stay in the slot)
         gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
       ln_backward(last.x_in, lnf_w_, lnf_b_, last.mean1, last.rstd1, false);
+      if (!blocks_.empty()) prefetch(blocks_.back().ln1_w);  // ZeRO-3: queued before the head's reduction
       if (hook_) hook_(flat_[lnf_w_].offset);
     } else {
       from_boundary(grad_output, dres_);
@@ -1123,6 +1263,7 @@ class DeviceGPT {
         gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
       ln_backward(a.x_in, p.ln1_w, p.ln1_b, a.mean1, a.rstd1, true);
+      if (l > 0) prefetch(blocks_[l - 1].ln1_w);  // ZeRO-3: queued before this block's reduction
       if (hook_) hook_(flat_[p.ln1_w].offset);
     }
     if (!has_embedding()) {
@@ -1174,6 +1315,13 @@ class DeviceGPT {
   ops::AdamWChunks norm_chunks_;  // tp > 1: the gradient norm's weights (group 0 shards, 1 replicated)
   ops::AdamWChunks shard_norm_chunks_;  // ZeRO-2 at tp > 1: those weights inside this rank's shard
   std::unique_ptr<DeviceBucketGradients> zero2_;  // ZeRO-2 (shard_gradients): bucket buffers and the shard
+  DeviceDataParallel* zero3_ = nullptr;          // ZeRO-3 (shard_parameters): the gathers' reduction
+  DeviceTensor<float> master_shard_;             // ZeRO-3: this rank's fp32 weights
+  mutable std::vector<DeviceTensor<C>> units_;   // ZeRO-3: per bucket, its gathered weights (or none)
+  mutable std::vector<DeviceTensor<float>> gathered_f32_;  // ZeRO-3: a queued gather's fp32 output, until first use
+  mutable std::vector<char> pending_;            // ZeRO-3: per bucket, a gather queued and not yet waited for
+  std::vector<std::unique_ptr<Event>> unit_ready_;  // ZeRO-3: per bucket, recorded after its gather
+  mutable std::vector<std::size_t> lru_;         // ZeRO-3: the gathered or queued buckets, least recently used first
   DeviceTensor<float> norm_out_, norm_ws_, loss_sum_;
   std::int64_t steps_ = 0;
   std::int64_t B_ = -1, T_ = -1;
