@@ -144,18 +144,17 @@ int main(int argc, char** argv) {
     const double none = run(o, 0), end = run(o, 1);
     tc::set_device(0);
     auto& mem = tc::default_allocator();
-    mem.reset_peak();
-    const double overlap = run(o, 2);
-    const double peak_plain = static_cast<double>(mem.stats().peak_allocated_bytes);
-    mem.reset_peak();
-    const double zero1 = run(o, 3);
-    const double peak_zero1 = static_cast<double>(mem.stats().peak_allocated_bytes);
-    mem.reset_peak();
-    const double zero2 = run(o, 4);
-    const double peak_zero2 = static_cast<double>(mem.stats().peak_allocated_bytes);
-    mem.reset_peak();
-    const double zero3 = run(o, 5);
-    const double peak_zero3 = static_cast<double>(mem.stats().peak_allocated_bytes);
+    double peak = 0;  // of the last measured() run: the device's peak allocated bytes over it
+    const auto measured = [&](int mode) {
+      mem.reset_peak();
+      const double t = run(o, mode);
+      peak = static_cast<double>(mem.stats().peak_allocated_bytes);
+      return t;
+    };
+    const double overlap = measured(2), peak_plain = peak;
+    const double zero1 = measured(3), peak_zero1 = peak;
+    const double zero2 = measured(4), peak_zero2 = peak;
+    const double zero3 = measured(5), peak_zero3 = peak;
     std::printf("device_dp_bench dp %d (threads on one GPU), %lld layers d %lld, batch %lld x %lld, buckets %.3g MiB\n",
                 o.dp, static_cast<long long>(o.layers), static_cast<long long>(o.d_model),
                 static_cast<long long>(o.batch), static_cast<long long>(o.context), o.bucket_mib);

@@ -183,6 +183,15 @@ std::vector<Run> data_parallel(const Data& d, int dp, int micro, std::int64_t* r
   });
 }
 
+// The flat buffers' length of dp_cfg's DeviceGPT built with `shards` (padded to a multiple of
+// shards x flat_alignment).
+std::int64_t padded_numel(int shards) {
+  GPT<float> probe(dp_cfg, 5);
+  const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
+  const std::int64_t pad = tc::flat_alignment * shards;
+  return (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+}
+
 // Norm-wise relative difference (testing::norm_rel_error: +infinity on a NaN, which fails every
 // comparison below).
 double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -227,10 +236,7 @@ TEST_CASE("DeviceGPT ZeRO-1 on one GPU (threads): each rank keeps 1/dp of AdamW'
     CAPTURE(dp);
     const std::vector<Run> plain = data_parallel(d, dp, 1, nullptr);
     const std::vector<Run> zero = data_parallel(d, dp, 1, nullptr, 1);
-    GPT<float> probe(dp_cfg, 5);
-    const auto layout = tc::flat_gpt_layout(dp_cfg, probe.parameters());
-    const std::int64_t pad = tc::flat_alignment * dp;
-    const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+    const std::int64_t numel = padded_numel(dp);
     for (std::size_t r = 0; r < zero.size(); ++r) {
       CAPTURE(r);
       CHECK(zero[r].params == plain[r].params);  // the same AdamW per element, the same sums
@@ -249,8 +255,7 @@ TEST_CASE("DeviceGPT ZeRO-2 on one GPU (threads): each rank keeps 1/dp of the gr
     for (int micro : {1, 2}) {
       CAPTURE(dp);
       CAPTURE(micro);
-      const std::int64_t pad = tc::flat_alignment * dp;
-      const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+      const std::int64_t numel = padded_numel(dp);
       const auto buckets = tc::device_grad_buckets(numel, tc::gpt_ready_offsets(layout, dp_cfg.n_layer), 6000);
       REQUIRE(buckets.size() >= 3);
       // Held at once under the hooks: the tied wte's bucket (the last: written first by the head and
@@ -356,8 +361,7 @@ TEST_CASE("DeviceGPT ZeRO-3 on one GPU (threads): each rank keeps 1/dp of the fp
     for (int micro : {1, 2}) {
       CAPTURE(dp);
       CAPTURE(micro);
-      const std::int64_t pad = tc::flat_alignment * dp;
-      const std::int64_t numel = (layout.back().offset + layout.back().shape.numel() + pad - 1) / pad * pad;
+      const std::int64_t numel = padded_numel(dp);
       const std::vector<Run> zero3 = data_parallel(d, dp, micro, nullptr, 3);
       const std::vector<Run> zero2 = data_parallel(d, dp, micro, nullptr, 2);
       // At most three buckets' weights gathered at once (the block in use, the next, the head's pair).

@@ -487,30 +487,12 @@ class NcclCommunicator final : public CommBackend {
   /// same counts on every rank (NCCL does not check; a mismatch hangs until the timeout).
   /// Throws Error when counts has not size() entries, CommError when NCCL fails.
   Request reduce_scatter_v(const float* in, float* out, std::span<const std::int64_t> counts, ReduceOp op) {
-    constexpr const char* call = "reduce_scatter_v";
     detail::NcclState& s = *state_;
-    s.ensure_usable(call);
-    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()), "NcclCommunicator::reduce_scatter_v on ",
-                    s.where(), ": ", counts.size(), " counts for ", size(), " ranks");
-    if (std::none_of(counts.begin(), counts.end(), [](std::int64_t c) { return c > 0; })) return Request{};
-    const detail::DeviceGuard guard(s.device, call);
-    detail::check_nccl(ncclGroupStart(), "ncclGroupStart", call, " on ", s.where());
-    ncclResult_t first_error = ncclSuccess;
-    std::size_t offset = 0;
-    for (int r = 0; r < size(); ++r) {
-      const auto c = static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
-      if (c > 0) {
-        // recvbuff is only written on the root; the others pass their own piece (unused).
-        float* recv = r == rank() ? out : const_cast<float*>(in + offset);
-        const ncclResult_t e = ncclReduce(in + offset, recv, c, ncclFloat32, to_nccl(op), r, s.comm, s.stream);
-        if (detail::is_error(e) && first_error == ncclSuccess) first_error = e;
-      }
-      offset += c;
-    }
-    const ncclResult_t end = ncclGroupEnd();  // always closed: after an error NCCL discards the group
-    detail::check_nccl(first_error, "ncclReduce", call, " on ", s.where());
-    s.finish_enqueue(call, "ncclGroupEnd", end);
-    return Request(std::make_shared<detail::NcclRequest>(state_, call));
+    return per_rank_group_("reduce_scatter_v", "ncclReduce", counts, [&](int r, std::size_t offset, std::size_t c) {
+      // recvbuff is only written on the root; the others pass their own piece (unused).
+      float* recv = r == rank() ? out : const_cast<float*>(in + offset);
+      return ncclReduce(in + offset, recv, c, ncclFloat32, to_nccl(op), r, s.comm, s.stream);
+    });
   }
 
   /// Allgather with unequal blocks: `out` (the counts' sum) <- every rank's `in` (counts[rank]
@@ -520,30 +502,11 @@ class NcclCommunicator final : public CommBackend {
   /// calls it). Collective: the same counts on every rank (NCCL does not check; a mismatch hangs
   /// until the timeout). Throws Error when counts has not size() entries, CommError when NCCL fails.
   Request all_gather_v(const float* in, float* out, std::span<const std::int64_t> counts) {
-    constexpr const char* call = "all_gather_v";
     detail::NcclState& s = *state_;
-    s.ensure_usable(call);
-    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()), "NcclCommunicator::all_gather_v on ",
-                    s.where(), ": ", counts.size(), " counts for ", size(), " ranks");
-    if (std::none_of(counts.begin(), counts.end(), [](std::int64_t c) { return c > 0; })) return Request{};
-    const detail::DeviceGuard guard(s.device, call);
-    detail::check_nccl(ncclGroupStart(), "ncclGroupStart", call, " on ", s.where());
-    ncclResult_t first_error = ncclSuccess;
-    std::size_t offset = 0;
-    for (int r = 0; r < size(); ++r) {
-      const auto c = static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
-      if (c > 0) {
-        // sendbuff is only read on the root.
-        const float* send = r == rank() ? in : out + offset;
-        const ncclResult_t e = ncclBroadcast(send, out + offset, c, ncclFloat32, r, s.comm, s.stream);
-        if (detail::is_error(e) && first_error == ncclSuccess) first_error = e;
-      }
-      offset += c;
-    }
-    const ncclResult_t end = ncclGroupEnd();  // always closed: after an error NCCL discards the group
-    detail::check_nccl(first_error, "ncclBroadcast", call, " on ", s.where());
-    s.finish_enqueue(call, "ncclGroupEnd", end);
-    return Request(std::make_shared<detail::NcclRequest>(state_, call));
+    return per_rank_group_("all_gather_v", "ncclBroadcast", counts, [&](int r, std::size_t offset, std::size_t c) {
+      const float* send = r == rank() ? in : out + offset;  // sendbuff is only read on the root
+      return ncclBroadcast(send, out + offset, c, ncclFloat32, r, s.comm, s.stream);
+    });
   }
 
   /// ncclBroadcast in place from `root`. Collective; blocks until complete.
@@ -663,6 +626,35 @@ class NcclCommunicator final : public CommBackend {
     if (async) return Request(std::move(request));
     request->wait();
     return Request{};
+  }
+
+  // One rooted NCCL call per rank with a non-empty piece (enqueue(root, offset, count), the
+  // pieces of `counts` laid out in rank order) inside one ncclGroupStart / ncclGroupEnd, closed
+  // even after an error (NCCL then discards the group); the request of the whole group.
+  template <class Enqueue>
+  Request per_rank_group_(const char* call, const char* nccl_call, std::span<const std::int64_t> counts,
+                          Enqueue&& enqueue) {
+    detail::NcclState& s = *state_;
+    s.ensure_usable(call);
+    TESSERA_EXPECTS(counts.size() == static_cast<std::size_t>(size()), "NcclCommunicator::", call, " on ", s.where(),
+                    ": ", counts.size(), " counts for ", size(), " ranks");
+    if (std::none_of(counts.begin(), counts.end(), [](std::int64_t c) { return c > 0; })) return Request{};
+    const detail::DeviceGuard guard(s.device, call);
+    detail::check_nccl(ncclGroupStart(), "ncclGroupStart", call, " on ", s.where());
+    ncclResult_t first_error = ncclSuccess;
+    std::size_t offset = 0;
+    for (int r = 0; r < size(); ++r) {
+      const auto c = static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+      if (c > 0) {
+        const ncclResult_t e = enqueue(r, offset, c);
+        if (detail::is_error(e) && first_error == ncclSuccess) first_error = e;
+      }
+      offset += c;
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    detail::check_nccl(first_error, nccl_call, call, " on ", s.where());
+    s.finish_enqueue(call, "ncclGroupEnd", end);
+    return Request(std::make_shared<detail::NcclRequest>(state_, call));
   }
 
   std::shared_ptr<detail::NcclState> state_;
