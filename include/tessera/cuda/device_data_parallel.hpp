@@ -104,8 +104,8 @@ class DeviceDataParallel {
     while (next_ < buckets_.size() && buckets_[next_].lo >= offset) reduce_next();
   }
   /// Reduces the buckets not yet reduced (a backward without hooks reduces all here; under
-  /// ZeRO-2, nothing when the hooks reduced every bucket written) and makes the compute stream
-  /// wait for the reductions. Call it after the step's last backward and before reading the
+  /// ZeRO-2 with hooks, the deferred buckets only, unless a backward stopped midway) and makes
+  /// the compute stream wait for the reductions. Call it after the step's last backward and before reading the
   /// gradients. Collective.
   void finish() {
     if (zero2_ == nullptr) {
