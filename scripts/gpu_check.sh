@@ -23,8 +23,8 @@
 #         run's resumed on the GPU;
 #     2   training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
 #         job's model (6 layers, d 192, context 128, batch 32) in fp32 and bf16, GPT-2 124M (12
-#         layers, d 768, context 1024, batch 16) in bf16, unfused and fused (--attention flash)
-#         attention; tokens/s, step time, MFU against 989
+#         layers, d 768, context 1024, batch 16) in bf16, unfused and fused attention (--attention
+#         flash: the tensor-core kernels; flash-cuda-cores: the CUDA-core ones); tokens/s, step time, MFU against 989
 #         TFLOP/s (bench/cuda/gpt_device_bench.cu, bench/cuda/pytorch_gpt.py);
 #     1d  example 06: the Llama (examples/llama) trained on the GPU against the CPU run, alone and
 #         at dp 2 x tp 2 x pp 2 (threads sharing the GPU);
@@ -172,7 +172,7 @@ sec_2() {
     local t p
     t=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
     echo "$t"
-    if [[ "$name" == *-flash ]]; then  # the same model as the row before: PyTorch's figure again
+    if [[ "$name" == *-flash* ]]; then  # the same model as the row before: PyTorch's figure again
       p=${last_pytorch:-"pytorch: no figure"}
       echo "pytorch: the row above's figure"
     elif [[ -n "$PYTHON" ]]; then
@@ -193,6 +193,8 @@ sec_2() {
   bench main-job bf16 "${main_model[@]}"
   bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
   bench gpt2-124m-flash bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304 --attention flash
+  bench gpt2-124m-flash-cuda-cores bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304 \
+    --attention flash-cuda-cores
 }
 sec_2b() {
   d=$(tmo 180 "$BIN/device_dp_bench" --dp 2 2>&1); rc=$?

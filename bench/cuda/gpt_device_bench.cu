@@ -6,7 +6,8 @@
 // loss is not finite (a wrong result is not a speed), 77 where no GPU exists.
 //
 //   gpt_device_bench --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --dtype bf16
-//                    [--attention flash|unfused]   (the fused kernels, or the unfused reference: default)
+//                    [--attention flash|flash-cuda-cores|unfused]   (the fused kernels: for bf16 on tensor
+//                    cores; the fused kernels on CUDA cores; the unfused reference: default)
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -38,7 +39,8 @@ int run(const Options& o) {
   GPT<float> host(cfg, 1);
   tc::Stream stream;
   tc::DeviceGPT<C> model(cfg, host.parameters(), stream);
-  model.set_fused_attention(o.attention == "flash");
+  model.set_fused_attention(o.attention != "unfused",
+                            o.attention == "flash-cuda-cores" ? tc::ops::FlashPath::cuda_cores : tc::ops::FlashPath::automatic);
   std::mt19937 rng(1);
   Tensor<std::int32_t> x(Shape{o.batch, o.context}), y(Shape{o.batch, o.context});
   for (std::int64_t i = 0; i < x.numel(); ++i) {
@@ -99,8 +101,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (o.attention != "flash" && o.attention != "unfused") {
-    std::fprintf(stderr, "gpt_device_bench: --attention %s is not flash or unfused\n", o.attention.c_str());
+  if (o.attention != "flash" && o.attention != "flash-cuda-cores" && o.attention != "unfused") {
+    std::fprintf(stderr, "gpt_device_bench: --attention %s is not flash, flash-cuda-cores or unfused\n", o.attention.c_str());
     return 2;
   }
   if (tc::device_count() == 0) {

@@ -165,7 +165,8 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--attention", a.attention, "with --device cuda: unfused (batched cuBLASLt products and a softmax "
                  "kernel, keeping the (B, H, T, T) probabilities; the reference) or flash (fused kernels, "
-                 "FlashAttention-2's algorithm: one log-sum-exp per row and head)")
+                 "FlashAttention-2's algorithm: one log-sum-exp per row and head; with --dtype bf16 on tensor "
+                 "cores where head_dim is a multiple of 8)")
       ->check(CLI::IsMember({"unfused", "flash"}));
   app.add_option("--model", a.model, "a preset: gpt2-124m = --layers 12 --d-model 768 --heads 12 --context 1024 "
                  "(flags given explicitly win)")->check(CLI::IsMember({"gpt2-124m"}));

@@ -33,6 +33,7 @@
 #include "tessera/nn/core_attention.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/parallel/tensor/dropout.hpp"
+#include "tessera/parallel/data/compression/half_float.hpp"
 #include "tessera/optim/adamw.hpp"
 
 using namespace tessera;
@@ -782,4 +783,171 @@ TEST_CASE("fused attention math: the flash kernels' tiled online softmax and rec
   CHECK(first == end);  // no row of the tile attends to key 70
   tc::math::flash_queries_seeing(10, 96, 100, first, end);
   CHECK((first == 0 && end == 4));
+}
+
+namespace {
+
+// The tensor-core attention kernels (ops/flash_attention_mma.cuh) emulated on the host, tile by
+// tile as the kernels walk them, over one head's (T, hd) rows: q, k, v, dy as the kernels read
+// them (bf16), each product summed in fp32, the softmax in the base-2 domain, P and dS rounded
+// to bf16 before the products that take them, y rounded to bf16 as stored. The shared pieces
+// (the tile, the causal test, the log-sum-exp, the tiles a block walks) are the kernels' own.
+float round_bf16(float x) { return tessera::bf16_to_float(tessera::float_to_bf16(x)); }
+
+struct MmaHead {
+  int T, hd;
+  std::vector<float> q, k, v, dy, y, lse, dq, dk, dv;
+};
+
+void mma_host_forward(MmaHead& f) {
+  namespace m = tc::math;
+  constexpr int tile = m::flash_mma_tile;
+  const float scale_log2 = m::flash_log2e / std::sqrt(static_cast<float>(f.hd));
+  const auto at = [&](int row, int e) { return static_cast<std::size_t>(row) * static_cast<std::size_t>(f.hd) + static_cast<std::size_t>(e); };
+  f.y.assign(f.q.size(), 0.f);
+  f.lse.assign(static_cast<std::size_t>(f.T), 0.f);
+  for (int i0 = 0; i0 < f.T; i0 += tile)
+    for (int t = i0; t < std::min(i0 + tile, f.T); ++t) {
+      float mx = -INFINITY, l = 0.f;
+      std::vector<float> o(static_cast<std::size_t>(f.hd), 0.f);
+      for (int jt = 0; jt < m::flash_mma_key_tiles(i0); ++jt) {
+        const int j0 = jt * tile;
+        std::array<float, tile> s2{};
+        float tmax = -INFINITY;
+        for (int c = 0; c < tile; ++c) {
+          const int j = j0 + c;
+          float dot = 0.f;
+          if (j < f.T)
+            for (int e = 0; e < f.hd; ++e) dot += f.q[at(t, e)] * f.k[at(j, e)];
+          s2[static_cast<std::size_t>(c)] = m::flash_mma_visible(t, j, f.T) ? dot * scale_log2 : -INFINITY;
+          tmax = std::max(tmax, s2[static_cast<std::size_t>(c)]);
+        }
+        const float m_new = std::max(mx, tmax);
+        const float alpha = std::exp2(mx - m_new);
+        float sum = 0.f;
+        for (float& e : o) e *= alpha;
+        for (int c = 0; c < tile; ++c) {
+          const float p = std::exp2(s2[static_cast<std::size_t>(c)] - m_new);
+          sum += p;
+          const float pb = round_bf16(p);
+          if (j0 + c < f.T)
+            for (int e = 0; e < f.hd; ++e) o[static_cast<std::size_t>(e)] += pb * f.v[at(j0 + c, e)];
+        }
+        l = l * alpha + sum;
+        mx = m_new;
+      }
+      for (int e = 0; e < f.hd; ++e) f.y[at(t, e)] = round_bf16(o[static_cast<std::size_t>(e)] / l);
+      f.lse[static_cast<std::size_t>(t)] = m::flash_mma_lse(mx, l);
+    }
+}
+
+void mma_host_backward(MmaHead& f) {
+  namespace m = tc::math;
+  constexpr int tile = m::flash_mma_tile;
+  const float scale = 1.f / std::sqrt(static_cast<float>(f.hd)), scale_log2 = m::flash_log2e * scale;
+  const auto at = [&](int row, int e) { return static_cast<std::size_t>(row) * static_cast<std::size_t>(f.hd) + static_cast<std::size_t>(e); };
+  std::vector<float> D(static_cast<std::size_t>(f.T));
+  for (int t = 0; t < f.T; ++t) D[static_cast<std::size_t>(t)] = tc::math::flash_row_dot(&f.dy[at(t, 0)], &f.y[at(t, 0)], f.hd);
+  // p and dS (both rounded to bf16) of query i against key j.
+  const auto p_ds = [&](int i, int j, float& p, float& ds) {
+    float s = 0.f, dp = 0.f;
+    for (int e = 0; e < f.hd; ++e) s += f.q[at(i, e)] * f.k[at(j, e)], dp += f.dy[at(i, e)] * f.v[at(j, e)];
+    const float pf = m::flash_mma_visible(i, j, f.T) ? std::exp2(s * scale_log2 - f.lse[static_cast<std::size_t>(i)] * m::flash_log2e) : 0.f;
+    p = round_bf16(pf);
+    ds = round_bf16(pf * (dp - D[static_cast<std::size_t>(i)]));
+  };
+  f.dq.assign(f.q.size(), 0.f);
+  f.dk.assign(f.q.size(), 0.f);
+  f.dv.assign(f.q.size(), 0.f);
+  for (int j0 = 0; j0 < f.T; j0 += tile)  // backward_kv: a key tile over the query tiles at or after it
+    for (int j = j0; j < std::min(j0 + tile, f.T); ++j) {
+      std::vector<float> dk(static_cast<std::size_t>(f.hd), 0.f), dv(static_cast<std::size_t>(f.hd), 0.f);
+      for (int i0 = j0; i0 < f.T; i0 += tile)
+        for (int i = i0; i < std::min(i0 + tile, f.T); ++i) {
+          float p = 0.f, ds = 0.f;
+          p_ds(i, j, p, ds);
+          for (int e = 0; e < f.hd; ++e) dv[static_cast<std::size_t>(e)] += p * f.dy[at(i, e)], dk[static_cast<std::size_t>(e)] += ds * f.q[at(i, e)];
+        }
+      for (int e = 0; e < f.hd; ++e) f.dv[at(j, e)] = dv[static_cast<std::size_t>(e)], f.dk[at(j, e)] = dk[static_cast<std::size_t>(e)] * scale;
+    }
+  for (int i0 = 0; i0 < f.T; i0 += tile)  // backward_q: a query tile over the key tiles at or before it
+    for (int i = i0; i < std::min(i0 + tile, f.T); ++i) {
+      std::vector<float> dq(static_cast<std::size_t>(f.hd), 0.f);
+      for (int jt = 0; jt < m::flash_mma_key_tiles(i0); ++jt)
+        for (int j = jt * tile; j < std::min((jt + 1) * tile, f.T); ++j) {
+          float p = 0.f, ds = 0.f;
+          p_ds(i, j, p, ds);
+          for (int e = 0; e < f.hd; ++e) dq[static_cast<std::size_t>(e)] += ds * f.k[at(j, e)];
+        }
+      for (int e = 0; e < f.hd; ++e) f.dq[at(i, e)] = dq[static_cast<std::size_t>(e)] * scale;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("tensor-core attention math: the mma kernels' tile walk (bf16 inputs, base-2 online softmax, P and dS in bf16) equals nn::CoreAttention of the same bf16 inputs within bf16 round-off; the log-sum-exp within fp32's") {
+  namespace m = tc::math;
+  CHECK(m::flash_mma_key_tiles(0) == 1);
+  CHECK(m::flash_mma_key_tiles(64) == 2);
+  CHECK(m::flash_mma_key_tiles(192) == 4);
+  CHECK(m::flash_mma_visible(5, 5, 10));
+  CHECK(!m::flash_mma_visible(5, 6, 10));
+  CHECK(!m::flash_mma_visible(12, 11, 10));  // a padded row sees no key past T
+  CHECK(std::abs(m::flash_mma_lse(3.f * m::flash_log2e, 2.f) - (3.f + std::log(2.f))) < 1e-6f);
+  for (const std::array<int, 4>& size : {std::array<int, 4>{1, 1, 2, 16}, {2, 65, 2, 32}, {1, 150, 2, 64}, {1, 64, 1, 48},
+                                         {1, 200, 1, 128}}) {
+    const int B = size[0], T = size[1], H = size[2], hd = size[3], C = H * hd;
+    CAPTURE(T);
+    CAPTURE(hd);
+    std::mt19937 rng(static_cast<unsigned>(T * 17 + hd));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    Tensor<float> qkv(Shape{B, T, 3 * C}), dy(Shape{B, T, C});
+    for (std::int64_t i = 0; i < qkv.numel(); ++i) qkv.data()[i] = round_bf16(2.f * nd(rng));  // scores of a few units
+    for (std::int64_t i = 0; i < dy.numel(); ++i) dy.data()[i] = round_bf16(nd(rng));
+    Tensor<float> y(Shape{B, T, C}), dqkv(Shape{B, T, 3 * C});
+    double lse_err = 0;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        MmaHead f{T, hd, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+        for (auto* part : {&f.q, &f.k, &f.v, &f.dy}) part->resize(static_cast<std::size_t>(T * hd));
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < hd; ++e) {
+            const std::size_t i = static_cast<std::size_t>(t * hd + e);
+            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
+            f.q[i] = qkv.data()[row];
+            f.k[i] = qkv.data()[row + C];
+            f.v[i] = qkv.data()[row + 2 * C];
+            f.dy[i] = dy.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e];
+          }
+        mma_host_forward(f);
+        mma_host_backward(f);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+        for (int t = 0; t < T; ++t) {
+          double mx = -1e300, sum = 0;
+          std::vector<double> s(static_cast<std::size_t>(t + 1));
+          for (int j = 0; j <= t; ++j) {
+            double d = 0;
+            for (int e = 0; e < hd; ++e) d += static_cast<double>(f.q[static_cast<std::size_t>(t * hd + e)]) * f.k[static_cast<std::size_t>(j * hd + e)];
+            s[static_cast<std::size_t>(j)] = d * scale;
+            mx = std::max(mx, d * scale);
+          }
+          for (double v : s) sum += std::exp(v - mx);
+          lse_err = std::max(lse_err, std::abs(f.lse[static_cast<std::size_t>(t)] - (mx + std::log(sum))) / (1 + std::abs(mx)));
+          for (int e = 0; e < hd; ++e) {
+            const std::size_t i = static_cast<std::size_t>(t * hd + e);
+            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
+            y.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e] = f.y[i];
+            dqkv.data()[row] = f.dq[i];
+            dqkv.data()[row + C] = f.dk[i];
+            dqkv.data()[row + 2 * C] = f.dv[i];
+          }
+        }
+      }
+    nn::CoreAttention<float> core(H);
+    auto [y_ref, ctx] = core.forward(qkv);
+    const Tensor<float> dqkv_ref = core.backward(dy, ctx);
+    CHECK(lse_err < 1e-5);
+    CHECK(norm_rel(y, y_ref) < 1e-2);
+    CHECK(norm_rel(dqkv, dqkv_ref) < 2e-2);
+  }
 }

@@ -289,6 +289,99 @@ TEST_CASE("fused attention: the flash kernels' forward (y and each row's log-sum
                        doctest::Contains("head_dim 256 exceeds 128"), Error);
 }
 
+TEST_CASE("tensor-core attention: the mma kernels (bf16) equal nn::CoreAttention of the same bf16 inputs within bf16 round-off and the CUDA-core kernels; either backward takes either forward's log-sum-exp; bitwise the same twice; what they do not take is refused or falls back") {
+  using tc::bf16;
+  using ops::FlashPath;
+  if (!ops::flash_mma_supported(128, {})) {
+    MESSAGE("skipped: this device or build does not run the tensor-core attention kernels (compute capability 8.0, "
+            "a build for it, ", ops::flash_mma_shared_bytes(128, true), " bytes of shared memory per block)");
+    return;
+  }
+  struct Size {
+    std::int64_t B, Tn, H, hd;
+  };
+  const auto round_host = [](Tensor<float> t) {  // the values as bf16 holds them
+    for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = tc::detail::to_float(tc::detail::from_float<bf16>(t.data()[i]));
+    return t;
+  };
+  for (const Size z : {Size{2, 1, 2, 16}, Size{2, 65, 3, 32}, Size{1, 150, 2, 64}, Size{2, 64, 2, 48}, Size{1, 200, 1, 128},
+                       Size{1, 1030, 2, 64}, Size{1, 70, 2, 8}}) {
+    CAPTURE(z.Tn);
+    CAPTURE(z.hd);
+    const std::int64_t B = z.B, Tn = z.Tn, H = z.H, hd = z.hd, C = H * hd;
+    const Tensor<float> qkv = round_host(randn(Shape{B, Tn, 3 * C}, 60 + static_cast<unsigned>(Tn), 2.f));
+    const Tensor<float> dy = round_host(randn(Shape{B, Tn, C}, 61));
+    nn::CoreAttention<float> attn(H);
+    auto [y_ref, ctx] = attn.forward(qkv);
+    const Tensor<float> dqkv_ref = attn.backward(dy, ctx);
+    const auto qkv_d = dev<bf16>(qkv), dy_d = dev<bf16>(dy);
+    // Forward by `fwd`, backward by `bwd`; NaN in every output first, so an element not written fails.
+    const auto run = [&](FlashPath fwd, FlashPath bwd) {
+      auto y = tc::DeviceTensor<bf16>::empty(Shape{B, Tn, C}, stream());
+      auto dqkv = tc::DeviceTensor<bf16>::empty(Shape{B, Tn, 3 * C}, stream());
+      auto lse = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+      auto D = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+      for (const auto& [p, bytes] : {std::pair{static_cast<void*>(y.data()), y.bytes()},
+                                     std::pair{static_cast<void*>(dqkv.data()), dqkv.bytes()},
+                                     std::pair{static_cast<void*>(lse.data()), lse.bytes()}})
+        REQUIRE(cudaMemsetAsync(p, 0xFF, bytes, stream().get()) == cudaSuccess);
+      ops::flash_attention_forward<bf16>(stream(), qkv_d, H, y, lse, fwd);
+      ops::flash_attention_backward<bf16>(stream(), dy_d, qkv_d, y, lse, H, D, dqkv, bwd);
+      return std::tuple{host(y), host(lse), host(dqkv)};
+    };
+    const auto [y, lse, dqkv] = run(FlashPath::tensor_cores, FlashPath::tensor_cores);
+    CHECK(rel(y, y_ref) < 1e-2);
+    CHECK(rel(dqkv, dqkv_ref) < 2e-2);
+    const auto [y_c, lse_c, dqkv_c] = run(FlashPath::cuda_cores, FlashPath::cuda_cores);
+    CHECK(rel(lse, lse_c) < 1e-5);  // both from fp32 scores of the same bf16 inputs
+    CHECK(rel(y, y_c) < 1e-2);
+    CHECK(rel(dqkv, dqkv_c) < 2e-2);
+    const auto [y_x, lse_x, dqkv_x] = run(FlashPath::cuda_cores, FlashPath::tensor_cores);
+    CHECK(rel(dqkv_x, dqkv_ref) < 2e-2);
+    const auto [y_z, lse_z, dqkv_z] = run(FlashPath::tensor_cores, FlashPath::cuda_cores);
+    CHECK(rel(dqkv_z, dqkv_ref) < 2e-2);
+    const auto [y_a, lse_a, dqkv_a] = run(FlashPath::automatic, FlashPath::automatic);  // bf16: the mma kernels
+    CHECK(rel(y_a, y) == 0);
+    CHECK(rel(dqkv_a, dqkv) == 0);  // no atomics: the same bits on a second run
+    CHECK(rel(lse_a, lse) == 0);
+  }
+  // head_dim 12 (not a multiple of 8) and fp32 storage are refused by name; automatic takes
+  // the CUDA-core kernels for them.
+  {
+    const std::int64_t B = 1, Tn = 40, H = 2, hd = 12, C = H * hd;
+    const Tensor<float> qkv = round_host(randn(Shape{B, Tn, 3 * C}, 70));
+    auto qkv_d = dev<bf16>(qkv);
+    auto y = tc::DeviceTensor<bf16>::empty(Shape{B, Tn, C}, stream());
+    auto lse = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+    CHECK_THROWS_WITH_AS(ops::flash_attention_forward<bf16>(stream(), qkv_d, H, y, lse, FlashPath::tensor_cores),
+                         doctest::Contains("do not take head_dim 12"), Error);
+    ops::flash_attention_forward<bf16>(stream(), qkv_d, H, y, lse);
+    nn::CoreAttention<float> attn(H);
+    CHECK(rel(host(y), attn.forward(qkv).output) < 1e-2);
+    auto qkv_f = dev<float>(qkv);
+    auto y_f = tc::DeviceTensor<float>::empty(Shape{B, Tn, C}, stream());
+    CHECK_THROWS_WITH_AS(ops::flash_attention_forward<float>(stream(), qkv_f, H, y_f, lse, FlashPath::tensor_cores),
+                         doctest::Contains("take bf16 storage, not fp32"), Error);
+  }
+  // A view 2 bytes off a 16-byte boundary: refused by the mma kernels, taken by automatic's CUDA cores.
+  {
+    const std::int64_t B = 1, Tn = 70, H = 2, hd = 32, C = H * hd;
+    const Tensor<float> qkv = round_host(randn(Shape{B, Tn, 3 * C}, 71));
+    Tensor<float> padded(Shape{qkv.numel() + 1});
+    padded.data()[0] = 0.f;
+    for (std::int64_t i = 0; i < qkv.numel(); ++i) padded.data()[i + 1] = qkv.data()[i];
+    auto padded_d = dev<bf16>(padded);
+    const tc::DeviceView<const bf16> view(padded_d.data() + 1, Shape{B, Tn, 3 * C});
+    auto y = tc::DeviceTensor<bf16>::empty(Shape{B, Tn, C}, stream());
+    auto lse = tc::DeviceTensor<float>::empty(Shape{B, H, Tn}, stream());
+    CHECK_THROWS_WITH_AS(ops::flash_attention_forward<bf16>(stream(), view, H, y, lse, FlashPath::tensor_cores),
+                         doctest::Contains("unaligned views"), Error);
+    ops::flash_attention_forward<bf16>(stream(), view, H, y, lse);
+    nn::CoreAttention<float> attn(H);
+    CHECK(rel(host(y), attn.forward(qkv).output) < 1e-2);
+  }
+}
+
 TEST_CASE("adamw: one launch over a flat buffer of two parameters in two groups equals optim::AdamW") {
   Parameter<float> w("w", randn(Shape{5000}, 20)), b("b", randn(Shape{77}, 21));
   optim::AdamWOptions decay{3e-3, 0.9, 0.95, 1e-8, 0.1}, no_decay = decay;

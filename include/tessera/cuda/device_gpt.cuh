@@ -543,9 +543,11 @@ class DeviceGPT {
   /// algorithm; each block keeps its q|k|v and one log-sum-exp per row and head, not the
   /// (B, H, T, T) probabilities) or the unfused reference (`false`, the default: batched
   /// cuBLASLt products and a softmax kernel, ops::attention). Both equal nn::CoreAttention
-  /// within fp32 round-off. Reallocates the activations at the next forward. Throws
-  /// tessera::Error for a head_dim over ops::flash_max_head_dim.
-  void set_fused_attention(bool on) {
+  /// within fp32 round-off. `path` picks the fused kernels (ops::FlashPath: by default, bf16 on
+  /// tensor cores where ops::flash_mma_supported, else CUDA cores). Reallocates the activations
+  /// at the next forward. Throws tessera::Error for a head_dim over ops::flash_max_head_dim.
+  void set_fused_attention(bool on, ops::FlashPath path = ops::FlashPath::automatic) {
+    flash_path_ = path;
     TESSERA_EXPECTS(!on || config_.d_model / config_.n_head <= ops::flash_max_head_dim,
                     "DeviceGPT::set_fused_attention: head_dim ", config_.d_model / config_.n_head, " exceeds the fused "
                     "kernels' ", ops::flash_max_head_dim);
@@ -1153,7 +1155,7 @@ class DeviceGPT {
         gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkvp.data(), 0.f,
              {Epilogue::bias, w(p.qkv_b), nullptr});
         ops::flash_attention_forward<C>(stream_, a.qkvp.reshape(Shape{B, T, 3 * Dl}), H,
-                                        a.atty.reshape(Shape{B, T, Dl}), a.lse);
+                                        a.atty.reshape(Shape{B, T, Dl}), a.lse, flash_path_);
       } else {
         gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
              {Epilogue::bias, w(p.qkv_b), nullptr});
@@ -1252,7 +1254,7 @@ class DeviceGPT {
       ops::bias_grad<C>(stream_, dres_all, gv(p.proj_b), ws_);
       if (flash_)
         ops::flash_attention_backward<C>(stream_, datt_.reshape(Shape{B, T, Dl}), a.qkvp.reshape(Shape{B, T, 3 * Dl}),
-                                         a.atty.reshape(Shape{B, T, Dl}), a.lse, H, flash_d_, dqkv_);
+                                         a.atty.reshape(Shape{B, T, Dl}), a.lse, H, flash_d_, dqkv_, flash_path_);
       else
         ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
                                    dqkvp_, dqkv_);
@@ -1337,6 +1339,7 @@ class DeviceGPT {
   bool sp_ = false;                        // sequence parallelism (tp > 1)
   bool split_ = false;                     // backward may be split into I and W passes (set_split_backward)
   bool flash_ = false;                     // fused attention (set_fused_attention)
+  ops::FlashPath flash_path_ = ops::FlashPath::automatic;  // its kernels
   DeviceTensor<float> flash_d_;            // fused attention's dy . y per row and head (backward scratch)
   DeviceTensor<C> dres_full_, ln_local_;   // sp: every row's residual gradient (gathered); a LayerNorm's rows here
   DeviceTensor<float> local_f_, sp_grad_;  // sp: this rank's rows in fp32; a LayerNorm's weight and bias gradients

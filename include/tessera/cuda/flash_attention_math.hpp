@@ -148,4 +148,28 @@ TESSERA_HD inline void flash_queries_seeing(int j, int i0, int T, int& first, in
   if (first > end) first = end;
 }
 
+// The tensor-core kernels (ops/flash_attention_mma.cuh): bf16 q, k, v, dy in shared memory,
+// every product on mma with fp32 accumulation, the softmax in fp32 in the base-2 domain
+// (exponents exp2(s log2(e) - m2)), the probabilities and dS rounded to bf16 for the products
+// that take them (as FlashAttention-2 does). Their tiles are square: flash_mma_tile query rows
+// against flash_mma_tile keys, so a block of queries starting at i0 walks the key tiles
+// j0 = 0, flash_mma_tile, ..., i0 (the last one is the diagonal tile, the only masked one).
+
+/// Query rows and keys per tile of the tensor-core kernels.
+inline constexpr int flash_mma_tile = 64;
+/// log2(e): the tensor-core kernels' scores are taken as s log2(e) and exponentiated with exp2.
+inline constexpr float flash_log2e = 1.4426950408889634f;
+/// ln(2).
+inline constexpr float flash_ln2 = 0.6931471805599453f;
+
+/// Whether query row `t` attends to key `j` of a sequence of `T` (causal: j <= t, and j < T).
+TESSERA_HD inline bool flash_mma_visible(int t, int j, int T) { return j <= t && j < T; }
+
+/// A row's log-sum-exp (natural log, as flash_forward_finish's) from the tensor-core kernels'
+/// running maximum `m2` (of s log2(e)) and sum `l` (of exp2(s log2(e) - m2)): m2 ln(2) + ln(l).
+TESSERA_HD inline float flash_mma_lse(float m2, float l) { return m2 * flash_ln2 + log_f(l); }
+
+/// The key tiles a block of query rows starting at `i0` walks (causal): i0 / flash_mma_tile + 1.
+TESSERA_HD inline int flash_mma_key_tiles(int i0) { return i0 / flash_mma_tile + 1; }
+
 }  // namespace tessera::cuda::math

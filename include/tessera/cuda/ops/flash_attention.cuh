@@ -9,20 +9,23 @@
 /// tiles, each summed in a fixed order (no atomics: the same bits every run). It reads the fused
 /// (B, T, 3C) projection and writes (B, T, C) and (B, T, 3C) directly (no head split or merge).
 /// The arithmetic is cuda/flash_attention_math.hpp's (tested on the host against
-/// nn::CoreAttention); fp32 throughout over float or bf16 storage; head_dim at most 128. This
-/// first form runs on CUDA cores (no tensor-core mma): its point is the memory (O(T) per head
-/// instead of O(T^2)) and the reference for a faster one; ops/attention.cuh's unfused path
+/// nn::CoreAttention); fp32 throughout over float or bf16 storage; head_dim at most 128. These
+/// kernels run on CUDA cores; for bf16 the launchers below take the tensor-core form
+/// (ops/flash_attention_mma.cuh) where it applies (FlashPath). ops/attention.cuh's unfused path
 /// stays as the check. CUDA code.
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "tessera/core/error.hpp"
 #include "tessera/cuda/device_tensor.hpp"
 #include "tessera/cuda/flash_attention_math.hpp"
 #include "tessera/cuda/ops/attention.cuh"
+#include "tessera/cuda/ops/flash_attention_mma.cuh"
+#include "tessera/cuda/ops/flash_row_dot.cuh"
 #include "tessera/cuda/ops/reduce.cuh"
 #include "tessera/cuda/stream.hpp"
 
@@ -32,6 +35,13 @@ namespace tessera::cuda::ops {
 inline constexpr int flash_rows = math::flash_block_rows;
 /// The largest head_dim the fused attention kernels take.
 inline constexpr int flash_max_head_dim = 128;
+
+/// Which kernels flash_attention_forward / backward run.
+enum class FlashPath {
+  automatic,    ///< tensor cores for bf16 where flash_mma_supported, else CUDA cores
+  cuda_cores,   ///< the fp32-arithmetic kernels of this header (any storage, head_dim up to 128)
+  tensor_cores  ///< ops/flash_attention_mma.cuh (bf16 only; throws where not flash_mma_supported)
+};
 
 namespace kernels {
 // Element e of head h's q (part 0), k (1) or v (2) at row (b, t) of the fused (B, T, 3C) qkv.
@@ -82,20 +92,6 @@ __global__ void __launch_bounds__(flash_rows) flash_attention_forward(const T* q
   TESSERA_FLASH_UNROLL
   for (int e = 0; e < HD; ++e)
     if (e < hd) store_from_f32(yr + e, out[e]);
-}
-
-// D[b, h, t] = dy . y over the head's elements, a thread per (b, h, t).
-template <class T>
-__global__ void flash_attention_row_dot(const T* dy, const T* y, float* D, int B, int H, int Tn, int C, int hd) {
-  const std::int64_t n = static_cast<std::int64_t>(B) * H * Tn;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t t = i % Tn, h = (i / Tn) % H, b = i / (static_cast<std::int64_t>(Tn) * H);
-    const std::int64_t at = (b * Tn + t) * C + h * hd;
-    float d = 0.f;
-    for (int e = 0; e < hd; ++e) d += load_f32(dy[at + e]) * load_f32(y[at + e]);
-    D[i] = d;
-  }
 }
 
 // dK and dV: block (key tile, b * H + h), a thread per key row, over the query tiles at or after it.
@@ -197,9 +193,19 @@ void with_head_dim(std::int64_t hd, F&& f) {
 /// Fused causal attention forward: y (B, T, C) from qkv (B, T, 3C) with `heads` heads, and each
 /// query row's log-sum-exp lse (B, H, T) fp32 for backward. Throws tessera::Error naming the
 /// shapes when they disagree or head_dim exceeds flash_max_head_dim.
+/// `path` picks the kernels (FlashPath; tensor_cores with fp32 storage is refused).
 template <class T>
 void flash_attention_forward(const Stream& s, DeviceView<const T> qkv, std::int64_t heads, DeviceView<T> y,
-                             DeviceView<float> lse) {
+                             DeviceView<float> lse, FlashPath path = FlashPath::automatic) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (path == FlashPath::tensor_cores ||
+        (path == FlashPath::automatic && qkv.shape.rank() == 3 && heads >= 1 && qkv.shape[2] % (3 * heads) == 0 &&
+         flash_mma_supported(qkv.shape[2] / 3 / heads, {qkv.data})))
+      return flash_mma_forward(s, qkv, heads, y, lse);
+  } else {
+    TESSERA_EXPECTS(path != FlashPath::tensor_cores,
+                    "cuda flash_attention_forward: the tensor-core kernels take bf16 storage, not fp32");
+  }
   const AttentionShape a = detail::attention_shape(qkv.shape, heads);
   const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim();
   TESSERA_EXPECTS(y.numel() == B * Tn * C && lse.numel() == B * H * Tn && hd <= flash_max_head_dim &&
@@ -219,10 +225,20 @@ void flash_attention_forward(const Stream& s, DeviceView<const T> qkv, std::int6
 
 /// Fused causal attention backward: dqkv (B, T, 3C) overwritten from dy (B, T, C), the forward's
 /// qkv, y and lse; `D` (B, H, T) fp32 is scratch. Throws tessera::Error naming the shapes.
+/// `path` as flash_attention_forward's (either backward takes either forward's lse).
 template <class T>
 void flash_attention_backward(const Stream& s, DeviceView<const T> dy, DeviceView<const T> qkv,
                               DeviceView<const T> y, DeviceView<const float> lse, std::int64_t heads,
-                              DeviceView<float> D, DeviceView<T> dqkv) {
+                              DeviceView<float> D, DeviceView<T> dqkv, FlashPath path = FlashPath::automatic) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (path == FlashPath::tensor_cores ||
+        (path == FlashPath::automatic && qkv.shape.rank() == 3 && heads >= 1 && qkv.shape[2] % (3 * heads) == 0 &&
+         flash_mma_supported(qkv.shape[2] / 3 / heads, {qkv.data, dy.data})))
+      return flash_mma_backward(s, dy, qkv, y, lse, heads, D, dqkv);
+  } else {
+    TESSERA_EXPECTS(path != FlashPath::tensor_cores,
+                    "cuda flash_attention_backward: the tensor-core kernels take bf16 storage, not fp32");
+  }
   const AttentionShape a = detail::attention_shape(qkv.shape, heads);
   const std::int64_t B = a.batch, Tn = a.seq, H = a.heads, C = a.dim, hd = a.head_dim();
   TESSERA_EXPECTS(dy.numel() == B * Tn * C && y.numel() == dy.numel() && lse.numel() == B * H * Tn &&
