@@ -176,13 +176,29 @@ class DeviceGPT {
   /// checkpoint or to sample on the host); under tp the whole parameters, every rank's shards
   /// gathered (collective over tp). A pipeline stage writes its own parameters only (the others
   /// are left as they are: DevicePipeline::broadcast_stages gathers the stages). Under
-  /// shard_parameters (ZeRO-3) the dp ranks' shards are gathered first: collective over dp too,
-  /// and it holds the whole model's fp32 weights on the device while it runs. Throws as upload().
+  /// shard_parameters (ZeRO-3) the dp ranks' shards are gathered first, one reduction bucket at
+  /// a time (collective over dp too): the device holds one bucket's fp32 weights (times tp)
+  /// beyond the shard while it runs, not the whole model's. Throws as upload().
   void download(const ParameterList<float>& params) const {
-    if (zero3_ != nullptr) {  // ZeRO-3: every dp rank's shard gathered first (collective over dp)
-      auto full = DeviceTensor<float>::empty(Shape{numel_}, stream_);
-      zero3_->gather(master_shard_, full);
-      scatter(params, gathered_on_host(full), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
+    if (zero3_ != nullptr) {  // ZeRO-3: bucket by bucket, every dp rank's piece gathered, then every tp rank's
+      Tensor<float> flat(Shape{tp_size_ * numel_});  // as gathered_on_host lays it out
+      const std::vector<DeviceGradBucket>& buckets = zero2_->buckets();
+      for (std::size_t k = 0; k < buckets.size(); ++k) {
+        const std::int64_t lo = buckets[k].lo, len = buckets[k].hi - buckets[k].lo;
+        auto part = DeviceTensor<float>::empty(Shape{len}, stream_);
+        zero3_->gather_bucket(k, master_shard_, part);
+        Tensor<float> got;
+        if (tp_size_ == 1) {
+          got = to_host(part, stream_);
+        } else {
+          auto all = DeviceTensor<float>::empty(Shape{tp_size_ * len}, stream_);
+          tp_->all_gather(part, all);
+          got = to_host(all, stream_);
+        }
+        for (std::int64_t r = 0; r < tp_size_; ++r)
+          std::copy_n(got.data() + r * len, len, flat.data() + r * numel_ + lo);
+      }
+      scatter(params, flat, [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
       return;
     }
     scatter(params, gathered_on_host(master_), [](Parameter<float>& p) -> Tensor<float>& { return p.value; });
