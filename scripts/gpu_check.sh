@@ -18,7 +18,8 @@
 #         layer and model against its CPU layers;
 #     3b  train_gpt --device cuda --verify: 20 fp32 steps against the serial CPU run (1e-4), with the
 #         unfused attention and with the fused kernels (--attention flash);
-#     3   train_gpt --device cuda for 200 steps on the KJV in fp32 and bf16: bf16's losses within 2%;
+#     3   train_gpt --device cuda for 200 steps on the KJV in fp32, bf16 and bf16 with the fused
+#         attention (tensor cores): each bf16 curve within 2% of fp32;
 #     4   checkpoints across devices: a GPU run's checkpoint resumed on the CPU at dp 2, and a CPU
 #         run's resumed on the GPU;
 #     2   training speed of DeviceGPT and of PyTorch on the same models, side by side: the main
@@ -206,14 +207,16 @@ sec_2b() {
   [[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
 }
 sec_3() {
-  curve() {  # dtype -> json log path
-    tmo 240 "$BIN/train_gpt" --device cuda --dtype "$1" --data "$RUN/data/kjv.txt" "${main_model[@]}" --steps 200 \
-      --lr 1e-3 --warmup 20 --val-every 50 --log-every 50 --sample-len 0 --log-json "$RUN/curve_$1.jsonl"
+  curve() {  # name dtype [train_gpt flags...] -> $RUN/curve_<name>.jsonl
+    local name=$1 dtype=$2; shift 2
+    tmo 240 "$BIN/train_gpt" --device cuda --dtype "$dtype" --data "$RUN/data/kjv.txt" "${main_model[@]}" --steps 200 \
+      --lr 1e-3 --warmup 20 --val-every 50 --log-every 50 --sample-len 0 --log-json "$RUN/curve_$name.jsonl" "$@"
   }
-  curve fp32 || fail "train_gpt --device cuda --dtype fp32"
-  curve bf16 || fail "train_gpt --device cuda --dtype bf16"
-  if [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_bf16.jsonl" ]]; then
-    cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_bf16.jsonl" <<'PY'
+  # compare_curve NAME LABEL: the curve against fp32's (within 2% after the first steps).
+  compare_curve() {
+    local name=$1 label=$2 cmp worst va vb ta tb
+    [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_$name.jsonl" ]] || return 0
+    cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_$name.jsonl" <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
@@ -223,13 +226,18 @@ va = [r["val_loss"] for r in a if "val_loss" in r][-1]; vb = [r["val_loss"] for 
 tps = lambda rs: sum(r["tokens_per_s"] for r in rs[20:]) / max(1, len(rs[20:]))
 print(f"{worst:.4f} {va:.4f} {vb:.4f} {tps(a):.0f} {tps(b):.0f}")
 PY
-  )
+    )
     read -r worst va vb ta tb <<< "$cmp"
-    row "KJV 200 steps: largest |bf16 - fp32| / fp32 loss (steps 10+)" "$worst (target <= 0.02)"
-    row "KJV 200 steps: final validation loss fp32 / bf16" "$va / $vb"
-    row "train_gpt --device cuda tokens/s fp32 / bf16" "$ta / $tb"
-    awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "bf16 loss curve differs from fp32 by $worst (> 2%)"
-  fi
+    row "KJV 200 steps: largest |$label - fp32| / fp32 loss (steps 10+)" "$worst (target <= 0.02)"
+    row "KJV 200 steps: final validation loss fp32 / $label" "$va / $vb"
+    row "train_gpt --device cuda tokens/s fp32 / $label" "$ta / $tb"
+    awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "$label loss curve differs from fp32 by $worst (> 2%)"
+  }
+  curve fp32 fp32 || fail "train_gpt --device cuda --dtype fp32"
+  curve bf16 bf16 || fail "train_gpt --device cuda --dtype bf16"
+  curve bf16-flash bf16 --attention flash || fail "train_gpt --device cuda --dtype bf16 --attention flash"
+  compare_curve bf16 bf16
+  compare_curve bf16-flash "bf16 flash (tensor cores)"
 }
 # A layout's --verify run against the serial CPU run, and its step time over 3b's dp 1:
 # verify_layout STEPS TIMEOUT TARGET LAYOUT-FLAGS... (a hang must not use up the device time of
