@@ -312,12 +312,10 @@ int main(int argc, char** argv) {
       // One GPU trains as one rank unless --dp asks for more (the CPU's default dp 2 is two cores).
       if (app.count("--dp") == 0) a.dp = 1;
       // (At dp 1 ZeRO is off: nothing to refuse.)
-      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::parameters || a.pp == 1 || a.dp == 1,
-                      "train_gpt: --device cuda --zero 3 takes --pp 1 (got --pp ", a.pp,
-                      "); --zero 2 shards the gradients under a pipeline");
-      TESSERA_EXPECTS(a.zero_stage() != ZeroStage::gradients || a.pp == 1 || a.dp == 1 || a.schedule != "zb-h1",
-                      "train_gpt: --device cuda --zero 2 with --schedule zb-h1: its W passes write weight gradients "
-                      "after the buckets' reduction; use --zero 1 or another schedule");
+      TESSERA_EXPECTS((a.zero_stage() != ZeroStage::gradients && a.zero_stage() != ZeroStage::parameters) || a.pp == 1 ||
+                          a.dp == 1 || a.schedule != "zb-h1",
+                      "train_gpt: --device cuda --zero ", a.zero_stage() == ZeroStage::gradients ? 2 : 3, " with --schedule zb-h1: its W passes write weight "
+                      "gradients after the buckets' reduction; use --zero 1 or another schedule");
       // ThreadDeviceComm joins at most 64 ranks; and no thread starts (nor loads the data) where
       // there is no device.
       TESSERA_EXPECTS(a.dp * a.tp * a.pp <= 64, "train_gpt: --device cuda runs dp x tp x pp = ", a.dp, " x ", a.tp,

@@ -284,6 +284,7 @@ sec_3e() {
   verify_layout 10 90 "" --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4
   verify_layout 10 90 "" --pp 2 --schedule zb-h1 --microbatches 4
   verify_layout 10 90 "" --dp 2 --pp 2 --zero 2
+  verify_layout 10 90 "" --dp 2 --pp 2 --zero 3
 }
 sec_4() {
   ck() { tmo 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }
@@ -308,7 +309,7 @@ declare -A title=(
   [3b]="train_gpt --device cuda --verify: 20 steps against the serial CPU run in the same process"
   [3c]="train_gpt --device cuda --dp 2 and 4 (threads sharing the GPU, DeviceDataParallel) --verify: 20 steps; --dp 2 --zero 2 --accum 2, --dp 2 --zero 3: 10 steps"
   [3d]="train_gpt --device cuda --tp 2, --tp 4, --dp 2 --tp 2, --tp 2 --sequence-parallel, with ZeRO-1 and ZeRO-2 (threads sharing the GPU, DeviceGPT tensor parallelism) --verify: 10 steps"
-  [3e]="train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2, --dp 2 --pp 2 --zero 2 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
+  [3e]="train_gpt --device cuda --pp 2 (1F1B, GPipe, interleaved with 2 chunks, ZB-H1), --dp 2 --pp 2 --tp 2, --dp 2 --pp 2 --zero 2 and --zero 3 (threads sharing the GPU, DevicePipeline) --verify: 10 steps"
   [4]="checkpoints across devices"
   [5]="NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"
 )

@@ -131,7 +131,6 @@ class CudaModel final : public DeviceModel {
   void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                             bool overlap) override {
     TESSERA_EXPECTS(zero >= 0 && zero <= 3, "train_gpt: ZeRO stage ", zero, " on the device; 0 to 3");
-    TESSERA_EXPECTS(zero < 3 || !pipe_, "train_gpt: ZeRO-3 on the device takes pp 1");
     if (zero >= 1)
       for (auto& c : chunks_) c->shard_optimizer(dp.rank(), dp.size());
     comm_stream_.emplace();

@@ -65,6 +65,7 @@ struct Run {
   int pp_rank = 0, tp_rank = 0;
   std::vector<float> replicated;  // this rank's copies of the parameters every tp rank of its stage holds
   std::vector<float> tied;        // this rank's wte (first stage) or its copy (last stage); empty elsewhere
+  std::int64_t master_elements = 0, chunk_elements = 0;  // ZeRO-3: the fp32 weights its chunks keep, and their sizes
 };
 
 // The whole parameters and moments (a pipeline's download: every chunk's, broadcast over the
@@ -104,6 +105,7 @@ void fill_whole(tc::DeviceGPT<C>& m, tc::DevicePipeline<C>* pipe, Run& r, const 
   std::vector<tc::DeviceGPT<C>*> chunks{&m};
   if (pipe != nullptr) chunks = pipe->chunks();
   for (tc::DeviceGPT<C>* c : chunks) {
+    if (c->sharded_parameters()) continue;  // ZeRO-3: no whole buffer to read the copies from
     const Tensor<float> mine = tc::to_host(tc::DeviceView<const float>(c->master_view()), c->stream());
     for (const tc::FlatParameter& f : c->flat_parameters()) {
       if (!f.tp_layout.is_shard())
@@ -150,7 +152,8 @@ schedule::Schedule make_schedule(Kind k, int pp, int m, int v = 1) {
 // (interleaved: each chunk a DeviceGPT stage, each with its own dp reduction).
 template <class C>
 std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind kind, bool sp, const GPTConfig& cfg,
-                           int v = 1, bool overlap = false, bool zero2 = false) {
+                           int v = 1, bool overlap = false, int zero = 0) {
+  const bool zero2 = zero >= 2;  // ZeRO-2 or 3: the gradients sharded (3: the weights too)
   return threads::run(dp * pp * tp, [&](Comm& world) {
     tc::set_device(0);
     const tc::Stream compute, comm_stream;
@@ -185,6 +188,7 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
         if (zero2) {  // ZeRO-2: the stage's tied wte bucket waits for the embedding group's sum
           c->shard_gradients(std::move(buckets));
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, *c->bucket_gradients()));
+          if (zero == 3) c->shard_parameters(*ddp.back());  // ZeRO-3: the stage's weights gathered bucket by bucket
         } else {
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(), std::move(buckets)));
         }
@@ -227,7 +231,7 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
       for (std::size_t i = 0; i < chunks.size(); ++i) {
         tc::DeviceGPT<C>* c = chunks[i];
         c->step(opts, opts.lr, clip_scale(norm));
-        if (zero2) {  // every rank updated its shard: gather them all
+        if (zero == 2) {  // every rank updated its shard: gather them all (ZeRO-3 keeps the shard only)
           const Shape shard{c->shard_end() - c->shard_begin()};
           ddp[i]->gather(tc::DeviceView<const float>(c->master_view().data + c->shard_begin(), shard), c->master_view());
           c->refresh_compute_copy();
@@ -241,6 +245,11 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
     if (zero2)
       for (auto& x : ddp) zero_ddp.push_back(x.get());
     fill_whole<C>(model, &pipe, r, cfg, zero_ddp);
+    if (zero == 3)
+      for (tc::DeviceGPT<C>* c : chunks) {
+        r.master_elements += c->master_shard().numel() + c->master_view().numel();
+        r.chunk_elements += c->numel();
+      }
     return r;
   });
 }
@@ -417,7 +426,35 @@ TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gr
     CAPTURE(c.pp);
     CAPTURE(c.tp);
     CAPTURE(c.overlap);
-    check_equal(pipelined<float>(d, 2, c.pp, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, true), ref, 1e-5);
+    check_equal(pipelined<float>(d, 2, c.pp, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, 2), ref, 1e-5);
+  }
+}
+
+TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 weights, gathered bucket by bucket as its schedule's passes need them): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP, and dp 2 x pp 4, bitwise ZeRO-2 of the same layout") {
+  const Data d = make_data(pp_cfg.vocab_size);
+  const Run ref = single<float>(d, pp_cfg);
+  struct Case {
+    Kind kind;
+    int pp, tp, m, v;
+    bool sp, overlap;
+  };
+  for (const Case c : {Case{Kind::one_f_one_b, 2, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 2, 1, 2, 1, false, false},
+                       Case{Kind::gpipe, 2, 1, 4, 1, false, true}, Case{Kind::interleaved, 2, 1, 2, 2, false, true},
+                       Case{Kind::one_f_one_b, 2, 2, 2, 1, true, true}, Case{Kind::one_f_one_b, 4, 1, 4, 1, false, true}}) {
+    CAPTURE(static_cast<int>(c.kind));
+    CAPTURE(c.pp);
+    CAPTURE(c.tp);
+    CAPTURE(c.overlap);
+    const std::vector<Run> zero3 = pipelined<float>(d, 2, c.pp, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, 3);
+    const std::vector<Run> zero2 = pipelined<float>(d, 2, c.pp, c.tp, c.m, c.kind, c.sp, pp_cfg, c.v, c.overlap, 2);
+    check_equal(zero3, ref, 1e-5);
+    for (std::size_t r = 0; r < zero3.size(); ++r) {
+      CAPTURE(r);
+      CHECK(zero3[r].losses == zero2[r].losses);  // the same weights gathered, the same sums
+      CHECK(zero3[r].params == zero2[r].params);
+      CHECK(zero3[r].moments == zero2[r].moments);
+      CHECK(zero3[r].master_elements * 2 == zero3[r].chunk_elements);  // its shards only (dp 2), no whole buffer
+    }
   }
 }
 

@@ -36,7 +36,7 @@ expect 2 "dp x tp x pp = 16 x 8 x 1 = 128 ranks as threads; at most 64" --device
 expect 2 "--recompute is not used on the device" --device cuda --recompute full --steps 2
 expect 2 "--inject-fault is not used on the device" --device cuda --inject-fault throw@1:0 --steps 2
 expect 2 "--compress and --sync-every are not built on the device yet" --device cuda --dp 2 --compress bf16 --steps 2
-expect 2 "--device cuda --zero 3 takes --pp 1 (got --pp 2)" --device cuda --dp 2 --pp 2 --zero 3 --steps 2
+expect 2 "--device cuda --zero 3 with --schedule zb-h1" --device cuda --dp 2 --pp 2 --zero 3 --schedule zb-h1 --microbatches 4 --steps 2
 expect 2 "--device cuda --zero 2 with --schedule zb-h1" --device cuda --dp 2 --pp 2 --zero 2 --schedule zb-h1 --microbatches 4 --steps 2
 expect 2 "--dtype bf16 is for --device cuda" --dtype bf16 --steps 2
 expect 2 "--attention flash is for --device cuda" --attention flash --steps 2
@@ -62,7 +62,8 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
   # pp 2 (1F1B and GPipe) and dp 2 x pp 2 x tp 2: each rank one stage, the tied wte's copies summed.
-  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--dp 2 --tp 2 --zero 3" "--pp 2" \
+  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--dp 2 --tp 2 --zero 3" \
+                "--dp 2 --pp 2 --zero 3" "--dp 2 --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4 --zero 3" "--pp 2" \
                 "--pp 2 --schedule gpipe --microbatches 4" "--dp 2 --pp 2 --tp 2 --sequence-parallel --zero 1" \
                 "--pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4" "--pp 2 --schedule zb-h1 --microbatches 4" \
                 "--attention flash" "--dp 2 --tp 2 --sequence-parallel --attention flash" \

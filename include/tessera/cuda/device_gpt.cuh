@@ -448,18 +448,20 @@ class DeviceGPT {
   /// gather forward and backward queue as a block starts or ends, and the head's ln_f and tied
   /// wte; the least recently used goes); the compute stream waits for a gather at the bucket's
   /// first use. step() updates the shard and drops them, and download() gathers the shards
-  /// (collective over dp). The whole model only (pp 1) in this version. The gathers share the
+  /// (collective over dp). A pipeline stage (or interleaved chunk) shards its own buffer over its
+  /// own dp reduction alike: its gathers follow its schedule's passes, the same on every dp rank
+  /// of the stage (the last stage's copy of the tied wte is one of its parameters; the embedding
+  /// group's sum keeps the copies equal, as without ZeRO). The gathers share the
   /// communication stream with the bucket reductions, so a gather waits for those queued before
   /// it (backward queues the next block's gather before the finished block's reduction). Throws tessera::Error when the gradients are not sharded, `dp`
   /// reduces another model's buckets, it is called twice, or a micro-batch awaits its backward.
+  /// (ZB-H1's split backward is refused under shard_gradients already.)
   void shard_parameters(DeviceDataParallel& dp) {
     TESSERA_EXPECTS(zero2_ != nullptr, "DeviceGPT::shard_parameters: shard the gradients first (shard_gradients): "
                     "ZeRO-3 gathers the weights bucket by bucket");
     TESSERA_EXPECTS(zero3_ == nullptr, "DeviceGPT::shard_parameters: already sharded");
     TESSERA_EXPECTS(dp.bucket_gradients() == zero2_.get(), "DeviceGPT::shard_parameters: the reduction is not over this "
                     "model's buckets (DeviceDataParallel(comm, compute, *bucket_gradients()))");
-    TESSERA_EXPECTS(has_embedding() && has_head(), "DeviceGPT::shard_parameters: this is pipeline stage [", stage_.first,
-                    ", ", stage_end(), "); ZeRO-3 on the device takes the whole model (pp 1)");
     for (const Slot& sl : slots_)
       TESSERA_EXPECTS(!sl.busy, "DeviceGPT::shard_parameters: a micro-batch awaits its backward");
     master_shard_ = DeviceTensor<float>::empty(Shape{shard_hi() - shard_lo_}, stream_);
