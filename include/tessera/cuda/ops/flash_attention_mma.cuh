@@ -428,10 +428,17 @@ inline bool flash_mma_supported(std::int64_t head_dim, std::initializer_list<con
 }
 
 namespace detail {
-template <class Kernel>
-void set_smem(Kernel kernel, std::size_t bytes, const char* name) {
-  cuda::detail::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+// Lets `Kernel` take `bytes` of dynamic shared memory per block on the current device (once
+// per device; the attribute is the device's).
+template <auto Kernel>
+void set_smem(std::size_t bytes, const char* name) {
+  int dev = 0;
+  cuda::detail::check(cudaGetDevice(&dev), "cudaGetDevice", "cuda ", name);
+  static std::atomic<bool> done[64] = {};
+  if (dev >= 0 && dev < 64 && done[dev].load()) return;
+  cuda::detail::check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                       "cudaFuncSetAttribute", "cuda ", name, ": ", bytes, " bytes of shared memory per block");
+  if (dev >= 0 && dev < 64) done[dev].store(true);
 }
 }  // namespace detail
 
@@ -455,7 +462,7 @@ inline void flash_mma_forward(const Stream& s, DeviceView<const bf16> qkv, std::
   const dim3 grid(static_cast<unsigned>(ceil_div(Tn, kernels::mma::kTile)), static_cast<unsigned>(B * H));
   kernels::mma::with_mma_head_dim(hd, [&]<int HD>() {
     constexpr std::size_t bytes = kernels::mma::forward_smem<HD>;
-    detail::set_smem(kernels::mma::forward<HD>, bytes, "flash_mma_forward");
+    detail::set_smem<kernels::mma::forward<HD>>(bytes, "flash_mma_forward");
     kernels::mma::forward<HD><<<grid, kernels::mma::kThreads, bytes, s.get()>>>(
         qkv.data, y.data, lse.data, static_cast<int>(H), static_cast<int>(Tn), static_cast<int>(C),
         static_cast<int>(hd), scale_log2);
@@ -489,8 +496,8 @@ inline void flash_mma_backward(const Stream& s, DeviceView<const bf16> dy, Devic
   const dim3 grid(static_cast<unsigned>(ceil_div(Tn, kernels::mma::kTile)), static_cast<unsigned>(B * H));
   kernels::mma::with_mma_head_dim(hd, [&]<int HD>() {
     constexpr std::size_t bytes = kernels::mma::backward_smem<HD>;
-    detail::set_smem(kernels::mma::backward_kv<HD>, bytes, "flash_mma_backward");
-    detail::set_smem(kernels::mma::backward_q<HD>, bytes, "flash_mma_backward");
+    detail::set_smem<kernels::mma::backward_kv<HD>>(bytes, "flash_mma_backward");
+    detail::set_smem<kernels::mma::backward_q<HD>>(bytes, "flash_mma_backward");
     kernels::mma::backward_kv<HD><<<grid, kernels::mma::kThreads, bytes, s.get()>>>(
         qkv.data, dy.data, lse.data, D.data, dqkv.data, static_cast<int>(H), static_cast<int>(Tn),
         static_cast<int>(C), static_cast<int>(hd), scale, scale_log2);
