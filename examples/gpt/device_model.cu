@@ -152,7 +152,9 @@ class CudaModel final : public DeviceModel {
         c->shard_gradients(std::move(buckets));
         // (A stage's tied wte bucket is held for finish_gradients, after the embedding group's sum.)
         ddp_.push_back(std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, *c->bucket_gradients()));
-        if (zero == 3) c->shard_parameters(*ddp_.back());  // ZeRO-3: the weights gathered bucket by bucket
+        // ZeRO-3: the weights gathered bucket by bucket; queued ahead only where no NCCL collective
+        // of tp or the pipeline runs on the compute stream meanwhile (`overlap` says so).
+        if (zero == 3) c->shard_parameters(*ddp_.back(), overlap);
       } else {
         ddp_.push_back(
             std::make_unique<tessera::cuda::DeviceDataParallel>(*comm_, stream_, c->gradient_view(), std::move(buckets)));

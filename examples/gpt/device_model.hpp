@@ -51,15 +51,16 @@ class DeviceModel {
   // not under ZB-H1) it also keeps only its 1/dp of the reduced gradients: with `overlap` every backward
   // reduces each bucket onto the owners of its elements (DeviceGPT::shard_gradients), whatever
   // set_sync says; without it the buckets are held over the step and reduced once; with `zero`
-  // 3 (ZeRO-3, pp 1) each rank keeps only its 1/dp of the fp32 weights too, and forward and
-  // backward gather each bucket's weights when they need them (DeviceGPT::shard_parameters).
+  // 3 (ZeRO-3; a pipeline stage its own) each rank keeps only its 1/dp of the fp32 weights too,
+  // and forward and backward gather each bucket's weights when they need them
+  // (DeviceGPT::shard_parameters; the next block's gather queued ahead with `overlap` only).
   // Collective over dp. With `nccl` the ranks each drive a GPU of their own and reduce through
   // NCCL (the model made on device dp.rank()); otherwise they share this GPU (threads of one
   // process). Without `overlap` the buckets are reduced after backward (finish_gradients), not
   // during it (a pipeline stage's tied wte bucket is always reduced in finish_gradients, after
   // the embedding group's sum). ZeRO-2's costs: with overlap, each micro-batch's backward
   // reduces (m micro-batches: m times the bytes); without it (NCCL under tp or pp) every
-  // bucket is held over the step, as much gradient memory as without ZeRO-2, plus the shard. Throws tessera::Error for `zero` outside 0..2, or 2 under ZB-H1.
+  // bucket is held over the step, as much gradient memory as without ZeRO-2, plus the shard. Throws tessera::Error for `zero` outside 0..3 (train_gpt refuses 2 and 3 under ZB-H1).
   virtual void attach_data_parallel(tessera::Comm dp, std::int64_t bucket_elements, int zero, bool nccl,
                                     bool overlap = true) = 0;
   // Whether the next forward_backward reduces (the last micro-batch of a step; default on).

@@ -8,7 +8,8 @@
 // 4 and 8 ranks with pp > 1 (with and without sequence parallelism), interleaved 1F1B with 2
 // model chunks per rank (pp 2 and 4, and dp 2 x pp 2 x tp 2), ZB-H1's split backward (pp 2 and
 // 4, dp 2 x pp 2 x tp 2, bf16), ZeRO-2 at dp 2 x pp 2 (the tied wte's bucket reduced after the
-// embedding group's sum), bf16 at pp 2 within bf16
+// embedding group's sum), ZeRO-3 under the pipeline bitwise ZeRO-2 (with and without the gathers
+// queued ahead; 6 layers, so that a stage drops and gathers again), bf16 at pp 2 within bf16
 // round-off; the stage layouts' host-side checks are in test_cuda_host.cpp; and the refusals.
 // Needs a GPU (gpu_main.cpp skips without one).
 #include <doctest/doctest.h>
@@ -188,7 +189,8 @@ std::vector<Run> pipelined(const Data& d, int dp, int pp, int tp, int m, Kind ki
         if (zero2) {  // ZeRO-2: the stage's tied wte bucket waits for the embedding group's sum
           c->shard_gradients(std::move(buckets));
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, *c->bucket_gradients()));
-          if (zero == 3) c->shard_parameters(*ddp.back());  // ZeRO-3: the stage's weights gathered bucket by bucket
+          // ZeRO-3: the stage's weights gathered bucket by bucket (queued ahead with overlap, as train_gpt does)
+          if (zero == 3) c->shard_parameters(*ddp.back(), overlap);
         } else {
           ddp.push_back(std::make_unique<tc::DeviceDataParallel>(*dp_comm, compute, c->gradient_view(), std::move(buckets)));
         }
@@ -430,7 +432,7 @@ TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gr
   }
 }
 
-TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 weights, gathered bucket by bucket as its schedule's passes need them): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP, and dp 2 x pp 4, bitwise ZeRO-2 of the same layout") {
+TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 weights, gathered bucket by bucket as its schedule's passes need them): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP, and dp 2 x pp 4, and 6 layers at pp 2 (buckets dropped and gathered again; with and without the gathers queued ahead), bitwise ZeRO-2 of the same layout") {
   const Data d = make_data(pp_cfg.vocab_size);
   const Run ref = single<float>(d, pp_cfg);
   struct Case {
@@ -453,7 +455,25 @@ TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 we
       CHECK(zero3[r].losses == zero2[r].losses);  // the same weights gathered, the same sums
       CHECK(zero3[r].params == zero2[r].params);
       CHECK(zero3[r].moments == zero2[r].moments);
+      CHECK(zero3[r].second_moments == zero2[r].second_moments);
+      CHECK(zero3[r].first_norm == zero2[r].first_norm);
       CHECK(zero3[r].master_elements * 2 == zero3[r].chunk_elements);  // its shards only (dp 2), no whole buffer
+    }
+  }
+  // 6 layers at pp 2: a stage holds more buckets than stay gathered (3), so 1F1B's alternating
+  // passes drop and gather again; with and without the gathers queued ahead.
+  const GPTConfig six{.vocab_size = 67, .n_positions = 16, .n_layer = 6, .n_head = 4, .d_model = 32, .embd_pdrop = 0.1};
+  const Run ref6 = single<float>(d, six);
+  for (const bool overlap : {true, false}) {
+    CAPTURE(overlap);
+    const std::vector<Run> zero3 = pipelined<float>(d, 2, 2, 1, 4, Kind::one_f_one_b, false, six, 1, overlap, 3);
+    const std::vector<Run> zero2 = pipelined<float>(d, 2, 2, 1, 4, Kind::one_f_one_b, false, six, 1, overlap, 2);
+    check_equal(zero3, ref6, 1e-5);
+    for (std::size_t r = 0; r < zero3.size(); ++r) {
+      CAPTURE(r);
+      CHECK(zero3[r].losses == zero2[r].losses);
+      CHECK(zero3[r].params == zero2[r].params);
+      CHECK(zero3[r].second_moments == zero2[r].second_moments);
     }
   }
 }

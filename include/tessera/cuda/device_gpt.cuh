@@ -455,8 +455,12 @@ class DeviceGPT {
   /// communication stream with the bucket reductions, so a gather waits for those queued before
   /// it (backward queues the next block's gather before the finished block's reduction). Throws tessera::Error when the gradients are not sharded, `dp`
   /// reduces another model's buckets, it is called twice, or a micro-batch awaits its backward.
-  /// (ZB-H1's split backward is refused under shard_gradients already.)
-  void shard_parameters(DeviceDataParallel& dp) {
+  /// (ZB-H1's split backward is refused under shard_gradients already.) With `prefetch` false
+  /// no gather is queued ahead: each runs when a product first needs its bucket, the compute
+  /// stream waiting for it at once, so no dp gather runs beside the compute stream's own
+  /// collectives (needed where those go through NCCL: two NCCL communicators' kernels running
+  /// at once can deadlock, as the dp reduction's overlap is turned off there too).
+  void shard_parameters(DeviceDataParallel& dp, bool prefetch = true) {
     TESSERA_EXPECTS(zero2_ != nullptr, "DeviceGPT::shard_parameters: shard the gradients first (shard_gradients): "
                     "ZeRO-3 gathers the weights bucket by bucket");
     TESSERA_EXPECTS(zero3_ == nullptr, "DeviceGPT::shard_parameters: already sharded");
@@ -477,6 +481,7 @@ class DeviceGPT {
     unit_ready_.clear();
     for (std::size_t b = 0; b < n; ++b) unit_ready_.push_back(std::make_unique<Event>());
     zero3_ = &dp;
+    zero3_prefetch_ = prefetch;
   }
   /// True after shard_parameters.
   bool sharded_parameters() const noexcept { return zero3_ != nullptr; }
@@ -845,7 +850,7 @@ class DeviceGPT {
   }
   // ZeRO-3: prefetch_unit of parameter i's bucket.
   void prefetch(std::size_t i) const {
-    if (zero3_ != nullptr) prefetch_unit(zero2_->bucket_of(flat_[i].offset));
+    if (zero3_ != nullptr && zero3_prefetch_) prefetch_unit(zero2_->bucket_of(flat_[i].offset));
   }
   // ZeRO-3: flat element `offset`'s weight in its bucket's gathered weights: the gather queued
   // now if it is not, and the compute stream made to wait for it (and bf16 converted) at the
@@ -1336,6 +1341,7 @@ class DeviceGPT {
   ops::AdamWChunks shard_norm_chunks_;  // ZeRO-2 at tp > 1: those weights inside this rank's shard
   std::unique_ptr<DeviceBucketGradients> zero2_;  // ZeRO-2 (shard_gradients): bucket buffers and the shard
   DeviceDataParallel* zero3_ = nullptr;          // ZeRO-3 (shard_parameters): the gathers' reduction
+  bool zero3_prefetch_ = true;                   // ZeRO-3: the next block's gather queued ahead
   DeviceTensor<float> master_shard_;             // ZeRO-3: this rank's fp32 weights
   mutable std::vector<DeviceTensor<C>> units_;   // ZeRO-3: per bucket, its gathered weights (or none)
   mutable std::vector<DeviceTensor<float>> gathered_f32_;  // ZeRO-3: a queued gather's fp32 output, until first use
