@@ -411,19 +411,22 @@ TEST_CASE("DevicePipeline with the dp reduction overlapped with the step's backw
   });
 }
 
+// The ZeRO-2 and ZeRO-3 pipeline layouts (dp 2): pp 4 cuts an embedding-only stage, two middle
+// stages without the tied wte and a head-only one.
+struct ZeroCase {
+  Kind kind;
+  int pp, tp, m, v;
+  bool sp, overlap;
+};
+const ZeroCase kZeroCases[] = {{Kind::one_f_one_b, 2, 1, 2, 1, false, true}, {Kind::one_f_one_b, 2, 1, 2, 1, false, false},
+                               {Kind::gpipe, 2, 1, 4, 1, false, true},       {Kind::interleaved, 2, 1, 2, 2, false, true},
+                               {Kind::interleaved, 2, 1, 2, 2, false, false}, {Kind::one_f_one_b, 2, 2, 2, 1, true, true},
+                               {Kind::one_f_one_b, 2, 2, 2, 1, true, false},  {Kind::one_f_one_b, 4, 1, 4, 1, false, true}};
+
 TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gradients; the tied wte's bucket reduced after the embedding group's sum): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP (overlapped and after the step), and dp 2 x pp 4, fp32 within 1e-5") {
   const Data d = make_data(pp_cfg.vocab_size);
   const Run ref = single<float>(d, pp_cfg);
-  struct Case {
-    Kind kind;
-    int pp, tp, m, v;
-    bool sp, overlap;
-  };
-  // pp 4 cuts an embedding-only stage, two middle stages without the tied wte and a head-only one.
-  for (const Case c : {Case{Kind::one_f_one_b, 2, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 2, 1, 2, 1, false, false},
-                       Case{Kind::gpipe, 2, 1, 4, 1, false, true}, Case{Kind::interleaved, 2, 1, 2, 2, false, true},
-                       Case{Kind::interleaved, 2, 1, 2, 2, false, false}, Case{Kind::one_f_one_b, 2, 2, 2, 1, true, true},
-                       Case{Kind::one_f_one_b, 2, 2, 2, 1, true, false}, Case{Kind::one_f_one_b, 4, 1, 4, 1, false, true}}) {
+  for (const ZeroCase c : kZeroCases) {
     CAPTURE(static_cast<int>(c.kind));
     CAPTURE(c.pp);
     CAPTURE(c.tp);
@@ -432,17 +435,10 @@ TEST_CASE("DevicePipeline with ZeRO-2 (each rank keeps its shard of a stage's gr
   }
 }
 
-TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 weights, gathered bucket by bucket as its schedule's passes need them): dp 2 x pp 2 under 1F1B, GPipe and interleaved 1F1B, dp 2 x pp 2 x tp 2 with SP, and dp 2 x pp 4, and 6 layers at pp 2 (buckets dropped and gathered again; with and without the gathers queued ahead), bitwise ZeRO-2 of the same layout") {
+TEST_CASE("DevicePipeline with ZeRO-3 (each stage keeps its shard of its fp32 weights, gathered bucket by bucket as its schedule's passes need them): the same layouts as ZeRO-2's, and 6 layers at pp 2 (buckets dropped and gathered again; with and without the gathers queued ahead), bitwise ZeRO-2 of the same layout") {
   const Data d = make_data(pp_cfg.vocab_size);
   const Run ref = single<float>(d, pp_cfg);
-  struct Case {
-    Kind kind;
-    int pp, tp, m, v;
-    bool sp, overlap;
-  };
-  for (const Case c : {Case{Kind::one_f_one_b, 2, 1, 2, 1, false, true}, Case{Kind::one_f_one_b, 2, 1, 2, 1, false, false},
-                       Case{Kind::gpipe, 2, 1, 4, 1, false, true}, Case{Kind::interleaved, 2, 1, 2, 2, false, true},
-                       Case{Kind::one_f_one_b, 2, 2, 2, 1, true, true}, Case{Kind::one_f_one_b, 4, 1, 4, 1, false, true}}) {
+  for (const ZeroCase c : kZeroCases) {
     CAPTURE(static_cast<int>(c.kind));
     CAPTURE(c.pp);
     CAPTURE(c.tp);

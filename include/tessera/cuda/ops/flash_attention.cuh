@@ -178,16 +178,6 @@ __global__ void __launch_bounds__(flash_rows) flash_attention_backward_q(const T
     if (e < hd) store_from_f32(dqr + e, dq[e]);
 }
 
-// Runs f.template operator()<HD>() for the smallest of 32, 64, 128 holding hd.
-template <class F>
-void with_head_dim(std::int64_t hd, F&& f) {
-  if (hd <= 32)
-    f.template operator()<32>();
-  else if (hd <= 64)
-    f.template operator()<64>();
-  else
-    f.template operator()<128>();
-}
 }  // namespace kernels
 
 /// Fused causal attention forward: y (B, T, C) from qkv (B, T, 3C) with `heads` heads, and each

@@ -37,6 +37,20 @@
 
 namespace tessera::cuda::ops {
 
+namespace kernels {
+// Runs f.template operator()<HD>() for the smallest of 32, 64, 128 holding hd (the compile-time
+// head_dim bound of both forms of the fused attention kernels).
+template <class F>
+void with_head_dim(std::int64_t hd, F&& f) {
+  if (hd <= 32)
+    f.template operator()<32>();
+  else if (hd <= 64)
+    f.template operator()<64>();
+  else
+    f.template operator()<128>();
+}
+}  // namespace kernels
+
 namespace kernels::mma {
 namespace wmma = nvcuda::wmma;
 
@@ -108,6 +122,22 @@ __device__ __forceinline__ void rows_times_tile_t(const __nv_bfloat16* a, const 
   }
 }
 
+// A block's head and first row (the block is (tile, b * H + h)), and this thread's warp and lane.
+struct BlockHead {
+  int bh, row0, warp, lane;
+  std::int64_t stride;  // 3C: the row stride of qkv
+  std::int64_t qkv_at;  // the head's q element 0 of its batch row's position 0 in qkv (k: + C, v: + 2C)
+  std::int64_t out_at;  // the same in a (B, T, C) tensor (y, dy)
+  __device__ BlockHead(int H, int Tn, int C, int hd)
+      : bh(static_cast<int>(blockIdx.y)),
+        row0(static_cast<int>(blockIdx.x) * kTile),
+        warp(static_cast<int>(threadIdx.x) / warp_size),
+        lane(static_cast<int>(threadIdx.x) % warp_size),
+        stride(3 * static_cast<std::int64_t>(C)),
+        qkv_at(static_cast<std::int64_t>(bh / H) * Tn * stride + static_cast<std::int64_t>(bh % H) * hd),
+        out_at(static_cast<std::int64_t>(bh / H) * Tn * C + static_cast<std::int64_t>(bh % H) * hd) {}
+};
+
 // Forward: block (query tile, b * H + h).
 template <int HD>
 __global__ void __launch_bounds__(kThreads) forward(const __nv_bfloat16* qkv, __nv_bfloat16* y, float* lse, int H,
@@ -120,11 +150,10 @@ __global__ void __launch_bounds__(kThreads) forward(const __nv_bfloat16* qkv, __
   auto* ss = reinterpret_cast<float*>(smem + 3 * kRowsBytes<HD>);
   auto* ps = reinterpret_cast<__nv_bfloat16*>(smem + 3 * kRowsBytes<HD> + kScoreBytes);
   auto* os = reinterpret_cast<float*>(smem + 3 * kRowsBytes<HD> + kScoreBytes + kProbBytes);
-  const int bh = static_cast<int>(blockIdx.y), b = bh / H, h = bh % H;
-  const int i0 = static_cast<int>(blockIdx.x) * kTile;
-  const int warp = static_cast<int>(threadIdx.x) / warp_size, lane = static_cast<int>(threadIdx.x) % warp_size;
-  const std::int64_t stride = 3 * static_cast<std::int64_t>(C);
-  const __nv_bfloat16* head = qkv + static_cast<std::int64_t>(b) * Tn * stride + static_cast<std::int64_t>(h) * hd;
+  const BlockHead at(H, Tn, C, hd);
+  const int i0 = at.row0, warp = at.warp, lane = at.lane;
+  const std::int64_t stride = at.stride;
+  const __nv_bfloat16* head = qkv + at.qkv_at;
   stage_rows<HD>(head + i0 * stride, stride, min(kTile, Tn - i0), hd, qs);
   float* ow = os + warp * 16 * kLdO<HD>;  // this warp's 16 rows of O
   for (int i = lane; i < 16 * HD; i += warp_size) ow[i / HD * kLdO<HD> + i % HD] = 0.f;
@@ -184,9 +213,9 @@ __global__ void __launch_bounds__(kThreads) forward(const __nv_bfloat16* qkv, __
   if (t >= Tn) return;
   const float inv = 1.f / l;
   const float* orow = ow + r * kLdO<HD>;
-  __nv_bfloat16* yr = y + (static_cast<std::int64_t>(b) * Tn + t) * C + static_cast<std::int64_t>(h) * hd;
+  __nv_bfloat16* yr = y + at.out_at + static_cast<std::int64_t>(t) * C;
   for (int c = half; c < hd; c += 2) yr[c] = __float2bfloat16(orow[c] * inv);
-  if (half == 0) lse[static_cast<std::int64_t>(bh) * Tn + t] = math::flash_mma_lse(m, l);
+  if (half == 0) lse[static_cast<std::int64_t>(at.bh) * Tn + t] = math::flash_mma_lse(m, l);
 #else
   __trap();  // built for an architecture without bf16 mma: the launcher does not launch this
 #endif
@@ -272,13 +301,11 @@ __global__ void __launch_bounds__(kThreads) backward_kv(const __nv_bfloat16* qkv
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
   const BackwardTiles<HD> s(smem);
-  const int bh = static_cast<int>(blockIdx.y), b = bh / H, h = bh % H;
-  const int j0 = static_cast<int>(blockIdx.x) * kTile;
-  const int warp = static_cast<int>(threadIdx.x) / warp_size, lane = static_cast<int>(threadIdx.x) % warp_size;
-  const std::int64_t stride = 3 * static_cast<std::int64_t>(C);
-  const std::int64_t head_at = static_cast<std::int64_t>(b) * Tn * stride + static_cast<std::int64_t>(h) * hd;
+  const BlockHead at(H, Tn, C, hd);
+  const int bh = at.bh, j0 = at.row0, warp = at.warp, lane = at.lane;
+  const std::int64_t stride = at.stride, head_at = at.qkv_at;
   const __nv_bfloat16* head = qkv + head_at;
-  const __nv_bfloat16* dyh = dy + static_cast<std::int64_t>(b) * Tn * C + static_cast<std::int64_t>(h) * hd;
+  const __nv_bfloat16* dyh = dy + at.out_at;
   stage_rows<HD>(head + j0 * stride + C, stride, min(kTile, Tn - j0), hd, s.ks);
   stage_rows<HD>(head + j0 * stride + 2 * C, stride, min(kTile, Tn - j0), hd, s.vs);
   Acc dk[HD / 16], dv[HD / 16];
@@ -326,15 +353,12 @@ __global__ void __launch_bounds__(kThreads) backward_q(const __nv_bfloat16* qkv,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
   const BackwardTiles<HD> s(smem);
-  const int bh = static_cast<int>(blockIdx.y), b = bh / H, h = bh % H;
-  const int i0 = static_cast<int>(blockIdx.x) * kTile;
-  const int warp = static_cast<int>(threadIdx.x) / warp_size, lane = static_cast<int>(threadIdx.x) % warp_size;
-  const std::int64_t stride = 3 * static_cast<std::int64_t>(C);
-  const std::int64_t head_at = static_cast<std::int64_t>(b) * Tn * stride + static_cast<std::int64_t>(h) * hd;
+  const BlockHead at(H, Tn, C, hd);
+  const int bh = at.bh, i0 = at.row0, warp = at.warp, lane = at.lane;
+  const std::int64_t stride = at.stride, head_at = at.qkv_at;
   const __nv_bfloat16* head = qkv + head_at;
   stage_rows<HD>(head + i0 * stride, stride, min(kTile, Tn - i0), hd, s.qs);
-  stage_rows<HD>(dy + (static_cast<std::int64_t>(b) * Tn + i0) * C + static_cast<std::int64_t>(h) * hd, C,
-                 min(kTile, Tn - i0), hd, s.dys);
+  stage_rows<HD>(dy + at.out_at + static_cast<std::int64_t>(i0) * C, C, min(kTile, Tn - i0), hd, s.dys);
   stage_row_stats(lse, D, static_cast<std::int64_t>(bh) * Tn + i0, min(kTile, Tn - i0), s.lse_s, s.d_s);
   Acc dq[HD / 16];
 #pragma unroll
@@ -365,16 +389,6 @@ __global__ void __launch_bounds__(kThreads) backward_q(const __nv_bfloat16* qkv,
 #endif
 }
 
-// Runs f.template operator()<HD>() for the smallest of 32, 64, 128 holding hd.
-template <class F>
-void with_mma_head_dim(std::int64_t hd, F&& f) {
-  if (hd <= 32)
-    f.template operator()<32>();
-  else if (hd <= 64)
-    f.template operator()<64>();
-  else
-    f.template operator()<128>();
-}
 
 // Whether the current device runs the tensor-core kernels: compute capability 8.0 or newer, the
 // kernels built for such an architecture (the gpu_arch build option), and at least `smem` bytes
@@ -409,7 +423,7 @@ inline bool device_runs_mma(std::size_t smem) {
 /// 112,640 and 123,392.
 inline std::size_t flash_mma_shared_bytes(std::int64_t head_dim, bool backward) {
   std::size_t bytes = 0;
-  kernels::mma::with_mma_head_dim(head_dim, [&]<int HD>() {
+  kernels::with_head_dim(head_dim, [&]<int HD>() {
     bytes = backward ? kernels::mma::backward_smem<HD> : kernels::mma::forward_smem<HD>;
   });
   return bytes;
@@ -460,7 +474,7 @@ inline void flash_mma_forward(const Stream& s, DeviceView<const bf16> qkv, std::
   if (B * Tn == 0) return;
   const float scale_log2 = math::flash_log2e * (1.f / std::sqrt(static_cast<float>(hd)));  // as the backward's
   const dim3 grid(static_cast<unsigned>(ceil_div(Tn, kernels::mma::kTile)), static_cast<unsigned>(B * H));
-  kernels::mma::with_mma_head_dim(hd, [&]<int HD>() {
+  kernels::with_head_dim(hd, [&]<int HD>() {
     constexpr std::size_t bytes = kernels::mma::forward_smem<HD>;
     detail::set_smem<kernels::mma::forward<HD>>(bytes, "flash_mma_forward");
     kernels::mma::forward<HD><<<grid, kernels::mma::kThreads, bytes, s.get()>>>(
@@ -494,7 +508,7 @@ inline void flash_mma_backward(const Stream& s, DeviceView<const bf16> dy, Devic
       static_cast<int>(hd));
   cuda::detail::check_launch("flash_attention_row_dot", "cuda flash_mma_backward of dy ", dy.shape);
   const dim3 grid(static_cast<unsigned>(ceil_div(Tn, kernels::mma::kTile)), static_cast<unsigned>(B * H));
-  kernels::mma::with_mma_head_dim(hd, [&]<int HD>() {
+  kernels::with_head_dim(hd, [&]<int HD>() {
     constexpr std::size_t bytes = kernels::mma::backward_smem<HD>;
     detail::set_smem<kernels::mma::backward_kv<HD>>(bytes, "flash_mma_backward");
     detail::set_smem<kernels::mma::backward_q<HD>>(bytes, "flash_mma_backward");
