@@ -658,6 +658,22 @@ struct FlashHead {
   std::vector<float> q, k, v, y, dy, lse, D, dq, dk, dv;
 };
 
+// Head h of batch row b of qkv (B, T, 3C) and dy (B, T, C) into f.q, f.k, f.v and f.dy as
+// contiguous (T, hd) rows (f.T, f.hd set).
+template <class Head>
+void load_head(Head& f, const Tensor<float>& qkv, const Tensor<float>& dy, int b, int h, int C) {
+  for (auto* part : {&f.q, &f.k, &f.v, &f.dy}) part->resize(static_cast<std::size_t>(f.T * f.hd));
+  for (int t = 0; t < f.T; ++t)
+    for (int e = 0; e < f.hd; ++e) {
+      const std::size_t i = static_cast<std::size_t>(t * f.hd + e);
+      const std::int64_t row = (static_cast<std::int64_t>(b) * f.T + t) * 3 * C + h * f.hd + e;
+      f.q[i] = qkv.data()[row];
+      f.k[i] = qkv.data()[row + C];
+      f.v[i] = qkv.data()[row + 2 * C];
+      f.dy[i] = dy.data()[(static_cast<std::int64_t>(b) * f.T + t) * C + h * f.hd + e];
+    }
+}
+
 void flash_host_forward(FlashHead& f, float scale) {
   f.y.assign(static_cast<std::size_t>(f.T * f.hd), 0.f);
   f.lse.assign(static_cast<std::size_t>(f.T), 0.f);
@@ -730,17 +746,7 @@ TEST_CASE("fused attention math: the flash kernels' tiled online softmax and rec
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) {
         FlashHead f{T, hd, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
-        for (auto* part : {&f.q, &f.k, &f.v}) part->resize(static_cast<std::size_t>(T * hd));
-        f.dy.resize(static_cast<std::size_t>(T * hd));
-        for (int t = 0; t < T; ++t)
-          for (int e = 0; e < hd; ++e) {
-            const std::size_t i = static_cast<std::size_t>(t * hd + e);
-            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
-            f.q[i] = qkv.data()[row];
-            f.k[i] = qkv.data()[row + C];
-            f.v[i] = qkv.data()[row + 2 * C];
-            f.dy[i] = dy.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e];
-          }
+        load_head(f, qkv, dy, b, h, C);
         flash_host_forward(f, scale);
         flash_host_backward(f, scale);
         for (int t = 0; t < T; ++t) {
@@ -909,16 +915,7 @@ TEST_CASE("tensor-core attention math: the mma kernels' tile walk (bf16 inputs, 
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) {
         MmaHead f{T, hd, {}, {}, {}, {}, {}, {}, {}, {}, {}};
-        for (auto* part : {&f.q, &f.k, &f.v, &f.dy}) part->resize(static_cast<std::size_t>(T * hd));
-        for (int t = 0; t < T; ++t)
-          for (int e = 0; e < hd; ++e) {
-            const std::size_t i = static_cast<std::size_t>(t * hd + e);
-            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
-            f.q[i] = qkv.data()[row];
-            f.k[i] = qkv.data()[row + C];
-            f.v[i] = qkv.data()[row + 2 * C];
-            f.dy[i] = dy.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e];
-          }
+        load_head(f, qkv, dy, b, h, C);
         mma_host_forward(f);
         mma_host_backward(f);
         const double scale = 1.0 / std::sqrt(static_cast<double>(hd));

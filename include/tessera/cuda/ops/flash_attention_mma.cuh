@@ -102,6 +102,15 @@ __device__ __forceinline__ void stage_rows(const __nv_bfloat16* src, std::int64_
   }
 }
 
+// The block stages the key tile at j0 of the head whose q starts at `head` in qkv (row stride
+// `stride`; k at + C, v at + 2C) into ks and vs.
+template <int HD>
+__device__ __forceinline__ void stage_kv(const __nv_bfloat16* head, std::int64_t stride, int C, int j0, int Tn, int hd,
+                                         __nv_bfloat16* ks, __nv_bfloat16* vs) {
+  stage_rows<HD>(head + j0 * stride + C, stride, min(kTile, Tn - j0), hd, ks);
+  stage_rows<HD>(head + j0 * stride + 2 * C, stride, min(kTile, Tn - j0), hd, vs);
+}
+
 // out (16 rows x kTile, fp32, row stride kLdS) = a (16 rows x HD, bf16 row-major, kLdH) times
 // b^T, b (kTile rows x HD, kLdH): the scores of a warp's 16 rows against a tile's keys.
 template <int HD>
@@ -162,8 +171,7 @@ __global__ void __launch_bounds__(kThreads) forward(const __nv_bfloat16* qkv, __
   float m = -INFINITY, l = 0.f;
   for (int j0 = 0; j0 <= i0; j0 += kTile) {
     __syncthreads();  // every warp done with the previous k and v
-    stage_rows<HD>(head + j0 * stride + C, stride, min(kTile, Tn - j0), hd, ks);
-    stage_rows<HD>(head + j0 * stride + 2 * C, stride, min(kTile, Tn - j0), hd, vs);
+    stage_kv<HD>(head, stride, C, j0, Tn, hd, ks, vs);
     __syncthreads();
     float* sw = ss + warp * 16 * kLdS;
     rows_times_tile_t<HD>(qs + warp * 16 * kLdH<HD>, ks, sw);
@@ -291,6 +299,13 @@ struct BackwardTiles {
     lse_s = reinterpret_cast<float*>(smem + 4 * kRowsBytes<HD> + 2 * kScoreBytes + 2 * kProbBytes);
     d_s = lse_s + kTile;
   }
+  // The block stages the query tile at i0: q, dy and each row's lse and D.
+  __device__ void stage_queries(const __nv_bfloat16* qkv, const __nv_bfloat16* dy, const float* lse, const float* D,
+                                const BlockHead& at, int i0, int Tn, int C, int hd) const {
+    stage_rows<HD>(qkv + at.qkv_at + i0 * at.stride, at.stride, min(kTile, Tn - i0), hd, qs);
+    stage_rows<HD>(dy + at.out_at + static_cast<std::int64_t>(i0) * C, C, min(kTile, Tn - i0), hd, dys);
+    stage_row_stats(lse, D, static_cast<std::int64_t>(at.bh) * Tn + i0, min(kTile, Tn - i0), lse_s, d_s);
+  }
 };
 
 // dK and dV: block (key tile, b * H + h), over the query tiles at or after it.
@@ -302,20 +317,16 @@ __global__ void __launch_bounds__(kThreads) backward_kv(const __nv_bfloat16* qkv
   extern __shared__ __align__(128) unsigned char smem[];
   const BackwardTiles<HD> s(smem);
   const BlockHead at(H, Tn, C, hd);
-  const int bh = at.bh, j0 = at.row0, warp = at.warp, lane = at.lane;
+  const int j0 = at.row0, warp = at.warp, lane = at.lane;
   const std::int64_t stride = at.stride, head_at = at.qkv_at;
   const __nv_bfloat16* head = qkv + head_at;
-  const __nv_bfloat16* dyh = dy + at.out_at;
-  stage_rows<HD>(head + j0 * stride + C, stride, min(kTile, Tn - j0), hd, s.ks);
-  stage_rows<HD>(head + j0 * stride + 2 * C, stride, min(kTile, Tn - j0), hd, s.vs);
+  stage_kv<HD>(head, stride, C, j0, Tn, hd, s.ks, s.vs);
   Acc dk[HD / 16], dv[HD / 16];
 #pragma unroll
   for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(dk[n], 0.f), wmma::fill_fragment(dv[n], 0.f);
   for (int i0 = j0; i0 < Tn; i0 += kTile) {
     __syncthreads();  // every warp done with the previous tile's q, dy, P and dS
-    stage_rows<HD>(head + i0 * stride, stride, min(kTile, Tn - i0), hd, s.qs);
-    stage_rows<HD>(dyh + static_cast<std::int64_t>(i0) * C, C, min(kTile, Tn - i0), hd, s.dys);
-    stage_row_stats(lse, D, static_cast<std::int64_t>(bh) * Tn + i0, min(kTile, Tn - i0), s.lse_s, s.d_s);
+    s.stage_queries(qkv, dy, lse, D, at, i0, Tn, C, hd);
     __syncthreads();
     scores_and_ds<HD>(s.qs, s.dys, s.ks, s.vs, s.lse_s, s.d_s, s.ss, s.dps, s.ps, s.dss, warp, lane, i0, j0, Tn,
                       scale_log2);
@@ -354,19 +365,16 @@ __global__ void __launch_bounds__(kThreads) backward_q(const __nv_bfloat16* qkv,
   extern __shared__ __align__(128) unsigned char smem[];
   const BackwardTiles<HD> s(smem);
   const BlockHead at(H, Tn, C, hd);
-  const int bh = at.bh, i0 = at.row0, warp = at.warp, lane = at.lane;
+  const int i0 = at.row0, warp = at.warp, lane = at.lane;
   const std::int64_t stride = at.stride, head_at = at.qkv_at;
   const __nv_bfloat16* head = qkv + head_at;
-  stage_rows<HD>(head + i0 * stride, stride, min(kTile, Tn - i0), hd, s.qs);
-  stage_rows<HD>(dy + at.out_at + static_cast<std::int64_t>(i0) * C, C, min(kTile, Tn - i0), hd, s.dys);
-  stage_row_stats(lse, D, static_cast<std::int64_t>(bh) * Tn + i0, min(kTile, Tn - i0), s.lse_s, s.d_s);
+  s.stage_queries(qkv, dy, lse, D, at, i0, Tn, C, hd);
   Acc dq[HD / 16];
 #pragma unroll
   for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(dq[n], 0.f);
   for (int j0 = 0; j0 <= i0; j0 += kTile) {
     __syncthreads();  // every warp done with the previous k and v (and q, dy, lse, D staged)
-    stage_rows<HD>(head + j0 * stride + C, stride, min(kTile, Tn - j0), hd, s.ks);
-    stage_rows<HD>(head + j0 * stride + 2 * C, stride, min(kTile, Tn - j0), hd, s.vs);
+    stage_kv<HD>(head, stride, C, j0, Tn, hd, s.ks, s.vs);
     __syncthreads();
     scores_and_ds<HD>(s.qs, s.dys, s.ks, s.vs, s.lse_s, s.d_s, s.ss, s.dps, nullptr, s.dss, warp, lane, i0, j0, Tn,
                       scale_log2);
