@@ -3,7 +3,9 @@
 # nvcc, the CUDA 13 libraries, NCCL, OpenBLAS and the header-only libraries, but no GPU) and run on
 # the GPU machine (which has the driver, cuBLASLt, cuDNN, NCCL and PyTorch, but no OpenBLAS or
 # build dependencies). Designed to finish in under 6 minutes of device time;
-# GPU_CHECK_BUDGET bounds it.
+# GPU_CHECK_BUDGET bounds it. The device run (tool `run`, carry [".gpu"], timeout_s 470):
+#   set -o pipefail; GPU_CHECK_SANITIZE=1 bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu.log
+# Each figure is also appended to $OUT/figures.txt as it is measured (a killed run keeps them).
 #
 #   bash scripts/gpu_check.sh --prepare   # build machine: Meson release build (-Dcuda=enabled
 #                                         # -Dnccl=enabled) of the GPU programs, packed with the
@@ -39,9 +41,10 @@
 # Environment: PYTHON (default /opt/torch/.venv/bin/python3, else python3), GPU_CHECK_QUICK=1
 # (fewer timed steps), GPU_CHECK_ONLY="1 3b 4" (run only these sections), GPU_CHECK_ORDER
 # (another order), GPU_CHECK_SANITIZE=1 (the first test case failing with a CUDA error runs again
-# under compute-sanitizer), GPU_CHECK_MAX_TIMEOUT=S (no command runs longer than S seconds), GPU_CHECK_BUDGET=S (no
-# command runs past S seconds from the start, and a section that would start after it is skipped
-# and counts as failed, so that the figures table still comes back inside the device run's limit).
+# under compute-sanitizer), GPU_CHECK_MAX_TIMEOUT=S (no command runs longer than S seconds), GPU_CHECK_BUDGET=S (default
+# 430, 0 for none: no command runs past S seconds from the start, and what would start after it is
+# reported as NOT RUN, which fails the check, so that the figures table still comes back inside
+# the device run's limit).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -71,6 +74,9 @@ if [[ "${1:-}" == "--prepare" ]]; then
   done
   [[ -s data/kjv.txt ]] || { mkdir -p data && command -v bible >/dev/null && bible "Gen1:1-Rev22:21" > data/kjv.txt; }
   [[ -f data/kjv.txt ]] && cp data/kjv.txt .gpu/stage/data/ || echo "note: data/kjv.txt missing (run scripts/main_job.sh once)"
+  # Which source the binaries were built from (plain mode prints it: a stale payload shows).
+  { git rev-parse HEAD; echo "uncommitted changes: $(git status --porcelain --untracked-files=no | wc -l) files"; date -u; } \
+    > .gpu/stage/BUILT_FROM 2>/dev/null
   tar -C .gpu/stage -cJf .gpu/payload.tar.xz . && rm -rf .gpu/stage
   exclude="$(git rev-parse --git-path info/exclude)"
   mkdir -p "$(dirname "$exclude")"
@@ -83,7 +89,17 @@ fi
 # ---- on the GPU machine ---------------------------------------------------------------------
 [[ -f .gpu/payload.tar.xz ]] || { echo "FAIL: .gpu/payload.tar.xz missing: run scripts/gpu_check.sh --prepare on the build machine and carry .gpu"; exit 1; }
 RUN=${TMPDIR:-/tmp}/tessera-gpu
-rm -rf "$RUN" && mkdir -p "$RUN" && tar -C "$RUN" -xJf .gpu/payload.tar.xz || { echo "FAIL: unpack"; exit 1; }
+rm -rf "$RUN" && mkdir -p "$RUN" || { echo "FAIL: mkdir $RUN"; exit 1; }
+# GNU tar needs the xz program for .tar.xz; Python's tarfile does not (it has lzma built in).
+if ! tar -C "$RUN" -xJf .gpu/payload.tar.xz 2>/dev/null; then
+  echo "note: tar -xJf failed (no xz?); unpacking with Python's tarfile"
+  rm -rf "$RUN" && mkdir -p "$RUN"
+  for p in python3 /opt/torch/.venv/bin/python3; do
+    "$p" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .gpu/payload.tar.xz "$RUN" 2>/dev/null &&
+      { unpacked=1; break; }
+  done
+  [[ -n "${unpacked:-}" ]] || { echo "FAIL: unpack .gpu/payload.tar.xz (neither tar -J nor Python's tarfile)"; exit 1; }
+fi
 export LD_LIBRARY_PATH="$RUN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPENBLAS_NUM_THREADS=1
 BIN=$RUN/bin
@@ -93,46 +109,90 @@ if [[ -z "$PYTHON" ]]; then
 fi
 STEPS=20
 [[ -n "${GPU_CHECK_QUICK:-}" ]] && STEPS=8
+# The device run's limit is 470 s here (docs/gpu.md): by default no command runs past 430 s from
+# the start, so that the table is printed before the run is killed.
+GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-430}
+[[ "$GPU_CHECK_BUDGET" == 0 ]] && GPU_CHECK_BUDGET=   # 0: no budget
+# Where the device run collects files ($OUT): each figure is appended there as it is measured, so
+# that a run killed before the end still returns the rows it had.
+FIGURES=
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then FIGURES=$OUT/figures.txt; : > "$FIGURES"; fi
 status=0
 declare -a table=()
-row() { table+=("$(printf '%-58s %s' "$1" "$2")"); }
+row() {
+  local r; r=$(printf '%-58s %s' "$1" "$2"); table+=("$r")
+  [[ -n "$FIGURES" ]] && printf '%s\n' "$r" >> "$FIGURES"
+  return 0
+}
 fail() { echo "FAIL: $*"; status=1; row "FAIL" "$*"; }
-# tmo SECONDS command...: timeout, capped by GPU_CHECK_MAX_TIMEOUT.
+# verdict RC WHAT...: nothing for 0; a "NOT RUN" row for a command the budget left out (tmo's
+# 125: the check did not pass, but nothing failed); else a FAIL row with the exit status.
+verdict() {
+  local rc=$1; shift
+  [[ $rc == 0 ]] && return 0
+  if [[ $rc == "$NOT_RUN" ]]; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"
+  else fail "$* (exit $rc)"; fi
+  return 1
+}
+# tmo SECONDS command...: timeout (SIGKILL 10 s after SIGTERM), capped by GPU_CHECK_MAX_TIMEOUT
+# and by the budget left; exit 125 without running when the budget is spent (not run, not failed).
+NOT_RUN=125
 tmo() {
   local limit=$1; shift
   [[ -n "${GPU_CHECK_MAX_TIMEOUT:-}" ]] && (( limit > GPU_CHECK_MAX_TIMEOUT )) && limit=$GPU_CHECK_MAX_TIMEOUT
   if [[ -n "${GPU_CHECK_BUDGET:-}" ]]; then
     local left=$((GPU_CHECK_BUDGET - (SECONDS - T0)))
-    (( left < 1 )) && { echo "skipped (the budget of ${GPU_CHECK_BUDGET} s is spent): $*"; return 124; }
+    (( left < 1 )) && { echo "not run (the budget of ${GPU_CHECK_BUDGET} s is spent): $*"; return $NOT_RUN; }
     (( limit > left )) && limit=$left
   fi
-  timeout "$limit" "$@"
+  timeout -k 10 "$limit" "$@"
 }
+# budget_spent: true once no command would run any more.
+budget_spent() { [[ -n "${GPU_CHECK_BUDGET:-}" ]] && (( SECONDS - T0 >= GPU_CHECK_BUDGET )); }
 # begin SECTION TITLE: announce a section; false when GPU_CHECK_ONLY leaves it out or the budget is spent.
 begin() {
   local id=$1; shift
   if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $id "* ]]; then return 1; fi
   say "$id. $*"
-  if [[ -n "${GPU_CHECK_BUDGET:-}" ]] && (( SECONDS - T0 > GPU_CHECK_BUDGET )); then
-    fail "section $id skipped: the budget of ${GPU_CHECK_BUDGET} s is spent"; return 1
+  if budget_spent; then
+    echo "NOT RUN: section $id"; status=1; row "NOT RUN" "section $id (the budget of ${GPU_CHECK_BUDGET} s was spent)"; return 1
   fi
   return 0
 }
 
 say "machine"
-nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+timeout -k 5 20 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+timeout -k 5 20 nvidia-smi --query-gpu=name,driver_version,memory.total,persistence_mode --format=csv,noheader 2>/dev/null
+[[ -f "$RUN/BUILT_FROM" ]] && { echo "payload built from:"; sed 's/^/  /' "$RUN/BUILT_FROM"; }
+echo "this tree: $(git rev-parse HEAD 2>/dev/null || echo '(not a git checkout)')"
+# The CUDA, cuBLASLt and NCCL libraries come from this machine's loader path (ENVIRONMENT.md);
+# where one is missing, PyTorch's bundled copies are tried before the programs fail on it.
+missing=$(for b in "$BIN"/*; do ldd "$b" 2>/dev/null | awk '/not found/ {print $1}'; done | sort -u)
+if [[ -n "$missing" ]]; then
+  echo "libraries not found: $(echo $missing)"
+  for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+    [[ -d "$d" ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+  done
+  export LD_LIBRARY_PATH
+  missing=$(for b in "$BIN"/*; do ldd "$b" 2>/dev/null | awk '/not found/ {print $1}'; done | sort -u)
+  [[ -n "$missing" ]] && fail "libraries not found (the programs that need them fail): $(echo $missing)"
+fi
+
+# The main job's model (sections 2 and 3).
+main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
 
 sec_1() {
-  tmo 60 "$BIN/cuda_host_test" --no-colors | tail -n 3; [[ ${PIPESTATUS[0]} == 0 ]] || fail "cuda_host_test"
+  tmo 60 "$BIN/cuda_host_test" --no-colors | tail -n 3; verdict "${PIPESTATUS[0]}" "cuda_host_test"
   mapfile -t cases < <(tmo 30 "$BIN/cuda_gpu_test" --list-test-cases --no-colors 2>&1 | awk '/^=+$/ {n++; next} n == 1')
   if (( ${#cases[@]} == 0 )); then
     fail "cuda_gpu_test lists no test cases: $(tmo 30 "$BIN/cuda_gpu_test" --no-colors 2>&1 | tail -n 2)"
   fi
-  passed=0; failed=0
+  passed=0; failed=0; not_run=0
   for c in "${cases[@]}"; do
+    if budget_spent; then not_run=$((not_run + 1)); continue; fi
     t1=$SECONDS
     out=$(tmo 120 "$BIN/cuda_gpu_test" --no-colors -tc="${c//,/?}" 2>&1); rc=$?
+    if [[ $rc == "$NOT_RUN" ]]; then not_run=$((not_run + 1)); continue; fi
     if [[ $rc == 0 ]] && grep -qE 'test cases: *1 \| *1 passed' <<< "$out"; then
       passed=$((passed + 1)); echo "PASS ($((SECONDS - t1)) s) $c"
     else
@@ -149,23 +209,25 @@ sec_1() {
       fi
     fi
   done
-  row "cuda_gpu_test: test cases passed / run" "$passed / ${#cases[@]}"
+  row "cuda_gpu_test: test cases passed / listed" "$passed / ${#cases[@]}"
+  (( not_run > 0 )) && row "NOT RUN" "cuda_gpu_test: $not_run cases (the budget was spent)"
+  return 0
 }
 sec_1d() {
   out=$(tmo 120 "$BIN/06_llama_on_gpu" 2>&1); rc=$?
   echo "$out" | tail -n 8
-  [[ $rc == 0 ]] || fail "06_llama_on_gpu (exit $rc)"
+  verdict $rc "06_llama_on_gpu"
   row "Llama on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'max relative loss difference .*' | head -n 1)"
   row "Llama on one GPU: step time" "$(echo "$out" | grep -o 'fp32 .* ms, bf16 .* ms')"
   # The same model composed: dp 2 x tp 2 x pp 2 (1F1B) as 8 threads sharing the GPU.
   out=$(tmo 180 "$BIN/06_llama_on_gpu" --dp 2 --tp 2 --pp 2 2>&1); rc=$?
   echo "$out" | tail -n 3
-  [[ $rc == 0 ]] || fail "06_llama_on_gpu --dp 2 --tp 2 --pp 2 (exit $rc)"
+  verdict $rc "06_llama_on_gpu --dp 2 --tp 2 --pp 2"
   row "Llama dp 2 x tp 2 x pp 2 on one GPU vs CPU (10 steps)" "$(echo "$out" | grep -o 'dp 2 x tp 2 x pp 2.*')"
 }
 sec_1b() {
-  tmo 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3 || fail "nccl_test --host-only"
-  tmo 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; [[ ${PIPESTATUS[0]} == 0 ]] || fail "nccl_test"
+  tmo 60 "$BIN/nccl_test" --host-only --no-colors | tail -n 3; verdict "${PIPESTATUS[0]}" "nccl_test --host-only"
+  tmo 240 "$BIN/nccl_test" --no-colors 2>&1 | tail -n 4; verdict "${PIPESTATUS[0]}" "nccl_test"
 }
 sec_2() {
   bench() {  # name, dtype, args...
@@ -189,7 +251,6 @@ sec_2() {
     row "$name $dtype tokens/s: tessera / pytorch" "${tt:-?} / ${pt:-?}  (ratio $(awk -v a="${tt:-0}" -v b="${pt:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}'))"
     row "$name $dtype MFU: tessera / pytorch" "$(echo "$t" | awk '$1 == "tessera" {print $9}') / $(echo "$p" | awk '$1 == "pytorch" {print $9}')"
   }
-  main_model=(--layers 6 --d-model 192 --heads 6 --context 128 --batch 32)
   bench main-job fp32 "${main_model[@]}"
   bench main-job bf16 "${main_model[@]}"
   bench gpt2-124m bf16 --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --vocab 50304
@@ -203,8 +264,8 @@ sec_2b() {
   row "dp 2 on one GPU step ms: none / end / overlap" "$(echo "$d" | awk '/^step_ms/ {print $3 " / " $5 " / " $7}')"
   row "dp 2 exposed reduction ms: end / overlap (hidden share)" "$(echo "$d" | awk '/^step_ms/ {print $10 " / " $12 " (" $14 ")"}')"
   row "dp 2 step ms: plain / ZeRO-1 / ZeRO-2 / ZeRO-3 (overlapped)" "$(echo "$d" | awk '/^zero_step_ms/ {print $3 " / " $5 " / " $7 " / " $9}')"
-  row "dp 2 device peak MB (both ranks): plain / ZeRO-1 / ZeRO-2 / ZeRO-3" "$(echo "$d" | awk '/^zero_step_ms/ {print $11 " / " $13 " / " $15 " / " $17}')"
-  [[ $rc == 0 ]] || fail "device_dp_bench (exit $rc)"
+  row "dp 2 device peak MB (both ranks): plain / ZeRO-1 / ZeRO-2 / ZeRO-3" "$(echo "$d" | awk '/^zero_step_ms/ {print $12 " / " $14 " / " $16 " / " $18}')"
+  verdict $rc "device_dp_bench"
 }
 sec_3() {
   curve() {  # name dtype [train_gpt flags...] -> $RUN/curve_<name>.jsonl
@@ -228,14 +289,15 @@ print(f"{worst:.4f} {va:.4f} {vb:.4f} {tps(a):.0f} {tps(b):.0f}")
 PY
     )
     read -r worst va vb ta tb <<< "$cmp"
+    [[ -n "$worst" ]] || { fail "$label: the curve comparison failed (a cut or non-finite curve?)"; return; }
     row "KJV 200 steps: largest |$label - fp32| / fp32 loss (steps 10+)" "$worst (target <= 0.02)"
     row "KJV 200 steps: final validation loss fp32 / $label" "$va / $vb"
     row "train_gpt --device cuda tokens/s fp32 / $label" "$ta / $tb"
     awk -v w="$worst" 'BEGIN{ exit !(w <= 0.02) }' || fail "$label loss curve differs from fp32 by $worst (> 2%)"
   }
-  curve fp32 fp32 || fail "train_gpt --device cuda --dtype fp32"
-  curve bf16 bf16 || fail "train_gpt --device cuda --dtype bf16"
-  curve bf16-flash bf16 --attention flash || fail "train_gpt --device cuda --dtype bf16 --attention flash"
+  curve fp32 fp32; verdict $? "train_gpt --device cuda --dtype fp32 (200 steps)"
+  curve bf16 bf16; verdict $? "train_gpt --device cuda --dtype bf16 (200 steps)"
+  curve bf16-flash bf16 --attention flash; verdict $? "train_gpt --device cuda --dtype bf16 --attention flash (200 steps)"
   compare_curve bf16 bf16
   compare_curve bf16-flash "bf16 flash (tensor cores)"
 }
@@ -251,14 +313,14 @@ verify_layout() {
   tokn=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
   row "train_gpt --device cuda $* --verify (fp32, $steps steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
   row "step time ($*) / dp 1 on one GPU$target" "$(awk -v a="${tok1:-0}" -v b="${tokn:-0}" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "?"}')"
-  [[ $rc == 0 ]] || fail "train_gpt --device cuda $* --verify (exit $rc)"
+  verdict $rc "train_gpt --device cuda $* --verify"
 }
 sec_3b() {
   v=$(tmo 240 "$BIN/train_gpt" --device cuda --dtype fp32 --verify --data "$RUN/data/kjv.txt" --steps 20 \
       --sample-len 0 --val-every 0 --log-every 10 2>&1); rc=$?
   echo "$v" | tail -n 3
   row "train_gpt --device cuda --verify (fp32, 20 steps)" "$(echo "$v" | grep -o 'largest relative loss difference.*' | head -n 1)"
-  [[ $rc == 0 ]] || fail "train_gpt --device cuda --verify (exit $rc)"
+  verdict $rc "train_gpt --device cuda --verify"
   tok1=$(echo "$v" | grep -oE '[0-9]+ tokens/s' | tail -n 1 | awk '{print $1}')
   # The fused attention kernels in the same trainer (FlashAttention-2's algorithm).
   verify_layout 20 240 " (fused attention)" --attention flash
@@ -297,7 +359,7 @@ sec_4() {
   else fail "CPU checkpoint resumed on the GPU"; fi
 }
 sec_5() {
-  tmo 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10 || fail "nccl_bench"
+  tmo 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10; verdict "${PIPESTATUS[0]}" "nccl_bench"
 }
 declare -A title=(
   [1]="tests: every CUDA device test case in its own process (a CUDA error ends the context, so one case's failure cannot hide the others): kernels and products vs the CPU layers, DeviceGPT vs the CPU GPT, tensor parallelism, pipelines, the Llama example's device layers"

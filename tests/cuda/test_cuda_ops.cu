@@ -472,4 +472,15 @@ TEST_CASE("gemm epilogue fallback: the plain product then the epilogue kernels e
                                                tc::EpilogueArgs{tc::Epilogue::gelu_bias, b_d.data(), aux2.data()});
   MESSAGE("cuBLASLt fuses bias + GELU for fp32 here: ", fused);
   CHECK(rel(host(y2), y_ref) < 1e-4);
+  // A bias 4 bytes off a 16-byte boundary: never handed to cuBLASLt (try_gemm refuses it), the
+  // unfused path gives the same values.
+  auto b_off = tc::DeviceTensor<float>::empty(Shape{out + 1}, stream());
+  tc::detail::check(cudaMemcpyAsync(b_off.data() + 1, b_d.data(), out * sizeof(float), cudaMemcpyDeviceToDevice,
+                                    stream().get()),
+                    "cudaMemcpyAsync", "test");
+  auto y3 = tc::DeviceTensor<float>::empty(Shape{M, out}, stream());
+  CHECK_FALSE(ops::gemm_epilogue<float>(stream(), blas(), g, x_d.data(), w_d.data(), y3.data(), 1.f, 0.f,
+                                        tc::EpilogueArgs{tc::Epilogue::gelu_bias, b_off.data() + 1, aux2.data()}));
+  CHECK(rel(host(y3), y_ref) < 1e-4);
+  CHECK(rel(host(aux2), pre) < 1e-4);
 }

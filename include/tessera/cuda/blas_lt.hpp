@@ -106,6 +106,43 @@ class BlasLt {
     }
   }
 
+  /// gemm() with epilogue `ep` where cuBLASLt takes it; false, with nothing run, where it does
+  /// not: no algorithm for this product and epilogue (supports()), a bias or aux pointer not
+  /// 16-byte aligned or a GELU aux row length (ldc) not a multiple of 8 (cuBLASLt's
+  /// requirements), or cublasLtMatmul itself refusing the epilogue (CUBLAS_STATUS_NOT_SUPPORTED
+  /// or INVALID_VALUE; the problem is then remembered as unsupported, so it is asked once).
+  /// ops::gemm_epilogue then runs the plain product and the epilogue as a kernel. Other failures
+  /// throw as gemm().
+  template <class In, class Out>
+  bool try_gemm(const Stream& stream, const GemmShape& shape, const In* a, const In* b, Out* c, float alpha,
+                float beta, const EpilogueArgs& ep, MathMode mode = MathMode::fp32) {
+    if (ep.kind == Epilogue::none) {
+      gemm(stream, shape, a, b, c, alpha, beta, ep, mode);
+      return true;
+    }
+    const auto aligned16 = [](const void* q) { return q == nullptr || reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
+    if (!aligned16(ep.bias) || !aligned16(ep.aux)) return false;
+    if ((ep.kind == Epilogue::gelu_bias || ep.kind == Epilogue::dgelu) && (shape.ldc ? shape.ldc : shape.n) % 8 != 0)
+      return false;
+    if (!supports(shape, ep.kind, a, b, c, mode)) return false;
+    const Problem p = problem(shape, a, b, c, mode);
+    if (p.g.m == 0 || p.g.n == 0) return true;
+    std::lock_guard lock(mu_);
+    Plan& plan = plan_for(p, ep.kind, shape);
+    set_epilogue(plan, ep, p.out_t, p.g, shape);
+    const cublasStatus_t st = cublasLtMatmul(h_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, c, plan.c, c, plan.c,
+                                             &plan.algo, workspace_.data(), workspace_bytes, stream.get());
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+      const Key key = key_of(p, ep.kind);
+      plans_.at(key).destroy();
+      plans_.erase(key);
+      unsupported_.insert(key);
+      return false;
+    }
+    detail::check(st, "cublasLtMatmul", describe(shape));
+    return true;
+  }
+
   /// Number of distinct problems planned so far (each asked cuBLASLt's heuristic once).
   std::size_t plans() const noexcept { return plans_.size(); }
 

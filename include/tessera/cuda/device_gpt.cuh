@@ -165,8 +165,8 @@ class DeviceGPT {
     Tensor<float> flat(Shape{numel_});  // zeros: the alignment gaps stay 0
     gather(params, flat, [](Parameter<float>& p) -> const Tensor<float>& { return p.value; });
     if (zero3_ != nullptr) {  // ZeRO-3: this rank's shard only
+      drop_units();  // first: a gather still queued reads the shard that is replaced here
       master_shard_ = to_device<float>(flat.slice(0, shard_lo_, shard_hi()).contiguous(), stream_);
-      drop_units();
       return;
     }
     master_ = to_device<float>(flat, stream_);
@@ -344,8 +344,8 @@ class DeviceGPT {
     const Shape shard{shard_hi() - shard_lo_};
     const DeviceView<const float> grad = gradient_shard();
     if (zero3_ != nullptr) {  // ZeRO-3: the fp32 shard; the next forward gathers (and converts) anew
+      drop_units();  // first: a gather still queued reads the shard that AdamW writes
       ops::adamw_step<float>(stream_, master_shard_, grad, m_, v_, chunks_, s, grad_scale);
-      drop_units();
       return;
     }
     const DeviceView<float> param(master_.data() + shard_lo_, shard);

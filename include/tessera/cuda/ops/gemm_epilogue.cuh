@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// gemm_epilogue: a cuBLASLt product with its bias / GELU / dGELU epilogue fused where cuBLASLt
-/// has an algorithm for it (BlasLt::supports), and otherwise the plain product followed by the
+/// has an algorithm for it and takes it (BlasLt::try_gemm), and otherwise the plain product followed by the
 /// epilogue as an element-wise kernel (the same arithmetic as the CPU layers: cuda::math), so a
 /// library version or a type combination without the fused epilogue still trains. CUDA code.
 
@@ -57,10 +57,7 @@ bool gemm_epilogue(const Stream& s, BlasLt& blas, const GemmShape& shape, const 
                    float beta, const EpilogueArgs& ep) {
   TESSERA_EXPECTS(shape.batch == 1, "cuda gemm_epilogue: batched products take no epilogue here (batch ", shape.batch,
                   ")");
-  if (ep.kind == Epilogue::none || blas.supports(shape, ep.kind, a, b, c)) {
-    blas.gemm(s, shape, a, b, c, alpha, beta, ep);
-    return true;
-  }
+  if (blas.try_gemm(s, shape, a, b, c, alpha, beta, ep)) return true;
   blas.gemm(s, shape, a, b, c, alpha, beta);
   const std::int64_t ldc = shape.ldc ? shape.ldc : shape.n;
   const unsigned blocks = kernels::epilogue_blocks(shape.m * shape.n);
