@@ -107,7 +107,12 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   opt.release_full_parameters(false);
   MemoryTracker::this_rank().reset_peaks();  // --memory-report: not the whole model gathered just above
   GradBuckets<float>::reset_rank_peak_gathered_bytes();
-  if (rank0 && a.dp > 1) std::printf("dp communication: %s\n", dp_comm.describe(a).c_str());
+  if (rank0 && a.dp > 1) {
+    std::size_t buckets = 0;  // rank 0's stages' (--bucket-mb: the cap; a larger parameter is a bucket alone)
+    for (GradBuckets<float>* b : model.buckets()) buckets += b->buckets().size();
+    std::printf("dp communication: %s; %zu gradient buckets on rank 0 (--bucket-mb %g)\n", dp_comm.describe(a).c_str(),
+                buckets, a.bucket_mb);
+  }
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
                 "global batch %d x %d; rank 0 holds %lld parameters%s%s\n",
@@ -393,6 +398,9 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
                     " must be in [0, --lr ", a.lr, "]");
+    TESSERA_EXPECTS(std::isfinite(a.bucket_mb) && a.bucket_mb * 1048576.0 >= sizeof(float) && a.bucket_mb <= 65536,
+                    "train_gpt: --bucket-mb ", a.bucket_mb, " must be a number of MiB from ", sizeof(float) / 1048576.0,
+                    " (one fp32 element) to 65536");
     TESSERA_EXPECTS(std::isfinite(a.clip) && a.clip >= 0, "train_gpt: --clip ", a.clip, " must be >= 0 (0: no clipping)");
     TESSERA_EXPECTS(std::isfinite(a.weight_decay) && a.weight_decay >= 0, "train_gpt: --weight-decay ", a.weight_decay,
                     " must be >= 0");

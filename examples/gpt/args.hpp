@@ -28,6 +28,7 @@ struct Args {
   int virtual_stages = 1;
   int microbatches = 0;  // 0: pp * virtual_stages (at least 1)
   int accum = 1;
+  double bucket_mb = 25;  // --bucket-mb: the dp reduction's gradient bucket size, MiB
   bool zero1 = false;
   int zero = -1;              // --zero 0|1|2|3: ZeRO stage (-1: --zero1 decides)
   std::string zero3_unit = "layer";  // --zero3-unit layer|stage|N: ZeRO-3's unit of gathering
@@ -86,7 +87,11 @@ struct Args {
                                       : schedule == "zb-h1"       ? PipelineScheduleKind::zero_bubble_h1
                                                                   : PipelineScheduleKind::one_f_one_b;
     return {.schedule = kind, .virtual_stages = virtual_stages, .num_microbatches = num_microbatches(),
-            .accumulation_steps = accum, .recompute = nn::parse_recompute(recompute), .unit_layers = unit_layers()};
+            .accumulation_steps = accum, .bucket_size = bucket_bytes(), .recompute = nn::parse_recompute(recompute), .unit_layers = unit_layers()};
+  }
+  // --bucket-mb in bytes (at least one fp32 element).
+  std::size_t bucket_bytes() const {
+    return std::max<std::size_t>(sizeof(float), static_cast<std::size_t>(bucket_mb * 1048576.0));
   }
   // AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and
   // LayerNorm weights (nanoGPT's and Megatron's split).
@@ -126,6 +131,8 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--microbatches", a.microbatches, "micro-batches per forward/backward (0: pp x virtual stages)")
       ->check(CLI::Range(0, 4096));
   app.add_option("--accum", a.accum, "gradient accumulation steps per optimizer step")->check(CLI::Range(1, 4096));
+  app.add_option("--bucket-mb", a.bucket_mb, "MiB of gradients per dp reduction bucket (PyTorch DDP's bucket_cap_mb, "
+                 "Megatron's --ddp-bucket-size; smaller: more, smaller messages, reduced sooner on the device)");
   app.add_flag("--zero1", a.zero1, "shard the optimizer state over dp (ZeRO-1; the same as --zero 1)");
   app.add_option("--zero", a.zero, "ZeRO stage: 0 none, 1 optimizer state, 2 gradients too, 3 parameters too "
                  "(sharded over dp; 3 gathers each unit, --zero3-unit, before its forward and backward)")

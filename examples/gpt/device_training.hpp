@@ -125,7 +125,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   // too: each chunk's last backward of the step reduces its buckets (DevicePipeline's
   // overlap_data_parallel; after the step under ZB-H1, whose weight gradients finish in W passes).
   if (dp > 1)
-    dev->attach_data_parallel(world.split(pp_rank * tp + tp_rank, dp_rank), (25LL << 20) / 4, zero, own_gpus,
+    dev->attach_data_parallel(world.split(pp_rank * tp + tp_rank, dp_rank), static_cast<std::int64_t>(a.bucket_bytes() / sizeof(float)), zero, own_gpus,
                               /*overlap=*/!(own_gpus && (tp > 1 || pp > 1)));
   std::int64_t n_params = 0;
   for (const Parameter<float>& p : host.parameters()) n_params += p.value.numel();

@@ -257,7 +257,10 @@ class DpCommunication {
       return "DiLoCo: sync every " + std::to_string(a.sync_every) + " steps, outer lr " + std::to_string(a.outer_lr) +
              " momentum " + std::to_string(a.outer_momentum) +
              (sync_hook_ ? ", pseudo-gradients through " + sync_hook_->name() : std::string());
-    return hooks_.empty() ? std::string("fp32 all-reduce") : "compression " + hooks_.front()->name();
+    // A compressor's state is per bucket: another bucket size is another policy (its resume restarts the state).
+    return hooks_.empty() ? std::string("fp32 all-reduce")
+                          : "compression " + hooks_.front()->name() +
+                                (a.bucket_mb == 25 ? std::string() : ", buckets of " + std::to_string(a.bucket_mb) + " MiB");
   }
 
  private:

@@ -149,6 +149,25 @@ grep -q "n_layer" "$work/g.log" || { cat "$work/g.log"; fail "config mismatch me
 if "$train" --data "$work/text.txt" "${model[@]}" --tp 3 --steps 1 > "$work/h.log" 2>&1; then fail "tp 3 accepted"; fi
 grep -q "tp 3 does not divide the 4 heads" "$work/h.log" || { cat "$work/h.log"; fail "tp 3 message"; }
 
+echo "== --bucket-mb: more dp buckets, the same losses (dp 2: each element's sum has two addends, so bitwise)"
+for run in default:25 small:0.0005; do
+  name=${run%%:*}; mb=${run#*:}
+  "$train" --data "$work/text.txt" "${model[@]}" --dp 2 --steps 4 --sample-len 0 --bucket-mb "$mb" \
+    --loss-csv "$work/bucket_$name.csv" > "$work/bucket_$name.log" 2>&1 || { cat "$work/bucket_$name.log"; fail "--bucket-mb $mb"; }
+done
+nb_default=$(sed -n 's/.*; \([0-9]*\) gradient buckets on rank 0 (--bucket-mb 25).*/\1/p' "$work/bucket_default.log")
+nb_small=$(sed -n 's/.*; \([0-9]*\) gradient buckets on rank 0 (--bucket-mb 0.0005).*/\1/p' "$work/bucket_small.log")
+[ -n "$nb_default" ] && [ "$nb_default" -le 2 ] || { cat "$work/bucket_default.log"; fail "default buckets: '$nb_default', expected at most 2 (the model is 0.1 MiB)"; }
+[ -n "$nb_small" ] && [ "$nb_small" -ge $((nb_default + 4)) ] || { cat "$work/bucket_small.log"; fail "--bucket-mb 0.0005 buckets: '$nb_small', expected at least $((nb_default + 4))"; }
+cmp <(cut -d, -f1,2 "$work/bucket_default.csv") <(cut -d, -f1,2 "$work/bucket_small.csv") \
+  || fail "--bucket-mb 0.0005 changed the losses (dp 2 sums two addends per element: bitwise the same expected)"
+for bad in 0 nan -1 1e9; do
+  if "$train" --data "$work/text.txt" "${model[@]}" --dp 2 --steps 1 --bucket-mb "$bad" > "$work/bb.log" 2>&1; then
+    fail "--bucket-mb $bad accepted"
+  fi
+  grep -q "\-\-bucket-mb .* must be a number of MiB" "$work/bb.log" || { cat "$work/bb.log"; fail "--bucket-mb $bad message"; }
+done
+
 if [ -n "$mpirun" ]; then
   echo "== mpirun without --backend mpi is refused"
   if "$mpirun" --allow-run-as-root --oversubscribe -np 2 "$train" --data "$work/text.txt" "${model[@]}" --steps 2 > "$work/n.log" 2>&1; then
