@@ -130,7 +130,7 @@ fail() { echo "FAIL: $*"; status=1; row "FAIL" "$*"; }
 verdict() {
   local rc=$1; shift
   [[ $rc == 0 ]] && return 0
-  if [[ $rc == "$NOT_RUN" ]]; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"
+  if [[ $rc == "$NOT_RUN" ]]; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"; cut_short
   else fail "$* (exit $rc)"; fi
   return 1
 }
@@ -147,6 +147,9 @@ tmo() {
   fi
   timeout -k 10 "$limit" "$@"
 }
+# cut_short: the current section did not run whole (for the rerun line at the end).
+declare -a unfinished=()
+cut_short() { [[ " ${unfinished[*]} " == *" ${section:-?} "* ]] || unfinished+=("${section:-?}"); }
 # budget_spent: true once no command would run any more.
 budget_spent() { [[ -n "${GPU_CHECK_BUDGET:-}" ]] && (( SECONDS - T0 >= GPU_CHECK_BUDGET )); }
 # begin SECTION TITLE: announce a section; false when GPU_CHECK_ONLY leaves it out or the budget is spent.
@@ -155,7 +158,7 @@ begin() {
   if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $id "* ]]; then return 1; fi
   say "$id. $*"
   if budget_spent; then
-    echo "NOT RUN: section $id"; status=1; row "NOT RUN" "section $id (the budget of ${GPU_CHECK_BUDGET} s was spent)"; return 1
+    echo "NOT RUN: section $id"; status=1; section=$id; cut_short; row "NOT RUN" "section $id (the budget of ${GPU_CHECK_BUDGET} s was spent)"; return 1
   fi
   return 0
 }
@@ -189,10 +192,10 @@ sec_1() {
   fi
   passed=0; failed=0; not_run=0
   for c in "${cases[@]}"; do
-    if budget_spent; then not_run=$((not_run + 1)); continue; fi
+    if budget_spent; then not_run=$((not_run + 1)); cut_short; continue; fi
     t1=$SECONDS
     out=$(tmo 120 "$BIN/cuda_gpu_test" --no-colors -tc="${c//,/?}" 2>&1); rc=$?
-    if [[ $rc == "$NOT_RUN" ]]; then not_run=$((not_run + 1)); continue; fi
+    if [[ $rc == "$NOT_RUN" ]]; then not_run=$((not_run + 1)); cut_short; continue; fi
     if [[ $rc == 0 ]] && grep -qE 'test cases: *1 \| *1 passed' <<< "$out"; then
       passed=$((passed + 1)); echo "PASS ($((SECONDS - t1)) s) $c"
     else
@@ -232,9 +235,11 @@ sec_1b() {
 sec_2() {
   bench() {  # name, dtype, args...
     local name=$1 dtype=$2; shift 2
-    local t p
-    t=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
+    local t p out ph
+    out=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1)
+    t=$(tail -n 1 <<< "$out"); ph=$(grep '^phases ' <<< "$out" | tail -n 1)
     echo "$t"
+    [[ -n "$ph" ]] && { echo "$ph"; row "$name $dtype phases (ms per step)" "${ph#*: }"; }
     if [[ "$name" == *-flash* ]]; then  # the same model as the row before: PyTorch's figure again
       p=${last_pytorch:-"pytorch: no figure"}
       echo "pytorch: the row above's figure"
@@ -379,10 +384,14 @@ declare -A title=(
 # leaves out the last.
 for id in ${GPU_CHECK_ORDER:-1 3b 3 4 2 1d 3c 3d 3e 2b 1b 5}; do
   [[ -n "${title[$id]:-}" ]] || { fail "no section $id"; continue; }
-  begin "$id" "${title[$id]}" && "sec_$id"
+  begin "$id" "${title[$id]}" && { section=$id; "sec_$id"; }
 done
 
 say "figures"
 printf '%s\n' "${table[@]}"
+if (( ${#unfinished[@]} > 0 )); then
+  echo "cut short by the budget: sections ${unfinished[*]}; run them next with GPU_CHECK_ONLY=\"${unfinished[*]}\""
+  [[ -n "$FIGURES" ]] && echo "rerun: GPU_CHECK_ONLY=\"${unfinished[*]}\"" >> "$FIGURES"
+fi
 say "done: $([[ $status == 0 ]] && echo PASS || echo FAIL)"
 exit $status

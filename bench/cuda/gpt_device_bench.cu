@@ -2,8 +2,13 @@
 // backward, gradient norm, AdamW) on one GPU, the figures the GPU issue compares with PyTorch
 // (bench/cuda/pytorch_gpt.py prints the same line for the same model). Random tokens (the speed
 // does not depend on them); warmup steps first; the timed steps end with a stream synchronize.
-// Prints one line: "tessera <name> <dtype> tokens/s <X> step_ms <Y> mfu <Z>". Exit 2 where the
-// loss is not finite (a wrong result is not a speed), 77 where no GPU exists.
+// Prints one line: "tessera <name> <dtype> tokens/s <X> step_ms <Y> mfu <Z>", last. Before it,
+// after the timed steps, --profile-steps more steps (default 3) with DeviceGPT's phase timer on
+// (CUDA events between the phases: a picture of where a step's time goes without a profiler)
+// print one line "phases <name> <dtype>: <phase> <ms per step> ms [<TFLOP/s> TF/s], ..." (the
+// GEMM, LM head and attention phases with their FLOP rates: GEMMs 2mnk, attention the causal
+// half of its products, backward 2.5 x forward as FlashAttention's papers count). Exit 2 where
+// the loss is not finite (a wrong result is not a speed), 77 where no GPU exists.
 //
 //   gpt_device_bench --layers 12 --d-model 768 --heads 12 --context 1024 --batch 16 --dtype bf16
 //                    [--attention flash|flash-cuda-cores|unfused]   (the fused kernels: for bf16 on tensor
@@ -27,7 +32,7 @@ namespace {
 
 struct Options {
   std::int64_t layers = 6, d_model = 192, heads = 6, context = 128, batch = 32, vocab = 256;
-  int steps = 20, warmup = 3;
+  int steps = 20, warmup = 3, profile_steps = 3;
   std::string dtype = "fp32", name = "gpt", attention = "unfused";
   double peak_tflops = 989.0;  // H100/H200 SXM dense bf16 (the issue's reference)
 };
@@ -70,6 +75,43 @@ int run(const Options& o) {
   }
   // FLOPs per token: 6 N (forward and backward through every parameter) + 12 L d T (attention's
   // two products forward and backward), as PaLM's appendix counts it.
+  // Where the time goes: a few more steps with the phase timer on (its synchronizations are
+  // outside the timed steps above).
+  if (o.profile_steps > 0) {
+    model.phase_timer().enable(true);
+    for (int i = 0; i < o.profile_steps; ++i) {
+      one_step();
+      model.phase_timer().end_step(stream);
+    }
+    model.phase_timer().enable(false);
+    const double N = tokens, D = static_cast<double>(o.d_model), L = static_cast<double>(o.layers);
+    const double V = static_cast<double>(o.vocab), T = static_cast<double>(o.context);
+    const double gemm_fwd = L * 24.0 * N * D * D, head_fwd = 2.0 * N * D * V;
+    const double attn_fwd = L * 2.0 * N * T * D;  // QK^T and PV, 2 T hd per head and row each, the causal half
+    const auto flops = [&](const std::string& ph) {
+      if (ph == "gemm fwd") return gemm_fwd;
+      if (ph == "gemm bwd") return 2 * gemm_fwd;
+      if (ph == "lm head fwd") return head_fwd;
+      if (ph == "lm head bwd") return 2 * head_fwd;
+      if (ph == "attention fwd") return attn_fwd;
+      if (ph == "attention bwd") return 2.5 * attn_fwd;
+      return 0.0;
+    };
+    const tc::PhaseTotals& t = model.phase_timer().totals();
+    std::string line;
+    for (const auto& [ph, ms] : t.totals()) {
+      const double per = ms / t.steps();
+      char buf[160];
+      if (flops(ph) > 0 && per > 0)
+        std::snprintf(buf, sizeof buf, "%s%s %.2f ms %.0f TF/s", line.empty() ? "" : ", ", ph.c_str(), per,
+                      flops(ph) / (per * 1e-3) / 1e12);
+      else
+        std::snprintf(buf, sizeof buf, "%s%s %.2f ms", line.empty() ? "" : ", ", ph.c_str(), per);
+      line += buf;
+    }
+    std::printf("phases %s %s: %s (sum %.2f ms per step)\n", o.name.c_str(), o.dtype.c_str(), line.c_str(),
+                t.total_ms() / t.steps());
+  }
   const double n = static_cast<double>(model.parameter_count());
   const double flops_per_token = 6 * n + 12.0 * o.layers * o.d_model * o.context;
   const double tps = tokens * o.steps / s;
@@ -92,6 +134,7 @@ int main(int argc, char** argv) {
     else if (k == "--vocab") o.vocab = std::atoll(v.c_str());
     else if (k == "--steps") o.steps = std::atoi(v.c_str());
     else if (k == "--warmup") o.warmup = std::atoi(v.c_str());
+    else if (k == "--profile-steps") o.profile_steps = std::atoi(v.c_str());
     else if (k == "--dtype") o.dtype = v;
     else if (k == "--name") o.name = v;
     else if (k == "--attention") o.attention = v;

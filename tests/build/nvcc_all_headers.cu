@@ -11,6 +11,7 @@
 #include "tessera/cuda/device_comm.hpp"
 #include "tessera/cuda/device_data_parallel.hpp"
 #include "tessera/cuda/device_grad_buckets.hpp"
+#include "tessera/cuda/phase_timer.hpp"
 #include "tessera/cuda/device_gpt.cuh"
 #include "tessera/cuda/device_pipeline.cuh"
 #include "tessera/cuda/device_tensor.hpp"

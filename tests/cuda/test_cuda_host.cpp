@@ -24,6 +24,7 @@
 #include "tessera/cuda/flash_attention_math.hpp"
 #include "tessera/cuda/flat_gpt_layout.hpp"
 #include "tessera/cuda/gemm_layout.hpp"
+#include "tessera/cuda/phase_timer.hpp"
 #include "tessera/cuda/reduce_op_math.hpp"
 #include "tessera/comm/thread/thread_communicator.hpp"
 #include "tessera/core/batch_position.hpp"
@@ -69,6 +70,30 @@ struct HostRaw {
 cudaStream_t fake_stream(int i) { return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(0x1000 * i)); }
 
 }  // namespace
+
+TEST_CASE("phase totals: each mark's span runs to the next mark or the step's end, summed per phase over steps") {
+  tc::PhaseTotals t;
+  // Step 1: a [0, 1), b [1, 3.5), a [3.5, 4), c [4, 10).
+  t.add_step({{"a", 0.0}, {"b", 1.0}, {"a", 3.5}, {"c", 4.0}}, 10.0);
+  // Step 2 (times from its own first mark): b [2, 5), a [5, 6).
+  t.add_step({{"b", 2.0}, {"a", 5.0}}, 6.0);
+  REQUIRE(t.totals().size() == 3);
+  CHECK(t.totals()[0].first == "a");  // the order of first use
+  CHECK(t.totals()[0].second == doctest::Approx(1.0 + 0.5 + 1.0));
+  CHECK(t.totals()[1].first == "b");
+  CHECK(t.totals()[1].second == doctest::Approx(2.5 + 3.0));
+  CHECK(t.totals()[2].first == "c");
+  CHECK(t.totals()[2].second == doctest::Approx(6.0));
+  CHECK(t.total_ms() == doctest::Approx(10.0 + 4.0));
+  CHECK(t.steps() == 2);
+  t.clear();
+  CHECK(t.totals().empty());
+  CHECK(t.steps() == 0);
+  // A timer that is off marks nothing and needs no device.
+  tc::PhaseTimer timer;
+  CHECK_FALSE(timer.enabled());
+  CHECK(timer.totals().steps() == 0);
+}
 
 TEST_CASE("caching allocator: sizes round to 512 B below 1 MiB and to 2 MiB above") {
   using A = tc::CachingAllocator<HostRaw>;

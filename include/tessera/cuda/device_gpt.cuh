@@ -70,6 +70,7 @@
 #include "tessera/cuda/ops/layer_norm.cuh"
 #include "tessera/cuda/ops/residual_add.cuh"
 #include "tessera/cuda/ops/vocab_parallel_cross_entropy.cuh"
+#include "tessera/cuda/phase_timer.hpp"
 #include "tessera/cuda/stream.hpp"
 #include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
@@ -300,6 +301,7 @@ class DeviceGPT {
   /// stage's copy of the tied wte left out. The sum over tp and the stages is the squared norm.
   /// Under shard_gradients, of this rank's shard of the reduced gradients (the sum over dp too).
   DeviceView<float> grad_sum_of_squares() {
+    phase("grad norm");
     if (zero2_) {
       if (tp_size_ > 1 || copy_ != npos)
         ops::weighted_sum_of_squares(stream_, zero2_->shard(), shard_norm_chunks_, 1.f,
@@ -338,6 +340,7 @@ class DeviceGPT {
   /// shard exists, and the next forward gathers the weights anew.
   void step(const optim::AdamWOptions& options, double lr, float grad_scale = 1.f) {
     ++steps_;
+    phase("adamw");
     ops::AdamWGroupScalars s{};
     s.group[0] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, options.weight_decay, steps_);
     s.group[1] = math::adamw_scalars(lr, options.beta1, options.beta2, options.eps, 0.0, steps_);
@@ -583,6 +586,12 @@ class DeviceGPT {
   }
   /// (See set_fused_attention.)
   bool fused_attention() const noexcept { return flash_; }
+  /// Per-phase timing of this model's stream (PhaseTimer; off until `phase_timer().enable(true)`):
+  /// forward and backward mark their phases (embedding, layer norm, GEMMs with their epilogues,
+  /// attention, LM head, cross-entropy, bias gradients; grad_sum_of_squares "grad norm", step()
+  /// "adamw"); the caller ends each step with `phase_timer().end_step(stream())` (a host
+  /// synchronization). Collectives on the stream count in the phase around them.
+  PhaseTimer& phase_timer() noexcept { return phases_; }
   /// Whether backward may be split into stage_backward_input and stage_backward_weight
   /// (zero-bubble schedules, Qi et al. 2024): each slot then also keeps, per block, the output
   /// gradients the four weight-gradient products need (reallocated at the next forward). Throws
@@ -1130,6 +1139,7 @@ class DeviceGPT {
     const std::int64_t D = config_.d_model, N = B * T, V = config_.vocab_size;
     const std::int64_t H = config_.n_head / tp_size_, Dl = D / tp_size_;  // this rank's heads and their width
     S.mask = ops::DropoutMask{};
+    phase("embedding fwd");
     if (has_embedding()) {
       // Embedding: wte[tokens] + wpe[t]; under tp each rank looks up the tokens of its vocabulary
       // rows (zeros for the others') and the lookups are summed.
@@ -1173,19 +1183,26 @@ class DeviceGPT {
         prefetch(blocks_[l + 1].ln1_w);
       else if (has_head())
         prefetch(lnf_w_);
+      phase("layernorm fwd");
       layer_norm_gathered(a.x_in, p.ln1_w, p.ln1_b, a.ln1, a.mean1, a.rstd1);
+      phase("gemm fwd");
       if (flash_) {  // q|k|v kept as they are; the fused kernel keeps each row's log-sum-exp
         gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), a.qkvp.data(), 0.f,
              {Epilogue::bias, w(p.qkv_b), nullptr});
+        phase("attention fwd");
         ops::flash_attention_forward<C>(stream_, a.qkvp.reshape(Shape{B, T, 3 * Dl}), H,
                                         a.atty.reshape(Shape{B, T, Dl}), a.lse, flash_path_);
       } else {
         gemm({.m = N, .n = 3 * Dl, .k = D}, a.ln1.data(), w(p.qkv_w), qkv_.data(), 0.f,
              {Epilogue::bias, w(p.qkv_b), nullptr});
+        phase("attention fwd");
         ops::attention_forward<C>(stream_, blas_, qkv_, H, a.qkvp, a.probs, heads_, a.atty.reshape(Shape{B, T, Dl}));
       }
+      phase("gemm fwd");
       row_parallel(a.atty, Dl, p.proj_w, p.proj_b, a.x_in, a.x_mid);
+      phase("layernorm fwd");
       layer_norm_gathered(a.x_mid, p.ln2_w, p.ln2_b, a.ln2, a.mean2, a.rstd2);
+      phase("gemm fwd");
       gemm({.m = N, .n = 4 * Dl, .k = D}, a.ln2.data(), w(p.fc_w), a.h.data(), 0.f,
            {Epilogue::gelu_bias, w(p.fc_b), a.pre.data()});
       row_parallel(a.h, 4 * Dl, p.fcproj_w, p.fcproj_b, a.x_mid, next.x_in);
@@ -1195,11 +1212,14 @@ class DeviceGPT {
       to_boundary(last.x_in, output);
       return;
     }
+    phase("layernorm fwd");
     layer_norm_gathered(last.x_in, lnf_w_, lnf_b_, S.lnf, last.mean1, last.rstd1);
+    phase("lm head fwd");
     // Logits = lnf wte^T (the tied head; under tp this rank's vocabulary columns), then the loss
     // and, with dloss, dlogits in place.
     gemm({.trans_b = true, .m = N, .n = vocab_rows_, .k = D}, S.lnf.data(), w(head_), S.logits.data());
     const DeviceView<const std::int32_t> flat_targets(targets.data, Shape{N});
+    phase("cross-entropy");
     if (tp_size_ > 1)
       ops::vocab_parallel_cross_entropy<C>(stream_, *tp_, S.logits, vocab_lo_, vocab_valid_, flat_targets, losses_,
                                            stats_, dloss);
@@ -1236,9 +1256,11 @@ class DeviceGPT {
     if (has_head()) {
       // Head: dlnf = dlogits wte (summed over tp); dwte += dlogits^T lnf; ln_f backward into the
       // residual gradient.
+      phase("lm head bwd");
       column_input_grad({.m = N, .n = D, .k = vocab_rows_}, S.logits.data(), head_);
       if (!input_only)  // (an I pass leaves dwte to its W pass: dlogits and lnf stay in the slot)
         gemm_grad({.trans_a = true, .m = vocab_rows_, .n = D, .k = N}, S.logits.data(), S.lnf.data(), g(head_));
+      phase("layernorm bwd");
       ln_backward(last.x_in, lnf_w_, lnf_b_, last.mean1, last.rstd1, false);
       if (!blocks_.empty()) prefetch(blocks_.back().ln1_w);  // ZeRO-3: queued before the head's reduction
       if (hook_) hook_(flat_[lnf_w_].offset);
@@ -1252,6 +1274,7 @@ class DeviceGPT {
       LayerActs& a = acts[l];
       const BlockParams& p = blocks_[l];
       // MLP: dpre = (dres Wfcproj^T) * gelu'(pre); weight and bias gradients.
+      phase("gemm bwd");
       if (sp_) gather_rows(dres_, dres_full_);
       gemm({.trans_b = true, .m = N, .n = 4 * Dl, .k = D}, dres_all.data(), w(p.fcproj_w), dpre_.data(), 0.f,
            {Epilogue::dgelu, nullptr, a.pre.data()});
@@ -1259,34 +1282,44 @@ class DeviceGPT {
         copy(dres_all, S.wgrad[l].fcproj);
       else
         gemm_grad({.trans_a = true, .m = 4 * Dl, .n = D, .k = N}, a.h.data(), dres_all.data(), g(p.fcproj_w));
+      phase("bias grads");
       ops::bias_grad<C>(stream_, dres_all, gv(p.fcproj_b), ws_);
+      phase("gemm bwd");
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 4 * Dl}, dpre_.data(), p.fc_w);
       if (input_only)
         copy(dpre_, S.wgrad[l].fc);
       else
         gemm_grad({.trans_a = true, .m = D, .n = 4 * Dl, .k = N}, a.ln2.data(), dpre_.data(), g(p.fc_w));
+      phase("bias grads");
       ops::bias_grad<C>(stream_, dpre_.reshape(Shape{N, 4 * Dl}), gv(p.fc_b), ws_);
+      phase("layernorm bwd");
       ln_backward(a.x_mid, p.ln2_w, p.ln2_b, a.mean2, a.rstd2, true);
       // Attention: datt = dres Wproj^T; weight and bias gradients; core attention; c_attn.
+      phase("gemm bwd");
       if (sp_) gather_rows(dres_, dres_full_);
       gemm({.trans_b = true, .m = N, .n = Dl, .k = D}, dres_all.data(), w(p.proj_w), datt_.data());
       if (input_only)
         copy(dres_all, S.wgrad[l].proj);
       else
         gemm_grad({.trans_a = true, .m = Dl, .n = D, .k = N}, a.atty.data(), dres_all.data(), g(p.proj_w));
+      phase("bias grads");
       ops::bias_grad<C>(stream_, dres_all, gv(p.proj_b), ws_);
+      phase("attention bwd");
       if (flash_)
         ops::flash_attention_backward<C>(stream_, datt_.reshape(Shape{B, T, Dl}), a.qkvp.reshape(Shape{B, T, 3 * Dl}),
                                          a.atty.reshape(Shape{B, T, Dl}), a.lse, H, flash_d_, dqkv_, flash_path_);
       else
         ops::attention_backward<C>(stream_, blas_, datt_.reshape(Shape{B, T, Dl}), a.qkvp, H, a.probs, heads_, dprobs_,
                                    dqkvp_, dqkv_);
+      phase("gemm bwd");
       column_input_grad({.trans_b = true, .m = N, .n = D, .k = 3 * Dl}, dqkv_.data(), p.qkv_w);
       if (input_only)
         copy(dqkv_, S.wgrad[l].qkv);
       else
         gemm_grad({.trans_a = true, .m = D, .n = 3 * Dl, .k = N}, a.ln1.data(), dqkv_.data(), g(p.qkv_w));
+      phase("bias grads");
       ops::bias_grad<C>(stream_, dqkv_.reshape(Shape{N, 3 * Dl}), gv(p.qkv_b), ws_);
+      phase("layernorm bwd");
       ln_backward(a.x_in, p.ln1_w, p.ln1_b, a.mean1, a.rstd1, true);
       if (l > 0) prefetch(blocks_[l - 1].ln1_w);  // ZeRO-3: queued before this block's reduction
       if (hook_) hook_(flat_[p.ln1_w].offset);
@@ -1295,6 +1328,7 @@ class DeviceGPT {
       to_boundary(dres_, grad_input);
       return;
     }
+    phase("embedding bwd");
     ops::dropout_apply<C>(stream_, dres_, S.mask);  // the same mask on the gradient
     // Under sequence parallelism every row's gradient is needed (this rank's vocabulary rows take
     // every position's tokens): gathered. Under tp, this rank's vocabulary rows only (the others'
@@ -1370,6 +1404,8 @@ class DeviceGPT {
   std::size_t act_bytes_ = 0;
   Dropout<float> drop_;
   std::function<void(std::int64_t)> hook_;
+  PhaseTimer phases_;                      // phase_timer()
+  void phase(const char* name) { phases_.mark(stream_, name); }
   DeviceComm* tp_ = nullptr;  // the tensor-parallel group (nullptr: tp 1)
   int tp_size_ = 1, tp_rank_ = 0;
 };
