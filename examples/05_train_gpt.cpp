@@ -110,7 +110,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   if (rank0 && a.dp > 1) {
     std::size_t buckets = 0;  // rank 0's stages' (--bucket-mb: the cap; a larger parameter is a bucket alone)
     for (GradBuckets<float>* b : model.buckets()) buckets += b->buckets().size();
-    std::printf("dp communication: %s; %zu gradient buckets on rank 0 (--bucket-mb %g)\n", dp_comm.describe(a).c_str(),
+    std::printf("dp communication: %s; %zu gradient bucket(s) on rank 0 (--bucket-mb %g)\n", dp_comm.describe(a).c_str(),
                 buckets, a.bucket_mb);
   }
   if (rank0)

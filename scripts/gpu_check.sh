@@ -112,6 +112,9 @@ STEPS=20
 # The device run's limit is 470 s here (docs/gpu.md): by default no command runs past 430 s from
 # the start, so that the table is printed before the run is killed.
 GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-430}
+for v in GPU_CHECK_BUDGET GPU_CHECK_MAX_TIMEOUT; do
+  [[ -z "${!v:-}" || "${!v}" =~ ^[0-9]+$ ]] || { echo "FAIL: $v='${!v}' is not a whole number of seconds"; exit 2; }
+done
 [[ "$GPU_CHECK_BUDGET" == 0 ]] && GPU_CHECK_BUDGET=   # 0: no budget
 # Where the device run collects files ($OUT): each figure is appended there as it is measured, so
 # that a run killed before the end still returns the rows it had.
@@ -130,7 +133,7 @@ fail() { echo "FAIL: $*"; status=1; row "FAIL" "$*"; }
 verdict() {
   local rc=$1; shift
   [[ $rc == 0 ]] && return 0
-  if [[ $rc == "$NOT_RUN" ]]; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"; cut_short
+  if cut_by_budget "$rc"; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"; cut_short
   else fail "$* (exit $rc)"; fi
   return 1
 }
@@ -152,6 +155,12 @@ declare -a unfinished=()
 cut_short() { [[ " ${unfinished[*]} " == *" ${section:-?} "* ]] || unfinished+=("${section:-?}"); }
 # budget_spent: true once no command would run any more.
 budget_spent() { [[ -n "${GPU_CHECK_BUDGET:-}" ]] && (( SECONDS - T0 >= GPU_CHECK_BUDGET )); }
+# cut_by_budget RC: the command was not run, or was stopped, because the budget ran out (tmo's
+# 125, or timeout's 124 / SIGKILL's 137 at the budget's end; SECONDS counts whole seconds).
+cut_by_budget() {
+  [[ -n "${GPU_CHECK_BUDGET:-}" ]] && [[ $1 == "$NOT_RUN" || $1 == 124 || $1 == 137 ]] &&
+    (( SECONDS - T0 >= GPU_CHECK_BUDGET - 2 ))
+}
 # begin SECTION TITLE: announce a section; false when GPU_CHECK_ONLY leaves it out or the budget is spent.
 begin() {
   local id=$1; shift
@@ -195,7 +204,7 @@ sec_1() {
     if budget_spent; then not_run=$((not_run + 1)); cut_short; continue; fi
     t1=$SECONDS
     out=$(tmo 120 "$BIN/cuda_gpu_test" --no-colors -tc="${c//,/?}" 2>&1); rc=$?
-    if [[ $rc == "$NOT_RUN" ]]; then not_run=$((not_run + 1)); cut_short; continue; fi
+    if cut_by_budget "$rc"; then not_run=$((not_run + 1)); cut_short; echo "NOT RUN (budget) $c"; continue; fi
     if [[ $rc == 0 ]] && grep -qE 'test cases: *1 \| *1 passed' <<< "$out"; then
       passed=$((passed + 1)); echo "PASS ($((SECONDS - t1)) s) $c"
     else
@@ -236,8 +245,11 @@ sec_2() {
   bench() {  # name, dtype, args...
     local name=$1 dtype=$2; shift 2
     local t p out ph
-    out=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1)
-    t=$(tail -n 1 <<< "$out"); ph=$(grep '^phases ' <<< "$out" | tail -n 1)
+    local rc
+    out=$(tmo 240 "$BIN/gpt_device_bench" --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1); rc=$?
+    if cut_by_budget "$rc"; then verdict "$rc" "gpt_device_bench $name $dtype"; return; fi
+    t=$(grep '^tessera ' <<< "$out" | tail -n 1); ph=$(grep '^phases ' <<< "$out" | tail -n 1)
+    [[ -z "$t" ]] && t=$(tail -n 1 <<< "$out")
     echo "$t"
     [[ -n "$ph" ]] && { echo "$ph"; row "$name $dtype phases (ms per step)" "${ph#*: }"; }
     if [[ "$name" == *-flash* ]]; then  # the same model as the row before: PyTorch's figure again
@@ -245,6 +257,7 @@ sec_2() {
       echo "pytorch: the row above's figure"
     elif [[ -n "$PYTHON" ]]; then
       p=$(tmo 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
+      cut_by_budget "${PIPESTATUS[0]}" && { verdict 124 "pytorch_gpt.py $name $dtype"; p="pytorch: not run"; }
       echo "$p"
       last_pytorch=$p
     else
@@ -282,7 +295,7 @@ sec_3() {
   compare_curve() {
     local name=$1 label=$2 cmp worst va vb ta tb
     [[ -s "$RUN/curve_fp32.jsonl" && -s "$RUN/curve_$name.jsonl" ]] || return 0
-    cmp=$(python3 - "$RUN/curve_fp32.jsonl" "$RUN/curve_$name.jsonl" <<'PY'
+    cmp=$("${PYTHON:-python3}" - "$RUN/curve_fp32.jsonl" "$RUN/curve_$name.jsonl" <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
@@ -356,12 +369,11 @@ sec_3e() {
 sec_4() {
   ck() { tmo 240 "$BIN/train_gpt" --data "$RUN/data/kjv.txt" --sample-len 0 --val-every 0 --log-every 5 "$@"; }
   rm -rf "$RUN/ck_gpu" "$RUN/ck_cpu"
-  if ck --device cuda --steps 10 --save "$RUN/ck_gpu" && ck --dp 2 --resume "$RUN/ck_gpu" --steps 14; then
-    row "GPU checkpoint resumed on the CPU at dp 2" "ok"
-  else fail "GPU checkpoint resumed on the CPU"; fi
-  if ck --dp 2 --steps 10 --save "$RUN/ck_cpu" && ck --device cuda --resume "$RUN/ck_cpu" --steps 14; then
-    row "CPU checkpoint (dp 2) resumed on the GPU" "ok"
-  else fail "CPU checkpoint resumed on the GPU"; fi
+  local rc
+  ck --device cuda --steps 10 --save "$RUN/ck_gpu" && ck --dp 2 --resume "$RUN/ck_gpu" --steps 14; rc=$?
+  verdict "$rc" "GPU checkpoint resumed on the CPU" && row "GPU checkpoint resumed on the CPU at dp 2" "ok"
+  ck --dp 2 --steps 10 --save "$RUN/ck_cpu" && ck --device cuda --resume "$RUN/ck_cpu" --steps 14; rc=$?
+  verdict "$rc" "CPU checkpoint resumed on the GPU" && row "CPU checkpoint (dp 2) resumed on the GPU" "ok"
 }
 sec_5() {
   tmo 120 "$BIN/nccl_bench" -b 4K -e 256M -f 4 -n 20 -w 5 | tail -n 10; verdict "${PIPESTATUS[0]}" "nccl_bench"
@@ -380,6 +392,9 @@ declare -A title=(
   [4]="checkpoints across devices"
   [5]="NCCL all_reduce on 1 GPU, through tessera and raw (issue 13: tessera / raw <= 1.02 above 1 MiB)"
 )
+for id in ${GPU_CHECK_ONLY:-} ${GPU_CHECK_ORDER:-}; do
+  [[ -n "${title[$id]:-}" ]] || { echo "FAIL: no section '$id' (GPU_CHECK_ONLY / GPU_CHECK_ORDER); sections: ${!title[*]}"; exit 2; }
+done
 # Issue 12's checks (one GPU) first, then the policies on the device (issue 13): a budget cut
 # leaves out the last.
 for id in ${GPU_CHECK_ORDER:-1 3b 3 4 2 1d 3c 3d 3e 2b 1b 5}; do

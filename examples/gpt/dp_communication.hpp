@@ -150,6 +150,16 @@ class DpCommunication {
   }
   std::int64_t total_steps() const { return total_steps_; }
 
+  // This rank's gradient buckets' element counts, over its stages in order (a compressor's state
+  // is per bucket: a resume takes it only into the same buckets).
+  template <class Model>
+  static std::vector<std::int64_t> bucket_layout(Model& model) {
+    std::vector<std::int64_t> out;
+    for (auto* b : model.buckets())
+      for (const auto& bucket : b->buckets()) out.push_back(bucket.numel);
+    return out;
+  }
+
   // The file beside a checkpoint's shards holding world rank `rank`'s dp state.
   static std::filesystem::path state_file(const std::filesystem::path& dir, int rank) {
     char name[64];
@@ -176,7 +186,7 @@ class DpCommunication {
         if (!v.empty()) w.add(k, Tensor<float>::from(Shape{static_cast<std::int64_t>(v.size())}, std::span<const float>(v)));
       nlohmann::json meta = {{"checkpoint_id", checkpoint_id(dir)}, {"step", step}, {"dp", a.dp}, {"pp", a.pp}, {"tp", a.tp},
                              {"coord", {mesh.coord().dp, mesh.coord().pp, mesh.coord().tp}}, {"policy", describe(a)},
-                             {"counters", st.counters}};
+                             {"counters", st.counters}, {"buckets", bucket_layout(model)}};
       w.set_metadata("tessera.dp_state", meta.dump());
       w.write(state_file(dir, world.rank()));
     } catch (const std::exception& e) {
@@ -216,6 +226,10 @@ class DpCommunication {
                             " tp=", meta.at("tp").get<int>(), " (dp state is per dp rank)");
         else if (policy != describe(a))
           why = "it was saved with " + policy;
+        else if (!local_ && meta.contains("buckets") && meta.at("buckets").get<std::vector<std::int64_t>>() != bucket_layout(model))
+          why = detail::str("its gradient buckets differ (", meta.at("buckets").size(), " saved, ",
+                            bucket_layout(model).size(), " now: --bucket-mb, --zero or --zero3-unit changed), and a "
+                            "compressor's state is per bucket");
       }
     } catch (const std::exception& e) {
       why = e.what();
@@ -257,10 +271,7 @@ class DpCommunication {
       return "DiLoCo: sync every " + std::to_string(a.sync_every) + " steps, outer lr " + std::to_string(a.outer_lr) +
              " momentum " + std::to_string(a.outer_momentum) +
              (sync_hook_ ? ", pseudo-gradients through " + sync_hook_->name() : std::string());
-    // A compressor's state is per bucket: another bucket size is another policy (its resume restarts the state).
-    return hooks_.empty() ? std::string("fp32 all-reduce")
-                          : "compression " + hooks_.front()->name() +
-                                (a.bucket_mb == 25 ? std::string() : ", buckets of " + std::to_string(a.bucket_mb) + " MiB");
+    return hooks_.empty() ? std::string("fp32 all-reduce") : "compression " + hooks_.front()->name();
   }
 
  private:

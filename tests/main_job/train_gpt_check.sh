@@ -155,8 +155,8 @@ for run in default:25 small:0.0005; do
   "$train" --data "$work/text.txt" "${model[@]}" --dp 2 --steps 4 --sample-len 0 --bucket-mb "$mb" \
     --loss-csv "$work/bucket_$name.csv" > "$work/bucket_$name.log" 2>&1 || { cat "$work/bucket_$name.log"; fail "--bucket-mb $mb"; }
 done
-nb_default=$(sed -n 's/.*; \([0-9]*\) gradient buckets on rank 0 (--bucket-mb 25).*/\1/p' "$work/bucket_default.log")
-nb_small=$(sed -n 's/.*; \([0-9]*\) gradient buckets on rank 0 (--bucket-mb 0.0005).*/\1/p' "$work/bucket_small.log")
+nb_default=$(sed -n 's/.*; \([0-9]*\) gradient bucket(s) on rank 0 (--bucket-mb 25).*/\1/p' "$work/bucket_default.log")
+nb_small=$(sed -n 's/.*; \([0-9]*\) gradient bucket(s) on rank 0 (--bucket-mb 0.0005).*/\1/p' "$work/bucket_small.log")
 [ -n "$nb_default" ] && [ "$nb_default" -le 2 ] || { cat "$work/bucket_default.log"; fail "default buckets: '$nb_default', expected at most 2 (the model is 0.1 MiB)"; }
 [ -n "$nb_small" ] && [ "$nb_small" -ge $((nb_default + 4)) ] || { cat "$work/bucket_small.log"; fail "--bucket-mb 0.0005 buckets: '$nb_small', expected at least $((nb_default + 4))"; }
 cmp <(cut -d, -f1,2 "$work/bucket_default.csv") <(cut -d, -f1,2 "$work/bucket_small.csv") \

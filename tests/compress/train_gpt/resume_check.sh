@@ -58,6 +58,17 @@ grep -q "note: the dp state (error-feedback residuals) restarts (it was saved at
 grep -q "^step    9" "$work/dp4.log" || fail "the dp 4 resume did not reach step 9"
 echo "ok: a resume at dp 4 restarts the residuals with a note"
 
+# Other gradient buckets (--zero 3's per-layer units, or --bucket-mb): the per-bucket residuals
+# restart with a note, where they used to be loaded into buckets of other sizes.
+for other in "--zero 3" "--bucket-mb 0.001"; do
+  # shellcheck disable=SC2086
+  "$train" "${model[@]}" --dp 2 --compress topk:0.1 $other --steps $steps --resume "$work/topk.ckpt" > "$work/bk.log" 2>&1 \
+    || { cat "$work/bk.log"; fail "resume with $other failed"; }
+  grep -q "restarts (its gradient buckets differ" "$work/bk.log" || { cat "$work/bk.log"; fail "no bucket note with $other"; }
+  grep -q "^step    9" "$work/bk.log" || fail "the resume with $other did not reach step 9"
+done
+echo "ok: a resume into other gradient buckets restarts the residuals with a note"
+
 # PowerSGD / top-k at tp > 1 or pp > 1 are refused on every rank, naming the layout.
 if "$train" "${model[@]}" --dp 2 --pp 2 --compress topk:0.1 --steps 2 > "$work/pp.log" 2>&1; then fail "topk at pp 2 accepted"; fi
 grep -q "compress topk:0.1 at tp 1 x pp 2: PowerSGD and top-k need tp 1 and pp 1" "$work/pp.log" || { cat "$work/pp.log"; fail "pp 2 message"; }
