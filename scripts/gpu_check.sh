@@ -256,8 +256,9 @@ sec_2() {
       p=${last_pytorch:-"pytorch: no figure"}
       echo "pytorch: the row above's figure"
     elif [[ -n "$PYTHON" ]]; then
-      p=$(tmo 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1)
-      cut_by_budget "${PIPESTATUS[0]}" && { verdict 124 "pytorch_gpt.py $name $dtype"; p="pytorch: not run"; }
+      p=$(tmo 240 "$PYTHON" bench/cuda/pytorch_gpt.py --name "$name" --dtype "$dtype" --steps "$STEPS" "$@" 2>&1 | tail -n 1
+          exit "${PIPESTATUS[0]}"); rc=$?
+      cut_by_budget "$rc" && { verdict "$rc" "pytorch_gpt.py $name $dtype"; p="pytorch: not run"; }
       echo "$p"
       last_pytorch=$p
     else
@@ -345,7 +346,7 @@ sec_3b() {
 }
 sec_3c() {
   verify_layout 20 240 " (target dp 2 <= 1.15)" --dp 2
-  verify_layout 20 240 "" --dp 4
+  verify_layout 20 240 " (1 MiB buckets: several reduced during backward)" --dp 4 --bucket-mb 1
   verify_layout 10 120 " (ZeRO-2: per-bucket gradient buffers)" --dp 2 --zero 2 --accum 2
   verify_layout 10 120 " (ZeRO-3: the weights gathered bucket by bucket)" --dp 2 --zero 3
 }

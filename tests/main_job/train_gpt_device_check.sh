@@ -62,7 +62,7 @@ if [[ -n "${TESSERA_CUDA_GPU:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
   # tp 2 and dp 2 x tp 2 (each rank its shard of every block) against the serial CPU run; the
   # checkpoint holds the whole model and resumes on the CPU at dp 2.
   # pp 2 (1F1B and GPipe) and dp 2 x pp 2 x tp 2: each rank one stage, the tied wte's copies summed.
-  for layout in "--tp 2" "--dp 2 --tp 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--dp 2 --tp 2 --zero 3" \
+  for layout in "--tp 2" "--dp 2 --tp 2" "--dp 2 --bucket-mb 0.01" "--dp 2 --bucket-mb 0.01 --zero 2 --accum 2" "--tp 2 --sequence-parallel" "--dp 2 --tp 2 --zero 1 --accum 2" "--dp 2 --tp 2 --zero 2 --accum 2" "--dp 2 --pp 2 --zero 2" "--dp 2 --tp 2 --zero 3" \
                 "--dp 2 --pp 2 --zero 3" "--dp 2 --pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4 --zero 3" "--pp 2" \
                 "--pp 2 --schedule gpipe --microbatches 4" "--dp 2 --pp 2 --tp 2 --sequence-parallel --zero 1" \
                 "--pp 2 --schedule interleaved --virtual-stages 2 --microbatches 4" "--pp 2 --schedule zb-h1 --microbatches 4" \
