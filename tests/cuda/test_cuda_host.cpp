@@ -699,6 +699,20 @@ void load_head(Head& f, const Tensor<float>& qkv, const Tensor<float>& dy, int b
     }
 }
 
+// Row t of the head's y and dq|dk|dv back into the (B, T, C) output and the (B, T, 3C) gradient:
+// the layout load_head reads from.
+template <class Head>
+void store_head_row(const Head& f, Tensor<float>& y, Tensor<float>& dqkv, int b, int t, int h, int C) {
+  for (int e = 0; e < f.hd; ++e) {
+    const std::size_t i = static_cast<std::size_t>(t * f.hd + e);
+    const std::int64_t row = (static_cast<std::int64_t>(b) * f.T + t) * 3 * C + h * f.hd + e;
+    y.data()[(static_cast<std::int64_t>(b) * f.T + t) * C + h * f.hd + e] = f.y[i];
+    dqkv.data()[row] = f.dq[i];
+    dqkv.data()[row + C] = f.dk[i];
+    dqkv.data()[row + 2 * C] = f.dv[i];
+  }
+}
+
 void flash_host_forward(FlashHead& f, float scale) {
   f.y.assign(static_cast<std::size_t>(f.T * f.hd), 0.f);
   f.lse.assign(static_cast<std::size_t>(f.T), 0.f);
@@ -788,14 +802,7 @@ TEST_CASE("fused attention math: the flash kernels' tiled online softmax and rec
             sum += std::exp(s2 * scale - mx);
           }
           CHECK(std::abs(f.lse[static_cast<std::size_t>(t)] - (mx + std::log(sum))) < 1e-4 * (1 + std::abs(mx)));
-          for (int e = 0; e < hd; ++e) {
-            const std::size_t i = static_cast<std::size_t>(t * hd + e);
-            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
-            y.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e] = f.y[i];
-            dqkv.data()[row] = f.dq[i];
-            dqkv.data()[row + C] = f.dk[i];
-            dqkv.data()[row + 2 * C] = f.dv[i];
-          }
+          store_head_row(f, y, dqkv, b, t, h, C);
         }
       }
     CHECK(norm_rel(y, y_ref) < 1e-5);
@@ -955,14 +962,7 @@ TEST_CASE("tensor-core attention math: the mma kernels' tile walk (bf16 inputs, 
           }
           for (double v : s) sum += std::exp(v - mx);
           lse_err = std::max(lse_err, std::abs(f.lse[static_cast<std::size_t>(t)] - (mx + std::log(sum))) / (1 + std::abs(mx)));
-          for (int e = 0; e < hd; ++e) {
-            const std::size_t i = static_cast<std::size_t>(t * hd + e);
-            const std::int64_t row = (static_cast<std::int64_t>(b) * T + t) * 3 * C + h * hd + e;
-            y.data()[(static_cast<std::int64_t>(b) * T + t) * C + h * hd + e] = f.y[i];
-            dqkv.data()[row] = f.dq[i];
-            dqkv.data()[row + C] = f.dk[i];
-            dqkv.data()[row + 2 * C] = f.dv[i];
-          }
+          store_head_row(f, y, dqkv, b, t, h, C);
         }
       }
     nn::CoreAttention<float> core(H);
