@@ -128,13 +128,14 @@ row() {
   return 0
 }
 fail() { echo "FAIL: $*"; status=1; row "FAIL" "$*"; }
+# not_run WHAT...: a "NOT RUN" row (the check does not pass) and the section named for a rerun.
+not_run() { echo "NOT RUN: $*"; status=1; row "NOT RUN" "$*"; cut_short; }
 # verdict RC WHAT...: nothing for 0; a "NOT RUN" row for a command the budget left out (tmo's
 # 125: the check did not pass, but nothing failed); else a FAIL row with the exit status.
 verdict() {
   local rc=$1; shift
   [[ $rc == 0 ]] && return 0
-  if cut_by_budget "$rc"; then echo "NOT RUN: $*"; status=1; row "NOT RUN" "$* (the budget was spent)"; cut_short
-  else fail "$* (exit $rc)"; fi
+  if cut_by_budget "$rc"; then not_run "$* (the budget was spent)"; else fail "$* (exit $rc)"; fi
   return 1
 }
 # tmo SECONDS command...: timeout (SIGKILL 10 s after SIGTERM), capped by GPU_CHECK_MAX_TIMEOUT
@@ -167,7 +168,7 @@ begin() {
   if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $id "* ]]; then return 1; fi
   say "$id. $*"
   if budget_spent; then
-    echo "NOT RUN: section $id"; status=1; section=$id; cut_short; row "NOT RUN" "section $id (the budget of ${GPU_CHECK_BUDGET} s was spent)"; return 1
+    section=$id; not_run "section $id (the budget of ${GPU_CHECK_BUDGET} s was spent)"; return 1
   fi
   return 0
 }
