@@ -35,6 +35,7 @@ inline plan::SearchOptions search_options(const Args& a, int world, const plan::
   o.recompute = {plan::Recompute::none, plan::Recompute::selective, plan::Recompute::full};
   o.zero_stages = {0, 1, 2, 3};
   o.zero3_unit_layers = a.zero3_unit_layers();
+  o.dp_bucket_bytes = o.dp_first_bucket_bytes = a.bucket_bytes();  // Hybrid's buckets, --bucket-mb
   o.sequence_parallel = false;
   for (int t = 1; t <= world && t <= cluster.devices_per_node; ++t)
     if (a.heads % t == 0) o.tp_sizes.push_back(t);

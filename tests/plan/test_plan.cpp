@@ -1046,7 +1046,24 @@ TEST_CASE("ZeRO-3 in the planner: 16 Psi / N plus the gathered unit; per step 2 
   for (const Plan& p : r.ranked) {
     CHECK(p.layout.zero_stage == 3);
     CHECK(p.layout.zero3_unit_layers == 0);
+    CHECK(p.layout.dp_bucket_bytes == std::size_t{25} << 20);
   }
+  // ... and the bucket size asked for (train_gpt: --bucket-mb): smaller buckets, more messages.
+  const std::size_t small = std::size_t{1} << 16;
+  const SearchResult rs = search(m, c, SearchOptions{.world = 8, .global_batch = 16, .microbatch_sizes = {1, 2},
+                                                     .virtual_stages = {1}, .recompute = {Recompute::full},
+                                                     .zero_stages = {3}, .zero3_unit_layers = 0,
+                                                     .dp_bucket_bytes = small, .dp_first_bucket_bytes = small});
+  REQUIRE(rs.ranked.size() == r.ranked.size());
+  for (const Plan& p : rs.ranked) {
+    CHECK(p.layout.dp_bucket_bytes == small);
+    CHECK(p.layout.dp_first_bucket_bytes == small);
+  }
+  Layout big = rs.ranked.front().layout;
+  big.dp_bucket_bytes = big.dp_first_bucket_bytes = std::size_t{25} << 20;
+  const CostModel with_small{.model = m, .cluster = c, .layout = rs.ranked.front().layout};
+  const CostModel with_big{.model = m, .cluster = c, .layout = big};
+  CHECK(with_small.zero3_traffic(0).all_gathers > with_big.zero3_traffic(0).all_gathers);
 }
 
 TEST_CASE("Block overhead: calibrate's fit of a real block's unlisted work, and CostModel charging it per forward (1/3) and backward (2/3) of tessera's block only") {

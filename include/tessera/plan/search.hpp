@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -32,6 +33,11 @@ struct SearchOptions {
   std::vector<Recompute> recompute{Recompute::none, Recompute::selective, Recompute::full};  ///< modes to try
   std::vector<int> zero_stages{0, 1};                  ///< ZeRO stages to try
   int zero3_unit_layers = 1;  ///< ZeRO-3's gathered unit for every ZeRO-3 layout (Layout::zero3_unit_layers; 0: a stage)
+  /// Bytes of the dp gradient buckets of every layout (Layout::dp_bucket_bytes: Hybrid's
+  /// bucket_size, train_gpt's --bucket-mb); ZeRO-3's per-unit messages are counted from it.
+  std::size_t dp_bucket_bytes = std::size_t{25} << 20;
+  /// Bytes of a unit's first bucket for every layout (Layout::dp_first_bucket_bytes).
+  std::size_t dp_first_bucket_bytes = std::size_t{25} << 20;
   bool zero_bubble = true;  ///< also try ZB-H1 (schedule::ZeroBubbleH1) for every pipeline with v = 1 and pp > 1
   bool sequence_parallel = true;                       ///< use sequence parallelism whenever tp > 1
   bool p2p_scatter_gather = false;  ///< Layout::p2p_scatter_gather for every layout (Megatron-LM: true)
@@ -165,6 +171,8 @@ inline SearchResult search(const ModelSpec& model, const Cluster& cluster, const
               l.recompute = rc;
               l.zero_stage = z;
               l.zero3_unit_layers = opts.zero3_unit_layers;
+              l.dp_bucket_bytes = opts.dp_bucket_bytes;
+              l.dp_first_bucket_bytes = opts.dp_first_bucket_bytes;
               if (z > 0 && dp == 1) continue;  // ZeRO over one replica is stage 0
               Plan p = Plan::predict(model, cluster, l, precision);
               if (opts.on_predicted) opts.on_predicted(l, ++predicted);
