@@ -234,6 +234,20 @@ TEST_CASE("PowerSGDHook warm-up: the first N reductions are the plain all-reduce
   CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,warmup=-1"), doctest::Contains("warmup \"-1\""), Error);
   CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,rank=2"), doctest::Contains("option \"rank=2\" is unknown"), Error);
   CHECK_THROWS_WITH_AS(make_comm_hook<float>("bf16,warmup=3"), doctest::Contains("only powersgd and topk take"), Error);
+  // Duplicates, stray commas, signs and spaces are refused, not silently read (session 18).
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,warmup=2,warmup=3"), doctest::Contains("warmup is given twice"),
+                       Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,"), doctest::Contains("an empty option"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.5,,warmup=1"), doctest::Contains("an empty option"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.5,warmup=1,"), doctest::Contains("an empty option"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:+4"), doctest::Contains("rank \"+4\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd: 4"), doctest::Contains("rank \" 4\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk: 0.5"), doctest::Contains("fraction \" 0.5\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,warmup=+2"), doctest::Contains("warmup \"+2\""), Error);
+  // The name shows the fraction as it is used (it was "topk:0" for 1e-30).
+  CHECK(make_comm_hook<float>("topk:1e-30")->name() == "topk:1e-30");
+  CHECK(make_comm_hook<float>("topk:0.01,warmup=5")->name() == "topk:0.01,warmup=5");
+  CHECK(make_comm_hook<float>("topk:.5")->name() == "topk:0.5");
   CHECK_THROWS_WITH_AS(PowerSGDHook<float>({.rank = 1, .warmup_steps = -3}), doctest::Contains("warmup_steps -3"), Error);
 }
 

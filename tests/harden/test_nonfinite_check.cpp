@@ -116,6 +116,30 @@ TEST_CASE("NonfiniteCheck at 1 rank: skip returns a step not to take and counts 
   CHECK(testing::rel_error(v2.grad_norm, std::sqrt(squares(p))) < 1e-15);
 }
 
+TEST_CASE("NonfiniteCheck at 1 rank: skip with max_consecutive_skips stops after that many steps skipped in a row") {
+  Params p(0);
+  optim::NonfiniteCheck<float> check(optim::OnNonfinite::skip, 2);
+  auto step = [&](std::int64_t s, bool bad) {
+    p.owned[0].grad.span()[1] = bad ? nan_f : 0.5f;
+    return check.check(s, 2.0, optim::gradients_of(p.list), p.list);
+  };
+  CHECK_FALSE(step(1, true).finite);
+  CHECK_FALSE(step(2, true).finite);
+  CHECK(check.consecutive_skips() == 2);
+  CHECK(step(3, false).finite);  // a finite step ends the run of skips
+  CHECK(check.consecutive_skips() == 0);
+  CHECK_FALSE(step(4, true).finite);
+  CHECK_FALSE(step(5, true).finite);
+  const std::string m = message_of([&] { step(6, true); });
+  INFO(m);
+  CHECK(m.find("non-finite values at step 6") != std::string::npos);
+  CHECK(m.find("the 2 step(s) before it were skipped too") != std::string::npos);
+  CHECK(m.find("max_consecutive_skips 2") != std::string::npos);
+  CHECK(check.skipped_steps() == 4);
+  CHECK_THROWS_WITH_AS(optim::NonfiniteCheck<float>(optim::OnNonfinite::skip, -1),
+                       doctest::Contains("max_consecutive_skips -1 must be >= 0"), Error);
+}
+
 TEST_CASE("NonfiniteCheck at 1 rank: without parameters the message names the gradient piece") {
   Params p(0);
   p.owned[2].grad.span()[4] = nan_f;

@@ -53,8 +53,16 @@ struct NonfiniteVerdict {
 template <std::floating_point T>
 class NonfiniteCheck {
  public:
-  /// A check that stops (the default) or skips on a non-finite value.
-  explicit NonfiniteCheck(OnNonfinite on = OnNonfinite::stop) : on_(on) {}
+  /// A check that stops (the default) or skips on a non-finite value. With skip,
+  /// `max_consecutive_skips` > 0 bounds how many steps in a row may be skipped: a non-finite
+  /// step after that many skipped ones throws as stop does (a run whose every step is
+  /// non-finite has diverged and would never recover; fairseq stops at its minimum loss scale
+  /// for the same reason); 0: no bound. Throws tessera::Error when it is negative.
+  explicit NonfiniteCheck(OnNonfinite on = OnNonfinite::stop, std::int64_t max_consecutive_skips = 0)
+      : on_(on), max_consecutive_(max_consecutive_skips) {
+    TESSERA_EXPECTS(max_consecutive_skips >= 0, "NonfiniteCheck: max_consecutive_skips ", max_consecutive_skips,
+                    " must be >= 0 (0: no bound)");
+  }
 
   /// Checks `loss` (this rank's view of the step's loss) and the gradients `grads` after the
   /// backward pass of step `step`, before the optimizer step. Returns the verdict and the global
@@ -81,16 +89,25 @@ class NonfiniteCheck {
     Gradients<T> fused{grads.pieces, grads.comm};
     fused.pieces.push_back({Tensor<T>::full(Shape{1}, local_bad ? std::numeric_limits<T>::quiet_NaN() : T{0}), true});
     const double norm = grad_norm(fused);
-    if (std::isfinite(norm)) return {true, norm};
+    if (std::isfinite(norm)) {
+      consecutive_ = 0;
+      return {true, norm};
+    }
     const std::string what = describe_(step, loss, grads, params);
     if (on_ == OnNonfinite::stop) throw Error(what);
+    if (max_consecutive_ > 0 && consecutive_ >= max_consecutive_)
+      throw Error(detail::str(what, "; the ", consecutive_, " step(s) before it were skipped too, the most in a row "
+                              "allowed (max_consecutive_skips ", max_consecutive_, "): training has diverged"));
     ++skipped_;
+    ++consecutive_;
     last_message_ = what;
     return {false, norm};
   }
 
   /// Steps skipped so far (OnNonfinite::skip). Local; the same on every rank of the comm.
   std::int64_t skipped_steps() const noexcept { return skipped_; }
+  /// Steps skipped in a row up to the last check (0 after a finite one). Local.
+  std::int64_t consecutive_skips() const noexcept { return consecutive_; }
   /// The message of the last skipped step ("" before the first): what stop would have thrown.
   const std::string& last_message() const noexcept { return last_message_; }
   /// What this check does on a non-finite value.
@@ -189,6 +206,8 @@ class NonfiniteCheck {
 
   OnNonfinite on_;
   std::int64_t skipped_ = 0;
+  std::int64_t max_consecutive_ = 0;  // 0: no bound
+  std::int64_t consecutive_ = 0;
   std::string last_message_;
 };
 

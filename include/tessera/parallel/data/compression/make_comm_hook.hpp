@@ -33,28 +33,31 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   const std::size_t comma = spec.find(',');
   const std::string head = spec.substr(0, comma);
   const std::string options = comma == std::string::npos ? "" : spec.substr(comma + 1);
-  // An integer option's value; `used` = characters parsed.
+  // An integer option's value: decimal digits only (no sign, no spaces).
   const auto integer = [](const std::string& text, long& value) {
-    std::size_t used = 0;
-    try {
-      value = std::stol(text, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    return !text.empty() && used == text.size();
+    if (text.empty() || text.size() > 12 || !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return false;
+    value = std::stol(text);
+    return true;
   };
+  TESSERA_EXPECTS(comma == std::string::npos || !options.empty(), "compression \"", spec,
+                  "\": an empty option after the comma; ", forms);
   TESSERA_EXPECTS(options.empty() || head.rfind("powersgd:", 0) == 0 || head.rfind("topk:", 0) == 0, "compression \"",
                   spec, "\": only powersgd and topk take options after a comma; ", forms);
   // The warm-up option (warmup=N), the only one; its value, 0 when absent.
   const auto warmup = [&]() {
     long w = 0;
-    for (std::size_t at = 0; at < options.size();) {
+    bool seen = false;
+    for (std::size_t at = 0; at <= options.size() && !options.empty();) {
       const std::size_t end = std::min(options.find(',', at), options.size());
       const std::string item = options.substr(at, end - at);
       at = end + 1;
+      TESSERA_EXPECTS(!item.empty(), "compression \"", spec, "\": an empty option (a stray comma); ", forms);
       const std::size_t eq = item.find('=');
       const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
       TESSERA_EXPECTS(key == "warmup", "compression \"", spec, "\": option \"", item, "\" is unknown; ", forms);
+      TESSERA_EXPECTS(!seen, "compression \"", spec, "\": warmup is given twice; ", forms);
+      seen = true;
       TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
                       "\" is not an integer >= 0; ", forms);
     }
@@ -74,8 +77,8 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   if (kind == "topk" && !arg.empty()) {
     double f = 0;
     std::size_t used = 0;
-    try {
-      f = std::stod(arg, &used);
+    try {  // a plain decimal number: no sign and no spaces (std::stod would skip them)
+      if ((arg[0] >= '0' && arg[0] <= '9') || arg[0] == '.') f = std::stod(arg, &used);
     } catch (const std::exception&) {
       used = 0;
     }

@@ -192,6 +192,16 @@ class PowerSGDHook final : public CommHook<T> {
     return it == mats_.end() ? none : it->second;
   }
 
+  /// Whether a gradient of `shape` is compressed at `rank`: rank >= 2 and, as the matrix
+  /// (n, m) = (shape[0], numel / shape[0]) with r = min(rank, n, m), r (n + m) < n m (else
+  /// it is all-reduced uncompressed). Local.
+  static bool compresses(const Shape& shape, std::int64_t rank) {
+    const std::int64_t numel = shape.numel();
+    if (shape.rank() < 2 || numel == 0) return false;
+    const std::int64_t n = shape[0], m = numel / n, r = std::min<std::int64_t>({rank, n, m});
+    return r * (n + m) < n * m;
+  }
+
   /// Gram-Schmidt on the `r` columns of the row-major (n, r) matrix `a`, in place, as the
   /// paper: each column has the projections on the earlier ones removed, then is divided by its
   /// norm (a column of norm <= 1e-8 is divided by 1e-8 instead, as PyTorch's hook adds an
@@ -229,7 +239,7 @@ class PowerSGDHook final : public CommHook<T> {
       if (numel == 0) continue;
       const std::int64_t n = t.shape.rank() >= 2 ? t.shape[0] : 1, m = numel / n;
       const std::int64_t r = std::min<std::int64_t>({options_.rank, n, m});
-      if (t.shape.rank() < 2 || r * (n + m) >= n * m) {
+      if (!compresses(t.shape, options_.rank)) {
         plain.emplace_back(t.offset, numel);
         continue;
       }

@@ -7,6 +7,7 @@
 /// (as PowerSGD's start_powerSGD_iter) all-reduces each bucket's first N reductions.
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -159,11 +160,11 @@ class TopKHook final : public CommHook<T> {
   }
 
  private:
+  // The fraction's shortest round-trip form ("0.01", "1e-30"), as it will be used.
   std::string format_fraction() const {
-    std::string s = std::to_string(fraction_);
-    while (s.size() > 1 && s.back() == '0') s.pop_back();
-    if (!s.empty() && s.back() == '.') s.pop_back();
-    return s;
+    char buf[32];
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, fraction_);
+    return ec == std::errc() ? std::string(buf, end) : std::to_string(fraction_);
   }
   double fraction_;
   std::int64_t warmup_ = 0;
