@@ -36,6 +36,7 @@
 #include "gpt/loss_curve.hpp"
 #include "gpt/memory_report.hpp"
 #include "gpt/sampling.hpp"
+#include "gpt/shared_dataset.hpp"
 #include "gpt/serial_reference.hpp"
 #include "tessera/checkpoint/checkpoint.hpp"
 #include "tessera/checkpoint/hybrid_state.hpp"
@@ -73,7 +74,8 @@ checkpoint::CheckpointMeta meta_of(const Args& a, int step) {
 std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   const bool rank0 = world.rank() == 0 && print;
-  const data::TextDataset ds(a.data, a.context);
+  const auto dataset = shared_dataset(a.data, a.context);  // one copy for the thread ranks
+  const data::TextDataset& ds = *dataset;
   HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), std::nullopt, {.sequence_parallel = a.sequence_parallel});
   // AdamW outside the model: no weight decay on biases and LayerNorm weights (GPT recipes),
   // the state sharded over dp with --zero 1 (--zero1), the gradients too with --zero 2.
@@ -82,9 +84,20 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   const optim::WarmupCosine lr = a.lr_schedule();
   // --compress / --sync-every: how the dp replicas communicate (gpt/dp_communication.hpp).
   DpCommunication dp_comm(model, mesh.dp(), a);
+  if (rank0 && a.dp > 1 && a.compress.rfind("powersgd", 0) == 0) {
+    // A rank too large for every matrix here compresses nothing: the run is the fp32 all-reduce.
+    const auto hook = make_comm_hook<float>(a.compress);
+    const int rank = dynamic_cast<const PowerSGDHook<float>&>(*hook).options().rank;
+    bool any = false;
+    for (const Parameter<float>& p : model.parameters()) any = any || PowerSGDHook<float>::compresses(p.value.shape(), rank);
+    if (!any)
+      std::printf("train_gpt: note: --compress %s compresses no gradient of this model (rank %d is too large for every "
+                  "matrix: r (n + m) >= n m), so every bucket is all-reduced uncompressed\n", a.compress.c_str(), rank);
+  }
   // A NaN or Inf in the loss or a gradient stops the run naming the step and the parameter,
   // or skips the step (--on-nonfinite skip), decided in the gradient-norm reduction.
-  optim::NonfiniteCheck<float> nonfinite(a.on_nonfinite == "skip" ? optim::OnNonfinite::skip : optim::OnNonfinite::stop);
+  optim::NonfiniteCheck<float> nonfinite(a.on_nonfinite == "skip" ? optim::OnNonfinite::skip : optim::OnNonfinite::stop,
+                                         a.max_consecutive_skips);
   std::ofstream json_log;  // --log-json: one object per step, flushed per line (rank 0)
   if (rank0 && !a.log_json.empty()) json_log.open(a.log_json, std::ios::trunc);
 
@@ -119,7 +132,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
                 a.accum, a.zero_stage() == ZeroStage::parameters ? ", ZeRO-3" : a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
                 a.zero_stage() == ZeroStage::parameters && a.dp > 1 ? " (ZeRO-3: 1/dp of them stored per rank)" : "",
-                a.sequence_parallel ? "; sequence parallel" : "");
+                a.sequence_parallel && a.tp > 1 ? "; sequence parallel" : "");
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
   std::vector<Point> curve;
@@ -175,7 +188,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       nlohmann::json j = {{"step", step}, {"loss", loss}, {"lr", lr(step)}, {"tokens_per_s", a.batch * a.context / dt},
                           {"grad_norm", v.grad_norm}, {"skipped", !v.finite}, {"skipped_steps", nonfinite.skipped_steps()},
                           {"step_seconds", dt}, {"compute_seconds", c}, {"comm_seconds", m}, {"pp_wait_seconds", w}};
-      if (pt.val >= 0) j["val_loss"] = pt.val;
+      if (pt.has_val()) j["val_loss"] = pt.val;  // NaN: null
       json_log << j.dump() << std::endl;  // a dashboard reads each line as it is written
       // A failed write (disk full, file gone) stops the run as a Python logger's OSError would:
       // exit code 1 after this step, one line naming the file (the other ranks stop with it).
@@ -192,7 +205,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
                   100 * comm / elapsed, 100 * bubble / elapsed, dp_comm.take_bytes_per_step() / 1e6);
       tokens = elapsed = compute = comm = bubble = 0;
     }
-    if (rank0 && pt.val >= 0) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if (rank0 && pt.has_val()) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
       opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
       checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
@@ -212,7 +225,11 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
                     : "");
   if (a.sample_len > 0) {
     const std::string text = sample(model, a);
-    if (rank0) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
+    if (rank0) {
+      std::printf("--- sample ---\n");
+      print_sample(text);
+      std::printf("\n--------------\n");
+    }
   }
   if (a.memory_report) print_memory_report(world, world.rank() == 0 && print);
   if (a.memory_report && a.zero_stage() == ZeroStage::parameters) {
@@ -265,8 +282,10 @@ int main(int argc, char** argv) {
     if (o->count() == 0 || o->get_type_name().empty() || o->check_name("--prompt")) continue;
     for (const std::string& v : o->results())
       if (v.empty()) {
+        // (get_name() is "" for a flag outside --help's groups: name it by its long name)
+        const std::string name = o->get_lnames().empty() ? o->get_name() : "--" + o->get_lnames().front();
         std::fprintf(stderr, "train_gpt: %s was given an empty value (leave the flag out for its default)\n",
-                     o->get_name().c_str());
+                     name.c_str());
         return 2;
       }
   }
@@ -395,26 +414,26 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(end != t && *end == '\0' && std::isfinite(v) && v > 0 && v <= 1e8, "train_gpt: TESSERA_TIMEOUT='", t,
                       "' is not a positive number of seconds up to 1e8");
     }
-    TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a positive number");
+    TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a finite positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
                     " must be in [0, --lr ", a.lr, "]");
     TESSERA_EXPECTS(std::isfinite(a.bucket_mb) && a.bucket_mb * 1048576.0 >= sizeof(float) && a.bucket_mb <= 65536,
                     "train_gpt: --bucket-mb ", a.bucket_mb, " must be a number of MiB from ", sizeof(float) / 1048576.0,
                     " (one fp32 element) to 65536");
-    TESSERA_EXPECTS(std::isfinite(a.clip) && a.clip >= 0, "train_gpt: --clip ", a.clip, " must be >= 0 (0: no clipping)");
+    TESSERA_EXPECTS(std::isfinite(a.clip) && a.clip >= 0, "train_gpt: --clip ", a.clip, " must be a finite number >= 0 (0: no clipping)");
     TESSERA_EXPECTS(std::isfinite(a.weight_decay) && a.weight_decay >= 0, "train_gpt: --weight-decay ", a.weight_decay,
-                    " must be >= 0");
+                    " must be a finite number >= 0");
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
                     " needs whole optimizer state on every replica: drop --zero1 / --zero");
-    TESSERA_EXPECTS(std::isfinite(a.outer_lr) && a.outer_lr > 0, "train_gpt: --outer-lr ", a.outer_lr, " must be positive");
+    TESSERA_EXPECTS(std::isfinite(a.outer_lr) && a.outer_lr > 0, "train_gpt: --outer-lr ", a.outer_lr, " must be a finite positive number");
     TESSERA_EXPECTS(std::isfinite(a.outer_momentum) && a.outer_momentum >= 0 && a.outer_momentum < 1,
                     "train_gpt: --outer-momentum ", a.outer_momentum, " must be in [0, 1)");
     TESSERA_EXPECTS(std::isfinite(a.temperature) && a.temperature > 0, "train_gpt: --temperature ", a.temperature,
-                    " must be positive");
+                    " must be a finite positive number");
     TESSERA_EXPECTS(a.backend == "mpi" || a.world() <= 4096, "train_gpt: dp x pp x tp = ", a.world(),
                     " ranks; the threads backend starts one thread per rank, at most 4096 here");
     TESSERA_EXPECTS(a.sample_len == 0 || !a.prompt.empty(), "train_gpt: --prompt is empty; sampling starts from it "
@@ -442,6 +461,15 @@ int main(int argc, char** argv) {
                         "(ZeRO shards over dp)");
       if (a.dp == 1 && !a.compress.empty())
         notes.push_back(detail::str("--compress ", a.compress, " at dp 1: there is no dp gradient reduction to compress"));
+      if (a.on_nonfinite != "skip" && app.count("--max-consecutive-skips") > 0)
+        notes.push_back(detail::str("--max-consecutive-skips ", a.max_consecutive_skips, " without --on-nonfinite skip: "
+                                    "the first non-finite step stops the run"));
+      if (a.dp == 1 && app.count("--bucket-mb") > 0)
+        notes.push_back(detail::str("--bucket-mb ", a.bucket_mb, " at dp 1: there is no dp gradient reduction to bucket"));
+      if (a.dp > 1 && a.sync_every > a.steps)
+        notes.push_back(detail::str("--sync-every ", a.sync_every, " is more than --steps ", a.steps,
+                                    ": the replicas never synchronize (each trains alone; validation, samples and "
+                                    "checkpoints show dp rank 0's replica)"));
       if (a.dp == 1 && a.sync_every > 0)
         notes.push_back(detail::str("--sync-every ", a.sync_every, " at dp 1: there are no replicas to average; the outer "
                                     "Nesterov step acts on the one replica's progress alone"));
@@ -451,6 +479,8 @@ int main(int argc, char** argv) {
       if (const int total = a.schedule_steps > 0 ? a.schedule_steps : a.steps; app.count("--warmup") > 0 && a.warmup > total)
         notes.push_back(detail::str("--warmup ", a.warmup, " is longer than the ", total,
                                     "-step learning-rate schedule: warmup is capped at ", total, " steps"));
+      if (a.tp == 1 && a.sequence_parallel)
+        notes.push_back("--sequence-parallel at tp 1: there is no tp group to split the sequence over");
       if (a.pp == 1 && a.schedule == "zb-h1")
         notes.push_back("--schedule zb-h1 at pp 1: one stage has no pipeline bubble to fill; it trains as 1F1B does");
       if (app.count("--zero3-unit") > 0 && a.zero_stage() != ZeroStage::parameters)
@@ -477,11 +507,23 @@ int main(int argc, char** argv) {
     TESSERA_EXPECTS(a.heads % a.tp == 0, "train_gpt: tp ", a.tp, " does not divide the ", a.heads, " heads");
     TESSERA_EXPECTS(!a.sequence_parallel || a.context % a.tp == 0, "train_gpt: --sequence-parallel needs tp ", a.tp,
                     " to divide --context ", a.context);
+    // Interleaving splits each pipeline rank's layers into chunks; at pp 1 the one rank's two
+    // chunks would hold the tied embedding twice (its checkpoint could not be resumed).
+    TESSERA_EXPECTS(a.pp > 1 || a.virtual_stages == 1, "train_gpt: --virtual-stages ", a.virtual_stages,
+                    " at pp 1: interleaving splits a pipeline rank's layers into chunks, and one stage is no "
+                    "pipeline; give --pp 2 or more, or drop --virtual-stages");
     TESSERA_EXPECTS(a.pp * a.virtual_stages <= a.layers + 2, "train_gpt: pp(", a.pp, ") x virtual stages(",
                     a.virtual_stages, ") exceeds the ", a.layers + 2, " pipeline layers (embedding, ", a.layers,
                     " blocks, head)");
     if (a.generate) {
       TESSERA_EXPECTS(!a.resume.empty(), "train_gpt: --generate needs --resume DIR");
+      TESSERA_EXPECTS(a.sample_len > 0, "train_gpt: --generate --sample-len 0 samples nothing; give --sample-len N");
+      // Training's outputs: --generate trains nothing, so they would stay unwritten.
+      for (const char* flag : {"--save", "--save-every", "--log-json", "--loss-csv", "--loss-svg", "--verify",
+                               "--compress", "--sync-every", "--on-nonfinite"})
+        if (app.count(flag) > 0 && prints())
+          std::printf("train_gpt: note: %s with --generate: it only samples from the checkpoint (nothing is trained, "
+                      "so %s does nothing)\n", flag, flag);
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) { generate_rank(world, a); });
       return 0;
     }
@@ -508,7 +550,9 @@ int main(int argc, char** argv) {
     // memory is not always a std::bad_alloc (the kernel may kill the process instead). A lower
     // bound, in bytes: the parameters and their gradients of every dp replica in this process
     // (all of them on the threads backend, 1 / (tp x pp) of one per MPI process), every block's
-    // input activation for backward, and one layer's attention probabilities of a micro-batch.
+    // input activation for backward, and one layer's attention probabilities of a micro-batch;
+    // on the threads backend, 1 MB per rank (its thread, communicator and model objects:
+    // measured 4.27 GB at dp 64 x tp 64 = 4096 ranks of a 2-layer d_model 64 model, session 18).
     {
       const double params = 12.0 * a.d_model * double(a.d_model) * a.layers + (256.0 + a.context) * a.d_model;
       const double replicas = a.backend == "mpi" ? 1.0 / (a.tp * a.pp) : double(a.dp);
@@ -516,19 +560,27 @@ int main(int argc, char** argv) {
       const double rows = double(a.batch) / (a.dp * a.accum * a.num_microbatches());
       const double need = 8.0 * params * replicas +
                           4.0 * double(a.batch) * a.context * double(a.d_model) * a.layers * per_process +
-                          4.0 * rows * a.heads * double(a.context) * a.context * (a.backend == "mpi" ? 1.0 / a.tp : double(a.dp));
+                          4.0 * rows * a.heads * double(a.context) * a.context * (a.backend == "mpi" ? 1.0 / a.tp : double(a.dp)) +
+                          (a.backend == "mpi" ? 0.0 : 1e6 * a.world());
       const double have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
       TESSERA_EXPECTS(need <= have, "train_gpt: --layers ", a.layers, " --d-model ", a.d_model, " --heads ", a.heads,
                       " --context ", a.context, " --batch ", a.batch, " need at least ", need / 1e9,
-                      " GB (parameters, gradients, activations) but this machine has ", have / 1e9, " GB");
+                      " GB (parameters, gradients, activations, ranks) but this machine has ", have / 1e9, " GB");
     }
     // Output files are checked now, not after the last step.
-    for (const auto& [flag, path] : {std::pair<const char*, std::string>{"--loss-csv", a.loss_csv},
-                                     {"--loss-svg", a.loss_svg}, {"--log-json", a.log_json}}) {
+    const std::pair<const char*, std::string> outputs[] = {{"--loss-csv", a.loss_csv}, {"--loss-svg", a.loss_svg},
+                                                           {"--log-json", a.log_json}};
+    for (const auto& [flag, path] : outputs) {
       if (path.empty()) continue;
       TESSERA_EXPECTS(!fs::is_directory(path), "train_gpt: ", flag, " ", path, " is a directory, not a file");
-      // An output must not overwrite what the run reads or saves: the data, or a checkpoint.
+      // An output must not overwrite what the run reads or saves: the data, a checkpoint, or
+      // another output (the last one written would hold the file).
       std::error_code ec;
+      for (const auto& [other, other_path] : outputs)
+        TESSERA_EXPECTS(other == flag || other_path.empty() ||
+                            fs::weakly_canonical(path, ec) != fs::weakly_canonical(other_path, ec),
+                        "train_gpt: ", flag, " ", path, " and ", other, " ", other_path,
+                        " are the same file: give each output its own path");
       TESSERA_EXPECTS(a.data.empty() || !fs::equivalent(path, a.data, ec), "train_gpt: ", flag, " ", path,
                       " is the --data file: refusing to overwrite it");
       for (const auto& [dflag, dir] : {std::pair<const char*, std::string>{"--resume", a.resume}, {"--save", a.save}}) {
@@ -543,6 +595,11 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.backend == "threads", "train_gpt: --verify runs the serial reference in this process: use the "
                       "threads backend (drop --backend mpi)");
       TESSERA_EXPECTS(a.resume.empty(), "train_gpt: --verify compares a run from step 0; drop --resume");
+      TESSERA_EXPECTS(a.dp == 1 || (a.compress.empty() && a.sync_every == 0), "train_gpt: --verify compares with the "
+                      "serial run, and ", a.compress.empty() ? "--sync-every" : "--compress", " at dp ", a.dp,
+                      " changes the arithmetic (not expected to match it); drop one of them");
+      TESSERA_EXPECTS(a.on_nonfinite != "skip", "train_gpt: --verify compares every step with the serial run, which "
+                      "takes every step; drop --on-nonfinite skip");
     }
     // Everything a save or resume needs is checked before the first step, not after the last.
     if (!a.save.empty()) {
@@ -583,6 +640,13 @@ int main(int argc, char** argv) {
         a.schedule_steps = checkpoint::detail::integer<int>(reader.info().extra["schedule_steps"],
                                                             "the checkpoint's extra.schedule_steps", 1);
     }
+    // A schedule shorter than the run (--schedule-steps, or the checkpoint's when resuming with
+    // a larger --steps): the steps after it train at --min-lr.
+    if (a.schedule_steps > 0 && a.schedule_steps < a.steps && prints())
+      std::printf("train_gpt: note: the learning-rate schedule is %d steps (%s), shorter than --steps %d: steps %d..%d "
+                  "train at --min-lr %g (give --schedule-steps %d to stretch it)\n",
+                  a.schedule_steps, app.count("--schedule-steps") > 0 ? "--schedule-steps" : "the checkpoint's",
+                  a.steps, a.schedule_steps, a.steps - 1, a.min_lr, a.steps);
     std::vector<Point> curve;
     if (a.device == "cuda") {
       TESSERA_EXPECTS(built_with_cuda(), "train_gpt: --device cuda: this build has no CUDA device layers (nvcc or "

@@ -61,6 +61,7 @@ struct Args {
   bool verify = false;
   bool quiet = false;
   std::string on_nonfinite = "stop";  // a NaN or Inf in the loss or a gradient: stop, or skip the step
+  int max_consecutive_skips = 5;  // --on-nonfinite skip: a non-finite step after this many skipped in a row stops (0: never)
   std::string log_json;               // one JSON object per step (rank 0), "" for none
   bool heads_given = false;  // whether --heads was on the command line
   std::string plan;          // "auto": the planner picks the layout (gpt/auto_plan.hpp)
@@ -204,6 +205,9 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_flag("--quiet", a.quiet, "no per-step lines");
   app.add_option("--on-nonfinite", a.on_nonfinite, "a NaN or Inf in the loss or a gradient: stop (naming the step and "
                  "parameter) or skip the optimizer step")->check(CLI::IsMember({"stop", "skip"}));
+  app.add_option("--max-consecutive-skips", a.max_consecutive_skips, "with --on-nonfinite skip: a non-finite step after "
+                 "this many skipped in a row stops the run as stop does (diverged training never recovers); 0: no bound")
+      ->check(CLI::Range(0, 1 << 30));
   app.add_option("--log-json", a.log_json, "write one JSON object per step to this file (step, loss, lr, tokens/s, grad norm); "
                  "a failed write stops the run with exit code 1, naming the file and step");
   app.add_option("--plan", a.plan, "auto: the planner picks dp, tp, pp, schedule, micro-batches, recomputation and ZeRO stage for --world ranks")

@@ -31,6 +31,7 @@
 #include "gpt/device_model.hpp"
 #include "gpt/loss_curve.hpp"
 #include "gpt/sampling.hpp"
+#include "gpt/shared_dataset.hpp"
 #include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/data/text_dataset.hpp"
 #include "tessera/mesh/mesh.hpp"
@@ -57,7 +58,8 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   using Clock = std::chrono::steady_clock;
   Mesh mesh(world, MeshShape{.dp = world.size(), .pp = 1, .tp = 1});
   const bool lead = world.rank() == 0;
-  const data::TextDataset ds(a.data, a.context);
+  const auto dataset = shared_dataset(a.data, a.context);  // one copy for the thread ranks
+  const data::TextDataset& ds = *dataset;
   HybridGPT<float> host(mesh, a.config(), a.seed, a.hybrid());
   DistributedOptimizer<optim::AdamW<float>> opt(host, a.adamw_groups(host.parameters()), ZeroStage::none);
   int start = 0;
@@ -148,7 +150,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   std::ofstream json_log;
   if (!a.log_json.empty() && lead) json_log.open(a.log_json, std::ios::trunc);
   std::vector<Point> curve;
-  std::int64_t skipped = 0;
+  std::int64_t skipped = 0, consecutive_skips = 0;  // --on-nonfinite skip: in all, and in a row
   started = true;
   const auto t_start = Clock::now();
   double tokens = 0, elapsed = 0;
@@ -182,6 +184,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
     const double norm = dev->grad_norm();  // of the summed gradients: the same on every rank (collective over tp)
     const bool finite = std::isfinite(loss) && std::isfinite(norm);
     if (finite) {
+      consecutive_skips = 0;
       const float scale = a.clip > 0 && norm > a.clip ? static_cast<float>(a.clip / (norm + 1e-6)) : 1.f;
       dev->step(adamw, lr(step), scale);
     } else {
@@ -195,7 +198,12 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                                                   std::to_string(world.rank()) + ": " + bad,
                                 "; --on-nonfinite skip skips such steps"));
       }
+      TESSERA_EXPECTS(a.max_consecutive_skips == 0 || consecutive_skips < a.max_consecutive_skips, "train_gpt: step ", step,
+                      ": the loss (", loss, ") or the gradient norm (", norm, ") is not finite on the device, and the ",
+                      consecutive_skips, " step(s) before it were skipped too, the most in a row allowed "
+                      "(--max-consecutive-skips ", a.max_consecutive_skips, "): training has diverged");
       ++skipped;
+      ++consecutive_skips;
       if (lead)
         std::printf("step %4d  skipped (%lld so far): loss %g, gradient norm %g\n", step,
                     static_cast<long long>(skipped), loss, norm);
@@ -221,7 +229,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
       nlohmann::json j = {{"step", step}, {"loss", loss}, {"lr", lr(step)}, {"tokens_per_s", tokens_per_step / dt},
                           {"grad_norm", norm}, {"skipped", !finite}, {"skipped_steps", skipped}, {"step_seconds", dt},
                           {"device", "cuda"}, {"dtype", a.dtype}};
-      if (pt.val >= 0) j["val_loss"] = pt.val;
+      if (pt.has_val()) j["val_loss"] = pt.val;  // NaN: null
       json_log << j.dump() << std::endl;
     }
     if (!a.quiet && (step % a.log_every == 0 || last)) {
@@ -230,7 +238,7 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
                     tokens / elapsed, a.dtype.c_str());
       tokens = elapsed = 0;
     }
-    if (pt.val >= 0 && lead) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if (pt.has_val() && lead) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
       dev->download(host.parameters());
       dev->download_optimizer(opt.replicated());
@@ -245,7 +253,11 @@ inline std::vector<Point> train_on_device(Comm& world, const Args& a,
   if (a.sample_len > 0) {
     dev->download(host.parameters());
     const std::string text = sample(host, a);
-    if (lead) std::printf("--- sample ---\n%s\n--------------\n", text.c_str());
+    if (lead) {
+      std::printf("--- sample ---\n");
+      print_sample(text);
+      std::printf("\n--------------\n");
+    }
   }
   return curve;
 }

@@ -9,6 +9,7 @@
 // gradient. It also counts the bytes this rank sends over dp per step.
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <map>
 #include <optional>
@@ -24,6 +25,7 @@
 
 #include "gpt/args.hpp"
 #include "tessera/checkpoint/checkpoint_info.hpp"
+#include "tessera/checkpoint/detail/collective.hpp"
 #include "tessera/checkpoint/hybrid_state.hpp"
 #include "tessera/checkpoint/safetensors_file.hpp"
 #include "tessera/checkpoint/safetensors_writer.hpp"
@@ -178,7 +180,7 @@ class DpCommunication {
   void save_state(const std::filesystem::path& dir, Comm& world, const Mesh& mesh, Model& model, Opt& opt,
                   const Args& a, int step) {
     if (!stateful()) return;
-    std::string err;
+    std::exception_ptr err;
     try {
       const DpRankState<float> st = collect(model, opt);
       checkpoint::SafetensorsWriter w;
@@ -189,12 +191,12 @@ class DpCommunication {
                              {"counters", st.counters}, {"buckets", bucket_layout(model)}};
       w.set_metadata("tessera.dp_state", meta.dump());
       w.write(state_file(dir, world.rank()));
-    } catch (const std::exception& e) {
-      err = e.what();
+    } catch (...) {
+      err = std::current_exception();
     }
-    const int failed = world.all_reduce_value(err.empty() ? 0 : 1, ReduceOp::sum);
-    TESSERA_EXPECTS(failed == 0, "train_gpt: saving the dp state (", describe(a), ") into ", dir, " failed on ", failed,
-                    " rank(s)", err.empty() ? std::string() : ": this rank: " + err);
+    // Every rank throws the same Error, naming the lowest failing rank and its cause.
+    checkpoint::detail::agree(world, err, detail::str("train_gpt: saving the dp state (", describe(a), ") into ", dir),
+                              checkpoint::detail::Blame::shared);
   }
 
   // Loads this rank's dp state from the checkpoint `dir` just loaded (after
@@ -206,7 +208,23 @@ class DpCommunication {
   template <class Model, class Opt>
   bool load_state(const std::filesystem::path& dir, Comm& world, const Mesh& mesh, Model& model, Opt& opt,
                   const Args& a, int step, bool print) {
-    if (!stateful()) return false;
+    if (!stateful()) {
+      // Saved with a compressor or DiLoCo, resumed without: its state goes unused; say so.
+      if (std::error_code ec; print && std::filesystem::exists(state_file(dir, 0), ec)) {
+        std::string policy;
+        try {
+          const checkpoint::SafetensorsFile f(state_file(dir, 0));
+          const nlohmann::json meta = nlohmann::json::parse(f.metadata().at("tessera.dp_state"));
+          if (meta.at("checkpoint_id").get<std::string>() == checkpoint_id(dir)) policy = meta.at("policy").get<std::string>();
+        } catch (const std::exception&) {
+          policy = "a compressor or DiLoCo (its file is unreadable)";
+        }
+        if (!policy.empty())
+          std::printf("train_gpt: note: the checkpoint holds the dp state of %s, which this run (%s) does not use: "
+                      "this resume does not continue the interrupted run exactly\n", policy.c_str(), describe(a).c_str());
+      }
+      return false;
+    }
     std::string why;
     std::optional<checkpoint::SafetensorsFile> file;
     try {
@@ -234,9 +252,13 @@ class DpCommunication {
     } catch (const std::exception& e) {
       why = e.what();
     }
-    const int missing = world.all_reduce_value(why.empty() ? 0 : 1, ReduceOp::sum);
+    // Why each rank cannot take its state ("" where it can): the note names the first.
+    const std::vector<std::string> whys = checkpoint::detail::all_gather_strings(world, why);
+    int missing = 0;
+    for (std::size_t r = 0; r < whys.size(); ++r)
+      if (!whys[r].empty() && missing++ == 0 && why.empty()) why = detail::str("rank ", r, ": ", whys[r]);
     if (missing == 0) {
-      std::string err;
+      std::exception_ptr err;
       try {
         DpRankState<float> st;
         for (const checkpoint::TensorInfo& t : file->tensors()) {
@@ -246,12 +268,13 @@ class DpCommunication {
         const nlohmann::json meta = nlohmann::json::parse(file->metadata().at("tessera.dp_state"));
         st.counters = meta.at("counters").get<std::map<std::string, std::int64_t>>();
         apply(st, model, opt);
-      } catch (const std::exception& e) {
-        err = e.what();
+      } catch (...) {
+        err = std::current_exception();
       }
-      const int failed = world.all_reduce_value(err.empty() ? 0 : 1, ReduceOp::sum);
-      TESSERA_EXPECTS(failed == 0, "train_gpt: loading the dp state from ", dir, " failed on ", failed, " rank(s)",
-                      err.empty() ? std::string() : ": this rank: " + err);
+      // Every rank throws the same Error, naming the lowest failing rank, its file and cause.
+      checkpoint::detail::agree(world, err,
+                                detail::str("train_gpt: loading the dp state from ", dir),
+                                checkpoint::detail::Blame::shared);
       if (print) std::printf("resumed the dp state (%s) of every rank\n", describe(a).c_str());
       return true;
     }
@@ -259,7 +282,7 @@ class DpCommunication {
     if (print)
       std::printf("train_gpt: note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
                   local_ ? "the outer momentum; the anchor is the loaded weights" : "error-feedback residuals",
-                  why.empty() ? "another rank's state is missing or differs" : why.c_str(),
+                  why.c_str(),
                   missing > 1 ? detail::str("; ", missing, " ranks").c_str() : "");
     (void)mesh;
     return false;

@@ -136,7 +136,7 @@ fi
 grep -q "steps $verify_steps is not beyond the checkpoint's step $verify_steps" "$work/r.log" \
   || { cat "$work/r.log"; fail "resume steps message"; }
 if "$train" --data "$work/text.txt" "${model[@]}" --steps 2 --lr inf > "$work/l.log" 2>&1; then fail "--lr inf accepted"; fi
-grep -q "\-\-lr inf must be a positive number" "$work/l.log" || { cat "$work/l.log"; fail "--lr message"; }
+grep -q "\-\-lr inf must be a finite positive number" "$work/l.log" || { cat "$work/l.log"; fail "--lr message"; }
 if "$consolidate" "$work/ckpt" "$work/ckpt/model-rank00000.safetensors" > "$work/k.log" 2>&1; then fail "consolidating into the checkpoint accepted"; fi
 grep -q "lies inside the checkpoint directory" "$work/k.log" || { cat "$work/k.log"; fail "consolidate message"; }
 "$train" --resume "$work/ckpt" "${model[@]}" --generate --sample-len 5 > /dev/null || fail "the checkpoint was damaged"

@@ -69,6 +69,33 @@ for other in "--zero 3" "--bucket-mb 0.001"; do
 done
 echo "ok: a resume into other gradient buckets restarts the residuals with a note"
 
+# Resumed without the compressor (or without DiLoCo): the saved state goes unused, with a note.
+"$train" "${model[@]}" --dp 2 --steps $steps --resume "$work/topk.ckpt" > "$work/plain.log" 2>&1 \
+  || { cat "$work/plain.log"; fail "resume without --compress failed"; }
+grep -q "note: the checkpoint holds the dp state of compression topk:0.1, which this run (fp32 all-reduce) does not use" \
+  "$work/plain.log" || { cat "$work/plain.log"; fail "no note for the unused dp state"; }
+"$train" "${model[@]}" --dp 2 --compress bf16 --steps $steps --resume "$work/diloco.ckpt" > "$work/plain.log" 2>&1 \
+  || { cat "$work/plain.log"; fail "resume of DiLoCo with bf16 failed"; }
+grep -q "note: the checkpoint holds the dp state of DiLoCo: sync every 3 steps" "$work/plain.log" \
+  || { cat "$work/plain.log"; fail "no note for the unused DiLoCo state"; }
+echo "ok: a resume without the saved policy says that its dp state goes unused"
+
+# A corrupted dp state file of rank 1: every rank stops naming rank 1, the file and the cause.
+cp -r "$work/powersgd.ckpt" "$work/bad.ckpt"
+python3 - "$work/bad.ckpt/dp-state-rank00001.safetensors" <<'PY'
+import sys
+p = sys.argv[1]
+b = bytearray(open(p, "rb").read())
+b[-3] ^= 0xFF  # a flipped byte in the last tensor's data
+open(p, "wb").write(bytes(b))
+PY
+if "$train" "${model[@]}" --dp 2 --compress powersgd:2,warmup=3 --steps $steps --resume "$work/bad.ckpt" > "$work/bad.log" 2>&1; then
+  fail "a corrupted dp state was resumed"
+fi
+grep -q "loading the dp state from .* failed on rank 1 of .*dp-state-rank00001.safetensors.*corrupted" "$work/bad.log" \
+  || { cat "$work/bad.log"; fail "the corrupted dp state's message"; }
+echo "ok: a corrupted dp state file stops the resume naming rank 1 and its file"
+
 # PowerSGD / top-k at tp > 1 or pp > 1 are refused on every rank, naming the layout.
 if "$train" "${model[@]}" --dp 2 --pp 2 --compress topk:0.1 --steps 2 > "$work/pp.log" 2>&1; then fail "topk at pp 2 accepted"; fi
 grep -q "compress topk:0.1 at tp 1 x pp 2: PowerSGD and top-k need tp 1 and pp 1" "$work/pp.log" || { cat "$work/pp.log"; fail "pp 2 message"; }

@@ -92,6 +92,7 @@ for v in ["throw", "throw@", "throw@1", "throw@1:", "throw@x:0", "throw@-1:0", "
 # A step this run does not train (--steps 1 trains step 0 only), and --generate (trains none).
 cases.append(("--inject-fault", "throw@1:0", {"want": "step 1 is not trained (--steps 1"}))
 cases.append(("--inject-fault", "throw@0:0", {"--generate": None, "--resume": work, "want": "--generate"}))
+cases.append(("--sample-len", "0", {"--generate": None, "--resume": work, "want": "--generate --sample-len 0 samples nothing"}))
 # TESSERA_TIMEOUT (the collectives' timeout) that is not a positive number of seconds.
 for v in ["abc", "-5", "0", "5x", "1e10"]:  # 1e10 s overflowed the clock's nanoseconds
     cases.append(("env:TESSERA_TIMEOUT", v, {"want": "TESSERA_TIMEOUT='" + v + "'"}))
@@ -100,6 +101,13 @@ for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
     cases.append((flag, "", {"want": flag + " was given an empty value"}))
 # An output that would overwrite the data file.
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
+# --verify with what cannot match the serial run (was found out after training).
+cases.append(("--verify", None, {"--dp": "2", "--compress": "powersgd:2", "want": "--compress at dp 2 changes the arithmetic"}))
+cases.append(("--verify", None, {"--dp": "2", "--sync-every": "2", "want": "--sync-every at dp 2 changes the arithmetic"}))
+cases.append(("--verify", None, {"--on-nonfinite": "skip", "want": "drop --on-nonfinite skip"}))
+# Two outputs at one path (the JSON log was overwritten by the CSV).
+cases.append(("--log-json", "same.out", {"--loss-csv": "same.out", "want": "are the same file"}))
+cases.append(("--loss-svg", "./same.out", {"--loss-csv": "same.out", "want": "are the same file"}))
 # --cluster without --plan auto was ignored silently.
 cases.append(("--cluster", "c.json", {"want": "--cluster c.json is read only by --plan auto"}))
 cases.append(("--plan-tolerance", "0.05", {"want": "--plan-tolerance 0.05 is read only by --plan auto"}))
@@ -113,6 +121,8 @@ cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2"
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",
                                       "--batch": "6", "want": "num_microbatches % group = 3 % 2 = 1"}))
+# Interleaving at pp 1 (its checkpoint could not be resumed: session 18's review).
+cases.append(("--virtual-stages", "2", {"--schedule": "interleaved", "want": "--virtual-stages 2 at pp 1: interleaving"}))
 # --backend mpi without mpirun (no launcher variables in this environment).
 cases.append(("--backend", "mpi", {}))
 for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"):
@@ -217,6 +227,12 @@ failures = [f for f, _, _ in results if f]
 notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, "note: --zero/--zero1 at dp 1"),
          ({"--compress": "bf16"}, "note: --compress bf16 at dp 1"), ({"--sync-every": "2"}, "note: --sync-every 2 at dp 1"),
          ({"--schedule": "zb-h1"}, "note: --schedule zb-h1 at pp 1"), ({}, None),
+         ({"--bucket-mb": "2"}, "note: --bucket-mb 2 at dp 1"),
+         ({"--sequence-parallel": None}, "note: --sequence-parallel at tp 1"),
+         ({"--dp": "2", "--compress": "powersgd:1000000"}, "note: --compress powersgd:1000000 compresses no gradient"),
+         ({"--steps": "3", "--schedule-steps": "2"}, "note: the learning-rate schedule is 2 steps (--schedule-steps), shorter than --steps 3"),
+         ({"--dp": "2", "--sync-every": "5"}, "note: --sync-every 5 is more than --steps 1"),
+         ({"--max-consecutive-skips": "3"}, "note: --max-consecutive-skips 3 without --on-nonfinite skip"),
          ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),
          ({"--warmup": "5"}, "note: --warmup 5 is longer than the 1-step"),
          ({"--zero3-unit": "2"}, "note: --zero3-unit 2 without --zero 3"),

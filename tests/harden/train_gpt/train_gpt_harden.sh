@@ -82,4 +82,45 @@ r = [json.loads(l) for l in open(sys.argv[1])]
 s = [x['skipped'] for x in r]
 sys.exit(0 if s == [False, True, True, True] and r[-1]['skipped_steps'] == 3 else f'FAIL: skipped {s}')" "$work/n.json" \
   || fail "--log-json of the skipped steps"
+echo "== --on-nonfinite skip stops after --max-consecutive-skips (default 5) steps skipped in a row, exit 1"
+timeout 120 "$train" "${model[@]}" --dp 2 --tp 2 --steps 9 --val-every 0 --lr 1e38 --on-nonfinite skip --save "$work/div" \
+  > "$work/d.log" 2>&1
+rc=$?
+[ $rc -eq 1 ] || { cat "$work/d.log"; fail "exit code $rc, expected 1 (diverged)"; }
+grep -q "non-finite values at step 6: .*the 5 step(s) before it were skipped too, the most in a row allowed (max_consecutive_skips 5): training has diverged" "$work/d.log" \
+  || { cat "$work/d.log"; fail "the divergence message"; }
+[ -e "$work/div" ] && fail "a diverged run saved a checkpoint"
+timeout 120 "$train" "${model[@]}" --dp 2 --tp 2 --steps 9 --val-every 0 --lr 1e38 --on-nonfinite skip \
+  --max-consecutive-skips 0 > "$work/d0.log" 2>&1 || { cat "$work/d0.log"; fail "--max-consecutive-skips 0 stopped"; }
+grep -q "trained steps 0..8 in .* s (8 skipped: non-finite values)" "$work/d0.log" || { cat "$work/d0.log"; fail "the skip count at 0"; }
+echo "== a NaN validation loss is printed and recorded (it was dropped: NaN >= 0 is false)"
+timeout 120 "$train" "${model[@]}" --dp 2 --steps 3 --val-every 1 --lr 1e38 --on-nonfinite skip --loss-csv "$work/v.csv" \
+  --log-json "$work/v.json" --loss-svg "$work/v.svg" > "$work/v.log" 2>&1 || { cat "$work/v.log"; fail "the NaN validation run failed"; }
+grep -q "^step    0  validation loss -\?nan" "$work/v.log" || { cat "$work/v.log"; fail "no nan validation line at step 0"; }
+grep -q "^0,[0-9.]*,-\?nan$" "$work/v.csv" || { cat "$work/v.csv"; fail "--loss-csv lacks step 0's nan validation loss"; }
+python3 -c "
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+sys.exit(0 if 'val_loss' in r[0] and r[0]['val_loss'] is None else f'FAIL: step 0 {r[0]}')" "$work/v.json" \
+  || fail "--log-json lacks step 0's validation loss (null for NaN)"
+grep -qi nan "$work/v.svg" && fail "--loss-svg holds a nan coordinate"
+
+echo "== sampled text is printed whole: a sampled byte 0 as \\0 (printf's %s stopped at it)"
+timeout 120 "$train" "${model[@]}" --dp 1 --steps 1 --val-every 0 --save "$work/g" > "$work/g.log" 2>&1 \
+  || { cat "$work/g.log"; fail "the run to sample from failed"; }
+timeout 120 "$train" --layers 2 --d-model 32 --heads 4 --context 16 --generate --resume "$work/g" --sample-len 2000 \
+  --prompt "In" --seed 3 > "$work/g.out" 2> "$work/g.err" || { cat "$work/g.err"; fail "--generate failed"; }
+python3 - "$work/g.out" <<'PY' || fail "the sample"
+import sys
+b = open(sys.argv[1], "rb").read()
+body = b.split(b"\n", 1)[1]  # after the "checkpoint ... sampled at" line
+zeros = body.count(b"\\0")
+if b"\0" in body:
+    sys.exit("FAIL: a raw byte 0 in the output")
+# 2 prompt bytes + 2000 sampled (each \0 two characters) + the final newline; a \0 is almost
+# certain among 2000 bytes of a barely trained model (else this check could not fail).
+if zeros == 0 or len(body) < 2 + 2000 + zeros + 1:
+    sys.exit(f"FAIL: {len(body)} bytes with {zeros} escaped zero bytes, expected at least {2 + 2000 + zeros + 1}")
+print(f"sample: {len(body)} bytes, {zeros} escaped zero bytes")
+PY
 echo "train_gpt harden check: all passed"
