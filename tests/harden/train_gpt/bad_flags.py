@@ -97,7 +97,7 @@ cases.append(("--sample-len", "0", {"--generate": None, "--resume": work, "want"
 for v in ["abc", "-5", "0", "5x", "1e10"]:  # 1e10 s overflowed the clock's nanoseconds
     cases.append(("env:TESSERA_TIMEOUT", v, {"want": "TESSERA_TIMEOUT='" + v + "'"}))
 # An empty value is refused, not taken as the flag left out (an unset variable in a script).
-for flag in ["--resume", "--save", "--log-json", "--data", "--compress"]:
+for flag in ["--resume", "--save", "--log-json", "--data", "--compress", "--inject-fault"]:  # (--inject-fault is outside --help)
     cases.append((flag, "", {"want": flag + " was given an empty value"}))
 # An output that would overwrite the data file.
 cases.append(("--log-json", base["--data"], {"want": "is the --data file"}))
