@@ -84,16 +84,6 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   const optim::WarmupCosine lr = a.lr_schedule();
   // --compress / --sync-every: how the dp replicas communicate (gpt/dp_communication.hpp).
   DpCommunication dp_comm(model, mesh.dp(), a);
-  if (rank0 && a.dp > 1 && a.compress.rfind("powersgd", 0) == 0) {
-    // A rank too large for every matrix here compresses nothing: the run is the fp32 all-reduce.
-    const auto hook = make_comm_hook<float>(a.compress);
-    const int rank = dynamic_cast<const PowerSGDHook<float>&>(*hook).options().rank;
-    bool any = false;
-    for (const Parameter<float>& p : model.parameters()) any = any || PowerSGDHook<float>::compresses(p.value.shape(), rank);
-    if (!any)
-      std::printf("train_gpt: note: --compress %s compresses no gradient of this model (rank %d is too large for every "
-                  "matrix: r (n + m) >= n m), so every bucket is all-reduced uncompressed\n", a.compress.c_str(), rank);
-  }
   // A NaN or Inf in the loss or a gradient stops the run naming the step and the parameter,
   // or skips the step (--on-nonfinite skip), decided in the gradient-norm reduction.
   optim::NonfiniteCheck<float> nonfinite(a.on_nonfinite == "skip" ? optim::OnNonfinite::skip : optim::OnNonfinite::stop,
@@ -115,9 +105,21 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     dp_comm.load_state(a.resume, world, mesh, model, opt, a, start, rank0);
   }
   std::int64_t n_params = 0;
+  // A PowerSGD rank too large for every matrix compresses nothing: the run is the fp32 all-reduce.
+  const int powersgd_rank = a.dp > 1 && a.compress.rfind("powersgd", 0) == 0
+                                ? dynamic_cast<const PowerSGDHook<float>&>(*make_comm_hook<float>(a.compress)).options().rank
+                                : 0;
+  bool powersgd_compresses = false;
   opt.gather_full_parameters();  // --zero 3: the values are freed between uses
-  for (const Parameter<float>& p : model.parameters()) n_params += p.value.numel();
+  for (const Parameter<float>& p : model.parameters()) {
+    n_params += p.value.numel();
+    powersgd_compresses = powersgd_compresses || PowerSGDHook<float>::compresses(p.value.shape(), powersgd_rank);
+  }
   opt.release_full_parameters(false);
+  if (rank0 && powersgd_rank > 0 && !powersgd_compresses)
+    std::printf("train_gpt: note: --compress %s compresses no gradient of this model (rank %d is too large for every "
+                "matrix: r (n + m) >= n m), so every bucket is all-reduced uncompressed\n", a.compress.c_str(),
+                powersgd_rank);
   MemoryTracker::this_rank().reset_peaks();  // --memory-report: not the whole model gathered just above
   GradBuckets<float>::reset_rank_peak_gathered_bytes();
   if (rank0 && a.dp > 1) {

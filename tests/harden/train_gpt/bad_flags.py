@@ -238,6 +238,8 @@ notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, 
          ({"--zero3-unit": "2"}, "note: --zero3-unit 2 without --zero 3"),
          ({"--dp": "2", "--zero": "3", "--zero3-unit": "9"}, "note: --zero3-unit 9 is at least the model's 4 layers"),
          ({"--dp": "2", "--zero": "3", "--compress": "topk:0.1"}, "note: --compress topk:0.1 with ZeRO-3 per-layer units"),
+         # (and no "compresses no gradient" note: ZeRO-3's released values have no shape)
+         ({"--dp": "2", "--zero": "3", "--compress": "powersgd:2"}, "note: --compress powersgd:2 with ZeRO-3 per-layer units"),
          ({"--plan": "auto", "--world": "1", "--dp": "1", "--zero": "2",
            "--cluster": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plan", "clusters",
                                      "this_machine_threads.json")},
