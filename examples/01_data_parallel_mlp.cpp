@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "example_main.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/nn/linear.hpp"
@@ -16,7 +17,7 @@
 using namespace tessera;
 using MLP = StageChain<nn::Linear<float>, nn::GELU<float>, nn::Linear<float>>;  // 16 -> 64 -> 4
 
-int main() {
+int run() {
   const std::vector<double> last = threads::run(4, [](Comm& world) {
     double first_loss = 0, loss_now = 0;
     // Every rank builds the model (any seed: DataParallel broadcasts rank 0's values).
@@ -50,4 +51,13 @@ int main() {
   });
   std::printf("final loss / first loss = %.3f\n", last[0]);
   return last[0] < 0.5 ? 0 : 1;  // the example is a test too: it must have learned
+}
+
+int main(int argc, char** argv) {
+  return examples::run_example(
+      argc, argv,
+      "data parallelism over a user's own layers: 4 thread ranks train one small MLP on their quarters "
+      "of each batch; DataParallel reduces the gradients in buckets during backward. Exit code 0 when "
+      "the loss halved.",
+      run);
 }

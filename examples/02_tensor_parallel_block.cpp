@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "example_main.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/nn/gelu.hpp"
 #include "tessera/nn/layer_norm.hpp"
@@ -57,7 +58,7 @@ FeedForward make_block() {
                      nn::Linear<float>(128, 32, {.prefix = "down", .seed = 3}), nn::GELU<float>()};
 }
 
-int main() {
+int run() {
   Tensor<float> x(Shape{4, 16, 32});
   fill_normal(x, 7, "x", 1.0);
   FeedForward serial = make_block();
@@ -75,4 +76,12 @@ int main() {
     return worst;
   });
   return worst_of[0] < 1e-5 ? 0 : 1;  // fp32 round-off, or the example fails as a test
+}
+
+int main(int argc, char** argv) {
+  return examples::run_example(
+      argc, argv,
+      "tensor parallelism from a plan: a user's feed-forward block sharded over 4 thread ranks by "
+      "TensorParallel, its output compared with the serial block's. Exit code 0 when they agree.",
+      run);
 }

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "example_main.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/nn/block.hpp"
 #include "tessera/nn/embedding.hpp"
@@ -52,7 +53,7 @@ struct Model {
   Last last() const { return Head{nn::LayerNorm<float>(d, {.prefix = "ln_f", .seed = 5}), nn::Linear<float>(d, vocab, {.prefix = "out", .seed = 5})}; }
 };
 
-int main() {
+int run() {
   const std::vector<double> ratio = threads::run(4, [](Comm& world) {
     double first_loss = 0, loss_now = 0;
     const Model model;
@@ -83,4 +84,12 @@ int main() {
   });
   std::printf("final loss / first loss = %.3f\n", ratio[0]);
   return ratio[0] < 0.5 ? 0 : 1;  // the example is a test too: it must have learned
+}
+
+int main(int argc, char** argv) {
+  return examples::run_example(
+      argc, argv,
+      "pipeline parallelism over a user's layers: one model cut into 4 stages on 4 thread ranks, 8 "
+      "micro-batches per step in the 1F1B order. Exit code 0 when the loss halved.",
+      run);
 }

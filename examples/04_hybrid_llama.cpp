@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "example_main.hpp"
 #include "llama/llama_model.hpp"
 #include "tessera/tessera.hpp"
 #include "tessera/parallel/data/distributed_optimizer.hpp"
@@ -17,7 +18,7 @@
 
 using namespace tessera;
 
-int main() {
+int run() {
   const llama::LlamaConfig config{.vocab_size = 64, .n_layer = 4, .n_head = 8, .n_kv_head = 4, .d_model = 64,
                                   .ffn_hidden = 128};
   const llama::LlamaDescription<float> model(config, /*seed=*/1);
@@ -60,4 +61,12 @@ int main() {
   });
   std::printf("final loss / first loss = %.3f\n", ratio[0]);
   return ratio[0] < 0.5 ? 0 : 1;  // the example is a test too: it must have learned
+}
+
+int main(int argc, char** argv) {
+  return examples::run_example(
+      argc, argv,
+      "a user's Llama-style model trained at dp 2 x pp 2 x tp 2 on 8 thread ranks through Hybrid. Exit "
+      "code 0 when the loss halved.",
+      run);
 }

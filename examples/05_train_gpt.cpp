@@ -413,8 +413,8 @@ int main(int argc, char** argv) {
     if (const char* t = std::getenv("TESSERA_TIMEOUT")) {  // the collectives' timeout (comm/communicator.hpp)
       char* end = nullptr;
       const double v = std::strtod(t, &end);
-      TESSERA_EXPECTS(end != t && *end == '\0' && std::isfinite(v) && v > 0 && v <= 1e8, "train_gpt: TESSERA_TIMEOUT='", t,
-                      "' is not a positive number of seconds up to 1e8");
+      TESSERA_EXPECTS(*t == '\0' || (end != t && *end == '\0' && v >= 0.001 && v <= 1e8), "train_gpt: TESSERA_TIMEOUT='",
+                      t, "' is not a number of seconds from 0.001 to 1e8");
     }
     TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a finite positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,

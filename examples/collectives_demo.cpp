@@ -8,9 +8,10 @@
 #include <numeric>
 #include <vector>
 
+#include "example_main.hpp"
 #include "tessera/tessera.hpp"
 
-int main() {
+int run() {
   auto program = [](tessera::Comm& world) {
     tessera::Mesh mesh(world, tessera::MeshShape{.dp = 2, .tp = 2});
 
@@ -39,4 +40,12 @@ int main() {
   };
   tessera::threads::run(4, program);
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return examples::run_example(
+      argc, argv,
+      "4 thread ranks on a 2 x 2 (dp x tp) mesh run the collectives a training step uses: a dp average,"
+      " a tp all-gather and a maximum over the world.",
+      run);
 }

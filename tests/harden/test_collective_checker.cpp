@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <string>
@@ -220,6 +221,38 @@ TEST_CASE("TESSERA_DEBUG_COLLECTIVES: each setting is read as documented, and a 
     }
     CHECK_MESSAGE(msg.find(std::string("'") + bad + "'") != std::string::npos, msg);
     CHECK(msg.find("detail") != std::string::npos);
+    CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
+  }
+  with(old ? saved.c_str() : nullptr);
+}
+
+TEST_CASE("TESSERA_TIMEOUT: seconds from 0.001 to 1e8 are read, unset or empty is 60 s, and anything else is refused naming it") {
+  const char* old = std::getenv("TESSERA_TIMEOUT");
+  const std::string saved = old ? old : "";
+  const auto with = [](const char* v) {
+    if (v) ::setenv("TESSERA_TIMEOUT", v, 1); else ::unsetenv("TESSERA_TIMEOUT");
+  };
+  with(nullptr);
+  CHECK(default_timeout() == std::chrono::seconds(60));
+  with("");
+  CHECK(default_timeout() == std::chrono::seconds(60));
+  with("2.5");
+  CHECK(default_timeout() == std::chrono::milliseconds(2500));
+  CHECK(threads::RunOptions{}.timeout == std::chrono::milliseconds(2500));
+  with("0.001");
+  CHECK(default_timeout() == std::chrono::milliseconds(1));
+  with("1e8");
+  CHECK(default_timeout() == std::chrono::milliseconds(100000000000LL));
+  // Before session 18 each of these left 60 s (or read "10abc" as 10) without a word.
+  for (const char* bad : {"abc", "10abc", "0", "-1", "nan", "inf", "1e9", "0.0001", " "}) {
+    with(bad);
+    std::string msg;
+    try {
+      static_cast<void>(default_timeout());
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    CHECK_MESSAGE(msg.find(std::string("TESSERA_TIMEOUT='") + bad + "'") != std::string::npos, bad, ": ", msg);
     CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
   }
   with(old ? saved.c_str() : nullptr);

@@ -390,16 +390,22 @@ inline CollectiveDebug collective_debug_from_environment() {
               "sequence, signature and call site checked on every backend)");
 }
 
-/// Reads the default timeout: TESSERA_TIMEOUT (seconds, may be fractional; at most 1e8) or 60 s.
+/// Reads the default timeout: TESSERA_TIMEOUT (seconds, may be fractional, from 0.001 to 1e8)
+/// or 60 s when it is unset or "". Throws Error naming the value for anything else ("abc",
+/// "10abc", "0", "-1", "nan", "inf", "1e9"), as collective_debug_from_environment does, so a
+/// misspelt setting does not leave the default in force without a word (it did before
+/// session 18). Local.
 inline std::chrono::milliseconds default_timeout() {
-  if (const char* s = std::getenv("TESSERA_TIMEOUT")) {
-    char* end = nullptr;
-    double v = std::strtod(s, &end);
-    // At most 1e8 s (about 3 years): a larger count of milliseconds overflows the clock's
-    // nanoseconds when a wait adds it to now().
-    if (end != s && v > 0) return std::chrono::milliseconds(static_cast<long long>(std::min(v, 1e8) * 1000.0));
-  }
-  return std::chrono::seconds(60);
+  const char* s = std::getenv("TESSERA_TIMEOUT");
+  if (s == nullptr || *s == '\0') return std::chrono::seconds(60);
+  char* end = nullptr;
+  const double v = std::strtod(s, &end);
+  // At most 1e8 s (about 3 years): a larger count of milliseconds overflows the clock's
+  // nanoseconds when a wait adds it to now(). At least 1 ms, the unit of the wait.
+  if (end == s || *end != '\0' || !(v >= 0.001 && v <= 1e8))
+    throw Error(std::string("TESSERA_TIMEOUT='") + s +
+                "' is not a number of seconds from 0.001 to 1e8 (the collectives' timeout; unset: 60)");
+  return std::chrono::milliseconds(static_cast<long long>(v * 1000.0));
 }
 
 }  // namespace tessera

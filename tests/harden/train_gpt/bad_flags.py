@@ -93,8 +93,8 @@ for v in ["throw", "throw@", "throw@1", "throw@1:", "throw@x:0", "throw@-1:0", "
 cases.append(("--inject-fault", "throw@1:0", {"want": "step 1 is not trained (--steps 1"}))
 cases.append(("--inject-fault", "throw@0:0", {"--generate": None, "--resume": work, "want": "--generate"}))
 cases.append(("--sample-len", "0", {"--generate": None, "--resume": work, "want": "--generate --sample-len 0 samples nothing"}))
-# TESSERA_TIMEOUT (the collectives' timeout) that is not a positive number of seconds.
-for v in ["abc", "-5", "0", "5x", "1e10"]:  # 1e10 s overflowed the clock's nanoseconds
+# TESSERA_TIMEOUT (the collectives' timeout) that is not a number of seconds from 0.001 to 1e8.
+for v in ["abc", "-5", "0", "5x", "1e10", "0.0001"]:  # 1e10 s overflowed the clock's nanoseconds
     cases.append(("env:TESSERA_TIMEOUT", v, {"want": "TESSERA_TIMEOUT='" + v + "'"}))
 # An empty value is refused, not taken as the flag left out (an unset variable in a script).
 for flag in ["--resume", "--save", "--log-json", "--data", "--compress", "--inject-fault"]:  # (--inject-fault is outside --help)
