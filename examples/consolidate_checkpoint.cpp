@@ -11,8 +11,10 @@
 // kept in the file's metadata ("tessera.config", "tessera.step").
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -31,6 +33,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    if (!config_json.empty()) {
+      // The configuration file must not replace the checkpoint's files or the output.
+      namespace fs = std::filesystem;
+      const fs::path d = fs::weakly_canonical(fs::absolute(dir)), c = fs::weakly_canonical(fs::absolute(config_json));
+      TESSERA_EXPECTS(std::mismatch(d.begin(), d.end(), c.begin(), c.end()).first != d.end(), "--config-json ",
+                      config_json, " lies inside the checkpoint directory ", dir, " it reads: write it elsewhere");
+      TESSERA_EXPECTS(c != fs::weakly_canonical(fs::absolute(out)), "--config-json ", config_json,
+                      " is the output file ", out, ": give each its own path");
+      TESSERA_EXPECTS(!fs::is_directory(c), "--config-json ", config_json, " is a directory, not a file");
+    }
     tessera::checkpoint::ConsolidateOptions options{.dtype = std::nullopt, .name_prefix = prefix};
     if (dtype != "keep") options.dtype = tessera::checkpoint::parse_safetensors_dtype(dtype);
     const tessera::checkpoint::CheckpointReader reader(dir);

@@ -226,3 +226,37 @@ TEST_CASE("consolidate_checkpoint: the F32 file with 'transformer.' names reads 
   }
   CHECK(WEXITSTATUS(status) == 0);
 }
+
+TEST_CASE("consolidate_checkpoint: an index that leaves out a tensor of its files, or a GPT-2 configuration that disagrees with the tensors, is refused (they were consolidated as they came)") {
+  TempDir d;
+  const FullModel m = full_gpt(10);
+  tessera::testing::run_ranks(2, [&](tessera::Comm& world) {
+    const Placement w = placement(world.rank(), MeshShape{.tp = 2});
+    Rank r(m, w, false);
+    save_checkpoint<double>(d / "ckpt", world, w, r.list, nullptr,
+                            CheckpointMeta{.config = gpt2_config_json(tiny_config()), .step = 3});
+  });
+  // edited(EDIT): a copy of the checkpoint whose index.json EDIT changed.
+  int copies = 0;
+  const auto edited = [&](const auto& edit) {
+    const fs::path c = d / ("copy" + std::to_string(copies++));
+    fs::copy(d / "ckpt", c, fs::copy_options::recursive);
+    nlohmann::ordered_json j = nlohmann::ordered_json::parse(std::ifstream(c / "index.json"));
+    edit(j);
+    std::ofstream(c / "index.json") << j.dump();
+    return c;
+  };
+  const fs::path out = d / "out.safetensors";
+  CHECK_NOTHROW(consolidate_checkpoint(d / "ckpt", out));
+  const fs::path missing = edited([](auto& j) { j["tensors"].erase("wte.weight"); });
+  CHECK(contains(error_of([&] { consolidate_checkpoint(missing, out); }),
+                 "holds tensor 'wte.weight', which index.json does not list"));
+  const fs::path negative = edited([](auto& j) { j["config"]["n_embd"] = -1; });
+  CHECK(contains(error_of([&] { consolidate_checkpoint(negative, out); }), "n_embd is -1, not a positive integer"));
+  const fs::path wider = edited([](auto& j) { j["config"]["n_embd"] = j["config"]["n_embd"].template get<int>() * 2; });
+  CHECK(contains(error_of([&] { consolidate_checkpoint(wider, out); }), "disagrees with tensor 'wte.weight'"));
+  const fs::path deeper = edited([](auto& j) { j["config"]["n_layer"] = j["config"]["n_layer"].template get<int>() + 1; });
+  CHECK(contains(error_of([&] { consolidate_checkpoint(deeper, out); }), "disagrees with the saved blocks h.0 to h."));
+  // The output written before is still the good checkpoint's (the refusals come before writing).
+  CHECK(SafetensorsFile(out).tensors().size() == m.size());
+}

@@ -139,6 +139,19 @@ if "$train" --data "$work/text.txt" "${model[@]}" --steps 2 --lr inf > "$work/l.
 grep -q "\-\-lr inf must be a finite positive number" "$work/l.log" || { cat "$work/l.log"; fail "--lr message"; }
 if "$consolidate" "$work/ckpt" "$work/ckpt/model-rank00000.safetensors" > "$work/k.log" 2>&1; then fail "consolidating into the checkpoint accepted"; fi
 grep -q "lies inside the checkpoint directory" "$work/k.log" || { cat "$work/k.log"; fail "consolidate message"; }
+# The same output given relative to the checkpoint directory (weakly_canonical left it relative
+# and it passed), and --config-json into the checkpoint (it replaced index.json) or onto the output.
+if (c=$(realpath "$consolidate") && cd "$work/ckpt" && "$c" . new.safetensors) > "$work/k.log" 2>&1; then fail "a relative output inside the checkpoint accepted"; fi
+grep -q "lies inside the checkpoint directory" "$work/k.log" || { cat "$work/k.log"; fail "relative consolidate message"; }
+[ -e "$work/ckpt/new.safetensors" ] && fail "the relative output was written into the checkpoint"
+if "$consolidate" "$work/ckpt" "$work/m.safetensors" --config-json "$work/ckpt/index.json" > "$work/k.log" 2>&1; then
+  fail "--config-json into the checkpoint accepted"
+fi
+grep -q "\-\-config-json .* lies inside the checkpoint directory" "$work/k.log" || { cat "$work/k.log"; fail "--config-json message"; }
+if "$consolidate" "$work/ckpt" "$work/m.safetensors" --config-json "$work/m.safetensors" > "$work/k.log" 2>&1; then
+  fail "--config-json onto the output accepted"
+fi
+grep -q "is the output file" "$work/k.log" || { cat "$work/k.log"; fail "--config-json = output message"; }
 "$train" --resume "$work/ckpt" "${model[@]}" --generate --sample-len 5 > /dev/null || fail "the checkpoint was damaged"
 
 if "$train" --data "$work/text.txt" "${model[@]}" --dp 3 --steps 1 > "$work/f.log" 2>&1; then fail "dp 3 accepted"; fi

@@ -142,6 +142,20 @@ class CheckpointReader {
     return out;
   }
 
+  /// Throws tessera::Error naming the file and the tensor when a file of the checkpoint holds a
+  /// tensor that the index does not list (an index edited, or mixed from two saves), which a
+  /// reader of the index alone, as consolidate_checkpoint, would leave out without a word. Opens
+  /// every file of the index (and checks each as read_into does: size, checkpoint id). Not
+  /// collective.
+  void check_index_lists_every_tensor() const {
+    for (const auto& [name, bytes] : file_bytes_) {
+      const OpenFile& of = file(name, "");
+      for (const TensorInfo& t : of.file->tensors())
+        TESSERA_EXPECTS(contains(t.name), "checkpoint ", dir_, ": ", name, " holds tensor '", t.name, "', which ",
+                        index_file_name, " does not list (an edited index, or one from another save)");
+    }
+  }
+
   /// The plan of read_into: checks everything (presence, shapes, the files and CRCs of the
   /// pieces it overlaps, full coverage) without writing. Used by load_checkpoint to find every
   /// error on every rank before any parameter changes.
@@ -336,7 +350,8 @@ class CheckpointReader {
   const OpenFile& file(const std::string& name, std::string_view tensor) const {
     std::lock_guard lk(mu_);
     if (const auto it = files_.find(name); it != files_.end()) return it->second;
-    const std::string where = tessera::detail::str("checkpoint ", dir_, ": tensor '", tensor, "'");
+    const std::string where = tensor.empty() ? tessera::detail::str("checkpoint ", dir_)
+                                             : tessera::detail::str("checkpoint ", dir_, ": tensor '", tensor, "'");
     const std::filesystem::path path = dir_ / name;
     TESSERA_EXPECTS(std::filesystem::exists(path), where, ": its file ", name, " is missing");
     std::unique_ptr<SafetensorsFile> f;

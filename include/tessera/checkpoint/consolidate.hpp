@@ -9,6 +9,9 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "tessera/checkpoint/checkpoint_reader.hpp"
 #include "tessera/checkpoint/safetensors_dtype.hpp"
@@ -32,6 +35,46 @@ struct ConsolidateResult {
   std::int64_t numel = 0;    ///< elements over all tensors
 };
 
+/// For a checkpoint whose configuration says "model_type": "gpt2" (gpt2_config_json):
+/// throws tessera::Error naming the field when vocab_size, n_positions, n_layer, n_head or
+/// n_embd is not a positive integer, n_head does not divide n_embd, or the configuration
+/// disagrees with the saved tensors (wte.weight (vocab_size, n_embd), wpe.weight
+/// (n_positions, n_embd), blocks h.0 to h.<n_layer - 1>), so that a consolidated file and its
+/// config.json describe the same model. Other configurations are not checked. Not collective.
+inline void check_gpt2_config(const CheckpointReader& reader) {
+  const nlohmann::json& c = reader.info().config;
+  if (!c.is_object() || c.value("model_type", "") != "gpt2") return;
+  const std::string where = tessera::detail::str("checkpoint ", reader.dir(), ": its GPT-2 configuration");
+  const auto field = [&](const char* key) {
+    TESSERA_EXPECTS(c.contains(key) && c.at(key).is_number_integer() && c.at(key).get<std::int64_t>() >= 1, where, "'s ",
+                    key, " is ", c.contains(key) ? c.at(key).dump() : std::string("missing"), ", not a positive integer");
+    return c.at(key).get<std::int64_t>();
+  };
+  const std::int64_t vocab = field("vocab_size"), positions = field("n_positions"), layers = field("n_layer"),
+                     heads = field("n_head"), embd = field("n_embd");
+  TESSERA_EXPECTS(embd % heads == 0, where, ": n_head ", heads, " does not divide n_embd ", embd);
+  const auto shape = [&](const char* name, std::vector<std::int64_t> want) {
+    if (!reader.contains(name)) return;
+    const std::vector<std::int64_t> got = reader.global_shape(name);
+    TESSERA_EXPECTS(got == want, where, " (vocab_size ", vocab, ", n_positions ", positions, ", n_embd ", embd,
+                    ") disagrees with tensor '", name, "' of shape ", shape_str(got), ", not ",
+                    shape_str(want));
+  };
+  shape("wte.weight", {vocab, embd});
+  shape("wpe.weight", {positions, embd});
+  std::int64_t blocks = 0;  // 1 + the largest N of a saved "h.N." tensor
+  for (const std::string& name : reader.tensor_names(TensorKind::model))
+    if (name.rfind("h.", 0) == 0) {
+      const std::size_t dot = name.find('.', 2);
+      try {
+        blocks = std::max<std::int64_t>(blocks, 1 + std::stoll(name.substr(2, dot - 2)));
+      } catch (const std::exception&) {
+      }
+    }
+  TESSERA_EXPECTS(blocks == layers, where, "'s n_layer ", layers, " disagrees with the saved blocks h.0 to h.", blocks - 1,
+                  " (", blocks, ")");
+}
+
 /// Writes the model tensors of the sharded checkpoint in `dir` (not its optimizer state) as
 /// one safetensors file `out` (atomically), each tensor reassembled at its global shape from
 /// the pieces of every rank, in the saving model's parameter order. Metadata: {"format": "pt",
@@ -48,7 +91,9 @@ inline ConsolidateResult consolidate_checkpoint(const std::filesystem::path& dir
   namespace fs = std::filesystem;
   const fs::path out = fs::is_symlink(out_given) ? fs::weakly_canonical(out_given) : out_given;
   {
-    const fs::path d = fs::weakly_canonical(dir), o = fs::weakly_canonical(out);
+    // (absolute first: weakly_canonical leaves a relative path whose first element does not
+    // exist relative, and "out.st" beside a checkpoint "." passed this check)
+    const fs::path d = fs::weakly_canonical(fs::absolute(dir)), o = fs::weakly_canonical(fs::absolute(out));
     const auto [mismatch, _] = std::mismatch(d.begin(), d.end(), o.begin(), o.end());
     TESSERA_EXPECTS(mismatch != d.end(), "consolidate_checkpoint: the output ", out_given,
                     " lies inside the checkpoint directory ", dir, " it reads: write it elsewhere");
@@ -56,6 +101,8 @@ inline ConsolidateResult consolidate_checkpoint(const std::filesystem::path& dir
                     " exists and is not a regular file: refusing to replace it");
   }
   auto reader = std::make_shared<CheckpointReader>(dir);
+  reader->check_index_lists_every_tensor();  // a tensor left out of the index would be left out here
+  check_gpt2_config(*reader);
   SafetensorsWriter w;
   w.set_metadata("format", "pt");
   w.set_metadata("tessera.config", reader->info().config.dump());
