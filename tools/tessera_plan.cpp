@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -250,6 +251,40 @@ tp::Cluster load_row_cluster(const std::filesystem::path& clusters, const std::s
   return load_cluster(path.string());
 }
 
+// A row's keys and their types and ranges, checked before it is predicted, so that an error
+// names the row and the key (a wrong type was nlohmann's "type must be number, but is string",
+// a global_batch of 0 the Layout's micro-batch message, exit 1).
+void check_row(const json& r, std::size_t index) {
+  const std::string row = r.is_object() && r.contains("id") && r.at("id").is_string()
+                              ? "row " + r.at("id").get<std::string>()
+                              : tessera::detail::str("row ", index + 1);
+  const auto bad = [&](const std::string& key, const std::string& want) {
+    throw InputError(tessera::detail::str("tessera-plan validate: ", row, ": ", key, " must be ", want, ", got ",
+                                          r.contains(key) ? r.at(key).dump() : std::string("nothing (the key is missing)")));
+  };
+  if (!r.is_object()) throw InputError("tessera-plan validate: " + row + " is not an object: " + r.dump());
+  for (const char* key : {"id", "cluster"})
+    if (!r.contains(key) || !r.at(key).is_string()) bad(key, "a string");
+  for (const char* key : {"layers", "hidden", "heads", "seq", "vocab", "tp", "pp", "dp", "global_batch"})
+    if (!r.contains(key) || !r.at(key).is_number_integer() || r.at(key).get<long long>() < 1 ||
+        r.at(key).get<long long>() > (1LL << 30))
+      bad(key, "an integer from 1 to 2^30");
+  for (const char* key : {"mbs", "v", "gpus"})
+    if (r.contains(key) && !r.at(key).is_null() &&
+        (!r.at(key).is_number_integer() || r.at(key).get<long long>() < 1 || r.at(key).get<long long>() > (1LL << 30)))
+      bad(key, "null or an integer from 1 to 2^30");
+  for (const char* key : {"mbs", "v", "recompute", "iteration_s", "sp", "zero"})
+    if (!r.contains(key)) bad(key, "given (null where unknown)");
+  if (!r.at("recompute").is_null() &&
+      !(r.at("recompute").is_string() && (r.at("recompute") == "none" || r.at("recompute") == "selective" ||
+                                          r.at("recompute") == "full")))
+    bad("recompute", "null, \"none\", \"selective\" or \"full\"");
+  if (!r.at("iteration_s").is_null() && !r.at("iteration_s").is_number()) bad("iteration_s", "null or a number of seconds");
+  if (!r.at("sp").is_boolean()) bad("sp", "true or false");
+  if (!r.at("zero").is_number_integer() || r.at("zero").get<long long>() < 0 || r.at("zero").get<long long>() > 3)
+    bad("zero", "an integer from 0 to 3");
+}
+
 // Predicts a published row; unknown mbs / v / recompute are chosen as the fastest candidate that fits
 // (mbs in {1, 2, 4}, v in {1, 2, 3}, recompute in {selective, full}); the spread is over every
 // candidate that can be built.
@@ -318,6 +353,7 @@ int validate_rows(const std::string& rows_path, const json& doc, const std::stri
   if (!doc.is_object() || !doc.contains("rows") || !doc.at("rows").is_array() || doc.at("rows").empty())
     throw InputError("tessera-plan validate: '" + rows_path + "' has no rows (\"rows\": [...] is missing or empty; "
                      "plan/validation/published_rows.json shows the format)");
+  for (std::size_t i = 0; i < doc.at("rows").size(); ++i) check_row(doc.at("rows")[i], i);  // all before any output row
   for (const json& r : doc.at("rows")) {
     const RowResult x = predict_row(r, clusters);
     const double t = x.plan.time.total();
@@ -691,6 +727,12 @@ int main(int argc, char** argv) {
       for (double kib : cal.comm_kib)
         if (!(kib >= 0.001 && kib <= 262144.0))
           throw tessera::Error(tessera::detail::str("calibrate: --comm-kib must be in [0.001, 262144] KiB, got ", kib));
+      // The latency-bandwidth fit of each collective needs two message sizes (it failed after
+      // the measuring before).
+      if (std::set<double>(cal.comm_kib.begin(), cal.comm_kib.end()).size() < 2)
+        throw tessera::Error(tessera::detail::str("calibrate: --comm-kib needs at least 2 different sizes (the "
+                                                  "latency and bandwidth fit), got ", cal.comm_kib.size() == 1 ?
+                                                  tessera::detail::str(cal.comm_kib[0]) : std::string("the same size")));
       const tp::ModelSpec m = cal_model.get();
       for (int t : cal.tps)
         if (m.heads % t != 0)
@@ -698,8 +740,13 @@ int main(int argc, char** argv) {
       if (cal.backend == "threads" && std::find(cal.ranks.begin(), cal.ranks.end(), cal.link_ranks) == cal.ranks.end())
         throw tessera::Error(tessera::detail::str("calibrate: --link-ranks ", cal.link_ranks,
                                                   " is not one of the rank counts measured (--ranks)"));
-      if (!cal.out.empty() && !std::ofstream(cal.out, std::ios::app))
-        throw tessera::Error("calibrate: cannot write --out '" + cal.out + "'");
+      if (!cal.out.empty()) {  // writable, without leaving an empty file behind if the run fails
+        std::error_code ec;
+        const bool existed = std::filesystem::exists(cal.out, ec);
+        const bool ok = static_cast<bool>(std::ofstream(cal.out, std::ios::app));
+        if (ok && !existed) std::filesystem::remove(cal.out, ec);
+        if (!ok) throw tessera::Error("calibrate: cannot write --out '" + cal.out + "'");
+      }
     } catch (const std::exception& e) {
       std::fprintf(stderr, "tessera-plan: %s\n", message(e).c_str());
       return 2;

@@ -42,6 +42,10 @@ expect 2 "--comm-kib: Value 1e7 not in range 0.001000 to 262144" calibrate --com
 expect 2 "calibrate: --min-time must be a number of seconds in [1e-6, 3600], got nan" calibrate --min-time nan
 expect 2 "--min-time: Value inf not in range" calibrate --min-time inf
 expect 2 "--min-time: Value 0 not in range" calibrate --min-time 0
+# One message size: the fit failed after the measuring and left an empty --out file behind.
+expect 2 "calibrate: --comm-kib needs at least 2 different sizes" calibrate --comm-kib 1 --out "$work/cal.json"
+expect 2 "calibrate: --comm-kib needs at least 2 different sizes" calibrate --comm-kib 4 --comm-kib 4
+[ -e "$work/cal.json" ] && fail "a refused calibrate left --out behind"
 
 # A model file's mistyped key is named.
 echo '{"layers": 2, "hidden": 64, "heads": 4, "vocab": 100, "seq": 32, "tied": "yes"}' > "$work/model.json"
@@ -72,7 +76,21 @@ bad = json.loads(json.dumps(doc)); bad["rows"][1]["iteration_s"] = 0
 json.dump(bad, open(out + "/zero.json", "w"))
 bad = json.loads(json.dumps(doc)); bad["rows"][2]["gpus"] = 1000
 json.dump(bad, open(out + "/gpus.json", "w"))
+# A row's key of the wrong type or range (session 18: nlohmann's message without the row or
+# key, or the Layout's, exit 1).
+for name, key, value in [("tp", "tp", "abc"), ("batch", "global_batch", 0), ("rc", "recompute", "sometimes"),
+                         ("nolayers", "layers", None)]:
+    bad = json.loads(json.dumps(doc))
+    if value is None: del bad["rows"][0][key]
+    else: bad["rows"][0][key] = value
+    json.dump(bad, open(out + "/" + name + ".json", "w"))
 PY
+expect 2 'row C1: tp must be an integer from 1 to 2^30, got "abc"' validate "$work/tp.json" --clusters "$root/plan/clusters"
+expect 2 "row C1: global_batch must be an integer from 1 to 2^30, got 0" validate "$work/batch.json" --clusters "$root/plan/clusters"
+expect 2 'row C1: recompute must be null, "none", "selective" or "full", got "sometimes"' validate "$work/rc.json" \
+  --clusters "$root/plan/clusters"
+expect 2 "row C1: layers must be an integer from 1 to 2^30, got nothing (the key is missing)" validate "$work/nolayers.json" \
+  --clusters "$root/plan/clusters"
 expect 2 "has no rows" validate "$work/empty.json" --clusters "$root/plan/clusters"
 expect 2 "row C2: iteration_s must be > 0 seconds (or null: no published time), got 0" validate "$work/zero.json" \
   --clusters "$root/plan/clusters"
