@@ -37,6 +37,27 @@ Tensor<float> input() {
   return x;
 }
 
+// An environment variable set for a test case (set(nullptr): unset) and restored at its end.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const char* name) : name_(name) {
+    const char* v = std::getenv(name);
+    had_ = v != nullptr;
+    if (had_) old_ = v;
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* v) const {
+    if (v) ::setenv(name_, v, 1); else ::unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
 std::atomic<int> final_all_reduce_line{0};  // written by every rank, the same value
 
 // Two steps; in step s this rank runs the row-parallel layer iters[s] times (a data-dependent
@@ -191,11 +212,8 @@ TEST_CASE("CollectiveChecker from the environment: TESSERA_DEBUG_COLLECTIVES=det
 }
 
 TEST_CASE("TESSERA_DEBUG_COLLECTIVES: each setting is read as documented, and a value that is not one is refused naming it") {
-  const char* old = std::getenv("TESSERA_DEBUG_COLLECTIVES");
-  const std::string saved = old ? old : "";
-  const auto with = [](const char* v) {
-    if (v) ::setenv("TESSERA_DEBUG_COLLECTIVES", v, 1); else ::unsetenv("TESSERA_DEBUG_COLLECTIVES");
-  };
+  const ScopedEnv env("TESSERA_DEBUG_COLLECTIVES");
+  const auto with = [&](const char* v) { env.set(v); };
   with(nullptr);
   CHECK(collective_debug_from_environment() == CollectiveDebug::off);
   with("");
@@ -223,15 +241,11 @@ TEST_CASE("TESSERA_DEBUG_COLLECTIVES: each setting is read as documented, and a 
     CHECK(msg.find("detail") != std::string::npos);
     CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
   }
-  with(old ? saved.c_str() : nullptr);
 }
 
 TEST_CASE("TESSERA_TIMEOUT: seconds from 0.001 to 1e8 are read, unset or empty is 60 s, and anything else is refused naming it") {
-  const char* old = std::getenv("TESSERA_TIMEOUT");
-  const std::string saved = old ? old : "";
-  const auto with = [](const char* v) {
-    if (v) ::setenv("TESSERA_TIMEOUT", v, 1); else ::unsetenv("TESSERA_TIMEOUT");
-  };
+  const ScopedEnv env("TESSERA_TIMEOUT");
+  const auto with = [&](const char* v) { env.set(v); };
   with(nullptr);
   CHECK(default_timeout() == std::chrono::seconds(60));
   with("");
@@ -255,5 +269,4 @@ TEST_CASE("TESSERA_TIMEOUT: seconds from 0.001 to 1e8 are read, unset or empty i
     CHECK_MESSAGE(msg.find(std::string("TESSERA_TIMEOUT='") + bad + "'") != std::string::npos, bad, ": ", msg);
     CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
   }
-  with(old ? saved.c_str() : nullptr);
 }
