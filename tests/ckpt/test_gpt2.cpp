@@ -151,6 +151,16 @@ TEST_CASE("load_gpt2_safetensors: a missing tensor, a wrong shape, another depth
                  "tensor 'lm_head.weight' (24, 24) differs from 'wte.weight'"));
 }
 
+// Saves model `m` at tp 2 (2 thread ranks, no optimizer state) into `dir`, at step 3.
+void save_at_tp2(const fs::path& dir, const FullModel& m) {
+  tessera::testing::run_ranks(2, [&](tessera::Comm& world) {
+    const Placement w = placement(world.rank(), MeshShape{.tp = 2});
+    Rank r(m, w, false);
+    save_checkpoint<double>(dir, world, w, r.list, nullptr,
+                            CheckpointMeta{.config = gpt2_config_json(tiny_config()), .step = 3});
+  });
+}
+
 TEST_CASE("consolidate_checkpoint: a (pp=2, tp=2) checkpoint becomes one GPT-2 file with full shapes that loads back bitwise") {
   TempDir d;
   const FullModel m = full_gpt(8);
@@ -182,12 +192,7 @@ TEST_CASE("consolidate_checkpoint: a (pp=2, tp=2) checkpoint becomes one GPT-2 f
 TEST_CASE("consolidate_checkpoint: the F32 file with 'transformer.' names reads with a pure-Python reader (numpy), and the CLI writes the same") {
   TempDir d;
   const FullModel m = full_gpt(9);
-  tessera::testing::run_ranks(2, [&](tessera::Comm& world) {
-    const Placement w = placement(world.rank(), MeshShape{.tp = 2});
-    Rank r(m, w, false);
-    save_checkpoint<double>(d / "ckpt", world, w, r.list, nullptr,
-                            CheckpointMeta{.config = gpt2_config_json(tiny_config()), .step = 3});
-  });
+  save_at_tp2(d / "ckpt", m);
   const fs::path out = d / "gpt2.safetensors";
   consolidate_checkpoint(d / "ckpt", out, {.dtype = SafetensorsDType::f32, .name_prefix = "transformer."});
   if (const char* tool = std::getenv("TESSERA_CONSOLIDATE_TOOL")) {
@@ -230,12 +235,7 @@ TEST_CASE("consolidate_checkpoint: the F32 file with 'transformer.' names reads 
 TEST_CASE("consolidate_checkpoint: an index that leaves out a tensor of its files, or a GPT-2 configuration that disagrees with the tensors, is refused (they were consolidated as they came)") {
   TempDir d;
   const FullModel m = full_gpt(10);
-  tessera::testing::run_ranks(2, [&](tessera::Comm& world) {
-    const Placement w = placement(world.rank(), MeshShape{.tp = 2});
-    Rank r(m, w, false);
-    save_checkpoint<double>(d / "ckpt", world, w, r.list, nullptr,
-                            CheckpointMeta{.config = gpt2_config_json(tiny_config()), .step = 3});
-  });
+  save_at_tp2(d / "ckpt", m);
   // edited(EDIT): a copy of the checkpoint whose index.json EDIT changed.
   int copies = 0;
   const auto edited = [&](const auto& edit) {

@@ -37,6 +37,16 @@ Tensor<float> input() {
   return x;
 }
 
+// The message of the Error `fn` throws ("" if none).
+std::string error_message(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 // An environment variable set for a test case (set(nullptr): unset) and restored at its end.
 class ScopedEnv {
  public:
@@ -231,12 +241,7 @@ TEST_CASE("TESSERA_DEBUG_COLLECTIVES: each setting is read as documented, and a 
   CHECK(collective_checks_from_environment());
   for (const char* bad : {"detial", "yes", "2", " detail"}) {
     with(bad);
-    std::string msg;
-    try {
-      static_cast<void>(collective_debug_from_environment());
-    } catch (const Error& e) {
-      msg = e.what();
-    }
+    const std::string msg = error_message([] { static_cast<void>(collective_debug_from_environment()); });
     CHECK_MESSAGE(msg.find(std::string("'") + bad + "'") != std::string::npos, msg);
     CHECK(msg.find("detail") != std::string::npos);
     CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
@@ -260,12 +265,7 @@ TEST_CASE("TESSERA_TIMEOUT: seconds from 0.001 to 1e8 are read, unset or empty i
   // Before session 18 each of these left 60 s (or read "10abc" as 10) without a word.
   for (const char* bad : {"abc", "10abc", "0", "-1", "nan", "inf", "1e9", "0.0001", " "}) {
     with(bad);
-    std::string msg;
-    try {
-      static_cast<void>(default_timeout());
-    } catch (const Error& e) {
-      msg = e.what();
-    }
+    const std::string msg = error_message([] { static_cast<void>(default_timeout()); });
     CHECK_MESSAGE(msg.find(std::string("TESSERA_TIMEOUT='") + bad + "'") != std::string::npos, bad, ": ", msg);
     CHECK_THROWS_AS(static_cast<void>(threads::RunOptions{}), Error);
   }
