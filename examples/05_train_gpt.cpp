@@ -410,11 +410,14 @@ int main(int argc, char** argv) {
       if (const char* n = std::getenv(var); n != nullptr && std::atoi(n) > 1 && a.backend != "mpi")
         throw Error(detail::str("train_gpt: started by mpirun as ", n, " processes but --backend is ", a.backend,
                                 ": pass --backend mpi (or run without mpirun: the threads backend needs no launcher)"));
-    if (const char* t = std::getenv("TESSERA_TIMEOUT")) {  // the collectives' timeout (comm/communicator.hpp)
-      char* end = nullptr;
-      const double v = std::strtod(t, &end);
-      TESSERA_EXPECTS(*t == '\0' || (end != t && *end == '\0' && v >= 0.001 && v <= 1e8), "train_gpt: TESSERA_TIMEOUT='",
-                      t, "' is not a number of seconds from 0.001 to 1e8");
+    // The collectives' timeout, read by the communicators' own rule (comm/communicator.hpp):
+    // refused here as a usage error before any rank starts.
+    try {
+      (void)default_timeout();
+    } catch (const Error& e) {
+      std::string why = e.what();
+      if (const std::size_t at = why.rfind(" ["); at != std::string::npos) why.erase(at);  // the library's file:line
+      throw Error(detail::str("train_gpt: ", why));
     }
     TESSERA_EXPECTS(std::isfinite(a.lr) && a.lr > 0, "train_gpt: --lr ", a.lr, " must be a finite positive number");
     TESSERA_EXPECTS(std::isfinite(a.min_lr) && a.min_lr >= 0 && a.min_lr <= a.lr, "train_gpt: --min-lr ", a.min_lr,
