@@ -26,6 +26,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gpt/args.hpp"
@@ -70,16 +71,22 @@ checkpoint::CheckpointMeta meta_of(const Args& a, int step) {
 }
 
 // Trains on this rank of `world` (dp x pp x tp = world size) and returns the per-step losses
-// (the same on every rank) and the loss curve.
+// (the same on every rank) and the loss curve. Inner: optim::AdamW<float> (checkpoints hold its
+// state) or optim::SGD<float> (--optimizer sgd).
+template <class Inner>
 std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
+  constexpr bool adamw = std::is_same_v<Inner, optim::AdamW<float>>;
   Mesh mesh(world, MeshShape{.dp = a.dp, .pp = a.pp, .tp = a.tp});
   const bool rank0 = world.rank() == 0 && print;
   const auto dataset = shared_dataset(a.data, a.context);  // one copy for the thread ranks
   const data::TextDataset& ds = *dataset;
   HybridGPT<float> model(mesh, a.config(), a.seed, a.hybrid(), std::nullopt, {.sequence_parallel = a.sequence_parallel});
-  // AdamW outside the model: no weight decay on biases and LayerNorm weights (GPT recipes),
-  // the state sharded over dp with --zero 1 (--zero1), the gradients too with --zero 2.
-  DistributedOptimizer<optim::AdamW<float>> opt(model, a.adamw_groups(model.parameters()), a.zero_stage());
+  // AdamW (or SGD) outside the model: no weight decay on biases and LayerNorm weights (GPT
+  // recipes), the state sharded over dp with --zero 1 (--zero1), the gradients too with --zero 2.
+  DistributedOptimizer<Inner> opt(model, [&] {
+    if constexpr (adamw) return a.adamw_groups(model.parameters());
+    else return a.sgd_groups(model.parameters());
+  }(), a.zero_stage());
   MemoryTracker::this_rank().reset_peaks();  // --memory-report: training's peaks, not the setup's
   const optim::WarmupCosine lr = a.lr_schedule();
   // --compress / --sync-every: how the dp replicas communicate (gpt/dp_communication.hpp).
@@ -92,6 +99,8 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   if (rank0 && !a.log_json.empty()) json_log.open(a.log_json, std::ios::trunc);
 
   int start = 0;
+  // (--optimizer sgd refuses --resume and --save before any rank starts: checkpoints hold AdamW's state)
+  if constexpr (adamw) {
   if (!a.resume.empty()) {
     opt.gather_full_parameters();  // --zero 3: load into the gathered values, keep this rank's block
     const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, opt, checkpoint::gpt2_config_json(a.config()));
@@ -103,6 +112,7 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     // The compressors' residuals and DiLoCo's state, saved per rank beside the shards: taken at
     // the same layout (bitwise continuation), else restarted with a note.
     dp_comm.load_state(a.resume, world, mesh, model, opt, a, start, rank0);
+  }
   }
   std::int64_t n_params = 0;
   // A PowerSGD rank too large for every matrix compresses nothing: the run is the fp32 all-reduce.
@@ -208,12 +218,14 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
       tokens = elapsed = compute = comm = bubble = 0;
     }
     if (rank0 && pt.has_val()) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
+    if constexpr (adamw) {
     if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
       opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
       checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
       dp_comm.save_state(a.save, world, mesh, model, opt, a, step + 1);  // residuals, DiLoCo state
       opt.release_full_parameters(false);
       if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
+    }
     }
   }
   if (rank0 && a.dp > 1 && dp_comm.total_steps() > 0)
@@ -430,6 +442,20 @@ int main(int argc, char** argv) {
                     " must be a finite number >= 0");
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
+    TESSERA_EXPECTS(std::isfinite(a.momentum) && a.momentum >= 0 && a.momentum < 1, "train_gpt: --momentum ", a.momentum,
+                    " must be in [0, 1)");
+    TESSERA_EXPECTS(a.optimizer == "sgd" || app.count("--momentum") == 0, "train_gpt: --momentum ", a.momentum,
+                    " is SGD's; add --optimizer sgd (AdamW's betas are fixed at 0.9 and 0.999)");
+    if (a.optimizer == "sgd") {
+      // Checkpoints and the device path hold AdamW's state; SGD trains on the CPU from scratch.
+      for (const char* flag : {"--save", "--save-every", "--resume", "--freeze-variance"})
+        TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not available with --optimizer sgd (",
+                        std::string(flag) == "--freeze-variance" ? "it freezes AdamW's second moment"
+                                                                 : "checkpoints hold AdamW's state only",
+                        "); drop it or use --optimizer adamw");
+      TESSERA_EXPECTS(a.device == "cpu", "train_gpt: --optimizer sgd trains on the CPU only (the device path steps "
+                      "AdamW); drop --device ", a.device, " or use --optimizer adamw");
+    }
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
@@ -663,7 +689,8 @@ int main(int argc, char** argv) {
     } else {
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) {
         try {
-          auto c = train_rank(world, a, true);
+          auto c = a.optimizer == "sgd" ? train_rank<optim::SGD<float>>(world, a, true)
+                                        : train_rank<optim::AdamW<float>>(world, a, true);
           if (world.rank() == 0) curve = std::move(c);
         } catch (const std::exception& e) {
           // --inject-fault: each other rank says how it stopped (the job's error line is the

@@ -6,14 +6,17 @@
 # loss, its difference from the uncompressed run, dp MB per step) on stdout.
 # Usage: bash bench/compress/convergence.sh [BUILD_DIR] [OUT] [policy...]
 #   policies: none bf16 powersgd:4 topk:0.01 diloco:10 (default: all five); a compressor may carry
-#   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,warmup=40,momentum=0.9),
+#   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,warmup=40,momentum=0.9;
+#   a top-k with momentum=M, Deep Gradient Compression's momentum correction, runs with
+#   --momentum 0 added last: it replaces SGD's momentum, so give TRAIN_GPT_ARGS="--optimizer sgd ..."),
 #   and diloco:H,lr=X,momentum=Y sets the outer optimizer (--outer-lr, --outer-momentum);
 #   diloco:1,lr=1,momentum=0,compress=topk:0.01 compresses each replica's AdamW update instead
 #   of its gradient (--sync-every 1 --compress: the pseudo-gradients go through the compressor);
 #   a trailing ,freeze=N on any policy adds --freeze-variance N (AdamW's second moment frozen
 #   after N steps, 1-bit Adam), e.g. powersgd:4,warmup=20,freeze=20.
 # TRAIN_GPT_ARGS="--lr 1.5e-3 --clip 0" adds train_gpt flags to every run (the log's first
-#   line names them).
+#   line names them); TRAIN_GPT_ARGS="--optimizer sgd --lr 0.1" runs every policy with momentum
+#   SGD (momentum 0.9), the papers' optimizer (docs/compression.md, session 19).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-build}
@@ -47,6 +50,7 @@ for p in "${policies[@]}"; do
   echo "== $p" >&2
   start=$(date +%s)
   read -ra more <<< "${TRAIN_GPT_ARGS:-}"
+  if [[ $q == topk:*momentum=* ]]; then more+=(--momentum 0); fi
   echo "convergence.sh: $p, TRAIN_GPT_ARGS='${TRAIN_GPT_ARGS:-}'" > "$out/$name.log"
   "$dir/examples/train_gpt" --data data/kjv.txt --dp 4 --layers 6 --d-model 192 --heads 6 --context 128 --batch 32 \
     --steps 400 --log-every 20 --val-every 50 --sample-len 0 --loss-csv "$out/$name.csv" "${flags[@]}" "${extra[@]}" "${more[@]}" >> "$out/$name.log" 2>&1

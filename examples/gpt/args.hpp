@@ -12,6 +12,7 @@
 #include "tessera/models/gpt.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/param_group.hpp"
+#include "tessera/optim/sgd.hpp"
 #include "tessera/optim/warmup_cosine.hpp"
 #include "tessera/parallel/data/zero_optimizer.hpp"
 #include "tessera/parallel/hybrid/hybrid.hpp"
@@ -44,6 +45,8 @@ struct Args {
   int layers = 4, d_model = 128, heads = 4, context = 64;
   int batch = 16;  // global batch (sequences per optimizer step)
   double lr = 1e-3, min_lr = 1e-4, clip = 1.0, weight_decay = 0.0;
+  std::string optimizer = "adamw";  // --optimizer adamw|sgd
+  double momentum = 0.9;            // --momentum: SGD's (heavy ball, PyTorch's form)
   double dropout = 0.0;  // on the embeddings (GPT-2's embd_pdrop)
   int warmup = 20;
   std::uint64_t seed = 1;
@@ -99,6 +102,10 @@ struct Args {
   optim::ParamGroupsOf<float, optim::AdamWOptions> adamw_groups(const ParameterList<float>& params) const {
     return optim::weight_decay_groups(params, optim::AdamWOptions{.lr = lr, .weight_decay = weight_decay,
                                                                   .freeze_variance_after = freeze_variance});
+  }
+  // SGD's groups (--optimizer sgd): the same split, with --weight-decay as SGD's coupled L2 term.
+  optim::ParamGroupsOf<float, optim::SGDOptions> sgd_groups(const ParameterList<float>& params) const {
+    return optim::weight_decay_groups(params, optim::SGDOptions{.lr = lr, .momentum = momentum, .weight_decay = weight_decay});
   }
   // Warmup + cosine over schedule_steps (default: --steps); warmup capped at the schedule.
   // Layers per ZeRO-3 unit (HybridOptions::unit_layers) from --zero3-unit: layer 1, stage 0
@@ -166,7 +173,13 @@ inline void add_options(CLI::App& app, Args& a) {
   app.add_option("--min-lr", a.min_lr, "final learning rate of the cosine decay");
   app.add_option("--warmup", a.warmup, "warmup steps")->check(CLI::Range(0, 1 << 30));
   app.add_option("--clip", a.clip, "clip the global gradient norm to this (0: no clipping)");
-  app.add_option("--weight-decay", a.weight_decay, "AdamW's decoupled weight decay (not on biases and LayerNorm weights)");
+  app.add_option("--weight-decay", a.weight_decay, "weight decay, not on biases and LayerNorm weights (AdamW's decoupled; "
+                 "with --optimizer sgd, SGD's L2 term added to the gradient)");
+  app.add_option("--optimizer", a.optimizer, "adamw, or sgd (momentum SGD, torch.optim.SGD: the optimizer of the "
+                 "PowerSGD, Deep Gradient Compression and local SGD papers; checkpoints hold AdamW's state only, so "
+                 "not with --save or --resume)")->check(CLI::IsMember({"adamw", "sgd"}));
+  app.add_option("--momentum", a.momentum, "with --optimizer sgd: its momentum, in [0, 1) (0 with --compress "
+                 "topk:F,momentum=M, whose momentum correction replaces it)");
   app.add_option("--device", a.device, "cpu (the ranks as threads or processes) or cuda (one rank on GPU 0; --dp N --tp M: N x M ranks as threads, a GPU each through NCCL where there are enough, else sharing GPU 0; pp = 1)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--dtype", a.dtype, "with --device cuda: fp32 (TF32 off) or bf16 (mixed precision, fp32 master weights)")

@@ -54,6 +54,16 @@ class DpCommunication {
     TESSERA_EXPECTS(!error_feedback || (a.tp == 1 && a.pp == 1), "train_gpt: --compress ", a.compress, " at tp ", a.tp,
                     " x pp ", a.pp, ": PowerSGD and top-k need tp 1 and pp 1 (a tp-replicated or pp-tied parameter's "
                     "copies would be compressed differently and drift apart); bf16 and fp16 work at any layout");
+    // top-k's momentum correction (DGC) is the optimizer's momentum moved into the compressor:
+    // the reduced bucket is a sum of velocities, which only SGD without momentum applies as is.
+    if (a.compress.rfind("topk", 0) == 0) {
+      const auto& topk = dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress));
+      TESSERA_EXPECTS(topk.momentum() == 0 || (a.optimizer == "sgd" && a.momentum == 0 && a.sync_every == 0),
+                      "train_gpt: --compress ", a.compress, " is Deep Gradient Compression's momentum correction, which "
+                      "replaces the optimizer's momentum: use it with --optimizer sgd --momentum 0 and without "
+                      "--sync-every (got --optimizer ", a.optimizer, a.optimizer == "sgd" ? detail::str(" --momentum ", a.momentum) : "",
+                      a.sync_every > 0 ? detail::str(" --sync-every ", a.sync_every) : "", ")");
+    }
     // --freeze-variance N freezes AdamW's v after N steps so that the optimizer is linear in
     // the compressed gradient (1-bit Adam); v must come from uncompressed gradients only, so a
     // compressor on the gradient needs at least N dense warm-up reductions first.

@@ -1,6 +1,8 @@
 #pragma once
 // --verify: the same training on one rank without any policy (GPT, mean cross-entropy,
-// clipping, AdamW, the same data and schedule), to compare the parallel run's losses with.
+// clipping, AdamW or SGD (--optimizer), the same data and schedule), to compare the parallel
+// run's losses with.
+#include <type_traits>
 #include <vector>
 
 #include "gpt/args.hpp"
@@ -9,16 +11,22 @@
 #include "tessera/nn/cross_entropy.hpp"
 #include "tessera/optim/adamw.hpp"
 #include "tessera/optim/clip_grad_norm.hpp"
+#include "tessera/optim/sgd.hpp"
 
 namespace train_gpt {
 
 // The same training on one rank without any policy: GPT, mean cross-entropy, clipping,
-// AdamW with the same groups, schedule, data and dropout masks. Returns the per-step losses of `steps` steps.
-inline std::vector<double> serial_losses(const Args& a, int steps) {
+// AdamW (or SGD) with the same groups, schedule, data and dropout masks. Returns the per-step
+// losses of `steps` steps.
+template <class Inner>
+std::vector<double> serial_losses_with(const Args& a, int steps) {
   const data::TextDataset ds(a.data, a.context);
   GPT<float> gpt(a.config(), a.seed);
   ParameterList<float> ps = gpt.parameters();
-  optim::AdamW<float> opt(a.adamw_groups(ps));
+  Inner opt = [&] {
+    if constexpr (std::is_same_v<Inner, optim::SGD<float>>) return Inner(a.sgd_groups(ps));
+    else return Inner(a.adamw_groups(ps));
+  }();
   nn::CrossEntropy<float> ce({.reduction = nn::Reduction::mean});
   const optim::WarmupCosine lr = a.lr_schedule();
   std::vector<double> losses;
@@ -35,6 +43,12 @@ inline std::vector<double> serial_losses(const Args& a, int steps) {
     losses.push_back(static_cast<double>(loss));
   }
   return losses;
+}
+
+// serial_losses_with the optimizer --optimizer names.
+inline std::vector<double> serial_losses(const Args& a, int steps) {
+  return a.optimizer == "sgd" ? serial_losses_with<optim::SGD<float>>(a, steps)
+                              : serial_losses_with<optim::AdamW<float>>(a, steps);
 }
 
 }  // namespace train_gpt

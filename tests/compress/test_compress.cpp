@@ -396,6 +396,81 @@ TEST_CASE("TopKHook: the k largest |G + E| of each rank, summed; the rest carrie
   }
 }
 
+TEST_CASE("TopKHook with momentum (DGC's momentum correction): U = m U + G accumulated and sparsified, sent entries masked in U") {
+  constexpr int world = 3, warmup = 2, steps = 6;
+  constexpr std::size_t n = 40;
+  constexpr double frac = 0.1, m = 0.9;  // k = 4
+  struct RankOut {
+    std::vector<std::vector<float>> out, residual, velocity;
+    std::vector<float> resumed_out;  // step 5 from a hook restored from step 4's state
+  };
+  auto outs = run_ranks(world, [&](Comm& c) {
+    TopKHook<float> hook(frac, warmup, m);
+    RankOut o;
+    for (int step = 0; step < steps; ++step) {
+      DpRankState<float> before = hook.state();
+      std::vector<float> g = grads_of(step, c.rank(), n);
+      GradBucketView<float> v{.index = 1, .grad = g, .tensors = {{0, Shape{8, 5}}}};
+      hook.reduce(v, c);
+      o.out.push_back(g);
+      o.residual.emplace_back(hook.residual(1).begin(), hook.residual(1).end());
+      o.velocity.emplace_back(hook.velocity(1).begin(), hook.velocity(1).end());
+      if (step == steps - 1) {  // a hook restored from the state before this step does the same
+        TopKHook<float> resumed(frac, warmup, m);
+        resumed.load_state(before);
+        std::vector<float> g2 = grads_of(step, c.rank(), n);
+        GradBucketView<float> v2{.index = 1, .grad = g2, .tensors = {{0, Shape{8, 5}}}};
+        resumed.reduce(v2, c);
+        o.resumed_out = g2;
+      }
+    }
+    return o;
+  });
+  // Direct (double): per rank U = m U + G; warm-up: the bucket is the sum of the U's; then
+  // M = E + U, the k largest |M| (ties: lower index) summed, and zeroed in M (-> E) and in U.
+  std::vector<std::vector<double>> E(world, std::vector<double>(n, 0.0)), U = E;
+  for (int step = 0; step < steps; ++step) {
+    std::vector<double> expect(n, 0.0);
+    for (int w = 0; w < world; ++w) {
+      for (std::size_t i = 0; i < n; ++i) U[w][i] = m * U[w][i] + static_cast<double>(grad_value(step, w, i));
+      if (step < warmup) {
+        for (std::size_t i = 0; i < n; ++i) expect[i] += U[w][i];
+        continue;
+      }
+      std::vector<double> M(n);
+      for (std::size_t i = 0; i < n; ++i) M[i] = E[w][i] + U[w][i];
+      std::vector<std::int32_t> idx(n);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return std::abs(M[a]) > std::abs(M[b]); });
+      idx.resize(4);
+      for (std::int32_t i : idx) {
+        expect[i] += M[i];
+        M[i] = 0;
+        U[w][i] = 0;
+      }
+      E[w] = M;
+    }
+    for (int w = 0; w < world; ++w) {
+      CHECK(max_abs_diff(outs[w].out[step], expect) < 1e-5);
+      CHECK(max_abs_diff(outs[w].velocity[step], U[w]) < 1e-5);
+      if (step < warmup) CHECK(outs[w].residual[step].empty());
+      else CHECK(max_abs_diff(outs[w].residual[step], E[w]) < 1e-5);
+    }
+  }
+  for (int w = 0; w < world; ++w) CHECK(outs[w].resumed_out == outs[w].out[steps - 1]);
+  CHECK(make_comm_hook<float>("topk:0.01,warmup=2,momentum=0.9")->name() == "topk:0.01,warmup=2,momentum=0.9");
+  CHECK(make_comm_hook<float>("topk:0.01,momentum=0.9,warmup=2")->name() == "topk:0.01,warmup=2,momentum=0.9");
+  CHECK(dynamic_cast<TopKHook<float>&>(*make_comm_hook<float>("topk:0.5,momentum=0.25")).momentum() == 0.25);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,momentum=1"), doctest::Contains("momentum \"1\" is not in [0, 1)"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,momentum=-0.5"), doctest::Contains("momentum \"-0.5\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,momentum=0.9,momentum=0.8"), doctest::Contains("given twice"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,momentum=0.9"), doctest::Contains("\"momentum=0.9\" is unknown"), Error);
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, 0, 1.0), doctest::Contains("momentum 1 must be in [0, 1)"), Error);
+  DpRankState<float> with_velocity;
+  with_velocity.tensors["bucket0.velocity"] = std::vector<float>(3, 1.0f);
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1).load_state(with_velocity), doctest::Contains("needs a hook with momentum"), Error);
+}
+
 TEST_CASE("TopKHook: ties in |M| go to the lower index, so every rank's choice is determined") {
   auto outs = run_ranks(2, [&](Comm& c) {
     TopKHook<float> hook(0.25);  // k = 3 of 12

@@ -79,6 +79,15 @@ grep -q "compute .*comm .*bubble" "$work/a.log" || fail "no progress shares"
 [ -s "$work/ckpt/index.json" ] || fail "no checkpoint index"
 grep -q "<svg" "$work/loss.svg" || fail "no loss picture"
 
+echo "== --optimizer sgd (momentum, weight decay) at dp 2 x pp 2 x tp 2 with ZeRO-1, verified against serial SGD"
+"$train" --data "$work/text.txt" "${model[@]}" --dp 2 --pp 2 --tp 2 --microbatches 2 --steps $verify_steps --verify \
+  --zero1 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 0.01 --sample-len 0 | tee "$work/sgd.log"
+check_verify "$work/sgd.log"
+echo "== --optimizer sgd --momentum 0 with top-k's momentum correction (DGC) at dp 2: trains, 1/10 of the entries sent"
+"$train" --data "$work/text.txt" "${model[@]}" --dp 2 --steps 10 --optimizer sgd --lr 0.1 --momentum 0 \
+  --compress topk:0.1,momentum=0.9 --sample-len 0 | tee "$work/dgc.log"
+grep -q "dp sent .* (compression topk:0.1,momentum=0.9)" "$work/dgc.log" || fail "no DGC compression line"
+
 echo "== dp 1 x pp 2 x tp 2 with sequence parallelism, verified against the serial run, sampled"
 "$train" --data "$work/text.txt" "${model[@]}" --dp 1 --pp 2 --tp 2 --sequence-parallel --microbatches 2 \
   --steps $verify_steps --verify --sample-len 21 | tee "$work/sp.log"

@@ -117,6 +117,13 @@ cases.append(("--plan-tolerance", "nan", {"--plan": "auto", "--world": "2",
 # Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
 cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
 cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
+# --optimizer sgd: checkpoints and the device path hold AdamW's state; --momentum is SGD's; top-k's
+# momentum correction (DGC) replaces SGD's momentum (session 19).
+cases.append(("--optimizer", "sgd", {"--save": "ckpt_out", "want": "--save is not available with --optimizer sgd"}))
+cases.append(("--optimizer", "sgd", {"--freeze-variance": "2", "want": "--freeze-variance is not available with --optimizer sgd"}))
+cases.append(("--momentum", "0.5", {"want": "--momentum 0.5 is SGD's; add --optimizer sgd"}))
+cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "--optimizer": "sgd", "want": "--optimizer sgd --momentum 0"}))
+cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "want": "(got --optimizer adamw)"}))
 # An interleaved schedule whose micro-batches the schedule cannot group (was refused only inside
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",

@@ -22,14 +22,16 @@ namespace tessera {
 
 /// The hook named by `spec`: "none" (AllReduceHook), "bf16" / "fp16" (HalfPrecisionHook),
 /// "powersgd:R" (PowerSGDHook of rank R >= 1), "topk:F" (TopKHook sending the fraction
-/// 0 < F <= 1). PowerSGD and top-k take an option after a comma: "powersgd:4,warmup=40"
+/// 0 < F <= 1). PowerSGD and top-k take options after commas: "powersgd:4,warmup=40"
 /// all-reduces each bucket uncompressed for its first 40 reductions (PowerSGDOptions::
-/// warmup_steps, PyTorch's start_powerSGD_iter; TopKHook's warmup_steps the same). Throws tessera::Error naming the spec and the accepted forms
-/// otherwise. Local.
+/// warmup_steps, PyTorch's start_powerSGD_iter; TopKHook's warmup_steps the same);
+/// "topk:0.01,momentum=0.9" is DGC's momentum correction (TopKHook's momentum, 0 <= M < 1).
+/// Throws tessera::Error naming the spec and the accepted forms otherwise. Local.
 template <std::floating_point T>
 std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   const std::string forms =
-      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or topk:F[,warmup=N] (0 < F <= 1)";
+      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or topk:F[,warmup=N][,momentum=M] "
+      "(0 < F <= 1, 0 <= M < 1)";
   const std::size_t comma = spec.find(',');
   const std::string head = spec.substr(0, comma);
   const std::string options = comma == std::string::npos ? "" : spec.substr(comma + 1);
@@ -44,10 +46,24 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
                   "\": an empty option after the comma; ", forms);
   TESSERA_EXPECTS(options.empty() || head.rfind("powersgd:", 0) == 0 || head.rfind("topk:", 0) == 0, "compression \"",
                   spec, "\": only powersgd and topk take options after a comma; ", forms);
-  // The warm-up option (warmup=N), the only one; its value, 0 when absent.
-  const auto warmup = [&]() {
-    long w = 0;
-    bool seen = false;
+  // A plain decimal number: no sign and no spaces (std::stod would skip them).
+  const auto decimal = [](const std::string& text, double& value) {
+    std::size_t used = 0;
+    try {
+      if (!text.empty() && ((text[0] >= '0' && text[0] <= '9') || text[0] == '.')) value = std::stod(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    return used > 0 && used == text.size();
+  };
+  // The options after the head: warmup=N (both), momentum=M (top-k only); each at most once.
+  struct Options {
+    std::int64_t warmup = 0;
+    double momentum = 0;
+  };
+  const auto parse_options = [&](bool momentum_allowed) {
+    Options o;
+    bool seen_warmup = false, seen_momentum = false;
     for (std::size_t at = 0; at <= options.size() && !options.empty();) {
       const std::size_t end = std::min(options.find(',', at), options.size());
       const std::string item = options.substr(at, end - at);
@@ -55,13 +71,23 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
       TESSERA_EXPECTS(!item.empty(), "compression \"", spec, "\": an empty option (a stray comma); ", forms);
       const std::size_t eq = item.find('=');
       const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
-      TESSERA_EXPECTS(key == "warmup", "compression \"", spec, "\": option \"", item, "\" is unknown; ", forms);
-      TESSERA_EXPECTS(!seen, "compression \"", spec, "\": warmup is given twice; ", forms);
-      seen = true;
-      TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
-                      "\" is not an integer >= 0; ", forms);
+      if (key == "warmup") {
+        TESSERA_EXPECTS(!seen_warmup, "compression \"", spec, "\": warmup is given twice; ", forms);
+        seen_warmup = true;
+        long w = 0;
+        TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
+                        "\" is not an integer >= 0; ", forms);
+        o.warmup = w;
+      } else if (key == "momentum" && momentum_allowed) {
+        TESSERA_EXPECTS(!seen_momentum, "compression \"", spec, "\": momentum is given twice; ", forms);
+        seen_momentum = true;
+        TESSERA_EXPECTS(decimal(value, o.momentum) && o.momentum < 1, "compression \"", spec, "\": momentum \"", value,
+                        "\" is not in [0, 1); ", forms);
+      } else {
+        throw Error(detail::str("compression \"", spec, "\": option \"", item, "\" is unknown; ", forms));
+      }
     }
-    return static_cast<std::int64_t>(w);
+    return o;
   };
   if (head == "none") return std::make_shared<AllReduceHook<T>>();
   if (head == "bf16") return std::make_shared<HalfPrecisionHook<T>>(HalfFormat::bf16);
@@ -72,19 +98,15 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
     long r = 0;
     TESSERA_EXPECTS(integer(arg, r) && r >= 1 && r <= 1 << 20, "compression \"", spec, "\": rank \"", arg,
                     "\" is not an integer >= 1; ", forms);
-    return std::make_shared<PowerSGDHook<T>>(PowerSGDOptions{.rank = static_cast<int>(r), .warmup_steps = warmup()});
+    return std::make_shared<PowerSGDHook<T>>(
+        PowerSGDOptions{.rank = static_cast<int>(r), .warmup_steps = parse_options(false).warmup});
   }
   if (kind == "topk" && !arg.empty()) {
     double f = 0;
-    std::size_t used = 0;
-    try {  // a plain decimal number: no sign and no spaces (std::stod would skip them)
-      if ((arg[0] >= '0' && arg[0] <= '9') || arg[0] == '.') f = std::stod(arg, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    TESSERA_EXPECTS(used == arg.size() && f > 0 && f <= 1, "compression \"", spec, "\": fraction \"", arg,
+    TESSERA_EXPECTS(decimal(arg, f) && f > 0 && f <= 1, "compression \"", spec, "\": fraction \"", arg,
                     "\" is not in (0, 1]; ", forms);
-    return std::make_shared<TopKHook<T>>(f, warmup());
+    const Options o = parse_options(true);
+    return std::make_shared<TopKHook<T>>(f, o.warmup, o.momentum);
   }
   throw Error(detail::str("compression \"", spec, "\" is unknown; ", forms));
 }

@@ -1,10 +1,11 @@
 #pragma once
 /// @file
 /// TopKHook: top-k sparsification with error feedback (Lin et al., "Deep Gradient Compression",
-/// ICLR 2018, without its momentum correction and sparsity warm-up): each rank sends only the
-/// k largest-magnitude entries of its accumulated gradient as (index, value) pairs by
-/// all-gather and keeps the rest as a residual for the next step. An optional dense warm-up
-/// (as PowerSGD's start_powerSGD_iter) all-reduces each bucket's first N reductions.
+/// ICLR 2018, without its sparsity warm-up): each rank sends only the k largest-magnitude
+/// entries of its accumulated gradient as (index, value) pairs by all-gather and keeps the rest
+/// as a residual for the next step. An optional dense warm-up (as PowerSGD's
+/// start_powerSGD_iter) all-reduces each bucket's first N reductions; an optional momentum is
+/// DGC's momentum correction (the velocity, not the gradient, is accumulated and sparsified).
 
 #include <algorithm>
 #include <charconv>
@@ -14,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,15 +39,26 @@ namespace tessera {
 /// round-off. Bytes per rank: (p - 1) k (4 + sizeof(T)) instead of 2 (p - 1) / p n sizeof(T).
 /// With `warmup_steps` = N > 0, each bucket's first N reductions are the plain fp32 all-reduce
 /// (no residual); compression then starts with E = 0.
+///
+/// With `momentum` = m > 0 (DGC's momentum correction and momentum factor masking, section 3.2
+/// and Algorithm 1 of Lin et al.): each rank keeps a velocity U per bucket, U = m U + G, and
+/// step 1 takes M = E + U instead; after step 5 the selected entries of U are set to 0 as well.
+/// The bucket then holds the sum of the ranks' sparse velocities, so the optimizer that applies
+/// it must not add momentum of its own (plain SGD: p -= lr * bucket). Warm-up reductions
+/// all-reduce U (no masking), which is momentum SGD on the summed gradient. At fraction 1 the
+/// masking resets U every step, so the step is plain SGD (as DGC's algorithm).
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
  public:
   /// A hook sending the fraction `fraction` of each bucket's entries, after `warmup_steps`
-  /// plain all-reduces of each bucket. Throws tessera::Error naming the value unless
-  /// 0 < fraction <= 1 and warmup_steps >= 0.
-  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0) : fraction_(fraction), warmup_(warmup_steps) {
+  /// plain all-reduces of each bucket, with DGC's momentum correction when `momentum` > 0.
+  /// Throws tessera::Error naming the value unless 0 < fraction <= 1, warmup_steps >= 0 and
+  /// 0 <= momentum < 1.
+  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0, double momentum = 0)
+      : fraction_(fraction), warmup_(warmup_steps), momentum_(momentum) {
     TESSERA_EXPECTS(fraction > 0 && fraction <= 1, "TopKHook: fraction ", fraction, " must be in (0, 1]");
     TESSERA_EXPECTS(warmup_steps >= 0, "TopKHook: warmup_steps ", warmup_steps, " must be >= 0");
+    TESSERA_EXPECTS(momentum >= 0 && momentum < 1, "TopKHook: momentum ", momentum, " must be in [0, 1)");
   }
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
@@ -57,6 +70,17 @@ class TopKHook final : public CommHook<T> {
     if (n == 0) return;
     TESSERA_EXPECTS(n <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()), "TopKHook: bucket ",
                     bucket.index, " has ", n, " elements; int32 indices reach 2^31 - 1");
+    // DGC's momentum correction: the velocity U = m U + G is what is accumulated (and, in the
+    // warm-up, all-reduced).
+    std::vector<T>* u = nullptr;
+    if (momentum_ > 0) {
+      u = &velocity_[bucket.index];
+      TESSERA_EXPECTS(u->empty() || u->size() == n, "TopKHook: the velocity of bucket ", bucket.index, " has ",
+                      u->size(), " elements, the bucket ", n);
+      if (u->size() != n) u->assign(n, T{0});
+      const T m = static_cast<T>(momentum_);
+      for (std::size_t i = 0; i < n; ++i) bucket.grad[i] = (*u)[i] = m * (*u)[i] + bucket.grad[i];
+    }
     // Warm-up: this bucket's first reductions are plain all-reduces.
     if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
       ++done;
@@ -96,6 +120,7 @@ class TopKHook final : public CommHook<T> {
     for (std::size_t j = 0; j < k; ++j) {
       val[j] = e[static_cast<std::size_t>(idx[j])];
       e[static_cast<std::size_t>(idx[j])] = T{0};
+      if (u != nullptr) (*u)[static_cast<std::size_t>(idx[j])] = T{0};  // momentum factor masking
     }
     const std::size_t p = static_cast<std::size_t>(comm.size());
     std::vector<std::int32_t> all_idx(p * k);
@@ -108,13 +133,14 @@ class TopKHook final : public CommHook<T> {
     last_indices_[bucket.index] = std::move(idx);
   }
 
-  /// "bucket<b>.error": each bucket's residual E; with a warm-up, the counter
-  /// "bucket<b>.reductions" (warm-up reductions done). Local.
+  /// "bucket<b>.error": each bucket's residual E; with momentum, "bucket<b>.velocity" (U); with
+  /// a warm-up, the counter "bucket<b>.reductions" (warm-up reductions done). Local.
   DpRankState<T> state() const override {
     DpRankState<T> out;
     if (warmup_ > 0)
       for (const auto& [b, done] : reductions_) out.counters["bucket" + std::to_string(b) + ".reductions"] = done;
     for (const auto& [b, e] : error_) out.tensors["bucket" + std::to_string(b) + ".error"] = e;
+    for (const auto& [b, u] : velocity_) out.tensors["bucket" + std::to_string(b) + ".velocity"] = u;
     return out;
   }
   /// Restores a state(): the residuals (a bucket's size is checked at its next reduction,
@@ -127,17 +153,38 @@ class TopKHook final : public CommHook<T> {
       reductions_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 17)))] = v;
     }
     for (const auto& [k, v] : state.tensors) {
-      const bool ok = k.rfind("bucket", 0) == 0 && k.size() > 12 && k.compare(k.size() - 6, 6, ".error") == 0 &&
-                      k.substr(6, k.size() - 12).find_first_not_of("0123456789") == std::string::npos;
-      TESSERA_EXPECTS(ok, "TopKHook: unknown state tensor '", k, "'");
-      error_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 12)))] = v;
-      loaded_ = true;
+      // "bucket<digits><suffix>": the bucket's number, or nothing when k is not of that form.
+      const auto bucket_of = [&k](const std::string& suffix) -> std::optional<std::size_t> {
+        const std::size_t head = 6, tail = suffix.size();
+        if (k.rfind("bucket", 0) != 0 || k.size() <= head + tail || k.compare(k.size() - tail, tail, suffix) != 0 ||
+            k.substr(head, k.size() - head - tail).find_first_not_of("0123456789") != std::string::npos)
+          return std::nullopt;
+        return static_cast<std::size_t>(std::stoull(k.substr(head, k.size() - head - tail)));
+      };
+      if (const auto b = bucket_of(".error")) {
+        error_[*b] = v;
+        loaded_ = true;
+      } else if (const auto b = bucket_of(".velocity"); b && momentum_ > 0) {
+        velocity_[*b] = v;
+      } else {
+        TESSERA_EXPECTS(false, "TopKHook: unknown state tensor '", k, "'",
+                        momentum_ > 0 ? "" : " (a velocity needs a hook with momentum)");
+      }
     }
   }
 
-  /// "topk:F", with ",warmup=N" when warmup_steps > 0 (make_comm_hook's syntax).
+  /// "topk:F", with ",warmup=N" when warmup_steps > 0 and ",momentum=M" when momentum > 0
+  /// (make_comm_hook's syntax).
   std::string name() const override {
-    return "topk:" + format_fraction() + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string());
+    return "topk:" + format(fraction_) + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string()) +
+           (momentum_ > 0 ? ",momentum=" + format(momentum_) : std::string());
+  }
+  /// DGC's momentum (0: none).
+  double momentum() const noexcept { return momentum_; }
+  /// This rank's velocity U of bucket `index` (empty without momentum or before its first reduction).
+  std::span<const T> velocity(std::size_t index) const {
+    auto it = velocity_.find(index);
+    return it == velocity_.end() ? std::span<const T>() : std::span<const T>(it->second);
   }
   /// Reductions of each bucket that are plain all-reduces before compression starts.
   std::int64_t warmup_steps() const noexcept override { return warmup_; }
@@ -160,14 +207,16 @@ class TopKHook final : public CommHook<T> {
   }
 
  private:
-  // The fraction's shortest round-trip form ("0.01", "1e-30"), as it will be used.
-  std::string format_fraction() const {
+  // A number's shortest round-trip form ("0.01", "1e-30"), as it will be used.
+  static std::string format(double x) {
     char buf[32];
-    const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, fraction_);
-    return ec == std::errc() ? std::string(buf, end) : std::to_string(fraction_);
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, x);
+    return ec == std::errc() ? std::string(buf, end) : std::to_string(x);
   }
   double fraction_;
   std::int64_t warmup_ = 0;
+  double momentum_ = 0;
+  std::map<std::size_t, std::vector<T>> velocity_;  // DGC's U per bucket (momentum > 0)
   std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
   bool loaded_ = false;  // load_state gave residuals (their sizes are checked)
   std::vector<T> abs_;  // |M|, scratch of the selection
