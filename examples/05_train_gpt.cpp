@@ -140,11 +140,12 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   }
   if (rank0)
     std::printf("GPT %d layers, d_model %d, %d heads, context %d; dp=%d pp=%d tp=%d (%s, %d micro-batches, accum %d%s); "
-                "global batch %d x %d; rank 0 holds %lld parameters%s%s\n",
+                "global batch %d x %d; rank 0 holds %lld parameters%s%s; %s\n",
                 a.layers, a.d_model, a.heads, a.context, a.dp, a.pp, a.tp, a.schedule.c_str(), a.num_microbatches(),
                 a.accum, a.zero_stage() == ZeroStage::parameters ? ", ZeRO-3" : a.zero_stage() == ZeroStage::gradients ? ", ZeRO-2" : a.zero_stage() == ZeroStage::optimizer ? ", ZeRO-1" : "", a.batch, a.context, static_cast<long long>(n_params),
                 a.zero_stage() == ZeroStage::parameters && a.dp > 1 ? " (ZeRO-3: 1/dp of them stored per rank)" : "",
-                a.sequence_parallel && a.tp > 1 ? "; sequence parallel" : "");
+                a.sequence_parallel && a.tp > 1 ? "; sequence parallel" : "",
+                adamw ? "AdamW" : detail::str("SGD, momentum ", a.momentum).c_str());
 
   const int rows = a.batch / a.dp, chunk = rows / a.accum, r0 = mesh.coord().dp * rows;
   std::vector<Point> curve;
@@ -343,6 +344,8 @@ int main(int argc, char** argv) {
                       "head dimension (--d-model / --heads = ", a.d_model, " / ", a.heads, " = ", a.d_model / a.heads,
                       ") of at most 128");
       TESSERA_EXPECTS(a.plan.empty(), "train_gpt: --plan auto plans CPU ranks; drop it with --device cuda");
+      TESSERA_EXPECTS(a.optimizer == "adamw", "train_gpt: --optimizer ", a.optimizer, " trains on the CPU only (the "
+                      "device path steps AdamW); drop --device cuda or use --optimizer adamw");
       TESSERA_EXPECTS(a.compress.empty() && a.sync_every == 0, "train_gpt: --compress and --sync-every are not "
                       "built on the device yet; drop them with --device cuda");
       TESSERA_EXPECTS(!a.generate && a.eval_model.empty(), "train_gpt: --generate and "
@@ -442,20 +445,29 @@ int main(int argc, char** argv) {
                     " must be a finite number >= 0");
     TESSERA_EXPECTS(std::isfinite(a.dropout) && a.dropout >= 0 && a.dropout < 1, "train_gpt: --dropout ", a.dropout,
                     " must be in [0, 1)");
-    TESSERA_EXPECTS(std::isfinite(a.momentum) && a.momentum >= 0 && a.momentum < 1, "train_gpt: --momentum ", a.momentum,
-                    " must be in [0, 1)");
+    // (in fp32, as the optimizer holds it: 0.99999999 would round to 1)
+    TESSERA_EXPECTS(std::isfinite(a.momentum) && a.momentum >= 0 && static_cast<float>(a.momentum) < 1,
+                    "train_gpt: --momentum ", a.momentum, " must be in [0, 1) (in fp32)");
     TESSERA_EXPECTS(a.optimizer == "sgd" || app.count("--momentum") == 0, "train_gpt: --momentum ", a.momentum,
                     " is SGD's; add --optimizer sgd (AdamW's betas are fixed at 0.9 and 0.999)");
     if (a.optimizer == "sgd") {
       // Checkpoints and the device path hold AdamW's state; SGD trains on the CPU from scratch.
       for (const char* flag : {"--save", "--save-every", "--resume", "--freeze-variance"})
-        TESSERA_EXPECTS(app.count(flag) == 0, "train_gpt: ", flag, " is not available with --optimizer sgd (",
+        TESSERA_EXPECTS(app.count(flag) == 0 || (a.generate && std::string(flag) == "--resume"), "train_gpt: ", flag,
+                        " is not available with --optimizer sgd (",
                         std::string(flag) == "--freeze-variance" ? "it freezes AdamW's second moment"
                                                                  : "checkpoints hold AdamW's state only",
                         "); drop it or use --optimizer adamw");
       TESSERA_EXPECTS(a.device == "cpu", "train_gpt: --optimizer sgd trains on the CPU only (the device path steps "
                       "AdamW); drop --device ", a.device, " or use --optimizer adamw");
     }
+    // DGC's momentum correction accumulates the gradients the hook sees; SGD's weight decay is
+    // added by the optimizer after it, so it would bypass the velocity: refused.
+    if (a.compress.rfind("topk", 0) == 0 && a.compress.find("momentum=") != std::string::npos &&
+        dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).momentum() > 0)
+      TESSERA_EXPECTS(a.weight_decay == 0, "train_gpt: --weight-decay ", a.weight_decay, " with --compress ", a.compress,
+                      ": SGD adds the decay after the compressor, so it would bypass the momentum correction's "
+                      "velocity; drop --weight-decay (or use --momentum with another compressor)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
@@ -490,8 +502,25 @@ int main(int argc, char** argv) {
       if (a.dp == 1 && a.zero_stage() != ZeroStage::none)
         notes.push_back("--zero/--zero1 at dp 1: one replica holds the whole optimizer state and gradients anyway "
                         "(ZeRO shards over dp)");
+      const double dgc_momentum = a.compress.rfind("topk", 0) == 0
+                                      ? dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).momentum()
+                                      : 0.0;
       if (a.dp == 1 && !a.compress.empty())
-        notes.push_back(detail::str("--compress ", a.compress, " at dp 1: there is no dp gradient reduction to compress"));
+        notes.push_back(detail::str("--compress ", a.compress, " at dp 1: there is no dp gradient reduction to compress",
+                                    dgc_momentum > 0 ? ", so its momentum correction is off too and SGD runs without "
+                                                       "momentum (use --momentum instead)" : ""));
+      if (a.dp > 1 && dgc_momentum > 0 &&
+          dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).fraction() == 1)
+        notes.push_back(detail::str("--compress ", a.compress, ": at fraction 1 every entry is sent each step and the "
+                                    "momentum factor masking resets the velocity, so the steps are SGD without momentum "
+                                    "(use --momentum M without a compressor instead)"));
+      if (a.dp > 1 && dgc_momentum > 0 && a.clip > 0)
+        notes.push_back(detail::str("--clip ", a.clip, " with --compress ", a.compress, " clips the summed sparse "
+                                    "velocities SGD applies, not each rank's gradient (DGC's local clipping); --clip 0 "
+                                    "turns it off"));
+      if (a.plan == "auto" && a.optimizer == "sgd")
+        notes.push_back("--plan auto with --optimizer sgd: the planner's memory model counts AdamW's two moments per "
+                        "parameter (SGD keeps one momentum buffer or none), so its memory figures are upper bounds");
       if (a.on_nonfinite != "skip" && app.count("--max-consecutive-skips") > 0)
         notes.push_back(detail::str("--max-consecutive-skips ", a.max_consecutive_skips, " without --on-nonfinite skip: "
                                     "the first non-finite step stops the run"));
@@ -531,6 +560,10 @@ int main(int argc, char** argv) {
     }
     if (!a.eval_model.empty()) {
       TESSERA_EXPECTS(!a.eval_tokens.empty(), "train_gpt: --eval-model needs --eval-tokens");
+      for (const char* flag : {"--optimizer", "--momentum", "--compress", "--sync-every"})
+        if (app.count(flag) > 0 && prints())
+          std::printf("train_gpt: note: %s with --eval-model: it only evaluates the file (nothing is trained, so %s "
+                      "does nothing)\n", flag, flag);
       launch(a.backend, a.world(), argc, argv, [&](Comm& world) { eval_rank(world, a); });
       return 0;
     }
@@ -551,7 +584,7 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.sample_len > 0, "train_gpt: --generate --sample-len 0 samples nothing; give --sample-len N");
       // Training's outputs: --generate trains nothing, so they would stay unwritten.
       for (const char* flag : {"--save", "--save-every", "--log-json", "--loss-csv", "--loss-svg", "--verify",
-                               "--compress", "--sync-every", "--on-nonfinite"})
+                               "--compress", "--sync-every", "--on-nonfinite", "--optimizer", "--momentum"})
         if (app.count(flag) > 0 && prints())
           std::printf("train_gpt: note: %s with --generate: it only samples from the checkpoint (nothing is trained, "
                       "so %s does nothing)\n", flag, flag);

@@ -3,6 +3,7 @@
 the progress lines (every 20 steps, thin) and the validation loss (dots, thick) of every policy
 whose log is in one of the DIRs (the last DIR that has it; a run still going is drawn as far as it
 got).
+PLOT_TITLE="..." replaces the title's optimizer (default "AdamW"), e.g. "momentum SGD, lr 0.1".
 Usage: python3 bench/compress/plot_curves.py DIR... OUT.svg"""
 import re
 import os
@@ -17,7 +18,7 @@ COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0
           "diloco_10_lr_1_momentum_0_6": "#c5b0d5", "diloco_10_lr_1_momentum_0_7": "#6b3fa0",
           "diloco_10_lr_1_momentum_0_4": "#e7cb94",
           "diloco_10_lr_1_momentum_0_8": "#393b79",
-          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5"}
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5", "topk_0_01_momentum_0_9": "#2ca02c"}
 LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
           "diloco_10": "DiLoCo H=10", "powersgd_4_warmup_20": "PowerSGD r=4, warmup 20",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01": "top-k 1% of the update",
@@ -29,7 +30,8 @@ LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4
           "diloco_10_lr_1_momentum_0_6": "DiLoCo lr 1 mom 0.6, own clip", "diloco_10_lr_1_momentum_0_7": "DiLoCo lr 1 mom 0.7, own clip",
           "diloco_10_lr_1_momentum_0_4": "DiLoCo lr 1 mom 0.4, own clip",
           "diloco_10_lr_1_momentum_0_8": "DiLoCo lr 1 mom 0.8, own clip",
-          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "top-k of the update, own clip"}
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "top-k of the update, own clip",
+          "topk_0_01_momentum_0_9": "top-k 1%, DGC momentum 0.9"}
 
 
 def read(path):
@@ -59,7 +61,8 @@ def main(srcs, out):
     Y = lambda v: T + (H - T - B) * (ymax - min(v, ymax)) / (ymax - ymin)
     o = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='12'>",
          "<rect width='100%' height='100%' fill='white'/>",
-         f"<text x='{L}' y='18'>GPT 6x192 on KJV, dp 4, 400 steps: train loss every 20 steps (thin), validation (dots)</text>",
+         f"<text x='{L}' y='18'>GPT 6x192 on KJV, dp 4, 400 steps, {os.environ.get('PLOT_TITLE', 'AdamW')}: "
+         "train loss every 20 steps (thin), validation (dots)</text>",
          f"<line x1='{L}' y1='{H - B}' x2='{W - R}' y2='{H - B}' stroke='black'/>",
          f"<line x1='{L}' y1='{T}' x2='{L}' y2='{H - B}' stroke='black'/>"]
     for i in range(6):

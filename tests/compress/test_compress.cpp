@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <span>
@@ -469,6 +470,38 @@ TEST_CASE("TopKHook with momentum (DGC's momentum correction): U = m U + G accum
   DpRankState<float> with_velocity;
   with_velocity.tensors["bucket0.velocity"] = std::vector<float>(3, 1.0f);
   CHECK_THROWS_WITH_AS(TopKHook<float>(0.1).load_state(with_velocity), doctest::Contains("needs a hook with momentum"), Error);
+}
+
+TEST_CASE("TopKHook: a NaN or Inf gradient leaves the state as it was and reaches every rank's result where it was") {
+  constexpr int world = 2;
+  constexpr std::size_t n = 40;
+  for (const int warmup : {0, 5}) {
+    auto ok = run_ranks(world, [&](Comm& c) {
+      TopKHook<float> hook(0.1, warmup, 0.9);
+      int bad = 0;
+      for (int step = 0; step < 3; ++step) {
+        const std::vector<float> e0(hook.residual(0).begin(), hook.residual(0).end());
+        const std::vector<float> u0(hook.velocity(0).begin(), hook.velocity(0).end());
+        std::vector<float> g = grads_of(step, c.rank(), n);
+        if (step == 2 && c.rank() == 1) {
+          g[7] = std::numeric_limits<float>::quiet_NaN();
+          g[12] = std::numeric_limits<float>::infinity();
+        }
+        GradBucketView<float> v{.index = 0, .grad = g, .tensors = {{0, Shape{8, 5}}}};
+        hook.reduce(v, c);
+        if (step < 2) continue;
+        // Every rank: non-finite at 7 and 12, finite elsewhere.
+        for (std::size_t i = 0; i < n; ++i) bad += std::isfinite(g[i]) == (i == 7 || i == 12);
+        // The rank with the bad gradient keeps its residual and velocity.
+        if (c.rank() == 1) {
+          bad += !std::ranges::equal(hook.residual(0), e0);
+          bad += !std::ranges::equal(hook.velocity(0), u0);
+        }
+      }
+      return bad;
+    });
+    for (int bad : ok) CHECK(bad == 0);
+  }
 }
 
 TEST_CASE("TopKHook: ties in |M| go to the lower index, so every rank's choice is determined") {

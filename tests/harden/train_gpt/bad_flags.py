@@ -124,6 +124,9 @@ cases.append(("--optimizer", "sgd", {"--freeze-variance": "2", "want": "--freeze
 cases.append(("--momentum", "0.5", {"want": "--momentum 0.5 is SGD's; add --optimizer sgd"}))
 cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "--optimizer": "sgd", "want": "--optimizer sgd --momentum 0"}))
 cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "want": "(got --optimizer adamw)"}))
+cases.append(("--weight-decay", "0.1", {"--dp": "2", "--optimizer": "sgd", "--momentum": "0",
+                                        "--compress": "topk:0.1,momentum=0.9", "want": "bypass the momentum correction"}))
+cases.append(("--momentum", "0.99999999", {"--optimizer": "sgd", "want": "--momentum 1 must be in [0, 1) (in fp32)"}))
 # An interleaved schedule whose micro-batches the schedule cannot group (was refused only inside
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",
@@ -240,6 +243,12 @@ notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, 
          ({"--steps": "3", "--schedule-steps": "2"}, "note: the learning-rate schedule is 2 steps (--schedule-steps), shorter than --steps 3"),
          ({"--dp": "2", "--sync-every": "5"}, "note: --sync-every 5 is more than --steps 1"),
          ({"--max-consecutive-skips": "3"}, "note: --max-consecutive-skips 3 without --on-nonfinite skip"),
+         ({"--optimizer": "sgd", "--momentum": "0", "--compress": "topk:0.1,momentum=0.9"},
+          "note: --compress topk:0.1,momentum=0.9 at dp 1: there is no dp gradient reduction to compress, so its momentum"),
+         ({"--dp": "2", "--optimizer": "sgd", "--momentum": "0", "--compress": "topk:1,momentum=0.9", "--clip": "0"},
+          "note: --compress topk:1,momentum=0.9: at fraction 1 every entry is sent"),
+         ({"--dp": "2", "--optimizer": "sgd", "--momentum": "0", "--compress": "topk:0.1,momentum=0.9"},
+          "note: --clip 1 with --compress topk:0.1,momentum=0.9 clips the summed sparse velocities"),
          ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),
          ({"--warmup": "5"}, "note: --warmup 5 is longer than the 1-step"),
          ({"--zero3-unit": "2"}, "note: --zero3-unit 2 without --zero 3"),

@@ -72,6 +72,17 @@ rc=$?
 grep -q "non-finite values at step 1: the gradient of 'wte.weight' holds NaN at element 0" "$work/s.log" \
   || { cat "$work/s.log"; fail "the stop message"; }
 grep -q "^step    1  loss" "$work/s.log" && fail "step 1 was logged as trained"
+echo "== the same through top-k (dp 2, with DGC's momentum): stop names the step and the parameter (the hook threw before)"
+timeout 120 "$train" "${model[@]}" --dp 2 --steps 4 --val-every 0 --lr 1e38 --optimizer sgd --momentum 0 \
+  --compress topk:0.1,momentum=0.9 > "$work/tk.log" 2>&1
+rc=$?
+[ $rc -eq 1 ] || { cat "$work/tk.log"; fail "top-k: exit code $rc, expected 1"; }
+grep -q "non-finite values at step [0-9]*: the gradient of '[a-z0-9_.]*' holds" "$work/tk.log" \
+  || { cat "$work/tk.log"; fail "top-k: the stop message"; }
+timeout 120 "$train" "${model[@]}" --dp 2 --steps 4 --val-every 0 --lr 1e38 --compress topk:0.1 --on-nonfinite skip \
+  > "$work/tks.log" 2>&1 || { cat "$work/tks.log"; fail "top-k: the skip run failed"; }
+grep -q "trained steps 0..3 in .* s (. skipped: non-finite values)" "$work/tks.log" \
+  || { cat "$work/tks.log"; fail "top-k: the skip count"; }
 echo "== the same with --on-nonfinite skip: every later step skipped and counted, exit 0"
 timeout 120 "$train" "${model[@]}" --dp 2 --tp 2 --steps 4 --val-every 0 --lr 1e38 --on-nonfinite skip \
   --log-json "$work/n.json" > "$work/n.log" 2>&1 || { cat "$work/n.log"; fail "the skip run failed"; }

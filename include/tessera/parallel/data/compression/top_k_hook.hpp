@@ -45,7 +45,9 @@ namespace tessera {
 /// step 1 takes M = E + U instead; after step 5 the selected entries of U are set to 0 as well.
 /// The bucket then holds the sum of the ranks' sparse velocities, so the optimizer that applies
 /// it must not add momentum of its own (plain SGD: p -= lr * bucket). Warm-up reductions
-/// all-reduce U (no masking), which is momentum SGD on the summed gradient. At fraction 1 the
+/// all-reduce U (no masking), which is momentum SGD on the summed gradient (when the bucket is
+/// applied unscaled: clipping the reduced bucket, as train_gpt's --clip does, clips the summed
+/// velocities, where DGC clips each rank's gradient before accumulating). At fraction 1 the
 /// masking resets U every step, so the step is plain SGD (as DGC's algorithm).
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
@@ -63,13 +65,19 @@ class TopKHook final : public CommHook<T> {
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
   /// Collective over `comm`: two all-gathers. Throws tessera::Error for a bucket of 2^31 or more
-  /// elements (int32 indices), and on the rank whose gradient holds a NaN (the others then
-  /// fail in the all-gather, as after any rank's error).
+  /// elements (int32 indices). A gradient holding a NaN or Inf leaves this rank's state (E, U)
+  /// as it was and sends its non-finite entries in place of the top k, so every rank's result
+  /// holds them where they were and the caller's non-finite check (optim::NonfiniteCheck) sees
+  /// the step on every rank, names the parameter, and stops or skips it.
   void reduce(GradBucketView<T>& bucket, Comm& comm) override {
     const std::size_t n = bucket.grad.size();
     if (n == 0) return;
     TESSERA_EXPECTS(n <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()), "TopKHook: bucket ",
                     bucket.index, " has ", n, " elements; int32 indices reach 2^31 - 1");
+    if (!std::all_of(bucket.grad.begin(), bucket.grad.end(), [](T g) { return std::isfinite(g); })) {
+      send_nonfinite(bucket, comm);
+      return;
+    }
     // DGC's momentum correction: the velocity U = m U + G is what is accumulated (and, in the
     // warm-up, all-reduced).
     std::vector<T>* u = nullptr;
@@ -207,6 +215,40 @@ class TopKHook final : public CommHook<T> {
   }
 
  private:
+  // A gradient with NaN or Inf entries: the state is left as it was; in the warm-up the plain
+  // all-reduce carries them, else this rank sends its first (up to) k non-finite entries, made up
+  // to k with zeros at the lowest other indices, through the same two all-gathers.
+  void send_nonfinite(GradBucketView<T>& bucket, Comm& comm) {
+    const std::size_t n = bucket.grad.size();
+    if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
+      ++done;
+      comm.all_reduce(bucket.grad, ReduceOp::sum);
+      this->count_all_reduce(n, sizeof(T), comm.size());
+      return;
+    }
+    const std::size_t k = k_of(n);
+    std::vector<std::int32_t> idx;
+    idx.reserve(k);
+    for (std::size_t i = 0; i < n && idx.size() < k; ++i)
+      if (!std::isfinite(bucket.grad[i])) idx.push_back(static_cast<std::int32_t>(i));
+    for (std::size_t i = 0; i < n && idx.size() < k; ++i)
+      if (std::isfinite(bucket.grad[i])) idx.push_back(static_cast<std::int32_t>(i));
+    std::sort(idx.begin(), idx.end());
+    std::vector<T> val(k);
+    for (std::size_t j = 0; j < k; ++j) {
+      const T g = bucket.grad[static_cast<std::size_t>(idx[j])];
+      val[j] = std::isfinite(g) ? T{0} : g;
+    }
+    const std::size_t p = static_cast<std::size_t>(comm.size());
+    std::vector<std::int32_t> all_idx(p * k);
+    std::vector<T> all_val(p * k);
+    comm.all_gather(idx, all_idx);
+    comm.all_gather(val, all_val);
+    this->count_all_gather(k, sizeof(std::int32_t) + sizeof(T), comm.size());
+    std::fill(bucket.grad.begin(), bucket.grad.end(), T{0});
+    for (std::size_t j = 0; j < p * k; ++j) bucket.grad[static_cast<std::size_t>(all_idx[j])] += all_val[j];
+    last_indices_[bucket.index] = std::move(idx);
+  }
   // A number's shortest round-trip form ("0.01", "1e-30"), as it will be used.
   static std::string format(double x) {
     char buf[32];
