@@ -81,7 +81,7 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
       } else if (key == "momentum" && momentum_allowed) {
         TESSERA_EXPECTS(!seen_momentum, "compression \"", spec, "\": momentum is given twice; ", forms);
         seen_momentum = true;
-        TESSERA_EXPECTS(decimal(value, o.momentum) && o.momentum < 1, "compression \"", spec, "\": momentum \"", value,
+        TESSERA_EXPECTS(decimal(value, o.momentum) && static_cast<T>(o.momentum) < 1, "compression \"", spec, "\": momentum \"", value,
                         "\" is not in [0, 1); ", forms);
       } else {
         throw Error(detail::str("compression \"", spec, "\": option \"", item, "\" is unknown; ", forms));

@@ -60,7 +60,8 @@ class TopKHook final : public CommHook<T> {
       : fraction_(fraction), warmup_(warmup_steps), momentum_(momentum) {
     TESSERA_EXPECTS(fraction > 0 && fraction <= 1, "TopKHook: fraction ", fraction, " must be in (0, 1]");
     TESSERA_EXPECTS(warmup_steps >= 0, "TopKHook: warmup_steps ", warmup_steps, " must be >= 0");
-    TESSERA_EXPECTS(momentum >= 0 && momentum < 1, "TopKHook: momentum ", momentum, " must be in [0, 1)");
+    TESSERA_EXPECTS(momentum >= 0 && static_cast<T>(momentum) < 1, "TopKHook: momentum ", momentum,
+                    " must be in [0, 1) (in T: 0.999999999 rounds to 1 in float)");
   }
 
   /// Replaces `bucket.grad` with the sum of every rank's top-k entries (class comment).
@@ -89,13 +90,7 @@ class TopKHook final : public CommHook<T> {
       const T m = static_cast<T>(momentum_);
       for (std::size_t i = 0; i < n; ++i) bucket.grad[i] = (*u)[i] = m * (*u)[i] + bucket.grad[i];
     }
-    // Warm-up: this bucket's first reductions are plain all-reduces.
-    if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
-      ++done;
-      comm.all_reduce(bucket.grad, ReduceOp::sum);
-      this->count_all_reduce(n, sizeof(T), comm.size());
-      return;
-    }
+    if (warmup_reduce(bucket, comm)) return;  // this bucket's first reductions: plain all-reduces
     const std::size_t k = k_of(n);
     std::vector<T>& e = error_[bucket.index];
     TESSERA_EXPECTS(!loaded_ || e.empty() || e.size() == n, "TopKHook: the loaded residual of bucket ", bucket.index,
@@ -130,15 +125,7 @@ class TopKHook final : public CommHook<T> {
       e[static_cast<std::size_t>(idx[j])] = T{0};
       if (u != nullptr) (*u)[static_cast<std::size_t>(idx[j])] = T{0};  // momentum factor masking
     }
-    const std::size_t p = static_cast<std::size_t>(comm.size());
-    std::vector<std::int32_t> all_idx(p * k);
-    std::vector<T> all_val(p * k);
-    comm.all_gather(idx, all_idx);
-    comm.all_gather(val, all_val);
-    this->count_all_gather(k, sizeof(std::int32_t) + sizeof(T), comm.size());
-    std::fill(bucket.grad.begin(), bucket.grad.end(), T{0});
-    for (std::size_t j = 0; j < p * k; ++j) bucket.grad[static_cast<std::size_t>(all_idx[j])] += all_val[j];
-    last_indices_[bucket.index] = std::move(idx);
+    exchange(bucket, comm, std::move(idx), val);
   }
 
   /// "bucket<b>.error": each bucket's residual E; with momentum, "bucket<b>.velocity" (U); with
@@ -215,18 +202,35 @@ class TopKHook final : public CommHook<T> {
   }
 
  private:
+  // In the warm-up (this bucket's first warmup_steps reductions): the plain all-reduce of
+  // bucket.grad, counted; true when it ran.
+  bool warmup_reduce(GradBucketView<T>& bucket, Comm& comm) {
+    std::int64_t& done = reductions_[bucket.index];
+    if (done >= warmup_) return false;
+    ++done;
+    comm.all_reduce(bucket.grad, ReduceOp::sum);
+    this->count_all_reduce(bucket.grad.size(), sizeof(T), comm.size());
+    return true;
+  }
+  // Every rank's k (index, value) pairs by two all-gathers; bucket.grad becomes their
+  // scatter-add, ranks in order (bitwise the same on every rank).
+  void exchange(GradBucketView<T>& bucket, Comm& comm, std::vector<std::int32_t> idx, const std::vector<T>& val) {
+    const std::size_t k = idx.size(), p = static_cast<std::size_t>(comm.size());
+    std::vector<std::int32_t> all_idx(p * k);
+    std::vector<T> all_val(p * k);
+    comm.all_gather(idx, all_idx);
+    comm.all_gather(val, all_val);
+    this->count_all_gather(k, sizeof(std::int32_t) + sizeof(T), comm.size());
+    std::fill(bucket.grad.begin(), bucket.grad.end(), T{0});
+    for (std::size_t j = 0; j < p * k; ++j) bucket.grad[static_cast<std::size_t>(all_idx[j])] += all_val[j];
+    last_indices_[bucket.index] = std::move(idx);
+  }
   // A gradient with NaN or Inf entries: the state is left as it was; in the warm-up the plain
   // all-reduce carries them, else this rank sends its first (up to) k non-finite entries, made up
   // to k with zeros at the lowest other indices, through the same two all-gathers.
   void send_nonfinite(GradBucketView<T>& bucket, Comm& comm) {
-    const std::size_t n = bucket.grad.size();
-    if (std::int64_t& done = reductions_[bucket.index]; done < warmup_) {
-      ++done;
-      comm.all_reduce(bucket.grad, ReduceOp::sum);
-      this->count_all_reduce(n, sizeof(T), comm.size());
-      return;
-    }
-    const std::size_t k = k_of(n);
+    if (warmup_reduce(bucket, comm)) return;
+    const std::size_t n = bucket.grad.size(), k = k_of(n);
     std::vector<std::int32_t> idx;
     idx.reserve(k);
     for (std::size_t i = 0; i < n && idx.size() < k; ++i)
@@ -239,15 +243,7 @@ class TopKHook final : public CommHook<T> {
       const T g = bucket.grad[static_cast<std::size_t>(idx[j])];
       val[j] = std::isfinite(g) ? T{0} : g;
     }
-    const std::size_t p = static_cast<std::size_t>(comm.size());
-    std::vector<std::int32_t> all_idx(p * k);
-    std::vector<T> all_val(p * k);
-    comm.all_gather(idx, all_idx);
-    comm.all_gather(val, all_val);
-    this->count_all_gather(k, sizeof(std::int32_t) + sizeof(T), comm.size());
-    std::fill(bucket.grad.begin(), bucket.grad.end(), T{0});
-    for (std::size_t j = 0; j < p * k; ++j) bucket.grad[static_cast<std::size_t>(all_idx[j])] += all_val[j];
-    last_indices_[bucket.index] = std::move(idx);
+    exchange(bucket, comm, std::move(idx), val);
   }
   // A number's shortest round-trip form ("0.01", "1e-30"), as it will be used.
   static std::string format(double x) {
