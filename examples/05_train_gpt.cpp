@@ -461,13 +461,6 @@ int main(int argc, char** argv) {
       TESSERA_EXPECTS(a.device == "cpu", "train_gpt: --optimizer sgd trains on the CPU only (the device path steps "
                       "AdamW); drop --device ", a.device, " or use --optimizer adamw");
     }
-    // DGC's momentum correction accumulates the gradients the hook sees; SGD's weight decay is
-    // added by the optimizer after it, so it would bypass the velocity: refused.
-    if (a.compress.rfind("topk", 0) == 0 && a.compress.find("momentum=") != std::string::npos &&
-        dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).momentum() > 0)
-      TESSERA_EXPECTS(a.weight_decay == 0, "train_gpt: --weight-decay ", a.weight_decay, " with --compress ", a.compress,
-                      ": SGD adds the decay after the compressor, so it would bypass the momentum correction's "
-                      "velocity; drop --weight-decay (or use --momentum with another compressor)");
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends
     TESSERA_EXPECTS(a.sync_every == 0 || a.zero_stage() == ZeroStage::none, "train_gpt: --sync-every ", a.sync_every,
@@ -502,15 +495,13 @@ int main(int argc, char** argv) {
       if (a.dp == 1 && a.zero_stage() != ZeroStage::none)
         notes.push_back("--zero/--zero1 at dp 1: one replica holds the whole optimizer state and gradients anyway "
                         "(ZeRO shards over dp)");
-      const double dgc_momentum = a.compress.rfind("topk", 0) == 0
-                                      ? dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).momentum()
-                                      : 0.0;
+      const auto topk = DpCommunication::top_k(a);
+      const double dgc_momentum = topk ? topk->momentum() : 0.0;
       if (a.dp == 1 && !a.compress.empty())
         notes.push_back(detail::str("--compress ", a.compress, " at dp 1: there is no dp gradient reduction to compress",
                                     dgc_momentum > 0 ? ", so its momentum correction is off too and SGD runs without "
                                                        "momentum (use --momentum instead)" : ""));
-      if (a.dp > 1 && dgc_momentum > 0 &&
-          dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress)).fraction() == 1)
+      if (a.dp > 1 && dgc_momentum > 0 && topk->fraction() == 1)
         notes.push_back(detail::str("--compress ", a.compress, ": at fraction 1 every entry is sent each step and the "
                                     "momentum factor masking resets the velocity, so the steps are SGD without momentum "
                                     "(use --momentum M without a compressor instead)"));

@@ -56,13 +56,17 @@ class DpCommunication {
                     "copies would be compressed differently and drift apart); bf16 and fp16 work at any layout");
     // top-k's momentum correction (DGC) is the optimizer's momentum moved into the compressor:
     // the reduced bucket is a sum of velocities, which only SGD without momentum applies as is.
-    if (a.compress.rfind("topk", 0) == 0) {
-      const auto& topk = dynamic_cast<const TopKHook<float>&>(*make_comm_hook<float>(a.compress));
-      TESSERA_EXPECTS(topk.momentum() == 0 || (a.optimizer == "sgd" && a.momentum == 0 && a.sync_every == 0),
+    if (const auto topk = top_k(a)) {
+      TESSERA_EXPECTS(topk->momentum() == 0 || (a.optimizer == "sgd" && a.momentum == 0 && a.sync_every == 0),
                       "train_gpt: --compress ", a.compress, " is Deep Gradient Compression's momentum correction, which "
                       "replaces the optimizer's momentum: use it with --optimizer sgd --momentum 0 and without "
                       "--sync-every (got --optimizer ", a.optimizer, a.optimizer == "sgd" ? detail::str(" --momentum ", a.momentum) : "",
                       a.sync_every > 0 ? detail::str(" --sync-every ", a.sync_every) : "", ")");
+      // SGD adds its weight decay after the compressor, so it would bypass the velocity.
+      TESSERA_EXPECTS(topk->momentum() == 0 || a.weight_decay == 0, "train_gpt: --weight-decay ", a.weight_decay,
+                      " with --compress ", a.compress, ": SGD adds the decay after the compressor, so it would bypass "
+                      "the momentum correction's velocity; drop --weight-decay (or use --momentum with another "
+                      "compressor)");
     }
     // --freeze-variance N freezes AdamW's v after N steps so that the optimizer is linear in
     // the compressed gradient (1-bit Adam); v must come from uncompressed gradients only, so a
@@ -76,6 +80,12 @@ class DpCommunication {
                       "give the compressor warmup=", need, " or more (its uncompressed reductions, ", per_step,
                       " per step here)");
     }
+  }
+
+  // --compress's TopKHook (nullptr for another compressor or none), for its options.
+  static std::shared_ptr<const TopKHook<float>> top_k(const Args& a) {
+    if (a.compress.rfind("topk", 0) != 0) return nullptr;
+    return std::dynamic_pointer_cast<const TopKHook<float>>(make_comm_hook<float>(a.compress));
   }
 
   DpCommunication(Hybrid<float>& model, Comm dp, const Args& a) : dp_size_(dp.size()) {
