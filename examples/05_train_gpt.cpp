@@ -101,18 +101,18 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
   int start = 0;
   // (--optimizer sgd refuses --resume and --save before any rank starts: checkpoints hold AdamW's state)
   if constexpr (adamw) {
-  if (!a.resume.empty()) {
-    opt.gather_full_parameters();  // --zero 3: load into the gathered values, keep this rank's block
-    const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, opt, checkpoint::gpt2_config_json(a.config()));
-    opt.release_full_parameters(true);
-    start = static_cast<int>(info.step);
-    if (rank0)
-      std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
-                  info.layout.dp, info.layout.pp, info.layout.tp, a.dp, a.pp, a.tp);
-    // The compressors' residuals and DiLoCo's state, saved per rank beside the shards: taken at
-    // the same layout (bitwise continuation), else restarted with a note.
-    dp_comm.load_state(a.resume, world, mesh, model, opt, a, start, rank0);
-  }
+    if (!a.resume.empty()) {
+      opt.gather_full_parameters();  // --zero 3: load into the gathered values, keep this rank's block
+      const auto info = checkpoint::load_hybrid_checkpoint(a.resume, model, opt, checkpoint::gpt2_config_json(a.config()));
+      opt.release_full_parameters(true);
+      start = static_cast<int>(info.step);
+      if (rank0)
+        std::printf("resumed %s: step %d, saved at dp=%d pp=%d tp=%d, now dp=%d pp=%d tp=%d\n", a.resume.c_str(), start,
+                    info.layout.dp, info.layout.pp, info.layout.tp, a.dp, a.pp, a.tp);
+      // The compressors' residuals and DiLoCo's state, saved per rank beside the shards: taken at
+      // the same layout (bitwise continuation), else restarted with a note.
+      dp_comm.load_state(a.resume, world, mesh, model, opt, a, start, rank0);
+    }
   }
   std::int64_t n_params = 0;
   // A PowerSGD rank too large for every matrix compresses nothing: the run is the fp32 all-reduce.
@@ -220,13 +220,13 @@ std::vector<Point> train_rank(Comm& world, const Args& a, bool print) {
     }
     if (rank0 && pt.has_val()) std::printf("step %4d  validation loss %.4f\n", step, pt.val);
     if constexpr (adamw) {
-    if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
-      opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
-      checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
-      dp_comm.save_state(a.save, world, mesh, model, opt, a, step + 1);  // residuals, DiLoCo state
-      opt.release_full_parameters(false);
-      if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
-    }
+      if (!a.save.empty() && ((a.save_every > 0 && (step + 1) % a.save_every == 0) || last)) {
+        opt.gather_full_parameters();  // --zero 3 (nothing otherwise)
+        checkpoint::save_hybrid_checkpoint(a.save, model, opt, meta_of(a, step + 1));
+        dp_comm.save_state(a.save, world, mesh, model, opt, a, step + 1);  // residuals, DiLoCo state
+        opt.release_full_parameters(false);
+        if (rank0 && !a.quiet) std::printf("step %4d  saved %s\n", step, a.save.c_str());
+      }
     }
   }
   if (rank0 && a.dp > 1 && dp_comm.total_steps() > 0)
@@ -458,8 +458,7 @@ int main(int argc, char** argv) {
                         std::string(flag) == "--freeze-variance" ? "it freezes AdamW's second moment"
                                                                  : "checkpoints hold AdamW's state only",
                         "); drop it or use --optimizer adamw");
-      TESSERA_EXPECTS(a.device == "cpu", "train_gpt: --optimizer sgd trains on the CPU only (the device path steps "
-                      "AdamW); drop --device ", a.device, " or use --optimizer adamw");
+      // (--device cuda with sgd is refused first, in the device checks above)
     }
     if (!a.compress.empty()) (void)make_comm_hook<float>(a.compress);  // a bad name is a usage error now
     DpCommunication::check_flags(a);  // --compress at tp/pp > 1, --freeze-variance before the warm-up ends

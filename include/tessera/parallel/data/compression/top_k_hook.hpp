@@ -147,7 +147,9 @@ class TopKHook final : public CommHook<T> {
       TESSERA_EXPECTS(ok, "TopKHook: unknown state counter '", k, "' = ", v);
       reductions_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 17)))] = v;
     }
-    for (const auto& [k, v] : state.tensors) {
+    for (const auto& entry : state.tensors) {
+      const std::string& k = entry.first;  // (not a structured binding: clang 14 cannot capture one)
+      const std::vector<T>& v = entry.second;
       // "bucket<digits><suffix>": the bucket's number, or nothing when k is not of that form.
       const auto bucket_of = [&k](const std::string& suffix) -> std::optional<std::size_t> {
         const std::size_t head = 6, tail = suffix.size();
