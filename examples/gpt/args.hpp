@@ -151,7 +151,8 @@ inline void add_options(CLI::App& app, Args& a) {
       ->check(CLI::IsMember({"layer", "stage"}) | CLI::Range(1, 1 << 20));
   app.add_flag("--memory-report", a.memory_report, "print each rank's live and peak bytes by category at the end");
   app.add_option("--compress", a.compress, "dp gradient compression: bf16, fp16, powersgd:R[,warmup=N] (rank R; N "
-                 "steps uncompressed first) or topk:F[,warmup=N] (fraction F), with error feedback; with --sync-every, the "
+                 "steps uncompressed first) or topk:F[,warmup=N][,momentum=M][,sparsity_warmup=S] (fraction F; DGC's momentum "
+                 "correction; DGC's rising sparsity over S steps), with error feedback; with --sync-every, the "
                  "compressor of the pseudo-gradients (docs/compression.md)");
   app.add_option("--sync-every", a.sync_every, "DiLoCo / local SGD: replicas step on their own gradients and average "
                  "every H steps through an outer Nesterov SGD (0: synchronous data parallelism)")->check(CLI::Range(0, 1 << 30));

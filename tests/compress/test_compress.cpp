@@ -472,6 +472,112 @@ TEST_CASE("TopKHook with momentum (DGC's momentum correction): U = m U + G accum
   CHECK_THROWS_WITH_AS(TopKHook<float>(0.1).load_state(with_velocity), doctest::Contains("needs a hook with momentum"), Error);
 }
 
+TEST_CASE("TopKHook sparsity warm-up (DGC): four stages of 1/4, 1/16, 1/64, 1/256 of the entries, then the fraction") {
+  // n = 300, final fraction 0.001 (k = 1), S = 8 compressed reductions after 1 dense one, with
+  // DGC's momentum 0.5: k = 75, 75, 19, 19, 5, 5, 2, 2, then 1 (ceil(300 / 4^(s+1))).
+  constexpr int world = 3, warmup = 1, sparsity_warmup = 8, steps = 12;
+  constexpr std::size_t n = 300;
+  constexpr double frac = 0.001, m = 0.5;
+  const std::vector<std::size_t> k_at = {75, 75, 19, 19, 5, 5, 2, 2, 1, 1, 1};  // compressed reduction c
+  struct RankOut {
+    std::vector<std::vector<float>> out, residual;
+    std::vector<std::size_t> sent;
+    std::vector<std::int64_t> counter;
+    std::vector<float> resumed_out;  // step 4 (c = 3) from a hook restored from the state before it
+    std::vector<std::size_t> nan_sent;  // a second hook: rank 1's gradient holds a NaN at c = 2
+  };
+  auto outs = run_ranks(world, [&](Comm& c) {
+    TopKHook<float> hook(frac, warmup, m, sparsity_warmup);
+    RankOut o;
+    for (int step = 0; step < steps; ++step) {
+      DpRankState<float> before = hook.state();
+      std::vector<float> g = grads_of(step, c.rank(), n);
+      GradBucketView<float> v{.index = 3, .grad = g, .tensors = {{0, Shape{300}}}};
+      hook.reduce(v, c);
+      o.out.push_back(g);
+      o.residual.emplace_back(hook.residual(3).begin(), hook.residual(3).end());
+      o.sent.push_back(hook.last_indices(3).size());
+      const auto st = hook.state();
+      o.counter.push_back(st.counters.contains("bucket3.compressed") ? st.counters.at("bucket3.compressed") : -1);
+      if (step == 4) {
+        TopKHook<float> resumed(frac, warmup, m, sparsity_warmup);
+        resumed.load_state(before);
+        std::vector<float> g2 = grads_of(step, c.rank(), n);
+        GradBucketView<float> v2{.index = 3, .grad = g2, .tensors = {{0, Shape{300}}}};
+        resumed.reduce(v2, c);
+        o.resumed_out = g2;
+      }
+    }
+    TopKHook<float> nan_hook(frac, 0, 0, sparsity_warmup);
+    for (int step = 0; step < 6; ++step) {
+      std::vector<float> g = grads_of(step, c.rank(), n);
+      if (step == 2 && c.rank() == 1) g[7] = std::numeric_limits<float>::quiet_NaN();
+      GradBucketView<float> v{.index = 0, .grad = g, .tensors = {{0, Shape{300}}}};
+      nan_hook.reduce(v, c);
+      o.nan_sent.push_back(nan_hook.last_indices(0).size());
+    }
+    return o;
+  });
+  // Direct (double), as the momentum test above with k following k_at.
+  std::vector<std::vector<double>> E(world, std::vector<double>(n, 0.0)), U = E;
+  for (int step = 0; step < steps; ++step) {
+    std::vector<double> expect(n, 0.0);
+    const int cidx = step - warmup;
+    for (int w = 0; w < world; ++w) {
+      for (std::size_t i = 0; i < n; ++i) U[w][i] = m * U[w][i] + static_cast<double>(grad_value(step, w, i));
+      if (step < warmup) {
+        for (std::size_t i = 0; i < n; ++i) expect[i] += U[w][i];
+        continue;
+      }
+      std::vector<double> M(n);
+      for (std::size_t i = 0; i < n; ++i) M[i] = E[w][i] + U[w][i];
+      std::vector<std::int32_t> idx(n);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return std::abs(M[a]) > std::abs(M[b]); });
+      idx.resize(k_at[static_cast<std::size_t>(cidx)]);
+      for (std::int32_t i : idx) {
+        expect[i] += M[i];
+        M[i] = 0;
+        U[w][i] = 0;
+      }
+      E[w] = M;
+    }
+    for (int w = 0; w < world; ++w) {
+      CHECK(max_abs_diff(outs[w].out[step], expect) < 1e-5);
+      if (step >= warmup) {
+        CHECK(outs[w].sent[step] == k_at[static_cast<std::size_t>(cidx)]);
+        CHECK(outs[w].counter[step] == cidx + 1);
+        CHECK(max_abs_diff(outs[w].residual[step], E[w]) < 1e-5);
+      } else {
+        CHECK(outs[w].counter[step] == -1);
+      }
+    }
+  }
+  for (int w = 0; w < world; ++w) {
+    CHECK(outs[w].resumed_out == outs[w].out[4]);
+    // The NaN reduction counts on every rank, so k stays the same everywhere afterwards.
+    CHECK(outs[w].nan_sent == std::vector<std::size_t>{75, 75, 19, 19, 5, 5});
+  }
+  TopKHook<float> h(0.01, 0, 0, 40);
+  CHECK(h.fraction_at(0) == 0.25);
+  CHECK(h.fraction_at(9) == 0.25);
+  CHECK(h.fraction_at(10) == 0.0625);
+  CHECK(h.fraction_at(20) == 0.015625);
+  CHECK(h.fraction_at(30) == 0.01);  // 1/256 is below the fraction
+  CHECK(h.fraction_at(40) == 0.01);
+  CHECK(TopKHook<float>(0.01).fraction_at(0) == 0.01);
+  CHECK(make_comm_hook<float>("topk:0.01,sparsity_warmup=40,momentum=0.9")->name() ==
+        "topk:0.01,momentum=0.9,sparsity_warmup=40");
+  CHECK(dynamic_cast<TopKHook<float>&>(*make_comm_hook<float>("topk:0.5,sparsity_warmup=3")).sparsity_warmup_steps() == 3);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,sparsity_warmup=-1"), doctest::Contains("sparsity_warmup \"-1\""), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("topk:0.01,sparsity_warmup=2,sparsity_warmup=2"), doctest::Contains("given twice"), Error);
+  CHECK_THROWS_WITH_AS(make_comm_hook<float>("powersgd:4,sparsity_warmup=2"), doctest::Contains("\"sparsity_warmup=2\" is unknown"), Error);
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, 0, 0, -2), doctest::Contains("sparsity_warmup_steps -2"), Error);
+  DpRankState<float> bad;
+  bad.counters["bucket1.compresed"] = 3;
+  CHECK_THROWS_WITH_AS(TopKHook<float>(0.1, 0, 0, 4).load_state(bad), doctest::Contains("bucket1.compresed"), Error);
+}
+
 TEST_CASE("TopKHook: a NaN or Inf gradient leaves the state as it was and reaches every rank's result where it was") {
   constexpr int world = 2;
   constexpr std::size_t n = 40;

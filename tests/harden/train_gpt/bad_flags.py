@@ -127,6 +127,9 @@ cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "want": "(got
 cases.append(("--weight-decay", "0.1", {"--dp": "2", "--optimizer": "sgd", "--momentum": "0",
                                         "--compress": "topk:0.1,momentum=0.9", "want": "bypass the momentum correction"}))
 cases.append(("--momentum", "0.99999999", {"--optimizer": "sgd", "want": "--momentum 1 must be in [0, 1) (in fp32)"}))
+# DGC's sparsity warm-up (session 20): a count >= 0, top-k only.
+cases.append(("--compress", "topk:0.1,sparsity_warmup=-3", {"--dp": "2", "want": "sparsity_warmup \"-3\" is not an integer >= 0"}))
+cases.append(("--compress", "powersgd:2,sparsity_warmup=3", {"--dp": "2", "want": "option \"sparsity_warmup=3\" is unknown"}))
 # An interleaved schedule whose micro-batches the schedule cannot group (was refused only inside
 # the ranks, exit 1, after the banner).
 cases.append(("--microbatches", "3", {"--pp": "2", "--schedule": "interleaved", "--virtual-stages": "1",

@@ -25,13 +25,15 @@ namespace tessera {
 /// 0 < F <= 1). PowerSGD and top-k take options after commas: "powersgd:4,warmup=40"
 /// all-reduces each bucket uncompressed for its first 40 reductions (PowerSGDOptions::
 /// warmup_steps, PyTorch's start_powerSGD_iter; TopKHook's warmup_steps the same);
-/// "topk:0.01,momentum=0.9" is DGC's momentum correction (TopKHook's momentum, 0 <= M < 1).
+/// "topk:0.01,momentum=0.9" is DGC's momentum correction (TopKHook's momentum, 0 <= M < 1);
+/// "topk:0.01,sparsity_warmup=40" is DGC's sparsity warm-up over the first 40 compressed
+/// reductions (TopKHook's sparsity_warmup_steps, S >= 0).
 /// Throws tessera::Error naming the spec and the accepted forms otherwise. Local.
 template <std::floating_point T>
 std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   const std::string forms =
-      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or topk:F[,warmup=N][,momentum=M] "
-      "(0 < F <= 1, 0 <= M < 1)";
+      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or "
+      "topk:F[,warmup=N][,momentum=M][,sparsity_warmup=S] (0 < F <= 1, 0 <= M < 1, S >= 0)";
   const std::size_t comma = spec.find(',');
   const std::string head = spec.substr(0, comma);
   const std::string options = comma == std::string::npos ? "" : spec.substr(comma + 1);
@@ -56,14 +58,16 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
     }
     return used > 0 && used == text.size();
   };
-  // The options after the head: warmup=N (both), momentum=M (top-k only); each at most once.
+  // The options after the head: warmup=N (both), momentum=M and sparsity_warmup=S (top-k
+  // only); each at most once.
   struct Options {
     std::int64_t warmup = 0;
     double momentum = 0;
+    std::int64_t sparsity_warmup = 0;
   };
-  const auto parse_options = [&](bool momentum_allowed) {
+  const auto parse_options = [&](bool top_k) {
     Options o;
-    bool seen_warmup = false, seen_momentum = false;
+    bool seen_warmup = false, seen_momentum = false, seen_sparsity_warmup = false;
     for (std::size_t at = 0; at <= options.size() && !options.empty();) {
       const std::size_t end = std::min(options.find(',', at), options.size());
       const std::string item = options.substr(at, end - at);
@@ -78,7 +82,14 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
         TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
                         "\" is not an integer >= 0; ", forms);
         o.warmup = w;
-      } else if (key == "momentum" && momentum_allowed) {
+      } else if (key == "sparsity_warmup" && top_k) {
+        TESSERA_EXPECTS(!seen_sparsity_warmup, "compression \"", spec, "\": sparsity_warmup is given twice; ", forms);
+        seen_sparsity_warmup = true;
+        long w = 0;
+        TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": sparsity_warmup \"", value,
+                        "\" is not an integer >= 0; ", forms);
+        o.sparsity_warmup = w;
+      } else if (key == "momentum" && top_k) {
         TESSERA_EXPECTS(!seen_momentum, "compression \"", spec, "\": momentum is given twice; ", forms);
         seen_momentum = true;
         TESSERA_EXPECTS(decimal(value, o.momentum) && static_cast<T>(o.momentum) < 1, "compression \"", spec, "\": momentum \"", value,
@@ -106,7 +117,7 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
     TESSERA_EXPECTS(decimal(arg, f) && f > 0 && f <= 1, "compression \"", spec, "\": fraction \"", arg,
                     "\" is not in (0, 1]; ", forms);
     const Options o = parse_options(true);
-    return std::make_shared<TopKHook<T>>(f, o.warmup, o.momentum);
+    return std::make_shared<TopKHook<T>>(f, o.warmup, o.momentum, o.sparsity_warmup);
   }
   throw Error(detail::str("compression \"", spec, "\" is unknown; ", forms));
 }

@@ -1,11 +1,12 @@
 #pragma once
 /// @file
 /// TopKHook: top-k sparsification with error feedback (Lin et al., "Deep Gradient Compression",
-/// ICLR 2018, without its sparsity warm-up): each rank sends only the k largest-magnitude
-/// entries of its accumulated gradient as (index, value) pairs by all-gather and keeps the rest
-/// as a residual for the next step. An optional dense warm-up (as PowerSGD's
-/// start_powerSGD_iter) all-reduces each bucket's first N reductions; an optional momentum is
-/// DGC's momentum correction (the velocity, not the gradient, is accumulated and sparsified).
+/// ICLR 2018): each rank sends only the k largest-magnitude entries of its accumulated gradient
+/// as (index, value) pairs by all-gather and keeps the rest as a residual for the next step. An
+/// optional dense warm-up (as PowerSGD's start_powerSGD_iter) all-reduces each bucket's first N
+/// reductions; an optional momentum is DGC's momentum correction (the velocity, not the
+/// gradient, is accumulated and sparsified); an optional sparsity warm-up is DGC's exponentially
+/// rising sparsity over the first compressed reductions.
 
 #include <algorithm>
 #include <charconv>
@@ -49,17 +50,29 @@ namespace tessera {
 /// applied unscaled: clipping the reduced bucket, as train_gpt's --clip does, clips the summed
 /// velocities, where DGC clips each rank's gradient before accumulating). At fraction 1 the
 /// masking resets U every step, so the step is plain SGD (as DGC's algorithm).
+///
+/// With `sparsity_warmup_steps` = S > 0 (DGC's warm-up training, section 3.4 of Lin et al.:
+/// sparsity 75%, 93.75%, 98.4375%, 99.6% over the warm-up, then the final value), the c-th
+/// compressed reduction of a bucket (c = 0, 1, ...; counted after any dense warm-up) sends the
+/// fraction d_c = max(fraction, 4^-(s + 1)) with s = floor(4 c / S) while c < S, and `fraction`
+/// from c = S on: four equal stages, each sending a quarter of the one before, never less than
+/// `fraction`. k is then max(1, ceil(d_c n)), the same on every rank (every rank counts the same
+/// reductions, a non-finite one included).
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
  public:
   /// A hook sending the fraction `fraction` of each bucket's entries, after `warmup_steps`
-  /// plain all-reduces of each bucket, with DGC's momentum correction when `momentum` > 0.
-  /// Throws tessera::Error naming the value unless 0 < fraction <= 1, warmup_steps >= 0 and
-  /// 0 <= momentum < 1.
-  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0, double momentum = 0)
-      : fraction_(fraction), warmup_(warmup_steps), momentum_(momentum) {
+  /// plain all-reduces of each bucket, with DGC's momentum correction when `momentum` > 0 and
+  /// DGC's sparsity warm-up over `sparsity_warmup_steps` compressed reductions when > 0.
+  /// Throws tessera::Error naming the value unless 0 < fraction <= 1, warmup_steps >= 0,
+  /// 0 <= momentum < 1 and sparsity_warmup_steps >= 0.
+  explicit TopKHook(double fraction, std::int64_t warmup_steps = 0, double momentum = 0,
+                    std::int64_t sparsity_warmup_steps = 0)
+      : fraction_(fraction), warmup_(warmup_steps), momentum_(momentum), sparsity_warmup_(sparsity_warmup_steps) {
     TESSERA_EXPECTS(fraction > 0 && fraction <= 1, "TopKHook: fraction ", fraction, " must be in (0, 1]");
     TESSERA_EXPECTS(warmup_steps >= 0, "TopKHook: warmup_steps ", warmup_steps, " must be >= 0");
+    TESSERA_EXPECTS(sparsity_warmup_steps >= 0, "TopKHook: sparsity_warmup_steps ", sparsity_warmup_steps,
+                    " must be >= 0");
     TESSERA_EXPECTS(momentum >= 0 && static_cast<T>(momentum) < 1, "TopKHook: momentum ", momentum,
                     " must be in [0, 1) (in T: 0.999999999 rounds to 1 in float)");
   }
@@ -91,7 +104,7 @@ class TopKHook final : public CommHook<T> {
       for (std::size_t i = 0; i < n; ++i) bucket.grad[i] = (*u)[i] = m * (*u)[i] + bucket.grad[i];
     }
     if (warmup_reduce(bucket, comm)) return;  // this bucket's first reductions: plain all-reduces
-    const std::size_t k = k_of(n);
+    const std::size_t k = k_of(n, compressed_[bucket.index]++);
     std::vector<T>& e = error_[bucket.index];
     TESSERA_EXPECTS(!loaded_ || e.empty() || e.size() == n, "TopKHook: the loaded residual of bucket ", bucket.index,
                     " has ", e.size(), " elements, the bucket ", n);
@@ -129,11 +142,14 @@ class TopKHook final : public CommHook<T> {
   }
 
   /// "bucket<b>.error": each bucket's residual E; with momentum, "bucket<b>.velocity" (U); with
-  /// a warm-up, the counter "bucket<b>.reductions" (warm-up reductions done). Local.
+  /// a warm-up, the counter "bucket<b>.reductions" (warm-up reductions done); with a sparsity
+  /// warm-up, the counter "bucket<b>.compressed" (compressed reductions done). Local.
   DpRankState<T> state() const override {
     DpRankState<T> out;
     if (warmup_ > 0)
       for (const auto& [b, done] : reductions_) out.counters["bucket" + std::to_string(b) + ".reductions"] = done;
+    if (sparsity_warmup_ > 0)
+      for (const auto& [b, done] : compressed_) out.counters["bucket" + std::to_string(b) + ".compressed"] = done;
     for (const auto& [b, e] : error_) out.tensors["bucket" + std::to_string(b) + ".error"] = e;
     for (const auto& [b, u] : velocity_) out.tensors["bucket" + std::to_string(b) + ".velocity"] = u;
     return out;
@@ -142,10 +158,17 @@ class TopKHook final : public CommHook<T> {
   /// which throws tessera::Error naming both sizes). Throws for names it does not know. Local.
   void load_state(const DpRankState<T>& state) override {
     for (const auto& [k, v] : state.counters) {
-      const bool ok = k.rfind("bucket", 0) == 0 && k.size() > 17 && k.compare(k.size() - 11, 11, ".reductions") == 0 &&
-                      k.substr(6, k.size() - 17).find_first_not_of("0123456789") == std::string::npos && v >= 0;
-      TESSERA_EXPECTS(ok, "TopKHook: unknown state counter '", k, "' = ", v);
-      reductions_[static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 17)))] = v;
+      // "bucket<digits>.reductions" or "bucket<digits>.compressed", a count >= 0.
+      const auto counter_bucket = [&k](const std::string& suffix) -> std::optional<std::size_t> {
+        const std::size_t tail = suffix.size();
+        if (k.rfind("bucket", 0) != 0 || k.size() <= 6 + tail || k.compare(k.size() - tail, tail, suffix) != 0 ||
+            k.substr(6, k.size() - 6 - tail).find_first_not_of("0123456789") != std::string::npos)
+          return std::nullopt;
+        return static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 6 - tail)));
+      };
+      const auto warm = counter_bucket(".reductions"), comp = counter_bucket(".compressed");
+      TESSERA_EXPECTS((warm || comp) && v >= 0, "TopKHook: unknown state counter '", k, "' = ", v);
+      (warm ? reductions_ : compressed_)[warm ? *warm : *comp] = v;
     }
     for (const auto& entry : state.tensors) {
       const std::string& k = entry.first;  // (not a structured binding: clang 14 cannot capture one)
@@ -170,11 +193,21 @@ class TopKHook final : public CommHook<T> {
     }
   }
 
-  /// "topk:F", with ",warmup=N" when warmup_steps > 0 and ",momentum=M" when momentum > 0
-  /// (make_comm_hook's syntax).
+  /// "topk:F", with ",warmup=N" when warmup_steps > 0, ",momentum=M" when momentum > 0 and
+  /// ",sparsity_warmup=S" when sparsity_warmup_steps > 0 (make_comm_hook's syntax).
   std::string name() const override {
     return "topk:" + format(fraction_) + (warmup_ > 0 ? ",warmup=" + std::to_string(warmup_) : std::string()) +
-           (momentum_ > 0 ? ",momentum=" + format(momentum_) : std::string());
+           (momentum_ > 0 ? ",momentum=" + format(momentum_) : std::string()) +
+           (sparsity_warmup_ > 0 ? ",sparsity_warmup=" + std::to_string(sparsity_warmup_) : std::string());
+  }
+  /// Compressed reductions of each bucket over which DGC's sparsity warm-up runs (0: none).
+  std::int64_t sparsity_warmup_steps() const noexcept { return sparsity_warmup_; }
+  /// The fraction sent by a bucket's compressed reduction number `c` (0-based, after the dense
+  /// warm-up): max(fraction, 4^-(s + 1)) with s = floor(4 c / S) while c < S, else fraction.
+  double fraction_at(std::int64_t c) const {
+    if (c < 0 || c >= sparsity_warmup_) return fraction_;
+    const std::int64_t stage = 4 * c / sparsity_warmup_;
+    return std::max(fraction_, std::pow(0.25, static_cast<double>(stage + 1)));
   }
   /// DGC's momentum (0: none).
   double momentum() const noexcept { return momentum_; }
@@ -187,9 +220,10 @@ class TopKHook final : public CommHook<T> {
   std::int64_t warmup_steps() const noexcept override { return warmup_; }
   /// The fraction sent.
   double fraction() const noexcept { return fraction_; }
-  /// k for a bucket of `n` elements: max(1, ceil(fraction n)), at most n.
-  std::size_t k_of(std::size_t n) const {
-    const auto k = static_cast<std::size_t>(std::ceil(fraction_ * static_cast<double>(n) - 1e-9));
+  /// k for a bucket of `n` elements at its compressed reduction `c` (the default: after any
+  /// sparsity warm-up): max(1, ceil(fraction_at(c) n)), at most n.
+  std::size_t k_of(std::size_t n, std::int64_t c = std::numeric_limits<std::int64_t>::max()) const {
+    const auto k = static_cast<std::size_t>(std::ceil(fraction_at(c) * static_cast<double>(n) - 1e-9));
     return std::clamp<std::size_t>(k, 1, n);
   }
   /// This rank's residual E of bucket `index` (empty before its first reduction).
@@ -232,7 +266,7 @@ class TopKHook final : public CommHook<T> {
   // to k with zeros at the lowest other indices, through the same two all-gathers.
   void send_nonfinite(GradBucketView<T>& bucket, Comm& comm) {
     if (warmup_reduce(bucket, comm)) return;
-    const std::size_t n = bucket.grad.size(), k = k_of(n);
+    const std::size_t n = bucket.grad.size(), k = k_of(n, compressed_[bucket.index]++);
     std::vector<std::int32_t> idx;
     idx.reserve(k);
     for (std::size_t i = 0; i < n && idx.size() < k; ++i)
@@ -258,6 +292,8 @@ class TopKHook final : public CommHook<T> {
   double momentum_ = 0;
   std::map<std::size_t, std::vector<T>> velocity_;  // DGC's U per bucket (momentum > 0)
   std::map<std::size_t, std::int64_t> reductions_;  // warm-up reductions done, per bucket
+  std::int64_t sparsity_warmup_ = 0;
+  std::map<std::size_t, std::int64_t> compressed_;  // compressed reductions done, per bucket
   bool loaded_ = false;  // load_state gave residuals (their sizes are checked)
   std::vector<T> abs_;  // |M|, scratch of the selection
   std::map<std::size_t, std::vector<T>> error_;
