@@ -508,6 +508,13 @@ int main(int argc, char** argv) {
         notes.push_back(detail::str("--clip ", a.clip, " with --compress ", a.compress, " clips the summed sparse "
                                     "velocities SGD applies, not each rank's gradient (DGC's local clipping); --clip 0 "
                                     "turns it off"));
+      if (a.dp > 1 && a.zero_stage() == ZeroStage::optimizer && a.optimizer == "sgd" && a.momentum == 0)
+        notes.push_back("--zero 1 with --optimizer sgd --momentum 0: SGD without momentum keeps no optimizer state, so "
+                        "there is nothing to shard (the steps are as without --zero)");
+      if (a.dp > 1 && topk && topk->sparsity_warmup_steps() > 0 && topk->fraction() >= 0.25)
+        notes.push_back(detail::str("--compress ", a.compress, ": the sparsity warm-up's stages send 1/4, 1/16, 1/64 "
+                                    "and 1/256 of the entries but never less than the fraction ", topk->fraction(),
+                                    ", so at a fraction of 1/4 or more it changes nothing"));
       if (a.plan == "auto" && a.optimizer == "sgd")
         notes.push_back("--plan auto with --optimizer sgd: the planner's memory model counts AdamW's two moments per "
                         "parameter (SGD keeps one momentum buffer or none), so its memory figures are upper bounds");

@@ -18,7 +18,8 @@ COLORS = {"none": "#000000", "bf16": "#1f77b4", "powersgd_4": "#d62728", "topk_0
           "diloco_10_lr_1_momentum_0_6": "#c5b0d5", "diloco_10_lr_1_momentum_0_7": "#6b3fa0",
           "diloco_10_lr_1_momentum_0_4": "#e7cb94",
           "diloco_10_lr_1_momentum_0_8": "#393b79",
-          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5", "topk_0_01_momentum_0_9": "#2ca02c"}
+          "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "#9edae5", "topk_0_01_momentum_0_9": "#2ca02c",
+          "topk_0_01_momentum_0_9_sparsity_warmup_40": "#98df8a"}
 LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4", "topk_0_01": "top-k 1%",
           "diloco_10": "DiLoCo H=10", "powersgd_4_warmup_20": "PowerSGD r=4, warmup 20",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01": "top-k 1% of the update",
@@ -31,7 +32,8 @@ LABELS = {"none": "fp32 all-reduce", "bf16": "bf16", "powersgd_4": "PowerSGD r=4
           "diloco_10_lr_1_momentum_0_4": "DiLoCo lr 1 mom 0.4, own clip",
           "diloco_10_lr_1_momentum_0_8": "DiLoCo lr 1 mom 0.8, own clip",
           "diloco_1_lr_1_momentum_0_compress_topk_0_01_own_clip": "top-k of the update, own clip",
-          "topk_0_01_momentum_0_9": "top-k 1%, DGC momentum 0.9"}
+          "topk_0_01_momentum_0_9": "top-k 1%, DGC momentum 0.9",
+          "topk_0_01_momentum_0_9_sparsity_warmup_40": "top-k 1%, DGC, sparsity warm-up 40"}
 
 
 def read(path):
