@@ -158,33 +158,15 @@ class TopKHook final : public CommHook<T> {
   /// which throws tessera::Error naming both sizes). Throws for names it does not know. Local.
   void load_state(const DpRankState<T>& state) override {
     for (const auto& [k, v] : state.counters) {
-      // "bucket<digits>.reductions" or "bucket<digits>.compressed", a count >= 0.
-      const auto counter_bucket = [&k](const std::string& suffix) -> std::optional<std::size_t> {
-        const std::size_t tail = suffix.size();
-        if (k.rfind("bucket", 0) != 0 || k.size() <= 6 + tail || k.compare(k.size() - tail, tail, suffix) != 0 ||
-            k.substr(6, k.size() - 6 - tail).find_first_not_of("0123456789") != std::string::npos)
-          return std::nullopt;
-        return static_cast<std::size_t>(std::stoull(k.substr(6, k.size() - 6 - tail)));
-      };
-      const auto warm = counter_bucket(".reductions"), comp = counter_bucket(".compressed");
+      const auto warm = bucket_of(k, ".reductions"), comp = bucket_of(k, ".compressed");
       TESSERA_EXPECTS((warm || comp) && v >= 0, "TopKHook: unknown state counter '", k, "' = ", v);
       (warm ? reductions_ : compressed_)[warm ? *warm : *comp] = v;
     }
-    for (const auto& entry : state.tensors) {
-      const std::string& k = entry.first;  // (not a structured binding: clang 14 cannot capture one)
-      const std::vector<T>& v = entry.second;
-      // "bucket<digits><suffix>": the bucket's number, or nothing when k is not of that form.
-      const auto bucket_of = [&k](const std::string& suffix) -> std::optional<std::size_t> {
-        const std::size_t head = 6, tail = suffix.size();
-        if (k.rfind("bucket", 0) != 0 || k.size() <= head + tail || k.compare(k.size() - tail, tail, suffix) != 0 ||
-            k.substr(head, k.size() - head - tail).find_first_not_of("0123456789") != std::string::npos)
-          return std::nullopt;
-        return static_cast<std::size_t>(std::stoull(k.substr(head, k.size() - head - tail)));
-      };
-      if (const auto b = bucket_of(".error")) {
+    for (const auto& [k, v] : state.tensors) {
+      if (const auto b = bucket_of(k, ".error")) {
         error_[*b] = v;
         loaded_ = true;
-      } else if (const auto b = bucket_of(".velocity"); b && momentum_ > 0) {
+      } else if (const auto b = bucket_of(k, ".velocity"); b && momentum_ > 0) {
         velocity_[*b] = v;
       } else {
         TESSERA_EXPECTS(false, "TopKHook: unknown state tensor '", k, "'",
@@ -280,6 +262,16 @@ class TopKHook final : public CommHook<T> {
       val[j] = std::isfinite(g) ? T{0} : g;
     }
     exchange(bucket, comm, std::move(idx), val);
+  }
+  // The bucket number b of a state name "bucket<b><suffix>" (b decimal digits), or nothing when
+  // `name` is not of that form.
+  static std::optional<std::size_t> bucket_of(const std::string& name, const std::string& suffix) {
+    const std::size_t head = 6, tail = suffix.size();
+    if (name.rfind("bucket", 0) != 0 || name.size() <= head + tail ||
+        name.compare(name.size() - tail, tail, suffix) != 0 ||
+        name.substr(head, name.size() - head - tail).find_first_not_of("0123456789") != std::string::npos)
+      return std::nullopt;
+    return static_cast<std::size_t>(std::stoull(name.substr(head, name.size() - head - tail)));
   }
   // A number's shortest round-trip form ("0.01", "1e-30"), as it will be used.
   static std::string format(double x) {
