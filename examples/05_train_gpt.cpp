@@ -527,6 +527,14 @@ int main(int argc, char** argv) {
         notes.push_back(detail::str("--sync-every ", a.sync_every, " is more than --steps ", a.steps,
                                     ": the replicas never synchronize (each trains alone; validation, samples and "
                                     "checkpoints show dp rank 0's replica)"));
+      if (a.dp > 1 && a.sync_every > 0 && a.sync_every <= a.steps && a.steps % a.sync_every != 0 && a.resume.empty())
+        notes.push_back(detail::str("--sync-every ", a.sync_every, " does not divide --steps ", a.steps, ": the last ",
+                                    a.steps % a.sync_every, " step(s) are not synchronized (the final validation, samples "
+                                    "and checkpoint show dp rank 0's replica)"));
+      if (a.dp > 1 && topk && topk->fraction() * a.dp >= 1 && !(dgc_momentum > 0 && topk->fraction() == 1))
+        notes.push_back(detail::str("--compress ", a.compress, " at dp ", a.dp, ": (index, value) pairs of a fraction of 1/",
+                                    a.dp, " or more are as many bytes as the fp32 all-reduce or more; top-k saves bytes "
+                                    "only below that"));
       if (a.dp == 1 && a.sync_every > 0)
         notes.push_back(detail::str("--sync-every ", a.sync_every, " at dp 1: there are no replicas to average; the outer "
                                     "Nesterov step acts on the one replica's progress alone"));

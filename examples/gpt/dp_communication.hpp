@@ -62,6 +62,12 @@ class DpCommunication {
                       "replaces the optimizer's momentum: use it with --optimizer sgd --momentum 0 and without "
                       "--sync-every (got --optimizer ", a.optimizer, a.optimizer == "sgd" ? detail::str(" --momentum ", a.momentum) : "",
                       a.sync_every > 0 ? detail::str(" --sync-every ", a.sync_every) : "", ")");
+      // A bucket reduced every micro-batch would take U = m U + G once per micro-batch: m^accum
+      // per step for most units and m for the tied one.
+      TESSERA_EXPECTS(topk->momentum() == 0 || !micro_batch_reductions(a), "train_gpt: --compress ", a.compress,
+                      " with --zero 3 --zero3-unit ", a.zero3_unit, " --accum ", a.accum, ": ZeRO-3's per-layer units "
+                      "reduce every micro-batch, so DGC's velocity would decay ", a.accum, " times per step in most "
+                      "units and once in the tied-embedding unit; use --zero3-unit stage, --zero 2 or --accum 1");
       // SGD adds its weight decay after the compressor, so it would bypass the velocity.
       TESSERA_EXPECTS(topk->momentum() == 0 || a.weight_decay == 0, "train_gpt: --weight-decay ", a.weight_decay,
                       " with --compress ", a.compress, ": SGD adds the decay after the compressor, so it would bypass "
@@ -72,8 +78,10 @@ class DpCommunication {
     // the compressed gradient (1-bit Adam); v must come from uncompressed gradients only, so a
     // compressor on the gradient needs at least N dense warm-up reductions first.
     if (a.freeze_variance > 0 && error_feedback && a.sync_every == 0) {
-      // Reductions per step: one on the accumulated gradient, one per micro-batch under ZeRO-2/3.
-      const std::int64_t per_step = a.zero >= 2 ? a.accum : 1, need = a.freeze_variance * per_step;
+      // Reductions per step: one on the accumulated gradient, one per micro-batch for ZeRO-3's
+      // per-layer units (the units without the tied embedding reduce as their backward ends;
+      // ZeRO-2 and --zero3-unit stage reduce whole stages once per step).
+      const std::int64_t per_step = micro_batch_reductions(a) ? a.accum : 1, need = a.freeze_variance * per_step;
       const std::int64_t w = make_comm_hook<float>(a.compress)->warmup_steps();
       TESSERA_EXPECTS(w >= need, "train_gpt: --freeze-variance ", a.freeze_variance, " with --compress ", a.compress,
                       ": AdamW's second moment would take ", need - w, " compressed reduction(s) before it freezes; "
@@ -81,6 +89,11 @@ class DpCommunication {
                       " per step here)");
     }
   }
+
+  // Whether some gradient buckets are reduced (and so compressed) once per micro-batch rather
+  // than once per step: ZeRO-3's per-layer units at --accum > 1 (DataParallelStage reduces a
+  // unit without the tied embedding as its backward ends; the tied unit once per step).
+  static bool micro_batch_reductions(const Args& a) { return a.zero == 3 && a.unit_layers() > 0 && a.accum > 1; }
 
   // --compress's TopKHook (nullptr for another compressor or none), for its options.
   static std::shared_ptr<const TopKHook<float>> top_k(const Args& a) {
@@ -301,11 +314,26 @@ class DpCommunication {
     if (local_) local_->restart(step);
     if (print)
       std::printf("train_gpt: note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
-                  local_ ? "the outer momentum; the anchor is the loaded weights" : "error-feedback residuals",
+                  local_ ? "the outer momentum; the anchor is the loaded weights" : restarting_state().c_str(),
                   why.c_str(),
                   missing > 1 ? detail::str("; ", missing, " ranks").c_str() : "");
     (void)mesh;
     return false;
+  }
+
+  // What a compressor's restart loses, for the resume note: its residuals, DGC's velocities,
+  // and its warm-ups, which start over (dense reductions, then the sparsity schedule's stages).
+  std::string restarting_state() const {
+    std::string what = "error-feedback residuals";
+    if (hooks_.empty()) return what;
+    const auto topk = std::dynamic_pointer_cast<const TopKHook<float>>(hooks_.front());
+    if (topk && topk->momentum() > 0) what += " and DGC's velocities";
+    if (hooks_.front()->warmup_steps() > 0)
+      what += detail::str("; its ", hooks_.front()->warmup_steps(), " dense warm-up reductions run again");
+    if (topk && topk->sparsity_warmup_steps() > 0)
+      what += detail::str("; its sparsity warm-up starts again from 1/4 of the entries over ",
+                          topk->sparsity_warmup_steps(), " reductions");
+    return what;
   }
 
   // "fp32 all-reduce", the compressor's name, or "DiLoCo H=..".

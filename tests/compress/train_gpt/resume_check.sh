@@ -2,7 +2,7 @@
 # Resuming compressed and DiLoCo runs of train_gpt from a checkpoint: the dp state each rank
 # keeps (PowerSGD's residuals, warm starts and warm-up count; top-k's residuals; DiLoCo's
 # replica weights, anchor, outer momentum, counters and each replica's AdamW moments; top-k's
-# warm-up count with AdamW's frozen second moment) is saved
+# warm-up count with AdamW's frozen second moment; top-k's sparsity warm-up count) is saved
 # per rank beside the shards, so a run stopped at step 5 and resumed at the same layout
 # continues bitwise as the uninterrupted one: the losses of steps 5..9 (as --log-json prints
 # them, round-trip digits) must be equal as strings. (dp 2 at tp 1 x pp 1: PowerSGD and top-k are
@@ -49,6 +49,15 @@ check diloco --dp 2 --sync-every 3
 check topk-updates --dp 2 --sync-every 1 --outer-lr 1 --outer-momentum 0 --compress topk:0.1
 # top-k's warm-up count and AdamW's frozen second moment (v frozen after step 3, before the stop).
 check topk-warmup-frozen-v --dp 2 --compress topk:0.1,warmup=3 --freeze-variance 3
+# DGC's sparsity warm-up, stopped mid-schedule (stages of 2 reductions: 1/4, 1/16, 1/64, then 1%).
+check topk-sparsity-warmup --dp 2 --compress topk:0.01,sparsity_warmup=8
+
+# Another dp size with warm-ups: the note says they run again.
+"$train" "${model[@]}" --dp 4 --compress topk:0.01,sparsity_warmup=8 --steps $steps \
+  --resume "$work/topk-sparsity-warmup.ckpt" > "$work/dp4s.log" 2>&1 || { cat "$work/dp4s.log"; fail "resume at dp 4 failed"; }
+grep -q "note: the dp state (error-feedback residuals; its sparsity warm-up starts again from 1/4 of the entries over 8 reductions) restarts (it was saved at dp=2" \
+  "$work/dp4s.log" || { cat "$work/dp4s.log"; fail "no sparsity warm-up note at dp 4"; }
+echo "ok: a resume at dp 4 says the sparsity warm-up starts again"
 
 # Another dp size: the residuals restart, with a note; the run goes on.
 "$train" "${model[@]}" --dp 4 --compress topk:0.1 --steps $steps --resume "$work/topk.ckpt" > "$work/dp4.log" 2>&1 \

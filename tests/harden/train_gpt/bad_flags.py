@@ -117,6 +117,12 @@ cases.append(("--plan-tolerance", "nan", {"--plan": "auto", "--world": "2",
 # Compression flag combinations DpCommunication refuses (were refused inside the ranks, exit 1).
 cases.append(("--compress", "topk:0.1", {"--dp": "2", "--tp": "2", "want": "need tp 1 and pp 1"}))
 cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2", "want": "give the compressor warmup=5"}))
+# ZeRO-3's per-layer units reduce every micro-batch (ZeRO-2 and whole-stage units once per step):
+# the warm-up --freeze-variance needs is counted in micro-batches there only (session 20).
+cases.append(("--freeze-variance", "3", {"--dp": "2", "--zero": "3", "--accum": "2", "--compress": "topk:0.01,warmup=3",
+                                         "want": "give the compressor warmup=6 or more (its uncompressed reductions, 2 per step here)"}))
+cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "--optimizer": "sgd", "--momentum": "0", "--zero": "3",
+                                                     "--accum": "2", "want": "DGC's velocity would decay 2 times per step"}))
 # --optimizer sgd: checkpoints and the device path hold AdamW's state; --momentum is SGD's; top-k's
 # momentum correction (DGC) replaces SGD's momentum (session 19).
 cases.append(("--optimizer", "sgd", {"--save": "ckpt_out", "want": "--save is not available with --optimizer sgd"}))
@@ -254,8 +260,12 @@ notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, 
           "note: --clip 1 with --compress topk:0.1,momentum=0.9 clips the summed sparse velocities"),
          ({"--dp": "2", "--optimizer": "sgd", "--momentum": "0", "--zero": "1"},
           "note: --zero 1 with --optimizer sgd --momentum 0: SGD without momentum keeps no optimizer state"),
-         ({"--dp": "2", "--compress": "topk:0.5,sparsity_warmup=10"},
-          "note: --compress topk:0.5,sparsity_warmup=10: the sparsity warm-up's stages send 1/4"),
+         ({"--dp": "2", "--compress": "topk:0.3,sparsity_warmup=10"},
+          "note: --compress topk:0.3,sparsity_warmup=10: the sparsity warm-up's stages send 1/4"),
+         ({"--dp": "2", "--compress": "topk:0.5"},
+          "note: --compress topk:0.5 at dp 2: (index, value) pairs of a fraction of 1/2 or more are as many bytes"),
+         ({"--dp": "2", "--sync-every": "2", "--steps": "3"},
+          "note: --sync-every 2 does not divide --steps 3: the last 1 step(s) are not synchronized"),
          ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),
          ({"--warmup": "5"}, "note: --warmup 5 is longer than the 1-step"),
          ({"--zero3-unit": "2"}, "note: --zero3-unit 2 without --zero 3"),

@@ -108,7 +108,7 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   if (kind == "powersgd" && !arg.empty()) {
     long r = 0;
     TESSERA_EXPECTS(integer(arg, r) && r >= 1 && r <= 1 << 20, "compression \"", spec, "\": rank \"", arg,
-                    "\" is not an integer >= 1; ", forms);
+                    "\" is not an integer in [1, 1048576]; ", forms);
     return std::make_shared<PowerSGDHook<T>>(
         PowerSGDOptions{.rank = static_cast<int>(r), .warmup_steps = parse_options(false).warmup});
   }
