@@ -6,7 +6,7 @@
 # loss, its difference from the uncompressed run, dp MB per step) on stdout.
 # Usage: bash bench/compress/convergence.sh [BUILD_DIR] [OUT] [policy...]
 #   policies: none bf16 powersgd:4 topk:0.01 diloco:10 (default: all five); a compressor may carry
-#   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,warmup=40,momentum=0.9;
+#   options (--compress's syntax, e.g. powersgd:4,warmup=20 or topk:0.01,momentum=0.9,sparsity_warmup=40;
 #   a top-k with momentum=M, Deep Gradient Compression's momentum correction, runs with
 #   --momentum 0 added last: it replaces SGD's momentum, so give TRAIN_GPT_ARGS="--optimizer sgd ..."),
 #   and diloco:H,lr=X,momentum=Y sets the outer optimizer (--outer-lr, --outer-momentum);
