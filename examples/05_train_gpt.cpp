@@ -531,10 +531,13 @@ int main(int argc, char** argv) {
         notes.push_back(detail::str("--sync-every ", a.sync_every, " does not divide --steps ", a.steps, ": the last ",
                                     a.steps % a.sync_every, " step(s) are not synchronized (the final validation, samples "
                                     "and checkpoint show dp rank 0's replica)"));
-      if (a.dp > 1 && topk && topk->fraction() * a.dp >= 1 && !(dgc_momentum > 0 && topk->fraction() == 1))
+      // Top-k's all-gathers of (index, value) pairs send (dp - 1) k 8 bytes per bucket, the fp32
+      // all-reduce 2 (dp - 1) / dp n 4 and ZeRO-3's reduce-scatter half of that.
+      if (const int den = a.zero == 3 ? 2 * a.dp : a.dp;
+          a.dp > 1 && topk && topk->fraction() * den >= 1 && !(dgc_momentum > 0 && topk->fraction() == 1))
         notes.push_back(detail::str("--compress ", a.compress, " at dp ", a.dp, ": (index, value) pairs of a fraction of 1/",
-                                    a.dp, " or more are as many bytes as the fp32 all-reduce or more; top-k saves bytes "
-                                    "only below that"));
+                                    den, " or more are as many bytes as ", a.zero == 3 ? "ZeRO-3's fp32 reduce-scatter"
+                                    : "the fp32 all-reduce", " or more; top-k saves bytes only below that"));
       if (a.dp == 1 && a.sync_every > 0)
         notes.push_back(detail::str("--sync-every ", a.sync_every, " at dp 1: there are no replicas to average; the outer "
                                     "Nesterov step acts on the one replica's progress alone"));

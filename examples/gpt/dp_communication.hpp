@@ -86,7 +86,8 @@ class DpCommunication {
       TESSERA_EXPECTS(w >= need, "train_gpt: --freeze-variance ", a.freeze_variance, " with --compress ", a.compress,
                       ": AdamW's second moment would take ", need - w, " compressed reduction(s) before it freezes; "
                       "give the compressor warmup=", need, " or more (its uncompressed reductions, ", per_step,
-                      " per step here)");
+                      per_step > 1 ? " per step in ZeRO-3's per-layer units here; the tied-embedding unit's one per step"
+                                   : " per step here", ")");
     }
   }
 
@@ -314,25 +315,28 @@ class DpCommunication {
     if (local_) local_->restart(step);
     if (print)
       std::printf("train_gpt: note: the dp state (%s) restarts (%s%s): this resume does not continue the interrupted run exactly\n",
-                  local_ ? "the outer momentum; the anchor is the loaded weights" : restarting_state().c_str(),
+                  restarting_state().c_str(),
                   why.c_str(),
                   missing > 1 ? detail::str("; ", missing, " ranks").c_str() : "");
     (void)mesh;
     return false;
   }
 
-  // What a compressor's restart loses, for the resume note: its residuals, DGC's velocities,
-  // and its warm-ups, which start over (dense reductions, then the sparsity schedule's stages).
+  // What a restart loses, for the resume note: DiLoCo's outer momentum and anchor; a
+  // compressor's residuals, DGC's velocities, and its warm-ups, which start over (dense
+  // reductions, then the sparsity schedule's stages; under DiLoCo they count synchronizations).
   std::string restarting_state() const {
-    std::string what = "error-feedback residuals";
-    if (hooks_.empty()) return what;
-    const auto topk = std::dynamic_pointer_cast<const TopKHook<float>>(hooks_.front());
+    const std::shared_ptr<CommHook<float>> hook = local_ ? sync_hook_ : hooks_.empty() ? nullptr : hooks_.front();
+    std::string what = local_ ? "the outer momentum; the anchor is the loaded weights" : "";
+    if (!hook) return local_ ? what : "error-feedback residuals";
+    const char* unit = local_ ? "synchronizations" : "reductions";
+    what += local_ ? "; the pseudo-gradient compressor's error-feedback residuals" : "error-feedback residuals";
+    const auto topk = std::dynamic_pointer_cast<const TopKHook<float>>(hook);
     if (topk && topk->momentum() > 0) what += " and DGC's velocities";
-    if (hooks_.front()->warmup_steps() > 0)
-      what += detail::str("; its ", hooks_.front()->warmup_steps(), " dense warm-up reductions run again");
+    if (hook->warmup_steps() > 0) what += detail::str("; its ", hook->warmup_steps(), " dense warm-up ", unit, " run again");
     if (topk && topk->sparsity_warmup_steps() > 0)
       what += detail::str("; its sparsity warm-up starts again from 1/4 of the entries over ",
-                          topk->sparsity_warmup_steps(), " reductions");
+                          topk->sparsity_warmup_steps(), " ", unit);
     return what;
   }
 

@@ -58,6 +58,12 @@ check topk-sparsity-warmup --dp 2 --compress topk:0.01,sparsity_warmup=8
 grep -q "note: the dp state (error-feedback residuals; its sparsity warm-up starts again from 1/4 of the entries over 8 reductions) restarts (it was saved at dp=2" \
   "$work/dp4s.log" || { cat "$work/dp4s.log"; fail "no sparsity warm-up note at dp 4"; }
 echo "ok: a resume at dp 4 says the sparsity warm-up starts again"
+# The same under DiLoCo: the pseudo-gradient compressor's state restarts too.
+"$train" "${model[@]}" --dp 4 --sync-every 1 --outer-lr 1 --outer-momentum 0 --compress topk:0.1 --steps $steps \
+  --resume "$work/topk-updates.ckpt" > "$work/dp4d.log" 2>&1 || { cat "$work/dp4d.log"; fail "DiLoCo resume at dp 4 failed"; }
+grep -q "note: the dp state (the outer momentum; the anchor is the loaded weights; the pseudo-gradient compressor's error-feedback residuals) restarts (it was saved at dp=2" \
+  "$work/dp4d.log" || { cat "$work/dp4d.log"; fail "no compressor in the DiLoCo note at dp 4"; }
+echo "ok: a DiLoCo resume at dp 4 says its compressor's state restarts"
 
 # Another dp size: the residuals restart, with a note; the run goes on.
 "$train" "${model[@]}" --dp 4 --compress topk:0.1 --steps $steps --resume "$work/topk.ckpt" > "$work/dp4.log" 2>&1 \

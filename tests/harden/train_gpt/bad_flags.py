@@ -120,7 +120,7 @@ cases.append(("--freeze-variance", "5", {"--dp": "2", "--compress": "powersgd:2"
 # ZeRO-3's per-layer units reduce every micro-batch (ZeRO-2 and whole-stage units once per step):
 # the warm-up --freeze-variance needs is counted in micro-batches there only (session 20).
 cases.append(("--freeze-variance", "3", {"--dp": "2", "--zero": "3", "--accum": "2", "--compress": "topk:0.01,warmup=3",
-                                         "want": "give the compressor warmup=6 or more (its uncompressed reductions, 2 per step here)"}))
+                                         "want": "give the compressor warmup=6 or more (its uncompressed reductions, 2 per step in ZeRO-3's per-layer units here"}))
 cases.append(("--compress", "topk:0.1,momentum=0.9", {"--dp": "2", "--optimizer": "sgd", "--momentum": "0", "--zero": "3",
                                                      "--accum": "2", "want": "DGC's velocity would decay 2 times per step"}))
 # --optimizer sgd: checkpoints and the device path hold AdamW's state; --momentum is SGD's; top-k's
@@ -264,6 +264,8 @@ notes = [({"--zero": "1"}, "note: --zero/--zero1 at dp 1"), ({"--zero1": None}, 
           "note: --compress topk:0.3,sparsity_warmup=10: the sparsity warm-up's stages send 1/4"),
          ({"--dp": "2", "--compress": "topk:0.5"},
           "note: --compress topk:0.5 at dp 2: (index, value) pairs of a fraction of 1/2 or more are as many bytes"),
+         ({"--dp": "2", "--zero": "3", "--zero3-unit": "stage", "--compress": "topk:0.3"},
+          "note: --compress topk:0.3 at dp 2: (index, value) pairs of a fraction of 1/4 or more are as many bytes as ZeRO-3's"),
          ({"--dp": "2", "--sync-every": "2", "--steps": "3"},
           "note: --sync-every 2 does not divide --steps 3: the last 1 step(s) are not synchronized"),
          ({"--outer-lr": "0.5"}, "note: --outer-lr/--outer-momentum without --sync-every"),

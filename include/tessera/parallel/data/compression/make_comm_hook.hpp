@@ -32,7 +32,7 @@ namespace tessera {
 template <std::floating_point T>
 std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
   const std::string forms =
-      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer >= 1, N >= 0) or "
+      "expected none, bf16, fp16, powersgd:R[,warmup=N] (R an integer in [1, 1048576], N >= 0) or "
       "topk:F[,warmup=N][,momentum=M][,sparsity_warmup=S] (0 < F <= 1, 0 <= M < 1, S >= 0)";
   const std::size_t comma = spec.find(',');
   const std::string head = spec.substr(0, comma);
