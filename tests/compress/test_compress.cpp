@@ -40,6 +40,42 @@ std::vector<float> grads_of(int step, int rank, std::size_t n) {
   return g;
 }
 
+// DGC's top-k with momentum correction computed directly in double, for `world` ranks whose
+// gradients are grad_value(step, rank, i) over n entries: per rank U = m U + G; a dense step
+// (k = 0) sums the U's; a compressed step takes M = E + U, sums the k largest |M| (ties: the
+// lower index) and zeroes them in M (which becomes E) and in U.
+struct DirectDgc {
+  std::vector<std::vector<double>> E, U;
+  double m;
+  DirectDgc(int world, std::size_t n, double momentum)
+      : E(static_cast<std::size_t>(world), std::vector<double>(n, 0.0)), U(E), m(momentum) {}
+  // The bucket every rank holds after reduction `step` with k entries sent per rank (0: dense).
+  std::vector<double> reduce(int step, std::size_t k) {
+    const std::size_t n = E.front().size();
+    std::vector<double> sum(n, 0.0);
+    for (std::size_t w = 0; w < E.size(); ++w) {
+      for (std::size_t i = 0; i < n; ++i) U[w][i] = m * U[w][i] + static_cast<double>(grad_value(step, static_cast<int>(w), i));
+      if (k == 0) {
+        for (std::size_t i = 0; i < n; ++i) sum[i] += U[w][i];
+        continue;
+      }
+      std::vector<double> M(n);
+      for (std::size_t i = 0; i < n; ++i) M[i] = E[w][i] + U[w][i];
+      std::vector<std::int32_t> idx(n);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return std::abs(M[a]) > std::abs(M[b]); });
+      idx.resize(k);
+      for (std::int32_t i : idx) {
+        sum[i] += M[i];
+        M[i] = 0;
+        U[w][i] = 0;
+      }
+      E[w] = M;
+    }
+    return sum;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("half_float: rounding to bf16 and fp16, nearest with ties to even") {
@@ -427,35 +463,15 @@ TEST_CASE("TopKHook with momentum (DGC's momentum correction): U = m U + G accum
     }
     return o;
   });
-  // Direct (double): per rank U = m U + G; warm-up: the bucket is the sum of the U's; then
-  // M = E + U, the k largest |M| (ties: lower index) summed, and zeroed in M (-> E) and in U.
-  std::vector<std::vector<double>> E(world, std::vector<double>(n, 0.0)), U = E;
+  // Direct (double): DirectDgc, dense in the warm-up, then k = 4.
+  DirectDgc direct(world, n, m);
   for (int step = 0; step < steps; ++step) {
-    std::vector<double> expect(n, 0.0);
-    for (int w = 0; w < world; ++w) {
-      for (std::size_t i = 0; i < n; ++i) U[w][i] = m * U[w][i] + static_cast<double>(grad_value(step, w, i));
-      if (step < warmup) {
-        for (std::size_t i = 0; i < n; ++i) expect[i] += U[w][i];
-        continue;
-      }
-      std::vector<double> M(n);
-      for (std::size_t i = 0; i < n; ++i) M[i] = E[w][i] + U[w][i];
-      std::vector<std::int32_t> idx(n);
-      std::iota(idx.begin(), idx.end(), 0);
-      std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return std::abs(M[a]) > std::abs(M[b]); });
-      idx.resize(4);
-      for (std::int32_t i : idx) {
-        expect[i] += M[i];
-        M[i] = 0;
-        U[w][i] = 0;
-      }
-      E[w] = M;
-    }
+    const std::vector<double> expect = direct.reduce(step, step < warmup ? 0 : 4);
     for (int w = 0; w < world; ++w) {
       CHECK(max_abs_diff(outs[w].out[step], expect) < 1e-5);
-      CHECK(max_abs_diff(outs[w].velocity[step], U[w]) < 1e-5);
+      CHECK(max_abs_diff(outs[w].velocity[step], direct.U[w]) < 1e-5);
       if (step < warmup) CHECK(outs[w].residual[step].empty());
-      else CHECK(max_abs_diff(outs[w].residual[step], E[w]) < 1e-5);
+      else CHECK(max_abs_diff(outs[w].residual[step], direct.E[w]) < 1e-5);
     }
   }
   for (int w = 0; w < world; ++w) CHECK(outs[w].resumed_out == outs[w].out[steps - 1]);
@@ -518,36 +534,17 @@ TEST_CASE("TopKHook sparsity warm-up (DGC): four stages of 1/4, 1/16, 1/64, 1/25
     }
     return o;
   });
-  // Direct (double), as the momentum test above with k following k_at.
-  std::vector<std::vector<double>> E(world, std::vector<double>(n, 0.0)), U = E;
+  // Direct (double): DirectDgc with k following k_at.
+  DirectDgc direct(world, n, m);
   for (int step = 0; step < steps; ++step) {
-    std::vector<double> expect(n, 0.0);
     const int cidx = step - warmup;
-    for (int w = 0; w < world; ++w) {
-      for (std::size_t i = 0; i < n; ++i) U[w][i] = m * U[w][i] + static_cast<double>(grad_value(step, w, i));
-      if (step < warmup) {
-        for (std::size_t i = 0; i < n; ++i) expect[i] += U[w][i];
-        continue;
-      }
-      std::vector<double> M(n);
-      for (std::size_t i = 0; i < n; ++i) M[i] = E[w][i] + U[w][i];
-      std::vector<std::int32_t> idx(n);
-      std::iota(idx.begin(), idx.end(), 0);
-      std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return std::abs(M[a]) > std::abs(M[b]); });
-      idx.resize(k_at[static_cast<std::size_t>(cidx)]);
-      for (std::int32_t i : idx) {
-        expect[i] += M[i];
-        M[i] = 0;
-        U[w][i] = 0;
-      }
-      E[w] = M;
-    }
+    const std::vector<double> expect = direct.reduce(step, step < warmup ? 0 : k_at[static_cast<std::size_t>(cidx)]);
     for (int w = 0; w < world; ++w) {
       CHECK(max_abs_diff(outs[w].out[step], expect) < 1e-5);
       if (step >= warmup) {
         CHECK(outs[w].sent[step] == k_at[static_cast<std::size_t>(cidx)]);
         CHECK(outs[w].counter[step] == cidx + 1);
-        CHECK(max_abs_diff(outs[w].residual[step], E[w]) < 1e-5);
+        CHECK(max_abs_diff(outs[w].residual[step], direct.E[w]) < 1e-5);
       } else {
         CHECK(outs[w].counter[step] == -1);
       }

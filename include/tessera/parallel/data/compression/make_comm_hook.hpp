@@ -75,20 +75,19 @@ std::shared_ptr<CommHook<T>> make_comm_hook(const std::string& spec) {
       TESSERA_EXPECTS(!item.empty(), "compression \"", spec, "\": an empty option (a stray comma); ", forms);
       const std::size_t eq = item.find('=');
       const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+      // A count option (warmup=N, sparsity_warmup=S): an integer >= 0, given at most once.
+      const auto count = [&](bool& seen, std::int64_t& out) {
+        TESSERA_EXPECTS(!seen, "compression \"", spec, "\": ", key, " is given twice; ", forms);
+        seen = true;
+        long w = 0;
+        TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": ", key, " \"", value,
+                        "\" is not an integer >= 0; ", forms);
+        out = w;
+      };
       if (key == "warmup") {
-        TESSERA_EXPECTS(!seen_warmup, "compression \"", spec, "\": warmup is given twice; ", forms);
-        seen_warmup = true;
-        long w = 0;
-        TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": warmup \"", value,
-                        "\" is not an integer >= 0; ", forms);
-        o.warmup = w;
+        count(seen_warmup, o.warmup);
       } else if (key == "sparsity_warmup" && top_k) {
-        TESSERA_EXPECTS(!seen_sparsity_warmup, "compression \"", spec, "\": sparsity_warmup is given twice; ", forms);
-        seen_sparsity_warmup = true;
-        long w = 0;
-        TESSERA_EXPECTS(integer(value, w) && w >= 0, "compression \"", spec, "\": sparsity_warmup \"", value,
-                        "\" is not an integer >= 0; ", forms);
-        o.sparsity_warmup = w;
+        count(seen_sparsity_warmup, o.sparsity_warmup);
       } else if (key == "momentum" && top_k) {
         TESSERA_EXPECTS(!seen_momentum, "compression \"", spec, "\": momentum is given twice; ", forms);
         seen_momentum = true;
