@@ -56,7 +56,8 @@ namespace tessera {
 /// compressed reduction of a bucket (c = 0, 1, ...; counted after any dense warm-up) sends the
 /// fraction d_c = max(fraction, 4^-(s + 1)) with s = floor(4 c / S) while c < S, and `fraction`
 /// from c = S on: four stages, each sending a quarter of the one before, never less than
-/// `fraction` (equal stages when S is a multiple of 4; with S < 4 some stages are skipped). k is then max(1, ceil(d_c n)), the same on every rank (every rank counts the same
+/// `fraction` (equal stages when S is a multiple of 4; with S < 4 some stages are skipped).
+/// k is then max(1, ceil(d_c n)), the same on every rank (every rank counts the same
 /// reductions, a non-finite one included).
 template <std::floating_point T>
 class TopKHook final : public CommHook<T> {
