@@ -6,8 +6,10 @@
 /// that a checkpoint can hold it per rank and a resume at the same layout continues bitwise.
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,5 +40,16 @@ struct DpRankState {
     return out;
   }
 };
+
+/// The bucket number b of a hook's state name "bucket<b><suffix>" (b one or more decimal
+/// digits; e.g. ("bucket3.error", ".error") -> 3), or nothing when `name` is not of that form.
+/// The hooks' load_state reads their names with it. Local.
+inline std::optional<std::size_t> dp_state_bucket(const std::string& name, const std::string& suffix) {
+  const std::size_t head = 6, tail = suffix.size();
+  if (name.rfind("bucket", 0) != 0 || name.size() <= head + tail || name.compare(name.size() - tail, tail, suffix) != 0 ||
+      name.substr(head, name.size() - head - tail).find_first_not_of("0123456789") != std::string::npos)
+    return std::nullopt;
+  return static_cast<std::size_t>(std::stoull(name.substr(head, name.size() - head - tail)));
+}
 
 }  // namespace tessera

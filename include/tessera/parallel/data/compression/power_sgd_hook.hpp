@@ -161,15 +161,14 @@ class PowerSGDHook final : public CommHook<T> {
   void load_state(const DpRankState<T>& state) override {
     TESSERA_EXPECTS(mats_.empty() && reductions_.empty(), "PowerSGDHook: load_state after the first reduction");
     for (const auto& [k, v] : state.counters) {
-      std::size_t b = 0;
-      TESSERA_EXPECTS(parse_bucket(k, ".reductions", b) && v >= 0, "PowerSGDHook: unknown state counter '", k, "' = ", v);
-      reductions_[b] = v;
+      const auto b = dp_state_bucket(k, ".reductions");
+      TESSERA_EXPECTS(b && v >= 0, "PowerSGDHook: unknown state counter '", k, "' = ", v);
+      reductions_[*b] = v;
     }
     for (const auto& [k, v] : state.tensors) {
       const std::size_t dot = k.rfind('.');
-      std::size_t b = 0;
       TESSERA_EXPECTS(dot != std::string::npos && (k.substr(dot) == ".q" || k.substr(dot) == ".error") &&
-                          parse_bucket(k.substr(0, k.find('.', 6)), "", b),
+                          dp_state_bucket(k.substr(0, k.find('.', 6)), ""),
                       "PowerSGDHook: unknown state tensor '", k, "'");
       pending_[k] = v;
     }
@@ -269,17 +268,6 @@ class PowerSGDHook final : public CommHook<T> {
     seen_[bucket.index] = bucket.tensors.size();
     plain_[bucket.index] = std::move(plain);
     return mats_[bucket.index] = std::move(mats);
-  }
-
-  // "bucket<b>" + suffix -> b.
-  static bool parse_bucket(const std::string& key, const std::string& suffix, std::size_t& b) {
-    if (key.rfind("bucket", 0) != 0 || key.size() <= 6 + suffix.size() ||
-        key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
-      return false;
-    const std::string digits = key.substr(6, key.size() - 6 - suffix.size());
-    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) return false;
-    b = static_cast<std::size_t>(std::stoull(digits));
-    return true;
   }
 
   PowerSGDOptions options_;

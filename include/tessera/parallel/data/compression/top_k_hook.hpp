@@ -159,15 +159,15 @@ class TopKHook final : public CommHook<T> {
   /// which throws tessera::Error naming both sizes). Throws for names it does not know. Local.
   void load_state(const DpRankState<T>& state) override {
     for (const auto& [k, v] : state.counters) {
-      const auto warm = bucket_of(k, ".reductions"), comp = bucket_of(k, ".compressed");
+      const auto warm = dp_state_bucket(k, ".reductions"), comp = dp_state_bucket(k, ".compressed");
       TESSERA_EXPECTS((warm || comp) && v >= 0, "TopKHook: unknown state counter '", k, "' = ", v);
       (warm ? reductions_ : compressed_)[warm ? *warm : *comp] = v;
     }
     for (const auto& [k, v] : state.tensors) {
-      if (const auto b = bucket_of(k, ".error")) {
+      if (const auto b = dp_state_bucket(k, ".error")) {
         error_[*b] = v;
         loaded_ = true;
-      } else if (const auto b = bucket_of(k, ".velocity"); b && momentum_ > 0) {
+      } else if (const auto b = dp_state_bucket(k, ".velocity"); b && momentum_ > 0) {
         velocity_[*b] = v;
       } else {
         TESSERA_EXPECTS(false, "TopKHook: unknown state tensor '", k, "'",
@@ -263,16 +263,6 @@ class TopKHook final : public CommHook<T> {
       val[j] = std::isfinite(g) ? T{0} : g;
     }
     exchange(bucket, comm, std::move(idx), val);
-  }
-  // The bucket number b of a state name "bucket<b><suffix>" (b decimal digits), or nothing when
-  // `name` is not of that form.
-  static std::optional<std::size_t> bucket_of(const std::string& name, const std::string& suffix) {
-    const std::size_t head = 6, tail = suffix.size();
-    if (name.rfind("bucket", 0) != 0 || name.size() <= head + tail ||
-        name.compare(name.size() - tail, tail, suffix) != 0 ||
-        name.substr(head, name.size() - head - tail).find_first_not_of("0123456789") != std::string::npos)
-      return std::nullopt;
-    return static_cast<std::size_t>(std::stoull(name.substr(head, name.size() - head - tail)));
   }
   // A number's shortest round-trip form ("0.01", "1e-30"), as it will be used.
   static std::string format(double x) {
